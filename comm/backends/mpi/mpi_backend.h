@@ -1,0 +1,42 @@
+// The Open MPI backend: native nonblocking collectives (MPI_I*) polled on the
+// communicator's executor against the op's deadline, and MPI_Isend/Irecv for
+// the generic algorithms (reductions of bf16/f16, messages over 2 GiB).
+// Every MPI call of the process is serialised by one lock, so
+// MPI_THREAD_SERIALIZED suffices.
+#pragma once
+
+#include <mpi.h>
+
+#include <memory>
+#include <string>
+
+#include "comm/communicator.h"
+
+namespace switchyard {
+
+// Initialises MPI (MPI_THREAD_SERIALIZED) on first acquire unless the embedder
+// already did; finalises when the last holder goes, if we initialised it.
+class MpiSession {
+ public:
+  static std::shared_ptr<MpiSession> acquire();
+  ~MpiSession();
+  int world_rank() const { return world_rank_; }
+  int world_size() const { return world_size_; }
+
+ private:
+  MpiSession();
+  bool initialized_here_ = false;
+  int world_rank_ = 0;
+  int world_size_ = 1;
+};
+
+// A communicator over a duplicate of MPI_COMM_WORLD.
+std::shared_ptr<Communicator> make_mpi_world_communicator();
+// A communicator over a duplicate of `comm` (the caller keeps its own).
+std::shared_ptr<Communicator> make_mpi_communicator(MPI_Comm comm, std::string name);
+
+// MPI_Abort(MPI_COMM_WORLD) after printing `message` to stderr: the whole job
+// exits non-zero with the message instead of hanging.
+[[noreturn]] void mpi_abort(const std::string& message, int code = 1);
+
+}  // namespace switchyard

@@ -1,0 +1,384 @@
+#include "comm/communicator.h"
+
+#include <algorithm>
+#include <numeric>
+#include <set>
+
+#include "comm/algorithms/allgatherv_ring.h"
+#include "comm/algorithms/allreduce_ring.h"
+#include "comm/algorithms/alltoallv_pairwise.h"
+#include "comm/algorithms/barrier_dissemination.h"
+#include "comm/algorithms/broadcast_binomial.h"
+#include "comm/algorithms/reduce_scatter_ring.h"
+#include "core/env.h"
+#include "core/logging.h"
+
+namespace switchyard {
+
+uint64_t CommStats::total_sent() const { return std::accumulate(sent_to.begin(), sent_to.end(), uint64_t{0}); }
+uint64_t CommStats::total_received() const {
+  return std::accumulate(received_from.begin(), received_from.end(), uint64_t{0});
+}
+
+// Counts bytes per peer for the generic algorithms; forwards everything else.
+class Communicator::CountingTransport : public Transport {
+ public:
+  explicit CountingTransport(Communicator& owner) : owner_(owner) {}
+  int rank() const override { return owner_.rank(); }
+  int size() const override { return owner_.size(); }
+  void post_send(int peer, const void* data, size_t bytes, uint32_t tag) override {
+    owner_.transport().post_send(peer, data, bytes, tag);
+    owner_.count_peer_bytes(peer, bytes, 0);
+  }
+  void post_recv(int peer, void* data, size_t bytes, uint32_t tag) override {
+    owner_.transport().post_recv(peer, data, bytes, tag);
+    owner_.count_peer_bytes(peer, 0, bytes);
+  }
+  void wait_all(Deadline deadline) override { owner_.transport().wait_all(deadline); }
+
+ private:
+  Communicator& owner_;
+};
+
+namespace {
+
+void check_host_contiguous(std::string_view op, std::string_view what, const TensorView& t) {
+  if (!t.device().is_cpu())
+    SY_THROW(NotSupported, op, ": ", what, " is on ", to_string(t.device()),
+             "; this backend moves host memory only");
+  if (!t.is_contiguous())
+    SY_THROW(InvalidArgument, op, ": ", what, " must be contiguous, got shape ", shape_string(t.shape()),
+             " strides ", shape_string(t.strides()));
+}
+
+void check_same_dtype(std::string_view op, const TensorView& in, const TensorView& out) {
+  if (in.dtype() != out.dtype())
+    SY_THROW(InvalidArgument, op, ": out dtype ", dtype_name(out.dtype()), " differs from in dtype ",
+             dtype_name(in.dtype()));
+}
+
+void check_reducible(std::string_view op, DType t) {
+  if (!is_reducible(t))
+    SY_THROW(InvalidArgument, op, ": dtype ", dtype_name(t),
+             " cannot be reduced; expected one of f32, f64, bf16, f16, i32, i64");
+}
+
+void check_numel(std::string_view op, std::string_view what, int64_t got, int64_t expected, std::string_view why) {
+  if (got != expected)
+    SY_THROW(InvalidArgument, op, ": ", what, " has ", got, " elements, expected ", expected, " (", why, ")");
+}
+
+void check_counts(std::string_view op, std::string_view what, const std::vector<int64_t>& counts, int size) {
+  if (static_cast<int>(counts.size()) != size)
+    SY_THROW(InvalidArgument, op, ": ", what, " has ", counts.size(), " entries, expected one per rank (", size, ")");
+  for (size_t p = 0; p < counts.size(); ++p)
+    if (counts[p] < 0) SY_THROW(InvalidArgument, op, ": ", what, "[", p, "] = ", counts[p], ", expected >= 0");
+}
+
+void check_peer(std::string_view op, std::string_view what, int peer, int size) {
+  if (peer < 0 || peer >= size)
+    SY_THROW(InvalidArgument, op, ": ", what, " ", peer, " out of range, expected 0..", size - 1);
+}
+
+int64_t sum(const std::vector<int64_t>& v) { return std::accumulate(v.begin(), v.end(), int64_t{0}); }
+
+}  // namespace
+
+Communicator::Communicator(int rank, int size, std::string name)
+    : rank_(rank),
+      size_(size),
+      name_(std::move(name)),
+      default_timeout_(Milliseconds(env().comm_timeout_ms)),
+      counting_(std::make_unique<CountingTransport>(*this)) {
+  SY_CHECK(size >= 1 && rank >= 0 && rank < size, "communicator rank ", rank, " of size ", size);
+  stats_.sent_to.assign(static_cast<size_t>(size), 0);
+  stats_.received_from.assign(static_cast<size_t>(size), 0);
+  executor_ = std::make_unique<Executor>("sy-" + std::to_string(rank));
+}
+
+Communicator::~Communicator() { shutdown_executor(); }
+
+void Communicator::shutdown_executor() { executor_.reset(); }
+
+Transport& Communicator::counted_transport() { return *counting_; }
+
+void Communicator::count_peer_bytes(int peer, uint64_t sent, uint64_t received) {
+  std::lock_guard lock(stats_mutex_);
+  stats_.sent_to[static_cast<size_t>(peer)] += sent;
+  stats_.received_from[static_cast<size_t>(peer)] += received;
+}
+
+CommStats Communicator::stats() const {
+  std::lock_guard lock(stats_mutex_);
+  return stats_;
+}
+
+void Communicator::reset_stats() {
+  std::lock_guard lock(stats_mutex_);
+  stats_.ops.clear();
+  std::fill(stats_.sent_to.begin(), stats_.sent_to.end(), 0);
+  std::fill(stats_.received_from.begin(), stats_.received_from.end(), 0);
+}
+
+void Communicator::check_usable() const {
+  if (broken_.load()) {
+    std::lock_guard lock(stats_mutex_);
+    SY_THROW(IoError, "communicator '", name_, "' (", backend_name(), ") is unusable after an earlier failure: ",
+             broken_reason_);
+  }
+}
+
+Work Communicator::enqueue(std::string_view op, const OpOptions& opts, uint64_t payload_bytes,
+                           std::initializer_list<const Buffer*> buffers,
+                           std::function<void(const OpContext&)> body) {
+  check_usable();
+  SY_CHECK(executor_ != nullptr, "communicator '", name_, "' was shut down");
+  const std::string description = detail::make_string(op, " on '", name_, "' rank ", rank_, "/", size_, " (",
+                                                      backend_name(), ")");
+  auto state = std::make_shared<WorkState>(description);
+  for (const Buffer* b : buffers)
+    if (b->owner) state->keep_alive(b->owner);
+  const Milliseconds timeout = opts.timeout.value_or(default_timeout_);
+  const Algorithm algorithm = opts.algorithm;
+  executor_->post([this, state, op = std::string(op), timeout, algorithm, payload_bytes, body = std::move(body)] {
+    if (broken_.load()) {
+      std::string reason;
+      {
+        std::lock_guard lock(stats_mutex_);
+        reason = broken_reason_;
+      }
+      state->complete(std::make_exception_ptr(IoError(detail::make_string(
+          state->description(), ": not run, the communicator failed earlier: ", reason))));
+      return;
+    }
+    const auto start = Clock::now();
+    try {
+      body(OpContext{op, start + timeout, algorithm});
+    } catch (...) {
+      auto error = with_context(std::current_exception(), state->description() + ": ");
+      try {
+        std::rethrow_exception(error);
+      } catch (const std::exception& e) {
+        std::lock_guard lock(stats_mutex_);
+        broken_reason_ = e.what();
+        SY_LOG_DEBUG("comm", e.what());
+      }
+      broken_.store(true);
+      state->complete(error);
+      return;
+    }
+    const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+    {
+      std::lock_guard lock(stats_mutex_);
+      OpStats& s = stats_.ops[op];
+      s.calls += 1;
+      s.bytes += payload_bytes;
+      s.seconds += seconds;
+    }
+    state->complete();
+  });
+  return Work(std::move(state));
+}
+
+// ---- public ops: validate on the caller's thread, then enqueue ----
+
+Work Communicator::allreduce(Buffer in, Buffer out, const ReduceOptions& opts) {
+  constexpr std::string_view op = "allreduce";
+  check_host_contiguous(op, "in", in.view);
+  check_host_contiguous(op, "out", out.view);
+  check_same_dtype(op, in.view, out.view);
+  check_reducible(op, in.view.dtype());
+  check_numel(op, "out", out.view.numel(), in.view.numel(), "same as in");
+  const ReduceOp rop = opts.op;
+  return enqueue(op, opts, in.view.nbytes(), {&in, &out},
+                 [this, i = in.view, o = out.view, rop](const OpContext& ctx) { do_allreduce(i, o, rop, ctx); });
+}
+
+Work Communicator::reduce_scatter(Buffer in, Buffer out, const ReduceOptions& opts) {
+  constexpr std::string_view op = "reduce_scatter";
+  check_host_contiguous(op, "in", in.view);
+  check_host_contiguous(op, "out", out.view);
+  check_same_dtype(op, in.view, out.view);
+  check_reducible(op, in.view.dtype());
+  check_numel(op, "in", in.view.numel(), out.view.numel() * size_, "size() blocks of out's elements");
+  const ReduceOp rop = opts.op;
+  return enqueue(op, opts, in.view.nbytes(), {&in, &out},
+                 [this, i = in.view, o = out.view, rop](const OpContext& ctx) { do_reduce_scatter(i, o, rop, ctx); });
+}
+
+Work Communicator::allgather(Buffer in, Buffer out, const OpOptions& opts) {
+  constexpr std::string_view op = "allgather";
+  check_host_contiguous(op, "in", in.view);
+  check_host_contiguous(op, "out", out.view);
+  check_same_dtype(op, in.view, out.view);
+  check_numel(op, "out", out.view.numel(), in.view.numel() * size_, "size() blocks of in's elements");
+  return enqueue(op, opts, in.view.nbytes(), {&in, &out},
+                 [this, i = in.view, o = out.view](const OpContext& ctx) { do_allgather(i, o, ctx); });
+}
+
+Work Communicator::allgatherv(Buffer in, Buffer out, std::vector<int64_t> counts, const OpOptions& opts) {
+  constexpr std::string_view op = "allgatherv";
+  check_host_contiguous(op, "in", in.view);
+  check_host_contiguous(op, "out", out.view);
+  check_same_dtype(op, in.view, out.view);
+  check_counts(op, "counts", counts, size_);
+  check_numel(op, "in", in.view.numel(), counts[static_cast<size_t>(rank_)], "counts[rank]");
+  check_numel(op, "out", out.view.numel(), sum(counts), "sum of counts");
+  return enqueue(op, opts, in.view.nbytes(), {&in, &out},
+                 [this, i = in.view, o = out.view, counts = std::move(counts)](const OpContext& ctx) {
+                   do_allgatherv(i, o, counts, ctx);
+                 });
+}
+
+Work Communicator::alltoall(Buffer in, Buffer out, const OpOptions& opts) {
+  constexpr std::string_view op = "alltoall";
+  check_host_contiguous(op, "in", in.view);
+  check_host_contiguous(op, "out", out.view);
+  check_same_dtype(op, in.view, out.view);
+  check_numel(op, "out", out.view.numel(), in.view.numel(), "same as in");
+  if (in.view.numel() % size_ != 0)
+    SY_THROW(InvalidArgument, op, ": in has ", in.view.numel(), " elements, expected a multiple of the size ", size_);
+  return enqueue(op, opts, in.view.nbytes(), {&in, &out},
+                 [this, i = in.view, o = out.view](const OpContext& ctx) { do_alltoall(i, o, ctx); });
+}
+
+Work Communicator::alltoallv(Buffer in, std::vector<int64_t> send_counts, Buffer out,
+                             std::vector<int64_t> recv_counts, const OpOptions& opts) {
+  constexpr std::string_view op = "alltoallv";
+  check_host_contiguous(op, "in", in.view);
+  check_host_contiguous(op, "out", out.view);
+  check_same_dtype(op, in.view, out.view);
+  check_counts(op, "send_counts", send_counts, size_);
+  check_counts(op, "recv_counts", recv_counts, size_);
+  check_numel(op, "in", in.view.numel(), sum(send_counts), "sum of send_counts");
+  check_numel(op, "out", out.view.numel(), sum(recv_counts), "sum of recv_counts");
+  return enqueue(op, opts, in.view.nbytes(), {&in, &out},
+                 [this, i = in.view, o = out.view, sc = std::move(send_counts),
+                  rc = std::move(recv_counts)](const OpContext& ctx) { do_alltoallv(i, sc, o, rc, ctx); });
+}
+
+Work Communicator::broadcast(Buffer buffer, int root, const OpOptions& opts) {
+  constexpr std::string_view op = "broadcast";
+  check_host_contiguous(op, "buffer", buffer.view);
+  check_peer(op, "root", root, size_);
+  return enqueue(op, opts, rank_ == root ? buffer.view.nbytes() : 0, {&buffer},
+                 [this, b = buffer.view, root](const OpContext& ctx) { do_broadcast(b, root, ctx); });
+}
+
+Work Communicator::send(Buffer buffer, int peer, const OpOptions& opts) {
+  constexpr std::string_view op = "send";
+  check_host_contiguous(op, "buffer", buffer.view);
+  check_peer(op, "peer", peer, size_);
+  if (peer == rank_) SY_THROW(InvalidArgument, op, ": peer ", peer, " is this rank; copy locally instead");
+  if (opts.tag >= kMaxUserTag) SY_THROW(InvalidArgument, op, ": tag ", opts.tag, " out of range, expected < ", kMaxUserTag);
+  const uint32_t tag = opts.tag;
+  return enqueue(op, opts, buffer.view.nbytes(), {&buffer},
+                 [this, b = buffer.view, peer, tag](const OpContext& ctx) { do_send(b, peer, tag, ctx); });
+}
+
+Work Communicator::recv(Buffer buffer, int peer, const OpOptions& opts) {
+  constexpr std::string_view op = "recv";
+  check_host_contiguous(op, "buffer", buffer.view);
+  check_peer(op, "peer", peer, size_);
+  if (peer == rank_) SY_THROW(InvalidArgument, op, ": peer ", peer, " is this rank; copy locally instead");
+  if (opts.tag >= kMaxUserTag) SY_THROW(InvalidArgument, op, ": tag ", opts.tag, " out of range, expected < ", kMaxUserTag);
+  const uint32_t tag = opts.tag;
+  return enqueue(op, opts, 0, {&buffer},
+                 [this, b = buffer.view, peer, tag](const OpContext& ctx) { do_recv(b, peer, tag, ctx); });
+}
+
+Work Communicator::barrier(const OpOptions& opts) {
+  return enqueue("barrier", opts, 0, {}, [this](const OpContext& ctx) { do_barrier(ctx); });
+}
+
+std::shared_ptr<Communicator> Communicator::split(int color, int key, const OpOptions& opts) {
+  Tensor mine = Tensor::empty({2}, DType::i64);
+  mine.data_as<int64_t>()[0] = color;
+  mine.data_as<int64_t>()[1] = key;
+  Tensor all = Tensor::empty({2 * static_cast<int64_t>(size_)}, DType::i64);
+  allgather(mine, all, opts).wait();
+  if (color < 0) return nullptr;
+  const int64_t* entries = all.data_as<int64_t>();
+  std::vector<std::pair<int64_t, int>> order;  // (key, rank) of ranks with my color
+  for (int r = 0; r < size_; ++r)
+    if (entries[2 * r] == color) order.emplace_back(entries[2 * r + 1], r);
+  std::sort(order.begin(), order.end());
+  std::vector<int> members;
+  for (auto& [k, r] : order) members.push_back(r);
+  return create_group(std::move(members), "split" + std::to_string(color));
+}
+
+std::shared_ptr<Communicator> Communicator::create_group(std::vector<int> members, std::string name) {
+  std::set<int> seen;
+  for (int m : members) {
+    check_peer("create_group", "member", m, size_);
+    if (!seen.insert(m).second) SY_THROW(InvalidArgument, "create_group: member ", m, " listed twice");
+  }
+  if (!seen.count(rank_))
+    SY_THROW(InvalidArgument, "create_group: rank ", rank_, " calls it but is not among the ", members.size(),
+             " members");
+  const uint64_t made_before = groups_made_[members]++;
+  uint64_t key = 0xcbf29ce484222325ull;  // FNV-1a over the member list and the count
+  for (uint64_t v : members) key = (key ^ (v + 1)) * 0x100000001b3ull;
+  key = (key ^ made_before) * 0x100000001b3ull;
+  if (name.empty()) name = "group" + std::to_string(key % 100000);
+  std::shared_ptr<Communicator> result;
+  const std::string full_name = name_ + "/" + name;
+  enqueue("create_group", OpOptions{}, 0, {},
+          [this, &result, &members, key, &full_name](const OpContext&) {
+            result = do_create_group(members, key, full_name);
+          })
+      .wait();
+  return result;
+}
+
+// ---- default bodies: generic algorithms over the transport ----
+
+void Communicator::do_allreduce(const TensorView& in, const TensorView& out, ReduceOp op, const OpContext& ctx) {
+  algorithms::allreduce_ring(counted_transport(), in.data(), out.data(), static_cast<size_t>(in.numel()),
+                             in.dtype(), op, ctx.deadline);
+}
+
+void Communicator::do_reduce_scatter(const TensorView& in, const TensorView& out, ReduceOp op, const OpContext& ctx) {
+  algorithms::reduce_scatter_ring(counted_transport(), in.data(), out.data(), static_cast<size_t>(out.numel()),
+                                  in.dtype(), op, ctx.deadline);
+}
+
+void Communicator::do_allgatherv(const TensorView& in, const TensorView& out, std::span<const int64_t> counts,
+                                 const OpContext& ctx) {
+  algorithms::allgatherv_ring(counted_transport(), in.data(), out.data(), counts, in.element_size(), ctx.deadline);
+}
+
+void Communicator::do_allgather(const TensorView& in, const TensorView& out, const OpContext& ctx) {
+  std::vector<int64_t> counts(static_cast<size_t>(size_), in.numel());
+  do_allgatherv(in, out, counts, ctx);
+}
+
+void Communicator::do_alltoallv(const TensorView& in, std::span<const int64_t> send_counts, const TensorView& out,
+                                std::span<const int64_t> recv_counts, const OpContext& ctx) {
+  algorithms::alltoallv_pairwise(counted_transport(), in.data(), send_counts, out.data(), recv_counts,
+                                 in.element_size(), ctx.deadline);
+}
+
+void Communicator::do_alltoall(const TensorView& in, const TensorView& out, const OpContext& ctx) {
+  std::vector<int64_t> counts(static_cast<size_t>(size_), in.numel() / size_);
+  do_alltoallv(in, counts, out, counts, ctx);
+}
+
+void Communicator::do_broadcast(const TensorView& buffer, int root, const OpContext& ctx) {
+  algorithms::broadcast_binomial(counted_transport(), buffer.data(), buffer.nbytes(), root, ctx.deadline);
+}
+
+void Communicator::do_send(const TensorView& buffer, int peer, uint32_t tag, const OpContext& ctx) {
+  counted_transport().post_send(peer, buffer.data(), buffer.nbytes(), tag);
+  counted_transport().wait_all(ctx.deadline);
+}
+
+void Communicator::do_recv(const TensorView& buffer, int peer, uint32_t tag, const OpContext& ctx) {
+  counted_transport().post_recv(peer, buffer.data(), buffer.nbytes(), tag);
+  counted_transport().wait_all(ctx.deadline);
+}
+
+void Communicator::do_barrier(const OpContext& ctx) { algorithms::barrier_dissemination(counted_transport(), ctx.deadline); }
+
+}  // namespace switchyard

@@ -1,0 +1,41 @@
+#include "comm/work.h"
+
+#include "core/error.h"
+
+namespace switchyard {
+
+bool WorkState::wait(std::optional<Milliseconds> timeout) {
+  std::unique_lock lock(mutex_);
+  if (timeout) {
+    if (!done_cv_.wait_for(lock, *timeout, [&] { return done_; })) return false;
+  } else {
+    done_cv_.wait(lock, [&] { return done_; });
+  }
+  if (error_) std::rethrow_exception(error_);
+  return true;
+}
+
+bool WorkState::test() {
+  std::lock_guard lock(mutex_);
+  if (done_ && error_) std::rethrow_exception(error_);
+  return done_;
+}
+
+void WorkState::complete(std::exception_ptr error) {
+  std::vector<std::shared_ptr<void>> release;
+  {
+    std::lock_guard lock(mutex_);
+    done_ = true;
+    error_ = std::move(error);
+    release.swap(owners_);
+  }
+  done_cv_.notify_all();
+}
+
+void Work::wait(Milliseconds timeout) {
+  SY_CHECK(valid(), "wait on an empty Work");
+  if (!state_->wait(timeout))
+    SY_THROW(TimeoutError, "Work::wait: ", state_->description(), " still running after ", timeout.count(), " ms");
+}
+
+}  // namespace switchyard

@@ -1,0 +1,94 @@
+#include "core/env.h"
+
+#include <charconv>
+#include <cstdlib>
+
+#include "core/error.h"
+
+namespace switchyard {
+namespace {
+
+template <typename T>
+T parse_integer(const std::string& name, const std::string& value, T min, const char* expected) {
+  T out{};
+  auto [end, ec] = std::from_chars(value.data(), value.data() + value.size(), out);
+  if (ec != std::errc() || end != value.data() + value.size() || out < min)
+    SY_THROW(ConfigError, name, "='", value, "': expected ", expected);
+  return out;
+}
+
+struct VarSpec {
+  const char* name;
+  const char* type;
+  const char* default_value;
+  const char* doc;
+  std::function<void(Env&, const std::string&, const std::string&)> apply;
+};
+
+const std::vector<VarSpec>& specs() {
+  static const std::vector<VarSpec> table = {
+      {"SWITCHYARD_LOG_LEVEL", "string", "warn",
+       "Log level: trace, debug, info, warn, error or off; per subsystem as 'warn,comm=debug'.",
+       [](Env& e, const std::string&, const std::string& v) { e.log_level = v; }},
+      {"SWITCHYARD_COMM_TIMEOUT_MS", "int", "300000",
+       "Default timeout of a communication op in milliseconds (an op's own option wins).",
+       [](Env& e, const std::string& n, const std::string& v) {
+         e.comm_timeout_ms = parse_integer<int64_t>(n, v, 1, "a positive number of milliseconds");
+       }},
+      {"SWITCHYARD_BACKEND", "string", "",
+       "Communicator backend when the config names none: threads, mpi or fake.",
+       [](Env& e, const std::string&, const std::string& v) { e.backend = v; }},
+      {"SWITCHYARD_RANK", "int", "", "Rank of this process; overrides every launcher's variable.",
+       [](Env& e, const std::string& n, const std::string& v) { e.rank = parse_integer<int>(n, v, 0, "a rank >= 0"); }},
+      {"SWITCHYARD_WORLD_SIZE", "int", "", "Number of ranks; overrides every launcher's variable.",
+       [](Env& e, const std::string& n, const std::string& v) {
+         e.world_size = parse_integer<int>(n, v, 1, "a world size >= 1");
+       }},
+      {"SWITCHYARD_LOCAL_RANK", "int", "", "Rank within this node; overrides the launcher's.",
+       [](Env& e, const std::string& n, const std::string& v) {
+         e.local_rank = parse_integer<int>(n, v, 0, "a local rank >= 0");
+       }},
+      {"SWITCHYARD_LOCAL_SIZE", "int", "",
+       "Ranks per node; overrides the launcher's (lets one machine act as several nodes).",
+       [](Env& e, const std::string& n, const std::string& v) {
+         e.local_size = parse_integer<int>(n, v, 1, "a local size >= 1");
+       }},
+      {"SWITCHYARD_GEMM_THREADS", "int", "0", "GEMM threads per rank; 0 = cores on the node / local ranks.",
+       [](Env& e, const std::string& n, const std::string& v) {
+         e.gemm_threads = parse_integer<int>(n, v, 0, "a thread count >= 0");
+       }},
+      {"SWITCHYARD_TEST_SEED", "uint64", "", "Seed for test inputs, to reproduce a failure (tests print theirs).",
+       [](Env& e, const std::string& n, const std::string& v) {
+         e.test_seed = parse_integer<uint64_t>(n, v, 0, "an unsigned 64-bit seed");
+       }},
+  };
+  return table;
+}
+
+}  // namespace
+
+std::optional<std::string> process_env(const std::string& name) {
+  const char* v = std::getenv(name.c_str());
+  if (!v) return std::nullopt;
+  return std::string(v);
+}
+
+Env parse_env(const EnvLookup& lookup) {
+  Env e;
+  for (const auto& spec : specs())
+    if (auto v = lookup(spec.name); v && !v->empty()) spec.apply(e, spec.name, *v);
+  return e;
+}
+
+const Env& env() {
+  static const Env parsed = parse_env(process_env);
+  return parsed;
+}
+
+std::vector<EnvVarDoc> env_table(const EnvLookup& lookup) {
+  std::vector<EnvVarDoc> out;
+  for (const auto& spec : specs()) out.push_back({spec.name, spec.type, spec.default_value, spec.doc, lookup(spec.name)});
+  return out;
+}
+
+}  // namespace switchyard

@@ -1,0 +1,44 @@
+// The one typed, documented set of SWITCHYARD_* environment variables.
+// Read once on first use; `switchyard info` prints the table with docs and values.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace switchyard {
+
+struct Env {
+  std::string log_level = "warn";        // SWITCHYARD_LOG_LEVEL
+  int64_t comm_timeout_ms = 300000;      // SWITCHYARD_COMM_TIMEOUT_MS
+  std::string backend;                   // SWITCHYARD_BACKEND ("" = from the launcher)
+  std::optional<int> rank;               // SWITCHYARD_RANK
+  std::optional<int> world_size;         // SWITCHYARD_WORLD_SIZE
+  std::optional<int> local_rank;         // SWITCHYARD_LOCAL_RANK
+  std::optional<int> local_size;         // SWITCHYARD_LOCAL_SIZE
+  int gemm_threads = 0;                  // SWITCHYARD_GEMM_THREADS (0 = cores / local ranks)
+  std::optional<uint64_t> test_seed;     // SWITCHYARD_TEST_SEED
+};
+
+struct EnvVarDoc {
+  std::string name;
+  std::string type;
+  std::string default_value;
+  std::string doc;
+  std::optional<std::string> raw_value;  // as set in the environment, if set
+};
+
+using EnvLookup = std::function<std::optional<std::string>(const std::string& name)>;
+
+// The process environment, parsed on first call. Throws ConfigError naming the
+// variable, its value and what was expected.
+const Env& env();
+// Parse from any lookup (tests).
+Env parse_env(const EnvLookup& lookup);
+// Every variable with its doc and current raw value.
+std::vector<EnvVarDoc> env_table(const EnvLookup& lookup);
+std::optional<std::string> process_env(const std::string& name);
+
+}  // namespace switchyard

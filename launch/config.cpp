@@ -1,0 +1,588 @@
+#include "launch/config.h"
+
+#include <yaml-cpp/yaml.h>
+
+#include <algorithm>
+#include <cctype>
+#include <charconv>
+#include <fstream>
+#include <functional>
+#include <limits>
+#include <map>
+#include <optional>
+#include <set>
+#include <sstream>
+#include <variant>
+
+#include "core/error.h"
+
+namespace switchyard {
+namespace {
+
+constexpr int64_t kNoMax = std::numeric_limits<int64_t>::max();
+
+enum class ValueType { integer, size, boolean, string, choice, choice_list, dtype };
+
+using Value = std::variant<int64_t, bool, std::string, std::vector<std::string>, DType>;
+
+// One entry per dotted key. Sections ("comm", "bench") are the prefixes of the keys.
+struct Field {
+  std::string key;
+  ValueType type;
+  std::string doc;
+  int64_t min = 0;  // integer, size
+  int64_t max = kNoMax;
+  std::vector<std::string> choices;  // choice, choice_list
+  // string only: an extra check, and what it expects (replaces "a string").
+  std::function<bool(const std::string&)> check;
+  std::string expected;
+  std::function<void(JobConfig&, const Value&)> set;
+  std::function<std::string(const JobConfig&)> show;  // as written in YAML
+};
+
+// Where each key was last set, for cross-key errors.
+struct Origins {
+  std::map<std::string, std::pair<int, std::string>> by_key;  // key -> (sequence, where)
+  int next = 0;
+  void note(const std::string& key, const std::string& where) { by_key[key] = {next++, where}; }
+};
+
+// ---- value formatting ----------------------------------------------------------
+
+std::string join(const std::vector<std::string>& items, const char* sep = ", ") {
+  std::string out;
+  for (size_t i = 0; i < items.size(); ++i) out += (i ? sep : "") + items[i];
+  return out;
+}
+
+std::string show_size(int64_t bytes) {
+  static constexpr std::pair<int64_t, char> units[] = {{int64_t{1} << 30, 'G'}, {int64_t{1} << 20, 'M'}, {int64_t{1} << 10, 'K'}};
+  for (auto [unit, suffix] : units)
+    if (bytes != 0 && bytes % unit == 0) return std::to_string(bytes / unit) + suffix;
+  return std::to_string(bytes);
+}
+
+std::string show_string(const std::string& s) {
+  if (s.empty()) return "\"\"";
+  YAML::Emitter out;
+  out << s;
+  return out.c_str();
+}
+
+std::string show_list(const std::vector<std::string>& items) { return "[" + join(items) + "]"; }
+
+std::string dtype_choices() {
+  std::vector<std::string> names;
+  for (DType t : kAllDTypes) names.emplace_back(dtype_name(t));
+  return join(names);
+}
+
+std::string type_name(const Field& f) {
+  switch (f.type) {
+    case ValueType::integer: return "int";
+    case ValueType::size: return "size";
+    case ValueType::boolean: return "bool";
+    case ValueType::string: return "string";
+    case ValueType::choice: return "enum";
+    case ValueType::choice_list: return "enum list";
+    case ValueType::dtype: return "dtype";
+  }
+  return "?";
+}
+
+// Fields stored as int have max = kIntMax; the docs say ">= min", errors add the bound.
+constexpr int64_t kIntMax = std::numeric_limits<int>::max();
+
+std::string range_text(const Field& f) {
+  auto shown = [&](int64_t v) { return f.type == ValueType::size ? show_size(v) : std::to_string(v); };
+  if (f.max == kNoMax || f.max == kIntMax) return ">= " + shown(f.min);
+  return "[" + shown(f.min) + ", " + shown(f.max) + "]";
+}
+
+std::string allowed_text(const Field& f) {
+  switch (f.type) {
+    case ValueType::integer:
+    case ValueType::size: return range_text(f);
+    case ValueType::boolean: return "true, false";
+    case ValueType::string: return f.expected;
+    case ValueType::choice:
+    case ValueType::choice_list: return join(f.choices);
+    case ValueType::dtype: return dtype_choices() + " (or an alias: float, half, bfloat16, ...)";
+  }
+  return "";
+}
+
+// What an error says was expected.
+std::string expected_text(const Field& f) {
+  switch (f.type) {
+    case ValueType::integer: {
+      if (f.max == kNoMax) return "an integer >= " + std::to_string(f.min);
+      if (f.max == kIntMax) return "an integer >= " + std::to_string(f.min) + " (at most " + std::to_string(kIntMax) + ")";
+      return "an integer in " + range_text(f);
+    }
+    case ValueType::size:
+      return "a size in bytes " + range_text(f) + " with an optional binary suffix K, M or G (e.g. 65536, 64K, 1M)";
+    case ValueType::boolean: return "true or false";
+    case ValueType::string: return f.expected.empty() ? "a string" : f.expected;
+    case ValueType::choice: return "one of " + join(f.choices);
+    case ValueType::choice_list: return "one of " + join(f.choices) + ", or a list of them";
+    case ValueType::dtype: return "a dtype: " + dtype_choices() + " (or an alias such as float, half, bfloat16)";
+  }
+  return "?";
+}
+
+// ---- the schema table ----------------------------------------------------------
+
+// Accessors are capture-free lambdas, so one helper serves int and int64_t members.
+template <typename T>
+using Ref = T& (*)(JobConfig&);
+
+Field base(std::string key, ValueType type, std::string doc) {
+  Field f;
+  f.key = std::move(key);
+  f.type = type;
+  f.doc = std::move(doc);
+  return f;
+}
+
+template <typename T>
+std::function<std::string(const JobConfig&)> shower(Ref<T> ref, std::string (*fmt)(const T&)) {
+  // The accessor takes a mutable JobConfig only so one function serves set and show; show reads.
+  return [ref, fmt](const JobConfig& c) { return fmt(ref(const_cast<JobConfig&>(c))); };
+}
+
+template <typename T>
+Field integer(std::string key, int64_t min, int64_t max, Ref<T> ref, std::string doc) {
+  Field f = base(std::move(key), ValueType::integer, std::move(doc));
+  f.min = min;
+  f.max = max;
+  f.set = [ref](JobConfig& c, const Value& v) { ref(c) = static_cast<T>(std::get<int64_t>(v)); };
+  f.show = shower<T>(ref, [](const T& v) { return std::to_string(v); });
+  return f;
+}
+
+Field size(std::string key, int64_t min, Ref<int64_t> ref, std::string doc) {
+  Field f = base(std::move(key), ValueType::size, std::move(doc));
+  f.min = min;
+  f.set = [ref](JobConfig& c, const Value& v) { ref(c) = std::get<int64_t>(v); };
+  f.show = shower<int64_t>(ref, [](const int64_t& v) { return show_size(v); });
+  return f;
+}
+
+Field boolean(std::string key, Ref<bool> ref, std::string doc) {
+  Field f = base(std::move(key), ValueType::boolean, std::move(doc));
+  f.set = [ref](JobConfig& c, const Value& v) { ref(c) = std::get<bool>(v); };
+  f.show = shower<bool>(ref, [](const bool& v) { return std::string(v ? "true" : "false"); });
+  return f;
+}
+
+Field string(std::string key, Ref<std::string> ref, std::string doc,
+             std::function<bool(const std::string&)> check = {}, std::string expected = {}) {
+  Field f = base(std::move(key), ValueType::string, std::move(doc));
+  f.check = std::move(check);
+  f.expected = std::move(expected);
+  f.set = [ref](JobConfig& c, const Value& v) { ref(c) = std::get<std::string>(v); };
+  f.show = shower<std::string>(ref, [](const std::string& v) { return show_string(v); });
+  return f;
+}
+
+Field choice(std::string key, std::vector<std::string> choices, Ref<std::string> ref, std::string doc) {
+  Field f = base(std::move(key), ValueType::choice, std::move(doc));
+  f.choices = std::move(choices);
+  f.set = [ref](JobConfig& c, const Value& v) { ref(c) = std::get<std::string>(v); };
+  f.show = shower<std::string>(ref, [](const std::string& v) { return v; });
+  return f;
+}
+
+Field choice_list(std::string key, std::vector<std::string> choices, Ref<std::vector<std::string>> ref,
+                  std::string doc) {
+  Field f = base(std::move(key), ValueType::choice_list, std::move(doc));
+  f.choices = std::move(choices);
+  f.set = [ref](JobConfig& c, const Value& v) { ref(c) = std::get<std::vector<std::string>>(v); };
+  f.show = shower<std::vector<std::string>>(ref, [](const std::vector<std::string>& v) { return show_list(v); });
+  return f;
+}
+
+Field dtype(std::string key, Ref<DType> ref, std::string doc) {
+  Field f = base(std::move(key), ValueType::dtype, std::move(doc));
+  f.set = [ref](JobConfig& c, const Value& v) { ref(c) = std::get<DType>(v); };
+  f.show = shower<DType>(ref, [](const DType& v) { return std::string(dtype_name(v)); });
+  return f;
+}
+
+// "warn" or "warn,comm=debug": the SWITCHYARD_LOG_LEVEL syntax (core/logging.h).
+bool is_log_spec(const std::string& spec) {
+  static const std::set<std::string> levels = {"trace", "debug", "info", "warn", "error", "off"};
+  std::stringstream in(spec);
+  std::string item;
+  int items = 0;
+  while (std::getline(in, item, ',')) {
+    ++items;
+    const auto eq = item.find('=');
+    if (eq == 0) return false;
+    if (!levels.count(eq == std::string::npos ? item : item.substr(eq + 1))) return false;
+  }
+  return items > 0 && spec.back() != ',';
+}
+
+// The schema. Order here is the order of the docs and of config_to_yaml.
+const std::vector<Field>& fields() {
+  static const std::vector<Field> table = {
+      choice("job", {"comm-bench"}, +[](JobConfig& c) -> std::string& { return c.job; },
+             "What `switchyard run` does. comm-bench: sweep collectives over message sizes, "
+             "nccl-tests style (time, algbw, busbw, #wrong)."),
+      choice("comm.backend", {"threads", "mpi", "fake"},
+             +[](JobConfig& c) -> std::string& { return c.comm.backend; },
+             "Communicator backend. threads: ranks are threads of one process; mpi: one rank per "
+             "process under mpirun; fake: no traffic (logic at scale)."),
+      integer<int>("comm.ranks", 1, 4096, +[](JobConfig& c) -> int& { return c.comm.ranks; },
+                   "Number of ranks for the threads and fake backends (mpi takes the world size from mpirun)."),
+      integer<int64_t>("comm.timeout_ms", 1, kNoMax, +[](JobConfig& c) -> int64_t& { return c.comm.timeout_ms; },
+                       "Timeout of one communication op in milliseconds."),
+      choice_list("bench.ops", {"allreduce", "reduce_scatter", "allgather", "alltoall", "broadcast", "sendrecv"},
+                  +[](JobConfig& c) -> std::vector<std::string>& { return c.bench.ops; },
+                  "Collectives to sweep, in order: a list, or a single name."),
+      size("bench.min_bytes", 0, +[](JobConfig& c) -> int64_t& { return c.bench.min_bytes; },
+           "Smallest message size in bytes (per rank buffer); must be <= bench.max_bytes."),
+      size("bench.max_bytes", 0, +[](JobConfig& c) -> int64_t& { return c.bench.max_bytes; },
+           "Largest message size in bytes."),
+      integer<int64_t>("bench.step_factor", 2, kNoMax,
+                       +[](JobConfig& c) -> int64_t& { return c.bench.step_factor; },
+                       "Each size is the previous one times this factor."),
+      integer<int>("bench.iters", 1, kIntMax, +[](JobConfig& c) -> int& { return c.bench.iters; },
+                   "Timed iterations per size."),
+      integer<int>("bench.warmup", 0, kIntMax, +[](JobConfig& c) -> int& { return c.bench.warmup; },
+                   "Untimed iterations per size before the timed ones."),
+      dtype("bench.dtype", +[](JobConfig& c) -> DType& { return c.bench.dtype; }, "Element type of the buffers."),
+      choice("bench.redop", {"sum", "max", "min"}, +[](JobConfig& c) -> std::string& { return c.bench.redop; },
+             "Reduction of allreduce and reduce_scatter."),
+      integer<int>("bench.root", 0, kIntMax, +[](JobConfig& c) -> int& { return c.bench.root; },
+                   "Root rank of broadcast; must be below the world size (checked at run time)."),
+      boolean("bench.check", +[](JobConfig& c) -> bool& { return c.bench.check; },
+              "Check every result against its closed form and report #wrong."),
+      string("bench.csv", +[](JobConfig& c) -> std::string& { return c.bench.csv; },
+             "Also write the results to this CSV file (rank 0); empty = no CSV."),
+      string("log.level", +[](JobConfig& c) -> std::string& { return c.log_level; },
+             "Log level, as SWITCHYARD_LOG_LEVEL: trace, debug, info, warn, error or off; "
+             "per subsystem as 'warn,comm=debug'.",
+             is_log_spec, "a log level (trace, debug, info, warn, error, off), optionally per subsystem as 'warn,comm=debug'"),
+  };
+  return table;
+}
+
+// Rules across keys, checked once after the file and all overrides.
+struct CrossCheck {
+  std::vector<std::string> keys;
+  std::string rule;
+  std::function<bool(const JobConfig&)> holds;
+};
+
+const std::vector<CrossCheck>& cross_checks() {
+  static const std::vector<CrossCheck> table = {
+      {{"bench.min_bytes", "bench.max_bytes"}, "bench.min_bytes <= bench.max_bytes",
+       [](const JobConfig& c) { return c.bench.min_bytes <= c.bench.max_bytes; }},
+  };
+  return table;
+}
+
+const Field* find_field(const std::string& key) {
+  for (const auto& f : fields())
+    if (f.key == key) return &f;
+  return nullptr;
+}
+
+// The keys directly under a section ("" = top level), in table order.
+std::vector<std::string> children_of(const std::string& section) {
+  std::vector<std::string> out;
+  const std::string prefix = section.empty() ? "" : section + ".";
+  for (const auto& f : fields()) {
+    if (f.key.compare(0, prefix.size(), prefix) != 0 || f.key.size() == prefix.size()) continue;
+    std::string child = f.key.substr(prefix.size());
+    child = child.substr(0, child.find('.'));
+    if (std::find(out.begin(), out.end(), child) == out.end()) out.push_back(child);
+  }
+  return out;
+}
+
+bool is_section(const std::string& path) { return path.empty() || !children_of(path).empty(); }
+
+// ---- parsing one node -----------------------------------------------------------
+
+// Where a node came from: "file:line:col", or the --set override.
+struct Source {
+  std::string name;      // file name, or "--set k=v"
+  bool override_ = false;
+  std::string at(const YAML::Mark& mark) const {
+    if (override_ || mark.is_null()) return name;
+    return name + ":" + std::to_string(mark.line + 1) + ":" + std::to_string(mark.column + 1);
+  }
+};
+
+std::string describe(const YAML::Node& node) {
+  switch (node.Type()) {
+    case YAML::NodeType::Map: return "a map";
+    case YAML::NodeType::Sequence: return "a list";
+    case YAML::NodeType::Null: return "an empty value";
+    default: return "'" + node.Scalar() + "'";
+  }
+}
+
+[[noreturn]] void fail(const std::string& where, const std::string& key, const std::string& got,
+                       const std::string& expected) {
+  SY_THROW(ConfigError, where, ": ", key, ": got ", got, ", expected ", expected);
+}
+
+std::optional<int64_t> parse_int(std::string_view s) {
+  if (!s.empty() && s.front() == '+') s.remove_prefix(1);
+  int64_t v = 0;
+  auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+  if (s.empty() || ec != std::errc() || end != s.data() + s.size()) return std::nullopt;
+  return v;
+}
+
+// "65536", "64K", "64KiB", "1M", "2G" (binary multiples).
+std::optional<int64_t> parse_size(std::string_view s) {
+  int64_t unit = 1;
+  for (auto [suffix, mult] : {std::pair{"KiB", int64_t{1} << 10}, {"MiB", int64_t{1} << 20}, {"GiB", int64_t{1} << 30},
+                              {"K", int64_t{1} << 10}, {"M", int64_t{1} << 20}, {"G", int64_t{1} << 30}}) {
+    const std::string_view sv(suffix);
+    if (s.size() > sv.size() && s.substr(s.size() - sv.size()) == sv) {
+      unit = mult;
+      s.remove_suffix(sv.size());
+      break;
+    }
+  }
+  auto v = parse_int(s);
+  if (!v || *v < 0 || *v > std::numeric_limits<int64_t>::max() / unit) return std::nullopt;
+  return *v * unit;
+}
+
+std::optional<bool> parse_bool(std::string s) {
+  std::transform(s.begin(), s.end(), s.begin(), [](unsigned char ch) { return std::tolower(ch); });
+  if (s == "true" || s == "yes" || s == "on") return true;
+  if (s == "false" || s == "no" || s == "off") return false;
+  return std::nullopt;
+}
+
+// Validates a leaf node against its field; `where` already names the node's position.
+Value parse_value(const Field& f, const YAML::Node& node, const Source& src, const YAML::Mark& fallback) {
+  const bool null = node.IsNull();
+  // An empty value's mark points past it, at the next token: name its key instead.
+  const std::string where = src.at(node.Mark().is_null() || (null && !fallback.is_null()) ? fallback : node.Mark());
+  if (f.type == ValueType::choice_list && node.IsSequence()) {
+    std::vector<std::string> out;
+    for (size_t i = 0; i < node.size(); ++i) {
+      const YAML::Node item = node[i];
+      const std::string item_key = f.key + "[" + std::to_string(i) + "]";
+      if (!item.IsScalar()) fail(src.at(item.Mark()), item_key, describe(item), "one of " + join(f.choices));
+      if (std::find(f.choices.begin(), f.choices.end(), item.Scalar()) == f.choices.end())
+        fail(src.at(item.Mark()), item_key, describe(item), "one of " + join(f.choices));
+      out.push_back(item.Scalar());
+    }
+    if (out.empty()) fail(where, f.key, "an empty list", expected_text(f));
+    return out;
+  }
+  if (f.type == ValueType::string && null) return std::string();
+  if (!node.IsScalar()) fail(where, f.key, describe(node), expected_text(f));
+  const std::string& s = node.Scalar();
+  switch (f.type) {
+    case ValueType::integer: {
+      auto v = parse_int(s);
+      if (!v || *v < f.min || *v > f.max) fail(where, f.key, describe(node), expected_text(f));
+      return *v;
+    }
+    case ValueType::size: {
+      auto v = parse_size(s);
+      if (!v || *v < f.min || *v > f.max) fail(where, f.key, describe(node), expected_text(f));
+      return *v;
+    }
+    case ValueType::boolean: {
+      auto v = parse_bool(s);
+      if (!v) fail(where, f.key, describe(node), expected_text(f));
+      return *v;
+    }
+    case ValueType::string:
+      if (f.check && !f.check(s)) fail(where, f.key, describe(node), expected_text(f));
+      return s;
+    case ValueType::choice:
+      if (std::find(f.choices.begin(), f.choices.end(), s) == f.choices.end())
+        fail(where, f.key, describe(node), expected_text(f));
+      return s;
+    case ValueType::choice_list:
+      if (std::find(f.choices.begin(), f.choices.end(), s) == f.choices.end())
+        fail(where, f.key, describe(node), expected_text(f));
+      return std::vector<std::string>{s};
+    case ValueType::dtype: {
+      auto t = parse_dtype(s);
+      if (!t) fail(where, f.key, describe(node), expected_text(f));
+      return *t;
+    }
+  }
+  fail(where, f.key, describe(node), expected_text(f));
+}
+
+std::string section_expected(const std::string& path) {
+  return "a map with keys " + join(children_of(path));
+}
+
+std::string known_keys_text(const std::string& section) {
+  return section.empty() ? "known top-level keys: " + join(children_of(""))
+                         : "known keys under " + section + ": " + join(children_of(section));
+}
+
+// Applies `node` at dotted `path` ("" = the whole document): a leaf is parsed
+// and set, a section must be a map whose keys are known.
+void apply(JobConfig& cfg, const YAML::Node& node, const std::string& path, const Source& src,
+           const YAML::Mark& fallback, Origins& origins) {
+  const YAML::Mark mark = node.Mark().is_null() ? fallback : node.Mark();
+  if (const Field* f = find_field(path)) {
+    f->set(cfg, parse_value(*f, node, src, fallback));
+    origins.note(path, src.at(mark));
+    return;
+  }
+  if (node.IsNull()) return;  // "comm:" with nothing under it, or an empty file
+  if (!node.IsMap()) {
+    const std::string key = path.empty() ? "the top level" : path;
+    fail(src.at(mark), key, describe(node), section_expected(path));
+  }
+  std::set<std::string> seen;
+  for (const auto& kv : node) {
+    const YAML::Node& key_node = kv.first;
+    if (!key_node.IsScalar())
+      SY_THROW(ConfigError, src.at(key_node.Mark()), ": ", path.empty() ? "the top level" : path,
+               ": got ", describe(key_node), " as a key, expected one of ", join(children_of(path)));
+    const std::string& name = key_node.Scalar();
+    const std::string child = path.empty() ? name : path + "." + name;
+    if (!find_field(child) && !is_section(child))
+      SY_THROW(ConfigError, src.at(key_node.Mark()), ": unknown key '", child, "' (", known_keys_text(path), ")");
+    if (!seen.insert(name).second)
+      SY_THROW(ConfigError, src.at(key_node.Mark()), ": duplicate key '", child, "'");
+    apply(cfg, kv.second, child, src, key_node.Mark(), origins);
+  }
+}
+
+YAML::Node parse_yaml(const std::string& text, const std::string& source_name) {
+  try {
+    std::vector<YAML::Node> docs = YAML::LoadAll(text);
+    if (docs.size() > 1)
+      SY_THROW(ConfigError, source_name, ": expected one YAML document, found ", docs.size());
+    return docs.empty() ? YAML::Node() : docs.front();
+  } catch (const YAML::ParserException& e) {
+    SY_THROW(ConfigError, source_name, ":", e.mark.line + 1, ":", e.mark.column + 1, ": YAML syntax error: ", e.msg);
+  }
+}
+
+void apply_override(JobConfig& cfg, const std::string& text, Origins& origins) {
+  const Source src{"--set " + text, true};
+  const auto eq = text.find('=');
+  if (eq == std::string::npos)
+    SY_THROW(ConfigError, src.name, ": expected dotted.key=value, e.g. --set comm.ranks=8");
+  const std::string key = text.substr(0, eq);
+  if (key.empty()) SY_THROW(ConfigError, src.name, ": missing key before '=', expected dotted.key=value");
+  if (!find_field(key) && !is_section(key)) {
+    const auto dot = key.rfind('.');
+    std::string parent = dot == std::string::npos ? "" : key.substr(0, dot);
+    while (!is_section(parent)) {  // name the deepest section that exists
+      const auto d = parent.rfind('.');
+      parent = d == std::string::npos ? "" : parent.substr(0, d);
+    }
+    SY_THROW(ConfigError, src.name, ": unknown key '", key, "' (", known_keys_text(parent), ")");
+  }
+  YAML::Node value;
+  try {
+    value = YAML::Load(text.substr(eq + 1));
+  } catch (const YAML::ParserException& e) {
+    SY_THROW(ConfigError, src.name, ": ", key, ": the value is not valid YAML (", e.msg, ")");
+  }
+  apply(cfg, value, key, src, YAML::Mark::null_mark(), origins);
+}
+
+void check_cross_rules(const JobConfig& cfg, const std::string& source, const Origins& origins) {
+  for (const auto& rule : cross_checks()) {
+    if (rule.holds(cfg)) continue;
+    // Point at the key set last: that is the one the user most likely wants to see.
+    std::string where = source;
+    int latest = -1;
+    std::vector<std::string> values;
+    for (const auto& key : rule.keys) {
+      const auto it = origins.by_key.find(key);
+      const std::string from = it == origins.by_key.end() ? "default" : it->second.second;
+      if (it != origins.by_key.end() && it->second.first > latest) {
+        latest = it->second.first;
+        where = it->second.second;
+      }
+      values.push_back(key + " = " + find_field(key)->show(cfg) + " (" + from + ")");
+    }
+    SY_THROW(ConfigError, where, ": expected ", rule.rule, ", got ", join(values, " and "));
+  }
+}
+
+JobConfig load(const std::string& text, const std::string& source_name, const std::vector<std::string>& overrides) {
+  JobConfig cfg;
+  cfg.source = source_name;
+  Origins origins;
+  const YAML::Node root = parse_yaml(text, source_name);
+  apply(cfg, root, "", Source{source_name}, YAML::Mark::null_mark(), origins);
+  for (const auto& o : overrides) apply_override(cfg, o, origins);
+  check_cross_rules(cfg, source_name, origins);
+  return cfg;
+}
+
+// Markdown table cells must not contain '|'.
+std::string md_cell(std::string s) {
+  for (size_t at = 0; (at = s.find('|', at)) != std::string::npos; at += 2) s.replace(at, 1, "\\|");
+  return s;
+}
+
+}  // namespace
+
+JobConfig load_config_file(const std::string& path, const std::vector<std::string>& overrides) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) SY_THROW(ConfigError, path, ": cannot open the config file");
+  std::ostringstream text;
+  text << in.rdbuf();
+  if (in.bad()) SY_THROW(ConfigError, path, ": cannot read the config file");
+  return load(text.str(), path, overrides);
+}
+
+JobConfig load_config_string(const std::string& yaml_text, const std::string& source_name,
+                             const std::vector<std::string>& overrides) {
+  return load(yaml_text, source_name, overrides);
+}
+
+std::vector<ConfigKeyDoc> config_schema() {
+  const JobConfig defaults;
+  std::vector<ConfigKeyDoc> out;
+  for (const auto& f : fields()) out.push_back({f.key, type_name(f), f.show(defaults), allowed_text(f), f.doc});
+  return out;
+}
+
+std::string config_schema_markdown() {
+  std::ostringstream md;
+  md << "| key | type | default | allowed | description |\n";
+  md << "|---|---|---|---|---|\n";
+  for (const auto& row : config_schema())
+    md << "| `" << row.key << "` | " << row.type << " | `" << md_cell(row.default_value) << "` | "
+       << md_cell(row.allowed) << " | " << md_cell(row.doc) << " |\n";
+  md << "\nSizes take an optional binary suffix: K = 1024, M = 1024², G = 1024³ (KiB, MiB, GiB also accepted).\n";
+  for (const auto& rule : cross_checks()) md << "Checked after all overrides: " << rule.rule << ".\n";
+  return md.str();
+}
+
+std::string config_to_yaml(const JobConfig& config) {
+  YAML::Node root(YAML::NodeType::Map);
+  for (const auto& f : fields()) {
+    // Walk (creating) the sections of the dotted key, then set the leaf from its YAML text.
+    std::vector<std::string> parts;
+    std::stringstream in(f.key);
+    for (std::string part; std::getline(in, part, '.');) parts.push_back(part);
+    std::vector<YAML::Node> chain{root};
+    for (size_t i = 0; i + 1 < parts.size(); ++i) chain.push_back(chain.back()[parts[i]]);
+    chain.back()[parts.back()] = YAML::Load(f.show(config));
+  }
+  YAML::Emitter out;
+  out << root;
+  return std::string(out.c_str()) + "\n";
+}
+
+}  // namespace switchyard

@@ -1,0 +1,73 @@
+// The YAML job configuration of `switchyard run --config FILE --set a.b=v`.
+//
+// Every key is one entry of a schema table (launch/config.cpp): its dotted
+// path, type, range or choices, doc and setter. Loading, validation, the
+// effective-config dump and the documented schema (docs/config.md) all read
+// that table, so a new section is a few new entries. Every error is a
+// ConfigError naming the file:line:col (or the --set override), the dotted
+// key, the value found and what was expected.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "core/dtype.h"
+
+namespace switchyard {
+
+// comm: the world communicator.
+struct CommSection {
+  std::string backend = "threads";  // threads | mpi | fake
+  int ranks = 4;                    // ranks of the threads and fake backends (mpi: from mpirun)
+  int64_t timeout_ms = 30000;       // per-op timeout
+};
+
+// bench: the comm-bench job (nccl-tests style sweep).
+struct BenchCommSection {
+  // Each one of: allreduce, reduce_scatter, allgather, alltoall, broadcast, sendrecv.
+  std::vector<std::string> ops = {"alltoall"};
+  int64_t min_bytes = 65536;
+  int64_t max_bytes = 67108864;
+  int64_t step_factor = 2;
+  int iters = 20;
+  int warmup = 5;
+  DType dtype = DType::f32;
+  std::string redop = "sum";  // sum | max | min
+  int root = 0;               // broadcast root (checked against the world size at run time)
+  bool check = true;          // verify every result, count #wrong
+  std::string csv;            // "" = no csv
+};
+
+struct JobConfig {
+  std::string job = "comm-bench";
+  CommSection comm;
+  BenchCommSection bench;
+  std::string log_level = "warn";  // log.level, a SWITCHYARD_LOG_LEVEL-style spec
+  std::string source = "<defaults>";  // the file name, or "<defaults>"
+};
+
+// Loads a YAML file, then applies overrides ("dotted.key=value", the value a
+// YAML scalar or flow node such as "[alltoall,allreduce]") in order. Missing
+// keys keep their defaults; an empty file is all defaults. Throws ConfigError.
+JobConfig load_config_file(const std::string& path, const std::vector<std::string>& overrides = {});
+// The same from text; source_name stands for the file in messages. For
+// defaults plus overrides only: load_config_string("", "<defaults>", overrides).
+JobConfig load_config_string(const std::string& yaml_text, const std::string& source_name,
+                             const std::vector<std::string>& overrides = {});
+
+// One row of the schema, for `switchyard info` and the docs.
+struct ConfigKeyDoc {
+  std::string key;            // dotted path, "comm.ranks"
+  std::string type;           // int, size, bool, string, enum, enum list, dtype
+  std::string default_value;  // as it would be written in YAML
+  std::string allowed;        // range or choices, "" = any
+  std::string doc;
+};
+std::vector<ConfigKeyDoc> config_schema();
+// The documented schema as a Markdown table, generated from the same table used for validation.
+std::string config_schema_markdown();
+// The effective configuration as YAML (loads back to the same JobConfig).
+std::string config_to_yaml(const JobConfig& config);
+
+}  // namespace switchyard

@@ -1,0 +1,106 @@
+#include "tests/common/rank_harness.h"
+
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <iostream>
+
+#include "comm/backends/threads/threads_backend.h"
+#include "core/config.h"
+#include "core/rng.h"
+#if SWITCHYARD_HAS_MPI
+#include "comm/backends/mpi/mpi_backend.h"
+#endif
+
+namespace switchyard::testing {
+namespace {
+
+RankHarnessConfig g_config;
+#if SWITCHYARD_HAS_MPI
+std::shared_ptr<Communicator> g_mpi_world;
+
+// Under mpirun a failed assertion on one rank would leave the others blocked in
+// a collective; abort the job with the message instead.
+// (gtest holds its lock during OnTestPartResult, so the test name is kept from OnTestStart.)
+class AbortOnFailure : public ::testing::EmptyTestEventListener {
+  std::string test_name_;
+  void OnTestStart(const ::testing::TestInfo& info) override {
+    test_name_ = std::string(info.test_suite_name()) + "." + info.name();
+  }
+  void OnTestPartResult(const ::testing::TestPartResult& result) override {
+    if (!result.failed()) return;
+    const std::string where = result.file_name() ? std::string(result.file_name()) + ":" +
+                                                       std::to_string(result.line_number())
+                                                 : std::string("?");
+    mpi_abort("test " + test_name_ +
+              " failed at " + where + ": " + result.message());
+  }
+};
+#endif
+
+}  // namespace
+
+void init_rank_harness(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg.rfind("--backend=", 0) == 0) {
+      g_config.backend = arg.substr(10);
+    } else if (arg.rfind("--ranks=", 0) == 0) {
+      g_config.ranks = std::atoi(arg.c_str() + 8);
+    } else {
+      std::cerr << "unknown argument '" << arg << "'; expected --backend=threads|mpi and --ranks=N\n";
+      std::exit(2);
+    }
+  }
+  if (g_config.backend == "mpi") {
+#if SWITCHYARD_HAS_MPI
+    g_mpi_world = make_mpi_world_communicator();
+    g_config.ranks = g_mpi_world->size();
+    auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
+    if (g_mpi_world->rank() != 0) delete listeners.Release(listeners.default_result_printer());
+    listeners.Append(new AbortOnFailure());
+#else
+    std::cerr << "this build has no MPI backend (SWITCHYARD_WITH_MPI=OFF)\n";
+    std::exit(2);
+#endif
+  } else if (g_config.backend != "threads") {
+    std::cerr << "unknown --backend='" << g_config.backend << "', expected threads or mpi\n";
+    std::exit(2);
+  }
+  if (g_config.ranks < 1) {
+    std::cerr << "--ranks must be >= 1\n";
+    std::exit(2);
+  }
+}
+
+const RankHarnessConfig& harness_config() { return g_config; }
+bool harness_is_threads() { return g_config.backend == "threads"; }
+
+void for_each_rank(const std::function<void(Communicator&, uint64_t)>& fn, Milliseconds op_timeout) {
+  uint64_t seed = fresh_seed();
+  if (harness_is_threads()) {
+    ::testing::Test::RecordProperty("seed", std::to_string(seed));
+    SCOPED_TRACE("seed " + std::to_string(seed) + " (SWITCHYARD_TEST_SEED reproduces it)");
+    run_thread_ranks(g_config.ranks, [&](Communicator& comm) { fn(comm, seed); }, {op_timeout});
+    return;
+  }
+#if SWITCHYARD_HAS_MPI
+  Tensor s = Tensor::empty({1}, DType::i64);
+  s.data_as<int64_t>()[0] = static_cast<int64_t>(seed);
+  g_mpi_world->broadcast(s, 0).wait();
+  seed = static_cast<uint64_t>(s.data_as<int64_t>()[0]);
+  SCOPED_TRACE("seed " + std::to_string(seed) + " (SWITCHYARD_TEST_SEED reproduces it)");
+  g_mpi_world->set_default_timeout(op_timeout);
+  fn(*g_mpi_world, seed);
+  g_mpi_world->barrier().wait();
+#endif
+}
+
+void shutdown_rank_harness() {
+#if SWITCHYARD_HAS_MPI
+  g_mpi_world.reset();
+#endif
+}
+
+}  // namespace switchyard::testing

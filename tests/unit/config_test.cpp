@@ -1,0 +1,289 @@
+// YAML job configuration: shipped presets, defaults, overrides, and errors that
+// name file:line:col, the key, the value and what was expected.
+#include "launch/config.h"
+
+#include <gtest/gtest.h>
+
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "core/error.h"
+
+#ifndef SWITCHYARD_SOURCE_DIR
+#error "SWITCHYARD_SOURCE_DIR must name the source tree (the build defines it)"
+#endif
+
+namespace switchyard {
+namespace {
+
+std::string source_path(const std::string& relative) { return std::string(SWITCHYARD_SOURCE_DIR) + "/" + relative; }
+std::string bad_config(const std::string& name) { return source_path("tests/configs/" + name); }
+
+// Runs `load`, expects a ConfigError and returns its message.
+template <typename Load>
+std::string config_error(Load&& load) {
+  try {
+    load();
+  } catch (const ConfigError& e) {
+    return e.what();
+  } catch (const std::exception& e) {
+    ADD_FAILURE() << "expected ConfigError, got another exception: " << e.what();
+    return {};
+  }
+  ADD_FAILURE() << "expected ConfigError, nothing was thrown";
+  return {};
+}
+
+// Loads tests/configs/<name>, expects a ConfigError at "<name>:<line>:" whose
+// message contains every one of `parts`.
+void expect_file_error(const std::string& name, int line, const std::vector<std::string>& parts) {
+  SCOPED_TRACE(name);
+  const std::string msg = config_error([&] { load_config_file(bad_config(name)); });
+  EXPECT_NE(msg.find(name + ":" + std::to_string(line) + ":"), std::string::npos)
+      << "no " << name << ":" << line << ": in: " << msg;
+  for (const auto& part : parts) EXPECT_NE(msg.find(part), std::string::npos) << "no '" << part << "' in: " << msg;
+}
+
+TEST(Config, DefaultsMatchTheStructs) {
+  const JobConfig c = load_config_string("", "<defaults>");
+  EXPECT_EQ(c.job, "comm-bench");
+  EXPECT_EQ(c.comm.backend, "threads");
+  EXPECT_EQ(c.comm.ranks, 4);
+  EXPECT_EQ(c.comm.timeout_ms, 30000);
+  EXPECT_EQ(c.bench.ops, std::vector<std::string>{"alltoall"});
+  EXPECT_EQ(c.bench.min_bytes, 65536);
+  EXPECT_EQ(c.bench.max_bytes, 67108864);
+  EXPECT_EQ(c.bench.step_factor, 2);
+  EXPECT_EQ(c.bench.iters, 20);
+  EXPECT_EQ(c.bench.warmup, 5);
+  EXPECT_EQ(c.bench.dtype, DType::f32);
+  EXPECT_EQ(c.bench.redop, "sum");
+  EXPECT_EQ(c.bench.root, 0);
+  EXPECT_TRUE(c.bench.check);
+  EXPECT_EQ(c.bench.csv, "");
+  EXPECT_EQ(c.log_level, "warn");
+  EXPECT_EQ(c.source, "<defaults>");
+  EXPECT_EQ(JobConfig{}.source, "<defaults>");
+}
+
+TEST(Config, EmptyFileIsAllDefaults) {
+  const JobConfig c = load_config_file(bad_config("empty.yaml"));
+  EXPECT_EQ(c.comm.ranks, 4);
+  EXPECT_EQ(c.bench.max_bytes, 67108864);
+  EXPECT_EQ(c.source, bad_config("empty.yaml"));
+  EXPECT_EQ(load_config_string("comm:\nbench:\n", "x.yaml").comm.backend, "threads");
+}
+
+TEST(Config, LoadsQuickstart) {
+  const JobConfig c = load_config_file(source_path("configs/quickstart.yaml"));
+  EXPECT_EQ(c.job, "comm-bench");
+  EXPECT_EQ(c.comm.backend, "threads");
+  EXPECT_EQ(c.comm.ranks, 4);
+  EXPECT_EQ(c.bench.ops, (std::vector<std::string>{"alltoall", "allreduce"}));
+  EXPECT_EQ(c.bench.min_bytes, 64 << 10);
+  EXPECT_EQ(c.bench.max_bytes, 4 << 20);
+  EXPECT_LE(c.bench.iters, 10);
+  EXPECT_TRUE(c.bench.check);
+  EXPECT_EQ(c.source, source_path("configs/quickstart.yaml"));
+}
+
+TEST(Config, LoadsCpuMpi) {
+  const JobConfig c = load_config_file(source_path("configs/cpu-mpi.yaml"));
+  EXPECT_EQ(c.comm.backend, "mpi");
+  EXPECT_EQ(c.bench.ops, std::vector<std::string>{"alltoall"});  // written as a single string
+  EXPECT_EQ(c.bench.min_bytes, 64 << 10);
+  EXPECT_EQ(c.bench.max_bytes, int64_t{64} << 20);
+}
+
+TEST(Config, SizeSuffixes) {
+  auto max_bytes = [](const std::string& v) {
+    return load_config_string("bench:\n  min_bytes: 0\n  max_bytes: " + v + "\n", "s.yaml").bench.max_bytes;
+  };
+  EXPECT_EQ(max_bytes("65536"), 65536);
+  EXPECT_EQ(max_bytes("0"), 0);
+  EXPECT_EQ(max_bytes("64K"), 65536);
+  EXPECT_EQ(max_bytes("1M"), 1 << 20);
+  EXPECT_EQ(max_bytes("3G"), int64_t{3} << 30);
+  EXPECT_EQ(max_bytes("2MiB"), 2 << 20);
+  EXPECT_EQ(max_bytes("1000"), 1000);
+  for (const std::string bad : {"64KB", "1.5M", "-1", "K", "M1", "1T", "9999999999G", "sixty"}) {
+    const std::string msg = config_error([&] { max_bytes(bad); });
+    EXPECT_NE(msg.find("s.yaml:3:14: bench.max_bytes: got '" + bad + "', expected a size"), std::string::npos) << msg;
+  }
+}
+
+TEST(Config, OpsAsListOrSingleString) {
+  EXPECT_EQ(load_config_string("bench:\n  ops: allgather\n", "o.yaml").bench.ops,
+            std::vector<std::string>{"allgather"});
+  EXPECT_EQ(load_config_string("bench:\n  ops:\n    - sendrecv\n    - broadcast\n", "o.yaml").bench.ops,
+            (std::vector<std::string>{"sendrecv", "broadcast"}));
+  const std::string msg = config_error([] { load_config_string("bench:\n  ops: all\n", "o.yaml"); });
+  EXPECT_NE(msg.find("o.yaml:2:8: bench.ops: got 'all', expected one of allreduce"), std::string::npos) << msg;
+  const std::string empty = config_error([] { load_config_string("bench:\n  ops: []\n", "o.yaml"); });
+  EXPECT_NE(empty.find("bench.ops: got an empty list"), std::string::npos) << empty;
+}
+
+TEST(Config, EveryTypeParses) {
+  const JobConfig c = load_config_string(
+      "comm:\n  backend: fake\n  ranks: 4096\n  timeout_ms: 1\n"
+      "bench:\n  dtype: bfloat16\n  redop: max\n  root: 3\n  check: false\n  csv: out/a.csv\n"
+      "  step_factor: 4\n  iters: 1\n  warmup: 0\n"
+      "log:\n  level: info,comm=debug\n",
+      "t.yaml");
+  EXPECT_EQ(c.comm.backend, "fake");
+  EXPECT_EQ(c.comm.ranks, 4096);
+  EXPECT_EQ(c.comm.timeout_ms, 1);
+  EXPECT_EQ(c.bench.dtype, DType::bf16);
+  EXPECT_EQ(c.bench.redop, "max");
+  EXPECT_EQ(c.bench.root, 3);
+  EXPECT_FALSE(c.bench.check);
+  EXPECT_EQ(c.bench.csv, "out/a.csv");
+  EXPECT_EQ(c.bench.step_factor, 4);
+  EXPECT_EQ(c.bench.iters, 1);
+  EXPECT_EQ(c.bench.warmup, 0);
+  EXPECT_EQ(c.log_level, "info,comm=debug");
+}
+
+TEST(Config, BadFilesNameFileLineKeyValueAndExpectation) {
+  expect_file_error("bad_unknown_key.yaml", 4,
+                    {":4:3: unknown key 'comm.bakend'", "known keys under comm: backend, ranks, timeout_ms"});
+  expect_file_error("bad_unknown_section.yaml", 3,
+                    {":3:1: unknown key 'benchmark'", "known top-level keys: job, comm, bench, log"});
+  expect_file_error("bad_type.yaml", 4, {":4:10: comm.ranks: got 'four', expected an integer in [1, 4096]"});
+  expect_file_error("bad_range.yaml", 4, {":4:16: bench.step_factor: got '1', expected an integer >= 2"});
+  expect_file_error("bad_enum.yaml", 7, {":7:12: comm.backend: got 'mpii', expected one of threads, mpi, fake"});
+  expect_file_error("bad_syntax.yaml", 4, {"YAML syntax error", "end of sequence flow not found"});
+  expect_file_error("bad_kind.yaml", 4, {"comm.backend: got a map, expected one of threads, mpi, fake"});
+  expect_file_error("bad_kind_section.yaml", 3, {":3:8: bench: got 'fast', expected a map with keys ops, min_bytes"});
+  expect_file_error("bad_op.yaml", 3, {":3:19: bench.ops[1]: got 'all_to_all', expected one of allreduce"});
+  expect_file_error("bad_size.yaml", 3, {":3:14: bench.min_bytes: got '64KB', expected a size in bytes"});
+  expect_file_error("bad_min_max.yaml", 4,
+                    {"expected bench.min_bytes <= bench.max_bytes", "bench.min_bytes = 1M (", "bad_min_max.yaml:3:14)",
+                     "bench.max_bytes = 64K ("});
+  expect_file_error("bad_dtype.yaml", 3, {":3:10: bench.dtype: got 'float128', expected a dtype: f32"});
+  expect_file_error("bad_bool.yaml", 3, {":3:10: bench.check: got 'maybe', expected true or false"});
+  expect_file_error("bad_duplicate.yaml", 4, {":4:3: duplicate key 'comm.ranks'"});
+  expect_file_error("bad_top_level.yaml", 2, {"got a list, expected a map with keys job, comm, bench, log"});
+}
+
+TEST(Config, MoreValueErrors) {
+  auto error_of = [](const std::string& text) { return config_error([&] { load_config_string(text, "v.yaml"); }); };
+  EXPECT_NE(error_of("comm:\n  ranks: 0\n").find("v.yaml:2:10: comm.ranks: got '0', expected an integer in [1, 4096]"),
+            std::string::npos);
+  EXPECT_NE(error_of("comm:\n  ranks: 4097\n").find("got '4097'"), std::string::npos);
+  EXPECT_NE(error_of("comm:\n  ranks: 2.5\n").find("got '2.5'"), std::string::npos);
+  // An empty value is reported at its key.
+  EXPECT_NE(error_of("comm:\n  ranks:\n").find("v.yaml:2:3: comm.ranks: got an empty value"), std::string::npos);
+  EXPECT_NE(error_of("bench:\n  iters: [1]\n").find("bench.iters: got a list, expected an integer >= 1"),
+            std::string::npos);
+  EXPECT_NE(error_of("bench:\n  warmup: -1\n").find("bench.warmup: got '-1'"), std::string::npos);
+  EXPECT_NE(error_of("bench:\n  redop: prod\n").find("bench.redop: got 'prod', expected one of sum, max, min"),
+            std::string::npos);
+  EXPECT_NE(error_of("comm:\n  timeout_ms: 0\n").find("comm.timeout_ms: got '0', expected an integer >= 1"),
+            std::string::npos);
+  EXPECT_NE(error_of("job: train\n").find("v.yaml:1:6: job: got 'train', expected one of comm-bench"),
+            std::string::npos);
+  EXPECT_NE(error_of("log:\n  level: loud\n").find("log.level: got 'loud', expected a log level"), std::string::npos);
+  EXPECT_NE(error_of("log: warn\n").find("log: got 'warn', expected a map with keys level"), std::string::npos);
+  EXPECT_NE(error_of("a: 1\n---\nb: 2\n").find("expected one YAML document"), std::string::npos);
+}
+
+TEST(Config, MissingFileNamesThePath) {
+  const std::string path = source_path("tests/configs/no_such_file.yaml");
+  const std::string msg = config_error([&] { load_config_file(path); });
+  EXPECT_NE(msg.find(path), std::string::npos) << msg;
+}
+
+TEST(Config, OverridesApplyInOrderAfterTheFile) {
+  const JobConfig c = load_config_file(source_path("configs/quickstart.yaml"),
+                                       {"comm.ranks=8", "bench.ops=[alltoall,allreduce,broadcast]", "bench.max_bytes=1M",
+                                        "bench.dtype=bf16", "bench.check=false", "bench.csv=out.csv", "comm.ranks=2",
+                                        "log.level=debug"});
+  EXPECT_EQ(c.comm.ranks, 2);  // the last one wins
+  EXPECT_EQ(c.bench.ops, (std::vector<std::string>{"alltoall", "allreduce", "broadcast"}));
+  EXPECT_EQ(c.bench.max_bytes, 1 << 20);
+  EXPECT_EQ(c.bench.dtype, DType::bf16);
+  EXPECT_FALSE(c.bench.check);
+  EXPECT_EQ(c.bench.csv, "out.csv");
+  EXPECT_EQ(c.log_level, "debug");
+  EXPECT_EQ(c.comm.backend, "threads");  // untouched keys keep the file's values
+}
+
+TEST(Config, OverridesWithoutAFile) {
+  const JobConfig c = load_config_string("", "<defaults>", {"bench.ops=sendrecv", "bench.csv=", "comm={backend: fake, ranks: 1024}"});
+  EXPECT_EQ(c.bench.ops, std::vector<std::string>{"sendrecv"});
+  EXPECT_EQ(c.bench.csv, "");
+  EXPECT_EQ(c.comm.backend, "fake");
+  EXPECT_EQ(c.comm.ranks, 1024);
+}
+
+TEST(Config, BadOverridesNameTheOverride) {
+  auto error_of = [](const std::string& o) { return config_error([&] { load_config_string("", "<defaults>", {o}); }); };
+  EXPECT_NE(error_of("comm.ranks=0").find("--set comm.ranks=0: comm.ranks: got '0', expected an integer in [1, 4096]"),
+            std::string::npos);
+  EXPECT_NE(error_of("comm.ranks").find("--set comm.ranks: expected dotted.key=value"), std::string::npos);
+  EXPECT_NE(error_of("=4").find("--set =4: missing key"), std::string::npos);
+  EXPECT_NE(error_of("comm.bakend=mpi").find("--set comm.bakend=mpi: unknown key 'comm.bakend' (known keys under comm: "
+                                             "backend, ranks, timeout_ms)"),
+            std::string::npos);
+  EXPECT_NE(error_of("benchx.iters=3").find("unknown key 'benchx.iters' (known top-level keys: job, comm, bench, log)"),
+            std::string::npos);
+  EXPECT_NE(error_of("bench.ops=[alltoall,bogus]").find("bench.ops[1]: got 'bogus'"), std::string::npos);
+  EXPECT_NE(error_of("bench.ops=[alltoall").find("--set bench.ops=[alltoall: bench.ops: the value is not valid YAML"),
+            std::string::npos);
+  EXPECT_NE(error_of("comm=mpi").find("--set comm=mpi: comm: got 'mpi', expected a map with keys backend"),
+            std::string::npos);
+  EXPECT_NE(error_of("bench.min_bytes=1G").find("--set bench.min_bytes=1G: expected bench.min_bytes <= bench.max_bytes"),
+            std::string::npos);
+}
+
+TEST(Config, MinMaxCheckedAfterAllOverrides) {
+  // min > max in between is fine when the last override fixes it.
+  const JobConfig c = load_config_file(source_path("configs/quickstart.yaml"), {"bench.min_bytes=8M", "bench.max_bytes=16M"});
+  EXPECT_EQ(c.bench.min_bytes, 8 << 20);
+  EXPECT_EQ(c.bench.max_bytes, 16 << 20);
+  // The file's max and an override's min clash: the message names both origins.
+  const std::string msg = config_error(
+      [] { load_config_file(source_path("configs/quickstart.yaml"), {"bench.min_bytes=8M"}); });
+  EXPECT_NE(msg.find("--set bench.min_bytes=8M: expected bench.min_bytes <= bench.max_bytes"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("bench.max_bytes = 4M (" + source_path("configs/quickstart.yaml") + ":"), std::string::npos) << msg;
+}
+
+TEST(Config, DumpLoadsBackToTheSameConfig) {
+  const JobConfig a = load_config_file(source_path("configs/quickstart.yaml"), {"bench.csv=a b.csv", "bench.dtype=half"});
+  const JobConfig b = load_config_string(config_to_yaml(a), "dump");
+  EXPECT_EQ(b.bench.ops, a.bench.ops);
+  EXPECT_EQ(b.bench.min_bytes, a.bench.min_bytes);
+  EXPECT_EQ(b.bench.max_bytes, a.bench.max_bytes);
+  EXPECT_EQ(b.bench.dtype, DType::f16);
+  EXPECT_EQ(b.bench.csv, "a b.csv");
+  EXPECT_EQ(b.comm.ranks, a.comm.ranks);
+  EXPECT_EQ(b.log_level, a.log_level);
+}
+
+TEST(Config, SchemaDocumentsEveryKey) {
+  const std::string md = config_schema_markdown();
+  for (const char* key : {"job", "comm.backend", "comm.ranks", "comm.timeout_ms", "bench.ops", "bench.min_bytes",
+                          "bench.max_bytes", "bench.step_factor", "bench.iters", "bench.warmup", "bench.dtype",
+                          "bench.redop", "bench.root", "bench.check", "bench.csv", "log.level"})
+    EXPECT_NE(md.find(std::string("| `") + key + "` |"), std::string::npos) << key;
+  EXPECT_NE(md.find("| `comm.ranks` | int | `4` | [1, 4096] |"), std::string::npos) << md;
+  EXPECT_NE(md.find("| `bench.min_bytes` | size | `64K` |"), std::string::npos) << md;
+  const auto rows = config_schema();
+  EXPECT_EQ(rows.size(), 16u);
+  for (const auto& row : rows) EXPECT_FALSE(row.doc.empty()) << row.key;
+}
+
+TEST(Config, DocsShowTheCurrentSchema) {
+  std::ifstream in(source_path("docs/config.md"));
+  ASSERT_TRUE(in) << "cannot open docs/config.md";
+  std::ostringstream text;
+  text << in.rdbuf();
+  EXPECT_NE(text.str().find(config_schema_markdown()), std::string::npos)
+      << "docs/config.md is out of date: paste config_schema_markdown() into its Keys section";
+}
+
+}  // namespace
+}  // namespace switchyard
