@@ -1,6 +1,7 @@
 #include "comm/communicator.h"
 
 #include <algorithm>
+#include <cstring>
 #include <numeric>
 #include <set>
 
@@ -287,6 +288,20 @@ Work Communicator::recv(Buffer buffer, int peer, const OpOptions& opts) {
                  [this, b = buffer.view, peer, tag](const OpContext& ctx) { do_recv(b, peer, tag, ctx); });
 }
 
+Work Communicator::sendrecv(Buffer send_buffer, int to, Buffer recv_buffer, int from, const OpOptions& opts) {
+  constexpr std::string_view op = "sendrecv";
+  check_host_contiguous(op, "send_buffer", send_buffer.view);
+  check_host_contiguous(op, "recv_buffer", recv_buffer.view);
+  check_peer(op, "to", to, size_);
+  check_peer(op, "from", from, size_);
+  if (opts.tag >= kMaxUserTag) SY_THROW(InvalidArgument, op, ": tag ", opts.tag, " out of range, expected < ", kMaxUserTag);
+  const uint32_t tag = opts.tag;
+  return enqueue(op, opts, send_buffer.view.nbytes(), {&send_buffer, &recv_buffer},
+                 [this, s = send_buffer.view, to, r = recv_buffer.view, from, tag](const OpContext& ctx) {
+                   do_sendrecv(s, to, r, from, tag, ctx);
+                 });
+}
+
 Work Communicator::barrier(const OpOptions& opts) {
   return enqueue("barrier", opts, 0, {}, [this](const OpContext& ctx) { do_barrier(ctx); });
 }
@@ -376,6 +391,13 @@ void Communicator::do_send(const TensorView& buffer, int peer, uint32_t tag, con
 
 void Communicator::do_recv(const TensorView& buffer, int peer, uint32_t tag, const OpContext& ctx) {
   counted_transport().post_recv(peer, buffer.data(), buffer.nbytes(), tag);
+  counted_transport().wait_all(ctx.deadline);
+}
+
+void Communicator::do_sendrecv(const TensorView& send_buffer, int to, const TensorView& recv_buffer, int from,
+                               uint32_t tag, const OpContext& ctx) {
+  counted_transport().post_send(to, send_buffer.data(), send_buffer.nbytes(), tag);
+  counted_transport().post_recv(from, recv_buffer.data(), recv_buffer.nbytes(), tag);
   counted_transport().wait_all(ctx.deadline);
 }
 

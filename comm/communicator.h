@@ -64,6 +64,9 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
   Work broadcast(Buffer buffer, int root, const OpOptions& opts = {});
   Work send(Buffer buffer, int peer, const OpOptions& opts = {});
   Work recv(Buffer buffer, int peer, const OpOptions& opts = {});
+  // Both directions in one op (ring shifts, pipelines): on one communicator a
+  // send and a recv issued separately run one after the other on the executor.
+  Work sendrecv(Buffer send_buffer, int to, Buffer recv_buffer, int from, const OpOptions& opts = {});
   Work barrier(const OpOptions& opts = {});
 
   // Collective over this communicator: ranks with the same color form a new
@@ -100,6 +103,8 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
   virtual void do_broadcast(const TensorView& buffer, int root, const OpContext& ctx);
   virtual void do_send(const TensorView& buffer, int peer, uint32_t tag, const OpContext& ctx);
   virtual void do_recv(const TensorView& buffer, int peer, uint32_t tag, const OpContext& ctx);
+  virtual void do_sendrecv(const TensorView& send_buffer, int to, const TensorView& recv_buffer, int from,
+                           uint32_t tag, const OpContext& ctx);
   virtual void do_barrier(const OpContext& ctx);
   // Whether allgather / alltoall with equal blocks have a native form; the
   // defaults route them through the v-variants.

@@ -249,6 +249,20 @@ TEST_P(MoveTest, SendRecvAroundTheRingOverlapped) {
   });
 }
 
+TEST_P(MoveTest, SendrecvShiftsTheRingByAnyDistance) {
+  const auto [count, dtype] = GetParam();
+  for_each_rank([&](Communicator& comm, uint64_t seed) {
+    const int n = comm.size(), me = comm.rank();
+    for (int shift : {0, 1, n - 1}) {
+      Tensor mine = make_input(seed, me, 9, count, dtype);
+      Tensor got = poisoned(count, dtype);
+      comm.sendrecv(mine, (me + shift) % n, got, (me + n - shift) % n).wait();
+      Tensor want = make_input(seed, (me + n - shift) % n, 9, count, dtype);
+      expect_bytes_equal(got.data(), want.data(), want.nbytes(), "sendrecv shift " + std::to_string(shift));
+    }
+  });
+}
+
 INSTANTIATE_TEST_SUITE_P(Counts, ReduceTest, ::testing::ValuesIn(combos(kReduceTypes)), name_of);
 INSTANTIATE_TEST_SUITE_P(Counts, MoveTest, ::testing::ValuesIn(combos(kMoveTypes)), name_of);
 

@@ -50,6 +50,10 @@ class FakeCommunicator : public Communicator {
   void do_broadcast(const TensorView&, int, const OpContext&) override {}
   void do_send(const TensorView& b, int peer, uint32_t, const OpContext&) override { count_peer_bytes(peer, b.nbytes(), 0); }
   void do_recv(const TensorView& b, int peer, uint32_t, const OpContext&) override { count_peer_bytes(peer, 0, b.nbytes()); }
+  void do_sendrecv(const TensorView& s, int to, const TensorView& r, int from, uint32_t, const OpContext&) override {
+    count_peer_bytes(to, s.nbytes(), 0);
+    count_peer_bytes(from, 0, r.nbytes());
+  }
   void do_barrier(const OpContext&) override {}
 
  private:

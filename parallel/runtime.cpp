@@ -1,0 +1,176 @@
+#include "parallel/runtime.h"
+
+#include <charconv>
+
+#include "comm/backends/fake/fake_backend.h"
+#include "comm/backends/threads/threads_backend.h"
+#include "core/config.h"
+#include "core/error.h"
+#include "core/logging.h"
+#if SWITCHYARD_HAS_MPI
+#include "comm/backends/mpi/mpi_backend.h"
+#endif
+
+namespace switchyard {
+namespace {
+
+struct LauncherVars {
+  const char* launcher;
+  const char* rank;
+  const char* size;
+  const char* local_rank;
+  const char* local_size;
+};
+
+// In the order they are tried; the first whose rank and size are both set wins.
+constexpr LauncherVars kLaunchers[] = {
+    {"torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"},
+    {"open-mpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
+     "OMPI_COMM_WORLD_LOCAL_SIZE"},
+    {"pmi", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"},
+    {"slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"},
+};
+
+int parse_int_var(const std::string& name, const std::string& value, int min) {
+  int out = 0;
+  // Slurm writes tasks per node as "4(x2),3": the leading count is this layout's local size.
+  auto [end, ec] = std::from_chars(value.data(), value.data() + value.size(), out);
+  const bool slurm_list = name == "SLURM_TASKS_PER_NODE" && ec == std::errc() && end != value.data();
+  if (ec != std::errc() || (end != value.data() + value.size() && !slurm_list) || out < min)
+    SY_THROW(ConfigError, name, "='", value, "': expected an integer >= ", min);
+  return out;
+}
+
+}  // namespace
+
+std::optional<RankInfo> discover_rank(const EnvLookup& lookup) {
+  RankInfo info;
+  info.launcher = "none";
+  bool found = false;
+  std::vector<std::string> from;
+  for (const LauncherVars& l : kLaunchers) {
+    auto rank = lookup(l.rank), size = lookup(l.size);
+    if (!rank || !size) continue;
+    found = true;
+    info.launcher = l.launcher;
+    info.rank = parse_int_var(l.rank, *rank, 0);
+    info.world_size = parse_int_var(l.size, *size, 1);
+    from.push_back(std::string(l.rank) + "/" + l.size);
+    if (auto v = lookup(l.local_rank)) {
+      info.local_rank = parse_int_var(l.local_rank, *v, 0);
+      from.push_back(l.local_rank);
+    }
+    std::string local_size_var = l.local_size;
+    auto ls = lookup(local_size_var);
+    if (!ls && std::string(l.launcher) == "slurm") ls = lookup(local_size_var = "SLURM_TASKS_PER_NODE");
+    if (ls) {
+      info.local_size = parse_int_var(local_size_var, *ls, 1);
+      from.push_back(local_size_var);
+    } else {
+      info.local_size = info.world_size;  // no node information: one node
+    }
+    break;
+  }
+  const Env e = parse_env(lookup);
+  auto override_field = [&](const std::optional<int>& v, int& field, const char* name) {
+    if (!v) return;
+    field = *v;
+    from.push_back(name);
+    found = true;
+  };
+  const bool size_overridden = e.world_size.has_value();
+  override_field(e.rank, info.rank, "SWITCHYARD_RANK");
+  override_field(e.world_size, info.world_size, "SWITCHYARD_WORLD_SIZE");
+  override_field(e.local_rank, info.local_rank, "SWITCHYARD_LOCAL_RANK");
+  override_field(e.local_size, info.local_size, "SWITCHYARD_LOCAL_SIZE");
+  if (!found) return std::nullopt;
+  if (info.launcher == "none") info.launcher = "switchyard";
+  if (size_overridden && !e.local_size && info.local_size > info.world_size) info.local_size = info.world_size;
+  if (!e.local_rank && e.local_size) info.local_rank = info.rank % info.local_size;
+  std::string source;
+  for (const auto& f : from) source += (source.empty() ? "" : ", ") + f;
+  info.source = source;
+  if (info.rank >= info.world_size)
+    SY_THROW(ConfigError, "rank ", info.rank, " is not below the world size ", info.world_size, " (from ", source, ")");
+  if (info.local_size > info.world_size)
+    SY_THROW(ConfigError, "local size ", info.local_size, " exceeds the world size ", info.world_size, " (from ",
+             source, ")");
+  if (info.local_rank >= info.local_size)
+    SY_THROW(ConfigError, "local rank ", info.local_rank, " is not below the local size ", info.local_size,
+             " (from ", source, ")");
+  return info;
+}
+
+BackendChoice choose_backend(const std::string& requested, const EnvLookup& lookup) {
+  if (!requested.empty()) return {requested, "requested explicitly"};
+  const Env e = parse_env(lookup);
+  if (!e.backend.empty()) return {e.backend, "SWITCHYARD_BACKEND"};
+  auto info = discover_rank(lookup);
+  if (!info || info->launcher == "switchyard") return {"threads", "no launcher variables: ranks as threads"};
+  if (info->launcher == "torchrun")
+    return {"tcp", "torchrun-style variables (RANK, WORLD_SIZE): needs the TCP-store bootstrap"};
+  return {"mpi", "launched by " + info->launcher + " (" + info->source + ")"};
+}
+
+Runtime::Runtime(std::shared_ptr<Communicator> world, RankInfo info) : world_(std::move(world)), info_(std::move(info)) {
+  SY_CHECK_EQ(world_->rank(), info_.rank, "the world communicator's rank and the discovered rank");
+  SY_CHECK_EQ(world_->size(), info_.world_size, "the world communicator's size and the discovered world size");
+  // Ranks are taken as placed in blocks of local_size per node, as mpirun --map-by core and torchrun do.
+  std::vector<int> node_members;
+  const int first = node() * info_.local_size;
+  for (int r = first; r < std::min(first + info_.local_size, info_.world_size); ++r) node_members.push_back(r);
+  node_group_ = world_->create_group(node_members, "node" + std::to_string(node()));
+}
+
+void run_ranks(const RuntimeOptions& options, const std::function<void(Runtime&)>& fn) {
+  const BackendChoice choice = choose_backend(options.backend, process_env);
+  SY_LOG_INFO("runtime", "backend ", choice.backend, ": ", choice.reason);
+  if (choice.backend == "threads") {
+    SY_CHECK_GE(options.ranks, 1, "threads ranks");
+    const int local_size = options.local_size.value_or(options.ranks);
+    run_thread_ranks(options.ranks, [&](Communicator& world) {
+      // The world is owned by run_thread_ranks; the runtime holds it without owning.
+      std::shared_ptr<Communicator> unowned(&world, [](Communicator*) {});
+      RankInfo info{world.rank(), world.size(), world.rank() % local_size, local_size, "switchyard",
+                    "threads backend"};
+      Runtime rt(unowned, info);
+      fn(rt);
+    }, {options.timeout});
+    return;
+  }
+  if (choice.backend == "fake") {
+    auto world = make_fake_communicator(options.fake_rank, options.ranks);
+    if (options.timeout) world->set_default_timeout(*options.timeout);
+    const int local_size = options.local_size.value_or(options.ranks);
+    Runtime rt(world, RankInfo{options.fake_rank, options.ranks, options.fake_rank % local_size, local_size, "none",
+                               "fake backend"});
+    fn(rt);
+    return;
+  }
+  if (choice.backend == "mpi") {
+#if SWITCHYARD_HAS_MPI
+    auto world = make_mpi_world_communicator();
+    if (options.timeout) world->set_default_timeout(*options.timeout);
+    RankInfo info = discover_rank(process_env).value_or(RankInfo{world->rank(), world->size(), 0, world->size(),
+                                                                 "none", "MPI_COMM_WORLD"});
+    if (info.rank != world->rank() || info.world_size != world->size())
+      SY_THROW(ConfigError, "launcher variables (", info.source, ") say rank ", info.rank, " of ", info.world_size,
+               " but MPI_COMM_WORLD says ", world->rank(), " of ", world->size());
+    if (options.local_size) {
+      info.local_size = *options.local_size;
+      info.local_rank = info.rank % info.local_size;
+    }
+    Runtime rt(world, info);
+    fn(rt);
+    return;
+#else
+    SY_THROW(NotSupported, "backend mpi is not built in (configure with -DSWITCHYARD_WITH_MPI=ON)");
+#endif
+  }
+  if (choice.backend == "tcp" || choice.backend == "ucx")
+    SY_THROW(NotSupported, "backend ", choice.backend, " (", choice.reason,
+             ") is not implemented yet; launch with mpirun or use --backend threads");
+  SY_THROW(ConfigError, "unknown backend '", choice.backend, "' (", choice.reason, "), expected threads, mpi or fake");
+}
+
+}  // namespace switchyard

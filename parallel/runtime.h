@@ -1,0 +1,73 @@
+// Runtime: who this process is (rank discovery from launcher variables), the
+// world communicator of the chosen backend, and the node grouping.
+#pragma once
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "core/env.h"
+
+namespace switchyard {
+
+struct RankInfo {
+  int rank = 0;
+  int world_size = 1;
+  int local_rank = 0;
+  int local_size = 1;
+  std::string launcher;  // "torchrun", "open-mpi", "pmi", "slurm", "switchyard", "none"
+  std::string source;    // which variables gave the values, for `switchyard info`
+};
+
+// Reads launcher variables in the order torchrun (RANK, WORLD_SIZE, LOCAL_RANK,
+// LOCAL_WORLD_SIZE), Open MPI (OMPI_COMM_WORLD_*), PMI (PMI_RANK, PMI_SIZE,
+// MPI_LOCALRANKID, MPI_LOCALNRANKS), Slurm (SLURM_PROCID, SLURM_NTASKS,
+// SLURM_LOCALID, SLURM_NTASKS_PER_NODE or SLURM_TASKS_PER_NODE); SWITCHYARD_RANK,
+// _WORLD_SIZE, _LOCAL_RANK, _LOCAL_SIZE override field by field. nullopt when
+// no launcher and no override says anything. ConfigError for inconsistent values.
+std::optional<RankInfo> discover_rank(const EnvLookup& lookup);
+
+// Which backend a process should use when the config leaves it open: the
+// launcher decides (Open MPI/PMI/Slurm -> mpi; none -> threads).
+struct BackendChoice {
+  std::string backend;
+  std::string reason;
+};
+BackendChoice choose_backend(const std::string& requested, const EnvLookup& lookup);
+
+struct RuntimeOptions {
+  std::string backend;  // threads | mpi | fake ("" = choose_backend)
+  int ranks = 1;        // threads and fake: world size (mpi: from the launcher)
+  int fake_rank = 0;    // fake: which rank this process plays
+  std::optional<Milliseconds> timeout;
+  // Ranks per node; unset: from the launcher for mpi (checked against host
+  // names), all ranks on one node for threads. Lets one machine act as several nodes.
+  std::optional<int> local_size;
+};
+
+class Runtime {
+ public:
+  // One rank's runtime over an existing world communicator.
+  Runtime(std::shared_ptr<Communicator> world, RankInfo info);
+
+  Communicator& world() { return *world_; }
+  std::shared_ptr<Communicator> world_ptr() { return world_; }
+  const RankInfo& info() const { return info_; }
+  int node() const { return info_.rank / info_.local_size; }
+  int nodes() const { return (info_.world_size + info_.local_size - 1) / info_.local_size; }
+  // Ranks on this node (created at construction, never per batch).
+  Communicator& node_group() { return *node_group_; }
+
+ private:
+  std::shared_ptr<Communicator> world_;
+  RankInfo info_;
+  std::shared_ptr<Communicator> node_group_;
+};
+
+// Runs fn on every rank of the configured backend: N threads of this process
+// (threads), this process's rank (mpi, fake). Errors propagate as in run_thread_ranks.
+void run_ranks(const RuntimeOptions& options, const std::function<void(Runtime&)>& fn);
+
+}  // namespace switchyard
