@@ -1,0 +1,130 @@
+// The switchyard command line: info, bench comm, run.
+#include <CLI/CLI.hpp>
+
+#include <iomanip>
+#include <iostream>
+
+#include "core/config.h"
+#include "core/env.h"
+#include "core/error.h"
+#include "launch/bench_comm.h"
+#include "launch/config.h"
+#include "launch/jobs.h"
+#include "parallel/runtime.h"
+
+namespace switchyard {
+namespace {
+
+void print_info() {
+  std::cout << "switchyard " << SWITCHYARD_VERSION << "\n\nBuild features\n";
+  auto yes = [](int v) { return v ? "yes" : "no"; };
+  std::cout << "  MPI backend       " << yes(SWITCHYARD_HAS_MPI) << "\n"
+            << "  UCX               " << (SWITCHYARD_UCX_FOUND ? "found; the UCX backend is not implemented yet" : "no")
+            << "\n"
+            << "  CUDA              " << yes(SWITCHYARD_HAS_CUDA);
+  if (SWITCHYARD_HAS_CUDA) std::cout << " (architectures " << SWITCHYARD_CUDA_ARCHITECTURES << "; no CUDA kernels yet)";
+  std::cout << "\n  NCCL              " << (SWITCHYARD_HAS_NCCL ? "found; the NCCL backend is not implemented yet" : "no")
+            << "\n\nBackends compiled in: threads, fake" << (SWITCHYARD_HAS_MPI ? ", mpi" : "") << "\n";
+
+  std::cout << "\nThis process\n";
+  try {
+    auto info = discover_rank(process_env);
+    if (info)
+      std::cout << "  launcher          " << info->launcher << " (" << info->source << ")\n"
+                << "  rank              " << info->rank << " of " << info->world_size << "\n"
+                << "  local rank        " << info->local_rank << " of " << info->local_size << " on node "
+                << info->rank / info->local_size << "\n";
+    else
+      std::cout << "  launcher          none found (no torchrun, Open MPI, PMI or Slurm variables)\n";
+    const BackendChoice choice = choose_backend("", process_env);
+    std::cout << "  default backend   " << choice.backend << " (" << choice.reason << ")\n";
+  } catch (const Error& e) {
+    std::cout << "  error             " << e.what() << "\n";
+  }
+
+  std::cout << "\nEnvironment variables\n";
+  for (const EnvVarDoc& v : env_table(process_env)) {
+    std::cout << "  " << std::left << std::setw(28) << v.name << std::setw(8) << v.type
+              << (v.raw_value ? "= " + *v.raw_value : "(default " + (v.default_value.empty() ? "unset" : v.default_value) + ")")
+              << "\n      " << v.doc << "\n";
+  }
+}
+
+}  // namespace
+}  // namespace switchyard
+
+int main(int argc, char** argv) {
+  using namespace switchyard;
+  CLI::App app{"Switchyard: distributed mixture-of-experts runtime"};
+  app.require_subcommand(1);
+
+  auto* info = app.add_subcommand("info", "Build features, backends, detected rank/topology, environment variables");
+
+  auto* bench = app.add_subcommand("bench", "Benchmarks");
+  bench->require_subcommand(1);
+  auto* bench_comm = bench->add_subcommand("comm", "nccl-tests-style collective sweep, every result checked");
+  std::string backend, csv, dtype = "f32", redop = "sum";
+  std::string min_bytes = "64K", max_bytes = "64M";
+  std::vector<std::string> ops;
+  int ranks = 4, iters = 20, warmup = 5, root = 0, check = 1;
+  int64_t factor = 2, timeout_ms = 30000;
+  bench_comm->add_option("--backend", backend, "threads, mpi or fake (default: from the launcher)");
+  bench_comm->add_option("--ranks", ranks, "Ranks for the threads and fake backends")->capture_default_str();
+  bench_comm->add_option("--op", ops, "Collective(s): allreduce, reduce_scatter, allgather, alltoall, broadcast, "
+                                      "sendrecv, or all")->delimiter(',');
+  bench_comm->add_option("-b,--minbytes", min_bytes, "Smallest size (K/M/G suffixes)")->capture_default_str();
+  bench_comm->add_option("-e,--maxbytes", max_bytes, "Largest size")->capture_default_str();
+  bench_comm->add_option("-f,--stepfactor", factor, "Size multiplier")->capture_default_str();
+  bench_comm->add_option("-n,--iters", iters, "Timed iterations per size")->capture_default_str();
+  bench_comm->add_option("-w,--warmup_iters", warmup, "Untimed iterations per size")->capture_default_str();
+  bench_comm->add_option("-d,--datatype", dtype, "Element type")->capture_default_str();
+  bench_comm->add_option("-o,--op_type", redop, "Reduction: sum, max, min")->capture_default_str();
+  bench_comm->add_option("-r,--root", root, "Broadcast root")->capture_default_str();
+  bench_comm->add_option("-c,--check", check, "Check results (0/1)")->capture_default_str();
+  bench_comm->add_option("--csv", csv, "Also write rows to this CSV file");
+  bench_comm->add_option("--timeout-ms", timeout_ms, "Per-op timeout")->capture_default_str();
+
+  auto* run = app.add_subcommand("run", "Run the job a YAML config describes");
+  std::string config_path;
+  std::vector<std::string> sets;
+  int run_ranks_flag = 0;
+  run->add_option("--config", config_path, "YAML job config (see docs/config.md)")->required();
+  run->add_option("--set", sets, "Override a key: --set comm.backend=mpi (repeatable)");
+  run->add_option("--ranks", run_ranks_flag, "Shorthand for --set comm.ranks=N");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+
+  try {
+    if (info->parsed()) {
+      print_info();
+      return 0;
+    }
+    if (bench_comm->parsed()) {
+      if (backend.empty()) backend = choose_backend("", process_env).backend;
+      std::string op_list;
+      if (ops.empty() || (ops.size() == 1 && ops[0] == "all")) ops = ops.empty() ? std::vector<std::string>{"alltoall"} : bench_ops();
+      for (const auto& o : ops) op_list += (op_list.empty() ? "" : ",") + o;
+      const std::vector<std::string> overrides = {
+          "comm.backend=" + backend, "comm.ranks=" + std::to_string(ranks),
+          "comm.timeout_ms=" + std::to_string(timeout_ms), "bench.ops=[" + op_list + "]",
+          "bench.min_bytes=" + min_bytes, "bench.max_bytes=" + max_bytes,
+          "bench.step_factor=" + std::to_string(factor), "bench.iters=" + std::to_string(iters),
+          "bench.warmup=" + std::to_string(warmup), "bench.dtype=" + dtype, "bench.redop=" + redop,
+          "bench.root=" + std::to_string(root), "bench.check=" + std::string(check ? "true" : "false"),
+          "bench.csv='" + csv + "'"};
+      return run_job(load_config_string("", "<command line>", overrides));
+    }
+    if (run->parsed()) {
+      if (run_ranks_flag > 0) sets.push_back("comm.ranks=" + std::to_string(run_ranks_flag));
+      return run_job(load_config_file(config_path, sets));
+    }
+  } catch (const std::exception& e) {
+    std::cerr << "switchyard: error: " << e.what() << "\n";
+    return 2;
+  }
+  return 0;
+}
