@@ -58,6 +58,20 @@ void check_same_dtype(std::string_view op, const TensorView& in, const TensorVie
              dtype_name(in.dtype()));
 }
 
+// Both buffers host-resident and contiguous, of one dtype, and not overlapping
+// (allreduce also accepts in == out exactly: in place).
+void check_in_out(std::string_view op, const TensorView& in, const TensorView& out, bool in_place_ok = false) {
+  check_host_contiguous(op, "in", in);
+  check_host_contiguous(op, "out", out);
+  check_same_dtype(op, in, out);
+  const auto* a = static_cast<const char*>(in.data());
+  const auto* b = static_cast<const char*>(out.data());
+  const bool overlap = in.nbytes() && out.nbytes() && a < b + out.nbytes() && b < a + in.nbytes();
+  if (overlap && !(in_place_ok && a == b && in.nbytes() == out.nbytes()))
+    SY_THROW(InvalidArgument, op, ": in and out overlap; ", op,
+             in_place_ok ? " runs in place only with in == out" : " needs separate buffers");
+}
+
 void check_reducible(std::string_view op, DType t) {
   if (!is_reducible(t))
     SY_THROW(InvalidArgument, op, ": dtype ", dtype_name(t),
@@ -79,6 +93,10 @@ void check_counts(std::string_view op, std::string_view what, const std::vector<
 void check_peer(std::string_view op, std::string_view what, int peer, int size) {
   if (peer < 0 || peer >= size)
     SY_THROW(InvalidArgument, op, ": ", what, " ", peer, " out of range, expected 0..", size - 1);
+}
+
+void check_tag(std::string_view op, uint32_t tag) {
+  if (tag >= kMaxUserTag) SY_THROW(InvalidArgument, op, ": tag ", tag, " out of range, expected < ", kMaxUserTag);
 }
 
 int64_t sum(const std::vector<int64_t>& v) { return std::accumulate(v.begin(), v.end(), int64_t{0}); }
@@ -139,7 +157,9 @@ Work Communicator::enqueue(std::string_view op, const OpOptions& opts, uint64_t 
   auto state = std::make_shared<WorkState>(description);
   for (const Buffer* b : buffers)
     if (b->owner) state->keep_alive(b->owner);
-  const Milliseconds timeout = opts.timeout.value_or(default_timeout_);
+  // Capped so that start + timeout cannot overflow (Milliseconds::max() means "no limit").
+  const Milliseconds timeout = std::min(opts.timeout.value_or(default_timeout_),
+                                        Milliseconds(std::chrono::hours(24 * 365 * 100)));
   const Algorithm algorithm = opts.algorithm;
   executor_->post([this, state, op = std::string(op), timeout, algorithm, payload_bytes, body = std::move(body)] {
     if (broken_.load()) {
@@ -185,9 +205,7 @@ Work Communicator::enqueue(std::string_view op, const OpOptions& opts, uint64_t 
 
 Work Communicator::allreduce(Buffer in, Buffer out, const ReduceOptions& opts) {
   constexpr std::string_view op = "allreduce";
-  check_host_contiguous(op, "in", in.view);
-  check_host_contiguous(op, "out", out.view);
-  check_same_dtype(op, in.view, out.view);
+  check_in_out(op, in.view, out.view, /*in_place_ok=*/true);
   check_reducible(op, in.view.dtype());
   check_numel(op, "out", out.view.numel(), in.view.numel(), "same as in");
   const ReduceOp rop = opts.op;
@@ -197,9 +215,7 @@ Work Communicator::allreduce(Buffer in, Buffer out, const ReduceOptions& opts) {
 
 Work Communicator::reduce_scatter(Buffer in, Buffer out, const ReduceOptions& opts) {
   constexpr std::string_view op = "reduce_scatter";
-  check_host_contiguous(op, "in", in.view);
-  check_host_contiguous(op, "out", out.view);
-  check_same_dtype(op, in.view, out.view);
+  check_in_out(op, in.view, out.view);
   check_reducible(op, in.view.dtype());
   check_numel(op, "in", in.view.numel(), out.view.numel() * size_, "size() blocks of out's elements");
   const ReduceOp rop = opts.op;
@@ -209,9 +225,7 @@ Work Communicator::reduce_scatter(Buffer in, Buffer out, const ReduceOptions& op
 
 Work Communicator::allgather(Buffer in, Buffer out, const OpOptions& opts) {
   constexpr std::string_view op = "allgather";
-  check_host_contiguous(op, "in", in.view);
-  check_host_contiguous(op, "out", out.view);
-  check_same_dtype(op, in.view, out.view);
+  check_in_out(op, in.view, out.view);
   check_numel(op, "out", out.view.numel(), in.view.numel() * size_, "size() blocks of in's elements");
   return enqueue(op, opts, in.view.nbytes(), {&in, &out},
                  [this, i = in.view, o = out.view](const OpContext& ctx) { do_allgather(i, o, ctx); });
@@ -219,9 +233,7 @@ Work Communicator::allgather(Buffer in, Buffer out, const OpOptions& opts) {
 
 Work Communicator::allgatherv(Buffer in, Buffer out, std::vector<int64_t> counts, const OpOptions& opts) {
   constexpr std::string_view op = "allgatherv";
-  check_host_contiguous(op, "in", in.view);
-  check_host_contiguous(op, "out", out.view);
-  check_same_dtype(op, in.view, out.view);
+  check_in_out(op, in.view, out.view);
   check_counts(op, "counts", counts, size_);
   check_numel(op, "in", in.view.numel(), counts[static_cast<size_t>(rank_)], "counts[rank]");
   check_numel(op, "out", out.view.numel(), sum(counts), "sum of counts");
@@ -233,9 +245,7 @@ Work Communicator::allgatherv(Buffer in, Buffer out, std::vector<int64_t> counts
 
 Work Communicator::alltoall(Buffer in, Buffer out, const OpOptions& opts) {
   constexpr std::string_view op = "alltoall";
-  check_host_contiguous(op, "in", in.view);
-  check_host_contiguous(op, "out", out.view);
-  check_same_dtype(op, in.view, out.view);
+  check_in_out(op, in.view, out.view);
   check_numel(op, "out", out.view.numel(), in.view.numel(), "same as in");
   if (in.view.numel() % size_ != 0)
     SY_THROW(InvalidArgument, op, ": in has ", in.view.numel(), " elements, expected a multiple of the size ", size_);
@@ -246,9 +256,7 @@ Work Communicator::alltoall(Buffer in, Buffer out, const OpOptions& opts) {
 Work Communicator::alltoallv(Buffer in, std::vector<int64_t> send_counts, Buffer out,
                              std::vector<int64_t> recv_counts, const OpOptions& opts) {
   constexpr std::string_view op = "alltoallv";
-  check_host_contiguous(op, "in", in.view);
-  check_host_contiguous(op, "out", out.view);
-  check_same_dtype(op, in.view, out.view);
+  check_in_out(op, in.view, out.view);
   check_counts(op, "send_counts", send_counts, size_);
   check_counts(op, "recv_counts", recv_counts, size_);
   check_numel(op, "in", in.view.numel(), sum(send_counts), "sum of send_counts");
@@ -271,7 +279,7 @@ Work Communicator::send(Buffer buffer, int peer, const OpOptions& opts) {
   check_host_contiguous(op, "buffer", buffer.view);
   check_peer(op, "peer", peer, size_);
   if (peer == rank_) SY_THROW(InvalidArgument, op, ": peer ", peer, " is this rank; copy locally instead");
-  if (opts.tag >= kMaxUserTag) SY_THROW(InvalidArgument, op, ": tag ", opts.tag, " out of range, expected < ", kMaxUserTag);
+  check_tag(op, opts.tag);
   const uint32_t tag = opts.tag;
   return enqueue(op, opts, buffer.view.nbytes(), {&buffer},
                  [this, b = buffer.view, peer, tag](const OpContext& ctx) { do_send(b, peer, tag, ctx); });
@@ -282,7 +290,7 @@ Work Communicator::recv(Buffer buffer, int peer, const OpOptions& opts) {
   check_host_contiguous(op, "buffer", buffer.view);
   check_peer(op, "peer", peer, size_);
   if (peer == rank_) SY_THROW(InvalidArgument, op, ": peer ", peer, " is this rank; copy locally instead");
-  if (opts.tag >= kMaxUserTag) SY_THROW(InvalidArgument, op, ": tag ", opts.tag, " out of range, expected < ", kMaxUserTag);
+  check_tag(op, opts.tag);
   const uint32_t tag = opts.tag;
   return enqueue(op, opts, 0, {&buffer},
                  [this, b = buffer.view, peer, tag](const OpContext& ctx) { do_recv(b, peer, tag, ctx); });
@@ -294,7 +302,7 @@ Work Communicator::sendrecv(Buffer send_buffer, int to, Buffer recv_buffer, int 
   check_host_contiguous(op, "recv_buffer", recv_buffer.view);
   check_peer(op, "to", to, size_);
   check_peer(op, "from", from, size_);
-  if (opts.tag >= kMaxUserTag) SY_THROW(InvalidArgument, op, ": tag ", opts.tag, " out of range, expected < ", kMaxUserTag);
+  check_tag(op, opts.tag);
   const uint32_t tag = opts.tag;
   return enqueue(op, opts, send_buffer.view.nbytes(), {&send_buffer, &recv_buffer},
                  [this, s = send_buffer.view, to, r = recv_buffer.view, from, tag](const OpContext& ctx) {

@@ -42,8 +42,9 @@ struct RuntimeOptions {
   int ranks = 1;        // threads and fake: world size (mpi: from the launcher)
   int fake_rank = 0;    // fake: which rank this process plays
   std::optional<Milliseconds> timeout;
-  // Ranks per node; unset: from the launcher for mpi (checked against host
-  // names), all ranks on one node for threads. Lets one machine act as several nodes.
+  // Ranks per node; unset: from the launcher for mpi, all ranks on one node for
+  // threads. Lets one machine act as several nodes. Ranks are taken as placed in
+  // blocks of local_size (mpirun --map-by core, torchrun); not checked against host names yet.
   std::optional<int> local_size;
 };
 

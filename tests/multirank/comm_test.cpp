@@ -233,7 +233,8 @@ TEST_P(MoveTest, SendRecvAroundTheRingOverlapped) {
     if (n == 1) return;
     Tensor mine = make_input(seed, me, 8, count, dtype);
     Tensor got = poisoned(count, dtype);
-    // Even ranks send first, odd ranks receive first: with posted (async) ops neither order deadlocks.
+    // Separate send and recv ops run one after the other on the executor and sends are
+    // rendezvous, so even ranks send first and odd ranks receive first (sendrecv needs no care).
     Work a, b;
     if (me % 2 == 0) {
       a = comm.send(mine, (me + 1) % n, {.tag = 42});
@@ -392,12 +393,58 @@ TEST(Comm, BadArgumentsAreRejectedOnTheCallersThreadWithClearMessages) {
     expect_message([&] { comm.allreduce(f4, f5); }, "out has 5 elements, expected 4");
     expect_message([&] { comm.allreduce(f4, d4); }, "out dtype f64 differs from in dtype f32");
     expect_message([&] { comm.broadcast(f4, n); }, "root " + std::to_string(n) + " out of range");
-    expect_message([&] { comm.alltoallv(f4, {4}, f4, {4, 0, 0}); }, "entries, expected one per rank");
+    Tensor g4 = Tensor::zeros({4}, DType::f32);
+    expect_message([&] { comm.alltoallv(f4, {4}, g4, {4, 0, 0}); }, "entries, expected one per rank");
     expect_message([&] { comm.send(f4, comm.rank()); }, "is this rank");
-    Tensor odd = Tensor::zeros({n * 3 + 1}, DType::f32);
-    if (n > 1) expect_message([&] { comm.alltoall(odd, odd); }, "expected a multiple of the size");
+    Tensor odd = Tensor::zeros({n * 3 + 1}, DType::f32), odd_out = Tensor::zeros({n * 3 + 1}, DType::f32);
+    if (n > 1) expect_message([&] { comm.alltoall(odd, odd_out); }, "expected a multiple of the size");
     // The communicator is still usable afterwards.
     comm.barrier().wait();
+  });
+}
+
+TEST(Comm, GenericAlgorithmsAgreeWithTheBackendsOwn) {
+  // On MPI this runs comm/algorithms over MPI_Isend/Irecv instead of MPI_I* collectives.
+  for_each_rank([&](Communicator& comm, uint64_t seed) {
+    const int n = comm.size(), me = comm.rank();
+    const int64_t block = 1001;
+    OpOptions generic;
+    generic.algorithm = Algorithm::generic;
+    Tensor in = make_input(seed, me, 30, block * n, DType::f32);
+    Tensor native_out = poisoned(block * n, DType::f32), generic_out = poisoned(block * n, DType::f32);
+    comm.alltoall(in, native_out).wait();
+    comm.alltoall(in, generic_out, generic).wait();
+    expect_bytes_equal(generic_out.data(), native_out.data(), native_out.nbytes(), "generic alltoall");
+    Tensor mine = make_input(seed, me, 31, block, DType::f32);
+    poison(native_out), poison(generic_out);
+    comm.allgather(mine, native_out).wait();
+    comm.allgather(mine, generic_out, generic).wait();
+    expect_bytes_equal(generic_out.data(), native_out.data(), native_out.nbytes(), "generic allgather");
+    Tensor b = me == 0 ? make_input(seed, 0, 32, block, DType::f32) : poisoned(block, DType::f32);
+    comm.broadcast(b, 0, generic).wait();
+    Tensor want = make_input(seed, 0, 32, block, DType::f32);
+    expect_bytes_equal(b.data(), want.data(), want.nbytes(), "generic broadcast");
+    ReduceOptions ring;
+    ring.algorithm = Algorithm::generic;
+    Tensor sum_native = poisoned(block, DType::f32), sum_generic = poisoned(block, DType::f32);
+    comm.allreduce(mine, sum_native).wait();
+    comm.allreduce(mine, sum_generic, ring).wait();
+    std::vector<double> want_sum(block);
+    for (int64_t i = 0; i < block; ++i) want_sum[i] = load_as_double(sum_native.data(), DType::f32, i);
+    expect_near(sum_generic, want_sum, sum_tolerance(DType::f32, n), "generic allreduce");
+    comm.barrier(generic).wait();
+  });
+}
+
+TEST(Comm, OverlappingBuffersAreRejectedButExactInPlaceAllreduceIsAllowed) {
+  for_each_rank([&](Communicator& comm, uint64_t) {
+    const int n = comm.size();
+    Tensor buf = Tensor::zeros({4 * n + 4}, DType::f32);
+    TensorView whole = buf.view().slice(0, 4 * n), shifted = buf.view().slice(4, 4 * n + 4);
+    EXPECT_THROW(comm.alltoall(whole, shifted), InvalidArgument);
+    EXPECT_THROW(comm.alltoall(whole, whole), InvalidArgument);
+    EXPECT_THROW(comm.allreduce(whole, shifted), InvalidArgument);
+    comm.allreduce(whole, whole).wait();
   });
 }
 
@@ -456,6 +503,25 @@ TEST(CommFailure, WorkWaitWithTimeoutThrowsWhileTheOpRunsThenCompletes) {
       std::this_thread::sleep_for(std::chrono::milliseconds(200));
       t.data_as<int32_t>()[2] = 7;
       comm.send(t, 0).wait();
+    }
+  });
+}
+
+TEST(CommFailure, ASendThatTimedOutIsWithdrawnSoALateReceiverGetsNothingStale) {
+  if (!harness_is_threads() || testing::harness_config().ranks < 2) GTEST_SKIP() << "needs >= 2 thread-ranks";
+  for_each_rank([&](Communicator& comm, uint64_t) {
+    if (comm.rank() == 0) {
+      Tensor t = Tensor::zeros({64}, DType::f32);
+      OpOptions quick;
+      quick.timeout = Milliseconds(30);
+      EXPECT_THROW(comm.send(t, 1, quick).wait(), TimeoutError);
+      // t is released here; the receiver must not copy from it.
+    } else if (comm.rank() == 1) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(150));
+      Tensor r = poisoned(64, DType::f32);
+      OpOptions quick;
+      quick.timeout = Milliseconds(100);
+      EXPECT_THROW(comm.recv(r, 0, quick).wait(), TimeoutError);
     }
   });
 }

@@ -108,7 +108,10 @@ class MpiTransport : public Transport {
     for (size_t i = 0; i < expected.size(); ++i) {
       if (expected[i].recv_bytes < 0) continue;
       int got = 0;
-      MPI_Get_count(&statuses[i], MPI_BYTE, &got);
+      {
+        std::lock_guard lock(mpi_mutex());
+        MPI_Get_count(&statuses[i], MPI_BYTE, &got);
+      }
       if (got != expected[i].recv_bytes)
         SY_THROW(IoError, "message size mismatch: rank ", expected[i].peer, " sent ", got, " bytes, rank ", rank_,
                  " expects ", expected[i].recv_bytes);
@@ -166,8 +169,11 @@ class MpiCommunicator : public Communicator {
       SY_MPI_CHECK(MPI_Comm_set_errhandler(child, MPI_ERRORS_RETURN));
     }
     int rank = 0, size = 0;
-    MPI_Comm_rank(child, &rank);
-    MPI_Comm_size(child, &size);
+    {
+      std::lock_guard lock(mpi_mutex());
+      MPI_Comm_rank(child, &rank);
+      MPI_Comm_size(child, &size);
+    }
     auto c = std::make_shared<MpiCommunicator>(session_, child, rank, size, name);
     c->set_default_timeout(default_timeout());
     return c;
@@ -224,17 +230,32 @@ class MpiCommunicator : public Communicator {
 
   void do_alltoallv(const TensorView& in, std::span<const int64_t> send_counts, const TensorView& out,
                     std::span<const int64_t> recv_counts, const OpContext& ctx) override {
-    if (ctx.algorithm == Algorithm::generic || !fits_int(in.nbytes()) || !fits_int(out.nbytes()))
-      return Communicator::do_alltoallv(in, send_counts, out, recv_counts, ctx);
-    std::vector<int> sbytes, sdispls, rbytes, rdispls;
-    byte_layout(send_counts, in.element_size(), sbytes, sdispls);
-    byte_layout(recv_counts, out.element_size(), rbytes, rdispls);
+    // The path must not depend on this rank's sizes (they differ per rank in
+    // dropless MoE): always native, counted in elements of an element-sized type.
+    if (ctx.algorithm == Algorithm::generic) return Communicator::do_alltoallv(in, send_counts, out, recv_counts, ctx);
+    std::vector<int> scounts, sdispls, rcounts, rdispls;
+    element_layout(send_counts, scounts, sdispls);
+    element_layout(recv_counts, rcounts, rdispls);
+    MPI_Datatype element;
+    {
+      std::lock_guard lock(mpi_mutex());
+      SY_MPI_CHECK(MPI_Type_contiguous(static_cast<int>(in.element_size()), MPI_BYTE, &element));
+      SY_MPI_CHECK(MPI_Type_commit(&element));
+    }
+    struct FreeType {
+      MPI_Datatype* t;
+      ~FreeType() {
+        std::lock_guard lock(mpi_mutex());
+        MPI_Type_free(t);
+      }
+    } free_type{&element};
     run_native(ctx, [&](MPI_Request* r) {
-      return MPI_Ialltoallv(in.data(), sbytes.data(), sdispls.data(), MPI_BYTE, out.data(), rbytes.data(),
-                            rdispls.data(), MPI_BYTE, comm_, r);
+      return MPI_Ialltoallv(in.data(), scounts.data(), sdispls.data(), element, out.data(), rcounts.data(),
+                            rdispls.data(), element, comm_, r);
     });
+    const uint64_t esize = in.element_size();
     for (int p = 0; p < size(); ++p)
-      if (p != rank()) count_peer_bytes(p, static_cast<uint64_t>(sbytes[p]), static_cast<uint64_t>(rbytes[p]));
+      if (p != rank()) count_peer_bytes(p, scounts[p] * esize, rcounts[p] * esize);
   }
 
   void do_broadcast(const TensorView& buffer, int root, const OpContext& ctx) override {
@@ -262,6 +283,19 @@ class MpiCommunicator : public Communicator {
     MPI_Status status;
     const std::string what = "MPI " + std::string(ctx.name);
     wait_requests(&request, 1, &status, ctx.deadline, what.c_str());
+  }
+
+  // Counts and displacements in elements; MPI's int limits them to 2^31-1 elements.
+  static void element_layout(std::span<const int64_t> counts, std::vector<int>& out_counts, std::vector<int>& displs) {
+    int64_t offset = 0;
+    for (int64_t c : counts) {
+      if (!fits_int(static_cast<size_t>(offset + c)))
+        SY_THROW(NotSupported, "backend mpi does not support alltoallv offsets over 2^31-1 elements (", offset + c,
+                 ")");
+      out_counts.push_back(static_cast<int>(c));
+      displs.push_back(static_cast<int>(offset));
+      offset += c;
+    }
   }
 
   static void byte_layout(std::span<const int64_t> counts, size_t element_size, std::vector<int>& bytes,

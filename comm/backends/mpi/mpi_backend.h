@@ -1,6 +1,9 @@
 // The Open MPI backend: native nonblocking collectives (MPI_I*) polled on the
 // communicator's executor against the op's deadline, and MPI_Isend/Irecv for
-// the generic algorithms (reductions of bf16/f16, messages over 2 GiB).
+// the generic algorithms (reductions of bf16/f16, or Algorithm::generic).
+// Messages over 2 GiB are refused with NotSupported. Known limit: after a
+// timeout the pending MPI requests are abandoned (MPI cannot cancel
+// collectives) and the communicator is unusable; end the job.
 // Every MPI call of the process is serialised by one lock, so
 // MPI_THREAD_SERIALIZED suffices.
 #pragma once

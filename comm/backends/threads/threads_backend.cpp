@@ -77,7 +77,7 @@ class ThreadsTransport : public Transport {
       box.incoming[MailboxKey{comm_id_, my_world_rank(), tag}].push_back(pending);
     }
     box.cv.notify_all();
-    sends_.push_back({peer, pending});
+    sends_.push_back({peer, tag, pending});
   }
 
   void post_recv(int peer, void* data, size_t bytes, uint32_t tag) override {
@@ -90,6 +90,28 @@ class ThreadsTransport : public Transport {
     auto sends = std::move(sends_);
     recvs_.clear();
     sends_.clear();
+    try {
+      complete(recvs, sends, deadline);
+    } catch (...) {
+      withdraw(sends);
+      throw;
+    }
+  }
+
+ private:
+  struct PostedRecv {
+    int peer;
+    void* data;
+    size_t bytes;
+    uint32_t tag;
+  };
+  struct PostedSend {
+    int peer;
+    uint32_t tag;
+    std::shared_ptr<PendingSend> pending;
+  };
+
+  void complete(const std::vector<PostedRecv>& recvs, const std::vector<PostedSend>& sends, Deadline deadline) {
     Mailbox& mine = world_->mailboxes[static_cast<size_t>(my_world_rank())];
     for (const PostedRecv& r : recvs) {
       const MailboxKey key{comm_id_, world_ranks_[static_cast<size_t>(r.peer)], r.tag};
@@ -129,17 +151,34 @@ class ThreadsTransport : public Transport {
     }
   }
 
- private:
-  struct PostedRecv {
-    int peer;
-    void* data;
-    size_t bytes;
-    uint32_t tag;
-  };
-  struct PostedSend {
-    int peer;
-    std::shared_ptr<PendingSend> pending;
-  };
+  // After a failure our send buffers are about to be released: take back every
+  // send no receiver has picked up yet, and wait for the copies in progress
+  // (a receiver pops a message before copying from our buffer).
+  void withdraw(const std::vector<PostedSend>& sends) {
+    Mailbox& mine = world_->mailboxes[static_cast<size_t>(my_world_rank())];
+    for (const PostedSend& s : sends) {
+      Mailbox& box = world_->mailboxes[static_cast<size_t>(world_ranks_[static_cast<size_t>(s.peer)])];
+      bool picked_up = true;
+      {
+        std::lock_guard lock(box.mutex);
+        auto it = box.incoming.find(MailboxKey{comm_id_, my_world_rank(), s.tag});
+        if (it != box.incoming.end()) {
+          auto& queue = it->second;
+          for (auto q = queue.begin(); q != queue.end(); ++q)
+            if (*q == s.pending) {
+              queue.erase(q);
+              picked_up = false;
+              break;
+            }
+          if (queue.empty()) box.incoming.erase(it);
+        }
+      }
+      if (picked_up) {
+        std::unique_lock lock(mine.mutex);
+        mine.cv.wait(lock, [&] { return s.pending->consumed; });
+      }
+    }
+  }
 
   int my_world_rank() const { return world_ranks_[static_cast<size_t>(rank_)]; }
 
@@ -243,8 +282,11 @@ void run_thread_ranks(int size, const std::function<void(Communicator&)>& fn, Th
   for (int r = 0; r < size; ++r) {
     threads.emplace_back([&, r] {
       set_log_rank(r);
+      // Declared outside the try: the world is aborted before the communicator's
+      // destructor drains its queue, so the others stop at once.
+      std::shared_ptr<Communicator> comm;
       try {
-        auto comm = world.communicator(r);
+        comm = world.communicator(r);
         if (options.default_timeout) comm->set_default_timeout(*options.default_timeout);
         fn(*comm);
       } catch (const std::exception& e) {
