@@ -176,13 +176,18 @@ Work Communicator::enqueue(std::string_view op, const OpOptions& opts, uint64_t 
     try {
       body(OpContext{op, start + timeout, algorithm});
     } catch (...) {
+      // Any failure leaves the peers out of step: later ops on this communicator are refused.
       auto error = with_context(std::current_exception(), state->description() + ": ");
+      std::string reason = "unknown error";
       try {
         std::rethrow_exception(error);
       } catch (const std::exception& e) {
+        reason = e.what();
+      }
+      SY_LOG_DEBUG("comm", reason);
+      {
         std::lock_guard lock(stats_mutex_);
-        broken_reason_ = e.what();
-        SY_LOG_DEBUG("comm", e.what());
+        broken_reason_ = std::move(reason);
       }
       broken_.store(true);
       state->complete(error);

@@ -10,12 +10,6 @@ namespace switchyard {
 using store_util::deadline_after;
 using store_util::parse_counter;
 using store_util::printable;
-namespace {
-
-using Clock = std::chrono::steady_clock;
-
-}  // namespace
-
 void MemoryStore::set(const std::string& key, const Bytes& value) {
   {
     std::lock_guard lock(mutex_);

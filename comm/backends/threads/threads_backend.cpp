@@ -68,6 +68,9 @@ class ThreadsTransport : public Transport {
 
   int rank() const override { return rank_; }
   int size() const override { return static_cast<int>(world_ranks_.size()); }
+  const std::shared_ptr<ThreadsWorld::State>& world() const { return world_; }
+  int world_rank_of(int rank) const { return world_ranks_[static_cast<size_t>(rank)]; }
+  uint64_t comm_id() const { return comm_id_; }
 
   void post_send(int peer, const void* data, size_t bytes, uint32_t tag) override {
     auto pending = std::make_shared<PendingSend>(PendingSend{data, bytes, false, {}});
@@ -208,9 +211,6 @@ class ThreadsCommunicator : public Communicator {
   ThreadsCommunicator(std::shared_ptr<ThreadsWorld::State> world, std::vector<int> world_ranks, int rank,
                       uint64_t comm_id, std::string name)
       : Communicator(rank, static_cast<int>(world_ranks.size()), std::move(name)),
-        world_(world),
-        world_ranks_(world_ranks),
-        comm_id_(comm_id),
         transport_(std::move(world), std::move(world_ranks), rank, comm_id) {}
   ~ThreadsCommunicator() override { shutdown_executor(); }
 
@@ -221,24 +221,21 @@ class ThreadsCommunicator : public Communicator {
 
   std::shared_ptr<Communicator> do_create_group(const std::vector<int>& members, uint64_t group_key,
                                                 const std::string& name) override {
-    // Every member derives the same id from the parent's and the group key; no traffic needed.
-    uint64_t id = hash_combine(comm_id_, group_key);
+    // Every member derives the same id from the parent's and the group key (which
+    // already hashes the member list); no traffic needed.
+    const uint64_t id = hash_combine(transport_.comm_id(), group_key);
     std::vector<int> world_ranks;
     int my_rank = -1;
     for (size_t i = 0; i < members.size(); ++i) {
-      id = hash_combine(id, static_cast<uint64_t>(members[i]) + 1);
-      world_ranks.push_back(world_ranks_[static_cast<size_t>(members[i])]);
+      world_ranks.push_back(transport_.world_rank_of(members[i]));
       if (members[i] == rank()) my_rank = static_cast<int>(i);
     }
-    auto child = std::make_shared<ThreadsCommunicator>(world_, world_ranks, my_rank, id, name);
+    auto child = std::make_shared<ThreadsCommunicator>(transport_.world(), world_ranks, my_rank, id, name);
     child->set_default_timeout(default_timeout());
     return child;
   }
 
  private:
-  std::shared_ptr<ThreadsWorld::State> world_;
-  std::vector<int> world_ranks_;
-  uint64_t comm_id_;
   ThreadsTransport transport_;
 };
 
