@@ -1,6 +1,7 @@
 #include "core/env.h"
 
 #include <charconv>
+#include <cstdint>
 #include <cstdlib>
 
 #include "core/error.h"
@@ -60,6 +61,12 @@ const std::vector<VarSpec>& specs() {
       {"SWITCHYARD_TEST_SEED", "uint64", "", "Seed for test inputs, to reproduce a failure (tests print theirs).",
        [](Env& e, const std::string& n, const std::string& v) {
          e.test_seed = parse_integer<uint64_t>(n, v, 0, "an unsigned 64-bit seed");
+       }},
+      {"SWITCHYARD_MPI_MAX_MESSAGE_BYTES", "int", "1073741824",
+       "Largest single MPI point-to-point message; bigger ones travel in pieces (MPI counts are int).",
+       [](Env& e, const std::string& n, const std::string& v) {
+         e.mpi_max_message_bytes = parse_integer<int64_t>(n, v, 1, "a byte count in [1, 2147483647]");
+         if (e.mpi_max_message_bytes > INT32_MAX) SY_THROW(ConfigError, n, "='", v, "': expected a byte count in [1, 2147483647]");
        }},
   };
   return table;

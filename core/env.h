@@ -20,6 +20,7 @@ struct Env {
   std::optional<int> local_size;         // SWITCHYARD_LOCAL_SIZE
   int gemm_threads = 0;                  // SWITCHYARD_GEMM_THREADS (0 = cores / local ranks)
   std::optional<uint64_t> test_seed;     // SWITCHYARD_TEST_SEED
+  int64_t mpi_max_message_bytes = int64_t{1} << 30;  // SWITCHYARD_MPI_MAX_MESSAGE_BYTES
 };
 
 struct EnvVarDoc {

@@ -558,6 +558,18 @@ TEST(HarnessSelfCheck, DeliberateFailureOnOneRank) {
   }, Milliseconds(60000));
 }
 
+// Run alone by CTest comm_mpi_timeout_aborts_with_reason: the last rank is late
+// past rank 0's op timeout; under MPI the job must end within the timeout with
+// the reason (a pending MPI op cannot be cancelled), not hang.
+TEST(HarnessSelfCheck, PeerLatePastTheTimeout) {
+  if (!std::getenv("SWITCHYARD_TEST_PEER_LATE")) GTEST_SKIP() << "only for the harness self-check";
+  for_each_rank([&](Communicator& comm, uint64_t) {
+    if (comm.rank() == comm.size() - 1) std::this_thread::sleep_for(std::chrono::seconds(30));
+    Tensor t = Tensor::zeros({16}, DType::f32);
+    comm.allreduce(t, t).wait();
+  }, Milliseconds(1000));
+}
+
 }  // namespace
 }  // namespace switchyard
 

@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <thread>
 
+#include "core/env.h"
 #include "core/logging.h"
 
 namespace switchyard {
@@ -27,11 +28,20 @@ std::string mpi_error_string(int code) {
     if (sy_rc_ != MPI_SUCCESS) SY_THROW(IoError, #call " failed: ", mpi_error_string(sy_rc_)); \
   } while (0)
 
+// A pending MPI operation cannot be cancelled (collectives never, point-to-point
+// not reliably), and the buffers it writes are released once the op's Work
+// fails. Rather than let MPI write into freed memory, end the job with the
+// reason, as NCCL's watchdog does; mpirun then stops every rank.
+[[noreturn]] void abort_with_pending(const std::string& what, const std::string& reason) {
+  mpi_abort(what + ": " + reason + "; MPI cannot cancel the pending operation, so the job is aborted");
+}
+
 // Polls requests under the MPI lock until all complete or the deadline passes.
 // Yields between polls, then backs off to short sleeps so oversubscribed ranks
 // leave the cores to whoever is making progress.
-void wait_requests(MPI_Request* requests, int count, MPI_Status* statuses, Deadline deadline, const char* what) {
+void wait_requests(MPI_Request* requests, int count, MPI_Status* statuses, Deadline deadline, const std::string& what) {
   if (count == 0) return;
+  const auto start = Clock::now();
   for (int polls = 0;; ++polls) {
     int done = 0;
     {
@@ -42,12 +52,15 @@ void wait_requests(MPI_Request* requests, int count, MPI_Status* statuses, Deadl
         if (rc == MPI_ERR_IN_STATUS && statuses)
           for (int i = 0; i < count; ++i)
             if (statuses[i].MPI_ERROR != MPI_SUCCESS) detail = mpi_error_string(statuses[i].MPI_ERROR);
-        SY_THROW(IoError, what, " failed: ", detail);
+        abort_with_pending(what, "failed: " + detail);
       }
     }
     if (done) return;
-    if (Clock::now() > deadline)
-      SY_THROW(TimeoutError, "timed out in ", what, ": a peer has not reached the matching op");
+    if (Clock::now() > deadline) {
+      const auto waited = std::chrono::duration_cast<Milliseconds>(Clock::now() - start).count();
+      abort_with_pending(what, detail::make_string("timed out after ", waited,
+                                                   " ms: a peer has not reached the matching op"));
+    }
     if (polls < 2000)
       std::this_thread::yield();
     else
@@ -79,24 +92,15 @@ MPI_Op mpi_op(ReduceOp op) {
 
 class MpiTransport : public Transport {
  public:
-  MpiTransport(MPI_Comm comm, int rank, int size) : comm_(comm), rank_(rank), size_(size) {}
+  MpiTransport(MPI_Comm comm, int rank, int size, std::string name)
+      : comm_(comm), rank_(rank), size_(size), name_(std::move(name)) {}
   int rank() const override { return rank_; }
   int size() const override { return size_; }
   void post_send(int peer, const void* data, size_t bytes, uint32_t tag) override {
-    check_size(bytes, peer);
-    MPI_Request req;
-    std::lock_guard lock(mpi_mutex());
-    SY_MPI_CHECK(MPI_Isend(data, static_cast<int>(bytes), MPI_BYTE, peer, static_cast<int>(tag), comm_, &req));
-    requests_.push_back(req);
-    expected_.push_back({peer, -1});
+    post(peer, const_cast<void*>(data), bytes, tag, /*receive=*/false);
   }
   void post_recv(int peer, void* data, size_t bytes, uint32_t tag) override {
-    check_size(bytes, peer);
-    MPI_Request req;
-    std::lock_guard lock(mpi_mutex());
-    SY_MPI_CHECK(MPI_Irecv(data, static_cast<int>(bytes), MPI_BYTE, peer, static_cast<int>(tag), comm_, &req));
-    requests_.push_back(req);
-    expected_.push_back({peer, static_cast<int64_t>(bytes)});
+    post(peer, data, bytes, tag, /*receive=*/true);
   }
   void wait_all(Deadline deadline) override {
     auto requests = std::move(requests_);
@@ -104,7 +108,9 @@ class MpiTransport : public Transport {
     requests_.clear();
     expected_.clear();
     std::vector<MPI_Status> statuses(requests.size());
-    wait_requests(requests.data(), static_cast<int>(requests.size()), statuses.data(), deadline, "send/recv");
+    wait_requests(requests.data(), static_cast<int>(requests.size()), statuses.data(), deadline,
+                  "MPI send/recv on '" + name_ + "' rank " + std::to_string(rank_));
+    // Everything completed, so throwing here leaves nothing pending.
     for (size_t i = 0; i < expected.size(); ++i) {
       if (expected[i].recv_bytes < 0) continue;
       int got = 0;
@@ -119,17 +125,34 @@ class MpiTransport : public Transport {
   }
 
  private:
-  void check_size(size_t bytes, int peer) const {
-    if (!fits_int(bytes))
-      SY_THROW(NotSupported, "backend mpi does not support messages over 2 GiB (", bytes, " bytes to/from rank ",
-               peer, ")");
+  // MPI counts are int: a larger message travels as several pieces with one
+  // tag, which MPI delivers in order (SWITCHYARD_MPI_MAX_MESSAGE_BYTES, 1 GiB).
+  void post(int peer, void* data, size_t bytes, uint32_t tag, bool receive) {
+    const auto max_piece = static_cast<size_t>(env().mpi_max_message_bytes);
+    std::lock_guard lock(mpi_mutex());
+    size_t offset = 0;
+    do {
+      const size_t piece = std::min(max_piece, bytes - offset);
+      char* at = static_cast<char*>(data) + offset;
+      MPI_Request req;
+      const int rc = receive ? MPI_Irecv(at, static_cast<int>(piece), MPI_BYTE, peer, static_cast<int>(tag), comm_, &req)
+                             : MPI_Isend(at, static_cast<int>(piece), MPI_BYTE, peer, static_cast<int>(tag), comm_, &req);
+      if (rc != MPI_SUCCESS)
+        abort_with_pending("MPI " + std::string(receive ? "Irecv" : "Isend") + " on '" + name_ + "'",
+                           mpi_error_string(rc));
+      requests_.push_back(req);
+      expected_.push_back({peer, receive ? static_cast<int64_t>(piece) : -1});
+      offset += piece;
+    } while (offset < bytes);
   }
+
   struct Expected {
     int peer;
     int64_t recv_bytes;  // -1 for sends
   };
   MPI_Comm comm_;
   int rank_, size_;
+  std::string name_;
   std::vector<MPI_Request> requests_;
   std::vector<Expected> expected_;
 };
@@ -138,7 +161,7 @@ class MpiCommunicator : public Communicator {
  public:
   // Takes ownership of `comm` (freed on destruction).
   MpiCommunicator(std::shared_ptr<MpiSession> session, MPI_Comm comm, int rank, int size, std::string name)
-      : Communicator(rank, size, std::move(name)), session_(std::move(session)), comm_(comm), transport_(comm, rank, size) {}
+      : Communicator(rank, size, name), session_(std::move(session)), comm_(comm), transport_(comm, rank, size, name) {}
 
   ~MpiCommunicator() override {
     shutdown_executor();
@@ -281,8 +304,8 @@ class MpiCommunicator : public Communicator {
       if (rc != MPI_SUCCESS) SY_THROW(IoError, "MPI ", ctx.name, " failed to start: ", mpi_error_string(rc));
     }
     MPI_Status status;
-    const std::string what = "MPI " + std::string(ctx.name);
-    wait_requests(&request, 1, &status, ctx.deadline, what.c_str());
+    wait_requests(&request, 1, &status, ctx.deadline,
+                  "MPI " + std::string(ctx.name) + " on '" + name() + "' rank " + std::to_string(rank()));
   }
 
   // Counts and displacements in elements; MPI's int limits them to 2^31-1 elements.

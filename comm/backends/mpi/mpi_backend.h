@@ -1,9 +1,10 @@
 // The Open MPI backend: native nonblocking collectives (MPI_I*) polled on the
 // communicator's executor against the op's deadline, and MPI_Isend/Irecv for
-// the generic algorithms (reductions of bf16/f16, or Algorithm::generic).
-// Messages over 2 GiB are refused with NotSupported. Known limit: after a
-// timeout the pending MPI requests are abandoned (MPI cannot cancel
-// collectives) and the communicator is unusable; end the job.
+// the generic algorithms (reductions of bf16/f16, Algorithm::generic, and
+// buffers beyond MPI's int counts, which travel in 1 GiB pieces).
+// An op that times out or fails inside MPI aborts the job with its reason
+// (MPI_Abort): MPI cannot cancel a pending operation, and its buffers are
+// released when the Work fails.
 // Every MPI call of the process is serialised by one lock, so
 // MPI_THREAD_SERIALIZED suffices.
 #pragma once
