@@ -353,8 +353,8 @@ std::shared_ptr<Communicator> Communicator::create_group(std::vector<int> member
   std::shared_ptr<Communicator> result;
   const std::string full_name = name_ + "/" + name;
   enqueue("create_group", OpOptions{}, 0, {},
-          [this, &result, &members, key, &full_name](const OpContext&) {
-            result = do_create_group(members, key, full_name);
+          [this, &result, &members, key, &full_name](const OpContext& ctx) {
+            result = do_create_group(members, key, full_name, ctx);
           })
       .wait();
   return result;

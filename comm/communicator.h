@@ -89,7 +89,7 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
   // `group_key` is the same on every member: a hash of the member list and of
   // how many groups with that list this communicator made before.
   virtual std::shared_ptr<Communicator> do_create_group(const std::vector<int>& members, uint64_t group_key,
-                                                        const std::string& name) = 0;
+                                                        const std::string& name, const OpContext& ctx) = 0;
 
   // Collective bodies, run on the executor. Defaults: the generic algorithms
   // over transport(). Native overrides must honour ctx.deadline and may call

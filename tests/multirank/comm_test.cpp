@@ -332,6 +332,40 @@ TEST(Comm, CreateGroupNeedsOnlyItsMembers) {
   });
 }
 
+TEST(Comm, CreateGroupWhileAnotherCommunicatorStillHasToStartAnOp) {
+  // Rank 0 queues a recv and an allreduce on a second communicator and goes
+  // straight into a group creation on the first; rank 1 sends late, and every
+  // rank finishes the allreduce before joining the creation. Rank 0's allreduce
+  // can only start while the creation waits: a creation that blocked this
+  // process's other communicators (MPI: a blocking call under the MPI lock) hangs here.
+  for_each_rank([&](Communicator& comm, uint64_t) {
+    const int n = comm.size(), me = comm.rank();
+    if (n < 2) return;
+    std::vector<int> everyone(n);
+    for (int r = 0; r < n; ++r) everyone[r] = r;
+    auto second = comm.create_group(everyone, "second");
+    Tensor t = Tensor::empty({1}, DType::i64);
+    t.data_as<int64_t>()[0] = me;
+    Tensor token = Tensor::zeros({1}, DType::i32);
+    if (me == 0) {
+      Work got = second->recv(token, 1);
+      Work sum = second->allreduce(t, t);
+      auto third = comm.create_group(everyone, "third");
+      EXPECT_EQ(third->size(), n);
+      got.wait();
+      sum.wait();
+    } else {
+      if (me == 1) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(100));
+        second->send(token, 0).wait();
+      }
+      second->allreduce(t, t).wait();
+      comm.create_group(everyone, "third");
+    }
+    EXPECT_EQ(t.data_as<int64_t>()[0], int64_t{n} * (n - 1) / 2);
+  }, Milliseconds(10000));
+}
+
 TEST(Comm, OpsIssuedBackToBackCompleteInOrderWhileTheCallerComputes) {
   for_each_rank([&](Communicator& comm, uint64_t seed) {
     const int n = comm.size();

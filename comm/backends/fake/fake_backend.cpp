@@ -29,7 +29,8 @@ class FakeCommunicator : public Communicator {
 
  protected:
   Transport& transport() override { return transport_; }
-  std::shared_ptr<Communicator> do_create_group(const std::vector<int>& members, uint64_t, const std::string& name) override {
+  std::shared_ptr<Communicator> do_create_group(const std::vector<int>& members, uint64_t, const std::string& name,
+                                                const OpContext&) override {
     int mine = 0;
     for (size_t i = 0; i < members.size(); ++i)
       if (members[i] == rank()) mine = static_cast<int>(i);

@@ -1,9 +1,12 @@
 #include "comm/backends/mpi/mpi_backend.h"
 
+#include <algorithm>
 #include <climits>
 #include <cstdio>
 #include <thread>
 
+#include "comm/algorithms/barrier_dissemination.h"
+#include "comm/member_transport.h"
 #include "core/env.h"
 #include "core/logging.h"
 
@@ -177,7 +180,14 @@ class MpiCommunicator : public Communicator {
   Transport& transport() override { return transport_; }
 
   std::shared_ptr<Communicator> do_create_group(const std::vector<int>& members, uint64_t group_key,
-                                                const std::string& name) override {
+                                                const std::string& name, const OpContext& ctx) override {
+    // MPI_Comm_create_group blocks while holding the process's MPI lock, which
+    // would stall this process's other communicators; a member whose progress
+    // needs those would never arrive. Meet first in a polled barrier (lock
+    // released between polls, bounded by the deadline), then create.
+    const int my_index = static_cast<int>(std::find(members.begin(), members.end(), rank()) - members.begin());
+    MemberTransport among_members(counted_transport(), members, my_index);
+    algorithms::barrier_dissemination(among_members, ctx.deadline);
     MPI_Comm child = MPI_COMM_NULL;
     {
       std::lock_guard lock(mpi_mutex());
@@ -386,9 +396,17 @@ std::shared_ptr<Communicator> make_mpi_communicator(MPI_Comm comm, std::string n
   auto session = MpiSession::acquire();
   MPI_Comm dup = MPI_COMM_NULL;
   int rank = 0, size = 0;
+  // Nonblocking dup, polled like any op, so other communicators keep progressing.
+  MPI_Request request;
   {
     std::lock_guard lock(mpi_mutex());
-    SY_MPI_CHECK(MPI_Comm_dup(comm, &dup));
+    SY_MPI_CHECK(MPI_Comm_idup(comm, &dup, &request));
+  }
+  MPI_Status status;
+  wait_requests(&request, 1, &status, Clock::now() + Milliseconds(env().comm_timeout_ms),
+                "MPI_Comm_idup for '" + name + "'");
+  {
+    std::lock_guard lock(mpi_mutex());
     SY_MPI_CHECK(MPI_Comm_set_errhandler(dup, MPI_ERRORS_RETURN));
     MPI_Comm_rank(dup, &rank);
     MPI_Comm_size(dup, &size);

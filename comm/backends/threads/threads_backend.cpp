@@ -220,7 +220,7 @@ class ThreadsCommunicator : public Communicator {
   Transport& transport() override { return transport_; }
 
   std::shared_ptr<Communicator> do_create_group(const std::vector<int>& members, uint64_t group_key,
-                                                const std::string& name) override {
+                                                const std::string& name, const OpContext&) override {
     // Every member derives the same id from the parent's and the group key (which
     // already hashes the member list); no traffic needed.
     const uint64_t id = hash_combine(transport_.comm_id(), group_key);
