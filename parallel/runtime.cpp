@@ -1,5 +1,8 @@
 #include "parallel/runtime.h"
 
+#include <unistd.h>
+
+#include <algorithm>
 #include <charconv>
 
 #include "comm/backends/fake/fake_backend.h"
@@ -112,14 +115,40 @@ BackendChoice choose_backend(const std::string& requested, const EnvLookup& look
   return {"mpi", "launched by " + info->launcher + " (" + info->source + ")"};
 }
 
-Runtime::Runtime(std::shared_ptr<Communicator> world, RankInfo info) : world_(std::move(world)), info_(std::move(info)) {
+Runtime::Runtime(std::shared_ptr<Communicator> world, RankInfo info, std::vector<int> node_of_rank)
+    : world_(std::move(world)), info_(std::move(info)), node_of_rank_(std::move(node_of_rank)) {
   SY_CHECK_EQ(world_->rank(), info_.rank, "the world communicator's rank and the discovered rank");
   SY_CHECK_EQ(world_->size(), info_.world_size, "the world communicator's size and the discovered world size");
-  // Ranks are taken as placed in blocks of local_size per node, as mpirun --map-by core and torchrun do.
+  if (node_of_rank_.empty())
+    for (int r = 0; r < info_.world_size; ++r) node_of_rank_.push_back(r / info_.local_size);
+  SY_CHECK_EQ(node_of_rank_.size(), static_cast<size_t>(info_.world_size), "node_of_rank entries");
   std::vector<int> node_members;
-  const int first = node() * info_.local_size;
-  for (int r = first; r < std::min(first + info_.local_size, info_.world_size); ++r) node_members.push_back(r);
+  for (int r = 0; r < info_.world_size; ++r) {
+    nodes_ = std::max(nodes_, node_of_rank_[static_cast<size_t>(r)] + 1);
+    if (node_of_rank_[static_cast<size_t>(r)] == node()) {
+      if (r == info_.rank) info_.local_rank = static_cast<int>(node_members.size());
+      node_members.push_back(r);
+    }
+  }
+  info_.local_size = static_cast<int>(node_members.size());
   node_group_ = world_->create_group(node_members, "node" + std::to_string(node()));
+}
+
+std::vector<int> nodes_from_host_names(Communicator& world) {
+  char host[256] = {};
+  gethostname(host, sizeof host - 1);
+  Tensor mine = Tensor::empty({1}, DType::i64), all = Tensor::empty({world.size()}, DType::i64);
+  mine.data_as<int64_t>()[0] = static_cast<int64_t>(std::hash<std::string>{}(host));
+  world.allgather(mine, all).wait();
+  std::vector<int> node_of_rank(static_cast<size_t>(world.size()));
+  std::vector<int64_t> seen;
+  for (int r = 0; r < world.size(); ++r) {
+    const int64_t h = all.data_as<int64_t>()[r];
+    auto it = std::find(seen.begin(), seen.end(), h);
+    node_of_rank[static_cast<size_t>(r)] = static_cast<int>(it - seen.begin());
+    if (it == seen.end()) seen.push_back(h);
+  }
+  return node_of_rank;
 }
 
 void run_ranks(const RuntimeOptions& options, const std::function<void(Runtime&)>& fn) {
@@ -156,11 +185,14 @@ void run_ranks(const RuntimeOptions& options, const std::function<void(Runtime&)
     if (info.rank != world->rank() || info.world_size != world->size())
       SY_THROW(ConfigError, "launcher variables (", info.source, ") say rank ", info.rank, " of ", info.world_size,
                " but MPI_COMM_WORLD says ", world->rank(), " of ", world->size());
+    // Nodes from host names, unless a local size is imposed (one machine acting as several nodes).
+    std::vector<int> node_of_rank;
     if (options.local_size) {
       info.local_size = *options.local_size;
-      info.local_rank = info.rank % info.local_size;
+    } else if (!env().local_size) {
+      node_of_rank = nodes_from_host_names(*world);
     }
-    Runtime rt(world, info);
+    Runtime rt(world, info, std::move(node_of_rank));
     fn(rt);
     return;
 #else

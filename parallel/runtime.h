@@ -42,30 +42,40 @@ struct RuntimeOptions {
   int ranks = 1;        // threads and fake: world size (mpi: from the launcher)
   int fake_rank = 0;    // fake: which rank this process plays
   std::optional<Milliseconds> timeout;
-  // Ranks per node; unset: from the launcher for mpi, all ranks on one node for
-  // threads. Lets one machine act as several nodes. Ranks are taken as placed in
-  // blocks of local_size (mpirun --map-by core, torchrun); not checked against host names yet.
+  // Ranks per node, placed in blocks (lets one machine act as several nodes);
+  // unset: from host names for mpi, all ranks on one node for threads and fake.
+  // SWITCHYARD_LOCAL_SIZE sets it too.
   std::optional<int> local_size;
 };
 
 class Runtime {
  public:
-  // One rank's runtime over an existing world communicator.
-  Runtime(std::shared_ptr<Communicator> world, RankInfo info);
+  // One rank's runtime over an existing world communicator. `node_of_rank`
+  // gives each world rank's node (e.g. from host names); empty: ranks are
+  // taken as placed in blocks of info.local_size.
+  Runtime(std::shared_ptr<Communicator> world, RankInfo info, std::vector<int> node_of_rank = {});
 
   Communicator& world() { return *world_; }
   std::shared_ptr<Communicator> world_ptr() { return world_; }
+  // local_rank / local_size describe this rank's node as the runtime grouped it.
   const RankInfo& info() const { return info_; }
-  int node() const { return info_.rank / info_.local_size; }
-  int nodes() const { return (info_.world_size + info_.local_size - 1) / info_.local_size; }
+  int node() const { return node_of_rank_[static_cast<size_t>(info_.rank)]; }
+  int nodes() const { return nodes_; }
+  const std::vector<int>& node_of_rank() const { return node_of_rank_; }
   // Ranks on this node (created at construction, never per batch).
   Communicator& node_group() { return *node_group_; }
 
  private:
   std::shared_ptr<Communicator> world_;
   RankInfo info_;
+  std::vector<int> node_of_rank_;
+  int nodes_ = 1;
   std::shared_ptr<Communicator> node_group_;
 };
+
+// Node index of every rank from a collective exchange of host names: nodes are
+// numbered in order of their lowest rank.
+std::vector<int> nodes_from_host_names(Communicator& world);
 
 // Runs fn on every rank of the configured backend: N threads of this process
 // (threads), this process's rank (mpi, fake). Errors propagate as in run_thread_ranks.

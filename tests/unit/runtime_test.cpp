@@ -125,5 +125,24 @@ TEST(Runtime, RunRanksOnThreadsGroupsNodesByLocalSize) {
   });
 }
 
+TEST(Runtime, NodeGroupsFollowAnyPlacementAndHostNames) {
+  run_thread_ranks(4, [](Communicator& world) {
+    std::shared_ptr<Communicator> w(&world, [](Communicator*) {});
+    const int me = world.rank();
+    // Round-robin placement (mpirun --map-by node): ranks 0 and 2 share node 0.
+    Runtime rt(w, RankInfo{me, 4, 0, 2, "test", "test"}, {0, 1, 0, 1});
+    EXPECT_EQ(rt.node(), me % 2);
+    EXPECT_EQ(rt.nodes(), 2);
+    EXPECT_EQ(rt.info().local_rank, me / 2);
+    Tensor v = Tensor::empty({1}, DType::i32);
+    v.data_as<int32_t>()[0] = me;
+    rt.node_group().allreduce(v, v).wait();
+    if (v.data_as<int32_t>()[0] != (me % 2 == 0 ? 0 + 2 : 1 + 3))
+      SY_THROW(Error, "node group of rank ", me, " summed to ", v.data_as<int32_t>()[0]);
+    // All thread-ranks run on this host: one node.
+    EXPECT_EQ(nodes_from_host_names(world), (std::vector<int>{0, 0, 0, 0}));
+  });
+}
+
 }  // namespace
 }  // namespace switchyard
