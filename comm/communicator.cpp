@@ -152,9 +152,7 @@ Work Communicator::enqueue(std::string_view op, const OpOptions& opts, uint64_t 
                            std::function<void(const OpContext&)> body) {
   check_usable();
   SY_CHECK(executor_ != nullptr, "communicator '", name_, "' was shut down");
-  const std::string description = detail::make_string(op, " on '", name_, "' rank ", rank_, "/", size_, " (",
-                                                      backend_name(), ")");
-  auto state = std::make_shared<WorkState>(description);
+  auto state = std::make_shared<WorkState>(WorkLabel{op, name_, rank_, size_, backend_name()});
   for (const Buffer* b : buffers)
     if (b->owner) state->keep_alive(b->owner);
   // Capped so that start + timeout cannot overflow (Milliseconds::max() means "no limit").

@@ -4,6 +4,10 @@
 
 namespace switchyard {
 
+std::string WorkLabel::describe() const {
+  return detail::make_string(op, " on '", communicator, "' rank ", rank, "/", size, " (", backend, ")");
+}
+
 bool WorkState::wait(std::optional<Milliseconds> timeout) {
   std::unique_lock lock(mutex_);
   if (timeout) {

@@ -8,15 +8,27 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "comm/types.h"
 
 namespace switchyard {
 
+// What an op was, kept cheaply per op; the text is composed only when needed
+// (errors, timeouts). `op` and `backend` name static strings.
+struct WorkLabel {
+  std::string_view op;
+  std::string communicator;
+  int rank = 0;
+  int size = 1;
+  std::string_view backend;
+  std::string describe() const;
+};
+
 class WorkState {
  public:
-  explicit WorkState(std::string description) : description_(std::move(description)) {}
+  explicit WorkState(WorkLabel label) : label_(std::move(label)) {}
   virtual ~WorkState() = default;
 
   // Returns true when complete (throws the op's error if it failed); false when
@@ -25,10 +37,10 @@ class WorkState {
   virtual bool test();
   void complete(std::exception_ptr error = nullptr);
   void keep_alive(std::shared_ptr<void> owner) { owners_.push_back(std::move(owner)); }
-  const std::string& description() const { return description_; }
+  std::string description() const { return label_.describe(); }
 
  private:
-  std::string description_;
+  WorkLabel label_;
   std::mutex mutex_;
   std::condition_variable done_cv_;
   bool done_ = false;
@@ -48,7 +60,7 @@ class Work {
   // Non-blocking: true when complete (rethrows its error).
   bool test() { return state_->test(); }
   bool valid() const { return state_ != nullptr; }
-  const std::string& description() const { return state_->description(); }
+  std::string description() const { return state_->description(); }
 
  private:
   std::shared_ptr<WorkState> state_;

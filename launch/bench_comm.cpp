@@ -49,7 +49,13 @@ struct Case {
   std::function<double(int64_t)> expected;  // expected out[i] on this rank
 };
 
-Case make_case(Communicator& comm, const std::string& op, int64_t bytes, DType dtype, ReduceOp redop, int root) {
+Case make_case(Communicator& comm, const std::string& op, int64_t bytes, DType dtype, ReduceOp redop, int root,
+               Algorithm algorithm) {
+  OpOptions opts;
+  opts.algorithm = algorithm;
+  ReduceOptions ropts;
+  ropts.algorithm = algorithm;
+  ropts.op = redop;
   const int n = comm.size(), me = comm.rank();
   const auto esize = static_cast<int64_t>(dtype_size(dtype));
   Case c;
@@ -65,39 +71,41 @@ Case make_case(Communicator& comm, const std::string& op, int64_t bytes, DType d
   if (op == "allreduce") {
     c.in = Tensor::empty({c.count}, dtype), c.out = Tensor::empty({c.count}, dtype);
     fill_pattern(c.in, me);
-    c.issue = [&comm, in = c.in, out = c.out, redop] { return comm.allreduce(in, out, {{}, redop}); };
+    c.issue = [&comm, in = c.in, out = c.out, ropts] { return comm.allreduce(in, out, ropts); };
     c.expected = reduce_all;
   } else if (op == "reduce_scatter") {
     const int64_t block = c.count / n;
     c.count = block * n;
     c.in = Tensor::empty({block * n}, dtype), c.out = Tensor::empty({block}, dtype);
     fill_pattern(c.in, me);
-    c.issue = [&comm, in = c.in, out = c.out, redop] { return comm.reduce_scatter(in, out, {{}, redop}); };
+    c.issue = [&comm, in = c.in, out = c.out, ropts] { return comm.reduce_scatter(in, out, ropts); };
     c.expected = [reduce_all, block, me](int64_t i) { return reduce_all(me * block + i); };
   } else if (op == "allgather") {
     const int64_t block = c.count / n;
     c.count = block * n;
     c.in = Tensor::empty({block}, dtype), c.out = Tensor::empty({block * n}, dtype);
     fill_pattern(c.in, me);
-    c.issue = [&comm, in = c.in, out = c.out] { return comm.allgather(in, out); };
+    c.issue = [&comm, in = c.in, out = c.out, opts] { return comm.allgather(in, out, opts); };
     c.expected = [block](int64_t i) { return pattern(static_cast<int>(i / block), i % block); };
   } else if (op == "alltoall") {
     const int64_t block = c.count / n;
     c.count = block * n;
     c.in = Tensor::empty({block * n}, dtype), c.out = Tensor::empty({block * n}, dtype);
     fill_pattern(c.in, me);
-    c.issue = [&comm, in = c.in, out = c.out] { return comm.alltoall(in, out); };
+    c.issue = [&comm, in = c.in, out = c.out, opts] { return comm.alltoall(in, out, opts); };
     // Block p of out is block `me` of rank p's input.
     c.expected = [block, me](int64_t i) { return pattern(static_cast<int>(i / block), me * block + i % block); };
   } else if (op == "broadcast") {
     c.in = Tensor::empty({c.count}, dtype);
     c.out = c.in;  // in place, as the op is
-    c.issue = [&comm, buf = c.in, root] { return comm.broadcast(buf, root); };
+    c.issue = [&comm, buf = c.in, root, opts] { return comm.broadcast(buf, root, opts); };
     c.expected = [root](int64_t i) { return pattern(root, i); };
   } else if (op == "sendrecv") {
     c.in = Tensor::empty({c.count}, dtype), c.out = Tensor::empty({c.count}, dtype);
     fill_pattern(c.in, me);
-    c.issue = [&comm, in = c.in, out = c.out, n, me] { return comm.sendrecv(in, (me + 1) % n, out, (me + n - 1) % n); };
+    c.issue = [&comm, in = c.in, out = c.out, n, me, opts] {
+      return comm.sendrecv(in, (me + 1) % n, out, (me + n - 1) % n, opts);
+    };
     c.expected = [n, me](int64_t i) { return pattern((me + n - 1) % n, i); };
   } else {
     SY_THROW(ConfigError, "bench op '", op, "' is not one of allreduce, reduce_scatter, allgather, alltoall, "
@@ -128,7 +136,8 @@ double allreduce_scalar(Communicator& comm, double v, ReduceOp op) {
 
 void print_header(std::ostream& out, const std::string& op, Communicator& comm, const BenchCommSection& cfg) {
   out << "# switchyard bench comm: " << op << " on " << comm.size() << " ranks, backend " << comm.backend_name()
-      << ", " << cfg.iters << " iters, " << cfg.warmup << " warmup, out-of-place\n"
+      << ", algorithm " << cfg.algorithm << ", " << cfg.iters << " iters, " << cfg.warmup
+      << " warmup, out-of-place\n"
       << "#\n"
       << "#       size         count      type   redop    root     time   algbw   busbw #wrong\n"
       << "#        (B)    (elements)                               (us)  (GB/s)  (GB/s)\n";
@@ -160,6 +169,9 @@ double bus_factor(const std::string& op, int ranks) {
 
 std::vector<BenchRow> run_bench_comm(Communicator& comm, const BenchCommSection& cfg, std::ostream* out) {
   const ReduceOp redop = parse_redop(cfg.redop);
+  const Algorithm algorithm = cfg.algorithm == "native"    ? Algorithm::native
+                              : cfg.algorithm == "generic" ? Algorithm::generic
+                                                           : Algorithm::automatic;
   if (cfg.root >= comm.size())
     SY_THROW(ConfigError, "bench.root: got ", cfg.root, ", expected a rank below the world size ", comm.size());
   std::vector<BenchRow> rows;
@@ -173,7 +185,7 @@ std::vector<BenchRow> run_bench_comm(Communicator& comm, const BenchCommSection&
     int64_t wrong_total = 0;
     for (int64_t bytes = cfg.min_bytes; bytes <= cfg.max_bytes; bytes *= cfg.step_factor) {
       const int root = op == "broadcast" ? cfg.root : -1;
-      Case c = make_case(comm, op, bytes, cfg.dtype, redop, cfg.root);
+      Case c = make_case(comm, op, bytes, cfg.dtype, redop, cfg.root, algorithm);
       BenchRow row{op, c.count * static_cast<int64_t>(dtype_size(cfg.dtype)), c.count, cfg.dtype,
                    is_reduction(op) ? cfg.redop : "none", root};
       if (cfg.check) {
@@ -191,11 +203,14 @@ std::vector<BenchRow> run_bench_comm(Communicator& comm, const BenchCommSection&
       }
       for (int i = 0; i < cfg.warmup; ++i) c.issue().wait();
       comm.barrier().wait();
-      // Issue every timed op back to back (they queue on the executor), then wait for all.
+      // Issue every timed op back to back (they queue on the executor), then wait
+      // for the last, as nccl-tests syncs its stream once: ops complete in issue
+      // order, and waking the caller for each would steal the executor's core.
       const auto start = Clock::now();
       std::vector<Work> works;
       for (int i = 0; i < cfg.iters; ++i) works.push_back(c.issue());
-      for (Work& w : works) w.wait();
+      works.back().wait();
+      for (Work& w : works) w.wait();  // already complete; rethrows any error
       const double mine = std::chrono::duration<double, std::micro>(Clock::now() - start).count() / cfg.iters;
       row.time_us = allreduce_scalar(comm, mine, ReduceOp::max);
       row.algbw = row.time_us > 0 ? static_cast<double>(row.bytes) / (row.time_us * 1e3) : 0.0;

@@ -256,6 +256,10 @@ const std::vector<Field>& fields() {
       dtype("bench.dtype", +[](JobConfig& c) -> DType& { return c.bench.dtype; }, "Element type of the buffers."),
       choice("bench.redop", {"sum", "max", "min"}, +[](JobConfig& c) -> std::string& { return c.bench.redop; },
              "Reduction of allreduce and reduce_scatter."),
+      choice("bench.algorithm", {"auto", "native", "generic"},
+             +[](JobConfig& c) -> std::string& { return c.bench.algorithm; },
+             "Implementation: the backend's own collective (native), comm/algorithms over its send/recv "
+             "(generic), or the backend's choice (auto)."),
       integer<int>("bench.root", 0, kIntMax, +[](JobConfig& c) -> int& { return c.bench.root; },
                    "Root rank of broadcast; must be below the world size (checked at run time)."),
       boolean("bench.check", +[](JobConfig& c) -> bool& { return c.bench.check; },

@@ -34,6 +34,7 @@ struct BenchCommSection {
   int warmup = 5;
   DType dtype = DType::f32;
   std::string redop = "sum";  // sum | max | min
+  std::string algorithm = "auto";  // auto | native | generic
   int root = 0;               // broadcast root (checked against the world size at run time)
   bool check = true;          // verify every result, count #wrong
   std::string csv;            // "" = no csv

@@ -63,7 +63,7 @@ int main(int argc, char** argv) {
   auto* bench = app.add_subcommand("bench", "Benchmarks");
   bench->require_subcommand(1);
   auto* bench_comm = bench->add_subcommand("comm", "nccl-tests-style collective sweep, every result checked");
-  std::string backend, csv, dtype = "f32", redop = "sum";
+  std::string backend, csv, dtype = "f32", redop = "sum", algorithm = "auto";
   std::string min_bytes = "64K", max_bytes = "64M";
   std::vector<std::string> ops;
   int ranks = 4, iters = 20, warmup = 5, root = 0, check = 1;
@@ -80,6 +80,8 @@ int main(int argc, char** argv) {
   bench_comm->add_option("-d,--datatype", dtype, "Element type")->capture_default_str();
   bench_comm->add_option("-o,--op_type", redop, "Reduction: sum, max, min")->capture_default_str();
   bench_comm->add_option("-r,--root", root, "Broadcast root")->capture_default_str();
+  bench_comm->add_option("--algorithm", algorithm, "auto, native (the backend's own) or generic (comm/algorithms)")
+      ->capture_default_str();
   bench_comm->add_option("-c,--check", check, "Check results (0/1)")->capture_default_str();
   bench_comm->add_option("--csv", csv, "Also write rows to this CSV file");
   bench_comm->add_option("--timeout-ms", timeout_ms, "Per-op timeout")->capture_default_str();
@@ -113,7 +115,7 @@ int main(int argc, char** argv) {
           "comm.timeout_ms=" + std::to_string(timeout_ms), "bench.ops=[" + op_list + "]",
           "bench.min_bytes=" + min_bytes, "bench.max_bytes=" + max_bytes,
           "bench.step_factor=" + std::to_string(factor), "bench.iters=" + std::to_string(iters),
-          "bench.warmup=" + std::to_string(warmup), "bench.dtype=" + dtype, "bench.redop=" + redop,
+          "bench.warmup=" + std::to_string(warmup), "bench.dtype=" + dtype, "bench.redop=" + redop, "bench.algorithm=" + algorithm,
           "bench.root=" + std::to_string(root), "bench.check=" + std::string(check ? "true" : "false"),
           "bench.csv='" + csv + "'"};
       return run_job(load_config_string("", "<command line>", overrides));

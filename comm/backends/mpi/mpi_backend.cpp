@@ -40,12 +40,10 @@ std::string mpi_error_string(int code) {
 }
 
 // Polls requests under the MPI lock until all complete or the deadline passes.
-// Yields between polls, then backs off to short sleeps so oversubscribed ranks
-// leave the cores to whoever is making progress.
 void wait_requests(MPI_Request* requests, int count, MPI_Status* statuses, Deadline deadline, const std::string& what) {
   if (count == 0) return;
   const auto start = Clock::now();
-  for (int polls = 0;; ++polls) {
+  for (;;) {
     int done = 0;
     {
       std::lock_guard lock(mpi_mutex());
@@ -64,10 +62,13 @@ void wait_requests(MPI_Request* requests, int count, MPI_Status* statuses, Deadl
       abort_with_pending(what, detail::make_string("timed out after ", waited,
                                                    " ms: a peer has not reached the matching op"));
     }
-    if (polls < 2000)
+    // MPI progresses a transfer only inside MPI calls (Open MPI's nonblocking
+    // collectives advance fragment by fragment), so keep polling while data
+    // may be moving; back off to sleeps only once the wait looks like a late peer.
+    if (Clock::now() - start < std::chrono::milliseconds(50))
       std::this_thread::yield();
     else
-      std::this_thread::sleep_for(std::chrono::microseconds(20));
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
   }
 }
 
