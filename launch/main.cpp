@@ -59,6 +59,8 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
 
   auto* info = app.add_subcommand("info", "Build features, backends, detected rank/topology, environment variables");
+  bool schema_only = false;
+  info->add_flag("--config-schema", schema_only, "Print the YAML config schema (markdown) instead");
 
   auto* bench = app.add_subcommand("bench", "Benchmarks");
   bench->require_subcommand(1);
@@ -102,7 +104,10 @@ int main(int argc, char** argv) {
 
   try {
     if (info->parsed()) {
-      print_info();
+      if (schema_only)
+        std::cout << config_schema_markdown();
+      else
+        print_info();
       return 0;
     }
     if (bench_comm->parsed()) {

@@ -267,12 +267,12 @@ TEST(Config, SchemaDocumentsEveryKey) {
   const std::string md = config_schema_markdown();
   for (const char* key : {"job", "comm.backend", "comm.ranks", "comm.timeout_ms", "bench.ops", "bench.min_bytes",
                           "bench.max_bytes", "bench.step_factor", "bench.iters", "bench.warmup", "bench.dtype",
-                          "bench.redop", "bench.root", "bench.check", "bench.csv", "log.level"})
+                          "bench.redop", "bench.algorithm", "bench.root", "bench.check", "bench.csv", "log.level"})
     EXPECT_NE(md.find(std::string("| `") + key + "` |"), std::string::npos) << key;
   EXPECT_NE(md.find("| `comm.ranks` | int | `4` | [1, 4096] |"), std::string::npos) << md;
   EXPECT_NE(md.find("| `bench.min_bytes` | size | `64K` |"), std::string::npos) << md;
   const auto rows = config_schema();
-  EXPECT_EQ(rows.size(), 16u);
+  EXPECT_EQ(rows.size(), 17u);
   for (const auto& row : rows) EXPECT_FALSE(row.doc.empty()) << row.key;
 }
 
