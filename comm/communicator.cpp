@@ -127,6 +127,37 @@ void Communicator::count_peer_bytes(int peer, uint64_t sent, uint64_t received) 
   stats_.received_from[static_cast<size_t>(peer)] += received;
 }
 
+void Communicator::count_direct_allreduce(const TensorView& in) {
+  const uint64_t share = 2 * in.nbytes() / static_cast<uint64_t>(size_);
+  for (int p = 0; p < size_; ++p)
+    if (p != rank_) count_peer_bytes(p, share, share);
+}
+
+void Communicator::count_direct_reduce_scatter(const TensorView& out) {
+  for (int p = 0; p < size_; ++p)
+    if (p != rank_) count_peer_bytes(p, out.nbytes(), out.nbytes());
+}
+
+void Communicator::count_direct_allgatherv(const TensorView& in, std::span<const int64_t> counts) {
+  for (int p = 0; p < size_; ++p)
+    if (p != rank_) count_peer_bytes(p, in.nbytes(), static_cast<uint64_t>(counts[p]) * in.element_size());
+}
+
+void Communicator::count_direct_alltoallv(size_t element_size, std::span<const int64_t> send_counts,
+                                          std::span<const int64_t> recv_counts) {
+  for (int p = 0; p < size_; ++p)
+    if (p != rank_)
+      count_peer_bytes(p, static_cast<uint64_t>(send_counts[p]) * element_size,
+                       static_cast<uint64_t>(recv_counts[p]) * element_size);
+}
+
+void Communicator::count_direct_broadcast(const TensorView& buffer, int root) {
+  for (int p = 0; p < size_; ++p) {
+    if (rank_ == root && p != root) count_peer_bytes(p, buffer.nbytes(), 0);
+    if (rank_ != root && p == root) count_peer_bytes(p, 0, buffer.nbytes());
+  }
+}
+
 CommStats Communicator::stats() const {
   std::lock_guard lock(stats_mutex_);
   return stats_;

@@ -114,6 +114,15 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
   // For native ops: record the bytes exchanged with a peer (the generic
   // algorithms are counted by the transport wrapper).
   void count_peer_bytes(int peer, uint64_t sent, uint64_t received);
+  // Native collectives hide their algorithm: record what a direct exchange
+  // would move with each peer, so traffic stays comparable across backends.
+  // (allreduce = reduce-scatter + allgather; broadcast = root to every rank.)
+  void count_direct_allreduce(const TensorView& in);
+  void count_direct_reduce_scatter(const TensorView& out);
+  void count_direct_allgatherv(const TensorView& in, std::span<const int64_t> counts);
+  void count_direct_alltoallv(size_t element_size, std::span<const int64_t> send_counts,
+                              std::span<const int64_t> recv_counts);
+  void count_direct_broadcast(const TensorView& buffer, int root);
   // Counting wrapper around transport(), used by the default bodies.
   Transport& counted_transport();
   // Stop the executor before a derived class's members go (call first in derived destructors).

@@ -17,7 +17,9 @@ struct OpStats {
 
 struct CommStats {
   std::map<std::string, OpStats> ops;
-  // Bytes this rank sent to / received from each peer (by rank in this communicator).
+  // Bytes this rank sent to / received from each peer (by rank in this
+  // communicator): as moved for the generic algorithms and point-to-point ops;
+  // for native collectives (MPI_I*, fake) as a direct exchange would move them.
   std::vector<uint64_t> sent_to;
   std::vector<uint64_t> received_from;
   uint64_t total_sent() const;

@@ -406,6 +406,18 @@ TEST(Comm, StatsCountBytesPerOpAndPerPeer) {
       EXPECT_EQ(s.sent_to[p], p == comm.rank() ? 0u : 2u * 16 * 4) << "peer " << p;
       EXPECT_EQ(s.received_from[p], p == comm.rank() ? 0u : 2u * 16 * 4) << "peer " << p;
     }
+    // Totals are the same whether a backend runs its own collective (counted as a
+    // direct exchange) or a ring/tree from comm/algorithms (counted as moved).
+    Tensor block = Tensor::zeros({16}, DType::f32), gathered = Tensor::empty({16 * n}, DType::f32);
+    comm.reset_stats();
+    comm.allgather(block, gathered).wait();
+    EXPECT_EQ(comm.stats().total_received(), uint64_t(n - 1) * 64);
+    comm.reset_stats();
+    comm.allreduce(in, out).wait();
+    EXPECT_EQ(comm.stats().total_received(), uint64_t(2 * (n - 1)) * 64);
+    comm.reset_stats();
+    comm.broadcast(block, 0).wait();
+    EXPECT_EQ(comm.stats().total_received(), comm.rank() == 0 ? 0u : 64u);
   });
 }
 

@@ -24,7 +24,20 @@ TEST(FakeBackend, ThousandsOfRanksCountLogicalTrafficAndMoveNothing) {
   EXPECT_EQ(s.sent_to[me], 0u);
   EXPECT_EQ(s.total_sent(), 8u * (world - 2));
   EXPECT_EQ(s.ops.at("alltoallv").calls, 1u);
-  // Validation is as strict as on a real backend.
+  // Every collective records the traffic a direct exchange would have.
+  comm->reset_stats();
+  Tensor block = Tensor::zeros({3}, DType::f64), all = Tensor::empty({3 * world}, DType::f64);
+  comm->allgather(block, all).wait();
+  EXPECT_EQ(comm->stats().sent_to[0], 24u);
+  EXPECT_EQ(comm->stats().total_received(), 24u * (world - 1));
+  comm->reset_stats();
+  comm->broadcast(block, me).wait();
+  EXPECT_EQ(comm->stats().total_sent(), 24u * (world - 1));
+  comm->reset_stats();
+  Tensor big = Tensor::zeros({world}, DType::f32);
+  comm->allreduce(big, big).wait();
+  EXPECT_EQ(comm->stats().sent_to[1], 8u);  // 2 * 4 * world / world
+    // Validation is as strict as on a real backend.
   EXPECT_THROW(comm->alltoallv(in, counts, out, std::vector<int64_t>(world, 1)), InvalidArgument);
 }
 

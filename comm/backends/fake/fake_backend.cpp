@@ -36,19 +36,24 @@ class FakeCommunicator : public Communicator {
       if (members[i] == rank()) mine = static_cast<int>(i);
     return std::make_shared<FakeCommunicator>(mine, static_cast<int>(members.size()), name);
   }
-  // Nothing moves: record logical traffic so stats still describe the op.
-  void do_allreduce(const TensorView&, const TensorView&, ReduceOp, const OpContext&) override {}
-  void do_reduce_scatter(const TensorView&, const TensorView&, ReduceOp, const OpContext&) override {}
-  void do_allgatherv(const TensorView&, const TensorView&, std::span<const int64_t>, const OpContext&) override {}
+  // Nothing moves: record the traffic a direct exchange would have, so stats still describe the op.
+  void do_allreduce(const TensorView& in, const TensorView&, ReduceOp, const OpContext&) override {
+    count_direct_allreduce(in);
+  }
+  void do_reduce_scatter(const TensorView&, const TensorView& out, ReduceOp, const OpContext&) override {
+    count_direct_reduce_scatter(out);
+  }
+  void do_allgatherv(const TensorView& in, const TensorView&, std::span<const int64_t> counts,
+                     const OpContext&) override {
+    count_direct_allgatherv(in, counts);
+  }
   void do_alltoallv(const TensorView& in, std::span<const int64_t> send_counts, const TensorView&,
                     std::span<const int64_t> recv_counts, const OpContext&) override {
-    const size_t esize = in.element_size();
-    for (int p = 0; p < size(); ++p)
-      if (p != rank())
-        count_peer_bytes(p, static_cast<uint64_t>(send_counts[p]) * esize,
-                         static_cast<uint64_t>(recv_counts[p]) * esize);
+    count_direct_alltoallv(in.element_size(), send_counts, recv_counts);
   }
-  void do_broadcast(const TensorView&, int, const OpContext&) override {}
+  void do_broadcast(const TensorView& buffer, int root, const OpContext&) override {
+    count_direct_broadcast(buffer, root);
+  }
   void do_send(const TensorView& b, int peer, uint32_t, const OpContext&) override { count_peer_bytes(peer, b.nbytes(), 0); }
   void do_recv(const TensorView& b, int peer, uint32_t, const OpContext&) override { count_peer_bytes(peer, 0, b.nbytes()); }
   void do_sendrecv(const TensorView& s, int to, const TensorView& r, int from, uint32_t, const OpContext&) override {

@@ -221,6 +221,7 @@ class MpiCommunicator : public Communicator {
       return MPI_Iallreduce(in.data() == out.data() ? MPI_IN_PLACE : in.data(), out.data(),
                             static_cast<int>(in.numel()), *type, mpi_op(op), comm_, r);
     });
+    count_direct_allreduce(in);
   }
 
   void do_reduce_scatter(const TensorView& in, const TensorView& out, ReduceOp op, const OpContext& ctx) override {
@@ -230,6 +231,7 @@ class MpiCommunicator : public Communicator {
     run_native(ctx, [&](MPI_Request* r) {
       return MPI_Ireduce_scatter_block(in.data(), out.data(), static_cast<int>(out.numel()), *type, mpi_op(op), comm_, r);
     });
+    count_direct_reduce_scatter(out);
   }
 
   void do_allgather(const TensorView& in, const TensorView& out, const OpContext& ctx) override {
@@ -238,6 +240,7 @@ class MpiCommunicator : public Communicator {
       return MPI_Iallgather(in.data(), static_cast<int>(in.nbytes()), MPI_BYTE, out.data(),
                             static_cast<int>(in.nbytes()), MPI_BYTE, comm_, r);
     });
+    count_direct_allgatherv(in, std::vector<int64_t>(static_cast<size_t>(size()), in.numel()));
   }
 
   void do_allgatherv(const TensorView& in, const TensorView& out, std::span<const int64_t> counts,
@@ -250,6 +253,7 @@ class MpiCommunicator : public Communicator {
       return MPI_Iallgatherv(in.data(), static_cast<int>(in.nbytes()), MPI_BYTE, out.data(), bytes.data(),
                              displs.data(), MPI_BYTE, comm_, r);
     });
+    count_direct_allgatherv(in, counts);
   }
 
   void do_alltoall(const TensorView& in, const TensorView& out, const OpContext& ctx) override {
@@ -258,8 +262,8 @@ class MpiCommunicator : public Communicator {
     run_native(ctx, [&](MPI_Request* r) {
       return MPI_Ialltoall(in.data(), block, MPI_BYTE, out.data(), block, MPI_BYTE, comm_, r);
     });
-    for (int p = 0; p < size(); ++p)
-      if (p != rank()) count_peer_bytes(p, static_cast<uint64_t>(block), static_cast<uint64_t>(block));
+    const std::vector<int64_t> blocks(static_cast<size_t>(size()), in.numel() / size());
+    count_direct_alltoallv(in.element_size(), blocks, blocks);
   }
 
   void do_alltoallv(const TensorView& in, std::span<const int64_t> send_counts, const TensorView& out,
@@ -287,9 +291,7 @@ class MpiCommunicator : public Communicator {
       return MPI_Ialltoallv(in.data(), scounts.data(), sdispls.data(), element, out.data(), rcounts.data(),
                             rdispls.data(), element, comm_, r);
     });
-    const uint64_t esize = in.element_size();
-    for (int p = 0; p < size(); ++p)
-      if (p != rank()) count_peer_bytes(p, scounts[p] * esize, rcounts[p] * esize);
+    count_direct_alltoallv(in.element_size(), send_counts, recv_counts);
   }
 
   void do_broadcast(const TensorView& buffer, int root, const OpContext& ctx) override {
@@ -298,6 +300,7 @@ class MpiCommunicator : public Communicator {
     run_native(ctx, [&](MPI_Request* r) {
       return MPI_Ibcast(buffer.data(), static_cast<int>(buffer.nbytes()), MPI_BYTE, root, comm_, r);
     });
+    count_direct_broadcast(buffer, root);
   }
 
   void do_barrier(const OpContext& ctx) override {
