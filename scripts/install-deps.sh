@@ -15,6 +15,7 @@ packages=(
   libgtest-dev libgmock-dev
   libbenchmark-dev
   libdlpack-dev
+  nlohmann-json3-dev
 )
 
 missing=()
