@@ -1,0 +1,122 @@
+#include "moe/router.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "kernels/router.h"
+
+namespace switchyard {
+
+void RouterConfig::validate() const {
+  auto bad = [](const char* field, auto value, const char* expected) {
+    SY_THROW(InvalidArgument, "router: ", field, " = ", value, ", expected ", expected);
+  };
+  if (experts < 1) bad("experts", experts, ">= 1");
+  if (k < 1 || k > experts) SY_THROW(InvalidArgument, "router: k = ", k, ", expected 1..experts (", experts, ")");
+  if (groups < 1 || experts % groups != 0)
+    SY_THROW(InvalidArgument, "router: groups = ", groups, ", expected a divisor of experts (", experts, ")");
+  if (topk_groups < 1 || topk_groups > groups)
+    SY_THROW(InvalidArgument, "router: topk_groups = ", topk_groups, ", expected 1..groups (", groups, ")");
+  if (topk_groups * (experts / groups) < k)
+    SY_THROW(InvalidArgument, "router: topk_groups = ", topk_groups, " groups of ", experts / groups,
+             " experts cannot hold k = ", k, " choices");
+  if (!(noise_std >= 0.0)) bad("noise_std", noise_std, ">= 0");
+  if (!std::isfinite(capacity_factor)) bad("capacity_factor", capacity_factor, "a finite number");
+  if (capacity_alignment < 1) bad("capacity_alignment", capacity_alignment, ">= 1");
+}
+
+Routing route(const RouterConfig& config, const TensorView& logits, const TensorView* bias, Rng* noise) {
+  config.validate();
+  if (logits.dtype() != DType::f32 || logits.dim() != 2 || !logits.device().is_cpu() || !logits.is_contiguous())
+    SY_THROW(InvalidArgument, "router: logits are ", dtype_name(logits.dtype()), " ", shape_string(logits.shape()),
+             ", expected contiguous host f32 [tokens, ", config.experts, "]");
+  if (logits.size(1) != config.experts)
+    SY_THROW(InvalidArgument, "router: logits have ", logits.size(1), " columns, expected experts = ", config.experts);
+  const bool has_bias = bias && bias->numel() > 0;
+  if (has_bias && (bias->dtype() != DType::f32 || bias->numel() != config.experts || !bias->is_contiguous()))
+    SY_THROW(InvalidArgument, "router: bias is ", dtype_name(bias->dtype()), " ", shape_string(bias->shape()),
+             ", expected f32 [", config.experts, "]");
+  if (has_bias && config.gate != GateKind::sigmoid_bias)
+    SY_THROW(InvalidArgument, "router: a bias is only used by the sigmoid_bias gate");
+  if (config.noise_std > 0 && !noise) SY_THROW(InvalidArgument, "router: noise_std > 0 needs an Rng");
+
+  const int64_t T = logits.size(0);
+  const int E = config.experts, k = config.k;
+  const float* raw = static_cast<const float*>(logits.data());
+  const float* x = raw;
+  Tensor noisy;
+  if (config.noise_std > 0 && T > 0) {
+    noisy = Tensor::empty({T, E}, DType::f32);
+    float* y = noisy.data_as<float>();
+    for (int64_t i = 0; i < T * E; ++i) y[i] = x[i] + static_cast<float>(noise->normal(0.0, config.noise_std));
+    x = y;
+  }
+
+  Routing r;
+  r.experts = Tensor::empty({T, k}, DType::i32);
+  r.weights = Tensor::empty({T, k}, DType::f32);
+  r.scores = Tensor::empty({T, E}, DType::f32);
+  kernels::cpu::TopKGateArgs args;
+  args.logits = x;
+  args.bias = has_bias ? static_cast<const float*>(bias->data()) : nullptr;
+  args.tokens = T;
+  args.experts = E;
+  args.k = k;
+  args.score = config.gate == GateKind::softmax ? kernels::cpu::GateScore::softmax : kernels::cpu::GateScore::sigmoid_bias;
+  args.renormalize = config.renormalize;
+  args.groups = config.groups;
+  args.topk_groups = config.topk_groups;
+  args.experts_out = r.experts.data_as<int32_t>();
+  args.weights_out = r.weights.data_as<float>();
+  args.scores_out = r.scores.data_as<float>();
+  kernels::cpu::topk_gate(args);
+
+  r.expert_load.assign(static_cast<size_t>(E), 0);
+  const int32_t* chosen = r.experts.data_as<int32_t>();
+  for (int64_t i = 0; i < T * k; ++i) ++r.expert_load[static_cast<size_t>(chosen[i])];
+  if (T == 0) return r;
+
+  // Losses in double: they are reported and compared, never on the hot path.
+  std::vector<double> mean_score(static_cast<size_t>(E), 0.0);
+  double z = 0.0;
+  const float* s = r.scores.data_as<float>();
+  for (int64_t t = 0; t < T; ++t) {
+    double row_sum = 0.0, m = -INFINITY;
+    // z-loss on the logits as given (noise only steers the choice).
+    for (int e = 0; e < E; ++e) row_sum += s[t * E + e], m = std::max(m, static_cast<double>(raw[t * E + e]));
+    for (int e = 0; e < E; ++e) mean_score[e] += s[t * E + e] / row_sum;
+    double lse = 0.0;
+    for (int e = 0; e < E; ++e) lse += std::exp(raw[t * E + e] - m);
+    lse = m + std::log(lse);
+    z += lse * lse;
+  }
+  double balance = 0.0;
+  for (int e = 0; e < E; ++e)
+    balance += (static_cast<double>(r.expert_load[e]) / static_cast<double>(T * k)) * (mean_score[e] / T);
+  r.balance_loss = E * balance;
+  r.z_loss = z / static_cast<double>(T);
+  return r;
+}
+
+int64_t expert_capacity(const RouterConfig& config, int64_t tokens, const Routing& routing, Communicator* expert_group) {
+  config.validate();
+  const double cf = config.capacity_factor;
+  const int64_t by_factor =
+      config.k * static_cast<int64_t>(std::ceil(std::fabs(cf) * static_cast<double>(tokens) / config.experts));
+  const int64_t largest_load =
+      routing.expert_load.empty() ? 0 : *std::max_element(routing.expert_load.begin(), routing.expert_load.end());
+  int64_t c = cf > 0 ? by_factor : cf == 0 ? largest_load : std::min(largest_load, by_factor);
+  const int64_t a = config.capacity_alignment;
+  c = (c + a - 1) / a * a;
+  if (expert_group && expert_group->size() > 1) {
+    Tensor v = Tensor::empty({1}, DType::i64);
+    v.data_as<int64_t>()[0] = c;
+    ReduceOptions max;
+    max.op = ReduceOp::max;
+    expert_group->allreduce(v, v, max).wait();
+    c = v.data_as<int64_t>()[0];
+  }
+  return c;
+}
+
+}  // namespace switchyard

@@ -1,0 +1,64 @@
+// The router: gate logits -> for each token k experts and their weights, the
+// balancing losses, and the expert capacity of the batch. Forward only for now
+// (the gate's backward comes with MoELayer).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "core/rng.h"
+#include "core/tensor.h"
+
+namespace switchyard {
+
+enum class GateKind : uint8_t {
+  softmax,       // top-k over softmax probabilities (GShard, Tutel)
+  sigmoid_bias,  // sigmoid scores, selection by scores + per-expert bias (DeepSeek-V3, aux-loss-free balancing)
+};
+
+struct RouterConfig {
+  int experts = 0;
+  int k = 2;
+  GateKind gate = GateKind::softmax;
+  bool renormalize = false;  // the k weights of a token sum to 1
+  // Training noise: N(0, noise_std) added to the logits before the gate (needs an Rng).
+  double noise_std = 0.0;
+  // Grouped top-k (DeepSeek-V3): experts in `groups` consecutive groups, tokens
+  // choose only among the `topk_groups` best groups. groups = 1: plain top-k.
+  int groups = 1;
+  int topk_groups = 1;
+  // > 0: C = k * ceil(cf * T / E); 0: dropless (C = the largest expert load);
+  // < 0: the largest load, capped at k * ceil(|cf| * T / E). Rounded up to the
+  // alignment, and the maximum over the expert group, so ranks with different
+  // token counts agree.
+  double capacity_factor = 1.0;
+  int capacity_alignment = 1;
+
+  // Throws InvalidArgument naming the field, its value and what was expected.
+  void validate() const;
+};
+
+struct Routing {
+  Tensor experts;  // [T, k] i32, best first
+  Tensor weights;  // [T, k] f32
+  Tensor scores;   // [T, E] f32: softmax probabilities or sigmoid scores
+  std::vector<int64_t> expert_load;  // this rank's assignments per expert
+  // GShard/Switch balancing loss E * sum_e f_e * P_e, where f_e is the share of
+  // the T*k assignments that went to e and P_e the mean over tokens of e's score
+  // normalised per token. 0 for T = 0.
+  double balance_loss = 0.0;
+  // Router z-loss (ST-MoE): mean over tokens of logsumexp(logits)^2.
+  double z_loss = 0.0;
+};
+
+// logits: [T, E] f32 on the host. bias: [E] f32 for sigmoid_bias (may be empty).
+Routing route(const RouterConfig& config, const TensorView& logits, const TensorView* bias = nullptr,
+              Rng* noise = nullptr);
+
+// The batch's expert capacity C (see RouterConfig::capacity_factor). With an
+// expert group it is the maximum over the group (a collective call).
+int64_t expert_capacity(const RouterConfig& config, int64_t tokens, const Routing& routing,
+                        Communicator* expert_group = nullptr);
+
+}  // namespace switchyard
