@@ -17,4 +17,5 @@ configure_package_config_file(cmake/switchyardConfig.cmake.in
 write_basic_package_version_file(${CMAKE_BINARY_DIR}/switchyardConfigVersion.cmake
   COMPATIBILITY SameMinorVersion)
 install(FILES ${CMAKE_BINARY_DIR}/switchyardConfig.cmake ${CMAKE_BINARY_DIR}/switchyardConfigVersion.cmake
+  ${CMAKE_SOURCE_DIR}/cmake/FindOneDNN.cmake
   DESTINATION ${CMAKE_INSTALL_LIBDIR}/cmake/switchyard)

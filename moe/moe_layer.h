@@ -1,0 +1,102 @@
+// MoELayer: gate -> router -> DispatchPlan -> dispatch (all-to-all) -> local
+// experts -> combine (all-to-all back) -> weighted sum, over the expert group's
+// communicator, with experts placed by a ParamLayout. Split-phase like DeepEP:
+// the phases are separate calls so that later strategies (token shuffling,
+// attention-FFN disaggregation) can drive them; forward() chains them.
+#pragma once
+
+#include <memory>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "kernels/moe.h"
+#include "moe/param_layout.h"
+#include "moe/router.h"
+
+namespace switchyard {
+
+enum class ExchangeMode : uint8_t {
+  padded,    // Tutel: every expert gets C rows from every rank ([E, C, M]), padding included
+  dropless,  // DeepEP: all-to-all-v of only the routed rows; counts exchanged first
+};
+
+struct MoEConfig {
+  int64_t model_dim = 0;
+  int64_t hidden_dim = 0;
+  kernels::cpu::Activation activation = kernels::cpu::Activation::relu;
+  RouterConfig router;  // router.experts is the global expert count
+  ExchangeMode exchange = ExchangeMode::padded;
+  bool check_finite = false;  // reject NaN/Inf inputs with a clear error
+  void validate() const;
+};
+
+// Where every routed copy of a token goes; built once per batch and used by
+// dispatch, combine and backward alike. Rows are ordered by expert position
+// (rank-major), so each destination's rows are contiguous.
+struct DispatchPlan {
+  int64_t tokens = 0;
+  int k = 0;
+  int64_t capacity = 0;
+  std::vector<int64_t> row_of_choice;       // [T*k]: send row, -1 when dropped
+  std::vector<int64_t> token_of_row;        // [rows]: source token, -1 for padding
+  std::vector<float> weight_of_row;         // [rows]
+  std::vector<int64_t> rows_per_position;   // [E]: rows sent to each expert position
+  std::vector<int64_t> rows_per_rank;       // [W]
+  std::vector<int64_t> recv_rows_per_block; // [W * L]: rows from source w for local slot l (after layout)
+  std::vector<int64_t> recv_rows_per_rank;  // [W]
+  int64_t dropped = 0;                      // choices beyond capacity on this rank
+  int64_t send_rows() const { return static_cast<int64_t>(token_of_row.size()); }
+  int64_t recv_rows() const;
+};
+
+struct ExpertParams {
+  Tensor w1;  // [L, M, H1], H1 = H (2H for swiglu: gate then up)
+  Tensor b1;  // [L, H1]
+  Tensor w2;  // [L, H, M]
+  Tensor b2;  // [L, M]
+};
+
+struct MoEForward {
+  Tensor output;  // [T, M]
+  double balance_loss = 0;
+  double z_loss = 0;
+  int64_t dropped = 0;  // on this rank
+};
+
+class MoELayer {
+ public:
+  MoELayer(MoEConfig config, std::shared_ptr<Communicator> expert_group);
+
+  const MoEConfig& config() const { return config_; }
+  const ParamLayout& layout() const { return layout_; }
+  Tensor& gate_weight() { return gate_weight_; }  // [M, E], replicated on every rank
+  ExpertParams& params() { return params_; }
+  // Deterministic initialisation keyed by logical expert id, so any placement
+  // and any number of ranks hold the same weights.
+  void init_parameters(uint64_t seed);
+
+  MoEForward forward(const TensorView& x);
+
+  // ---- phases (forward() chains them) ----
+  Routing route_tokens(const TensorView& x, Tensor& logits);
+  DispatchPlan plan(const Routing& routing, int64_t tokens);
+  // Exchanges per-block row counts (dropless; padded needs none).
+  void exchange_layout(DispatchPlan& plan);
+  // Rows for the local experts, grouped by source rank then local slot.
+  Tensor dispatch(const DispatchPlan& plan, const TensorView& x);
+  Tensor run_experts(const DispatchPlan& plan, const TensorView& rows);
+  // Expert outputs back to their source rows (send order).
+  Tensor combine_exchange(const DispatchPlan& plan, const TensorView& expert_out);
+  // out[t] = sum_j weight * row(t, j).
+  Tensor combine(const DispatchPlan& plan, const TensorView& returned);
+
+ private:
+  int64_t hidden_in() const;  // H1
+  MoEConfig config_;
+  std::shared_ptr<Communicator> group_;
+  ParamLayout layout_;
+  Tensor gate_weight_;
+  ExpertParams params_;
+};
+
+}  // namespace switchyard

@@ -1,0 +1,36 @@
+#include "moe/param_layout.h"
+
+#include "core/error.h"
+
+namespace switchyard {
+
+ParamLayout::ParamLayout(int global_experts, int ranks) : experts_(global_experts), ranks_(ranks) {
+  if (ranks < 1) SY_THROW(InvalidArgument, "param layout: ranks = ", ranks, ", expected >= 1");
+  if (global_experts < 1) SY_THROW(InvalidArgument, "param layout: experts = ", global_experts, ", expected >= 1");
+  if (global_experts < ranks)
+    SY_THROW(NotSupported, "param layout: ", global_experts, " experts on ", ranks,
+             " ranks (experts sliced over ranks, E < W) comes with adaptive parallelism; use E >= W for now");
+  if (global_experts % ranks != 0)
+    SY_THROW(InvalidArgument, "param layout: experts = ", global_experts, " is not a multiple of the ", ranks,
+             " ranks of the expert group");
+  std::vector<int> identity(static_cast<size_t>(global_experts));
+  for (int e = 0; e < global_experts; ++e) identity[static_cast<size_t>(e)] = e;
+  set_placement(identity);
+}
+
+void ParamLayout::set_placement(std::vector<int> position_of_expert) {
+  if (static_cast<int>(position_of_expert.size()) != experts_)
+    SY_THROW(InvalidArgument, "placement has ", position_of_expert.size(), " entries, expected one per expert (",
+             experts_, ")");
+  std::vector<int> at(static_cast<size_t>(experts_), -1);
+  for (int e = 0; e < experts_; ++e) {
+    const int p = position_of_expert[static_cast<size_t>(e)];
+    if (p < 0 || p >= experts_ || at[static_cast<size_t>(p)] >= 0)
+      SY_THROW(InvalidArgument, "placement of expert ", e, " at position ", p, " is out of range or taken");
+    at[static_cast<size_t>(p)] = e;
+  }
+  position_ = std::move(position_of_expert);
+  expert_at_ = std::move(at);
+}
+
+}  // namespace switchyard

@@ -1,0 +1,176 @@
+// MoELayer forward: against a float64 dense reference, expert parallel on 2 and
+// 4 thread-ranks against one rank holding every expert, padded vs dropless,
+// capacity drops counted exactly, bad input.
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "comm/backends/threads/threads_backend.h"
+#include "moe/moe_layer.h"
+
+namespace switchyard {
+namespace {
+
+using kernels::cpu::Activation;
+
+MoEConfig small_config(Activation act, ExchangeMode mode, double cf, int experts = 6) {
+  MoEConfig c;
+  c.model_dim = 16;
+  c.hidden_dim = 24;
+  c.activation = act;
+  c.exchange = mode;
+  c.router.experts = experts;
+  c.router.k = 2;
+  c.router.capacity_factor = cf;
+  return c;
+}
+
+Tensor random_tokens(uint64_t seed, int64_t tokens, int64_t width) {
+  Tensor x = Tensor::empty({tokens, width}, DType::f32);
+  Rng(seed).fill_uniform(x, -1, 1);
+  return x;
+}
+
+double activation_ref(Activation act, double gate, double up) {
+  switch (act) {
+    case Activation::relu: return gate > 0 ? gate : 0;
+    case Activation::gelu: return 0.5 * gate * (1 + std::erf(gate / std::sqrt(2.0)));
+    case Activation::swiglu: return gate / (1 + std::exp(-gate)) * up;
+  }
+  return 0;
+}
+
+// One expert's FFN in float64 from a single-rank layer's parameters (slot = expert id).
+std::vector<double> expert_ref(MoELayer& layer, int expert, const float* x) {
+  const auto& c = layer.config();
+  const int64_t M = c.model_dim, H = c.hidden_dim, H1 = c.activation == Activation::swiglu ? 2 * H : H;
+  const float* w1 = layer.params().w1.data_as<float>() + expert * M * H1;
+  const float* b1 = layer.params().b1.data_as<float>() + expert * H1;
+  const float* w2 = layer.params().w2.data_as<float>() + expert * H * M;
+  const float* b2 = layer.params().b2.data_as<float>() + expert * M;
+  std::vector<double> pre(H1), y(M);
+  for (int64_t h = 0; h < H1; ++h) {
+    pre[h] = b1[h];
+    for (int64_t m = 0; m < M; ++m) pre[h] += double(x[m]) * w1[m * H1 + h];
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    y[m] = b2[m];
+    for (int64_t h = 0; h < H; ++h)
+      y[m] += activation_ref(c.activation, pre[h], c.activation == Activation::swiglu ? pre[H + h] : 0) * w2[h * M + m];
+  }
+  return y;
+}
+
+std::shared_ptr<Communicator> solo() {
+  static ThreadsWorld* world = new ThreadsWorld(1);  // a one-rank group for reference layers
+  return world->communicator(0);
+}
+
+TEST(MoELayer, ForwardMatchesFloat64ReferenceForEachActivationAndMode) {
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  for (Activation act : {Activation::relu, Activation::gelu, Activation::swiglu})
+    for (ExchangeMode mode : {ExchangeMode::padded, ExchangeMode::dropless})
+      for (double cf : {0.0, 0.75}) {
+        MoELayer layer(small_config(act, mode, cf), solo());
+        layer.init_parameters(seed);
+        Tensor x = random_tokens(seed + 1, 37, 16);
+        Tensor logits;
+        Routing routing = layer.route_tokens(x, logits);
+        DispatchPlan plan = layer.plan(routing, 37);
+        MoEForward f = layer.forward(x);
+        for (int64_t t = 0; t < 37; ++t) {
+          std::vector<double> want(16, 0.0);
+          for (int j = 0; j < 2; ++j) {
+            if (plan.row_of_choice[t * 2 + j] < 0) continue;  // dropped by capacity
+            const int e = routing.experts.data_as<int32_t>()[t * 2 + j];
+            const double w = routing.weights.data_as<float>()[t * 2 + j];
+            auto y = expert_ref(layer, e, x.data_as<float>() + t * 16);
+            for (int m = 0; m < 16; ++m) want[m] += w * y[m];
+          }
+          for (int m = 0; m < 16; ++m)
+            ASSERT_NEAR(f.output.data_as<float>()[t * 16 + m], want[m], 1e-5 * (1 + std::fabs(want[m])))
+                << "act " << int(act) << " mode " << int(mode) << " cf " << cf << " token " << t;
+        }
+        if (cf == 0.0) {
+          EXPECT_EQ(f.dropped, 0);
+        }
+      }
+}
+
+TEST(MoELayer, CapacityDropsAreCountedExactly) {
+  MoELayer layer(small_config(Activation::relu, ExchangeMode::padded, 0.5), solo());
+  layer.init_parameters(3);
+  Tensor x = random_tokens(4, 101, 16);
+  Tensor logits;
+  Routing routing = layer.route_tokens(x, logits);
+  const int64_t capacity = expert_capacity(layer.config().router, 101, routing);
+  int64_t expected = 0;
+  for (int64_t load : routing.expert_load) expected += std::max<int64_t>(0, load - capacity);
+  EXPECT_GT(expected, 0);
+  EXPECT_EQ(layer.forward(x).dropped, expected);
+}
+
+TEST(MoELayer, ExpertParallelEqualsOneRankHoldingEveryExpert) {
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  for (int ranks : {2, 4})
+    for (ExchangeMode mode : {ExchangeMode::padded, ExchangeMode::dropless}) {
+      const MoEConfig config = small_config(Activation::gelu, mode, 0.0, 8);
+      // Rank r has 5 + 7r tokens, and the last rank none.
+      auto tokens_of = [&](int r) -> int64_t { return r == ranks - 1 ? 0 : 5 + 7 * r; };
+      run_thread_ranks(ranks, [&](Communicator& comm) {
+        std::shared_ptr<Communicator> group(&comm, [](Communicator*) {});
+        MoELayer layer(config, group);
+        layer.init_parameters(seed);
+        const int me = comm.rank();
+        Tensor x = random_tokens(seed + 10 + me, tokens_of(me), 16);
+        MoEForward f = layer.forward(x);
+        EXPECT_EQ(f.dropped, 0);
+        // The same tokens through a one-rank layer with all 8 experts.
+        MoELayer whole(config, solo());
+        whole.init_parameters(seed);
+        MoEForward want = whole.forward(x);
+        for (int64_t i = 0; i < x.numel(); ++i)
+          if (std::fabs(f.output.data_as<float>()[i] - want.output.data_as<float>()[i]) >
+              1e-5 * (1 + std::fabs(want.output.data_as<float>()[i])))
+            SY_THROW(Error, "rank ", me, " of ", ranks, " mode ", int(mode), ": element ", i, " is ",
+                     f.output.data_as<float>()[i], ", one rank gives ", want.output.data_as<float>()[i]);
+      });
+    }
+}
+
+TEST(MoELayer, BadInputIsRejectedClearly) {
+  auto message_of = [](auto&& f) -> std::string {
+    try {
+      f();
+    } catch (const Error& e) {
+      return e.what();
+    }
+    return "no error";
+  };
+  MoEConfig c = small_config(Activation::relu, ExchangeMode::padded, 1.0);
+  c.check_finite = true;
+  MoELayer layer(c, solo());
+  Tensor wrong = Tensor::zeros({3, 15}, DType::f32);
+  EXPECT_NE(message_of([&] { layer.forward(wrong); }).find("expected contiguous host f32 [tokens, 16]"),
+            std::string::npos);
+  Tensor nan = Tensor::zeros({3, 16}, DType::f32);
+  nan.data_as<float>()[20] = NAN;
+  EXPECT_NE(message_of([&] { layer.forward(nan); }).find("input element 20 (token 1) is nan"), std::string::npos);
+  run_thread_ranks(4, [&](Communicator& comm) {
+    std::shared_ptr<Communicator> group(&comm, [](Communicator*) {});
+    EXPECT_NE(message_of([&] { MoELayer l(small_config(Activation::relu, ExchangeMode::padded, 1.0, 6), group); })
+                  .find("experts = 6 is not a multiple of the 4 ranks"),
+              std::string::npos);
+    EXPECT_NE(message_of([&] { MoELayer l(small_config(Activation::relu, ExchangeMode::padded, 1.0, 2), group); })
+                  .find("comes with adaptive parallelism"),
+              std::string::npos);
+  });
+  MoEConfig bad_k = small_config(Activation::relu, ExchangeMode::padded, 1.0);
+  bad_k.router.k = 7;
+  EXPECT_NE(message_of([&] { MoELayer l(bad_k, solo()); }).find("k = 7"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace switchyard
