@@ -29,6 +29,15 @@ MoELayer::MoELayer(MoEConfig config, std::shared_ptr<Communicator> expert_group)
   params_.b1 = Tensor::zeros({L, hidden_in()}, DType::f32);
   params_.w2 = Tensor::zeros({L, H, M}, DType::f32);
   params_.b2 = Tensor::zeros({L, M}, DType::f32);
+  zero_grad();
+}
+
+void MoELayer::zero_grad() {
+  gate_grad_ = Tensor::zeros(gate_weight_.shape(), DType::f32);
+  grads_.w1 = Tensor::zeros(params_.w1.shape(), DType::f32);
+  grads_.b1 = Tensor::zeros(params_.b1.shape(), DType::f32);
+  grads_.w2 = Tensor::zeros(params_.w2.shape(), DType::f32);
+  grads_.b2 = Tensor::zeros(params_.b2.shape(), DType::f32);
 }
 
 int64_t MoELayer::hidden_in() const {
@@ -148,7 +157,7 @@ Tensor MoELayer::dispatch(const DispatchPlan& p, const TensorView& x) {
   return recv;
 }
 
-Tensor MoELayer::run_experts(const DispatchPlan& p, const TensorView& rows) {
+ExpertActivations MoELayer::run_experts(const DispatchPlan& p, const TensorView& rows) {
   const int64_t M = config_.model_dim, H = config_.hidden_dim, H1 = hidden_in();
   const int W = group_->size(), L = layout_.local_experts();
   const int64_t R = rows.size(0);
@@ -177,7 +186,7 @@ Tensor MoELayer::run_experts(const DispatchPlan& p, const TensorView& rows) {
                               .ldc = M});
       offset += m;
     }
-  return out;
+  return {out, pre, act};
 }
 
 Tensor MoELayer::combine_exchange(const DispatchPlan& p, const TensorView& expert_out) {
@@ -196,19 +205,149 @@ Tensor MoELayer::combine(const DispatchPlan& p, const TensorView& returned) {
 }
 
 MoEForward MoELayer::forward(const TensorView& x) {
-  Tensor logits;
-  Routing routing = route_tokens(x, logits);
-  DispatchPlan p = plan(routing, x.size(0));
-  exchange_layout(p);
-  Tensor rows = dispatch(p, x);
-  Tensor expert_out = run_experts(p, rows);
-  Tensor returned = combine_exchange(p, expert_out);
+  Saved& sv = saved_;
+  sv.valid = false;
+  sv.routing = route_tokens(x, sv.logits);
+  sv.plan = plan(sv.routing, x.size(0));
+  exchange_layout(sv.plan);
+  sv.rows = dispatch(sv.plan, x);
+  sv.experts = run_experts(sv.plan, sv.rows);
+  sv.returned = combine_exchange(sv.plan, sv.experts.out);
+  sv.x = Tensor::empty(x.shape(), DType::f32);
+  if (x.nbytes()) std::memcpy(sv.x.data(), x.data(), x.nbytes());
+  sv.valid = true;
   MoEForward f;
-  f.output = combine(p, returned);
-  f.balance_loss = routing.balance_loss;
-  f.z_loss = routing.z_loss;
-  f.dropped = p.dropped;
+  f.output = combine(sv.plan, sv.returned);
+  f.balance_loss = sv.routing.balance_loss;
+  f.z_loss = sv.routing.z_loss;
+  f.dropped = sv.plan.dropped;
   return f;
+}
+
+Tensor MoELayer::backward(const TensorView& dout, double balance_coef, double z_coef, bool input_grad) {
+  if (!saved_.valid) SY_THROW(InvalidArgument, "moe: backward without a forward to differentiate");
+  const Saved& sv = saved_;
+  const DispatchPlan& p = sv.plan;
+  const int64_t T = p.tokens, M = config_.model_dim, H = config_.hidden_dim, H1 = hidden_in();
+  const int E = config_.router.experts, k = config_.router.k, W = group_->size(), L = layout_.local_experts();
+  if (dout.dtype() != DType::f32 || dout.shape() != Shape{T, M} || !dout.is_contiguous())
+    SY_THROW(InvalidArgument, "moe: dout is ", dtype_name(dout.dtype()), " ", shape_string(dout.shape()),
+             ", expected contiguous f32 [", T, ", ", M, "] like the output");
+  const float* g = static_cast<const float*>(dout.data());
+
+  // Combine: returned rows were weighted and summed into their tokens.
+  Tensor d_returned = Tensor::empty({p.send_rows(), M}, DType::f32);
+  kernels::cpu::gather_rows(g, p.token_of_row.data(), p.send_rows(), M, d_returned.data_as<float>());
+  for (int64_t r = 0; r < p.send_rows(); ++r)
+    for (int64_t m = 0; m < M; ++m) d_returned.data_as<float>()[r * M + m] *= p.weight_of_row[r];
+  std::vector<float> d_weight_of_row(static_cast<size_t>(p.send_rows()));
+  kernels::cpu::row_dots(g, p.token_of_row.data(), sv.returned.data_as<float>(), p.send_rows(), M,
+                         d_weight_of_row.data());
+
+  // To the experts, the way the tokens went.
+  Tensor d_out = Tensor::empty({p.recv_rows(), M}, DType::f32);
+  group_->alltoallv(d_returned, times(p.rows_per_rank, M), d_out, times(p.recv_rows_per_rank, M)).wait();
+
+  Tensor d_rows = Tensor::empty({p.recv_rows(), M}, DType::f32);
+  Tensor d_act = Tensor::empty({p.recv_rows(), H}, DType::f32), d_pre = Tensor::empty({p.recv_rows(), H1}, DType::f32);
+  int64_t offset = 0;
+  for (int w = 0; w < W; ++w)
+    for (int l = 0; l < L; ++l) {
+      const int64_t m = p.recv_rows_per_block[static_cast<size_t>(w * L + l)];
+      if (m == 0) continue;
+      const float* dy = d_out.data_as<float>() + offset * M;
+      const float* act = sv.experts.act.data_as<float>() + offset * H;
+      const float* pre = sv.experts.pre.data_as<float>() + offset * H1;
+      const float* x = sv.rows.data_as<float>() + offset * M;
+      float* da = d_act.data_as<float>() + offset * H;
+      float* dp = d_pre.data_as<float>() + offset * H1;
+      float* db2 = grads_.b2.data_as<float>() + l * M;
+      float* db1 = grads_.b1.data_as<float>() + l * H1;
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < M; ++j) db2[j] += dy[i * M + j];
+      kernels::cpu::gemm_f32({.transpose_a = true, .m = H, .n = M, .k = m, .a = act, .lda = H, .b = dy, .ldb = M,
+                              .beta = 1.f, .c = grads_.w2.data_as<float>() + l * H * M, .ldc = M});
+      kernels::cpu::gemm_f32({.transpose_b = true, .m = m, .n = H, .k = M, .a = dy, .lda = M,
+                              .b = params_.w2.data_as<float>() + l * H * M, .ldb = M, .c = da, .ldc = H});
+      kernels::cpu::activation_backward(config_.activation, pre, da, m, H, dp);
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < H1; ++j) db1[j] += dp[i * H1 + j];
+      kernels::cpu::gemm_f32({.transpose_a = true, .m = M, .n = H1, .k = m, .a = x, .lda = M, .b = dp, .ldb = H1,
+                              .beta = 1.f, .c = grads_.w1.data_as<float>() + l * M * H1, .ldc = H1});
+      if (input_grad)
+        kernels::cpu::gemm_f32({.transpose_b = true, .m = m, .n = M, .k = H1, .a = dp, .lda = H1,
+                                .b = params_.w1.data_as<float>() + l * M * H1, .ldb = H1,
+                                .c = d_rows.data_as<float>() + offset * M, .ldc = M});
+      offset += m;
+    }
+
+  // Gate: the weights of the choices, then the losses, down to the logits.
+  const float* s = sv.routing.scores.data_as<float>();
+  const float* raw = sv.logits.data_as<float>();
+  const int32_t* chosen = sv.routing.experts.data_as<int32_t>();
+  const float* weight = sv.routing.weights.data_as<float>();
+  Tensor d_logits = Tensor::zeros({T, E}, DType::f32);
+  std::vector<double> ds(static_cast<size_t>(E));
+  for (int64_t t = 0; t < T; ++t) {
+    std::fill(ds.begin(), ds.end(), 0.0);
+    double chosen_sum = 0.0, dot = 0.0;
+    for (int j = 0; j < k; ++j) {
+      const int64_t row = p.row_of_choice[static_cast<size_t>(t * k + j)];
+      const double dw = row < 0 ? 0.0 : d_weight_of_row[static_cast<size_t>(row)];
+      chosen_sum += s[t * E + chosen[t * k + j]];
+      dot += dw * weight[t * k + j];
+      ds[chosen[t * k + j]] += dw;
+    }
+    if (config_.router.renormalize)  // w_j = s_j / sum_chosen s
+      for (int j = 0; j < k; ++j) {
+        const int e = chosen[t * k + j];
+        ds[e] = (ds[e] - dot) / chosen_sum;
+      }
+    if (balance_coef != 0.0 && T > 0) {
+      // balance = E * sum_e f_e * mean_t(s_te / sum_e s_te); f_e has no gradient.
+      double row_sum = 0.0, gs = 0.0;
+      for (int e = 0; e < E; ++e) row_sum += s[t * E + e];
+      std::vector<double> gbal(static_cast<size_t>(E));
+      for (int e = 0; e < E; ++e) {
+        const double f = static_cast<double>(sv.routing.expert_load[e]) / static_cast<double>(T * k);
+        gbal[e] = balance_coef * E * f / static_cast<double>(T);
+        gs += gbal[e] * s[t * E + e] / row_sum;
+      }
+      for (int e = 0; e < E; ++e) ds[e] += (gbal[e] - gs) / row_sum;
+    }
+    float* dl = d_logits.data_as<float>() + t * E;
+    if (config_.router.gate == GateKind::softmax) {
+      double sds = 0.0;
+      for (int e = 0; e < E; ++e) sds += s[t * E + e] * ds[e];
+      for (int e = 0; e < E; ++e) dl[e] = static_cast<float>(s[t * E + e] * (ds[e] - sds));
+    } else {
+      for (int e = 0; e < E; ++e) dl[e] = static_cast<float>(ds[e] * s[t * E + e] * (1.0 - s[t * E + e]));
+    }
+    if (z_coef != 0.0) {  // z = mean_t lse_t^2 on the raw logits
+      double m = -INFINITY, sum = 0.0;
+      for (int e = 0; e < E; ++e) m = std::max(m, static_cast<double>(raw[t * E + e]));
+      for (int e = 0; e < E; ++e) sum += std::exp(raw[t * E + e] - m);
+      const double lse = m + std::log(sum);
+      for (int e = 0; e < E; ++e)
+        dl[e] += static_cast<float>(z_coef * 2.0 * lse * std::exp(raw[t * E + e] - lse) / static_cast<double>(T));
+    }
+  }
+  Tensor local_gate_grad = Tensor::zeros({M, E}, DType::f32);
+  kernels::cpu::gemm_f32({.transpose_a = true, .m = M, .n = E, .k = T, .a = sv.x.data_as<float>(), .lda = M,
+                          .b = d_logits.data_as<float>(), .ldb = E, .c = local_gate_grad.data_as<float>(), .ldc = E});
+  group_->allreduce(local_gate_grad, local_gate_grad).wait();
+  for (int64_t i = 0; i < M * E; ++i) gate_grad_.data_as<float>()[i] += local_gate_grad.data_as<float>()[i];
+
+  if (!input_grad) return Tensor();
+  // Back to the tokens' ranks, the way the outputs came.
+  Tensor d_sent = Tensor::empty({p.send_rows(), M}, DType::f32);
+  group_->alltoallv(d_rows, times(p.recv_rows_per_rank, M), d_sent, times(p.rows_per_rank, M)).wait();
+  Tensor dx = Tensor::zeros({T, M}, DType::f32);
+  kernels::cpu::scatter_add_rows(d_sent.data_as<float>(), p.token_of_row.data(), nullptr, p.send_rows(), M,
+                                 dx.data_as<float>());
+  kernels::cpu::gemm_f32({.transpose_b = true, .m = T, .n = M, .k = E, .a = d_logits.data_as<float>(), .lda = E,
+                          .b = gate_weight_.data_as<float>(), .ldb = E, .beta = 1.f, .c = dx.data_as<float>(), .ldc = M});
+  return dx;
 }
 
 }  // namespace switchyard

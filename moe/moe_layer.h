@@ -56,6 +56,13 @@ struct ExpertParams {
   Tensor b2;  // [L, M]
 };
 
+// What the experts computed for the received rows (kept for backward).
+struct ExpertActivations {
+  Tensor out;  // [R, M]
+  Tensor pre;  // [R, H1] before the activation
+  Tensor act;  // [R, H] after it
+};
+
 struct MoEForward {
   Tensor output;  // [T, M]
   double balance_loss = 0;
@@ -75,7 +82,19 @@ class MoELayer {
   // and any number of ranks hold the same weights.
   void init_parameters(uint64_t seed);
 
+  // Keeps what backward needs (one batch in flight per layer).
   MoEForward forward(const TensorView& x);
+
+  // Gradients of sum(dout * output) + balance_coef * balance_loss + z_coef * z_loss
+  // for the last forward: accumulated into gate_grad() and expert_grads();
+  // returns dx [T, M] when input_grad (skipping it also skips the return
+  // all-to-all, as Tutel does for inputs without gradient). The gate gradient is
+  // summed over the expert group (data-parallel replicas of the gate); expert
+  // gradients are not reduced (each expert lives on one rank).
+  Tensor backward(const TensorView& dout, double balance_coef = 0.0, double z_coef = 0.0, bool input_grad = true);
+  Tensor& gate_grad() { return gate_grad_; }
+  ExpertParams& expert_grads() { return grads_; }
+  void zero_grad();
 
   // ---- phases (forward() chains them) ----
   Routing route_tokens(const TensorView& x, Tensor& logits);
@@ -84,7 +103,7 @@ class MoELayer {
   void exchange_layout(DispatchPlan& plan);
   // Rows for the local experts, grouped by source rank then local slot.
   Tensor dispatch(const DispatchPlan& plan, const TensorView& x);
-  Tensor run_experts(const DispatchPlan& plan, const TensorView& rows);
+  ExpertActivations run_experts(const DispatchPlan& plan, const TensorView& rows);
   // Expert outputs back to their source rows (send order).
   Tensor combine_exchange(const DispatchPlan& plan, const TensorView& expert_out);
   // out[t] = sum_j weight * row(t, j).
@@ -97,6 +116,15 @@ class MoELayer {
   ParamLayout layout_;
   Tensor gate_weight_;
   ExpertParams params_;
+  Tensor gate_grad_;
+  ExpertParams grads_;
+  struct Saved {
+    Tensor x, logits, rows, returned;
+    Routing routing;
+    DispatchPlan plan;
+    ExpertActivations experts;
+    bool valid = false;
+  } saved_;
 };
 
 }  // namespace switchyard

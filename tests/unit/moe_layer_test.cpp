@@ -174,3 +174,134 @@ TEST(MoELayer, BadInputIsRejectedClearly) {
 
 }  // namespace
 }  // namespace switchyard
+
+namespace switchyard {
+namespace {
+
+// L = sum(dout * output) + bc * balance + zc * z, in float64 from the layer's fp32 forward.
+double loss_of(MoELayer& layer, const Tensor& x, const Tensor& dout, double bc, double zc) {
+  MoEForward f = layer.forward(x);
+  double l = bc * f.balance_loss + zc * f.z_loss;
+  for (int64_t i = 0; i < f.output.numel(); ++i) l += double(f.output.data_as<float>()[i]) * dout.data_as<float>()[i];
+  return l;
+}
+
+// Central differences on a few coordinates of each parameter and of the input.
+TEST(MoELayer, BackwardMatchesFiniteDifferences) {
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  for (GateKind gate : {GateKind::softmax, GateKind::sigmoid_bias})
+    for (ExchangeMode mode : {ExchangeMode::padded, ExchangeMode::dropless}) {
+      MoEConfig c = small_config(Activation::swiglu, mode, 0.0, 4);
+      c.model_dim = 6, c.hidden_dim = 5;
+      c.router.gate = gate;
+      c.router.renormalize = gate == GateKind::sigmoid_bias;
+      MoELayer layer(c, solo());
+      layer.init_parameters(seed);
+      Tensor x = random_tokens(seed + 1, 5, 6), dout = random_tokens(seed + 2, 5, 6);
+      const double bc = 0.3, zc = 0.05;
+      layer.forward(x);
+      layer.zero_grad();
+      Tensor dx = layer.backward(dout, bc, zc);
+      Rng pick(seed + 3);
+      // The loss jumps where a token's choice of experts flips: skip a
+      // coordinate whose step changes any choice (the gradient is one-sided there).
+      auto choices = [&] {
+        Tensor logits;
+        Routing r = layer.route_tokens(x, logits);
+        return std::vector<int32_t>(r.experts.data_as<int32_t>(), r.experts.data_as<int32_t>() + r.experts.numel());
+      };
+      const auto base_choices = choices();
+      int checked = 0;
+      auto check = [&](const char* what, const Tensor& param, const Tensor& grad) {
+        for (int trial = 0; trial < 6; ++trial) {
+          const int64_t i = pick.uniform_int(0, param.numel() - 1);
+          float& v = param.data_as<float>()[i];
+          const float keep = v, eps = 1e-2f;
+          v = keep + eps;
+          const double up = loss_of(layer, x, dout, bc, zc);
+          const bool flipped_up = choices() != base_choices;
+          v = keep - eps;
+          const double down = loss_of(layer, x, dout, bc, zc);
+          const bool flipped_down = choices() != base_choices;
+          v = keep;
+          if (flipped_up || flipped_down) continue;
+          ++checked;
+          const double fd = (up - down) / (2.0 * eps), an = grad.data_as<float>()[i];
+          EXPECT_NEAR(an, fd, 2e-3 + 2e-2 * std::fabs(fd))
+              << what << "[" << i << "] gate " << int(gate) << " mode " << int(mode);
+        }
+      };
+      check("w1", layer.params().w1, layer.expert_grads().w1);
+      check("b1", layer.params().b1, layer.expert_grads().b1);
+      check("w2", layer.params().w2, layer.expert_grads().w2);
+      check("b2", layer.params().b2, layer.expert_grads().b2);
+      check("gate", layer.gate_weight(), layer.gate_grad());
+      check("x", x, dx);
+      EXPECT_GE(checked, 24) << "too many coordinates sat next to a flip of the routing";
+    }
+}
+
+TEST(MoELayer, ExpertParallelGradientsEqualOneRankOnAllTokens) {
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  for (int ranks : {2, 4})
+    for (ExchangeMode mode : {ExchangeMode::padded, ExchangeMode::dropless}) {
+      const MoEConfig config = small_config(Activation::gelu, mode, 0.0, 8);
+      auto tokens_of = [&](int r) -> int64_t { return r == 1 ? 0 : 4 + 5 * r; };
+      int64_t total = 0;
+      for (int r = 0; r < ranks; ++r) total += tokens_of(r);
+      run_thread_ranks(ranks, [&](Communicator& comm) {
+        std::shared_ptr<Communicator> group(&comm, [](Communicator*) {});
+        const int me = comm.rank();
+        MoELayer layer(config, group);
+        layer.init_parameters(seed);
+        Tensor x = random_tokens(seed + 10 + me, tokens_of(me), 16);
+        Tensor dout = random_tokens(seed + 50 + me, tokens_of(me), 16);
+        layer.forward(x);
+        Tensor dx = layer.backward(dout);
+        // One rank with every expert on every rank's tokens, in rank order.
+        Tensor all_x = Tensor::empty({total, 16}, DType::f32), all_d = Tensor::empty({total, 16}, DType::f32);
+        int64_t first = 0, mine = 0;
+        for (int r = 0; r < ranks; ++r) {
+          Tensor xr = random_tokens(seed + 10 + r, tokens_of(r), 16), dr = random_tokens(seed + 50 + r, tokens_of(r), 16);
+          if (r == me) mine = first;
+          if (xr.nbytes()) std::memcpy(all_x.data_as<float>() + first * 16, xr.data(), xr.nbytes());
+          if (dr.nbytes()) std::memcpy(all_d.data_as<float>() + first * 16, dr.data(), dr.nbytes());
+          first += tokens_of(r);
+        }
+        MoELayer whole(config, solo());
+        whole.init_parameters(seed);
+        whole.forward(all_x);
+        Tensor all_dx = whole.backward(all_d);
+        auto close = [&](const char* what, const float* got, const float* want, int64_t n) {
+          for (int64_t i = 0; i < n; ++i)
+            if (std::fabs(got[i] - want[i]) > 1e-4 * (1 + std::fabs(want[i])))
+              SY_THROW(Error, "rank ", me, "/", ranks, " mode ", int(mode), ": ", what, "[", i, "] = ", got[i],
+                       ", one rank gives ", want[i]);
+        };
+        close("dx", dx.data_as<float>(), all_dx.data_as<float>() + mine * 16, dx.numel());
+        close("gate grad", layer.gate_grad().data_as<float>(), whole.gate_grad().data_as<float>(), 16 * 8);
+        const int L = layer.layout().local_experts();
+        for (int slot = 0; slot < L; ++slot) {
+          const int e = layer.layout().expert_at(me, slot);
+          close("w1 grad", layer.expert_grads().w1.data_as<float>() + slot * 16 * 24,
+                whole.expert_grads().w1.data_as<float>() + e * 16 * 24, 16 * 24);
+          close("b2 grad", layer.expert_grads().b2.data_as<float>() + slot * 16,
+                whole.expert_grads().b2.data_as<float>() + e * 16, 16);
+        }
+        // Inputs without gradient skip dx (and its all-to-all) but still fill the weights' gradients.
+        Tensor w2_grad = layer.expert_grads().w2.clone(), gate_grad = layer.gate_grad().clone();
+        layer.zero_grad();
+        layer.forward(x);
+        EXPECT_FALSE(layer.backward(dout, 0, 0, false).defined());
+        close("w2 grad without input grad", layer.expert_grads().w2.data_as<float>(), w2_grad.data_as<float>(),
+              w2_grad.numel());
+        close("gate grad without input grad", layer.gate_grad().data_as<float>(), gate_grad.data_as<float>(),
+              gate_grad.numel());
+      });
+    }
+}
+
+}  // namespace
+}  // namespace switchyard
