@@ -8,6 +8,7 @@
 #include "core/env.h"
 #include "core/error.h"
 #include "launch/bench_comm.h"
+#include "launch/bench_moe.h"
 #include "launch/config.h"
 #include "launch/jobs.h"
 #include "parallel/runtime.h"
@@ -88,6 +89,27 @@ int main(int argc, char** argv) {
   bench_comm->add_option("--csv", csv, "Also write rows to this CSV file");
   bench_comm->add_option("--timeout-ms", timeout_ms, "Per-op timeout")->capture_default_str();
 
+  auto* bench_moe = bench->add_subcommand("moe", "Tutel helloworld: MoE layer steps, phase breakdown, GEMM floor");
+  BenchMoeOptions moe;
+  bench_moe->add_option("--batch_size,--batch-size", moe.batch_size, "Sequences per rank")->capture_default_str();
+  bench_moe->add_option("--num_tokens,--num-tokens", moe.num_tokens, "Tokens per sequence")->capture_default_str();
+  bench_moe->add_option("--model_dim,--model-dim", moe.model_dim, "Model dimension")->capture_default_str();
+  bench_moe->add_option("--hidden_size,--hidden-size", moe.hidden_size, "Expert hidden size")->capture_default_str();
+  bench_moe->add_option("--num_local_experts,--num-local-experts", moe.num_local_experts, "Experts per rank")
+      ->capture_default_str();
+  bench_moe->add_option("--top", moe.top, "Experts per token (k)")->capture_default_str();
+  bench_moe->add_option("--dtype", moe.dtype, "float32 (bf16 not yet)")->capture_default_str();
+  bench_moe->add_option("--capacity_factor,--capacity-factor", moe.capacity_factor,
+                        "> 0: factor; 0: dropless; < 0: capped dropless")->capture_default_str();
+  bench_moe->add_option("--num_steps,--num-steps", moe.num_steps, "Steps")->capture_default_str();
+  bench_moe->add_flag("--eval", moe.eval, "Forward only");
+  bench_moe->add_flag("--input_grad,--input-grad", moe.input_grad, "Also compute the input's gradient");
+  bench_moe->add_option("--exchange", moe.exchange, "padded or dropless")->capture_default_str();
+  bench_moe->add_option("--activation", moe.activation, "relu, gelu or swiglu")->capture_default_str();
+  bench_moe->add_option("--backend", moe.backend, "threads, mpi (default: from the launcher)");
+  bench_moe->add_option("--ranks", moe.ranks, "Thread-ranks (threads backend)")->capture_default_str();
+  bench_moe->add_option("--seed", moe.seed, "Seed of weights and inputs")->capture_default_str();
+
   auto* run = app.add_subcommand("run", "Run the job a YAML config describes");
   std::string config_path;
   std::vector<std::string> sets;
@@ -125,6 +147,7 @@ int main(int argc, char** argv) {
           "bench.csv='" + csv + "'"};
       return run_job(load_config_string("", "<command line>", overrides));
     }
+    if (bench_moe->parsed()) return run_bench_moe(moe);
     if (run->parsed()) {
       if (run_ranks_flag > 0) sets.push_back("comm.ranks=" + std::to_string(run_ranks_flag));
       return run_job(load_config_file(config_path, sets));

@@ -16,6 +16,35 @@ void MoEConfig::validate() const {
   router.validate();
 }
 
+namespace {
+// Adds the time from construction to destruction to a phase counter.
+class PhaseTimer {
+ public:
+  explicit PhaseTimer(double& into) : into_(into), start_(Clock::now()) {}
+  ~PhaseTimer() { into_ += std::chrono::duration<double>(Clock::now() - start_).count(); }
+
+ private:
+  double& into_;
+  Clock::time_point start_;
+};
+}  // namespace
+
+void MoELayer::gemm(const kernels::cpu::GemmArgs& args) {
+  kernels::cpu::gemm_f32(args);
+  if (args.m && args.n && args.k) ++gemms_[GemmShape{args.m, args.n, args.k, args.transpose_a, args.transpose_b}];
+}
+
+double MoELayer::gemm_flops() const {
+  double flops = 0;
+  for (const auto& [shape, count] : gemms_) flops += 2.0 * shape.m * shape.n * shape.k * count;
+  return flops;
+}
+
+void MoELayer::reset_profile() {
+  times_ = {};
+  gemms_.clear();
+}
+
 int64_t DispatchPlan::recv_rows() const {
   return std::accumulate(recv_rows_per_rank.begin(), recv_rows_per_rank.end(), int64_t{0});
 }
@@ -62,6 +91,7 @@ void MoELayer::init_parameters(uint64_t seed) {
 }
 
 Routing MoELayer::route_tokens(const TensorView& x, Tensor& logits) {
+  PhaseTimer timer(times_.gate);
   const int64_t M = config_.model_dim;
   if (x.dtype() != DType::f32 || x.dim() != 2 || x.size(1) != M || !x.is_contiguous() || !x.device().is_cpu())
     SY_THROW(InvalidArgument, "moe: input is ", dtype_name(x.dtype()), " ", shape_string(x.shape()),
@@ -75,12 +105,13 @@ Routing MoELayer::route_tokens(const TensorView& x, Tensor& logits) {
   }
   const int E = config_.router.experts;
   logits = Tensor::empty({T, E}, DType::f32);
-  kernels::cpu::gemm_f32({.m = T, .n = E, .k = M, .a = static_cast<const float*>(x.data()), .lda = M,
+  gemm({.m = T, .n = E, .k = M, .a = static_cast<const float*>(x.data()), .lda = M,
                           .b = gate_weight_.data_as<float>(), .ldb = E, .c = logits.data_as<float>(), .ldc = E});
   return route(config_.router, logits);
 }
 
 DispatchPlan MoELayer::plan(const Routing& routing, int64_t tokens) {
+  PhaseTimer timer(times_.gate);
   const int k = config_.router.k, E = config_.router.experts, W = group_->size();
   DispatchPlan p;
   p.tokens = tokens;
@@ -128,6 +159,7 @@ DispatchPlan MoELayer::plan(const Routing& routing, int64_t tokens) {
 
 void MoELayer::exchange_layout(DispatchPlan& p) {
   if (config_.exchange == ExchangeMode::padded) return;
+  PhaseTimer timer(times_.dispatch_a2a);
   const int W = group_->size(), L = layout_.local_experts();
   // rows_per_position is already [W][L] in rank-major order: one alltoall of L counts per peer.
   Tensor send = Tensor::empty({static_cast<int64_t>(W) * L}, DType::i64), recv = Tensor::empty({static_cast<int64_t>(W) * L}, DType::i64);
@@ -150,14 +182,19 @@ std::vector<int64_t> times(const std::vector<int64_t>& rows, int64_t width) {
 Tensor MoELayer::dispatch(const DispatchPlan& p, const TensorView& x) {
   const int64_t M = config_.model_dim;
   Tensor send = Tensor::empty({p.send_rows(), M}, DType::f32);
-  kernels::cpu::gather_rows(static_cast<const float*>(x.data()), p.token_of_row.data(), p.send_rows(), M,
-                            send.data_as<float>());
+  {
+    PhaseTimer timer(times_.encode);
+    kernels::cpu::gather_rows(static_cast<const float*>(x.data()), p.token_of_row.data(), p.send_rows(), M,
+                              send.data_as<float>());
+  }
+  PhaseTimer timer(times_.dispatch_a2a);
   Tensor recv = Tensor::empty({p.recv_rows(), M}, DType::f32);
   group_->alltoallv(send, times(p.rows_per_rank, M), recv, times(p.recv_rows_per_rank, M)).wait();
   return recv;
 }
 
 ExpertActivations MoELayer::run_experts(const DispatchPlan& p, const TensorView& rows) {
+  PhaseTimer timer(times_.experts);
   const int64_t M = config_.model_dim, H = config_.hidden_dim, H1 = hidden_in();
   const int W = group_->size(), L = layout_.local_experts();
   const int64_t R = rows.size(0);
@@ -177,11 +214,11 @@ ExpertActivations MoELayer::run_experts(const DispatchPlan& p, const TensorView&
         std::memcpy(pre_b + i * H1, params_.b1.data_as<float>() + l * H1, H1 * sizeof(float));
         std::memcpy(out_b + i * M, params_.b2.data_as<float>() + l * M, M * sizeof(float));
       }
-      kernels::cpu::gemm_f32({.m = m, .n = H1, .k = M, .a = x + offset * M, .lda = M,
+      gemm({.m = m, .n = H1, .k = M, .a = x + offset * M, .lda = M,
                               .b = params_.w1.data_as<float>() + l * M * H1, .ldb = H1, .beta = 1.f, .c = pre_b,
                               .ldc = H1});
       kernels::cpu::activation_forward(config_.activation, pre_b, m, H, act_b);
-      kernels::cpu::gemm_f32({.m = m, .n = M, .k = H, .a = act_b, .lda = H,
+      gemm({.m = m, .n = M, .k = H, .a = act_b, .lda = H,
                               .b = params_.w2.data_as<float>() + l * H * M, .ldb = M, .beta = 1.f, .c = out_b,
                               .ldc = M});
       offset += m;
@@ -190,6 +227,7 @@ ExpertActivations MoELayer::run_experts(const DispatchPlan& p, const TensorView&
 }
 
 Tensor MoELayer::combine_exchange(const DispatchPlan& p, const TensorView& expert_out) {
+  PhaseTimer timer(times_.combine_a2a);
   const int64_t M = config_.model_dim;
   Tensor back = Tensor::empty({p.send_rows(), M}, DType::f32);
   group_->alltoallv(expert_out, times(p.recv_rows_per_rank, M), back, times(p.rows_per_rank, M)).wait();
@@ -197,6 +235,7 @@ Tensor MoELayer::combine_exchange(const DispatchPlan& p, const TensorView& exper
 }
 
 Tensor MoELayer::combine(const DispatchPlan& p, const TensorView& returned) {
+  PhaseTimer timer(times_.decode);
   const int64_t M = config_.model_dim;
   Tensor out = Tensor::zeros({p.tokens, M}, DType::f32);
   kernels::cpu::scatter_add_rows(static_cast<const float*>(returned.data()), p.token_of_row.data(),
@@ -226,6 +265,7 @@ MoEForward MoELayer::forward(const TensorView& x) {
 
 Tensor MoELayer::backward(const TensorView& dout, double balance_coef, double z_coef, bool input_grad) {
   if (!saved_.valid) SY_THROW(InvalidArgument, "moe: backward without a forward to differentiate");
+  PhaseTimer timer(times_.backward);
   const Saved& sv = saved_;
   const DispatchPlan& p = sv.plan;
   const int64_t T = p.tokens, M = config_.model_dim, H = config_.hidden_dim, H1 = hidden_in();
@@ -265,17 +305,17 @@ Tensor MoELayer::backward(const TensorView& dout, double balance_coef, double z_
       float* db1 = grads_.b1.data_as<float>() + l * H1;
       for (int64_t i = 0; i < m; ++i)
         for (int64_t j = 0; j < M; ++j) db2[j] += dy[i * M + j];
-      kernels::cpu::gemm_f32({.transpose_a = true, .m = H, .n = M, .k = m, .a = act, .lda = H, .b = dy, .ldb = M,
+      gemm({.transpose_a = true, .m = H, .n = M, .k = m, .a = act, .lda = H, .b = dy, .ldb = M,
                               .beta = 1.f, .c = grads_.w2.data_as<float>() + l * H * M, .ldc = M});
-      kernels::cpu::gemm_f32({.transpose_b = true, .m = m, .n = H, .k = M, .a = dy, .lda = M,
+      gemm({.transpose_b = true, .m = m, .n = H, .k = M, .a = dy, .lda = M,
                               .b = params_.w2.data_as<float>() + l * H * M, .ldb = M, .c = da, .ldc = H});
       kernels::cpu::activation_backward(config_.activation, pre, da, m, H, dp);
       for (int64_t i = 0; i < m; ++i)
         for (int64_t j = 0; j < H1; ++j) db1[j] += dp[i * H1 + j];
-      kernels::cpu::gemm_f32({.transpose_a = true, .m = M, .n = H1, .k = m, .a = x, .lda = M, .b = dp, .ldb = H1,
+      gemm({.transpose_a = true, .m = M, .n = H1, .k = m, .a = x, .lda = M, .b = dp, .ldb = H1,
                               .beta = 1.f, .c = grads_.w1.data_as<float>() + l * M * H1, .ldc = H1});
       if (input_grad)
-        kernels::cpu::gemm_f32({.transpose_b = true, .m = m, .n = M, .k = H1, .a = dp, .lda = H1,
+        gemm({.transpose_b = true, .m = m, .n = M, .k = H1, .a = dp, .lda = H1,
                                 .b = params_.w1.data_as<float>() + l * M * H1, .ldb = H1,
                                 .c = d_rows.data_as<float>() + offset * M, .ldc = M});
       offset += m;
@@ -333,7 +373,7 @@ Tensor MoELayer::backward(const TensorView& dout, double balance_coef, double z_
     }
   }
   Tensor local_gate_grad = Tensor::zeros({M, E}, DType::f32);
-  kernels::cpu::gemm_f32({.transpose_a = true, .m = M, .n = E, .k = T, .a = sv.x.data_as<float>(), .lda = M,
+  gemm({.transpose_a = true, .m = M, .n = E, .k = T, .a = sv.x.data_as<float>(), .lda = M,
                           .b = d_logits.data_as<float>(), .ldb = E, .c = local_gate_grad.data_as<float>(), .ldc = E});
   group_->allreduce(local_gate_grad, local_gate_grad).wait();
   for (int64_t i = 0; i < M * E; ++i) gate_grad_.data_as<float>()[i] += local_gate_grad.data_as<float>()[i];
@@ -345,7 +385,7 @@ Tensor MoELayer::backward(const TensorView& dout, double balance_coef, double z_
   Tensor dx = Tensor::zeros({T, M}, DType::f32);
   kernels::cpu::scatter_add_rows(d_sent.data_as<float>(), p.token_of_row.data(), nullptr, p.send_rows(), M,
                                  dx.data_as<float>());
-  kernels::cpu::gemm_f32({.transpose_b = true, .m = T, .n = M, .k = E, .a = d_logits.data_as<float>(), .lda = E,
+  gemm({.transpose_b = true, .m = T, .n = M, .k = E, .a = d_logits.data_as<float>(), .lda = E,
                           .b = gate_weight_.data_as<float>(), .ldb = E, .beta = 1.f, .c = dx.data_as<float>(), .ldc = M});
   return dx;
 }

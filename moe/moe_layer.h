@@ -5,10 +5,12 @@
 // attention-FFN disaggregation) can drive them; forward() chains them.
 #pragma once
 
+#include <map>
 #include <memory>
 #include <vector>
 
 #include "comm/communicator.h"
+#include "kernels/gemm.h"
 #include "kernels/moe.h"
 #include "moe/param_layout.h"
 #include "moe/router.h"
@@ -63,6 +65,18 @@ struct ExpertActivations {
   Tensor act;  // [R, H] after it
 };
 
+// Where a layer's time went, summed over calls until reset (seconds), and the
+// GEMMs it ran, so a benchmark can time the same shapes as its floor.
+struct MoEPhaseTimes {
+  double gate = 0, encode = 0, dispatch_a2a = 0, experts = 0, combine_a2a = 0, decode = 0, backward = 0;
+  double total() const { return gate + encode + dispatch_a2a + experts + combine_a2a + decode + backward; }
+};
+struct GemmShape {
+  int64_t m, n, k;
+  bool transpose_a, transpose_b;
+  auto operator<=>(const GemmShape&) const = default;
+};
+
 struct MoEForward {
   Tensor output;  // [T, M]
   double balance_loss = 0;
@@ -96,6 +110,12 @@ class MoELayer {
   ExpertParams& expert_grads() { return grads_; }
   void zero_grad();
 
+  const MoEPhaseTimes& phase_times() const { return times_; }
+  // GEMMs run since the last reset, with how often each shape ran.
+  const std::map<GemmShape, int64_t>& gemms() const { return gemms_; }
+  double gemm_flops() const;
+  void reset_profile();
+
   // ---- phases (forward() chains them) ----
   Routing route_tokens(const TensorView& x, Tensor& logits);
   DispatchPlan plan(const Routing& routing, int64_t tokens);
@@ -118,6 +138,9 @@ class MoELayer {
   ExpertParams params_;
   Tensor gate_grad_;
   ExpertParams grads_;
+  void gemm(const kernels::cpu::GemmArgs& args);
+  MoEPhaseTimes times_;
+  std::map<GemmShape, int64_t> gemms_;
   struct Saved {
     Tensor x, logits, rows, returned;
     Routing routing;

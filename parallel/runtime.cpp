@@ -4,12 +4,14 @@
 
 #include <algorithm>
 #include <charconv>
+#include <thread>
 
 #include "comm/backends/fake/fake_backend.h"
 #include "comm/backends/threads/threads_backend.h"
 #include "core/config.h"
 #include "core/error.h"
 #include "core/logging.h"
+#include "kernels/gemm.h"
 #if SWITCHYARD_HAS_MPI
 #include "comm/backends/mpi/mpi_backend.h"
 #endif
@@ -132,6 +134,10 @@ Runtime::Runtime(std::shared_ptr<Communicator> world, RankInfo info, std::vector
   }
   info_.local_size = static_cast<int>(node_members.size());
   node_group_ = world_->create_group(node_members, "node" + std::to_string(node()));
+  // Thread budget: this rank's share of the node's cores for its GEMMs.
+  const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  gemm_threads_ = env().gemm_threads > 0 ? env().gemm_threads : std::max(1, cores / info_.local_size);
+  kernels::cpu::set_gemm_threads(gemm_threads_);
 }
 
 std::vector<int> nodes_from_host_names(Communicator& world) {

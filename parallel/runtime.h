@@ -64,12 +64,16 @@ class Runtime {
   const std::vector<int>& node_of_rank() const { return node_of_rank_; }
   // Ranks on this node (created at construction, never per batch).
   Communicator& node_group() { return *node_group_; }
+  // GEMM threads of this rank (set for the constructing thread): SWITCHYARD_GEMM_THREADS,
+  // else the node's cores / its ranks.
+  int gemm_threads() const { return gemm_threads_; }
 
  private:
   std::shared_ptr<Communicator> world_;
   RankInfo info_;
   std::vector<int> node_of_rank_;
   int nodes_ = 1;
+  int gemm_threads_ = 1;
   std::shared_ptr<Communicator> node_group_;
 };
 

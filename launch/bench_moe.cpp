@@ -1,0 +1,180 @@
+#include "launch/bench_moe.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <iostream>
+
+#include "kernels/gemm.h"
+#include "parallel/runtime.h"
+
+namespace switchyard {
+namespace {
+
+using kernels::cpu::Activation;
+
+Activation parse_activation(const std::string& s) {
+  if (s == "relu") return Activation::relu;
+  if (s == "gelu") return Activation::gelu;
+  if (s == "swiglu") return Activation::swiglu;
+  SY_THROW(ConfigError, "--activation: got '", s, "', expected relu, gelu or swiglu");
+}
+
+double max_over(Communicator& comm, double v) {
+  Tensor t = Tensor::empty({1}, DType::f64);
+  t.data_as<double>()[0] = v;
+  ReduceOptions o;
+  o.op = ReduceOp::max;
+  comm.allreduce(t, t, o).wait();
+  return t.data_as<double>()[0];
+}
+
+double sum_over(Communicator& comm, double v) {
+  Tensor t = Tensor::empty({1}, DType::f64);
+  t.data_as<double>()[0] = v;
+  comm.allreduce(t, t).wait();
+  return t.data_as<double>()[0];
+}
+
+void sgd(Tensor& param, const Tensor& grad, double lr) {
+  float* p = param.data_as<float>();
+  const float* g = grad.data_as<float>();
+  for (int64_t i = 0; i < param.numel(); ++i) p[i] -= static_cast<float>(lr) * g[i];
+}
+
+// Median seconds of one GEMM of this shape with the layer's own call.
+double time_gemm(const GemmShape& s) {
+  const int64_t a_rows = s.transpose_a ? s.k : s.m, a_cols = s.transpose_a ? s.m : s.k;
+  const int64_t b_rows = s.transpose_b ? s.n : s.k, b_cols = s.transpose_b ? s.k : s.n;
+  Tensor a = Tensor::zeros({a_rows, a_cols}, DType::f32), b = Tensor::zeros({b_rows, b_cols}, DType::f32);
+  Tensor c = Tensor::zeros({s.m, s.n}, DType::f32);
+  kernels::cpu::GemmArgs g{.transpose_a = s.transpose_a, .transpose_b = s.transpose_b, .m = s.m, .n = s.n, .k = s.k,
+                           .a = a.data_as<float>(), .lda = a_cols, .b = b.data_as<float>(), .ldb = b_cols,
+                           .c = c.data_as<float>(), .ldc = s.n};
+  kernels::cpu::gemm_f32(g);  // warm up
+  std::vector<double> runs;
+  for (int r = 0; r < 7; ++r) {
+    const auto start = Clock::now();
+    kernels::cpu::gemm_f32(g);
+    runs.push_back(std::chrono::duration<double>(Clock::now() - start).count());
+  }
+  std::sort(runs.begin(), runs.end());
+  return runs[runs.size() / 2];
+}
+
+}  // namespace
+
+int run_bench_moe(const BenchMoeOptions& o) {
+  if (o.dtype != "float32")
+    SY_THROW(NotSupported, "--dtype ", o.dtype, ": only float32 runs so far (the bf16 path is not built yet)");
+  if (o.num_local_experts < 1)
+    SY_THROW(NotSupported, "--num_local_experts ", o.num_local_experts,
+             ": experts shared by several ranks (Tutel's negative values) come with adaptive parallelism");
+  if (o.num_steps < 1 || o.batch_size < 0 || o.num_tokens < 0)
+    SY_THROW(ConfigError, "--num_steps must be >= 1 and sizes >= 0");
+  RuntimeOptions ro;
+  ro.backend = o.backend;
+  ro.ranks = o.ranks;
+  run_ranks(ro, [&](Runtime& rt) {
+    Communicator& world = rt.world();
+    const bool leader = world.rank() == 0;
+    MoEConfig c;
+    c.model_dim = o.model_dim;
+    c.hidden_dim = o.hidden_size;
+    c.activation = parse_activation(o.activation);
+    c.exchange = o.exchange == "dropless" ? ExchangeMode::dropless : ExchangeMode::padded;
+    if (o.exchange != "padded" && o.exchange != "dropless")
+      SY_THROW(ConfigError, "--exchange: got '", o.exchange, "', expected padded or dropless");
+    c.router.experts = o.num_local_experts * world.size();
+    c.router.k = o.top;
+    c.router.capacity_factor = o.capacity_factor;
+    MoELayer layer(c, rt.world_ptr());
+    layer.init_parameters(o.seed);
+    const int64_t T = static_cast<int64_t>(o.batch_size) * o.num_tokens, M = o.model_dim;
+    Tensor x = Tensor::empty({T, M}, DType::f32), target = Tensor::empty({T, M}, DType::f32);
+    Rng rng(o.seed * 7919 + static_cast<uint64_t>(world.rank()));
+    rng.fill_uniform(x, -1, 1);
+    rng.fill_uniform(target, -0.1, 0.1);
+    if (leader)
+      std::printf("# switchyard bench moe: %d ranks (%s), %lld tokens/rank, model_dim %d, hidden %d, %d experts "
+                  "(%d per rank), top-%d, capacity factor %g, %s exchange, %s, %d GEMM threads/rank, %s\n",
+                  world.size(), std::string(world.backend_name()).c_str(), static_cast<long long>(T), o.model_dim,
+                  o.hidden_size, c.router.experts, o.num_local_experts, o.top, o.capacity_factor, o.exchange.c_str(),
+                  o.activation.c_str(), rt.gemm_threads(), o.eval ? "forward only (--eval)" : "training (fwd+bwd+SGD)");
+    const int skip = std::min(5, o.num_steps / 2);  // first steps warm caches and allocators
+    double timed = 0.0;
+    int64_t dropped_total = 0;
+    for (int step = 0; step < o.num_steps; ++step) {
+      if (step == skip) layer.reset_profile();
+      world.barrier().wait();
+      const auto start = Clock::now();
+      const double flops_at_start = layer.gemm_flops();
+      MoEForward f = layer.forward(x);
+      double local_loss = 0.0;
+      Tensor dout = Tensor::empty({T, M}, DType::f32);
+      const float* out = f.output.data_as<float>();
+      for (int64_t i = 0; i < T * M; ++i) {
+        const double d = out[i] - target.data_as<float>()[i];
+        local_loss += d * d;
+        dout.data_as<float>()[i] = static_cast<float>(2.0 * d / static_cast<double>(std::max<int64_t>(1, T * M)));
+      }
+      if (!o.eval) {
+        layer.zero_grad();
+        layer.backward(dout, 0.0, 0.0, o.input_grad);
+        sgd(layer.gate_weight(), layer.gate_grad(), o.lr);
+        sgd(layer.params().w1, layer.expert_grads().w1, o.lr);
+        sgd(layer.params().b1, layer.expert_grads().b1, o.lr);
+        sgd(layer.params().w2, layer.expert_grads().w2, o.lr);
+        sgd(layer.params().b2, layer.expert_grads().b2, o.lr);
+      }
+      const double mine = std::chrono::duration<double>(Clock::now() - start).count();
+      const double step_time = max_over(world, mine);
+      const double loss = sum_over(world, local_loss) / std::max<double>(1.0, sum_over(world, double(T * M)));
+      const double step_flops = sum_over(world, layer.gemm_flops() - flops_at_start);
+      if (step >= skip) timed += step_time, dropped_total += f.dropped;
+      if (leader)
+        std::printf("STEP-%d: loss = %.5f, step_time = %.6f sec, perf = %.2f tflops.\n", step, loss, step_time,
+                    step_flops / step_time * 1e-12);
+      std::fflush(stdout);
+    }
+    const int steps = o.num_steps - skip;
+    if (leader) std::printf("[Summary] Average synchronized step_time = %.6f sec.\n", timed / steps);
+
+    // Breakdown (this rank), GEMMs, and the floor: the same GEMMs timed alone.
+    const MoEPhaseTimes& pt = layer.phase_times();
+    double floor = 0.0;
+    std::vector<std::pair<GemmShape, std::pair<double, double>>> rows;
+    for (const auto& [shape, count] : layer.gemms()) {
+      const double per_step = static_cast<double>(count) / steps, t = time_gemm(shape);
+      floor += per_step * t;
+      rows.push_back({shape, {per_step, t}});
+    }
+    const double floor_max = max_over(world, floor);
+    if (leader) {
+      const double total = timed / steps;
+      auto line = [&](const char* name, double seconds) {
+        std::printf("#   %-14s %10.6f sec  %5.1f%%\n", name, seconds / steps, 100.0 * seconds / steps / total);
+      };
+      std::printf("# phases per step (rank 0; share of the synchronized step):\n");
+      line("gate", pt.gate);
+      line("encode", pt.encode);
+      line("all-to-all", pt.dispatch_a2a);
+      line("experts", pt.experts);
+      line("all-to-all back", pt.combine_a2a);
+      line("decode", pt.decode);
+      line("backward", pt.backward);
+      std::printf("# tokens dropped per step (all ranks): %.1f\n", sum_over(world, double(dropped_total)) / steps);
+      std::printf("# GEMMs per step (rank 0): m x n x k [transposes] count, median time alone\n");
+      for (const auto& [s, v] : rows)
+        std::printf("#   %6lld x %6lld x %6lld  %s%s  x%-6.1f %10.6f sec  (%.1f GFLOP/s)\n", static_cast<long long>(s.m),
+                    static_cast<long long>(s.n), static_cast<long long>(s.k), s.transpose_a ? "A^T" : "A  ",
+                    s.transpose_b ? " B^T" : " B  ", v.first, v.second, 2.0 * s.m * s.n * s.k / v.second * 1e-9);
+      std::printf("# GEMM floor (slowest rank): %.6f sec per step; step time / floor = %.3f\n", floor_max,
+                  total / floor_max);
+    } else {
+      sum_over(world, double(dropped_total));
+    }
+  });
+  return 0;
+}
+
+}  // namespace switchyard

@@ -1,0 +1,35 @@
+// bench moe: Tutel's helloworld, same flags and output lines, on Switchyard's
+// MoE layer: forward (and backward + SGD unless --eval) per step, then a
+// per-phase breakdown, the GEMMs it ran, and the step time against the floor
+// of those GEMMs timed on the same shapes in the same run.
+#pragma once
+
+#include <string>
+
+#include "moe/moe_layer.h"
+
+namespace switchyard {
+
+struct BenchMoeOptions {
+  int batch_size = 16;
+  int num_tokens = 512;
+  int model_dim = 2048;
+  int hidden_size = 2048;
+  int num_local_experts = 2;  // per rank (Tutel's meaning)
+  int top = 2;
+  std::string dtype = "float32";
+  double capacity_factor = 1.0;
+  int num_steps = 100;
+  bool eval = false;
+  bool input_grad = false;
+  std::string exchange = "padded";
+  std::string activation = "relu";
+  std::string backend;  // "" = from the launcher (threads without one)
+  int ranks = 1;        // threads
+  double lr = 1e-3;
+  uint64_t seed = 1;
+};
+
+int run_bench_moe(const BenchMoeOptions& options);
+
+}  // namespace switchyard
