@@ -3,6 +3,9 @@
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <sstream>
 #include <cctype>
 #include <charconv>
 #include <fstream>
@@ -21,9 +24,9 @@ namespace {
 
 constexpr int64_t kNoMax = std::numeric_limits<int64_t>::max();
 
-enum class ValueType { integer, size, boolean, string, choice, choice_list, dtype };
+enum class ValueType { integer, number, size, boolean, string, choice, choice_list, dtype };
 
-using Value = std::variant<int64_t, bool, std::string, std::vector<std::string>, DType>;
+using Value = std::variant<int64_t, double, bool, std::string, std::vector<std::string>, DType>;
 
 // One entry per dotted key. Sections ("comm", "bench") are the prefixes of the keys.
 struct Field {
@@ -32,6 +35,7 @@ struct Field {
   std::string doc;
   int64_t min = 0;  // integer, size
   int64_t max = kNoMax;
+  double number_min = 0, number_max = 0;  // number
   std::vector<std::string> choices;  // choice, choice_list
   // string only: an extra check, and what it expects (replaces "a string").
   std::function<bool(const std::string&)> check;
@@ -80,6 +84,7 @@ std::string dtype_choices() {
 std::string type_name(const Field& f) {
   switch (f.type) {
     case ValueType::integer: return "int";
+    case ValueType::number: return "number";
     case ValueType::size: return "size";
     case ValueType::boolean: return "bool";
     case ValueType::string: return "string";
@@ -99,10 +104,21 @@ std::string range_text(const Field& f) {
   return "[" + shown(f.min) + ", " + shown(f.max) + "]";
 }
 
+std::string show_number(double v) {
+  std::ostringstream os;
+  os << v;
+  return os.str();
+}
+
+std::string number_range_text(const Field& f) {
+  return "[" + show_number(f.number_min) + ", " + show_number(f.number_max) + "]";
+}
+
 std::string allowed_text(const Field& f) {
   switch (f.type) {
     case ValueType::integer:
     case ValueType::size: return range_text(f);
+    case ValueType::number: return number_range_text(f);
     case ValueType::boolean: return "true, false";
     case ValueType::string: return f.expected;
     case ValueType::choice:
@@ -120,6 +136,7 @@ std::string expected_text(const Field& f) {
       if (f.max == kIntMax) return "an integer >= " + std::to_string(f.min) + " (at most " + std::to_string(kIntMax) + ")";
       return "an integer in " + range_text(f);
     }
+    case ValueType::number: return "a number in " + number_range_text(f);
     case ValueType::size:
       return "a size in bytes " + range_text(f) + " with an optional binary suffix K, M or G (e.g. 65536, 64K, 1M)";
     case ValueType::boolean: return "true or false";
@@ -158,6 +175,15 @@ Field integer(std::string key, int64_t min, int64_t max, Ref<T> ref, std::string
   f.max = max;
   f.set = [ref](JobConfig& c, const Value& v) { ref(c) = static_cast<T>(std::get<int64_t>(v)); };
   f.show = shower<T>(ref, [](const T& v) { return std::to_string(v); });
+  return f;
+}
+
+Field number(std::string key, double min, double max, Ref<double> ref, std::string doc) {
+  Field f = base(std::move(key), ValueType::number, std::move(doc));
+  f.number_min = min;
+  f.number_max = max;
+  f.set = [ref](JobConfig& c, const Value& v) { ref(c) = std::get<double>(v); };
+  f.show = shower<double>(ref, [](const double& v) { return show_number(v); });
   return f;
 }
 
@@ -228,9 +254,10 @@ bool is_log_spec(const std::string& spec) {
 // The schema. Order here is the order of the docs and of config_to_yaml.
 const std::vector<Field>& fields() {
   static const std::vector<Field> table = {
-      choice("job", {"comm-bench"}, +[](JobConfig& c) -> std::string& { return c.job; },
+      choice("job", {"comm-bench", "moe-train"}, +[](JobConfig& c) -> std::string& { return c.job; },
              "What `switchyard run` does. comm-bench: sweep collectives over message sizes, "
-             "nccl-tests style (time, algbw, busbw, #wrong)."),
+             "nccl-tests style (time, algbw, busbw, #wrong). moe-train: train an MoE layer (moe.*) on a "
+             "synthetic regression task (train.*): a fixed teacher MoE makes the targets."),
       choice("comm.backend", {"threads", "mpi", "fake"},
              +[](JobConfig& c) -> std::string& { return c.comm.backend; },
              "Communicator backend. threads: ranks are threads of one process; mpi: one rank per "
@@ -266,6 +293,35 @@ const std::vector<Field>& fields() {
               "Check every result against its closed form and report #wrong."),
       string("bench.csv", +[](JobConfig& c) -> std::string& { return c.bench.csv; },
              "Also write the results to this CSV file (rank 0); empty = no CSV."),
+      integer<int64_t>("moe.model_dim", 1, kNoMax, +[](JobConfig& c) -> int64_t& { return c.moe.model_dim; },
+                       "Model (token) dimension M."),
+      integer<int64_t>("moe.hidden_dim", 1, kNoMax, +[](JobConfig& c) -> int64_t& { return c.moe.hidden_dim; },
+                       "Hidden dimension H of each expert's FFN."),
+      integer<int>("moe.experts", 1, kIntMax, +[](JobConfig& c) -> int& { return c.moe.experts; },
+                   "Global number of experts; a multiple of the number of ranks (checked at run time)."),
+      integer<int>("moe.top_k", 1, kIntMax, +[](JobConfig& c) -> int& { return c.moe.top_k; },
+                   "Experts per token; at most moe.experts (checked at run time)."),
+      number("moe.capacity_factor", -1e6, 1e6, +[](JobConfig& c) -> double& { return c.moe.capacity_factor; },
+             "> 0: capacity k*ceil(cf*T/E) per expert (extra tokens dropped); 0: dropless; < 0: dropless capped at |cf|."),
+      choice("moe.exchange", {"padded", "dropless"}, +[](JobConfig& c) -> std::string& { return c.moe.exchange; },
+             "padded: all-to-all of [E, C, M] buffers (Tutel); dropless: all-to-all-v of the routed rows (DeepEP)."),
+      choice("moe.activation", {"relu", "gelu", "swiglu"},
+             +[](JobConfig& c) -> std::string& { return c.moe.activation; }, "Expert activation."),
+      choice("moe.gate", {"softmax", "sigmoid_bias"}, +[](JobConfig& c) -> std::string& { return c.moe.gate; },
+             "softmax: top-k of softmax probabilities; sigmoid_bias: sigmoid scores (DeepSeek-V3 style)."),
+      integer<int>("train.steps", 1, kIntMax, +[](JobConfig& c) -> int& { return c.train.steps; },
+                   "Training steps."),
+      integer<int64_t>("train.tokens_per_rank", 0, kNoMax,
+                       +[](JobConfig& c) -> int64_t& { return c.train.tokens_per_rank; }, "Tokens per rank per step."),
+      number("train.lr", 0.0, 1e3, +[](JobConfig& c) -> double& { return c.train.lr; }, "SGD learning rate."),
+      number("train.balance_coef", 0.0, 1e3, +[](JobConfig& c) -> double& { return c.train.balance_coef; },
+             "Weight of the load-balancing loss."),
+      number("train.z_coef", 0.0, 1e3, +[](JobConfig& c) -> double& { return c.train.z_coef; },
+             "Weight of the router z-loss."),
+      integer<int>("train.log_every", 1, kIntMax, +[](JobConfig& c) -> int& { return c.train.log_every; },
+                   "Print the loss every this many steps."),
+      integer<int64_t>("train.seed", 0, kNoMax, +[](JobConfig& c) -> int64_t& { return c.train.seed; },
+                       "Seed of the weights, the teacher and the data."),
       string("log.level", +[](JobConfig& c) -> std::string& { return c.log_level; },
              "Log level, as SWITCHYARD_LOG_LEVEL: trace, debug, info, warn, error or off; "
              "per subsystem as 'warn,comm=debug'.",
@@ -394,6 +450,13 @@ Value parse_value(const Field& f, const YAML::Node& node, const Source& src, con
       auto v = parse_int(s);
       if (!v || *v < f.min || *v > f.max) fail(where, f.key, describe(node), expected_text(f));
       return *v;
+    }
+    case ValueType::number: {
+      char* end = nullptr;
+      const double v = s.empty() ? NAN : std::strtod(s.c_str(), &end);
+      if (s.empty() || end != s.c_str() + s.size() || !std::isfinite(v) || v < f.number_min || v > f.number_max)
+        fail(where, f.key, describe(node), expected_text(f));
+      return v;
     }
     case ValueType::size: {
       auto v = parse_size(s);

@@ -40,10 +40,33 @@ struct BenchCommSection {
   std::string csv;            // "" = no csv
 };
 
+struct MoESection {
+  int64_t model_dim = 64;
+  int64_t hidden_dim = 128;
+  int experts = 8;  // global; a multiple of the number of ranks
+  int top_k = 2;
+  double capacity_factor = 1.25;
+  std::string exchange = "padded";   // padded | dropless
+  std::string activation = "gelu";   // relu | gelu | swiglu
+  std::string gate = "softmax";      // softmax | sigmoid_bias
+};
+
+struct TrainSection {
+  int steps = 100;
+  int64_t tokens_per_rank = 256;
+  double lr = 0.05;
+  double balance_coef = 0.01;
+  double z_coef = 0.0;
+  int log_every = 10;
+  int64_t seed = 1;
+};
+
 struct JobConfig {
   std::string job = "comm-bench";
   CommSection comm;
   BenchCommSection bench;
+  MoESection moe;
+  TrainSection train;
   std::string log_level = "warn";  // log.level, a SWITCHYARD_LOG_LEVEL-style spec
   std::string source = "<defaults>";  // the file name, or "<defaults>"
 };

@@ -1,21 +1,172 @@
 #include "launch/jobs.h"
 
 #include <atomic>
+#include <cstdio>
 #include <iostream>
 
 #include "core/logging.h"
 #include "launch/bench_comm.h"
+#include "moe/moe_layer.h"
 #include "parallel/runtime.h"
 
 namespace switchyard {
 
+namespace {
+
+double sum_over(Communicator& comm, double v) {
+  Tensor t = Tensor::empty({1}, DType::f64);
+  t.data_as<double>()[0] = v;
+  comm.allreduce(t, t).wait();
+  return t.data_as<double>()[0];
+}
+
+double max_over(Communicator& comm, double v) {
+  Tensor t = Tensor::empty({1}, DType::f64);
+  t.data_as<double>()[0] = v;
+  ReduceOptions o;
+  o.op = ReduceOp::max;
+  comm.allreduce(t, t, o).wait();
+  return t.data_as<double>()[0];
+}
+
+void sgd(Tensor& param, const Tensor& grad, double lr) {
+  float* p = param.data_as<float>();
+  const float* g = grad.data_as<float>();
+  for (int64_t i = 0; i < param.numel(); ++i) p[i] -= static_cast<float>(lr) * g[i];
+}
+
+MoEConfig moe_config(const JobConfig& job) {
+  const MoESection& m = job.moe;
+  MoEConfig c;
+  c.model_dim = m.model_dim;
+  c.hidden_dim = m.hidden_dim;
+  c.activation = m.activation == "relu" ? kernels::cpu::Activation::relu
+                 : m.activation == "swiglu" ? kernels::cpu::Activation::swiglu
+                                            : kernels::cpu::Activation::gelu;
+  c.exchange = m.exchange == "dropless" ? ExchangeMode::dropless : ExchangeMode::padded;
+  c.router.experts = m.experts;
+  c.router.k = m.top_k;
+  c.router.gate = m.gate == "sigmoid_bias" ? GateKind::sigmoid_bias : GateKind::softmax;
+  c.router.renormalize = c.router.gate == GateKind::sigmoid_bias;
+  c.router.capacity_factor = m.capacity_factor;
+  return c;
+}
+
+// A synthetic regression task the experts can learn: target = sign-split
+// linear map, y = x A1 where x.u >= 0 and y = x A2 elsewhere (u, A1, A2 fixed
+// and random), so different regions of input space want different experts.
+void train_moe(Runtime& rt, const JobConfig& job) {
+  Communicator& world = rt.world();
+  const bool leader = world.rank() == 0;
+  const TrainSection& tr = job.train;
+  MoEConfig student_config = moe_config(job);
+  MoELayer student(student_config, rt.world_ptr());
+  student.init_parameters(static_cast<uint64_t>(tr.seed));
+  const int64_t Md = student_config.model_dim;
+  Tensor maps = Tensor::empty({2, Md, Md}, DType::f32), split = Tensor::empty({Md}, DType::f32);
+  Rng task(static_cast<uint64_t>(tr.seed) + 1000);  // the same on every rank
+  task.fill_uniform(maps, -std::sqrt(3.0 / Md), std::sqrt(3.0 / Md));
+  task.fill_uniform(split, -1, 1);
+  auto make_target = [&](const Tensor& x) {
+    const int64_t rows = x.shape()[0];
+    Tensor y = Tensor::zeros({rows, Md}, DType::f32);
+    for (int64_t t = 0; t < rows; ++t) {
+      const float* xt = x.data_as<float>() + t * Md;
+      double side = 0;
+      for (int64_t i = 0; i < Md; ++i) side += double(xt[i]) * split.data_as<float>()[i];
+      const float* a = maps.data_as<float>() + (side >= 0 ? 0 : Md * Md);
+      float* yt = y.data_as<float>() + t * Md;
+      for (int64_t i = 0; i < Md; ++i)
+        for (int64_t j = 0; j < Md; ++j) yt[j] += xt[i] * a[i * Md + j];
+    }
+    return y;
+  };
+  const int64_t T = tr.tokens_per_rank, M = student_config.model_dim;
+  if (leader)
+    std::printf("# moe-train: %d ranks (%s), %d experts (%d per rank), top-%d, M=%lld H=%lld, %s, %s exchange, "
+                "capacity factor %g, %lld tokens/rank/step, %d steps, SGD lr %g, %d GEMM threads/rank\n",
+                world.size(), std::string(world.backend_name()).c_str(), student_config.router.experts,
+                student.layout().local_experts(), student_config.router.k, static_cast<long long>(M),
+                static_cast<long long>(student_config.hidden_dim), job.moe.activation.c_str(), job.moe.exchange.c_str(),
+                job.moe.capacity_factor, static_cast<long long>(T), tr.steps, tr.lr, rt.gemm_threads());
+  double first_loss = 0, last_loss = 0, total_time = 0, zero_baseline = 0;
+  int64_t dropped = 0;
+  const int skip = std::min(2, tr.steps / 2);  // warm-up steps left out of the timing summary
+  for (int step = 0; step < tr.steps; ++step) {
+    Tensor x = Tensor::empty({T, M}, DType::f32);
+    Rng(static_cast<uint64_t>(tr.seed) * 1000003u + static_cast<uint64_t>(step) * 131u + static_cast<uint64_t>(world.rank()))
+        .fill_uniform(x, -1, 1);
+    Tensor target = make_target(x);
+    if (step == skip) student.reset_profile();
+    world.barrier().wait();
+    const auto start = Clock::now();
+    student.zero_grad();
+    MoEForward f = student.forward(x);
+    Tensor dout = Tensor::empty({T, M}, DType::f32);
+    double squared = 0, target_squared = 0;
+    for (int64_t i = 0; i < T * M; ++i) target_squared += double(target.data_as<float>()[i]) * target.data_as<float>()[i];
+    const double count = sum_over(world, static_cast<double>(T * M));
+    for (int64_t i = 0; i < T * M; ++i) {
+      const double d = double(f.output.data_as<float>()[i]) - target.data_as<float>()[i];
+      squared += d * d;
+      dout.data_as<float>()[i] = static_cast<float>(2.0 * d / count);  // d(mean over all ranks)/d out
+    }
+    student.backward(dout, tr.balance_coef / world.size(), tr.z_coef / world.size(), false);
+    sgd(student.gate_weight(), student.gate_grad(), tr.lr);
+    sgd(student.params().w1, student.expert_grads().w1, tr.lr);
+    sgd(student.params().b1, student.expert_grads().b1, tr.lr);
+    sgd(student.params().w2, student.expert_grads().w2, tr.lr);
+    sgd(student.params().b2, student.expert_grads().b2, tr.lr);
+    const double step_time = max_over(world, std::chrono::duration<double>(Clock::now() - start).count());
+    const double loss = sum_over(world, squared) / count;
+    const double balance = sum_over(world, f.balance_loss) / world.size();
+    const double step_dropped = sum_over(world, static_cast<double>(f.dropped));
+    const double zero_loss = sum_over(world, target_squared) / count;
+    if (step == 0) first_loss = loss;
+    zero_baseline += zero_loss / tr.steps;
+    last_loss = loss;
+    if (step >= skip) total_time += step_time, dropped += static_cast<int64_t>(step_dropped);
+    if (leader && (step % tr.log_every == 0 || step == tr.steps - 1))
+      std::printf("step %4d/%d  loss %.6f  balance %.4f  dropped %5.0f  step_time %.4f s\n", step + 1, tr.steps, loss,
+                  balance, step_dropped, step_time);
+    std::fflush(stdout);
+  }
+  const int timed = tr.steps - skip;
+  const MoEPhaseTimes& pt = student.phase_times();
+  if (!leader) return;
+  const double per_step = total_time / timed;
+  std::printf("#\n# summary over %d steps (after %d warm-up)\n", timed, skip);
+  std::printf("#   loss                 %.6f -> %.6f (%.1f%% of the first)\n", first_loss, last_loss,
+              100.0 * last_loss / first_loss);
+  std::printf("#   loss of predicting 0 %.6f (the targets' mean square)\n", zero_baseline);
+  std::printf("#   step time            %.6f s\n", per_step);
+  std::printf("#   tokens/s (all ranks) %.0f\n", static_cast<double>(T) * world.size() / per_step);
+  std::printf("#   tokens dropped       %lld (%.2f%% of the routed copies)\n", static_cast<long long>(dropped),
+              100.0 * dropped / std::max(1.0, static_cast<double>(T) * world.size() * student_config.router.k * timed));
+  std::printf("#   share of time per phase (rank 0):\n");
+  const std::pair<const char*, double> phases[] = {{"gate", pt.gate},         {"encode", pt.encode},
+                                                   {"all-to-all", pt.dispatch_a2a}, {"experts", pt.experts},
+                                                   {"all-to-all back", pt.combine_a2a}, {"decode", pt.decode},
+                                                   {"backward", pt.backward}};
+  for (const auto& [name, seconds] : phases)
+    std::printf("#     %-16s %5.1f%%  %.6f s/step\n", name, 100.0 * seconds / timed / per_step, seconds / timed);
+  std::printf("#     %-16s %5.1f%%  (loss, SGD, synchronisation)\n", "other",
+              100.0 * (1.0 - pt.total() / timed / per_step));
+}
+
+}  // namespace
+
 int run_job(const JobConfig& config) {
   set_log_levels(config.log_level);
-  if (config.job != "comm-bench") SY_THROW(ConfigError, config.source, ": job '", config.job, "' is not known");
   RuntimeOptions options;
   options.backend = config.comm.backend;
   options.ranks = config.comm.ranks;
   options.timeout = Milliseconds(config.comm.timeout_ms);
+  if (config.job == "moe-train") {
+    run_ranks(options, [&](Runtime& rt) { train_moe(rt, config); });
+    return 0;
+  }
+  if (config.job != "comm-bench") SY_THROW(ConfigError, config.source, ": job '", config.job, "' is not known");
   std::atomic<int64_t> wrong{0};
   run_ranks(options, [&](Runtime& rt) {
     Communicator& world = rt.world();

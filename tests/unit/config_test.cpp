@@ -77,7 +77,7 @@ TEST(Config, EmptyFileIsAllDefaults) {
 }
 
 TEST(Config, LoadsQuickstart) {
-  const JobConfig c = load_config_file(source_path("configs/quickstart.yaml"));
+  const JobConfig c = load_config_file(source_path("configs/comm-bench.yaml"));
   EXPECT_EQ(c.job, "comm-bench");
   EXPECT_EQ(c.comm.backend, "threads");
   EXPECT_EQ(c.comm.ranks, 4);
@@ -86,11 +86,11 @@ TEST(Config, LoadsQuickstart) {
   EXPECT_EQ(c.bench.max_bytes, 4 << 20);
   EXPECT_LE(c.bench.iters, 10);
   EXPECT_TRUE(c.bench.check);
-  EXPECT_EQ(c.source, source_path("configs/quickstart.yaml"));
+  EXPECT_EQ(c.source, source_path("configs/comm-bench.yaml"));
 }
 
 TEST(Config, LoadsCpuMpi) {
-  const JobConfig c = load_config_file(source_path("configs/cpu-mpi.yaml"));
+  const JobConfig c = load_config_file(source_path("configs/comm-bench-mpi.yaml"));
   EXPECT_EQ(c.comm.backend, "mpi");
   EXPECT_EQ(c.bench.ops, std::vector<std::string>{"alltoall"});  // written as a single string
   EXPECT_EQ(c.bench.min_bytes, 64 << 10);
@@ -150,7 +150,7 @@ TEST(Config, BadFilesNameFileLineKeyValueAndExpectation) {
   expect_file_error("bad_unknown_key.yaml", 4,
                     {":4:3: unknown key 'comm.bakend'", "known keys under comm: backend, ranks, timeout_ms"});
   expect_file_error("bad_unknown_section.yaml", 3,
-                    {":3:1: unknown key 'benchmark'", "known top-level keys: job, comm, bench, log"});
+                    {":3:1: unknown key 'benchmark'", "known top-level keys: job, comm, bench, moe, train, log"});
   expect_file_error("bad_type.yaml", 4, {":4:10: comm.ranks: got 'four', expected an integer in [1, 4096]"});
   expect_file_error("bad_range.yaml", 4, {":4:16: bench.step_factor: got '1', expected an integer >= 2"});
   expect_file_error("bad_enum.yaml", 7, {":7:12: comm.backend: got 'mpii', expected one of threads, mpi, fake"});
@@ -165,7 +165,7 @@ TEST(Config, BadFilesNameFileLineKeyValueAndExpectation) {
   expect_file_error("bad_dtype.yaml", 3, {":3:10: bench.dtype: got 'float128', expected a dtype: f32"});
   expect_file_error("bad_bool.yaml", 3, {":3:10: bench.check: got 'maybe', expected true or false"});
   expect_file_error("bad_duplicate.yaml", 4, {":4:3: duplicate key 'comm.ranks'"});
-  expect_file_error("bad_top_level.yaml", 2, {"got a list, expected a map with keys job, comm, bench, log"});
+  expect_file_error("bad_top_level.yaml", 2, {"got a list, expected a map with keys job, comm, bench, moe, train, log"});
 }
 
 TEST(Config, MoreValueErrors) {
@@ -197,7 +197,7 @@ TEST(Config, MissingFileNamesThePath) {
 }
 
 TEST(Config, OverridesApplyInOrderAfterTheFile) {
-  const JobConfig c = load_config_file(source_path("configs/quickstart.yaml"),
+  const JobConfig c = load_config_file(source_path("configs/comm-bench.yaml"),
                                        {"comm.ranks=8", "bench.ops=[alltoall,allreduce,broadcast]", "bench.max_bytes=1M",
                                         "bench.dtype=bf16", "bench.check=false", "bench.csv=out.csv", "comm.ranks=2",
                                         "log.level=debug"});
@@ -228,7 +228,7 @@ TEST(Config, BadOverridesNameTheOverride) {
   EXPECT_NE(error_of("comm.bakend=mpi").find("--set comm.bakend=mpi: unknown key 'comm.bakend' (known keys under comm: "
                                              "backend, ranks, timeout_ms)"),
             std::string::npos);
-  EXPECT_NE(error_of("benchx.iters=3").find("unknown key 'benchx.iters' (known top-level keys: job, comm, bench, log)"),
+  EXPECT_NE(error_of("benchx.iters=3").find("unknown key 'benchx.iters' (known top-level keys: job, comm, bench, moe, train, log)"),
             std::string::npos);
   EXPECT_NE(error_of("bench.ops=[alltoall,bogus]").find("bench.ops[1]: got 'bogus'"), std::string::npos);
   EXPECT_NE(error_of("bench.ops=[alltoall").find("--set bench.ops=[alltoall: bench.ops: the value is not valid YAML"),
@@ -241,18 +241,18 @@ TEST(Config, BadOverridesNameTheOverride) {
 
 TEST(Config, MinMaxCheckedAfterAllOverrides) {
   // min > max in between is fine when the last override fixes it.
-  const JobConfig c = load_config_file(source_path("configs/quickstart.yaml"), {"bench.min_bytes=8M", "bench.max_bytes=16M"});
+  const JobConfig c = load_config_file(source_path("configs/comm-bench.yaml"), {"bench.min_bytes=8M", "bench.max_bytes=16M"});
   EXPECT_EQ(c.bench.min_bytes, 8 << 20);
   EXPECT_EQ(c.bench.max_bytes, 16 << 20);
   // The file's max and an override's min clash: the message names both origins.
   const std::string msg = config_error(
-      [] { load_config_file(source_path("configs/quickstart.yaml"), {"bench.min_bytes=8M"}); });
+      [] { load_config_file(source_path("configs/comm-bench.yaml"), {"bench.min_bytes=8M"}); });
   EXPECT_NE(msg.find("--set bench.min_bytes=8M: expected bench.min_bytes <= bench.max_bytes"), std::string::npos) << msg;
-  EXPECT_NE(msg.find("bench.max_bytes = 4M (" + source_path("configs/quickstart.yaml") + ":"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("bench.max_bytes = 4M (" + source_path("configs/comm-bench.yaml") + ":"), std::string::npos) << msg;
 }
 
 TEST(Config, DumpLoadsBackToTheSameConfig) {
-  const JobConfig a = load_config_file(source_path("configs/quickstart.yaml"), {"bench.csv=a b.csv", "bench.dtype=half"});
+  const JobConfig a = load_config_file(source_path("configs/comm-bench.yaml"), {"bench.csv=a b.csv", "bench.dtype=half"});
   const JobConfig b = load_config_string(config_to_yaml(a), "dump");
   EXPECT_EQ(b.bench.ops, a.bench.ops);
   EXPECT_EQ(b.bench.min_bytes, a.bench.min_bytes);
@@ -272,7 +272,7 @@ TEST(Config, SchemaDocumentsEveryKey) {
   EXPECT_NE(md.find("| `comm.ranks` | int | `4` | [1, 4096] |"), std::string::npos) << md;
   EXPECT_NE(md.find("| `bench.min_bytes` | size | `64K` |"), std::string::npos) << md;
   const auto rows = config_schema();
-  EXPECT_EQ(rows.size(), 17u);
+  EXPECT_EQ(rows.size(), 32u);
   for (const auto& row : rows) EXPECT_FALSE(row.doc.empty()) << row.key;
 }
 
@@ -283,6 +283,26 @@ TEST(Config, DocsShowTheCurrentSchema) {
   text << in.rdbuf();
   EXPECT_NE(text.str().find(config_schema_markdown()), std::string::npos)
       << "docs/config.md is out of date: paste config_schema_markdown() into its Keys section";
+}
+
+}  // namespace
+}  // namespace switchyard
+
+namespace switchyard {
+namespace {
+
+TEST(Config, TheTrainingPresetsLoad) {
+  for (const char* preset : {"configs/quickstart.yaml", "configs/cpu-mpi.yaml"}) {
+    const JobConfig c = load_config_file(std::string(SWITCHYARD_SOURCE_DIR) + "/" + preset);
+    EXPECT_EQ(c.job, "moe-train") << preset;
+    EXPECT_EQ(c.moe.experts, 8) << preset;
+    EXPECT_GT(c.train.lr, 0.0) << preset;
+  }
+  const JobConfig tuned = load_config_string("job: moe-train\nmoe: {capacity_factor: -2.5, exchange: dropless}\n",
+                                             "<inline>", {"train.lr=0.25"});
+  EXPECT_DOUBLE_EQ(tuned.moe.capacity_factor, -2.5);
+  EXPECT_EQ(tuned.moe.exchange, "dropless");
+  EXPECT_DOUBLE_EQ(tuned.train.lr, 0.25);
 }
 
 }  // namespace
