@@ -1,0 +1,78 @@
+// The MoE layer over the rank harness's backend (thread-ranks or mpirun):
+// expert-parallel forward and backward equal one rank holding every expert on
+// all ranks' tokens, in both exchange modes.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+
+#include "comm/backends/threads/threads_backend.h"
+#include "moe/moe_layer.h"
+#include "tests/common/rank_harness.h"
+
+namespace switchyard {
+namespace {
+
+Tensor tokens(uint64_t seed, int64_t rows, int64_t width) {
+  Tensor x = Tensor::empty({rows, width}, DType::f32);
+  Rng(seed).fill_uniform(x, -1, 1);
+  return x;
+}
+
+void expect_close(const char* what, const float* got, const float* want, int64_t n, int rank) {
+  for (int64_t i = 0; i < n; ++i)
+    if (std::fabs(got[i] - want[i]) > 1e-4 * (1 + std::fabs(want[i])))
+      SY_THROW(Error, "rank ", rank, ": ", what, "[", i, "] = ", got[i], ", one rank gives ", want[i]);
+}
+
+TEST(MoEMultiRank, ExpertParallelEqualsOneRankForwardAndBackward) {
+  for (ExchangeMode mode : {ExchangeMode::padded, ExchangeMode::dropless}) {
+    testing::for_each_rank([&](Communicator& comm, uint64_t seed) {
+      const int n = comm.size(), me = comm.rank();
+      MoEConfig c;
+      c.model_dim = 12, c.hidden_dim = 20;
+      c.activation = kernels::cpu::Activation::swiglu;
+      c.exchange = mode;
+      c.router.experts = 2 * n, c.router.k = std::min(2, 2 * n), c.router.capacity_factor = 0.0;
+      auto rows_of = [&](int r) -> int64_t { return r == n - 1 && n > 1 ? 0 : 3 + 4 * r; };
+      std::shared_ptr<Communicator> group(&comm, [](Communicator*) {});
+      MoELayer layer(c, group);
+      layer.init_parameters(seed);
+      Tensor x = tokens(seed + 100 + me, rows_of(me), 12), dout = tokens(seed + 200 + me, rows_of(me), 12);
+      MoEForward f = layer.forward(x);
+      Tensor dx = layer.backward(dout);
+
+      int64_t total = 0, mine = 0;
+      for (int r = 0; r < n; ++r) {
+        if (r == me) mine = total;
+        total += rows_of(r);
+      }
+      Tensor all_x = Tensor::empty({total, 12}, DType::f32), all_d = Tensor::empty({total, 12}, DType::f32);
+      for (int r = 0, at = 0; r < n; at += static_cast<int>(rows_of(r)), ++r) {
+        Tensor xr = tokens(seed + 100 + r, rows_of(r), 12), dr = tokens(seed + 200 + r, rows_of(r), 12);
+        if (xr.nbytes()) std::memcpy(all_x.data_as<float>() + at * 12, xr.data(), xr.nbytes());
+        if (dr.nbytes()) std::memcpy(all_d.data_as<float>() + at * 12, dr.data(), dr.nbytes());
+      }
+      ThreadsWorld solo_world(1);
+      MoELayer whole(c, solo_world.communicator(0));
+      whole.init_parameters(seed);
+      MoEForward wf = whole.forward(all_x);
+      Tensor all_dx = whole.backward(all_d);
+      expect_close("output", f.output.data_as<float>(), wf.output.data_as<float>() + mine * 12, f.output.numel(), me);
+      expect_close("dx", dx.data_as<float>(), all_dx.data_as<float>() + mine * 12, dx.numel(), me);
+      expect_close("gate grad", layer.gate_grad().data_as<float>(), whole.gate_grad().data_as<float>(),
+                   layer.gate_grad().numel(), me);
+      const int64_t w1 = 12 * 40;  // M x 2H for swiglu
+      for (int slot = 0; slot < layer.layout().local_experts(); ++slot) {
+        const int e = layer.layout().expert_at(me, slot);
+        expect_close("w1 grad", layer.expert_grads().w1.data_as<float>() + slot * w1,
+                     whole.expert_grads().w1.data_as<float>() + e * w1, w1, me);
+        expect_close("b2 grad", layer.expert_grads().b2.data_as<float>() + slot * 12,
+                     whole.expert_grads().b2.data_as<float>() + e * 12, 12, me);
+      }
+    });
+  }
+}
+
+}  // namespace
+}  // namespace switchyard
