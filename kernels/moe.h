@@ -8,10 +8,19 @@ namespace switchyard::kernels::cpu {
 
 // dst[i] = src[index[i]] for i < rows; index -1 writes a zero row (padding).
 void gather_rows(const float* src, const int64_t* index, int64_t rows, int64_t width, float* dst);
-// dst[index[i]] += scale[i] * src[i] for i < rows (scale may be null: 1); index -1 is skipped.
-// Rows of one dst index are added in order i, so the result does not depend on threads.
-void scatter_add_rows(const float* src, const int64_t* index, const float* scale, int64_t rows, int64_t width,
-                      float* dst);
+// out[t] = sum_j scale[t*k+j] * src[row[t*k+j]] for t < tokens (row -1 skipped;
+// scale may be null: 1). The combine step as a gather: each token is summed by one
+// thread in choice order, so results do not depend on the thread count.
+void combine_rows(const float* src, const int64_t* row, const float* scale, int64_t tokens, int k, int64_t width,
+                  float* out);
+// dst[i] = scale[i] * src[index[i]] (index -1: zero row).
+void gather_scaled_rows(const float* src, const int64_t* index, const float* scale, int64_t rows, int64_t width,
+                        float* dst);
+// acc[j] += sum_i x[i, j] over rows (bias gradients), column blocks in parallel.
+void add_column_sums(const float* x, int64_t rows, int64_t width, float* acc);
+// y[i, :] = bias for every row (so a GEMM with beta = 1 adds on top).
+void broadcast_rows(const float* bias, int64_t rows, int64_t width, float* y);
+
 // out[i] = dot(a[index[i]], b[i]) for i < rows; index -1 gives 0.
 void row_dots(const float* a, const int64_t* index, const float* b, int64_t rows, int64_t width, float* out);
 

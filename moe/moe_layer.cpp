@@ -210,10 +210,8 @@ ExpertActivations MoELayer::run_experts(const DispatchPlan& p, const TensorView&
       float* act_b = act.data_as<float>() + offset * H;
       float* out_b = out.data_as<float>() + offset * M;
       // Biases first, then GEMMs accumulate on top (beta = 1).
-      for (int64_t i = 0; i < m; ++i) {
-        std::memcpy(pre_b + i * H1, params_.b1.data_as<float>() + l * H1, H1 * sizeof(float));
-        std::memcpy(out_b + i * M, params_.b2.data_as<float>() + l * M, M * sizeof(float));
-      }
+      kernels::cpu::broadcast_rows(params_.b1.data_as<float>() + l * H1, m, H1, pre_b);
+      kernels::cpu::broadcast_rows(params_.b2.data_as<float>() + l * M, m, M, out_b);
       gemm({.m = m, .n = H1, .k = M, .a = x + offset * M, .lda = M,
                               .b = params_.w1.data_as<float>() + l * M * H1, .ldb = H1, .beta = 1.f, .c = pre_b,
                               .ldc = H1});
@@ -237,9 +235,12 @@ Tensor MoELayer::combine_exchange(const DispatchPlan& p, const TensorView& exper
 Tensor MoELayer::combine(const DispatchPlan& p, const TensorView& returned) {
   PhaseTimer timer(times_.decode);
   const int64_t M = config_.model_dim;
-  Tensor out = Tensor::zeros({p.tokens, M}, DType::f32);
-  kernels::cpu::scatter_add_rows(static_cast<const float*>(returned.data()), p.token_of_row.data(),
-                                 p.weight_of_row.data(), p.send_rows(), M, out.data_as<float>());
+  Tensor out = Tensor::empty({p.tokens, M}, DType::f32);
+  std::vector<float> scale(p.row_of_choice.size(), 0.f);
+  for (size_t c = 0; c < scale.size(); ++c)
+    if (p.row_of_choice[c] >= 0) scale[c] = p.weight_of_row[static_cast<size_t>(p.row_of_choice[c])];
+  kernels::cpu::combine_rows(static_cast<const float*>(returned.data()), p.row_of_choice.data(), scale.data(),
+                             p.tokens, p.k, M, out.data_as<float>());
   return out;
 }
 
@@ -277,9 +278,8 @@ Tensor MoELayer::backward(const TensorView& dout, double balance_coef, double z_
 
   // Combine: returned rows were weighted and summed into their tokens.
   Tensor d_returned = Tensor::empty({p.send_rows(), M}, DType::f32);
-  kernels::cpu::gather_rows(g, p.token_of_row.data(), p.send_rows(), M, d_returned.data_as<float>());
-  for (int64_t r = 0; r < p.send_rows(); ++r)
-    for (int64_t m = 0; m < M; ++m) d_returned.data_as<float>()[r * M + m] *= p.weight_of_row[r];
+  kernels::cpu::gather_scaled_rows(g, p.token_of_row.data(), p.weight_of_row.data(), p.send_rows(), M,
+                                   d_returned.data_as<float>());
   std::vector<float> d_weight_of_row(static_cast<size_t>(p.send_rows()));
   kernels::cpu::row_dots(g, p.token_of_row.data(), sv.returned.data_as<float>(), p.send_rows(), M,
                          d_weight_of_row.data());
@@ -303,15 +303,13 @@ Tensor MoELayer::backward(const TensorView& dout, double balance_coef, double z_
       float* dp = d_pre.data_as<float>() + offset * H1;
       float* db2 = grads_.b2.data_as<float>() + l * M;
       float* db1 = grads_.b1.data_as<float>() + l * H1;
-      for (int64_t i = 0; i < m; ++i)
-        for (int64_t j = 0; j < M; ++j) db2[j] += dy[i * M + j];
+      kernels::cpu::add_column_sums(dy, m, M, db2);
       gemm({.transpose_a = true, .m = H, .n = M, .k = m, .a = act, .lda = H, .b = dy, .ldb = M,
                               .beta = 1.f, .c = grads_.w2.data_as<float>() + l * H * M, .ldc = M});
       gemm({.transpose_b = true, .m = m, .n = H, .k = M, .a = dy, .lda = M,
                               .b = params_.w2.data_as<float>() + l * H * M, .ldb = M, .c = da, .ldc = H});
       kernels::cpu::activation_backward(config_.activation, pre, da, m, H, dp);
-      for (int64_t i = 0; i < m; ++i)
-        for (int64_t j = 0; j < H1; ++j) db1[j] += dp[i * H1 + j];
+      kernels::cpu::add_column_sums(dp, m, H1, db1);
       gemm({.transpose_a = true, .m = M, .n = H1, .k = m, .a = x, .lda = M, .b = dp, .ldb = H1,
                               .beta = 1.f, .c = grads_.w1.data_as<float>() + l * M * H1, .ldc = H1});
       if (input_grad)
@@ -382,9 +380,8 @@ Tensor MoELayer::backward(const TensorView& dout, double balance_coef, double z_
   // Back to the tokens' ranks, the way the outputs came.
   Tensor d_sent = Tensor::empty({p.send_rows(), M}, DType::f32);
   group_->alltoallv(d_rows, times(p.recv_rows_per_rank, M), d_sent, times(p.rows_per_rank, M)).wait();
-  Tensor dx = Tensor::zeros({T, M}, DType::f32);
-  kernels::cpu::scatter_add_rows(d_sent.data_as<float>(), p.token_of_row.data(), nullptr, p.send_rows(), M,
-                                 dx.data_as<float>());
+  Tensor dx = Tensor::empty({T, M}, DType::f32);
+  kernels::cpu::combine_rows(d_sent.data_as<float>(), p.row_of_choice.data(), nullptr, T, k, M, dx.data_as<float>());
   gemm({.transpose_b = true, .m = T, .n = M, .k = E, .a = d_logits.data_as<float>(), .lda = E,
                           .b = gate_weight_.data_as<float>(), .ldb = E, .beta = 1.f, .c = dx.data_as<float>(), .ldc = M});
   return dx;

@@ -1,12 +1,18 @@
 #include "kernels/moe.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
 namespace switchyard::kernels::cpu {
 
+// Rows are independent: split them over the calling thread's OpenMP threads
+// (the rank's GEMM thread budget). Small jobs stay on one thread.
+constexpr int64_t kParallelMinElements = 1 << 15;
+
 void gather_rows(const float* src, const int64_t* index, int64_t rows, int64_t width, float* dst) {
   const size_t bytes = static_cast<size_t>(width) * sizeof(float);
+#pragma omp parallel for schedule(static) if (rows * width >= kParallelMinElements)
   for (int64_t i = 0; i < rows; ++i) {
     if (index[i] < 0)
       std::memset(dst + i * width, 0, bytes);
@@ -15,18 +21,57 @@ void gather_rows(const float* src, const int64_t* index, int64_t rows, int64_t w
   }
 }
 
-void scatter_add_rows(const float* src, const int64_t* index, const float* scale, int64_t rows, int64_t width,
-                      float* dst) {
-  for (int64_t i = 0; i < rows; ++i) {
-    if (index[i] < 0) continue;
-    const float s = scale ? scale[i] : 1.f;
-    float* __restrict d = dst + index[i] * width;
-    const float* __restrict r = src + i * width;
-    for (int64_t j = 0; j < width; ++j) d[j] += s * r[j];
+void combine_rows(const float* src, const int64_t* row, const float* scale, int64_t tokens, int k, int64_t width,
+                  float* out) {
+#pragma omp parallel for schedule(static) if (tokens * width >= kParallelMinElements)
+  for (int64_t t = 0; t < tokens; ++t) {
+    float* __restrict o = out + t * width;
+    for (int64_t j = 0; j < width; ++j) o[j] = 0.f;
+    for (int c = 0; c < k; ++c) {
+      const int64_t r = row[t * k + c];
+      if (r < 0) continue;
+      const float s = scale ? scale[t * k + c] : 1.f;
+      const float* __restrict x = src + r * width;
+      for (int64_t j = 0; j < width; ++j) o[j] += s * x[j];
+    }
   }
 }
 
+void gather_scaled_rows(const float* src, const int64_t* index, const float* scale, int64_t rows, int64_t width,
+                        float* dst) {
+#pragma omp parallel for schedule(static) if (rows * width >= kParallelMinElements)
+  for (int64_t i = 0; i < rows; ++i) {
+    float* __restrict d = dst + i * width;
+    if (index[i] < 0) {
+      for (int64_t j = 0; j < width; ++j) d[j] = 0.f;
+      continue;
+    }
+    const float* __restrict x = src + index[i] * width;
+    const float s = scale[i];
+    for (int64_t j = 0; j < width; ++j) d[j] = s * x[j];
+  }
+}
+
+void add_column_sums(const float* x, int64_t rows, int64_t width, float* acc) {
+  constexpr int64_t kBlock = 64;  // columns per task: one cache line of floats x 4
+  const int64_t blocks = (width + kBlock - 1) / kBlock;
+#pragma omp parallel for schedule(static) if (rows * width >= kParallelMinElements)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t lo = b * kBlock, hi = std::min(width, lo + kBlock);
+    float sums[kBlock] = {};
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = lo; j < hi; ++j) sums[j - lo] += x[i * width + j];
+    for (int64_t j = lo; j < hi; ++j) acc[j] += sums[j - lo];
+  }
+}
+
+void broadcast_rows(const float* bias, int64_t rows, int64_t width, float* y) {
+#pragma omp parallel for schedule(static) if (rows * width >= kParallelMinElements)
+  for (int64_t i = 0; i < rows; ++i) std::memcpy(y + i * width, bias, static_cast<size_t>(width) * sizeof(float));
+}
+
 void row_dots(const float* a, const int64_t* index, const float* b, int64_t rows, int64_t width, float* out) {
+#pragma omp parallel for schedule(static) if (rows * width >= kParallelMinElements)
   for (int64_t i = 0; i < rows; ++i) {
     if (index[i] < 0) {
       out[i] = 0.f;
@@ -48,14 +93,18 @@ inline float sigmoid(float v) { return 1.f / (1.f + std::exp(-v)); }
 
 void activation_forward(Activation act, const float* x, int64_t rows, int64_t width, float* y) {
   const int64_t n = rows * width;
+  const bool parallel = n >= kParallelMinElements;
   switch (act) {
     case Activation::relu:
+#pragma omp parallel for schedule(static) if (parallel)
       for (int64_t i = 0; i < n; ++i) y[i] = x[i] > 0.f ? x[i] : 0.f;
       return;
     case Activation::gelu:
+#pragma omp parallel for schedule(static) if (parallel)
       for (int64_t i = 0; i < n; ++i) y[i] = 0.5f * x[i] * (1.f + std::erf(x[i] * kInvSqrt2));
       return;
     case Activation::swiglu:
+#pragma omp parallel for schedule(static) if (parallel)
       for (int64_t r = 0; r < rows; ++r) {
         const float* gate = x + r * 2 * width;
         const float* up = gate + width;
@@ -67,11 +116,14 @@ void activation_forward(Activation act, const float* x, int64_t rows, int64_t wi
 
 void activation_backward(Activation act, const float* x, const float* dy, int64_t rows, int64_t width, float* dx) {
   const int64_t n = rows * width;
+  const bool parallel = n >= kParallelMinElements;
   switch (act) {
     case Activation::relu:
+#pragma omp parallel for schedule(static) if (parallel)
       for (int64_t i = 0; i < n; ++i) dx[i] = x[i] > 0.f ? dy[i] : 0.f;
       return;
     case Activation::gelu:
+#pragma omp parallel for schedule(static) if (parallel)
       for (int64_t i = 0; i < n; ++i) {
         const float cdf = 0.5f * (1.f + std::erf(x[i] * kInvSqrt2));
         const float pdf = kInvSqrt2Pi * std::exp(-0.5f * x[i] * x[i]);
@@ -79,6 +131,7 @@ void activation_backward(Activation act, const float* x, const float* dy, int64_
       }
       return;
     case Activation::swiglu:
+#pragma omp parallel for schedule(static) if (parallel)
       for (int64_t r = 0; r < rows; ++r) {
         const float* gate = x + r * 2 * width;
         const float* up = gate + width;

@@ -1,0 +1,117 @@
+// MoE row kernels and activations against float64 loops, at sizes below and
+// above the threshold where they split work over OpenMP threads.
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "core/rng.h"
+#include "kernels/gemm.h"
+#include "kernels/moe.h"
+
+namespace switchyard {
+namespace {
+
+using namespace kernels::cpu;
+
+std::vector<float> random_floats(Rng& rng, int64_t n) {
+  std::vector<float> v(static_cast<size_t>(n));
+  for (auto& x : v) x = static_cast<float>(rng.uniform(-2, 2));
+  return v;
+}
+
+TEST(MoEKernels, RowKernelsMatchFloat64Loops) {
+  Rng rng(fresh_seed());
+  SCOPED_TRACE("seed " + std::to_string(rng.seed()));
+  for (int64_t width : {1, 37, 512})
+    for (int64_t tokens : {0, 3, 301}) {
+      const int k = 3;
+      const int64_t rows = tokens * k + 5;
+      auto src = random_floats(rng, rows * width), scale = random_floats(rng, tokens * k);
+      std::vector<int64_t> row(static_cast<size_t>(tokens * k));
+      for (auto& r : row) r = rng.uniform_int(-1, rows - 1);
+      std::vector<float> out(static_cast<size_t>(tokens * width), NAN);
+      combine_rows(src.data(), row.data(), scale.data(), tokens, k, width, out.data());
+      for (int64_t t = 0; t < tokens; ++t)
+        for (int64_t j = 0; j < width; ++j) {
+          double want = 0;
+          for (int c = 0; c < k; ++c)
+            if (row[t * k + c] >= 0) want += double(scale[t * k + c]) * src[row[t * k + c] * width + j];
+          ASSERT_NEAR(out[t * width + j], want, 1e-5 * (1 + std::fabs(want))) << tokens << "x" << width;
+        }
+      std::vector<float> gathered(static_cast<size_t>(tokens * k * width), NAN);
+      gather_scaled_rows(src.data(), row.data(), scale.data(), tokens * k, width, gathered.data());
+      for (int64_t i = 0; i < tokens * k; ++i)
+        for (int64_t j = 0; j < width; ++j)
+          ASSERT_EQ(gathered[i * width + j], row[i] < 0 ? 0.f : scale[i] * src[row[i] * width + j]);
+      std::vector<float> sums(static_cast<size_t>(width), 1.f);
+      add_column_sums(src.data(), rows, width, sums.data());
+      for (int64_t j = 0; j < width; ++j) {
+        double want = 1;
+        for (int64_t i = 0; i < rows; ++i) want += src[i * width + j];
+        ASSERT_NEAR(sums[j], want, 1e-4 * (1 + std::fabs(want)));
+      }
+      std::vector<float> filled(static_cast<size_t>(rows * width), NAN);
+      broadcast_rows(src.data(), rows, width, filled.data());
+      for (int64_t i = 0; i < rows * width; ++i) ASSERT_EQ(filled[i], src[i % width]);
+    }
+}
+
+TEST(MoEKernels, ActivationsAndTheirGradientsMatchFloat64) {
+  Rng rng(fresh_seed());
+  SCOPED_TRACE("seed " + std::to_string(rng.seed()));
+  for (Activation act : {Activation::relu, Activation::gelu, Activation::swiglu})
+    for (int64_t rows : {1, 700}) {
+      const int64_t width = 97, in_width = act == Activation::swiglu ? 2 * width : width;
+      auto x = random_floats(rng, rows * in_width), dy = random_floats(rng, rows * width);
+      std::vector<float> y(static_cast<size_t>(rows * width), NAN), dx(static_cast<size_t>(rows * in_width), NAN);
+      activation_forward(act, x.data(), rows, width, y.data());
+      activation_backward(act, x.data(), dy.data(), rows, width, dx.data());
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t j = 0; j < width; ++j) {
+          const double g = act == Activation::swiglu ? x[r * in_width + j] : x[r * width + j];
+          const double u = act == Activation::swiglu ? x[r * in_width + width + j] : 0;
+          const double s = 1 / (1 + std::exp(-g)), cdf = 0.5 * (1 + std::erf(g / std::sqrt(2.0)));
+          const double pdf = std::exp(-0.5 * g * g) / std::sqrt(2 * M_PI), d = dy[r * width + j];
+          double want_y = 0, want_dg = 0, want_du = 0;
+          switch (act) {
+            case Activation::relu: want_y = g > 0 ? g : 0, want_dg = g > 0 ? d : 0; break;
+            case Activation::gelu: want_y = g * cdf, want_dg = d * (cdf + g * pdf); break;
+            case Activation::swiglu:
+              want_y = g * s * u, want_dg = d * u * s * (1 + g * (1 - s)), want_du = d * g * s;
+              break;
+          }
+          ASSERT_NEAR(y[r * width + j], want_y, 1e-5 * (1 + std::fabs(want_y)));
+          if (act == Activation::swiglu) {
+            ASSERT_NEAR(dx[r * in_width + j], want_dg, 1e-5 * (1 + std::fabs(want_dg)));
+            ASSERT_NEAR(dx[r * in_width + width + j], want_du, 1e-5 * (1 + std::fabs(want_du)));
+          } else {
+            ASSERT_NEAR(dx[r * width + j], want_dg, 1e-5 * (1 + std::fabs(want_dg)));
+          }
+        }
+    }
+}
+
+TEST(MoEKernels, GemmMatchesFloat64WithTransposesAndEmptySizes) {
+  Rng rng(fresh_seed());
+  for (bool ta : {false, true})
+    for (bool tb : {false, true}) {
+      const int64_t m = 7, n = 5, k = 9;
+      auto a = random_floats(rng, m * k), b = random_floats(rng, k * n), c = random_floats(rng, m * n);
+      auto c0 = c;
+      gemm_f32({.transpose_a = ta, .transpose_b = tb, .m = m, .n = n, .k = k, .alpha = 0.5f, .a = a.data(),
+                .lda = ta ? m : k, .b = b.data(), .ldb = tb ? k : n, .beta = 2.f, .c = c.data(), .ldc = n});
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < n; ++j) {
+          double want = 2.0 * c0[i * n + j];
+          for (int64_t p = 0; p < k; ++p)
+            want += 0.5 * double(ta ? a[p * m + i] : a[i * k + p]) * (tb ? b[j * k + p] : b[p * n + j]);
+          ASSERT_NEAR(c[i * n + j], want, 1e-5 * (1 + std::fabs(want)));
+        }
+    }
+  std::vector<float> c = {3.f, 4.f};
+  gemm_f32({.m = 1, .n = 2, .k = 0, .a = nullptr, .lda = 1, .b = nullptr, .ldb = 2, .beta = 0.f, .c = c.data(), .ldc = 2});
+  EXPECT_EQ(c[0], 0.f);  // k = 0: C = beta * C
+}
+
+}  // namespace
+}  // namespace switchyard
