@@ -1,9 +1,11 @@
 #include "moe/moe_layer.h"
 
 #include <cmath>
+#include <filesystem>
 #include <cstring>
 #include <numeric>
 
+#include "core/safetensors.h"
 #include "kernels/gemm.h"
 
 namespace switchyard {
@@ -242,6 +244,74 @@ Tensor MoELayer::combine(const DispatchPlan& p, const TensorView& returned) {
   kernels::cpu::combine_rows(static_cast<const float*>(returned.data()), p.row_of_choice.data(), scale.data(),
                              p.tokens, p.k, M, out.data_as<float>());
   return out;
+}
+
+namespace {
+std::string expert_key(int expert, const char* name) { return "experts." + std::to_string(expert) + "." + name; }
+}  // namespace
+
+void MoELayer::save(const std::string& prefix) const {
+  const int me = group_->rank(), W = group_->size();
+  const int64_t M = config_.model_dim, H = config_.hidden_dim, H1 = hidden_in();
+  std::vector<std::pair<std::string, TensorView>> tensors;
+  if (me == 0) tensors.emplace_back("gate.weight", gate_weight_.view());
+  auto slice = [](const Tensor& t, int slot, Shape shape) {
+    const int64_t n = shape_numel(shape);
+    return TensorView(const_cast<float*>(t.data_as<float>()) + slot * n, DType::f32, std::move(shape));
+  };
+  for (int slot = 0; slot < layout_.local_experts(); ++slot) {
+    const int e = layout_.expert_at(me, slot);
+    tensors.emplace_back(expert_key(e, "w1"), slice(params_.w1, slot, {M, H1}));
+    tensors.emplace_back(expert_key(e, "b1"), slice(params_.b1, slot, {H1}));
+    tensors.emplace_back(expert_key(e, "w2"), slice(params_.w2, slot, {H, M}));
+    tensors.emplace_back(expert_key(e, "b2"), slice(params_.b2, slot, {M}));
+  }
+  save_safetensors(prefix + ".rank" + std::to_string(me) + "-of-" + std::to_string(W) + ".safetensors", tensors,
+                   {{"format", "switchyard-moe-v1"}, {"experts", std::to_string(config_.router.experts)}});
+  group_->barrier().wait();  // every shard is on disk before anyone loads
+}
+
+void MoELayer::load(const std::string& prefix) {
+  namespace fs = std::filesystem;
+  const fs::path base(prefix);
+  const fs::path dir = base.has_parent_path() ? base.parent_path() : fs::path(".");
+  const std::string stem = base.filename().string() + ".rank";
+  std::vector<SafetensorsFile> shards;
+  if (fs::is_directory(dir))
+    for (const auto& entry : fs::directory_iterator(dir)) {
+      const std::string name = entry.path().filename().string();
+      if (name.rfind(stem, 0) == 0 && name.size() > 12 && name.substr(name.size() - 12) == ".safetensors")
+        shards.push_back(SafetensorsFile::open(entry.path().string()));
+    }
+  if (shards.empty()) SY_THROW(IoError, "moe: no checkpoint shards '", prefix, ".rank*-of-*.safetensors'");
+  auto find = [&](const std::string& key) -> const SafetensorsFile& {
+    const SafetensorsFile* found = nullptr;
+    for (const auto& f : shards) {
+      if (!f.contains(key)) continue;
+      if (found)
+        SY_THROW(InvalidArgument, "moe: checkpoint '", prefix, "': tensor '", key, "' is in both '", found->path(),
+                 "' and '", f.path(), "'; shards of several saves share the prefix, remove the stale ones");
+      found = &f;
+    }
+    if (!found)
+      SY_THROW(InvalidArgument, "moe: checkpoint '", prefix, "' has no tensor '", key, "' (", shards.size(), " shards)");
+    return *found;
+  };
+  const int64_t M = config_.model_dim, H = config_.hidden_dim, H1 = hidden_in();
+  auto into = [&](Tensor& dst, int slot, const std::string& key, const Shape& shape) {
+    Tensor t = find(key).load(key, shape, DType::f32);
+    std::memcpy(dst.data_as<float>() + slot * t.numel(), t.data(), t.nbytes());
+  };
+  into(gate_weight_, 0, "gate.weight", gate_weight_.shape());
+  const int me = group_->rank();
+  for (int slot = 0; slot < layout_.local_experts(); ++slot) {
+    const int e = layout_.expert_at(me, slot);
+    into(params_.w1, slot, expert_key(e, "w1"), {M, H1});
+    into(params_.b1, slot, expert_key(e, "b1"), {H1});
+    into(params_.w2, slot, expert_key(e, "w2"), {H, M});
+    into(params_.b2, slot, expert_key(e, "b2"), {M});
+  }
+  group_->barrier().wait();
 }
 
 MoEForward MoELayer::forward(const TensorView& x) {

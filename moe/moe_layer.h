@@ -6,6 +6,7 @@
 #pragma once
 
 #include <map>
+#include <string>
 #include <memory>
 #include <vector>
 
@@ -98,6 +99,14 @@ class MoELayer {
 
   // Keeps what backward needs (one batch in flight per layer).
   MoEForward forward(const TensorView& x);
+
+  // Checkpoints keyed by logical expert id: every rank writes
+  // `prefix.rank<r>-of-<W>.safetensors` with its experts ("experts.<e>.w1", ...)
+  // and rank 0 also the gate ("gate.weight"). load() reads every shard of a
+  // prefix and takes the experts this rank holds now, whatever W saved them, so
+  // a checkpoint moves between layouts. Collective (ends with a barrier).
+  void save(const std::string& prefix) const;
+  void load(const std::string& prefix);
 
   // Gradients of sum(dout * output) + balance_coef * balance_loss + z_coef * z_loss
   // for the last forward: accumulated into gate_grad() and expert_grads();

@@ -4,6 +4,8 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
+#include <filesystem>
 
 #include "comm/backends/threads/threads_backend.h"
 #include "moe/moe_layer.h"
@@ -301,6 +303,62 @@ TEST(MoELayer, ExpertParallelGradientsEqualOneRankOnAllTokens) {
               gate_grad.numel());
       });
     }
+}
+
+}  // namespace
+}  // namespace switchyard
+
+namespace switchyard {
+namespace {
+
+TEST(MoELayer, CheckpointsMoveBetweenLayoutsKeyedByLogicalExpert) {
+  const uint64_t seed = fresh_seed();
+  const auto dir = std::filesystem::temp_directory_path() / ("sy_ckpt_" + std::to_string(seed));
+  std::filesystem::create_directories(dir);
+  const std::string prefix = (dir / "layer").string();
+  const MoEConfig config = small_config(Activation::gelu, ExchangeMode::dropless, 0.0, 8);
+  Tensor x = random_tokens(seed + 1, 23, 16);
+  Tensor want;
+  // Saved by 4 ranks (2 experts each) ...
+  run_thread_ranks(4, [&](Communicator& comm) {
+    std::shared_ptr<Communicator> group(&comm, [](Communicator*) {});
+    MoELayer layer(config, group);
+    layer.init_parameters(seed);
+    layer.save(prefix);
+  });
+  // ... loaded by one rank and by two, whose outputs must equal a layer built from the seed.
+  MoELayer reference(config, solo());
+  reference.init_parameters(seed);
+  want = reference.forward(x).output;
+  MoELayer one(config, solo());
+  one.load(prefix);
+  Tensor got = one.forward(x).output;
+  EXPECT_EQ(std::memcmp(got.data(), want.data(), want.nbytes()), 0);
+  run_thread_ranks(2, [&](Communicator& comm) {
+    std::shared_ptr<Communicator> group(&comm, [](Communicator*) {});
+    MoELayer two(config, group);
+    two.load(prefix);
+    Tensor mine = comm.rank() == 0 ? x : Tensor::empty({0, 16}, DType::f32);
+    Tensor out = two.forward(mine).output;
+    if (comm.rank() == 0 && std::memcmp(out.data(), want.data(), want.nbytes()) != 0)
+      SY_THROW(Error, "2-rank layer loaded from a 4-rank checkpoint differs");
+  });
+  // A layer of another shape is told which tensor does not fit.
+  MoEConfig wider = config;
+  wider.hidden_dim = 20;
+  MoELayer other(wider, solo());
+  try {
+    other.load(prefix);
+    ADD_FAILURE() << "loaded a checkpoint of another shape";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("tensor 'experts.0.w1' is f32 [16, 24], expected f32 [16, 20]"),
+              std::string::npos) << e.what();
+  }
+  // Shards of two saves under one prefix are refused, not mixed.
+  one.save(prefix);
+  EXPECT_THROW(one.load(prefix), InvalidArgument);
+  EXPECT_THROW(one.load((dir / "missing").string()), IoError);
+  std::filesystem::remove_all(dir);
 }
 
 }  // namespace
