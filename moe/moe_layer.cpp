@@ -1,5 +1,6 @@
 #include "moe/moe_layer.h"
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <cstring>
@@ -125,8 +126,12 @@ DispatchPlan MoELayer::plan(const Routing& routing, int64_t tokens) {
   // ...), as GShard and Tutel do, so a token's best expert wins a slot first.
   std::vector<int64_t> slot_of_choice(static_cast<size_t>(tokens * k), -1);
   p.rows_per_position.assign(static_cast<size_t>(E), 0);
+  std::vector<int64_t> order(static_cast<size_t>(tokens));
+  std::iota(order.begin(), order.end(), int64_t{0});
+  if (config_.router.batch_prioritized)
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return weight[a * k] > weight[b * k]; });
   for (int j = 0; j < k; ++j)
-    for (int64_t t = 0; t < tokens; ++t) {
+    for (const int64_t t : order) {
       const int pos = layout_.position(chosen[t * k + j]);
       int64_t& used = p.rows_per_position[static_cast<size_t>(pos)];
       if (used < p.capacity)

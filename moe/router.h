@@ -34,6 +34,10 @@ struct RouterConfig {
   // token counts agree.
   double capacity_factor = 1.0;
   int capacity_alignment = 1;
+  // Batch-prioritised routing (V-MoE): capacity slots go to tokens in order of
+  // their best gate weight rather than their position, so drops hit the least
+  // confident tokens.
+  bool batch_prioritized = false;
 
   // Throws InvalidArgument naming the field, its value and what was expected.
   void validate() const;

@@ -363,3 +363,37 @@ TEST(MoELayer, CheckpointsMoveBetweenLayoutsKeyedByLogicalExpert) {
 
 }  // namespace
 }  // namespace switchyard
+
+namespace switchyard {
+namespace {
+
+TEST(MoELayer, BatchPrioritizedRoutingDropsTheLeastConfidentTokens) {
+  for (bool prioritized : {false, true}) {
+    MoEConfig c = small_config(Activation::relu, ExchangeMode::padded, 0.5);
+    c.router.k = 1;
+    c.router.batch_prioritized = prioritized;
+    MoELayer layer(c, solo());
+    layer.init_parameters(11);
+    Tensor x = random_tokens(12, 200, 16), logits;
+    Routing r = layer.route_tokens(x, logits);
+    DispatchPlan p = layer.plan(r, 200);
+    ASSERT_GT(p.dropped, 0);
+    // Per expert: does some dropped token have a higher weight than some kept one?
+    bool inverted = false;
+    for (int e = 0; e < c.router.experts; ++e) {
+      float lowest_kept = 2.f, highest_dropped = -1.f;
+      for (int64_t t = 0; t < 200; ++t) {
+        if (r.experts.data_as<int32_t>()[t] != e) continue;
+        const float w = r.weights.data_as<float>()[t];
+        if (p.row_of_choice[t] >= 0) lowest_kept = std::min(lowest_kept, w);
+        else highest_dropped = std::max(highest_dropped, w);
+      }
+      inverted |= highest_dropped > lowest_kept;
+    }
+    EXPECT_EQ(inverted, !prioritized) << (prioritized ? "prioritised routing dropped a confident token"
+                                                      : "positional routing happened to be sorted; pick other data");
+  }
+}
+
+}  // namespace
+}  // namespace switchyard
