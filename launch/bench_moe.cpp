@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstring>
 #include <iostream>
 
 #include "kernels/gemm.h"
@@ -55,6 +56,22 @@ double time_gemm(const GemmShape& s) {
   for (int r = 0; r < 7; ++r) {
     const auto start = Clock::now();
     kernels::cpu::gemm_f32(g);
+    runs.push_back(std::chrono::duration<double>(Clock::now() - start).count());
+  }
+  std::sort(runs.begin(), runs.end());
+  return runs[runs.size() / 2];
+}
+
+// Median seconds to memcpy `bytes` between two buffers: the floor of a phase
+// that reads and writes that many bytes once (encode, decode).
+double time_memcpy(int64_t bytes) {
+  if (bytes <= 0) return 0.0;
+  std::vector<char> src(static_cast<size_t>(bytes), 1), dst(static_cast<size_t>(bytes));
+  std::memcpy(dst.data(), src.data(), src.size());
+  std::vector<double> runs;
+  for (int r = 0; r < 7; ++r) {
+    const auto start = Clock::now();
+    std::memcpy(dst.data(), src.data(), src.size());
     runs.push_back(std::chrono::duration<double>(Clock::now() - start).count());
   }
   std::sort(runs.begin(), runs.end());
@@ -170,6 +187,14 @@ int run_bench_moe(const BenchMoeOptions& o) {
                     s.transpose_b ? " B^T" : " B  ", v.first, v.second, 2.0 * s.m * s.n * s.k / v.second * 1e-9);
       std::printf("# GEMM floor (slowest rank): %.6f sec per step; step time / floor = %.3f\n", floor_max,
                   total / floor_max);
+      // Encode gathers the routed rows into the send buffer, decode sums them
+      // back into tokens: each moves the routed rows' bytes once.
+      const int64_t routed_bytes = layer.last_plan().send_rows() * M * static_cast<int64_t>(sizeof(float));
+      const double copy = time_memcpy(routed_bytes);
+      std::printf("# encode + decode: %.6f sec per step for %lld routed bytes each; memcpy floor %.6f sec each; "
+                  "(encode + decode) / (2 x floor) = %.2f\n",
+                  (pt.encode + pt.decode) / steps, static_cast<long long>(routed_bytes), copy,
+                  copy > 0 ? (pt.encode + pt.decode) / steps / (2 * copy) : 0.0);
     } else {
       sum_over(world, double(dropped_total));
     }

@@ -120,6 +120,8 @@ class MoELayer {
   void zero_grad();
 
   const MoEPhaseTimes& phase_times() const { return times_; }
+  // The plan of the last forward (empty before the first).
+  const DispatchPlan& last_plan() const { return saved_.plan; }
   // GEMMs run since the last reset, with how often each shape ran.
   const std::map<GemmShape, int64_t>& gemms() const { return gemms_; }
   double gemm_flops() const;
