@@ -32,6 +32,20 @@ class PhaseTimer {
 };
 }  // namespace
 
+Tensor MoELayer::scratch(Scratch which, Shape shape) {
+  const auto i = static_cast<size_t>(which);
+  if (scratch_storage_.empty()) {
+    scratch_storage_.resize(static_cast<size_t>(Scratch::count));
+    scratch_bytes_.assign(static_cast<size_t>(Scratch::count), 0);
+  }
+  const size_t bytes = static_cast<size_t>(shape_numel(shape)) * sizeof(float);
+  if (!scratch_storage_[i] || scratch_bytes_[i] < bytes) {
+    scratch_storage_[i] = allocate_host(bytes + bytes / 8);  // headroom for the next batch's routing
+    scratch_bytes_[i] = bytes + bytes / 8;
+  }
+  return Tensor::adopt(TensorView(scratch_storage_[i].get(), DType::f32, std::move(shape)), scratch_storage_[i]);
+}
+
 void MoELayer::gemm(const kernels::cpu::GemmArgs& args) {
   kernels::cpu::gemm_f32(args);
   if (args.m && args.n && args.k) ++gemms_[GemmShape{args.m, args.n, args.k, args.transpose_a, args.transpose_b}];
@@ -188,14 +202,14 @@ std::vector<int64_t> times(const std::vector<int64_t>& rows, int64_t width) {
 
 Tensor MoELayer::dispatch(const DispatchPlan& p, const TensorView& x) {
   const int64_t M = config_.model_dim;
-  Tensor send = Tensor::empty({p.send_rows(), M}, DType::f32);
+  Tensor send = scratch(Scratch::send, {p.send_rows(), M});
   {
     PhaseTimer timer(times_.encode);
     kernels::cpu::gather_rows(static_cast<const float*>(x.data()), p.token_of_row.data(), p.send_rows(), M,
                               send.data_as<float>());
   }
   PhaseTimer timer(times_.dispatch_a2a);
-  Tensor recv = Tensor::empty({p.recv_rows(), M}, DType::f32);
+  Tensor recv = scratch(Scratch::recv, {p.recv_rows(), M});
   group_->alltoallv(send, times(p.rows_per_rank, M), recv, times(p.recv_rows_per_rank, M)).wait();
   return recv;
 }
@@ -205,8 +219,8 @@ ExpertActivations MoELayer::run_experts(const DispatchPlan& p, const TensorView&
   const int64_t M = config_.model_dim, H = config_.hidden_dim, H1 = hidden_in();
   const int W = group_->size(), L = layout_.local_experts();
   const int64_t R = rows.size(0);
-  Tensor pre = Tensor::empty({R, H1}, DType::f32), act = Tensor::empty({R, H}, DType::f32);
-  Tensor out = Tensor::empty({R, M}, DType::f32);
+  Tensor pre = scratch(Scratch::pre, {R, H1}), act = scratch(Scratch::act, {R, H});
+  Tensor out = scratch(Scratch::expert_out, {R, M});
   const float* x = static_cast<const float*>(rows.data());
   int64_t offset = 0;
   for (int w = 0; w < W; ++w)
@@ -234,7 +248,7 @@ ExpertActivations MoELayer::run_experts(const DispatchPlan& p, const TensorView&
 Tensor MoELayer::combine_exchange(const DispatchPlan& p, const TensorView& expert_out) {
   PhaseTimer timer(times_.combine_a2a);
   const int64_t M = config_.model_dim;
-  Tensor back = Tensor::empty({p.send_rows(), M}, DType::f32);
+  Tensor back = scratch(Scratch::back, {p.send_rows(), M});
   group_->alltoallv(expert_out, times(p.recv_rows_per_rank, M), back, times(p.rows_per_rank, M)).wait();
   return back;
 }
@@ -328,7 +342,7 @@ MoEForward MoELayer::forward(const TensorView& x) {
   sv.rows = dispatch(sv.plan, x);
   sv.experts = run_experts(sv.plan, sv.rows);
   sv.returned = combine_exchange(sv.plan, sv.experts.out);
-  sv.x = Tensor::empty(x.shape(), DType::f32);
+  sv.x = scratch(Scratch::input, x.shape());
   if (x.nbytes()) std::memcpy(sv.x.data(), x.data(), x.nbytes());
   sv.valid = true;
   MoEForward f;
@@ -352,7 +366,7 @@ Tensor MoELayer::backward(const TensorView& dout, double balance_coef, double z_
   const float* g = static_cast<const float*>(dout.data());
 
   // Combine: returned rows were weighted and summed into their tokens.
-  Tensor d_returned = Tensor::empty({p.send_rows(), M}, DType::f32);
+  Tensor d_returned = scratch(Scratch::d_returned, {p.send_rows(), M});
   kernels::cpu::gather_scaled_rows(g, p.token_of_row.data(), p.weight_of_row.data(), p.send_rows(), M,
                                    d_returned.data_as<float>());
   std::vector<float> d_weight_of_row(static_cast<size_t>(p.send_rows()));
@@ -360,11 +374,11 @@ Tensor MoELayer::backward(const TensorView& dout, double balance_coef, double z_
                          d_weight_of_row.data());
 
   // To the experts, the way the tokens went.
-  Tensor d_out = Tensor::empty({p.recv_rows(), M}, DType::f32);
+  Tensor d_out = scratch(Scratch::d_out, {p.recv_rows(), M});
   group_->alltoallv(d_returned, times(p.rows_per_rank, M), d_out, times(p.recv_rows_per_rank, M)).wait();
 
-  Tensor d_rows = Tensor::empty({p.recv_rows(), M}, DType::f32);
-  Tensor d_act = Tensor::empty({p.recv_rows(), H}, DType::f32), d_pre = Tensor::empty({p.recv_rows(), H1}, DType::f32);
+  Tensor d_rows = scratch(Scratch::d_rows, {p.recv_rows(), M});
+  Tensor d_act = scratch(Scratch::d_act, {p.recv_rows(), H}), d_pre = scratch(Scratch::d_pre, {p.recv_rows(), H1});
   int64_t offset = 0;
   for (int w = 0; w < W; ++w)
     for (int l = 0; l < L; ++l) {
@@ -453,7 +467,7 @@ Tensor MoELayer::backward(const TensorView& dout, double balance_coef, double z_
 
   if (!input_grad) return Tensor();
   // Back to the tokens' ranks, the way the outputs came.
-  Tensor d_sent = Tensor::empty({p.send_rows(), M}, DType::f32);
+  Tensor d_sent = scratch(Scratch::d_sent, {p.send_rows(), M});
   group_->alltoallv(d_rows, times(p.recv_rows_per_rank, M), d_sent, times(p.rows_per_rank, M)).wait();
   Tensor dx = Tensor::empty({T, M}, DType::f32);
   kernels::cpu::combine_rows(d_sent.data_as<float>(), p.row_of_choice.data(), nullptr, T, k, M, dx.data_as<float>());

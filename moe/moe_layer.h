@@ -127,7 +127,8 @@ class MoELayer {
   double gemm_flops() const;
   void reset_profile();
 
-  // ---- phases (forward() chains them) ----
+  // ---- phases (forward() chains them); their results live in the layer's
+  // reusable buffers until the same phase runs for the next batch ----
   Routing route_tokens(const TensorView& x, Tensor& logits);
   DispatchPlan plan(const Routing& routing, int64_t tokens);
   // Exchanges per-block row counts (dropless; padded needs none).
@@ -150,6 +151,14 @@ class MoELayer {
   Tensor gate_grad_;
   ExpertParams grads_;
   void gemm(const kernels::cpu::GemmArgs& args);
+  // Per-layer buffers reused from batch to batch: a fresh 100 MB tensor per
+  // phase costs page faults inside the GEMMs that first touch it. Phase results
+  // live in them until the next batch (one batch in flight per layer).
+  enum class Scratch : uint8_t { input, send, recv, pre, act, expert_out, back, d_returned, d_out, d_rows, d_act, d_pre,
+                                 d_sent, count };
+  Tensor scratch(Scratch which, Shape shape);
+  std::vector<std::shared_ptr<void>> scratch_storage_;
+  std::vector<size_t> scratch_bytes_;
   MoEPhaseTimes times_;
   std::map<GemmShape, int64_t> gemms_;
   struct Saved {
