@@ -39,7 +39,9 @@ double sum_over(Communicator& comm, double v) {
 void sgd(Tensor& param, const Tensor& grad, double lr) {
   float* p = param.data_as<float>();
   const float* g = grad.data_as<float>();
-  for (int64_t i = 0; i < param.numel(); ++i) p[i] -= static_cast<float>(lr) * g[i];
+  const int64_t n = param.numel();
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) p[i] -= static_cast<float>(lr) * g[i];
 }
 
 // Median seconds of one GEMM of this shape with the layer's own call.
@@ -108,6 +110,7 @@ int run_bench_moe(const BenchMoeOptions& o) {
     layer.init_parameters(o.seed);
     const int64_t T = static_cast<int64_t>(o.batch_size) * o.num_tokens, M = o.model_dim;
     Tensor x = Tensor::empty({T, M}, DType::f32), target = Tensor::empty({T, M}, DType::f32);
+    Tensor dout = Tensor::empty({T, M}, DType::f32);
     Rng rng(o.seed * 7919 + static_cast<uint64_t>(world.rank()));
     rng.fill_uniform(x, -1, 1);
     rng.fill_uniform(target, -0.1, 0.1);
@@ -127,12 +130,15 @@ int run_bench_moe(const BenchMoeOptions& o) {
       const double flops_at_start = layer.gemm_flops();
       MoEForward f = layer.forward(x);
       double local_loss = 0.0;
-      Tensor dout = Tensor::empty({T, M}, DType::f32);
       const float* out = f.output.data_as<float>();
-      for (int64_t i = 0; i < T * M; ++i) {
-        const double d = out[i] - target.data_as<float>()[i];
-        local_loss += d * d;
-        dout.data_as<float>()[i] = static_cast<float>(2.0 * d / static_cast<double>(std::max<int64_t>(1, T * M)));
+      float* d = dout.data_as<float>();
+      const float* y = target.data_as<float>();
+      const int64_t n = T * M;
+#pragma omp parallel for schedule(static) reduction(+ : local_loss)
+      for (int64_t i = 0; i < n; ++i) {
+        const double diff = out[i] - y[i];
+        local_loss += diff * diff;
+        d[i] = static_cast<float>(2.0 * diff / static_cast<double>(std::max<int64_t>(1, n)));
       }
       if (!o.eval) {
         layer.zero_grad();
