@@ -29,3 +29,27 @@ void set_gemm_threads(int threads);
 int gemm_threads();
 
 }  // namespace switchyard::kernels::cpu
+
+namespace switchyard::kernels::cpu {
+
+// C (fp32) = op(A) * op(B) (+ C when accumulate), A and B bf16 (raw bits),
+// accumulated in fp32: oneDNN's matmul primitive, one cached per shape.
+struct GemmBf16Args {
+  bool transpose_a = false;
+  bool transpose_b = false;
+  int64_t m = 0, n = 0, k = 0;
+  const uint16_t* a = nullptr;
+  int64_t lda = 0;
+  const uint16_t* b = nullptr;
+  int64_t ldb = 0;
+  bool accumulate = false;
+  float* c = nullptr;
+  int64_t ldc = 0;
+};
+
+void gemm_bf16(const GemmBf16Args& args);
+
+// dst = bf16(src), round to nearest even, on the calling thread's OpenMP threads.
+void to_bf16(const float* src, int64_t n, uint16_t* dst);
+
+}  // namespace switchyard::kernels::cpu

@@ -48,16 +48,25 @@ void sgd(Tensor& param, const Tensor& grad, double lr) {
 double time_gemm(const GemmShape& s) {
   const int64_t a_rows = s.transpose_a ? s.k : s.m, a_cols = s.transpose_a ? s.m : s.k;
   const int64_t b_rows = s.transpose_b ? s.n : s.k, b_cols = s.transpose_b ? s.k : s.n;
-  Tensor a = Tensor::zeros({a_rows, a_cols}, DType::f32), b = Tensor::zeros({b_rows, b_cols}, DType::f32);
+  const DType operand = s.bf16 ? DType::bf16 : DType::f32;
+  Tensor a = Tensor::zeros({a_rows, a_cols}, operand), b = Tensor::zeros({b_rows, b_cols}, operand);
   Tensor c = Tensor::zeros({s.m, s.n}, DType::f32);
-  kernels::cpu::GemmArgs g{.transpose_a = s.transpose_a, .transpose_b = s.transpose_b, .m = s.m, .n = s.n, .k = s.k,
-                           .a = a.data_as<float>(), .lda = a_cols, .b = b.data_as<float>(), .ldb = b_cols,
-                           .c = c.data_as<float>(), .ldc = s.n};
-  kernels::cpu::gemm_f32(g);  // warm up
+  auto run = [&] {
+    if (s.bf16)
+      kernels::cpu::gemm_bf16({.transpose_a = s.transpose_a, .transpose_b = s.transpose_b, .m = s.m, .n = s.n,
+                               .k = s.k, .a = static_cast<const uint16_t*>(a.data()), .lda = a_cols,
+                               .b = static_cast<const uint16_t*>(b.data()), .ldb = b_cols, .c = c.data_as<float>(),
+                               .ldc = s.n});
+    else
+      kernels::cpu::gemm_f32({.transpose_a = s.transpose_a, .transpose_b = s.transpose_b, .m = s.m, .n = s.n,
+                              .k = s.k, .a = a.data_as<float>(), .lda = a_cols, .b = b.data_as<float>(),
+                              .ldb = b_cols, .c = c.data_as<float>(), .ldc = s.n});
+  };
+  run();  // warm up
   std::vector<double> runs;
   for (int r = 0; r < 7; ++r) {
     const auto start = Clock::now();
-    kernels::cpu::gemm_f32(g);
+    run();
     runs.push_back(std::chrono::duration<double>(Clock::now() - start).count());
   }
   std::sort(runs.begin(), runs.end());
@@ -83,8 +92,9 @@ double time_memcpy(int64_t bytes) {
 }  // namespace
 
 int run_bench_moe(const BenchMoeOptions& o) {
-  if (o.dtype != "float32")
-    SY_THROW(NotSupported, "--dtype ", o.dtype, ": only float32 runs so far (the bf16 path is not built yet)");
+  const bool bf16 = o.dtype == "bfloat16" || o.dtype == "bf16";
+  if (!bf16 && o.dtype != "float32" && o.dtype != "float" && o.dtype != "f32")
+    SY_THROW(ConfigError, "--dtype: got '", o.dtype, "', expected float32 or bfloat16");
   if (o.num_local_experts < 1)
     SY_THROW(NotSupported, "--num_local_experts ", o.num_local_experts,
              ": experts shared by several ranks (Tutel's negative values) come with adaptive parallelism");
@@ -106,6 +116,7 @@ int run_bench_moe(const BenchMoeOptions& o) {
     c.router.experts = o.num_local_experts * world.size();
     c.router.k = o.top;
     c.router.capacity_factor = o.capacity_factor;
+    c.compute = bf16 ? DType::bf16 : DType::f32;
     MoELayer layer(c, rt.world_ptr());
     layer.init_parameters(o.seed);
     const int64_t T = static_cast<int64_t>(o.batch_size) * o.num_tokens, M = o.model_dim;
@@ -188,9 +199,10 @@ int run_bench_moe(const BenchMoeOptions& o) {
       std::printf("# tokens dropped per step (all ranks): %.1f\n", sum_over(world, double(dropped_total)) / steps);
       std::printf("# GEMMs per step (rank 0): m x n x k [transposes] count, median time alone\n");
       for (const auto& [s, v] : rows)
-        std::printf("#   %6lld x %6lld x %6lld  %s%s  x%-6.1f %10.6f sec  (%.1f GFLOP/s)\n", static_cast<long long>(s.m),
+        std::printf("#   %6lld x %6lld x %6lld  %s%s %s x%-6.1f %10.6f sec  (%.1f GFLOP/s)\n", static_cast<long long>(s.m),
                     static_cast<long long>(s.n), static_cast<long long>(s.k), s.transpose_a ? "A^T" : "A  ",
-                    s.transpose_b ? " B^T" : " B  ", v.first, v.second, 2.0 * s.m * s.n * s.k / v.second * 1e-9);
+                    s.transpose_b ? " B^T" : " B  ", s.bf16 ? "bf16" : "f32 ", v.first, v.second,
+                    2.0 * s.m * s.n * s.k / v.second * 1e-9);
       std::printf("# GEMM floor (slowest rank): %.6f sec per step; step time / floor = %.3f\n", floor_max,
                   total / floor_max);
       // Encode gathers the routed rows into the send buffer, decode sums them

@@ -98,7 +98,7 @@ int main(int argc, char** argv) {
   bench_moe->add_option("--num_local_experts,--num-local-experts", moe.num_local_experts, "Experts per rank")
       ->capture_default_str();
   bench_moe->add_option("--top", moe.top, "Experts per token (k)")->capture_default_str();
-  bench_moe->add_option("--dtype", moe.dtype, "float32 (bf16 not yet)")->capture_default_str();
+  bench_moe->add_option("--dtype", moe.dtype, "float32 or bfloat16 (bf16 GEMM operands, fp32 accumulation)")->capture_default_str();
   bench_moe->add_option("--capacity_factor,--capacity-factor", moe.capacity_factor,
                         "> 0: factor; 0: dropless; < 0: capped dropless")->capture_default_str();
   bench_moe->add_option("--num_steps,--num-steps", moe.num_steps, "Steps")->capture_default_str();

@@ -15,6 +15,8 @@ using kernels::cpu::Activation;
 
 void MoEConfig::validate() const {
   if (model_dim < 1) SY_THROW(InvalidArgument, "moe: model_dim = ", model_dim, ", expected >= 1");
+  if (compute != DType::f32 && compute != DType::bf16)
+    SY_THROW(InvalidArgument, "moe: compute = ", dtype_name(compute), ", expected f32 or bf16");
   if (hidden_dim < 1) SY_THROW(InvalidArgument, "moe: hidden_dim = ", hidden_dim, ", expected >= 1");
   router.validate();
 }
@@ -32,18 +34,24 @@ class PhaseTimer {
 };
 }  // namespace
 
-Tensor MoELayer::scratch(Scratch which, Shape shape) {
+Tensor MoELayer::scratch(Scratch which, Shape shape, DType dtype) {
   const auto i = static_cast<size_t>(which);
   if (scratch_storage_.empty()) {
     scratch_storage_.resize(static_cast<size_t>(Scratch::count));
     scratch_bytes_.assign(static_cast<size_t>(Scratch::count), 0);
   }
-  const size_t bytes = static_cast<size_t>(shape_numel(shape)) * sizeof(float);
+  const size_t bytes = static_cast<size_t>(shape_numel(shape)) * dtype_size(dtype);
   if (!scratch_storage_[i] || scratch_bytes_[i] < bytes) {
     scratch_storage_[i] = allocate_host(bytes + bytes / 8);  // headroom for the next batch's routing
     scratch_bytes_[i] = bytes + bytes / 8;
   }
-  return Tensor::adopt(TensorView(scratch_storage_[i].get(), DType::f32, std::move(shape)), scratch_storage_[i]);
+  return Tensor::adopt(TensorView(scratch_storage_[i].get(), dtype, std::move(shape)), scratch_storage_[i]);
+}
+
+void MoELayer::gemm_bf16(const kernels::cpu::GemmBf16Args& args) {
+  kernels::cpu::gemm_bf16(args);
+  if (args.m && args.n && args.k)
+    ++gemms_[GemmShape{args.m, args.n, args.k, args.transpose_a, args.transpose_b, true}];
 }
 
 void MoELayer::gemm(const kernels::cpu::GemmArgs& args) {
@@ -219,9 +227,21 @@ ExpertActivations MoELayer::run_experts(const DispatchPlan& p, const TensorView&
   const int64_t M = config_.model_dim, H = config_.hidden_dim, H1 = hidden_in();
   const int W = group_->size(), L = layout_.local_experts();
   const int64_t R = rows.size(0);
+  const bool bf = config_.compute == DType::bf16;
   Tensor pre = scratch(Scratch::pre, {R, H1}), act = scratch(Scratch::act, {R, H});
   Tensor out = scratch(Scratch::expert_out, {R, M});
   const float* x = static_cast<const float*>(rows.data());
+  Tensor x16, act16, w1_16, w2_16;
+  if (bf) {
+    x16 = scratch(Scratch::recv_bf16, {R, M}, DType::bf16);
+    act16 = scratch(Scratch::act_bf16, {R, H}, DType::bf16);
+    w1_16 = scratch(Scratch::w1_bf16, params_.w1.shape(), DType::bf16);
+    w2_16 = scratch(Scratch::w2_bf16, params_.w2.shape(), DType::bf16);
+    kernels::cpu::to_bf16(x, R * M, static_cast<uint16_t*>(x16.data()));
+    kernels::cpu::to_bf16(params_.w1.data_as<float>(), params_.w1.numel(), static_cast<uint16_t*>(w1_16.data()));
+    kernels::cpu::to_bf16(params_.w2.data_as<float>(), params_.w2.numel(), static_cast<uint16_t*>(w2_16.data()));
+  }
+  auto b16 = [](const Tensor& t, int64_t offset) { return static_cast<const uint16_t*>(t.data()) + offset; };
   int64_t offset = 0;
   for (int w = 0; w < W; ++w)
     for (int l = 0; l < L; ++l) {
@@ -230,16 +250,25 @@ ExpertActivations MoELayer::run_experts(const DispatchPlan& p, const TensorView&
       float* pre_b = pre.data_as<float>() + offset * H1;
       float* act_b = act.data_as<float>() + offset * H;
       float* out_b = out.data_as<float>() + offset * M;
-      // Biases first, then GEMMs accumulate on top (beta = 1).
+      // Biases first, then GEMMs accumulate on top.
       kernels::cpu::broadcast_rows(params_.b1.data_as<float>() + l * H1, m, H1, pre_b);
       kernels::cpu::broadcast_rows(params_.b2.data_as<float>() + l * M, m, M, out_b);
-      gemm({.m = m, .n = H1, .k = M, .a = x + offset * M, .lda = M,
-                              .b = params_.w1.data_as<float>() + l * M * H1, .ldb = H1, .beta = 1.f, .c = pre_b,
-                              .ldc = H1});
+      if (bf)
+        gemm_bf16({.m = m, .n = H1, .k = M, .a = b16(x16, offset * M), .lda = M, .b = b16(w1_16, l * M * H1),
+                   .ldb = H1, .accumulate = true, .c = pre_b, .ldc = H1});
+      else
+        gemm({.m = m, .n = H1, .k = M, .a = x + offset * M, .lda = M, .b = params_.w1.data_as<float>() + l * M * H1,
+              .ldb = H1, .beta = 1.f, .c = pre_b, .ldc = H1});
       kernels::cpu::activation_forward(config_.activation, pre_b, m, H, act_b);
-      gemm({.m = m, .n = M, .k = H, .a = act_b, .lda = H,
-                              .b = params_.w2.data_as<float>() + l * H * M, .ldb = M, .beta = 1.f, .c = out_b,
-                              .ldc = M});
+      if (bf) {
+        uint16_t* a16 = static_cast<uint16_t*>(act16.data()) + offset * H;
+        kernels::cpu::to_bf16(act_b, m * H, a16);
+        gemm_bf16({.m = m, .n = M, .k = H, .a = a16, .lda = H, .b = b16(w2_16, l * H * M), .ldb = M,
+                   .accumulate = true, .c = out_b, .ldc = M});
+      } else {
+        gemm({.m = m, .n = M, .k = H, .a = act_b, .lda = H, .b = params_.w2.data_as<float>() + l * H * M, .ldb = M,
+              .beta = 1.f, .c = out_b, .ldc = M});
+      }
       offset += m;
     }
   return {out, pre, act};
@@ -379,6 +408,16 @@ Tensor MoELayer::backward(const TensorView& dout, double balance_coef, double z_
 
   Tensor d_rows = scratch(Scratch::d_rows, {p.recv_rows(), M});
   Tensor d_act = scratch(Scratch::d_act, {p.recv_rows(), H}), d_pre = scratch(Scratch::d_pre, {p.recv_rows(), H1});
+  const bool bf = config_.compute == DType::bf16;
+  Tensor dy16, dp16;
+  if (bf) {  // the bf16 copies of rows, activations and weights are the forward's
+    dy16 = scratch(Scratch::d_out_bf16, {p.recv_rows(), M}, DType::bf16);
+    dp16 = scratch(Scratch::d_pre_bf16, {p.recv_rows(), H1}, DType::bf16);
+    kernels::cpu::to_bf16(d_out.data_as<float>(), d_out.numel(), static_cast<uint16_t*>(dy16.data()));
+  }
+  auto b16 = [&](Scratch which, int64_t offset) {
+    return static_cast<const uint16_t*>(scratch_storage_[static_cast<size_t>(which)].get()) + offset;
+  };
   int64_t offset = 0;
   for (int w = 0; w < W; ++w)
     for (int l = 0; l < L; ++l) {
@@ -390,21 +429,40 @@ Tensor MoELayer::backward(const TensorView& dout, double balance_coef, double z_
       const float* x = sv.rows.data_as<float>() + offset * M;
       float* da = d_act.data_as<float>() + offset * H;
       float* dp = d_pre.data_as<float>() + offset * H1;
-      float* db2 = grads_.b2.data_as<float>() + l * M;
-      float* db1 = grads_.b1.data_as<float>() + l * H1;
-      kernels::cpu::add_column_sums(dy, m, M, db2);
-      gemm({.transpose_a = true, .m = H, .n = M, .k = m, .a = act, .lda = H, .b = dy, .ldb = M,
-                              .beta = 1.f, .c = grads_.w2.data_as<float>() + l * H * M, .ldc = M});
-      gemm({.transpose_b = true, .m = m, .n = H, .k = M, .a = dy, .lda = M,
-                              .b = params_.w2.data_as<float>() + l * H * M, .ldb = M, .c = da, .ldc = H});
+      float* dw1 = grads_.w1.data_as<float>() + l * M * H1;
+      float* dw2 = grads_.w2.data_as<float>() + l * H * M;
+      kernels::cpu::add_column_sums(dy, m, M, grads_.b2.data_as<float>() + l * M);
+      if (bf) {
+        const uint16_t* dy_b = static_cast<const uint16_t*>(dy16.data()) + offset * M;
+        gemm_bf16({.transpose_a = true, .m = H, .n = M, .k = m, .a = b16(Scratch::act_bf16, offset * H), .lda = H,
+                   .b = dy_b, .ldb = M, .accumulate = true, .c = dw2, .ldc = M});
+        gemm_bf16({.transpose_b = true, .m = m, .n = H, .k = M, .a = dy_b, .lda = M,
+                   .b = b16(Scratch::w2_bf16, l * H * M), .ldb = M, .c = da, .ldc = H});
+      } else {
+        gemm({.transpose_a = true, .m = H, .n = M, .k = m, .a = act, .lda = H, .b = dy, .ldb = M, .beta = 1.f,
+              .c = dw2, .ldc = M});
+        gemm({.transpose_b = true, .m = m, .n = H, .k = M, .a = dy, .lda = M,
+              .b = params_.w2.data_as<float>() + l * H * M, .ldb = M, .c = da, .ldc = H});
+      }
       kernels::cpu::activation_backward(config_.activation, pre, da, m, H, dp);
-      kernels::cpu::add_column_sums(dp, m, H1, db1);
-      gemm({.transpose_a = true, .m = M, .n = H1, .k = m, .a = x, .lda = M, .b = dp, .ldb = H1,
-                              .beta = 1.f, .c = grads_.w1.data_as<float>() + l * M * H1, .ldc = H1});
-      if (input_grad)
-        gemm({.transpose_b = true, .m = m, .n = M, .k = H1, .a = dp, .lda = H1,
-                                .b = params_.w1.data_as<float>() + l * M * H1, .ldb = H1,
-                                .c = d_rows.data_as<float>() + offset * M, .ldc = M});
+      kernels::cpu::add_column_sums(dp, m, H1, grads_.b1.data_as<float>() + l * H1);
+      if (bf) {
+        uint16_t* dp_b = static_cast<uint16_t*>(dp16.data()) + offset * H1;
+        kernels::cpu::to_bf16(dp, m * H1, dp_b);
+        gemm_bf16({.transpose_a = true, .m = M, .n = H1, .k = m, .a = b16(Scratch::recv_bf16, offset * M), .lda = M,
+                   .b = dp_b, .ldb = H1, .accumulate = true, .c = dw1, .ldc = H1});
+        if (input_grad)
+          gemm_bf16({.transpose_b = true, .m = m, .n = M, .k = H1, .a = dp_b, .lda = H1,
+                     .b = b16(Scratch::w1_bf16, l * M * H1), .ldb = H1, .c = d_rows.data_as<float>() + offset * M,
+                     .ldc = M});
+      } else {
+        gemm({.transpose_a = true, .m = M, .n = H1, .k = m, .a = x, .lda = M, .b = dp, .ldb = H1, .beta = 1.f,
+              .c = dw1, .ldc = H1});
+        if (input_grad)
+          gemm({.transpose_b = true, .m = m, .n = M, .k = H1, .a = dp, .lda = H1,
+                .b = params_.w1.data_as<float>() + l * M * H1, .ldb = H1, .c = d_rows.data_as<float>() + offset * M,
+                .ldc = M});
+      }
       offset += m;
     }
 

@@ -30,6 +30,9 @@ struct MoEConfig {
   RouterConfig router;  // router.experts is the global expert count
   ExchangeMode exchange = ExchangeMode::padded;
   bool check_finite = false;  // reject NaN/Inf inputs with a clear error
+  // Expert GEMMs: f32, or bf16 operands with fp32 accumulation (weights stay
+  // fp32 masters; bf16 copies are made per batch).
+  DType compute = DType::f32;
   void validate() const;
 };
 
@@ -75,6 +78,7 @@ struct MoEPhaseTimes {
 struct GemmShape {
   int64_t m, n, k;
   bool transpose_a, transpose_b;
+  bool bf16 = false;
   auto operator<=>(const GemmShape&) const = default;
 };
 
@@ -155,8 +159,9 @@ class MoELayer {
   // phase costs page faults inside the GEMMs that first touch it. Phase results
   // live in them until the next batch (one batch in flight per layer).
   enum class Scratch : uint8_t { input, send, recv, pre, act, expert_out, back, d_returned, d_out, d_rows, d_act, d_pre,
-                                 d_sent, count };
-  Tensor scratch(Scratch which, Shape shape);
+                                 d_sent, recv_bf16, act_bf16, w1_bf16, w2_bf16, d_out_bf16, d_pre_bf16, count };
+  Tensor scratch(Scratch which, Shape shape, DType dtype = DType::f32);
+  void gemm_bf16(const kernels::cpu::GemmBf16Args& args);
   std::vector<std::shared_ptr<void>> scratch_storage_;
   std::vector<size_t> scratch_bytes_;
   MoEPhaseTimes times_;

@@ -397,3 +397,44 @@ TEST(MoELayer, BatchPrioritizedRoutingDropsTheLeastConfidentTokens) {
 
 }  // namespace
 }  // namespace switchyard
+
+namespace switchyard {
+namespace {
+
+double relative_norm_error(const Tensor& a, const Tensor& b) {
+  double diff = 0, ref = 0;
+  for (int64_t i = 0; i < b.numel(); ++i) {
+    const double d = double(a.data_as<float>()[i]) - b.data_as<float>()[i];
+    diff += d * d;
+    ref += double(b.data_as<float>()[i]) * b.data_as<float>()[i];
+  }
+  return std::sqrt(diff / std::max(ref, 1e-300));
+}
+
+TEST(MoELayer, Bf16IsWithinOnePercentOfFp32InNorm) {
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  for (Activation act : {Activation::gelu, Activation::swiglu}) {
+    MoEConfig c = small_config(act, ExchangeMode::dropless, 0.0, 4);
+    c.model_dim = 64, c.hidden_dim = 96;
+    MoELayer f32(c, solo());
+    c.compute = DType::bf16;
+    MoELayer b16(c, solo());
+    f32.init_parameters(seed);
+    b16.init_parameters(seed);
+    Tensor x = random_tokens(seed + 1, 131, 64), dout = random_tokens(seed + 2, 131, 64);
+    MoEForward a = f32.forward(x), b = b16.forward(x);
+    EXPECT_LT(relative_norm_error(b.output, a.output), 1e-2);
+    Tensor dxa = f32.backward(dout), dxb = b16.backward(dout);
+    EXPECT_LT(relative_norm_error(dxb, dxa), 1e-2);
+    EXPECT_LT(relative_norm_error(b16.expert_grads().w1, f32.expert_grads().w1), 1e-2);
+    EXPECT_LT(relative_norm_error(b16.expert_grads().w2, f32.expert_grads().w2), 1e-2);
+    EXPECT_LT(relative_norm_error(b16.expert_grads().b1, f32.expert_grads().b1), 1e-2);
+    EXPECT_LT(relative_norm_error(b16.gate_grad(), f32.gate_grad()), 1e-2);
+    // And it is really bf16: not bit-identical to fp32.
+    EXPECT_GT(relative_norm_error(b.output, a.output), 1e-6);
+  }
+}
+
+}  // namespace
+}  // namespace switchyard

@@ -1,0 +1,87 @@
+#include <map>
+#include <mutex>
+#include <oneapi/dnnl/dnnl.hpp>
+#include <tuple>
+
+#include "core/dtype.h"
+#include "core/error.h"
+#include "kernels/gemm.h"
+
+namespace switchyard::kernels::cpu {
+namespace {
+
+using dnnl::memory;
+
+// Row-major [rows, cols] with leading dimension ld, or its transpose view.
+memory::desc matrix(int64_t rows, int64_t cols, int64_t ld, bool transposed, memory::data_type type) {
+  // op(X) is [rows, cols]; X itself is stored row-major with leading dimension ld.
+  const memory::dims strides = transposed ? memory::dims{1, ld} : memory::dims{ld, 1};
+  return memory::desc({rows, cols}, type, strides);
+}
+
+struct Key {
+  int64_t m, n, k, lda, ldb, ldc;
+  bool ta, tb, accumulate;
+  auto operator<=>(const Key&) const = default;
+};
+
+struct Cache {
+  std::mutex mutex;
+  dnnl::engine engine{dnnl::engine::kind::cpu, 0};
+  std::map<Key, dnnl::matmul> primitives;
+};
+
+Cache& cache() {
+  static Cache* c = new Cache();  // primitives outlive static teardown order issues
+  return *c;
+}
+
+}  // namespace
+
+void gemm_bf16(const GemmBf16Args& g) {
+  if (g.m == 0 || g.n == 0) return;
+  if (g.k == 0) {
+    if (!g.accumulate)
+      for (int64_t i = 0; i < g.m; ++i)
+        for (int64_t j = 0; j < g.n; ++j) g.c[i * g.ldc + j] = 0.f;
+    return;
+  }
+  const Key key{g.m, g.n, g.k, g.lda, g.ldb, g.ldc, g.transpose_a, g.transpose_b, g.accumulate};
+  const memory::desc a = matrix(g.m, g.k, g.lda, g.transpose_a, memory::data_type::bf16);
+  const memory::desc b = matrix(g.k, g.n, g.ldb, g.transpose_b, memory::data_type::bf16);
+  const memory::desc c = matrix(g.m, g.n, g.ldc, false, memory::data_type::f32);
+  Cache& cc = cache();
+  dnnl::matmul primitive;
+  {
+    std::lock_guard lock(cc.mutex);
+    auto it = cc.primitives.find(key);
+    if (it == cc.primitives.end()) {
+      dnnl::primitive_attr attr;
+      if (g.accumulate) {
+        dnnl::post_ops ops;
+        ops.append_sum(1.f);
+        attr.set_post_ops(ops);
+      }
+      try {
+        dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a, b, c), attr, cc.engine);
+        it = cc.primitives.emplace(key, dnnl::matmul(pd)).first;
+      } catch (const dnnl::error& e) {
+        SY_THROW(NotSupported, "oneDNN has no bf16 matmul for m=", g.m, " n=", g.n, " k=", g.k, ": ", e.what());
+      }
+    }
+    primitive = it->second;
+  }
+  // One stream per call: the primitive is shared, its arguments are not.
+  dnnl::stream stream(cc.engine);
+  memory am(a, cc.engine, const_cast<uint16_t*>(g.a)), bm(b, cc.engine, const_cast<uint16_t*>(g.b)),
+      cm(c, cc.engine, g.c);
+  primitive.execute(stream, {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, bm}, {DNNL_ARG_DST, cm}});
+  stream.wait();
+}
+
+void to_bf16(const float* src, int64_t n, uint16_t* dst) {
+#pragma omp parallel for schedule(static) if (n >= (1 << 15))
+  for (int64_t i = 0; i < n; ++i) dst[i] = bf16::from_float(src[i]).bits;
+}
+
+}  // namespace switchyard::kernels::cpu
