@@ -318,6 +318,9 @@ const std::vector<Field>& fields() {
              "Weight of the load-balancing loss."),
       number("train.z_coef", 0.0, 1e3, +[](JobConfig& c) -> double& { return c.train.z_coef; },
              "Weight of the router z-loss."),
+      number("train.bias_rate", 0.0, 1e3, +[](JobConfig& c) -> double& { return c.train.bias_rate; },
+             "sigmoid_bias gate: after each step raise the selection bias of under-used experts by this much "
+             "and lower the over-used (DeepSeek-V3's auxiliary-loss-free balancing)."),
       integer<int>("train.log_every", 1, kIntMax, +[](JobConfig& c) -> int& { return c.train.log_every; },
                    "Print the loss every this many steps."),
       integer<int64_t>("train.seed", 0, kNoMax, +[](JobConfig& c) -> int64_t& { return c.train.seed; },

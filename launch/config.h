@@ -57,6 +57,7 @@ struct TrainSection {
   double lr = 0.05;
   double balance_coef = 0.01;
   double z_coef = 0.0;
+  double bias_rate = 0.001;  // sigmoid_bias gate: per-step bias adjustment (aux-loss-free balancing)
   int log_every = 10;
   int64_t seed = 1;
 };

@@ -117,6 +117,8 @@ void train_moe(Runtime& rt, const JobConfig& job) {
     sgd(student.params().b1, student.expert_grads().b1, tr.lr);
     sgd(student.params().w2, student.expert_grads().w2, tr.lr);
     sgd(student.params().b2, student.expert_grads().b2, tr.lr);
+    if (student_config.router.gate == GateKind::sigmoid_bias && tr.bias_rate > 0)
+      student.update_gate_bias(tr.bias_rate);
     const double step_time = max_over(world, std::chrono::duration<double>(Clock::now() - start).count());
     const double loss = sum_over(world, squared) / count;
     const double balance = sum_over(world, f.balance_loss) / world.size();

@@ -79,6 +79,7 @@ MoELayer::MoELayer(MoEConfig config, std::shared_ptr<Communicator> expert_group)
   config_.validate();
   const int64_t M = config_.model_dim, H = config_.hidden_dim, L = layout_.local_experts();
   gate_weight_ = Tensor::zeros({M, config_.router.experts}, DType::f32);
+  gate_bias_ = Tensor::zeros({config_.router.experts}, DType::f32);
   params_.w1 = Tensor::zeros({L, M, hidden_in()}, DType::f32);
   params_.b1 = Tensor::zeros({L, hidden_in()}, DType::f32);
   params_.w2 = Tensor::zeros({L, H, M}, DType::f32);
@@ -132,7 +133,8 @@ Routing MoELayer::route_tokens(const TensorView& x, Tensor& logits) {
   logits = Tensor::empty({T, E}, DType::f32);
   gemm({.m = T, .n = E, .k = M, .a = static_cast<const float*>(x.data()), .lda = M,
                           .b = gate_weight_.data_as<float>(), .ldb = E, .c = logits.data_as<float>(), .ldc = E});
-  return route(config_.router, logits);
+  const TensorView bias = gate_bias_.view();
+  return route(config_.router, logits, config_.router.gate == GateKind::sigmoid_bias ? &bias : nullptr);
 }
 
 DispatchPlan MoELayer::plan(const Routing& routing, int64_t tokens) {
@@ -362,6 +364,22 @@ void MoELayer::load(const std::string& prefix) {
   group_->barrier().wait();
 }
 
+void MoELayer::update_gate_bias(double rate) {
+  if (config_.router.gate != GateKind::sigmoid_bias)
+    SY_THROW(InvalidArgument, "moe: update_gate_bias needs the sigmoid_bias gate");
+  if (!saved_.valid) SY_THROW(InvalidArgument, "moe: update_gate_bias without a forward");
+  const int E = config_.router.experts;
+  Tensor load = Tensor::empty({E}, DType::f64);
+  for (int e = 0; e < E; ++e) load.data_as<double>()[e] = static_cast<double>(saved_.routing.expert_load[e]);
+  group_->allreduce(load, load).wait();  // the group's load, so every replica moves its bias alike
+  double mean = 0;
+  for (int e = 0; e < E; ++e) mean += load.data_as<double>()[e] / E;
+  for (int e = 0; e < E; ++e) {
+    const double l = load.data_as<double>()[e];
+    gate_bias_.data_as<float>()[e] += static_cast<float>(l < mean ? rate : l > mean ? -rate : 0.0);
+  }
+}
+
 MoEForward MoELayer::forward(const TensorView& x) {
   Saved& sv = saved_;
   sv.valid = false;
@@ -472,7 +490,7 @@ Tensor MoELayer::backward(const TensorView& dout, double balance_coef, double z_
   const int32_t* chosen = sv.routing.experts.data_as<int32_t>();
   const float* weight = sv.routing.weights.data_as<float>();
   Tensor d_logits = Tensor::zeros({T, E}, DType::f32);
-  std::vector<double> ds(static_cast<size_t>(E));
+  std::vector<double> ds(static_cast<size_t>(E)), gbal(static_cast<size_t>(E));
   for (int64_t t = 0; t < T; ++t) {
     std::fill(ds.begin(), ds.end(), 0.0);
     double chosen_sum = 0.0, dot = 0.0;
@@ -492,7 +510,6 @@ Tensor MoELayer::backward(const TensorView& dout, double balance_coef, double z_
       // balance = E * sum_e f_e * mean_t(s_te / sum_e s_te); f_e has no gradient.
       double row_sum = 0.0, gs = 0.0;
       for (int e = 0; e < E; ++e) row_sum += s[t * E + e];
-      std::vector<double> gbal(static_cast<size_t>(E));
       for (int e = 0; e < E; ++e) {
         const double f = static_cast<double>(sv.routing.expert_load[e]) / static_cast<double>(T * k);
         gbal[e] = balance_coef * E * f / static_cast<double>(T);

@@ -96,6 +96,12 @@ class MoELayer {
   const MoEConfig& config() const { return config_; }
   const ParamLayout& layout() const { return layout_; }
   Tensor& gate_weight() { return gate_weight_; }  // [M, E], replicated on every rank
+  // Per-expert selection bias of the sigmoid_bias gate (DeepSeek-V3's
+  // auxiliary-loss-free balancing); not trained by gradients.
+  Tensor& gate_bias() { return gate_bias_; }
+  // After a step: raise the bias of experts the group under-used in the last
+  // forward by `rate`, lower the over-used ones (collective over the group).
+  void update_gate_bias(double rate);
   ExpertParams& params() { return params_; }
   // Deterministic initialisation keyed by logical expert id, so any placement
   // and any number of ranks hold the same weights.
@@ -151,6 +157,7 @@ class MoELayer {
   std::shared_ptr<Communicator> group_;
   ParamLayout layout_;
   Tensor gate_weight_;
+  Tensor gate_bias_;
   ExpertParams params_;
   Tensor gate_grad_;
   ExpertParams grads_;

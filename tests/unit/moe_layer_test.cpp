@@ -3,6 +3,7 @@
 // capacity drops counted exactly, bad input.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -434,6 +435,39 @@ TEST(MoELayer, Bf16IsWithinOnePercentOfFp32InNorm) {
     // And it is really bf16: not bit-identical to fp32.
     EXPECT_GT(relative_norm_error(b.output, a.output), 1e-6);
   }
+}
+
+}  // namespace
+}  // namespace switchyard
+
+namespace switchyard {
+namespace {
+
+TEST(MoELayer, SigmoidBiasBalancingEvensOutTheLoadWithoutALoss) {
+  MoEConfig c = small_config(Activation::relu, ExchangeMode::dropless, 0.0, 8);
+  c.router.gate = GateKind::sigmoid_bias;
+  c.router.renormalize = true;
+  MoELayer layer(c, solo());
+  layer.init_parameters(5);
+  // Skew the gate so that a few experts take most tokens.
+  for (int64_t m = 0; m < 16; ++m) layer.gate_weight().data_as<float>()[m * 8 + 0] += 1.5f;
+  Tensor x = random_tokens(6, 400, 16);
+  auto spread = [&] {
+    Tensor logits;
+    Routing r = layer.route_tokens(x, logits);
+    const auto [lo, hi] = std::minmax_element(r.expert_load.begin(), r.expert_load.end());
+    return static_cast<double>(*hi - *lo);
+  };
+  const double before = spread();
+  for (int step = 0; step < 200; ++step) {
+    layer.forward(x);
+    layer.update_gate_bias(0.005);
+  }
+  const double after = spread();
+  EXPECT_LT(after, 0.35 * before) << "load spread " << before << " -> " << after;
+  MoELayer softmax_layer(small_config(Activation::relu, ExchangeMode::dropless, 0.0, 8), solo());
+  softmax_layer.forward(x);
+  EXPECT_THROW(softmax_layer.update_gate_bias(0.01), InvalidArgument);
 }
 
 }  // namespace
