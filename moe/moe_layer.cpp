@@ -210,7 +210,7 @@ std::vector<int64_t> times(const std::vector<int64_t>& rows, int64_t width) {
 }
 }  // namespace
 
-Tensor MoELayer::dispatch(const DispatchPlan& p, const TensorView& x) {
+MoELayer::Exchange MoELayer::dispatch_async(const DispatchPlan& p, const TensorView& x) {
   const int64_t M = config_.model_dim;
   Tensor send = scratch(Scratch::send, {p.send_rows(), M});
   {
@@ -218,10 +218,16 @@ Tensor MoELayer::dispatch(const DispatchPlan& p, const TensorView& x) {
     kernels::cpu::gather_rows(static_cast<const float*>(x.data()), p.token_of_row.data(), p.send_rows(), M,
                               send.data_as<float>());
   }
-  PhaseTimer timer(times_.dispatch_a2a);
   Tensor recv = scratch(Scratch::recv, {p.recv_rows(), M});
-  group_->alltoallv(send, times(p.rows_per_rank, M), recv, times(p.recv_rows_per_rank, M)).wait();
-  return recv;
+  Work done = group_->alltoallv(send, times(p.rows_per_rank, M), recv, times(p.recv_rows_per_rank, M));
+  return {recv, std::move(done)};
+}
+
+Tensor MoELayer::dispatch(const DispatchPlan& p, const TensorView& x) {
+  Exchange e = dispatch_async(p, x);
+  PhaseTimer timer(times_.dispatch_a2a);
+  e.done.wait();
+  return e.rows;
 }
 
 ExpertActivations MoELayer::run_experts(const DispatchPlan& p, const TensorView& rows) {
@@ -276,12 +282,18 @@ ExpertActivations MoELayer::run_experts(const DispatchPlan& p, const TensorView&
   return {out, pre, act};
 }
 
-Tensor MoELayer::combine_exchange(const DispatchPlan& p, const TensorView& expert_out) {
-  PhaseTimer timer(times_.combine_a2a);
+MoELayer::Exchange MoELayer::combine_exchange_async(const DispatchPlan& p, const TensorView& expert_out) {
   const int64_t M = config_.model_dim;
   Tensor back = scratch(Scratch::back, {p.send_rows(), M});
-  group_->alltoallv(expert_out, times(p.recv_rows_per_rank, M), back, times(p.rows_per_rank, M)).wait();
-  return back;
+  Work done = group_->alltoallv(expert_out, times(p.recv_rows_per_rank, M), back, times(p.rows_per_rank, M));
+  return {back, std::move(done)};
+}
+
+Tensor MoELayer::combine_exchange(const DispatchPlan& p, const TensorView& expert_out) {
+  Exchange e = combine_exchange_async(p, expert_out);
+  PhaseTimer timer(times_.combine_a2a);
+  e.done.wait();
+  return e.rows;
 }
 
 Tensor MoELayer::combine(const DispatchPlan& p, const TensorView& returned) {

@@ -143,10 +143,18 @@ class MoELayer {
   DispatchPlan plan(const Routing& routing, int64_t tokens);
   // Exchanges per-block row counts (dropless; padded needs none).
   void exchange_layout(DispatchPlan& plan);
-  // Rows for the local experts, grouped by source rank then local slot.
+  // Rows for the local experts, grouped by source rank then local slot. The
+  // async form returns as soon as the all-to-all is posted on the group's
+  // executor: the caller overlaps work and waits on `done` before reading `rows`.
+  struct Exchange {
+    Tensor rows;
+    Work done;
+  };
+  Exchange dispatch_async(const DispatchPlan& plan, const TensorView& x);
   Tensor dispatch(const DispatchPlan& plan, const TensorView& x);
   ExpertActivations run_experts(const DispatchPlan& plan, const TensorView& rows);
   // Expert outputs back to their source rows (send order).
+  Exchange combine_exchange_async(const DispatchPlan& plan, const TensorView& expert_out);
   Tensor combine_exchange(const DispatchPlan& plan, const TensorView& expert_out);
   // out[t] = sum_j weight * row(t, j).
   Tensor combine(const DispatchPlan& plan, const TensorView& returned);
