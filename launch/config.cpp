@@ -304,7 +304,9 @@ const std::vector<Field>& fields() {
       number("moe.capacity_factor", -1e6, 1e6, +[](JobConfig& c) -> double& { return c.moe.capacity_factor; },
              "> 0: capacity k*ceil(cf*T/E) per expert (extra tokens dropped); 0: dropless; < 0: dropless capped at |cf|."),
       choice("moe.exchange", {"padded", "dropless"}, +[](JobConfig& c) -> std::string& { return c.moe.exchange; },
-             "padded: all-to-all of [E, C, M] buffers (Tutel); dropless: all-to-all-v of the routed rows (DeepEP)."),
+             "How rows travel; never changes the result. padded: all-to-all of [E, C, M] buffers (Tutel); "
+             "dropless: all-to-all-v of only the routed rows (DeepEP). Whether tokens drop is moe.capacity_factor's "
+             "business (0: none)."),
       choice("moe.activation", {"relu", "gelu", "swiglu"},
              +[](JobConfig& c) -> std::string& { return c.moe.activation; }, "Expert activation."),
       choice("moe.gate", {"softmax", "sigmoid_bias"}, +[](JobConfig& c) -> std::string& { return c.moe.gate; },

@@ -101,6 +101,7 @@ int64_t MoELayer::hidden_in() const {
 
 void MoELayer::init_parameters(uint64_t seed) {
   const int64_t M = config_.model_dim, H = config_.hidden_dim, H1 = hidden_in();
+  noise_ = Rng(seed * 7919u + static_cast<uint64_t>(group_->rank()) + 17);
   Rng gate_rng(seed);
   gate_rng.fill_uniform(gate_weight_, -1.0 / std::sqrt(M), 1.0 / std::sqrt(M));
   const int me = group_->rank();
@@ -134,7 +135,8 @@ Routing MoELayer::route_tokens(const TensorView& x, Tensor& logits) {
   gemm({.m = T, .n = E, .k = M, .a = static_cast<const float*>(x.data()), .lda = M,
                           .b = gate_weight_.data_as<float>(), .ldb = E, .c = logits.data_as<float>(), .ldc = E});
   const TensorView bias = gate_bias_.view();
-  return route(config_.router, logits, config_.router.gate == GateKind::sigmoid_bias ? &bias : nullptr);
+  return route(config_.router, logits, config_.router.gate == GateKind::sigmoid_bias ? &bias : nullptr,
+               config_.router.noise_std > 0 ? &noise_ : nullptr);
 }
 
 DispatchPlan MoELayer::plan(const Routing& routing, int64_t tokens) {
@@ -279,7 +281,7 @@ ExpertActivations MoELayer::run_experts(const DispatchPlan& p, const TensorView&
       }
       offset += m;
     }
-  return {out, pre, act};
+  return {out, pre, act, x16, act16, w1_16, w2_16};
 }
 
 MoELayer::Exchange MoELayer::combine_exchange_async(const DispatchPlan& p, const TensorView& expert_out) {
@@ -445,9 +447,7 @@ Tensor MoELayer::backward(const TensorView& dout, double balance_coef, double z_
     dp16 = scratch(Scratch::d_pre_bf16, {p.recv_rows(), H1}, DType::bf16);
     kernels::cpu::to_bf16(d_out.data_as<float>(), d_out.numel(), static_cast<uint16_t*>(dy16.data()));
   }
-  auto b16 = [&](Scratch which, int64_t offset) {
-    return static_cast<const uint16_t*>(scratch_storage_[static_cast<size_t>(which)].get()) + offset;
-  };
+  auto b16 = [](const Tensor& t, int64_t offset) { return static_cast<const uint16_t*>(t.data()) + offset; };
   int64_t offset = 0;
   for (int w = 0; w < W; ++w)
     for (int l = 0; l < L; ++l) {
@@ -464,10 +464,10 @@ Tensor MoELayer::backward(const TensorView& dout, double balance_coef, double z_
       kernels::cpu::add_column_sums(dy, m, M, grads_.b2.data_as<float>() + l * M);
       if (bf) {
         const uint16_t* dy_b = static_cast<const uint16_t*>(dy16.data()) + offset * M;
-        gemm_bf16({.transpose_a = true, .m = H, .n = M, .k = m, .a = b16(Scratch::act_bf16, offset * H), .lda = H,
+        gemm_bf16({.transpose_a = true, .m = H, .n = M, .k = m, .a = b16(sv.experts.act16, offset * H), .lda = H,
                    .b = dy_b, .ldb = M, .accumulate = true, .c = dw2, .ldc = M});
         gemm_bf16({.transpose_b = true, .m = m, .n = H, .k = M, .a = dy_b, .lda = M,
-                   .b = b16(Scratch::w2_bf16, l * H * M), .ldb = M, .c = da, .ldc = H});
+                   .b = b16(sv.experts.w2_16, l * H * M), .ldb = M, .c = da, .ldc = H});
       } else {
         gemm({.transpose_a = true, .m = H, .n = M, .k = m, .a = act, .lda = H, .b = dy, .ldb = M, .beta = 1.f,
               .c = dw2, .ldc = M});
@@ -479,11 +479,11 @@ Tensor MoELayer::backward(const TensorView& dout, double balance_coef, double z_
       if (bf) {
         uint16_t* dp_b = static_cast<uint16_t*>(dp16.data()) + offset * H1;
         kernels::cpu::to_bf16(dp, m * H1, dp_b);
-        gemm_bf16({.transpose_a = true, .m = M, .n = H1, .k = m, .a = b16(Scratch::recv_bf16, offset * M), .lda = M,
+        gemm_bf16({.transpose_a = true, .m = M, .n = H1, .k = m, .a = b16(sv.experts.rows16, offset * M), .lda = M,
                    .b = dp_b, .ldb = H1, .accumulate = true, .c = dw1, .ldc = H1});
         if (input_grad)
           gemm_bf16({.transpose_b = true, .m = m, .n = M, .k = H1, .a = dp_b, .lda = H1,
-                     .b = b16(Scratch::w1_bf16, l * M * H1), .ldb = H1, .c = d_rows.data_as<float>() + offset * M,
+                     .b = b16(sv.experts.w1_16, l * M * H1), .ldb = H1, .c = d_rows.data_as<float>() + offset * M,
                      .ldc = M});
       } else {
         gemm({.transpose_a = true, .m = M, .n = H1, .k = m, .a = x, .lda = M, .b = dp, .ldb = H1, .beta = 1.f,

@@ -67,6 +67,8 @@ struct ExpertActivations {
   Tensor out;  // [R, M]
   Tensor pre;  // [R, H1] before the activation
   Tensor act;  // [R, H] after it
+  // bf16 compute: the operand copies backward reuses (rows, act, w1, w2); empty for f32.
+  Tensor rows16, act16, w1_16, w2_16;
 };
 
 // Where a layer's time went, summed over calls until reset (seconds), and the
@@ -166,6 +168,7 @@ class MoELayer {
   ParamLayout layout_;
   Tensor gate_weight_;
   Tensor gate_bias_;
+  Rng noise_{0};  // router noise (router.noise_std > 0), seeded by init_parameters per rank
   ExpertParams params_;
   Tensor gate_grad_;
   ExpertParams grads_;

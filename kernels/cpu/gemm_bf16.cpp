@@ -1,5 +1,6 @@
 #include <map>
-#include <mutex>
+#include <omp.h>
+
 #include <oneapi/dnnl/dnnl.hpp>
 #include <tuple>
 
@@ -22,18 +23,24 @@ memory::desc matrix(int64_t rows, int64_t cols, int64_t ld, bool transposed, mem
 struct Key {
   int64_t m, n, k, lda, ldb, ldc;
   bool ta, tb, accumulate;
+  int threads;  // oneDNN splits the work when the primitive is created
   auto operator<=>(const Key&) const = default;
 };
 
+// One cache per thread: a primitive's library-managed scratchpad belongs to the
+// thread that created it, so thread-ranks must not execute each other's.
+// Dropless batches bring new row counts every step; the cache is bounded and
+// starts over when full (a primitive costs a JIT compile of ~1 ms).
+constexpr size_t kMaxCachedPrimitives = 256;
+
 struct Cache {
-  std::mutex mutex;
   dnnl::engine engine{dnnl::engine::kind::cpu, 0};
   std::map<Key, dnnl::matmul> primitives;
 };
 
 Cache& cache() {
-  static Cache* c = new Cache();  // primitives outlive static teardown order issues
-  return *c;
+  thread_local Cache c;
+  return c;
 }
 
 }  // namespace
@@ -46,15 +53,15 @@ void gemm_bf16(const GemmBf16Args& g) {
         for (int64_t j = 0; j < g.n; ++j) g.c[i * g.ldc + j] = 0.f;
     return;
   }
-  const Key key{g.m, g.n, g.k, g.lda, g.ldb, g.ldc, g.transpose_a, g.transpose_b, g.accumulate};
+  const Key key{g.m, g.n, g.k, g.lda, g.ldb, g.ldc, g.transpose_a, g.transpose_b, g.accumulate, omp_get_max_threads()};
   const memory::desc a = matrix(g.m, g.k, g.lda, g.transpose_a, memory::data_type::bf16);
   const memory::desc b = matrix(g.k, g.n, g.ldb, g.transpose_b, memory::data_type::bf16);
   const memory::desc c = matrix(g.m, g.n, g.ldc, false, memory::data_type::f32);
   Cache& cc = cache();
   dnnl::matmul primitive;
   {
-    std::lock_guard lock(cc.mutex);
     auto it = cc.primitives.find(key);
+    if (it == cc.primitives.end() && cc.primitives.size() >= kMaxCachedPrimitives) cc.primitives.clear();
     if (it == cc.primitives.end()) {
       dnnl::primitive_attr attr;
       if (g.accumulate) {

@@ -74,5 +74,40 @@ TEST(MoEMultiRank, ExpertParallelEqualsOneRankForwardAndBackward) {
   }
 }
 
+// With capacity, every source rank gets C slots per expert (Tutel's rule), and
+// C is the group's: with equal token counts each rank's output equals its
+// tokens through one rank holding every expert. In bf16 as well.
+TEST(MoEMultiRank, CapacityAndBf16AgreeWithOneRankPerSource) {
+  for (DType compute : {DType::f32, DType::bf16})
+    for (ExchangeMode mode : {ExchangeMode::padded, ExchangeMode::dropless}) {
+      testing::for_each_rank([&](Communicator& comm, uint64_t seed) {
+        const int n = comm.size(), me = comm.rank();
+        MoEConfig c;
+        c.model_dim = 32, c.hidden_dim = 24, c.exchange = mode, c.compute = compute;
+        c.router.experts = 2 * n, c.router.k = std::min(2, 2 * n), c.router.capacity_factor = 0.6;
+        std::shared_ptr<Communicator> group(&comm, [](Communicator*) {});
+        MoELayer layer(c, group);
+        layer.init_parameters(seed);
+        Tensor x = tokens(seed + 300 + me, 40, 32), dout = tokens(seed + 400 + me, 40, 32);
+        MoEForward f = layer.forward(x);
+        Tensor dx = layer.backward(dout);
+        ThreadsWorld solo_world(1);
+        MoELayer whole(c, solo_world.communicator(0));
+        whole.init_parameters(seed);
+        MoEForward wf = whole.forward(x);
+        Tensor wdx = whole.backward(dout);
+        EXPECT_EQ(f.dropped, wf.dropped);
+        const double tol = compute == DType::bf16 ? 1e-3 : 1e-5;
+        for (int64_t i = 0; i < x.numel(); ++i) {
+          const float a = f.output.data_as<float>()[i], b = wf.output.data_as<float>()[i];
+          const float da = dx.data_as<float>()[i], db = wdx.data_as<float>()[i];
+          if (std::fabs(a - b) > tol * (1 + std::fabs(b)) || std::fabs(da - db) > tol * (1 + std::fabs(db)))
+            SY_THROW(Error, "rank ", me, " ", dtype_name(compute), " mode ", int(mode), ": element ", i, " output ", a,
+                     " vs ", b, ", dx ", da, " vs ", db);
+        }
+      });
+    }
+}
+
 }  // namespace
 }  // namespace switchyard

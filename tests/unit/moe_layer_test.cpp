@@ -194,8 +194,9 @@ TEST(MoELayer, BackwardMatchesFiniteDifferences) {
   const uint64_t seed = fresh_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));
   for (GateKind gate : {GateKind::softmax, GateKind::sigmoid_bias})
-    for (ExchangeMode mode : {ExchangeMode::padded, ExchangeMode::dropless}) {
-      MoEConfig c = small_config(Activation::swiglu, mode, 0.0, 4);
+    for (ExchangeMode mode : {ExchangeMode::padded, ExchangeMode::dropless})
+      for (double cf : {0.0, 0.75}) {  // 0.75: some choices dropped, their gradient paths cut
+      MoEConfig c = small_config(Activation::swiglu, mode, cf, 4);
       c.model_dim = 6, c.hidden_dim = 5;
       c.router.gate = gate;
       c.router.renormalize = gate == GateKind::sigmoid_bias;
@@ -242,7 +243,7 @@ TEST(MoELayer, BackwardMatchesFiniteDifferences) {
       check("gate", layer.gate_weight(), layer.gate_grad());
       check("x", x, dx);
       EXPECT_GE(checked, 24) << "too many coordinates sat next to a flip of the routing";
-    }
+      }
 }
 
 TEST(MoELayer, ExpertParallelGradientsEqualOneRankOnAllTokens) {
@@ -292,6 +293,10 @@ TEST(MoELayer, ExpertParallelGradientsEqualOneRankOnAllTokens) {
                 whole.expert_grads().w1.data_as<float>() + e * 16 * 24, 16 * 24);
           close("b2 grad", layer.expert_grads().b2.data_as<float>() + slot * 16,
                 whole.expert_grads().b2.data_as<float>() + e * 16, 16);
+          close("w2 grad", layer.expert_grads().w2.data_as<float>() + slot * 24 * 16,
+                whole.expert_grads().w2.data_as<float>() + e * 24 * 16, 24 * 16);
+          close("b1 grad", layer.expert_grads().b1.data_as<float>() + slot * 24,
+                whole.expert_grads().b1.data_as<float>() + e * 24, 24);
         }
         // Inputs without gradient skip dx (and its all-to-all) but still fill the weights' gradients.
         Tensor w2_grad = layer.expert_grads().w2.clone(), gate_grad = layer.gate_grad().clone();

@@ -158,6 +158,10 @@ TEST(Router, NoiseChangesChoicesReproduciblyAndTiesGoToTheLowerExpert) {
   Rng a(7), b(7);
   Routing na = route(c, flat, nullptr, &a), nb = route(c, flat, nullptr, &b);
   EXPECT_EQ(std::memcmp(na.experts.data(), nb.experts.data(), na.experts.nbytes()), 0);
+  bool moved = false;  // noise breaks the ties: some token no longer picks (0, 1)
+  for (int t = 0; t < 3; ++t)
+    moved |= na.experts.data_as<int32_t>()[t * 2] != 0 || na.experts.data_as<int32_t>()[t * 2 + 1] != 1;
+  EXPECT_TRUE(moved);
   EXPECT_THROW(route(c, flat), InvalidArgument);  // noise needs an Rng
 }
 
