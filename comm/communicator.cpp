@@ -445,4 +445,13 @@ void Communicator::do_sendrecv(const TensorView& send_buffer, int to, const Tens
 
 void Communicator::do_barrier(const OpContext& ctx) { algorithms::barrier_dissemination(counted_transport(), ctx.deadline); }
 
+double allreduce_scalar(Communicator& comm, double value, ReduceOp op) {
+  Tensor t = Tensor::empty({1}, DType::f64);
+  t.data_as<double>()[0] = value;
+  ReduceOptions options;
+  options.op = op;
+  comm.allreduce(t, t, options).wait();
+  return t.data_as<double>()[0];
+}
+
 }  // namespace switchyard

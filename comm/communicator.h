@@ -147,4 +147,7 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
   std::unique_ptr<Executor> executor_;
 };
 
+// One double reduced over the communicator (sum, max or min): timings, losses, counts.
+double allreduce_scalar(Communicator& comm, double value, ReduceOp op = ReduceOp::sum);
+
 }  // namespace switchyard

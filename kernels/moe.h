@@ -3,6 +3,8 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
+#include <string_view>
 
 namespace switchyard::kernels::cpu {
 
@@ -25,6 +27,8 @@ void broadcast_rows(const float* bias, int64_t rows, int64_t width, float* y);
 void row_dots(const float* a, const int64_t* index, const float* b, int64_t rows, int64_t width, float* out);
 
 enum class Activation : uint8_t { relu, gelu, swiglu };
+// "relu", "gelu", "swiglu"; nullopt otherwise.
+std::optional<Activation> parse_activation(std::string_view name);
 // relu, gelu (exact, erf): y = f(x) on [rows, width]. swiglu: x is [rows, 2*width]
 // holding (gate, up) halves per row, y[rows, width] = silu(gate) * up.
 void activation_forward(Activation act, const float* x, int64_t rows, int64_t width, float* y);

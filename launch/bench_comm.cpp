@@ -127,13 +127,6 @@ int64_t count_wrong(const Case& c) {
   return wrong;
 }
 
-double allreduce_scalar(Communicator& comm, double v, ReduceOp op) {
-  Tensor t = Tensor::empty({1}, DType::f64);
-  t.data_as<double>()[0] = v;
-  comm.allreduce(t, t, {{}, op}).wait();
-  return t.data_as<double>()[0];
-}
-
 void print_header(std::ostream& out, const std::string& op, Communicator& comm, const BenchCommSection& cfg) {
   out << "# switchyard bench comm: " << op << " on " << comm.size() << " ranks, backend " << comm.backend_name()
       << ", algorithm " << cfg.algorithm << ", " << cfg.iters << " iters, " << cfg.warmup

@@ -13,37 +13,6 @@ namespace {
 
 using kernels::cpu::Activation;
 
-Activation parse_activation(const std::string& s) {
-  if (s == "relu") return Activation::relu;
-  if (s == "gelu") return Activation::gelu;
-  if (s == "swiglu") return Activation::swiglu;
-  SY_THROW(ConfigError, "--activation: got '", s, "', expected relu, gelu or swiglu");
-}
-
-double max_over(Communicator& comm, double v) {
-  Tensor t = Tensor::empty({1}, DType::f64);
-  t.data_as<double>()[0] = v;
-  ReduceOptions o;
-  o.op = ReduceOp::max;
-  comm.allreduce(t, t, o).wait();
-  return t.data_as<double>()[0];
-}
-
-double sum_over(Communicator& comm, double v) {
-  Tensor t = Tensor::empty({1}, DType::f64);
-  t.data_as<double>()[0] = v;
-  comm.allreduce(t, t).wait();
-  return t.data_as<double>()[0];
-}
-
-void sgd(Tensor& param, const Tensor& grad, double lr) {
-  float* p = param.data_as<float>();
-  const float* g = grad.data_as<float>();
-  const int64_t n = param.numel();
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) p[i] -= static_cast<float>(lr) * g[i];
-}
-
 // Median seconds of one GEMM of this shape with the layer's own call.
 double time_gemm(const GemmShape& s) {
   const int64_t a_rows = s.transpose_a ? s.k : s.m, a_cols = s.transpose_a ? s.m : s.k;
@@ -109,7 +78,9 @@ int run_bench_moe(const BenchMoeOptions& o) {
     MoEConfig c;
     c.model_dim = o.model_dim;
     c.hidden_dim = o.hidden_size;
-    c.activation = parse_activation(o.activation);
+    const auto activation = kernels::cpu::parse_activation(o.activation);
+    if (!activation) SY_THROW(ConfigError, "--activation: got '", o.activation, "', expected relu, gelu or swiglu");
+    c.activation = *activation;
     c.exchange = o.exchange == "dropless" ? ExchangeMode::dropless : ExchangeMode::padded;
     if (o.exchange != "padded" && o.exchange != "dropless")
       SY_THROW(ConfigError, "--exchange: got '", o.exchange, "', expected padded or dropless");
@@ -154,16 +125,12 @@ int run_bench_moe(const BenchMoeOptions& o) {
       if (!o.eval) {
         layer.zero_grad();
         layer.backward(dout, 0.0, 0.0, o.input_grad);
-        sgd(layer.gate_weight(), layer.gate_grad(), o.lr);
-        sgd(layer.params().w1, layer.expert_grads().w1, o.lr);
-        sgd(layer.params().b1, layer.expert_grads().b1, o.lr);
-        sgd(layer.params().w2, layer.expert_grads().w2, o.lr);
-        sgd(layer.params().b2, layer.expert_grads().b2, o.lr);
+        layer.sgd_step(o.lr);
       }
       const double mine = std::chrono::duration<double>(Clock::now() - start).count();
-      const double step_time = max_over(world, mine);
-      const double loss = sum_over(world, local_loss) / std::max<double>(1.0, sum_over(world, double(T * M)));
-      const double step_flops = sum_over(world, layer.gemm_flops() - flops_at_start);
+      const double step_time = allreduce_scalar(world, mine, ReduceOp::max);
+      const double loss = allreduce_scalar(world, local_loss) / std::max<double>(1.0, allreduce_scalar(world, double(T * M)));
+      const double step_flops = allreduce_scalar(world, layer.gemm_flops() - flops_at_start);
       if (step >= skip) timed += step_time, dropped_total += f.dropped;
       if (leader)
         std::printf("STEP-%d: loss = %.5f, step_time = %.6f sec, perf = %.2f tflops.\n", step, loss, step_time,
@@ -182,7 +149,7 @@ int run_bench_moe(const BenchMoeOptions& o) {
       floor += per_step * t;
       rows.push_back({shape, {per_step, t}});
     }
-    const double floor_max = max_over(world, floor);
+    const double floor_max = allreduce_scalar(world, floor, ReduceOp::max);
     if (leader) {
       const double total = timed / steps;
       auto line = [&](const char* name, double seconds) {
@@ -196,7 +163,7 @@ int run_bench_moe(const BenchMoeOptions& o) {
       line("all-to-all back", pt.combine_a2a);
       line("decode", pt.decode);
       line("backward", pt.backward);
-      std::printf("# tokens dropped per step (all ranks): %.1f\n", sum_over(world, double(dropped_total)) / steps);
+      std::printf("# tokens dropped per step (all ranks): %.1f\n", allreduce_scalar(world, double(dropped_total)) / steps);
       std::printf("# GEMMs per step (rank 0): m x n x k [transposes] count, median time alone\n");
       for (const auto& [s, v] : rows)
         std::printf("#   %6lld x %6lld x %6lld  %s%s %s x%-6.1f %10.6f sec  (%.1f GFLOP/s)\n", static_cast<long long>(s.m),
@@ -214,7 +181,7 @@ int run_bench_moe(const BenchMoeOptions& o) {
                   (pt.encode + pt.decode) / steps, static_cast<long long>(routed_bytes), copy,
                   copy > 0 ? (pt.encode + pt.decode) / steps / (2 * copy) : 0.0);
     } else {
-      sum_over(world, double(dropped_total));
+      allreduce_scalar(world, double(dropped_total));
     }
   });
   return 0;

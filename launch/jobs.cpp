@@ -13,36 +13,12 @@ namespace switchyard {
 
 namespace {
 
-double sum_over(Communicator& comm, double v) {
-  Tensor t = Tensor::empty({1}, DType::f64);
-  t.data_as<double>()[0] = v;
-  comm.allreduce(t, t).wait();
-  return t.data_as<double>()[0];
-}
-
-double max_over(Communicator& comm, double v) {
-  Tensor t = Tensor::empty({1}, DType::f64);
-  t.data_as<double>()[0] = v;
-  ReduceOptions o;
-  o.op = ReduceOp::max;
-  comm.allreduce(t, t, o).wait();
-  return t.data_as<double>()[0];
-}
-
-void sgd(Tensor& param, const Tensor& grad, double lr) {
-  float* p = param.data_as<float>();
-  const float* g = grad.data_as<float>();
-  for (int64_t i = 0; i < param.numel(); ++i) p[i] -= static_cast<float>(lr) * g[i];
-}
-
 MoEConfig moe_config(const JobConfig& job) {
   const MoESection& m = job.moe;
   MoEConfig c;
   c.model_dim = m.model_dim;
   c.hidden_dim = m.hidden_dim;
-  c.activation = m.activation == "relu" ? kernels::cpu::Activation::relu
-                 : m.activation == "swiglu" ? kernels::cpu::Activation::swiglu
-                                            : kernels::cpu::Activation::gelu;
+  c.activation = kernels::cpu::parse_activation(m.activation).value();  // the config schema admits only these
   c.exchange = m.exchange == "dropless" ? ExchangeMode::dropless : ExchangeMode::padded;
   c.router.experts = m.experts;
   c.router.k = m.top_k;
@@ -105,25 +81,22 @@ void train_moe(Runtime& rt, const JobConfig& job) {
     Tensor dout = Tensor::empty({T, M}, DType::f32);
     double squared = 0, target_squared = 0;
     for (int64_t i = 0; i < T * M; ++i) target_squared += double(target.data_as<float>()[i]) * target.data_as<float>()[i];
-    const double count = sum_over(world, static_cast<double>(T * M));
+    const double count = allreduce_scalar(world, static_cast<double>(T * M));
     for (int64_t i = 0; i < T * M; ++i) {
       const double d = double(f.output.data_as<float>()[i]) - target.data_as<float>()[i];
       squared += d * d;
       dout.data_as<float>()[i] = static_cast<float>(2.0 * d / count);  // d(mean over all ranks)/d out
     }
     student.backward(dout, tr.balance_coef / world.size(), tr.z_coef / world.size(), false);
-    sgd(student.gate_weight(), student.gate_grad(), tr.lr);
-    sgd(student.params().w1, student.expert_grads().w1, tr.lr);
-    sgd(student.params().b1, student.expert_grads().b1, tr.lr);
-    sgd(student.params().w2, student.expert_grads().w2, tr.lr);
-    sgd(student.params().b2, student.expert_grads().b2, tr.lr);
+    student.sgd_step(tr.lr);
     if (student_config.router.gate == GateKind::sigmoid_bias && tr.bias_rate > 0)
       student.update_gate_bias(tr.bias_rate);
-    const double step_time = max_over(world, std::chrono::duration<double>(Clock::now() - start).count());
-    const double loss = sum_over(world, squared) / count;
-    const double balance = sum_over(world, f.balance_loss) / world.size();
-    const double step_dropped = sum_over(world, static_cast<double>(f.dropped));
-    const double zero_loss = sum_over(world, target_squared) / count;
+    const double step_time =
+        allreduce_scalar(world, std::chrono::duration<double>(Clock::now() - start).count(), ReduceOp::max);
+    const double loss = allreduce_scalar(world, squared) / count;
+    const double balance = allreduce_scalar(world, f.balance_loss) / world.size();
+    const double step_dropped = allreduce_scalar(world, static_cast<double>(f.dropped));
+    const double zero_loss = allreduce_scalar(world, target_squared) / count;
     if (step == 0) first_loss = loss;
     zero_baseline += zero_loss / tr.steps;
     last_loss = loss;

@@ -87,6 +87,20 @@ MoELayer::MoELayer(MoEConfig config, std::shared_ptr<Communicator> expert_group)
   zero_grad();
 }
 
+void MoELayer::sgd_step(double lr) {
+  const std::pair<Tensor*, Tensor*> pairs[] = {{&gate_weight_, &gate_grad_}, {&params_.w1, &grads_.w1},
+                                               {&params_.b1, &grads_.b1},     {&params_.w2, &grads_.w2},
+                                               {&params_.b2, &grads_.b2}};
+  const auto rate = static_cast<float>(lr);
+  for (auto [param, grad] : pairs) {
+    float* p = param->data_as<float>();
+    const float* g = grad->data_as<float>();
+    const int64_t n = param->numel();
+#pragma omp parallel for schedule(static) if (n >= (1 << 15))
+    for (int64_t i = 0; i < n; ++i) p[i] -= rate * g[i];
+  }
+}
+
 void MoELayer::zero_grad() {
   gate_grad_ = Tensor::zeros(gate_weight_.shape(), DType::f32);
   grads_.w1 = Tensor::zeros(params_.w1.shape(), DType::f32);

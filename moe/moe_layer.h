@@ -130,6 +130,8 @@ class MoELayer {
   Tensor& gate_grad() { return gate_grad_; }
   ExpertParams& expert_grads() { return grads_; }
   void zero_grad();
+  // Plain SGD on the gate and every local expert parameter: p -= lr * grad.
+  void sgd_step(double lr);
 
   const MoEPhaseTimes& phase_times() const { return times_; }
   // The plan of the last forward (empty before the first).

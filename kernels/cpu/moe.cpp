@@ -6,6 +6,13 @@
 
 namespace switchyard::kernels::cpu {
 
+std::optional<Activation> parse_activation(std::string_view name) {
+  if (name == "relu") return Activation::relu;
+  if (name == "gelu") return Activation::gelu;
+  if (name == "swiglu") return Activation::swiglu;
+  return std::nullopt;
+}
+
 // Rows are independent: split them over the calling thread's OpenMP threads
 // (the rank's GEMM thread budget). Small jobs stay on one thread.
 constexpr int64_t kParallelMinElements = 1 << 15;
