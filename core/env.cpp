@@ -68,6 +68,11 @@ const std::vector<VarSpec>& specs() {
          e.mpi_max_message_bytes = parse_integer<int64_t>(n, v, 1, "a byte count in [1, 2147483647]");
          if (e.mpi_max_message_bytes > INT32_MAX) SY_THROW(ConfigError, n, "='", v, "': expected a byte count in [1, 2147483647]");
        }},
+      {"SWITCHYARD_HOST_CACHE_BYTES", "int", "4294967296",
+       "Freed host blocks of 1 MiB and more kept for reuse, at most this many bytes (0 = no cache).",
+       [](Env& e, const std::string& n, const std::string& v) {
+         e.host_cache_bytes = parse_integer<int64_t>(n, v, 0, "a byte count >= 0");
+       }},
   };
   return table;
 }

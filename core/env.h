@@ -21,6 +21,7 @@ struct Env {
   int gemm_threads = 0;                  // SWITCHYARD_GEMM_THREADS (0 = cores / local ranks)
   std::optional<uint64_t> test_seed;     // SWITCHYARD_TEST_SEED
   int64_t mpi_max_message_bytes = int64_t{1} << 30;  // SWITCHYARD_MPI_MAX_MESSAGE_BYTES
+  int64_t host_cache_bytes = int64_t{4} << 30;        // SWITCHYARD_HOST_CACHE_BYTES
 };
 
 struct EnvVarDoc {

@@ -80,14 +80,6 @@ TensorView TensorView::reshape(Shape shape) const {
   return TensorView(data_, dtype_, std::move(shape), device_);
 }
 
-std::shared_ptr<void> allocate_host(size_t bytes) {
-  // aligned_alloc wants a size that is a multiple of the alignment; never 0.
-  const size_t rounded = (bytes + kHostAlignment - 1) / kHostAlignment * kHostAlignment;
-  void* p = std::aligned_alloc(kHostAlignment, rounded ? rounded : kHostAlignment);
-  if (!p) SY_THROW(Error, "out of host memory allocating ", bytes, " bytes");
-  return std::shared_ptr<void>(p, [](void* q) { std::free(q); });
-}
-
 Tensor Tensor::empty(Shape shape, DType dtype) {
   for (int64_t s : shape) SY_CHECK_GE(s, 0, "in shape ", shape_string(shape));
   Tensor t;

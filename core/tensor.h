@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "core/allocator.h"
 #include "core/dtype.h"
 #include "core/error.h"
 
@@ -98,8 +99,5 @@ class Tensor {
   std::shared_ptr<void> storage_;
 };
 
-// 64-byte aligned host allocation (cache line and AVX-512 vector), freed by the deleter.
-std::shared_ptr<void> allocate_host(size_t bytes);
-inline constexpr size_t kHostAlignment = 64;
 
 }  // namespace switchyard

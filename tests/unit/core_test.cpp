@@ -222,3 +222,34 @@ TEST(Logging, LevelSpecsParseAndBadOnesAreNamed) {
 
 }  // namespace
 }  // namespace switchyard
+
+namespace switchyard {
+namespace {
+
+TEST(Allocator, LargeBlocksAreReusedAlignedAndReleasable) {
+  release_host_cache();
+  const HostCacheStats before = host_cache_stats();
+  void* first = nullptr;
+  {
+    Tensor a = Tensor::empty({3 << 20}, DType::u8);  // 3 MiB: cached size class
+    first = a.data();
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(first) % kHostAlignment, 0u);
+  }
+  EXPECT_GE(host_cache_stats().cached_bytes, uint64_t{3} << 20);
+  {
+    Tensor b = Tensor::empty({(3 << 20) - 100}, DType::u8);  // same 2 MiB-rounded class
+    EXPECT_EQ(b.data(), first);
+    Tensor c = Tensor::empty({3 << 20}, DType::u8);  // the cached one is taken: a new block
+    EXPECT_NE(c.data(), first);
+  }
+  const HostCacheStats after = host_cache_stats();
+  EXPECT_EQ(after.hits - before.hits, 1u);
+  EXPECT_EQ(after.misses - before.misses, 2u);
+  release_host_cache();
+  EXPECT_EQ(host_cache_stats().cached_bytes, 0u);
+  Tensor small = Tensor::empty({100}, DType::f32);  // small blocks bypass the cache
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(small.data()) % kHostAlignment, 0u);
+}
+
+}  // namespace
+}  // namespace switchyard
