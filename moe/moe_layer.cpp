@@ -113,6 +113,11 @@ int64_t MoELayer::hidden_in() const {
   return config_.activation == Activation::swiglu ? 2 * config_.hidden_dim : config_.hidden_dim;
 }
 
+void MoELayer::set_placement(std::vector<int> position_of_expert) {
+  layout_.set_placement(std::move(position_of_expert));
+  saved_.valid = false;  // a saved plan used the old positions
+}
+
 void MoELayer::init_parameters(uint64_t seed) {
   const int64_t M = config_.model_dim, H = config_.hidden_dim, H1 = hidden_in();
   noise_ = Rng(seed * 7919u + static_cast<uint64_t>(group_->rank()) + 17);

@@ -108,6 +108,10 @@ class MoELayer {
   // Deterministic initialisation keyed by logical expert id, so any placement
   // and any number of ranks hold the same weights.
   void init_parameters(uint64_t seed);
+  // Where each logical expert lives (a permutation of positions rank * L + slot;
+  // the same on every rank). Changes which experts this rank's slots hold, so
+  // call it before init_parameters() or load(): stored weights do not move.
+  void set_placement(std::vector<int> position_of_expert);
 
   // Keeps what backward needs (one batch in flight per layer).
   MoEForward forward(const TensorView& x);

@@ -509,3 +509,56 @@ TEST(MoELayer, AsyncPhasesOverlapTheCallerAndDeliverTheSameRows) {
 
 }  // namespace
 }  // namespace switchyard
+
+namespace switchyard {
+namespace {
+
+TEST(MoELayer, ExpertPlacementChangesWhereExpertsLiveNotTheResult) {
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  const auto dir = std::filesystem::temp_directory_path() / ("sy_place_" + std::to_string(seed));
+  std::filesystem::create_directories(dir);
+  const std::string prefix = (dir / "layer").string();
+  for (ExchangeMode mode : {ExchangeMode::padded, ExchangeMode::dropless}) {
+    const MoEConfig config = small_config(Activation::swiglu, mode, 0.5, 8);
+    run_thread_ranks(2, [&](Communicator& comm) {
+      std::shared_ptr<Communicator> group(&comm, [](Communicator*) {});
+      const int me = comm.rank();
+      Tensor x = random_tokens(seed + 40 + me, 33, 16), dout = random_tokens(seed + 60 + me, 33, 16);
+      MoELayer identity(config, group);
+      identity.init_parameters(seed);
+      MoEForward a = identity.forward(x);
+      Tensor da = identity.backward(dout);
+      // Experts 0..7 scattered: rank 0 now holds experts 6, 3, 1, 4; rank 1 holds 0, 7, 2, 5.
+      MoELayer placed(config, group);
+      placed.set_placement({4, 2, 6, 1, 3, 7, 0, 5});
+      EXPECT_EQ(placed.layout().owner(6), 0);
+      EXPECT_EQ(placed.layout().expert_at(0, 0), 6);
+      EXPECT_EQ(placed.layout().expert_at(1, 0), 0);
+      placed.init_parameters(seed);
+      MoEForward b = placed.forward(x);
+      Tensor db = placed.backward(dout);
+      EXPECT_EQ(a.dropped, b.dropped);
+      for (int64_t i = 0; i < x.numel(); ++i)
+        if (std::fabs(a.output.data_as<float>()[i] - b.output.data_as<float>()[i]) > 1e-5f ||
+            std::fabs(da.data_as<float>()[i] - db.data_as<float>()[i]) > 1e-5f)
+          SY_THROW(Error, "rank ", me, ": placement changed the result at ", i);
+      // A checkpoint saved under one placement loads under another.
+      placed.save(prefix);
+      MoELayer reloaded(config, group);
+      reloaded.load(prefix);
+      Tensor c = reloaded.forward(x).output;
+      if (std::memcmp(c.data(), a.output.data(), c.nbytes()) != 0) SY_THROW(Error, "rank ", me, ": reload differs");
+      if (me == 0) std::filesystem::remove_all(dir);
+      comm.barrier().wait();
+      if (me == 0) std::filesystem::create_directories(dir);
+      comm.barrier().wait();
+    });
+  }
+  std::filesystem::remove_all(dir);
+  MoELayer layer(small_config(Activation::relu, ExchangeMode::padded, 1.0, 4), solo());
+  EXPECT_THROW(layer.set_placement({0, 1, 1, 3}), InvalidArgument);
+}
+
+}  // namespace
+}  // namespace switchyard
