@@ -81,7 +81,7 @@ int run_bench_moe(const BenchMoeOptions& o) {
     const auto activation = kernels::cpu::parse_activation(o.activation);
     if (!activation) SY_THROW(ConfigError, "--activation: got '", o.activation, "', expected relu, gelu or swiglu");
     c.activation = *activation;
-    c.exchange = o.exchange == "dropless" ? ExchangeMode::dropless : ExchangeMode::padded;
+    c.plan.exchange = o.exchange == "dropless" ? ExchangeMode::dropless : ExchangeMode::padded;
     if (o.exchange != "padded" && o.exchange != "dropless")
       SY_THROW(ConfigError, "--exchange: got '", o.exchange, "', expected padded or dropless");
     c.router.experts = o.num_local_experts * world.size();

@@ -12,23 +12,25 @@
 
 #include "comm/communicator.h"
 #include "kernels/gemm.h"
+#include "comm/algorithms/alltoallv_hierarchical.h"
 #include "kernels/moe.h"
+#include "moe/exec_plan.h"
 #include "moe/param_layout.h"
 #include "moe/router.h"
 
 namespace switchyard {
-
-enum class ExchangeMode : uint8_t {
-  padded,    // Tutel: every expert gets C rows from every rank ([E, C, M]), padding included
-  dropless,  // DeepEP: all-to-all-v of only the routed rows; counts exchanged first
-};
 
 struct MoEConfig {
   int64_t model_dim = 0;
   int64_t hidden_dim = 0;
   kernels::cpu::Activation activation = kernels::cpu::Activation::relu;
   RouterConfig router;  // router.experts is the global expert count
-  ExchangeMode exchange = ExchangeMode::padded;
+  ExecPlan plan;        // what forward(x) runs; forward(x, routing, plan) may change it per batch
+  // Ranks per node for the 2D-hierarchical all-to-all (its groups are made at
+  // construction); 0 or the group size: one node, 2DH unavailable.
+  int node_size = 0;
+  // Debug: all-reduce a hash of each batch's plan and fail when ranks differ.
+  bool check_plan = false;
   bool check_finite = false;  // reject NaN/Inf inputs with a clear error
   // Expert GEMMs: f32, or bf16 operands with fp32 accumulation (weights stay
   // fp32 masters; bf16 copies are made per batch).
@@ -36,23 +38,43 @@ struct MoEConfig {
   void validate() const;
 };
 
-// Where every routed copy of a token goes; built once per batch and used by
-// dispatch, combine and backward alike. Rows are ordered by expert position
-// (rank-major), so each destination's rows are contiguous.
+// What the user chooses per batch: it changes the math (drops, mixing).
+struct RoutingChoice {
+  double capacity_factor = 1.0;  // RouterConfig::capacity_factor's meaning
+  int k = 2;
+};
+
+// Where every routed copy of a token goes under one ExecPlan; built once per
+// batch and used by dispatch, combine and backward alike. Rows are sent in
+// blocks ordered [chunk][destination rank][destination slot], so each chunk
+// is one all-to-all and each destination's rows within it are contiguous. With
+// r > 1 a row goes to `copies` ranks (one per hidden piece); their partial
+// outputs are summed by combine.
 struct DispatchPlan {
+  ExecPlan exec;
   int64_t tokens = 0;
   int k = 0;
+  int copies = 1;
   int64_t capacity = 0;
-  std::vector<int64_t> row_of_choice;       // [T*k]: send row, -1 when dropped
+  int exchange_ranks = 1;  // ranks of the all-to-all (1: r = 0, no exchange)
+  int slots = 1;           // working expert slots per rank
+  std::vector<int64_t> row_of_choice;       // [T*k*copies]: send row, -1 when dropped
   std::vector<int64_t> token_of_row;        // [rows]: source token, -1 for padding
   std::vector<float> weight_of_row;         // [rows]
-  std::vector<int64_t> rows_per_position;   // [E]: rows sent to each expert position
-  std::vector<int64_t> rows_per_rank;       // [W]
-  std::vector<int64_t> recv_rows_per_block; // [W * L]: rows from source w for local slot l (after layout)
-  std::vector<int64_t> recv_rows_per_rank;  // [W]
+  std::vector<int64_t> rows_per_position;   // [E]: routed (kept) rows of each expert position
+  std::vector<int64_t> send_block_rows;     // [d * X * slots]
+  std::vector<int64_t> recv_block_rows;     // [d * X * slots] (after exchange_layout)
   int64_t dropped = 0;                      // choices beyond capacity on this rank
   int64_t send_rows() const { return static_cast<int64_t>(token_of_row.size()); }
   int64_t recv_rows() const;
+  // Rows of one chunk per peer, and where the chunk starts, on either side.
+  std::vector<int64_t> send_counts(int chunk) const;
+  std::vector<int64_t> recv_counts(int chunk) const;
+  int64_t send_offset(int chunk) const;
+  int64_t recv_offset(int chunk) const;
+  int64_t recv_block(int chunk, int rank, int slot) const {
+    return recv_block_rows[static_cast<size_t>((chunk * exchange_ranks + rank) * slots + slot)];
+  }
 };
 
 struct ExpertParams {
@@ -74,8 +96,9 @@ struct ExpertActivations {
 // Where a layer's time went, summed over calls until reset (seconds), and the
 // GEMMs it ran, so a benchmark can time the same shapes as its floor.
 struct MoEPhaseTimes {
-  double gate = 0, encode = 0, dispatch_a2a = 0, experts = 0, combine_a2a = 0, decode = 0, backward = 0;
-  double total() const { return gate + encode + dispatch_a2a + experts + combine_a2a + decode + backward; }
+  // weights: gathering a plan's working weights (r = 0, or r < S when sliced).
+  double gate = 0, encode = 0, dispatch_a2a = 0, weights = 0, experts = 0, combine_a2a = 0, decode = 0, backward = 0;
+  double total() const { return gate + encode + dispatch_a2a + weights + experts + combine_a2a + decode + backward; }
 };
 struct GemmShape {
   int64_t m, n, k;
@@ -113,8 +136,13 @@ class MoELayer {
   // call it before init_parameters() or load(): stored weights do not move.
   void set_placement(std::vector<int> position_of_expert);
 
-  // Keeps what backward needs (one batch in flight per layer).
+  // Keeps what backward needs (one batch in flight per layer). The plan and
+  // the routing may change on every call; all ranks must pass the same plan.
   MoEForward forward(const TensorView& x);
+  MoEForward forward(const TensorView& x, const RoutingChoice& routing, const ExecPlan& plan);
+  // Throws naming the field when this layer cannot run `plan` (r not 0 or a
+  // divisor of S, d < 1, 2DH without node groups).
+  void check_plan(const ExecPlan& plan) const;
 
   // Checkpoints keyed by logical expert id: every rank writes
   // `prefix.rank<r>-of-<W>.safetensors` with its experts ("experts.<e>.w1", ...)
@@ -138,8 +166,9 @@ class MoELayer {
   void sgd_step(double lr);
 
   const MoEPhaseTimes& phase_times() const { return times_; }
-  // The plan of the last forward (empty before the first).
+  // The dispatch plan of the last forward (empty before the first).
   const DispatchPlan& last_plan() const { return saved_.plan; }
+  RoutingChoice routing_choice() const { return {config_.router.capacity_factor, config_.router.k}; }
   // GEMMs run since the last reset, with how often each shape ran.
   const std::map<GemmShape, int64_t>& gemms() const { return gemms_; }
   double gemm_flops() const;
@@ -148,18 +177,21 @@ class MoELayer {
   // ---- phases (forward() chains them); their results live in the layer's
   // reusable buffers until the same phase runs for the next batch ----
   Routing route_tokens(const TensorView& x, Tensor& logits);
-  DispatchPlan plan(const Routing& routing, int64_t tokens);
+  DispatchPlan plan(const Routing& routing, int64_t tokens);  // with config().plan
+  DispatchPlan plan(const Routing& routing, int64_t tokens, const ExecPlan& exec);
   // Exchanges per-block row counts (dropless; padded needs none).
   void exchange_layout(DispatchPlan& plan);
-  // Rows for the local experts, grouped by source rank then local slot. The
-  // async form returns as soon as the all-to-all is posted on the group's
-  // executor: the caller overlaps work and waits on `done` before reading `rows`.
+  // Rows for the working experts, grouped by chunk, source rank, then slot.
+  // The async form returns as soon as the all-to-alls are posted on the
+  // group's executor: the caller overlaps work and waits on `done` (the last
+  // chunk's; the executor is FIFO) before reading `rows`.
   struct Exchange {
     Tensor rows;
     Work done;
   };
   Exchange dispatch_async(const DispatchPlan& plan, const TensorView& x);
   Tensor dispatch(const DispatchPlan& plan, const TensorView& x);
+  // Gathers the plan's working weights first (all-gather in the sharding group).
   ExpertActivations run_experts(const DispatchPlan& plan, const TensorView& rows);
   // Expert outputs back to their source rows (send order).
   Exchange combine_exchange_async(const DispatchPlan& plan, const TensorView& expert_out);
@@ -168,10 +200,46 @@ class MoELayer {
   Tensor combine(const DispatchPlan& plan, const TensorView& returned);
 
  private:
-  int64_t hidden_in() const;  // H1
+  int64_t hidden_in() const;  // H1 of a whole expert
+  // What a sharding degree makes each rank compute (see ExecPlan::r).
+  struct PlanShape {
+    int exchange_ranks;   // 1 for r = 0
+    int slots;            // working experts per rank
+    int pieces;           // stored slices assembled into one working expert
+    int piece;            // which 1/r hidden piece this rank computes (r > 1), else 0
+    int copies;           // ranks every routed row goes to
+    int replicas;         // rank sets an expert's rows are split over (S / r when sliced)
+    int64_t hidden;       // working hidden width
+    Communicator* gather; // all-gathers the working weights; nullptr: stored weights are used as they are
+  };
+  PlanShape shape_of(int r) const;
+  // Working weights of a plan (aliases of params_ when nothing is gathered).
+  struct Working {
+    int r = -1;
+    ExpertParams p;
+    bool gathered = false;
+    bool adds_bias = true;  // the first hidden piece adds fc2's bias, the others add 0
+  };
+  void gather_weights(const DispatchPlan& plan, Working& into);
+  // Working-weight gradients back to the stored slices (reduce-scatter) and fc2's
+  // bias gradient over the S ranks of each expert.
+  void scatter_gradients(const PlanShape& shape, const ExpertParams& working_grads, bool gathered);
+  void run_chunk(const DispatchPlan& plan, int chunk, const Working& w, const TensorView& rows, ExpertActivations& a);
+  void backward_chunk(const DispatchPlan& plan, int chunk, const Working& w, const Tensor& d_out, bool input_grad,
+                      ExpertParams& grads, Tensor& d_rows, Tensor& dy16, Tensor& dp16);
+  Work exchange(const DispatchPlan& plan, int chunk, const TensorView& in, const TensorView& out, bool to_experts);
+  ExpertActivations allocate_activations(const DispatchPlan& plan);
+  void verify_plan_agreement(const ExecPlan& plan);
   MoEConfig config_;
+  RouterConfig router_;  // config_.router with the batch's routing choice
   std::shared_ptr<Communicator> group_;
   ParamLayout layout_;
+  int64_t local_hidden_;  // hidden width stored per rank (H / S)
+  // Sub-communicators every plan may need, made once at construction.
+  std::shared_ptr<Communicator> shard_group_;                    // the S ranks of my expert
+  std::map<int, std::shared_ptr<Communicator>> gather_groups_;   // per r >= 1 with S / r > 1
+  std::unique_ptr<algorithms::HierarchicalAlltoall> hierarchical_;
+
   Tensor gate_weight_;
   Tensor gate_bias_;
   Rng noise_{0};  // router noise (router.noise_std > 0), seeded by init_parameters per rank
@@ -183,7 +251,8 @@ class MoELayer {
   // phase costs page faults inside the GEMMs that first touch it. Phase results
   // live in them until the next batch (one batch in flight per layer).
   enum class Scratch : uint8_t { input, send, recv, pre, act, expert_out, back, d_returned, d_out, d_rows, d_act, d_pre,
-                                 d_sent, recv_bf16, act_bf16, w1_bf16, w2_bf16, d_out_bf16, d_pre_bf16, count };
+                                 d_sent, recv_bf16, act_bf16, w1_bf16, w2_bf16, d_out_bf16, d_pre_bf16,
+                                 gathered, gw1, gb1, gw2, gb2, dw1, db1, dw2, db2, grad_blocks, grad_mine, count };
   Tensor scratch(Scratch which, Shape shape, DType dtype = DType::f32);
   void gemm_bf16(const kernels::cpu::GemmBf16Args& args);
   std::vector<std::shared_ptr<void>> scratch_storage_;
@@ -193,6 +262,7 @@ class MoELayer {
   struct Saved {
     Tensor x, logits, rows, returned;
     Routing routing;
+    Working weights;
     DispatchPlan plan;
     ExpertActivations experts;
     bool valid = false;

@@ -7,15 +7,22 @@ namespace switchyard {
 ParamLayout::ParamLayout(int global_experts, int ranks) : experts_(global_experts), ranks_(ranks) {
   if (ranks < 1) SY_THROW(InvalidArgument, "param layout: ranks = ", ranks, ", expected >= 1");
   if (global_experts < 1) SY_THROW(InvalidArgument, "param layout: experts = ", global_experts, ", expected >= 1");
-  if (global_experts < ranks)
-    SY_THROW(NotSupported, "param layout: ", global_experts, " experts on ", ranks,
-             " ranks (experts sliced over ranks, E < W) comes with adaptive parallelism; use E >= W for now");
-  if (global_experts % ranks != 0)
+  if (global_experts >= ranks && global_experts % ranks != 0)
     SY_THROW(InvalidArgument, "param layout: experts = ", global_experts, " is not a multiple of the ", ranks,
              " ranks of the expert group");
+  if (global_experts < ranks && ranks % global_experts != 0)
+    SY_THROW(InvalidArgument, "param layout: ", ranks, " ranks share ", global_experts,
+             " experts unevenly; with fewer experts than ranks the ranks must be a multiple of the experts");
   std::vector<int> identity(static_cast<size_t>(global_experts));
   for (int e = 0; e < global_experts; ++e) identity[static_cast<size_t>(e)] = e;
   set_placement(identity);
+}
+
+int64_t ParamLayout::local_hidden(int64_t hidden) const {
+  if (hidden % shards() != 0)
+    SY_THROW(InvalidArgument, "param layout: hidden_dim = ", hidden, " is not divisible by the ", shards(),
+             " ranks that share each expert (", ranks_, " ranks, ", experts_, " experts)");
+  return hidden / shards();
 }
 
 void ParamLayout::set_placement(std::vector<int> position_of_expert) {

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <thread>
 
+#include "comm/algorithms/alltoallv_hierarchical.h"
 #include "comm/communicator.h"
 #include "core/rng.h"
 #include "tests/common/rank_harness.h"
@@ -218,6 +219,39 @@ TEST_P(MoveTest, AlltoallAndAlltoallvDeliverEveryBlock) {
       expect_bytes_equal(static_cast<char*>(vout.data()) + offset, static_cast<char*>(other.data()) + s_offset * esize,
                          static_cast<size_t>(sent(s, me)) * esize, "alltoallv");
       offset += static_cast<size_t>(sent(s, me)) * esize;
+    }
+  });
+}
+
+// 2D-hierarchical all-to-all(v) delivers what the flat one does, for every
+// node size that divides the world (1 and the whole world included), with
+// empty blocks and a large one.
+TEST(Comm, HierarchicalAlltoallEqualsFlatForEveryNodeSize) {
+  for_each_rank([&](Communicator& comm, uint64_t seed) {
+    const int n = comm.size(), me = comm.rank();
+    for (int local = 1; local <= n; ++local) {
+      if (n % local != 0) continue;
+      algorithms::HierarchicalAlltoall h(comm, local);
+      for (DType dtype : {DType::f32, DType::u8}) {
+        auto sent = [&](int s, int d) { return static_cast<int64_t>((3 * s + d) % 4) + (s == d ? 70001 : 0); };
+        std::vector<int64_t> send_counts(n), recv_counts(n);
+        int64_t send_total = 0, recv_total = 0;
+        for (int p = 0; p < n; ++p) {
+          send_total += send_counts[p] = sent(me, p);
+          recv_total += recv_counts[p] = sent(p, me);
+        }
+        Tensor in = make_input(seed, me, 11 + local, send_total, dtype);
+        Tensor flat = poisoned(recv_total, dtype), hier = poisoned(recv_total, dtype);
+        comm.alltoallv(in, send_counts, flat, recv_counts).wait();
+        h.alltoallv(in, send_counts, hier, recv_counts).wait();
+        expect_bytes_equal(hier.data(), flat.data(), hier.nbytes(), "2dh alltoallv");
+        const int64_t block = 3 + local;
+        Tensor uin = make_input(seed, me, 21 + local, block * n, dtype);
+        Tensor uflat = poisoned(block * n, dtype), uhier = poisoned(block * n, dtype);
+        comm.alltoall(uin, uflat).wait();
+        h.alltoall(uin, uhier).wait();
+        expect_bytes_equal(uhier.data(), uflat.data(), uhier.nbytes(), "2dh alltoall");
+      }
     }
   });
 }

@@ -32,7 +32,7 @@ TEST(MoEMultiRank, ExpertParallelEqualsOneRankForwardAndBackward) {
       MoEConfig c;
       c.model_dim = 12, c.hidden_dim = 20;
       c.activation = kernels::cpu::Activation::swiglu;
-      c.exchange = mode;
+      c.plan.exchange = mode;
       c.router.experts = 2 * n, c.router.k = std::min(2, 2 * n), c.router.capacity_factor = 0.0;
       auto rows_of = [&](int r) -> int64_t { return r == n - 1 && n > 1 ? 0 : 3 + 4 * r; };
       std::shared_ptr<Communicator> group(&comm, [](Communicator*) {});
@@ -83,7 +83,7 @@ TEST(MoEMultiRank, CapacityAndBf16AgreeWithOneRankPerSource) {
       testing::for_each_rank([&](Communicator& comm, uint64_t seed) {
         const int n = comm.size(), me = comm.rank();
         MoEConfig c;
-        c.model_dim = 32, c.hidden_dim = 24, c.exchange = mode, c.compute = compute;
+        c.model_dim = 32, c.hidden_dim = 24, c.plan.exchange = mode, c.compute = compute;
         c.router.experts = 2 * n, c.router.k = std::min(2, 2 * n), c.router.capacity_factor = 0.6;
         std::shared_ptr<Communicator> group(&comm, [](Communicator*) {});
         MoELayer layer(c, group);

@@ -21,7 +21,7 @@ MoEConfig small_config(Activation act, ExchangeMode mode, double cf, int experts
   c.model_dim = 16;
   c.hidden_dim = 24;
   c.activation = act;
-  c.exchange = mode;
+  c.plan.exchange = mode;
   c.router.experts = experts;
   c.router.k = 2;
   c.router.capacity_factor = cf;
@@ -166,8 +166,20 @@ TEST(MoELayer, BadInputIsRejectedClearly) {
     EXPECT_NE(message_of([&] { MoELayer l(small_config(Activation::relu, ExchangeMode::padded, 1.0, 6), group); })
                   .find("experts = 6 is not a multiple of the 4 ranks"),
               std::string::npos);
-    EXPECT_NE(message_of([&] { MoELayer l(small_config(Activation::relu, ExchangeMode::padded, 1.0, 2), group); })
-                  .find("comes with adaptive parallelism"),
+    EXPECT_NE(message_of([&] { MoELayer l(small_config(Activation::relu, ExchangeMode::padded, 1.0, 3), group); })
+                  .find("4 ranks share 3 experts unevenly"),
+              std::string::npos);
+    MoEConfig odd_hidden = small_config(Activation::relu, ExchangeMode::padded, 1.0, 2);
+    odd_hidden.hidden_dim = 7;
+    EXPECT_NE(message_of([&] { MoELayer l(odd_hidden, group); }).find("hidden_dim = 7 is not divisible by the 2 ranks"),
+              std::string::npos);
+    MoELayer sliced(small_config(Activation::relu, ExchangeMode::padded, 1.0, 2), group);
+    EXPECT_NE(message_of([&] { sliced.check_plan(ExecPlan{.r = 3}); })
+                  .find("r = 3 is not a valid sharding degree for 2 ranks per expert (2 experts on 4 ranks); "
+                        "expected one of 0, 1, 2"),
+              std::string::npos);
+    EXPECT_NE(message_of([&] { sliced.check_plan(ExecPlan{.a2a = A2AAlgorithm::hierarchical}); })
+                  .find("a2a = 2dh needs nodes"),
               std::string::npos);
   });
   MoEConfig bad_k = small_config(Activation::relu, ExchangeMode::padded, 1.0);

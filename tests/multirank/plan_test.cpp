@@ -1,0 +1,252 @@
+// Execution plans over the unified layout (rank harness backend): every valid
+// sharding degree r, pipelining degree d, all-to-all algorithm and exchange
+// mode gives the single-rank result, for experts whole (E >= W) or sliced
+// over ranks (E < W); plans switched between training steps give the losses
+// of a fixed plan; checkpoints move between world sizes.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+
+#include "comm/backends/threads/threads_backend.h"
+#include "moe/moe_layer.h"
+#include "tests/common/rank_harness.h"
+
+namespace switchyard {
+namespace {
+
+Tensor random_tensor(uint64_t seed, int64_t rows, int64_t width) {
+  Tensor x = Tensor::empty({rows, width}, DType::f32);
+  Rng(seed).fill_uniform(x, -1, 1);
+  return x;
+}
+
+void expect_close(const std::string& what, const float* got, const float* want, int64_t n, double tol = 2e-4) {
+  for (int64_t i = 0; i < n; ++i)
+    if (!(std::fabs(got[i] - want[i]) <= tol * (1 + std::fabs(want[i]))))
+      SY_THROW(Error, what, "[", i, "] = ", got[i], ", one rank gives ", want[i]);
+}
+
+// Columns of hidden slice `s` of `S` of a [rows, 2H] swiglu weight (gate | up).
+std::vector<float> gated_slice(const float* full, int64_t rows, int64_t H, int s, int S) {
+  const int64_t hs = H / S;
+  std::vector<float> out;
+  for (int64_t i = 0; i < rows; ++i)
+    for (int half = 0; half < 2; ++half)
+      out.insert(out.end(), full + i * 2 * H + half * H + s * hs, full + i * 2 * H + half * H + (s + 1) * hs);
+  return out;
+}
+
+// Every rank's tokens, concatenated in rank order (rank r has rows_of(r) rows).
+struct AllTokens {
+  Tensor x, dout;
+  int64_t first_mine = 0;
+};
+AllTokens all_tokens(int n, int me, uint64_t seed, int64_t M, const std::function<int64_t(int)>& rows_of) {
+  int64_t total = 0;
+  AllTokens a;
+  for (int r = 0; r < n; ++r) {
+    if (r == me) a.first_mine = total;
+    total += rows_of(r);
+  }
+  a.x = Tensor::empty({total, M}, DType::f32);
+  a.dout = Tensor::empty({total, M}, DType::f32);
+  for (int r = 0, at = 0; r < n; at += static_cast<int>(rows_of(r)), ++r) {
+    Tensor xr = random_tensor(seed + 100 + r, rows_of(r), M), dr = random_tensor(seed + 200 + r, rows_of(r), M);
+    if (xr.nbytes()) std::memcpy(a.x.data_as<float>() + at * M, xr.data(), xr.nbytes());
+    if (dr.nbytes()) std::memcpy(a.dout.data_as<float>() + at * M, dr.data(), dr.nbytes());
+  }
+  return a;
+}
+
+std::vector<ExecPlan> every_plan(const MoELayer& layer, bool hierarchical) {
+  std::vector<ExecPlan> plans;
+  for (int r : valid_sharding_degrees(layer.layout().shards()))
+    for (int d : {1, 2, 4})
+      for (A2AAlgorithm a2a : {A2AAlgorithm::flat, A2AAlgorithm::hierarchical})
+        for (ExchangeMode x : {ExchangeMode::padded, ExchangeMode::dropless})
+          if (a2a == A2AAlgorithm::flat || hierarchical) plans.push_back({r, d, a2a, x});
+  return plans;
+}
+
+TEST(MoEPlans, EveryPlanEqualsOneRankForwardAndBackward) {
+  testing::for_each_rank([&](Communicator& comm, uint64_t seed) {
+    const int n = comm.size(), me = comm.rank();
+    std::shared_ptr<Communicator> group(&comm, [](Communicator*) {});
+    for (int E : {1, 2, 4, 8}) {
+      if (E % n != 0 && n % E != 0) continue;
+      const int S = E >= n ? 1 : n / E;
+      MoEConfig c;
+      c.model_dim = 12, c.hidden_dim = 4 * S;
+      c.activation = kernels::cpu::Activation::swiglu;
+      c.router.experts = E, c.router.k = std::min(2, E), c.router.capacity_factor = 0.0;  // no drops
+      c.node_size = n % 2 == 0 && n > 2 ? 2 : 0;
+      const int64_t M = c.model_dim, H = c.hidden_dim;
+      auto rows_of = [&](int r) -> int64_t { return r == n - 1 && n > 1 ? 0 : 5 + 3 * r; };
+      AllTokens all = all_tokens(n, me, seed + E, M, rows_of);
+      ThreadsWorld solo_world(1);
+      MoELayer whole(c, solo_world.communicator(0));
+      whole.init_parameters(seed);
+      MoEForward wf = whole.forward(all.x);
+      Tensor wdx = whole.backward(all.dout);
+
+      MoELayer layer(c, group);
+      layer.init_parameters(seed);
+      Tensor x = random_tensor(seed + E + 100 + me, rows_of(me), M);
+      Tensor dout = random_tensor(seed + E + 200 + me, rows_of(me), M);
+      const int L = layer.layout().local_experts(), s = layer.layout().shard_of_rank(me);
+      const int64_t Hs = H / S;
+      for (const ExecPlan& plan : every_plan(layer, c.node_size > 0)) {
+        const std::string where = "rank " + std::to_string(me) + " E = " + std::to_string(E) + " (" + plan.describe() + ") ";
+        layer.zero_grad();
+        MoEForward f = layer.forward(x, layer.routing_choice(), plan);
+        Tensor dx = layer.backward(dout);
+        expect_close(where + "output", f.output.data_as<float>(), wf.output.data_as<float>() + all.first_mine * M,
+                     f.output.numel());
+        expect_close(where + "dx", dx.data_as<float>(), wdx.data_as<float>() + all.first_mine * M, dx.numel());
+        expect_close(where + "gate grad", layer.gate_grad().data_as<float>(), whole.gate_grad().data_as<float>(),
+                     layer.gate_grad().numel());
+        const ExpertParams& g = layer.expert_grads();
+        const ExpertParams& wg = whole.expert_grads();
+        for (int slot = 0; slot < L; ++slot) {
+          const int e = layer.layout().expert_at(me, slot);
+          const auto w1 = gated_slice(wg.w1.data_as<float>() + e * M * 2 * H, M, H, s, S);
+          const auto b1 = gated_slice(wg.b1.data_as<float>() + e * 2 * H, 1, H, s, S);
+          expect_close(where + "w1 grad", g.w1.data_as<float>() + slot * M * 2 * Hs, w1.data(), M * 2 * Hs);
+          expect_close(where + "b1 grad", g.b1.data_as<float>() + slot * 2 * Hs, b1.data(), 2 * Hs);
+          expect_close(where + "w2 grad", g.w2.data_as<float>() + slot * Hs * M,
+                       wg.w2.data_as<float>() + e * H * M + s * Hs * M, Hs * M);
+          expect_close(where + "b2 grad", g.b2.data_as<float>() + slot * M, wg.b2.data_as<float>() + e * M, M);
+        }
+      }
+    }
+  });
+}
+
+// With capacity (drops), every plan keeps the same choices: outputs equal the
+// expert-parallel plan's.
+TEST(MoEPlans, PlansKeepTheDropsOfCapacity) {
+  testing::for_each_rank([&](Communicator& comm, uint64_t seed) {
+    const int n = comm.size(), me = comm.rank();
+    std::shared_ptr<Communicator> group(&comm, [](Communicator*) {});
+    const int E = n % 2 == 0 ? n / 2 : n;  // sliced in pairs where the world allows
+    MoEConfig c;
+    c.model_dim = 16, c.hidden_dim = 8;
+    c.router.experts = E, c.router.k = std::min(2, E), c.router.capacity_factor = 0.5;
+    c.node_size = n % 2 == 0 && n > 2 ? 2 : 0;
+    MoELayer layer(c, group);
+    layer.init_parameters(seed);
+    Tensor x = random_tensor(seed + 7 + me, 23, 16);
+    MoEForward base = layer.forward(x, layer.routing_choice(), ExecPlan{});
+    Tensor base_out = base.output;
+    for (const ExecPlan& plan : every_plan(layer, c.node_size > 0)) {
+      MoEForward f = layer.forward(x, layer.routing_choice(), plan);
+      EXPECT_EQ(f.dropped, base.dropped) << plan.describe();
+      expect_close("rank " + std::to_string(me) + " (" + plan.describe() + ") output", f.output.data_as<float>(),
+                   base_out.data_as<float>(), f.output.numel(), 1e-5);
+    }
+  });
+}
+
+// A training loop that changes its plan every step follows the losses of a
+// fixed plan.
+TEST(MoEPlans, SwitchingPlansBetweenStepsKeepsTheLosses) {
+  testing::for_each_rank([&](Communicator& comm, uint64_t seed) {
+    const int n = comm.size(), me = comm.rank();
+    std::shared_ptr<Communicator> group(&comm, [](Communicator*) {});
+    const int E = n >= 2 && n % 2 == 0 ? n / 2 : n;
+    MoEConfig c;
+    c.model_dim = 16, c.hidden_dim = 16;
+    c.router.experts = E, c.router.k = std::min(2, E), c.router.capacity_factor = 1.0;
+    auto train = [&](bool switching) {
+      MoELayer layer(c, group);
+      layer.init_parameters(seed);
+      const auto plans = every_plan(layer, false);
+      std::vector<double> losses;
+      for (int step = 0; step < 6; ++step) {
+        Tensor x = random_tensor(seed + 31 * step + me, 19, 16);
+        const ExecPlan plan = switching ? plans[static_cast<size_t>(step * 7) % plans.size()] : ExecPlan{};
+        MoEForward f = layer.forward(x, layer.routing_choice(), plan);
+        // loss = 0.5 * |y - x|^2 summed over the group
+        Tensor dout = Tensor::empty(x.shape(), DType::f32);
+        double loss = 0;
+        for (int64_t i = 0; i < x.numel(); ++i) {
+          const float diff = f.output.data_as<float>()[i] - x.data_as<float>()[i];
+          dout.data_as<float>()[i] = diff;
+          loss += 0.5 * diff * diff;
+        }
+        losses.push_back(allreduce_scalar(comm, loss));
+        layer.zero_grad();
+        layer.backward(dout, 0.01);
+        layer.sgd_step(0.05);
+      }
+      return losses;
+    };
+    const auto fixed = train(false), switched = train(true);
+    for (size_t i = 0; i < fixed.size(); ++i)
+      if (std::fabs(fixed[i] - switched[i]) > 1e-4 * (1 + std::fabs(fixed[i])))
+        SY_THROW(Error, "rank ", me, ": step ", i, " loss ", switched[i], " with switching plans, ", fixed[i],
+                 " with a fixed plan");
+  });
+}
+
+// A checkpoint saved on this world (experts sliced where E < W) reloads on one
+// rank and on half the ranks with the same outputs.
+TEST(MoEPlans, CheckpointReloadsUnderOtherWorldSizes) {
+  testing::for_each_rank([&](Communicator& comm, uint64_t seed) {
+    const int n = comm.size(), me = comm.rank();
+    std::shared_ptr<Communicator> group(&comm, [](Communicator*) {});
+    const int E = n % 2 == 0 ? n / 2 : n;
+    MoEConfig c;
+    c.model_dim = 12, c.hidden_dim = 8;
+    c.activation = kernels::cpu::Activation::swiglu;
+    c.router.experts = E, c.router.k = std::min(2, E), c.router.capacity_factor = 0.0;
+    const std::string dir = (std::filesystem::temp_directory_path() /
+                             ("sy_plan_ckpt_" + std::to_string(seed) + "_" + std::to_string(n))).string();
+    if (me == 0) std::filesystem::create_directories(dir);
+    comm.barrier().wait();
+    auto rows_of = [](int r) -> int64_t { return 6 + r; };
+    AllTokens all = all_tokens(n, me, seed, 12, rows_of);
+    Tensor x = random_tensor(seed + 100 + me, rows_of(me), 12);
+    Tensor dout = random_tensor(seed + 200 + me, rows_of(me), 12);
+    MoELayer layer(c, group);
+    layer.init_parameters(seed);
+    layer.forward(x);
+    layer.backward(dout);
+    layer.sgd_step(0.1);  // weights no initialiser would give
+    MoEForward trained = layer.forward(x);
+    layer.save(dir + "/moe");
+    // One rank holding every expert.
+    ThreadsWorld solo_world(1);
+    MoELayer solo(c, solo_world.communicator(0));
+    solo.load(dir + "/moe");
+    MoEForward sf = solo.forward(all.x);
+    expect_close("rank " + std::to_string(me) + " W=1 reload output", trained.output.data_as<float>(),
+                 sf.output.data_as<float>() + all.first_mine * 12, trained.output.numel(), 1e-5);
+    // Half the ranks (thread-ranks of rank 0's process), when the world is even.
+    if (me == 0 && n % 2 == 0 && n > 2) {
+      std::vector<float> half_out;
+      run_thread_ranks(n / 2, [&](Communicator& half) {
+        std::shared_ptr<Communicator> g(&half, [](Communicator*) {});
+        MoELayer l(c, g);
+        l.load(dir + "/moe");
+        // rank h of the half world takes the tokens of ranks 2h and 2h+1
+        const int h = half.rank();
+        int64_t first = 0;
+        for (int r = 0; r < 2 * h; ++r) first += rows_of(r);
+        const int64_t rows = rows_of(2 * h) + rows_of(2 * h + 1);
+        Tensor xh = Tensor::empty({rows, 12}, DType::f32);
+        std::memcpy(xh.data(), all.x.data_as<float>() + first * 12, xh.nbytes());
+        MoEForward hf = l.forward(xh);
+        expect_close("half-world rank " + std::to_string(h) + " reload output", hf.output.data_as<float>(),
+                     sf.output.data_as<float>() + first * 12, hf.output.numel(), 1e-5);
+      });
+    }
+    comm.barrier().wait();
+    if (me == 0) std::filesystem::remove_all(dir);
+  });
+}
+
+}  // namespace
+}  // namespace switchyard
