@@ -60,34 +60,55 @@ double time_memcpy(int64_t bytes) {
 
 }  // namespace
 
+namespace {
+double median(std::vector<double> v) {
+  if (v.empty()) return 0.0;
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+}  // namespace
+
 int run_bench_moe(const BenchMoeOptions& o) {
   const bool bf16 = o.dtype == "bfloat16" || o.dtype == "bf16";
   if (!bf16 && o.dtype != "float32" && o.dtype != "float" && o.dtype != "f32")
     SY_THROW(ConfigError, "--dtype: got '", o.dtype, "', expected float32 or bfloat16");
-  if (o.num_local_experts < 1)
-    SY_THROW(NotSupported, "--num_local_experts ", o.num_local_experts,
-             ": experts shared by several ranks (Tutel's negative values) come with adaptive parallelism");
+  if (o.num_local_experts == 0)
+    SY_THROW(ConfigError, "--num_local_experts = 0, expected experts per rank (> 0) or -S (S ranks share one expert)");
   if (o.num_steps < 1 || o.batch_size < 0 || o.num_tokens < 0)
     SY_THROW(ConfigError, "--num_steps must be >= 1 and sizes >= 0");
+  if (o.strategy != "fixed" && o.strategy != "auto")
+    SY_THROW(ConfigError, "--strategy = '", o.strategy, "', expected fixed or auto");
   RuntimeOptions ro;
   ro.backend = o.backend;
   ro.ranks = o.ranks;
   run_ranks(ro, [&](Runtime& rt) {
     Communicator& world = rt.world();
     const bool leader = world.rank() == 0;
+    const int W = world.size();
     MoEConfig c;
     c.model_dim = o.model_dim;
     c.hidden_dim = o.hidden_size;
     const auto activation = kernels::cpu::parse_activation(o.activation);
     if (!activation) SY_THROW(ConfigError, "--activation: got '", o.activation, "', expected relu, gelu or swiglu");
     c.activation = *activation;
-    c.plan.exchange = o.exchange == "dropless" ? ExchangeMode::dropless : ExchangeMode::padded;
-    if (o.exchange != "padded" && o.exchange != "dropless")
-      SY_THROW(ConfigError, "--exchange: got '", o.exchange, "', expected padded or dropless");
-    c.router.experts = o.num_local_experts * world.size();
+    c.plan.exchange = parse_exchange_mode(o.exchange, "--exchange");
+    if (o.num_local_experts > 0) {
+      c.router.experts = o.num_local_experts * W;
+    } else {
+      if (W % -o.num_local_experts != 0)
+        SY_THROW(ConfigError, "--num_local_experts = ", o.num_local_experts, ": ", -o.num_local_experts,
+                 " ranks per expert do not divide the ", W, " ranks");
+      c.router.experts = W / -o.num_local_experts;
+    }
     c.router.k = o.top;
     c.router.capacity_factor = o.capacity_factor;
     c.compute = bf16 ? DType::bf16 : DType::f32;
+    const int nodes = o.nodes > 0 ? o.nodes : rt.nodes();
+    if (W % nodes != 0) SY_THROW(ConfigError, "--nodes = ", nodes, " does not divide the ", W, " ranks");
+    c.node_size = W / nodes;
+    c.plan.r = o.adaptive_r < 0 ? 1 : o.adaptive_r;
+    c.plan.d = o.overlap_degree;
+    c.plan.a2a = o.use_2dh ? A2AAlgorithm::hierarchical : A2AAlgorithm::flat;
     MoELayer layer(c, rt.world_ptr());
     layer.init_parameters(o.seed);
     const int64_t T = static_cast<int64_t>(o.batch_size) * o.num_tokens, M = o.model_dim;
@@ -97,20 +118,21 @@ int run_bench_moe(const BenchMoeOptions& o) {
     rng.fill_uniform(x, -1, 1);
     rng.fill_uniform(target, -0.1, 0.1);
     if (leader)
-      std::printf("# switchyard bench moe: %d ranks (%s), %lld tokens/rank, model_dim %d, hidden %d, %d experts "
-                  "(%d per rank), top-%d, capacity factor %g, %s exchange, %s, %d GEMM threads/rank, %s\n",
-                  world.size(), std::string(world.backend_name()).c_str(), static_cast<long long>(T), o.model_dim,
-                  o.hidden_size, c.router.experts, o.num_local_experts, o.top, o.capacity_factor, o.exchange.c_str(),
-                  o.activation.c_str(), rt.gemm_threads(), o.eval ? "forward only (--eval)" : "training (fwd+bwd+SGD)");
-    const int skip = std::min(5, o.num_steps / 2);  // first steps warm caches and allocators
-    double timed = 0.0;
+      std::printf("# switchyard bench moe: %d ranks (%s, %d nodes), %lld tokens/rank, model_dim %d, hidden %d, %d experts "
+                  "(%s), top-%d, capacity factor %g, %s exchange, %s, %d GEMM threads/rank, %s\n",
+                  W, std::string(world.backend_name()).c_str(), nodes, static_cast<long long>(T), o.model_dim,
+                  o.hidden_size, c.router.experts,
+                  layer.layout().shards() > 1 ? (std::to_string(layer.layout().shards()) + " ranks per expert").c_str()
+                                              : (std::to_string(layer.layout().local_experts()) + " per rank").c_str(),
+                  o.top, o.capacity_factor, o.exchange.c_str(), o.activation.c_str(), rt.gemm_threads(),
+                  o.eval ? "forward only (--eval)" : "training (fwd+bwd+SGD)");
     int64_t dropped_total = 0;
-    for (int step = 0; step < o.num_steps; ++step) {
-      if (step == skip) layer.reset_profile();
+    // One synchronized step under `plan`; returns the slowest rank's seconds.
+    auto step = [&](int index, const ExecPlan& plan, bool print) {
       world.barrier().wait();
       const auto start = Clock::now();
       const double flops_at_start = layer.gemm_flops();
-      MoEForward f = layer.forward(x);
+      MoEForward f = layer.forward(x, layer.routing_choice(), plan);
       double local_loss = 0.0;
       const float* out = f.output.data_as<float>();
       float* d = dout.data_as<float>();
@@ -131,15 +153,56 @@ int run_bench_moe(const BenchMoeOptions& o) {
       const double step_time = allreduce_scalar(world, mine, ReduceOp::max);
       const double loss = allreduce_scalar(world, local_loss) / std::max<double>(1.0, allreduce_scalar(world, double(T * M)));
       const double step_flops = allreduce_scalar(world, layer.gemm_flops() - flops_at_start);
-      if (step >= skip) timed += step_time, dropped_total += f.dropped;
-      if (leader)
-        std::printf("STEP-%d: loss = %.5f, step_time = %.6f sec, perf = %.2f tflops.\n", step, loss, step_time,
-                    step_flops / step_time * 1e-12);
+      dropped_total += f.dropped;
+      if (leader && print)
+        std::printf("STEP-%d: loss = %.5f, step_time = %.6f sec, perf = %.2f tflops. (f = %g, %s)\n", index, loss,
+                    step_time, step_flops / step_time * 1e-12, o.capacity_factor, plan.describe().c_str());
       std::fflush(stdout);
+      return step_time;
+    };
+
+    if (o.sweep) {
+      // Every plan this layout allows, each for num_steps steps after one warm-up.
+      std::vector<ExecPlan> plans;
+      for (int r : valid_sharding_degrees(layer.layout().shards()))
+        for (int d : {1, 2, 4})
+          for (A2AAlgorithm a2a : {A2AAlgorithm::flat, A2AAlgorithm::hierarchical}) {
+            ExecPlan p{r, d, a2a, c.plan.exchange};
+            if (a2a == A2AAlgorithm::hierarchical && (c.node_size <= 1 || c.node_size >= W || r == 0)) continue;
+            plans.push_back(p);
+          }
+      std::vector<double> medians;
+      int index = 0;
+      for (const ExecPlan& p : plans) {
+        step(index++, p, true);  // warm-up: buffers sized, weights gathered once
+        std::vector<double> times;
+        for (int s = 0; s < o.num_steps; ++s) times.push_back(step(index++, p, true));
+        medians.push_back(median(times));
+      }
+      if (leader) {
+        const double best = *std::min_element(medians.begin(), medians.end());
+        const double worst = *std::max_element(medians.begin(), medians.end());
+        std::printf("# sweep: median synchronized step time per plan (wall clock), and its ratio to the best\n");
+        for (size_t i = 0; i < plans.size(); ++i)
+          std::printf("#   %-40s %10.6f sec  x%.3f\n", plans[i].describe().c_str(), medians[i], medians[i] / best);
+        std::printf("# best / worst = %.3f (the worst plan is %.2fx slower than the best)\n", best / worst,
+                    worst / best);
+      }
+      return;
+    }
+
+    const int skip = std::min(5, o.num_steps / 2);  // first steps warm caches and allocators
+    double timed = 0.0;
+    for (int s = 0; s < o.num_steps; ++s) {
+      if (s == skip) {
+        layer.reset_profile();
+        dropped_total = 0;
+      }
+      const double t = step(s, c.plan, true);
+      if (s >= skip) timed += t;
     }
     const int steps = o.num_steps - skip;
     if (leader) std::printf("[Summary] Average synchronized step_time = %.6f sec.\n", timed / steps);
-
     // Breakdown (this rank), GEMMs, and the floor: the same GEMMs timed alone.
     const MoEPhaseTimes& pt = layer.phase_times();
     double floor = 0.0;
@@ -159,6 +222,7 @@ int run_bench_moe(const BenchMoeOptions& o) {
       line("gate", pt.gate);
       line("encode", pt.encode);
       line("all-to-all", pt.dispatch_a2a);
+      line("weight gather", pt.weights);
       line("experts", pt.experts);
       line("all-to-all back", pt.combine_a2a);
       line("decode", pt.decode);

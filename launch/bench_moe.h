@@ -15,7 +15,7 @@ struct BenchMoeOptions {
   int num_tokens = 512;
   int model_dim = 2048;
   int hidden_size = 2048;
-  int num_local_experts = 2;  // per rank (Tutel's meaning)
+  int num_local_experts = 2;  // per rank; -S: S ranks share one expert (Tutel's meaning)
   int top = 2;
   std::string dtype = "float32";
   double capacity_factor = 1.0;
@@ -26,6 +26,15 @@ struct BenchMoeOptions {
   std::string activation = "relu";
   std::string backend;  // "" = from the launcher (threads without one)
   int ranks = 1;        // threads
+  // Execution plan (Tutel's flags): sharding degree r (-1: 1), pipelining
+  // degree, 2D-hierarchical all-to-all; --strategy auto lets the planner
+  // choose per batch; --sweep runs every plan in turn and tabulates them.
+  int adaptive_r = -1;
+  int overlap_degree = 1;
+  bool use_2dh = false;
+  std::string strategy = "fixed";  // fixed | auto
+  bool sweep = false;
+  int nodes = 0;  // for 2DH: ranks per node = ranks / nodes (0: the runtime's nodes)
   double lr = 1e-3;
   uint64_t seed = 1;
 };

@@ -95,7 +95,20 @@ int main(int argc, char** argv) {
   bench_moe->add_option("--num_tokens,--num-tokens", moe.num_tokens, "Tokens per sequence")->capture_default_str();
   bench_moe->add_option("--model_dim,--model-dim", moe.model_dim, "Model dimension")->capture_default_str();
   bench_moe->add_option("--hidden_size,--hidden-size", moe.hidden_size, "Expert hidden size")->capture_default_str();
-  bench_moe->add_option("--num_local_experts,--num-local-experts", moe.num_local_experts, "Experts per rank")
+  bench_moe->add_option("--num_local_experts,--num-local-experts", moe.num_local_experts,
+                        "Experts per rank; -S: S ranks share each expert (sliced hidden dim)")
+      ->capture_default_str();
+  bench_moe->add_option("--adaptive_r,--adaptive-r", moe.adaptive_r,
+                        "Sharding degree r: 0 data parallel, 1 expert parallel, r | S expert+tensor parallel")
+      ->capture_default_str();
+  bench_moe->add_option("--a2a_ffn_overlap_degree,--a2a-ffn-overlap-degree", moe.overlap_degree,
+                        "Pipelining degree d (chunks of all-to-all overlapping expert compute)")
+      ->capture_default_str();
+  bench_moe->add_flag("--use_2dh,--use-2dh", moe.use_2dh, "2D-hierarchical all-to-all (intra-node, then inter-node)");
+  bench_moe->add_option("--strategy", moe.strategy, "fixed (the flags' plan) or auto (the planner picks per batch)")
+      ->capture_default_str();
+  bench_moe->add_flag("--sweep", moe.sweep, "Run every plan (r, d, a2a) in turn and print a table");
+  bench_moe->add_option("--nodes", moe.nodes, "Nodes the ranks form, for 2DH (0: from the runtime)")
       ->capture_default_str();
   bench_moe->add_option("--top", moe.top, "Experts per token (k)")->capture_default_str();
   bench_moe->add_option("--dtype", moe.dtype, "float32 or bfloat16 (bf16 GEMM operands, fp32 accumulation)")->capture_default_str();
