@@ -11,6 +11,7 @@
 #include "comm/algorithms/barrier_dissemination.h"
 #include "comm/algorithms/broadcast_binomial.h"
 #include "comm/algorithms/reduce_scatter_ring.h"
+#include "comm/virtual_time.h"
 #include "core/env.h"
 #include "core/logging.h"
 
@@ -190,7 +191,9 @@ Work Communicator::enqueue(std::string_view op, const OpOptions& opts, uint64_t 
   const Milliseconds timeout = std::min(opts.timeout.value_or(default_timeout_),
                                         Milliseconds(std::chrono::hours(24 * 365 * 100)));
   const Algorithm algorithm = opts.algorithm;
-  executor_->post([this, state, op = std::string(op), timeout, algorithm, payload_bytes, body = std::move(body)] {
+  const double issue_time = virtual_time::now();
+  executor_->post([this, state, op = std::string(op), timeout, algorithm, payload_bytes, issue_time,
+                   body = std::move(body)] {
     if (broken_.load()) {
       std::string reason;
       {
@@ -202,8 +205,9 @@ Work Communicator::enqueue(std::string_view op, const OpOptions& opts, uint64_t 
       return;
     }
     const auto start = Clock::now();
+    double virtual_end = -1.0;
     try {
-      body(OpContext{op, start + timeout, algorithm});
+      body(OpContext{op, start + timeout, algorithm, issue_time, &virtual_end});
     } catch (...) {
       // Any failure leaves the peers out of step: later ops on this communicator are refused.
       auto error = with_context(std::current_exception(), state->description() + ": ");
@@ -230,6 +234,7 @@ Work Communicator::enqueue(std::string_view op, const OpOptions& opts, uint64_t 
       s.bytes += payload_bytes;
       s.seconds += seconds;
     }
+    if (virtual_end >= 0) state->set_virtual_end(virtual_end);
     state->complete();
   });
   return Work(std::move(state));

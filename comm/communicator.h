@@ -31,6 +31,8 @@ struct OpContext {
   std::string_view name;
   Deadline deadline;
   Algorithm algorithm;
+  double issue_time = 0;       // the issuing thread's virtual time (comm/virtual_time.h)
+  double* end_time = nullptr;  // emulated backends set the op's virtual end here
 };
 
 class Communicator : public std::enable_shared_from_this<Communicator> {

@@ -1,5 +1,6 @@
 #include "comm/work.h"
 
+#include "comm/virtual_time.h"
 #include "core/error.h"
 
 namespace switchyard {
@@ -16,12 +17,14 @@ bool WorkState::wait(std::optional<Milliseconds> timeout) {
     done_cv_.wait(lock, [&] { return done_; });
   }
   if (error_) std::rethrow_exception(error_);
+  if (virtual_end_ >= 0) virtual_time::advance_to(virtual_end_);
   return true;
 }
 
 bool WorkState::test() {
   std::lock_guard lock(mutex_);
   if (done_ && error_) std::rethrow_exception(error_);
+  if (done_ && virtual_end_ >= 0) virtual_time::advance_to(virtual_end_);
   return done_;
 }
 

@@ -36,6 +36,9 @@ class WorkState {
   virtual bool wait(std::optional<Milliseconds> timeout);
   virtual bool test();
   void complete(std::exception_ptr error = nullptr);
+  // Emulated ops: the virtual time the op ends; a wait moves the waiting
+  // thread's virtual lane there (comm/virtual_time.h). Set before complete().
+  void set_virtual_end(double t) { virtual_end_ = t; }
   void keep_alive(std::shared_ptr<void> owner) { owners_.push_back(std::move(owner)); }
   std::string description() const { return label_.describe(); }
 
@@ -46,6 +49,7 @@ class WorkState {
   bool done_ = false;
   std::exception_ptr error_;
   std::vector<std::shared_ptr<void>> owners_;
+  double virtual_end_ = -1.0;
 };
 
 class Work {

@@ -6,6 +6,8 @@
 #include <iostream>
 
 #include "kernels/gemm.h"
+#include "comm/virtual_time.h"
+#include "launch/cluster_presets.h"
 #include "parallel/runtime.h"
 
 namespace switchyard {
@@ -103,13 +105,27 @@ int run_bench_moe(const BenchMoeOptions& o) {
     c.router.k = o.top;
     c.router.capacity_factor = o.capacity_factor;
     c.compute = bf16 ? DType::bf16 : DType::f32;
-    const int nodes = o.nodes > 0 ? o.nodes : rt.nodes();
+    std::optional<ClusterModel> cluster;
+    if (!o.emulate.empty()) cluster = load_cluster_preset(o.emulate);
+    if (o.timing_only && !cluster) SY_THROW(ConfigError, "--timing_only needs --emulate PRESET");
+    const int nodes = o.nodes > 0                ? o.nodes
+                      : cluster                  ? std::max(1, W / std::min(W, cluster->link.ranks_per_node))
+                                                 : rt.nodes();
     if (W % nodes != 0) SY_THROW(ConfigError, "--nodes = ", nodes, " does not divide the ", W, " ranks");
     c.node_size = W / nodes;
+    // The layer's group: the world, or the world seen through the cluster's link model.
+    std::shared_ptr<Communicator> group = rt.world_ptr();
+    if (cluster) {
+      LinkModel link = cluster->link;
+      link.ranks_per_node = W / nodes;
+      group = make_emulated_communicator(group, link, o.timing_only);
+      c.device_model = std::make_shared<DeviceModel>(cluster->device);
+      c.skip_compute = o.timing_only;
+    }
     c.plan.r = o.adaptive_r < 0 ? 1 : o.adaptive_r;
     c.plan.d = o.overlap_degree;
     c.plan.a2a = o.use_2dh ? A2AAlgorithm::hierarchical : A2AAlgorithm::flat;
-    MoELayer layer(c, rt.world_ptr());
+    MoELayer layer(c, group);
     layer.init_parameters(o.seed);
     const int64_t T = static_cast<int64_t>(o.batch_size) * o.num_tokens, M = o.model_dim;
     Tensor x = Tensor::empty({T, M}, DType::f32), target = Tensor::empty({T, M}, DType::f32);
@@ -126,10 +142,18 @@ int run_bench_moe(const BenchMoeOptions& o) {
                                               : (std::to_string(layer.layout().local_experts()) + " per rank").c_str(),
                   o.top, o.capacity_factor, o.exchange.c_str(), o.activation.c_str(), rt.gemm_threads(),
                   o.eval ? "forward only (--eval)" : "training (fwd+bwd+SGD)");
+    if (leader && cluster)
+      std::printf("# emulated cluster %s (%s): %d ranks per node; step_time is virtual (device and link models), "
+                  "wall = this machine%s\n",
+                  cluster->name.c_str(), cluster->description.c_str(), W / nodes,
+                  o.timing_only ? "; timing only: GEMMs and bulky payloads skipped, losses meaningless" : "");
     int64_t dropped_total = 0;
     // One synchronized step under `plan`; returns the slowest rank's seconds.
+    double last_wall = 0;
     auto step = [&](int index, const ExecPlan& plan, bool print) {
       world.barrier().wait();
+      group->barrier().wait();  // emulated: every rank's virtual time meets here
+      const double virtual_start = virtual_time::now();
       const auto start = Clock::now();
       const double flops_at_start = layer.gemm_flops();
       MoEForward f = layer.forward(x, layer.routing_choice(), plan);
@@ -150,13 +174,17 @@ int run_bench_moe(const BenchMoeOptions& o) {
         layer.sgd_step(o.lr);
       }
       const double mine = std::chrono::duration<double>(Clock::now() - start).count();
-      const double step_time = allreduce_scalar(world, mine, ReduceOp::max);
+      const double wall = allreduce_scalar(world, mine, ReduceOp::max);
+      const double step_time =
+          cluster ? allreduce_scalar(world, virtual_time::now() - virtual_start, ReduceOp::max) : wall;
+      last_wall = wall;
       const double loss = allreduce_scalar(world, local_loss) / std::max<double>(1.0, allreduce_scalar(world, double(T * M)));
       const double step_flops = allreduce_scalar(world, layer.gemm_flops() - flops_at_start);
       dropped_total += f.dropped;
       if (leader && print)
-        std::printf("STEP-%d: loss = %.5f, step_time = %.6f sec, perf = %.2f tflops. (f = %g, %s)\n", index, loss,
-                    step_time, step_flops / step_time * 1e-12, o.capacity_factor, plan.describe().c_str());
+        std::printf("STEP-%d: loss = %.5f, step_time = %.6f sec, perf = %.2f tflops. (f = %g, %s)%s\n", index, loss,
+                    step_time, step_flops / step_time * 1e-12, o.capacity_factor, plan.describe().c_str(),
+                    cluster ? detail::make_string(" wall = ", wall, " sec").c_str() : "");
       std::fflush(stdout);
       return step_time;
     };
@@ -171,20 +199,28 @@ int run_bench_moe(const BenchMoeOptions& o) {
             if (a2a == A2AAlgorithm::hierarchical && (c.node_size <= 1 || c.node_size >= W || r == 0)) continue;
             plans.push_back(p);
           }
-      std::vector<double> medians;
+      std::vector<double> medians, wall_medians;
       int index = 0;
       for (const ExecPlan& p : plans) {
         step(index++, p, true);  // warm-up: buffers sized, weights gathered once
-        std::vector<double> times;
-        for (int s = 0; s < o.num_steps; ++s) times.push_back(step(index++, p, true));
+        std::vector<double> times, walls;
+        for (int s = 0; s < o.num_steps; ++s) {
+          times.push_back(step(index++, p, true));
+          walls.push_back(last_wall);
+        }
         medians.push_back(median(times));
+        wall_medians.push_back(median(walls));
       }
       if (leader) {
         const double best = *std::min_element(medians.begin(), medians.end());
         const double worst = *std::max_element(medians.begin(), medians.end());
-        std::printf("# sweep: median synchronized step time per plan (wall clock), and its ratio to the best\n");
-        for (size_t i = 0; i < plans.size(); ++i)
-          std::printf("#   %-40s %10.6f sec  x%.3f\n", plans[i].describe().c_str(), medians[i], medians[i] / best);
+        std::printf("# sweep: median synchronized step time per plan (%s), and its ratio to the best%s\n",
+                    cluster ? "virtual, emulated" : "wall clock", cluster ? "; then this machine's wall time" : "");
+        for (size_t i = 0; i < plans.size(); ++i) {
+          std::printf("#   %-40s %10.6f sec  x%.3f", plans[i].describe().c_str(), medians[i], medians[i] / best);
+          if (cluster) std::printf("   wall %10.6f sec", wall_medians[i]);
+          std::printf("\n");
+        }
         std::printf("# best / worst = %.3f (the worst plan is %.2fx slower than the best)\n", best / worst,
                     worst / best);
       }
@@ -203,12 +239,15 @@ int run_bench_moe(const BenchMoeOptions& o) {
     }
     const int steps = o.num_steps - skip;
     if (leader) std::printf("[Summary] Average synchronized step_time = %.6f sec.\n", timed / steps);
-    // Breakdown (this rank), GEMMs, and the floor: the same GEMMs timed alone.
-    const MoEPhaseTimes& pt = layer.phase_times();
+    // Breakdown (this rank), GEMMs, and the floor: the same GEMMs timed alone
+    // (emulated: the device model's time for them).
+    const MoEPhaseTimes& pt = cluster ? layer.virtual_phase_times() : layer.phase_times();
     double floor = 0.0;
     std::vector<std::pair<GemmShape, std::pair<double, double>>> rows;
     for (const auto& [shape, count] : layer.gemms()) {
-      const double per_step = static_cast<double>(count) / steps, t = time_gemm(shape);
+      const double per_step = static_cast<double>(count) / steps;
+      const double t = cluster ? cluster->device.gemm_seconds(2.0 * shape.m * shape.n * shape.k, shape.bf16)
+                               : time_gemm(shape);
       floor += per_step * t;
       rows.push_back({shape, {per_step, t}});
     }
@@ -218,7 +257,8 @@ int run_bench_moe(const BenchMoeOptions& o) {
       auto line = [&](const char* name, double seconds) {
         std::printf("#   %-14s %10.6f sec  %5.1f%%\n", name, seconds / steps, 100.0 * seconds / steps / total);
       };
-      std::printf("# phases per step (rank 0; share of the synchronized step):\n");
+      std::printf("# phases per step (rank 0, %s; share of the synchronized step):\n",
+                  cluster ? "virtual seconds" : "wall seconds");
       line("gate", pt.gate);
       line("encode", pt.encode);
       line("all-to-all", pt.dispatch_a2a);

@@ -35,6 +35,10 @@ struct BenchMoeOptions {
   std::string strategy = "fixed";  // fixed | auto
   bool sweep = false;
   int nodes = 0;  // for 2DH: ranks per node = ranks / nodes (0: the runtime's nodes)
+  // Emulated cluster (configs/clusters/<preset>.yaml): step times are virtual,
+  // wall time is appended. timing_only skips GEMMs and bulky payloads.
+  std::string emulate;
+  bool timing_only = false;
   double lr = 1e-3;
   uint64_t seed = 1;
 };

@@ -108,8 +108,14 @@ int main(int argc, char** argv) {
   bench_moe->add_option("--strategy", moe.strategy, "fixed (the flags' plan) or auto (the planner picks per batch)")
       ->capture_default_str();
   bench_moe->add_flag("--sweep", moe.sweep, "Run every plan (r, d, a2a) in turn and print a table");
-  bench_moe->add_option("--nodes", moe.nodes, "Nodes the ranks form, for 2DH (0: from the runtime)")
+  bench_moe->add_option("--nodes", moe.nodes,
+                        "Nodes the ranks form, for 2DH and emulation (0: the runtime's, or the preset's GPUs per node)")
       ->capture_default_str();
+  bench_moe->add_option("--emulate", moe.emulate,
+                        "Emulated cluster preset (cpu-local, h100-nvlink-ib, a100-nvlink-ib) or .yaml path: "
+                        "step_time is virtual, wall time appended");
+  bench_moe->add_flag("--timing_only,--timing-only", moe.timing_only,
+                      "With --emulate: skip expert GEMMs and bulky payloads (virtual times only; losses meaningless)");
   bench_moe->add_option("--top", moe.top, "Experts per token (k)")->capture_default_str();
   bench_moe->add_option("--dtype", moe.dtype, "float32 or bfloat16 (bf16 GEMM operands, fp32 accumulation)")->capture_default_str();
   bench_moe->add_option("--capacity_factor,--capacity-factor", moe.capacity_factor,

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <numeric>
 
+#include "comm/virtual_time.h"
 #include "core/safetensors.h"
 #include "kernels/gemm.h"
 
@@ -22,15 +23,22 @@ void MoEConfig::validate() const {
 }
 
 namespace {
-// Adds the time from construction to destruction to a phase counter.
+// Adds the wall and virtual (emulated) time from construction to destruction
+// to a phase's counters.
 class PhaseTimer {
  public:
-  explicit PhaseTimer(double& into) : into_(into), start_(Clock::now()) {}
-  ~PhaseTimer() { into_ += std::chrono::duration<double>(Clock::now() - start_).count(); }
+  PhaseTimer(MoEPhaseTimes& wall, MoEPhaseTimes& virt, double MoEPhaseTimes::*phase)
+      : wall_(wall.*phase), virtual_(virt.*phase), start_(Clock::now()), virtual_start_(virtual_time::now()) {}
+  ~PhaseTimer() {
+    wall_ += std::chrono::duration<double>(Clock::now() - start_).count();
+    virtual_ += virtual_time::now() - virtual_start_;
+  }
 
  private:
-  double& into_;
+  double& wall_;
+  double& virtual_;
   Clock::time_point start_;
+  double virtual_start_;
 };
 }  // namespace
 
@@ -48,14 +56,22 @@ Tensor MoELayer::scratch(Scratch which, Shape shape, DType dtype) {
   return Tensor::adopt(TensorView(scratch_storage_[i].get(), dtype, std::move(shape)), scratch_storage_[i]);
 }
 
+void MoELayer::charge_memory(double bytes) const {
+  if (config_.device_model) virtual_time::charge(config_.device_model->memory_seconds(bytes));
+}
+
 void MoELayer::gemm_bf16(const kernels::cpu::GemmBf16Args& args) {
-  kernels::cpu::gemm_bf16(args);
+  if (config_.device_model)
+    virtual_time::charge(config_.device_model->gemm_seconds(2.0 * args.m * args.n * args.k, true));
+  if (!config_.skip_compute) kernels::cpu::gemm_bf16(args);
   if (args.m && args.n && args.k)
     ++gemms_[GemmShape{args.m, args.n, args.k, args.transpose_a, args.transpose_b, true}];
 }
 
-void MoELayer::gemm(const kernels::cpu::GemmArgs& args) {
-  kernels::cpu::gemm_f32(args);
+void MoELayer::gemm(const kernels::cpu::GemmArgs& args, bool always) {
+  if (config_.device_model)
+    virtual_time::charge(config_.device_model->gemm_seconds(2.0 * args.m * args.n * args.k, false));
+  if (always || !config_.skip_compute) kernels::cpu::gemm_f32(args);
   if (args.m && args.n && args.k) ++gemms_[GemmShape{args.m, args.n, args.k, args.transpose_a, args.transpose_b}];
 }
 
@@ -67,6 +83,7 @@ double MoELayer::gemm_flops() const {
 
 void MoELayer::reset_profile() {
   times_ = {};
+  virtual_times_ = {};
   gemms_.clear();
 }
 
@@ -205,6 +222,7 @@ void MoELayer::sgd_step(double lr) {
                                                {&params_.b2, &grads_.b2}};
   const auto rate = static_cast<float>(lr);
   for (auto [param, grad] : pairs) {
+    charge_memory(3.0 * static_cast<double>(param->nbytes()));
     float* p = param->data_as<float>();
     const float* g = grad->data_as<float>();
     const int64_t n = param->numel();
@@ -258,7 +276,7 @@ void MoELayer::init_parameters(uint64_t seed) {
 }
 
 Routing MoELayer::route_tokens(const TensorView& x, Tensor& logits) {
-  PhaseTimer timer(times_.gate);
+  PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::gate);
   const int64_t M = config_.model_dim;
   if (x.dtype() != DType::f32 || x.dim() != 2 || x.size(1) != M || !x.is_contiguous() || !x.device().is_cpu())
     SY_THROW(InvalidArgument, "moe: input is ", dtype_name(x.dtype()), " ", shape_string(x.shape()),
@@ -273,7 +291,8 @@ Routing MoELayer::route_tokens(const TensorView& x, Tensor& logits) {
   const int E = config_.router.experts;
   logits = Tensor::empty({T, E}, DType::f32);
   gemm({.m = T, .n = E, .k = M, .a = static_cast<const float*>(x.data()), .lda = M,
-                          .b = gate_weight_.data_as<float>(), .ldb = E, .c = logits.data_as<float>(), .ldc = E});
+        .b = gate_weight_.data_as<float>(), .ldb = E, .c = logits.data_as<float>(), .ldc = E},
+       true);  // routing needs real logits even when timing only
   const TensorView bias = gate_bias_.view();
   return route(router_, logits, router_.gate == GateKind::sigmoid_bias ? &bias : nullptr,
                router_.noise_std > 0 ? &noise_ : nullptr);
@@ -282,7 +301,7 @@ Routing MoELayer::route_tokens(const TensorView& x, Tensor& logits) {
 DispatchPlan MoELayer::plan(const Routing& routing, int64_t tokens) { return plan(routing, tokens, config_.plan); }
 
 DispatchPlan MoELayer::plan(const Routing& routing, int64_t tokens, const ExecPlan& exec) {
-  PhaseTimer timer(times_.gate);
+  PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::gate);
   check_plan(exec);
   const int k = static_cast<int>(routing.experts.shape().size() == 2 ? routing.experts.shape()[1] : router_.k);
   const int E = config_.router.experts, W = group_->size(), S = layout_.shards(), d = exec.d;
@@ -378,7 +397,7 @@ DispatchPlan MoELayer::plan(const Routing& routing, int64_t tokens, const ExecPl
 
 void MoELayer::exchange_layout(DispatchPlan& p) {
   if (p.exec.exchange == ExchangeMode::padded || p.exchange_ranks == 1) return;
-  PhaseTimer timer(times_.dispatch_a2a);
+  PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::dispatch_a2a);
   const int X = p.exchange_ranks, Lw = p.slots, d = p.exec.d;
   const int64_t per_peer = static_cast<int64_t>(d) * Lw;
   Tensor send = Tensor::empty({X * per_peer}, DType::i64), recv = Tensor::empty({X * per_peer}, DType::i64);
@@ -423,9 +442,10 @@ MoELayer::Exchange MoELayer::dispatch_async(const DispatchPlan& p, const TensorV
   const int64_t M = config_.model_dim;
   Tensor send = scratch(Scratch::send, {p.send_rows(), M});
   {
-    PhaseTimer timer(times_.encode);
+    PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::encode);
     kernels::cpu::gather_rows(static_cast<const float*>(x.data()), p.token_of_row.data(), p.send_rows(), M,
                               send.data_as<float>());
+    charge_memory(2.0 * p.send_rows() * M * sizeof(float));
   }
   if (p.exchange_ranks == 1) return {send, completed_work("dispatch")};
   Tensor recv = scratch(Scratch::recv, {p.recv_rows(), M});
@@ -436,7 +456,7 @@ MoELayer::Exchange MoELayer::dispatch_async(const DispatchPlan& p, const TensorV
 
 Tensor MoELayer::dispatch(const DispatchPlan& p, const TensorView& x) {
   Exchange e = dispatch_async(p, x);
-  PhaseTimer timer(times_.dispatch_a2a);
+  PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::dispatch_a2a);
   e.done.wait();
   return e.rows;
 }
@@ -450,7 +470,7 @@ void MoELayer::gather_weights(const DispatchPlan& p, Working& w) {
     w.p = params_;
     return;
   }
-  PhaseTimer timer(times_.weights);
+  PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::weights);
   Communicator& g = *shape.gather;
   const int64_t G = g.size(), L = layout_.local_experts(), M = config_.model_dim;
   const int64_t H1s = hidden_in() / layout_.shards(), Hs = local_hidden_;
@@ -477,6 +497,8 @@ void MoELayer::gather_weights(const DispatchPlan& p, Working& w) {
   }
   w.p.w1 = scratch(Scratch::gw1, {Lw, M, H1w});
   w.p.b1 = Tensor::empty({Lw, H1w}, DType::f32);
+  charge_memory(2.0 * static_cast<double>(w.p.w1.nbytes()));
+  if (config_.skip_compute) return;  // timing only: leave the gathered pages untouched
   for (int i = 0; i < Lw; ++i)
     for (int piece = 0; piece < P; ++piece) {
       const int64_t b = static_cast<int64_t>(i) * P + piece;
@@ -503,7 +525,7 @@ void MoELayer::scatter_gradients(const PlanShape& shape, const ExpertParams& wg,
       raw_w1 = scratch(Scratch::grad_blocks, {G * L, M, H1s});
       raw_b1 = Tensor::empty({G * L, H1s}, DType::f32);
       raw_b2 = Tensor::zeros({G * L, M}, DType::f32);  // one piece of each expert carries the bias gradient
-      for (int i = 0; i < Lw; ++i) {
+      for (int i = 0; i < Lw && !config_.skip_compute; ++i) {
         std::memcpy(raw_b2.data_as<float>() + static_cast<int64_t>(i) * P * M, wg.b2.data_as<float>() + i * M,
                     static_cast<size_t>(M) * sizeof(float));
         for (int piece = 0; piece < P; ++piece) {
@@ -522,6 +544,7 @@ void MoELayer::scatter_gradients(const PlanShape& shape, const ExpertParams& wg,
     Work works[] = {g.reduce_scatter(raw_w1, mine_w1), g.reduce_scatter(raw_b1, mine_b1),
                     g.reduce_scatter(wg.w2, mine_w2), g.reduce_scatter(raw_b2, b2_delta)};
     for (auto& work : works) work.wait();
+    charge_memory(4.0 * static_cast<double>(raw_w1.nbytes() + wg.w2.nbytes()));  // re-layout, sums
     add_into(grads_.w1, mine_w1);
     add_into(grads_.b1, mine_b1);
     add_into(grads_.w2, mine_w2);
@@ -545,15 +568,18 @@ ExpertActivations MoELayer::allocate_activations(const DispatchPlan& p) {
     a.act16 = scratch(Scratch::act_bf16, {R, Hw}, DType::bf16);
     a.w1_16 = scratch(Scratch::w1_bf16, w.p.w1.shape(), DType::bf16);
     a.w2_16 = scratch(Scratch::w2_bf16, w.p.w2.shape(), DType::bf16);
-    kernels::cpu::to_bf16(w.p.w1.data_as<float>(), w.p.w1.numel(), static_cast<uint16_t*>(a.w1_16.data()));
-    kernels::cpu::to_bf16(w.p.w2.data_as<float>(), w.p.w2.numel(), static_cast<uint16_t*>(a.w2_16.data()));
+    charge_memory(1.5 * static_cast<double>(w.p.w1.nbytes() + w.p.w2.nbytes()));
+    if (!config_.skip_compute) {
+      kernels::cpu::to_bf16(w.p.w1.data_as<float>(), w.p.w1.numel(), static_cast<uint16_t*>(a.w1_16.data()));
+      kernels::cpu::to_bf16(w.p.w2.data_as<float>(), w.p.w2.numel(), static_cast<uint16_t*>(a.w2_16.data()));
+    }
   }
   return a;
 }
 
 void MoELayer::run_chunk(const DispatchPlan& p, int chunk, const Working& w, const TensorView& rows,
                          ExpertActivations& a) {
-  PhaseTimer timer(times_.experts);
+  PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::experts);
   const int64_t M = config_.model_dim;
   const int64_t Hw = w.p.w2.shape()[1], H1w = w.p.w1.shape()[2];
   const bool bf = config_.compute == DType::bf16;
@@ -585,6 +611,7 @@ void MoELayer::run_chunk(const DispatchPlan& p, int chunk, const Working& w, con
         gemm({.m = m, .n = H1w, .k = M, .a = x + offset * M, .lda = M, .b = w.p.w1.data_as<float>() + l * M * H1w,
               .ldb = H1w, .beta = 1.f, .c = pre_b, .ldc = H1w});
       kernels::cpu::activation_forward(config_.activation, pre_b, m, Hw, act_b);
+      charge_memory(static_cast<double>(m) * (2 * H1w + Hw + M) * sizeof(float));  // biases, activation
       if (bf) {
         uint16_t* a16 = static_cast<uint16_t*>(a.act16.data()) + offset * Hw;
         kernels::cpu::to_bf16(act_b, m * Hw, a16);
@@ -618,13 +645,13 @@ MoELayer::Exchange MoELayer::combine_exchange_async(const DispatchPlan& p, const
 
 Tensor MoELayer::combine_exchange(const DispatchPlan& p, const TensorView& expert_out) {
   Exchange e = combine_exchange_async(p, expert_out);
-  PhaseTimer timer(times_.combine_a2a);
+  PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::combine_a2a);
   e.done.wait();
   return e.rows;
 }
 
 Tensor MoELayer::combine(const DispatchPlan& p, const TensorView& returned) {
-  PhaseTimer timer(times_.decode);
+  PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::decode);
   const int64_t M = config_.model_dim;
   const int kc = p.k * p.copies;
   Tensor out = Tensor::empty({p.tokens, M}, DType::f32);
@@ -633,6 +660,7 @@ Tensor MoELayer::combine(const DispatchPlan& p, const TensorView& returned) {
     if (p.row_of_choice[c] >= 0) scale[c] = p.weight_of_row[static_cast<size_t>(p.row_of_choice[c])];
   kernels::cpu::combine_rows(static_cast<const float*>(returned.data()), p.row_of_choice.data(), scale.data(),
                              p.tokens, kc, M, out.data_as<float>());
+  charge_memory(static_cast<double>(p.send_rows() + p.tokens) * M * sizeof(float));
   return out;
 }
 
@@ -784,9 +812,10 @@ MoEForward MoELayer::forward(const TensorView& x, const RoutingChoice& routing, 
   const int64_t M = config_.model_dim;
   Tensor send = scratch(Scratch::send, {p.send_rows(), M});
   {
-    PhaseTimer timer(times_.encode);
+    PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::encode);
     kernels::cpu::gather_rows(static_cast<const float*>(x.data()), p.token_of_row.data(), p.send_rows(), M,
                               send.data_as<float>());
+    charge_memory(2.0 * p.send_rows() * M * sizeof(float));
   }
   const bool moves = p.exchange_ranks > 1;
   const int d = exec.d;
@@ -799,16 +828,19 @@ MoEForward MoELayer::forward(const TensorView& x, const RoutingChoice& routing, 
   sv.returned = moves ? scratch(Scratch::back, {p.send_rows(), M}) : sv.experts.out;
   for (int i = 0; i < d; ++i) {
     if (moves) {
-      PhaseTimer timer(times_.dispatch_a2a);
+      PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::dispatch_a2a);
       to_experts[static_cast<size_t>(i)].wait();
     }
     run_chunk(p, i, sv.weights, sv.rows, sv.experts);
     if (moves) back.push_back(exchange(p, i, sv.experts.out, sv.returned, false));
   }
   {
-    PhaseTimer timer(times_.combine_a2a);
+    PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::combine_a2a);
     for (auto& w : back) w.wait();
   }
+  // Timing only: expert outputs were neither computed nor moved; zeros keep
+  // the gate's gradient (and so routing) finite.
+  if (config_.skip_compute) std::memset(sv.returned.data(), 0, static_cast<size_t>(p.send_rows() * M) * sizeof(float));
   sv.x = scratch(Scratch::input, x.shape());
   if (x.nbytes()) std::memcpy(sv.x.data(), x.data(), x.nbytes());
   sv.valid = true;
@@ -859,6 +891,7 @@ void MoELayer::backward_chunk(const DispatchPlan& p, int chunk, const Working& w
               .b = w.p.w2.data_as<float>() + l * Hw * M, .ldb = M, .c = da, .ldc = Hw});
       }
       kernels::cpu::activation_backward(config_.activation, pre, da, m, Hw, dp);
+      charge_memory(static_cast<double>(m) * (3 * H1w + Hw + M) * sizeof(float));  // activation, bias sums
       kernels::cpu::add_column_sums(dp, m, H1w, grads.b1.data_as<float>() + l * H1w);
       if (bf) {
         uint16_t* dp_b = static_cast<uint16_t*>(dp16.data()) + offset * H1w;
@@ -883,7 +916,7 @@ void MoELayer::backward_chunk(const DispatchPlan& p, int chunk, const Working& w
 
 Tensor MoELayer::backward(const TensorView& dout, double balance_coef, double z_coef, bool input_grad) {
   if (!saved_.valid) SY_THROW(InvalidArgument, "moe: backward without a forward to differentiate");
-  PhaseTimer timer(times_.backward);
+  PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::backward);
   const Saved& sv = saved_;
   const DispatchPlan& p = sv.plan;
   const int64_t T = p.tokens, M = config_.model_dim;
@@ -900,6 +933,7 @@ Tensor MoELayer::backward(const TensorView& dout, double balance_coef, double z_
   std::vector<float> d_weight_of_row(static_cast<size_t>(p.send_rows()));
   kernels::cpu::row_dots(g, p.token_of_row.data(), sv.returned.data_as<float>(), p.send_rows(), M,
                          d_weight_of_row.data());
+  charge_memory(4.0 * p.send_rows() * M * sizeof(float));
 
   // To the experts the way the tokens went, chunk by chunk, each chunk's
   // gradient returning while the next one computes.
@@ -915,8 +949,10 @@ Tensor MoELayer::backward(const TensorView& dout, double balance_coef, double z_
   if (w.gathered) {
     wg.w1 = scratch(Scratch::dw1, w.p.w1.shape());
     wg.w2 = scratch(Scratch::dw2, w.p.w2.shape());
-    std::memset(wg.w1.data(), 0, wg.w1.nbytes());
-    std::memset(wg.w2.data(), 0, wg.w2.nbytes());
+    if (!config_.skip_compute) {
+      std::memset(wg.w1.data(), 0, wg.w1.nbytes());
+      std::memset(wg.w2.data(), 0, wg.w2.nbytes());
+    }
     wg.b1 = Tensor::zeros(w.p.b1.shape(), DType::f32);
     wg.b2 = Tensor::zeros(w.p.b2.shape(), DType::f32);
   } else {
@@ -993,7 +1029,8 @@ Tensor MoELayer::backward(const TensorView& dout, double balance_coef, double z_
   }
   Tensor local_gate_grad = Tensor::zeros({M, E}, DType::f32);
   gemm({.transpose_a = true, .m = M, .n = E, .k = T, .a = sv.x.data_as<float>(), .lda = M,
-                          .b = d_logits.data_as<float>(), .ldb = E, .c = local_gate_grad.data_as<float>(), .ldc = E});
+        .b = d_logits.data_as<float>(), .ldb = E, .c = local_gate_grad.data_as<float>(), .ldc = E},
+       true);
   group_->allreduce(local_gate_grad, local_gate_grad).wait();
   add_into(gate_grad_, local_gate_grad);
 
@@ -1002,8 +1039,10 @@ Tensor MoELayer::backward(const TensorView& dout, double balance_coef, double z_
   // Every copy's partial input gradient lands on its token.
   Tensor dx = Tensor::empty({T, M}, DType::f32);
   kernels::cpu::combine_rows(d_sent.data_as<float>(), p.row_of_choice.data(), nullptr, T, kc, M, dx.data_as<float>());
+  charge_memory(static_cast<double>(p.send_rows() + T) * M * sizeof(float));
   gemm({.transpose_b = true, .m = T, .n = M, .k = E, .a = d_logits.data_as<float>(), .lda = E,
-                          .b = gate_weight_.data_as<float>(), .ldb = E, .beta = 1.f, .c = dx.data_as<float>(), .ldc = M});
+        .b = gate_weight_.data_as<float>(), .ldb = E, .beta = 1.f, .c = dx.data_as<float>(), .ldc = M},
+       true);
   return dx;
 }
 

@@ -17,6 +17,7 @@
 #include "moe/exec_plan.h"
 #include "moe/param_layout.h"
 #include "moe/router.h"
+#include "parallel/cost_model.h"
 
 namespace switchyard {
 
@@ -31,6 +32,12 @@ struct MoEConfig {
   int node_size = 0;
   // Debug: all-reduce a hash of each batch's plan and fail when ranks differ.
   bool check_plan = false;
+  // Emulation: compute phases charge the calling thread's virtual time with
+  // this device's rates (GEMM FLOPs, streamed bytes). skip_compute also skips
+  // the GEMMs themselves (outputs are then meaningless; for virtual timings of
+  // clusters larger than this machine can compute).
+  std::shared_ptr<const DeviceModel> device_model;
+  bool skip_compute = false;
   bool check_finite = false;  // reject NaN/Inf inputs with a clear error
   // Expert GEMMs: f32, or bf16 operands with fp32 accumulation (weights stay
   // fp32 masters; bf16 copies are made per batch).
@@ -166,6 +173,8 @@ class MoELayer {
   void sgd_step(double lr);
 
   const MoEPhaseTimes& phase_times() const { return times_; }
+  // The same phases in virtual (emulated) seconds; zeros without emulation.
+  const MoEPhaseTimes& virtual_phase_times() const { return virtual_times_; }
   // The dispatch plan of the last forward (empty before the first).
   const DispatchPlan& last_plan() const { return saved_.plan; }
   RoutingChoice routing_choice() const { return {config_.router.capacity_factor, config_.router.k}; }
@@ -246,7 +255,7 @@ class MoELayer {
   ExpertParams params_;
   Tensor gate_grad_;
   ExpertParams grads_;
-  void gemm(const kernels::cpu::GemmArgs& args);
+  void gemm(const kernels::cpu::GemmArgs& args, bool always = false);  // always: even when skip_compute
   // Per-layer buffers reused from batch to batch: a fresh 100 MB tensor per
   // phase costs page faults inside the GEMMs that first touch it. Phase results
   // live in them until the next batch (one batch in flight per layer).
@@ -257,7 +266,8 @@ class MoELayer {
   void gemm_bf16(const kernels::cpu::GemmBf16Args& args);
   std::vector<std::shared_ptr<void>> scratch_storage_;
   std::vector<size_t> scratch_bytes_;
-  MoEPhaseTimes times_;
+  MoEPhaseTimes times_, virtual_times_;
+  void charge_memory(double bytes) const;
   std::map<GemmShape, int64_t> gemms_;
   struct Saved {
     Tensor x, logits, rows, returned;

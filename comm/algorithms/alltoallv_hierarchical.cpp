@@ -3,6 +3,7 @@
 #include <cstring>
 #include <numeric>
 
+#include "comm/virtual_time.h"
 #include "core/error.h"
 
 namespace switchyard::algorithms {
@@ -56,10 +57,15 @@ Work HierarchicalAlltoall::run(Buffer in, std::vector<int64_t> send_counts, Buff
       WorkLabel{"alltoallv_2dh", name_, rank_, size_, intra_->backend_name()});
   if (in.owner) state->keep_alive(in.owner);
   if (out.owner) state->keep_alive(out.owner);
+  // Under emulation the phases start at the caller's virtual time and the
+  // caller's wait ends at the last phase's end.
+  const double issue_time = virtual_time::now();
   executor_->post([this, state, in = in.view, out = out.view, sc = std::move(send_counts),
-                   rc = std::move(recv_counts), uniform] {
+                   rc = std::move(recv_counts), uniform, issue_time] {
     try {
+      virtual_time::advance_to(issue_time);
       exchange(in, sc, out, rc, uniform);
+      state->set_virtual_end(virtual_time::now());
       state->complete();
     } catch (...) {
       state->complete(std::current_exception());

@@ -1,0 +1,242 @@
+#include "comm/backends/emulated/emulated_backend.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "core/error.h"
+
+namespace switchyard {
+namespace {
+
+// The class of the slowest link a group spans.
+LinkClass group_class(const LinkModel& m, const std::vector<int>& members) {
+  for (int w : members)
+    if (!m.same_node(w, members.front())) return m.inter;
+  return m.intra;
+}
+
+double log2_steps(size_t p) { return p <= 1 ? 0.0 : std::ceil(std::log2(static_cast<double>(p))); }
+
+class NoTransport : public Transport {
+ public:
+  NoTransport(int rank, int size) : rank_(rank), size_(size) {}
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  void post_send(int, const void*, size_t, uint32_t) override { fail(); }
+  void post_recv(int, void*, size_t, uint32_t) override { fail(); }
+  void wait_all(Deadline) override {}
+
+ private:
+  [[noreturn]] static void fail() {
+    SY_THROW(NotSupported, "backend emulated has no transport of its own; every op runs on the inner communicator");
+  }
+  int rank_, size_;
+};
+
+class EmulatedCommunicator : public Communicator {
+ public:
+  EmulatedCommunicator(std::shared_ptr<Communicator> inner, LinkModel model, std::vector<int> world_ranks,
+                       std::string name, bool timing_only)
+      : Communicator(inner->rank(), inner->size(), std::move(name)),
+        inner_(std::move(inner)),
+        model_(model),
+        timing_only_(timing_only),
+        world_ranks_(std::move(world_ranks)),
+        backend_("emulated(" + std::string(inner_->backend_name()) + ")"),
+        transport_(inner_->rank(), inner_->size()) {}
+  ~EmulatedCommunicator() override { shutdown_executor(); }
+  std::string_view backend_name() const override { return backend_; }
+
+ protected:
+  Transport& transport() override { return transport_; }
+
+  std::shared_ptr<Communicator> do_create_group(const std::vector<int>& members, uint64_t, const std::string& name,
+                                                const OpContext&) override {
+    auto inner_group = inner_->create_group(members, name);
+    std::vector<int> world;
+    for (int m : members) world.push_back(world_ranks_[static_cast<size_t>(m)]);
+    return std::make_shared<EmulatedCommunicator>(inner_group, model_, std::move(world), name, timing_only_);
+  }
+
+  void do_allreduce(const TensorView& in, const TensorView& out, ReduceOp op, const OpContext& ctx) override {
+    if (moves(in.nbytes())) inner_->allreduce(in, out, opts(ctx, op)).wait();
+    count_direct_allreduce(in);
+    finish(ctx, EmulatedCosts::allreduce(model_, world_ranks_, static_cast<int64_t>(in.nbytes())));
+  }
+  void do_reduce_scatter(const TensorView& in, const TensorView& out, ReduceOp op, const OpContext& ctx) override {
+    if (moves(in.nbytes())) inner_->reduce_scatter(in, out, opts(ctx, op)).wait();
+    count_direct_reduce_scatter(out);
+    finish(ctx, EmulatedCosts::reduce_scatter(model_, world_ranks_, static_cast<int64_t>(in.nbytes())));
+  }
+  void do_allgatherv(const TensorView& in, const TensorView& out, std::span<const int64_t> counts,
+                     const OpContext& ctx) override {
+    if (moves(out.nbytes()))
+      inner_->allgatherv(in, out, std::vector<int64_t>(counts.begin(), counts.end()), opts(ctx)).wait();
+    count_direct_allgatherv(in, counts);
+    const int64_t total = std::accumulate(counts.begin(), counts.end(), int64_t{0});
+    finish(ctx, EmulatedCosts::allgather(model_, world_ranks_, total * static_cast<int64_t>(in.element_size())));
+  }
+  void do_alltoallv(const TensorView& in, std::span<const int64_t> send_counts, const TensorView& out,
+                    std::span<const int64_t> recv_counts, const OpContext& ctx) override {
+    if (!timing_only_)  // sizes differ by rank, so timing-only never moves them (counts go through alltoall)
+      inner_->alltoallv(in, std::vector<int64_t>(send_counts.begin(), send_counts.end()), out,
+                        std::vector<int64_t>(recv_counts.begin(), recv_counts.end()), opts(ctx))
+          .wait();
+    count_direct_alltoallv(in.element_size(), send_counts, recv_counts);
+    const auto es = static_cast<int64_t>(in.element_size());
+    std::vector<int64_t> sb(send_counts.begin(), send_counts.end()), rb(recv_counts.begin(), recv_counts.end());
+    for (auto& v : sb) v *= es;
+    for (auto& v : rb) v *= es;
+    finish(ctx, EmulatedCosts::alltoallv(model_, world_ranks_, rank(), sb, rb));
+  }
+  void do_alltoall(const TensorView& in, const TensorView& out, const OpContext& ctx) override {
+    if (moves(in.nbytes())) inner_->alltoall(in, out, opts(ctx)).wait();
+    const int64_t block = static_cast<int64_t>(in.nbytes()) / size();
+    std::vector<int64_t> counts(static_cast<size_t>(size()), block / static_cast<int64_t>(in.element_size()));
+    count_direct_alltoallv(in.element_size(), counts, counts);
+    std::vector<int64_t> bytes(static_cast<size_t>(size()), block);
+    finish(ctx, EmulatedCosts::alltoallv(model_, world_ranks_, rank(), bytes, bytes));
+  }
+  void do_broadcast(const TensorView& buffer, int root, const OpContext& ctx) override {
+    if (moves(buffer.nbytes())) inner_->broadcast(buffer, root, opts(ctx)).wait();
+    count_direct_broadcast(buffer, root);
+    finish(ctx, EmulatedCosts::broadcast(model_, world_ranks_, static_cast<int64_t>(buffer.nbytes())));
+  }
+  void do_barrier(const OpContext& ctx) override {
+    inner_->barrier(opts(ctx)).wait();
+    finish(ctx, EmulatedCosts::barrier(model_, world_ranks_));
+  }
+  // Point-to-point: each side charges its own clock (no agreement round).
+  void do_send(const TensorView& b, int peer, uint32_t tag, const OpContext& ctx) override {
+    if (moves(b.nbytes())) inner_->send(b, peer, tagged(ctx, tag)).wait();
+    count_peer_bytes(peer, b.nbytes(), 0);
+    finish_local(ctx, pair_cost(peer, b.nbytes()));
+  }
+  void do_recv(const TensorView& b, int peer, uint32_t tag, const OpContext& ctx) override {
+    if (moves(b.nbytes())) inner_->recv(b, peer, tagged(ctx, tag)).wait();
+    count_peer_bytes(peer, 0, b.nbytes());
+    finish_local(ctx, pair_cost(peer, b.nbytes()));
+  }
+  void do_sendrecv(const TensorView& s, int to, const TensorView& r, int from, uint32_t tag,
+                   const OpContext& ctx) override {
+    if (moves(std::max(s.nbytes(), r.nbytes()))) inner_->sendrecv(s, to, r, from, tagged(ctx, tag)).wait();
+    count_peer_bytes(to, s.nbytes(), 0);
+    count_peer_bytes(from, 0, r.nbytes());
+    finish_local(ctx, std::max(pair_cost(to, s.nbytes()), pair_cost(from, r.nbytes())));
+  }
+
+ private:
+  // Payloads move unless timing-only and bulky. Both sides of an op see the
+  // same size in every collective the MoE layer issues; p2p sizes must match too.
+  bool moves(size_t bytes) const { return !timing_only_ || bytes <= kEmulatedControlBytes; }
+  void do_allgather(const TensorView& in, const TensorView& out, const OpContext& ctx) override {
+    std::vector<int64_t> counts(static_cast<size_t>(size()), in.numel());
+    do_allgatherv(in, out, counts, ctx);
+  }
+  static OpOptions opts(const OpContext& ctx) {
+    OpOptions o;
+    o.timeout = std::chrono::duration_cast<Milliseconds>(ctx.deadline - Clock::now());
+    o.algorithm = ctx.algorithm;
+    return o;
+  }
+  static ReduceOptions opts(const OpContext& ctx, ReduceOp op) {
+    ReduceOptions o;
+    static_cast<OpOptions&>(o) = opts(ctx);
+    o.op = op;
+    return o;
+  }
+  static OpOptions tagged(const OpContext& ctx, uint32_t tag) {
+    OpOptions o = opts(ctx);
+    o.tag = tag;
+    return o;
+  }
+  double pair_cost(int peer, size_t bytes) const {
+    return EmulatedCosts::point_to_point(model_, world_ranks_[static_cast<size_t>(rank())],
+                                         world_ranks_[static_cast<size_t>(peer)], static_cast<int64_t>(bytes));
+  }
+  // Collective: start when every member can, end after the slowest member's cost.
+  void finish(const OpContext& ctx, double cost) {
+    const double start = std::max(ctx.issue_time, stream_free_);
+    double agreed[2] = {start, cost};
+    if (size() > 1) {
+      ReduceOptions o = opts(ctx, ReduceOp::max);
+      inner_->allreduce(TensorView(agreed, DType::f64, {2}), TensorView(agreed, DType::f64, {2}), o).wait();
+    }
+    stream_free_ = agreed[0] + agreed[1];
+    if (ctx.end_time) *ctx.end_time = stream_free_;
+  }
+  void finish_local(const OpContext& ctx, double cost) {
+    stream_free_ = std::max(ctx.issue_time, stream_free_) + cost;
+    if (ctx.end_time) *ctx.end_time = stream_free_;
+  }
+
+  std::shared_ptr<Communicator> inner_;
+  LinkModel model_;
+  bool timing_only_;
+  std::vector<int> world_ranks_;
+  std::string backend_;
+  NoTransport transport_;
+  double stream_free_ = 0;  // executor thread only
+};
+
+}  // namespace
+
+double EmulatedCosts::alltoallv(const LinkModel& m, const std::vector<int>& members, int me,
+                                const std::vector<int64_t>& send_bytes, const std::vector<int64_t>& recv_bytes) {
+  double latency = 0, intra_bytes = 0, inter_bytes = 0;
+  for (size_t p = 0; p < members.size(); ++p) {
+    if (static_cast<int>(p) == me) continue;
+    const bool near = m.same_node(members[static_cast<size_t>(me)], members[p]);
+    latency += near ? m.intra.latency : m.inter.latency;
+    (near ? intra_bytes : inter_bytes) += static_cast<double>(std::max(send_bytes[p], recv_bytes[p]));
+  }
+  return latency + std::max(intra_bytes / m.intra.bandwidth, inter_bytes / m.inter.bandwidth);
+}
+
+double EmulatedCosts::allreduce(const LinkModel& m, const std::vector<int>& members, int64_t bytes) {
+  const double p = static_cast<double>(members.size());
+  if (p <= 1) return 0.0;
+  const LinkClass c = group_class(m, members);
+  return 2 * (p - 1) * (c.latency + static_cast<double>(bytes) / p / c.bandwidth);
+}
+
+double EmulatedCosts::reduce_scatter(const LinkModel& m, const std::vector<int>& members, int64_t full_bytes) {
+  const double p = static_cast<double>(members.size());
+  if (p <= 1) return 0.0;
+  const LinkClass c = group_class(m, members);
+  return (p - 1) * (c.latency + static_cast<double>(full_bytes) / p / c.bandwidth);
+}
+
+double EmulatedCosts::allgather(const LinkModel& m, const std::vector<int>& members, int64_t full_bytes) {
+  return reduce_scatter(m, members, full_bytes);
+}
+
+double EmulatedCosts::broadcast(const LinkModel& m, const std::vector<int>& members, int64_t bytes) {
+  const LinkClass c = group_class(m, members);
+  return log2_steps(members.size()) * (c.latency + static_cast<double>(bytes) / c.bandwidth);
+}
+
+double EmulatedCosts::barrier(const LinkModel& m, const std::vector<int>& members) {
+  return log2_steps(members.size()) * group_class(m, members).latency;
+}
+
+double EmulatedCosts::point_to_point(const LinkModel& m, int world_a, int world_b, int64_t bytes) {
+  const LinkClass c = m.same_node(world_a, world_b) ? m.intra : m.inter;
+  return c.latency + static_cast<double>(bytes) / c.bandwidth;
+}
+
+std::shared_ptr<Communicator> make_emulated_communicator(std::shared_ptr<Communicator> inner, LinkModel model,
+                                                         bool timing_only) {
+  if (model.ranks_per_node < 1)
+    SY_THROW(InvalidArgument, "emulated link model: ranks_per_node = ", model.ranks_per_node, ", expected >= 1");
+  if (model.intra.bandwidth <= 0 || model.inter.bandwidth <= 0)
+    SY_THROW(InvalidArgument, "emulated link model: bandwidths must be > 0 (intra ", model.intra.bandwidth,
+             ", inter ", model.inter.bandwidth, " bytes/s)");
+  std::vector<int> world(static_cast<size_t>(inner->size()));
+  std::iota(world.begin(), world.end(), 0);
+  const std::string name = inner->name();
+  return std::make_shared<EmulatedCommunicator>(std::move(inner), model, std::move(world), name, timing_only);
+}
+
+}  // namespace switchyard
