@@ -205,9 +205,9 @@ Work Communicator::enqueue(std::string_view op, const OpOptions& opts, uint64_t 
       return;
     }
     const auto start = Clock::now();
-    double virtual_end = -1.0;
+    double virtual_end = -1.0, virtual_start = -1.0;
     try {
-      body(OpContext{op, start + timeout, algorithm, issue_time, &virtual_end});
+      body(OpContext{op, start + timeout, algorithm, issue_time, &virtual_end, &virtual_start});
     } catch (...) {
       // Any failure leaves the peers out of step: later ops on this communicator are refused.
       auto error = with_context(std::current_exception(), state->description() + ": ");
@@ -233,6 +233,7 @@ Work Communicator::enqueue(std::string_view op, const OpOptions& opts, uint64_t 
       s.calls += 1;
       s.bytes += payload_bytes;
       s.seconds += seconds;
+      if (virtual_end >= 0 && virtual_start >= 0) s.virtual_seconds += virtual_end - virtual_start;
     }
     if (virtual_end >= 0) state->set_virtual_end(virtual_end);
     state->complete();

@@ -32,7 +32,8 @@ struct OpContext {
   Deadline deadline;
   Algorithm algorithm;
   double issue_time = 0;       // the issuing thread's virtual time (comm/virtual_time.h)
-  double* end_time = nullptr;  // emulated backends set the op's virtual end here
+  double* end_time = nullptr;    // emulated backends set the op's virtual end here
+  double* start_time = nullptr;  // ... and its virtual start
 };
 
 class Communicator : public std::enable_shared_from_this<Communicator> {

@@ -13,6 +13,7 @@ struct OpStats {
   uint64_t calls = 0;
   uint64_t bytes = 0;    // payload this rank contributed (input bytes)
   double seconds = 0.0;  // time on the executor, from start to completion
+  double virtual_seconds = 0.0;  // emulated backends: modelled duration (comm/virtual_time.h)
 };
 
 struct CommStats {

@@ -8,6 +8,7 @@
 #include "kernels/gemm.h"
 #include "comm/virtual_time.h"
 #include "launch/cluster_presets.h"
+#include "moe/planner.h"
 #include "parallel/runtime.h"
 
 namespace switchyard {
@@ -149,12 +150,30 @@ int run_bench_moe(const BenchMoeOptions& o) {
                   o.timing_only ? "; timing only: GEMMs and bulky payloads skipped, losses meaningless" : "");
     int64_t dropped_total = 0;
     // One synchronized step under `plan`; returns the slowest rank's seconds.
+    // --strategy auto (and the sweep's auto row): the planner, seeded by the
+    // emulated cluster's preset or by a calibration on this group.
+    std::unique_ptr<Planner> planner;
+    auto make_planner = [&] {
+      PlannerOptions po;
+      po.training = !o.eval;
+      po.input_grad = o.input_grad;
+      if (cluster) {
+        LinkModel link = cluster->link;
+        link.ranks_per_node = W / nodes;
+        return std::make_unique<Planner>(layer, cluster->device, link, po);
+      }
+      auto [device, link] = Planner::calibrate(layer, W / nodes);
+      return std::make_unique<Planner>(layer, device, link, po);
+    };
+    if (o.strategy == "auto" || o.sweep) planner = make_planner();
     double last_wall = 0;
-    auto step = [&](int index, const ExecPlan& plan, bool print) {
+    // One synchronized step under `fixed`, or the planner's plan when null.
+    auto step = [&](int index, const ExecPlan* fixed, bool print) {
       world.barrier().wait();
       group->barrier().wait();  // emulated: every rank's virtual time meets here
       const double virtual_start = virtual_time::now();
       const auto start = Clock::now();
+      const ExecPlan plan = fixed ? *fixed : planner->next(layer, T);
       const double flops_at_start = layer.gemm_flops();
       MoEForward f = layer.forward(x, layer.routing_choice(), plan);
       double local_loss = 0.0;
@@ -197,19 +216,26 @@ int run_bench_moe(const BenchMoeOptions& o) {
           for (A2AAlgorithm a2a : {A2AAlgorithm::flat, A2AAlgorithm::hierarchical}) {
             ExecPlan p{r, d, a2a, c.plan.exchange};
             if (a2a == A2AAlgorithm::hierarchical && (c.node_size <= 1 || c.node_size >= W || r == 0)) continue;
+            if (r == 0 && d > 1) continue;  // no all-to-all to pipeline
             plans.push_back(p);
           }
       std::vector<double> medians, wall_medians;
       int index = 0;
       for (const ExecPlan& p : plans) {
-        step(index++, p, true);  // warm-up: buffers sized, weights gathered once
+        step(index++, &p, true);  // warm-up: buffers sized, weights gathered once
         std::vector<double> times, walls;
         for (int s = 0; s < o.num_steps; ++s) {
-          times.push_back(step(index++, p, true));
+          times.push_back(step(index++, &p, true));
           walls.push_back(last_wall);
         }
         medians.push_back(median(times));
         wall_medians.push_back(median(walls));
+      }
+      // The planner's row: its first steps learn, the median is over the rest.
+      std::vector<double> auto_times, auto_walls;
+      for (int s = 0; s < o.num_steps + 3; ++s) {
+        const double t = step(index++, nullptr, true);
+        if (s >= 3) auto_times.push_back(t), auto_walls.push_back(last_wall);
       }
       if (leader) {
         const double best = *std::min_element(medians.begin(), medians.end());
@@ -221,8 +247,12 @@ int run_bench_moe(const BenchMoeOptions& o) {
           if (cluster) std::printf("   wall %10.6f sec", wall_medians[i]);
           std::printf("\n");
         }
-        std::printf("# best / worst = %.3f (the worst plan is %.2fx slower than the best)\n", best / worst,
-                    worst / best);
+        std::printf("#   %-40s %10.6f sec  x%.3f", "auto (planner, after 3 learning steps)", median(auto_times),
+                    median(auto_times) / best);
+        if (cluster) std::printf("   wall %10.6f sec", median(auto_walls));
+        std::printf("\n# %s\n", planner->explanation().c_str());
+        std::printf("# best / worst = %.3f (the worst plan is %.2fx slower than the best); auto / best = %.3f\n",
+                    best / worst, worst / best, median(auto_times) / best);
       }
       return;
     }
@@ -234,7 +264,7 @@ int run_bench_moe(const BenchMoeOptions& o) {
         layer.reset_profile();
         dropped_total = 0;
       }
-      const double t = step(s, c.plan, true);
+      const double t = step(s, o.strategy == "auto" ? nullptr : &c.plan, true);
       if (s >= skip) timed += t;
     }
     const int steps = o.num_steps - skip;

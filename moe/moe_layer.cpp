@@ -185,6 +185,7 @@ MoELayer::MoELayer(MoEConfig config, std::shared_ptr<Communicator> expert_group)
       SY_THROW(InvalidArgument, "moe: node_size = ", config_.node_size, " does not divide the ", W,
                " ranks of the expert group; expected a divisor (ranks per node)");
     hierarchical_ = std::make_unique<algorithms::HierarchicalAlltoall>(*group_, config_.node_size);
+    if (config_.device_model) hierarchical_->set_copy_bandwidth(config_.device_model->memory_bandwidth);
   }
   check_plan(config_.plan);
 }
@@ -776,6 +777,32 @@ void MoELayer::update_gate_bias(double rate) {
     const double l = load.data_as<double>()[e];
     gate_bias_.data_as<float>()[e] += static_cast<float>(l < mean ? rate : l > mean ? -rate : 0.0);
   }
+}
+
+MoELayer::CommBusy MoELayer::comm_busy() const {
+  const bool virt = config_.device_model != nullptr;
+  auto sum = [&](const Communicator& c, std::initializer_list<const char*> ops) {
+    const CommStats st = c.stats();
+    double t = 0;
+    for (const char* op : ops) {
+      auto it = st.ops.find(op);
+      if (it != st.ops.end()) t += virt ? it->second.virtual_seconds : it->second.seconds;
+    }
+    return t;
+  };
+  CommBusy b;
+  b.exchange = sum(*group_, {"alltoall", "alltoallv"});
+  if (hierarchical_)
+    b.exchange += sum(*hierarchical_->intra(), {"alltoall", "alltoallv"}) +
+                  sum(*hierarchical_->inter(), {"alltoall", "alltoallv"});
+  b.weights = sum(*group_, {"allgather", "allgatherv", "reduce_scatter"});
+  std::vector<const Communicator*> seen;
+  for (const auto& [r, g] : gather_groups_)
+    if (std::find(seen.begin(), seen.end(), g.get()) == seen.end()) {
+      seen.push_back(g.get());
+      b.weights += sum(*g, {"allgather", "allgatherv", "reduce_scatter"});
+    }
+  return b;
 }
 
 void MoELayer::verify_plan_agreement(const ExecPlan& plan) {

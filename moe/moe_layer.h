@@ -173,6 +173,17 @@ class MoELayer {
   void sgd_step(double lr);
 
   const MoEPhaseTimes& phase_times() const { return times_; }
+  // Seconds the layer's communicators spent running all-to-alls (dispatch,
+  // combine, counts; 2DH phases included) and weight gathers/scatters, summed
+  // since construction: virtual seconds with a device model, else executor wall
+  // time. Ops overlap compute, so these are busy times, not exposed times.
+  struct CommBusy {
+    double exchange = 0;
+    double weights = 0;
+  };
+  CommBusy comm_busy() const;
+  const std::shared_ptr<Communicator>& group() const { return group_; }
+  bool has_hierarchical() const { return hierarchical_ != nullptr; }
   // The same phases in virtual (emulated) seconds; zeros without emulation.
   const MoEPhaseTimes& virtual_phase_times() const { return virtual_times_; }
   // The dispatch plan of the last forward (empty before the first).

@@ -118,6 +118,7 @@ void HierarchicalAlltoall::exchange(const TensorView& in, const std::vector<int6
         dst += bytes;
       }
   }
+  if (copy_bandwidth_ > 0) virtual_time::charge(2.0 * static_cast<double>(staged_in) * es / copy_bandwidth_);
   intra_->alltoallv(stage1, to_local, stage2, from_local).wait();
   // stage2 holds [source local g][destination node n]; phase 2 sends node n the
   // blocks of every g in order, which is the receiver's world-rank order.
@@ -139,6 +140,7 @@ void HierarchicalAlltoall::exchange(const TensorView& in, const std::vector<int6
       for (int g = 0; g < G; ++g) from_node[n] += rc[static_cast<size_t>(n * G + g)];
   }
   const int64_t received = std::accumulate(from_node.begin(), from_node.end(), int64_t{0});
+  if (copy_bandwidth_ > 0) virtual_time::charge(2.0 * static_cast<double>(staged_out) * es / copy_bandwidth_);
   inter_->alltoallv(stage3, to_node, TensorView(out.data(), out.dtype(), {received}), from_node).wait();
 }
 

@@ -32,6 +32,9 @@ class HierarchicalAlltoall {
   // when the last phase is done. alltoallv exchanges the per-node counts first;
   // alltoall (equal blocks) needs no such round.
   Work alltoall(Buffer in, Buffer out);
+  // Emulation: charge the two local re-layouts to virtual time at this many
+  // bytes per second (0: not charged).
+  void set_copy_bandwidth(double bytes_per_second) { copy_bandwidth_ = bytes_per_second; }
   Work alltoallv(Buffer in, std::vector<int64_t> send_counts, Buffer out, std::vector<int64_t> recv_counts);
 
  private:
@@ -41,6 +44,7 @@ class HierarchicalAlltoall {
   int rank_, size_, local_size_, nodes_;
   std::string name_;
   std::shared_ptr<Communicator> intra_, inter_;
+  double copy_bandwidth_ = 0;
   std::unique_ptr<Executor> executor_;
 };
 

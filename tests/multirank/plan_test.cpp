@@ -8,9 +8,14 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <map>
+#include <thread>
 
 #include "comm/backends/threads/threads_backend.h"
+#include "comm/backends/emulated/emulated_backend.h"
+#include "comm/virtual_time.h"
 #include "moe/moe_layer.h"
+#include "moe/planner.h"
 #include "tests/common/rank_harness.h"
 
 namespace switchyard {
@@ -245,6 +250,106 @@ TEST(MoEPlans, CheckpointReloadsUnderOtherWorldSizes) {
     }
     comm.barrier().wait();
     if (me == 0) std::filesystem::remove_all(dir);
+  });
+}
+
+// On an emulated cluster (timing only: GEMMs and bulky payloads skipped, so
+// the shapes can be those where the choice matters), a planner seeded with a
+// wrong calibration (GEMMs 100x too fast, links 3x too slow: it sees nothing
+// to overlap) corrects itself from what the batches measure: from the third
+// batch on, its plan is within 3% of the emulator's cheapest fixed plan.
+TEST(MoEPlans, PlannerWithAWrongCalibrationReachesTheCheapestPlan) {
+  testing::for_each_rank([&](Communicator& comm, uint64_t seed) {
+    const int n = comm.size(), me = comm.rank();
+    LinkModel link;
+    link.intra = {3e-6, 3.6e11};
+    link.inter = {6e-6, 4.5e10};
+    const bool two_nodes = n >= 4 && n % 2 == 0;
+    link.ranks_per_node = two_nodes ? n / 2 : n;
+    DeviceModel device;
+    device.gemm_flops_f32 = 1.5e14, device.gemm_flops_bf16 = 3.5e14, device.memory_bandwidth = 2.7e12;
+    std::shared_ptr<Communicator> world(&comm, [](Communicator*) {});
+    auto group = make_emulated_communicator(world, link, /*timing_only=*/true);
+    MoEConfig c;
+    c.model_dim = 512, c.hidden_dim = 1024;
+    c.router.experts = n % 2 == 0 ? n / 2 : n, c.router.k = std::min(2, c.router.experts);
+    c.router.capacity_factor = 1.0;
+    c.node_size = two_nodes ? n / 2 : 0;
+    c.device_model = std::make_shared<DeviceModel>(device);
+    c.skip_compute = true;
+    c.check_plan = true;
+    MoELayer layer(c, group);
+    layer.init_parameters(seed);
+    const int64_t T = 1024;
+    Tensor x = random_tensor(seed + me, T, 512), dout = random_tensor(seed + 50 + me, T, 512);
+    auto virtual_step = [&](const ExecPlan& plan) {
+      group->barrier().wait();
+      const double start = virtual_time::now();
+      layer.forward(x, layer.routing_choice(), plan);
+      layer.backward(dout);
+      return allreduce_scalar(comm, virtual_time::now() - start, ReduceOp::max);
+    };
+    DeviceModel wrong_device = device;
+    wrong_device.gemm_flops_f32 /= 10, wrong_device.gemm_flops_bf16 /= 10;
+    LinkModel wrong_link = link;
+    wrong_link.intra.bandwidth *= 30, wrong_link.inter.bandwidth *= 30;
+    wrong_link.intra.latency /= 30, wrong_link.inter.latency /= 30;
+    PlannerOptions po;
+    po.input_grad = true;  // backward(dout) returns dx
+    Planner planner(layer, wrong_device, wrong_link, po);
+    std::map<uint64_t, double> fixed;  // plan hash -> virtual step time
+    double best = 1e30;
+    for (const ExecPlan& p : planner.candidates()) {
+      const double t = virtual_step(p);  // virtual time needs no warm-up
+      fixed[p.hash()] = t;
+      best = std::min(best, t);
+    }
+    ExecPlan chosen;
+    double worst_settled = 0;
+    for (int batch = 0; batch < 6; ++batch) {
+      chosen = planner.next(layer, x.shape()[0]);
+      if (std::getenv("SY_DEBUG_PLANNER") && me == 0)
+        std::printf("batch %d: %s (fixed %.2f us, best %.2f us) %s\n", batch, chosen.describe().c_str(),
+                    fixed.at(chosen.hash()) * 1e6, best * 1e6, planner.explanation().c_str());
+      layer.forward(x, layer.routing_choice(), chosen);
+      layer.backward(dout);
+      if (batch >= 2) worst_settled = std::max(worst_settled, fixed.at(chosen.hash()));
+    }
+    if (std::getenv("SY_DEBUG_PLANNER") && me == 0)
+      for (const ExecPlan& p : planner.candidates())
+        std::printf("  %-36s emulated %8.2f us  predicted %8.2f us  %s\n", p.describe().c_str(),
+                    fixed.at(p.hash()) * 1e6, planner.predict(p, T, layer.last_plan().capacity).total * 1e6,
+                    planner.predict(p, T, layer.last_plan().capacity).describe().c_str());
+    if (worst_settled > 1.03 * best)
+      SY_THROW(Error, "rank ", me, ": planner settled on (", chosen.describe(), ") at ", worst_settled * 1e6,
+               " us virtual, the cheapest fixed plan takes ", best * 1e6, " us; ", planner.explanation());
+  });
+}
+
+// Ranks measure different wall times and hold different token counts, yet
+// every batch's plan is the same on all of them (check_plan all-reduces its hash).
+TEST(MoEPlans, RanksWithDifferentTimingsAgreeOnThePlan) {
+  testing::for_each_rank([&](Communicator& comm, uint64_t seed) {
+    const int n = comm.size(), me = comm.rank();
+    std::shared_ptr<Communicator> group(&comm, [](Communicator*) {});
+    MoEConfig c;
+    c.model_dim = 32, c.hidden_dim = 64;
+    c.router.experts = n % 2 == 0 ? n / 2 : n, c.router.k = std::min(2, c.router.experts);
+    c.router.capacity_factor = 0.0;
+    c.check_plan = true;
+    MoELayer layer(c, group);
+    layer.init_parameters(seed);
+    auto [device, link] = Planner::calibrate(layer, n);
+    Planner planner(layer, device, link);
+    for (int batch = 0; batch < 6; ++batch) {
+      const int64_t rows = 8 + 13 * ((me + batch) % 3);  // differs by rank and batch
+      Tensor x = random_tensor(seed + 10 * batch + me, rows, 32);
+      const ExecPlan plan = planner.next(layer, rows);
+      MoEForward f = layer.forward(x, layer.routing_choice(), plan);  // throws if the ranks' plans differ
+      layer.backward(f.output);
+      // A rank that is slower on purpose makes the group's measurements differ.
+      if (me == 0) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
   });
 }
 

@@ -165,9 +165,12 @@ class EmulatedCommunicator : public Communicator {
     }
     stream_free_ = agreed[0] + agreed[1];
     if (ctx.end_time) *ctx.end_time = stream_free_;
+    if (ctx.start_time) *ctx.start_time = agreed[0];
   }
   void finish_local(const OpContext& ctx, double cost) {
-    stream_free_ = std::max(ctx.issue_time, stream_free_) + cost;
+    const double start = std::max(ctx.issue_time, stream_free_);
+    if (ctx.start_time) *ctx.start_time = start;
+    stream_free_ = start + cost;
     if (ctx.end_time) *ctx.end_time = stream_free_;
   }
 
