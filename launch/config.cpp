@@ -304,9 +304,21 @@ const std::vector<Field>& fields() {
       number("moe.capacity_factor", -1e6, 1e6, +[](JobConfig& c) -> double& { return c.moe.capacity_factor; },
              "> 0: capacity k*ceil(cf*T/E) per expert (extra tokens dropped); 0: dropless; < 0: dropless capped at |cf|."),
       choice("moe.exchange", {"padded", "dropless"}, +[](JobConfig& c) -> std::string& { return c.moe.exchange; },
-             "How rows travel; never changes the result. padded: all-to-all of [E, C, M] buffers (Tutel); "
-             "dropless: all-to-all-v of only the routed rows (DeepEP). Whether tokens drop is moe.capacity_factor's "
-             "business (0: none)."),
+             "How rows travel in the fixed plan; never changes the result. padded: all-to-all of [E, C, M] buffers "
+             "(Tutel); dropless: all-to-all-v of only the routed rows (DeepEP). Whether tokens drop is "
+             "moe.capacity_factor's business (0: none)."),
+      choice("moe.strategy", {"auto", "fixed"}, +[](JobConfig& c) -> std::string& { return c.moe.strategy; },
+             "auto: the planner picks each batch's execution plan (r, d, a2a, exchange) from a calibrated cost model "
+             "refined by measured timings; fixed: moe.r, moe.overlap_degree, moe.a2a and moe.exchange."),
+      integer<int>("moe.r", 0, kIntMax, +[](JobConfig& c) -> int& { return c.moe.r; },
+                   "Sharding degree of the fixed plan: 0 data parallel, 1 expert parallel, r > 1 expert+tensor "
+                   "parallel; 0 or a divisor of ranks/experts (checked at run time)."),
+      integer<int>("moe.overlap_degree", 1, 64, +[](JobConfig& c) -> int& { return c.moe.overlap_degree; },
+                   "Pipelining degree of the fixed plan: chunks whose all-to-all overlaps the previous chunk's experts."),
+      choice("moe.a2a", {"flat", "2dh"}, +[](JobConfig& c) -> std::string& { return c.moe.a2a; },
+             "All-to-all of the fixed plan: flat, or 2dh (inside nodes, then across; needs moe.nodes > 1)."),
+      integer<int>("moe.nodes", 0, kIntMax, +[](JobConfig& c) -> int& { return c.moe.nodes; },
+                   "Nodes the ranks form for 2dh (blocks of ranks); 0: as the runtime found them."),
       choice("moe.activation", {"relu", "gelu", "swiglu"},
              +[](JobConfig& c) -> std::string& { return c.moe.activation; }, "Expert activation."),
       choice("moe.gate", {"softmax", "sigmoid_bias"}, +[](JobConfig& c) -> std::string& { return c.moe.gate; },

@@ -49,6 +49,11 @@ struct MoESection {
   std::string exchange = "padded";   // padded | dropless
   std::string activation = "gelu";   // relu | gelu | swiglu
   std::string gate = "softmax";      // softmax | sigmoid_bias
+  std::string strategy = "auto";     // auto (the planner) | fixed (r, overlap_degree, a2a, exchange below)
+  int r = 1;                         // sharding degree of the fixed plan
+  int overlap_degree = 1;            // pipelining degree d of the fixed plan
+  std::string a2a = "flat";          // flat | 2dh
+  int nodes = 0;                     // nodes the ranks form, for 2dh (0: the runtime's)
 };
 
 struct TrainSection {

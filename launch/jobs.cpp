@@ -7,6 +7,7 @@
 #include "core/logging.h"
 #include "launch/bench_comm.h"
 #include "moe/moe_layer.h"
+#include "moe/planner.h"
 #include "parallel/runtime.h"
 
 namespace switchyard {
@@ -25,6 +26,9 @@ MoEConfig moe_config(const JobConfig& job) {
   c.router.gate = m.gate == "sigmoid_bias" ? GateKind::sigmoid_bias : GateKind::softmax;
   c.router.renormalize = c.router.gate == GateKind::sigmoid_bias;
   c.router.capacity_factor = m.capacity_factor;
+  c.plan.r = m.r;
+  c.plan.d = m.overlap_degree;
+  c.plan.a2a = parse_a2a_algorithm(m.a2a, "moe.a2a");
   return c;
 }
 
@@ -36,8 +40,20 @@ void train_moe(Runtime& rt, const JobConfig& job) {
   const bool leader = world.rank() == 0;
   const TrainSection& tr = job.train;
   MoEConfig student_config = moe_config(job);
+  const int nodes = job.moe.nodes > 0 ? job.moe.nodes : rt.nodes();
+  if (world.size() % nodes != 0)
+    SY_THROW(ConfigError, "moe.nodes = ", nodes, " does not divide the ", world.size(), " ranks");
+  student_config.node_size = world.size() / nodes;
   MoELayer student(student_config, rt.world_ptr());
   student.init_parameters(static_cast<uint64_t>(tr.seed));
+  std::unique_ptr<Planner> planner;
+  if (job.moe.strategy == "auto") {
+    PlannerOptions po;
+    po.input_grad = false;
+    auto [device, link] = Planner::calibrate(student, world.size() / nodes);
+    planner = std::make_unique<Planner>(student, device, link, po);
+  }
+  std::string last_plan;
   const int64_t Md = student_config.model_dim;
   Tensor maps = Tensor::empty({2, Md, Md}, DType::f32), split = Tensor::empty({Md}, DType::f32);
   Rng task(static_cast<uint64_t>(tr.seed) + 1000);  // the same on every rank
@@ -77,7 +93,8 @@ void train_moe(Runtime& rt, const JobConfig& job) {
     world.barrier().wait();
     const auto start = Clock::now();
     student.zero_grad();
-    MoEForward f = student.forward(x);
+    const ExecPlan plan = planner ? planner->next(student, T) : student_config.plan;
+    MoEForward f = student.forward(x, student.routing_choice(), plan);
     Tensor dout = Tensor::empty({T, M}, DType::f32);
     double squared = 0, target_squared = 0;
     for (int64_t i = 0; i < T * M; ++i) target_squared += double(target.data_as<float>()[i]) * target.data_as<float>()[i];
@@ -102,8 +119,10 @@ void train_moe(Runtime& rt, const JobConfig& job) {
     last_loss = loss;
     if (step >= skip) total_time += step_time, dropped += static_cast<int64_t>(step_dropped);
     if (leader && (step % tr.log_every == 0 || step == tr.steps - 1))
-      std::printf("step %4d/%d  loss %.6f  balance %.4f  dropped %5.0f  step_time %.4f s\n", step + 1, tr.steps, loss,
-                  balance, step_dropped, step_time);
+      std::printf("step %4d/%d  loss %.6f  balance %.4f  dropped %5.0f  step_time %.4f s  (%s)\n", step + 1, tr.steps,
+                  loss, balance, step_dropped, step_time, plan.describe().c_str());
+    if (leader && planner && plan.describe() != last_plan) std::printf("# %s\n", planner->explanation().c_str());
+    last_plan = plan.describe();
     std::fflush(stdout);
   }
   const int timed = tr.steps - skip;

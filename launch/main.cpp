@@ -9,6 +9,7 @@
 #include "core/error.h"
 #include "launch/bench_comm.h"
 #include "launch/bench_moe.h"
+#include "moe/checkpoint.h"
 #include "launch/config.h"
 #include "launch/jobs.h"
 #include "parallel/runtime.h"
@@ -129,6 +130,15 @@ int main(int argc, char** argv) {
   bench_moe->add_option("--ranks", moe.ranks, "Thread-ranks (threads backend)")->capture_default_str();
   bench_moe->add_option("--seed", moe.seed, "Seed of weights and inputs")->capture_default_str();
 
+  auto* ckpt = app.add_subcommand("ckpt", "MoE checkpoint tools");
+  auto* reshard = ckpt->add_subcommand("reshard", "Rewrite a checkpoint's shards for another number of ranks");
+  std::string reshard_from, reshard_to;
+  int reshard_ranks = 1;
+  reshard->add_option("--from", reshard_from, "Source prefix (its shards: PREFIX.rank*-of-*.safetensors)")->required();
+  reshard->add_option("--to", reshard_to, "Target prefix")->required();
+  reshard->add_option("--ranks", reshard_ranks, "Ranks of the target layout")->required();
+  ckpt->require_subcommand(1);
+
   auto* run = app.add_subcommand("run", "Run the job a YAML config describes");
   std::string config_path;
   std::vector<std::string> sets;
@@ -167,6 +177,12 @@ int main(int argc, char** argv) {
       return run_job(load_config_string("", "<command line>", overrides));
     }
     if (bench_moe->parsed()) return run_bench_moe(moe);
+    if (reshard->parsed()) {
+      const ReshardReport r = reshard_checkpoint(reshard_from, reshard_to, reshard_ranks);
+      std::printf("resharded %d experts from %d shards of '%s' into %d shards '%s.rank*-of-%d.safetensors'\n",
+                  r.experts, r.source_shards, reshard_from.c_str(), r.ranks, reshard_to.c_str(), r.ranks);
+      return 0;
+    }
     if (run->parsed()) {
       if (run_ranks_flag > 0) sets.push_back("comm.ranks=" + std::to_string(run_ranks_flag));
       return run_job(load_config_file(config_path, sets));

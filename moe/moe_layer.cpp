@@ -8,6 +8,7 @@
 
 #include "comm/virtual_time.h"
 #include "core/safetensors.h"
+#include "moe/checkpoint.h"
 #include "kernels/gemm.h"
 
 namespace switchyard {
@@ -716,18 +717,7 @@ void MoELayer::save(const std::string& prefix) const {
 }
 
 void MoELayer::load(const std::string& prefix) {
-  namespace fs = std::filesystem;
-  const fs::path base(prefix);
-  const fs::path dir = base.has_parent_path() ? base.parent_path() : fs::path(".");
-  const std::string stem = base.filename().string() + ".rank";
-  std::vector<SafetensorsFile> shards;
-  if (fs::is_directory(dir))
-    for (const auto& entry : fs::directory_iterator(dir)) {
-      const std::string name = entry.path().filename().string();
-      if (name.rfind(stem, 0) == 0 && name.size() > 12 && name.substr(name.size() - 12) == ".safetensors")
-        shards.push_back(SafetensorsFile::open(entry.path().string()));
-    }
-  if (shards.empty()) SY_THROW(IoError, "moe: no checkpoint shards '", prefix, ".rank*-of-*.safetensors'");
+  const std::vector<SafetensorsFile> shards = open_checkpoint_shards(prefix);
   auto find = [&](const std::string& key) -> const SafetensorsFile& {
     const SafetensorsFile* found = nullptr;
     for (const auto& f : shards) {

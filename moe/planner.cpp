@@ -222,6 +222,12 @@ ExecPlan Planner::next(MoELayer& layer, int64_t tokens) {
   second = best == 0 ? (costs.size() > 1 ? 1 : 0) : 0;
   for (size_t i = 0; i < costs.size(); ++i)
     if (i != best && costs[i].total < costs[second].total) second = i;
+  // Hysteresis: keep the current plan unless another is predicted clearly
+  // (options.switch_margin) cheaper, so noise in measured times cannot make
+  // the decision flap between near-ties.
+  if (pending_)
+    for (size_t i = 0; i < candidates_.size(); ++i)
+      if (candidates_[i] == last_plan_ && costs[best].total > costs[i].total * (1.0 - options_.switch_margin)) best = i;
   const ExecPlan chosen = candidates_[best];
   const bool changed = !pending_ || !(chosen == last_plan_);
   {

@@ -21,7 +21,8 @@ struct PlannerOptions {
   bool choose_exchange = true;  // padded vs dropless (both result-neutral); else the layer's configured one
   bool training = true;         // forward + backward per batch
   bool input_grad = false;      // backward also returns dx (one more GEMM and all-to-all)
-  double smoothing = 0.7;       // weight of a new measurement in the corrections (log-space)
+  double smoothing = 0.3;       // weight of a new measurement in the corrections (log-space)
+  double switch_margin = 0.05;  // change plans only for a predicted gain above this fraction
 };
 
 // Predicted seconds of one batch under a plan, by part (before overlap for

@@ -14,6 +14,7 @@
 #include "comm/backends/threads/threads_backend.h"
 #include "comm/backends/emulated/emulated_backend.h"
 #include "comm/virtual_time.h"
+#include "moe/checkpoint.h"
 #include "moe/moe_layer.h"
 #include "moe/planner.h"
 #include "tests/common/rank_harness.h"
@@ -229,6 +230,16 @@ TEST(MoEPlans, CheckpointReloadsUnderOtherWorldSizes) {
     MoEForward sf = solo.forward(all.x);
     expect_close("rank " + std::to_string(me) + " W=1 reload output", trained.output.data_as<float>(),
                  sf.output.data_as<float>() + all.first_mine * 12, trained.output.numel(), 1e-5);
+    // `switchyard ckpt reshard` to one rank's layout loads to the same weights.
+    if (me == 0) {
+      const ReshardReport rep = reshard_checkpoint(dir + "/moe", dir + "/one", 1);
+      EXPECT_EQ(rep.experts, E);
+      MoELayer resharded(c, solo_world.communicator(0));
+      resharded.load(dir + "/one");
+      MoEForward rf = resharded.forward(all.x);
+      expect_close("resharded reload output", rf.output.data_as<float>(), sf.output.data_as<float>(),
+                   rf.output.numel(), 0.0);
+    }
     // Half the ranks (thread-ranks of rank 0's process), when the world is even.
     if (me == 0 && n % 2 == 0 && n > 2) {
       std::vector<float> half_out;
