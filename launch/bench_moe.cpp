@@ -134,7 +134,7 @@ int run_bench_moe(const BenchMoeOptions& o) {
     Rng rng(o.seed * 7919 + static_cast<uint64_t>(world.rank()));
     rng.fill_uniform(x, -1, 1);
     rng.fill_uniform(target, -0.1, 0.1);
-    if (leader)
+    if (leader && !o.quiet)
       std::printf("# switchyard bench moe: %d ranks (%s, %d nodes), %lld tokens/rank, model_dim %d, hidden %d, %d experts "
                   "(%s), top-%d, capacity factor %g, %s exchange, %s, %d GEMM threads/rank, %s\n",
                   W, std::string(world.backend_name()).c_str(), nodes, static_cast<long long>(T), o.model_dim,
@@ -143,7 +143,7 @@ int run_bench_moe(const BenchMoeOptions& o) {
                                               : (std::to_string(layer.layout().local_experts()) + " per rank").c_str(),
                   o.top, o.capacity_factor, o.exchange.c_str(), o.activation.c_str(), rt.gemm_threads(),
                   o.eval ? "forward only (--eval)" : "training (fwd+bwd+SGD)");
-    if (leader && cluster)
+    if (leader && cluster && !o.quiet)
       std::printf("# emulated cluster %s (%s): %d ranks per node; step_time is virtual (device and link models), "
                   "wall = this machine%s\n",
                   cluster->name.c_str(), cluster->description.c_str(), W / nodes,
@@ -222,7 +222,7 @@ int run_bench_moe(const BenchMoeOptions& o) {
       std::vector<double> medians, wall_medians;
       int index = 0;
       for (const ExecPlan& p : plans) {
-        step(index++, &p, true);  // warm-up: buffers sized, weights gathered once
+        if (!o.timing_only) step(index++, &p, true);  // warm-up: buffers sized (virtual time needs none)
         std::vector<double> times, walls;
         for (int s = 0; s < o.num_steps; ++s) {
           times.push_back(step(index++, &p, true));
@@ -259,15 +259,23 @@ int run_bench_moe(const BenchMoeOptions& o) {
 
     const int skip = std::min(5, o.num_steps / 2);  // first steps warm caches and allocators
     double timed = 0.0;
+    std::vector<double> step_times, wall_times;
     for (int s = 0; s < o.num_steps; ++s) {
       if (s == skip) {
         layer.reset_profile();
         dropped_total = 0;
       }
-      const double t = step(s, o.strategy == "auto" ? nullptr : &c.plan, true);
-      if (s >= skip) timed += t;
+      const double t = step(s, o.strategy == "auto" ? nullptr : &c.plan, !o.quiet);
+      if (s >= skip) timed += t, step_times.push_back(t), wall_times.push_back(last_wall);
     }
     const int steps = o.num_steps - skip;
+    if (leader && o.result) {
+      o.result->step_time = median(step_times);
+      o.result->wall = median(wall_times);
+      o.result->plan = layer.last_plan().exec.describe();
+      o.result->tokens = T * W;
+    }
+    if (o.quiet) return;
     if (leader) std::printf("[Summary] Average synchronized step_time = %.6f sec.\n", timed / steps);
     // Breakdown (this rank), GEMMs, and the floor: the same GEMMs timed alone
     // (emulated: the device model's time for them).

@@ -10,6 +10,14 @@
 
 namespace switchyard {
 
+// What a run measured (rank 0's view of the synchronized steps), for bench scale.
+struct BenchMoeResult {
+  double step_time = 0;  // median after warm-up: virtual when emulated, else wall
+  double wall = 0;       // median wall seconds on this machine
+  std::string plan;      // the last step's plan
+  int64_t tokens = 0;    // all ranks' tokens per step
+};
+
 struct BenchMoeOptions {
   int batch_size = 16;
   int num_tokens = 512;
@@ -40,6 +48,8 @@ struct BenchMoeOptions {
   std::string emulate;
   bool timing_only = false;
   double lr = 1e-3;
+  bool quiet = false;                // no per-step lines and no breakdown (bench scale)
+  BenchMoeResult* result = nullptr;  // filled when set
   uint64_t seed = 1;
 };
 

@@ -9,6 +9,7 @@
 #include "core/error.h"
 #include "launch/bench_comm.h"
 #include "launch/bench_moe.h"
+#include "launch/bench_scale.h"
 #include "moe/checkpoint.h"
 #include "launch/config.h"
 #include "launch/jobs.h"
@@ -130,6 +131,37 @@ int main(int argc, char** argv) {
   bench_moe->add_option("--ranks", moe.ranks, "Thread-ranks (threads backend)")->capture_default_str();
   bench_moe->add_option("--seed", moe.seed, "Seed of weights and inputs")->capture_default_str();
 
+  auto* bench_scale = bench->add_subcommand("scale", "Weak/strong scaling of the MoE layer: real ranks here, emulated beyond");
+  BenchScaleOptions scale;
+  scale.moe.batch_size = 1;
+  scale.moe.num_tokens = 2048;
+  scale.moe.model_dim = 1024;
+  scale.moe.hidden_size = 4096;
+  scale.moe.num_local_experts = 1;
+  scale.moe.num_steps = 4;
+  scale.moe.strategy = "auto";
+  bench_scale->add_option("--mode", scale.mode, "weak (per-rank work fixed) or strong (global work fixed)")
+      ->capture_default_str();
+  bench_scale->add_option("--ranks", scale.ranks, "Rank counts")->delimiter(',')->capture_default_str();
+  bench_scale->add_option("--real_ranks,--real-ranks", scale.real_ranks, "Counts up to this also run for real")
+      ->capture_default_str();
+  bench_scale->add_option("--emulate", scale.emulate, "Cluster preset for the emulated runs")->capture_default_str();
+  bench_scale->add_option("--csv", scale.csv, "CSV output")->capture_default_str();
+  bench_scale->add_option("--png", scale.png, "Plot output (gnuplot); empty: none")->capture_default_str();
+  bench_scale->add_option("--batch_size,--batch-size", scale.moe.batch_size, "Sequences per rank")->capture_default_str();
+  bench_scale->add_option("--num_tokens,--num-tokens", scale.moe.num_tokens, "Tokens per sequence")->capture_default_str();
+  bench_scale->add_option("--model_dim,--model-dim", scale.moe.model_dim, "Model dimension")->capture_default_str();
+  bench_scale->add_option("--hidden_size,--hidden-size", scale.moe.hidden_size, "Expert hidden size")->capture_default_str();
+  bench_scale->add_option("--num_local_experts,--num-local-experts", scale.moe.num_local_experts,
+                          "Experts per rank (weak) or of the first count (strong); -S: S ranks per expert")
+      ->capture_default_str();
+  bench_scale->add_option("--top", scale.moe.top, "Experts per token")->capture_default_str();
+  bench_scale->add_option("--capacity_factor,--capacity-factor", scale.moe.capacity_factor, "Capacity factor")
+      ->capture_default_str();
+  bench_scale->add_option("--num_steps,--num-steps", scale.moe.num_steps, "Steps per point")->capture_default_str();
+  bench_scale->add_option("--strategy", scale.moe.strategy, "auto or fixed")->capture_default_str();
+  bench_scale->add_option("--dtype", scale.moe.dtype, "float32 or bfloat16")->capture_default_str();
+
   auto* ckpt = app.add_subcommand("ckpt", "MoE checkpoint tools");
   auto* reshard = ckpt->add_subcommand("reshard", "Rewrite a checkpoint's shards for another number of ranks");
   std::string reshard_from, reshard_to;
@@ -177,6 +209,7 @@ int main(int argc, char** argv) {
       return run_job(load_config_string("", "<command line>", overrides));
     }
     if (bench_moe->parsed()) return run_bench_moe(moe);
+    if (bench_scale->parsed()) return run_bench_scale(scale);
     if (reshard->parsed()) {
       const ReshardReport r = reshard_checkpoint(reshard_from, reshard_to, reshard_ranks);
       std::printf("resharded %d experts from %d shards of '%s' into %d shards '%s.rank*-of-%d.safetensors'\n",

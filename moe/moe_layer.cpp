@@ -157,10 +157,10 @@ MoELayer::MoELayer(MoEConfig config, std::shared_ptr<Communicator> expert_group)
   const int64_t H1s = hidden_in() / layout_.shards();
   gate_weight_ = Tensor::zeros({M, config_.router.experts}, DType::f32);
   gate_bias_ = Tensor::zeros({config_.router.experts}, DType::f32);
-  params_.w1 = Tensor::zeros({L, M, H1s}, DType::f32);
-  params_.b1 = Tensor::zeros({L, H1s}, DType::f32);
-  params_.w2 = Tensor::zeros({L, local_hidden_, M}, DType::f32);
-  params_.b2 = Tensor::zeros({L, M}, DType::f32);
+  params_.w1 = fresh({L, M, H1s});
+  params_.b1 = fresh({L, H1s});
+  params_.w2 = fresh({L, local_hidden_, M});
+  params_.b2 = fresh({L, M});
   zero_grad();
   // Every group any plan needs, once: the S ranks of my expert, and for each r
   // the S/r consecutive ranks whose slices form one 1/r piece.
@@ -225,6 +225,7 @@ void MoELayer::sgd_step(double lr) {
   const auto rate = static_cast<float>(lr);
   for (auto [param, grad] : pairs) {
     charge_memory(3.0 * static_cast<double>(param->nbytes()));
+    if (config_.skip_compute && param != &gate_weight_) continue;
     float* p = param->data_as<float>();
     const float* g = grad->data_as<float>();
     const int64_t n = param->numel();
@@ -233,12 +234,18 @@ void MoELayer::sgd_step(double lr) {
   }
 }
 
+Tensor MoELayer::fresh(Shape shape) const {
+  // Timing only: expert tensors are allocated, never touched, so clusters far
+  // larger than this machine's memory can be emulated.
+  return config_.skip_compute ? Tensor::empty(std::move(shape), DType::f32) : Tensor::zeros(std::move(shape), DType::f32);
+}
+
 void MoELayer::zero_grad() {
   gate_grad_ = Tensor::zeros(gate_weight_.shape(), DType::f32);
-  grads_.w1 = Tensor::zeros(params_.w1.shape(), DType::f32);
-  grads_.b1 = Tensor::zeros(params_.b1.shape(), DType::f32);
-  grads_.w2 = Tensor::zeros(params_.w2.shape(), DType::f32);
-  grads_.b2 = Tensor::zeros(params_.b2.shape(), DType::f32);
+  grads_.w1 = fresh(params_.w1.shape());
+  grads_.b1 = fresh(params_.b1.shape());
+  grads_.w2 = fresh(params_.w2.shape());
+  grads_.b2 = fresh(params_.b2.shape());
 }
 
 int64_t MoELayer::hidden_in() const {
@@ -259,6 +266,7 @@ void MoELayer::init_parameters(uint64_t seed) {
   Rng gate_rng(seed);
   gate_rng.fill_uniform(gate_weight_, -1.0 / std::sqrt(M), 1.0 / std::sqrt(M));
   const int me = group_->rank();
+  if (config_.skip_compute) return;  // timing only: expert weights stay untouched
   // The whole logical expert is drawn, then this rank's slice kept, so every
   // layout holds the same weights.
   Tensor w1 = Tensor::empty({M, H1}, DType::f32), b1 = Tensor::empty({H1}, DType::f32);
@@ -445,8 +453,9 @@ MoELayer::Exchange MoELayer::dispatch_async(const DispatchPlan& p, const TensorV
   Tensor send = scratch(Scratch::send, {p.send_rows(), M});
   {
     PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::encode);
-    kernels::cpu::gather_rows(static_cast<const float*>(x.data()), p.token_of_row.data(), p.send_rows(), M,
-                              send.data_as<float>());
+    if (!config_.skip_compute)  // timing only: the rows are not moved either
+      kernels::cpu::gather_rows(static_cast<const float*>(x.data()), p.token_of_row.data(), p.send_rows(), M,
+                                send.data_as<float>());
     charge_memory(2.0 * p.send_rows() * M * sizeof(float));
   }
   if (p.exchange_ranks == 1) return {send, completed_work("dispatch")};
@@ -547,9 +556,11 @@ void MoELayer::scatter_gradients(const PlanShape& shape, const ExpertParams& wg,
                     g.reduce_scatter(wg.w2, mine_w2), g.reduce_scatter(raw_b2, b2_delta)};
     for (auto& work : works) work.wait();
     charge_memory(4.0 * static_cast<double>(raw_w1.nbytes() + wg.w2.nbytes()));  // re-layout, sums
-    add_into(grads_.w1, mine_w1);
-    add_into(grads_.b1, mine_b1);
-    add_into(grads_.w2, mine_w2);
+    if (!config_.skip_compute) {
+      add_into(grads_.w1, mine_w1);
+      add_into(grads_.b1, mine_b1);
+      add_into(grads_.w2, mine_w2);
+    }
   }
   // fc2's bias is replicated on the S ranks of an expert: each gets the sum.
   if (S > 1) shard_group_->allreduce(b2_delta, b2_delta).wait();
@@ -588,7 +599,7 @@ void MoELayer::run_chunk(const DispatchPlan& p, int chunk, const Working& w, con
   const float* x = static_cast<const float*>(rows.data());
   auto b16 = [](const Tensor& t, int64_t offset) { return static_cast<const uint16_t*>(t.data()) + offset; };
   int64_t offset = p.recv_offset(chunk);
-  if (bf) {
+  if (bf && !config_.skip_compute) {
     const int64_t n = p.recv_offset(chunk + 1) - offset;
     kernels::cpu::to_bf16(x + offset * M, n * M, static_cast<uint16_t*>(a.rows16.data()) + offset * M);
   }
@@ -601,22 +612,25 @@ void MoELayer::run_chunk(const DispatchPlan& p, int chunk, const Working& w, con
       float* out_b = a.out.data_as<float>() + offset * M;
       // Biases first, then GEMMs accumulate on top. With r > 1 only the first
       // hidden piece adds fc2's bias: the pieces' outputs are summed.
-      kernels::cpu::broadcast_rows(w.p.b1.data_as<float>() + l * H1w, m, H1w, pre_b);
-      if (w.adds_bias)
-        kernels::cpu::broadcast_rows(w.p.b2.data_as<float>() + l * M, m, M, out_b);
-      else
-        std::memset(out_b, 0, static_cast<size_t>(m * M) * sizeof(float));
+      charge_memory(static_cast<double>(m) * (2 * H1w + Hw + M) * sizeof(float));  // biases, activation
+      const bool elementwise = !config_.skip_compute;  // timing only: GEMMs charge, nothing is touched
+      if (elementwise) {
+        kernels::cpu::broadcast_rows(w.p.b1.data_as<float>() + l * H1w, m, H1w, pre_b);
+        if (w.adds_bias)
+          kernels::cpu::broadcast_rows(w.p.b2.data_as<float>() + l * M, m, M, out_b);
+        else
+          std::memset(out_b, 0, static_cast<size_t>(m * M) * sizeof(float));
+      }
       if (bf)
         gemm_bf16({.m = m, .n = H1w, .k = M, .a = b16(a.rows16, offset * M), .lda = M, .b = b16(a.w1_16, l * M * H1w),
                    .ldb = H1w, .accumulate = true, .c = pre_b, .ldc = H1w});
       else
         gemm({.m = m, .n = H1w, .k = M, .a = x + offset * M, .lda = M, .b = w.p.w1.data_as<float>() + l * M * H1w,
               .ldb = H1w, .beta = 1.f, .c = pre_b, .ldc = H1w});
-      kernels::cpu::activation_forward(config_.activation, pre_b, m, Hw, act_b);
-      charge_memory(static_cast<double>(m) * (2 * H1w + Hw + M) * sizeof(float));  // biases, activation
+      if (elementwise) kernels::cpu::activation_forward(config_.activation, pre_b, m, Hw, act_b);
       if (bf) {
         uint16_t* a16 = static_cast<uint16_t*>(a.act16.data()) + offset * Hw;
-        kernels::cpu::to_bf16(act_b, m * Hw, a16);
+        if (elementwise) kernels::cpu::to_bf16(act_b, m * Hw, a16);
         gemm_bf16({.m = m, .n = M, .k = Hw, .a = a16, .lda = Hw, .b = b16(a.w2_16, l * Hw * M), .ldb = M,
                    .accumulate = true, .c = out_b, .ldc = M});
       } else {
@@ -830,8 +844,9 @@ MoEForward MoELayer::forward(const TensorView& x, const RoutingChoice& routing, 
   Tensor send = scratch(Scratch::send, {p.send_rows(), M});
   {
     PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::encode);
-    kernels::cpu::gather_rows(static_cast<const float*>(x.data()), p.token_of_row.data(), p.send_rows(), M,
-                              send.data_as<float>());
+    if (!config_.skip_compute)  // timing only: the rows are not moved either
+      kernels::cpu::gather_rows(static_cast<const float*>(x.data()), p.token_of_row.data(), p.send_rows(), M,
+                                send.data_as<float>());
     charge_memory(2.0 * p.send_rows() * M * sizeof(float));
   }
   const bool moves = p.exchange_ranks > 1;
@@ -877,7 +892,7 @@ void MoELayer::backward_chunk(const DispatchPlan& p, int chunk, const Working& w
   const bool bf = config_.compute == DType::bf16;
   auto b16 = [](const Tensor& t, int64_t offset) { return static_cast<const uint16_t*>(t.data()) + offset; };
   int64_t offset = p.recv_offset(chunk);
-  if (bf) {
+  if (bf && !config_.skip_compute) {
     const int64_t n = p.recv_offset(chunk + 1) - offset;
     kernels::cpu::to_bf16(d_out.data_as<float>() + offset * M, n * M, static_cast<uint16_t*>(dy16.data()) + offset * M);
   }
@@ -894,7 +909,8 @@ void MoELayer::backward_chunk(const DispatchPlan& p, int chunk, const Working& w
       float* dp = d_pre.data_as<float>() + offset * H1w;
       float* dw1 = grads.w1.data_as<float>() + l * M * H1w;
       float* dw2 = grads.w2.data_as<float>() + l * Hw * M;
-      if (w.adds_bias) kernels::cpu::add_column_sums(dy, m, M, grads.b2.data_as<float>() + l * M);
+      const bool elementwise = !config_.skip_compute;  // timing only: GEMMs charge, nothing is touched
+      if (w.adds_bias && elementwise) kernels::cpu::add_column_sums(dy, m, M, grads.b2.data_as<float>() + l * M);
       if (bf) {
         const uint16_t* dy_b = static_cast<const uint16_t*>(dy16.data()) + offset * M;
         gemm_bf16({.transpose_a = true, .m = Hw, .n = M, .k = m, .a = b16(sv.experts.act16, offset * Hw), .lda = Hw,
@@ -907,12 +923,14 @@ void MoELayer::backward_chunk(const DispatchPlan& p, int chunk, const Working& w
         gemm({.transpose_b = true, .m = m, .n = Hw, .k = M, .a = dy, .lda = M,
               .b = w.p.w2.data_as<float>() + l * Hw * M, .ldb = M, .c = da, .ldc = Hw});
       }
-      kernels::cpu::activation_backward(config_.activation, pre, da, m, Hw, dp);
       charge_memory(static_cast<double>(m) * (3 * H1w + Hw + M) * sizeof(float));  // activation, bias sums
-      kernels::cpu::add_column_sums(dp, m, H1w, grads.b1.data_as<float>() + l * H1w);
+      if (elementwise) {
+        kernels::cpu::activation_backward(config_.activation, pre, da, m, Hw, dp);
+        kernels::cpu::add_column_sums(dp, m, H1w, grads.b1.data_as<float>() + l * H1w);
+      }
       if (bf) {
         uint16_t* dp_b = static_cast<uint16_t*>(dp16.data()) + offset * H1w;
-        kernels::cpu::to_bf16(dp, m * H1w, dp_b);
+        if (elementwise) kernels::cpu::to_bf16(dp, m * H1w, dp_b);
         gemm_bf16({.transpose_a = true, .m = M, .n = H1w, .k = m, .a = b16(sv.experts.rows16, offset * M), .lda = M,
                    .b = dp_b, .ldb = H1w, .accumulate = true, .c = dw1, .ldc = H1w});
         if (input_grad)
@@ -945,8 +963,9 @@ Tensor MoELayer::backward(const TensorView& dout, double balance_coef, double z_
 
   // Combine: returned rows (every copy) were weighted and summed into their tokens.
   Tensor d_returned = scratch(Scratch::d_returned, {p.send_rows(), M});
-  kernels::cpu::gather_scaled_rows(g, p.token_of_row.data(), p.weight_of_row.data(), p.send_rows(), M,
-                                   d_returned.data_as<float>());
+  if (!config_.skip_compute)  // timing only: these rows are neither computed on nor moved
+    kernels::cpu::gather_scaled_rows(g, p.token_of_row.data(), p.weight_of_row.data(), p.send_rows(), M,
+                                     d_returned.data_as<float>());
   std::vector<float> d_weight_of_row(static_cast<size_t>(p.send_rows()));
   kernels::cpu::row_dots(g, p.token_of_row.data(), sv.returned.data_as<float>(), p.send_rows(), M,
                          d_weight_of_row.data());

@@ -221,6 +221,7 @@ class MoELayer {
 
  private:
   int64_t hidden_in() const;  // H1 of a whole expert
+  Tensor fresh(Shape shape) const;  // zeros, or untouched memory when timing only
   // What a sharding degree makes each rank compute (see ExecPlan::r).
   struct PlanShape {
     int exchange_ranks;   // 1 for r = 0

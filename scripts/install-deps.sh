@@ -16,6 +16,7 @@ packages=(
   libbenchmark-dev
   libdlpack-dev
   nlohmann-json3-dev
+  gnuplot-nox
 )
 
 missing=()
