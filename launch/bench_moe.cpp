@@ -173,9 +173,12 @@ int run_bench_moe(const BenchMoeOptions& o) {
       group->barrier().wait();  // emulated: every rank's virtual time meets here
       const double virtual_start = virtual_time::now();
       const auto start = Clock::now();
-      const ExecPlan plan = fixed ? *fixed : planner->next(layer, T);
+
       const double flops_at_start = layer.gemm_flops();
-      MoEForward f = layer.forward(x, layer.routing_choice(), plan);
+      // auto: the planner decides inside forward, on the capacity all-reduce.
+      MoEForward f = fixed ? layer.forward(x, layer.routing_choice(), *fixed)
+                           : layer.forward(x, layer.routing_choice(), *planner);
+      const ExecPlan plan = layer.last_plan().exec;
       double local_loss = 0.0;
       const float* out = f.output.data_as<float>();
       float* d = dout.data_as<float>();
@@ -213,12 +216,13 @@ int run_bench_moe(const BenchMoeOptions& o) {
       std::vector<ExecPlan> plans;
       for (int r : valid_sharding_degrees(layer.layout().shards()))
         for (int d : {1, 2, 4})
-          for (A2AAlgorithm a2a : {A2AAlgorithm::flat, A2AAlgorithm::hierarchical}) {
-            ExecPlan p{r, d, a2a, c.plan.exchange};
-            if (a2a == A2AAlgorithm::hierarchical && (c.node_size <= 1 || c.node_size >= W || r == 0)) continue;
-            if (r == 0 && d > 1) continue;  // no all-to-all to pipeline
-            plans.push_back(p);
-          }
+          for (A2AAlgorithm a2a : {A2AAlgorithm::flat, A2AAlgorithm::hierarchical})
+            for (ExchangeMode x : {ExchangeMode::padded, ExchangeMode::dropless}) {
+              ExecPlan p{r, d, a2a, x};
+              if (a2a == A2AAlgorithm::hierarchical && (c.node_size <= 1 || c.node_size >= W || r == 0)) continue;
+              if (r == 0 && (d > 1 || x == ExchangeMode::dropless)) continue;  // no all-to-all to shape
+              plans.push_back(p);
+            }
       std::vector<double> medians, wall_medians;
       int index = 0;
       for (const ExecPlan& p : plans) {

@@ -93,8 +93,9 @@ void train_moe(Runtime& rt, const JobConfig& job) {
     world.barrier().wait();
     const auto start = Clock::now();
     student.zero_grad();
-    const ExecPlan plan = planner ? planner->next(student, T) : student_config.plan;
-    MoEForward f = student.forward(x, student.routing_choice(), plan);
+    MoEForward f = planner ? student.forward(x, student.routing_choice(), *planner)
+                           : student.forward(x, student.routing_choice(), student_config.plan);
+    const ExecPlan plan = student.last_plan().exec;
     Tensor dout = Tensor::empty({T, M}, DType::f32);
     double squared = 0, target_squared = 0;
     for (int64_t i = 0; i < T * M; ++i) target_squared += double(target.data_as<float>()[i]) * target.data_as<float>()[i];

@@ -310,7 +310,7 @@ Routing MoELayer::route_tokens(const TensorView& x, Tensor& logits) {
 
 DispatchPlan MoELayer::plan(const Routing& routing, int64_t tokens) { return plan(routing, tokens, config_.plan); }
 
-DispatchPlan MoELayer::plan(const Routing& routing, int64_t tokens, const ExecPlan& exec) {
+DispatchPlan MoELayer::plan(const Routing& routing, int64_t tokens, const ExecPlan& exec, int64_t capacity) {
   PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::gate);
   check_plan(exec);
   const int k = static_cast<int>(routing.experts.shape().size() == 2 ? routing.experts.shape()[1] : router_.k);
@@ -324,7 +324,7 @@ DispatchPlan MoELayer::plan(const Routing& routing, int64_t tokens, const ExecPl
   p.copies = shape.copies;
   p.exchange_ranks = shape.exchange_ranks;
   p.slots = shape.slots;
-  p.capacity = expert_capacity(router_, tokens, routing, group_.get());
+  p.capacity = capacity >= 0 ? capacity : expert_capacity(router_, tokens, routing, group_.get());
   const int32_t* chosen = routing.experts.data_as<int32_t>();
   const float* weight = routing.weights.data_as<float>();
   // Slots are handed out choice by choice (all first choices, then all second
@@ -824,8 +824,16 @@ void MoELayer::verify_plan_agreement(const ExecPlan& plan) {
 MoEForward MoELayer::forward(const TensorView& x) { return forward(x, routing_choice(), config_.plan); }
 
 MoEForward MoELayer::forward(const TensorView& x, const RoutingChoice& routing, const ExecPlan& exec) {
-  check_plan(exec);
-  verify_plan_agreement(exec);
+  return forward_impl(x, routing, &exec, nullptr);
+}
+
+MoEForward MoELayer::forward(const TensorView& x, const RoutingChoice& routing, PlanChooser& chooser) {
+  return forward_impl(x, routing, nullptr, &chooser);
+}
+
+MoEForward MoELayer::forward_impl(const TensorView& x, const RoutingChoice& routing, const ExecPlan* fixed,
+                                  PlanChooser* chooser) {
+  if (fixed) check_plan(*fixed);
   if (routing.k < 1 || routing.k > config_.router.experts)
     SY_THROW(InvalidArgument, "moe: routing k = ", routing.k, ", expected 1..", config_.router.experts);
   router_ = config_.router;
@@ -835,7 +843,26 @@ MoEForward MoELayer::forward(const TensorView& x, const RoutingChoice& routing, 
   Saved& sv = saved_;
   sv.valid = false;
   sv.routing = route_tokens(x, sv.logits);
-  sv.plan = plan(sv.routing, x.size(0), exec);
+  ExecPlan exec;
+  if (fixed) {
+    exec = *fixed;
+    sv.plan = plan(sv.routing, x.size(0), exec);
+  } else {
+    // One max-all-reduce agrees the capacity and the chooser's inputs.
+    std::vector<double> values = chooser->local_inputs(*this, x.size(0));
+    values.insert(values.begin(), static_cast<double>(expert_capacity(router_, x.size(0), sv.routing, nullptr)));
+    if (group_->size() > 1) {
+      PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::gate);
+      group_->allreduce(TensorView(values.data(), DType::f64, {static_cast<int64_t>(values.size())}),
+                        TensorView(values.data(), DType::f64, {static_cast<int64_t>(values.size())}),
+                        {.op = ReduceOp::max}).wait();
+    }
+    const auto capacity = static_cast<int64_t>(values.front());
+    values.erase(values.begin());
+    exec = chooser->choose(*this, values, capacity);
+    sv.plan = plan(sv.routing, x.size(0), exec, capacity);
+  }
+  verify_plan_agreement(exec);
   DispatchPlan& p = sv.plan;
   exchange_layout(p);
   // Chunk i's all-to-all runs on the executor while chunk i-1's experts compute;

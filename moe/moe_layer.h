@@ -45,6 +45,20 @@ struct MoEConfig {
   void validate() const;
 };
 
+class MoELayer;
+
+// Chooses a batch's plan inside forward() without a collective of its own:
+// its local inputs ride on the all-reduce (max) that agrees the batch's expert
+// capacity, and it decides from the agreed values. The Planner is one.
+class PlanChooser {
+ public:
+  virtual ~PlanChooser() = default;
+  // Values this rank contributes to the group's max-all-reduce.
+  virtual std::vector<double> local_inputs(MoELayer& layer, int64_t tokens) = 0;
+  // The plan, from the agreed values (same on every rank) and the agreed capacity.
+  virtual ExecPlan choose(MoELayer& layer, const std::vector<double>& agreed, int64_t capacity) = 0;
+};
+
 // What the user chooses per batch: it changes the math (drops, mixing).
 struct RoutingChoice {
   double capacity_factor = 1.0;  // RouterConfig::capacity_factor's meaning
@@ -147,6 +161,7 @@ class MoELayer {
   // the routing may change on every call; all ranks must pass the same plan.
   MoEForward forward(const TensorView& x);
   MoEForward forward(const TensorView& x, const RoutingChoice& routing, const ExecPlan& plan);
+  MoEForward forward(const TensorView& x, const RoutingChoice& routing, PlanChooser& chooser);
   // Throws naming the field when this layer cannot run `plan` (r not 0 or a
   // divisor of S, d < 1, 2DH without node groups).
   void check_plan(const ExecPlan& plan) const;
@@ -198,7 +213,8 @@ class MoELayer {
   // reusable buffers until the same phase runs for the next batch ----
   Routing route_tokens(const TensorView& x, Tensor& logits);
   DispatchPlan plan(const Routing& routing, int64_t tokens);  // with config().plan
-  DispatchPlan plan(const Routing& routing, int64_t tokens, const ExecPlan& exec);
+  // capacity >= 0: already agreed across the group (no collective here).
+  DispatchPlan plan(const Routing& routing, int64_t tokens, const ExecPlan& exec, int64_t capacity = -1);
   // Exchanges per-block row counts (dropless; padded needs none).
   void exchange_layout(DispatchPlan& plan);
   // Rows for the working experts, grouped by chunk, source rank, then slot.
@@ -251,6 +267,8 @@ class MoELayer {
   Work exchange(const DispatchPlan& plan, int chunk, const TensorView& in, const TensorView& out, bool to_experts);
   ExpertActivations allocate_activations(const DispatchPlan& plan);
   void verify_plan_agreement(const ExecPlan& plan);
+  MoEForward forward_impl(const TensorView& x, const RoutingChoice& routing, const ExecPlan* fixed,
+                          PlanChooser* chooser);
   MoEConfig config_;
   RouterConfig router_;  // config_.router with the batch's routing choice
   std::shared_ptr<Communicator> group_;

@@ -201,19 +201,28 @@ void Planner::observe(MoELayer& layer, const double measured[2]) {
   last_capacity_ = capacity;
 }
 
+std::vector<double> Planner::local_inputs(MoELayer& layer, int64_t tokens) {
+  const bool virt = layer.config().device_model != nullptr;
+  snapshot_phases_ = virt ? layer.virtual_phase_times() : layer.phase_times();
+  snapshot_busy_ = layer.comm_busy();
+  return {static_cast<double>(tokens), snapshot_phases_.experts - last_phases_.experts,
+          snapshot_busy_.exchange - last_busy_.exchange + snapshot_busy_.weights - last_busy_.weights};
+}
+
 ExecPlan Planner::next(MoELayer& layer, int64_t tokens) {
   // One max-allreduce agrees this batch's tokens and the previous batch's
   // measurements (the slowest rank's), so every rank decides alike.
-  const bool virt = layer.config().device_model != nullptr;
-  const MoEPhaseTimes& now = virt ? layer.virtual_phase_times() : layer.phase_times();
-  const MoELayer::CommBusy busy = layer.comm_busy();
-  double agreed[3] = {static_cast<double>(tokens), now.experts - last_phases_.experts,
-                      busy.exchange - last_busy_.exchange + busy.weights - last_busy_.weights};
-  layer.group()->allreduce(TensorView(agreed, DType::f64, {3}), TensorView(agreed, DType::f64, {3}),
+  std::vector<double> agreed = local_inputs(layer, tokens);
+  layer.group()->allreduce(TensorView(agreed.data(), DType::f64, {3}), TensorView(agreed.data(), DType::f64, {3}),
                            {.op = ReduceOp::max}).wait();
-  if (pending_) observe(layer, agreed + 1);
+  return choose(layer, agreed, -1);
+}
+
+ExecPlan Planner::choose(MoELayer& layer, const std::vector<double>& agreed, int64_t capacity) {
+  SY_CHECK_EQ(agreed.size(), size_t{3}, "planner inputs");
+  if (pending_) observe(layer, agreed.data() + 1);
   const auto T = static_cast<int64_t>(agreed[0]);
-  const int64_t C = capacity_for(T);
+  const int64_t C = capacity >= 0 ? capacity : capacity_for(T);
   size_t best = 0, second = 0;
   std::vector<PlanCost> costs;
   for (const ExecPlan& p : candidates_) costs.push_back(predict(p, T, C));
@@ -243,8 +252,8 @@ ExecPlan Planner::next(MoELayer& layer, int64_t tokens) {
   pending_ = true;
   last_plan_ = chosen;
   last_tokens_ = T;
-  last_phases_ = now;
-  last_busy_ = busy;
+  last_phases_ = snapshot_phases_;
+  last_busy_ = snapshot_busy_;
   return chosen;
 }
 

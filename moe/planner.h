@@ -37,7 +37,7 @@ struct PlanCost {
   std::string describe() const;
 };
 
-class Planner {
+class Planner : public PlanChooser {
  public:
   Planner(const MoELayer& layer, DeviceModel device, LinkModel link, PlannerOptions options = {});
 
@@ -46,9 +46,13 @@ class Planner {
   // and beta. Slowest rank's numbers, so every rank gets the same model.
   static std::pair<DeviceModel, LinkModel> calibrate(MoELayer& layer, int ranks_per_node);
 
-  // The plan for the next batch, with `tokens` on this rank (collective).
-  // Folds in the previous batch's measurements first.
+  // The plan for the next batch, with `tokens` on this rank (collective: one
+  // small all-reduce). Folds in the previous batch's measurements first.
+  // layer.forward(x, routing, planner) decides without that extra collective.
   ExecPlan next(MoELayer& layer, int64_t tokens);
+  // PlanChooser: inputs ride on the layer's capacity all-reduce.
+  std::vector<double> local_inputs(MoELayer& layer, int64_t tokens) override;
+  ExecPlan choose(MoELayer& layer, const std::vector<double>& agreed, int64_t capacity) override;
   // Cost of a plan for a batch whose largest rank has `tokens` tokens and
   // whose expert capacity is `capacity` rows.
   PlanCost predict(const ExecPlan& plan, int64_t tokens, int64_t capacity) const;
@@ -83,8 +87,8 @@ class Planner {
   bool pending_ = false;
   ExecPlan last_plan_;
   int64_t last_tokens_ = 0, last_capacity_ = 0;
-  MoEPhaseTimes last_phases_;
-  MoELayer::CommBusy last_busy_;
+  MoEPhaseTimes last_phases_, snapshot_phases_;
+  MoELayer::CommBusy last_busy_, snapshot_busy_;
   std::string explanation_;
   int changes_ = 0;
   int observations_ = 0;
