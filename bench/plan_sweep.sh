@@ -25,9 +25,12 @@ for ranks in 8 16 32 64; do
     if (( L < 0 && ranks % -L != 0 )); then continue; fi
     f="$out/sweep-$name-$ranks.txt"
     echo "[plan_sweep] $name on $ranks emulated ranks" >&2
-    "$sy" bench moe --ranks "$ranks" --batch_size 1 --num_tokens "$T" --model_dim "$M" --hidden_size "$H" \
+    if ! "$sy" bench moe --ranks "$ranks" --batch_size 1 --num_tokens "$T" --model_dim "$M" --hidden_size "$H" \
       --num_local_experts "$L" --capacity_factor "$CF" --top "$K" --num_steps 1 --sweep \
-      --emulate h100-nvlink-ib --timing_only > "$f" 2>&1
+      --emulate h100-nvlink-ib --timing_only > "$f" 2>&1; then
+      echo "$name $ranks FAILED (see $f)" >> "$summary"
+      continue
+    fi
     awk -v name="$name" -v ranks="$ranks" '
       /^#   r = / { t = $14 + 0; line = $0; sub(/^#   /, "", line); sub(/ +[0-9.]+ sec.*/, "", line);
                   if (best == "" || t < best) { best = t; bestp = line } if (t > worst) worst = t }

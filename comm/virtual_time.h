@@ -11,6 +11,8 @@ namespace switchyard::virtual_time {
 double now();                // this thread's lane
 void advance_to(double t);   // lane = max(lane, t)
 void charge(double seconds); // lane += seconds
-void reset(double t = 0.0);  // e.g. at the start of a benchmark step
+// Rewinds this thread's lane only: communicators keep their streams' times,
+// so use it with fresh communicators (tests); benchmarks measure differences.
+void reset(double t = 0.0);
 
 }  // namespace switchyard::virtual_time

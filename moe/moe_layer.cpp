@@ -122,6 +122,29 @@ void copy_hidden_piece(bool gated, int64_t rows, int64_t hidden, int piece, int 
     }
 }
 
+// Works posted on buffers the layer owns: waited for before those buffers can
+// be reused or freed, also when an exception unwinds the phase that posted them.
+class PendingWorks {
+ public:
+  PendingWorks() = default;
+  PendingWorks(const PendingWorks&) = delete;
+  PendingWorks& operator=(const PendingWorks&) = delete;
+  ~PendingWorks() {
+    for (auto& w : works_) try {
+        w.wait();
+      } catch (...) {  // the error was or will be reported by whoever waited first
+      }
+  }
+  void push_back(Work w) { works_.push_back(std::move(w)); }
+  Work& operator[](size_t i) { return works_[i]; }
+  void wait_all() {
+    for (auto& w : works_) w.wait();
+  }
+
+ private:
+  std::vector<Work> works_;
+};
+
 Work completed_work(const char* op) {
   auto state = std::make_shared<WorkState>(WorkLabel{op, "local", 0, 1, "none"});
   state->complete();
@@ -187,6 +210,7 @@ MoELayer::MoELayer(MoEConfig config, std::shared_ptr<Communicator> expert_group)
                " ranks of the expert group; expected a divisor (ranks per node)");
     hierarchical_ = std::make_unique<algorithms::HierarchicalAlltoall>(*group_, config_.node_size);
     if (config_.device_model) hierarchical_->set_copy_bandwidth(config_.device_model->memory_bandwidth);
+    hierarchical_->set_skip_copies(config_.skip_compute);
   }
   check_plan(config_.plan);
 }
@@ -878,7 +902,7 @@ MoEForward MoELayer::forward_impl(const TensorView& x, const RoutingChoice& rout
   }
   const bool moves = p.exchange_ranks > 1;
   const int d = exec.d;
-  std::vector<Work> to_experts, back;
+  PendingWorks to_experts, back;
   sv.rows = moves ? scratch(Scratch::recv, {p.recv_rows(), M}) : send;
   if (moves)
     for (int i = 0; i < d; ++i) to_experts.push_back(exchange(p, i, send, sv.rows, true));
@@ -895,7 +919,7 @@ MoEForward MoELayer::forward_impl(const TensorView& x, const RoutingChoice& rout
   }
   {
     PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::combine_a2a);
-    for (auto& w : back) w.wait();
+    back.wait_all();
   }
   // Timing only: expert outputs were neither computed nor moved; zeros keep
   // the gate's gradient (and so routing) finite.
@@ -1003,7 +1027,7 @@ Tensor MoELayer::backward(const TensorView& dout, double balance_coef, double z_
   const bool moves = p.exchange_ranks > 1;
   const int d = p.exec.d;
   Tensor d_out = moves ? scratch(Scratch::d_out, {p.recv_rows(), M}) : d_returned;
-  std::vector<Work> to_experts, back;
+  PendingWorks to_experts, back;
   if (moves)
     for (int i = 0; i < d; ++i) to_experts.push_back(exchange(p, i, d_returned, d_out, true));
   const PlanShape shape = shape_of(p.exec.r);
@@ -1098,7 +1122,10 @@ Tensor MoELayer::backward(const TensorView& dout, double balance_coef, double z_
   add_into(gate_grad_, local_gate_grad);
 
   if (!input_grad) return Tensor();
-  for (auto& work : back) work.wait();
+  back.wait_all();
+  // Timing only: the rows' gradients were neither computed nor moved; zeros
+  // keep a stack of layers finite.
+  if (config_.skip_compute) std::memset(d_sent.data(), 0, static_cast<size_t>(p.send_rows() * M) * sizeof(float));
   // Every copy's partial input gradient lands on its token.
   Tensor dx = Tensor::empty({T, M}, DType::f32);
   kernels::cpu::combine_rows(d_sent.data_as<float>(), p.row_of_choice.data(), nullptr, T, kc, M, dx.data_as<float>());

@@ -22,7 +22,7 @@ struct PlannerOptions {
   bool training = true;         // forward + backward per batch
   bool input_grad = false;      // backward also returns dx (one more GEMM and all-to-all)
   double smoothing = 0.3;       // weight of a new measurement in the corrections (log-space)
-  double switch_margin = 0.05;  // change plans only for a predicted gain above this fraction
+  double switch_margin = 0.03;  // change plans only for a predicted gain above this fraction
 };
 
 // Predicted seconds of one batch under a plan, by part (before overlap for

@@ -108,7 +108,7 @@ void HierarchicalAlltoall::exchange(const TensorView& in, const std::vector<int6
   const int64_t staged_in = std::accumulate(to_local.begin(), to_local.end(), int64_t{0});
   const int64_t staged_out = std::accumulate(from_local.begin(), from_local.end(), int64_t{0});
   Tensor stage1 = Tensor::empty({staged_in}, in.dtype()), stage2 = Tensor::empty({staged_out}, in.dtype());
-  {
+  if (!skip_copies_) {
     char* dst = static_cast<char*>(stage1.data());
     for (int g = 0; g < G; ++g)
       for (int n = 0; n < N; ++n) {
@@ -132,7 +132,7 @@ void HierarchicalAlltoall::exchange(const TensorView& in, const std::vector<int6
       for (int g = 0; g < G; ++g) {
         const size_t b = static_cast<size_t>(g * N + n);
         const size_t bytes = static_cast<size_t>(through[b]) * es;
-        if (bytes) std::memcpy(dst, static_cast<const char*>(stage2.data()) + block_off[b] * es, bytes);
+        if (bytes && !skip_copies_) std::memcpy(dst, static_cast<const char*>(stage2.data()) + block_off[b] * es, bytes);
         dst += bytes;
         to_node[n] += through[b];
       }

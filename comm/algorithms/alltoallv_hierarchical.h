@@ -35,6 +35,9 @@ class HierarchicalAlltoall {
   // Emulation: charge the two local re-layouts to virtual time at this many
   // bytes per second (0: not charged).
   void set_copy_bandwidth(double bytes_per_second) { copy_bandwidth_ = bytes_per_second; }
+  // Timing-only emulation: the phases' payloads do not move, so the local
+  // re-layouts are charged but not done (staging memory stays untouched).
+  void set_skip_copies(bool skip) { skip_copies_ = skip; }
   Work alltoallv(Buffer in, std::vector<int64_t> send_counts, Buffer out, std::vector<int64_t> recv_counts);
 
  private:
@@ -45,6 +48,7 @@ class HierarchicalAlltoall {
   std::string name_;
   std::shared_ptr<Communicator> intra_, inter_;
   double copy_bandwidth_ = 0;
+  bool skip_copies_ = false;
   std::unique_ptr<Executor> executor_;
 };
 

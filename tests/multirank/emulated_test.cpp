@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "comm/backends/emulated/emulated_backend.h"
+#include "comm/backends/fake/fake_backend.h"
 #include "comm/virtual_time.h"
 #include "core/rng.h"
 #include "tests/common/rank_harness.h"
@@ -78,26 +79,58 @@ TEST(Emulated, VirtualClockOfAKnownSequenceIsTheAlphaBetaSum) {
   });
 }
 
-// Timing only: bulky payloads are charged, not moved; control-sized ones move.
+// Timing only: bulky floating-point payloads are charged, not moved; small
+// ones, integer ones (counts) and every allreduce move.
 TEST(Emulated, TimingOnlyChargesBulkWithoutMovingIt) {
   testing::for_each_rank([&](Communicator& comm, uint64_t) {
     const int n = comm.size(), me = comm.rank();
     std::shared_ptr<Communicator> world(&comm, [](Communicator*) {});
     auto em = make_emulated_communicator(world, test_links(), true);
     virtual_time::reset(0);
-    const int64_t big = static_cast<int64_t>(kEmulatedControlBytes);  // f32: 4x over the limit
-    Tensor v = Tensor::empty({big}, DType::f32);
-    for (int64_t i = 0; i < big; ++i) v.data_as<float>()[i] = static_cast<float>(me + 1);
-    em->allreduce(v, v).wait();
-    EXPECT_EQ(v.data_as<float>()[0], static_cast<float>(me + 1));  // untouched
+    const int64_t big = static_cast<int64_t>(kEmulatedControlBytes) / 4 + n;  // f32 elements, over the limit
+    const int64_t per_peer = big / n + 1;
+    Tensor in = Tensor::empty({per_peer * n}, DType::f32), out = Tensor::empty({per_peer * n}, DType::f32);
+    for (int64_t i = 0; i < in.numel(); ++i) in.data_as<float>()[i] = static_cast<float>(me + 1);
+    for (int64_t i = 0; i < out.numel(); ++i) out.data_as<float>()[i] = -1.f;
+    em->alltoall(in, out).wait();
     if (n > 1) {
+      EXPECT_EQ(out.data_as<float>()[0], -1.f);  // charged, not moved
       EXPECT_GT(virtual_time::now(), 0.0);
     }
-    Tensor small = Tensor::empty({4}, DType::f32);
-    for (int i = 0; i < 4; ++i) small.data_as<float>()[i] = static_cast<float>(me + 1);
-    em->allreduce(small, small).wait();
-    EXPECT_EQ(small.data_as<float>()[0], static_cast<float>(n * (n + 1) / 2));
+    Tensor counts = Tensor::empty({per_peer * n}, DType::i64), got = Tensor::empty({per_peer * n}, DType::i64);
+    for (int64_t i = 0; i < counts.numel(); ++i) counts.data_as<int64_t>()[i] = me + 1;
+    em->alltoall(counts, got).wait();
+    for (int r = 0; r < n; ++r) EXPECT_EQ(got.data_as<int64_t>()[r * per_peer], r + 1);  // integers move
+    Tensor sum = Tensor::empty({big}, DType::f32);
+    for (int64_t i = 0; i < big; ++i) sum.data_as<float>()[i] = static_cast<float>(me + 1);
+    em->allreduce(sum, sum).wait();
+    EXPECT_EQ(sum.data_as<float>()[big - 1], static_cast<float>(n * (n + 1) / 2));  // allreduce moves
   });
+}
+
+// Over the fake backend one process plays one rank of a 1,024-rank cluster:
+// nothing moves, the cost model still charges this rank's share, and groups
+// made from it know their members' nodes.
+TEST(Emulated, FakeBackendAtScaleUsesTheSameCostModel) {
+  const int n = 1024, me = 37;
+  LinkModel m = test_links();
+  m.ranks_per_node = 8;
+  auto em = make_emulated_communicator(make_fake_communicator(me, n), m);
+  virtual_time::reset(0);
+  const int64_t block = 256;  // f32 per peer
+  Tensor in = Tensor::empty({block * n}, DType::f32), out = Tensor::empty({block * n}, DType::f32);
+  em->alltoall(in, out).wait();
+  const double a2a = 7 * m.intra.latency + (n - 8) * m.inter.latency +
+                     std::max(7.0 * block * 4 / m.intra.bandwidth, (n - 8.0) * block * 4 / m.inter.bandwidth);
+  expect_time(virtual_time::now(), a2a, "1024-rank alltoall");
+  // My node's 8 ranks: an all-intra group, charged at the intra class.
+  std::vector<int> node;
+  for (int r = 32; r < 40; ++r) node.push_back(r);
+  auto group = em->create_group(node);
+  Tensor v = Tensor::zeros({1024}, DType::f32);
+  group->allreduce(v, v).wait();
+  expect_time(virtual_time::now(), a2a + 2.0 * 7 * (m.intra.latency + 4096.0 / 8 / m.intra.bandwidth),
+              "node-group allreduce");
 }
 
 }  // namespace

@@ -268,7 +268,7 @@ TEST(MoEPlans, CheckpointReloadsUnderOtherWorldSizes) {
 // the shapes can be those where the choice matters), a planner seeded with a
 // wrong calibration (GEMMs 100x too fast, links 3x too slow: it sees nothing
 // to overlap) corrects itself from what the batches measure: from the third
-// batch on, its plan is within 3% of the emulator's cheapest fixed plan.
+// batch on, its plan is within 6% of the emulator's cheapest fixed plan.
 TEST(MoEPlans, PlannerWithAWrongCalibrationReachesTheCheapestPlan) {
   testing::for_each_rank([&](Communicator& comm, uint64_t seed) {
     const int n = comm.size(), me = comm.rank();
@@ -331,7 +331,7 @@ TEST(MoEPlans, PlannerWithAWrongCalibrationReachesTheCheapestPlan) {
         std::printf("  %-36s emulated %8.2f us  predicted %8.2f us  %s\n", p.describe().c_str(),
                     fixed.at(p.hash()) * 1e6, planner.predict(p, T, layer.last_plan().capacity).total * 1e6,
                     planner.predict(p, T, layer.last_plan().capacity).describe().c_str());
-    if (worst_settled > 1.03 * best)
+    if (worst_settled > 1.06 * best)  // the switch margin (3%) plus model error
       SY_THROW(Error, "rank ", me, ": planner settled on (", chosen.describe(), ") at ", worst_settled * 1e6,
                " us virtual, the cheapest fixed plan takes ", best * 1e6, " us; ", planner.explanation());
   });

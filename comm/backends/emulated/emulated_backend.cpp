@@ -60,18 +60,18 @@ class EmulatedCommunicator : public Communicator {
   }
 
   void do_allreduce(const TensorView& in, const TensorView& out, ReduceOp op, const OpContext& ctx) override {
-    if (moves(in.nbytes())) inner_->allreduce(in, out, opts(ctx, op)).wait();
+    inner_->allreduce(in, out, opts(ctx, op)).wait();  // always: gate gradients, capacities, clocks
     count_direct_allreduce(in);
     finish(ctx, EmulatedCosts::allreduce(model_, world_ranks_, static_cast<int64_t>(in.nbytes())));
   }
   void do_reduce_scatter(const TensorView& in, const TensorView& out, ReduceOp op, const OpContext& ctx) override {
-    if (moves(in.nbytes())) inner_->reduce_scatter(in, out, opts(ctx, op)).wait();
+    if (moves(in)) inner_->reduce_scatter(in, out, opts(ctx, op)).wait();
     count_direct_reduce_scatter(out);
     finish(ctx, EmulatedCosts::reduce_scatter(model_, world_ranks_, static_cast<int64_t>(in.nbytes())));
   }
   void do_allgatherv(const TensorView& in, const TensorView& out, std::span<const int64_t> counts,
                      const OpContext& ctx) override {
-    if (moves(out.nbytes()))
+    if (moves(out))
       inner_->allgatherv(in, out, std::vector<int64_t>(counts.begin(), counts.end()), opts(ctx)).wait();
     count_direct_allgatherv(in, counts);
     const int64_t total = std::accumulate(counts.begin(), counts.end(), int64_t{0});
@@ -79,7 +79,7 @@ class EmulatedCommunicator : public Communicator {
   }
   void do_alltoallv(const TensorView& in, std::span<const int64_t> send_counts, const TensorView& out,
                     std::span<const int64_t> recv_counts, const OpContext& ctx) override {
-    if (!timing_only_)  // sizes differ by rank, so timing-only never moves them (counts go through alltoall)
+    if (!timing_only_ || !is_bulk(in.dtype()))  // bulk sizes differ by rank: timing-only never moves them
       inner_->alltoallv(in, std::vector<int64_t>(send_counts.begin(), send_counts.end()), out,
                         std::vector<int64_t>(recv_counts.begin(), recv_counts.end()), opts(ctx))
           .wait();
@@ -91,7 +91,7 @@ class EmulatedCommunicator : public Communicator {
     finish(ctx, EmulatedCosts::alltoallv(model_, world_ranks_, rank(), sb, rb));
   }
   void do_alltoall(const TensorView& in, const TensorView& out, const OpContext& ctx) override {
-    if (moves(in.nbytes())) inner_->alltoall(in, out, opts(ctx)).wait();
+    if (moves(in)) inner_->alltoall(in, out, opts(ctx)).wait();
     const int64_t block = static_cast<int64_t>(in.nbytes()) / size();
     std::vector<int64_t> counts(static_cast<size_t>(size()), block / static_cast<int64_t>(in.element_size()));
     count_direct_alltoallv(in.element_size(), counts, counts);
@@ -99,7 +99,7 @@ class EmulatedCommunicator : public Communicator {
     finish(ctx, EmulatedCosts::alltoallv(model_, world_ranks_, rank(), bytes, bytes));
   }
   void do_broadcast(const TensorView& buffer, int root, const OpContext& ctx) override {
-    if (moves(buffer.nbytes())) inner_->broadcast(buffer, root, opts(ctx)).wait();
+    if (moves(buffer)) inner_->broadcast(buffer, root, opts(ctx)).wait();
     count_direct_broadcast(buffer, root);
     finish(ctx, EmulatedCosts::broadcast(model_, world_ranks_, static_cast<int64_t>(buffer.nbytes())));
   }
@@ -109,27 +109,33 @@ class EmulatedCommunicator : public Communicator {
   }
   // Point-to-point: each side charges its own clock (no agreement round).
   void do_send(const TensorView& b, int peer, uint32_t tag, const OpContext& ctx) override {
-    if (moves(b.nbytes())) inner_->send(b, peer, tagged(ctx, tag)).wait();
+    if (moves(b)) inner_->send(b, peer, tagged(ctx, tag)).wait();
     count_peer_bytes(peer, b.nbytes(), 0);
     finish_local(ctx, pair_cost(peer, b.nbytes()));
   }
   void do_recv(const TensorView& b, int peer, uint32_t tag, const OpContext& ctx) override {
-    if (moves(b.nbytes())) inner_->recv(b, peer, tagged(ctx, tag)).wait();
+    if (moves(b)) inner_->recv(b, peer, tagged(ctx, tag)).wait();
     count_peer_bytes(peer, 0, b.nbytes());
     finish_local(ctx, pair_cost(peer, b.nbytes()));
   }
   void do_sendrecv(const TensorView& s, int to, const TensorView& r, int from, uint32_t tag,
                    const OpContext& ctx) override {
-    if (moves(std::max(s.nbytes(), r.nbytes()))) inner_->sendrecv(s, to, r, from, tagged(ctx, tag)).wait();
+    if (moves(s) || moves(r)) inner_->sendrecv(s, to, r, from, tagged(ctx, tag)).wait();
     count_peer_bytes(to, s.nbytes(), 0);
     count_peer_bytes(from, 0, r.nbytes());
     finish_local(ctx, std::max(pair_cost(to, s.nbytes()), pair_cost(from, r.nbytes())));
   }
 
  private:
-  // Payloads move unless timing-only and bulky. Both sides of an op see the
-  // same size in every collective the MoE layer issues; p2p sizes must match too.
-  bool moves(size_t bytes) const { return !timing_only_ || bytes <= kEmulatedControlBytes; }
+  // Payloads move unless timing-only and bulky: floating-point tensors
+  // (activations, weights) over the size limit. Integers (counts) and f64
+  // (clocks, timings) always move, and so does every allreduce, so control
+  // flow stays the same as in a real run. Both sides of an op see the same
+  // size in every collective the MoE layer issues; p2p sizes must match too.
+  static bool is_bulk(DType t) { return t == DType::f32 || t == DType::bf16 || t == DType::f16 || t == DType::fp8_e4m3; }
+  bool moves(const TensorView& t) const {
+    return !timing_only_ || !is_bulk(t.dtype()) || t.nbytes() <= kEmulatedControlBytes;
+  }
   void do_allgather(const TensorView& in, const TensorView& out, const OpContext& ctx) override {
     std::vector<int64_t> counts(static_cast<size_t>(size()), in.numel());
     do_allgatherv(in, out, counts, ctx);

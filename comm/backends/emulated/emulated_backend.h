@@ -40,10 +40,11 @@ struct LinkModel {
 };
 
 // Wraps `inner` (usually the world); groups made from the result are emulated
-// too and know their members' world ranks. timing_only: ops whose payload is
-// over 64 KiB are charged but their data is not moved (outputs keep whatever
-// they held); small ops (counts, clocks) still move, so control flow stays
-// real. For virtual timings of clusters whose data would not fit this machine.
+// too and know their members' world ranks. timing_only: floating-point
+// payloads over 64 KiB are charged but not moved (outputs keep whatever they
+// held), except in allreduce; integer and f64 payloads (counts, clocks) always
+// move, so control flow stays real. For virtual timings of clusters whose data
+// would not fit this machine.
 std::shared_ptr<Communicator> make_emulated_communicator(std::shared_ptr<Communicator> inner, LinkModel model,
                                                          bool timing_only = false);
 inline constexpr size_t kEmulatedControlBytes = 64 * 1024;
