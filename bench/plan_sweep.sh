@@ -40,7 +40,7 @@ for ranks in 8 16 32 64; do
   done
 done
 # This machine: 2 real thread-ranks, wall time, smaller shapes (real GEMMs).
-for entry in "r1:512 1024 2 1024 1.0 2" "r2:512 1024 -2 1024 1.0 2"; do
+for entry in "r1:512 1024 2 1024 1.0 2" "r2:512 1024 -2 1024 1.0 1"; do
   name=${entry%%:*}; read -r M H L T CF K <<< "${entry#*:}"
   f="$out/sweep-real-$name.txt"
   echo "[plan_sweep] $name on 2 real ranks" >&2

@@ -472,16 +472,20 @@ Work MoELayer::exchange(const DispatchPlan& p, int chunk, const TensorView& in, 
   return group_->alltoallv(a, std::move(send), b, std::move(recv));
 }
 
-MoELayer::Exchange MoELayer::dispatch_async(const DispatchPlan& p, const TensorView& x) {
+Tensor MoELayer::encode(const DispatchPlan& p, const TensorView& x) {
   const int64_t M = config_.model_dim;
   Tensor send = scratch(Scratch::send, {p.send_rows(), M});
-  {
-    PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::encode);
-    if (!config_.skip_compute)  // timing only: the rows are not moved either
-      kernels::cpu::gather_rows(static_cast<const float*>(x.data()), p.token_of_row.data(), p.send_rows(), M,
-                                send.data_as<float>());
-    charge_memory(2.0 * p.send_rows() * M * sizeof(float));
-  }
+  PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::encode);
+  if (!config_.skip_compute)  // timing only: the rows are not moved either
+    kernels::cpu::gather_rows(static_cast<const float*>(x.data()), p.token_of_row.data(), p.send_rows(), M,
+                              send.data_as<float>());
+  charge_memory(2.0 * p.send_rows() * M * sizeof(float));
+  return send;
+}
+
+MoELayer::Exchange MoELayer::dispatch_async(const DispatchPlan& p, const TensorView& x) {
+  const int64_t M = config_.model_dim;
+  Tensor send = encode(p, x);
   if (p.exchange_ranks == 1) return {send, completed_work("dispatch")};
   Tensor recv = scratch(Scratch::recv, {p.recv_rows(), M});
   Work last;
@@ -892,14 +896,7 @@ MoEForward MoELayer::forward_impl(const TensorView& x, const RoutingChoice& rout
   // Chunk i's all-to-all runs on the executor while chunk i-1's experts compute;
   // the working weights are gathered meanwhile on the sharding group.
   const int64_t M = config_.model_dim;
-  Tensor send = scratch(Scratch::send, {p.send_rows(), M});
-  {
-    PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::encode);
-    if (!config_.skip_compute)  // timing only: the rows are not moved either
-      kernels::cpu::gather_rows(static_cast<const float*>(x.data()), p.token_of_row.data(), p.send_rows(), M,
-                                send.data_as<float>());
-    charge_memory(2.0 * p.send_rows() * M * sizeof(float));
-  }
+  Tensor send = encode(p, x);
   const bool moves = p.exchange_ranks > 1;
   const int d = exec.d;
   PendingWorks to_experts, back;

@@ -103,4 +103,10 @@ void shutdown_rank_harness() {
 #endif
 }
 
+Tensor random_tensor(uint64_t seed, int64_t rows, int64_t width) {
+  Tensor x = Tensor::empty({rows, width}, DType::f32);
+  Rng(seed).fill_uniform(x, -1, 1);
+  return x;
+}
+
 }  // namespace switchyard::testing

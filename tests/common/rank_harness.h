@@ -27,6 +27,10 @@ bool harness_is_threads();
 void for_each_rank(const std::function<void(Communicator&, uint64_t seed)>& fn,
                    Milliseconds op_timeout = Milliseconds(5000));
 
+// A [rows, width] f32 tensor uniform in [-1, 1) from `seed`: any rank can
+// regenerate any other rank's input.
+Tensor random_tensor(uint64_t seed, int64_t rows, int64_t width);
+
 // Releases MPI before exit.
 void shutdown_rank_harness();
 

@@ -13,11 +13,7 @@
 namespace switchyard {
 namespace {
 
-Tensor tokens(uint64_t seed, int64_t rows, int64_t width) {
-  Tensor x = Tensor::empty({rows, width}, DType::f32);
-  Rng(seed).fill_uniform(x, -1, 1);
-  return x;
-}
+Tensor tokens(uint64_t seed, int64_t rows, int64_t width) { return testing::random_tensor(seed, rows, width); }
 
 void expect_close(const char* what, const float* got, const float* want, int64_t n, int rank) {
   for (int64_t i = 0; i < n; ++i)

@@ -22,11 +22,7 @@
 namespace switchyard {
 namespace {
 
-Tensor random_tensor(uint64_t seed, int64_t rows, int64_t width) {
-  Tensor x = Tensor::empty({rows, width}, DType::f32);
-  Rng(seed).fill_uniform(x, -1, 1);
-  return x;
-}
+using testing::random_tensor;
 
 void expect_close(const std::string& what, const float* got, const float* want, int64_t n, double tol = 2e-4) {
   for (int64_t i = 0; i < n; ++i)
