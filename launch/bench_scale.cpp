@@ -31,6 +31,7 @@ int run_bench_scale(const BenchScaleOptions& s) {
               s.real_ranks, s.emulate.c_str());
   std::printf("# %-6s %-9s %7s %12s  %-40s %12s %12s %14s\n", "ranks", "kind", "experts", "tokens/rank", "plan",
               "step_time", "wall", "tokens/s");
+  std::string real_points, emulated_points;  // "ranks tokens/s" lines for the plot
   for (int w : s.ranks) {
     BenchMoeOptions o = s.moe;
     o.ranks = w;
@@ -72,6 +73,7 @@ int run_bench_scale(const BenchScaleOptions& s) {
       csv << s.mode << ',' << w << ',' << (real ? "real" : "emulated") << ',' << experts << ',' << per_rank << ','
           << plan << ',' << r.step_time << ',' << r.wall << ',' << tps << '\n';
       csv.flush();
+      (real ? real_points : emulated_points) += std::to_string(w) + " " + std::to_string(tps) + "\n";
     }
   }
   csv.close();
@@ -84,11 +86,12 @@ int run_bench_scale(const BenchScaleOptions& s) {
   const std::string script = s.png + ".gp";
   std::ofstream gp(script);
   gp << "set terminal pngcairo size 900,600\nset output '" << s.png << "'\n"
-     << "set datafile separator ','\nset logscale xy 2\nset key top left\nset grid\n"
+     << "set logscale xy 2\nset offsets graph 0.03, graph 0.03, 0, 0\nset key top left\nset grid\n"
      << "set xlabel 'ranks'\nset ylabel 'tokens/s (all ranks)'\nset format y '%.0s%c'\n"
      << "set title 'bench scale (" << s.mode << "): " << s.emulate << " virtual clock vs this machine wall clock'\n"
-     << "plot '" << s.csv << "' using 2:(strcol(3) eq \"emulated\" ? $9 : 1/0) with linespoints title 'emulated " << s.emulate
-     << "', '" << s.csv << "' using 2:(strcol(3) eq \"real\" ? $9 : 1/0) with points pt 7 title 'real (this machine)'\n";
+     << "$emulated << EOD\n" << emulated_points << "EOD\n$real << EOD\n" << real_points << "EOD\n"
+     << "plot $emulated using 1:2 with linespoints title 'emulated " << s.emulate
+     << "', $real using 1:2 with points pt 7 ps 1.5 title 'real (this machine)'\n";
   gp.close();
   const std::string cmd = "gnuplot '" + script + "'";
   if (std::system(cmd.c_str()) != 0) {
