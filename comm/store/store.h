@@ -1,6 +1,6 @@
 // Key-value store used to bootstrap communicators (rank rendezvous, ids).
 // Implementations: MemoryStore (threads of one process), FileStore (processes
-// sharing a file system); TcpStore comes with the TCP bootstrap.
+// sharing a file system), TcpStore (processes anywhere; comm/store/tcp_store.h).
 #pragma once
 
 #include <chrono>

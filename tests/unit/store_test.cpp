@@ -1,4 +1,7 @@
 // Store behaviour shared by every implementation, plus FileStore across processes.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -6,6 +9,7 @@
 
 #include <chrono>
 #include <filesystem>
+#include <functional>
 #include <fstream>
 #include <memory>
 #include <string>
@@ -14,6 +18,7 @@
 
 #include "comm/store/file_store.h"
 #include "comm/store/memory_store.h"
+#include "comm/store/tcp_store.h"
 #include "core/error.h"
 
 namespace switchyard {
@@ -55,6 +60,12 @@ struct StoreMaker<FileStore> {
   std::unique_ptr<Store> make() { return std::make_unique<FileStore>(dir.path()); }
 };
 
+template <>
+struct StoreMaker<TcpStore> {
+  TcpStoreServer server{"test-token"};
+  std::unique_ptr<Store> make() { return std::make_unique<TcpStore>("127.0.0.1", server.port(), "test-token"); }
+};
+
 template <typename StoreType>
 class StoreTest : public ::testing::Test {
  protected:
@@ -62,7 +73,7 @@ class StoreTest : public ::testing::Test {
   std::unique_ptr<Store> store_ = maker_.make();
 };
 
-using StoreTypes = ::testing::Types<MemoryStore, FileStore>;
+using StoreTypes = ::testing::Types<MemoryStore, FileStore, TcpStore>;
 TYPED_TEST_SUITE(StoreTest, StoreTypes);
 
 template <typename Fn>
@@ -286,6 +297,141 @@ TEST_F(FileStoreTest, UnusableDirectoryIsIoErrorNamingPath) {
 TEST_F(FileStoreTest, OverlongKeyIsInvalidArgument) {
   FileStore store(dir_.path());
   EXPECT_THROW(store.set(std::string(300, 'k'), {}), InvalidArgument);
+}
+
+}  // namespace
+}  // namespace switchyard
+
+namespace switchyard {
+namespace {
+
+// A raw TCP connection to the server, for sending what no client would.
+int raw_connect(uint16_t port) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(port);
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+    ::close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+// Reads until the server closes the connection (bounded), so the refusal has
+// been processed before the test looks at the counters.
+void drain(int fd) {
+  timeval tv{2, 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  char buf[256];
+  while (::recv(fd, buf, sizeof buf, 0) > 0) {
+  }
+  ::close(fd);
+}
+
+std::string what_of(const std::function<void()>& fn) {
+  try {
+    fn();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "(no exception)";
+}
+
+TEST(TcpStore, AWrongTokenIsRefusedClearlyAndOthersAreStillServed) {
+  TcpStoreServer server("right");
+  TcpStore good("127.0.0.1", server.port(), "right");
+  good.set("k", Store::to_bytes("v"));
+  const std::string message = what_of([&] { TcpStore bad("127.0.0.1", server.port(), "wrong"); });
+  EXPECT_NE(message.find("refused this process's token: SWITCHYARD_STORE_TOKEN"), std::string::npos) << message;
+  EXPECT_THROW(TcpStore("127.0.0.1", server.port(), ""), InvalidArgument);
+  EXPECT_EQ(server.refused(), 2);
+  EXPECT_EQ(Store::to_string(good.get("k", 1s)), "v");
+}
+
+TEST(TcpStore, GarbageAndOversizedFramesDropOnlyThatConnection) {
+  TcpStoreServer server("t");
+  TcpStore client("127.0.0.1", server.port(), "t");
+  client.set("alive", Store::to_bytes("yes"));
+  {  // random bytes where the hello frame should be
+    const int fd = raw_connect(server.port());
+    ASSERT_GE(fd, 0);
+    const char junk[] = "\x07\x00\x00\x00GARBAGE!!";
+    ASSERT_GT(::send(fd, junk, sizeof junk, 0), 0);
+    drain(fd);
+  }
+  {  // a length prefix far over the limit
+    const int fd = raw_connect(server.port());
+    ASSERT_GE(fd, 0);
+    const uint32_t huge = 0xfffffff0u;
+    ASSERT_EQ(::send(fd, &huge, 4, 0), 4);
+    drain(fd);
+  }
+  {  // a valid hello, then a truncated set whose string length overruns the frame
+    const int fd = raw_connect(server.port());
+    ASSERT_GE(fd, 0);
+    std::vector<uint8_t> hello = {10, 0, 0, 0, 1, 1, 0, 0, 0, 1, 0, 0, 0, 't'};
+    ASSERT_EQ(::send(fd, hello.data(), hello.size(), 0), static_cast<ssize_t>(hello.size()));
+    std::vector<uint8_t> bad = {5, 0, 0, 0, 2, 0xff, 0xff, 0, 0};
+    ASSERT_EQ(::send(fd, bad.data(), bad.size(), 0), static_cast<ssize_t>(bad.size()));
+    drain(fd);
+  }
+  {  // a client that connects and vanishes
+    const int fd = raw_connect(server.port());
+    ASSERT_GE(fd, 0);
+    ::close(fd);
+  }
+  EXPECT_GE(server.refused(), 3);
+  EXPECT_EQ(Store::to_string(client.get("alive", 1s)), "yes");
+  TcpStore later("127.0.0.1", server.port(), "t");
+  EXPECT_EQ(later.add("n", 2), 2);
+}
+
+TEST(TcpStore, NothingListeningIsAnIoErrorNamingTheAddress) {
+  uint16_t port = 0;
+  {
+    TcpStoreServer gone("t");
+    port = gone.port();
+  }
+  const std::string message = what_of([&] { TcpStore s("127.0.0.1", port, "t", 200ms); });
+  EXPECT_NE(message.find("nothing answers at 127.0.0.1:" + std::to_string(port)), std::string::npos) << message;
+  EXPECT_NE(message.find("MASTER_ADDR / MASTER_PORT"), std::string::npos) << message;
+  EXPECT_NE(what_of([] { TcpStoreServer s("t", 0, "not-an-ip"); }).find("host 'not-an-ip' is not an IP address"),
+            std::string::npos);
+}
+
+TEST(TcpStore, ProcessesRendezvousThroughTheServer) {
+  TcpStoreServer server("job");
+  constexpr int kChildren = 3;
+  std::vector<pid_t> pids;
+  for (int c = 0; c < kChildren; ++c) {
+    const pid_t pid = ::fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      int code = 0;
+      try {
+        TcpStore s("127.0.0.1", server.port(), "job");
+        s.set("rank" + std::to_string(c), Store::to_bytes(std::to_string(c * 10)));
+        for (int i = 0; i < 50; ++i) s.add("count", 1);
+        s.wait({"go"}, 10s);
+      } catch (...) {
+        code = 1;
+      }
+      ::_exit(code);
+    }
+    pids.push_back(pid);
+  }
+  TcpStore parent("127.0.0.1", server.port(), "job");
+  parent.wait({"rank0", "rank1", "rank2"}, 10s);
+  EXPECT_EQ(Store::to_string(parent.get("rank2", 1s)), "20");
+  parent.set("go", {});
+  for (pid_t pid : pids) {
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  }
+  EXPECT_EQ(parent.add("count", 0), 50 * kChildren);
 }
 
 }  // namespace

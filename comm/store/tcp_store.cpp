@@ -1,0 +1,463 @@
+#include "comm/store/tcp_store.h"
+
+#include <sys/socket.h>
+#include <sys/time.h>
+
+#include <utility>  // boost 1.74 asio uses std::exchange without including it
+
+#include <boost/asio.hpp>
+#include <cstring>
+#include <list>
+
+#include "core/error.h"
+#include "core/logging.h"
+
+namespace switchyard {
+namespace asio = boost::asio;
+using tcp = asio::ip::tcp;
+
+namespace {
+
+enum class Op : uint8_t { hello = 1, set, get, try_get, add, compare_set, wait, check, erase };
+enum class Status : uint8_t { ok = 0, timeout = 1, error = 2, invalid = 3 };
+constexpr uint32_t kProtocolVersion = 1;
+
+// Little-endian fields: u8, u32, i64, and strings/byte strings as u32 length + bytes.
+class Writer {
+ public:
+  Writer& u8(uint8_t v) { bytes_.push_back(v); return *this; }
+  Writer& u32(uint32_t v) { return raw(&v, 4); }
+  Writer& i64(int64_t v) { return raw(&v, 8); }
+  Writer& bytes(const Store::Bytes& b) { u32(static_cast<uint32_t>(b.size())); return raw(b.data(), b.size()); }
+  Writer& str(const std::string& s) { u32(static_cast<uint32_t>(s.size())); return raw(s.data(), s.size()); }
+  Writer& strs(const std::vector<std::string>& v) {
+    u32(static_cast<uint32_t>(v.size()));
+    for (const auto& s : v) str(s);
+    return *this;
+  }
+  // The frame: u32 length of what follows, then the fields.
+  Store::Bytes frame() const {
+    Store::Bytes out(4 + bytes_.size());
+    const auto n = static_cast<uint32_t>(bytes_.size());
+    std::memcpy(out.data(), &n, 4);
+    if (!bytes_.empty()) std::memcpy(out.data() + 4, bytes_.data(), bytes_.size());
+    return out;
+  }
+
+ private:
+  Writer& raw(const void* p, size_t n) {
+    const auto* c = static_cast<const uint8_t*>(p);
+    bytes_.insert(bytes_.end(), c, c + n);
+    return *this;
+  }
+  Store::Bytes bytes_;
+};
+
+// Reads fields back; any overrun is a malformed frame (IoError).
+class Reader {
+ public:
+  explicit Reader(const Store::Bytes& b) : b_(b) {}
+  uint8_t u8() { uint8_t v; raw(&v, 1); return v; }
+  uint32_t u32() { uint32_t v; raw(&v, 4); return v; }
+  int64_t i64() { int64_t v; raw(&v, 8); return v; }
+  Store::Bytes bytes() {
+    const uint32_t n = u32();
+    need(n);
+    Store::Bytes out(b_.begin() + static_cast<ptrdiff_t>(at_), b_.begin() + static_cast<ptrdiff_t>(at_ + n));
+    at_ += n;
+    return out;
+  }
+  std::string str() { const Store::Bytes b = bytes(); return std::string(b.begin(), b.end()); }
+  std::vector<std::string> strs() {
+    const uint32_t n = u32();
+    if (n > b_.size()) SY_THROW(IoError, "malformed store frame: a list of ", n, " strings in ", b_.size(), " bytes");
+    std::vector<std::string> out;
+    for (uint32_t i = 0; i < n; ++i) out.push_back(str());
+    return out;
+  }
+  void done() const {
+    if (at_ != b_.size()) SY_THROW(IoError, "malformed store frame: ", b_.size() - at_, " bytes left over");
+  }
+
+ private:
+  void need(size_t n) const {
+    if (at_ + n > b_.size())
+      SY_THROW(IoError, "malformed store frame: field of ", n, " bytes at offset ", at_, " of ", b_.size());
+  }
+  void raw(void* p, size_t n) {
+    need(n);
+    std::memcpy(p, b_.data() + at_, n);
+    at_ += n;
+  }
+  const Store::Bytes& b_;
+  size_t at_ = 0;
+};
+
+// A whole frame from a blocking socket; IoError when oversized or cut short.
+Store::Bytes read_frame(tcp::socket& s) {
+  uint32_t n = 0;
+  asio::read(s, asio::buffer(&n, 4));
+  if (n > kTcpStoreMaxFrame)
+    SY_THROW(IoError, "store frame of ", n, " bytes exceeds the limit of ", kTcpStoreMaxFrame);
+  Store::Bytes body(n);
+  if (n) asio::read(s, asio::buffer(body.data(), n));
+  return body;
+}
+
+void set_receive_timeout(tcp::socket& s, std::chrono::milliseconds t) {
+  timeval tv{};
+  tv.tv_sec = static_cast<time_t>(t.count() / 1000);
+  tv.tv_usec = static_cast<suseconds_t>((t.count() % 1000) * 1000);
+  ::setsockopt(s.native_handle(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- server
+
+struct TcpStoreServer::Impl {
+  asio::io_context io;
+  tcp::acceptor acceptor{io};
+  std::thread accept_thread;
+  std::mutex mutex;
+  std::list<std::pair<std::shared_ptr<tcp::socket>, std::thread>> connections;
+  std::atomic<bool> stopping{false};
+};
+
+TcpStoreServer::TcpStoreServer(std::string token, uint16_t port, const std::string& host)
+    : impl_(std::make_unique<Impl>()), token_(std::move(token)) {
+  if (token_.empty()) SY_THROW(InvalidArgument, "store server: empty token; expected the job's secret");
+  boost::system::error_code ec;
+  const auto address = asio::ip::make_address(host, ec);
+  if (ec) SY_THROW(InvalidArgument, "store server: host '", host, "' is not an IP address (", ec.message(), ")");
+  const tcp::endpoint endpoint(address, port);
+  impl_->acceptor.open(endpoint.protocol());
+  impl_->acceptor.set_option(tcp::acceptor::reuse_address(true));
+  impl_->acceptor.bind(endpoint, ec);
+  if (ec) SY_THROW(IoError, "store server: cannot bind ", host, ":", port, ": ", ec.message());
+  impl_->acceptor.listen();
+  port_ = impl_->acceptor.local_endpoint().port();
+  impl_->accept_thread = std::thread([this] {
+    while (!impl_->stopping.load()) {
+      auto socket = std::make_shared<tcp::socket>(impl_->io);
+      boost::system::error_code aec;
+      impl_->acceptor.accept(*socket, aec);
+      if (aec || impl_->stopping.load()) break;
+      std::lock_guard lock(impl_->mutex);
+      impl_->connections.emplace_back(socket, std::thread([this, socket] { serve(socket); }));
+    }
+  });
+}
+
+TcpStoreServer::~TcpStoreServer() {
+  impl_->stopping.store(true);
+  boost::system::error_code ec;
+  // Wake the accept loop with a connection of our own, then close.
+  try {
+    tcp::socket poke(impl_->io);
+    poke.connect(tcp::endpoint(impl_->acceptor.local_endpoint().address(), port_), ec);
+  } catch (...) {
+  }
+  impl_->acceptor.close(ec);
+  if (impl_->accept_thread.joinable()) impl_->accept_thread.join();
+  std::lock_guard lock(impl_->mutex);
+  for (auto& [socket, thread] : impl_->connections) {
+    socket->shutdown(tcp::socket::shutdown_both, ec);
+    socket->close(ec);
+  }
+  for (auto& [socket, thread] : impl_->connections)
+    if (thread.joinable()) thread.join();
+}
+
+void TcpStoreServer::serve(std::shared_ptr<void> opaque) {
+  auto& socket = *std::static_pointer_cast<tcp::socket>(opaque);
+  auto reply = [&](Status status, const Writer& payload) {
+    Store::Bytes frame = payload.frame();
+    frame.insert(frame.begin() + 4, static_cast<uint8_t>(status));
+    const uint32_t n = static_cast<uint32_t>(frame.size() - 4);
+    std::memcpy(frame.data(), &n, 4);
+    asio::write(socket, asio::buffer(frame));
+  };
+  try {
+    {  // The first frame must be hello with the job's token.
+      const Store::Bytes hello = read_frame(socket);
+      Reader r(hello);
+      const auto op = static_cast<Op>(r.u8());
+      const uint32_t version = r.u32();
+      const std::string token = r.str();
+      r.done();
+      if (op != Op::hello || token != token_ || version != kProtocolVersion) {
+        ++refused_;
+        reply(Status::error, Writer().str(op != Op::hello ? "the first request must present the token"
+                                          : version != kProtocolVersion
+                                              ? "protocol version " + std::to_string(version) + " (server speaks " +
+                                                    std::to_string(kProtocolVersion) + ")"
+                                              : "wrong token"));
+        return;
+      }
+      reply(Status::ok, Writer());
+    }
+    while (!impl_->stopping.load()) {
+      const Store::Bytes request = read_frame(socket);
+      Reader r(request);
+      const auto op = static_cast<Op>(r.u8());
+      try {
+      switch (op) {
+        case Op::set: {
+          const std::string key = r.str();
+          const Store::Bytes value = r.bytes();
+          r.done();
+          data_.set(key, value);
+          reply(Status::ok, Writer());
+          break;
+        }
+        case Op::get: {
+          const std::string key = r.str();
+          const auto timeout = Store::Milliseconds(r.i64());
+          r.done();
+          try {
+            reply(Status::ok, Writer().bytes(data_.get(key, timeout)));
+          } catch (const TimeoutError& e) {
+            reply(Status::timeout, Writer().str(e.what()));
+          }
+          break;
+        }
+        case Op::try_get: {
+          const std::string key = r.str();
+          r.done();
+          const auto v = data_.try_get(key);
+          reply(Status::ok, Writer().u8(v ? 1 : 0).bytes(v ? *v : Store::Bytes{}));
+          break;
+        }
+        case Op::add: {
+          const std::string key = r.str();
+          const int64_t delta = r.i64();
+          r.done();
+          reply(Status::ok, Writer().i64(data_.add(key, delta)));
+          break;
+        }
+        case Op::compare_set: {
+          const std::string key = r.str();
+          const Store::Bytes expected = r.bytes(), desired = r.bytes();
+          r.done();
+          reply(Status::ok, Writer().bytes(data_.compare_set(key, expected, desired)));
+          break;
+        }
+        case Op::wait: {
+          const std::vector<std::string> keys = r.strs();
+          const auto timeout = Store::Milliseconds(r.i64());
+          r.done();
+          try {
+            data_.wait(keys, timeout);
+            reply(Status::ok, Writer());
+          } catch (const TimeoutError& e) {
+            reply(Status::timeout, Writer().str(e.what()));
+          }
+          break;
+        }
+        case Op::check: {
+          const std::vector<std::string> keys = r.strs();
+          r.done();
+          reply(Status::ok, Writer().u8(data_.check(keys) ? 1 : 0));
+          break;
+        }
+        case Op::erase: {
+          const std::string key = r.str();
+          r.done();
+          reply(Status::ok, Writer().u8(data_.erase(key) ? 1 : 0));
+          break;
+        }
+        default:
+          SY_THROW(IoError, "unknown store op ", static_cast<int>(op));
+      }
+      } catch (const InvalidArgument& e) {  // the request was well-formed, its content not (add on text)
+        reply(Status::invalid, Writer().str(e.what()));
+      }
+    }
+  } catch (const std::exception& e) {
+    // Garbage, an oversized frame or a vanished client: drop this connection only.
+    if (!impl_->stopping.load()) {
+      const std::string what = e.what();
+      if (what.find("End of file") == std::string::npos) {
+        ++refused_;
+        SY_LOG_WARN("store", "store server: dropping a connection: ", what);
+        try {
+          reply(Status::error, Writer().str(what));
+        } catch (...) {
+        }
+      }
+    }
+  }
+  boost::system::error_code ec;
+  socket.close(ec);
+}
+
+// ---------------------------------------------------------------- client
+
+// One connection per concurrent caller: a get() blocked on the server must
+// not hold up another thread's set(). Idle connections are reused.
+struct TcpStore::Connection {
+  explicit Connection(asio::io_context& io) : socket(io) {}
+  tcp::socket socket;
+};
+
+struct TcpStore::Impl {
+  asio::io_context io;
+  std::string host, token;
+  uint16_t port = 0;
+  std::vector<std::unique_ptr<Connection>> idle;
+};
+
+namespace {
+Store::Bytes round_trip(tcp::socket& socket, const Store::Bytes& request, std::chrono::milliseconds reply_within,
+                        const std::string& address) {
+  // The server answers timed requests itself; this bounds a silent server.
+  const auto limit = reply_within + std::chrono::milliseconds(5000);
+  set_receive_timeout(socket, limit);
+  boost::system::error_code ec;
+  asio::write(socket, asio::buffer(request), ec);
+  if (ec) SY_THROW(IoError, "store at ", address, ": request not sent (", ec.message(), ")");
+  Store::Bytes reply;
+  try {
+    reply = read_frame(socket);
+  } catch (const boost::system::system_error& e) {
+    if (e.code() == asio::error::would_block || e.code() == asio::error::try_again || e.code() == asio::error::timed_out)
+      SY_THROW(TimeoutError, "store at ", address, ": no reply within ", limit.count(), " ms");
+    SY_THROW(IoError, "store at ", address, ": connection lost (", e.what(), ")");
+  }
+  if (reply.empty()) SY_THROW(IoError, "store at ", address, ": empty reply");
+  const auto status = static_cast<Status>(reply.front());
+  Store::Bytes payload(reply.begin() + 1, reply.end());
+  if (status == Status::ok) return payload;
+  std::string message;
+  try {
+    Reader r(payload);
+    message = r.str();
+  } catch (...) {
+    message = "(unreadable)";
+  }
+  if (status == Status::timeout) SY_THROW(TimeoutError, message);
+  if (status == Status::invalid) SY_THROW(InvalidArgument, message);
+  if (message == "wrong token")
+    SY_THROW(InvalidArgument, "store at ", address,
+             " refused this process's token: SWITCHYARD_STORE_TOKEN must be the job's (set by the launcher)");
+  SY_THROW(IoError, "store at ", address, " refused the request: ", message);
+}
+}  // namespace
+
+TcpStore::TcpStore(const std::string& host, uint16_t port, std::string token, Milliseconds connect_timeout)
+    : impl_(std::make_unique<Impl>()), address_(host + ":" + std::to_string(port)) {
+  impl_->host = host;
+  impl_->port = port;
+  impl_->token = std::move(token);
+  const auto deadline = std::chrono::steady_clock::now() + connect_timeout;
+  std::string last_error = "no attempt";
+  // The first connection waits for the server (rank 0 may start it later).
+  for (;;) {
+    try {
+      impl_->idle.push_back(connect());
+      break;
+    } catch (const IoError& e) {
+      last_error = e.what();
+    }
+    if (std::chrono::steady_clock::now() >= deadline)
+      SY_THROW(IoError, "store: nothing answers at ", address_, " after ", connect_timeout.count(), " ms (",
+               last_error, "); check MASTER_ADDR / MASTER_PORT and that rank 0 started the store");
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+}
+
+TcpStore::~TcpStore() = default;
+
+std::unique_ptr<TcpStore::Connection> TcpStore::connect() {
+  auto connection = std::make_unique<Connection>(impl_->io);
+  tcp::socket* socket = &connection->socket;
+  boost::system::error_code ec;
+  tcp::resolver resolver(impl_->io);
+  const auto endpoints = resolver.resolve(impl_->host, std::to_string(impl_->port), ec);
+  if (ec) SY_THROW(IoError, "store: cannot resolve '", impl_->host, "' (", ec.message(), ")");
+  asio::connect(*socket, endpoints, ec);
+  if (ec) SY_THROW(IoError, "store: cannot connect to ", address_, " (", ec.message(), ")");
+  socket->set_option(tcp::no_delay(true));
+  Reader(round_trip(*socket, Writer().u8(static_cast<uint8_t>(Op::hello)).u32(kProtocolVersion).str(impl_->token).frame(),
+                    Milliseconds(10000), address_))
+      .done();
+  return connection;
+}
+
+Store::Bytes TcpStore::call(const Bytes& request, Milliseconds reply_within) {
+  std::unique_ptr<Connection> connection;
+  {
+    std::lock_guard lock(mutex_);
+    if (!impl_->idle.empty()) {
+      connection = std::move(impl_->idle.back());
+      impl_->idle.pop_back();
+    }
+  }
+  if (!connection) connection = connect();
+  Bytes reply = round_trip(connection->socket, request, reply_within, address_);  // a throw drops the connection
+  std::lock_guard lock(mutex_);
+  impl_->idle.push_back(std::move(connection));
+  return reply;
+}
+
+void TcpStore::set(const std::string& key, const Bytes& value) {
+  Reader(call(Writer().u8(static_cast<uint8_t>(Op::set)).str(key).bytes(value).frame(), Milliseconds(10000))).done();
+}
+
+Store::Bytes TcpStore::get(const std::string& key, Milliseconds timeout) {
+  const Bytes reply = call(Writer().u8(static_cast<uint8_t>(Op::get)).str(key).i64(timeout.count()).frame(), timeout);
+  Reader r(reply);
+  Bytes v = r.bytes();
+  r.done();
+  return v;
+}
+
+std::optional<Store::Bytes> TcpStore::try_get(const std::string& key) {
+  const Bytes reply = call(Writer().u8(static_cast<uint8_t>(Op::try_get)).str(key).frame(), Milliseconds(10000));
+  Reader r(reply);
+  const bool present = r.u8() != 0;
+  Bytes v = r.bytes();
+  r.done();
+  return present ? std::optional<Bytes>(std::move(v)) : std::nullopt;
+}
+
+int64_t TcpStore::add(const std::string& key, int64_t delta) {
+  const Bytes reply = call(Writer().u8(static_cast<uint8_t>(Op::add)).str(key).i64(delta).frame(), Milliseconds(10000));
+  Reader r(reply);
+  const int64_t v = r.i64();
+  r.done();
+  return v;
+}
+
+Store::Bytes TcpStore::compare_set(const std::string& key, const Bytes& expected, const Bytes& desired) {
+  const Bytes reply = call(
+      Writer().u8(static_cast<uint8_t>(Op::compare_set)).str(key).bytes(expected).bytes(desired).frame(),
+      Milliseconds(10000));
+  Reader r(reply);
+  Bytes v = r.bytes();
+  r.done();
+  return v;
+}
+
+void TcpStore::wait(const std::vector<std::string>& keys, Milliseconds timeout) {
+  Reader(call(Writer().u8(static_cast<uint8_t>(Op::wait)).strs(keys).i64(timeout.count()).frame(), timeout)).done();
+}
+
+bool TcpStore::check(const std::vector<std::string>& keys) {
+  const Bytes reply = call(Writer().u8(static_cast<uint8_t>(Op::check)).strs(keys).frame(), Milliseconds(10000));
+  Reader r(reply);
+  const bool all = r.u8() != 0;
+  r.done();
+  return all;
+}
+
+bool TcpStore::erase(const std::string& key) {
+  const Bytes reply = call(Writer().u8(static_cast<uint8_t>(Op::erase)).str(key).frame(), Milliseconds(10000));
+  Reader r(reply);
+  const bool erased = r.u8() != 0;
+  r.done();
+  return erased;
+}
+
+}  // namespace switchyard
