@@ -1,7 +1,7 @@
 # Build options and feature detection. Each SWITCHYARD_HAS_* ends as 0 or 1 and
 # lands in the generated core/config.h.
 option(SWITCHYARD_WITH_MPI "Build the Open MPI backend" ON)
-option(SWITCHYARD_WITH_UCX "Look for UCX (the UCX backend itself is not implemented yet)" ON)
+option(SWITCHYARD_WITH_UCX "Build the UCX backend when UCX is found" ON)
 set(SWITCHYARD_WITH_CUDA AUTO CACHE STRING "CUDA kernels: ON, OFF or AUTO (on when nvcc is found)")
 set(SWITCHYARD_WITH_NCCL AUTO CACHE STRING "NCCL backend: ON, OFF or AUTO (on with CUDA when NCCL is found)")
 set_property(CACHE SWITCHYARD_WITH_CUDA PROPERTY STRINGS ON OFF AUTO)
@@ -21,6 +21,7 @@ if(SWITCHYARD_WITH_UCX)
   find_package(ucx QUIET)
   if(ucx_FOUND)
     set(SWITCHYARD_UCX_FOUND 1)
+    set(SWITCHYARD_HAS_UCX 1)
   endif()
 endif()
 

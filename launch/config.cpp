@@ -258,10 +258,11 @@ const std::vector<Field>& fields() {
              "What `switchyard run` does. comm-bench: sweep collectives over message sizes, "
              "nccl-tests style (time, algbw, busbw, #wrong). moe-train: train an MoE layer (moe.*) on a "
              "synthetic regression task (train.*): a fixed teacher MoE makes the targets."),
-      choice("comm.backend", {"threads", "mpi", "fake"},
+      choice("comm.backend", {"threads", "mpi", "ucx", "fake"},
              +[](JobConfig& c) -> std::string& { return c.comm.backend; },
              "Communicator backend. threads: ranks are threads of one process; mpi: one rank per "
-             "process under mpirun; fake: no traffic (logic at scale)."),
+             "process under mpirun; ucx: one rank per process under `switchyard launch` (UCX tagged "
+             "messages, bootstrapped through the TCP store); fake: no traffic (logic at scale)."),
       integer<int>("comm.ranks", 1, 4096, +[](JobConfig& c) -> int& { return c.comm.ranks; },
                    "Number of ranks for the threads and fake backends (mpi takes the world size from mpirun)."),
       integer<int64_t>("comm.timeout_ms", 1, kNoMax, +[](JobConfig& c) -> int64_t& { return c.comm.timeout_ms; },

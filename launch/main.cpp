@@ -10,6 +10,7 @@
 #include "launch/bench_comm.h"
 #include "launch/bench_moe.h"
 #include "launch/bench_scale.h"
+#include "launch/launcher.h"
 #include "moe/checkpoint.h"
 #include "launch/config.h"
 #include "launch/jobs.h"
@@ -22,12 +23,13 @@ void print_info() {
   std::cout << "switchyard " << SWITCHYARD_VERSION << "\n\nBuild features\n";
   auto yes = [](int v) { return v ? "yes" : "no"; };
   std::cout << "  MPI backend       " << yes(SWITCHYARD_HAS_MPI) << "\n"
-            << "  UCX               " << (SWITCHYARD_UCX_FOUND ? "found; the UCX backend is not implemented yet" : "no")
+            << "  UCX               " << (SWITCHYARD_HAS_UCX ? "yes (backend ucx, bootstrapped through the TCP store)" : "no")
             << "\n"
             << "  CUDA              " << yes(SWITCHYARD_HAS_CUDA);
   if (SWITCHYARD_HAS_CUDA) std::cout << " (architectures " << SWITCHYARD_CUDA_ARCHITECTURES << "; no CUDA kernels yet)";
   std::cout << "\n  NCCL              " << (SWITCHYARD_HAS_NCCL ? "found; the NCCL backend is not implemented yet" : "no")
-            << "\n\nBackends compiled in: threads, fake" << (SWITCHYARD_HAS_MPI ? ", mpi" : "") << "\n";
+            << "\n\nBackends compiled in: threads, fake" << (SWITCHYARD_HAS_MPI ? ", mpi" : "")
+            << (SWITCHYARD_HAS_UCX ? ", ucx" : "") << "\n";
 
   std::cout << "\nThis process\n";
   try {
@@ -73,7 +75,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> ops;
   int ranks = 4, iters = 20, warmup = 5, root = 0, check = 1;
   int64_t factor = 2, timeout_ms = 30000;
-  bench_comm->add_option("--backend", backend, "threads, mpi or fake (default: from the launcher)");
+  bench_comm->add_option("--backend", backend, "threads, mpi, ucx or fake (default: from the launcher)");
   bench_comm->add_option("--ranks", ranks, "Ranks for the threads and fake backends")->capture_default_str();
   bench_comm->add_option("--op", ops, "Collective(s): allreduce, reduce_scatter, allgather, alltoall, broadcast, "
                                       "sendrecv, or all")->delimiter(',');
@@ -162,6 +164,15 @@ int main(int argc, char** argv) {
   bench_scale->add_option("--strategy", scale.moe.strategy, "auto or fixed")->capture_default_str();
   bench_scale->add_option("--dtype", scale.moe.dtype, "float32 or bfloat16")->capture_default_str();
 
+  auto* launch = app.add_subcommand("launch", "Start N local ranks of a command, torchrun-style, with the job's TCP store");
+  LaunchOptions lo;
+  launch->add_option("--nprocs,--nproc-per-node", lo.nprocs, "Processes on this node")->required();
+  launch->add_option("--nnodes", lo.nnodes, "Nodes")->capture_default_str();
+  launch->add_option("--node-rank,--node_rank", lo.node_rank, "This node's index")->capture_default_str();
+  launch->add_option("--master", lo.master, "ADDR:PORT of node 0's store (default: loopback, a free port)");
+  launch->add_option("command", lo.command, "-- CMD ARGS...")->required();
+  launch->prefix_command(false);
+
   auto* ckpt = app.add_subcommand("ckpt", "MoE checkpoint tools");
   auto* reshard = ckpt->add_subcommand("reshard", "Rewrite a checkpoint's shards for another number of ranks");
   std::string reshard_from, reshard_to;
@@ -210,6 +221,7 @@ int main(int argc, char** argv) {
     }
     if (bench_moe->parsed()) return run_bench_moe(moe);
     if (bench_scale->parsed()) return run_bench_scale(scale);
+    if (launch->parsed()) return run_launch(lo);
     if (reshard->parsed()) {
       const ReshardReport r = reshard_checkpoint(reshard_from, reshard_to, reshard_ranks);
       std::printf("resharded %d experts from %d shards of '%s' into %d shards '%s.rank*-of-%d.safetensors'\n",

@@ -1,5 +1,11 @@
 #include "parallel/runtime.h"
 
+#include "comm/store/tcp_store.h"
+#include "core/config.h"
+#if SWITCHYARD_HAS_UCX
+#include "comm/backends/ucx/ucx_backend.h"
+#endif
+
 #include <unistd.h>
 
 #include <algorithm>
@@ -113,7 +119,8 @@ BackendChoice choose_backend(const std::string& requested, const EnvLookup& look
   auto info = discover_rank(lookup);
   if (!info || info->launcher == "switchyard") return {"threads", "no launcher variables: ranks as threads"};
   if (info->launcher == "torchrun")
-    return {"tcp", "torchrun-style variables (RANK, WORLD_SIZE): needs the TCP-store bootstrap"};
+    return {SWITCHYARD_HAS_UCX ? "ucx" : "tcp",
+            "torchrun-style variables (RANK, WORLD_SIZE): UCX bootstrapped through the TCP store at MASTER_ADDR:MASTER_PORT"};
   return {"mpi", "launched by " + info->launcher + " (" + info->source + ")"};
 }
 
@@ -156,6 +163,44 @@ std::vector<int> nodes_from_host_names(Communicator& world) {
   }
   return node_of_rank;
 }
+
+#if SWITCHYARD_HAS_UCX
+std::shared_ptr<Communicator> bootstrap_ucx_world(const RankInfo& info, Milliseconds timeout) {
+  auto need = [](const char* name) -> std::string {
+    const char* v = std::getenv(name);
+    if (!v || !*v)
+      SY_THROW(ConfigError, "backend ucx: ", name, " is not set; start the processes with `switchyard launch` "
+               "(or torchrun with MASTER_ADDR, MASTER_PORT and SWITCHYARD_STORE_TOKEN)");
+    return v;
+  };
+  const std::string host = need("MASTER_ADDR"), port_text = need("MASTER_PORT"), token = need("SWITCHYARD_STORE_TOKEN");
+  char* end = nullptr;
+  const long port = std::strtol(port_text.c_str(), &end, 10);
+  if (*end != '\0' || port < 1 || port > 65535)
+    SY_THROW(ConfigError, "MASTER_PORT = '", port_text, "', expected a port number 1..65535");
+  TcpStore store(host, static_cast<uint16_t>(port), token, timeout);
+  // Every rank must agree on the world size: a mismatch is named, not a hang.
+  store.set("bootstrap/world_size/" + std::to_string(info.rank), Store::to_bytes(std::to_string(info.world_size)));
+  const int64_t joined = store.add("bootstrap/joined", 1);
+  if (joined > info.world_size)
+    SY_THROW(ConfigError, "backend ucx: ", joined, " processes joined the store at ", host, ":", port,
+             " but WORLD_SIZE = ", info.world_size, " here; every rank must be started with the same WORLD_SIZE");
+  std::shared_ptr<Communicator> world;
+  try {
+    world = make_ucx_world_communicator(store, info.rank, info.world_size, "bootstrap/ucx", timeout);
+  } catch (const TimeoutError& e) {
+    SY_THROW(TimeoutError, e.what(), " (", store.add("bootstrap/joined", 0), " of WORLD_SIZE = ", info.world_size,
+             " processes joined; a rank failed to start, or the ranks disagree on WORLD_SIZE)");
+  }
+  for (int r = 0; r < info.world_size; ++r) {
+    const std::string theirs = Store::to_string(store.get("bootstrap/world_size/" + std::to_string(r), timeout));
+    if (theirs != std::to_string(info.world_size))
+      SY_THROW(ConfigError, "backend ucx: rank ", r, " has WORLD_SIZE = ", theirs, ", rank ", info.rank, " has ",
+               info.world_size);
+  }
+  return world;
+}
+#endif
 
 void run_ranks(const RuntimeOptions& options, const std::function<void(Runtime&)>& fn) {
   const BackendChoice choice = choose_backend(options.backend, process_env);
@@ -205,9 +250,24 @@ void run_ranks(const RuntimeOptions& options, const std::function<void(Runtime&)
     SY_THROW(NotSupported, "backend mpi is not built in (configure with -DSWITCHYARD_WITH_MPI=ON)");
 #endif
   }
-  if (choice.backend == "tcp" || choice.backend == "ucx")
+  if (choice.backend == "tcp" || choice.backend == "ucx") {
+#if SWITCHYARD_HAS_UCX
+    const auto found = discover_rank(process_env);
+    if (!found)
+      SY_THROW(ConfigError, "backend ucx needs RANK and WORLD_SIZE (and MASTER_ADDR, MASTER_PORT, "
+               "SWITCHYARD_STORE_TOKEN): start the processes with `switchyard launch` or torchrun");
+    RankInfo info = *found;
+    auto world = bootstrap_ucx_world(info, options.timeout.value_or(Milliseconds(60000)));
+    if (options.timeout) world->set_default_timeout(*options.timeout);
+    if (options.local_size) info.local_size = *options.local_size;
+    Runtime rt(world, info);
+    fn(rt);
+    return;
+#else
     SY_THROW(NotSupported, "backend ", choice.backend, " (", choice.reason,
-             ") is not implemented yet; launch with mpirun or use --backend threads");
+             ") needs UCX, which this build lacks (install libucx-dev and reconfigure); or launch with mpirun");
+#endif
+  }
   SY_THROW(ConfigError, "unknown backend '", choice.backend, "' (", choice.reason, "), expected threads, mpi or fake");
 }
 

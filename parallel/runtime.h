@@ -81,6 +81,11 @@ class Runtime {
 // numbered in order of their lowest rank.
 std::vector<int> nodes_from_host_names(Communicator& world);
 
+// The UCX world of a process started by `switchyard launch` (or torchrun):
+// MASTER_ADDR/MASTER_PORT name the TCP store, SWITCHYARD_STORE_TOKEN its
+// token. ConfigError naming a missing variable or a WORLD_SIZE mismatch.
+std::shared_ptr<Communicator> bootstrap_ucx_world(const RankInfo& info, Milliseconds timeout);
+
 // Runs fn on every rank of the configured backend: N threads of this process
 // (threads), this process's rank (mpi, fake). Errors propagate as in run_thread_ranks.
 void run_ranks(const RuntimeOptions& options, const std::function<void(Runtime&)>& fn);

@@ -9,6 +9,7 @@
 #include "comm/backends/threads/threads_backend.h"
 #include "core/config.h"
 #include "core/rng.h"
+#include "parallel/runtime.h"
 #if SWITCHYARD_HAS_MPI
 #include "comm/backends/mpi/mpi_backend.h"
 #endif
@@ -17,8 +18,25 @@ namespace switchyard::testing {
 namespace {
 
 RankHarnessConfig g_config;
+// This process's rank of a multi-process backend (mpi, ucx).
+std::shared_ptr<Communicator> g_process_world;
+
+// Under `switchyard launch` a failed assertion exits this rank at once; the
+// launcher then stops the others (which would wait in a collective).
+class ExitOnFailure : public ::testing::EmptyTestEventListener {
+  std::string test_name_;
+  void OnTestStart(const ::testing::TestInfo& info) override {
+    test_name_ = std::string(info.test_suite_name()) + "." + info.name();
+  }
+  void OnTestPartResult(const ::testing::TestPartResult& result) override {
+    if (!result.failed()) return;
+    std::cerr << "rank " << (g_process_world ? g_process_world->rank() : -1) << ": test " << test_name_
+              << " failed at " << (result.file_name() ? result.file_name() : "?") << ":" << result.line_number()
+              << ": " << result.message() << std::endl;
+    std::_Exit(1);
+  }
+};
 #if SWITCHYARD_HAS_MPI
-std::shared_ptr<Communicator> g_mpi_world;
 
 // Under mpirun a failed assertion on one rank would leave the others blocked in
 // a collective; abort the job with the message instead.
@@ -55,17 +73,33 @@ void init_rank_harness(int argc, char** argv) {
   }
   if (g_config.backend == "mpi") {
 #if SWITCHYARD_HAS_MPI
-    g_mpi_world = make_mpi_world_communicator();
-    g_config.ranks = g_mpi_world->size();
+    g_process_world = make_mpi_world_communicator();
+    g_config.ranks = g_process_world->size();
     auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
-    if (g_mpi_world->rank() != 0) delete listeners.Release(listeners.default_result_printer());
+    if (g_process_world->rank() != 0) delete listeners.Release(listeners.default_result_printer());
     listeners.Append(new AbortOnFailure());
 #else
     std::cerr << "this build has no MPI backend (SWITCHYARD_WITH_MPI=OFF)\n";
     std::exit(2);
 #endif
+  } else if (g_config.backend == "ucx") {
+#if SWITCHYARD_HAS_UCX
+    const auto info = discover_rank(process_env);
+    if (!info) {
+      std::cerr << "--backend=ucx: run under `switchyard launch --nprocs N -- comm_tests --backend=ucx`\n";
+      std::exit(2);
+    }
+    g_process_world = bootstrap_ucx_world(*info, Milliseconds(60000));
+    g_config.ranks = g_process_world->size();
+    auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
+    if (g_process_world->rank() != 0) delete listeners.Release(listeners.default_result_printer());
+    listeners.Append(new ExitOnFailure());
+#else
+    std::cerr << "this build has no UCX backend (UCX not found at configure time)\n";
+    std::exit(2);
+#endif
   } else if (g_config.backend != "threads") {
-    std::cerr << "unknown --backend='" << g_config.backend << "', expected threads or mpi\n";
+    std::cerr << "unknown --backend='" << g_config.backend << "', expected threads, mpi or ucx\n";
     std::exit(2);
   }
   if (g_config.ranks < 1) {
@@ -85,23 +119,17 @@ void for_each_rank(const std::function<void(Communicator&, uint64_t)>& fn, Milli
     run_thread_ranks(g_config.ranks, [&](Communicator& comm) { fn(comm, seed); }, {op_timeout});
     return;
   }
-#if SWITCHYARD_HAS_MPI
   Tensor s = Tensor::empty({1}, DType::i64);
   s.data_as<int64_t>()[0] = static_cast<int64_t>(seed);
-  g_mpi_world->broadcast(s, 0).wait();
+  g_process_world->broadcast(s, 0).wait();
   seed = static_cast<uint64_t>(s.data_as<int64_t>()[0]);
   SCOPED_TRACE("seed " + std::to_string(seed) + " (SWITCHYARD_TEST_SEED reproduces it)");
-  g_mpi_world->set_default_timeout(op_timeout);
-  fn(*g_mpi_world, seed);
-  g_mpi_world->barrier().wait();
-#endif
+  g_process_world->set_default_timeout(op_timeout);
+  fn(*g_process_world, seed);
+  g_process_world->barrier().wait();
 }
 
-void shutdown_rank_harness() {
-#if SWITCHYARD_HAS_MPI
-  g_mpi_world.reset();
-#endif
-}
+void shutdown_rank_harness() { g_process_world.reset(); }
 
 Tensor random_tensor(uint64_t seed, int64_t rows, int64_t width) {
   Tensor x = Tensor::empty({rows, width}, DType::f32);

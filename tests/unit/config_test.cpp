@@ -153,9 +153,9 @@ TEST(Config, BadFilesNameFileLineKeyValueAndExpectation) {
                     {":3:1: unknown key 'benchmark'", "known top-level keys: job, comm, bench, moe, train, log"});
   expect_file_error("bad_type.yaml", 4, {":4:10: comm.ranks: got 'four', expected an integer in [1, 4096]"});
   expect_file_error("bad_range.yaml", 4, {":4:16: bench.step_factor: got '1', expected an integer >= 2"});
-  expect_file_error("bad_enum.yaml", 7, {":7:12: comm.backend: got 'mpii', expected one of threads, mpi, fake"});
+  expect_file_error("bad_enum.yaml", 7, {":7:12: comm.backend: got 'mpii', expected one of threads, mpi, ucx, fake"});
   expect_file_error("bad_syntax.yaml", 4, {"YAML syntax error", "end of sequence flow not found"});
-  expect_file_error("bad_kind.yaml", 4, {"comm.backend: got a map, expected one of threads, mpi, fake"});
+  expect_file_error("bad_kind.yaml", 4, {"comm.backend: got a map, expected one of threads, mpi, ucx, fake"});
   expect_file_error("bad_kind_section.yaml", 3, {":3:8: bench: got 'fast', expected a map with keys ops, min_bytes"});
   expect_file_error("bad_op.yaml", 3, {":3:19: bench.ops[1]: got 'all_to_all', expected one of allreduce"});
   expect_file_error("bad_size.yaml", 3, {":3:14: bench.min_bytes: got '64KB', expected a size in bytes"});

@@ -7,6 +7,7 @@
 #include "comm/backends/fake/fake_backend.h"
 #include "comm/backends/threads/threads_backend.h"
 #include "parallel/mesh.h"
+#include "core/config.h"
 #include "parallel/runtime.h"
 
 namespace switchyard {
@@ -63,7 +64,8 @@ TEST(Discovery, BackendChoiceFollowsTheLauncher) {
   EXPECT_EQ(choose_backend("", lookup_in({})).backend, "threads");
   EXPECT_EQ(choose_backend("", lookup_in({{"OMPI_COMM_WORLD_RANK", "0"}, {"OMPI_COMM_WORLD_SIZE", "2"}})).backend,
             "mpi");
-  EXPECT_EQ(choose_backend("", lookup_in({{"RANK", "0"}, {"WORLD_SIZE", "2"}})).backend, "tcp");
+  EXPECT_EQ(choose_backend("", lookup_in({{"RANK", "0"}, {"WORLD_SIZE", "2"}})).backend,
+            SWITCHYARD_HAS_UCX ? "ucx" : "tcp");
   EXPECT_EQ(choose_backend("fake", lookup_in({{"RANK", "0"}, {"WORLD_SIZE", "2"}})).backend, "fake");
   EXPECT_EQ(choose_backend("", lookup_in({{"SWITCHYARD_BACKEND", "mpi"}})).backend, "mpi");
 }

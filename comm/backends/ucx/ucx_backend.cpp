@@ -1,0 +1,235 @@
+#include "comm/backends/ucx/ucx_backend.h"
+
+#include <ucp/api/ucp.h>
+
+#include <cstring>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "core/error.h"
+
+namespace switchyard {
+namespace {
+
+// Tag: [group 18 bits][tag 26 bits][source rank 20 bits].
+constexpr int kSourceBits = 20, kTagBits = 26;
+constexpr uint64_t kSourceMask = (uint64_t{1} << kSourceBits) - 1;
+uint64_t make_tag(uint32_t group, uint32_t tag, int source) {
+  return (uint64_t{group & 0x3FFFFu} << (kSourceBits + kTagBits)) |
+         (uint64_t{tag & ((1u << kTagBits) - 1)} << kSourceBits) | (static_cast<uint64_t>(source) & kSourceMask);
+}
+
+void check(ucs_status_t s, const char* what) {
+  if (s != UCS_OK) SY_THROW(IoError, "ucx: ", what, " failed: ", ucs_status_string(s));
+}
+
+// The process's context, worker and endpoints, shared by every communicator made from one world.
+struct UcxWorld {
+  std::mutex mutex;  // every UCP call
+  ucp_context_h context = nullptr;
+  ucp_worker_h worker = nullptr;
+  std::vector<ucp_ep_h> eps;  // by world rank (nullptr for self)
+  int rank = 0;
+
+  ~UcxWorld() {
+    for (ucp_ep_h ep : eps) {
+      if (!ep) continue;
+      ucp_request_param_t p{};
+      p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+      p.flags = UCP_EP_CLOSE_FLAG_FORCE;
+      void* req = ucp_ep_close_nbx(ep, &p);
+      if (UCS_PTR_IS_PTR(req)) {
+        while (ucp_request_check_status(req) == UCS_INPROGRESS) ucp_worker_progress(worker);
+        ucp_request_free(req);
+      }
+    }
+    if (worker) ucp_worker_destroy(worker);
+    if (context) ucp_cleanup(context);
+  }
+};
+
+class UcxTransport : public Transport {
+ public:
+  UcxTransport(std::shared_ptr<UcxWorld> world, std::vector<int> members, int me, uint32_t group)
+      : world_(std::move(world)), members_(std::move(members)), me_(me), group_(group) {}
+  int rank() const override { return me_; }
+  int size() const override { return static_cast<int>(members_.size()); }
+
+  void post_send(int peer, const void* data, size_t bytes, uint32_t tag) override {
+    std::lock_guard lock(world_->mutex);
+    ucp_request_param_t p{};
+    p.op_attr_mask = UCP_OP_ATTR_FIELD_DATATYPE;
+    p.datatype = ucp_dt_make_contig(1);
+    void* req = ucp_tag_send_nbx(world_->eps[static_cast<size_t>(members_[static_cast<size_t>(peer)])], data, bytes,
+                                 make_tag(group_, tag, me_), &p);
+    track(req, peer, bytes, false);
+  }
+  void post_recv(int peer, void* data, size_t bytes, uint32_t tag) override {
+    std::lock_guard lock(world_->mutex);
+    ucp_request_param_t p{};
+    p.op_attr_mask = UCP_OP_ATTR_FIELD_DATATYPE;
+    p.datatype = ucp_dt_make_contig(1);
+    void* req = ucp_tag_recv_nbx(world_->worker, data, bytes, make_tag(group_, tag, peer), ~uint64_t{0}, &p);
+    track(req, peer, bytes, true);
+  }
+  void wait_all(Deadline deadline) override {
+    for (;;) {
+      {
+        std::lock_guard lock(world_->mutex);
+        ucp_worker_progress(world_->worker);
+        for (auto it = pending_.begin(); it != pending_.end();) {
+          const ucs_status_t s = ucp_request_check_status(it->request);
+          if (s == UCS_INPROGRESS) {
+            ++it;
+            continue;
+          }
+          std::string error;
+          if (s != UCS_OK) {
+            error = detail::make_string("ucx: ", it->recv ? "receive from" : "send to", " rank ", it->peer, " failed: ",
+                                        ucs_status_string(s));
+          } else if (it->recv) {
+            ucp_tag_recv_info_t info{};
+            if (ucp_tag_recv_request_test(it->request, &info) == UCS_OK && info.length != it->bytes)
+              error = detail::make_string("ucx: message from rank ", it->peer, " has ", info.length,
+                                          " bytes, the receive expected ", it->bytes);
+          }
+          ucp_request_free(it->request);
+          it = pending_.erase(it);
+          if (!error.empty()) {
+            cancel_all_locked();
+            SY_THROW(IoError, error);
+          }
+        }
+        if (pending_.empty()) return;
+        if (Clock::now() >= deadline) {
+          const Pending first = pending_.front();
+          const size_t n = pending_.size();
+          cancel_all_locked();
+          SY_THROW(TimeoutError, "ucx: ", n, " transfer(s) still pending at the deadline, the first a ",
+                   first.recv ? "receive from" : "send to", " rank ", first.peer, " (", first.bytes,
+                   " bytes); that rank may have failed or stopped");
+        }
+      }
+      std::this_thread::yield();
+    }
+  }
+
+ private:
+  struct Pending {
+    void* request;
+    int peer;
+    size_t bytes;
+    bool recv;
+  };
+  void track(void* req, int peer, size_t bytes, bool recv) {
+    if (req == nullptr) return;  // completed in place
+    if (UCS_PTR_IS_ERR(req)) {
+      cancel_all_locked();
+      SY_THROW(IoError, "ucx: ", recv ? "receive from" : "send to", " rank ", peer, " failed to start: ",
+               ucs_status_string(UCS_PTR_STATUS(req)));
+    }
+    pending_.push_back({req, peer, bytes, recv});
+  }
+  // Cancelled receives must not write into buffers freed after the failure.
+  void cancel_all_locked() {
+    for (auto& p : pending_) ucp_request_cancel(world_->worker, p.request);
+    for (auto& p : pending_) {
+      while (ucp_request_check_status(p.request) == UCS_INPROGRESS) ucp_worker_progress(world_->worker);
+      ucp_request_free(p.request);
+    }
+    pending_.clear();
+  }
+  std::shared_ptr<UcxWorld> world_;
+  std::vector<int> members_;  // world rank of each member
+  int me_;
+  uint32_t group_;
+  std::vector<Pending> pending_;
+};
+
+class UcxCommunicator : public Communicator {
+ public:
+  // members: the world rank of each rank of this communicator.
+  UcxCommunicator(std::shared_ptr<UcxWorld> world, std::vector<int> members, int me, uint32_t group, std::string name)
+      : Communicator(me, static_cast<int>(members.size()), std::move(name)),
+        world_members_(members),
+        world_(world),
+        transport_(std::move(world), std::move(members), me, group) {}
+  ~UcxCommunicator() override { shutdown_executor(); }
+  std::string_view backend_name() const override { return "ucx"; }
+
+ protected:
+  Transport& transport() override { return transport_; }
+  std::shared_ptr<Communicator> do_create_group(const std::vector<int>& members, uint64_t group_key,
+                                                const std::string& name, const OpContext&) override {
+    std::vector<int> world_ranks;
+    int mine = -1;
+    for (size_t i = 0; i < members.size(); ++i) {
+      world_ranks.push_back(world_members_[static_cast<size_t>(members[i])]);
+      if (members[i] == rank()) mine = static_cast<int>(i);
+    }
+    // A group's tags are its own (0 is the world's): the key is the same on
+    // every member. 18 bits of a hash: distinct groups collide with odds of
+    // about 1 in 262,144 per pair.
+    const auto group = static_cast<uint32_t>((group_key ^ (group_key >> 18) ^ (group_key >> 36)) & 0x3FFFF) | 1u;
+    return std::make_shared<UcxCommunicator>(world_, std::move(world_ranks), mine, group, name);
+  }
+
+ private:
+  std::vector<int> world_members_;
+  std::shared_ptr<UcxWorld> world_;
+  UcxTransport transport_;
+};
+
+}  // namespace
+
+std::shared_ptr<Communicator> make_ucx_world_communicator(Store& store, int rank, int size, const std::string& prefix,
+                                                          Milliseconds timeout) {
+  if (size < 1 || rank < 0 || rank >= size)
+    SY_THROW(InvalidArgument, "ucx: rank ", rank, " of ", size, ", expected 0 <= rank < size");
+  if (size > (1 << kSourceBits))
+    SY_THROW(NotSupported, "ucx: ", size, " ranks exceed the ", 1 << kSourceBits, " the tag layout addresses");
+  auto world = std::make_shared<UcxWorld>();
+  world->rank = rank;
+  ucp_params_t params{};
+  params.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_MT_WORKERS_SHARED;
+  params.features = UCP_FEATURE_TAG;
+  params.mt_workers_shared = 0;
+  check(ucp_init(&params, nullptr, &world->context), "ucp_init");
+  ucp_worker_params_t wp{};
+  wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
+  wp.thread_mode = UCS_THREAD_MODE_SERIALIZED;
+  check(ucp_worker_create(world->context, &wp, &world->worker), "ucp_worker_create");
+  ucp_address_t* address = nullptr;
+  size_t address_length = 0;
+  check(ucp_worker_get_address(world->worker, &address, &address_length), "ucp_worker_get_address");
+  const auto* a = reinterpret_cast<const uint8_t*>(address);
+  store.set(prefix + "/addr/" + std::to_string(rank), Store::Bytes(a, a + address_length));
+  ucp_worker_release_address(world->worker, address);
+  std::vector<std::string> keys;
+  for (int r = 0; r < size; ++r) keys.push_back(prefix + "/addr/" + std::to_string(r));
+  store.wait(keys, timeout);
+  world->eps.assign(static_cast<size_t>(size), nullptr);
+  for (int r = 0; r < size; ++r) {
+    if (r == rank) continue;
+    const Store::Bytes peer = store.get(keys[static_cast<size_t>(r)], timeout);
+    ucp_ep_params_t ep{};
+    ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS;
+    ep.address = reinterpret_cast<const ucp_address_t*>(peer.data());
+    check(ucp_ep_create(world->worker, &ep, &world->eps[static_cast<size_t>(r)]), "ucp_ep_create");
+  }
+  // Self: a loopback endpoint, so algorithms may send to their own rank.
+  {
+    check(ucp_worker_get_address(world->worker, &address, &address_length), "ucp_worker_get_address");
+    ucp_ep_params_t ep{};
+    ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS;
+    ep.address = address;
+    check(ucp_ep_create(world->worker, &ep, &world->eps[static_cast<size_t>(rank)]), "ucp_ep_create (self)");
+    ucp_worker_release_address(world->worker, address);
+  }
+  std::vector<int> members(static_cast<size_t>(size));
+  for (int r = 0; r < size; ++r) members[static_cast<size_t>(r)] = r;
+  return std::make_shared<UcxCommunicator>(world, members, rank, 0u, "world");
+}
+
+}  // namespace switchyard

@@ -1,0 +1,190 @@
+#include "launch/launcher.h"
+
+#include <poll.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <random>
+#include <thread>
+
+#include "comm/store/tcp_store.h"
+#include "core/error.h"
+
+namespace switchyard {
+namespace {
+
+std::string random_token() {
+  std::random_device rd;
+  std::string t;
+  for (int i = 0; i < 4; ++i) {
+    char buf[17];
+    std::snprintf(buf, sizeof buf, "%08x", rd());
+    t += buf;
+  }
+  return t;
+}
+
+struct Child {
+  pid_t pid = -1;
+  int rank = 0;
+  int out = -1, err = -1;  // read ends
+  std::string out_partial, err_partial;
+  bool exited = false;
+  int code = 0;
+};
+
+// Writes complete lines of `data` with the rank prefix; keeps the tail.
+void emit(FILE* to, int rank, std::string& partial, const char* data, size_t n) {
+  partial.append(data, n);
+  size_t start = 0;
+  for (size_t nl; (nl = partial.find('\n', start)) != std::string::npos; start = nl + 1)
+    std::fprintf(to, "[%d] %.*s\n", rank, static_cast<int>(nl - start), partial.data() + start);
+  partial.erase(0, start);
+  std::fflush(to);
+}
+
+}  // namespace
+
+int run_launch(const LaunchOptions& o) {
+  if (o.nprocs < 1) SY_THROW(ConfigError, "--nprocs = ", o.nprocs, ", expected >= 1");
+  if (o.nnodes < 1) SY_THROW(ConfigError, "--nnodes = ", o.nnodes, ", expected >= 1");
+  if (o.node_rank < 0 || o.node_rank >= o.nnodes)
+    SY_THROW(ConfigError, "--node-rank = ", o.node_rank, ", expected 0..", o.nnodes - 1);
+  if (o.command.empty()) SY_THROW(ConfigError, "no command to launch; expected: switchyard launch --nprocs N -- CMD ARGS");
+  if (o.nnodes > 1 && o.master.empty())
+    SY_THROW(ConfigError, "--nnodes = ", o.nnodes, " needs --master ADDR:PORT (node 0's address, reachable from every node)");
+  std::string host = "127.0.0.1";
+  uint16_t port = 0;
+  if (!o.master.empty()) {
+    const auto colon = o.master.rfind(':');
+    if (colon == std::string::npos)
+      SY_THROW(ConfigError, "--master = '", o.master, "', expected ADDR:PORT");
+    host = o.master.substr(0, colon);
+    const std::string p = o.master.substr(colon + 1);
+    char* end = nullptr;
+    const long v = std::strtol(p.c_str(), &end, 10);
+    if (p.empty() || *end != '\0' || v < 1 || v > 65535)
+      SY_THROW(ConfigError, "--master = '", o.master, "': port '", p, "', expected 1..65535");
+    port = static_cast<uint16_t>(v);
+  }
+  // Every node must share the token: node 0 makes one unless the caller set it.
+  const char* given = std::getenv("SWITCHYARD_STORE_TOKEN");
+  if (o.nnodes > 1 && !given)
+    SY_THROW(ConfigError, "launching on ", o.nnodes, " nodes needs SWITCHYARD_STORE_TOKEN set to the same secret on every node");
+  const std::string token = given ? given : random_token();
+  std::unique_ptr<TcpStoreServer> server;
+  if (o.node_rank == 0) {
+    server = std::make_unique<TcpStoreServer>(token, port, host);
+    port = server->port();
+  }
+  const int world = o.nprocs * o.nnodes;
+  std::vector<Child> children(static_cast<size_t>(o.nprocs));
+  for (int i = 0; i < o.nprocs; ++i) {
+    Child& c = children[static_cast<size_t>(i)];
+    c.rank = o.node_rank * o.nprocs + i;
+    int out[2], err[2];
+    if (::pipe(out) != 0 || ::pipe(err) != 0) SY_THROW(IoError, "launch: pipe failed: ", std::strerror(errno));
+    const pid_t pid = ::fork();
+    if (pid < 0) SY_THROW(IoError, "launch: fork failed: ", std::strerror(errno));
+    if (pid == 0) {
+      ::setpgid(0, 0);  // its own group, so stopping it stops what it started
+      ::dup2(out[1], 1);
+      ::dup2(err[1], 2);
+      ::close(out[0]), ::close(out[1]), ::close(err[0]), ::close(err[1]);
+      const std::map<std::string, std::string> vars = {
+          {"RANK", std::to_string(c.rank)},          {"WORLD_SIZE", std::to_string(world)},
+          {"LOCAL_RANK", std::to_string(i)},         {"LOCAL_WORLD_SIZE", std::to_string(o.nprocs)},
+          {"GROUP_RANK", std::to_string(o.node_rank)}, {"MASTER_ADDR", host},
+          {"MASTER_PORT", std::to_string(port)},     {"SWITCHYARD_STORE_TOKEN", token}};
+      for (const auto& [k, v] : vars) ::setenv(k.c_str(), v.c_str(), 1);
+      std::vector<char*> argv;
+      for (const auto& a : o.command) argv.push_back(const_cast<char*>(a.c_str()));
+      argv.push_back(nullptr);
+      ::execvp(argv[0], argv.data());
+      std::fprintf(stderr, "switchyard launch: cannot run '%s': %s\n", argv[0], std::strerror(errno));
+      ::_exit(127);
+    }
+    c.pid = pid;
+    ::close(out[1]), ::close(err[1]);
+    c.out = out[0], c.err = err[0];
+  }
+  int first_failure = 0, first_failed_rank = -1;
+  auto stop_others = [&] {
+    for (auto& c : children)
+      if (!c.exited) ::kill(-c.pid, SIGTERM);
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(o.grace_ms);
+    while (std::chrono::steady_clock::now() < deadline) {
+      bool all = true;
+      for (auto& c : children)
+        if (!c.exited) all = false;
+      if (all) return;
+      for (auto& c : children) {
+        if (c.exited) continue;
+        int status = 0;
+        if (::waitpid(c.pid, &status, WNOHANG) == c.pid) c.exited = true;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    for (auto& c : children)
+      if (!c.exited) ::kill(-c.pid, SIGKILL);
+  };
+  bool stopping = false;
+  // Forward output until every pipe closed and every child exited.
+  for (;;) {
+    std::vector<pollfd> fds;
+    std::vector<std::pair<Child*, bool>> owner;
+    for (auto& c : children) {
+      if (c.out >= 0) fds.push_back({c.out, POLLIN, 0}), owner.push_back({&c, true});
+      if (c.err >= 0) fds.push_back({c.err, POLLIN, 0}), owner.push_back({&c, false});
+    }
+    if (!fds.empty()) ::poll(fds.data(), fds.size(), 50);
+    for (size_t k = 0; k < fds.size(); ++k) {
+      if (!(fds[k].revents & (POLLIN | POLLHUP | POLLERR))) continue;
+      auto [c, is_out] = owner[k];
+      char buf[65536];
+      const ssize_t n = ::read(fds[k].fd, buf, sizeof buf);
+      if (n > 0) {
+        emit(is_out ? stdout : stderr, c->rank, is_out ? c->out_partial : c->err_partial, buf, static_cast<size_t>(n));
+      } else {
+        ::close(fds[k].fd);
+        std::string& rest = is_out ? c->out_partial : c->err_partial;
+        if (!rest.empty()) emit(is_out ? stdout : stderr, c->rank, rest, "\n", 1);
+        (is_out ? c->out : c->err) = -1;
+      }
+    }
+    bool all_exited = true;
+    for (auto& c : children) {
+      if (!c.exited) {
+        int status = 0;
+        if (::waitpid(c.pid, &status, WNOHANG) == c.pid) {
+          c.exited = true;
+          c.code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+          if (c.code != 0 && first_failure == 0 && !stopping) {
+            first_failure = c.code;
+            first_failed_rank = c.rank;
+          }
+        }
+      }
+      all_exited = all_exited && c.exited;
+    }
+    if (first_failure != 0 && !stopping) {
+      stopping = true;
+      std::fprintf(stderr, "switchyard launch: rank %d exited with code %d; stopping the other ranks\n",
+                   first_failed_rank, first_failure);
+      stop_others();
+    }
+    bool pipes_open = false;
+    for (auto& c : children) pipes_open = pipes_open || c.out >= 0 || c.err >= 0;
+    if (all_exited && !pipes_open) break;
+    if (all_exited && stopping) break;  // pipes held open by orphans of killed ranks
+  }
+  return first_failure;
+}
+
+}  // namespace switchyard
