@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdlib>
+#include <functional>
 #include <cstring>
 #include <iostream>
 
@@ -21,28 +22,17 @@ RankHarnessConfig g_config;
 // This process's rank of a multi-process backend (mpi, ucx).
 std::shared_ptr<Communicator> g_process_world;
 
-// Under `switchyard launch` a failed assertion exits this rank at once; the
-// launcher then stops the others (which would wait in a collective).
-class ExitOnFailure : public ::testing::EmptyTestEventListener {
-  std::string test_name_;
-  void OnTestStart(const ::testing::TestInfo& info) override {
-    test_name_ = std::string(info.test_suite_name()) + "." + info.name();
-  }
-  void OnTestPartResult(const ::testing::TestPartResult& result) override {
-    if (!result.failed()) return;
-    std::cerr << "rank " << (g_process_world ? g_process_world->rank() : -1) << ": test " << test_name_
-              << " failed at " << (result.file_name() ? result.file_name() : "?") << ":" << result.line_number()
-              << ": " << result.message() << std::endl;
-    std::_Exit(1);
-  }
-};
-#if SWITCHYARD_HAS_MPI
-
-// Under mpirun a failed assertion on one rank would leave the others blocked in
-// a collective; abort the job with the message instead.
+// Reports the first failed assertion of a rank of a multi-process job and ends
+// the job (the other ranks would wait in a collective): under mpirun by
+// MPI_Abort, under `switchyard launch` by exiting (the launcher stops the rest).
 // (gtest holds its lock during OnTestPartResult, so the test name is kept from OnTestStart.)
-class AbortOnFailure : public ::testing::EmptyTestEventListener {
+class EndJobOnFailure : public ::testing::EmptyTestEventListener {
+ public:
+  explicit EndJobOnFailure(std::function<void(const std::string&)> end) : end_(std::move(end)) {}
+
+ private:
   std::string test_name_;
+  std::function<void(const std::string&)> end_;
   void OnTestStart(const ::testing::TestInfo& info) override {
     test_name_ = std::string(info.test_suite_name()) + "." + info.name();
   }
@@ -51,11 +41,9 @@ class AbortOnFailure : public ::testing::EmptyTestEventListener {
     const std::string where = result.file_name() ? std::string(result.file_name()) + ":" +
                                                        std::to_string(result.line_number())
                                                  : std::string("?");
-    mpi_abort("test " + test_name_ +
-              " failed at " + where + ": " + result.message());
+    end_("test " + test_name_ + " failed at " + where + ": " + result.message());
   }
 };
-#endif
 
 }  // namespace
 
@@ -77,7 +65,7 @@ void init_rank_harness(int argc, char** argv) {
     g_config.ranks = g_process_world->size();
     auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
     if (g_process_world->rank() != 0) delete listeners.Release(listeners.default_result_printer());
-    listeners.Append(new AbortOnFailure());
+    listeners.Append(new EndJobOnFailure([](const std::string& m) { mpi_abort(m); }));
 #else
     std::cerr << "this build has no MPI backend (SWITCHYARD_WITH_MPI=OFF)\n";
     std::exit(2);
@@ -93,7 +81,10 @@ void init_rank_harness(int argc, char** argv) {
     g_config.ranks = g_process_world->size();
     auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
     if (g_process_world->rank() != 0) delete listeners.Release(listeners.default_result_printer());
-    listeners.Append(new ExitOnFailure());
+    listeners.Append(new EndJobOnFailure([](const std::string& m) {
+      std::cerr << "rank " << g_process_world->rank() << ": " << m << std::endl;
+      std::_Exit(1);
+    }));
 #else
     std::cerr << "this build has no UCX backend (UCX not found at configure time)\n";
     std::exit(2);

@@ -330,20 +330,11 @@ void drain(int fd) {
   ::close(fd);
 }
 
-std::string what_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no exception)";
-}
-
 TEST(TcpStore, AWrongTokenIsRefusedClearlyAndOthersAreStillServed) {
   TcpStoreServer server("right");
   TcpStore good("127.0.0.1", server.port(), "right");
   good.set("k", Store::to_bytes("v"));
-  const std::string message = what_of([&] { TcpStore bad("127.0.0.1", server.port(), "wrong"); });
+  const std::string message = message_of([&] { TcpStore bad("127.0.0.1", server.port(), "wrong"); });
   EXPECT_NE(message.find("refused this process's token: SWITCHYARD_STORE_TOKEN"), std::string::npos) << message;
   EXPECT_THROW(TcpStore("127.0.0.1", server.port(), ""), InvalidArgument);
   EXPECT_EQ(server.refused(), 2);
@@ -394,10 +385,10 @@ TEST(TcpStore, NothingListeningIsAnIoErrorNamingTheAddress) {
     TcpStoreServer gone("t");
     port = gone.port();
   }
-  const std::string message = what_of([&] { TcpStore s("127.0.0.1", port, "t", 200ms); });
+  const std::string message = message_of([&] { TcpStore s("127.0.0.1", port, "t", 200ms); });
   EXPECT_NE(message.find("nothing answers at 127.0.0.1:" + std::to_string(port)), std::string::npos) << message;
   EXPECT_NE(message.find("MASTER_ADDR / MASTER_PORT"), std::string::npos) << message;
-  EXPECT_NE(what_of([] { TcpStoreServer s("t", 0, "not-an-ip"); }).find("host 'not-an-ip' is not an IP address"),
+  EXPECT_NE(message_of([] { TcpStoreServer s("t", 0, "not-an-ip"); }).find("host 'not-an-ip' is not an IP address"),
             std::string::npos);
 }
 
