@@ -140,7 +140,8 @@ void train_moe(Runtime& rt, const JobConfig& job) {
               100.0 * dropped / std::max(1.0, static_cast<double>(T) * world.size() * student_config.router.k * timed));
   std::printf("#   share of time per phase (rank 0):\n");
   const std::pair<const char*, double> phases[] = {{"gate", pt.gate},         {"encode", pt.encode},
-                                                   {"all-to-all", pt.dispatch_a2a}, {"experts", pt.experts},
+                                                   {"all-to-all", pt.dispatch_a2a}, {"weight gather", pt.weights},
+                                                   {"experts", pt.experts},
                                                    {"all-to-all back", pt.combine_a2a}, {"decode", pt.decode},
                                                    {"backward", pt.backward}};
   for (const auto& [name, seconds] : phases)

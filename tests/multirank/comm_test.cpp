@@ -331,6 +331,33 @@ TEST(Comm, BarrierHoldsEveryRankUntilAllArrive) {
   });
 }
 
+// Groups of different parents with equal member lists (a row group of the
+// world and a group made inside a column group) run ops at the same time
+// without crossing messages.
+TEST(Comm, NestedGroupsWithEqualMemberListsStayApart) {
+  for_each_rank([&](Communicator& comm, uint64_t) {
+    const int n = comm.size(), me = comm.rank();
+    if (n != 4) return;
+    auto row = comm.create_group({me / 2 * 2, me / 2 * 2 + 1});  // member list {0,1} or {2,3}
+    auto column = comm.create_group({me % 2, me % 2 + 2});
+    auto inner = column->create_group({0, 1});                  // member list {0,1} of the column
+    for (int round = 0; round < 20; ++round) {
+      Tensor a = Tensor::empty({4096}, DType::f32), b = Tensor::empty({4096}, DType::f32);
+      for (int i = 0; i < 4096; ++i) a.data_as<float>()[i] = static_cast<float>(me + 1), b.data_as<float>()[i] = 100.f * (me + 1);
+      ReduceOptions generic;  // over the backend's send/recv, where tags matter
+      generic.algorithm = Algorithm::generic;
+      Work wa = row->allreduce(a, a, generic), wb = inner->allreduce(b, b, generic);
+      wa.wait();
+      wb.wait();
+      const float row_sum = static_cast<float>(me / 2 * 2 + 1 + me / 2 * 2 + 2);
+      const float col_sum = 100.f * static_cast<float>(me % 2 + 1 + me % 2 + 3);
+      if (a.data_as<float>()[4095] != row_sum || b.data_as<float>()[4095] != col_sum)
+        SY_THROW(Error, "rank ", me, " round ", round, ": row sum ", a.data_as<float>()[4095], " (want ", row_sum,
+                 "), column sum ", b.data_as<float>()[4095], " (want ", col_sum, ")");
+    }
+  });
+}
+
 TEST(Comm, SplitGroupsByColorAndOrdersByKey) {
   for_each_rank([&](Communicator& comm, uint64_t) {
     const int n = comm.size(), me = comm.rank();

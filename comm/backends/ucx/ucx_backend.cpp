@@ -24,23 +24,39 @@ void check(ucs_status_t s, const char* what) {
   if (s != UCS_OK) SY_THROW(IoError, "ucx: ", what, " failed: ", ucs_status_string(s));
 }
 
+// Progresses `worker` until `req` completes or `limit` passes; true when it completed.
+bool progress_until(ucp_worker_h worker, void* req, std::chrono::milliseconds limit) {
+  const auto deadline = Clock::now() + limit;
+  while (ucp_request_check_status(req) == UCS_INPROGRESS) {
+    if (Clock::now() >= deadline) return false;
+    ucp_worker_progress(worker);
+  }
+  return true;
+}
+
 // The process's context, worker and endpoints, shared by every communicator made from one world.
 struct UcxWorld {
   std::mutex mutex;  // every UCP call
   ucp_context_h context = nullptr;
   ucp_worker_h worker = nullptr;
-  std::vector<ucp_ep_h> eps;  // by world rank (nullptr for self)
+  std::vector<ucp_ep_h> eps;  // by world rank
+  std::vector<bool> peer_failed;  // set by the endpoint error handler (peer error mode)
+  std::vector<uint32_t> group_ids;  // of the live communicators, to refuse a tag-space collision
+  std::vector<std::pair<UcxWorld*, int>> error_args;  // the error handler's argument per endpoint
   int rank = 0;
 
+  // Flush-close every endpoint (queued eager data still goes out), bounded;
+  // force-close those of failed peers or that do not flush in time.
   ~UcxWorld() {
-    for (ucp_ep_h ep : eps) {
-      if (!ep) continue;
+    for (size_t r = 0; r < eps.size(); ++r) {
+      if (!eps[r]) continue;
       ucp_request_param_t p{};
       p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-      p.flags = UCP_EP_CLOSE_FLAG_FORCE;
-      void* req = ucp_ep_close_nbx(ep, &p);
+      p.flags = peer_failed[r] ? UCP_EP_CLOSE_FLAG_FORCE : 0;
+      void* req = ucp_ep_close_nbx(eps[r], &p);
       if (UCS_PTR_IS_PTR(req)) {
-        while (ucp_request_check_status(req) == UCS_INPROGRESS) ucp_worker_progress(worker);
+        if (!progress_until(worker, req, std::chrono::milliseconds(2000))) ucp_request_cancel(worker, req);
+        progress_until(worker, req, std::chrono::milliseconds(500));
         ucp_request_free(req);
       }
     }
@@ -48,6 +64,11 @@ struct UcxWorld {
     if (context) ucp_cleanup(context);
   }
 };
+
+void on_endpoint_error(void* arg, ucp_ep_h, ucs_status_t) {
+  auto* flag = static_cast<std::pair<UcxWorld*, int>*>(arg);
+  flag->first->peer_failed[static_cast<size_t>(flag->second)] = true;
+}
 
 class UcxTransport : public Transport {
  public:
@@ -58,6 +79,9 @@ class UcxTransport : public Transport {
 
   void post_send(int peer, const void* data, size_t bytes, uint32_t tag) override {
     std::lock_guard lock(world_->mutex);
+    const int to = members_[static_cast<size_t>(peer)];
+    if (!world_->eps[static_cast<size_t>(to)])
+      SY_THROW(IoError, "ucx: rank ", peer, " failed earlier (its endpoint was closed); nothing more can be sent to it");
     ucp_request_param_t p{};
     p.op_attr_mask = UCP_OP_ATTR_FIELD_DATATYPE;
     p.datatype = ucp_dt_make_contig(1);
@@ -131,11 +155,28 @@ class UcxTransport : public Transport {
     }
     pending_.push_back({req, peer, bytes, recv});
   }
-  // Cancelled receives must not write into buffers freed after the failure.
+  // Cancelled transfers must not touch buffers freed after the failure. UCX
+  // cancels unmatched receives; sends and matched rendezvous transfers finish
+  // or fail on their own, which a live peer does promptly and a dead one does
+  // once its endpoint reports the error (peer error mode). Bounded: a request
+  // still running after that is closed out with its peer's endpoint.
   void cancel_all_locked() {
     for (auto& p : pending_) ucp_request_cancel(world_->worker, p.request);
     for (auto& p : pending_) {
-      while (ucp_request_check_status(p.request) == UCS_INPROGRESS) ucp_worker_progress(world_->worker);
+      if (!progress_until(world_->worker, p.request, std::chrono::milliseconds(2000))) {
+        const int peer = members_[static_cast<size_t>(p.peer)];
+        world_->peer_failed[static_cast<size_t>(peer)] = true;
+        ucp_request_param_t cp{};
+        cp.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+        cp.flags = UCP_EP_CLOSE_FLAG_FORCE;  // completes its requests as cancelled
+        void* close = ucp_ep_close_nbx(world_->eps[static_cast<size_t>(peer)], &cp);
+        world_->eps[static_cast<size_t>(peer)] = nullptr;
+        if (UCS_PTR_IS_PTR(close)) {
+          progress_until(world_->worker, close, std::chrono::milliseconds(2000));
+          ucp_request_free(close);
+        }
+        progress_until(world_->worker, p.request, std::chrono::milliseconds(2000));
+      }
       ucp_request_free(p.request);
     }
     pending_.clear();
@@ -152,10 +193,20 @@ class UcxCommunicator : public Communicator {
   // members: the world rank of each rank of this communicator.
   UcxCommunicator(std::shared_ptr<UcxWorld> world, std::vector<int> members, int me, uint32_t group, std::string name)
       : Communicator(me, static_cast<int>(members.size()), std::move(name)),
+        group_(group),
         world_members_(members),
         world_(world),
         transport_(std::move(world), std::move(members), me, group) {}
-  ~UcxCommunicator() override { shutdown_executor(); }
+  ~UcxCommunicator() override {
+    shutdown_executor();
+    std::lock_guard lock(world_->mutex);
+    auto& ids = world_->group_ids;
+    for (auto it = ids.begin(); it != ids.end(); ++it)
+      if (*it == group_) {
+        ids.erase(it);
+        break;
+      }
+  }
   std::string_view backend_name() const override { return "ucx"; }
 
  protected:
@@ -168,14 +219,29 @@ class UcxCommunicator : public Communicator {
       world_ranks.push_back(world_members_[static_cast<size_t>(members[i])]);
       if (members[i] == rank()) mine = static_cast<int>(i);
     }
-    // A group's tags are its own (0 is the world's): the key is the same on
-    // every member. 18 bits of a hash: distinct groups collide with odds of
-    // about 1 in 262,144 per pair.
-    const auto group = static_cast<uint32_t>((group_key ^ (group_key >> 18) ^ (group_key >> 36)) & 0x3FFFF) | 1u;
+    // A group's tags are its own (0 is the world's). Its id hashes the
+    // parent's id with the key (the same on every member: member list and how
+    // many groups of that list the parent made), so equal member lists of
+    // different parents differ. 18 bits: two live groups of this process that
+    // still collide are refused rather than risk crossed messages.
+    uint64_t h = group_key * 0x9E3779B97F4A7C15ull ^ (uint64_t{group_} + 0x632BE59BD9B4E019ull);
+    h ^= h >> 29;
+    h *= 0xBF58476D1CE4E5B9ull;
+    h ^= h >> 32;
+    const auto group = static_cast<uint32_t>(h & 0x3FFFF) | 1u;
+    {
+      std::lock_guard lock(world_->mutex);
+      for (uint32_t id : world_->group_ids)
+        if (id == group)
+          SY_THROW(NotSupported, "ucx: group '", name, "' hashes to the tag space of a live group of this process (",
+                   group, "); create it after the other is gone, or from another parent");
+      world_->group_ids.push_back(group);
+    }
     return std::make_shared<UcxCommunicator>(world_, std::move(world_ranks), mine, group, name);
   }
 
  private:
+  uint32_t group_;
   std::vector<int> world_members_;
   std::shared_ptr<UcxWorld> world_;
   UcxTransport transport_;
@@ -210,22 +276,30 @@ std::shared_ptr<Communicator> make_ucx_world_communicator(Store& store, int rank
   for (int r = 0; r < size; ++r) keys.push_back(prefix + "/addr/" + std::to_string(r));
   store.wait(keys, timeout);
   world->eps.assign(static_cast<size_t>(size), nullptr);
+  world->peer_failed.assign(static_cast<size_t>(size), false);
+  world->error_args.resize(static_cast<size_t>(size));
+  // Peer error mode: a dead peer fails its requests (and endpoint) instead of
+  // leaving them pending forever. Rank `rank` connects to itself too, so
+  // algorithms may send to their own rank.
   for (int r = 0; r < size; ++r) {
-    if (r == rank) continue;
-    const Store::Bytes peer = store.get(keys[static_cast<size_t>(r)], timeout);
+    Store::Bytes peer;
+    if (r == rank) {
+      check(ucp_worker_get_address(world->worker, &address, &address_length), "ucp_worker_get_address");
+      const auto* self = reinterpret_cast<const uint8_t*>(address);
+      peer.assign(self, self + address_length);
+      ucp_worker_release_address(world->worker, address);
+    } else {
+      peer = store.get(keys[static_cast<size_t>(r)], timeout);
+    }
+    world->error_args[static_cast<size_t>(r)] = {world.get(), r};
     ucp_ep_params_t ep{};
-    ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS;
+    ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
+                    UCP_EP_PARAM_FIELD_ERR_HANDLER;
     ep.address = reinterpret_cast<const ucp_address_t*>(peer.data());
+    ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+    ep.err_handler.cb = on_endpoint_error;
+    ep.err_handler.arg = &world->error_args[static_cast<size_t>(r)];
     check(ucp_ep_create(world->worker, &ep, &world->eps[static_cast<size_t>(r)]), "ucp_ep_create");
-  }
-  // Self: a loopback endpoint, so algorithms may send to their own rank.
-  {
-    check(ucp_worker_get_address(world->worker, &address, &address_length), "ucp_worker_get_address");
-    ucp_ep_params_t ep{};
-    ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS;
-    ep.address = address;
-    check(ucp_ep_create(world->worker, &ep, &world->eps[static_cast<size_t>(rank)]), "ucp_ep_create (self)");
-    ucp_worker_release_address(world->worker, address);
   }
   std::vector<int> members(static_cast<size_t>(size));
   for (int r = 0; r < size; ++r) members[static_cast<size_t>(r)] = r;
