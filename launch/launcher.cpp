@@ -1,6 +1,8 @@
 #include "launch/launcher.h"
 
+#include <fcntl.h>
 #include <poll.h>
+#include <sys/prctl.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -49,6 +51,13 @@ void emit(FILE* to, int rank, std::string& partial, const char* data, size_t n) 
   std::fflush(to);
 }
 
+// Signals to the launcher (Ctrl-C, SIGTERM from a scheduler, a closed
+// terminal) arrive through this pipe in the poll loop, which stops the ranks.
+int g_signal_pipe[2] = {-1, -1};
+void on_signal(int sig) {
+  const unsigned char s = static_cast<unsigned char>(sig);
+  [[maybe_unused]] const ssize_t n = ::write(g_signal_pipe[1], &s, 1);
+}
 }  // namespace
 
 int run_launch(const LaunchOptions& o) {
@@ -84,16 +93,39 @@ int run_launch(const LaunchOptions& o) {
     port = server->port();
   }
   const int world = o.nprocs * o.nnodes;
+  if (::pipe2(g_signal_pipe, O_CLOEXEC | O_NONBLOCK) != 0) SY_THROW(IoError, "launch: pipe failed: ", std::strerror(errno));
+  struct sigaction sa {};
+  sa.sa_handler = on_signal;
+  ::sigemptyset(&sa.sa_mask);
+  for (int sig : {SIGINT, SIGTERM, SIGHUP}) ::sigaction(sig, &sa, nullptr);
+  ::signal(SIGPIPE, SIG_IGN);  // a closed stdout (launch ... | head) must not kill the launcher silently
+  const pid_t launcher = ::getpid();
   std::vector<Child> children(static_cast<size_t>(o.nprocs));
+  auto kill_started = [&] {
+    for (auto& c : children)
+      if (c.pid > 0) ::kill(-c.pid, SIGKILL);
+    for (auto& c : children)
+      if (c.pid > 0 && !c.exited) ::waitpid(c.pid, nullptr, 0);
+  };
   for (int i = 0; i < o.nprocs; ++i) {
     Child& c = children[static_cast<size_t>(i)];
     c.rank = o.node_rank * o.nprocs + i;
     int out[2], err[2];
-    if (::pipe(out) != 0 || ::pipe(err) != 0) SY_THROW(IoError, "launch: pipe failed: ", std::strerror(errno));
+    if (::pipe2(out, O_CLOEXEC) != 0 || ::pipe2(err, O_CLOEXEC) != 0) {
+      kill_started();
+      SY_THROW(IoError, "launch: pipe failed: ", std::strerror(errno));
+    }
     const pid_t pid = ::fork();
-    if (pid < 0) SY_THROW(IoError, "launch: fork failed: ", std::strerror(errno));
+    if (pid < 0) {
+      kill_started();
+      SY_THROW(IoError, "launch: fork failed: ", std::strerror(errno));
+    }
     if (pid == 0) {
       ::setpgid(0, 0);  // its own group, so stopping it stops what it started
+      ::prctl(PR_SET_PDEATHSIG, SIGKILL);  // the launcher gone (even SIGKILLed): so is the rank
+      if (::getppid() != launcher) ::_exit(128 + SIGKILL);
+      ::signal(SIGPIPE, SIG_DFL);
+      for (int sig : {SIGINT, SIGTERM, SIGHUP}) ::signal(sig, SIG_DFL);
       ::dup2(out[1], 1);
       ::dup2(err[1], 2);
       ::close(out[0]), ::close(out[1]), ::close(err[0]), ::close(err[1]);
@@ -111,6 +143,7 @@ int run_launch(const LaunchOptions& o) {
       ::_exit(127);
     }
     c.pid = pid;
+    ::setpgid(pid, pid);  // also here: a stop may come before the child ran its own setpgid
     ::close(out[1]), ::close(err[1]);
     c.out = out[0], c.err = err[0];
   }
@@ -135,18 +168,31 @@ int run_launch(const LaunchOptions& o) {
       if (!c.exited) ::kill(-c.pid, SIGKILL);
   };
   bool stopping = false;
+  int signalled = 0;
   // Forward output until every pipe closed and every child exited.
   for (;;) {
     std::vector<pollfd> fds;
     std::vector<std::pair<Child*, bool>> owner;
+    fds.push_back({g_signal_pipe[0], POLLIN, 0});
+    owner.push_back({nullptr, false});
     for (auto& c : children) {
       if (c.out >= 0) fds.push_back({c.out, POLLIN, 0}), owner.push_back({&c, true});
       if (c.err >= 0) fds.push_back({c.err, POLLIN, 0}), owner.push_back({&c, false});
     }
-    if (!fds.empty()) ::poll(fds.data(), fds.size(), 50);
+    ::poll(fds.data(), fds.size(), 50);  // also the pace of the exit checks when no pipe is left
     for (size_t k = 0; k < fds.size(); ++k) {
       if (!(fds[k].revents & (POLLIN | POLLHUP | POLLERR))) continue;
       auto [c, is_out] = owner[k];
+      if (c == nullptr) {  // a signal to the launcher
+        unsigned char sig = 0;
+        if (::read(g_signal_pipe[0], &sig, 1) == 1 && !stopping) {
+          signalled = sig;
+          stopping = true;
+          std::fprintf(stderr, "switchyard launch: got signal %d; stopping the ranks\n", sig);
+          stop_others();
+        }
+        continue;
+      }
       char buf[65536];
       const ssize_t n = ::read(fds[k].fd, buf, sizeof buf);
       if (n > 0) {
@@ -184,7 +230,16 @@ int run_launch(const LaunchOptions& o) {
     if (all_exited && !pipes_open) break;
     if (all_exited && stopping) break;  // pipes held open by orphans of killed ranks
   }
-  return first_failure;
+  // Whatever a rank left behind in its process group goes with it.
+  for (auto& c : children) {
+    ::kill(-c.pid, SIGKILL);
+    if (c.out >= 0) ::close(c.out);
+    if (c.err >= 0) ::close(c.err);
+  }
+  ::close(g_signal_pipe[0]);
+  ::close(g_signal_pipe[1]);
+  for (int sig : {SIGINT, SIGTERM, SIGHUP}) ::signal(sig, SIG_DFL);
+  return first_failure != 0 ? first_failure : signalled != 0 ? 128 + signalled : 0;
 }
 
 }  // namespace switchyard

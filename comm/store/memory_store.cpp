@@ -21,7 +21,8 @@ void MemoryStore::set(const std::string& key, const Bytes& value) {
 Store::Bytes MemoryStore::get(const std::string& key, Milliseconds timeout) {
   std::unique_lock lock(mutex_);
   const bool found = changed_.wait_until(lock, deadline_after(timeout),
-                                         [&] { return values_.count(key) != 0; });
+                                         [&] { return interrupted_ || values_.count(key) != 0; });
+  if (interrupted_ && !values_.count(key)) SY_THROW(IoError, "MemoryStore::get: the store is shutting down");
   if (!found)
     SY_THROW(TimeoutError, "MemoryStore::get: key '", printable(key), "' not set within ",
              timeout.count(), " ms");
@@ -64,8 +65,10 @@ Store::Bytes MemoryStore::compare_set(const std::string& key, const Bytes& expec
 
 void MemoryStore::wait(const std::vector<std::string>& keys, Milliseconds timeout) {
   std::unique_lock lock(mutex_);
-  if (changed_.wait_until(lock, deadline_after(timeout), [&] { return has_all_locked(keys); }))
+  if (changed_.wait_until(lock, deadline_after(timeout), [&] { return interrupted_ || has_all_locked(keys); })) {
+    if (!has_all_locked(keys)) SY_THROW(IoError, "MemoryStore::wait: the store is shutting down");
     return;
+  }
   std::string missing;
   size_t missing_count = 0;
   for (const auto& key : keys) {
@@ -92,4 +95,14 @@ bool MemoryStore::has_all_locked(const std::vector<std::string>& keys) const {
   return true;
 }
 
+}  // namespace switchyard
+
+namespace switchyard {
+void MemoryStore::interrupt_waits() {
+  {
+    std::lock_guard lock(mutex_);
+    interrupted_ = true;
+  }
+  changed_.notify_all();
+}
 }  // namespace switchyard

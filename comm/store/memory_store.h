@@ -19,6 +19,9 @@ class MemoryStore : public Store {
   void wait(const std::vector<std::string>& keys, Milliseconds timeout) override;
   bool check(const std::vector<std::string>& keys) override;
   bool erase(const std::string& key) override;
+  // Every blocked and later get/wait of a missing key throws IoError at once
+  // (a server shutting down).
+  void interrupt_waits();
 
  private:
   bool has_all_locked(const std::vector<std::string>& keys) const;
@@ -27,6 +30,7 @@ class MemoryStore : public Store {
   // Notified on every change, so waiters re-check their keys.
   std::condition_variable changed_;
   std::map<std::string, Bytes> values_;
+  bool interrupted_ = false;
 };
 
 }  // namespace switchyard

@@ -1,6 +1,8 @@
 #include "comm/store/tcp_store.h"
 
 #include <sys/socket.h>
+#include <fcntl.h>
+#include <poll.h>
 #include <sys/time.h>
 
 #include <utility>  // boost 1.74 asio uses std::exchange without including it
@@ -93,22 +95,47 @@ class Reader {
   size_t at_ = 0;
 };
 
-// A whole frame from a blocking socket; IoError when oversized or cut short.
-Store::Bytes read_frame(tcp::socket& s) {
+// Reads exactly n bytes, waiting for each chunk with poll() so a silent peer
+// ends at `deadline` (Asio's blocking read ignores socket timeouts).
+void read_exact(tcp::socket& s, void* data, size_t n, std::chrono::steady_clock::time_point deadline) {
+  auto* p = static_cast<uint8_t*>(data);
+  while (n > 0) {
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+    if (left.count() <= 0) throw boost::system::system_error(asio::error::timed_out);
+    pollfd fd{s.native_handle(), POLLIN, 0};
+    const int ready = ::poll(&fd, 1, static_cast<int>(std::min<int64_t>(left.count(), 1 << 30)));
+    if (ready < 0 && errno == EINTR) continue;
+    if (ready <= 0) continue;  // re-check the deadline
+    boost::system::error_code ec;
+    const size_t got = s.read_some(asio::buffer(p, n), ec);
+    if (ec) throw boost::system::system_error(ec);
+    p += got;
+    n -= got;
+  }
+}
+
+// A whole frame of at most `limit` bytes; IoError when oversized or cut short.
+Store::Bytes read_frame(tcp::socket& s, std::chrono::steady_clock::time_point deadline, uint32_t limit = kTcpStoreMaxFrame) {
   uint32_t n = 0;
-  asio::read(s, asio::buffer(&n, 4));
-  if (n > kTcpStoreMaxFrame)
-    SY_THROW(IoError, "store frame of ", n, " bytes exceeds the limit of ", kTcpStoreMaxFrame);
+  read_exact(s, &n, 4, deadline);
+  if (n > limit) SY_THROW(IoError, "store frame of ", n, " bytes exceeds the limit of ", limit);
   Store::Bytes body(n);
-  if (n) asio::read(s, asio::buffer(body.data(), n));
+  if (n) read_exact(s, body.data(), n, deadline);
   return body;
 }
 
-void set_receive_timeout(tcp::socket& s, std::chrono::milliseconds t) {
-  timeval tv{};
-  tv.tv_sec = static_cast<time_t>(t.count() / 1000);
-  tv.tv_usec = static_cast<suseconds_t>((t.count() % 1000) * 1000);
-  ::setsockopt(s.native_handle(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+constexpr auto kForever = std::chrono::steady_clock::time_point::max();
+constexpr uint32_t kHelloLimit = 4096;                       // before the token is checked
+constexpr std::chrono::milliseconds kHelloWithin{10000};     // a connection must present it this soon
+constexpr int kMaxConnections = 4096;
+
+void close_on_exec(int fd) { ::fcntl(fd, F_SETFD, ::fcntl(fd, F_GETFD) | FD_CLOEXEC); }
+
+// Constant-time comparison, so the token cannot be guessed byte by byte.
+bool same_secret(const std::string& a, const std::string& b) {
+  unsigned diff = a.size() == b.size() ? 0u : 1u;
+  for (size_t i = 0; i < a.size(); ++i) diff |= static_cast<unsigned>(a[i] ^ b[i % std::max<size_t>(1, b.size())]);
+  return diff == 0;
 }
 
 }  // namespace
@@ -136,21 +163,46 @@ TcpStoreServer::TcpStoreServer(std::string token, uint16_t port, const std::stri
   impl_->acceptor.bind(endpoint, ec);
   if (ec) SY_THROW(IoError, "store server: cannot bind ", host, ":", port, ": ", ec.message());
   impl_->acceptor.listen();
+  close_on_exec(impl_->acceptor.native_handle());  // launched ranks must not inherit the listening socket
   port_ = impl_->acceptor.local_endpoint().port();
   impl_->accept_thread = std::thread([this] {
     while (!impl_->stopping.load()) {
       auto socket = std::make_shared<tcp::socket>(impl_->io);
       boost::system::error_code aec;
       impl_->acceptor.accept(*socket, aec);
-      if (aec || impl_->stopping.load()) break;
+      if (impl_->stopping.load()) break;
+      if (aec) {  // EMFILE and the like: back off, keep serving
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+        continue;
+      }
+      close_on_exec(socket->native_handle());
       std::lock_guard lock(impl_->mutex);
-      impl_->connections.emplace_back(socket, std::thread([this, socket] { serve(socket); }));
+      // Reap finished connections; refuse beyond the cap.
+      for (auto it = impl_->connections.begin(); it != impl_->connections.end();)
+        if (!it->first->is_open() && it->second.joinable()) {
+          it->second.join();
+          it = impl_->connections.erase(it);
+        } else {
+          ++it;
+        }
+      if (static_cast<int>(impl_->connections.size()) >= kMaxConnections) {
+        ++refused_;
+        socket->close(aec);
+        continue;
+      }
+      try {
+        impl_->connections.emplace_back(socket, std::thread([this, socket] { serve(socket); }));
+      } catch (const std::system_error&) {  // no thread to spare: refuse this one
+        ++refused_;
+        socket->close(aec);
+      }
     }
   });
 }
 
 TcpStoreServer::~TcpStoreServer() {
   impl_->stopping.store(true);
+  data_.interrupt_waits();  // connections blocked in get/wait return now
   boost::system::error_code ec;
   // Wake the accept loop with a connection of our own, then close.
   try {
@@ -180,13 +232,13 @@ void TcpStoreServer::serve(std::shared_ptr<void> opaque) {
   };
   try {
     {  // The first frame must be hello with the job's token.
-      const Store::Bytes hello = read_frame(socket);
+      const Store::Bytes hello = read_frame(socket, std::chrono::steady_clock::now() + kHelloWithin, kHelloLimit);
       Reader r(hello);
       const auto op = static_cast<Op>(r.u8());
       const uint32_t version = r.u32();
       const std::string token = r.str();
       r.done();
-      if (op != Op::hello || token != token_ || version != kProtocolVersion) {
+      if (op != Op::hello || !same_secret(token, token_) || version != kProtocolVersion) {
         ++refused_;
         reply(Status::error, Writer().str(op != Op::hello ? "the first request must present the token"
                                           : version != kProtocolVersion
@@ -198,7 +250,7 @@ void TcpStoreServer::serve(std::shared_ptr<void> opaque) {
       reply(Status::ok, Writer());
     }
     while (!impl_->stopping.load()) {
-      const Store::Bytes request = read_frame(socket);
+      const Store::Bytes request = read_frame(socket, kForever);
       Reader r(request);
       const auto op = static_cast<Op>(r.u8());
       try {
@@ -289,7 +341,7 @@ void TcpStoreServer::serve(std::shared_ptr<void> opaque) {
     }
   }
   boost::system::error_code ec;
-  socket.close(ec);
+  socket.close(ec);  // marks the connection finished for the accept loop's reaping
 }
 
 // ---------------------------------------------------------------- client
@@ -309,35 +361,49 @@ struct TcpStore::Impl {
 };
 
 namespace {
-Store::Bytes round_trip(tcp::socket& socket, const Store::Bytes& request, std::chrono::milliseconds reply_within,
-                        const std::string& address) {
+struct Reply {
+  Status status;
+  Store::Bytes payload;
+};
+
+// One request and its reply; IoError or TimeoutError when the connection
+// itself failed (then it is not reused).
+Reply round_trip(tcp::socket& socket, const Store::Bytes& request, std::chrono::milliseconds reply_within,
+                 const std::string& address) {
   // The server answers timed requests itself; this bounds a silent server.
-  const auto limit = reply_within + std::chrono::milliseconds(5000);
-  set_receive_timeout(socket, limit);
+  const auto now = std::chrono::steady_clock::now();
+  const auto grace = std::chrono::milliseconds(5000);
+  const auto deadline = reply_within >= std::chrono::duration_cast<std::chrono::milliseconds>(kForever - now) - grace
+                            ? kForever
+                            : now + reply_within + grace;
   boost::system::error_code ec;
   asio::write(socket, asio::buffer(request), ec);
   if (ec) SY_THROW(IoError, "store at ", address, ": request not sent (", ec.message(), ")");
   Store::Bytes reply;
   try {
-    reply = read_frame(socket);
+    reply = read_frame(socket, deadline);
   } catch (const boost::system::system_error& e) {
-    if (e.code() == asio::error::would_block || e.code() == asio::error::try_again || e.code() == asio::error::timed_out)
-      SY_THROW(TimeoutError, "store at ", address, ": no reply within ", limit.count(), " ms");
+    if (e.code() == asio::error::timed_out)
+      SY_THROW(TimeoutError, "store at ", address, ": no reply within ",
+               std::chrono::duration_cast<std::chrono::milliseconds>(deadline - now).count(), " ms");
     SY_THROW(IoError, "store at ", address, ": connection lost (", e.what(), ")");
   }
   if (reply.empty()) SY_THROW(IoError, "store at ", address, ": empty reply");
-  const auto status = static_cast<Status>(reply.front());
-  Store::Bytes payload(reply.begin() + 1, reply.end());
-  if (status == Status::ok) return payload;
+  return {static_cast<Status>(reply.front()), Store::Bytes(reply.begin() + 1, reply.end())};
+}
+
+// The payload of an ok reply; the error a refused one names.
+Store::Bytes unwrap(Reply r, const std::string& address) {
+  if (r.status == Status::ok) return std::move(r.payload);
   std::string message;
   try {
-    Reader r(payload);
-    message = r.str();
+    Reader reader(r.payload);
+    message = reader.str();
   } catch (...) {
     message = "(unreadable)";
   }
-  if (status == Status::timeout) SY_THROW(TimeoutError, message);
-  if (status == Status::invalid) SY_THROW(InvalidArgument, message);
+  if (r.status == Status::timeout) SY_THROW(TimeoutError, message);
+  if (r.status == Status::invalid) SY_THROW(InvalidArgument, message);
   if (message == "wrong token")
     SY_THROW(InvalidArgument, "store at ", address,
              " refused this process's token: SWITCHYARD_STORE_TOKEN must be the job's (set by the launcher)");
@@ -378,9 +444,12 @@ std::unique_ptr<TcpStore::Connection> TcpStore::connect() {
   if (ec) SY_THROW(IoError, "store: cannot resolve '", impl_->host, "' (", ec.message(), ")");
   asio::connect(*socket, endpoints, ec);
   if (ec) SY_THROW(IoError, "store: cannot connect to ", address_, " (", ec.message(), ")");
+  close_on_exec(socket->native_handle());  // children exec'd later must not hold it
   socket->set_option(tcp::no_delay(true));
-  Reader(round_trip(*socket, Writer().u8(static_cast<uint8_t>(Op::hello)).u32(kProtocolVersion).str(impl_->token).frame(),
-                    Milliseconds(10000), address_))
+  Reader(unwrap(round_trip(*socket,
+                           Writer().u8(static_cast<uint8_t>(Op::hello)).u32(kProtocolVersion).str(impl_->token).frame(),
+                           Milliseconds(10000), address_),
+                address_))
       .done();
   return connection;
 }
@@ -395,10 +464,12 @@ Store::Bytes TcpStore::call(const Bytes& request, Milliseconds reply_within) {
     }
   }
   if (!connection) connection = connect();
-  Bytes reply = round_trip(connection->socket, request, reply_within, address_);  // a throw drops the connection
-  std::lock_guard lock(mutex_);
-  impl_->idle.push_back(std::move(connection));
-  return reply;
+  Reply reply = round_trip(connection->socket, request, reply_within, address_);  // a throw drops the connection
+  if (reply.status != Status::error) {  // the server answered (timeouts and bad content included): reuse
+    std::lock_guard lock(mutex_);
+    impl_->idle.push_back(std::move(connection));
+  }
+  return unwrap(std::move(reply), address_);
 }
 
 void TcpStore::set(const std::string& key, const Bytes& value) {
