@@ -281,6 +281,8 @@ int run_bench_moe(const BenchMoeOptions& o) {
     }
     if (o.quiet) return;
     if (leader) std::printf("[Summary] Average synchronized step_time = %.6f sec.\n", timed / steps);
+    if (leader && planner)
+      std::printf("# %s (plan changes: %d)\n", planner->explanation().c_str(), planner->decisions_changed());
     // Breakdown (this rank), GEMMs, and the floor: the same GEMMs timed alone
     // (emulated: the device model's time for them).
     const MoEPhaseTimes& pt = cluster ? layer.virtual_phase_times() : layer.phase_times();
