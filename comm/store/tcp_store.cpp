@@ -369,10 +369,10 @@ struct Reply {
 // One request and its reply; IoError or TimeoutError when the connection
 // itself failed (then it is not reused).
 Reply round_trip(tcp::socket& socket, const Store::Bytes& request, std::chrono::milliseconds reply_within,
-                 const std::string& address) {
-  // The server answers timed requests itself; this bounds a silent server.
+                 const std::string& address, std::chrono::milliseconds grace = std::chrono::milliseconds(5000)) {
+  // The server answers timed requests itself, `grace` after which a silent
+  // server is given up on.
   const auto now = std::chrono::steady_clock::now();
-  const auto grace = std::chrono::milliseconds(5000);
   const auto deadline = reply_within >= std::chrono::duration_cast<std::chrono::milliseconds>(kForever - now) - grace
                             ? kForever
                             : now + reply_within + grace;
@@ -412,7 +412,9 @@ Store::Bytes unwrap(Reply r, const std::string& address) {
 }  // namespace
 
 TcpStore::TcpStore(const std::string& host, uint16_t port, std::string token, Milliseconds connect_timeout)
-    : impl_(std::make_unique<Impl>()), address_(host + ":" + std::to_string(port)) {
+    : impl_(std::make_unique<Impl>()),
+      address_(host + ":" + std::to_string(port)),
+      hello_within_(std::min(connect_timeout, Milliseconds(10000))) {
   impl_->host = host;
   impl_->port = port;
   impl_->token = std::move(token);
@@ -448,7 +450,7 @@ std::unique_ptr<TcpStore::Connection> TcpStore::connect() {
   socket->set_option(tcp::no_delay(true));
   Reader(unwrap(round_trip(*socket,
                            Writer().u8(static_cast<uint8_t>(Op::hello)).u32(kProtocolVersion).str(impl_->token).frame(),
-                           Milliseconds(10000), address_),
+                           hello_within_, address_, Milliseconds(0)),
                 address_))
       .done();
   return connection;

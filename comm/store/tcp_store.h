@@ -49,7 +49,8 @@ class TcpStore : public Store {
  public:
   // Connects to host:port, retrying until `connect_timeout` (the server may
   // start later), and presents `token`. Throws IoError naming the address when
-  // nothing answers, InvalidArgument when the token is refused.
+  // nothing answers, TimeoutError when something accepts but never answers
+  // (within connect_timeout, at most 10 s), InvalidArgument when the token is refused.
   TcpStore(const std::string& host, uint16_t port, std::string token,
            Milliseconds connect_timeout = Milliseconds(30000));
   ~TcpStore() override;
@@ -71,6 +72,7 @@ class TcpStore : public Store {
   std::unique_ptr<Connection> connect();  // and present the token
   std::unique_ptr<Impl> impl_;
   std::string address_;
+  Milliseconds hello_within_;  // a server that accepts but never answers the token is given up on after this
   std::mutex mutex_;
 };
 

@@ -392,6 +392,24 @@ TEST(TcpStore, NothingListeningIsAnIoErrorNamingTheAddress) {
             std::string::npos);
 }
 
+// Something listens but never answers (a stopped launcher): the client gives
+// up within its timeout instead of hanging.
+TEST(TcpStore, ASilentServerIsATimeoutNotAHang) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  ASSERT_EQ(::listen(fd, 8), 0);  // the kernel completes connections; nobody ever reads
+  socklen_t len = sizeof addr;
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+  const auto start = Clock::now();
+  const std::string message = message_of([&] { TcpStore s("127.0.0.1", ntohs(addr.sin_port), "t", 300ms); });
+  EXPECT_LT(Clock::now() - start, 3s);
+  EXPECT_NE(message.find("no reply within 300 ms"), std::string::npos) << message;
+  ::close(fd);
+}
+
 TEST(TcpStore, ProcessesRendezvousThroughTheServer) {
   TcpStoreServer server("job");
   constexpr int kChildren = 3;
