@@ -18,6 +18,8 @@
 #include "comm/store/tcp_store.h"
 #include "core/error.h"
 
+extern char** environ;
+
 namespace switchyard {
 namespace {
 
@@ -115,8 +117,36 @@ int run_launch(const LaunchOptions& o) {
       kill_started();
       SY_THROW(IoError, "launch: pipe failed: ", std::strerror(errno));
     }
+    // Everything the child needs is built here: after fork a child of this
+    // multi-threaded process may only make async-signal-safe calls (another
+    // thread may have held the allocator's lock at the fork).
+    const std::map<std::string, std::string> vars = {
+        {"RANK", std::to_string(c.rank)},            {"WORLD_SIZE", std::to_string(world)},
+        {"LOCAL_RANK", std::to_string(i)},           {"LOCAL_WORLD_SIZE", std::to_string(o.nprocs)},
+        {"GROUP_RANK", std::to_string(o.node_rank)}, {"MASTER_ADDR", host},
+        {"MASTER_PORT", std::to_string(port)},       {"SWITCHYARD_STORE_TOKEN", token}};
+    std::vector<std::string> env_strings;
+    for (char** e = environ; *e; ++e) {
+      const std::string entry = *e;
+      if (!vars.count(entry.substr(0, entry.find('=')))) env_strings.push_back(entry);
+    }
+    for (const auto& [k, v] : vars) env_strings.push_back(k + "=" + v);
+    std::vector<char*> envp, argv;
+    for (auto& e : env_strings) envp.push_back(e.data());
+    envp.push_back(nullptr);
+    for (const auto& a : o.command) argv.push_back(const_cast<char*>(a.c_str()));
+    argv.push_back(nullptr);
+    static const char kExecFailed[] = "switchyard launch: cannot run the command (not found or not executable)\n";
+    // Signals stay blocked across fork until the child has its default
+    // handlers back: a stop that comes that early must end the child, not run
+    // the launcher's handler in it.
+    sigset_t stops, previous;
+    ::sigemptyset(&stops);
+    for (int sig : {SIGINT, SIGTERM, SIGHUP}) ::sigaddset(&stops, sig);
+    ::sigprocmask(SIG_BLOCK, &stops, &previous);
     const pid_t pid = ::fork();
     if (pid < 0) {
+      ::sigprocmask(SIG_SETMASK, &previous, nullptr);
       kill_started();
       SY_THROW(IoError, "launch: fork failed: ", std::strerror(errno));
     }
@@ -126,24 +156,17 @@ int run_launch(const LaunchOptions& o) {
       if (::getppid() != launcher) ::_exit(128 + SIGKILL);
       ::signal(SIGPIPE, SIG_DFL);
       for (int sig : {SIGINT, SIGTERM, SIGHUP}) ::signal(sig, SIG_DFL);
+      ::sigprocmask(SIG_SETMASK, &previous, nullptr);
       ::dup2(out[1], 1);
       ::dup2(err[1], 2);
       ::close(out[0]), ::close(out[1]), ::close(err[0]), ::close(err[1]);
-      const std::map<std::string, std::string> vars = {
-          {"RANK", std::to_string(c.rank)},          {"WORLD_SIZE", std::to_string(world)},
-          {"LOCAL_RANK", std::to_string(i)},         {"LOCAL_WORLD_SIZE", std::to_string(o.nprocs)},
-          {"GROUP_RANK", std::to_string(o.node_rank)}, {"MASTER_ADDR", host},
-          {"MASTER_PORT", std::to_string(port)},     {"SWITCHYARD_STORE_TOKEN", token}};
-      for (const auto& [k, v] : vars) ::setenv(k.c_str(), v.c_str(), 1);
-      std::vector<char*> argv;
-      for (const auto& a : o.command) argv.push_back(const_cast<char*>(a.c_str()));
-      argv.push_back(nullptr);
-      ::execvp(argv[0], argv.data());
-      std::fprintf(stderr, "switchyard launch: cannot run '%s': %s\n", argv[0], std::strerror(errno));
+      ::execvpe(argv[0], argv.data(), envp.data());
+      [[maybe_unused]] const ssize_t n = ::write(2, kExecFailed, sizeof kExecFailed - 1);
       ::_exit(127);
     }
     c.pid = pid;
     ::setpgid(pid, pid);  // also here: a stop may come before the child ran its own setpgid
+    ::sigprocmask(SIG_SETMASK, &previous, nullptr);
     ::close(out[1]), ::close(err[1]);
     c.out = out[0], c.err = err[0];
   }
