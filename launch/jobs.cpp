@@ -20,7 +20,7 @@ MoEConfig moe_config(const JobConfig& job) {
   c.model_dim = m.model_dim;
   c.hidden_dim = m.hidden_dim;
   c.activation = kernels::cpu::parse_activation(m.activation).value();  // the config schema admits only these
-  c.plan.exchange = m.exchange == "dropless" ? ExchangeMode::dropless : ExchangeMode::padded;
+  c.plan.exchange = parse_exchange_mode(m.exchange, "moe.exchange");
   c.router.experts = m.experts;
   c.router.k = m.top_k;
   c.router.gate = m.gate == "sigmoid_bias" ? GateKind::sigmoid_bias : GateKind::softmax;

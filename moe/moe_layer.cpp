@@ -338,7 +338,7 @@ DispatchPlan MoELayer::plan(const Routing& routing, int64_t tokens, const ExecPl
   PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::gate);
   check_plan(exec);
   const int k = static_cast<int>(routing.experts.shape().size() == 2 ? routing.experts.shape()[1] : router_.k);
-  const int E = config_.router.experts, W = group_->size(), S = layout_.shards(), d = exec.d;
+  const int E = config_.router.experts, S = layout_.shards(), d = exec.d;
   const PlanShape shape = shape_of(exec.r);
   const bool padded = exec.exchange == ExchangeMode::padded;
   DispatchPlan p;
@@ -425,7 +425,6 @@ DispatchPlan MoELayer::plan(const Routing& routing, int64_t tokens, const ExecPl
         for (int u = 0; u < X; ++u) p.recv_block_rows[static_cast<size_t>((i * X + u) * Lw + l)] = hi - lo;
       }
   }
-  (void)W;
   return p;
 }
 
@@ -472,6 +471,12 @@ Work MoELayer::exchange(const DispatchPlan& p, int chunk, const TensorView& in, 
   return group_->alltoallv(a, std::move(send), b, std::move(recv));
 }
 
+Work MoELayer::exchange_all(const DispatchPlan& p, const TensorView& in, const TensorView& out, bool to_experts) {
+  Work last;  // the executor is FIFO: the last chunk done means all are
+  for (int i = 0; i < p.exec.d; ++i) last = exchange(p, i, in, out, to_experts);
+  return last;
+}
+
 Tensor MoELayer::encode(const DispatchPlan& p, const TensorView& x) {
   const int64_t M = config_.model_dim;
   Tensor send = scratch(Scratch::send, {p.send_rows(), M});
@@ -488,9 +493,7 @@ MoELayer::Exchange MoELayer::dispatch_async(const DispatchPlan& p, const TensorV
   Tensor send = encode(p, x);
   if (p.exchange_ranks == 1) return {send, completed_work("dispatch")};
   Tensor recv = scratch(Scratch::recv, {p.recv_rows(), M});
-  Work last;
-  for (int i = 0; i < p.exec.d; ++i) last = exchange(p, i, send, recv, true);
-  return {recv, std::move(last)};
+  return {recv, exchange_all(p, send, recv, true)};
 }
 
 Tensor MoELayer::dispatch(const DispatchPlan& p, const TensorView& x) {
@@ -512,7 +515,7 @@ void MoELayer::gather_weights(const DispatchPlan& p, Working& w) {
   PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::weights);
   Communicator& g = *shape.gather;
   const int64_t G = g.size(), L = layout_.local_experts(), M = config_.model_dim;
-  const int64_t H1s = hidden_in() / layout_.shards(), Hs = local_hidden_;
+  const int64_t H1s = hidden_in() / layout_.shards();
   const int P = shape.pieces, Lw = shape.slots;
   const bool gated = config_.activation == Activation::swiglu;
   const int64_t Hw = shape.hidden, H1w = gated ? 2 * Hw : Hw;
@@ -546,7 +549,6 @@ void MoELayer::gather_weights(const DispatchPlan& p, Working& w) {
       copy_hidden_piece(gated, 1, Hw, piece, P, w.p.b1.data_as<float>() + i * H1w, raw_b1.data_as<float>() + b * H1s,
                         false);
     }
-  (void)Hs;
 }
 
 void MoELayer::scatter_gradients(const PlanShape& shape, const ExpertParams& wg, bool gathered) {
@@ -682,9 +684,7 @@ MoELayer::Exchange MoELayer::combine_exchange_async(const DispatchPlan& p, const
     return {Tensor::adopt(expert_out, std::shared_ptr<void>(std::shared_ptr<void>(), expert_out.data())),
             completed_work("combine")};
   Tensor back = scratch(Scratch::back, {p.send_rows(), M});
-  Work last;
-  for (int i = 0; i < p.exec.d; ++i) last = exchange(p, i, expert_out, back, false);
-  return {back, std::move(last)};
+  return {back, exchange_all(p, expert_out, back, false)};
 }
 
 Tensor MoELayer::combine_exchange(const DispatchPlan& p, const TensorView& expert_out) {

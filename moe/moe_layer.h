@@ -265,6 +265,7 @@ class MoELayer {
   void backward_chunk(const DispatchPlan& plan, int chunk, const Working& w, const Tensor& d_out, bool input_grad,
                       ExpertParams& grads, Tensor& d_rows, Tensor& dy16, Tensor& dp16);
   Work exchange(const DispatchPlan& plan, int chunk, const TensorView& in, const TensorView& out, bool to_experts);
+  Work exchange_all(const DispatchPlan& plan, const TensorView& in, const TensorView& out, bool to_experts);
   Tensor encode(const DispatchPlan& plan, const TensorView& x);  // the routed rows in send order
   ExpertActivations allocate_activations(const DispatchPlan& plan);
   void verify_plan_agreement(const ExecPlan& plan);
