@@ -38,6 +38,12 @@ if(SWITCHYARD_WITH_CUDA STREQUAL "AUTO" OR SWITCHYARD_WITH_CUDA)
       set(CMAKE_CUDA_ARCHITECTURES 90)
     endif()
     enable_language(CUDA)
+    # CUDA sources follow CXX_STANDARD (20); CMake 3.25 does not know nvcc's
+    # C++20 flag yet (nvcc 12+ has it).
+    if(NOT CMAKE_CUDA20_STANDARD_COMPILE_OPTION)
+      set(CMAKE_CUDA20_STANDARD_COMPILE_OPTION "-std=c++20")
+      set(CMAKE_CUDA20_EXTENSION_COMPILE_OPTION "-std=c++20")
+    endif()
     find_package(CUDAToolkit REQUIRED)
     set(SWITCHYARD_HAS_CUDA 1)
   elseif(SWITCHYARD_WITH_CUDA STREQUAL "ON")

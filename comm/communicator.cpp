@@ -44,10 +44,14 @@ class Communicator::CountingTransport : public Transport {
 
 namespace {
 
-void check_host_contiguous(std::string_view op, std::string_view what, const TensorView& t) {
-  if (!t.device().is_cpu())
-    SY_THROW(NotSupported, op, ": ", what, " is on ", to_string(t.device()),
-             "; this backend moves host memory only");
+// Buffers live where the backend moves memory: the host, or its one device (nccl).
+void check_memory(std::string_view op, std::string_view what, const TensorView& t, Device expected) {
+  if (t.device() != expected) {
+    if (expected.is_cpu())
+      SY_THROW(NotSupported, op, ": ", what, " is on ", to_string(t.device()), "; this backend moves host memory only");
+    SY_THROW(NotSupported, op, ": ", what, " is on ", to_string(t.device()), "; this backend moves memory of ",
+             to_string(expected), " only");
+  }
   if (!t.is_contiguous())
     SY_THROW(InvalidArgument, op, ": ", what, " must be contiguous, got shape ", shape_string(t.shape()),
              " strides ", shape_string(t.strides()));
@@ -61,9 +65,10 @@ void check_same_dtype(std::string_view op, const TensorView& in, const TensorVie
 
 // Both buffers host-resident and contiguous, of one dtype, and not overlapping
 // (allreduce also accepts in == out exactly: in place).
-void check_in_out(std::string_view op, const TensorView& in, const TensorView& out, bool in_place_ok = false) {
-  check_host_contiguous(op, "in", in);
-  check_host_contiguous(op, "out", out);
+void check_in_out(std::string_view op, const TensorView& in, const TensorView& out, Device device,
+                  bool in_place_ok = false) {
+  check_memory(op, "in", in, device);
+  check_memory(op, "out", out, device);
   check_same_dtype(op, in, out);
   const auto* a = static_cast<const char*>(in.data());
   const auto* b = static_cast<const char*>(out.data());
@@ -184,6 +189,7 @@ Work Communicator::enqueue(std::string_view op, const OpOptions& opts, uint64_t 
                            std::function<void(const OpContext&)> body) {
   check_usable();
   SY_CHECK(executor_ != nullptr, "communicator '", name_, "' was shut down");
+  if (stream_ordered()) return enqueue_on_stream(op, opts, payload_bytes, buffers, body);
   auto state = std::make_shared<WorkState>(WorkLabel{op, name_, rank_, size_, backend_name()});
   for (const Buffer* b : buffers)
     if (b->owner) state->keep_alive(b->owner);
@@ -241,11 +247,43 @@ Work Communicator::enqueue(std::string_view op, const OpOptions& opts, uint64_t 
   return Work(std::move(state));
 }
 
+Work Communicator::enqueue_on_stream(std::string_view op, const OpOptions& opts, uint64_t payload_bytes,
+                                     std::initializer_list<const Buffer*> buffers,
+                                     const std::function<void(const OpContext&)>& body) {
+  // The body only queues device work, in issue order (one issuing thread per
+  // communicator), so it runs here; the Work tracks the queued work.
+  const Milliseconds timeout = std::min(opts.timeout.value_or(default_timeout_),
+                                        Milliseconds(std::chrono::hours(24 * 365 * 100)));
+  const auto start = Clock::now();
+  WorkLabel label{op, name_, rank_, size_, backend_name()};
+  try {
+    body(OpContext{op, start + timeout, opts.algorithm, virtual_time::now(), nullptr, nullptr});
+  } catch (const std::exception& e) {
+    {
+      std::lock_guard lock(stats_mutex_);
+      broken_reason_ = label.describe() + ": " + e.what();
+    }
+    broken_.store(true);
+    throw;
+  }
+  std::vector<std::shared_ptr<void>> owners;
+  for (const Buffer* b : buffers)
+    if (b->owner) owners.push_back(b->owner);
+  std::shared_ptr<WorkState> state = stream_work(std::move(label), std::move(owners));
+  SY_CHECK(state != nullptr, "backend ", backend_name(), " is stream-ordered but made no Work");
+  std::lock_guard lock(stats_mutex_);
+  OpStats& s = stats_.ops[std::string(op)];
+  s.calls += 1;
+  s.bytes += payload_bytes;
+  s.seconds += std::chrono::duration<double>(Clock::now() - start).count();  // issue time on the host
+  return Work(std::move(state));
+}
+
 // ---- public ops: validate on the caller's thread, then enqueue ----
 
 Work Communicator::allreduce(Buffer in, Buffer out, const ReduceOptions& opts) {
   constexpr std::string_view op = "allreduce";
-  check_in_out(op, in.view, out.view, /*in_place_ok=*/true);
+  check_in_out(op, in.view, out.view, memory_device(), /*in_place_ok=*/true);
   check_reducible(op, in.view.dtype());
   check_numel(op, "out", out.view.numel(), in.view.numel(), "same as in");
   const ReduceOp rop = opts.op;
@@ -255,7 +293,7 @@ Work Communicator::allreduce(Buffer in, Buffer out, const ReduceOptions& opts) {
 
 Work Communicator::reduce_scatter(Buffer in, Buffer out, const ReduceOptions& opts) {
   constexpr std::string_view op = "reduce_scatter";
-  check_in_out(op, in.view, out.view);
+  check_in_out(op, in.view, out.view, memory_device());
   check_reducible(op, in.view.dtype());
   check_numel(op, "in", in.view.numel(), out.view.numel() * size_, "size() blocks of out's elements");
   const ReduceOp rop = opts.op;
@@ -265,7 +303,7 @@ Work Communicator::reduce_scatter(Buffer in, Buffer out, const ReduceOptions& op
 
 Work Communicator::allgather(Buffer in, Buffer out, const OpOptions& opts) {
   constexpr std::string_view op = "allgather";
-  check_in_out(op, in.view, out.view);
+  check_in_out(op, in.view, out.view, memory_device());
   check_numel(op, "out", out.view.numel(), in.view.numel() * size_, "size() blocks of in's elements");
   return enqueue(op, opts, in.view.nbytes(), {&in, &out},
                  [this, i = in.view, o = out.view](const OpContext& ctx) { do_allgather(i, o, ctx); });
@@ -273,7 +311,7 @@ Work Communicator::allgather(Buffer in, Buffer out, const OpOptions& opts) {
 
 Work Communicator::allgatherv(Buffer in, Buffer out, std::vector<int64_t> counts, const OpOptions& opts) {
   constexpr std::string_view op = "allgatherv";
-  check_in_out(op, in.view, out.view);
+  check_in_out(op, in.view, out.view, memory_device());
   check_counts(op, "counts", counts, size_);
   check_numel(op, "in", in.view.numel(), counts[static_cast<size_t>(rank_)], "counts[rank]");
   check_numel(op, "out", out.view.numel(), sum(counts), "sum of counts");
@@ -285,7 +323,7 @@ Work Communicator::allgatherv(Buffer in, Buffer out, std::vector<int64_t> counts
 
 Work Communicator::alltoall(Buffer in, Buffer out, const OpOptions& opts) {
   constexpr std::string_view op = "alltoall";
-  check_in_out(op, in.view, out.view);
+  check_in_out(op, in.view, out.view, memory_device());
   check_numel(op, "out", out.view.numel(), in.view.numel(), "same as in");
   if (in.view.numel() % size_ != 0)
     SY_THROW(InvalidArgument, op, ": in has ", in.view.numel(), " elements, expected a multiple of the size ", size_);
@@ -296,7 +334,7 @@ Work Communicator::alltoall(Buffer in, Buffer out, const OpOptions& opts) {
 Work Communicator::alltoallv(Buffer in, std::vector<int64_t> send_counts, Buffer out,
                              std::vector<int64_t> recv_counts, const OpOptions& opts) {
   constexpr std::string_view op = "alltoallv";
-  check_in_out(op, in.view, out.view);
+  check_in_out(op, in.view, out.view, memory_device());
   check_counts(op, "send_counts", send_counts, size_);
   check_counts(op, "recv_counts", recv_counts, size_);
   check_numel(op, "in", in.view.numel(), sum(send_counts), "sum of send_counts");
@@ -308,7 +346,7 @@ Work Communicator::alltoallv(Buffer in, std::vector<int64_t> send_counts, Buffer
 
 Work Communicator::broadcast(Buffer buffer, int root, const OpOptions& opts) {
   constexpr std::string_view op = "broadcast";
-  check_host_contiguous(op, "buffer", buffer.view);
+  check_memory(op, "buffer", buffer.view, memory_device());
   check_peer(op, "root", root, size_);
   return enqueue(op, opts, rank_ == root ? buffer.view.nbytes() : 0, {&buffer},
                  [this, b = buffer.view, root](const OpContext& ctx) { do_broadcast(b, root, ctx); });
@@ -316,7 +354,7 @@ Work Communicator::broadcast(Buffer buffer, int root, const OpOptions& opts) {
 
 Work Communicator::send(Buffer buffer, int peer, const OpOptions& opts) {
   constexpr std::string_view op = "send";
-  check_host_contiguous(op, "buffer", buffer.view);
+  check_memory(op, "buffer", buffer.view, memory_device());
   check_peer(op, "peer", peer, size_);
   if (peer == rank_) SY_THROW(InvalidArgument, op, ": peer ", peer, " is this rank; copy locally instead");
   check_tag(op, opts.tag);
@@ -327,7 +365,7 @@ Work Communicator::send(Buffer buffer, int peer, const OpOptions& opts) {
 
 Work Communicator::recv(Buffer buffer, int peer, const OpOptions& opts) {
   constexpr std::string_view op = "recv";
-  check_host_contiguous(op, "buffer", buffer.view);
+  check_memory(op, "buffer", buffer.view, memory_device());
   check_peer(op, "peer", peer, size_);
   if (peer == rank_) SY_THROW(InvalidArgument, op, ": peer ", peer, " is this rank; copy locally instead");
   check_tag(op, opts.tag);
@@ -338,8 +376,8 @@ Work Communicator::recv(Buffer buffer, int peer, const OpOptions& opts) {
 
 Work Communicator::sendrecv(Buffer send_buffer, int to, Buffer recv_buffer, int from, const OpOptions& opts) {
   constexpr std::string_view op = "sendrecv";
-  check_host_contiguous(op, "send_buffer", send_buffer.view);
-  check_host_contiguous(op, "recv_buffer", recv_buffer.view);
+  check_memory(op, "send_buffer", send_buffer.view, memory_device());
+  check_memory(op, "recv_buffer", recv_buffer.view, memory_device());
   check_peer(op, "to", to, size_);
   check_peer(op, "from", from, size_);
   check_tag(op, opts.tag);

@@ -131,10 +131,26 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
   // Stop the executor before a derived class's members go (call first in derived destructors).
   void shutdown_executor();
 
+  // Where op buffers must live: host memory, or the backend's device (nccl).
+  virtual Device memory_device() const { return Device::cpu(); }
+  // Stream-ordered backends (nccl): an op's body runs on the issuing thread and
+  // only queues device work on the backend's stream; after it, stream_work()
+  // makes the Work that tracks that work (an event) and keeps `owners` (the
+  // op's buffers) until the device is done with them. Its wait() makes the
+  // caller's stream wait rather than blocking the host. Errors raised while
+  // queueing are thrown to the caller (and break the communicator).
+  virtual bool stream_ordered() const { return false; }
+  virtual std::shared_ptr<WorkState> stream_work(WorkLabel label, std::vector<std::shared_ptr<void>> owners) {
+    return nullptr;
+  }
+
  private:
   Work enqueue(std::string_view op, const OpOptions& opts, uint64_t payload_bytes,
                std::initializer_list<const Buffer*> buffers, std::function<void(const OpContext&)> body);
   void check_usable() const;
+  Work enqueue_on_stream(std::string_view op, const OpOptions& opts, uint64_t payload_bytes,
+                         std::initializer_list<const Buffer*> buffers,
+                         const std::function<void(const OpContext&)>& body);
 
   int rank_;
   int size_;
