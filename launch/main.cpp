@@ -26,10 +26,13 @@ void print_info() {
             << "  UCX               " << (SWITCHYARD_HAS_UCX ? "yes (backend ucx, bootstrapped through the TCP store)" : "no")
             << "\n"
             << "  CUDA              " << yes(SWITCHYARD_HAS_CUDA);
-  if (SWITCHYARD_HAS_CUDA) std::cout << " (architectures " << SWITCHYARD_CUDA_ARCHITECTURES << "; no CUDA kernels yet)";
-  std::cout << "\n  NCCL              " << (SWITCHYARD_HAS_NCCL ? "found; the NCCL backend is not implemented yet" : "no")
-            << "\n\nBackends compiled in: threads, fake" << (SWITCHYARD_HAS_MPI ? ", mpi" : "")
-            << (SWITCHYARD_HAS_UCX ? ", ucx" : "") << "\n";
+  if (SWITCHYARD_HAS_CUDA)
+    std::cout << " (architectures " << SWITCHYARD_CUDA_ARCHITECTURES
+              << "; libswitchyard_kernels_cuda and the device MoE layer, libswitchyard_moe_cuda; see docs/gpu.md)";
+  std::cout << "\n  NCCL              "
+            << (SWITCHYARD_HAS_NCCL ? "yes (backend nccl, libswitchyard_comm_nccl: device memory, one GPU per rank)" : "no")
+            << "\n\nBackends compiled in: threads, fake, emulated" << (SWITCHYARD_HAS_MPI ? ", mpi" : "")
+            << (SWITCHYARD_HAS_UCX ? ", ucx" : "") << (SWITCHYARD_HAS_NCCL ? ", nccl (library only)" : "") << "\n";
 
   std::cout << "\nThis process\n";
   try {

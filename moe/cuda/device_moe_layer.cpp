@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <numeric>
+#include <optional>
 
 #include "core/error.h"
 #include "kernels/cuda/gemm.h"
@@ -55,6 +56,74 @@ void run_gemm(const BlockGemm& g, cudaStream_t s) {
 
 int64_t DeviceMoELayer::Blocks::offset(int u, int l) const {
   return std::accumulate(rows.begin(), rows.begin() + u * slots + l, int64_t{0});
+}
+
+class DeviceMoELayer::Phase {
+ public:
+  Phase(DeviceMoELayer& layer, double MoEPhaseTimes::*field) : layer_(layer.profiling_ ? &layer : nullptr) {
+    if (!layer_) return;
+    mark_.field = field;
+    cudaEvent_t b, e;
+    SY_CUDA_CHECK(cudaEventCreate(&b));
+    SY_CUDA_CHECK(cudaEventCreate(&e));
+    mark_.begin = b, mark_.end = e;
+    SY_CUDA_CHECK(cudaEventRecord(b, cuda::current_stream()));
+  }
+  ~Phase() {
+    if (!layer_) return;
+    (void)cudaEventRecord(static_cast<cudaEvent_t>(mark_.end), cuda::current_stream());
+    layer_->marks_.push_back(mark_);
+  }
+
+ private:
+  DeviceMoELayer* layer_;
+  Mark mark_{};
+};
+
+const MoEPhaseTimes& DeviceMoELayer::phase_times() {
+  for (const Mark& m : marks_) {
+    auto b = static_cast<cudaEvent_t>(m.begin), e = static_cast<cudaEvent_t>(m.end);
+    SY_CUDA_CHECK(cudaEventSynchronize(e));
+    float ms = 0;
+    SY_CUDA_CHECK(cudaEventElapsedTime(&ms, b, e));
+    times_.*m.field += ms * 1e-3;
+    (void)cudaEventDestroy(b);
+    (void)cudaEventDestroy(e);
+  }
+  marks_.clear();
+  return times_;
+}
+
+void DeviceMoELayer::reset_profile() {
+  phase_times();
+  times_ = MoEPhaseTimes{};
+}
+
+template <class Gemm>
+void DeviceMoELayer::for_expert_blocks(int W, int L, Gemm&& gemm) const {
+  const Saved& sv = saved_;
+  for (int u = 0; u < W; ++u) {
+    if (sv.padded) {
+      gemm(0, L, sv.capacity, sv.recv.offset(u, 0));
+    } else {
+      for (int l = 0; l < L; ++l) gemm(l, 1, sv.recv.rows[static_cast<size_t>(u * L + l)], sv.recv.offset(u, l));
+    }
+  }
+}
+
+int64_t DeviceMoELayer::largest_block() const {
+  int64_t largest = 0;
+  for (int64_t m : saved_.recv.rows) largest = std::max(largest, m);
+  return largest;
+}
+
+const float* DeviceMoELayer::ones(int64_t n) {
+  if (ones_.numel() < n) {
+    std::vector<float> h(static_cast<size_t>(std::max<int64_t>(n, 2 * ones_.numel())), 1.f);
+    ones_ = cuda::to_device(TensorView(h.data(), DType::f32, {static_cast<int64_t>(h.size())}), device_);
+    SY_CUDA_CHECK(cudaStreamSynchronize(cuda::current_stream()));  // h goes at the end of this scope
+  }
+  return fp(ones_);
 }
 
 int64_t DeviceMoELayer::Blocks::total() const { return std::accumulate(rows.begin(), rows.end(), int64_t{0}); }
@@ -181,6 +250,8 @@ MoEForward DeviceMoELayer::forward(const TensorView& x, const RoutingChoice& rou
   sv.k = k;
   sv.padded = plan.exchange == ExchangeMode::padded;
 
+  std::optional<Phase> phase;  // device time per phase when profiling
+  phase.emplace(*this, &MoEPhaseTimes::gate);
   // Gate and router.
   sv.x = device_empty({T, M});
   cuda::copy(sv.x, x);
@@ -268,8 +339,12 @@ MoEForward DeviceMoELayer::forward(const TensorView& x, const RoutingChoice& rou
                      static_cast<int64_t*>(sv.token_of_row.data()), mp(sv.weight_of_row), s);
 
   // Encode, and the exchange to the experts.
+  phase.reset();
+  phase.emplace(*this, &MoEPhaseTimes::encode);
   Tensor send = device_empty({rows, M});
   kc::gather_rows(fp(sv.x), static_cast<const int64_t*>(sv.token_of_row.data()), rows, M, mp(send), s);
+  phase.reset();
+  phase.emplace(*this, &MoEPhaseTimes::dispatch_a2a);
   if (W == 1) {
     sv.recv = sv.send;
   } else if (sv.padded) {
@@ -288,7 +363,11 @@ MoEForward DeviceMoELayer::forward(const TensorView& x, const RoutingChoice& rou
     sv.rows = send;
   }
 
+  phase.reset();
+  phase.emplace(*this, &MoEPhaseTimes::experts);
   expert_forward();
+  phase.reset();
+  phase.emplace(*this, &MoEPhaseTimes::combine_a2a);
 
   if (W > 1) {
     sv.returned = device_empty({rows, M});
@@ -296,9 +375,12 @@ MoEForward DeviceMoELayer::forward(const TensorView& x, const RoutingChoice& rou
   } else {
     sv.returned = sv.out;
   }
+  phase.reset();
+  phase.emplace(*this, &MoEPhaseTimes::decode);
   result.output = device_empty({T, M});
   kc::combine_rows(fp(sv.returned), static_cast<const int64_t*>(sv.row_of_choice.data()), fp(sv.weights), T, k, M,
                    mp(result.output), s);
+  phase.reset();
   sv.valid = true;
   return result;
 }
@@ -321,23 +403,19 @@ void DeviceMoELayer::expert_forward() {
     kc::to_bf16(fp(params_.w1), params_.w1.numel(), static_cast<uint16_t*>(sv.w1_16.data()), s);
     kc::to_bf16(fp(params_.w2), params_.w2.numel(), static_cast<uint16_t*>(sv.w2_16.data()), s);
   }
-  // Biases first; the GEMMs accumulate on top.
-  for (int u = 0; u < W; ++u)
-    for (int l = 0; l < L; ++l) {
-      const int64_t m = sv.recv.rows[static_cast<size_t>(u * L + l)], o = sv.recv.offset(u, l);
-      kc::broadcast_rows(fp(params_.b1, l * H1), m, H1, mp(sv.pre, o * H1), s);
-      kc::broadcast_rows(fp(params_.b2, l * M), m, M, mp(sv.out, o * M), s);
-    }
-  // fc1 per source rank: one batched GEMM over the slots when padded (all blocks C rows), else one per block.
-  const auto per_block = [&](auto&& gemm) {
-    for (int u = 0; u < W; ++u) {
-      if (sv.padded) {
-        gemm(0, L, sv.capacity, sv.recv.offset(u, 0));
-      } else {
-        for (int l = 0; l < L; ++l) gemm(l, 1, sv.recv.rows[static_cast<size_t>(u * L + l)], sv.recv.offset(u, l));
-      }
-    }
-  };
+  const auto per_block = [&](auto&& gemm) { for_expert_blocks(W, L, gemm); };
+  // Biases first, as rank-1 GEMMs (ones x bias: one launch per source rank
+  // when padded); the weight GEMMs accumulate on top.
+  const float* one = ones(largest_block());
+  per_block([&](int l, int batch, int64_t m, int64_t o) {
+    run_gemm({.m = m, .n = H1, .k = 1, .a = one, .lda = 1, .b = fp(params_.b1, l * H1), .ldb = H1, .stride_b = H1,
+              .c = mp(sv.pre, o * H1), .ldc = H1, .stride_c = m * H1, .batch = batch},
+             s);
+    run_gemm({.m = m, .n = M, .k = 1, .a = one, .lda = 1, .b = fp(params_.b2, l * M), .ldb = M, .stride_b = M,
+              .c = mp(sv.out, o * M), .ldc = M, .stride_c = m * M, .batch = batch},
+             s);
+  });
+  // fc1, activation, fc2.
   per_block([&](int l, int batch, int64_t m, int64_t o) {
     BlockGemm g{.m = m, .n = H1, .k = M, .lda = M, .stride_a = m * M, .ldb = H1, .stride_b = M * H1,
                 .accumulate = true, .c = mp(sv.pre, o * H1), .ldc = H1, .stride_c = m * H1, .batch = batch};
@@ -369,23 +447,18 @@ void DeviceMoELayer::expert_backward(const Tensor& d_out, bool input_grad, Tenso
     dp16 = device_empty({R, H1}, DType::bf16);
     kc::to_bf16(fp(d_out), R * M, static_cast<uint16_t*>(dy16.data()), s);
   }
-  int64_t largest = 0;
-  for (int64_t m : sv.recv.rows) largest = std::max(largest, m);
-  Tensor scratch = device_empty({std::max<int64_t>(1, kc::column_sum_scratch(largest, std::max(H1, M)))});
-  for (int u = 0; u < W; ++u)
-    for (int l = 0; l < L; ++l) {
-      const int64_t m = sv.recv.rows[static_cast<size_t>(u * L + l)], o = sv.recv.offset(u, l);
-      kc::add_column_sums(fp(d_out, o * M), m, M, mp(grads_.b2, l * M), mp(scratch), s);
-    }
-  const auto per_block = [&](auto&& gemm) {
-    for (int u = 0; u < W; ++u) {
-      if (sv.padded) {
-        gemm(0, L, sv.capacity, sv.recv.offset(u, 0));
-      } else {
-        for (int l = 0; l < L; ++l) gemm(l, 1, sv.recv.rows[static_cast<size_t>(u * L + l)], sv.recv.offset(u, l));
-      }
-    }
+  const auto per_block = [&](auto&& gemm) { for_expert_blocks(W, L, gemm); };
+  // Bias gradients as GEMMs, db[l] += ones^T dY: deterministic, one launch per source rank when padded.
+  const float* one = ones(largest_block());
+  const auto bias_grad = [&](const Tensor& dy, int64_t width, const Tensor& db) {
+    per_block([&](int l, int batch, int64_t m, int64_t o) {
+      run_gemm({.m = 1, .n = width, .k = m, .a = one, .lda = std::max<int64_t>(m, 1), .b = fp(dy, o * width),
+                .ldb = width, .stride_b = m * width, .accumulate = true, .c = mp(db, l * width), .ldc = width,
+                .stride_c = width, .batch = batch},
+               s);
+    });
   };
+  bias_grad(d_out, M, grads_.b2);
   // dW2 += act^T dy; d_act = dy W2^T.
   per_block([&](int l, int batch, int64_t m, int64_t o) {
     BlockGemm g{.ta = true, .m = H, .n = M, .k = m, .lda = H, .stride_a = m * H, .ldb = M, .stride_b = m * M,
@@ -401,11 +474,7 @@ void DeviceMoELayer::expert_backward(const Tensor& d_out, bool input_grad, Tenso
   });
   kc::activation_backward(config_.activation, fp(sv.pre), fp(d_act), R, H, mp(d_pre), s);
   if (bf) kc::to_bf16(fp(d_pre), R * H1, static_cast<uint16_t*>(dp16.data()), s);
-  for (int u = 0; u < W; ++u)
-    for (int l = 0; l < L; ++l) {
-      const int64_t m = sv.recv.rows[static_cast<size_t>(u * L + l)], o = sv.recv.offset(u, l);
-      kc::add_column_sums(fp(d_pre, o * H1), m, H1, mp(grads_.b1, l * H1), mp(scratch), s);
-    }
+  bias_grad(d_pre, H1, grads_.b1);
   // dW1 += rows^T d_pre; d_rows = d_pre W1^T.
   per_block([&](int l, int batch, int64_t m, int64_t o) {
     BlockGemm g{.ta = true, .m = M, .n = H1, .k = m, .lda = M, .stride_a = m * M, .ldb = H1, .stride_b = m * H1,
@@ -437,6 +506,7 @@ Tensor DeviceMoELayer::backward(const TensorView& dout, double balance_coef, dou
   const auto* token_of_row = static_cast<const int64_t*>(sv.token_of_row.data());
 
   // Decode's backward: each returned row's gradient, and its weight's.
+  Phase whole(*this, &MoEPhaseTimes::backward);
   Tensor d_returned = device_empty({rows, M}), d_weight_of_row = device_empty({rows});
   kc::gather_scaled_rows(g, token_of_row, fp(sv.weight_of_row), rows, M, mp(d_returned), s);
   kc::row_dots(g, token_of_row, fp(sv.returned), rows, M, mp(d_weight_of_row), s);

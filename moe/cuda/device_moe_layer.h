@@ -52,6 +52,13 @@ class DeviceMoELayer {
   // Throws NotSupported / InvalidArgument naming the field when this layer cannot run `plan`.
   void check_plan(const ExecPlan& plan) const;
 
+  // Device time per phase from CUDA events around each phase (off by default:
+  // the events cost a little). phase_times() waits for the recorded phases and
+  // returns their sums since the last reset (seconds).
+  void set_profiling(bool on) { profiling_ = on; }
+  const MoEPhaseTimes& phase_times();
+  void reset_profile();
+
  private:
   Tensor device_empty(Shape shape, DType dtype = DType::f32) const;
   // Rows of each (source or destination rank, local slot) block on this rank.
@@ -62,6 +69,15 @@ class DeviceMoELayer {
     int64_t total() const;
   };
   Work exchange(const TensorView& in, const Blocks& send, const TensorView& out, const Blocks& recv, int64_t width);
+  // Calls gemm(slot, batch, rows, first_row) for the received expert blocks of
+  // every source rank: once per source with its L slots batched when padded
+  // (every block has C rows), else once per block.
+  template <class Gemm>
+  void for_expert_blocks(int W, int L, Gemm&& gemm) const;
+  int64_t largest_block() const;
+  // A device vector of at least n ones (bias broadcast and bias gradients as GEMMs).
+  const float* ones(int64_t n);
+  class Phase;  // records a phase's events when profiling
   void expert_forward();
   void expert_backward(const Tensor& d_out, bool input_grad, Tensor& d_rows);
 
@@ -72,6 +88,15 @@ class DeviceMoELayer {
   Tensor position_of_expert_;  // device i32 [E]
   Tensor gate_weight_, gate_bias_, gate_grad_;
   ExpertParams params_, grads_;
+  Tensor ones_;
+  bool profiling_ = false;
+  struct Mark {
+    double MoEPhaseTimes::*field;
+    void* begin;  // cudaEvent_t
+    void* end;
+  };
+  std::vector<Mark> marks_;
+  MoEPhaseTimes times_;
 
   struct Saved {
     bool valid = false;

@@ -15,12 +15,14 @@
 #include <cstdio>
 #include <cstring>
 #include <functional>
+#include <mutex>
 #include <iostream>
 #include <numeric>
 #include <string>
 #include <vector>
 
 #include "comm/backends/nccl/nccl_backend.h"
+#include "comm/backends/staged/staged_backend.h"
 #include "comm/backends/threads/threads_backend.h"
 #include "core/rng.h"
 #include "kernels/cuda/gemm.h"
@@ -369,6 +371,75 @@ void check_layer(kh::Activation act, DType compute, ExchangeMode mode, double cf
   compare(name + ": db2", device_layer.expert_grads().b2, host_layer.expert_grads().b2.data_as<float>(), tol);
 }
 
+// Several ranks on one GPU: thread-ranks whose device layers exchange over the
+// staged backend (device buffers over the threads backend), each on its own
+// stream, against the host layer on the same ranks. Checks the device layer's
+// multi-rank logic (capacity agreement, block counts, exchanges); NCCL itself
+// needs one GPU per rank.
+void check_layer_multirank(int W, ExchangeMode mode, double cf) {
+  std::mutex mutex;
+  std::vector<std::tuple<int, std::string, double, double>> results;  // rank, what, error, tolerance
+  const uint64_t seed = rng.seed() * 31 + static_cast<uint64_t>(W);
+  run_thread_ranks(W, [&](Communicator& world) {
+    SY_CUDA_CHECK(cudaSetDevice(0));
+    cudaStream_t stream = nullptr;
+    SY_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    {
+      cuda::StreamGuard on(stream);
+      MoEConfig cfg;
+      cfg.model_dim = 64;
+      cfg.hidden_dim = 48;
+      cfg.activation = kh::Activation::gelu;
+      cfg.router.experts = 8;
+      cfg.router.k = 2;
+      auto host_comm = world.shared_from_this();
+      MoELayer host_layer(cfg, host_comm);
+      host_layer.init_parameters(seed);
+      std::vector<int> all(static_cast<size_t>(W));
+      std::iota(all.begin(), all.end(), 0);
+      auto staged = make_staged_device_communicator(host_comm->create_group(all, "for-staged"), 0);
+      DeviceMoELayer device_layer(cfg, staged, 0);
+      device_layer.copy_parameters_from(host_layer);
+      const int rank = world.rank();
+      const int64_t tokens = rank == W - 1 && W > 2 ? 0 : 150 + 37 * rank;  // uneven, and one empty rank
+      Rng r(seed * 7 + static_cast<uint64_t>(rank));
+      Tensor x = Tensor::empty({tokens, cfg.model_dim}, DType::f32), g = Tensor::empty({tokens, cfg.model_dim}, DType::f32);
+      r.fill_uniform(x, -1, 1);
+      r.fill_uniform(g, -1, 1);
+      const ExecPlan plan{.r = 1, .d = 1, .a2a = A2AAlgorithm::flat, .exchange = mode};
+      const MoEForward hf = host_layer.forward(x, RoutingChoice{cf, 2}, plan);
+      const Tensor hdx = host_layer.backward(g, 0.01, 0.001);
+      Tensor dxv = cuda::to_device(x, 0), dgv = cuda::to_device(g, 0);
+      const MoEForward df = device_layer.forward(dxv, RoutingChoice{cf, 2}, plan);
+      const Tensor ddx = device_layer.backward(dgv, 0.01, 0.001);
+      auto err = [](const Tensor& d, const Tensor& h) {
+        const Tensor dh = cuda::to_host(d);
+        return rel_error(dh.data_as<float>(), h.data_as<float>(), h.numel());
+      };
+      std::vector<std::tuple<int, std::string, double, double>> mine = {
+          {rank, "dropped", std::fabs(double(df.dropped - hf.dropped)), 0.0},
+          {rank, "output", err(df.output, hf.output), 2e-5},
+          {rank, "dx", err(ddx, hdx), 2e-5},
+          {rank, "gate grad (summed over ranks)", err(device_layer.gate_grad(), host_layer.gate_grad()), 1e-4},
+          {rank, "dW1", err(device_layer.expert_grads().w1, host_layer.expert_grads().w1), 2e-5},
+          {rank, "db2", err(device_layer.expert_grads().b2, host_layer.expert_grads().b2), 2e-5},
+      };
+      std::lock_guard lock(mutex);
+      results.insert(results.end(), mine.begin(), mine.end());
+    }
+    SY_CUDA_CHECK(cudaStreamSynchronize(stream));
+    SY_CUDA_CHECK(cudaStreamDestroy(stream));
+  });
+  std::sort(results.begin(), results.end());
+  for (const auto& [rank, what, e, tol] : results) {
+    char buf[64];
+    std::snprintf(buf, sizeof buf, "rel err %.2e (tol %.0e)", e, tol);
+    report(e <= tol, "moe layer on " + std::to_string(W) + " thread-ranks over staged, " +
+                         (mode == ExchangeMode::padded ? "padded" : "dropless") + ", rank " + std::to_string(rank) + ": " + what,
+           buf);
+  }
+}
+
 // ---- timing ----
 
 double median_ms(const std::function<void()>& fn, int reps = 20) {
@@ -497,16 +568,25 @@ void timing_table() {
       cuda::copy(*p, h);
     }
     const ExecPlan plan{.r = 1, .d = 1, .a2a = A2AAlgorithm::flat, .exchange = ExchangeMode::padded};
-    const double ms = median_ms([&] {
+    const auto step = [&] {
       MoEForward f = layer.forward(x, RoutingChoice{1.0, int(k)}, plan);
       layer.backward(f.output, 0.01, 0.0);
-    }, 5);
+    };
+    const double ms = median_ms(step, 5);
+    // Where the step's device time goes (one more step with CUDA events around each phase).
+    layer.set_profiling(true);
+    step();
+    const MoEPhaseTimes p = layer.phase_times();
+    layer.set_profiling(false);
     const double step_flops = 3 * 2 * 2.0 * E * C * M * H;  // fc1 + fc2, forward and two backward GEMMs each
     const double rate = compute == DType::bf16 ? flops / (bf_ms * 1e-3) : flops / (f32_ms * 1e-3);
     const double floor_ms = step_flops / rate * 1e3;
     std::printf("%-44s %10.1f us, GEMM floor %.1f us at the batched rate above, ratio %.2f\n",
                 compute == DType::bf16 ? "moe layer fwd+bwd bf16 (T=16384, 64 experts)" : "moe layer fwd+bwd f32 (T=16384, 64 experts)",
                 ms * 1e3, floor_ms * 1e3, ms / floor_ms);
+    std::printf("  phases (us): gate+layout %.0f, encode %.0f, dispatch %.0f, experts %.0f, combine %.0f, decode %.0f, backward %.0f\n",
+                p.gate * 1e6, p.encode * 1e6, p.dispatch_a2a * 1e6, p.experts * 1e6, p.combine_a2a * 1e6, p.decode * 1e6,
+                p.backward * 1e6);
   }
 }
 
@@ -535,6 +615,9 @@ int main(int argc, char** argv) {
           check_layer(act, compute, mode, mode == ExchangeMode::padded ? 1.0 : 0.0, 301);
     check_layer(kh::Activation::gelu, DType::f32, ExchangeMode::padded, 0.5, 1000);  // drops
     check_layer(kh::Activation::gelu, DType::f32, ExchangeMode::dropless, 0.0, 0);    // an empty batch
+    for (int W : {2, 4})
+      for (ExchangeMode mode : {ExchangeMode::padded, ExchangeMode::dropless})
+        check_layer_multirank(W, mode, mode == ExchangeMode::padded ? 1.0 : 0.0);
     SY_CUDA_CHECK(cudaDeviceSynchronize());
   } catch (const std::exception& e) {
     report(false, std::string("exception: ") + e.what());

@@ -2,6 +2,7 @@
 // binary was started with (see tests/common/rank_harness.h), over element
 // counts (0, 1, odd, 1M) and each op's dtypes, against float64 references
 // computed from every rank's regenerated input.
+#include <functional>
 #include <gtest/gtest.h>
 
 #include <atomic>
@@ -564,6 +565,32 @@ TEST(Comm, OverlappingBuffersAreRejectedButExactInPlaceAllreduceIsAllowed) {
     EXPECT_THROW(comm.alltoall(whole, whole), InvalidArgument);
     EXPECT_THROW(comm.allreduce(whole, shifted), InvalidArgument);
     comm.allreduce(whole, whole).wait();
+  });
+}
+
+// Host backends refuse device memory before touching it, naming the op, the
+// buffer and the device (the nccl backend, in turn, refuses host memory).
+TEST(Comm, DeviceBuffersAreRefusedByHostBackends) {
+  for_each_rank([&](Communicator& comm, uint64_t) {
+    float never_touched[8];
+    const TensorView device_view(never_touched, DType::f32, {8}, Device::cuda(0));
+    Tensor host = Tensor::zeros({8}, DType::f32);
+    auto expect_refusal = [](const std::function<void()>& call, const std::string& needle) {
+      try {
+        call();
+      } catch (const NotSupported& e) {
+        const std::string what = e.what();
+        if (what.find(needle) == std::string::npos || what.find("cuda:0") == std::string::npos ||
+            what.find("host memory only") == std::string::npos)
+          SY_THROW(Error, "refusal without '", needle, "', 'cuda:0' and 'host memory only': ", what);
+        return;
+      }
+      SY_THROW(Error, "no NotSupported for device memory ('", needle, "')");
+    };
+    expect_refusal([&] { comm.allreduce(device_view, device_view); }, "allreduce: in");
+    expect_refusal([&] { comm.allgather(host, device_view); }, "allgather: out");
+    expect_refusal([&] { comm.broadcast(device_view, 0); }, "broadcast: buffer");
+    comm.barrier().wait();
   });
 }
 
