@@ -117,15 +117,6 @@ int64_t DeviceMoELayer::largest_block() const {
   return largest;
 }
 
-const float* DeviceMoELayer::ones(int64_t n) {
-  if (ones_.numel() < n) {
-    std::vector<float> h(static_cast<size_t>(std::max<int64_t>(n, 2 * ones_.numel())), 1.f);
-    ones_ = cuda::to_device(TensorView(h.data(), DType::f32, {static_cast<int64_t>(h.size())}), device_);
-    SY_CUDA_CHECK(cudaStreamSynchronize(cuda::current_stream()));  // h goes at the end of this scope
-  }
-  return fp(ones_);
-}
-
 int64_t DeviceMoELayer::Blocks::total() const { return std::accumulate(rows.begin(), rows.end(), int64_t{0}); }
 
 DeviceMoELayer::DeviceMoELayer(MoEConfig config, std::shared_ptr<Communicator> group, int device)
@@ -404,17 +395,14 @@ void DeviceMoELayer::expert_forward() {
     kc::to_bf16(fp(params_.w2), params_.w2.numel(), static_cast<uint16_t*>(sv.w2_16.data()), s);
   }
   const auto per_block = [&](auto&& gemm) { for_expert_blocks(W, L, gemm); };
-  // Biases first, as rank-1 GEMMs (ones x bias: one launch per source rank
-  // when padded); the weight GEMMs accumulate on top.
-  const float* one = ones(largest_block());
-  per_block([&](int l, int batch, int64_t m, int64_t o) {
-    run_gemm({.m = m, .n = H1, .k = 1, .a = one, .lda = 1, .b = fp(params_.b1, l * H1), .ldb = H1, .stride_b = H1,
-              .c = mp(sv.pre, o * H1), .ldc = H1, .stride_c = m * H1, .batch = batch},
-             s);
-    run_gemm({.m = m, .n = M, .k = 1, .a = one, .lda = 1, .b = fp(params_.b2, l * M), .ldb = M, .stride_b = M,
-              .c = mp(sv.out, o * M), .ldc = M, .stride_c = m * M, .batch = batch},
-             s);
-  });
+  // Biases first; the GEMMs accumulate on top. (One launch per block: rank-1
+  // GEMMs batched per source rank would need fewer, see docs/gpu.md.)
+  for (int u = 0; u < W; ++u)
+    for (int l = 0; l < L; ++l) {
+      const int64_t m = sv.recv.rows[static_cast<size_t>(u * L + l)], o = sv.recv.offset(u, l);
+      kc::broadcast_rows(fp(params_.b1, l * H1), m, H1, mp(sv.pre, o * H1), s);
+      kc::broadcast_rows(fp(params_.b2, l * M), m, M, mp(sv.out, o * M), s);
+    }
   // fc1, activation, fc2.
   per_block([&](int l, int batch, int64_t m, int64_t o) {
     BlockGemm g{.m = m, .n = H1, .k = M, .lda = M, .stride_a = m * M, .ldb = H1, .stride_b = M * H1,
@@ -448,15 +436,14 @@ void DeviceMoELayer::expert_backward(const Tensor& d_out, bool input_grad, Tenso
     kc::to_bf16(fp(d_out), R * M, static_cast<uint16_t*>(dy16.data()), s);
   }
   const auto per_block = [&](auto&& gemm) { for_expert_blocks(W, L, gemm); };
-  // Bias gradients as GEMMs, db[l] += ones^T dY: deterministic, one launch per source rank when padded.
-  const float* one = ones(largest_block());
+  // Bias gradients: deterministic column sums per block.
+  Tensor scratch = device_empty({std::max<int64_t>(1, kc::column_sum_scratch(largest_block(), std::max(H1, M)))});
   const auto bias_grad = [&](const Tensor& dy, int64_t width, const Tensor& db) {
-    per_block([&](int l, int batch, int64_t m, int64_t o) {
-      run_gemm({.m = 1, .n = width, .k = m, .a = one, .lda = std::max<int64_t>(m, 1), .b = fp(dy, o * width),
-                .ldb = width, .stride_b = m * width, .accumulate = true, .c = mp(db, l * width), .ldc = width,
-                .stride_c = width, .batch = batch},
-               s);
-    });
+    for (int u = 0; u < W; ++u)
+      for (int l = 0; l < L; ++l) {
+        const int64_t m = sv.recv.rows[static_cast<size_t>(u * L + l)], o = sv.recv.offset(u, l);
+        kc::add_column_sums(fp(dy, o * width), m, width, mp(db, l * width), mp(scratch), s);
+      }
   };
   bias_grad(d_out, M, grads_.b2);
   // dW2 += act^T dy; d_act = dy W2^T.

@@ -75,8 +75,6 @@ class DeviceMoELayer {
   template <class Gemm>
   void for_expert_blocks(int W, int L, Gemm&& gemm) const;
   int64_t largest_block() const;
-  // A device vector of at least n ones (bias broadcast and bias gradients as GEMMs).
-  const float* ones(int64_t n);
   class Phase;  // records a phase's events when profiling
   void expert_forward();
   void expert_backward(const Tensor& d_out, bool input_grad, Tensor& d_rows);
@@ -88,7 +86,6 @@ class DeviceMoELayer {
   Tensor position_of_expert_;  // device i32 [E]
   Tensor gate_weight_, gate_bias_, gate_grad_;
   ExpertParams params_, grads_;
-  Tensor ones_;
   bool profiling_ = false;
   struct Mark {
     double MoEPhaseTimes::*field;
