@@ -62,3 +62,20 @@ if(SWITCHYARD_HAS_CUDA AND (SWITCHYARD_WITH_NCCL STREQUAL "AUTO" OR SWITCHYARD_W
 elseif(SWITCHYARD_WITH_NCCL STREQUAL "ON")
   message(FATAL_ERROR "SWITCHYARD_WITH_NCCL=ON needs CUDA (SWITCHYARD_WITH_CUDA)")
 endif()
+
+# The Python module (python/): pybind11 + DLPack, no libtorch headers.
+set(SWITCHYARD_WITH_PYTHON AUTO CACHE STRING "Python module: ON, OFF or AUTO (on when Python 3 and pybind11 are found)")
+set_property(CACHE SWITCHYARD_WITH_PYTHON PROPERTY STRINGS ON OFF AUTO)
+set(SWITCHYARD_HAS_PYTHON 0)
+if(SWITCHYARD_WITH_PYTHON STREQUAL "AUTO" OR SWITCHYARD_WITH_PYTHON)
+  # Debian's interpreter (the one python3-torch serves), not whichever python3 is first on PATH.
+  if(NOT PYTHON_EXECUTABLE AND EXISTS /usr/bin/python3)
+    set(PYTHON_EXECUTABLE /usr/bin/python3)
+  endif()
+  find_package(pybind11 CONFIG QUIET)
+  if(pybind11_FOUND)
+    set(SWITCHYARD_HAS_PYTHON 1)
+  elseif(SWITCHYARD_WITH_PYTHON STREQUAL "ON")
+    message(FATAL_ERROR "SWITCHYARD_WITH_PYTHON=ON but pybind11 was not found (apt-get install pybind11-dev python3-dev)")
+  endif()
+endif()

@@ -202,6 +202,59 @@ std::shared_ptr<Communicator> bootstrap_ucx_world(const RankInfo& info, Millisec
 }
 #endif
 
+ProcessWorld connect_process_world(const RuntimeOptions& options) {
+  const BackendChoice choice = choose_backend(options.backend, process_env);
+  if (choice.backend == "threads") {
+    if (options.ranks != 1)
+      SY_THROW(ConfigError, "backend threads (", choice.reason, "): a process on its own holds one rank, got ranks = ",
+               options.ranks, "; start several processes with mpirun or `switchyard launch`");
+    ProcessWorld pw;
+    pw.world = ThreadsWorld(1).communicator(0);  // the communicator keeps the world's state
+    if (options.timeout) pw.world->set_default_timeout(*options.timeout);
+    pw.info = RankInfo{0, 1, 0, 1, "none", "threads backend (one rank)"};
+    return pw;
+  }
+  if (choice.backend == "mpi") {
+#if SWITCHYARD_HAS_MPI
+    auto world = make_mpi_world_communicator();
+    if (options.timeout) world->set_default_timeout(*options.timeout);
+    RankInfo info = discover_rank(process_env).value_or(RankInfo{world->rank(), world->size(), 0, world->size(),
+                                                                 "none", "MPI_COMM_WORLD"});
+    if (info.rank != world->rank() || info.world_size != world->size())
+      SY_THROW(ConfigError, "launcher variables (", info.source, ") say rank ", info.rank, " of ", info.world_size,
+               " but MPI_COMM_WORLD says ", world->rank(), " of ", world->size());
+    // Nodes from host names, unless a local size is imposed (one machine acting as several nodes).
+    std::vector<int> node_of_rank;
+    if (options.local_size) {
+      info.local_size = *options.local_size;
+    } else if (!env().local_size) {
+      node_of_rank = nodes_from_host_names(*world);
+    }
+    return {world, info, std::move(node_of_rank)};
+#else
+    SY_THROW(NotSupported, "backend mpi is not built in (configure with -DSWITCHYARD_WITH_MPI=ON)");
+#endif
+  }
+  if (choice.backend == "tcp" || choice.backend == "ucx") {
+#if SWITCHYARD_HAS_UCX
+    const auto found = discover_rank(process_env);
+    if (!found)
+      SY_THROW(ConfigError, "backend ucx needs RANK and WORLD_SIZE (and MASTER_ADDR, MASTER_PORT, "
+               "SWITCHYARD_STORE_TOKEN): start the processes with `switchyard launch` or torchrun");
+    RankInfo info = *found;
+    auto world = bootstrap_ucx_world(info, options.timeout.value_or(Milliseconds(60000)));
+    if (options.timeout) world->set_default_timeout(*options.timeout);
+    if (options.local_size) info.local_size = *options.local_size;
+    return {world, info, {}};
+#else
+    SY_THROW(NotSupported, "backend ", choice.backend, " (", choice.reason,
+             ") needs UCX, which this build lacks (install libucx-dev and reconfigure); or launch with mpirun");
+#endif
+  }
+  SY_THROW(ConfigError, "backend '", choice.backend, "' (", choice.reason,
+           ") has no process world; expected threads (one rank), mpi or ucx");
+}
+
 void run_ranks(const RuntimeOptions& options, const std::function<void(Runtime&)>& fn) {
   const BackendChoice choice = choose_backend(options.backend, process_env);
   SY_LOG_INFO("runtime", "backend ", choice.backend, ": ", choice.reason);
@@ -227,46 +280,11 @@ void run_ranks(const RuntimeOptions& options, const std::function<void(Runtime&)
     fn(rt);
     return;
   }
-  if (choice.backend == "mpi") {
-#if SWITCHYARD_HAS_MPI
-    auto world = make_mpi_world_communicator();
-    if (options.timeout) world->set_default_timeout(*options.timeout);
-    RankInfo info = discover_rank(process_env).value_or(RankInfo{world->rank(), world->size(), 0, world->size(),
-                                                                 "none", "MPI_COMM_WORLD"});
-    if (info.rank != world->rank() || info.world_size != world->size())
-      SY_THROW(ConfigError, "launcher variables (", info.source, ") say rank ", info.rank, " of ", info.world_size,
-               " but MPI_COMM_WORLD says ", world->rank(), " of ", world->size());
-    // Nodes from host names, unless a local size is imposed (one machine acting as several nodes).
-    std::vector<int> node_of_rank;
-    if (options.local_size) {
-      info.local_size = *options.local_size;
-    } else if (!env().local_size) {
-      node_of_rank = nodes_from_host_names(*world);
-    }
-    Runtime rt(world, info, std::move(node_of_rank));
+  if (choice.backend == "mpi" || choice.backend == "tcp" || choice.backend == "ucx") {
+    ProcessWorld pw = connect_process_world(options);
+    Runtime rt(pw.world, pw.info, std::move(pw.node_of_rank));
     fn(rt);
     return;
-#else
-    SY_THROW(NotSupported, "backend mpi is not built in (configure with -DSWITCHYARD_WITH_MPI=ON)");
-#endif
-  }
-  if (choice.backend == "tcp" || choice.backend == "ucx") {
-#if SWITCHYARD_HAS_UCX
-    const auto found = discover_rank(process_env);
-    if (!found)
-      SY_THROW(ConfigError, "backend ucx needs RANK and WORLD_SIZE (and MASTER_ADDR, MASTER_PORT, "
-               "SWITCHYARD_STORE_TOKEN): start the processes with `switchyard launch` or torchrun");
-    RankInfo info = *found;
-    auto world = bootstrap_ucx_world(info, options.timeout.value_or(Milliseconds(60000)));
-    if (options.timeout) world->set_default_timeout(*options.timeout);
-    if (options.local_size) info.local_size = *options.local_size;
-    Runtime rt(world, info);
-    fn(rt);
-    return;
-#else
-    SY_THROW(NotSupported, "backend ", choice.backend, " (", choice.reason,
-             ") needs UCX, which this build lacks (install libucx-dev and reconfigure); or launch with mpirun");
-#endif
   }
   SY_THROW(ConfigError, "unknown backend '", choice.backend, "' (", choice.reason, "), expected threads, mpi or fake");
 }

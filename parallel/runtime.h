@@ -86,6 +86,16 @@ std::vector<int> nodes_from_host_names(Communicator& world);
 // token. ConfigError naming a missing variable or a WORLD_SIZE mismatch.
 std::shared_ptr<Communicator> bootstrap_ucx_world(const RankInfo& info, Milliseconds timeout);
 
+// This process's world where ranks are processes (mpi, ucx/tcp), or a lone
+// process's one-rank threads world: what embedders (the Python module) hold
+// for the life of their program. node_of_rank is empty unless host names gave it.
+struct ProcessWorld {
+  std::shared_ptr<Communicator> world;
+  RankInfo info;
+  std::vector<int> node_of_rank;
+};
+ProcessWorld connect_process_world(const RuntimeOptions& options);
+
 // Runs fn on every rank of the configured backend: N threads of this process
 // (threads), this process's rank (mpi, fake). Errors propagate as in run_thread_ranks.
 void run_ranks(const RuntimeOptions& options, const std::function<void(Runtime&)>& fn);

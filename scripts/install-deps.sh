@@ -17,6 +17,8 @@ packages=(
   libdlpack-dev
   nlohmann-json3-dev
   gnuplot-nox
+  python3-dev pybind11-dev python3-torch   # the Python module and the trainer examples (/usr/bin/python3)
+  fortunes                                 # English text the tiny language models train on
 )
 
 missing=()

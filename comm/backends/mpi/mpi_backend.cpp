@@ -1,5 +1,6 @@
 #include "comm/backends/mpi/mpi_backend.h"
 
+#include <atomic>
 #include <algorithm>
 #include <climits>
 #include <cstdio>
@@ -352,6 +353,10 @@ class MpiCommunicator : public Communicator {
 
 }  // namespace
 
+namespace {
+std::atomic<bool> mpi_initialized_by_switchyard{false};
+}  // namespace
+
 std::shared_ptr<MpiSession> MpiSession::acquire() {
   static std::mutex m;
   static std::weak_ptr<MpiSession> current;
@@ -372,6 +377,7 @@ MpiSession::MpiSession() {
   if (!initialized) {
     SY_MPI_CHECK(MPI_Init_thread(nullptr, nullptr, MPI_THREAD_SERIALIZED, &provided));
     initialized_here_ = true;
+    mpi_initialized_by_switchyard.store(true);
   } else {
     MPI_Query_thread(&provided);
   }
@@ -386,6 +392,14 @@ MpiSession::MpiSession() {
   if (flag && *tag_ub < static_cast<int>(kCollectiveTag))
     SY_THROW(NotSupported, "this MPI's MPI_TAG_UB (", *tag_ub, ") is below the tag range Switchyard needs (",
              kCollectiveTag, ")");
+}
+
+void finalize_mpi_now() {
+  std::lock_guard lock(mpi_mutex());
+  int initialized = 0, finalized = 0;
+  MPI_Initialized(&initialized);
+  MPI_Finalized(&finalized);
+  if (initialized && !finalized && mpi_initialized_by_switchyard.load()) MPI_Finalize();
 }
 
 MpiSession::~MpiSession() {

@@ -34,6 +34,11 @@ class MpiSession {
   int world_size_ = 1;
 };
 
+// Finalises MPI now if Switchyard initialised it: for embedders whose objects
+// may never be destroyed before exit (Python). Communicators destroyed later
+// skip their MPI calls; no op may be in flight.
+void finalize_mpi_now();
+
 // A communicator over a duplicate of MPI_COMM_WORLD.
 std::shared_ptr<Communicator> make_mpi_world_communicator();
 // A communicator over a duplicate of `comm` (the caller keeps its own).

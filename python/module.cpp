@@ -1,0 +1,320 @@
+// The Python extension module switchyard._switchyard: the runtime's world,
+// communicator collectives and the MoE layer, with tensors passed zero-copy
+// through DLPack (any object with __dlpack__, e.g. a torch tensor, or a
+// "dltensor" capsule). No libtorch headers: switchyard/torch.py builds the
+// torch.nn.Module and autograd.Function on top of this.
+#include <dlpack/dlpack.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <chrono>
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>
+
+#include "core/config.h"
+#include "core/dlpack.h"
+#include "core/error.h"
+#include "kernels/gemm.h"
+#include "moe/moe_layer.h"
+#include "moe/planner.h"
+#include "parallel/runtime.h"
+#if SWITCHYARD_HAS_MPI
+#include "comm/backends/mpi/mpi_backend.h"
+#endif
+
+namespace py = pybind11;
+using namespace switchyard;
+
+namespace {
+
+// A tensor from an object with __dlpack__ (consumed as the protocol says: the
+// capsule is renamed "used_dltensor") or from a "dltensor" capsule.
+Tensor tensor_from(const py::object& obj, const char* what) {
+  py::object capsule = py::hasattr(obj, "__dlpack__") ? obj.attr("__dlpack__")() : obj;
+  PyObject* cap = capsule.ptr();
+  if (!PyCapsule_IsValid(cap, "dltensor"))
+    SY_THROW(InvalidArgument, what, ": expected a tensor with __dlpack__ (e.g. torch.Tensor) or an unused DLPack capsule");
+  auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(cap, "dltensor"));
+  PyCapsule_SetName(cap, "used_dltensor");
+  return from_dlpack(managed);
+}
+
+void delete_unused_capsule(PyObject* cap) {
+  if (PyCapsule_IsValid(cap, "dltensor")) {
+    auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(cap, "dltensor"));
+    if (managed && managed->deleter) managed->deleter(managed);
+  }
+}
+
+// A "dltensor" capsule sharing t's storage (torch.from_dlpack takes it zero-copy).
+py::capsule capsule_of(const Tensor& t) { return py::capsule(to_dlpack(t), "dltensor", &delete_unused_capsule); }
+
+ReduceOp reduce_op_of(const std::string& name) {
+  if (name == "sum") return ReduceOp::sum;
+  if (name == "max") return ReduceOp::max;
+  if (name == "min") return ReduceOp::min;
+  SY_THROW(InvalidArgument, "op = '", name, "', expected sum, max or min");
+}
+
+GateKind gate_of(const std::string& name) {
+  if (name == "softmax") return GateKind::softmax;
+  if (name == "sigmoid_bias") return GateKind::sigmoid_bias;
+  SY_THROW(InvalidArgument, "gate = '", name, "', expected softmax or sigmoid_bias");
+}
+
+DType compute_of(const std::string& name) {
+  if (name == "f32") return DType::f32;
+  if (name == "bf16") return DType::bf16;
+  SY_THROW(InvalidArgument, "compute = '", name, "', expected f32 or bf16");
+}
+
+// What init() made: the world and where this process sits.
+struct World {
+  std::shared_ptr<Communicator> comm;
+  RankInfo info;
+};
+
+// The layer plus the planner that `plan="auto"` uses (made on first use: it calibrates).
+struct Layer {
+  std::unique_ptr<MoELayer> layer;
+  std::unique_ptr<Planner> planner;
+  int ranks_per_node = 0;
+  ExecPlan last_plan;
+};
+
+ExecPlan plan_of(int r, int d, const std::string& a2a, const std::string& exchange) {
+  ExecPlan p;
+  p.r = r;
+  p.d = d;
+  p.a2a = parse_a2a_algorithm(a2a, "a2a");
+  p.exchange = parse_exchange_mode(exchange, "exchange");
+  return p;
+}
+
+py::tuple forward(Layer& L, const py::object& x_obj, std::optional<double> capacity_factor, std::optional<int> k,
+                  const std::string& plan, int r, int d, const std::string& a2a, const std::string& exchange) {
+  Tensor x = tensor_from(x_obj, "x");
+  RoutingChoice routing = L.layer->routing_choice();
+  if (capacity_factor) routing.capacity_factor = *capacity_factor;
+  if (k) routing.k = *k;
+  MoEForward f;
+  {
+    py::gil_scoped_release released;
+    if (plan == "auto") {
+      if (!L.planner) {
+        auto [device, link] = Planner::calibrate(*L.layer, L.ranks_per_node);
+        L.planner = std::make_unique<Planner>(*L.layer, device, link);
+      }
+      f = L.layer->forward(x, routing, *L.planner);
+    } else if (plan == "fixed") {
+      f = L.layer->forward(x, routing, plan_of(r, d, a2a, exchange));
+    } else {
+      SY_THROW(InvalidArgument, "plan = '", plan, "', expected fixed (with r, d, a2a, exchange) or auto");
+    }
+  }
+  L.last_plan = L.layer->last_plan().exec;
+  return py::make_tuple(capsule_of(f.output), f.balance_loss, f.z_loss, f.dropped);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_switchyard, m) {
+  m.doc() = "Switchyard: distributed mixture-of-experts runtime (C++), zero-copy through DLPack";
+  // Translators run newest first: bases are registered before the types derived from them.
+  py::register_exception<Error>(m, "Error", PyExc_RuntimeError);
+  py::register_exception<IoError>(m, "IoError", PyExc_OSError);
+  py::register_exception<TimeoutError>(m, "TimeoutError", PyExc_TimeoutError);
+  py::register_exception<InvalidArgument>(m, "InvalidArgument", PyExc_ValueError);
+  py::register_exception<ConfigError>(m, "ConfigError", PyExc_ValueError);
+  py::register_exception<NotSupported>(m, "NotSupported", PyExc_NotImplementedError);
+
+  py::class_<World>(m, "World")
+      .def_property_readonly("rank", [](const World& w) { return w.info.rank; })
+      .def_property_readonly("size", [](const World& w) { return w.info.world_size; })
+      .def_property_readonly("local_rank", [](const World& w) { return w.info.local_rank; })
+      .def_property_readonly("local_size", [](const World& w) { return w.info.local_size; })
+      .def_property_readonly("launcher", [](const World& w) { return w.info.launcher; })
+      .def_property_readonly("communicator", [](const World& w) { return w.comm; });
+
+  m.def(
+      "init",
+      [](const std::string& backend, std::optional<double> timeout_s) {
+        RuntimeOptions o;
+        o.backend = backend;
+        if (timeout_s) o.timeout = Milliseconds(static_cast<int64_t>(*timeout_s * 1000));
+        ProcessWorld pw = connect_process_world(o);
+        // GEMM threads: this node's cores shared by its ranks (SWITCHYARD_GEMM_THREADS overrides).
+        const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+        kernels::cpu::set_gemm_threads(std::max(1, cores / std::max(1, pw.info.local_size)));
+        return World{pw.world, pw.info};
+      },
+      py::arg("backend") = "", py::arg("timeout_s") = py::none(),
+      "This process's world: mpi under mpirun, ucx under `switchyard launch`/torchrun, else one rank.");
+  m.def("set_gemm_threads", &kernels::cpu::set_gemm_threads, py::arg("threads"));
+  m.def(
+      "finalize",
+      [] {
+#if SWITCHYARD_HAS_MPI
+        finalize_mpi_now();
+#endif
+      },
+      "Ends MPI if Switchyard started it (registered with atexit: Python may never destroy the world).");
+
+  py::class_<Communicator, std::shared_ptr<Communicator>>(m, "Communicator")
+      .def_property_readonly("rank", &Communicator::rank)
+      .def_property_readonly("size", &Communicator::size)
+      .def_property_readonly("name", &Communicator::name)
+      .def_property_readonly("backend", [](const Communicator& c) { return std::string(c.backend_name()); })
+      .def(
+          "allreduce",
+          [](Communicator& c, const py::object& t, const std::string& op) {
+            Tensor x = tensor_from(t, "tensor");
+            py::gil_scoped_release released;
+            c.allreduce(x, x, {.op = reduce_op_of(op)}).wait();
+          },
+          py::arg("tensor"), py::arg("op") = "sum", "In place.")
+      .def(
+          "allgather",
+          [](Communicator& c, const py::object& in, const py::object& out) {
+            Tensor i = tensor_from(in, "input"), o = tensor_from(out, "output");
+            py::gil_scoped_release released;
+            c.allgather(i, o).wait();
+          },
+          py::arg("input"), py::arg("output"))
+      .def(
+          "alltoall",
+          [](Communicator& c, const py::object& in, const py::object& out) {
+            Tensor i = tensor_from(in, "input"), o = tensor_from(out, "output");
+            py::gil_scoped_release released;
+            c.alltoall(i, o).wait();
+          },
+          py::arg("input"), py::arg("output"))
+      .def(
+          "alltoallv",
+          [](Communicator& c, const py::object& in, std::vector<int64_t> send_counts, const py::object& out,
+             std::vector<int64_t> recv_counts) {
+            Tensor i = tensor_from(in, "input"), o = tensor_from(out, "output");
+            py::gil_scoped_release released;
+            c.alltoallv(i, std::move(send_counts), o, std::move(recv_counts)).wait();
+          },
+          py::arg("input"), py::arg("send_counts"), py::arg("output"), py::arg("recv_counts"))
+      .def(
+          "broadcast",
+          [](Communicator& c, const py::object& t, int root) {
+            Tensor x = tensor_from(t, "tensor");
+            py::gil_scoped_release released;
+            c.broadcast(x, root).wait();
+          },
+          py::arg("tensor"), py::arg("root") = 0)
+      .def("barrier", [](Communicator& c) {
+        py::gil_scoped_release released;
+        c.barrier().wait();
+      })
+      .def("split", [](Communicator& c, int color, int key) { return c.split(color, key); }, py::arg("color"),
+           py::arg("key") = 0);
+
+  py::class_<Layer>(m, "MoELayer")
+      .def(py::init([](std::shared_ptr<Communicator> group, int64_t model_dim, int64_t hidden_dim, int experts, int k,
+                       const std::string& activation, const std::string& gate, double capacity_factor,
+                       bool renormalize, const std::string& compute, uint64_t seed, int ranks_per_node) {
+             MoEConfig c;
+             c.model_dim = model_dim;
+             c.hidden_dim = hidden_dim;
+             const auto act = kernels::cpu::parse_activation(activation);
+             if (!act) SY_THROW(InvalidArgument, "activation = '", activation, "', expected relu, gelu or swiglu");
+             c.activation = *act;
+             c.router.experts = experts;
+             c.router.k = k;
+             c.router.gate = gate_of(gate);
+             c.router.capacity_factor = capacity_factor;
+             c.router.renormalize = renormalize;
+             c.compute = compute_of(compute);
+             c.node_size = ranks_per_node;
+             auto L = std::make_unique<Layer>();
+             L->layer = std::make_unique<MoELayer>(c, std::move(group));
+             L->layer->init_parameters(seed);
+             L->ranks_per_node = ranks_per_node > 0 ? ranks_per_node : L->layer->group()->size();
+             return L;
+           }),
+           py::arg("group"), py::arg("model_dim"), py::arg("hidden_dim"), py::arg("experts"), py::arg("k") = 2,
+           py::arg("activation") = "gelu", py::arg("gate") = "softmax", py::arg("capacity_factor") = 1.0,
+           py::arg("renormalize") = false, py::arg("compute") = "f32", py::arg("seed") = 0,
+           py::arg("ranks_per_node") = 0)
+      .def("forward", &forward, py::arg("x"), py::arg("capacity_factor") = py::none(), py::arg("k") = py::none(),
+           py::arg("plan") = "fixed", py::arg("r") = 1, py::arg("d") = 1, py::arg("a2a") = "flat",
+           py::arg("exchange") = "padded",
+           "Returns (output capsule, balance loss, z loss, dropped choices on this rank).")
+      .def(
+          "backward",
+          [](Layer& L, const py::object& dout, double balance_coef, double z_coef, bool input_grad) -> py::object {
+            Tensor g = tensor_from(dout, "dout");
+            Tensor dx;
+            {
+              py::gil_scoped_release released;
+              dx = L.layer->backward(g, balance_coef, z_coef, input_grad);
+            }
+            if (!input_grad) return py::none();
+            return capsule_of(dx);
+          },
+          py::arg("dout"), py::arg("balance_coef") = 0.0, py::arg("z_coef") = 0.0, py::arg("input_grad") = true,
+          "Accumulates the parameter gradients (grads()); returns dx as a capsule when input_grad.")
+      .def("zero_grad", [](Layer& L) { L.layer->zero_grad(); })
+      .def("parameters",
+           [](Layer& L) {
+             ExpertParams& p = L.layer->params();
+             py::dict d;
+             d["gate.weight"] = capsule_of(L.layer->gate_weight());
+             d["experts.w1"] = capsule_of(p.w1);
+             d["experts.b1"] = capsule_of(p.b1);
+             d["experts.w2"] = capsule_of(p.w2);
+             d["experts.b2"] = capsule_of(p.b2);
+             return d;
+           },
+           "The layer's own parameter tensors (capsules sharing their memory): gate [M, E]; this rank's experts "
+           "w1 [L, M, H1], b1 [L, H1], w2 [L, H, M], b2 [L, M].")
+      .def("grads",
+           [](Layer& L) {
+             ExpertParams& g = L.layer->expert_grads();
+             py::dict d;
+             d["gate.weight"] = capsule_of(L.layer->gate_grad());
+             d["experts.w1"] = capsule_of(g.w1);
+             d["experts.b1"] = capsule_of(g.b1);
+             d["experts.w2"] = capsule_of(g.w2);
+             d["experts.b2"] = capsule_of(g.b2);
+             return d;
+           })
+      .def_property_readonly("local_experts", [](Layer& L) { return L.layer->layout().local_experts(); })
+      .def_property_readonly("experts_here",
+                             [](Layer& L) {
+                               std::vector<int> e;
+                               const int me = L.layer->group()->rank();
+                               for (int s = 0; s < L.layer->layout().local_experts(); ++s)
+                                 e.push_back(L.layer->layout().expert_at(me, s));
+                               return e;
+                             })
+      .def_property_readonly("last_plan", [](Layer& L) { return L.last_plan.describe(); })
+      .def_property_readonly("last_routing",
+                             [](Layer& L) {
+                               const DispatchPlan& p = L.layer->last_plan();
+                               return py::make_tuple(p.tokens, p.k, p.capacity, p.dropped);
+                             })
+      .def(
+          "time_cpp",
+          [](Layer& L, const py::object& x_obj, const py::object& dout_obj, int iterations, const std::string& exchange) {
+            // The same forward + backward calls as from Python, timed in C++ (the binding's overhead is the difference).
+            Tensor x = tensor_from(x_obj, "x"), g = tensor_from(dout_obj, "dout");
+            py::gil_scoped_release released;
+            const ExecPlan plan = plan_of(1, 1, "flat", exchange);
+            const auto start = std::chrono::steady_clock::now();
+            for (int i = 0; i < iterations; ++i) {
+              L.layer->zero_grad();
+              MoEForward f = L.layer->forward(x, L.layer->routing_choice(), plan);
+              L.layer->backward(g, 0.01, 0.0, true);
+            }
+            return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / iterations;
+          },
+          py::arg("x"), py::arg("dout"), py::arg("iterations") = 10, py::arg("exchange") = "padded",
+          "Seconds per zero_grad + forward + backward, run in C++.");
+}

@@ -1,0 +1,32 @@
+"""Runs train_steps.py on one process and under mpirun -np 2; the losses must agree."""
+import os
+import re
+import subprocess
+import sys
+
+here = os.path.dirname(os.path.abspath(__file__))
+script = os.path.join(here, "train_steps.py")
+python = sys.executable
+env = dict(os.environ, OMPI_MCA_btl="self,vader")
+mpirun = ["mpirun", "-np", "2", "--oversubscribe", "--bind-to", "none"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
+
+
+def losses(cmd):
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    if out.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+    found = [float(v) for v in re.findall(r"loss ([0-9.e+-]+)", out.stdout)]
+    if len(found) != 5:
+        sys.exit(f"expected 5 losses from {' '.join(cmd)}, got:\n{out.stdout}")
+    return found
+
+
+one = losses([python, script])
+two = losses(mpirun + ["-x", "PYTHONPATH", python, script])
+print("1 rank :", " ".join(f"{v:.7f}" for v in one))
+print("2 ranks:", " ".join(f"{v:.7f}" for v in two))
+if one[-1] >= one[0]:
+    sys.exit("the loss did not fall over 5 steps")
+worst = max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(one, two))
+print(f"largest relative difference {worst:.2e}")
+sys.exit(0 if worst < 1e-5 else 1)
