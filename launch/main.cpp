@@ -14,6 +14,7 @@
 #include "moe/checkpoint.h"
 #include "launch/config.h"
 #include "launch/jobs.h"
+#include "launch/trace_stats.h"
 #include "parallel/runtime.h"
 
 namespace switchyard {
@@ -185,6 +186,12 @@ int main(int argc, char** argv) {
   reshard->add_option("--ranks", reshard_ranks, "Ranks of the target layout")->required();
   ckpt->require_subcommand(1);
 
+  auto* trace = app.add_subcommand("trace", "Routing trace tools");
+  auto* trace_stats_cmd = trace->add_subcommand("stats", "Per-layer expert load skew and how predictable a token's experts are from its id");
+  std::string trace_file;
+  trace_stats_cmd->add_option("FILE", trace_file, "A routing trace (examples/tiny_lm/trace/*.safetensors)")->required();
+  trace->require_subcommand(1);
+
   auto* run = app.add_subcommand("run", "Run the job a YAML config describes");
   std::string config_path;
   std::vector<std::string> sets;
@@ -225,6 +232,10 @@ int main(int argc, char** argv) {
     if (bench_moe->parsed()) return run_bench_moe(moe);
     if (bench_scale->parsed()) return run_bench_scale(scale);
     if (launch->parsed()) return run_launch(lo);
+    if (trace_stats_cmd->parsed()) {
+      std::fputs(format_trace_stats(trace_stats(trace_file)).c_str(), stdout);
+      return 0;
+    }
     if (reshard->parsed()) {
       const ReshardReport r = reshard_checkpoint(reshard_from, reshard_to, reshard_ranks);
       std::printf("resharded %d experts from %d shards of '%s' into %d shards '%s.rank*-of-%d.safetensors'\n",

@@ -203,6 +203,8 @@ class MoELayer {
   const MoEPhaseTimes& virtual_phase_times() const { return virtual_times_; }
   // The dispatch plan of the last forward (empty before the first).
   const DispatchPlan& last_plan() const { return saved_.plan; }
+  // The routing of the last forward: experts [T, k] (best first), weights, scores.
+  const Routing& last_routing() const { return saved_.routing; }
   RoutingChoice routing_choice() const { return {config_.router.capacity_factor, config_.router.k}; }
   // GEMMs run since the last reset, with how often each shape ran.
   const std::map<GemmShape, int64_t>& gemms() const { return gemms_; }

@@ -295,6 +295,14 @@ PYBIND11_MODULE(_switchyard, m) {
                                return e;
                              })
       .def_property_readonly("last_plan", [](Layer& L) { return L.last_plan.describe(); })
+      .def(
+          "last_choices",
+          [](Layer& L) {
+            const Routing& r = L.layer->last_routing();
+            if (!r.experts.defined()) SY_THROW(InvalidArgument, "last_choices: no forward has run yet");
+            return py::make_tuple(capsule_of(r.experts.clone()), capsule_of(r.weights.clone()));
+          },
+          "Copies of the last forward's choices: experts [T, k] int32 (logical ids, best first) and weights [T, k].")
       .def_property_readonly("last_routing",
                              [](Layer& L) {
                                const DispatchPlan& p = L.layer->last_plan();

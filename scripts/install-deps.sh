@@ -18,6 +18,7 @@ packages=(
   nlohmann-json3-dev
   gnuplot-nox
   python3-dev pybind11-dev python3-torch   # the Python module and the trainer examples (/usr/bin/python3)
+  libopenblas0-openmp                      # torch's BLAS: Debian's default reference BLAS is ~8x slower
   fortunes                                 # English text the tiny language models train on
 )
 

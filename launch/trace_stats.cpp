@@ -1,0 +1,141 @@
+#include "launch/trace_stats.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <map>
+#include <numeric>
+#include <sstream>
+
+#include "core/error.h"
+#include "core/safetensors.h"
+
+namespace switchyard {
+namespace {
+
+// The k most frequent experts of a count vector; ties to the lower expert.
+std::vector<int> top_k(const std::vector<int64_t>& counts, int k) {
+  std::vector<int> order(counts.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return counts[a] > counts[b]; });
+  order.resize(static_cast<size_t>(std::min<int>(k, static_cast<int>(order.size()))));
+  return order;
+}
+
+int metadata_int(const SafetensorsFile& f, const std::string& key, int fallback) {
+  const auto it = f.metadata().find(key);
+  if (it == f.metadata().end()) return fallback;
+  try {
+    return std::stoi(it->second);
+  } catch (const std::exception&) {
+    SY_THROW(InvalidArgument, "trace ", f.path(), ": metadata ", key, " = '", it->second, "', expected an integer");
+  }
+}
+
+}  // namespace
+
+TraceStats trace_stats(const std::string& path, double build_share) {
+  const SafetensorsFile f = SafetensorsFile::open(path);
+  TraceStats s;
+  s.path = path;
+  const auto model = f.metadata().find("model");
+  s.model = model == f.metadata().end() ? "?" : model->second;
+  if (const auto fmt = f.metadata().find("format"); fmt != f.metadata().end() && fmt->second != "switchyard-routing-trace-v1")
+    SY_THROW(InvalidArgument, "trace ", path, ": format '", fmt->second, "', expected switchyard-routing-trace-v1");
+  const Tensor tokens = f.load("tokens");
+  if (tokens.dtype() != DType::i32 || tokens.shape().size() != 1)
+    SY_THROW(InvalidArgument, "trace ", path, ": tokens is ", dtype_name(tokens.dtype()), " ", shape_string(tokens.shape()),
+             ", expected i32 [N]");
+  s.tokens = tokens.shape()[0];
+  while (f.contains("layer" + std::to_string(s.layers) + ".experts")) ++s.layers;
+  if (s.layers == 0) SY_THROW(InvalidArgument, "trace ", path, ": no layer0.experts tensor");
+  s.layers = metadata_int(f, "layers", s.layers);
+  const Tensor first = f.load("layer0.experts");
+  s.k = metadata_int(f, "k", first.shape().size() == 2 ? static_cast<int>(first.shape()[1]) : 0);
+  int max_expert = 0;
+  s.build_tokens = static_cast<int64_t>(std::floor(build_share * static_cast<double>(s.tokens)));
+  const int32_t* tok = tokens.data_as<int32_t>();
+  const int vocab = s.tokens ? *std::max_element(tok, tok + s.tokens) + 1 : 1;
+  std::vector<Tensor> experts;
+  for (int l = 0; l < s.layers; ++l) {
+    experts.push_back(f.load("layer" + std::to_string(l) + ".experts", {s.tokens, s.k}, DType::i32));
+    const int32_t* e = experts.back().data_as<int32_t>();
+    for (int64_t i = 0; i < s.tokens * s.k; ++i) {
+      if (e[i] < 0) SY_THROW(InvalidArgument, "trace ", path, ": layer", l, ".experts holds ", e[i], ", expected >= 0");
+      max_expert = std::max(max_expert, e[i]);
+    }
+  }
+  s.experts = metadata_int(f, "experts", max_expert + 1);
+  if (max_expert >= s.experts)
+    SY_THROW(InvalidArgument, "trace ", path, ": expert ", max_expert, " but metadata experts = ", s.experts);
+  const int E = s.experts, k = s.k;
+  for (int l = 0; l < s.layers; ++l) {
+    const int32_t* e = experts[static_cast<size_t>(l)].data_as<int32_t>();
+    TraceLayerStats t;
+    t.layer = l;
+    t.load.assign(static_cast<size_t>(E), 0);
+    for (int64_t i = 0; i < s.tokens * k; ++i) ++t.load[static_cast<size_t>(e[i])];
+    const double mean = static_cast<double>(s.tokens * k) / E;
+    double var = 0;
+    for (int64_t n : t.load) var += (n - mean) * (n - mean);
+    t.max_over_mean = mean > 0 ? static_cast<double>(*std::max_element(t.load.begin(), t.load.end())) / mean : 0;
+    t.coefficient_of_variation = mean > 0 ? std::sqrt(var / E) / mean : 0;
+    // Predictors from the build part.
+    std::vector<std::vector<int64_t>> per_token(static_cast<size_t>(vocab));
+    std::vector<int64_t> overall(static_cast<size_t>(E), 0);
+    for (int64_t i = 0; i < s.build_tokens; ++i) {
+      auto& c = per_token[static_cast<size_t>(tok[i])];
+      if (c.empty()) c.assign(static_cast<size_t>(E), 0);
+      for (int j = 0; j < k; ++j) {
+        ++c[static_cast<size_t>(e[i * k + j])];
+        ++overall[static_cast<size_t>(e[i * k + j])];
+      }
+    }
+    const std::vector<int> global = top_k(overall, k);
+    std::vector<std::vector<int>> predicted(static_cast<size_t>(vocab));
+    for (int v = 0; v < vocab; ++v)
+      predicted[static_cast<size_t>(v)] = per_token[static_cast<size_t>(v)].empty() ? global : top_k(per_token[static_cast<size_t>(v)], k);
+    int64_t hits = 0, global_hits = 0, scored = 0;
+    for (int64_t i = s.build_tokens; i < s.tokens; ++i) {
+      const auto& p = predicted[static_cast<size_t>(tok[i])];
+      for (int j = 0; j < k; ++j) {
+        const int chosen = e[i * k + j];
+        hits += std::find(p.begin(), p.end(), chosen) != p.end();
+        global_hits += std::find(global.begin(), global.end(), chosen) != global.end();
+        ++scored;
+      }
+    }
+    t.token_id_hit_rate = scored ? static_cast<double>(hits) / scored : 0;
+    t.global_top_k_hit_rate = scored ? static_cast<double>(global_hits) / scored : 0;
+    t.random_hit_rate = static_cast<double>(k) / E;
+    s.per_layer.push_back(std::move(t));
+  }
+  return s;
+}
+
+std::string format_trace_stats(const TraceStats& s) {
+  std::ostringstream o;
+  char line[256];
+  std::snprintf(line, sizeof line, "trace %s (model %s): %lld tokens, %d layers, %d experts, top-%d\n", s.path.c_str(),
+                s.model.c_str(), static_cast<long long>(s.tokens), s.layers, s.experts, s.k);
+  o << line;
+  std::snprintf(line, sizeof line,
+                "hit rate: share of a token's %d choices among its id's %d most frequent experts, built on the first "
+                "%lld tokens (20%%), scored on the rest\n",
+                s.k, s.k, static_cast<long long>(s.build_tokens));
+  o << line;
+  std::snprintf(line, sizeof line, "%5s  %9s  %6s  %13s  %15s  %11s  %s\n", "layer", "max/mean", "cv", "token-id hit",
+                "global-top hit", "random hit", "load per expert");
+  o << line;
+  for (const TraceLayerStats& t : s.per_layer) {
+    std::string loads;
+    for (int64_t n : t.load) loads += std::to_string(n) + " ";
+    std::snprintf(line, sizeof line, "%5d  %9.2f  %6.2f  %13.3f  %15.3f  %11.3f  %s\n", t.layer, t.max_over_mean,
+                  t.coefficient_of_variation, t.token_id_hit_rate, t.global_top_k_hit_rate, t.random_hit_rate,
+                  loads.c_str());
+    o << line;
+  }
+  return o.str();
+}
+
+}  // namespace switchyard
