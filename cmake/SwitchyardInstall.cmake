@@ -5,7 +5,7 @@ install(TARGETS ${_targets} EXPORT switchyardTargets
   LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR}
   ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR}
   RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})
-foreach(dir core kernels comm parallel moe launch)
+foreach(dir core kernels comm parallel moe model launch)
   install(DIRECTORY ${CMAKE_SOURCE_DIR}/${dir}/ DESTINATION ${CMAKE_INSTALL_INCLUDEDIR}/switchyard/${dir}
     FILES_MATCHING PATTERN "*.h")
 endforeach()

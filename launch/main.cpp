@@ -13,6 +13,7 @@
 #include "launch/launcher.h"
 #include "moe/checkpoint.h"
 #include "launch/config.h"
+#include "launch/decode.h"
 #include "launch/jobs.h"
 #include "launch/trace_stats.h"
 #include "parallel/runtime.h"
@@ -137,6 +138,17 @@ int main(int argc, char** argv) {
   bench_moe->add_option("--ranks", moe.ranks, "Thread-ranks (threads backend)")->capture_default_str();
   bench_moe->add_option("--seed", moe.seed, "Seed of weights and inputs")->capture_default_str();
 
+  auto* bench_decode = bench->add_subcommand("decode", "Decode tokens/s and latency per batch size, phase breakdown, memory floor");
+  BenchDecodeOptions decode;
+  bench_decode->add_option("--model", decode.model, "Model folder (config.json, model.safetensors)")->required();
+  bench_decode->add_option("--batch", decode.batches, "Batch sizes")->delimiter(',')->capture_default_str();
+  bench_decode->add_option("--prompt_tokens,--prompt-tokens", decode.prompt_tokens, "Prompt length")->capture_default_str();
+  bench_decode->add_option("--steps", decode.steps, "Decode steps timed")->capture_default_str();
+  bench_decode->add_option("--backend", decode.backend, "threads, mpi (default: from the launcher)");
+  bench_decode->add_option("--ranks", decode.ranks, "Thread-ranks (threads backend); experts are spread over them")
+      ->capture_default_str();
+  bench_decode->add_option("--csv", decode.csv, "Also write the table as CSV");
+
   auto* bench_scale = bench->add_subcommand("scale", "Weak/strong scaling of the MoE layer: real ranks here, emulated beyond");
   BenchScaleOptions scale;
   scale.moe.batch_size = 1;
@@ -186,6 +198,18 @@ int main(int argc, char** argv) {
   reshard->add_option("--ranks", reshard_ranks, "Ranks of the target layout")->required();
   ckpt->require_subcommand(1);
 
+  auto* gen = app.add_subcommand("generate", "Continue a prompt with a model (streams the text, then tokens/s)");
+  GenerateOptions go;
+  gen->add_option("--model", go.model, "Model folder (config.json, model.safetensors), e.g. examples/tiny_lm/base")->required();
+  gen->add_option("--prompt", go.prompt, "Text to continue")->required();
+  gen->add_option("--max_new_tokens,--max-new-tokens", go.max_new_tokens, "Tokens to generate")->capture_default_str();
+  gen->add_option("--temperature", go.sampling.temperature, "0: greedy")->capture_default_str();
+  gen->add_option("--top_k,--top-k", go.sampling.top_k, "Sample among the k likeliest (0: all)")->capture_default_str();
+  gen->add_option("--top_p,--top-p", go.sampling.top_p, "Nucleus sampling mass")->capture_default_str();
+  gen->add_option("--seed", go.sampling.seed, "Sampling seed")->capture_default_str();
+  gen->add_option("--backend", go.backend, "threads, mpi (default: from the launcher)");
+  gen->add_option("--ranks", go.ranks, "Thread-ranks (threads backend); experts are spread over them")->capture_default_str();
+
   auto* trace = app.add_subcommand("trace", "Routing trace tools");
   auto* trace_stats_cmd = trace->add_subcommand("stats", "Per-layer expert load skew and how predictable a token's experts are from its id");
   std::string trace_file;
@@ -230,6 +254,8 @@ int main(int argc, char** argv) {
       return run_job(load_config_string("", "<command line>", overrides));
     }
     if (bench_moe->parsed()) return run_bench_moe(moe);
+    if (bench_decode->parsed()) return run_bench_decode(decode);
+    if (gen->parsed()) return run_generate(go);
     if (bench_scale->parsed()) return run_bench_scale(scale);
     if (launch->parsed()) return run_launch(lo);
     if (trace_stats_cmd->parsed()) {

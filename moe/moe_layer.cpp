@@ -10,6 +10,7 @@
 #include "core/safetensors.h"
 #include "moe/checkpoint.h"
 #include "kernels/gemm.h"
+#include "kernels/rowwise.h"
 
 namespace switchyard {
 
@@ -20,6 +21,8 @@ void MoEConfig::validate() const {
   if (compute != DType::f32 && compute != DType::bf16)
     SY_THROW(InvalidArgument, "moe: compute = ", dtype_name(compute), ", expected f32 or bf16");
   if (hidden_dim < 1) SY_THROW(InvalidArgument, "moe: hidden_dim = ", hidden_dim, ", expected >= 1");
+  if (batch_invariant && compute != DType::f32)
+    SY_THROW(InvalidArgument, "moe: batch_invariant needs compute = f32, got ", dtype_name(compute));
   router.validate();
 }
 
@@ -72,7 +75,12 @@ void MoELayer::gemm_bf16(const kernels::cpu::GemmBf16Args& args) {
 void MoELayer::gemm(const kernels::cpu::GemmArgs& args, bool always) {
   if (config_.device_model)
     virtual_time::charge(config_.device_model->gemm_seconds(2.0 * args.m * args.n * args.k, false));
-  if (always || !config_.skip_compute) kernels::cpu::gemm_f32(args);
+  if (always || !config_.skip_compute) {
+    if (config_.batch_invariant && !args.transpose_a && !args.transpose_b && args.alpha == 1.f)
+      kernels::cpu::matmul_rows(args.a, args.m, args.k, args.lda, args.b, args.n, args.ldb, args.beta, args.c, args.ldc);
+    else
+      kernels::cpu::gemm_f32(args);
+  }
   if (args.m && args.n && args.k) ++gemms_[GemmShape{args.m, args.n, args.k, args.transpose_a, args.transpose_b}];
 }
 

@@ -42,6 +42,9 @@ struct MoEConfig {
   // Expert GEMMs: f32, or bf16 operands with fp32 accumulation (weights stay
   // fp32 masters; bf16 copies are made per batch).
   DType compute = DType::f32;
+  // Inference: the gate and expert GEMMs run row-wise (kernels/rowwise.h), so a
+  // token's output does not depend on the batch it came in (f32 forward only).
+  bool batch_invariant = false;
   void validate() const;
 };
 

@@ -8,10 +8,16 @@ import math
 import os
 import struct
 
+import sys
+
 import torch
 import torch.nn.functional as F
 
-import switchyard
+try:
+    import switchyard
+except ImportError:  # run from a checkout: the module `make build` put in build/python
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "build", "python"))
+    import switchyard
 from switchyard.torch import MoE
 
 CORPUS_DIR = "/usr/share/games/fortunes"

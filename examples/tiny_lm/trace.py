@@ -9,8 +9,8 @@ import os
 
 import torch
 
+import tinylm  # first: it finds the switchyard module of a checkout's build/python
 import switchyard
-import tinylm
 
 here = os.path.dirname(os.path.abspath(__file__))
 

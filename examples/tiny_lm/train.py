@@ -19,8 +19,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+import tinylm  # first: it finds the switchyard module of a checkout's build/python
 import switchyard
-import tinylm
 
 here = os.path.dirname(os.path.abspath(__file__))
 
@@ -47,7 +47,7 @@ def evaluate(model, data, comm, seq, sequences):
     return float(total[0] / total[1])
 
 
-def train(name, steps_override, comm, log):
+def train(name, steps_override, comm, log, out_root):
     cfg = json.load(open(os.path.join(here, f"{name}.json")))
     tc = cfg["train"]
     steps = steps_override or tc["steps"]
@@ -108,7 +108,7 @@ def train(name, steps_override, comm, log):
         ref_logits, _ = model(prompt)
     tensors = tinylm.state_tensors(model, comm)  # collective: every rank gathers the experts
     if comm.rank == 0:
-        out = os.path.join(here, name)
+        out = os.path.join(out_root, name)
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump({k: v for k, v in cfg.items() if k != "train"}, f, indent=2)
@@ -130,6 +130,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["base", "draft", "both"], default="both")
     parser.add_argument("--steps", type=int, default=0, help="override the config's step count")
+    parser.add_argument("--out", default=here, help="where the model folders go (default: beside this script)")
     args = parser.parse_args()
     world = switchyard.init()
     threads = max(1, (os.cpu_count() or 1) // max(1, world.local_size))
@@ -142,7 +143,7 @@ def main():
             print(msg, flush=True)
 
     for name in (["base", "draft"] if args.model == "both" else [args.model]):
-        train(name, args.steps, world.communicator, log)
+        train(name, args.steps, world.communicator, log, args.out)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,199 @@
+// The C++ decoder against the committed tiny language models: the Python
+// reference logits, bit-identical positions across prefill / verify / decode
+// and batch companions, KV crop, ranks, and clear errors for bad model files.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+
+#include "comm/backends/threads/threads_backend.h"
+#include "core/error.h"
+#include "core/rng.h"
+#include "core/safetensors.h"
+#include "model/generate.h"
+#include "model/model.h"
+
+namespace switchyard {
+namespace {
+
+const std::string kModels = std::string(SWITCHYARD_SOURCE_DIR) + "/examples/tiny_lm/";
+
+std::shared_ptr<Communicator> one_rank() { return ThreadsWorld(1).communicator(0); }
+
+std::vector<int> bytes_of(const std::string& s) { return std::vector<int>(s.begin(), s.end()); }
+
+// Logits rows [first, first + n) of a tensor, as raw bits.
+std::vector<float> rows_of(const Tensor& logits, int64_t first, int64_t n) {
+  const int64_t V = logits.shape()[1];
+  return std::vector<float>(logits.data_as<float>() + first * V, logits.data_as<float>() + (first + n) * V);
+}
+
+TEST(Model, LogitsMatchThePythonReference) {
+  for (const std::string name : {"base", "draft"}) {
+    Model model(kModels + name, one_rank());
+    const SafetensorsFile ref = SafetensorsFile::open(kModels + name + "/reference_logits.safetensors");
+    const Tensor prompt = ref.load("prompt"), expected = ref.load("logits");
+    std::vector<int> tokens(prompt.data_as<int32_t>(), prompt.data_as<int32_t>() + prompt.numel());
+    KVCache cache = model.new_cache();
+    const Tensor logits = model.forward({{&cache, tokens}});
+    ASSERT_EQ(logits.shape(), expected.shape());
+    double num = 0, den = 0;
+    for (int64_t i = 0; i < logits.numel(); ++i) {
+      const double a = logits.data_as<float>()[i], b = expected.data_as<float>()[i];
+      num += (a - b) * (a - b);
+      den += b * b;
+    }
+    EXPECT_LT(std::sqrt(num / den), 1e-4) << name << ": relative error in norm " << std::sqrt(num / den);
+  }
+}
+
+TEST(Model, PrefillVerifyAndDecodeAgreeBitForBit) {
+  Model model(kModels + "base", one_rank());
+  const std::vector<int> prompt = bytes_of("A stitch in time "), more = bytes_of("saves nine.");
+  std::vector<int> all = prompt;
+  all.insert(all.end(), more.begin(), more.end());
+  const int64_t P = static_cast<int64_t>(prompt.size()), N = static_cast<int64_t>(more.size());
+  // Prefill of everything at once.
+  KVCache a = model.new_cache();
+  const auto full = rows_of(model.forward({{&a, all}}), P, N);
+  // Prefill of the prompt, then one verification chunk.
+  KVCache b = model.new_cache();
+  model.forward({{&b, prompt}});
+  const auto verified = rows_of(model.forward({{&b, more}}), 0, N);
+  // Prefill of the prompt, then one token per step, beside an unrelated sequence.
+  KVCache c = model.new_cache(), other = model.new_cache();
+  model.forward({{&c, prompt}, {&other, bytes_of("Something else entirely")}});
+  std::vector<float> decoded;
+  for (int64_t i = 0; i < N; ++i) {
+    const Tensor step = model.forward({{&other, {int('x')}}, {&c, {more[static_cast<size_t>(i)]}}});
+    const auto row = rows_of(step, 1, 1);
+    decoded.insert(decoded.end(), row.begin(), row.end());
+  }
+  ASSERT_EQ(full.size(), verified.size());
+  EXPECT_EQ(0, std::memcmp(full.data(), verified.data(), full.size() * sizeof(float))) << "prefill vs verify";
+  EXPECT_EQ(0, std::memcmp(full.data(), decoded.data(), full.size() * sizeof(float))) << "prefill vs decode";
+}
+
+TEST(Model, KvCropThenReappendReproducesTheLogits) {
+  Model model(kModels + "draft", one_rank());
+  const std::vector<int> prompt = bytes_of("Never put off till tomorrow "), guess = bytes_of("what you can do"),
+                         wrong = bytes_of("qqqq");
+  KVCache cache = model.new_cache();
+  model.forward({{&cache, prompt}});
+  KVCache snapshot = cache.copy();
+  const auto first = rows_of(model.forward({{&cache, guess}}), 0, static_cast<int64_t>(guess.size()));
+  cache.crop(static_cast<int>(prompt.size()));
+  model.forward({{&cache, wrong}});  // a rejected speculation
+  cache.crop(static_cast<int>(prompt.size()));
+  const auto again = rows_of(model.forward({{&cache, guess}}), 0, static_cast<int64_t>(guess.size()));
+  const auto from_copy = rows_of(model.forward({{&snapshot, guess}}), 0, static_cast<int64_t>(guess.size()));
+  EXPECT_EQ(0, std::memcmp(first.data(), again.data(), first.size() * sizeof(float)));
+  EXPECT_EQ(0, std::memcmp(first.data(), from_copy.data(), first.size() * sizeof(float)));
+  EXPECT_THROW(cache.crop(cache.length() + 1), InvalidArgument);
+}
+
+TEST(Model, GreedyOutputIsTheSameOnOneTwoAndFourRanks) {
+  const std::vector<std::vector<int>> prompts = {bytes_of("The meaning of life is"), bytes_of("Linux")};
+  std::vector<std::vector<int>> reference;
+  {
+    Model model(kModels + "base", one_rank());
+    reference = generate(model, prompts, 24, {});
+  }
+  for (int W : {2, 4}) {
+    std::vector<std::vector<std::vector<int>>> per_rank(static_cast<size_t>(W));
+    run_thread_ranks(W, [&](Communicator& world) {
+      Model model(kModels + "base", world.shared_from_this());
+      per_rank[static_cast<size_t>(world.rank())] = generate(model, prompts, 24, {});
+    });
+    for (int r = 0; r < W; ++r) EXPECT_EQ(per_rank[static_cast<size_t>(r)], reference) << W << " ranks, rank " << r;
+  }
+}
+
+TEST(Model, SamplingIsSeededAndHonoursTopK) {
+  Model model(kModels + "draft", one_rank());
+  SamplingOptions s{.temperature = 0.8, .top_k = 5, .top_p = 0.9, .seed = 42};
+  const auto a = generate(model, {bytes_of("Hello")}, 20, s), b = generate(model, {bytes_of("Hello")}, 20, s);
+  EXPECT_EQ(a, b);
+  std::vector<float> logits(256, 0.f);
+  for (int i = 0; i < 256; ++i) logits[static_cast<size_t>(i)] = static_cast<float>(i % 17);
+  Rng rng(fresh_seed());
+  for (int i = 0; i < 200; ++i) {
+    const int t = sample_token(logits.data(), 256, {.temperature = 1.0, .top_k = 3}, rng);
+    EXPECT_EQ(t % 17, 16) << "top-k 3 of logits whose maximum 16 appears " << 256 / 17 << " times";
+  }
+  EXPECT_THROW(SamplingOptions{.top_p = 0.0}.validate(), InvalidArgument);
+  EXPECT_THROW(SamplingOptions{.temperature = -1}.validate(), InvalidArgument);
+}
+
+// A copy of the base model's folder with one thing broken.
+class BadModelFiles : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = std::filesystem::temp_directory_path() / ("bad_model_" + std::to_string(fresh_seed() % 1000000));
+    std::filesystem::create_directories(dir_);
+    std::filesystem::copy_file(kModels + "draft/config.json", dir_ / "config.json");
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+  // The draft's tensors, with `drop` left out and `reshape` given a wrong shape.
+  void write_weights(const std::string& drop, const std::string& reshape = "") {
+    const SafetensorsFile f = SafetensorsFile::open(kModels + "draft/model.safetensors");
+    std::vector<Tensor> keep;
+    std::vector<std::pair<std::string, TensorView>> out;
+    for (const auto& e : f.entries()) {
+      if (e.name == drop) continue;
+      Tensor t = f.load(e.name);
+      if (e.name == reshape) t = Tensor::adopt(t.view().reshape({t.numel()}), t.storage());
+      keep.push_back(t);
+      out.emplace_back(e.name, keep.back().view());
+    }
+    save_safetensors((dir_ / "model.safetensors").string(), out);
+  }
+  std::string error_of() {
+    try {
+      Model model(dir_.string(), one_rank());
+    } catch (const std::exception& e) {
+      return e.what();
+    }
+    return "";
+  }
+  std::filesystem::path dir_;
+};
+
+TEST_F(BadModelFiles, MissingTensorIsNamedWithTheFile) {
+  write_weights("layers.3.attn.wk");
+  const std::string e = error_of();
+  EXPECT_NE(e.find("layers.3.attn.wk"), std::string::npos) << e;
+  EXPECT_NE(e.find("model.safetensors"), std::string::npos) << e;
+}
+
+TEST_F(BadModelFiles, WrongShapeNamesTheExpectedShape) {
+  write_weights("", "layers.0.ffn.experts.w1");
+  const std::string e = error_of();
+  EXPECT_NE(e.find("layers.0.ffn.experts.w1"), std::string::npos) << e;
+  EXPECT_NE(e.find("expected [8, 128, 64]"), std::string::npos) << e;
+}
+
+TEST_F(BadModelFiles, ConfigMismatchAndBadConfigAreNamed) {
+  write_weights("");
+  std::string text;
+  {
+    std::ifstream in(dir_ / "config.json");
+    text.assign(std::istreambuf_iterator<char>(in), {});
+  }
+  auto rewrite = [&](const std::string& from, const std::string& to) {
+    std::string t = text;
+    t.replace(t.find(from), from.size(), to);
+    std::ofstream(dir_ / "config.json") << t;
+  };
+  rewrite("\"d_model\": 128", "\"d_model\": 96");
+  EXPECT_NE(error_of().find("expected [256, 96]"), std::string::npos) << error_of();
+  rewrite("\"hidden\": 64", "\"hidden\": \"wide\"");
+  EXPECT_NE(error_of().find("ffn.hidden"), std::string::npos) << error_of();
+  rewrite("\"heads\": 4,", "");
+  EXPECT_NE(error_of().find("'heads' is missing"), std::string::npos) << error_of();
+}
+
+}  // namespace
+}  // namespace switchyard
