@@ -7,6 +7,7 @@
 #include <fstream>
 
 #include "core/error.h"
+#include "kernels/rowwise.h"
 #include "parallel/runtime.h"
 
 namespace switchyard {
@@ -28,6 +29,20 @@ double measured_bandwidth() {
     std::memcpy(b.data(), a.data(), n);
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
     best = std::max(best, 2.0 * n / s);
+  }
+  return best;
+}
+
+// The row-wise GEMM rate (FLOP/s) at the model's projection shape: every
+// decode product runs on it (best of five 64-row products).
+double measured_matmul_rate(int64_t d) {
+  std::vector<float> x(static_cast<size_t>(64 * d), 0.5f), w(static_cast<size_t>(d * d), 0.01f), y(x.size());
+  double best = 0;
+  for (int i = 0; i < 5; ++i) {
+    const auto t = std::chrono::steady_clock::now();
+    kernels::cpu::matmul_rows(x.data(), 64, d, d, w.data(), d, d, 0.f, y.data(), d);
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
+    best = std::max(best, 2.0 * 64 * d * d / s);
   }
   return best;
 }
@@ -72,13 +87,15 @@ int run_bench_decode(const BenchDecodeOptions& o) {
     const ModelConfig& c = model.config();
     const bool speak = rt.world().rank() == 0;
     const double bandwidth = speak ? measured_bandwidth() : 0;
+    const double rate = speak ? measured_matmul_rate(c.d_model) : 0;
     std::FILE* csv = speak && !o.csv.empty() ? std::fopen(o.csv.c_str(), "w") : nullptr;
     if (csv) std::fprintf(csv, "batch,tokens_per_s,ms_per_step,attention_ms,moe_ms,head_ms,floor_ms,ratio\n");
     if (speak) {
       std::printf("bench decode: model %s (%d layers, d_model %d, %d experts top-%d) on %d rank(s); prompt %d tokens, "
-                  "%d decode steps; memory bandwidth %.1f GB/s (memcpy, read + write)\n",
+                  "%d decode steps\nfloor = max(bytes read / %.1f GB/s (memcpy, read + write), FLOPs / %.1f GFLOP/s "
+                  "(row-wise GEMM, 64 x %d x %d)); the whole rank's cores\n",
                   c.name.c_str(), c.layers, c.d_model, c.experts, c.k, rt.world().size(), o.prompt_tokens, o.steps,
-                  bandwidth / 1e9);
+                  bandwidth / 1e9, rate / 1e9, c.d_model, c.d_model);
       std::printf("%6s %12s %12s %10s %10s %10s %10s %7s\n", "batch", "tokens/s", "ms/step", "attn ms", "moe ms",
                   "head ms", "floor ms", "ratio");
     }
@@ -113,7 +130,12 @@ int run_bench_decode(const BenchDecodeOptions& o) {
       const double bytes = (layers * (4 * d * d + 2 * d + d * c.experts + experts_touched * model.expert_bytes() / 4) +
                             d * c.vocab_size + d + B * d) * 4.0 +
                            B * mean_len * layers * 2 * d * 4.0;
-      const double step_ms = seconds / o.steps * 1e3, floor_ms = bandwidth > 0 ? bytes / bandwidth * 1e3 : 0;
+      // FLOPs of one step: projections, attention over the cache, gate, the k experts, head.
+      const double flops = B * (layers * (8 * d * d + 4 * d * mean_len + 2 * d * c.experts +
+                                          c.k * 2.0 * (model.expert_bytes() / 4)) +
+                                2 * d * c.vocab_size);
+      const double step_ms = seconds / o.steps * 1e3,
+                   floor_ms = bandwidth > 0 ? std::max(bytes / bandwidth, flops / rate) * 1e3 : 0;
       const ModelPhaseTimes& t = model.times();
       if (speak) {
         std::printf("%6d %12.1f %12.3f %10.3f %10.3f %10.3f %10.3f %7.1f\n", B, B * o.steps / seconds, step_ms,

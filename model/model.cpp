@@ -192,9 +192,15 @@ Model::Model(const std::string& dir, std::shared_ptr<Communicator> group)
     }
     layers_.push_back(std::move(L));
   }
+  // Rotary tables, as the Python model computes them in f32: freq_j = theta ** (-j / half), angle = pos * freq_j.
   const int half = c.head_dim() / 2;
-  for (int j = 0; j < half; ++j)  // as the Python model: theta ** (-j / half) in f32
-    rope_freq_.push_back(std::pow(static_cast<float>(c.rope_theta), -static_cast<float>(j) / static_cast<float>(half)));
+  for (int pos = 0; pos < c.max_seq; ++pos)
+    for (int j = 0; j < half; ++j) {
+      const float freq = std::pow(static_cast<float>(c.rope_theta), -static_cast<float>(j) / static_cast<float>(half));
+      const float angle = static_cast<float>(pos) * freq;
+      rope_cos_.push_back(std::cos(angle));
+      rope_sin_.push_back(std::sin(angle));
+    }
 }
 
 Tensor Model::embed(const std::vector<Chunk>& chunks) {
@@ -234,13 +240,16 @@ void Model::attention(int layer, Tensor& x, const std::vector<Chunk>& chunks) {
   }
   SY_CHECK_EQ(r, rows, "attention rows");
   auto rope = [&](float* u, int pos) {
+    if (pos >= config_.max_seq)
+      SY_THROW(InvalidArgument, "model: position ", pos, " is beyond max_seq = ", config_.max_seq);
+    const float* cs = rope_cos_.data() + static_cast<size_t>(pos) * half;
+    const float* sn = rope_sin_.data() + static_cast<size_t>(pos) * half;
     for (int head = 0; head < h; ++head) {
       float* a = u + head * hd;
       for (int j = 0; j < half; ++j) {
-        const float angle = static_cast<float>(pos) * rope_freq_[static_cast<size_t>(j)];
-        const float cs = std::cos(angle), sn = std::sin(angle), x1 = a[j], x2 = a[j + half];
-        a[j] = x1 * cs - x2 * sn;
-        a[j + half] = x1 * sn + x2 * cs;
+        const float x1 = a[j], x2 = a[j + half];
+        a[j] = x1 * cs[j] - x2 * sn[j];
+        a[j + half] = x1 * sn[j] + x2 * cs[j];
       }
     }
   };
@@ -264,7 +273,9 @@ void Model::attention(int layer, Tensor& x, const std::vector<Chunk>& chunks) {
       float m = -INFINITY;
       for (int j = 0; j <= pos; ++j) {
         const float* kh = cache->keys(layer, j) + head * hd;
+        // A fixed vectorised order (head width is a constant of the model): the same for every row and batch.
         float s = 0.f;
+#pragma omp simd reduction(+ : s)
         for (int t = 0; t < hd; ++t) s += qh[t] * kh[t];
         score[static_cast<size_t>(j)] = s * scale;
         m = std::max(m, score[static_cast<size_t>(j)]);

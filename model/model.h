@@ -110,7 +110,7 @@ class Model {
   std::shared_ptr<Communicator> group_;
   Tensor embed_, norm_, lm_head_;
   std::vector<Layer> layers_;
-  std::vector<float> rope_freq_;  // [head_dim / 2]
+  std::vector<float> rope_cos_, rope_sin_;  // [max_seq, head_dim / 2]: the same values the Python model computes
   ModelPhaseTimes times_;
 };
 
