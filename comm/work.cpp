@@ -29,12 +29,18 @@ bool WorkState::test() {
 }
 
 void WorkState::complete(std::exception_ptr error) {
+  // The op's buffers go before the waiters wake: an owner may need what the
+  // waiter holds while it runs (a Python tensor's deleter needs the GIL).
   std::vector<std::shared_ptr<void>> release;
+  {
+    std::lock_guard lock(mutex_);
+    release.swap(owners_);
+  }
+  release.clear();
   {
     std::lock_guard lock(mutex_);
     done_ = true;
     error_ = std::move(error);
-    release.swap(owners_);
   }
   done_cv_.notify_all();
 }

@@ -29,6 +29,9 @@ using namespace switchyard;
 
 namespace {
 
+// Ops take views of these (they wait before returning): a tensor that Python
+// owns must never be released on an executor thread, where its deleter would
+// wait for the GIL that the main thread may hold.
 // A tensor from an object with __dlpack__ (consumed as the protocol says: the
 // capsule is renamed "used_dltensor") or from a "dltensor" capsule.
 Tensor tensor_from(const py::object& obj, const char* what) {
@@ -172,7 +175,7 @@ PYBIND11_MODULE(_switchyard, m) {
           [](Communicator& c, const py::object& t, const std::string& op) {
             Tensor x = tensor_from(t, "tensor");
             py::gil_scoped_release released;
-            c.allreduce(x, x, {.op = reduce_op_of(op)}).wait();
+            c.allreduce(x.view(), x.view(), {.op = reduce_op_of(op)}).wait();
           },
           py::arg("tensor"), py::arg("op") = "sum", "In place.")
       .def(
@@ -180,7 +183,7 @@ PYBIND11_MODULE(_switchyard, m) {
           [](Communicator& c, const py::object& in, const py::object& out) {
             Tensor i = tensor_from(in, "input"), o = tensor_from(out, "output");
             py::gil_scoped_release released;
-            c.allgather(i, o).wait();
+            c.allgather(i.view(), o.view()).wait();
           },
           py::arg("input"), py::arg("output"))
       .def(
@@ -188,7 +191,7 @@ PYBIND11_MODULE(_switchyard, m) {
           [](Communicator& c, const py::object& in, const py::object& out) {
             Tensor i = tensor_from(in, "input"), o = tensor_from(out, "output");
             py::gil_scoped_release released;
-            c.alltoall(i, o).wait();
+            c.alltoall(i.view(), o.view()).wait();
           },
           py::arg("input"), py::arg("output"))
       .def(
@@ -197,7 +200,7 @@ PYBIND11_MODULE(_switchyard, m) {
              std::vector<int64_t> recv_counts) {
             Tensor i = tensor_from(in, "input"), o = tensor_from(out, "output");
             py::gil_scoped_release released;
-            c.alltoallv(i, std::move(send_counts), o, std::move(recv_counts)).wait();
+            c.alltoallv(i.view(), std::move(send_counts), o.view(), std::move(recv_counts)).wait();
           },
           py::arg("input"), py::arg("send_counts"), py::arg("output"), py::arg("recv_counts"))
       .def(
@@ -205,7 +208,7 @@ PYBIND11_MODULE(_switchyard, m) {
           [](Communicator& c, const py::object& t, int root) {
             Tensor x = tensor_from(t, "tensor");
             py::gil_scoped_release released;
-            c.broadcast(x, root).wait();
+            c.broadcast(x.view(), root).wait();
           },
           py::arg("tensor"), py::arg("root") = 0)
       .def("barrier", [](Communicator& c) {

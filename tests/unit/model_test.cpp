@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -45,6 +46,7 @@ TEST(Model, LogitsMatchThePythonReference) {
       num += (a - b) * (a - b);
       den += b * b;
     }
+    std::printf("%s: logits vs the Python reference: relative error in norm %.2e\n", name.c_str(), std::sqrt(num / den));
     EXPECT_LT(std::sqrt(num / den), 1e-4) << name << ": relative error in norm " << std::sqrt(num / den);
   }
 }
