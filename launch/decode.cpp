@@ -99,6 +99,9 @@ int run_bench_decode(const BenchDecodeOptions& o) {
       std::printf("%6s %12s %12s %10s %10s %10s %10s %7s\n", "batch", "tokens/s", "ms/step", "attn ms", "moe ms",
                   "head ms", "floor ms", "ratio");
     }
+    if (o.prompt_tokens < 1 || o.steps < 1 || o.prompt_tokens + o.steps + 1 > c.max_seq)
+      SY_THROW(InvalidArgument, "bench decode: prompt_tokens = ", o.prompt_tokens, ", steps = ", o.steps,
+               "; expected both >= 1 and prompt_tokens + steps + 1 <= max_seq (", c.max_seq, ")");
     const std::string text = "The quick brown fox jumps over the lazy dog; a stitch in time saves nine. ";
     for (int B : o.batches) {
       if (B < 1) SY_THROW(InvalidArgument, "bench decode: batch ", B, ", expected >= 1");

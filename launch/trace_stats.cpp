@@ -55,6 +55,10 @@ TraceStats trace_stats(const std::string& path, double build_share) {
   int max_expert = 0;
   s.build_tokens = static_cast<int64_t>(std::floor(build_share * static_cast<double>(s.tokens)));
   const int32_t* tok = tokens.data_as<int32_t>();
+  constexpr int32_t kMaxVocab = 1 << 20;
+  for (int64_t i = 0; i < s.tokens; ++i)
+    if (tok[i] < 0 || tok[i] >= kMaxVocab)
+      SY_THROW(InvalidArgument, "trace ", path, ": tokens[", i, "] = ", tok[i], ", expected 0..", kMaxVocab - 1);
   const int vocab = s.tokens ? *std::max_element(tok, tok + s.tokens) + 1 : 1;
   std::vector<Tensor> experts;
   for (int l = 0; l < s.layers; ++l) {

@@ -233,6 +233,9 @@ void Model::attention(int layer, Tensor& x, const std::vector<Chunk>& chunks) {
   int64_t r = 0;
   for (const Chunk& c : chunks) {
     const int n = static_cast<int>(c.tokens.size());
+    if (!c.cache || !c.cache->fits(config_))
+      SY_THROW(InvalidArgument, "model '", config_.name, "': a chunk's KV cache is missing or belongs to a model of "
+               "another shape (expected ", config_.layers, " layers of width ", config_.d_model, ")");
     if (c.cache->length() + n > c.cache->capacity())
       SY_THROW(InvalidArgument, "model: a sequence of ", c.cache->length(), " + ", n, " positions exceeds its cache (",
                c.cache->capacity(), ")");

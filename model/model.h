@@ -54,6 +54,7 @@ class KVCache {
   const float* keys(int layer, int position) const { return k_.data() + offset(layer, position); }
   const float* values(int layer, int position) const { return v_.data() + offset(layer, position); }
   void advance(int n);  // the model's commit: n more positions hold data
+  bool fits(const ModelConfig& c) const { return layers_ == c.layers && d_ == c.d_model; }
 
  private:
   size_t offset(int layer, int position) const {

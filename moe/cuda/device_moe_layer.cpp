@@ -302,7 +302,9 @@ MoEForward DeviceMoELayer::forward(const TensorView& x, const RoutingChoice& rou
   int64_t capacity = expert_capacity(rc, T, for_capacity, nullptr);
   if (W > 1) {
     Tensor c = cuda::to_device(TensorView(&capacity, DType::i64, {1}), device_);
-    group_->allreduce(c, c, {.op = ReduceOp::max}).wait();
+    // A host read follows: wait on the host with the group's timeout, so a
+    // missing peer is an error naming the op rather than a stream that never drains.
+    group_->allreduce(c, c, {.op = ReduceOp::max}).wait(group_->default_timeout());
     capacity = cuda::to_host(c).data_as<int64_t>()[0];
   }
   sv.capacity = capacity;
@@ -343,7 +345,7 @@ MoEForward DeviceMoELayer::forward(const TensorView& x, const RoutingChoice& rou
   } else {  // dropless: each source tells me its block sizes
     Tensor counts = cuda::to_device(TensorView(sv.send.rows.data(), DType::i64, {W * L}), device_);
     Tensor received = device_empty({W * L}, DType::i64);
-    group_->alltoall(counts, received).wait();
+    group_->alltoall(counts, received).wait(group_->default_timeout());
     const Tensor h = cuda::to_host(received);
     sv.recv.rows.assign(h.data_as<int64_t>(), h.data_as<int64_t>() + W * L);
   }

@@ -94,6 +94,8 @@ TEST(Model, KvCropThenReappendReproducesTheLogits) {
   EXPECT_EQ(0, std::memcmp(first.data(), again.data(), first.size() * sizeof(float)));
   EXPECT_EQ(0, std::memcmp(first.data(), from_copy.data(), first.size() * sizeof(float)));
   EXPECT_THROW(cache.crop(cache.length() + 1), InvalidArgument);
+  Model base(kModels + "base", one_rank());
+  EXPECT_THROW(base.forward({{&cache, guess}}), InvalidArgument);  // the draft's cache in the base model
 }
 
 TEST(Model, GreedyOutputIsTheSameOnOneTwoAndFourRanks) {

@@ -122,6 +122,8 @@ class NcclWork final : public WorkState {
   }
 
   bool test() override {
+    if (handle_->aborted.load())
+      SY_THROW(IoError, description(), ": the NCCL communicator was aborted after an earlier failure");
     const cudaError_t status = cudaEventQuery(done_->event);
     if (status == cudaErrorNotReady) return false;
     SY_CUDA_CHECK(status);
