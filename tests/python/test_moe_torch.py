@@ -119,6 +119,36 @@ class MoETorchTest(unittest.TestCase):
         kept = y1.abs().sum(dim=1) > 0
         self.assertTrue(torch.allclose(y1[kept], 0.5 * top[kept, None].expand(-1, 8), atol=1e-6))
 
+    def test_auto_plan_gives_the_fixed_plans_result(self):
+        moe = MoE(self.world.communicator, 16, 24, 4, k=2, capacity_factor=0.0, seed=3)
+        x = torch.randn(40, 16)
+        y_fixed, _, _ = moe(x, exchange="dropless")
+        y_auto, _, _ = moe(x, plan="auto")  # the planner calibrates once, then picks r, d, a2a, exchange
+        self.assertTrue(torch.allclose(y_fixed, y_auto, atol=1e-6), moe.layer.last_plan)
+
+    def test_communicator_collectives_on_torch_tensors(self):
+        comm = self.world.communicator
+        t = torch.randn(7)
+        out = torch.full((7 * comm.size,), float("nan"))
+        comm.allgather(t, out)
+        self.assertTrue(torch.equal(out[comm.rank * 7:(comm.rank + 1) * 7], t))
+        a = torch.arange(6 * comm.size, dtype=torch.float32)
+        b = torch.full_like(a, float("nan"))
+        comm.alltoall(a, b)
+        self.assertFalse(bool(torch.isnan(b).any()))
+        c = torch.full((3,), float("nan"))
+        comm.alltoallv(torch.ones(3), [3], c, [3])  # the one-rank world these tests run in
+        self.assertTrue(torch.equal(c, torch.ones(3)))
+        s = torch.tensor([2.0, -1.0])
+        comm.allreduce(s, op="max")
+        comm.broadcast(s, root=0)
+        comm.barrier()
+        self.assertEqual(s.tolist(), [2.0, -1.0])
+        with self.assertRaisesRegex(ValueError, "op"):
+            comm.allreduce(s, op="mean")
+        with self.assertRaises(ValueError):
+            comm.allreduce([1.0, 2.0])
+
     def test_routing_and_plan_per_call_and_bad_input(self):
         moe = MoE(self.world.communicator, 8, 8, 4, k=2, seed=2)
         x = torch.randn(16, 8)

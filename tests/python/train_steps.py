@@ -20,6 +20,15 @@ target_all = torch.tanh(x_all @ teacher)
 per = T // comm.size
 x, target = x_all[comm.rank * per:(comm.rank + 1) * per], target_all[comm.rank * per:(comm.rank + 1) * per]
 
+# The collectives on torch tensors across the ranks.
+ranks = torch.full((comm.size,), -1.0)
+comm.allgather(torch.tensor([float(comm.rank)]), ranks)
+assert ranks.tolist() == [float(r) for r in range(comm.size)], ranks
+blocks = torch.full((comm.size,), float(comm.rank))
+back = torch.empty(comm.size)
+comm.alltoall(blocks, back)
+assert back.tolist() == [float(r) for r in range(comm.size)], back
+
 moe = MoE(comm, M, H, E, k=2, capacity_factor=0.0, seed=7)
 for step in range(5):
     y, balance, _ = moe(x, exchange="dropless")
