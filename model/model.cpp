@@ -128,6 +128,10 @@ KVCache::KVCache(const ModelConfig& config, int capacity)
       k_(static_cast<size_t>(config.layers) * capacity * config.d_model),
       v_(k_.size()) {}
 
+void KVCache::set_key(int layer, int position, const float* key) {
+  for (int j = 0; j < d_; ++j) key_dim(layer, j)[position] = key[j];
+}
+
 void KVCache::crop(int length) {
   if (length < 0 || length > length_)
     SY_THROW(InvalidArgument, "kv cache: crop to ", length, ", expected 0..", length_, " (its length)");
@@ -260,7 +264,7 @@ void Model::attention(int layer, Tensor& x, const std::vector<Chunk>& chunks) {
     rope(q.data_as<float>() + i * d, position[static_cast<size_t>(i)]);
     rope(k.data_as<float>() + i * d, position[static_cast<size_t>(i)]);
     KVCache* cache = cache_of[static_cast<size_t>(i)];
-    std::memcpy(cache->keys(layer, position[static_cast<size_t>(i)]), k.data_as<float>() + i * d, static_cast<size_t>(d) * sizeof(float));
+    cache->set_key(layer, position[static_cast<size_t>(i)], k.data_as<float>() + i * d);
     std::memcpy(cache->values(layer, position[static_cast<size_t>(i)]), v.data_as<float>() + i * d, static_cast<size_t>(d) * sizeof(float));
   }
   // Each query row over keys 0..its position, in key order: the same arithmetic in any batch.
@@ -270,18 +274,24 @@ void Model::attention(int layer, Tensor& x, const std::vector<Chunk>& chunks) {
   for (int64_t i = 0; i < rows; ++i) {
     const KVCache* cache = cache_of[static_cast<size_t>(i)];
     const int pos = position[static_cast<size_t>(i)];
-    std::vector<float> score(static_cast<size_t>(pos + 1));
+    thread_local std::vector<float> score;
+    score.assign(static_cast<size_t>(pos + 1), 0.f);
+    float* sc = score.data();
     for (int head = 0; head < h; ++head) {
       const float* qh = q.data_as<float>() + i * d + head * hd;
+      // Scores of every key, dimension by dimension over the transposed keys:
+      // each score sums its products in dimension order, whatever the batch.
+      for (int j = 0; j <= pos; ++j) sc[j] = 0.f;
+      for (int t = 0; t < hd; ++t) {
+        const float qt = qh[t];
+        const float* kt = cache->key_dim(layer, head * hd + t);
+#pragma omp simd
+        for (int j = 0; j <= pos; ++j) sc[j] += qt * kt[j];
+      }
       float m = -INFINITY;
       for (int j = 0; j <= pos; ++j) {
-        const float* kh = cache->keys(layer, j) + head * hd;
-        // A fixed vectorised order (head width is a constant of the model): the same for every row and batch.
-        float s = 0.f;
-#pragma omp simd reduction(+ : s)
-        for (int t = 0; t < hd; ++t) s += qh[t] * kh[t];
-        score[static_cast<size_t>(j)] = s * scale;
-        m = std::max(m, score[static_cast<size_t>(j)]);
+        sc[j] *= scale;
+        m = std::max(m, sc[j]);
       }
       float sum = 0.f;
       for (int j = 0; j <= pos; ++j) sum += score[static_cast<size_t>(j)] = std::exp(score[static_cast<size_t>(j)] - m);

@@ -41,6 +41,9 @@ struct ModelConfig {
 };
 
 // One sequence's keys and values for every layer, positions [0, length).
+// Keys are stored transposed, [layer][dim][position], so a query's scores
+// over all positions are one vectorised pass per dimension; values are
+// [layer][position][dim].
 class KVCache {
  public:
   KVCache(const ModelConfig& config, int capacity);
@@ -49,16 +52,19 @@ class KVCache {
   // Forget positions >= length (speculative tokens that were rejected).
   void crop(int length);
   KVCache copy() const { return *this; }
-  float* keys(int layer, int position) { return k_.data() + offset(layer, position); }
-  float* values(int layer, int position) { return v_.data() + offset(layer, position); }
-  const float* keys(int layer, int position) const { return k_.data() + offset(layer, position); }
-  const float* values(int layer, int position) const { return v_.data() + offset(layer, position); }
+  // Key dimension `dim` of every position of a layer (contiguous over positions).
+  float* key_dim(int layer, int dim) { return k_.data() + offset(layer, dim, capacity_); }
+  const float* key_dim(int layer, int dim) const { return k_.data() + offset(layer, dim, capacity_); }
+  float* values(int layer, int position) { return v_.data() + offset(layer, position, d_); }
+  const float* values(int layer, int position) const { return v_.data() + offset(layer, position, d_); }
+  void set_key(int layer, int position, const float* key);  // d_model floats
   void advance(int n);  // the model's commit: n more positions hold data
   bool fits(const ModelConfig& c) const { return layers_ == c.layers && d_ == c.d_model; }
 
  private:
-  size_t offset(int layer, int position) const {
-    return (static_cast<size_t>(layer) * capacity_ + static_cast<size_t>(position)) * d_;
+  // Element (layer, row, 0) of a [layer][rows][width] array of capacity * d_ per layer.
+  size_t offset(int layer, int row, int width) const {
+    return static_cast<size_t>(layer) * capacity_ * d_ + static_cast<size_t>(row) * width;
   }
   int layers_, d_, capacity_, length_ = 0;
   std::vector<float> k_, v_;
