@@ -1,4 +1,6 @@
-"""Runs train_steps.py on one process and under mpirun -np 2; the losses must agree."""
+"""Runs train_steps.py on one process, under mpirun -np 2, and (given the
+switchyard binary as an argument) under `switchyard launch --nprocs 2` (the
+UCX backend, bootstrapped through the TCP store); the losses must agree."""
 import os
 import re
 import subprocess
@@ -28,11 +30,14 @@ def losses(cmd):
 
 
 one = losses([python, script])
-two = losses(mpirun + ["-x", "PYTHONPATH", python, script])
-print("1 rank :", " ".join(f"{v:.7f}" for v in one))
-print("2 ranks:", " ".join(f"{v:.7f}" for v in two))
+runs = {"2 ranks (mpirun)": losses(mpirun + ["-x", "PYTHONPATH", python, script])}
+if len(sys.argv) > 1:
+    runs["2 ranks (switchyard launch, ucx)"] = losses([sys.argv[1], "launch", "--nprocs", "2", "--", python, script])
+print(f"{'1 rank':32s}:", " ".join(f"{v:.7f}" for v in one))
+for name, values in runs.items():
+    print(f"{name:32s}:", " ".join(f"{v:.7f}" for v in values))
 if one[-1] >= one[0]:
     sys.exit("the loss did not fall over 5 steps")
-worst = max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(one, two))
+worst = max(abs(a - b) / max(abs(a), 1e-12) for values in runs.values() for a, b in zip(one, values))
 print(f"largest relative difference {worst:.2e}")
 sys.exit(0 if worst < 1e-5 else 1)
