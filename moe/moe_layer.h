@@ -186,6 +186,7 @@ class MoELayer {
   Tensor backward(const TensorView& dout, double balance_coef = 0.0, double z_coef = 0.0, bool input_grad = true);
   Tensor& gate_grad() { return gate_grad_; }
   ExpertParams& expert_grads() { return grads_; }
+  // New zeroed gradient tensors (the old ones are left to whoever still holds them).
   void zero_grad();
   // Plain SGD on the gate and every local expert parameter: p -= lr * grad.
   void sgd_step(double lr);

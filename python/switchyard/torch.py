@@ -45,8 +45,9 @@ class _MoEFunction(torch.autograd.Function):
         dx = layer.backward(dout.contiguous(), balance_coef=float(dbalance), z_coef=float(dz),
                             input_grad=ctx.needs_input_grad[0])
         grads = layer.grads()
-        # Copies: torch may keep a returned gradient as .grad, and the layer reuses its buffers.
-        param_grads = [_t(grads[name]).clone() for name in ctx.module.names]
+        # No copies: zero_grad() above gave the layer fresh gradient tensors, and the
+        # next backward gets fresh ones again, so these stay torch's alone.
+        param_grads = [_t(grads[name]) for name in ctx.module.names]
         return (_t(dx) if dx is not None else None, None, None, None, *param_grads)
 
 
