@@ -45,8 +45,8 @@ double time_gemm(const GemmShape& s) {
   return runs[runs.size() / 2];
 }
 
-// Median seconds to memcpy `bytes` between two buffers: the floor of a phase
-// that reads and writes that many bytes once (encode, decode).
+}  // namespace
+
 double time_memcpy(int64_t bytes) {
   if (bytes <= 0) return 0.0;
   std::vector<char> src(static_cast<size_t>(bytes), 1), dst(static_cast<size_t>(bytes));
@@ -60,8 +60,6 @@ double time_memcpy(int64_t bytes) {
   std::sort(runs.begin(), runs.end());
   return runs[runs.size() / 2];
 }
-
-}  // namespace
 
 namespace {
 double median(std::vector<double> v) {

@@ -10,6 +10,10 @@
 
 namespace switchyard {
 
+// Median seconds to memcpy `bytes` between two buffers: the floor of a phase
+// that reads and writes that many bytes once (bench moe's encode/decode, bench decode).
+double time_memcpy(int64_t bytes);
+
 // What a run measured (rank 0's view of the synchronized steps), for bench scale.
 struct BenchMoeResult {
   double step_time = 0;  // median after warm-up: virtual when emulated, else wall

@@ -8,6 +8,7 @@
 
 #include "core/error.h"
 #include "kernels/rowwise.h"
+#include "launch/bench_moe.h"
 #include "parallel/runtime.h"
 
 namespace switchyard {
@@ -19,18 +20,10 @@ std::vector<int> bytes_of(const std::string& text) {
   return t;
 }
 
-// Host memory bandwidth, counting bytes read and written (best of three 256 MiB copies).
+// Host memory bandwidth, counting bytes read and written (a 256 MiB copy).
 double measured_bandwidth() {
-  const size_t n = size_t{256} << 20;
-  std::vector<char> a(n, 1), b(n, 2);
-  double best = 0;
-  for (int i = 0; i < 3; ++i) {
-    const auto t = std::chrono::steady_clock::now();
-    std::memcpy(b.data(), a.data(), n);
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
-    best = std::max(best, 2.0 * n / s);
-  }
-  return best;
+  const int64_t bytes = int64_t{256} << 20;
+  return 2.0 * static_cast<double>(bytes) / time_memcpy(bytes);
 }
 
 // The row-wise GEMM rate (FLOP/s) at the model's projection shape: every
