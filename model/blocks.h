@@ -1,0 +1,93 @@
+// The decoder's per-layer pieces, so a schedule can run any layer on any rank:
+// an attention block (RMSNorm, rotary multi-head attention over a per-layer
+// KV cache, output projection) and an FFN block (RMSNorm, then an MoE layer
+// over the expert group; later a remote FFN on other ranks).
+//
+// Every product is row-wise batch-invariant (kernels/rowwise.h) and attention
+// reduces each query row over its keys in key order, so a row's result does
+// not depend on which other rows share its step.
+#pragma once
+
+#include <memory>
+#include <vector>
+
+#include "core/tensor.h"
+#include "model/kv_cache.h"
+#include "model/model_config.h"
+#include "moe/moe_layer.h"
+
+namespace switchyard {
+
+// A step's input for one sequence: tokens appended at its cache's length
+// (each layer's own length).
+struct Chunk {
+  KVCache* cache = nullptr;
+  std::vector<int> tokens;
+};
+
+// y[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w, per row.
+Tensor rmsnorm(const Tensor& x, const Tensor& w, double eps);
+// x [rows, k] @ w [k, n], row-wise.
+Tensor matmul_rowwise(const Tensor& x, const Tensor& w);
+
+// cos / sin of pos * theta^(-j / half), as the Python model computes them in f32.
+class RotaryTable {
+ public:
+  explicit RotaryTable(const ModelConfig& config);
+  // Rotates every head of one row u [heads * head_dim] to position pos.
+  void apply(float* u, int pos) const;
+
+ private:
+  int heads_, head_dim_, max_seq_;
+  std::vector<float> cos_, sin_;  // [max_seq, head_dim / 2]
+};
+
+struct AttentionWeights {
+  Tensor norm, wq, wk, wv, wo;  // [d], then [d, d] each
+};
+
+class AttentionBlock {
+ public:
+  AttentionBlock(const ModelConfig& config, int layer, AttentionWeights weights,
+                 std::shared_ptr<const RotaryTable> rope);
+  int layer() const { return layer_; }
+  const AttentionWeights& weights() const { return w_; }
+  // x += attention(rmsnorm(x)): the output projection accumulates onto x (the
+  // sequential model's arithmetic). Writes the chunks' keys and values at
+  // each cache's length of this layer (LayerKV::advance makes them count).
+  void apply(Tensor& x, const std::vector<Chunk>& chunks) const;
+  // attention(rmsnorm(x)) alone, from any input: a layer-parallel schedule
+  // adds several blocks' deltas to one residual.
+  Tensor delta(const Tensor& x, const std::vector<Chunk>& chunks) const;
+
+ private:
+  Tensor mix(const Tensor& x, const std::vector<Chunk>& chunks) const;  // heads' outputs before wo
+  ModelConfig config_;
+  int layer_;
+  AttentionWeights w_;
+  std::shared_ptr<const RotaryTable> rope_;
+};
+
+class FfnBlock {
+ public:
+  virtual ~FfnBlock() = default;
+  // ffn(rmsnorm(x)); collective over whatever group computes the FFN: every
+  // rank of it calls, with its own rows (possibly none).
+  virtual Tensor delta(const Tensor& x) = 0;
+  void apply(Tensor& x);  // x += delta(x)
+};
+
+// The FFN as an MoE layer whose experts are spread over the expert group.
+class MoEFfnBlock : public FfnBlock {
+ public:
+  MoEFfnBlock(Tensor norm, double eps, std::unique_ptr<MoELayer> moe) : norm_(std::move(norm)), eps_(eps), moe_(std::move(moe)) {}
+  Tensor delta(const Tensor& x) override;
+  MoELayer& moe() { return *moe_; }
+
+ private:
+  Tensor norm_;
+  double eps_;
+  std::unique_ptr<MoELayer> moe_;
+};
+
+}  // namespace switchyard
