@@ -16,8 +16,14 @@ void SamplingOptions::validate() const {
   if (!(top_p > 0 && top_p <= 1)) SY_THROW(InvalidArgument, "sampling: top_p = ", top_p, ", expected in (0, 1]");
 }
 
-int sample_token(const float* logits, int vocab, const SamplingOptions& o, Rng& rng) {
-  if (o.temperature == 0) return static_cast<int>(std::max_element(logits, logits + vocab) - logits);  // first maximum
+Sampled sample(const float* logits, int vocab, const SamplingOptions& o, Rng& rng) {
+  Sampled out;
+  out.probs.assign(static_cast<size_t>(vocab), 0.f);
+  if (o.temperature == 0) {
+    out.token = static_cast<int>(std::max_element(logits, logits + vocab) - logits);  // first maximum
+    out.probs[static_cast<size_t>(out.token)] = 1.f;
+    return out;
+  }
   // Candidates by probability (ties: the lower token), cut by top-k, then top-p.
   std::vector<int> order(static_cast<size_t>(vocab));
   std::iota(order.begin(), order.end(), 0);
@@ -39,12 +45,21 @@ int sample_token(const float* logits, int vocab, const SamplingOptions& o, Rng& 
     }
   }
   const double total = std::accumulate(p.begin(), p.begin() + static_cast<std::ptrdiff_t>(keep), 0.0);
+  for (size_t i = 0; i < keep; ++i) out.probs[static_cast<size_t>(order[i])] = static_cast<float>(p[i] / total);
   double u = rng.uniform(0.0, total);
+  out.token = order[keep - 1];
   for (size_t i = 0; i < keep; ++i) {
-    if (u < p[i]) return order[i];
+    if (u < p[i]) {
+      out.token = order[i];
+      break;
+    }
     u -= p[i];
   }
-  return order[keep - 1];
+  return out;
+}
+
+int sample_token(const float* logits, int vocab, const SamplingOptions& o, Rng& rng) {
+  return sample(logits, vocab, o, rng).token;
 }
 
 std::vector<std::vector<int>> generate(Model& model, const std::vector<std::vector<int>>& prompts, int max_new_tokens,

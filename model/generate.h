@@ -20,7 +20,15 @@ struct SamplingOptions {
   void validate() const;     // InvalidArgument naming the field
 };
 
-// A token from one row of logits.
+// A token and the distribution it was drawn from, after temperature, top-k
+// and top-p (speculative sampling compares the draft's and the base's):
+// probs[v] over the vocabulary, zero outside the kept set; greedy: one-hot.
+struct Sampled {
+  int token = 0;
+  std::vector<float> probs;
+};
+Sampled sample(const float* logits, int vocab, const SamplingOptions& options, Rng& rng);
+// The token alone (the same draw as sample()).
 int sample_token(const float* logits, int vocab, const SamplingOptions& options, Rng& rng);
 
 struct GenerationStats {

@@ -8,13 +8,16 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <numeric>
 
 #include "comm/backends/threads/threads_backend.h"
 #include "core/error.h"
 #include "core/rng.h"
 #include "core/safetensors.h"
 #include "model/generate.h"
+#include "model/layer_schedule.h"
 #include "model/model.h"
+#include "model/serving.h"
 
 namespace switchyard {
 namespace {
@@ -129,6 +132,141 @@ TEST(Model, SamplingIsSeededAndHonoursTopK) {
   }
   EXPECT_THROW(SamplingOptions{.top_p = 0.0}.validate(), InvalidArgument);
   EXPECT_THROW(SamplingOptions{.temperature = -1}.validate(), InvalidArgument);
+}
+
+TEST(Model, SampleReturnsTheFilteredDistributionItDrewFrom) {
+  std::vector<float> logits(256);
+  Rng fill(fresh_seed());
+  for (float& v : logits) v = static_cast<float>(fill.normal(0, 2));
+  const SamplingOptions o{.temperature = 0.7, .top_k = 40, .top_p = 0.8, .seed = 5};
+  // The distribution from its definition: softmax(logits / T) over the top-k, cut to the smallest top-p set.
+  std::vector<int> order(256);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return logits[a] > logits[b]; });
+  std::vector<double> p(40);
+  double z = 0;
+  for (int i = 0; i < 40; ++i) z += p[i] = std::exp((logits[order[i]] - logits[order[0]]) / 0.7);
+  int keep = 0;
+  for (double mass = 0; keep < 40 && mass < 0.8; ++keep) mass += p[keep] / z;
+  double kept = 0;
+  for (int i = 0; i < keep; ++i) kept += p[i];
+  Rng a(9), b(9);
+  for (int draw = 0; draw < 50; ++draw) {
+    const Sampled s = sample(logits.data(), 256, o, a);
+    EXPECT_EQ(s.token, sample_token(logits.data(), 256, o, b)) << "the same draw as sample_token";
+    ASSERT_EQ(s.probs.size(), 256u);
+    for (int i = 0; i < 256; ++i) {
+      const int rank = static_cast<int>(std::find(order.begin(), order.end(), i) - order.begin());
+      const double want = rank < keep ? p[rank] / kept : 0.0;
+      EXPECT_NEAR(s.probs[i], want, 1e-6) << "token " << i;
+    }
+    EXPECT_GT(s.probs[s.token], 0.f) << "a drawn token has probability";
+  }
+  Rng g(1);
+  const Sampled greedy = sample(logits.data(), 256, {}, g);
+  EXPECT_EQ(greedy.token, order[0]);
+  EXPECT_EQ(greedy.probs[order[0]], 1.f);
+  EXPECT_EQ(std::accumulate(greedy.probs.begin(), greedy.probs.end(), 0.0), 1.0);
+}
+
+TEST(Model, LayerKvCachesHoldOnlyTheirLayersEachWithItsOwnLength) {
+  Model model(kModels + "draft", one_rank());
+  KVCache part = model.new_cache(32, {3, 1});
+  EXPECT_TRUE(part.owns(1));
+  EXPECT_TRUE(part.owns(3));
+  EXPECT_FALSE(part.owns(0));
+  EXPECT_THROW(part.layer(0), InvalidArgument);
+  EXPECT_EQ(part.owned_layers(), (std::vector<int>{1, 3}));
+  part.layer(1).advance(5);
+  part.layer(3).advance(2);
+  EXPECT_EQ(part.length(), 2) << "positions every owned layer holds";
+  part.advance(1);
+  EXPECT_EQ(part.layer(1).length(), 6);
+  EXPECT_EQ(part.layer(3).length(), 3);
+  part.crop(1);
+  EXPECT_EQ(part.layer(1).length(), 1);
+  EXPECT_THROW(part.crop(2), InvalidArgument);
+  EXPECT_THROW(model.new_cache(8, {0, 0}), InvalidArgument);
+  EXPECT_THROW(model.new_cache(8, {model.config().layers}), InvalidArgument);
+  // A forward needs every layer's cache.
+  std::vector<int> prompt = bytes_of("abc");
+  EXPECT_THROW(model.forward({{&part, prompt}}), InvalidArgument);
+}
+
+TEST(Model, AttentionDeltaIsWhatApplyAdds) {
+  Model model(kModels + "draft", one_rank());
+  const std::vector<int> prompt = bytes_of("Half a loaf is better");
+  KVCache a = model.new_cache(), b = model.new_cache();
+  Tensor x = model.embed({{&a, prompt}});
+  Tensor y = Tensor::empty(x.shape(), DType::f32);
+  std::memcpy(y.data(), x.data(), x.nbytes());
+  const Tensor delta = model.attention_block(0).delta(x, {{&b, prompt}});
+  model.attention(0, x, {{&a, prompt}});
+  double worst = 0;
+  for (int64_t i = 0; i < x.numel(); ++i)
+    worst = std::max(worst, std::abs(static_cast<double>(y.data_as<float>()[i]) + delta.data_as<float>()[i] -
+                                     x.data_as<float>()[i]));
+  EXPECT_LT(worst, 1e-5);
+  // Both wrote the same keys and values.
+  EXPECT_EQ(0, std::memcmp(a.layer(0).values(0), b.layer(0).values(0), model.config().d_model * prompt.size() * sizeof(float)));
+}
+
+TEST(LayerSchedule, InstancesAndBadConfigs) {
+  const LayerSchedule dp = LayerSchedule::make({.attention = "dp"}, 8, 4);
+  EXPECT_EQ(dp.token_groups(), 4);
+  EXPECT_EQ(dp.token_group_of(3), 3);
+  EXPECT_EQ(dp.group_leader(2), 2);
+  EXPECT_EQ(dp.owned_layers(1).size(), 8u);
+  EXPECT_EQ(dp.layer(5).ffn_ranks, (std::vector<int>{0, 1, 2, 3}));
+  const LayerSchedule rep = LayerSchedule::make({}, 8, 4);
+  EXPECT_EQ(rep.attention(), AttentionMode::replicated);
+  EXPECT_EQ(rep.token_groups(), 1);
+  EXPECT_EQ(rep.token_group_of(3), 0);
+  EXPECT_EQ(rep.group_leader(0), 0);
+  auto error_of = [](const ScheduleOptions& o) {
+    try {
+      LayerSchedule::make(o, 8, 4);
+    } catch (const ConfigError& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  EXPECT_NE(error_of({.attention = "pipeline"}).find("model.attention = 'pipeline', expected replicated, dp or tp"),
+            std::string::npos) << error_of({.attention = "pipeline"});
+  EXPECT_NE(error_of({.attention = "dp", .tp = 2}).find("model.tp = 2 with model.attention = dp"), std::string::npos);
+  EXPECT_NE(error_of({.attention = "dp", .tp = 0}).find("model.tp = 0, expected >= 1"), std::string::npos);
+  EXPECT_NE(error_of({.attention = "tp", .tp = 2}).find("not built yet"), std::string::npos);
+  EXPECT_NE(error_of({.attention = "x", .attention_field = "--attention"}).find("--attention = 'x'"), std::string::npos);
+  EXPECT_THROW(dp.token_group_of(4), InvalidArgument);
+}
+
+TEST(Serving, PoissonArrivalsAndBadRequests) {
+  const auto t = poisson_arrivals(4000, 50.0, 7);
+  EXPECT_EQ(t, poisson_arrivals(4000, 50.0, 7));
+  EXPECT_TRUE(std::is_sorted(t.begin(), t.end()));
+  EXPECT_NEAR(t.back() / 4000, 1.0 / 50, 0.1 / 50) << "mean gap 1 / rate";
+  EXPECT_EQ(poisson_arrivals(3, 0, 1), (std::vector<double>{0, 0, 0}));
+  EXPECT_THROW(poisson_arrivals(3, -1, 1), InvalidArgument);
+  Model model(kModels + "draft", one_rank());
+  InferenceEngine engine(model, LayerSchedule::data_parallel(model.config().layers, 1));
+  RoundRobinScheduler rr;
+  auto error_of = [&](std::vector<Request> r, ServingOptions o = {}) {
+    try {
+      serve(engine, r, rr, o);
+    } catch (const InvalidArgument& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  EXPECT_NE(error_of({{.id = 1, .prompt = {}}}).find("request 1 has an empty prompt"), std::string::npos);
+  EXPECT_NE(error_of({{.id = 2, .prompt = {300}}}).find("token 300"), std::string::npos);
+  EXPECT_NE(error_of({{.id = 3, .prompt = {1}, .max_new_tokens = 0}}).find("max_new_tokens = 0"), std::string::npos);
+  EXPECT_NE(error_of({{.id = 4, .prompt = {1}, .max_new_tokens = 9}}, {.kv_budget = 5}).find("more than kv_budget = 5"),
+            std::string::npos);
+  EXPECT_NE(error_of({{.id = 5, .prompt = {1}}, {.id = 5, .prompt = {2}}}).find("id 5 appears twice"), std::string::npos);
+  EXPECT_NE(error_of({{.id = 6, .prompt = {1}, .max_new_tokens = 100000}}).find("exceed max_seq"), std::string::npos);
+  EXPECT_NE(error_of({{.id = 7, .prompt = {1}}}, {.max_batch = 0}).find("max_batch = 0"), std::string::npos);
+  EXPECT_TRUE(serve(engine, {}, rr, {}).empty()) << "no requests: returns at once";
 }
 
 // A copy of the base model's folder with one thing broken.

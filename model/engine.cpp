@@ -1,0 +1,51 @@
+#include "model/engine.h"
+
+#include "core/error.h"
+
+namespace switchyard {
+
+InferenceEngine::InferenceEngine(Model& model, LayerSchedule schedule)
+    : model_(model), schedule_(std::move(schedule)), rank_(model.expert_group()->rank()) {
+  if (schedule_.world() != model.expert_group()->size())
+    SY_THROW(InvalidArgument, "inference engine: the schedule is for ", schedule_.world(), " rank(s), the model's "
+             "expert group has ", model.expert_group()->size());
+  if (schedule_.layer_count() != model.config().layers)
+    SY_THROW(InvalidArgument, "inference engine: the schedule has ", schedule_.layer_count(), " layers, model '",
+             model.config().name, "' has ", model.config().layers);
+}
+
+void InferenceEngine::verify_replicas(const std::vector<Chunk>& chunks) {
+  uint64_t h = 1469598103934665603ull;  // FNV-1a over (chunk length, tokens, cache length)
+  auto mix = [&](uint64_t v) { h = (h ^ v) * 1099511628211ull; };
+  for (const Chunk& c : chunks) {
+    mix(c.tokens.size());
+    mix(c.cache ? static_cast<uint64_t>(c.cache->length()) : ~0ull);
+    for (int t : c.tokens) mix(static_cast<uint64_t>(t));
+  }
+  // Both halves as max and as -min: equal on every rank iff max == min.
+  Tensor v = Tensor::empty({4}, DType::f64);
+  double* p = v.data_as<double>();
+  p[0] = static_cast<double>(h >> 32), p[1] = static_cast<double>(h & 0xffffffffu);
+  p[2] = -p[0], p[3] = -p[1];
+  world().allreduce(v, v, {.op = ReduceOp::max}).wait();
+  if (p[0] != -p[2] || p[1] != -p[3])
+    SY_THROW(InvalidArgument, "inference engine: replicated attention, but the ranks' chunks differ this step (every "
+             "rank must pass the same sequences and tokens)");
+}
+
+Tensor InferenceEngine::step(const std::vector<Chunk>& chunks) {
+  if (check_replicas_ && schedule_.attention() == AttentionMode::replicated && schedule_.world() > 1)
+    verify_replicas(chunks);
+  Tensor x = model_.embed(chunks);
+  for (int l = 0; l < schedule_.layer_count(); ++l) {
+    // replicated and dp: this rank runs the layer's attention on its own rows;
+    // the FFN's experts span every rank (its all-to-all carries the rows).
+    model_.attention(l, x, chunks);
+    model_.ffn(l, x);
+  }
+  Tensor logits = model_.head(x);
+  model_.commit(chunks);
+  return logits;
+}
+
+}  // namespace switchyard

@@ -1,0 +1,93 @@
+#include "model/layer_schedule.h"
+
+#include <algorithm>
+#include <numeric>
+#include <sstream>
+
+#include "core/error.h"
+
+namespace switchyard {
+
+const char* attention_mode_name(AttentionMode mode) {
+  switch (mode) {
+    case AttentionMode::replicated: return "replicated";
+    case AttentionMode::dp: return "dp";
+    case AttentionMode::tp: return "tp";
+  }
+  return "?";
+}
+
+namespace {
+std::vector<int> all_ranks(int world) {
+  std::vector<int> r(static_cast<size_t>(world));
+  std::iota(r.begin(), r.end(), 0);
+  return r;
+}
+
+LayerSchedule checked(int layers, int world) {
+  if (layers < 1) SY_THROW(InvalidArgument, "layer schedule: ", layers, " layers, expected >= 1");
+  if (world < 1) SY_THROW(InvalidArgument, "layer schedule: world of ", world, " ranks, expected >= 1");
+  return {};
+}
+}  // namespace
+
+LayerSchedule LayerSchedule::replicated(int layers, int world) {
+  LayerSchedule s = checked(layers, world);
+  s.mode_ = AttentionMode::replicated;
+  s.world_ = world;
+  s.groups_ = 1;
+  for (int l = 0; l < layers; ++l) s.layers_.push_back({l, AttentionMode::replicated, all_ranks(world), all_ranks(world)});
+  return s;
+}
+
+LayerSchedule LayerSchedule::data_parallel(int layers, int world) {
+  LayerSchedule s = replicated(layers, world);
+  s.mode_ = AttentionMode::dp;
+  s.groups_ = world;
+  for (LayerAssignment& a : s.layers_) a.attention = AttentionMode::dp;
+  return s;
+}
+
+LayerSchedule LayerSchedule::make(const ScheduleOptions& o, int layers, int world) {
+  if (o.tp < 1) SY_THROW(ConfigError, o.tp_field, " = ", o.tp, ", expected >= 1");
+  if (o.attention == "replicated" || o.attention == "dp") {
+    if (o.tp != 1)
+      SY_THROW(ConfigError, o.tp_field, " = ", o.tp, " with ", o.attention_field, " = ", o.attention,
+               "; expected 1 (tensor-parallel groups need ", o.attention_field, " = tp)");
+    return o.attention == "dp" ? data_parallel(layers, world) : replicated(layers, world);
+  }
+  if (o.attention == "tp")
+    SY_THROW(ConfigError, o.attention_field, " = tp: tensor-parallel attention is not built yet (it arrives with the "
+             "parallel inference engine, part 2); expected replicated or dp");
+  SY_THROW(ConfigError, o.attention_field, " = '", o.attention, "', expected replicated, dp or tp");
+}
+
+int LayerSchedule::token_group_of(int rank) const {
+  if (rank < 0 || rank >= world_) SY_THROW(InvalidArgument, "layer schedule: rank ", rank, ", expected 0..", world_ - 1);
+  return mode_ == AttentionMode::dp ? rank : 0;
+}
+
+int LayerSchedule::group_leader(int group) const {
+  if (group < 0 || group >= groups_)
+    SY_THROW(InvalidArgument, "layer schedule: token group ", group, ", expected 0..", groups_ - 1);
+  return mode_ == AttentionMode::dp ? group : 0;
+}
+
+std::vector<int> LayerSchedule::owned_layers(int rank) const {
+  std::vector<int> owned;
+  for (const LayerAssignment& a : layers_)
+    if (std::find(a.attention_ranks.begin(), a.attention_ranks.end(), rank) != a.attention_ranks.end())
+      owned.push_back(a.layer);
+  return owned;
+}
+
+std::string LayerSchedule::describe() const {
+  std::ostringstream out;
+  out << layer_count() << " layers on " << world_ << " rank(s): attention " << attention_mode_name(mode_);
+  if (mode_ == AttentionMode::dp) out << " (each rank its own sequences and KV)";
+  if (mode_ == AttentionMode::replicated && world_ > 1) out << " (every rank the same sequences)";
+  out << ", experts over all " << world_ << " rank(s), " << groups_ << " token group(s)";
+  return out.str();
+}
+
+}  // namespace switchyard

@@ -1,0 +1,223 @@
+#include "model/serving.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <deque>
+#include <limits>
+#include <map>
+#include <numeric>
+#include <thread>
+
+#include "core/error.h"
+
+namespace switchyard {
+
+int RoundRobinScheduler::assign(const Request&, const GroupLoad& load) {
+  const int64_t groups = static_cast<int64_t>(load.requests.size());
+  return static_cast<int>(next_++ % groups);
+}
+
+void ServingOptions::validate() const {
+  if (max_batch < 1) SY_THROW(InvalidArgument, "serving: max_batch = ", max_batch, ", expected >= 1");
+  if (kv_budget < 0) SY_THROW(InvalidArgument, "serving: kv_budget = ", kv_budget, ", expected >= 0 (0: unlimited)");
+  if (prefill_chunk < 0)
+    SY_THROW(InvalidArgument, "serving: prefill_chunk = ", prefill_chunk, ", expected >= 0 (0: whole prompts)");
+  if (!(progress_every > 0)) SY_THROW(InvalidArgument, "serving: progress_every = ", progress_every, ", expected > 0");
+}
+
+std::vector<double> poisson_arrivals(int64_t n, double rate, uint64_t seed) {
+  if (rate < 0 || !std::isfinite(rate)) SY_THROW(InvalidArgument, "arrivals: rate = ", rate, ", expected >= 0 (0: all at once)");
+  std::vector<double> t(static_cast<size_t>(std::max<int64_t>(n, 0)), 0.0);
+  if (rate == 0) return t;
+  Rng rng(seed);
+  double now = 0;
+  for (double& a : t) a = now += -std::log(1.0 - rng.uniform()) / rate;
+  return t;
+}
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+struct Sequence {
+  const Request* request;
+  RequestResult result;
+  KVCache cache;
+  Rng rng;
+  int64_t reserved;     // KV positions held against the budget
+  size_t prefilled = 0; // prompt tokens already in the cache
+  int next_token = -1;  // decode input
+};
+
+void check_requests(const std::vector<Request>& requests, const ModelConfig& mc, const ServingOptions& o) {
+  std::map<int64_t, size_t> seen;
+  for (size_t i = 0; i < requests.size(); ++i) {
+    const Request& r = requests[i];
+    if (!seen.emplace(r.id, i).second) SY_THROW(InvalidArgument, "serve: request id ", r.id, " appears twice");
+    if (r.prompt.empty()) SY_THROW(InvalidArgument, "serve: request ", r.id, " has an empty prompt (expected >= 1 token)");
+    for (int t : r.prompt)
+      if (t < 0 || t >= mc.vocab_size)
+        SY_THROW(InvalidArgument, "serve: request ", r.id, ": token ", t, ", expected 0..", mc.vocab_size - 1);
+    if (r.max_new_tokens < 1)
+      SY_THROW(InvalidArgument, "serve: request ", r.id, ": max_new_tokens = ", r.max_new_tokens, ", expected >= 1");
+    const int64_t need = static_cast<int64_t>(r.prompt.size()) + r.max_new_tokens;
+    if (need > mc.max_seq)
+      SY_THROW(InvalidArgument, "serve: request ", r.id, ": ", r.prompt.size(), " prompt + ", r.max_new_tokens,
+               " new tokens exceed max_seq = ", mc.max_seq);
+    if (o.kv_budget > 0 && need > o.kv_budget)
+      SY_THROW(InvalidArgument, "serve: request ", r.id, " needs ", need, " KV positions, more than kv_budget = ",
+               o.kv_budget, " (it could never be admitted)");
+    if (!(r.arrival >= 0) || !std::isfinite(r.arrival))
+      SY_THROW(InvalidArgument, "serve: request ", r.id, ": arrival = ", r.arrival, ", expected a time >= 0");
+    r.sampling.validate();
+  }
+}
+
+}  // namespace
+
+std::vector<RequestResult> serve(InferenceEngine& engine, const std::vector<Request>& requests,
+                                 RequestScheduler& scheduler, const ServingOptions& options, ServingStats* stats) {
+  options.validate();
+  const ModelConfig& mc = engine.model().config();
+  check_requests(requests, mc, options);
+  engine.set_check_replicas(options.check_replicas);
+  const int G = engine.schedule().token_groups(), me = engine.token_group(), V = mc.vocab_size;
+  const int64_t N = static_cast<int64_t>(requests.size());
+  std::vector<size_t> order(requests.size());
+  std::iota(order.begin(), order.end(), size_t{0});
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    return requests[a].arrival != requests[b].arrival ? requests[a].arrival < requests[b].arrival
+                                                      : requests[a].id < requests[b].id;
+  });
+
+  const auto start = Clock::now();
+  auto elapsed = [&] { return std::chrono::duration<double>(Clock::now() - start).count(); };
+  ServingStats st;
+  GroupLoad load{std::vector<int64_t>(static_cast<size_t>(G), 0), std::vector<int64_t>(static_cast<size_t>(G), 0)};
+  size_t next = 0;  // first request (in arrival order) not yet assigned
+  std::deque<const Request*> waiting;
+  std::vector<std::unique_ptr<Sequence>> active;  // admission order
+  std::vector<RequestResult> done;
+  int64_t kv_used = 0, finished_mine = 0;
+  double last_progress = 0;
+  const bool reports = engine.rank() == 0 && static_cast<bool>(options.progress);
+  Tensor agree = Tensor::empty({2 + G}, DType::f64);
+  double* a = agree.data_as<double>();
+  // Times are kept on the agreed clock (the latest rank's): a rank's own clock
+  // plus how far it was behind at the last agreement, so an event never
+  // precedes the agreed arrival that admitted it.
+  double behind = 0;
+  for (;;) {
+    // The step's agreement: clock, who still has work, who finished how much.
+    std::fill(a, a + 2 + G, 0.0);
+    const double local = elapsed();
+    a[0] = local;
+    a[1] = active.empty() && waiting.empty() ? 0 : 1;
+    a[2 + me] = static_cast<double>(finished_mine);
+    engine.world().allreduce(agree, agree, {.op = ReduceOp::max}).wait();
+    const double now = a[0];
+    behind = now - local;
+    const bool busy_anywhere = a[1] > 0;
+    int64_t finished_all = 0;
+    for (int g = 0; g < G; ++g) finished_all += static_cast<int64_t>(a[2 + g]);
+    if (reports && (now - last_progress >= options.progress_every)) {
+      last_progress = now;
+      options.progress({now, finished_all, N, st.steps});
+    }
+    bool arrived = false;
+    while (next < order.size() && requests[order[next]].arrival <= now) {
+      const Request& r = requests[order[next++]];
+      const int g = scheduler.assign(r, load);
+      if (g < 0 || g >= G)
+        SY_THROW(InvalidArgument, "serve: the request scheduler put request ", r.id, " on token group ", g,
+                 ", expected 0..", G - 1);
+      ++load.requests[static_cast<size_t>(g)];
+      load.tokens[static_cast<size_t>(g)] += static_cast<int64_t>(r.prompt.size()) + r.max_new_tokens;
+      if (g == me) waiting.push_back(&r);
+      arrived = true;
+    }
+    if (!busy_anywhere && !arrived) {
+      if (next == order.size()) break;  // every request finished on every rank: all stop here together
+      const double gap = requests[order[next]].arrival - now;  // nothing to run anywhere until then
+      if (gap > 0) {
+        std::this_thread::sleep_for(std::chrono::duration<double>(gap));
+        st.waiting_seconds += gap;
+      }
+      continue;
+    }
+    // Admission: arrival order, within the batch and the KV budget.
+    while (!waiting.empty() && static_cast<int>(active.size()) < options.max_batch) {
+      const Request& r = *waiting.front();
+      const int64_t need = static_cast<int64_t>(r.prompt.size()) + r.max_new_tokens;
+      if (options.kv_budget > 0 && kv_used + need > options.kv_budget) break;
+      waiting.pop_front();
+      auto s = std::make_unique<Sequence>(
+          Sequence{&r, RequestResult{}, engine.new_cache(static_cast<int>(need)), Rng(r.sampling.seed), need});
+      s->result.id = r.id;
+      s->result.group = me;
+      s->result.arrival = r.arrival;
+      s->result.admitted = now;
+      kv_used += need;
+      active.push_back(std::move(s));
+    }
+    st.peak_kv = std::max(st.peak_kv, kv_used);
+    st.peak_batch = std::max(st.peak_batch, static_cast<int64_t>(active.size()));
+    // This step's rows: one decode token per decoding sequence, prompt pieces within the prefill budget.
+    int64_t budget = options.prefill_chunk > 0 ? options.prefill_chunk : std::numeric_limits<int64_t>::max();
+    std::vector<Chunk> chunks;
+    std::vector<Sequence*> owner;
+    for (auto& s : active) {
+      const std::vector<int>& prompt = s->request->prompt;
+      if (s->prefilled < prompt.size()) {
+        const int64_t n = std::min<int64_t>(static_cast<int64_t>(prompt.size() - s->prefilled), budget);
+        if (n == 0) continue;
+        budget -= n;
+        chunks.push_back({&s->cache, std::vector<int>(prompt.begin() + static_cast<std::ptrdiff_t>(s->prefilled),
+                                                      prompt.begin() + static_cast<std::ptrdiff_t>(s->prefilled + n))});
+        st.prompt_tokens += n;
+      } else {
+        chunks.push_back({&s->cache, {s->next_token}});
+      }
+      owner.push_back(s.get());
+    }
+    const double t0 = elapsed() + behind;
+    const Tensor logits = engine.step(chunks);
+    const double t1 = elapsed() + behind;
+    st.step_seconds += t1 - t0;
+    ++st.steps;
+    if (chunks.empty()) ++st.idle_steps;
+    int64_t row = 0;
+    for (size_t i = 0; i < chunks.size(); ++i) {
+      Sequence& s = *owner[i];
+      const int64_t n = static_cast<int64_t>(chunks[i].tokens.size());
+      row += n;
+      st.rows += n;
+      if (s.prefilled < s.request->prompt.size()) {
+        s.prefilled += static_cast<size_t>(n);
+        if (s.prefilled < s.request->prompt.size()) continue;  // more of the prompt next step
+      }
+      const int token = sample(logits.data_as<float>() + (row - 1) * V, V, s.request->sampling, s.rng).token;
+      if (s.result.tokens.empty()) s.result.first_token = t1;
+      s.result.tokens.push_back(token);
+      s.next_token = token;
+      ++st.generated_tokens;
+      if (options.on_token) options.on_token(s.request->id, token);
+      if (static_cast<int>(s.result.tokens.size()) == s.request->max_new_tokens) {
+        s.result.finish = t1;
+        kv_used -= s.reserved;
+        ++finished_mine;
+        done.push_back(std::move(s.result));
+        s.request = nullptr;  // leaves the batch below
+      }
+    }
+    std::erase_if(active, [](const std::unique_ptr<Sequence>& s) { return s->request == nullptr; });
+  }
+  st.seconds = elapsed() + behind;
+  if (reports) options.progress({st.seconds, N, N, st.steps});
+  if (stats) *stats = st;
+  std::sort(done.begin(), done.end(), [](const RequestResult& x, const RequestResult& y) { return x.id < y.id; });
+  return done;
+}
+
+}  // namespace switchyard

@@ -1,0 +1,253 @@
+// The parallel inference engine on every rank of the harness's world (thread
+// ranks or mpirun): replicated and data-parallel attention against the model
+// on one rank (tokens equal, logits bit-identical), a scheduler that leaves
+// ranks empty, continuous batching, chunked prefill and the KV budget.
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <map>
+#include <numeric>
+
+#include "comm/backends/threads/threads_backend.h"
+#include "core/error.h"
+#include "core/rng.h"
+#include "model/engine.h"
+#include "model/serving.h"
+#include "tests/common/rank_harness.h"
+
+namespace switchyard {
+namespace {
+
+using testing::for_each_rank;
+
+const std::string kDraft = std::string(SWITCHYARD_SOURCE_DIR) + "/examples/tiny_lm/draft";
+
+std::shared_ptr<Communicator> one_rank() { return ThreadsWorld(1).communicator(0); }
+
+// Fresh random byte prompts of lengths in [lo, hi].
+std::vector<std::vector<int>> random_prompts(uint64_t seed, int n, int lo, int hi) {
+  Rng rng(seed);
+  std::vector<std::vector<int>> p(static_cast<size_t>(n));
+  for (auto& s : p) {
+    const int len = lo + static_cast<int>(rng.uniform(0, hi - lo + 1 - 1e-9));
+    for (int i = 0; i < len; ++i) s.push_back(32 + static_cast<int>(rng.uniform(0, 95 - 1e-9)));
+  }
+  return p;
+}
+
+int argmax(const float* row, int n) { return static_cast<int>(std::max_element(row, row + n) - row); }
+
+// Per sequence: the logits rows of its prefill's last position and of each
+// greedy decode step, bit for bit, and the tokens chosen.
+struct Trace {
+  std::vector<std::vector<float>> rows;
+  std::vector<int> tokens;
+};
+
+// Runs `mine` (indices into prompts) through `step`: one prefill of all of
+// them, then `steps` greedy decode steps; empty `mine` still runs every step.
+template <typename Step, typename NewCache>
+std::map<int, Trace> run_sequences(const std::vector<std::vector<int>>& prompts, const std::vector<int>& mine, int steps,
+                                   int V, Step&& step, NewCache&& new_cache) {
+  std::vector<KVCache> caches;
+  caches.reserve(mine.size());
+  std::vector<Chunk> chunks;
+  for (int s : mine) {
+    caches.push_back(new_cache());
+    chunks.push_back({&caches.back(), prompts[static_cast<size_t>(s)]});
+  }
+  std::map<int, Trace> out;
+  for (int i = 0; i <= steps; ++i) {
+    const Tensor logits = step(chunks);
+    int64_t row = -1;
+    for (size_t c = 0; c < chunks.size(); ++c) {
+      row += static_cast<int64_t>(chunks[c].tokens.size());
+      const float* r = logits.data_as<float>() + row * V;
+      Trace& t = out[mine[c]];
+      t.rows.emplace_back(r, r + V);
+      t.tokens.push_back(argmax(r, V));
+      chunks[c].tokens = {t.tokens.back()};
+    }
+  }
+  return out;
+}
+
+std::map<int, Trace> reference_traces(Model& ref, const std::vector<std::vector<int>>& prompts, int steps) {
+  std::vector<int> all(prompts.size());
+  std::iota(all.begin(), all.end(), 0);
+  return run_sequences(prompts, all, steps, ref.config().vocab_size,
+                       [&](const std::vector<Chunk>& c) { return ref.forward(c); }, [&] { return ref.new_cache(64); });
+}
+
+void expect_same_traces(const std::map<int, Trace>& got, const std::map<int, Trace>& want, const std::string& what) {
+  for (const auto& [s, t] : got) {
+    const Trace& w = want.at(s);
+    EXPECT_EQ(t.tokens, w.tokens) << what << ", sequence " << s;
+    ASSERT_EQ(t.rows.size(), w.rows.size());
+    for (size_t i = 0; i < t.rows.size(); ++i)
+      EXPECT_EQ(0, std::memcmp(t.rows[i].data(), w.rows[i].data(), t.rows[i].size() * sizeof(float)))
+          << what << ", sequence " << s << ", step " << i << ": logits differ from one rank's";
+  }
+}
+
+TEST(Engine, ReplicatedAndDataParallelEqualOneRankBitForBit) {
+  for_each_rank([](Communicator& world, uint64_t seed) {
+    const int W = world.size(), R = world.rank();
+    // Three sequences: with four ranks one rank holds none under dp and still joins every collective.
+    const auto prompts = random_prompts(seed, 3, 1, 19);
+    Model ref(kDraft, one_rank());
+    const auto want = reference_traces(ref, prompts, 5);
+    Model model(kDraft, world.shared_from_this());
+    const int V = model.config().vocab_size;
+    for (const char* mode : {"replicated", "dp"}) {
+      InferenceEngine engine(model, LayerSchedule::make({.attention = mode}, model.config().layers, W));
+      engine.set_check_replicas(true);
+      std::vector<int> mine;
+      for (int s = 0; s < 3; ++s)
+        if (engine.schedule().attention() == AttentionMode::replicated || s % W == R) mine.push_back(s);
+      const auto got = run_sequences(prompts, mine, 5, V, [&](const std::vector<Chunk>& c) { return engine.step(c); },
+                                     [&] { return engine.new_cache(64); });
+      EXPECT_EQ(got.size(), mine.size());
+      expect_same_traces(got, want, std::string(mode) + " on " + std::to_string(W) + " ranks, rank " + std::to_string(R));
+    }
+  }, Milliseconds(20000));
+}
+
+TEST(Engine, ReplicatedRanksWithDifferentInputsFailTogether) {
+  for_each_rank([](Communicator& world, uint64_t seed) {
+    if (world.size() == 1) GTEST_SKIP() << "needs two ranks";
+    Model model(kDraft, world.shared_from_this());
+    InferenceEngine engine(model, LayerSchedule::replicated(model.config().layers, world.size()));
+    engine.set_check_replicas(true);
+    KVCache cache = engine.new_cache(16);
+    std::vector<Chunk> chunks = {{&cache, {65 + world.rank()}}};
+    EXPECT_THROW(engine.step(chunks), InvalidArgument);
+  });
+}
+
+// Requests with different prompt and output lengths, some greedy, some sampled from their own seeds.
+std::vector<Request> mixed_requests(uint64_t seed, int n) {
+  const auto prompts = random_prompts(seed + 1, n, 1, 23);
+  std::vector<Request> r(static_cast<size_t>(n));
+  for (int i = 0; i < n; ++i) {
+    r[i].id = 100 + i;
+    r[i].prompt = prompts[static_cast<size_t>(i)];
+    r[i].max_new_tokens = 1 + (i * 5 + static_cast<int>(seed % 7)) % 9;
+    if (i % 2) r[i].sampling = {.temperature = 0.9, .top_k = 20, .top_p = 0.95, .seed = seed + 17 * i};
+  }
+  return r;
+}
+
+// One request at a time on one rank: the definition of its output.
+std::vector<int> alone(Model& ref, const Request& r) { return generate(ref, {r.prompt}, r.max_new_tokens, r.sampling)[0]; }
+
+// Every result this rank got equals the request run alone; the ranks together served each request once.
+void expect_served(Communicator& world, const InferenceEngine& engine, const std::vector<Request>& requests,
+                   const std::vector<RequestResult>& results, Model& ref, const std::string& what) {
+  std::map<int64_t, const Request*> by_id;
+  for (const Request& r : requests) by_id[r.id] = &r;
+  for (const RequestResult& res : results) {
+    const Request& r = *by_id.at(res.id);
+    EXPECT_EQ(res.tokens, alone(ref, r)) << what << ": request " << res.id;
+    EXPECT_GE(res.first_token, res.arrival) << what;
+    EXPECT_GE(res.finish, res.first_token) << what;
+  }
+  Tensor n = Tensor::empty({1}, DType::f64);
+  n.data_as<double>()[0] = engine.speaks_for_group() ? static_cast<double>(results.size()) : 0;
+  world.allreduce(n, n).wait();
+  EXPECT_EQ(n.data_as<double>()[0], static_cast<double>(requests.size())) << what << ": requests served in all";
+}
+
+TEST(Engine, ServedRequestsEqualEachRequestAlone) {
+  for_each_rank([](Communicator& world, uint64_t seed) {
+    Model ref(kDraft, one_rank());
+    Model model(kDraft, world.shared_from_this());
+    const auto requests = mixed_requests(seed, 7);
+    for (const char* mode : {"replicated", "dp"}) {
+      InferenceEngine engine(model, LayerSchedule::make({.attention = mode}, model.config().layers, world.size()));
+      RoundRobinScheduler rr;
+      ServingOptions o;
+      o.max_batch = 3;  // sequences leave and join between steps
+      o.check_replicas = true;
+      ServingStats st;
+      const auto results = serve(engine, requests, rr, o, &st);
+      expect_served(world, engine, requests, results, ref, mode);
+      EXPECT_LE(st.peak_batch, 3);
+      if (engine.schedule().attention() == AttentionMode::replicated) EXPECT_EQ(results.size(), requests.size());
+    }
+  }, Milliseconds(20000));
+}
+
+// Everything to token group 0: the other ranks compute nothing but join every step.
+class FirstGroupOnly : public RequestScheduler {
+ public:
+  int assign(const Request&, const GroupLoad&) override { return 0; }
+};
+
+TEST(Engine, SchedulerThatLeavesRanksEmpty) {
+  for_each_rank([](Communicator& world, uint64_t seed) {
+    Model ref(kDraft, one_rank());
+    Model model(kDraft, world.shared_from_this());
+    InferenceEngine engine(model, LayerSchedule::data_parallel(model.config().layers, world.size()));
+    const auto requests = mixed_requests(seed, 4);
+    FirstGroupOnly first;
+    ServingStats st;
+    const auto results = serve(engine, requests, first, {}, &st);
+    expect_served(world, engine, requests, results, ref, "all on group 0");
+    if (world.rank() == 0) {
+      EXPECT_EQ(results.size(), requests.size());
+    } else {
+      EXPECT_TRUE(results.empty());
+      EXPECT_EQ(st.rows, 0);
+      EXPECT_EQ(st.idle_steps, st.steps);
+    }
+    // Every rank ran the same number of steps (they are collective).
+    Tensor s = Tensor::empty({2}, DType::f64);
+    s.data_as<double>()[0] = static_cast<double>(st.steps), s.data_as<double>()[1] = -static_cast<double>(st.steps);
+    world.allreduce(s, s, {.op = ReduceOp::max}).wait();
+    EXPECT_EQ(s.data_as<double>()[0], -s.data_as<double>()[1]);
+  }, Milliseconds(20000));
+}
+
+TEST(Engine, RequestTokensDoNotDependOnTheBatchArrivalsChunkingOrBudget) {
+  for_each_rank([](Communicator& world, uint64_t seed) {
+    Model ref(kDraft, one_rank());
+    Model model(kDraft, world.shared_from_this());
+    InferenceEngine engine(model, LayerSchedule::data_parallel(model.config().layers, world.size()));
+    auto requests = mixed_requests(seed, 8);
+    const auto arrivals = poisson_arrivals(8, 400.0, seed);  // about 20 ms in all
+    for (size_t i = 0; i < requests.size(); ++i) requests[i].arrival = arrivals[i];
+    int64_t most = 0;
+    for (const Request& r : requests) most = std::max<int64_t>(most, static_cast<int64_t>(r.prompt.size()) + r.max_new_tokens);
+    struct Case {
+      const char* what;
+      int prefill_chunk;
+      int64_t kv_budget;
+      int max_batch;
+    };
+    for (const Case c : {Case{"unchunked", 0, 0, 64}, Case{"prefill chunks of 3", 3, 0, 64},
+                         Case{"KV budget of one request", 2, most, 64}, Case{"batch of 2", 5, 0, 2}}) {
+      RoundRobinScheduler rr;
+      ServingOptions o;
+      o.prefill_chunk = c.prefill_chunk;
+      o.kv_budget = c.kv_budget;
+      o.max_batch = c.max_batch;
+      ServingStats st;
+      const auto results = serve(engine, requests, rr, o, &st);
+      expect_served(world, engine, requests, results, ref, c.what);
+      if (c.kv_budget > 0) EXPECT_LE(st.peak_kv, c.kv_budget) << c.what;
+      EXPECT_LE(st.peak_batch, c.max_batch) << c.what;
+    }
+  }, Milliseconds(30000));
+}
+
+}  // namespace
+}  // namespace switchyard
+
+int main(int argc, char** argv) {
+  ::testing::InitGoogleTest(&argc, argv);
+  switchyard::testing::init_rank_harness(argc, argv);
+  const int result = RUN_ALL_TESTS();
+  switchyard::testing::shutdown_rank_harness();
+  return result;
+}
