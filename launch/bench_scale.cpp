@@ -4,8 +4,10 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <sstream>
 
 #include "core/error.h"
+#include "launch/plot.h"
 
 namespace switchyard {
 
@@ -79,26 +81,14 @@ int run_bench_scale(const BenchScaleOptions& s) {
   csv.close();
   std::printf("# wrote %s\n", s.csv.c_str());
   if (s.png.empty()) return 0;
-  if (std::system("command -v gnuplot > /dev/null 2>&1") != 0) {
-    std::printf("# gnuplot not found: no plot (install gnuplot-nox; the CSV has the data)\n");
-    return 0;
-  }
-  const std::string script = s.png + ".gp";
-  std::ofstream gp(script);
-  gp << "set terminal pngcairo size 900,600\nset output '" << s.png << "'\n"
-     << "set logscale xy 2\nset offsets graph 0.03, graph 0.03, 0, 0\nset key top left\nset grid\n"
+  std::ostringstream gp;
+  gp << "set logscale xy 2\nset offsets graph 0.03, graph 0.03, 0, 0\nset key top left\nset grid\n"
      << "set xlabel 'ranks'\nset ylabel 'tokens/s (all ranks)'\nset format y '%.0s%c'\n"
      << "set title 'bench scale (" << s.mode << "): " << s.emulate << " virtual clock vs this machine wall clock'\n"
      << "$emulated << EOD\n" << emulated_points << "EOD\n$real << EOD\n" << real_points << "EOD\n"
      << "plot $emulated using 1:2 with linespoints title 'emulated " << s.emulate
      << "', $real using 1:2 with points pt 7 ps 1.5 title 'real (this machine)'\n";
-  gp.close();
-  const std::string cmd = "gnuplot '" + script + "'";
-  if (std::system(cmd.c_str()) != 0) {
-    std::printf("# gnuplot failed on %s; the CSV has the data\n", script.c_str());
-    return 0;
-  }
-  std::printf("# wrote %s\n", s.png.c_str());
+  plot_png(s.png, gp.str());
   return 0;
 }
 

@@ -1,18 +1,28 @@
 #include "launch/decode.h"
 
+#include <omp.h>
+
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
-#include <cstring>
 #include <fstream>
+#include <sstream>
+#include <thread>
 
 #include "core/error.h"
-#include "kernels/rowwise.h"
-#include "launch/bench_moe.h"
+#include "kernels/gemm.h"
+#include "launch/plot.h"
+#include "model/engine.h"
+#include "model/serving.h"
 #include "parallel/runtime.h"
 
 namespace switchyard {
 namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
 std::vector<int> bytes_of(const std::string& text) {
   std::vector<int> t;
@@ -20,131 +30,381 @@ std::vector<int> bytes_of(const std::string& text) {
   return t;
 }
 
-// Host memory bandwidth, counting bytes read and written (a 256 MiB copy).
-double measured_bandwidth() {
-  const int64_t bytes = int64_t{256} << 20;
-  return 2.0 * static_cast<double>(bytes) / time_memcpy(bytes);
+double median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
 }
 
-// The row-wise GEMM rate (FLOP/s) at the model's projection shape: every
-// decode product runs on it (best of five 64-row products).
-double measured_matmul_rate(int64_t d) {
-  std::vector<float> x(static_cast<size_t>(64 * d), 0.5f), w(static_cast<size_t>(d * d), 0.01f), y(x.size());
-  double best = 0;
-  for (int i = 0; i < 5; ++i) {
-    const auto t = std::chrono::steady_clock::now();
-    kernels::cpu::matmul_rows(x.data(), 64, d, d, w.data(), d, d, 0.f, y.data(), d);
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
-    best = std::max(best, 2.0 * 64 * d * d / s);
+// Nearest-rank percentile (q in (0, 1]).
+double percentile(std::vector<double> v, double q) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const size_t i = static_cast<size_t>(std::ceil(q * static_cast<double>(v.size()))) - 1;
+  return v[std::min(i, v.size() - 1)];
+}
+
+double max_over_ranks(Communicator& world, double v) {
+  Tensor t = Tensor::empty({1}, DType::f64);
+  t.data_as<double>()[0] = v;
+  world.allreduce(t, t, {.op = ReduceOp::max}).wait();
+  return t.data_as<double>()[0];
+}
+
+// Sums n floats with 64 independent accumulators, cloned per ISA: a read at
+// the memory's speed rather than at one add's latency.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+float sum_floats(const float* p, size_t n) {
+  float acc[64] = {};
+  size_t i = 0;
+  for (; i + 64 <= n; i += 64)
+#pragma omp simd
+    for (int j = 0; j < 64; ++j) acc[j] += p[i + j];
+  float total = 0;
+  for (; i < n; ++i) total += p[i];
+  for (float a : acc) total += a;
+  return total;
+}
+
+// The machine's rates, measured by every rank at once on its own share of
+// the cores (as the benchmark then runs), so no rank waits or polls while
+// another measures. Read bandwidth depends on where the bytes fit (a batch-1
+// step of the tiny models fits in L3), so it is measured per footprint: the
+// ranks read `bytes` in all, each its 1/W share, warm; rate = bytes over the
+// slowest rank's time (median of 5).
+double read_bandwidth_at(Communicator& world, double bytes) {
+  const size_t n = std::max<size_t>(static_cast<size_t>(bytes / world.size() / sizeof(float)), 4096);
+  std::vector<float> buf(n, 1.f);
+  const int passes = static_cast<int>(std::clamp((size_t{64} << 20) / (n * sizeof(float)), size_t{1}, size_t{256}));
+  volatile float sink = 0;
+  std::vector<double> runs;
+  for (int r = 0; r < 6; ++r) {
+    world.barrier().wait();
+    const auto t = Clock::now();
+    for (int p = 0; p < passes; ++p) {
+      float sum = 0;
+#pragma omp parallel reduction(+ : sum)
+      {
+        const size_t T = static_cast<size_t>(omp_get_num_threads()), me = static_cast<size_t>(omp_get_thread_num());
+        sum += sum_floats(buf.data() + n * me / T, n * (me + 1) / T - n * me / T);
+      }
+      sink = sink + sum;
+    }
+    const double slowest = max_over_ranks(world, seconds_since(t));
+    if (r > 0) runs.push_back(static_cast<double>(n * sizeof(float)) * world.size() * passes / slowest);  // run 0 pages in
   }
-  return best;
+  return median(runs);
+}
+
+// oneDNN's sgemm at 1024^3 on every rank at once: the machine's FLOP/s (median of 5).
+double gemm_rate(Communicator& world) {
+  const int64_t n = 1024;
+  std::vector<float> a(static_cast<size_t>(n * n), 0.5f), b(a.size(), 0.25f), c(a.size());
+  const kernels::cpu::GemmArgs args{.m = n, .n = n, .k = n, .a = a.data(), .lda = n, .b = b.data(), .ldb = n,
+                                    .c = c.data(), .ldc = n};
+  kernels::cpu::gemm_f32(args);
+  std::vector<double> runs;
+  for (int r = 0; r < 5; ++r) {
+    world.barrier().wait();
+    const auto t = Clock::now();
+    kernels::cpu::gemm_f32(args);
+    runs.push_back(2.0 * n * n * n * world.size() / max_over_ranks(world, seconds_since(t)));
+  }
+  return median(runs);
+}
+
+// GEMM threads per rank: the given number, else this node's cores over its ranks.
+int set_rank_threads(const DecodeParallelism& p, const Runtime& rt) {
+  const int local = std::max(1, rt.info().local_size);
+  const int n = p.threads > 0 ? p.threads : std::max(1, omp_get_num_procs() / local);
+  omp_set_num_threads(n);
+  return n;
+}
+
+RuntimeOptions runtime_options(const DecodeParallelism& p) {
+  RuntimeOptions ro;
+  ro.backend = p.backend;
+  ro.ranks = p.ranks;
+  return ro;
+}
+
+const std::string kText = "The quick brown fox jumps over the lazy dog; a stitch in time saves nine. ";
+
+std::vector<int> prompt_of(int64_t s, int length) {
+  std::vector<int> p;
+  for (int i = 0; i < length; ++i) p.push_back(static_cast<unsigned char>(kText[static_cast<size_t>(s * 7 + i) % kText.size()]));
+  return p;
+}
+
+// The bytes one decode step of `batch` sequences must read at least (each
+// distinct weight once: attention, norms, gate, head, the experts its tokens
+// choose — E(1 - (1 - k/E)^B) per layer under uniform routing — and the KV
+// cache so far) and the FLOPs it must do.
+struct StepWork {
+  double bytes = 0, flops = 0;
+};
+StepWork decode_step_work(const ModelConfig& c, double expert_params, double batch, double mean_len) {
+  const double d = c.d_model, L = c.layers, E = c.experts, k = c.k;
+  const double touched = E * (1.0 - std::pow(1.0 - k / E, batch));
+  StepWork w;
+  w.bytes = (L * (4 * d * d + 2 * d + d * E + touched * expert_params) + d * c.vocab_size + d + batch * d) * 4.0 +
+            batch * mean_len * L * 2 * d * 4.0;
+  w.flops = batch * (L * (8 * d * d + 4 * d * mean_len + 2 * d * E + k * 2.0 * expert_params) + 2 * d * c.vocab_size);
+  return w;
+}
+
+void bench_batches(Runtime& rt, InferenceEngine& engine, const BenchDecodeOptions& o) {
+  Model& model = engine.model();
+  const ModelConfig& c = model.config();
+  Communicator& world = rt.world();
+  const bool speak = world.rank() == 0;
+  const int W = world.size(), G = engine.schedule().token_groups(), me = engine.token_group();
+  std::FILE* csv = speak && !o.csv.empty() ? std::fopen(o.csv.c_str(), "w") : nullptr;
+  if (speak && !o.csv.empty() && !csv) SY_THROW(IoError, "bench decode: cannot write --csv '", o.csv, "'");
+  if (csv)
+    std::fprintf(csv, "batch,ranks,attention,tokens_per_s,tokens_per_s_per_rank,ms_per_step,attention_ms,moe_ms,"
+                      "head_ms,floor_ms,ratio,read_gb_per_s\n");
+  // The floor's rates first, every rank measuring at once (no benchmark traffic beside it).
+  const double mean_len = o.prompt_tokens + (o.steps + 1) / 2.0;
+  const double flop_rate = gemm_rate(world);
+  std::vector<double> bandwidth;
+  for (int B : o.batches)
+    bandwidth.push_back(read_bandwidth_at(world, decode_step_work(c, model.expert_bytes() / 4, B, mean_len).bytes));
+  if (speak) {
+    std::printf("floor = max(distinct bytes a step reads / read bandwidth at that footprint, FLOPs / %.1f GFLOP/s "
+                "(oneDNN sgemm 1024^3)); both measured here, by every rank at once on its share of the cores\n",
+                flop_rate / 1e9);
+    std::printf("%6s %12s %12s %10s %9s %9s %9s %9s %7s %8s\n", "batch", "tokens/s", "per rank", "ms/step", "attn ms",
+                "moe ms", "head ms", "floor ms", "ratio", "GB/s");
+  }
+  std::string points;
+  double last_tps = 0;
+  for (size_t bi = 0; bi < o.batches.size(); ++bi) {
+    const int B = o.batches[bi];
+    std::vector<KVCache> caches;
+    std::vector<Chunk> chunks;
+    caches.reserve(static_cast<size_t>(B));
+    for (int s = 0; s < B; ++s) {
+      if (s % G != me) continue;  // dp: sequence s lives on rank s mod W
+      caches.push_back(engine.new_cache(o.prompt_tokens + o.steps + 1));
+      chunks.push_back({&caches.back(), prompt_of(s, o.prompt_tokens)});
+    }
+    Tensor logits = engine.step(chunks);
+    model.reset_times();
+    world.barrier().wait();
+    const auto start = Clock::now();
+    for (int step = 0; step < o.steps; ++step) {
+      int64_t row = -1;
+      for (Chunk& ch : chunks) {
+        row += static_cast<int64_t>(ch.tokens.size());
+        const float* r = logits.data_as<float>() + row * c.vocab_size;
+        ch.tokens = {static_cast<int>(std::max_element(r, r + c.vocab_size) - r)};
+      }
+      logits = engine.step(chunks);
+    }
+    const double seconds = max_over_ranks(world, seconds_since(start));
+    const StepWork work = decode_step_work(c, model.expert_bytes() / 4, B, mean_len);
+    const double step_ms = seconds / o.steps * 1e3;
+    const double floor_ms = std::max(work.bytes / bandwidth[bi], work.flops / flop_rate) * 1e3;
+    const ModelPhaseTimes& t = model.times();
+    const double tps = B * o.steps / seconds;
+    last_tps = tps;
+    if (!speak) continue;
+    std::printf("%6d %12.1f %12.1f %10.3f %9.3f %9.3f %9.3f %9.3f %7.2f %8.1f\n", B, tps, tps / W, step_ms,
+                t.attention / o.steps * 1e3, t.moe / o.steps * 1e3, t.head / o.steps * 1e3, floor_ms, step_ms / floor_ms,
+                bandwidth[bi] / 1e9);
+    std::fflush(stdout);
+    points += std::to_string(B) + " " + std::to_string(tps) + "\n";
+    if (csv)
+      std::fprintf(csv, "%d,%d,%s,%.2f,%.2f,%.4f,%.4f,%.4f,%.4f,%.4f,%.3f,%.2f\n", B, W,
+                   attention_mode_name(engine.schedule().attention()), tps, tps / W, step_ms,
+                   t.attention / o.steps * 1e3, t.moe / o.steps * 1e3, t.head / o.steps * 1e3, floor_ms,
+                   step_ms / floor_ms, bandwidth[bi] / 1e9);
+  }
+  if (!speak) return;
+  std::printf("total tokens/s: %.1f (batch %d, all %d ranks)\n", last_tps, o.batches.back(), W);
+  if (csv) {
+    std::fclose(csv);
+    std::printf("# wrote %s\n", o.csv.c_str());
+  }
+  if (!o.png.empty())
+    plot_png(o.png, "set logscale x 2\nset grid\nset key top left\nset xlabel 'batch (sequences)'\n"
+                    "set ylabel 'tokens/s (all ranks)'\nset title 'bench decode: " + c.name + ", attention " +
+                        attention_mode_name(engine.schedule().attention()) + " on " + std::to_string(W) +
+                        " rank(s)'\n$d << EOD\n" + points + "EOD\nplot $d using 1:2 with linespoints pt 7 title 'tokens/s'\n");
+}
+
+void bench_requests(Runtime& rt, InferenceEngine& engine, const BenchDecodeOptions& o) {
+  Model& model = engine.model();
+  const ModelConfig& c = model.config();
+  Communicator& world = rt.world();
+  const bool speak = world.rank() == 0;
+  const int W = world.size();
+  // The same requests on every rank (same seed).
+  Rng rng(o.seed);
+  auto between = [&](int lo, int hi) { return lo + static_cast<int>(rng.uniform(0, hi - lo + 1 - 1e-9)); };
+  const auto arrivals = poisson_arrivals(o.requests, o.rate, o.seed + 1);
+  std::vector<Request> requests(static_cast<size_t>(o.requests));
+  for (int i = 0; i < o.requests; ++i) {
+    Request& r = requests[static_cast<size_t>(i)];
+    r.id = i;
+    r.prompt = prompt_of(i, between(std::max(1, o.prompt_tokens / 2), std::max(1, o.prompt_tokens * 3 / 2)));
+    r.max_new_tokens = between(std::max(1, o.steps / 2), std::max(1, o.steps * 3 / 2));
+    r.max_new_tokens = std::min<int>(r.max_new_tokens, c.max_seq - static_cast<int>(r.prompt.size()));
+    r.arrival = arrivals[static_cast<size_t>(i)];
+  }
+  ServingOptions so;
+  so.max_batch = o.max_batch;
+  so.kv_budget = o.kv_budget;
+  so.prefill_chunk = o.prefill_chunk;
+  {  // warm-up: a few short requests at once, untimed
+    std::vector<Request> warm;
+    for (int i = 0; i < 2 * W; ++i) warm.push_back({.id = i, .prompt = prompt_of(i, 8), .max_new_tokens = 4});
+    RoundRobinScheduler rr;
+    serve(engine, warm, rr, so);
+  }
+  so.progress = [&](const ServeProgress& p) {
+    std::fprintf(stderr, "[bench decode] %6.1f s: %lld/%lld requests finished, %lld steps\n", p.seconds,
+                 static_cast<long long>(p.finished), static_cast<long long>(p.total), static_cast<long long>(p.steps));
+  };
+  RoundRobinScheduler rr;
+  ServingStats st;
+  model.reset_times();
+  const auto results = serve(engine, requests, rr, so, &st);
+  // Every request's figures to every rank: the group that served it fills its row.
+  const int F = 6;  // ttft, tpot, tokens, prompt, group, arrival
+  Tensor all = Tensor::zeros({o.requests * F}, DType::f64);
+  if (engine.speaks_for_group())
+    for (const RequestResult& r : results) {
+      double* row = all.data_as<double>() + r.id * F;
+      const Request& q = requests[static_cast<size_t>(r.id)];
+      row[0] = r.ttft(), row[1] = r.tpot(), row[2] = static_cast<double>(r.tokens.size());
+      row[3] = static_cast<double>(q.prompt.size()), row[4] = r.group, row[5] = q.arrival;
+    }
+  world.allreduce(all, all).wait();
+  Tensor per_rank = Tensor::zeros({2 * W}, DType::f64);  // rows computed, step seconds
+  per_rank.data_as<double>()[world.rank()] = static_cast<double>(st.rows);
+  per_rank.data_as<double>()[W + world.rank()] = st.step_seconds;
+  world.allreduce(per_rank, per_rank).wait();
+  const double seconds = max_over_ranks(world, st.seconds);
+  if (!speak) return;
+  std::vector<double> ttft, tpot;
+  double tokens = 0;
+  for (int i = 0; i < o.requests; ++i) {
+    const double* row = all.data_as<double>() + i * F;
+    ttft.push_back(row[0] * 1e3);
+    if (row[2] > 1) tpot.push_back(row[1] * 1e3);
+    tokens += row[2];
+  }
+  std::printf("requests: %d (prompts %d..%d tokens, outputs %d..%d tokens), arrivals %s, max batch %d per rank, "
+              "prefill chunk %s, KV budget %s\n",
+              o.requests, std::max(1, o.prompt_tokens / 2), std::max(1, o.prompt_tokens * 3 / 2),
+              std::max(1, o.steps / 2), std::max(1, o.steps * 3 / 2),
+              o.rate > 0 ? ("Poisson at " + std::to_string(o.rate) + "/s").c_str() : "all at once", o.max_batch,
+              o.prefill_chunk > 0 ? std::to_string(o.prefill_chunk).c_str() : "whole prompts",
+              o.kv_budget > 0 ? std::to_string(o.kv_budget).c_str() : "unlimited");
+  std::printf("total tokens/s: %.1f (all %d ranks; %.0f tokens generated in %.3f s)\n", tokens / seconds, W, tokens, seconds);
+  std::printf("tokens/s per rank: %.1f\n", tokens / seconds / W);
+  std::printf("TTFT ms: median %.2f, p90 %.2f\nTPOT ms: median %.3f, p90 %.3f\n", median(ttft),
+              percentile(ttft, 0.9), median(tpot), percentile(tpot, 0.9));
+  std::printf("steps: %lld (%lld without rows on rank 0); rows per rank:", static_cast<long long>(st.steps),
+              static_cast<long long>(st.idle_steps));
+  for (int r = 0; r < W; ++r) std::printf(" %.0f", per_rank.data_as<double>()[r]);
+  std::printf("; in step(): %.3f s of %.3f s on rank 0\n", st.step_seconds, seconds);
+  if (!o.csv.empty()) {
+    std::ofstream csv(o.csv);
+    if (!csv) SY_THROW(IoError, "bench decode: cannot write --csv '", o.csv, "'");
+    csv << "request,rank,prompt_tokens,new_tokens,arrival_s,ttft_ms,tpot_ms\n";
+    for (int i = 0; i < o.requests; ++i) {
+      const double* row = all.data_as<double>() + i * F;
+      csv << i << ',' << engine.schedule().group_leader(static_cast<int>(row[4])) << ',' << row[3] << ',' << row[2]
+          << ',' << row[5] << ',' << row[0] * 1e3 << ',' << row[1] * 1e3 << '\n';
+    }
+    std::printf("# wrote %s\n", o.csv.c_str());
+    if (!o.png.empty())
+      plot_png(o.png, "set datafile separator ','\nset grid\nset key top left\nset xlabel 'arrival (s)'\n"
+                      "set ylabel 'TTFT (ms)'\nset y2label 'TPOT (ms)'\nset y2tics\nset ytics nomirror\n"
+                      "set title 'bench decode: " + c.name + ", " + std::to_string(o.requests) + " requests, attention " +
+                          attention_mode_name(engine.schedule().attention()) + " on " + std::to_string(W) +
+                          " rank(s)'\nplot '" + o.csv + "' using 5:6 with points pt 7 title 'TTFT', '' using 5:7 axes x1y2 "
+                          "with points pt 5 title 'TPOT'\n");
+  } else if (!o.png.empty()) {
+    std::printf("# --png needs --csv (the plot reads it)\n");
+  }
 }
 
 }  // namespace
 
+void BenchDecodeOptions::validate() const {
+  if (prompt_tokens < 1) SY_THROW(InvalidArgument, "bench decode: --prompt_tokens = ", prompt_tokens, ", expected >= 1");
+  if (steps < 1) SY_THROW(InvalidArgument, "bench decode: --steps = ", steps, ", expected >= 1");
+  if (requests < 0) SY_THROW(InvalidArgument, "bench decode: --requests = ", requests, ", expected >= 0 (0: batch mode)");
+  if (rate < 0 || !std::isfinite(rate))
+    SY_THROW(InvalidArgument, "bench decode: --rate = ", rate, ", expected >= 0 (0: all at once)");
+  if (max_batch < 1) SY_THROW(InvalidArgument, "bench decode: --max_batch = ", max_batch, ", expected >= 1");
+  if (kv_budget < 0) SY_THROW(InvalidArgument, "bench decode: --kv_budget = ", kv_budget, ", expected >= 0");
+  if (prefill_chunk < 0) SY_THROW(InvalidArgument, "bench decode: --prefill_chunk = ", prefill_chunk, ", expected >= 0");
+  if (parallel.threads < 0) SY_THROW(InvalidArgument, "bench decode: --threads = ", parallel.threads, ", expected >= 0");
+  for (int B : batches)
+    if (B < 1) SY_THROW(InvalidArgument, "bench decode: --batch ", B, ", expected >= 1");
+}
+
 int run_generate(const GenerateOptions& o) {
   if (o.prompt.empty()) SY_THROW(InvalidArgument, "generate: --prompt is empty; expected some text to continue");
-  RuntimeOptions ro;
-  ro.backend = o.backend;
-  ro.ranks = o.ranks;
-  run_ranks(ro, [&](Runtime& rt) {
+  if (o.parallel.threads < 0) SY_THROW(InvalidArgument, "generate: --threads = ", o.parallel.threads, ", expected >= 0");
+  run_ranks(runtime_options(o.parallel), [&](Runtime& rt) {
+    set_rank_threads(o.parallel, rt);
     Model model(o.model, rt.world_ptr());
+    InferenceEngine engine(model, LayerSchedule::make(o.parallel.schedule(), model.config().layers, rt.world().size()));
+    // The request goes to token group 0, whose first rank is rank 0: it streams the text.
     const bool speak = rt.world().rank() == 0;
     if (speak) {
       std::fputs(o.prompt.c_str(), stdout);
       std::fflush(stdout);
     }
-    GenerationStats st;
-    generate(model, {bytes_of(o.prompt)}, o.max_new_tokens, o.sampling, &st, [&](size_t, int token) {
+    Request r{.id = 0, .prompt = bytes_of(o.prompt), .max_new_tokens = o.max_new_tokens, .sampling = o.sampling};
+    ServingOptions so;
+    so.on_token = [&](int64_t, int token) {
       if (!speak) return;
       std::fputc(token, stdout);
       std::fflush(stdout);
-    });
-    if (speak)
-      std::printf("\n[%s on %d rank(s)] prefill %lld tokens in %.1f ms (%.0f tokens/s); decode %lld tokens in %.1f ms "
-                  "(%.1f tokens/s)\n",
-                  model.config().name.c_str(), rt.world().size(), static_cast<long long>(st.prefill_tokens),
-                  st.prefill_seconds * 1e3, st.prefill_tokens / std::max(st.prefill_seconds, 1e-12),
-                  static_cast<long long>(st.decode_tokens + 1), st.decode_seconds * 1e3,
-                  st.decode_tokens / std::max(st.decode_seconds, 1e-12));
+    };
+    RoundRobinScheduler rr;
+    ServingStats st;
+    const auto results = serve(engine, {r}, rr, so, &st);
+    if (speak && !results.empty()) {
+      const RequestResult& res = results[0];
+      std::printf("\n[%s on %d rank(s), attention %s] prefill %lld tokens, first token after %.1f ms; %zu tokens in "
+                  "%.1f ms (%.1f tokens/s after the first)\n",
+                  model.config().name.c_str(), rt.world().size(), attention_mode_name(engine.schedule().attention()),
+                  static_cast<long long>(st.prompt_tokens), res.ttft() * 1e3, res.tokens.size(),
+                  (res.finish - res.arrival) * 1e3, res.tpot() > 0 ? 1.0 / res.tpot() : 0.0);
+    }
   });
   return 0;
 }
 
 int run_bench_decode(const BenchDecodeOptions& o) {
-  RuntimeOptions ro;
-  ro.backend = o.backend;
-  ro.ranks = o.ranks;
-  run_ranks(ro, [&](Runtime& rt) {
+  o.validate();
+  run_ranks(runtime_options(o.parallel), [&](Runtime& rt) {
     Model model(o.model, rt.world_ptr());
     const ModelConfig& c = model.config();
-    const bool speak = rt.world().rank() == 0;
-    const double bandwidth = speak ? measured_bandwidth() : 0;
-    const double rate = speak ? measured_matmul_rate(c.d_model) : 0;
-    std::FILE* csv = speak && !o.csv.empty() ? std::fopen(o.csv.c_str(), "w") : nullptr;
-    if (csv) std::fprintf(csv, "batch,tokens_per_s,ms_per_step,attention_ms,moe_ms,head_ms,floor_ms,ratio\n");
-    if (speak) {
-      std::printf("bench decode: model %s (%d layers, d_model %d, %d experts top-%d) on %d rank(s); prompt %d tokens, "
-                  "%d decode steps\nfloor = max(bytes read / %.1f GB/s (memcpy, read + write), FLOPs / %.1f GFLOP/s "
-                  "(row-wise GEMM, 64 x %d x %d)); the whole rank's cores\n",
-                  c.name.c_str(), c.layers, c.d_model, c.experts, c.k, rt.world().size(), o.prompt_tokens, o.steps,
-                  bandwidth / 1e9, rate / 1e9, c.d_model, c.d_model);
-      std::printf("%6s %12s %12s %10s %10s %10s %10s %7s\n", "batch", "tokens/s", "ms/step", "attn ms", "moe ms",
-                  "head ms", "floor ms", "ratio");
+    InferenceEngine engine(model, LayerSchedule::make(o.parallel.schedule(), c.layers, rt.world().size()));
+    if (o.requests == 0 && o.prompt_tokens + o.steps + 1 > c.max_seq)
+      SY_THROW(InvalidArgument, "bench decode: --prompt_tokens = ", o.prompt_tokens, " + --steps = ", o.steps,
+               " + 1 exceed max_seq (", c.max_seq, ")");
+    const int threads = set_rank_threads(o.parallel, rt);
+    if (rt.world().rank() == 0) {
+      std::printf("bench decode: model %s (%d layers, d_model %d, %d experts top-%d); %s; %d GEMM thread(s) per rank\n",
+                  c.name.c_str(), c.layers, c.d_model, c.experts, c.k, engine.schedule().describe().c_str(), threads);
+      if (o.requests == 0)
+        std::printf("batch mode: prompts of %d tokens, %d decode steps timed per batch size\n", o.prompt_tokens, o.steps);
+      std::fflush(stdout);
     }
-    if (o.prompt_tokens < 1 || o.steps < 1 || o.prompt_tokens + o.steps + 1 > c.max_seq)
-      SY_THROW(InvalidArgument, "bench decode: prompt_tokens = ", o.prompt_tokens, ", steps = ", o.steps,
-               "; expected both >= 1 and prompt_tokens + steps + 1 <= max_seq (", c.max_seq, ")");
-    const std::string text = "The quick brown fox jumps over the lazy dog; a stitch in time saves nine. ";
-    for (int B : o.batches) {
-      if (B < 1) SY_THROW(InvalidArgument, "bench decode: batch ", B, ", expected >= 1");
-      std::vector<KVCache> caches;
-      std::vector<Chunk> chunks;
-      caches.reserve(static_cast<size_t>(B));
-      for (int s = 0; s < B; ++s) {
-        caches.push_back(model.new_cache(o.prompt_tokens + o.steps + 1));
-        std::vector<int> prompt;
-        for (int i = 0; i < o.prompt_tokens; ++i) prompt.push_back(static_cast<unsigned char>(text[(s * 7 + i) % text.size()]));
-        chunks.push_back({&caches.back(), prompt});
-      }
-      Tensor logits = model.forward(chunks);
-      model.reset_times();
-      const auto start = std::chrono::steady_clock::now();
-      for (int step = 0; step < o.steps; ++step) {
-        for (int s = 0; s < B; ++s) {
-          const float* row = logits.data_as<float>() + (step == 0 ? (s + 1) * o.prompt_tokens - 1 : s) * c.vocab_size;
-          chunks[static_cast<size_t>(s)].tokens = {static_cast<int>(std::max_element(row, row + c.vocab_size) - row)};
-        }
-        logits = model.forward(chunks);
-      }
-      const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-      // Floor: the bytes one decode step must read (attention and head weights, the
-      // experts its tokens choose, the KV cache so far) over the measured bandwidth.
-      const double d = c.d_model, layers = c.layers;
-      const double experts_touched = std::min<double>(c.experts, static_cast<double>(B) * c.k);
-      const double mean_len = o.prompt_tokens + (o.steps + 1) / 2.0;
-      const double bytes = (layers * (4 * d * d + 2 * d + d * c.experts + experts_touched * model.expert_bytes() / 4) +
-                            d * c.vocab_size + d + B * d) * 4.0 +
-                           B * mean_len * layers * 2 * d * 4.0;
-      // FLOPs of one step: projections, attention over the cache, gate, the k experts, head.
-      const double flops = B * (layers * (8 * d * d + 4 * d * mean_len + 2 * d * c.experts +
-                                          c.k * 2.0 * (model.expert_bytes() / 4)) +
-                                2 * d * c.vocab_size);
-      const double step_ms = seconds / o.steps * 1e3,
-                   floor_ms = bandwidth > 0 ? std::max(bytes / bandwidth, flops / rate) * 1e3 : 0;
-      const ModelPhaseTimes& t = model.times();
-      if (speak) {
-        std::printf("%6d %12.1f %12.3f %10.3f %10.3f %10.3f %10.3f %7.1f\n", B, B * o.steps / seconds, step_ms,
-                    t.attention / o.steps * 1e3, t.moe / o.steps * 1e3, t.head / o.steps * 1e3, floor_ms,
-                    floor_ms > 0 ? step_ms / floor_ms : 0.0);
-        std::fflush(stdout);
-        if (csv)
-          std::fprintf(csv, "%d,%.2f,%.4f,%.4f,%.4f,%.4f,%.4f,%.2f\n", B, B * o.steps / seconds, step_ms,
-                       t.attention / o.steps * 1e3, t.moe / o.steps * 1e3, t.head / o.steps * 1e3, floor_ms,
-                       floor_ms > 0 ? step_ms / floor_ms : 0.0);
-      }
-    }
-    if (csv) std::fclose(csv);
+    if (o.requests > 0)
+      bench_requests(rt, engine, o);
+    else
+      bench_batches(rt, engine, o);
   });
   return 0;
 }

@@ -1,34 +1,55 @@
 // `switchyard generate` (stream a model's continuation of a prompt) and
-// `switchyard bench decode` (decode throughput and latency per batch size,
-// with the per-phase breakdown and the memory floor), over thread-ranks or
-// the ranks of mpirun, experts spread over them.
+// `switchyard bench decode` (decode throughput per batch size against a
+// machine floor, or a stream of requests with TTFT and TPOT), over
+// thread-ranks or the ranks of mpirun, with attention replicated or data
+// parallel (model/layer_schedule.h) and the experts spread over the ranks.
 #pragma once
 
 #include <string>
 #include <vector>
 
 #include "model/generate.h"
+#include "model/layer_schedule.h"
 
 namespace switchyard {
+
+// How the decoder runs over the ranks (shared by generate and bench decode).
+struct DecodeParallelism {
+  std::string backend;  // threads | mpi | "" (from the launcher)
+  int ranks = 1;        // thread-ranks (threads backend)
+  std::string attention = "replicated";  // replicated | dp | tp
+  int tp = 1;
+  int threads = 0;      // GEMM (OpenMP) threads per rank; 0: the machine's cores / ranks on this node
+  ScheduleOptions schedule() const { return {attention, tp, "--attention", "--tp"}; }
+};
 
 struct GenerateOptions {
   std::string model;  // a folder with config.json and model.safetensors
   std::string prompt;
   int max_new_tokens = 64;
   SamplingOptions sampling;
-  std::string backend;  // threads | mpi | "" (from the launcher)
-  int ranks = 1;
+  DecodeParallelism parallel;
 };
 int run_generate(const GenerateOptions& options);
 
 struct BenchDecodeOptions {
   std::string model;
+  DecodeParallelism parallel;
+  // Batch mode: B sequences of prompt_tokens each, then `steps` decode steps, per B.
   std::vector<int> batches = {1, 2, 4, 8, 16, 32, 64};
   int prompt_tokens = 32;
   int steps = 32;
-  std::string backend;
-  int ranks = 1;
-  std::string csv;  // optional: one row per batch size
+  // Request mode (requests > 0): prompts of prompt_tokens/2..3*prompt_tokens/2,
+  // outputs of steps/2..3*steps/2 tokens, arriving at `rate` per second.
+  int requests = 0;
+  double rate = 0;      // Poisson arrivals per second; 0: all at once
+  int max_batch = 64;   // sequences in flight per rank
+  int64_t kv_budget = 0;
+  int prefill_chunk = 0;
+  uint64_t seed = 1;
+  std::string csv;  // batch mode: a row per batch size; request mode: a row per request
+  std::string png;  // a plot of the CSV (gnuplot)
+  void validate() const;
 };
 int run_bench_decode(const BenchDecodeOptions& options);
 

@@ -60,6 +60,17 @@ void print_info() {
   }
 }
 
+// --backend, --ranks, --attention, --tp, --threads of generate and bench decode.
+void add_decode_parallelism(CLI::App* app, DecodeParallelism& p) {
+  app->add_option("--backend", p.backend, "threads, mpi (default: from the launcher)");
+  app->add_option("--ranks", p.ranks, "Thread-ranks (threads backend); experts are spread over them")->capture_default_str();
+  app->add_option("--attention", p.attention,
+                  "replicated (every rank the same sequences) or dp (each rank its own sequences and KV); tp: part 2")
+      ->capture_default_str();
+  app->add_option("--tp", p.tp, "Ranks per tensor-parallel attention group (with --attention tp)")->capture_default_str();
+  app->add_option("--threads", p.threads, "GEMM threads per rank (0: this node's cores / its ranks)")->capture_default_str();
+}
+
 }  // namespace
 }  // namespace switchyard
 
@@ -144,10 +155,22 @@ int main(int argc, char** argv) {
   bench_decode->add_option("--batch", decode.batches, "Batch sizes")->delimiter(',')->capture_default_str();
   bench_decode->add_option("--prompt_tokens,--prompt-tokens", decode.prompt_tokens, "Prompt length")->capture_default_str();
   bench_decode->add_option("--steps", decode.steps, "Decode steps timed")->capture_default_str();
-  bench_decode->add_option("--backend", decode.backend, "threads, mpi (default: from the launcher)");
-  bench_decode->add_option("--ranks", decode.ranks, "Thread-ranks (threads backend); experts are spread over them")
+  add_decode_parallelism(bench_decode, decode.parallel);
+  bench_decode->add_option("--requests", decode.requests, "Request mode: this many requests (0: batch mode)")
       ->capture_default_str();
-  bench_decode->add_option("--csv", decode.csv, "Also write the table as CSV");
+  bench_decode->add_option("--rate", decode.rate, "Request mode: Poisson arrivals per second (0: all at once)")
+      ->capture_default_str();
+  bench_decode->add_option("--max_batch,--max-batch", decode.max_batch, "Request mode: sequences in flight per rank")
+      ->capture_default_str();
+  bench_decode->add_option("--kv_budget,--kv-budget", decode.kv_budget, "Request mode: KV positions per rank (0: unlimited)")
+      ->capture_default_str();
+  bench_decode->add_option("--prefill_chunk,--prefill-chunk", decode.prefill_chunk,
+                           "Request mode: prompt tokens prefilled per rank per step (0: whole prompts)")
+      ->capture_default_str();
+  bench_decode->add_option("--seed", decode.seed, "Request mode: seed of the request lengths and arrivals")
+      ->capture_default_str();
+  bench_decode->add_option("--png", decode.png, "Also plot the CSV (gnuplot)");
+  bench_decode->add_option("--csv", decode.csv, "Also write CSV (batch mode: per batch size; request mode: per request)");
 
   auto* bench_scale = bench->add_subcommand("scale", "Weak/strong scaling of the MoE layer: real ranks here, emulated beyond");
   BenchScaleOptions scale;
@@ -207,8 +230,7 @@ int main(int argc, char** argv) {
   gen->add_option("--top_k,--top-k", go.sampling.top_k, "Sample among the k likeliest (0: all)")->capture_default_str();
   gen->add_option("--top_p,--top-p", go.sampling.top_p, "Nucleus sampling mass")->capture_default_str();
   gen->add_option("--seed", go.sampling.seed, "Sampling seed")->capture_default_str();
-  gen->add_option("--backend", go.backend, "threads, mpi (default: from the launcher)");
-  gen->add_option("--ranks", go.ranks, "Thread-ranks (threads backend); experts are spread over them")->capture_default_str();
+  add_decode_parallelism(gen, go.parallel);
 
   auto* trace = app.add_subcommand("trace", "Routing trace tools");
   auto* trace_stats_cmd = trace->add_subcommand("stats", "Per-layer expert load skew and how predictable a token's experts are from its id");

@@ -356,7 +356,11 @@ DispatchPlan MoELayer::plan(const Routing& routing, int64_t tokens, const ExecPl
   p.copies = shape.copies;
   p.exchange_ranks = shape.exchange_ranks;
   p.slots = shape.slots;
-  p.capacity = capacity >= 0 ? capacity : expert_capacity(router_, tokens, routing, group_.get());
+  // Uncapped dropless (capacity factor 0) drops nothing whatever the capacity
+  // and sizes the exchange by counts, so it needs no all-reduce to agree one
+  // (a collective per layer saved: decode steps are latency-bound).
+  const bool agree = !(exec.exchange == ExchangeMode::dropless && router_.capacity_factor == 0);
+  p.capacity = capacity >= 0 ? capacity : expert_capacity(router_, tokens, routing, agree ? group_.get() : nullptr);
   const int32_t* chosen = routing.experts.data_as<int32_t>();
   const float* weight = routing.weights.data_as<float>();
   // Slots are handed out choice by choice (all first choices, then all second
