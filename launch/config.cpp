@@ -254,10 +254,11 @@ bool is_log_spec(const std::string& spec) {
 // The schema. Order here is the order of the docs and of config_to_yaml.
 const std::vector<Field>& fields() {
   static const std::vector<Field> table = {
-      choice("job", {"comm-bench", "moe-train"}, +[](JobConfig& c) -> std::string& { return c.job; },
+      choice("job", {"comm-bench", "moe-train", "serve"}, +[](JobConfig& c) -> std::string& { return c.job; },
              "What `switchyard run` does. comm-bench: sweep collectives over message sizes, "
              "nccl-tests style (time, algbw, busbw, #wrong). moe-train: train an MoE layer (moe.*) on a "
-             "synthetic regression task (train.*): a fixed teacher MoE makes the targets."),
+             "synthetic regression task (train.*): a fixed teacher MoE makes the targets. serve: decode a stream "
+             "of requests (serve.*) with the model (model.*), continuous batching; TTFT, TPOT, tokens/s."),
       choice("comm.backend", {"threads", "mpi", "ucx", "fake"},
              +[](JobConfig& c) -> std::string& { return c.comm.backend; },
              "Communicator backend. threads: ranks are threads of one process; mpi: one rank per "
@@ -340,6 +341,36 @@ const std::vector<Field>& fields() {
                    "Print the loss every this many steps."),
       integer<int64_t>("train.seed", 0, kNoMax, +[](JobConfig& c) -> int64_t& { return c.train.seed; },
                        "Seed of the weights, the teacher and the data."),
+      string("model.path", +[](JobConfig& c) -> std::string& { return c.model.path; },
+             "Folder of the decoder model (config.json, model.safetensors), relative to the working directory."),
+      choice("model.attention", {"replicated", "dp", "tp"}, +[](JobConfig& c) -> std::string& { return c.model.attention; },
+             "How attention runs over the ranks (the experts always span them all). replicated: every rank the same "
+             "sequences; dp: each rank its own sequences and KV, the MoE all-to-all takes every rank's tokens; tp: "
+             "heads split over model.tp ranks (not built yet: refused at run time)."),
+      integer<int>("model.tp", 1, 4096, +[](JobConfig& c) -> int& { return c.model.tp; },
+                   "Ranks per tensor-parallel attention group; 1 unless model.attention = tp."),
+      integer<int>("model.threads", 0, 4096, +[](JobConfig& c) -> int& { return c.model.threads; },
+                   "GEMM (OpenMP) threads per rank; 0: the node's cores over its ranks."),
+      integer<int>("serve.requests", 1, kIntMax, +[](JobConfig& c) -> int& { return c.serve.requests; },
+                   "Requests to serve."),
+      number("serve.rate", 0.0, 1e9, +[](JobConfig& c) -> double& { return c.serve.rate; },
+             "Arrivals per second (Poisson); 0: every request at once."),
+      integer<int>("serve.prompt_tokens", 1, kIntMax, +[](JobConfig& c) -> int& { return c.serve.prompt_tokens; },
+                   "Prompt lengths are drawn from prompt_tokens/2 .. 3*prompt_tokens/2."),
+      integer<int>("serve.new_tokens", 1, kIntMax, +[](JobConfig& c) -> int& { return c.serve.new_tokens; },
+                   "Output lengths are drawn from new_tokens/2 .. 3*new_tokens/2."),
+      integer<int>("serve.max_batch", 1, kIntMax, +[](JobConfig& c) -> int& { return c.serve.max_batch; },
+                   "Sequences in flight per rank; waiting requests join as others finish."),
+      integer<int64_t>("serve.kv_budget", 0, kNoMax, +[](JobConfig& c) -> int64_t& { return c.serve.kv_budget; },
+                       "KV positions a rank may hold (prompt + new tokens reserved per request); admission waits "
+                       "when full; 0: unlimited."),
+      integer<int>("serve.prefill_chunk", 0, kIntMax, +[](JobConfig& c) -> int& { return c.serve.prefill_chunk; },
+                   "Prompt tokens a rank prefills per step (chunked prefill, so a long prompt does not stall the "
+                   "others' decode steps); 0: whole prompts."),
+      integer<int64_t>("serve.seed", 0, kNoMax, +[](JobConfig& c) -> int64_t& { return c.serve.seed; },
+                       "Seed of the request lengths and arrival times."),
+      string("serve.csv", +[](JobConfig& c) -> std::string& { return c.serve.csv; },
+             "Also write a row per request (rank, lengths, arrival, TTFT, TPOT) to this CSV file; empty = none."),
       string("log.level", +[](JobConfig& c) -> std::string& { return c.log_level; },
              "Log level, as SWITCHYARD_LOG_LEVEL: trace, debug, info, warn, error or off; "
              "per subsystem as 'warn,comm=debug'.",
@@ -359,6 +390,8 @@ const std::vector<CrossCheck>& cross_checks() {
   static const std::vector<CrossCheck> table = {
       {{"bench.min_bytes", "bench.max_bytes"}, "bench.min_bytes <= bench.max_bytes",
        [](const JobConfig& c) { return c.bench.min_bytes <= c.bench.max_bytes; }},
+      {{"model.attention", "model.tp"}, "model.tp = 1 unless model.attention = tp",
+       [](const JobConfig& c) { return c.model.tp == 1 || c.model.attention == "tp"; }},
   };
   return table;
 }

@@ -67,12 +67,35 @@ struct TrainSection {
   int64_t seed = 1;
 };
 
+// model: the decoder the serve job runs, and how it runs over the ranks.
+struct ModelSection {
+  std::string path = "examples/tiny_lm/base";  // a folder with config.json and model.safetensors
+  std::string attention = "replicated";        // replicated | dp | tp (model/layer_schedule.h)
+  int tp = 1;                                   // ranks per tensor-parallel attention group
+  int threads = 0;                              // GEMM threads per rank; 0: cores / ranks on the node
+};
+
+// serve: a stream of requests through the model (continuous batching).
+struct ServeSection {
+  int requests = 64;
+  double rate = 0;          // Poisson arrivals per second; 0: all at once
+  int prompt_tokens = 32;   // prompts of prompt_tokens/2 .. 3*prompt_tokens/2 tokens
+  int new_tokens = 32;      // outputs of new_tokens/2 .. 3*new_tokens/2 tokens
+  int max_batch = 64;       // sequences in flight per rank
+  int64_t kv_budget = 0;    // KV positions per rank; 0: unlimited
+  int prefill_chunk = 0;    // prompt tokens per rank per step; 0: whole prompts
+  int64_t seed = 1;
+  std::string csv;          // a row per request; "" = none
+};
+
 struct JobConfig {
   std::string job = "comm-bench";
   CommSection comm;
   BenchCommSection bench;
   MoESection moe;
   TrainSection train;
+  ModelSection model;
+  ServeSection serve;
   std::string log_level = "warn";  // log.level, a SWITCHYARD_LOG_LEVEL-style spec
   std::string source = "<defaults>";  // the file name, or "<defaults>"
 };

@@ -125,6 +125,7 @@ RuntimeOptions runtime_options(const DecodeParallelism& p) {
   RuntimeOptions ro;
   ro.backend = p.backend;
   ro.ranks = p.ranks;
+  if (p.timeout_ms > 0) ro.timeout = Milliseconds(p.timeout_ms);
   return ro;
 }
 
@@ -296,11 +297,14 @@ void bench_requests(Runtime& rt, InferenceEngine& engine, const BenchDecodeOptio
     if (row[2] > 1) tpot.push_back(row[1] * 1e3);
     tokens += row[2];
   }
+  char rate[64];
+  std::snprintf(rate, sizeof rate, "Poisson at %g/s", o.rate);
+  const std::string arriving = o.rate > 0 ? rate : "all at once";
   std::printf("requests: %d (prompts %d..%d tokens, outputs %d..%d tokens), arrivals %s, max batch %d per rank, "
               "prefill chunk %s, KV budget %s\n",
               o.requests, std::max(1, o.prompt_tokens / 2), std::max(1, o.prompt_tokens * 3 / 2),
               std::max(1, o.steps / 2), std::max(1, o.steps * 3 / 2),
-              o.rate > 0 ? ("Poisson at " + std::to_string(o.rate) + "/s").c_str() : "all at once", o.max_batch,
+              arriving.c_str(), o.max_batch,
               o.prefill_chunk > 0 ? std::to_string(o.prefill_chunk).c_str() : "whole prompts",
               o.kv_budget > 0 ? std::to_string(o.kv_budget).c_str() : "unlimited");
   std::printf("total tokens/s: %.1f (all %d ranks; %.0f tokens generated in %.3f s)\n", tokens / seconds, W, tokens, seconds);
@@ -320,14 +324,15 @@ void bench_requests(Runtime& rt, InferenceEngine& engine, const BenchDecodeOptio
       csv << i << ',' << engine.schedule().group_leader(static_cast<int>(row[4])) << ',' << row[3] << ',' << row[2]
           << ',' << row[5] << ',' << row[0] * 1e3 << ',' << row[1] * 1e3 << '\n';
     }
+    csv.close();
     std::printf("# wrote %s\n", o.csv.c_str());
     if (!o.png.empty())
-      plot_png(o.png, "set datafile separator ','\nset grid\nset key top left\nset xlabel 'arrival (s)'\n"
+      plot_png(o.png, "set datafile separator ','\nset grid\nset key top left\nset xlabel 'request (arrival order)'\n"
                       "set ylabel 'TTFT (ms)'\nset y2label 'TPOT (ms)'\nset y2tics\nset ytics nomirror\n"
                       "set title 'bench decode: " + c.name + ", " + std::to_string(o.requests) + " requests, attention " +
                           attention_mode_name(engine.schedule().attention()) + " on " + std::to_string(W) +
-                          " rank(s)'\nplot '" + o.csv + "' using 5:6 with points pt 7 title 'TTFT', '' using 5:7 axes x1y2 "
-                          "with points pt 5 title 'TPOT'\n");
+                          " rank(s)'\nplot '" + o.csv + "' every ::1 using 1:6 with points pt 7 title 'TTFT', '' every ::1 using 1:7 "
+                          "axes x1y2 with points pt 5 title 'TPOT'\n");
   } else if (!o.png.empty()) {
     std::printf("# --png needs --csv (the plot reads it)\n");
   }

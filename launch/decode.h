@@ -20,7 +20,9 @@ struct DecodeParallelism {
   std::string attention = "replicated";  // replicated | dp | tp
   int tp = 1;
   int threads = 0;      // GEMM (OpenMP) threads per rank; 0: the machine's cores / ranks on this node
-  ScheduleOptions schedule() const { return {attention, tp, "--attention", "--tp"}; }
+  int64_t timeout_ms = 0;  // per-op timeout; 0: the runtime's default
+  std::string attention_field = "--attention", tp_field = "--tp";  // names in errors (a config's: model.attention)
+  ScheduleOptions schedule() const { return {attention, tp, attention_field, tp_field}; }
 };
 
 struct GenerateOptions {

@@ -6,6 +6,7 @@
 
 #include "core/logging.h"
 #include "launch/bench_comm.h"
+#include "launch/decode.h"
 #include "moe/moe_layer.h"
 #include "moe/planner.h"
 #include "parallel/runtime.h"
@@ -158,6 +159,25 @@ int run_job(const JobConfig& config) {
   options.backend = config.comm.backend;
   options.ranks = config.comm.ranks;
   options.timeout = Milliseconds(config.comm.timeout_ms);
+  if (config.job == "serve") {
+    BenchDecodeOptions o;
+    o.model = config.model.path;
+    o.parallel = {.backend = config.comm.backend, .ranks = config.comm.ranks, .attention = config.model.attention,
+                  .tp = config.model.tp, .threads = config.model.threads, .timeout_ms = config.comm.timeout_ms,
+                  .attention_field = "model.attention", .tp_field = "model.tp"};
+    const ServeSection& s = config.serve;
+    o.requests = s.requests;
+    o.rate = s.rate;
+    o.prompt_tokens = s.prompt_tokens;
+    o.steps = s.new_tokens;
+    o.max_batch = s.max_batch;
+    o.kv_budget = s.kv_budget;
+    o.prefill_chunk = s.prefill_chunk;
+    o.seed = static_cast<uint64_t>(s.seed);
+    o.csv = s.csv;
+    std::cout << "# switchyard " << config.source << ": job serve\n";
+    return run_bench_decode(o);
+  }
   if (config.job == "moe-train") {
     run_ranks(options, [&](Runtime& rt) { train_moe(rt, config); });
     return 0;

@@ -150,7 +150,7 @@ TEST(Config, BadFilesNameFileLineKeyValueAndExpectation) {
   expect_file_error("bad_unknown_key.yaml", 4,
                     {":4:3: unknown key 'comm.bakend'", "known keys under comm: backend, ranks, timeout_ms"});
   expect_file_error("bad_unknown_section.yaml", 3,
-                    {":3:1: unknown key 'benchmark'", "known top-level keys: job, comm, bench, moe, train, log"});
+                    {":3:1: unknown key 'benchmark'", "known top-level keys: job, comm, bench, moe, train, model, serve, log"});
   expect_file_error("bad_type.yaml", 4, {":4:10: comm.ranks: got 'four', expected an integer in [1, 4096]"});
   expect_file_error("bad_range.yaml", 4, {":4:16: bench.step_factor: got '1', expected an integer >= 2"});
   expect_file_error("bad_enum.yaml", 7, {":7:12: comm.backend: got 'mpii', expected one of threads, mpi, ucx, fake"});
@@ -165,7 +165,7 @@ TEST(Config, BadFilesNameFileLineKeyValueAndExpectation) {
   expect_file_error("bad_dtype.yaml", 3, {":3:10: bench.dtype: got 'float128', expected a dtype: f32"});
   expect_file_error("bad_bool.yaml", 3, {":3:10: bench.check: got 'maybe', expected true or false"});
   expect_file_error("bad_duplicate.yaml", 4, {":4:3: duplicate key 'comm.ranks'"});
-  expect_file_error("bad_top_level.yaml", 2, {"got a list, expected a map with keys job, comm, bench, moe, train, log"});
+  expect_file_error("bad_top_level.yaml", 2, {"got a list, expected a map with keys job, comm, bench, moe, train, model, serve, log"});
 }
 
 TEST(Config, MoreValueErrors) {
@@ -228,7 +228,7 @@ TEST(Config, BadOverridesNameTheOverride) {
   EXPECT_NE(error_of("comm.bakend=mpi").find("--set comm.bakend=mpi: unknown key 'comm.bakend' (known keys under comm: "
                                              "backend, ranks, timeout_ms)"),
             std::string::npos);
-  EXPECT_NE(error_of("benchx.iters=3").find("unknown key 'benchx.iters' (known top-level keys: job, comm, bench, moe, train, log)"),
+  EXPECT_NE(error_of("benchx.iters=3").find("unknown key 'benchx.iters' (known top-level keys: job, comm, bench, moe, train, model, serve, log)"),
             std::string::npos);
   EXPECT_NE(error_of("bench.ops=[alltoall,bogus]").find("bench.ops[1]: got 'bogus'"), std::string::npos);
   EXPECT_NE(error_of("bench.ops=[alltoall").find("--set bench.ops=[alltoall: bench.ops: the value is not valid YAML"),
@@ -272,7 +272,7 @@ TEST(Config, SchemaDocumentsEveryKey) {
   EXPECT_NE(md.find("| `comm.ranks` | int | `4` | [1, 4096] |"), std::string::npos) << md;
   EXPECT_NE(md.find("| `bench.min_bytes` | size | `64K` |"), std::string::npos) << md;
   const auto rows = config_schema();
-  EXPECT_EQ(rows.size(), 38u);
+  EXPECT_EQ(rows.size(), 51u);
   for (const auto& row : rows) EXPECT_FALSE(row.doc.empty()) << row.key;
 }
 
@@ -303,6 +303,27 @@ TEST(Config, TheTrainingPresetsLoad) {
   EXPECT_DOUBLE_EQ(tuned.moe.capacity_factor, -2.5);
   EXPECT_EQ(tuned.moe.exchange, "dropless");
   EXPECT_DOUBLE_EQ(tuned.train.lr, 0.25);
+}
+
+TEST(Config, ServePresetAndScheduleKeys) {
+  const JobConfig c = load_config_file(std::string(SWITCHYARD_SOURCE_DIR) + "/configs/serve.yaml");
+  EXPECT_EQ(c.job, "serve");
+  EXPECT_EQ(c.model.attention, "dp");
+  EXPECT_EQ(c.serve.requests, 64);
+  auto error_of = [](const std::string& text, std::vector<std::string> overrides = {}) {
+    try {
+      load_config_string(text, "<inline>", overrides);
+    } catch (const ConfigError& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  EXPECT_NE(error_of("job: serve\nmodel:\n  attention: sharded\n").find("<inline>:3:14: model.attention"),
+            std::string::npos) << error_of("job: serve\nmodel:\n  attention: sharded\n");
+  const std::string tp = error_of("job: serve\nmodel: {attention: dp, tp: 2}\n");
+  EXPECT_NE(tp.find("model.tp = 1 unless model.attention = tp"), std::string::npos) << tp;
+  EXPECT_NE(error_of("", {"serve.requests=0"}).find("serve.requests"), std::string::npos);
+  EXPECT_NE(error_of("", {"serve.rate=-1"}).find("serve.rate"), std::string::npos);
 }
 
 }  // namespace
