@@ -87,17 +87,16 @@ for n in "${names[@]}"; do
   [[ -n "$csv" ]] && echo "$n,$m,$lo,$hi,$ttft,$tpot,$ratio" >> "$csv"
 done
 spread=$(awk -v a="$base_max" -v b="$base_min" 'BEGIN { printf "%.2f", a / b }')
-verdict() {  # verdict NAME OF VS TARGET
-  awk -v a="${median[$2]}" -v b="${median[$3]}" -v t="$4" -v n="$1" 'BEGIN {
-    r = a / b; printf "%s: %s / %s = %.2f (target >= %.1f): %s\n", n, ARGV[1], ARGV[2], r, t, r >= t ? "met" : "NOT met" }' \
-    "$2" "$3"
+verdict() {  # verdict NAME VS TARGET
+  awk -v a="${median[$1]}" -v b="${median[$2]}" -v t="$3" -v name="$1" -v vs="$2" 'BEGIN {
+    r = a / b; printf "%s / %s = %.2f (target >= %.1f): %s\n", name, vs, r, t, (r >= t ? "met" : "NOT met") }'
 }
 if awk -v s="$spread" 'BEGIN { exit !(s > 1.25) }'; then
   echo "INCONCLUSIVE: the baseline's runs spread by ${spread}x (max / min > 1.25); the machine was too noisy"
 else
   echo "baseline spread ${spread}x (max / min)"
   for n in dp2-thr dp2-mpi; do
-    verdict "$n vs 1x1" "$n" 1x1 1.6
-    verdict "$n vs 1x2" "$n" 1x2 1.0
+    verdict "$n" 1x1 1.6
+    verdict "$n" 1x2 1.0
   done
 fi

@@ -2,6 +2,8 @@
 
 #include <pthread.h>
 
+#include "comm/spin.h"
+
 namespace switchyard {
 
 Executor::Executor(std::string name) : name_(std::move(name)) {
@@ -23,6 +25,7 @@ void Executor::post(std::function<void()> task) {
   {
     std::lock_guard lock(mutex_);
     queue_.push_back(std::move(task));
+    queued_.fetch_add(1, std::memory_order_release);
   }
   cv_.notify_one();
 }
@@ -30,12 +33,14 @@ void Executor::post(std::function<void()> task) {
 void Executor::loop() {
   for (;;) {
     std::function<void()> task;
+    spin_until([&] { return queued_.load(std::memory_order_acquire) > 0; });
     {
       std::unique_lock lock(mutex_);
       cv_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
       if (queue_.empty()) return;  // stopping and drained
       task = std::move(queue_.front());
       queue_.pop_front();
+      queued_.fetch_sub(1, std::memory_order_relaxed);
     }
     task();  // tasks complete their own Work, errors included
   }

@@ -2,6 +2,7 @@
 // in issue order, so ops match across ranks and overlap the caller's compute.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <deque>
 #include <functional>
@@ -27,6 +28,7 @@ class Executor {
   std::mutex mutex_;
   std::condition_variable cv_;
   std::deque<std::function<void()>> queue_;
+  std::atomic<size_t> queued_{0};  // queue_.size(), polled without the mutex before sleeping
   bool stopping_ = false;
   std::thread thread_;
 };

@@ -58,6 +58,12 @@ const std::vector<VarSpec>& specs() {
        [](Env& e, const std::string& n, const std::string& v) {
          e.gemm_threads = parse_integer<int>(n, v, 0, "a thread count >= 0");
        }},
+      {"SWITCHYARD_SPIN_US", "int", "50",
+       "Microseconds a communicator's waits poll (yielding the core) before they sleep: a small op's "
+       "hand-offs between threads then cost no wake-up; 0 = always sleep.",
+       [](Env& e, const std::string& n, const std::string& v) {
+         e.spin_us = parse_integer<int64_t>(n, v, 0, "microseconds >= 0");
+       }},
       {"SWITCHYARD_TEST_SEED", "uint64", "", "Seed for test inputs, to reproduce a failure (tests print theirs).",
        [](Env& e, const std::string& n, const std::string& v) {
          e.test_seed = parse_integer<uint64_t>(n, v, 0, "an unsigned 64-bit seed");

@@ -81,15 +81,13 @@ double read_bandwidth_at(Communicator& world, double bytes) {
   for (int r = 0; r < 6; ++r) {
     world.barrier().wait();
     const auto t = Clock::now();
-    for (int p = 0; p < passes; ++p) {
-      float sum = 0;
+    float sum = 0;
 #pragma omp parallel reduction(+ : sum)
-      {
-        const size_t T = static_cast<size_t>(omp_get_num_threads()), me = static_cast<size_t>(omp_get_thread_num());
-        sum += sum_floats(buf.data() + n * me / T, n * (me + 1) / T - n * me / T);
-      }
-      sink = sink + sum;
+    {  // one region for every pass: a passive OpenMP team's wake-up is not a read
+      const size_t T = static_cast<size_t>(omp_get_num_threads()), me = static_cast<size_t>(omp_get_thread_num());
+      for (int p = 0; p < passes; ++p) sum += sum_floats(buf.data() + n * me / T, n * (me + 1) / T - n * me / T);
     }
+    sink = sink + sum;
     const double slowest = max_over_ranks(world, seconds_since(t));
     if (r > 0) runs.push_back(static_cast<double>(n * sizeof(float)) * world.size() * passes / slowest);  // run 0 pages in
   }
@@ -113,12 +111,11 @@ double gemm_rate(Communicator& world) {
   return median(runs);
 }
 
-// GEMM threads per rank: the given number, else this node's cores over its ranks.
+// GEMM threads per rank: the given number, else the runtime's budget (the
+// node's cores over its ranks, or SWITCHYARD_GEMM_THREADS).
 int set_rank_threads(const DecodeParallelism& p, const Runtime& rt) {
-  const int local = std::max(1, rt.info().local_size);
-  const int n = p.threads > 0 ? p.threads : std::max(1, omp_get_num_procs() / local);
-  omp_set_num_threads(n);
-  return n;
+  if (p.threads > 0) kernels::cpu::set_gemm_threads(p.threads);
+  return p.threads > 0 ? p.threads : rt.gemm_threads();
 }
 
 RuntimeOptions runtime_options(const DecodeParallelism& p) {
@@ -138,15 +135,14 @@ std::vector<int> prompt_of(int64_t s, int length) {
 }
 
 // The bytes one decode step of `batch` sequences must read at least (each
-// distinct weight once: attention, norms, gate, head, the experts its tokens
-// choose — E(1 - (1 - k/E)^B) per layer under uniform routing — and the KV
-// cache so far) and the FLOPs it must do.
+// distinct weight once: attention, norms, gate, head, the `touched` experts
+// per layer its tokens chose, and the KV cache so far) and the FLOPs it must
+// do: the ideal machine's step, whatever the schedule.
 struct StepWork {
   double bytes = 0, flops = 0;
 };
-StepWork decode_step_work(const ModelConfig& c, double expert_params, double batch, double mean_len) {
+StepWork decode_step_work(const ModelConfig& c, double expert_params, double batch, double mean_len, double touched) {
   const double d = c.d_model, L = c.layers, E = c.experts, k = c.k;
-  const double touched = E * (1.0 - std::pow(1.0 - k / E, batch));
   StepWork w;
   w.bytes = (L * (4 * d * d + 2 * d + d * E + touched * expert_params) + d * c.vocab_size + d + batch * d) * 4.0 +
             batch * mean_len * L * 2 * d * 4.0;
@@ -161,7 +157,9 @@ void bench_batches(Runtime& rt, InferenceEngine& engine, const BenchDecodeOption
   const bool speak = world.rank() == 0;
   const int W = world.size(), G = engine.schedule().token_groups(), me = engine.token_group();
   std::FILE* csv = speak && !o.csv.empty() ? std::fopen(o.csv.c_str(), "w") : nullptr;
-  if (speak && !o.csv.empty() && !csv) SY_THROW(IoError, "bench decode: cannot write --csv '", o.csv, "'");
+  // Every rank fails together when rank 0 cannot write it (no rank left waiting).
+  if (max_over_ranks(world, speak && !o.csv.empty() && !csv ? 1 : 0) > 0)
+    SY_THROW(IoError, "bench decode: cannot write --csv '", o.csv, "' (rank 0)");
   if (csv)
     std::fprintf(csv, "batch,ranks,attention,tokens_per_s,tokens_per_s_per_rank,ms_per_step,attention_ms,moe_ms,"
                       "head_ms,floor_ms,ratio,read_gb_per_s\n");
@@ -169,8 +167,10 @@ void bench_batches(Runtime& rt, InferenceEngine& engine, const BenchDecodeOption
   const double mean_len = o.prompt_tokens + (o.steps + 1) / 2.0;
   const double flop_rate = gemm_rate(world);
   std::vector<double> bandwidth;
+  // At the footprint of a step that reads every expert (the most a step reads).
   for (int B : o.batches)
-    bandwidth.push_back(read_bandwidth_at(world, decode_step_work(c, model.expert_bytes() / 4, B, mean_len).bytes));
+    bandwidth.push_back(
+        read_bandwidth_at(world, decode_step_work(c, model.expert_bytes() / 4, B, mean_len, c.experts).bytes));
   if (speak) {
     std::printf("floor = max(distinct bytes a step reads / read bandwidth at that footprint, FLOPs / %.1f GFLOP/s "
                 "(oneDNN sgemm 1024^3)); both measured here, by every rank at once on its share of the cores\n",
@@ -191,6 +191,7 @@ void bench_batches(Runtime& rt, InferenceEngine& engine, const BenchDecodeOption
       chunks.push_back({&caches.back(), prompt_of(s, o.prompt_tokens)});
     }
     Tensor logits = engine.step(chunks);
+    Tensor chosen = Tensor::zeros({o.steps, c.layers, c.experts}, DType::f64);
     model.reset_times();
     world.barrier().wait();
     const auto start = Clock::now();
@@ -202,9 +203,18 @@ void bench_batches(Runtime& rt, InferenceEngine& engine, const BenchDecodeOption
         ch.tokens = {static_cast<int>(std::max_element(r, r + c.vocab_size) - r)};
       }
       logits = engine.step(chunks);
+      for (int l = 0; l < c.layers; ++l) {  // which experts this step's tokens chose here (no traffic while timing)
+        const std::vector<int64_t>& load = model.moe(l).last_routing().expert_load;
+        for (size_t e = 0; e < load.size(); ++e)
+          if (load[e] > 0) chosen.data_as<double>()[(static_cast<size_t>(step) * c.layers + l) * c.experts + e] = 1;
+      }
     }
     const double seconds = max_over_ranks(world, seconds_since(start));
-    const StepWork work = decode_step_work(c, model.expert_bytes() / 4, B, mean_len);
+    world.allreduce(chosen, chosen, {.op = ReduceOp::max}).wait();  // chosen by any rank's tokens
+    double touched = 0;
+    for (int64_t i = 0; i < chosen.numel(); ++i) touched += chosen.data_as<double>()[i];
+    touched /= static_cast<double>(o.steps) * c.layers;  // distinct experts a step read per layer
+    const StepWork work = decode_step_work(c, model.expert_bytes() / 4, B, mean_len, touched);
     const double step_ms = seconds / o.steps * 1e3;
     const double floor_ms = std::max(work.bytes / bandwidth[bi], work.flops / flop_rate) * 1e3;
     const ModelPhaseTimes& t = model.times();
@@ -251,7 +261,6 @@ void bench_requests(Runtime& rt, InferenceEngine& engine, const BenchDecodeOptio
     r.id = i;
     r.prompt = prompt_of(i, between(std::max(1, o.prompt_tokens / 2), std::max(1, o.prompt_tokens * 3 / 2)));
     r.max_new_tokens = between(std::max(1, o.steps / 2), std::max(1, o.steps * 3 / 2));
-    r.max_new_tokens = std::min<int>(r.max_new_tokens, c.max_seq - static_cast<int>(r.prompt.size()));
     r.arrival = arrivals[static_cast<size_t>(i)];
   }
   ServingOptions so;
@@ -262,7 +271,7 @@ void bench_requests(Runtime& rt, InferenceEngine& engine, const BenchDecodeOptio
     std::vector<Request> warm;
     for (int i = 0; i < 2 * W; ++i) warm.push_back({.id = i, .prompt = prompt_of(i, 8), .max_new_tokens = 4});
     RoundRobinScheduler rr;
-    serve(engine, warm, rr, so);
+    serve(engine, warm, rr, {.max_batch = o.max_batch});
   }
   so.progress = [&](const ServeProgress& p) {
     std::fprintf(stderr, "[bench decode] %6.1f s: %lld/%lld requests finished, %lld steps\n", p.seconds,
@@ -357,10 +366,15 @@ void BenchDecodeOptions::validate() const {
 int run_generate(const GenerateOptions& o) {
   if (o.prompt.empty()) SY_THROW(InvalidArgument, "generate: --prompt is empty; expected some text to continue");
   if (o.parallel.threads < 0) SY_THROW(InvalidArgument, "generate: --threads = ", o.parallel.threads, ", expected >= 0");
+  if (o.max_new_tokens < 1)
+    SY_THROW(InvalidArgument, "generate: --max_new_tokens = ", o.max_new_tokens, ", expected >= 1");
   run_ranks(runtime_options(o.parallel), [&](Runtime& rt) {
     set_rank_threads(o.parallel, rt);
     Model model(o.model, rt.world_ptr());
     InferenceEngine engine(model, LayerSchedule::make(o.parallel.schedule(), model.config().layers, rt.world().size()));
+    if (static_cast<int>(o.prompt.size()) + o.max_new_tokens > model.config().max_seq)
+      SY_THROW(InvalidArgument, "generate: a prompt of ", o.prompt.size(), " tokens + --max_new_tokens = ",
+               o.max_new_tokens, " exceed the model's max_seq = ", model.config().max_seq);
     // The request goes to token group 0, whose first rank is rank 0: it streams the text.
     const bool speak = rt.world().rank() == 0;
     if (speak) {
@@ -395,6 +409,10 @@ int run_bench_decode(const BenchDecodeOptions& o) {
     Model model(o.model, rt.world_ptr());
     const ModelConfig& c = model.config();
     InferenceEngine engine(model, LayerSchedule::make(o.parallel.schedule(), c.layers, rt.world().size()));
+    if (o.requests > 0 && std::max(1, o.prompt_tokens * 3 / 2) + std::max(1, o.steps * 3 / 2) > c.max_seq)
+      SY_THROW(InvalidArgument, "bench decode: request mode draws prompts of up to 3/2 x --prompt_tokens = ",
+               std::max(1, o.prompt_tokens * 3 / 2), " and outputs of up to 3/2 x --steps = ", std::max(1, o.steps * 3 / 2),
+               " tokens; together they exceed max_seq (", c.max_seq, ")");
     if (o.requests == 0 && o.prompt_tokens + o.steps + 1 > c.max_seq)
       SY_THROW(InvalidArgument, "bench decode: --prompt_tokens = ", o.prompt_tokens, " + --steps = ", o.steps,
                " + 1 exceed max_seq (", c.max_seq, ")");

@@ -74,6 +74,29 @@ void check_requests(const std::vector<Request>& requests, const ModelConfig& mc,
   }
 }
 
+// All-reduces a hash of the request list (max and -min) and fails on every
+// rank when the ranks' lists differ.
+void verify_same_requests(Communicator& world, const std::vector<Request>& requests) {
+  uint64_t h = 1469598103934665603ull;
+  auto mix = [&](uint64_t v) { h = (h ^ v) * 1099511628211ull; };
+  for (const Request& r : requests) {
+    mix(static_cast<uint64_t>(r.id));
+    mix(static_cast<uint64_t>(r.max_new_tokens));
+    mix(std::hash<double>{}(r.arrival));
+    mix(r.sampling.seed);
+    mix(std::hash<double>{}(r.sampling.temperature));
+    mix(r.prompt.size());
+    for (int t : r.prompt) mix(static_cast<uint64_t>(t));
+  }
+  Tensor v = Tensor::empty({4}, DType::f64);
+  double* p = v.data_as<double>();
+  p[0] = static_cast<double>(h >> 32), p[1] = static_cast<double>(h & 0xffffffffu), p[2] = -p[0], p[3] = -p[1];
+  world.allreduce(v, v, {.op = ReduceOp::max}).wait();
+  if (p[0] != -p[2] || p[1] != -p[3])
+    SY_THROW(InvalidArgument, "serve: the ranks were given different request lists (every rank must pass the same "
+             "requests: ids, prompts, lengths, arrivals and sampling)");
+}
+
 }  // namespace
 
 std::vector<RequestResult> serve(InferenceEngine& engine, const std::vector<Request>& requests,
@@ -81,7 +104,7 @@ std::vector<RequestResult> serve(InferenceEngine& engine, const std::vector<Requ
   options.validate();
   const ModelConfig& mc = engine.model().config();
   check_requests(requests, mc, options);
-  engine.set_check_replicas(options.check_replicas);
+  if (options.check_replicas) engine.set_check_replicas(true);
   const int G = engine.schedule().token_groups(), me = engine.token_group(), V = mc.vocab_size;
   const int64_t N = static_cast<int64_t>(requests.size());
   std::vector<size_t> order(requests.size());
@@ -91,6 +114,10 @@ std::vector<RequestResult> serve(InferenceEngine& engine, const std::vector<Requ
                                                       : requests[a].id < requests[b].id;
   });
 
+  // Every rank must hold the same requests: their assignment and the step
+  // decisions below are computed, not exchanged. This agreement also starts
+  // the ranks' clocks together.
+  verify_same_requests(engine.world(), requests);
   const auto start = Clock::now();
   auto elapsed = [&] { return std::chrono::duration<double>(Clock::now() - start).count(); };
   ServingStats st;
@@ -111,13 +138,12 @@ std::vector<RequestResult> serve(InferenceEngine& engine, const std::vector<Requ
   for (;;) {
     // The step's agreement: clock, who still has work, who finished how much.
     std::fill(a, a + 2 + G, 0.0);
-    const double local = elapsed();
-    a[0] = local;
+    a[0] = elapsed();
     a[1] = active.empty() && waiting.empty() ? 0 : 1;
     a[2 + me] = static_cast<double>(finished_mine);
     engine.world().allreduce(agree, agree, {.op = ReduceOp::max}).wait();
     const double now = a[0];
-    behind = now - local;
+    behind = now - elapsed();  // after the wait: a rank that waited here is not counted late
     const bool busy_anywhere = a[1] > 0;
     int64_t finished_all = 0;
     for (int g = 0; g < G; ++g) finished_all += static_cast<int64_t>(a[2 + g]);
@@ -141,8 +167,9 @@ std::vector<RequestResult> serve(InferenceEngine& engine, const std::vector<Requ
       if (next == order.size()) break;  // every request finished on every rank: all stop here together
       const double gap = requests[order[next]].arrival - now;  // nothing to run anywhere until then
       if (gap > 0) {
+        const double before = elapsed();
         std::this_thread::sleep_for(std::chrono::duration<double>(gap));
-        st.waiting_seconds += gap;
+        st.waiting_seconds += elapsed() - before;
       }
       continue;
     }
@@ -167,12 +194,14 @@ std::vector<RequestResult> serve(InferenceEngine& engine, const std::vector<Requ
     int64_t budget = options.prefill_chunk > 0 ? options.prefill_chunk : std::numeric_limits<int64_t>::max();
     std::vector<Chunk> chunks;
     std::vector<Sequence*> owner;
+    int64_t prefill_rows = 0;
     for (auto& s : active) {
       const std::vector<int>& prompt = s->request->prompt;
       if (s->prefilled < prompt.size()) {
         const int64_t n = std::min<int64_t>(static_cast<int64_t>(prompt.size() - s->prefilled), budget);
         if (n == 0) continue;
         budget -= n;
+        prefill_rows += n;
         chunks.push_back({&s->cache, std::vector<int>(prompt.begin() + static_cast<std::ptrdiff_t>(s->prefilled),
                                                       prompt.begin() + static_cast<std::ptrdiff_t>(s->prefilled + n))});
         st.prompt_tokens += n;
@@ -181,6 +210,7 @@ std::vector<RequestResult> serve(InferenceEngine& engine, const std::vector<Requ
       }
       owner.push_back(s.get());
     }
+    st.peak_prefill_rows = std::max(st.peak_prefill_rows, prefill_rows);
     const double t0 = elapsed() + behind;
     const Tensor logits = engine.step(chunks);
     const double t1 = elapsed() + behind;

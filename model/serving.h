@@ -2,7 +2,8 @@
 // finished sequence leaves, waiting ones join between steps), chunked
 // prefill, a KV budget per rank, arrivals over time.
 //
-// Every rank runs serve() with the same request list. Requests are assigned
+// Every rank runs serve() with the same request list (checked: a hash of it
+// is all-reduced on entry). Requests are assigned
 // to token groups (schedule.token_groups(): one per rank under dp) by a
 // RequestScheduler, in arrival order, from values every rank agrees on, so
 // all ranks make the same assignments without exchanging them. Each step
@@ -72,7 +73,9 @@ struct ServingOptions {
   int max_batch = 64;       // sequences in flight per rank
   int64_t kv_budget = 0;    // KV positions a rank may hold (prompt + max_new_tokens reserved per request); 0: unlimited
   int prefill_chunk = 0;    // prompt tokens a rank prefills per step (0: whole prompts at once)
-  bool check_replicas = false;  // InferenceEngine::set_check_replicas
+  // Admission is first come, first served: a request that does not fit the
+  // KV budget yet waits, and so do the ones behind it (no overtaking).
+  bool check_replicas = false;  // true: InferenceEngine::set_check_replicas(true)
   double progress_every = 1.0;  // seconds between progress calls (rank 0)
   std::function<void(const ServeProgress&)> progress;
   // Each token as it is chosen, on the ranks of the request's group.
@@ -90,6 +93,7 @@ struct ServingStats {
   double waiting_seconds = 0; // asleep until the next arrival (nothing to run anywhere)
   int64_t peak_kv = 0;        // most KV positions this rank held reserved at once
   int64_t peak_batch = 0;     // most sequences this rank had in flight at once
+  int64_t peak_prefill_rows = 0;  // most prompt rows this rank prefilled in one step
 };
 
 // Results of the requests this rank's token group served, in id order.

@@ -205,7 +205,10 @@ class MoELayer {
   bool has_hierarchical() const { return hierarchical_ != nullptr; }
   // The same phases in virtual (emulated) seconds; zeros without emulation.
   const MoEPhaseTimes& virtual_phase_times() const { return virtual_times_; }
-  // The dispatch plan of the last forward (empty before the first).
+  // The dispatch plan of the last forward (empty before the first). Its
+  // capacity is the group's, except under uncapped dropless plans (capacity
+  // factor 0, dropless exchange): there nothing drops and it is this rank's
+  // largest expert load.
   const DispatchPlan& last_plan() const { return saved_.plan; }
   // The routing of the last forward: experts [T, k] (best first), weights, scores.
   const Routing& last_routing() const { return saved_.routing; }

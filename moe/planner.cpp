@@ -177,8 +177,7 @@ PlanCost Planner::predict(const ExecPlan& plan, int64_t tokens, int64_t capacity
   return cost;
 }
 
-void Planner::observe(MoELayer& layer, const double measured[2]) {
-  const int64_t capacity = layer.last_plan().capacity;
+void Planner::observe(MoELayer&, const double measured[2], int64_t capacity) {
   const double cs = compute_scale_, ls = link_scale_;
   compute_scale_ = link_scale_ = 1.0;  // predictions without the corrections
   const PlanCost p = predict(last_plan_, last_tokens_, capacity);
@@ -205,22 +204,25 @@ std::vector<double> Planner::local_inputs(MoELayer& layer, int64_t tokens) {
   const bool virt = layer.config().device_model != nullptr;
   snapshot_phases_ = virt ? layer.virtual_phase_times() : layer.phase_times();
   snapshot_busy_ = layer.comm_busy();
+  // The last batch's capacity rides along: uncapped dropless plans keep a
+  // rank-local one (nothing agrees it), and predictions must use the group's.
   return {static_cast<double>(tokens), snapshot_phases_.experts - last_phases_.experts,
-          snapshot_busy_.exchange - last_busy_.exchange + snapshot_busy_.weights - last_busy_.weights};
+          snapshot_busy_.exchange - last_busy_.exchange + snapshot_busy_.weights - last_busy_.weights,
+          static_cast<double>(layer.last_plan().capacity)};
 }
 
 ExecPlan Planner::next(MoELayer& layer, int64_t tokens) {
   // One max-allreduce agrees this batch's tokens and the previous batch's
   // measurements (the slowest rank's), so every rank decides alike.
   std::vector<double> agreed = local_inputs(layer, tokens);
-  layer.group()->allreduce(TensorView(agreed.data(), DType::f64, {3}), TensorView(agreed.data(), DType::f64, {3}),
+  layer.group()->allreduce(TensorView(agreed.data(), DType::f64, {4}), TensorView(agreed.data(), DType::f64, {4}),
                            {.op = ReduceOp::max}).wait();
   return choose(layer, agreed, -1);
 }
 
 ExecPlan Planner::choose(MoELayer& layer, const std::vector<double>& agreed, int64_t capacity) {
-  SY_CHECK_EQ(agreed.size(), size_t{3}, "planner inputs");
-  if (pending_) observe(layer, agreed.data() + 1);
+  SY_CHECK_EQ(agreed.size(), size_t{4}, "planner inputs");
+  if (pending_) observe(layer, agreed.data() + 1, static_cast<int64_t>(agreed[3]));
   const auto T = static_cast<int64_t>(agreed[0]);
   const int64_t C = capacity >= 0 ? capacity : capacity_for(T);
   size_t best = 0, second = 0;

@@ -70,7 +70,8 @@ class Planner : public PlanChooser {
   double a2a_seconds(const ExecPlan& plan, double bytes, double* copies = nullptr) const;
   double collective_seconds(int group, bool spans_nodes, double full_bytes) const;
   int64_t capacity_for(int64_t tokens) const;
-  void observe(MoELayer& layer, const double measured[2]);
+  // measured: the experts' and the links' busy seconds; capacity: the group's (max) of that batch.
+  void observe(MoELayer& layer, const double measured[2], int64_t capacity);
 
   // Layer geometry.
   int world_, experts_, shards_, local_experts_, node_size_, k_;

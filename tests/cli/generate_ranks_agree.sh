@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Greedy generation gives the same text on one rank, on two MPI ranks
 # (experts spread over them) with attention replicated and data parallel, and
-# on three thread-ranks with data-parallel attention.
+# on four thread-ranks with data-parallel attention.
 # usage: generate_ranks_agree.sh SWITCHYARD MODEL_DIR MPIRUN [MPIRUN_FLAGS...]
 set -euo pipefail
 bin=$1 model=$2 mpirun=$3

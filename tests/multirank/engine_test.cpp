@@ -213,7 +213,6 @@ TEST(Engine, RequestTokensDoNotDependOnTheBatchArrivalsChunkingOrBudget) {
   for_each_rank([](Communicator& world, uint64_t seed) {
     Model ref(kDraft, one_rank());
     Model model(kDraft, world.shared_from_this());
-    InferenceEngine engine(model, LayerSchedule::data_parallel(model.config().layers, world.size()));
     auto requests = mixed_requests(seed, 8);
     const auto arrivals = poisson_arrivals(8, 400.0, seed);  // about 20 ms in all
     for (size_t i = 0; i < requests.size(); ++i) requests[i].arrival = arrivals[i];
@@ -225,8 +224,10 @@ TEST(Engine, RequestTokensDoNotDependOnTheBatchArrivalsChunkingOrBudget) {
       int64_t kv_budget;
       int max_batch;
     };
+    for (const char* mode : {"dp", "replicated"})
     for (const Case c : {Case{"unchunked", 0, 0, 64}, Case{"prefill chunks of 3", 3, 0, 64},
                          Case{"KV budget of one request", 2, most, 64}, Case{"batch of 2", 5, 0, 2}}) {
+      InferenceEngine engine(model, LayerSchedule::make({.attention = mode}, model.config().layers, world.size()));
       RoundRobinScheduler rr;
       ServingOptions o;
       o.prefill_chunk = c.prefill_chunk;
@@ -234,11 +235,26 @@ TEST(Engine, RequestTokensDoNotDependOnTheBatchArrivalsChunkingOrBudget) {
       o.max_batch = c.max_batch;
       ServingStats st;
       const auto results = serve(engine, requests, rr, o, &st);
-      expect_served(world, engine, requests, results, ref, c.what);
-      if (c.kv_budget > 0) EXPECT_LE(st.peak_kv, c.kv_budget) << c.what;
-      EXPECT_LE(st.peak_batch, c.max_batch) << c.what;
+      const std::string what = std::string(mode) + ", " + c.what;
+      expect_served(world, engine, requests, results, ref, what);
+      if (c.kv_budget > 0) EXPECT_LE(st.peak_kv, c.kv_budget) << what;
+      EXPECT_LE(st.peak_batch, c.max_batch) << what;
+      if (c.prefill_chunk > 0) EXPECT_LE(st.peak_prefill_rows, c.prefill_chunk) << what;
+      if (!results.empty() && c.prefill_chunk == 0) EXPECT_GT(st.peak_prefill_rows, 3) << what << ": whole prompts";
     }
   }, Milliseconds(30000));
+}
+
+TEST(Engine, RanksGivenDifferentRequestsFailTogether) {
+  for_each_rank([](Communicator& world, uint64_t seed) {
+    if (world.size() == 1) GTEST_SKIP() << "needs two ranks";
+    Model model(kDraft, world.shared_from_this());
+    InferenceEngine engine(model, LayerSchedule::data_parallel(model.config().layers, world.size()));
+    auto requests = mixed_requests(seed, 3);
+    if (world.rank() == 1) requests[2].max_new_tokens += 1;
+    RoundRobinScheduler rr;
+    EXPECT_THROW(serve(engine, requests, rr, {}), InvalidArgument);
+  });
 }
 
 }  // namespace

@@ -348,11 +348,12 @@ TEST(MoEPlans, RanksWithDifferentTimingsAgreeOnThePlan) {
     layer.init_parameters(seed);
     auto [device, link] = Planner::calibrate(layer, n);
     Planner planner(layer, device, link);
-    for (int batch = 0; batch < 6; ++batch) {
+    for (int batch = 0; batch < 7; ++batch) {
       const int64_t rows = 8 + 13 * ((me + batch) % 3);  // differs by rank and batch
       Tensor x = random_tensor(seed + 10 * batch + me, rows, 32);
-      // Alternate the two ways of asking: a separate agreement, and inside forward.
-      MoEForward f = batch % 2 ? layer.forward(x, layer.routing_choice(), planner.next(layer, rows))
+      // Mix the two ways of asking: a separate agreement, and inside forward;
+      // two separate ones in a row too (a dropless batch's capacity is rank-local).
+      MoEForward f = batch % 3 ? layer.forward(x, layer.routing_choice(), planner.next(layer, rows))
                                : layer.forward(x, layer.routing_choice(), planner);  // throws if plans differ
       layer.backward(f.output);
       // A rank that is slower on purpose makes the group's measurements differ.

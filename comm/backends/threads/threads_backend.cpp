@@ -7,6 +7,7 @@
 #include <thread>
 #include <tuple>
 
+#include "comm/spin.h"
 #include "comm/store/memory_store.h"
 #include "core/logging.h"
 
@@ -188,6 +189,14 @@ class ThreadsTransport : public Transport {
   template <typename Pred>
   void wait_until(Mailbox& box, std::unique_lock<std::mutex>& lock, Deadline deadline, Pred ready,
                   const char* what, int peer, size_t bytes, const char* suffix = "") {
+    if (!ready()) {  // poll a while (without holding the mailbox) before sleeping on it
+      lock.unlock();
+      spin_until([&] {
+        std::unique_lock probe(box.mutex, std::try_to_lock);
+        return probe.owns_lock() && ready();
+      });
+      lock.lock();
+    }
     while (!ready()) {
       if (world_->aborted.load()) SY_THROW(IoError, "aborted while waiting for ", what, " ", peer, suffix, ": ", world_->reason());
       if (box.cv.wait_until(lock, deadline) == std::cv_status::timeout && !ready()) {
