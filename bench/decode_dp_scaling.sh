@@ -91,7 +91,9 @@ verdict() {  # verdict NAME VS TARGET
   awk -v a="${median[$1]}" -v b="${median[$2]}" -v t="$3" -v name="$1" -v vs="$2" 'BEGIN {
     r = a / b; printf "%s / %s = %.2f (target >= %.1f): %s\n", name, vs, r, t, (r >= t ? "met" : "NOT met") }'
 }
-if awk -v s="$spread" 'BEGIN { exit !(s > 1.25) }'; then
+if [[ "$extra" == *--rate* ]]; then
+  echo "arrivals paced by --rate: tokens/s is bounded by the arrival rate, so no throughput verdict (compare TTFT and TPOT)"
+elif awk -v s="$spread" 'BEGIN { exit !(s > 1.25) }'; then
   echo "INCONCLUSIVE: the baseline's runs spread by ${spread}x (max / min > 1.25); the machine was too noisy"
 else
   echo "baseline spread ${spread}x (max / min)"

@@ -58,9 +58,9 @@ const std::vector<VarSpec>& specs() {
        [](Env& e, const std::string& n, const std::string& v) {
          e.gemm_threads = parse_integer<int>(n, v, 0, "a thread count >= 0");
        }},
-      {"SWITCHYARD_SPIN_US", "int", "50",
+      {"SWITCHYARD_SPIN_US", "int", "250",
        "Microseconds a communicator's waits poll (yielding the core) before they sleep: a small op's "
-       "hand-offs between threads then cost no wake-up; 0 = always sleep.",
+       "hand-offs between threads, and a short wait for a slower rank, then cost no wake-up; 0 = always sleep.",
        [](Env& e, const std::string& n, const std::string& v) {
          e.spin_us = parse_integer<int64_t>(n, v, 0, "microseconds >= 0");
        }},
