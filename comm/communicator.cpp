@@ -498,4 +498,16 @@ double allreduce_scalar(Communicator& comm, double value, ReduceOp op) {
   return t.data_as<double>()[0];
 }
 
+bool same_on_every_rank(Communicator& comm, uint64_t value) {
+  if (comm.size() == 1) return true;
+  Tensor t = Tensor::empty({4}, DType::f64);  // 32-bit halves are exact in a double
+  double* p = t.data_as<double>();
+  p[0] = static_cast<double>(value >> 32), p[1] = static_cast<double>(value & 0xffffffffu);
+  p[2] = -p[0], p[3] = -p[1];
+  ReduceOptions options;
+  options.op = ReduceOp::max;
+  comm.allreduce(t, t, options).wait();
+  return p[0] == -p[2] && p[1] == -p[3];
+}
+
 }  // namespace switchyard

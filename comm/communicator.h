@@ -168,5 +168,8 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
 
 // One double reduced over the communicator (sum, max or min): timings, losses, counts.
 double allreduce_scalar(Communicator& comm, double value, ReduceOp op = ReduceOp::sum);
+// True on every rank when every rank passed the same value (one all-reduce of
+// its halves as max and -min); a check that ranks computed the same thing.
+bool same_on_every_rank(Communicator& comm, uint64_t value);
 
 }  // namespace switchyard

@@ -22,13 +22,7 @@ void InferenceEngine::verify_replicas(const std::vector<Chunk>& chunks) {
     mix(c.cache ? static_cast<uint64_t>(c.cache->length()) : ~0ull);
     for (int t : c.tokens) mix(static_cast<uint64_t>(t));
   }
-  // Both halves as max and as -min: equal on every rank iff max == min.
-  Tensor v = Tensor::empty({4}, DType::f64);
-  double* p = v.data_as<double>();
-  p[0] = static_cast<double>(h >> 32), p[1] = static_cast<double>(h & 0xffffffffu);
-  p[2] = -p[0], p[3] = -p[1];
-  world().allreduce(v, v, {.op = ReduceOp::max}).wait();
-  if (p[0] != -p[2] || p[1] != -p[3])
+  if (!same_on_every_rank(world(), h))
     SY_THROW(InvalidArgument, "inference engine: replicated attention, but the ranks' chunks differ this step (every "
              "rank must pass the same sequences and tokens)");
 }

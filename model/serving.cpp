@@ -88,11 +88,7 @@ void verify_same_requests(Communicator& world, const std::vector<Request>& reque
     mix(r.prompt.size());
     for (int t : r.prompt) mix(static_cast<uint64_t>(t));
   }
-  Tensor v = Tensor::empty({4}, DType::f64);
-  double* p = v.data_as<double>();
-  p[0] = static_cast<double>(h >> 32), p[1] = static_cast<double>(h & 0xffffffffu), p[2] = -p[0], p[3] = -p[1];
-  world.allreduce(v, v, {.op = ReduceOp::max}).wait();
-  if (p[0] != -p[2] || p[1] != -p[3])
+  if (!same_on_every_rank(world, h))
     SY_THROW(InvalidArgument, "serve: the ranks were given different request lists (every rank must pass the same "
              "requests: ids, prompts, lengths, arrivals and sampling)");
 }
