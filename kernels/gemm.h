@@ -3,6 +3,8 @@
 // against 126 for OpenBLAS).
 #pragma once
 
+#include <string>
+
 #include <cstdint>
 
 namespace switchyard::kernels::cpu {
@@ -27,6 +29,20 @@ void gemm_f32(const GemmArgs& args);
 // thread-rank sets its own share: cores / ranks on the machine).
 void set_gemm_threads(int threads);
 int gemm_threads();
+
+// OpenMP's wait policy as the process's libgomp read it when it loaded (it
+// never reads it again): "passive", "active", or "default" (libgomp then
+// spins for a while before sleeping), with what set it.
+struct WaitPolicy {
+  std::string policy;
+  std::string source;  // "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "unset"
+  bool spins() const { return policy != "passive"; }
+};
+WaitPolicy omp_wait_policy();
+// Warns once per process (log subsystem "kernels") when OpenMP spins and
+// `gemm_threads` x `local_ranks` threads leave no core free: anything else on
+// the machine then collapses the steps. Embedders' settings are never changed.
+void warn_if_spinning(int gemm_threads, int local_ranks);
 
 }  // namespace switchyard::kernels::cpu
 

@@ -1,6 +1,8 @@
 // The switchyard command line: info, bench comm, run.
 #include <CLI/CLI.hpp>
+#include <unistd.h>
 
+#include <cstdlib>
 #include <iomanip>
 #include <iostream>
 
@@ -14,6 +16,7 @@
 #include "moe/checkpoint.h"
 #include "launch/config.h"
 #include "launch/decode.h"
+#include "kernels/gemm.h"
 #include "launch/jobs.h"
 #include "launch/trace_stats.h"
 #include "parallel/runtime.h"
@@ -37,6 +40,14 @@ void print_info() {
             << (SWITCHYARD_HAS_UCX ? ", ucx" : "") << (SWITCHYARD_HAS_NCCL ? ", nccl (library only)" : "") << "\n";
 
   std::cout << "\nThis process\n";
+  {
+    const kernels::cpu::WaitPolicy w = kernels::cpu::omp_wait_policy();
+    std::cout << "  OpenMP wait       " << w.policy
+              << (std::getenv("SWITCHYARD_SET_OMP_WAIT_POLICY") ? " (set by switchyard before OpenMP loaded)"
+                  : w.source == "unset"                          ? " (OMP_WAIT_POLICY unset: libgomp spins)"
+                                                                 : " (from " + w.source + ")")
+              << "; set OMP_WAIT_POLICY=passive for embedded use (libgomp reads it once, at load)\n";
+  }
   try {
     auto info = discover_rank(process_env);
     if (info)
@@ -76,6 +87,18 @@ void add_decode_parallelism(CLI::App* app, DecodeParallelism& p) {
 
 int main(int argc, char** argv) {
   using namespace switchyard;
+  // OpenMP's default wait policy spins, and libgomp reads the policy once,
+  // when it loads, before main(): a spinning team collapses steps when
+  // anything else shares the cores (measured 3x at one rank, far worse under
+  // load). Unless the user chose one, start again with the passive policy.
+  if (!std::getenv("OMP_WAIT_POLICY") && !std::getenv("GOMP_SPINCOUNT")) {
+    setenv("OMP_WAIT_POLICY", "passive", 1);
+    setenv("SWITCHYARD_SET_OMP_WAIT_POLICY", "1", 1);  // for `switchyard info`
+    execv("/proc/self/exe", argv);
+    // Not re-executed (no /proc): go on with the policy libgomp already read.
+    unsetenv("OMP_WAIT_POLICY");
+    unsetenv("SWITCHYARD_SET_OMP_WAIT_POLICY");
+  }
   CLI::App app{"Switchyard: distributed mixture-of-experts runtime"};
   app.require_subcommand(1);
 

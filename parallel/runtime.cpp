@@ -145,6 +145,7 @@ Runtime::Runtime(std::shared_ptr<Communicator> world, RankInfo info, std::vector
   const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   gemm_threads_ = env().gemm_threads > 0 ? env().gemm_threads : std::max(1, cores / info_.local_size);
   kernels::cpu::set_gemm_threads(gemm_threads_);
+  kernels::cpu::warn_if_spinning(gemm_threads_, info_.local_size);
 }
 
 std::vector<int> nodes_from_host_names(Communicator& world) {

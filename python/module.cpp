@@ -150,7 +150,9 @@ PYBIND11_MODULE(_switchyard, m) {
         ProcessWorld pw = connect_process_world(o);
         // GEMM threads: this node's cores shared by its ranks (SWITCHYARD_GEMM_THREADS overrides).
         const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-        kernels::cpu::set_gemm_threads(std::max(1, cores / std::max(1, pw.info.local_size)));
+        const int threads = std::max(1, cores / std::max(1, pw.info.local_size));
+        kernels::cpu::set_gemm_threads(threads);
+        kernels::cpu::warn_if_spinning(threads, pw.info.local_size);
         return World{pw.world, pw.info};
       },
       py::arg("backend") = "", py::arg("timeout_s") = py::none(),
