@@ -103,6 +103,8 @@ int run_bench_moe(const BenchMoeOptions& o) {
     }
     c.router.k = o.top;
     c.router.capacity_factor = o.capacity_factor;
+    c.router.capacity_rounding = parse_capacity_rounding(o.capacity_rounding, "--capacity_rounding");
+    c.router.renormalize = o.top > 1;  // Tutel normalises the k gate weights, never a single one
     c.compute = bf16 ? DType::bf16 : DType::f32;
     std::optional<ClusterModel> cluster;
     if (!o.emulate.empty()) cluster = load_cluster_preset(o.emulate);

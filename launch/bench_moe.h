@@ -31,6 +31,7 @@ struct BenchMoeOptions {
   int top = 2;
   std::string dtype = "float32";
   double capacity_factor = 1.0;
+  std::string capacity_rounding = "tutel";  // tutel: Tutel's k*floor(cf*ceil(T/E)), so its flags drop the same tokens
   int num_steps = 100;
   bool eval = false;
   bool input_grad = false;

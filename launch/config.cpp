@@ -305,6 +305,14 @@ const std::vector<Field>& fields() {
                    "Experts per token; at most moe.experts (checked at run time)."),
       number("moe.capacity_factor", -1e6, 1e6, +[](JobConfig& c) -> double& { return c.moe.capacity_factor; },
              "> 0: capacity k*ceil(cf*T/E) per expert (extra tokens dropped); 0: dropless; < 0: dropless capped at |cf|."),
+      choice("moe.capacity_rounding", {"switchyard", "tutel"},
+             +[](JobConfig& c) -> std::string& { return c.moe.capacity_rounding; },
+             "How moe.capacity_factor becomes slots per expert: switchyard k*ceil(cf*T/E); tutel k*floor(cf*ceil(T/E)) "
+             "(Tutel's rule, so the same factor drops the same tokens)."),
+      choice("moe.balance_loss", {"all_choices", "top1"}, +[](JobConfig& c) -> std::string& { return c.moe.balance_loss; },
+             "Load-balancing loss E * sum_e f_e * P_e (P_e: mean normalised score of e); f_e is the share of all "
+             "T*k choices that went to e (all_choices) or of tokens whose first choice is e (top1: GShard's form, "
+             "Tutel's)."),
       choice("moe.exchange", {"padded", "dropless"}, +[](JobConfig& c) -> std::string& { return c.moe.exchange; },
              "How rows travel in the fixed plan; never changes the result. padded: all-to-all of [E, C, M] buffers "
              "(Tutel); dropless: all-to-all-v of only the routed rows (DeepEP). Whether tokens drop is "

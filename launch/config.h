@@ -46,6 +46,8 @@ struct MoESection {
   int experts = 8;  // global; a multiple of the number of ranks
   int top_k = 2;
   double capacity_factor = 1.25;
+  std::string capacity_rounding = "switchyard";  // switchyard | tutel
+  std::string balance_loss = "all_choices";      // all_choices | top1
   std::string exchange = "padded";   // padded | dropless
   std::string activation = "gelu";   // relu | gelu | swiglu
   std::string gate = "softmax";      // softmax | sigmoid_bias

@@ -27,6 +27,8 @@ MoEConfig moe_config(const JobConfig& job) {
   c.router.gate = m.gate == "sigmoid_bias" ? GateKind::sigmoid_bias : GateKind::softmax;
   c.router.renormalize = c.router.gate == GateKind::sigmoid_bias;
   c.router.capacity_factor = m.capacity_factor;
+  c.router.capacity_rounding = parse_capacity_rounding(m.capacity_rounding, "moe.capacity_rounding");
+  c.router.balance_loss = parse_balance_loss(m.balance_loss, "moe.balance_loss");
   c.plan.r = m.r;
   c.plan.d = m.overlap_degree;
   c.plan.a2a = parse_a2a_algorithm(m.a2a, "moe.a2a");

@@ -163,6 +163,8 @@ int main(int argc, char** argv) {
   bench_moe->add_option("--dtype", moe.dtype, "float32 or bfloat16 (bf16 GEMM operands, fp32 accumulation)")->capture_default_str();
   bench_moe->add_option("--capacity_factor,--capacity-factor", moe.capacity_factor,
                         "> 0: factor; 0: dropless; < 0: capped dropless")->capture_default_str();
+  bench_moe->add_option("--capacity_rounding,--capacity-rounding", moe.capacity_rounding,
+                        "tutel: k*floor(cf*ceil(T/E)) slots, as Tutel; switchyard: k*ceil(cf*T/E)")->capture_default_str();
   bench_moe->add_option("--num_steps,--num-steps", moe.num_steps, "Steps")->capture_default_str();
   bench_moe->add_flag("--eval", moe.eval, "Forward only");
   bench_moe->add_flag("--input_grad,--input-grad", moe.input_grad, "Also compute the input's gradient");

@@ -1096,11 +1096,11 @@ Tensor MoELayer::backward(const TensorView& dout, double balance_coef, double z_
         ds[e] = (ds[e] - dot) / chosen_sum;
       }
     if (balance_coef != 0.0 && T > 0) {
-      // balance = E * sum_e f_e * mean_t(s_te / sum_e s_te); f_e has no gradient.
+      // balance = E * sum_e f_e * mean_t(s_te / sum_e s_te); f_e (a count) has no gradient.
       double row_sum = 0.0, gs = 0.0;
       for (int e = 0; e < E; ++e) row_sum += s[t * E + e];
       for (int e = 0; e < E; ++e) {
-        const double f = static_cast<double>(sv.routing.expert_load[e]) / static_cast<double>(T * k);
+        const double f = sv.routing.balance_fraction[static_cast<size_t>(e)];
         gbal[e] = balance_coef * E * f / static_cast<double>(T);
         gs += gbal[e] * s[t * E + e] / row_sum;
       }

@@ -58,8 +58,7 @@ Planner::Planner(const MoELayer& layer, DeviceModel device, LinkModel link, Plan
   gated_ = c.activation == kernels::cpu::Activation::swiglu;
   bf16_ = c.compute == DType::bf16;
   hierarchical_ = layer.has_hierarchical();
-  capacity_factor_ = c.router.capacity_factor;
-  capacity_alignment_ = c.router.capacity_alignment;
+  router_ = c.router;
   for (int r : valid_sharding_degrees(shards_))
     for (int d : options_.overlap_degrees)
       for (A2AAlgorithm a2a : {A2AAlgorithm::flat, A2AAlgorithm::hierarchical})
@@ -74,14 +73,14 @@ Planner::Planner(const MoELayer& layer, DeviceModel device, LinkModel link, Plan
 }
 
 int64_t Planner::capacity_for(int64_t tokens) const {
-  const double cf = capacity_factor_;
-  const int64_t by_factor = k_ * static_cast<int64_t>(std::ceil(std::fabs(cf) * static_cast<double>(tokens) / experts_));
+  const double cf = router_.capacity_factor;
+  const int64_t by_factor = capacity_by_factor(router_, tokens);
   // Without a factor the capacity is the largest load: scale the last batch's.
   int64_t largest = last_tokens_ > 0 && last_capacity_ > 0
                         ? static_cast<int64_t>(std::ceil(static_cast<double>(last_capacity_) * tokens / last_tokens_))
                         : static_cast<int64_t>(std::ceil(2.0 * tokens * k_ / experts_));
   int64_t c = cf > 0 ? by_factor : cf == 0 ? largest : std::min(largest, by_factor);
-  const int64_t a = capacity_alignment_;
+  const int64_t a = router_.capacity_alignment;
   return (c + a - 1) / a * a;
 }
 

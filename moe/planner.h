@@ -77,8 +77,7 @@ class Planner : public PlanChooser {
   int world_, experts_, shards_, local_experts_, node_size_, k_;
   int64_t model_dim_, hidden_;
   bool gated_, bf16_, hierarchical_;
-  double capacity_factor_;
-  int capacity_alignment_;
+  RouterConfig router_;  // the layer's, for its capacity rule
   DeviceModel device_;
   LinkModel link_;
   PlannerOptions options_;

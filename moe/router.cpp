@@ -1,8 +1,10 @@
 #include "moe/router.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 
+#include "core/logging.h"
 #include "kernels/router.h"
 
 namespace switchyard {
@@ -21,7 +23,13 @@ void RouterConfig::validate() const {
     SY_THROW(InvalidArgument, "router: topk_groups = ", topk_groups, " groups of ", experts / groups,
              " experts cannot hold k = ", k, " choices");
   if (!(noise_std >= 0.0)) bad("noise_std", noise_std, ">= 0");
-  if (!std::isfinite(capacity_factor)) bad("capacity_factor", capacity_factor, "a finite number");
+  if (!(std::fabs(capacity_factor) <= 1e6)) bad("capacity_factor", capacity_factor, "a number in [-1e6, 1e6]");
+  if (k == 1 && renormalize) {
+    static std::atomic<bool> warned{false};
+    if (!warned.exchange(true))
+      SY_LOG_WARN("moe", "router: renormalize with k = 1 makes every weight 1, so the gate learns nothing from the "
+                  "task loss (only from the balance loss); Tutel normalises only when k > 1");
+  }
   if (capacity_alignment < 1) bad("capacity_alignment", capacity_alignment, ">= 1");
 }
 
@@ -74,7 +82,13 @@ Routing route(const RouterConfig& config, const TensorView& logits, const Tensor
   r.expert_load.assign(static_cast<size_t>(E), 0);
   const int32_t* chosen = r.experts.data_as<int32_t>();
   for (int64_t i = 0; i < T * k; ++i) ++r.expert_load[static_cast<size_t>(chosen[i])];
+  r.balance_fraction.assign(static_cast<size_t>(E), 0.0);
   if (T == 0) return r;
+  if (config.balance_loss == BalanceLoss::top1)
+    for (int64_t t = 0; t < T; ++t) r.balance_fraction[static_cast<size_t>(chosen[t * k])] += 1.0 / static_cast<double>(T);
+  else
+    for (int e = 0; e < E; ++e)
+      r.balance_fraction[static_cast<size_t>(e)] = static_cast<double>(r.expert_load[e]) / static_cast<double>(T * k);
 
   // Losses in double: they are reported and compared, never on the hot path.
   std::vector<double> mean_score(static_cast<size_t>(E), 0.0);
@@ -91,18 +105,36 @@ Routing route(const RouterConfig& config, const TensorView& logits, const Tensor
     z += lse * lse;
   }
   double balance = 0.0;
-  for (int e = 0; e < E; ++e)
-    balance += (static_cast<double>(r.expert_load[e]) / static_cast<double>(T * k)) * (mean_score[e] / T);
+  for (int e = 0; e < E; ++e) balance += r.balance_fraction[static_cast<size_t>(e)] * (mean_score[e] / T);
   r.balance_loss = E * balance;
   r.z_loss = z / static_cast<double>(T);
   return r;
 }
 
+int64_t capacity_by_factor(const RouterConfig& config, int64_t tokens) {
+  const double cf = std::fabs(config.capacity_factor);
+  const int64_t E = config.experts;
+  if (config.capacity_rounding == CapacityRounding::tutel)
+    return config.k * static_cast<int64_t>(std::floor(cf * static_cast<double>((tokens + E - 1) / E)));
+  return config.k * static_cast<int64_t>(std::ceil(cf * static_cast<double>(tokens) / static_cast<double>(E)));
+}
+
+CapacityRounding parse_capacity_rounding(const std::string& name, const std::string& field) {
+  if (name == "switchyard") return CapacityRounding::switchyard;
+  if (name == "tutel") return CapacityRounding::tutel;
+  SY_THROW(ConfigError, field, " = '", name, "', expected switchyard (k*ceil(cf*T/E)) or tutel (k*floor(cf*ceil(T/E)))");
+}
+
+BalanceLoss parse_balance_loss(const std::string& name, const std::string& field) {
+  if (name == "all_choices") return BalanceLoss::all_choices;
+  if (name == "top1") return BalanceLoss::top1;
+  SY_THROW(ConfigError, field, " = '", name, "', expected all_choices or top1");
+}
+
 int64_t expert_capacity(const RouterConfig& config, int64_t tokens, const Routing& routing, Communicator* expert_group) {
   config.validate();
   const double cf = config.capacity_factor;
-  const int64_t by_factor =
-      config.k * static_cast<int64_t>(std::ceil(std::fabs(cf) * static_cast<double>(tokens) / config.experts));
+  const int64_t by_factor = capacity_by_factor(config, tokens);
   const int64_t largest_load =
       routing.expert_load.empty() ? 0 : *std::max_element(routing.expert_load.begin(), routing.expert_load.end());
   int64_t c = cf > 0 ? by_factor : cf == 0 ? largest_load : std::min(largest_load, by_factor);

@@ -211,6 +211,7 @@ TEST(MoELayer, BackwardMatchesFiniteDifferences) {
       MoEConfig c = small_config(Activation::swiglu, mode, cf, 4);
       c.model_dim = 6, c.hidden_dim = 5;
       c.router.gate = gate;
+      c.router.balance_loss = cf > 0 ? BalanceLoss::top1 : BalanceLoss::all_choices;
       c.router.renormalize = gate == GateKind::sigmoid_bias;
       MoELayer layer(c, solo());
       layer.init_parameters(seed);

@@ -63,7 +63,10 @@ Reference reference_route(const RouterConfig& c, const std::vector<float>& logit
     }
     const double row = std::accumulate(score.begin(), score.end(), 0.0);
     for (int e = 0; e < E; ++e) mean[e] += score[e] / row / T;
-    for (int e : chosen) load[e] += 1.0 / double(T * c.k);
+    if (c.balance_loss == BalanceLoss::top1)
+      load[chosen[0]] += 1.0 / double(T);  // GShard: the share of tokens whose first choice is e
+    else
+      for (int e : chosen) load[e] += 1.0 / double(T * c.k);
     ref.experts.push_back(chosen), ref.weights.push_back(w), ref.scores.push_back(score), ref.select.push_back(select);
   }
   for (int e = 0; e < E; ++e) ref.balance += E * load[e] * mean[e];
@@ -112,7 +115,40 @@ TEST(Router, SoftmaxTopKMatchesFloat64ReferenceOverSizes) {
           RouterConfig c;
           c.experts = E, c.k = k, c.renormalize = renorm;
           check_against_reference(c, T, rng, false);
+          c.balance_loss = BalanceLoss::top1;
+          check_against_reference(c, T, rng, false);
         }
+}
+
+// Slots per expert, worked by hand from each rule's definition.
+TEST(Router, CapacityRoundingSwitchyardAndTutel) {
+  RouterConfig c;
+  c.experts = 8, c.k = 2;
+  auto slots = [&](CapacityRounding rounding, double cf, int64_t T) {
+    c.capacity_rounding = rounding, c.capacity_factor = cf;
+    return capacity_by_factor(c, T);
+  };
+  // T = 64, cf = 1.3: switchyard 2 * ceil(1.3 * 64 / 8) = 2 * ceil(10.4) = 22; tutel 2 * floor(1.3 * 8) = 20.
+  EXPECT_EQ(slots(CapacityRounding::switchyard, 1.3, 64), 22);
+  EXPECT_EQ(slots(CapacityRounding::tutel, 1.3, 64), 20);
+  // T = 100, cf = 0.7: ceil(T / E) = 13 first under tutel: 2 * floor(9.1) = 18; switchyard 2 * ceil(8.75) = 18.
+  EXPECT_EQ(slots(CapacityRounding::tutel, 0.7, 100), 18);
+  EXPECT_EQ(slots(CapacityRounding::switchyard, 0.7, 100), 18);
+  // T = 9, cf = 0.5: tutel 2 * floor(0.5 * 2) = 2; switchyard 2 * ceil(0.5625) = 2.
+  EXPECT_EQ(slots(CapacityRounding::tutel, 0.5, 9), 2);
+  // T = 17, cf = 1.0: tutel 2 * floor(3) = 6; switchyard 2 * ceil(2.125) = 6; cf = 0.9: tutel 2 * floor(2.7) = 4, switchyard 2 * ceil(1.9125) = 4.
+  EXPECT_EQ(slots(CapacityRounding::tutel, 0.9, 17), 4);
+  EXPECT_EQ(slots(CapacityRounding::switchyard, 1.2, 17), 2 * 3);  // ceil(2.55) = 3
+  EXPECT_EQ(slots(CapacityRounding::tutel, 1.2, 17), 2 * 3);       // floor(3.6) = 3
+  EXPECT_EQ(slots(CapacityRounding::tutel, 1.2, 0), 0);
+  // A negative factor caps dropless by the same rule; the capacity all-reduce is the group's max.
+  c.capacity_rounding = CapacityRounding::tutel, c.capacity_factor = -1.3;
+  Routing r;
+  r.expert_load = {40, 1, 1, 1, 1, 1, 1, 18};
+  EXPECT_EQ(expert_capacity(c, 64, r), 20);
+  EXPECT_THROW(parse_capacity_rounding("gshard", "--capacity_rounding"), ConfigError);
+  c.capacity_factor = 1e308;
+  EXPECT_THROW(c.validate(), InvalidArgument);
 }
 
 TEST(Router, SigmoidWithBiasAndGroupedTopK) {
