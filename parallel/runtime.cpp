@@ -188,7 +188,9 @@ std::shared_ptr<Communicator> bootstrap_ucx_world(const RankInfo& info, Millisec
              " but WORLD_SIZE = ", info.world_size, " here; every rank must be started with the same WORLD_SIZE");
   std::shared_ptr<Communicator> world;
   try {
-    world = make_ucx_world_communicator(store, info.rank, info.world_size, "bootstrap/ucx", timeout);
+    world = make_ucx_world_communicator(store, info.rank, info.world_size, "bootstrap/ucx", timeout, [=] {
+      return std::unique_ptr<Store>(std::make_unique<TcpStore>(host, static_cast<uint16_t>(port), token, timeout));
+    });
   } catch (const TimeoutError& e) {
     SY_THROW(TimeoutError, e.what(), " (", store.add("bootstrap/joined", 0), " of WORLD_SIZE = ", info.world_size,
              " processes joined; a rank failed to start, or the ranks disagree on WORLD_SIZE)");

@@ -5,6 +5,8 @@
 #include <functional>
 #include <gtest/gtest.h>
 
+#include <csignal>
+
 #include <atomic>
 #include <cmath>
 #include <cstring>
@@ -714,6 +716,28 @@ TEST(HarnessSelfCheck, PeerLatePastTheTimeout) {
     Tensor t = Tensor::zeros({16}, DType::f32);
     comm.allreduce(t, t).wait();
   }, Milliseconds(1000));
+}
+
+// Run alone by CTest comm_ucx_heartbeat_finds_a_stopped_rank: the last rank
+// stops itself (SIGSTOP: alive to the launcher, silent to its peers); the
+// others, in an allreduce with a 15 s timeout, must fail within a few seconds
+// naming it (the UCX heartbeat), and the launcher then ends the job.
+TEST(HarnessSelfCheck, StoppedPeerIsFoundByTheHeartbeat) {
+  if (!std::getenv("SWITCHYARD_TEST_PEER_STOPS")) GTEST_SKIP() << "only for the harness self-check";
+  for_each_rank([&](Communicator& comm, uint64_t) {
+    comm.barrier().wait();
+    if (comm.rank() == comm.size() - 1) ::raise(SIGSTOP);
+    const auto start = std::chrono::steady_clock::now();
+    Tensor t = Tensor::zeros({16}, DType::f32);
+    try {
+      comm.allreduce(t, t).wait();
+      ADD_FAILURE() << "the allreduce completed without the stopped rank";
+    } catch (const std::exception& e) {
+      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      ADD_FAILURE() << "rank " << comm.rank() << " gave up after " << s << " s: " << e.what();  // the expected end
+      EXPECT_LT(s, 5.0) << "found after the heartbeat's 2 s, not at the op timeout";
+    }
+  }, Milliseconds(15000));
 }
 
 }  // namespace

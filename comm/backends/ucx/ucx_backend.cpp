@@ -2,8 +2,11 @@
 
 #include <ucp/api/ucp.h>
 
+#include <atomic>
+#include <condition_variable>
 #include <cstring>
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -40,14 +43,35 @@ struct UcxWorld {
   ucp_context_h context = nullptr;
   ucp_worker_h worker = nullptr;
   std::vector<ucp_ep_h> eps;  // by world rank
-  std::vector<bool> peer_failed;  // set by the endpoint error handler (peer error mode)
+  std::vector<bool> peer_failed;  // endpoints to force-close (a transfer to them would not finish)
   std::vector<uint32_t> group_ids;  // of the live communicators, to refuse a tag-space collision
   std::vector<std::pair<UcxWorld*, int>> error_args;  // the error handler's argument per endpoint
   int rank = 0;
+  // A rank the heartbeat found dead (-1: none yet), and how it was found.
+  std::atomic<int> failed_rank{-1};
+  std::mutex failure_mutex;
+  std::string failure;
+  std::unique_ptr<class Heartbeat> heartbeat;
+
+  void fail(int peer, const std::string& why) {
+    {
+      std::lock_guard lock(failure_mutex);
+      if (failure.empty()) failure = why;
+    }
+    int none = -1;
+    failed_rank.compare_exchange_strong(none, peer);
+  }
+  // Throws when the heartbeat found a dead rank.
+  void check_alive() {
+    if (failed_rank.load(std::memory_order_relaxed) < 0) return;
+    std::lock_guard lock(failure_mutex);
+    SY_THROW(IoError, "ucx: ", failure);
+  }
 
   // Flush-close every endpoint (queued eager data still goes out), bounded;
   // force-close those of failed peers or that do not flush in time.
-  ~UcxWorld() {
+  ~UcxWorld();
+  void close_endpoints() {
     for (size_t r = 0; r < eps.size(); ++r) {
       if (!eps[r]) continue;
       ucp_request_param_t p{};
@@ -65,6 +89,92 @@ struct UcxWorld {
   }
 };
 
+// Every `period` the rank bumps <prefix>/hb/<rank> and reads the counter of
+// the next rank that has not ended cleanly; one unchanged for `dead_after`
+// is published as <prefix>/failed, which every rank polls. O(W) store
+// traffic per period in all.
+class Heartbeat {
+ public:
+  static constexpr auto kPeriod = std::chrono::milliseconds(250);
+  static constexpr auto kDeadAfter = std::chrono::milliseconds(2000);
+
+  Heartbeat(UcxWorld& world, std::unique_ptr<Store> store, std::string prefix, int rank, int size)
+      : world_(world), store_(std::move(store)), prefix_(std::move(prefix)), rank_(rank), size_(size),
+        thread_([this] { loop(); }) {}
+  ~Heartbeat() {
+    {
+      std::lock_guard lock(mutex_);
+      stopping_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+    try {
+      store_->set(key("done", rank_), Store::to_bytes("1"));  // a clean end, not a death
+    } catch (const std::exception&) {
+    }
+  }
+
+ private:
+  std::string key(const char* what, int r) const { return prefix_ + "/" + what + "/" + std::to_string(r); }
+  void loop() {
+    int watched = -1;
+    std::optional<Store::Bytes> last;
+    auto changed = Clock::now();
+    std::unique_lock lock(mutex_);
+    while (!stopping_) {
+      lock.unlock();
+      try {
+        store_->add(key("hb", rank_), 1);
+        if (auto f = store_->try_get(prefix_ + "/failed")) {
+          const std::string text = Store::to_string(*f);
+          world_.fail(std::stoi(text.substr(0, text.find(' '))), text.substr(text.find(' ') + 1));
+        }
+        // The next rank after this one that has not ended cleanly.
+        int next = -1;
+        for (int i = 1; i < size_; ++i) {
+          const int r = (rank_ + i) % size_;
+          if (!store_->try_get(key("done", r))) {
+            next = r;
+            break;
+          }
+        }
+        if (next != watched) watched = next, last.reset(), changed = Clock::now();
+        if (watched >= 0) {
+          // The clock starts at the watched rank's first beat (ranks leave bootstrap at different times).
+          auto now_value = store_->try_get(key("hb", watched));
+          if (!now_value || now_value != last) {
+            last = now_value, changed = Clock::now();
+          } else if (Clock::now() - changed > kDeadAfter) {
+            const std::string why = detail::make_string(
+                "rank ", watched, " stopped its heartbeat ", kDeadAfter.count(), " ms ago (seen by rank ", rank_,
+                "): it died or was stopped");
+            store_->set(prefix_ + "/failed", Store::to_bytes(std::to_string(watched) + " " + why));
+            world_.fail(watched, why);
+          }
+        }
+      } catch (const std::exception& e) {
+        world_.fail(rank_, detail::make_string("the store the heartbeat runs through stopped answering (", e.what(),
+                                               "); the launcher or the store's host is gone"));
+      }
+      lock.lock();
+      cv_.wait_for(lock, kPeriod, [&] { return stopping_; });
+    }
+  }
+  UcxWorld& world_;
+  std::unique_ptr<Store> store_;
+  std::string prefix_;
+  int rank_, size_;
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  bool stopping_ = false;
+  std::thread thread_;
+};
+
+UcxWorld::~UcxWorld() {
+  heartbeat.reset();  // says "done" before the endpoints go
+  close_endpoints();
+}
+
 void on_endpoint_error(void* arg, ucp_ep_h, ucs_status_t) {
   auto* flag = static_cast<std::pair<UcxWorld*, int>*>(arg);
   flag->first->peer_failed[static_cast<size_t>(flag->second)] = true;
@@ -78,6 +188,7 @@ class UcxTransport : public Transport {
   int size() const override { return static_cast<int>(members_.size()); }
 
   void post_send(int peer, const void* data, size_t bytes, uint32_t tag) override {
+    world_->check_alive();
     std::lock_guard lock(world_->mutex);
     const int to = members_[static_cast<size_t>(peer)];
     if (!world_->eps[static_cast<size_t>(to)])
@@ -126,6 +237,10 @@ class UcxTransport : public Transport {
           }
         }
         if (pending_.empty()) return;
+        if (world_->failed_rank.load(std::memory_order_relaxed) >= 0) {
+          cancel_all_locked();
+          world_->check_alive();
+        }
         if (Clock::now() >= deadline) {
           const Pending first = pending_.front();
           const size_t n = pending_.size();
@@ -250,7 +365,8 @@ class UcxCommunicator : public Communicator {
 }  // namespace
 
 std::shared_ptr<Communicator> make_ucx_world_communicator(Store& store, int rank, int size, const std::string& prefix,
-                                                          Milliseconds timeout) {
+                                                          Milliseconds timeout,
+                                                          std::function<std::unique_ptr<Store>()> heartbeat_store) {
   if (size < 1 || rank < 0 || rank >= size)
     SY_THROW(InvalidArgument, "ucx: rank ", rank, " of ", size, ", expected 0 <= rank < size");
   if (size > (1 << kSourceBits))
@@ -278,9 +394,9 @@ std::shared_ptr<Communicator> make_ucx_world_communicator(Store& store, int rank
   world->eps.assign(static_cast<size_t>(size), nullptr);
   world->peer_failed.assign(static_cast<size_t>(size), false);
   world->error_args.resize(static_cast<size_t>(size));
-  // Peer error mode: a dead peer fails its requests (and endpoint) instead of
-  // leaving them pending forever. Rank `rank` connects to itself too, so
-  // algorithms may send to their own rank.
+  // No peer error mode (it would rule out shared memory; the heartbeat finds
+  // dead peers). Rank `rank` connects to itself too, so algorithms may send
+  // to their own rank.
   for (int r = 0; r < size; ++r) {
     Store::Bytes peer;
     if (r == rank) {
@@ -296,11 +412,13 @@ std::shared_ptr<Communicator> make_ucx_world_communicator(Store& store, int rank
     ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
                     UCP_EP_PARAM_FIELD_ERR_HANDLER;
     ep.address = reinterpret_cast<const ucp_address_t*>(peer.data());
-    ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+    ep.err_mode = UCP_ERR_HANDLING_MODE_NONE;
     ep.err_handler.cb = on_endpoint_error;
     ep.err_handler.arg = &world->error_args[static_cast<size_t>(r)];
     check(ucp_ep_create(world->worker, &ep, &world->eps[static_cast<size_t>(r)]), "ucp_ep_create");
   }
+  if (heartbeat_store && size > 1)
+    world->heartbeat = std::make_unique<Heartbeat>(*world, heartbeat_store(), prefix + "/heartbeat", rank, size);
   std::vector<int> members(static_cast<size_t>(size));
   for (int r = 0; r < size; ++r) members[static_cast<size_t>(r)] = r;
   return std::make_shared<UcxCommunicator>(world, members, rank, 0u, "world");
