@@ -1,6 +1,5 @@
 #include "comm/work.h"
 
-#include "comm/spin.h"
 #include "comm/virtual_time.h"
 #include "core/error.h"
 
@@ -11,7 +10,6 @@ std::string WorkLabel::describe() const {
 }
 
 bool WorkState::wait(std::optional<Milliseconds> timeout) {
-  spin_until([&] { return ready_.load(std::memory_order_acquire); });
   std::unique_lock lock(mutex_);
   if (timeout) {
     if (!done_cv_.wait_for(lock, *timeout, [&] { return done_; })) return false;
@@ -43,7 +41,6 @@ void WorkState::complete(std::exception_ptr error) {
     std::lock_guard lock(mutex_);
     done_ = true;
     error_ = std::move(error);
-    ready_.store(true, std::memory_order_release);
   }
   done_cv_.notify_all();
 }

@@ -2,7 +2,6 @@
 // every call; the Work keeps the op's buffers alive until it completes.
 #pragma once
 
-#include <atomic>
 #include <condition_variable>
 #include <exception>
 #include <memory>
@@ -48,7 +47,6 @@ class WorkState {
   std::mutex mutex_;
   std::condition_variable done_cv_;
   bool done_ = false;
-  std::atomic<bool> ready_{false};  // done_, readable without the mutex (polled before sleeping)
   std::exception_ptr error_;
   std::vector<std::shared_ptr<void>> owners_;
   double virtual_end_ = -1.0;
