@@ -62,7 +62,14 @@ const std::vector<VarSpec>& specs() {
        "Microseconds a communicator's waits poll (yielding the core) before they sleep: a small op's "
        "hand-offs between threads, and a short wait for a slower rank, then cost no wake-up; 0 = always sleep.",
        [](Env& e, const std::string& n, const std::string& v) {
-         e.spin_us = parse_integer<int64_t>(n, v, 0, "microseconds >= 0");
+         e.spin_us = parse_integer<int64_t>(n, v, 0, "microseconds in [0, 1000000]");
+         if (e.spin_us > 1000000) SY_THROW(ConfigError, n, "='", v, "': expected microseconds in [0, 1000000]");
+       }},
+      {"SWITCHYARD_UCX_HEARTBEAT_MS", "int", "2000",
+       "UCX backend: a rank whose heartbeat (through the job's store, every 250 ms) stops this long is declared dead "
+       "and every rank's ops fail naming it; 0 = no heartbeat (dead peers are then found at the op timeout).",
+       [](Env& e, const std::string& n, const std::string& v) {
+         e.ucx_heartbeat_ms = parse_integer<int64_t>(n, v, 0, "milliseconds >= 0 (0: off)");
        }},
       {"SWITCHYARD_TEST_SEED", "uint64", "", "Seed for test inputs, to reproduce a failure (tests print theirs).",
        [](Env& e, const std::string& n, const std::string& v) {

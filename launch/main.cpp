@@ -1,6 +1,9 @@
 // The switchyard command line: info, bench comm, run.
 #include <CLI/CLI.hpp>
+#include <sys/auxv.h>
 #include <unistd.h>
+
+#include <climits>
 
 #include <cstdlib>
 #include <iomanip>
@@ -43,7 +46,7 @@ void print_info() {
   {
     const kernels::cpu::WaitPolicy w = kernels::cpu::omp_wait_policy();
     std::cout << "  OpenMP wait       " << w.policy
-              << (std::getenv("SWITCHYARD_SET_OMP_WAIT_POLICY") ? " (set by switchyard before OpenMP loaded)"
+              << (std::getenv("SWITCHYARD_REEXECED") ? " (set by switchyard before OpenMP loaded)"
                   : w.source == "unset"                          ? " (OMP_WAIT_POLICY unset: libgomp spins)"
                                                                  : " (from " + w.source + ")")
               << "; set OMP_WAIT_POLICY=passive for embedded use (libgomp reads it once, at load)\n";
@@ -71,6 +74,18 @@ void print_info() {
   }
 }
 
+// True when the kernel started this very file (not ld.so or an emulator
+// running it), so re-executing /proc/self/exe with the same argv is safe.
+bool started_as_itself() {
+  const char* exec_fn = reinterpret_cast<const char*>(getauxval(AT_EXECFN));
+  if (!exec_fn) return false;
+  char self[4096], started[4096];
+  const ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+  if (n <= 0 || !realpath(exec_fn, started)) return false;
+  self[n] = '\0';
+  return std::string(self) == started;
+}
+
 // --backend, --ranks, --attention, --tp, --threads of generate and bench decode.
 void add_decode_parallelism(CLI::App* app, DecodeParallelism& p) {
   app->add_option("--backend", p.backend, "threads, mpi (default: from the launcher)");
@@ -91,13 +106,16 @@ int main(int argc, char** argv) {
   // when it loads, before main(): a spinning team collapses steps when
   // anything else shares the cores (measured 3x at one rank, far worse under
   // load). Unless the user chose one, start again with the passive policy.
-  if (!std::getenv("OMP_WAIT_POLICY") && !std::getenv("GOMP_SPINCOUNT")) {
-    setenv("OMP_WAIT_POLICY", "passive", 1);
-    setenv("SWITCHYARD_SET_OMP_WAIT_POLICY", "1", 1);  // for `switchyard info`
-    execv("/proc/self/exe", argv);
-    // Not re-executed (no /proc): go on with the policy libgomp already read.
+  // Not for `launch` (it computes nothing, and its children, which may be any
+  // program, keep the user's environment), and only when /proc/self/exe is
+  // this program itself (not a loader or an emulator running it).
+  if (!std::getenv("OMP_WAIT_POLICY") && !std::getenv("GOMP_SPINCOUNT") && !std::getenv("SWITCHYARD_REEXECED") &&
+      !(argc > 1 && std::string(argv[1]) == "launch") && started_as_itself()) {
+    if (setenv("OMP_WAIT_POLICY", "passive", 1) == 0 && setenv("SWITCHYARD_REEXECED", "1", 1) == 0)
+      execv("/proc/self/exe", argv);
+    // Not re-executed: go on with the policy libgomp already read.
     unsetenv("OMP_WAIT_POLICY");
-    unsetenv("SWITCHYARD_SET_OMP_WAIT_POLICY");
+    unsetenv("SWITCHYARD_REEXECED");
   }
   CLI::App app{"Switchyard: distributed mixture-of-experts runtime"};
   app.require_subcommand(1);

@@ -1096,6 +1096,7 @@ Tensor MoELayer::backward(const TensorView& dout, double balance_coef, double z_
         ds[e] = (ds[e] - dot) / chosen_sum;
       }
     if (balance_coef != 0.0 && T > 0) {
+      SY_CHECK_EQ(sv.routing.balance_fraction.size(), static_cast<size_t>(E), "balance fractions of the saved routing");
       // balance = E * sum_e f_e * mean_t(s_te / sum_e s_te); f_e (a count) has no gradient.
       double row_sum = 0.0, gs = 0.0;
       for (int e = 0; e < E; ++e) row_sum += s[t * E + e];

@@ -227,6 +227,9 @@ MoEForward DeviceMoELayer::forward(const TensorView& x, const RoutingChoice& rou
   rc.k = routing.k;
   rc.capacity_factor = routing.capacity_factor;
   rc.validate();
+  if (rc.balance_loss != BalanceLoss::all_choices)
+    SY_THROW(InvalidArgument, "device moe: router.balance_loss = top1 is not built on the GPU path (its loss and "
+             "gradient count all k choices); use all_choices");
   if (rc.batch_prioritized)
     SY_THROW(NotSupported, "device moe: router.batch_prioritized = true; the device layout ranks choices in GShard order only");
   if (rc.noise_std > 0)
@@ -285,9 +288,6 @@ MoEForward DeviceMoELayer::forward(const TensorView& x, const RoutingChoice& rou
   const Tensor load_host = cuda::to_host(load), stats_host = cuda::to_host(stats);  // synchronises
   const int32_t* load_of_position = load_host.data_as<int32_t>();
   const float* stat = stats_host.data_as<float>();
-  if (rc.balance_loss != BalanceLoss::all_choices)
-    SY_THROW(InvalidArgument, "device moe: router.balance_loss = top1 is not built on the GPU path (its loss and "
-             "gradient count all k choices); use all_choices");
   Routing for_capacity;  // only expert_load is read by expert_capacity
   for_capacity.expert_load.resize(static_cast<size_t>(E));
   double balance = 0.0;

@@ -721,7 +721,9 @@ TEST(HarnessSelfCheck, PeerLatePastTheTimeout) {
 // Run alone by CTest comm_ucx_heartbeat_finds_a_stopped_rank: the last rank
 // stops itself (SIGSTOP: alive to the launcher, silent to its peers); the
 // others, in an allreduce with a 15 s timeout, must fail within a few seconds
-// naming it (the UCX heartbeat), and the launcher then ends the job.
+// naming it (the UCX heartbeat), and the launcher then ends the job. With 3
+// ranks, rank 1 watches rank 2 and rank 0 learns of it only through what
+// rank 1 published: CTest requires rank 0's line.
 TEST(HarnessSelfCheck, StoppedPeerIsFoundByTheHeartbeat) {
   if (!std::getenv("SWITCHYARD_TEST_PEER_STOPS")) GTEST_SKIP() << "only for the harness self-check";
   for_each_rank([&](Communicator& comm, uint64_t) {
@@ -734,6 +736,8 @@ TEST(HarnessSelfCheck, StoppedPeerIsFoundByTheHeartbeat) {
       ADD_FAILURE() << "the allreduce completed without the stopped rank";
     } catch (const std::exception& e) {
       const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      // Rank 0 reports first: a reported failure ends the job, and rank 0's line is the one that proves the news spread.
+      if (comm.rank() != 0) std::this_thread::sleep_for(std::chrono::seconds(2));
       ADD_FAILURE() << "rank " << comm.rank() << " gave up after " << s << " s: " << e.what();  // the expected end
       EXPECT_LT(s, 5.0) << "found after the heartbeat's 2 s, not at the op timeout";
     }

@@ -3,6 +3,10 @@
 #include <ucp/api/ucp.h>
 
 #include <atomic>
+#include <charconv>
+#include <cstdio>
+#include <cstdlib>
+#include <exception>
 #include <condition_variable>
 #include <cstring>
 #include <mutex>
@@ -10,6 +14,7 @@
 #include <thread>
 #include <vector>
 
+#include "core/env.h"
 #include "core/error.h"
 
 namespace switchyard {
@@ -43,9 +48,7 @@ struct UcxWorld {
   ucp_context_h context = nullptr;
   ucp_worker_h worker = nullptr;
   std::vector<ucp_ep_h> eps;  // by world rank
-  std::vector<bool> peer_failed;  // endpoints to force-close (a transfer to them would not finish)
   std::vector<uint32_t> group_ids;  // of the live communicators, to refuse a tag-space collision
-  std::vector<std::pair<UcxWorld*, int>> error_args;  // the error handler's argument per endpoint
   int rank = 0;
   // A rank the heartbeat found dead (-1: none yet), and how it was found.
   std::atomic<int> failed_rank{-1};
@@ -69,14 +72,14 @@ struct UcxWorld {
   }
 
   // Flush-close every endpoint (queued eager data still goes out), bounded;
-  // force-close those of failed peers or that do not flush in time.
+  // a close that does not flush in time is cancelled (the process is ending).
   ~UcxWorld();
   void close_endpoints() {
     for (size_t r = 0; r < eps.size(); ++r) {
       if (!eps[r]) continue;
       ucp_request_param_t p{};
       p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-      p.flags = peer_failed[r] ? UCP_EP_CLOSE_FLAG_FORCE : 0;
+      p.flags = 0;  // force-closing needs the peer error mode
       void* req = ucp_ep_close_nbx(eps[r], &p);
       if (UCS_PTR_IS_PTR(req)) {
         if (!progress_until(worker, req, std::chrono::milliseconds(2000))) ucp_request_cancel(worker, req);
@@ -90,17 +93,20 @@ struct UcxWorld {
 };
 
 // Every `period` the rank bumps <prefix>/hb/<rank> and reads the counter of
-// the next rank that has not ended cleanly; one unchanged for `dead_after`
-// is published as <prefix>/failed, which every rank polls. O(W) store
-// traffic per period in all.
+// the next rank that has not ended cleanly; one that stays unchanged while
+// this rank itself beat `dead_after / period` times in a row (so the store
+// kept serving, and this process was not paused itself) is published as
+// <prefix>/failed, which every rank polls. About three store calls per rank
+// per period. A rank that unwinds through an exception publishes its own
+// failure; one that ends normally writes <prefix>/done/<rank> first.
 class Heartbeat {
  public:
   static constexpr auto kPeriod = std::chrono::milliseconds(250);
-  static constexpr auto kDeadAfter = std::chrono::milliseconds(2000);
 
-  Heartbeat(UcxWorld& world, std::unique_ptr<Store> store, std::string prefix, int rank, int size)
+  Heartbeat(UcxWorld& world, std::unique_ptr<Store> store, std::string prefix, int rank, int size,
+            std::chrono::milliseconds dead_after)
       : world_(world), store_(std::move(store)), prefix_(std::move(prefix)), rank_(rank), size_(size),
-        thread_([this] { loop(); }) {}
+        dead_after_(dead_after), done_(static_cast<size_t>(size), false), thread_([this] { loop(); }) {}
   ~Heartbeat() {
     {
       std::lock_guard lock(mutex_);
@@ -108,53 +114,78 @@ class Heartbeat {
     }
     cv_.notify_all();
     thread_.join();
+    if (store_errors_ > 0) return;  // the store is going or gone: nothing to tell it
     try {
-      store_->set(key("done", rank_), Store::to_bytes("1"));  // a clean end, not a death
+      if (std::uncaught_exceptions() > 0)  // this rank is failing: say so rather than "done"
+        store_->set(prefix_ + "/failed", Store::to_bytes(std::to_string(rank_) + " rank " + std::to_string(rank_) +
+                                                         " left the job with an error"));
+      else
+        store_->set(key("done", rank_), Store::to_bytes("1"));
     } catch (const std::exception&) {
     }
   }
 
  private:
   std::string key(const char* what, int r) const { return prefix_ + "/" + what + "/" + std::to_string(r); }
+  // "<rank> <why>" as published; nothing when malformed.
+  void take_published(const std::string& text) {
+    int peer = -1;
+    const auto space = text.find(' ');
+    const auto [end, ec] = std::from_chars(text.data(), text.data() + std::min(space, text.size()), peer);
+    if (ec != std::errc() || peer < 0 || peer >= size_ || space == std::string::npos) return;
+    world_.fail(peer, text.substr(space + 1));
+  }
+  // The next rank after this one that has not ended cleanly (-1: none); done
+  // never reverts, so each is read until it is seen once.
+  int next_live() {
+    for (int i = 1; i < size_; ++i) {
+      const int r = (rank_ + i) % size_;
+      if (done_[static_cast<size_t>(r)]) continue;
+      if (!store_->try_get(key("done", r))) return r;
+      done_[static_cast<size_t>(r)] = true;
+    }
+    return -1;
+  }
   void loop() {
+    const int64_t beats_to_declare = std::max<int64_t>(2, dead_after_ / kPeriod);
     int watched = -1;
     std::optional<Store::Bytes> last;
-    auto changed = Clock::now();
+    int64_t my_beats_since_change = 0;
+    auto last_round = Clock::now(), store_failing_since = Clock::now();
     std::unique_lock lock(mutex_);
     while (!stopping_) {
       lock.unlock();
+      // A gap in this thread's own rounds (this process paused, or starved)
+      // says nothing about the watched rank: start counting again.
+      if (Clock::now() - last_round > 2 * kPeriod) my_beats_since_change = 0;
+      last_round = Clock::now();
       try {
         store_->add(key("hb", rank_), 1);
-        if (auto f = store_->try_get(prefix_ + "/failed")) {
-          const std::string text = Store::to_string(*f);
-          world_.fail(std::stoi(text.substr(0, text.find(' '))), text.substr(text.find(' ') + 1));
-        }
-        // The next rank after this one that has not ended cleanly.
-        int next = -1;
-        for (int i = 1; i < size_; ++i) {
-          const int r = (rank_ + i) % size_;
-          if (!store_->try_get(key("done", r))) {
-            next = r;
-            break;
-          }
-        }
-        if (next != watched) watched = next, last.reset(), changed = Clock::now();
+        if (auto f = store_->try_get(prefix_ + "/failed")) take_published(Store::to_string(*f));
+        const int next = next_live();
+        if (next != watched) watched = next, last.reset(), my_beats_since_change = 0;
         if (watched >= 0) {
-          // The clock starts at the watched rank's first beat (ranks leave bootstrap at different times).
+          // Counting starts at the watched rank's first beat (ranks leave bootstrap at different times).
           auto now_value = store_->try_get(key("hb", watched));
           if (!now_value || now_value != last) {
-            last = now_value, changed = Clock::now();
-          } else if (Clock::now() - changed > kDeadAfter) {
+            last = now_value, my_beats_since_change = 0;
+          } else if (++my_beats_since_change >= beats_to_declare) {
             const std::string why = detail::make_string(
-                "rank ", watched, " stopped its heartbeat ", kDeadAfter.count(), " ms ago (seen by rank ", rank_,
+                "rank ", watched, " stopped its heartbeat ", dead_after_.count(), " ms ago (seen by rank ", rank_,
                 "): it died or was stopped");
             store_->set(prefix_ + "/failed", Store::to_bytes(std::to_string(watched) + " " + why));
             world_.fail(watched, why);
           }
         }
+        store_errors_ = 0;
       } catch (const std::exception& e) {
-        world_.fail(rank_, detail::make_string("the store the heartbeat runs through stopped answering (", e.what(),
-                                               "); the launcher or the store's host is gone"));
+        // One slow or refused call is not a failure; a store gone for the whole dead_after is.
+        if (store_errors_++ == 0) store_failing_since = Clock::now();
+        my_beats_since_change = 0;
+        if (Clock::now() - store_failing_since > dead_after_)
+          world_.fail(rank_, detail::make_string("the store the heartbeat runs through has not answered for ",
+                                                 dead_after_.count(), " ms (", e.what(),
+                                                 "); the launcher or the store's host is gone"));
       }
       lock.lock();
       cv_.wait_for(lock, kPeriod, [&] { return stopping_; });
@@ -164,6 +195,9 @@ class Heartbeat {
   std::unique_ptr<Store> store_;
   std::string prefix_;
   int rank_, size_;
+  std::chrono::milliseconds dead_after_;
+  std::vector<bool> done_;
+  int64_t store_errors_ = 0;
   std::mutex mutex_;
   std::condition_variable cv_;
   bool stopping_ = false;
@@ -175,10 +209,6 @@ UcxWorld::~UcxWorld() {
   close_endpoints();
 }
 
-void on_endpoint_error(void* arg, ucp_ep_h, ucs_status_t) {
-  auto* flag = static_cast<std::pair<UcxWorld*, int>*>(arg);
-  flag->first->peer_failed[static_cast<size_t>(flag->second)] = true;
-}
 
 class UcxTransport : public Transport {
  public:
@@ -188,11 +218,17 @@ class UcxTransport : public Transport {
   int size() const override { return static_cast<int>(members_.size()); }
 
   void post_send(int peer, const void* data, size_t bytes, uint32_t tag) override {
-    world_->check_alive();
     std::lock_guard lock(world_->mutex);
     const int to = members_[static_cast<size_t>(peer)];
-    if (!world_->eps[static_cast<size_t>(to)])
+    // Throwing here leaves this op's earlier posts behind: cancel them first.
+    if (world_->failed_rank.load(std::memory_order_relaxed) >= 0) {
+      cancel_all_locked();
+      world_->check_alive();
+    }
+    if (!world_->eps[static_cast<size_t>(to)]) {
+      cancel_all_locked();
       SY_THROW(IoError, "ucx: rank ", peer, " failed earlier (its endpoint was closed); nothing more can be sent to it");
+    }
     ucp_request_param_t p{};
     p.op_attr_mask = UCP_OP_ATTR_FIELD_DATATYPE;
     p.datatype = ucp_dt_make_contig(1);
@@ -271,26 +307,22 @@ class UcxTransport : public Transport {
     pending_.push_back({req, peer, bytes, recv});
   }
   // Cancelled transfers must not touch buffers freed after the failure. UCX
-  // cancels unmatched receives; sends and matched rendezvous transfers finish
-  // or fail on their own, which a live peer does promptly and a dead one does
-  // once its endpoint reports the error (peer error mode). Bounded: a request
-  // still running after that is closed out with its peer's endpoint.
+  // cancels unmatched receives; sends and matched transfers finish on their
+  // own with a live peer. Without the peer error mode nothing completes a
+  // transfer to a dead peer, and an endpoint may not be force-closed, so a
+  // request still running after a bounded wait ends this process with the
+  // reason (as the MPI backend does) rather than let UCX write freed memory.
   void cancel_all_locked() {
     for (auto& p : pending_) ucp_request_cancel(world_->worker, p.request);
     for (auto& p : pending_) {
       if (!progress_until(world_->worker, p.request, std::chrono::milliseconds(2000))) {
-        const int peer = members_[static_cast<size_t>(p.peer)];
-        world_->peer_failed[static_cast<size_t>(peer)] = true;
-        ucp_request_param_t cp{};
-        cp.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-        cp.flags = UCP_EP_CLOSE_FLAG_FORCE;  // completes its requests as cancelled
-        void* close = ucp_ep_close_nbx(world_->eps[static_cast<size_t>(peer)], &cp);
-        world_->eps[static_cast<size_t>(peer)] = nullptr;
-        if (UCS_PTR_IS_PTR(close)) {
-          progress_until(world_->worker, close, std::chrono::milliseconds(2000));
-          ucp_request_free(close);
-        }
-        progress_until(world_->worker, p.request, std::chrono::milliseconds(2000));
+        std::fprintf(stderr,
+                     "switchyard: ucx rank %d: a %s rank %d (%zu bytes) cannot be cancelled (%s); ending this process "
+                     "so that it cannot write into released buffers\n",
+                     world_->rank, p.recv ? "receive from" : "send to", members_[static_cast<size_t>(p.peer)], p.bytes,
+                     world_->failed_rank.load() >= 0 ? "a peer failed" : "the op failed");
+        std::fflush(stderr);
+        std::_Exit(1);
       }
       ucp_request_free(p.request);
     }
@@ -392,8 +424,6 @@ std::shared_ptr<Communicator> make_ucx_world_communicator(Store& store, int rank
   for (int r = 0; r < size; ++r) keys.push_back(prefix + "/addr/" + std::to_string(r));
   store.wait(keys, timeout);
   world->eps.assign(static_cast<size_t>(size), nullptr);
-  world->peer_failed.assign(static_cast<size_t>(size), false);
-  world->error_args.resize(static_cast<size_t>(size));
   // No peer error mode (it would rule out shared memory; the heartbeat finds
   // dead peers). Rank `rank` connects to itself too, so algorithms may send
   // to their own rank.
@@ -407,18 +437,15 @@ std::shared_ptr<Communicator> make_ucx_world_communicator(Store& store, int rank
     } else {
       peer = store.get(keys[static_cast<size_t>(r)], timeout);
     }
-    world->error_args[static_cast<size_t>(r)] = {world.get(), r};
     ucp_ep_params_t ep{};
-    ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
-                    UCP_EP_PARAM_FIELD_ERR_HANDLER;
+    ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
     ep.address = reinterpret_cast<const ucp_address_t*>(peer.data());
     ep.err_mode = UCP_ERR_HANDLING_MODE_NONE;
-    ep.err_handler.cb = on_endpoint_error;
-    ep.err_handler.arg = &world->error_args[static_cast<size_t>(r)];
     check(ucp_ep_create(world->worker, &ep, &world->eps[static_cast<size_t>(r)]), "ucp_ep_create");
   }
-  if (heartbeat_store && size > 1)
-    world->heartbeat = std::make_unique<Heartbeat>(*world, heartbeat_store(), prefix + "/heartbeat", rank, size);
+  if (heartbeat_store && size > 1 && env().ucx_heartbeat_ms > 0)
+    world->heartbeat = std::make_unique<Heartbeat>(*world, heartbeat_store(), prefix + "/heartbeat", rank, size,
+                                                   std::chrono::milliseconds(env().ucx_heartbeat_ms));
   std::vector<int> members(static_cast<size_t>(size));
   for (int r = 0; r < size; ++r) members[static_cast<size_t>(r)] = r;
   return std::make_shared<UcxCommunicator>(world, members, rank, 0u, "world");
