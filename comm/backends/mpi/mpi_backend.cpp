@@ -66,7 +66,10 @@ void wait_requests(MPI_Request* requests, int count, MPI_Status* statuses, Deadl
     // MPI progresses a transfer only inside MPI calls (Open MPI's nonblocking
     // collectives advance fragment by fragment), so keep polling while data
     // may be moving; back off to sleeps only once the wait looks like a late peer.
-    if (Clock::now() - start < std::chrono::milliseconds(50))
+    const auto waited = Clock::now() - start;
+    if (waited < std::chrono::microseconds(50))
+      continue;  // a small op finishes within microseconds: no system call between polls
+    if (waited < std::chrono::milliseconds(50))
       std::this_thread::yield();
     else
       std::this_thread::sleep_for(std::chrono::microseconds(50));
