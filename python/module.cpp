@@ -223,7 +223,8 @@ PYBIND11_MODULE(_switchyard, m) {
   py::class_<Layer>(m, "MoELayer")
       .def(py::init([](std::shared_ptr<Communicator> group, int64_t model_dim, int64_t hidden_dim, int experts, int k,
                        const std::string& activation, const std::string& gate, double capacity_factor,
-                       bool renormalize, const std::string& compute, uint64_t seed, int ranks_per_node) {
+                       bool renormalize, const std::string& compute, uint64_t seed, int ranks_per_node,
+                       const std::string& capacity_rounding, const std::string& balance_loss) {
              MoEConfig c;
              c.model_dim = model_dim;
              c.hidden_dim = hidden_dim;
@@ -235,6 +236,8 @@ PYBIND11_MODULE(_switchyard, m) {
              c.router.gate = gate_of(gate);
              c.router.capacity_factor = capacity_factor;
              c.router.renormalize = renormalize;
+             c.router.capacity_rounding = parse_capacity_rounding(capacity_rounding, "capacity_rounding");
+             c.router.balance_loss = parse_balance_loss(balance_loss, "balance_loss");
              c.compute = compute_of(compute);
              c.node_size = ranks_per_node;
              auto L = std::make_unique<Layer>();
@@ -246,7 +249,8 @@ PYBIND11_MODULE(_switchyard, m) {
            py::arg("group"), py::arg("model_dim"), py::arg("hidden_dim"), py::arg("experts"), py::arg("k") = 2,
            py::arg("activation") = "gelu", py::arg("gate") = "softmax", py::arg("capacity_factor") = 1.0,
            py::arg("renormalize") = false, py::arg("compute") = "f32", py::arg("seed") = 0,
-           py::arg("ranks_per_node") = 0)
+           py::arg("ranks_per_node") = 0, py::arg("capacity_rounding") = "switchyard",
+           py::arg("balance_loss") = "all_choices")
       .def("forward", &forward, py::arg("x"), py::arg("capacity_factor") = py::none(), py::arg("k") = py::none(),
            py::arg("plan") = "fixed", py::arg("r") = 1, py::arg("d") = 1, py::arg("a2a") = "flat",
            py::arg("exchange") = "padded",

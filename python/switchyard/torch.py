@@ -63,11 +63,13 @@ class MoE(torch.nn.Module):
     names = ("gate.weight", "experts.w1", "experts.b1", "experts.w2", "experts.b2")
 
     def __init__(self, group, model_dim, hidden_dim, experts, k=2, activation="gelu", gate="softmax",
-                 capacity_factor=1.0, renormalize=False, compute="f32", seed=0, ranks_per_node=0):
+                 capacity_factor=1.0, renormalize=False, compute="f32", seed=0, ranks_per_node=0,
+                 capacity_rounding="switchyard", balance_loss="all_choices"):
         super().__init__()
         self.layer = _switchyard.MoELayer(group, model_dim, hidden_dim, experts, k=k, activation=activation,
                                           gate=gate, capacity_factor=capacity_factor, renormalize=renormalize,
-                                          compute=compute, seed=seed, ranks_per_node=ranks_per_node)
+                                          compute=compute, seed=seed, ranks_per_node=ranks_per_node,
+                                          capacity_rounding=capacity_rounding, balance_loss=balance_loss)
         shared = self.layer.parameters()
         self.gate_weight = torch.nn.Parameter(_t(shared["gate.weight"]))
         self.w1 = torch.nn.Parameter(_t(shared["experts.w1"]))

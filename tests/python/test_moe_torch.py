@@ -161,6 +161,19 @@ class MoETorchTest(unittest.TestCase):
         with self.assertRaisesRegex(ValueError, "exchange"):
             moe(x, exchange="sideways")
 
+    def test_router_options_balance_top1_and_capacity_rounding(self):
+        moe = MoE(self.world.communicator, 8, 8, 4, k=2, seed=3, balance_loss="top1", capacity_rounding="tutel")
+        x = torch.randn(32, 8)
+        _, balance, _ = moe(x, capacity_factor=0.0)
+        # GShard's form from its definition: E * sum_e (share of tokens whose first choice is e) * (mean score of e).
+        with torch.no_grad():
+            scores = torch.softmax(x.double() @ moe.gate_weight.double(), dim=1)
+            first = torch.nn.functional.one_hot(scores.argmax(dim=1), 4).double().mean(dim=0)
+            want = 4 * float((first * scores.mean(dim=0)).sum())
+        self.assertAlmostEqual(float(balance), want, places=5)
+        with self.assertRaisesRegex(Exception, "capacity_rounding"):
+            MoE(self.world.communicator, 8, 8, 4, capacity_rounding="gshard")
+
 
 if __name__ == "__main__":
     unittest.main()
