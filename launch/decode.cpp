@@ -7,8 +7,6 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
-#include <sstream>
-#include <thread>
 
 #include "core/error.h"
 #include "kernels/gemm.h"

@@ -30,16 +30,11 @@ void InferenceEngine::verify_replicas(const std::vector<Chunk>& chunks) {
 Tensor InferenceEngine::step(const std::vector<Chunk>& chunks) {
   if (check_replicas_ && schedule_.attention() == AttentionMode::replicated && schedule_.world() > 1)
     verify_replicas(chunks);
-  Tensor x = model_.embed(chunks);
-  for (int l = 0; l < schedule_.layer_count(); ++l) {
-    // replicated and dp: this rank runs the layer's attention on its own rows;
-    // the FFN's experts span every rank (its all-to-all carries the rows).
-    model_.attention(l, x, chunks);
-    model_.ffn(l, x);
-  }
-  Tensor logits = model_.head(x);
-  model_.commit(chunks);
-  return logits;
+  // replicated and dp run every layer's attention on this rank's own rows and
+  // the FFN's experts over every rank: the model's own layer order. Schedules
+  // that place layers elsewhere (tp, parallel layer groups, AFD) walk the
+  // blocks here instead.
+  return model_.forward(chunks);
 }
 
 }  // namespace switchyard
