@@ -71,6 +71,13 @@ const std::vector<VarSpec>& specs() {
        [](Env& e, const std::string& n, const std::string& v) {
          e.ucx_heartbeat_ms = parse_integer<int64_t>(n, v, 0, "milliseconds >= 0 (0: off)");
        }},
+      {"SWITCHYARD_POISON_BUFFERS", "bool", "0",
+       "Debug: fill every pooled MoE buffer with NaN bytes when a batch takes it, so a read before a write shows "
+       "(the test suite sets it); 0 or 1.",
+       [](Env& e, const std::string& n, const std::string& v) {
+         if (v != "0" && v != "1") SY_THROW(ConfigError, n, "='", v, "': expected 0 or 1");
+         e.poison_buffers = v == "1";
+       }},
       {"SWITCHYARD_TEST_SEED", "uint64", "", "Seed for test inputs, to reproduce a failure (tests print theirs).",
        [](Env& e, const std::string& n, const std::string& v) {
          e.test_seed = parse_integer<uint64_t>(n, v, 0, "an unsigned 64-bit seed");

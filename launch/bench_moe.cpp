@@ -77,6 +77,8 @@ int run_bench_moe(const BenchMoeOptions& o) {
     SY_THROW(ConfigError, "--num_local_experts = 0, expected experts per rank (> 0) or -S (S ranks share one expert)");
   if (o.num_steps < 1 || o.batch_size < 0 || o.num_tokens < 0)
     SY_THROW(ConfigError, "--num_steps must be >= 1 and sizes >= 0");
+  if (o.microbatches < 1 || o.microbatches > 64)
+    SY_THROW(ConfigError, "--microbatches = ", o.microbatches, ", expected 1..64 batches in flight");
   if (o.strategy != "fixed" && o.strategy != "auto")
     SY_THROW(ConfigError, "--strategy = '", o.strategy, "', expected fixed or auto");
   RuntimeOptions ro;
@@ -143,6 +145,10 @@ int run_bench_moe(const BenchMoeOptions& o) {
                                               : (std::to_string(layer.layout().local_experts()) + " per rank").c_str(),
                   o.top, o.capacity_factor, o.exchange.c_str(), o.activation.c_str(), rt.gemm_threads(),
                   o.eval ? "forward only (--eval)" : "training (fwd+bwd+SGD)");
+    if (leader && !o.quiet && o.microbatches > 1)
+      std::printf("# %d micro-batches in flight per step (phases interleaved); capacity is per micro-batch, so the "
+                  "losses equal the plain run's when nothing drops (capacity factor <= 0)\n",
+                  o.microbatches);
     if (leader && cluster && !o.quiet)
       std::printf("# emulated cluster %s (%s): %d ranks per node; step_time is virtual (device and link models), "
                   "wall = this machine%s\n",
@@ -175,9 +181,40 @@ int run_bench_moe(const BenchMoeOptions& o) {
       const auto start = Clock::now();
 
       const double flops_at_start = layer.gemm_flops();
-      // auto: the planner decides inside forward, on the capacity all-reduce.
-      MoEForward f = fixed ? layer.forward(x, layer.routing_choice(), *fixed)
-                           : layer.forward(x, layer.routing_choice(), *planner);
+      // auto: the planner decides inside plan(), on the capacity all-reduce.
+      auto plan_rows = [&](int64_t first, int64_t rows) {
+        const TensorView part(x.data_as<float>() + first * M, DType::f32, {rows, M});
+        return fixed ? layer.plan(part, layer.routing_choice(), *fixed)
+                     : layer.plan(part, layer.routing_choice(), *planner);
+      };
+      MoEForward f;
+      std::vector<MoEHandle> batches;
+      std::vector<int64_t> first_row;
+      if (o.microbatches == 1) {
+        f = fixed ? layer.forward(x, layer.routing_choice(), *fixed)
+                  : layer.forward(x, layer.routing_choice(), *planner);
+      } else {
+        // M batches in flight: all planned and dispatched, then their experts
+        // chunk by chunk in turn (each chunk's return all-to-all overlapping the
+        // next batch's experts), then combined.
+        const int mb = o.microbatches;
+        for (int i = 0; i <= mb; ++i) first_row.push_back(T * i / mb);
+        for (int i = 0; i < mb; ++i) batches.push_back(plan_rows(first_row[i], first_row[i + 1] - first_row[i]));
+        for (auto& b : batches) layer.dispatch(*b);
+        int chunks = 0;
+        for (auto& b : batches) chunks = std::max(chunks, b->chunks());
+        for (int chunk = 0; chunk < chunks; ++chunk)
+          for (auto& b : batches)
+            if (chunk < b->chunks()) layer.experts(*b, chunk);
+        for (auto& b : batches) layer.combine(*b);
+        f.output = Tensor::empty({T, M}, DType::f32);
+        for (int i = 0; i < mb; ++i) {
+          const MoEForward& part = layer.finish(*batches[static_cast<size_t>(i)]);
+          if (part.output.nbytes())
+            std::memcpy(f.output.data_as<float>() + first_row[i] * M, part.output.data(), part.output.nbytes());
+          f.dropped += part.dropped;
+        }
+      }
       const ExecPlan plan = layer.last_plan().exec;
       double local_loss = 0.0;
       const float* out = f.output.data_as<float>();
@@ -192,7 +229,14 @@ int run_bench_moe(const BenchMoeOptions& o) {
       }
       if (!o.eval) {
         layer.zero_grad();
-        layer.backward(dout, 0.0, 0.0, o.input_grad);
+        if (batches.empty())
+          layer.backward(dout, 0.0, 0.0, o.input_grad);
+        else
+          for (size_t i = 0; i < batches.size(); ++i) {
+            const int64_t rows = first_row[i + 1] - first_row[i];
+            layer.backward(*batches[i], TensorView(dout.data_as<float>() + first_row[i] * M, DType::f32, {rows, M}),
+                           0.0, 0.0, o.input_grad);
+          }
         layer.sgd_step(o.lr);
       }
       const double mine = std::chrono::duration<double>(Clock::now() - start).count();

@@ -47,6 +47,9 @@ struct BenchMoeOptions {
   bool use_2dh = false;
   std::string strategy = "fixed";  // fixed | auto
   bool sweep = false;
+  // Batches in flight per step: the step's tokens split into this many
+  // micro-batches, all planned and dispatched before any combines (handles).
+  int microbatches = 1;
   int nodes = 0;  // for 2DH: ranks per node = ranks / nodes (0: the runtime's nodes)
   // Emulated cluster (configs/clusters/<preset>.yaml): step times are virtual,
   // wall time is appended. timing_only skips GEMMs and bulky payloads.

@@ -1,8 +1,10 @@
 // MoELayer: gate -> router -> DispatchPlan -> dispatch (all-to-all) -> local
 // experts -> combine (all-to-all back) -> weighted sum, over the expert group's
 // communicator, with experts placed by a ParamLayout. Split-phase like DeepEP:
-// the phases are separate calls so that later strategies (token shuffling,
-// attention-FFN disaggregation) can drive them; forward() chains them.
+// a batch is a handle (MoEBatch) that the phases advance, so later strategies
+// (micro-batch ping-pong, token shuffling, attention-FFN disaggregation) can
+// keep several batches in flight and interleave their phases; forward() and
+// backward() are composed of exactly these phases.
 #pragma once
 
 #include <map>
@@ -14,6 +16,8 @@
 #include "kernels/gemm.h"
 #include "comm/algorithms/alltoallv_hierarchical.h"
 #include "kernels/moe.h"
+#include "moe/buffer_pool.h"
+#include "moe/dispatch_plan.h"
 #include "moe/exec_plan.h"
 #include "moe/param_layout.h"
 #include "moe/router.h"
@@ -68,39 +72,6 @@ struct RoutingChoice {
   int k = 2;
 };
 
-// Where every routed copy of a token goes under one ExecPlan; built once per
-// batch and used by dispatch, combine and backward alike. Rows are sent in
-// blocks ordered [chunk][destination rank][destination slot], so each chunk
-// is one all-to-all and each destination's rows within it are contiguous. With
-// r > 1 a row goes to `copies` ranks (one per hidden piece); their partial
-// outputs are summed by combine.
-struct DispatchPlan {
-  ExecPlan exec;
-  int64_t tokens = 0;
-  int k = 0;
-  int copies = 1;
-  int64_t capacity = 0;
-  int exchange_ranks = 1;  // ranks of the all-to-all (1: r = 0, no exchange)
-  int slots = 1;           // working expert slots per rank
-  std::vector<int64_t> row_of_choice;       // [T*k*copies]: send row, -1 when dropped
-  std::vector<int64_t> token_of_row;        // [rows]: source token, -1 for padding
-  std::vector<float> weight_of_row;         // [rows]
-  std::vector<int64_t> rows_per_position;   // [E]: routed (kept) rows of each expert position
-  std::vector<int64_t> send_block_rows;     // [d * X * slots]
-  std::vector<int64_t> recv_block_rows;     // [d * X * slots] (after exchange_layout)
-  int64_t dropped = 0;                      // choices beyond capacity on this rank
-  int64_t send_rows() const { return static_cast<int64_t>(token_of_row.size()); }
-  int64_t recv_rows() const;
-  // Rows of one chunk per peer, and where the chunk starts, on either side.
-  std::vector<int64_t> send_counts(int chunk) const;
-  std::vector<int64_t> recv_counts(int chunk) const;
-  int64_t send_offset(int chunk) const;
-  int64_t recv_offset(int chunk) const;
-  int64_t recv_block(int chunk, int rank, int slot) const {
-    return recv_block_rows[static_cast<size_t>((chunk * exchange_ranks + rank) * slots + slot)];
-  }
-};
-
 struct ExpertParams {
   Tensor w1;  // [L, M, H1], H1 = H (2H for swiglu: gate then up)
   Tensor b1;  // [L, H1]
@@ -138,6 +109,60 @@ struct MoEForward {
   int64_t dropped = 0;  // on this rank
 };
 
+// One batch's way through a layer (DeepEP's handle, Megatron's token
+// dispatcher state): its routing and dispatch plan, its buffers (from the
+// layer's pool, returned when the handle goes), and what its backward needs.
+// Any number may be in flight on one layer. The phases that issue collectives
+// (plan, dispatch, experts, combine, backward) must be called in the same
+// order on every rank of the group, whichever handles they advance; with
+// MoEConfig::check_plan that order is checked (a hash of the (batch, phase)
+// sequence rides on the plan check).
+class MoEBatch {
+ public:
+  MoEBatch(const MoEBatch&) = delete;
+  MoEBatch& operator=(const MoEBatch&) = delete;
+  ~MoEBatch();  // waits for its posted exchanges (they write into its buffers)
+
+  const DispatchPlan& plan() const { return plan_; }
+  const Routing& routing() const { return routing_; }
+  int chunks() const { return plan_.exec.d; }
+  // Per layer, counting from 0: the order in which batches were planned.
+  uint64_t sequence() const { return sequence_; }
+  // The combined output, once finish() ran.
+  const MoEForward& result() const { return result_; }
+
+  enum class Stage : uint8_t { planned, dispatched, combining, finished };
+  Stage stage() const { return stage_; }
+
+ private:
+  friend class MoELayer;
+  MoEBatch() = default;
+  struct Working {  // a plan's working weights (aliases of the stored ones when nothing is gathered)
+    int r = -1;
+    ExpertParams p;
+    bool gathered = false;
+    bool adds_bias = true;  // the first hidden piece adds fc2's bias, the others add 0
+  };
+  uint64_t sequence_ = 0;
+  RouterConfig router_;  // the layer's, with this batch's routing choice
+  Stage stage_ = Stage::planned;
+  Tensor x_, logits_, send_, rows_, returned_;
+  Routing routing_;
+  DispatchPlan plan_;
+  Working weights_;
+  bool weights_ready_ = false;
+  ExpertActivations experts_;
+  std::vector<Work> to_experts_, back_;  // per chunk
+  int experts_done_ = 0;                 // chunks computed (each posts its return exchange)
+  MoEForward result_;
+  // The layer let go of the buffers (a later forward(x) replaced this batch);
+  // plan and routing stay readable, backward is refused.
+  bool released_ = false;
+  void wait_posted() noexcept;
+  void release_buffers();
+};
+using MoEHandle = std::shared_ptr<MoEBatch>;
+
 class MoELayer {
  public:
   MoELayer(MoEConfig config, std::shared_ptr<Communicator> expert_group);
@@ -149,19 +174,20 @@ class MoELayer {
   // auxiliary-loss-free balancing); not trained by gradients.
   Tensor& gate_bias() { return gate_bias_; }
   // After a step: raise the bias of experts the group under-used in the last
-  // forward by `rate`, lower the over-used ones (collective over the group).
+  // planned batch by `rate`, lower the over-used ones (collective over the group).
   void update_gate_bias(double rate);
   ExpertParams& params() { return params_; }
   // Deterministic initialisation keyed by logical expert id, so any placement
   // and any number of ranks hold the same weights.
   void init_parameters(uint64_t seed);
   // Where each logical expert lives (a permutation of positions rank * L + slot;
-  // the same on every rank). Changes which experts this rank's slots hold, so
-  // call it before init_parameters() or load(): stored weights do not move.
+  // the same on every rank). Only before the parameters exist (init_parameters
+  // or load): afterwards it would relabel the stored weights, so it throws.
   void set_placement(std::vector<int> position_of_expert);
 
-  // Keeps what backward needs (one batch in flight per layer). The plan and
-  // the routing may change on every call; all ranks must pass the same plan.
+  // ---- one batch at a time: the layer keeps the last forward's handle for
+  // backward(dout); a new forward(x) releases it first (its buffers are
+  // reused) ----
   MoEForward forward(const TensorView& x);
   MoEForward forward(const TensorView& x, const RoutingChoice& routing, const ExecPlan& plan);
   MoEForward forward(const TensorView& x, const RoutingChoice& routing, PlanChooser& chooser);
@@ -178,12 +204,40 @@ class MoELayer {
   void load(const std::string& prefix);
 
   // Gradients of sum(dout * output) + balance_coef * balance_loss + z_coef * z_loss
-  // for the last forward: accumulated into gate_grad() and expert_grads();
+  // for the last forward(x): accumulated into gate_grad() and expert_grads();
   // returns dx [T, M] when input_grad (skipping it also skips the return
   // all-to-all, as Tutel does for inputs without gradient). The gate gradient is
   // summed over the expert group (data-parallel replicas of the gate); expert
   // gradients are not reduced (each expert lives on one rank).
   Tensor backward(const TensorView& dout, double balance_coef = 0.0, double z_coef = 0.0, bool input_grad = true);
+
+  // ---- many batches in flight: the phases on handles. forward(x) is
+  // plan -> forward(handle); forward(handle) is dispatch -> experts(chunk)
+  // for every chunk -> combine -> finish, pipelined: chunk i's all-to-all
+  // runs on the executor while chunk i-1's experts compute ----
+  // Gate, routing, capacity (agreed over the group: a collective) and the
+  // dispatch plan, with its counts exchanged (dropless: a collective).
+  MoEHandle plan(const TensorView& x, const RoutingChoice& routing, const ExecPlan& plan);
+  MoEHandle plan(const TensorView& x, const RoutingChoice& routing, PlanChooser& chooser);
+  // Encodes the routed rows and posts every chunk's all-to-all; returns the
+  // last chunk's Work (the executor is FIFO: it done means all are).
+  Work dispatch(MoEBatch& batch);
+  // One chunk's experts (the first gathers the plan's working weights, a
+  // collective when sliced); waits for the chunk's rows and posts its return
+  // all-to-all. Chunks in order 0, 1, ...
+  void experts(MoEBatch& batch, int chunk);
+  // Runs the chunks experts() has not run, then returns the Work of the
+  // return exchange (the last chunk's).
+  Work combine(MoEBatch& batch);
+  // Waits for the return exchange; out[t] = sum_j weight * row(t, j).
+  const MoEForward& finish(MoEBatch& batch);
+  // The phases the batch has not run yet, up to finish().
+  const MoEForward& forward(MoEBatch& batch);
+  // Gradients of the finished batch (see backward(dout) above); may run for
+  // any finished handle, in any order, also after later batches.
+  Tensor backward(MoEBatch& batch, const TensorView& dout, double balance_coef = 0.0, double z_coef = 0.0,
+                  bool input_grad = true);
+
   Tensor& gate_grad() { return gate_grad_; }
   ExpertParams& expert_grads() { return grads_; }
   // New zeroed gradient tensors (the old ones are left to whoever still holds them).
@@ -205,46 +259,23 @@ class MoELayer {
   bool has_hierarchical() const { return hierarchical_ != nullptr; }
   // The same phases in virtual (emulated) seconds; zeros without emulation.
   const MoEPhaseTimes& virtual_phase_times() const { return virtual_times_; }
-  // The dispatch plan of the last forward (empty before the first). Its
+  // The dispatch plan of the last planned batch (empty before the first). Its
   // capacity is the group's, except under uncapped dropless plans (capacity
   // factor 0, dropless exchange): there nothing drops and it is this rank's
   // largest expert load.
-  const DispatchPlan& last_plan() const { return saved_.plan; }
-  // The routing of the last forward: experts [T, k] (best first), weights, scores.
-  const Routing& last_routing() const { return saved_.routing; }
+  const DispatchPlan& last_plan() const;
+  // The routing of the last planned batch: experts [T, k] (best first), weights, scores.
+  const Routing& last_routing() const;
   RoutingChoice routing_choice() const { return {config_.router.capacity_factor, config_.router.k}; }
   // GEMMs run since the last reset, with how often each shape ran.
   const std::map<GemmShape, int64_t>& gemms() const { return gemms_; }
   double gemm_flops() const;
   void reset_profile();
-
-  // ---- phases (forward() chains them); their results live in the layer's
-  // reusable buffers until the same phase runs for the next batch ----
-  Routing route_tokens(const TensorView& x, Tensor& logits);
-  DispatchPlan plan(const Routing& routing, int64_t tokens);  // with config().plan
-  // capacity >= 0: already agreed across the group (no collective here).
-  DispatchPlan plan(const Routing& routing, int64_t tokens, const ExecPlan& exec, int64_t capacity = -1);
-  // Exchanges per-block row counts (dropless; padded needs none).
-  void exchange_layout(DispatchPlan& plan);
-  // Rows for the working experts, grouped by chunk, source rank, then slot.
-  // The async form returns as soon as the all-to-alls are posted on the
-  // group's executor: the caller overlaps work and waits on `done` (the last
-  // chunk's; the executor is FIFO) before reading `rows`.
-  struct Exchange {
-    Tensor rows;
-    Work done;
-  };
-  Exchange dispatch_async(const DispatchPlan& plan, const TensorView& x);
-  Tensor dispatch(const DispatchPlan& plan, const TensorView& x);
-  // Gathers the plan's working weights first (all-gather in the sharding group).
-  ExpertActivations run_experts(const DispatchPlan& plan, const TensorView& rows);
-  // Expert outputs back to their source rows (send order).
-  Exchange combine_exchange_async(const DispatchPlan& plan, const TensorView& expert_out);
-  Tensor combine_exchange(const DispatchPlan& plan, const TensorView& expert_out);
-  // out[t] = sum_j weight * row(t, j).
-  Tensor combine(const DispatchPlan& plan, const TensorView& returned);
+  // The pool the batches' buffers come from.
+  const BufferPool& buffers() const { return pool_; }
 
  private:
+  using Working = MoEBatch::Working;
   int64_t hidden_in() const;  // H1 of a whole expert
   Tensor fresh(Shape shape) const;  // zeros, or untouched memory when timing only
   // What a sharding degree makes each rank compute (see ExecPlan::r).
@@ -259,32 +290,31 @@ class MoELayer {
     Communicator* gather; // all-gathers the working weights; nullptr: stored weights are used as they are
   };
   PlanShape shape_of(int r) const;
-  // Working weights of a plan (aliases of params_ when nothing is gathered).
-  struct Working {
-    int r = -1;
-    ExpertParams p;
-    bool gathered = false;
-    bool adds_bias = true;  // the first hidden piece adds fc2's bias, the others add 0
-  };
+  DispatchGeometry geometry(const PlanShape& shape) const;
+  MoEHandle plan_impl(const TensorView& x, const RoutingChoice& routing, const ExecPlan* fixed, PlanChooser* chooser);
+  Routing route_tokens(const RouterConfig& router, const TensorView& x, Tensor& logits);
+  // Exchanges per-block row counts (dropless; padded needs none).
+  void exchange_layout(DispatchPlan& plan);
   void gather_weights(const DispatchPlan& plan, Working& into);
   // Working-weight gradients back to the stored slices (reduce-scatter) and fc2's
   // bias gradient over the S ranks of each expert.
   void scatter_gradients(const PlanShape& shape, const ExpertParams& working_grads, bool gathered);
-  void run_chunk(const DispatchPlan& plan, int chunk, const Working& w, const TensorView& rows, ExpertActivations& a);
-  void backward_chunk(const DispatchPlan& plan, int chunk, const Working& w, const Tensor& d_out, bool input_grad,
-                      ExpertParams& grads, Tensor& d_rows, Tensor& dy16, Tensor& dp16);
+  void run_chunk(MoEBatch& batch, int chunk);
+  void backward_chunk(const MoEBatch& batch, int chunk, const Tensor& d_out, bool input_grad, ExpertParams& grads,
+                      Tensor& d_rows, Tensor& dy16, Tensor& dp16);
   Work exchange(const DispatchPlan& plan, int chunk, const TensorView& in, const TensorView& out, bool to_experts);
-  Work exchange_all(const DispatchPlan& plan, const TensorView& in, const TensorView& out, bool to_experts);
   Tensor encode(const DispatchPlan& plan, const TensorView& x);  // the routed rows in send order
-  ExpertActivations allocate_activations(const DispatchPlan& plan);
+  ExpertActivations allocate_activations(const DispatchPlan& plan, const Working& weights);
+  // The plan check, with the (batch, phase) order that came before it.
   void verify_plan_agreement(const ExecPlan& plan);
-  MoEForward forward_impl(const TensorView& x, const RoutingChoice& routing, const ExecPlan* fixed,
-                          PlanChooser* chooser);
+  enum class Phase : uint8_t { plan, dispatch, experts, combine, backward };
+  void record(const MoEBatch& batch, Phase phase, int chunk = 0);
+  void require(const MoEBatch& batch, MoEBatch::Stage stage, const char* phase) const;
   MoEConfig config_;
-  RouterConfig router_;  // config_.router with the batch's routing choice
   std::shared_ptr<Communicator> group_;
   ParamLayout layout_;
   int64_t local_hidden_;  // hidden width stored per rank (H / S)
+  bool parameters_exist_ = false;
   // Sub-communicators every plan may need, made once at construction.
   std::shared_ptr<Communicator> shard_group_;                    // the S ranks of my expert
   std::map<int, std::shared_ptr<Communicator>> gather_groups_;   // per r >= 1 with S / r > 1
@@ -297,27 +327,21 @@ class MoELayer {
   Tensor gate_grad_;
   ExpertParams grads_;
   void gemm(const kernels::cpu::GemmArgs& args, bool always = false);  // always: even when skip_compute
-  // Per-layer buffers reused from batch to batch: a fresh 100 MB tensor per
-  // phase costs page faults inside the GEMMs that first touch it. Phase results
-  // live in them until the next batch (one batch in flight per layer).
-  enum class Scratch : uint8_t { input, send, recv, pre, act, expert_out, back, d_returned, d_out, d_rows, d_act, d_pre,
-                                 d_sent, recv_bf16, act_bf16, w1_bf16, w2_bf16, d_out_bf16, d_pre_bf16,
-                                 gathered, gw1, gb1, gw2, gb2, dw1, db1, dw2, db2, grad_blocks, grad_mine, count };
-  Tensor scratch(Scratch which, Shape shape, DType dtype = DType::f32);
   void gemm_bf16(const kernels::cpu::GemmBf16Args& args);
-  std::vector<std::shared_ptr<void>> scratch_storage_;
-  std::vector<size_t> scratch_bytes_;
+  // The kinds of pooled buffer: a batch holds its forward ones until its handle
+  // goes; backward's are temporaries of the call.
+  enum class Buffer : uint8_t { input, send, recv, pre, act, expert_out, back, d_returned, d_out, d_rows, d_act, d_pre,
+                                d_sent, recv_bf16, act_bf16, w1_bf16, w2_bf16, d_out_bf16, d_pre_bf16,
+                                gathered, gw1, gb1, gw2, gb2, dw1, db1, dw2, db2, grad_blocks, grad_mine, count };
+  Tensor buffer(Buffer which, Shape shape, DType dtype = DType::f32);
+  BufferPool pool_;
   MoEPhaseTimes times_, virtual_times_;
   void charge_memory(double bytes) const;
   std::map<GemmShape, int64_t> gemms_;
-  struct Saved {
-    Tensor x, logits, rows, returned;
-    Routing routing;
-    Working weights;
-    DispatchPlan plan;
-    ExpertActivations experts;
-    bool valid = false;
-  } saved_;
+  uint64_t batches_planned_ = 0;
+  uint64_t phase_hash_ = 0;  // of the (batch, phase) sequence so far
+  MoEHandle last_;           // the last planned batch (last_plan, last_routing)
+  MoEHandle current_;        // forward(x)'s batch, for backward(dout)
 };
 
 }  // namespace switchyard

@@ -152,3 +152,67 @@ int64_t expert_capacity(const RouterConfig& config, int64_t tokens, const Routin
 }
 
 }  // namespace switchyard
+
+namespace switchyard {
+
+Tensor gate_backward(const RouterConfig& config, const Routing& routing, const TensorView& logits,
+                     const std::vector<double>& d_weight_of_choice, double balance_coef, double z_coef) {
+  const int64_t T = logits.size(0);
+  const int E = config.experts;
+  const int k = T ? static_cast<int>(routing.experts.shape()[1]) : config.k;
+  SY_CHECK_EQ(d_weight_of_choice.size(), static_cast<size_t>(T * k), "gate backward: d_weight per choice");
+  Tensor d_logits = Tensor::zeros({T, E}, DType::f32);
+  if (T == 0) return d_logits;
+  const float* s = routing.scores.data_as<float>();
+  const float* raw = static_cast<const float*>(logits.data());
+  const int32_t* chosen = routing.experts.data_as<int32_t>();
+  const float* weight = routing.weights.data_as<float>();
+  std::vector<double> ds(static_cast<size_t>(E)), gbal(static_cast<size_t>(E));
+  if (balance_coef != 0.0)
+    SY_CHECK_EQ(routing.balance_fraction.size(), static_cast<size_t>(E), "balance fractions of the routing");
+  for (int64_t t = 0; t < T; ++t) {
+    std::fill(ds.begin(), ds.end(), 0.0);
+    double chosen_sum = 0.0, dot = 0.0;
+    for (int j = 0; j < k; ++j) {
+      const double dw = d_weight_of_choice[static_cast<size_t>(t * k + j)];
+      chosen_sum += s[t * E + chosen[t * k + j]];
+      dot += dw * weight[t * k + j];
+      ds[chosen[t * k + j]] += dw;
+    }
+    if (config.renormalize)  // w_j = s_j / sum_chosen s
+      for (int j = 0; j < k; ++j) {
+        const int e = chosen[t * k + j];
+        ds[e] = (ds[e] - dot) / chosen_sum;
+      }
+    if (balance_coef != 0.0) {
+      // balance = E * sum_e f_e * mean_t(s_te / sum_e s_te); f_e (a count) has no gradient.
+      double row_sum = 0.0, gs = 0.0;
+      for (int e = 0; e < E; ++e) row_sum += s[t * E + e];
+      for (int e = 0; e < E; ++e) {
+        const double f = routing.balance_fraction[static_cast<size_t>(e)];
+        gbal[e] = balance_coef * E * f / static_cast<double>(T);
+        gs += gbal[e] * s[t * E + e] / row_sum;
+      }
+      for (int e = 0; e < E; ++e) ds[e] += (gbal[e] - gs) / row_sum;
+    }
+    float* dl = d_logits.data_as<float>() + t * E;
+    if (config.gate == GateKind::softmax) {
+      double sds = 0.0;
+      for (int e = 0; e < E; ++e) sds += s[t * E + e] * ds[e];
+      for (int e = 0; e < E; ++e) dl[e] = static_cast<float>(s[t * E + e] * (ds[e] - sds));
+    } else {
+      for (int e = 0; e < E; ++e) dl[e] = static_cast<float>(ds[e] * s[t * E + e] * (1.0 - s[t * E + e]));
+    }
+    if (z_coef != 0.0) {  // z = mean_t lse_t^2 on the raw logits
+      double m = -INFINITY, sum = 0.0;
+      for (int e = 0; e < E; ++e) m = std::max(m, static_cast<double>(raw[t * E + e]));
+      for (int e = 0; e < E; ++e) sum += std::exp(raw[t * E + e] - m);
+      const double lse = m + std::log(sum);
+      for (int e = 0; e < E; ++e)
+        dl[e] += static_cast<float>(z_coef * 2.0 * lse * std::exp(raw[t * E + e] - lse) / static_cast<double>(T));
+    }
+  }
+  return d_logits;
+}
+
+}  // namespace switchyard

@@ -1,6 +1,6 @@
 // The router: gate logits -> for each token k experts and their weights, the
-// balancing losses, and the expert capacity of the batch. Forward only for now
-// (the gate's backward comes with MoELayer).
+// balancing losses, and the expert capacity of the batch; and the gate's
+// backward, down to the logits.
 #pragma once
 
 #include <cstdint>
@@ -89,5 +89,11 @@ BalanceLoss parse_balance_loss(const std::string& name, const std::string& field
 // expert group it is the maximum over the group (a collective call).
 int64_t expert_capacity(const RouterConfig& config, int64_t tokens, const Routing& routing,
                         Communicator* expert_group = nullptr);
+
+// d(loss)/d(logits) [T, E] for the routing made from `logits` [T, E], given
+// d(loss)/d(weight) of every choice [T * k] (0 for dropped choices), plus
+// balance_coef * balance_loss + z_coef * z_loss.
+Tensor gate_backward(const RouterConfig& config, const Routing& routing, const TensorView& logits,
+                     const std::vector<double>& d_weight_of_choice, double balance_coef, double z_coef);
 
 }  // namespace switchyard

@@ -96,13 +96,15 @@ ExecPlan plan_of(int r, int d, const std::string& a2a, const std::string& exchan
   return p;
 }
 
+// One batch through the layer on a handle of its own, so its backward can run
+// later, after other batches (no recompute, any number in flight).
 py::tuple forward(Layer& L, const py::object& x_obj, std::optional<double> capacity_factor, std::optional<int> k,
                   const std::string& plan, int r, int d, const std::string& a2a, const std::string& exchange) {
   Tensor x = tensor_from(x_obj, "x");
   RoutingChoice routing = L.layer->routing_choice();
   if (capacity_factor) routing.capacity_factor = *capacity_factor;
   if (k) routing.k = *k;
-  MoEForward f;
+  MoEHandle batch;
   {
     py::gil_scoped_release released;
     if (plan == "auto") {
@@ -110,15 +112,17 @@ py::tuple forward(Layer& L, const py::object& x_obj, std::optional<double> capac
         auto [device, link] = Planner::calibrate(*L.layer, L.ranks_per_node);
         L.planner = std::make_unique<Planner>(*L.layer, device, link);
       }
-      f = L.layer->forward(x, routing, *L.planner);
+      batch = L.layer->plan(x, routing, *L.planner);
     } else if (plan == "fixed") {
-      f = L.layer->forward(x, routing, plan_of(r, d, a2a, exchange));
+      batch = L.layer->plan(x, routing, plan_of(r, d, a2a, exchange));
     } else {
       SY_THROW(InvalidArgument, "plan = '", plan, "', expected fixed (with r, d, a2a, exchange) or auto");
     }
+    L.layer->forward(*batch);
   }
-  L.last_plan = L.layer->last_plan().exec;
-  return py::make_tuple(capsule_of(f.output), f.balance_loss, f.z_loss, f.dropped);
+  L.last_plan = batch->plan().exec;
+  const MoEForward& f = batch->result();
+  return py::make_tuple(capsule_of(f.output), f.balance_loss, f.z_loss, f.dropped, batch);
 }
 
 }  // namespace
@@ -132,6 +136,11 @@ PYBIND11_MODULE(_switchyard, m) {
   py::register_exception<InvalidArgument>(m, "InvalidArgument", PyExc_ValueError);
   py::register_exception<ConfigError>(m, "ConfigError", PyExc_ValueError);
   py::register_exception<NotSupported>(m, "NotSupported", PyExc_NotImplementedError);
+
+  py::class_<MoEBatch, std::shared_ptr<MoEBatch>>(m, "MoEBatch",
+                                                  "One batch's handle: its plan, buffers and what backward needs.")
+      .def_property_readonly("sequence", &MoEBatch::sequence)
+      .def_property_readonly("plan", [](const MoEBatch& b) { return b.plan().exec.describe(); });
 
   py::class_<World>(m, "World")
       .def_property_readonly("rank", [](const World& w) { return w.info.rank; })
@@ -254,21 +263,25 @@ PYBIND11_MODULE(_switchyard, m) {
       .def("forward", &forward, py::arg("x"), py::arg("capacity_factor") = py::none(), py::arg("k") = py::none(),
            py::arg("plan") = "fixed", py::arg("r") = 1, py::arg("d") = 1, py::arg("a2a") = "flat",
            py::arg("exchange") = "padded",
-           "Returns (output capsule, balance loss, z loss, dropped choices on this rank).")
+           "Returns (output capsule, balance loss, z loss, dropped choices on this rank, batch): the batch "
+           "handle keeps what its backward needs until it is dropped.")
       .def(
           "backward",
-          [](Layer& L, const py::object& dout, double balance_coef, double z_coef, bool input_grad) -> py::object {
+          [](Layer& L, const std::shared_ptr<MoEBatch>& batch, const py::object& dout, double balance_coef,
+             double z_coef, bool input_grad) -> py::object {
+            if (!batch) SY_THROW(InvalidArgument, "backward: batch is None; pass the handle forward() returned");
             Tensor g = tensor_from(dout, "dout");
             Tensor dx;
             {
               py::gil_scoped_release released;
-              dx = L.layer->backward(g, balance_coef, z_coef, input_grad);
+              dx = L.layer->backward(*batch, g, balance_coef, z_coef, input_grad);
             }
             if (!input_grad) return py::none();
             return capsule_of(dx);
           },
-          py::arg("dout"), py::arg("balance_coef") = 0.0, py::arg("z_coef") = 0.0, py::arg("input_grad") = true,
-          "Accumulates the parameter gradients (grads()); returns dx as a capsule when input_grad.")
+          py::arg("batch"), py::arg("dout"), py::arg("balance_coef") = 0.0, py::arg("z_coef") = 0.0,
+          py::arg("input_grad") = true,
+          "Accumulates the parameter gradients of `batch` (grads()); returns dx as a capsule when input_grad.")
       .def("zero_grad", [](Layer& L) { L.layer->zero_grad(); })
       .def("parameters",
            [](Layer& L) {

@@ -3,9 +3,10 @@
 The parameters are ordinary torch tensors that share memory with the C++
 layer (DLPack): optimizers update them in place and the C++ forward reads
 them. Forward and backward run in C++ through a torch.autograd.Function; the
-expert all-to-all runs on Switchyard's communicator. The C++ layer keeps one
-batch for its backward; a backward whose batch was replaced by a later
-forward recomputes its forward first (parameters must not have changed).
+expert all-to-all runs on Switchyard's communicator. Each forward's batch
+handle (its dispatch plan and saved activations) lives in the autograd
+context, so any number of forwards may precede their backwards (gradient
+accumulation, several micro-batches) without recomputing anything.
 """
 import torch
 from torch.utils import dlpack as _dlpack
@@ -22,27 +23,19 @@ class _MoEFunction(torch.autograd.Function):
     def forward(ctx, x, module, routing, plan, *params):
         layer = module.layer
         x = x.detach().contiguous()
-        out, balance, z, dropped = layer.forward(x, **routing, **plan)
-        module._generation += 1
-        ctx.generation = module._generation
-        ctx.module, ctx.routing, ctx.plan = module, routing, plan
-        ctx.save_for_backward(x)
+        out, balance, z, dropped, batch = layer.forward(x, **routing, **plan)
+        # The handle goes with the graph (its buffers back to the layer's pool);
+        # kept after backward for retain_graph and gradcheck's repeated backwards.
+        ctx.module, ctx.batch = module, batch
         module.last_dropped = dropped
         return _t(out), torch.tensor(balance, dtype=torch.float32), torch.tensor(z, dtype=torch.float32)
 
     @staticmethod
     def backward(ctx, dout, dbalance, dz):
-        module = ctx.module
-        layer = module.layer
-        if module._generation != ctx.generation:
-            # The layer keeps one batch; a later forward replaced it: recompute
-            # this one (same parameters, same routing and plan) before its backward.
-            (x,) = ctx.saved_tensors
-            layer.forward(x, **ctx.routing, **ctx.plan)
-            module._generation = ctx.generation
+        layer = ctx.module.layer
         layer.zero_grad()
         # d(loss)/d(balance) and d(loss)/d(z) are the coefficients the caller gave the losses.
-        dx = layer.backward(dout.contiguous(), balance_coef=float(dbalance), z_coef=float(dz),
+        dx = layer.backward(ctx.batch, dout.contiguous(), balance_coef=float(dbalance), z_coef=float(dz),
                             input_grad=ctx.needs_input_grad[0])
         grads = layer.grads()
         # No copies: zero_grad() above gave the layer fresh gradient tensors, and the
@@ -81,7 +74,6 @@ class MoE(torch.nn.Module):
         self.gate_weight.switchyard_reduced = True
         self.experts_here = self.layer.experts_here
         self.last_dropped = 0
-        self._generation = 0
         self.routing = {}
         self.plan = {}
 

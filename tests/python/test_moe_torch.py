@@ -126,6 +126,25 @@ class MoETorchTest(unittest.TestCase):
         y_auto, _, _ = moe(x, plan="auto")  # the planner calibrates once, then picks r, d, a2a, exchange
         self.assertTrue(torch.allclose(y_fixed, y_auto, atol=1e-6), moe.layer.last_plan)
 
+    def test_several_forwards_before_their_backwards(self):
+        # Gradient accumulation: three forwards, then one backward through all of them,
+        # equals each batch's forward + backward in turn (no recompute, no stale batch).
+        torch.manual_seed(self.seed)
+        moe = MoE(self.world.communicator, 16, 24, 4, k=2, capacity_factor=0.75, seed=5)
+        xs = [torch.randn(n, 16, requires_grad=True) for n in (30, 7, 19)]
+        gs = [torch.randn(x.shape[0], 16) for x in xs]
+        outs = [moe(x, d=2 if i == 0 else 1) for i, x in enumerate(xs)]
+        sum(((y * g).sum() + 0.01 * b) for (y, b, _), g in zip(outs, gs)).backward()
+        together = [p.grad.clone() for p in moe.parameters()] + [x.grad.clone() for x in xs]
+        moe.zero_grad()
+        for i, (x, g) in enumerate(zip(xs, gs)):
+            x.grad = None
+            y, b, _ = moe(x, d=2 if i == 0 else 1)
+            ((y * g).sum() + 0.01 * b).backward()
+        apart = [p.grad for p in moe.parameters()] + [x.grad for x in xs]
+        for a, b in zip(together, apart):
+            self.assertTrue(torch.allclose(a, b, rtol=1e-5, atol=1e-6), float((a - b).abs().max()))
+
     def test_communicator_collectives_on_torch_tensors(self):
         comm = self.world.communicator
         t = torch.randn(7)

@@ -1,0 +1,121 @@
+#include "moe/dispatch_plan.h"
+
+#include <algorithm>
+#include <numeric>
+
+namespace switchyard {
+namespace {
+std::vector<int64_t> chunk_counts(const std::vector<int64_t>& blocks, int chunk, int ranks, int slots) {
+  std::vector<int64_t> out(static_cast<size_t>(ranks), 0);
+  for (int u = 0; u < ranks; ++u)
+    for (int l = 0; l < slots; ++l) out[u] += blocks[static_cast<size_t>((chunk * ranks + u) * slots + l)];
+  return out;
+}
+int64_t chunk_offset(const std::vector<int64_t>& blocks, int chunk, int ranks, int slots) {
+  return std::accumulate(blocks.begin(), blocks.begin() + static_cast<ptrdiff_t>(chunk) * ranks * slots, int64_t{0});
+}
+}  // namespace
+
+int64_t DispatchPlan::recv_rows() const {
+  return std::accumulate(recv_block_rows.begin(), recv_block_rows.end(), int64_t{0});
+}
+std::vector<int64_t> DispatchPlan::send_counts(int chunk) const {
+  return chunk_counts(send_block_rows, chunk, exchange_ranks, slots);
+}
+std::vector<int64_t> DispatchPlan::recv_counts(int chunk) const {
+  return chunk_counts(recv_block_rows, chunk, exchange_ranks, slots);
+}
+int64_t DispatchPlan::send_offset(int chunk) const { return chunk_offset(send_block_rows, chunk, exchange_ranks, slots); }
+int64_t DispatchPlan::recv_offset(int chunk) const { return chunk_offset(recv_block_rows, chunk, exchange_ranks, slots); }
+
+DispatchPlan build_dispatch_plan(const RouterConfig& router, const Routing& routing, int64_t tokens,
+                                 const ExecPlan& exec, int64_t capacity, const DispatchGeometry& g) {
+  const int k = static_cast<int>(routing.experts.shape().size() == 2 ? routing.experts.shape()[1] : router.k);
+  const int E = g.experts, S = g.shards, d = exec.d;
+  const bool padded = exec.exchange == ExchangeMode::padded;
+  DispatchPlan p;
+  p.exec = exec;
+  p.tokens = tokens;
+  p.k = k;
+  p.copies = g.copies;
+  p.exchange_ranks = g.exchange_ranks;
+  p.slots = g.slots;
+  p.capacity = capacity;
+  const int32_t* chosen = tokens ? routing.experts.data_as<int32_t>() : nullptr;
+  const float* weight = tokens ? routing.weights.data_as<float>() : nullptr;
+  std::vector<std::vector<int64_t>> choice_at(static_cast<size_t>(E));  // per position, in slot order
+  std::vector<int64_t> order(static_cast<size_t>(tokens));
+  std::iota(order.begin(), order.end(), int64_t{0});
+  if (router.batch_prioritized)
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return weight[a * k] > weight[b * k]; });
+  for (int j = 0; j < k; ++j)
+    for (const int64_t t : order) {
+      auto& at = choice_at[static_cast<size_t>(g.position_of_expert[static_cast<size_t>(chosen[t * k + j])])];
+      if (static_cast<int64_t>(at.size()) < p.capacity)
+        at.push_back(t * k + j);
+      else
+        ++p.dropped;
+    }
+  p.rows_per_position.resize(static_cast<size_t>(E));
+  for (int pos = 0; pos < E; ++pos) p.rows_per_position[pos] = static_cast<int64_t>(choice_at[pos].size());
+
+  // The slot range of a position each destination block takes, and which copy it is.
+  struct Block {
+    int position;
+    int64_t lo, hi;
+    int copy;
+  };
+  auto block = [&](int u, int l) -> Block {
+    if (exec.r == 0 || S == 1) {
+      const int pos = exec.r == 0 ? l : u * g.slots + l;
+      return {pos, 0, padded ? p.capacity : p.rows_per_position[pos], 0};
+    }
+    const int pos = u / S, s = u % S, R = g.replicas, q = s % R;
+    const int64_t n = p.rows_per_position[pos];
+    if (padded) {
+      const int64_t per = (p.capacity + R - 1) / R;
+      return {pos, q * per, (q + 1) * per, s / R};
+    }
+    return {pos, q * n / R, (q + 1) * n / R, s / R};
+  };
+  auto chunk_range = [&](const Block& b, int i) {
+    const int64_t width = b.hi - b.lo;
+    return std::pair<int64_t, int64_t>{b.lo + i * width / d, b.lo + (i + 1) * width / d};
+  };
+  const int X = g.exchange_ranks, Lw = g.slots;
+  p.send_block_rows.assign(static_cast<size_t>(d * X * Lw), 0);
+  p.row_of_choice.assign(static_cast<size_t>(tokens * k * p.copies), -1);
+  int64_t row = 0;
+  for (int i = 0; i < d; ++i)
+    for (int u = 0; u < X; ++u)
+      for (int l = 0; l < Lw; ++l) {
+        const Block b = block(u, l);
+        const auto [lo, hi] = chunk_range(b, i);
+        p.send_block_rows[static_cast<size_t>((i * X + u) * Lw + l)] = hi - lo;
+        const auto& at = choice_at[static_cast<size_t>(b.position)];
+        for (int64_t slot = lo; slot < hi; ++slot, ++row) {
+          if (slot >= static_cast<int64_t>(at.size())) {  // padding
+            p.token_of_row.push_back(-1);
+            p.weight_of_row.push_back(0.f);
+            continue;
+          }
+          const int64_t c = at[static_cast<size_t>(slot)];
+          p.token_of_row.push_back(c / k);
+          p.weight_of_row.push_back(weight[c]);
+          p.row_of_choice[static_cast<size_t>(c * p.copies + b.copy)] = row;
+        }
+      }
+  if (X == 1) {
+    p.recv_block_rows = p.send_block_rows;
+  } else if (padded) {  // every source sends my blocks the same padded sizes
+    p.recv_block_rows.resize(p.send_block_rows.size());
+    for (int i = 0; i < d; ++i)
+      for (int l = 0; l < Lw; ++l) {
+        const auto [lo, hi] = chunk_range(block(g.rank, l), i);
+        for (int u = 0; u < X; ++u) p.recv_block_rows[static_cast<size_t>((i * X + u) * Lw + l)] = hi - lo;
+      }
+  }
+  return p;
+}
+
+}  // namespace switchyard

@@ -1,0 +1,65 @@
+// DispatchPlan: where every routed copy of a token goes under one ExecPlan.
+// Built once per batch (a pure function of the routing, the capacity and the
+// layer's geometry) and used by dispatch, combine and backward alike.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "moe/exec_plan.h"
+#include "moe/router.h"
+
+namespace switchyard {
+
+// Rows are sent in blocks ordered [chunk][destination rank][destination slot],
+// so each chunk is one all-to-all and each destination's rows within it are
+// contiguous. With r > 1 a row goes to `copies` ranks (one per hidden piece);
+// their partial outputs are summed by combine.
+struct DispatchPlan {
+  ExecPlan exec;
+  int64_t tokens = 0;
+  int k = 0;
+  int copies = 1;
+  int64_t capacity = 0;
+  int exchange_ranks = 1;  // ranks of the all-to-all (1: r = 0, no exchange)
+  int slots = 1;           // working expert slots per rank
+  std::vector<int64_t> row_of_choice;       // [T*k*copies]: send row, -1 when dropped
+  std::vector<int64_t> token_of_row;        // [rows]: source token, -1 for padding
+  std::vector<float> weight_of_row;         // [rows]
+  std::vector<int64_t> rows_per_position;   // [E]: routed (kept) rows of each expert position
+  std::vector<int64_t> send_block_rows;     // [d * X * slots]
+  std::vector<int64_t> recv_block_rows;     // [d * X * slots] (after the counts are exchanged)
+  int64_t dropped = 0;                      // choices beyond capacity on this rank
+  int64_t send_rows() const { return static_cast<int64_t>(token_of_row.size()); }
+  int64_t recv_rows() const;
+  // Rows of one chunk per peer, and where the chunk starts, on either side.
+  std::vector<int64_t> send_counts(int chunk) const;
+  std::vector<int64_t> recv_counts(int chunk) const;
+  int64_t send_offset(int chunk) const;
+  int64_t recv_offset(int chunk) const;
+  int64_t recv_block(int chunk, int rank, int slot) const {
+    return recv_block_rows[static_cast<size_t>((chunk * exchange_ranks + rank) * slots + slot)];
+  }
+};
+
+// What a plan's shape makes of the layer's layout (MoELayer computes it).
+struct DispatchGeometry {
+  int experts = 0;          // E logical experts
+  int shards = 1;           // S ranks per stored expert
+  int exchange_ranks = 1;   // X
+  int slots = 1;            // working expert positions per rank
+  int copies = 1;           // ranks every routed row goes to (r > 1)
+  int replicas = 1;         // rank sets an expert's rows are split over (S / r when sliced)
+  int rank = 0;             // this rank in the expert group
+  std::vector<int> position_of_expert;  // [E]
+};
+
+// Slots are handed out choice by choice (all first choices, then all second
+// ...), as GShard and Tutel do, so a token's best expert wins a slot first;
+// batch_prioritized orders the tokens by their best weight first. `capacity`
+// is already agreed across the group. Padded plans also know their receive
+// blocks; dropless ones learn them from the count exchange.
+DispatchPlan build_dispatch_plan(const RouterConfig& router, const Routing& routing, int64_t tokens,
+                                 const ExecPlan& exec, int64_t capacity, const DispatchGeometry& geometry);
+
+}  // namespace switchyard

@@ -1,0 +1,381 @@
+// The layer's experts: parameters, working weights per plan (gathered and
+// their gradients scattered back), and each chunk's FFN forward and backward.
+#include <cmath>
+#include <cstring>
+
+#include "kernels/gemm.h"
+#include "kernels/rowwise.h"
+#include "moe/layer_internal.h"
+
+namespace switchyard {
+
+using kernels::cpu::Activation;
+using moe_detail::copy_hidden_piece;
+using moe_detail::PhaseTimer;
+
+namespace moe_detail {
+
+void copy_hidden_piece(bool gated, int64_t rows, int64_t hidden, int piece, int pieces, float* full, float* part,
+                       bool to_part) {
+  const int64_t hp = hidden / pieces;
+  const int halves = gated ? 2 : 1;
+  const int64_t full_width = halves * hidden, part_width = halves * hp;
+  for (int64_t i = 0; i < rows; ++i)
+    for (int h = 0; h < halves; ++h) {
+      float* f = full + i * full_width + h * hidden + piece * hp;
+      float* q = part + i * part_width + h * hp;
+      if (to_part)
+        std::memcpy(q, f, static_cast<size_t>(hp) * sizeof(float));
+      else
+        std::memcpy(f, q, static_cast<size_t>(hp) * sizeof(float));
+    }
+}
+
+void add_into(Tensor& acc, const TensorView& delta) {
+  float* a = acc.data_as<float>();
+  const float* d = static_cast<const float*>(delta.data());
+  const int64_t n = acc.numel();
+#pragma omp parallel for schedule(static) if (n >= (1 << 16))
+  for (int64_t i = 0; i < n; ++i) a[i] += d[i];
+}
+
+}  // namespace moe_detail
+
+using moe_detail::add_into;
+
+void MoELayer::charge_memory(double bytes) const {
+  if (config_.device_model) virtual_time::charge(config_.device_model->memory_seconds(bytes));
+}
+
+void MoELayer::gemm_bf16(const kernels::cpu::GemmBf16Args& args) {
+  if (config_.device_model)
+    virtual_time::charge(config_.device_model->gemm_seconds(2.0 * args.m * args.n * args.k, true));
+  if (!config_.skip_compute) kernels::cpu::gemm_bf16(args);
+  if (args.m && args.n && args.k)
+    ++gemms_[GemmShape{args.m, args.n, args.k, args.transpose_a, args.transpose_b, true}];
+}
+
+void MoELayer::gemm(const kernels::cpu::GemmArgs& args, bool always) {
+  if (config_.device_model)
+    virtual_time::charge(config_.device_model->gemm_seconds(2.0 * args.m * args.n * args.k, false));
+  if (always || !config_.skip_compute) {
+    if (config_.batch_invariant && !args.transpose_a && !args.transpose_b && args.alpha == 1.f)
+      kernels::cpu::matmul_rows(args.a, args.m, args.k, args.lda, args.b, args.n, args.ldb, args.beta, args.c, args.ldc);
+    else
+      kernels::cpu::gemm_f32(args);
+  }
+  if (args.m && args.n && args.k) ++gemms_[GemmShape{args.m, args.n, args.k, args.transpose_a, args.transpose_b}];
+}
+
+double MoELayer::gemm_flops() const {
+  double flops = 0;
+  for (const auto& [shape, count] : gemms_) flops += 2.0 * shape.m * shape.n * shape.k * count;
+  return flops;
+}
+
+void MoELayer::reset_profile() {
+  times_ = {};
+  virtual_times_ = {};
+  gemms_.clear();
+}
+
+Tensor MoELayer::fresh(Shape shape) const {
+  // Timing only: expert tensors are allocated, never touched, so clusters far
+  // larger than this machine's memory can be emulated.
+  return config_.skip_compute ? Tensor::empty(std::move(shape), DType::f32) : Tensor::zeros(std::move(shape), DType::f32);
+}
+
+void MoELayer::zero_grad() {
+  gate_grad_ = Tensor::zeros(gate_weight_.shape(), DType::f32);
+  grads_.w1 = fresh(params_.w1.shape());
+  grads_.b1 = fresh(params_.b1.shape());
+  grads_.w2 = fresh(params_.w2.shape());
+  grads_.b2 = fresh(params_.b2.shape());
+}
+
+int64_t MoELayer::hidden_in() const {
+  return config_.activation == Activation::swiglu ? 2 * config_.hidden_dim : config_.hidden_dim;
+}
+
+void MoELayer::sgd_step(double lr) {
+  const std::pair<Tensor*, Tensor*> pairs[] = {{&gate_weight_, &gate_grad_}, {&params_.w1, &grads_.w1},
+                                               {&params_.b1, &grads_.b1},     {&params_.w2, &grads_.w2},
+                                               {&params_.b2, &grads_.b2}};
+  const auto rate = static_cast<float>(lr);
+  for (auto [param, grad] : pairs) {
+    charge_memory(3.0 * static_cast<double>(param->nbytes()));
+    if (config_.skip_compute && param != &gate_weight_) continue;
+    float* p = param->data_as<float>();
+    const float* g = grad->data_as<float>();
+    const int64_t n = param->numel();
+#pragma omp parallel for schedule(static) if (n >= (1 << 15))
+    for (int64_t i = 0; i < n; ++i) p[i] -= rate * g[i];
+  }
+}
+
+void MoELayer::init_parameters(uint64_t seed) {
+  const int64_t M = config_.model_dim, H = config_.hidden_dim, H1 = hidden_in();
+  const bool gated = config_.activation == Activation::swiglu;
+  const int S = layout_.shards(), shard = layout_.shard_of_rank(group_->rank());
+  const int64_t Hs = local_hidden_, H1s = H1 / S;
+  parameters_exist_ = true;
+  noise_ = Rng(seed * 7919u + static_cast<uint64_t>(group_->rank()) + 17);
+  Rng gate_rng(seed);
+  gate_rng.fill_uniform(gate_weight_, -1.0 / std::sqrt(M), 1.0 / std::sqrt(M));
+  const int me = group_->rank();
+  if (config_.skip_compute) return;  // timing only: expert weights stay untouched
+  // The whole logical expert is drawn, then this rank's slice kept, so every
+  // layout holds the same weights.
+  Tensor w1 = Tensor::empty({M, H1}, DType::f32), b1 = Tensor::empty({H1}, DType::f32);
+  Tensor w2 = Tensor::empty({H, M}, DType::f32), b2 = Tensor::empty({M}, DType::f32);
+  for (int slot = 0; slot < layout_.local_experts(); ++slot) {
+    Rng rng(seed * 1000003u + static_cast<uint64_t>(layout_.expert_at(me, slot)) + 1);
+    rng.fill_uniform(w1, -1.0 / std::sqrt(M), 1.0 / std::sqrt(M));
+    rng.fill_uniform(b1, -1.0 / std::sqrt(M), 1.0 / std::sqrt(M));
+    rng.fill_uniform(w2, -1.0 / std::sqrt(H), 1.0 / std::sqrt(H));
+    rng.fill_uniform(b2, -1.0 / std::sqrt(H), 1.0 / std::sqrt(H));
+    copy_hidden_piece(gated, M, H, shard, S, w1.data_as<float>(), params_.w1.data_as<float>() + slot * M * H1s, true);
+    copy_hidden_piece(gated, 1, H, shard, S, b1.data_as<float>(), params_.b1.data_as<float>() + slot * H1s, true);
+    std::memcpy(params_.w2.data_as<float>() + slot * Hs * M, w2.data_as<float>() + shard * Hs * M,
+                static_cast<size_t>(Hs * M) * sizeof(float));
+    std::memcpy(params_.b2.data_as<float>() + slot * M, b2.data(), b2.nbytes());
+  }
+}
+
+void MoELayer::gather_weights(const DispatchPlan& p, Working& w) {
+  const PlanShape shape = shape_of(p.exec.r);
+  w.r = p.exec.r;
+  w.adds_bias = shape.piece == 0;
+  w.gathered = shape.gather != nullptr;
+  if (!w.gathered) {
+    w.p = params_;
+    return;
+  }
+  PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::weights);
+  Communicator& g = *shape.gather;
+  const int64_t G = g.size(), L = layout_.local_experts(), M = config_.model_dim;
+  const int64_t H1s = hidden_in() / layout_.shards();
+  const int P = shape.pieces, Lw = shape.slots;
+  const bool gated = config_.activation == Activation::swiglu;
+  const int64_t Hw = shape.hidden, H1w = gated ? 2 * Hw : Hw;
+  // w2 and b2 blocks concatenate into the working layout as they are; w1 and b1
+  // interleave their pieces' columns.
+  Tensor raw_w1 = P > 1 ? buffer(Buffer::gathered, {G * L, M, H1s}) : buffer(Buffer::gw1, {Lw, M, H1w});
+  Tensor raw_b1 = Tensor::empty({G * L, H1s}, DType::f32);
+  w.p.w2 = buffer(Buffer::gw2, {Lw, Hw, M});
+  Tensor raw_b2 = Tensor::empty({G * L, M}, DType::f32);
+  Work works[] = {g.allgather(params_.w1, raw_w1), g.allgather(params_.b1, raw_b1), g.allgather(params_.w2, w.p.w2),
+                  g.allgather(params_.b2, raw_b2)};
+  for (auto& work : works) work.wait();
+  w.p.b2 = Tensor::empty({Lw, M}, DType::f32);
+  for (int i = 0; i < Lw; ++i)
+    std::memcpy(w.p.b2.data_as<float>() + i * M, raw_b2.data_as<float>() + static_cast<int64_t>(i) * P * M,
+                static_cast<size_t>(M) * sizeof(float));
+  if (P == 1) {
+    w.p.w1 = raw_w1;
+    w.p.b1 = raw_b1;
+    return;
+  }
+  w.p.w1 = buffer(Buffer::gw1, {Lw, M, H1w});
+  w.p.b1 = Tensor::empty({Lw, H1w}, DType::f32);
+  charge_memory(2.0 * static_cast<double>(w.p.w1.nbytes()));
+  if (config_.skip_compute) return;  // timing only: leave the gathered pages untouched
+  for (int i = 0; i < Lw; ++i)
+    for (int piece = 0; piece < P; ++piece) {
+      const int64_t b = static_cast<int64_t>(i) * P + piece;
+      copy_hidden_piece(gated, M, Hw, piece, P, w.p.w1.data_as<float>() + i * M * H1w,
+                        raw_w1.data_as<float>() + b * M * H1s, false);
+      copy_hidden_piece(gated, 1, Hw, piece, P, w.p.b1.data_as<float>() + i * H1w, raw_b1.data_as<float>() + b * H1s,
+                        false);
+    }
+}
+
+void MoELayer::scatter_gradients(const PlanShape& shape, const ExpertParams& wg, bool gathered) {
+  const int S = layout_.shards();
+  Tensor b2_delta = wg.b2;
+  if (gathered) {
+    Communicator& g = *shape.gather;
+    const int64_t G = g.size(), L = layout_.local_experts(), M = config_.model_dim;
+    const int64_t H1s = hidden_in() / S;
+    const int P = shape.pieces, Lw = shape.slots;
+    const bool gated = config_.activation == Activation::swiglu;
+    const int64_t Hw = shape.hidden, H1w = gated ? 2 * Hw : Hw;
+    Tensor raw_w1 = wg.w1, raw_b1 = wg.b1, raw_b2 = wg.b2;
+    if (P > 1) {
+      raw_w1 = buffer(Buffer::grad_blocks, {G * L, M, H1s});
+      raw_b1 = Tensor::empty({G * L, H1s}, DType::f32);
+      raw_b2 = Tensor::zeros({G * L, M}, DType::f32);  // one piece of each expert carries the bias gradient
+      for (int i = 0; i < Lw && !config_.skip_compute; ++i) {
+        std::memcpy(raw_b2.data_as<float>() + static_cast<int64_t>(i) * P * M, wg.b2.data_as<float>() + i * M,
+                    static_cast<size_t>(M) * sizeof(float));
+        for (int piece = 0; piece < P; ++piece) {
+          const int64_t b = static_cast<int64_t>(i) * P + piece;
+          copy_hidden_piece(gated, M, Hw, piece, P, wg.w1.data_as<float>() + i * M * H1w,
+                            raw_w1.data_as<float>() + b * M * H1s, true);
+          copy_hidden_piece(gated, 1, Hw, piece, P, wg.b1.data_as<float>() + i * H1w,
+                            raw_b1.data_as<float>() + b * H1s, true);
+        }
+      }
+    }
+    Tensor mine_w1 = buffer(Buffer::grad_mine, params_.w1.shape());
+    Tensor mine_b1 = Tensor::empty(params_.b1.shape(), DType::f32);
+    Tensor mine_w2 = Tensor::empty(params_.w2.shape(), DType::f32);
+    b2_delta = Tensor::empty(params_.b2.shape(), DType::f32);
+    Work works[] = {g.reduce_scatter(raw_w1, mine_w1), g.reduce_scatter(raw_b1, mine_b1),
+                    g.reduce_scatter(wg.w2, mine_w2), g.reduce_scatter(raw_b2, b2_delta)};
+    for (auto& work : works) work.wait();
+    charge_memory(4.0 * static_cast<double>(raw_w1.nbytes() + wg.w2.nbytes()));  // re-layout, sums
+    if (!config_.skip_compute) {
+      add_into(grads_.w1, mine_w1);
+      add_into(grads_.b1, mine_b1);
+      add_into(grads_.w2, mine_w2);
+    }
+  }
+  // fc2's bias is replicated on the S ranks of an expert: each gets the sum.
+  if (S > 1) shard_group_->allreduce(b2_delta, b2_delta).wait();
+  if (S > 1 || gathered) add_into(grads_.b2, b2_delta);
+}
+
+ExpertActivations MoELayer::allocate_activations(const DispatchPlan& p, const Working& w) {
+  const int64_t M = config_.model_dim, R = p.recv_rows();
+  const PlanShape shape = shape_of(p.exec.r);
+  const int64_t Hw = shape.hidden, H1w = config_.activation == Activation::swiglu ? 2 * Hw : Hw;
+  ExpertActivations a;
+  a.pre = buffer(Buffer::pre, {R, H1w});
+  a.act = buffer(Buffer::act, {R, Hw});
+  a.out = buffer(Buffer::expert_out, {R, M});
+  if (config_.compute == DType::bf16) {
+    a.rows16 = buffer(Buffer::recv_bf16, {R, M}, DType::bf16);
+    a.act16 = buffer(Buffer::act_bf16, {R, Hw}, DType::bf16);
+    a.w1_16 = buffer(Buffer::w1_bf16, w.p.w1.shape(), DType::bf16);
+    a.w2_16 = buffer(Buffer::w2_bf16, w.p.w2.shape(), DType::bf16);
+    charge_memory(1.5 * static_cast<double>(w.p.w1.nbytes() + w.p.w2.nbytes()));
+    if (!config_.skip_compute) {
+      kernels::cpu::to_bf16(w.p.w1.data_as<float>(), w.p.w1.numel(), static_cast<uint16_t*>(a.w1_16.data()));
+      kernels::cpu::to_bf16(w.p.w2.data_as<float>(), w.p.w2.numel(), static_cast<uint16_t*>(a.w2_16.data()));
+    }
+  }
+  return a;
+}
+
+void MoELayer::run_chunk(MoEBatch& batch, int chunk) {
+  PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::experts);
+  const DispatchPlan& p = batch.plan_;
+  const Working& w = batch.weights_;
+  ExpertActivations& a = batch.experts_;
+  const int64_t M = config_.model_dim;
+  const int64_t Hw = w.p.w2.shape()[1], H1w = w.p.w1.shape()[2];
+  const bool bf = config_.compute == DType::bf16;
+  const float* x = batch.rows_.data_as<float>();
+  auto b16 = [](const Tensor& t, int64_t offset) { return static_cast<const uint16_t*>(t.data()) + offset; };
+  int64_t offset = p.recv_offset(chunk);
+  if (bf && !config_.skip_compute) {
+    const int64_t n = p.recv_offset(chunk + 1) - offset;
+    kernels::cpu::to_bf16(x + offset * M, n * M, static_cast<uint16_t*>(a.rows16.data()) + offset * M);
+  }
+  for (int u = 0; u < p.exchange_ranks; ++u)
+    for (int l = 0; l < p.slots; ++l) {
+      const int64_t m = p.recv_block(chunk, u, l);
+      if (m == 0) continue;
+      float* pre_b = a.pre.data_as<float>() + offset * H1w;
+      float* act_b = a.act.data_as<float>() + offset * Hw;
+      float* out_b = a.out.data_as<float>() + offset * M;
+      // Biases first, then GEMMs accumulate on top. With r > 1 only the first
+      // hidden piece adds fc2's bias: the pieces' outputs are summed.
+      charge_memory(static_cast<double>(m) * (2 * H1w + Hw + M) * sizeof(float));  // biases, activation
+      const bool elementwise = !config_.skip_compute;  // timing only: GEMMs charge, nothing is touched
+      if (elementwise) {
+        kernels::cpu::broadcast_rows(w.p.b1.data_as<float>() + l * H1w, m, H1w, pre_b);
+        if (w.adds_bias)
+          kernels::cpu::broadcast_rows(w.p.b2.data_as<float>() + l * M, m, M, out_b);
+        else
+          std::memset(out_b, 0, static_cast<size_t>(m * M) * sizeof(float));
+      }
+      if (bf)
+        gemm_bf16({.m = m, .n = H1w, .k = M, .a = b16(a.rows16, offset * M), .lda = M, .b = b16(a.w1_16, l * M * H1w),
+                   .ldb = H1w, .accumulate = true, .c = pre_b, .ldc = H1w});
+      else
+        gemm({.m = m, .n = H1w, .k = M, .a = x + offset * M, .lda = M, .b = w.p.w1.data_as<float>() + l * M * H1w,
+              .ldb = H1w, .beta = 1.f, .c = pre_b, .ldc = H1w});
+      if (elementwise) kernels::cpu::activation_forward(config_.activation, pre_b, m, Hw, act_b);
+      if (bf) {
+        uint16_t* a16 = static_cast<uint16_t*>(a.act16.data()) + offset * Hw;
+        if (elementwise) kernels::cpu::to_bf16(act_b, m * Hw, a16);
+        gemm_bf16({.m = m, .n = M, .k = Hw, .a = a16, .lda = Hw, .b = b16(a.w2_16, l * Hw * M), .ldb = M,
+                   .accumulate = true, .c = out_b, .ldc = M});
+      } else {
+        gemm({.m = m, .n = M, .k = Hw, .a = act_b, .lda = Hw, .b = w.p.w2.data_as<float>() + l * Hw * M, .ldb = M,
+              .beta = 1.f, .c = out_b, .ldc = M});
+      }
+      offset += m;
+    }
+}
+
+void MoELayer::backward_chunk(const MoEBatch& batch, int chunk, const Tensor& d_out, bool input_grad,
+                              ExpertParams& grads, Tensor& d_rows, Tensor& dy16, Tensor& dp16) {
+  const DispatchPlan& p = batch.plan_;
+  const Working& w = batch.weights_;
+  const ExpertActivations& saved = batch.experts_;
+  const int64_t M = config_.model_dim;
+  const int64_t Hw = w.p.w2.shape()[1], H1w = w.p.w1.shape()[2];
+  const bool bf = config_.compute == DType::bf16;
+  auto b16 = [](const Tensor& t, int64_t offset) { return static_cast<const uint16_t*>(t.data()) + offset; };
+  int64_t offset = p.recv_offset(chunk);
+  if (bf && !config_.skip_compute) {
+    const int64_t n = p.recv_offset(chunk + 1) - offset;
+    kernels::cpu::to_bf16(d_out.data_as<float>() + offset * M, n * M, static_cast<uint16_t*>(dy16.data()) + offset * M);
+  }
+  Tensor d_act = buffer(Buffer::d_act, {p.recv_rows(), Hw}), d_pre = buffer(Buffer::d_pre, {p.recv_rows(), H1w});
+  for (int u = 0; u < p.exchange_ranks; ++u)
+    for (int l = 0; l < p.slots; ++l) {
+      const int64_t m = p.recv_block(chunk, u, l);
+      if (m == 0) continue;
+      const float* dy = d_out.data_as<float>() + offset * M;
+      const float* act = saved.act.data_as<float>() + offset * Hw;
+      const float* pre = saved.pre.data_as<float>() + offset * H1w;
+      const float* x = batch.rows_.data_as<float>() + offset * M;
+      float* da = d_act.data_as<float>() + offset * Hw;
+      float* dp = d_pre.data_as<float>() + offset * H1w;
+      float* dw1 = grads.w1.data_as<float>() + l * M * H1w;
+      float* dw2 = grads.w2.data_as<float>() + l * Hw * M;
+      const bool elementwise = !config_.skip_compute;  // timing only: GEMMs charge, nothing is touched
+      if (w.adds_bias && elementwise) kernels::cpu::add_column_sums(dy, m, M, grads.b2.data_as<float>() + l * M);
+      if (bf) {
+        const uint16_t* dy_b = static_cast<const uint16_t*>(dy16.data()) + offset * M;
+        gemm_bf16({.transpose_a = true, .m = Hw, .n = M, .k = m, .a = b16(saved.act16, offset * Hw), .lda = Hw,
+                   .b = dy_b, .ldb = M, .accumulate = true, .c = dw2, .ldc = M});
+        gemm_bf16({.transpose_b = true, .m = m, .n = Hw, .k = M, .a = dy_b, .lda = M,
+                   .b = b16(saved.w2_16, l * Hw * M), .ldb = M, .c = da, .ldc = Hw});
+      } else {
+        gemm({.transpose_a = true, .m = Hw, .n = M, .k = m, .a = act, .lda = Hw, .b = dy, .ldb = M, .beta = 1.f,
+              .c = dw2, .ldc = M});
+        gemm({.transpose_b = true, .m = m, .n = Hw, .k = M, .a = dy, .lda = M,
+              .b = w.p.w2.data_as<float>() + l * Hw * M, .ldb = M, .c = da, .ldc = Hw});
+      }
+      charge_memory(static_cast<double>(m) * (3 * H1w + Hw + M) * sizeof(float));  // activation, bias sums
+      if (elementwise) {
+        kernels::cpu::activation_backward(config_.activation, pre, da, m, Hw, dp);
+        kernels::cpu::add_column_sums(dp, m, H1w, grads.b1.data_as<float>() + l * H1w);
+      }
+      if (bf) {
+        uint16_t* dp_b = static_cast<uint16_t*>(dp16.data()) + offset * H1w;
+        if (elementwise) kernels::cpu::to_bf16(dp, m * H1w, dp_b);
+        gemm_bf16({.transpose_a = true, .m = M, .n = H1w, .k = m, .a = b16(saved.rows16, offset * M), .lda = M,
+                   .b = dp_b, .ldb = H1w, .accumulate = true, .c = dw1, .ldc = H1w});
+        if (input_grad)
+          gemm_bf16({.transpose_b = true, .m = m, .n = M, .k = H1w, .a = dp_b, .lda = H1w,
+                     .b = b16(saved.w1_16, l * M * H1w), .ldb = H1w, .c = d_rows.data_as<float>() + offset * M,
+                     .ldc = M});
+      } else {
+        gemm({.transpose_a = true, .m = M, .n = H1w, .k = m, .a = x, .lda = M, .b = dp, .ldb = H1w, .beta = 1.f,
+              .c = dw1, .ldc = H1w});
+        if (input_grad)
+          gemm({.transpose_b = true, .m = m, .n = M, .k = H1w, .a = dp, .lda = H1w,
+                .b = w.p.w1.data_as<float>() + l * M * H1w, .ldb = H1w, .c = d_rows.data_as<float>() + offset * M,
+                .ldc = M});
+      }
+      offset += m;
+    }
+}
+
+}  // namespace switchyard
