@@ -8,6 +8,7 @@
 #include "kernels/gemm.h"
 #include "comm/virtual_time.h"
 #include "launch/cluster_presets.h"
+#include "launch/placement_file.h"
 #include "moe/planner.h"
 #include "parallel/runtime.h"
 
@@ -128,6 +129,7 @@ int run_bench_moe(const BenchMoeOptions& o) {
     c.plan.r = o.adaptive_r < 0 ? 1 : o.adaptive_r;
     c.plan.d = o.overlap_degree;
     c.plan.a2a = o.use_2dh ? A2AAlgorithm::hierarchical : A2AAlgorithm::flat;
+    if (!o.placement.empty()) c.placement = load_placement_file(o.placement, c.router.experts, W);
     MoELayer layer(c, group);
     layer.init_parameters(o.seed);
     const int64_t T = static_cast<int64_t>(o.batch_size) * o.num_tokens, M = o.model_dim;
@@ -145,6 +147,8 @@ int run_bench_moe(const BenchMoeOptions& o) {
                                               : (std::to_string(layer.layout().local_experts()) + " per rank").c_str(),
                   o.top, o.capacity_factor, o.exchange.c_str(), o.activation.c_str(), rt.gemm_threads(),
                   o.eval ? "forward only (--eval)" : "training (fwd+bwd+SGD)");
+    if (leader && !o.quiet && c.placement)
+      std::printf("# placement %s: %s\n", o.placement.c_str(), c.placement->describe().c_str());
     if (leader && !o.quiet && o.microbatches > 1)
       std::printf("# %d micro-batches in flight per step (phases interleaved); capacity is per micro-batch, so the "
                   "losses equal the plain run's when nothing drops (capacity factor <= 0)\n",
@@ -265,6 +269,7 @@ int run_bench_moe(const BenchMoeOptions& o) {
               ExecPlan p{r, d, a2a, x};
               if (a2a == A2AAlgorithm::hierarchical && (c.node_size <= 1 || c.node_size >= W || r == 0)) continue;
               if (r == 0 && (d > 1 || x == ExchangeMode::dropless)) continue;  // no all-to-all to shape
+              if (r != 1 && !layer.layout().is_permutation()) continue;      // replicas: expert parallel only
               plans.push_back(p);
             }
       std::vector<double> medians, wall_medians;

@@ -166,6 +166,9 @@ int main(int argc, char** argv) {
                         "Pipelining degree d (chunks of all-to-all overlapping expert compute)")
       ->capture_default_str();
   bench_moe->add_flag("--use_2dh,--use-2dh", moe.use_2dh, "2D-hierarchical all-to-all (intra-node, then inter-node)");
+  bench_moe->add_option("--placement", moe.placement,
+                        "Physical expert placement (YAML: slots_per_rank: S, experts: {id: [physical slots]}; "
+                        "replicas and unused slots allowed)");
   bench_moe->add_option("--microbatches", moe.microbatches,
                         "Batches in flight per step: the tokens split into M micro-batches whose phases interleave")
       ->capture_default_str();

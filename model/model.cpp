@@ -79,8 +79,9 @@ Model::Model(const std::string& dir, std::shared_ptr<Communicator> group)
     const Tensor w1 = load_f32(f, p + "ffn.experts.w1", {E, d, H1}), b1 = load_f32(f, p + "ffn.experts.b1", {E, H1});
     const Tensor w2 = load_f32(f, p + "ffn.experts.w2", {E, H, d}), b2 = load_f32(f, p + "ffn.experts.b2", {E, d});
     ExpertParams& ep = moe->params();
-    for (int s = 0; s < moe->layout().local_experts(); ++s) {
+    for (int s = 0; s < moe->layout().slots(group_->rank()); ++s) {
       const int e = moe->layout().expert_at(group_->rank(), s);
+      if (e < 0) continue;  // an unused slot
       auto copy_slot = [&](const Tensor& from, Tensor& to, int64_t per) {
         std::memcpy(to.data_as<float>() + s * per, from.data_as<float>() + e * per, static_cast<size_t>(per) * sizeof(float));
       };

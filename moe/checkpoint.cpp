@@ -85,8 +85,10 @@ void MoELayer::save(const std::string& prefix) const {
     return TensorView(const_cast<float*>(t.data_as<float>()) + slot * n, DType::f32, std::move(shape));
   };
   if (S == 1) {
-    for (int slot = 0; slot < layout_.local_experts(); ++slot) {
+    for (int slot = 0; slot < layout_.slots(me); ++slot) {
       const int e = layout_.expert_at(me, slot);
+      // Each logical expert once, by its primary replica.
+      if (e < 0 || layout_.position(e) != layout_.position_at(me, slot)) continue;
       tensors.emplace_back(expert_key(e, "w1"), slice(params_.w1, slot, {M, H1}));
       tensors.emplace_back(expert_key(e, "b1"), slice(params_.b1, slot, {H1}));
       tensors.emplace_back(expert_key(e, "w2"), slice(params_.w2, slot, {H, M}));
@@ -141,8 +143,9 @@ void MoELayer::load(const std::string& prefix) {
   Tensor g = find("gate.weight").load("gate.weight", gate_weight_.shape(), DType::f32);
   std::memcpy(gate_weight_.data(), g.data(), g.nbytes());
   const int me = group_->rank();
-  for (int slot = 0; slot < layout_.local_experts(); ++slot) {
+  for (int slot = 0; slot < layout_.slots(me); ++slot) {
     const int e = layout_.expert_at(me, slot);
+    if (e < 0) continue;  // an unused slot
     auto load = [&](const char* name, const Shape& shape) {
       const std::string key = expert_key(e, name);
       return find(key).load(key, shape, DType::f32);

@@ -31,58 +31,74 @@ int64_t DispatchPlan::recv_offset(int chunk) const { return chunk_offset(recv_bl
 DispatchPlan build_dispatch_plan(const RouterConfig& router, const Routing& routing, int64_t tokens,
                                  const ExecPlan& exec, int64_t capacity, const DispatchGeometry& g) {
   const int k = static_cast<int>(routing.experts.shape().size() == 2 ? routing.experts.shape()[1] : router.k);
-  const int E = g.experts, S = g.shards, d = exec.d;
+  const int E = g.experts, S = g.shards, d = exec.d, X = g.exchange_ranks, Lw = g.slots;
   const bool padded = exec.exchange == ExchangeMode::padded;
+  const bool sliced = S > 1 && exec.r != 0;
   DispatchPlan p;
   p.exec = exec;
   p.tokens = tokens;
   p.k = k;
   p.copies = g.copies;
-  p.exchange_ranks = g.exchange_ranks;
-  p.slots = g.slots;
+  p.exchange_ranks = X;
+  p.slots = Lw;
   p.capacity = capacity;
   const int32_t* chosen = tokens ? routing.experts.data_as<int32_t>() : nullptr;
   const float* weight = tokens ? routing.weights.data_as<float>() : nullptr;
-  std::vector<std::vector<int64_t>> choice_at(static_cast<size_t>(E));  // per position, in slot order
+  std::vector<std::vector<int64_t>> choice_at(static_cast<size_t>(E));  // per logical expert, in slot order
   std::vector<int64_t> order(static_cast<size_t>(tokens));
   std::iota(order.begin(), order.end(), int64_t{0});
   if (router.batch_prioritized)
     std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return weight[a * k] > weight[b * k]; });
   for (int j = 0; j < k; ++j)
     for (const int64_t t : order) {
-      auto& at = choice_at[static_cast<size_t>(g.position_of_expert[static_cast<size_t>(chosen[t * k + j])])];
+      auto& at = choice_at[static_cast<size_t>(chosen[t * k + j])];
       if (static_cast<int64_t>(at.size()) < p.capacity)
         at.push_back(t * k + j);
       else
         ++p.dropped;
     }
-  p.rows_per_position.resize(static_cast<size_t>(E));
-  for (int pos = 0; pos < E; ++pos) p.rows_per_position[pos] = static_cast<int64_t>(choice_at[pos].size());
+  p.rows_per_expert.resize(static_cast<size_t>(E));
+  for (int e = 0; e < E; ++e) p.rows_per_expert[e] = static_cast<int64_t>(choice_at[e].size());
 
-  // The slot range of a position each destination block takes, and which copy it is.
+  // Whole experts: each block's choices (a replica takes every count-th kept
+  // choice of its expert) and its padded size.
+  std::vector<std::vector<int64_t>> block_choices;
+  std::vector<int64_t> block_padded;
+  if (!sliced) {
+    block_choices.resize(static_cast<size_t>(X * Lw));
+    block_padded.assign(static_cast<size_t>(X * Lw), 0);
+    for (int e = 0; e < E; ++e) {
+      const auto& blocks = g.blocks_of_expert[static_cast<size_t>(e)];
+      const auto n = static_cast<int64_t>(blocks.size());
+      for (int64_t i = 0; i < static_cast<int64_t>(choice_at[e].size()); ++i)
+        block_choices[static_cast<size_t>(blocks[static_cast<size_t>(i % n)])].push_back(choice_at[e][i]);
+      for (int b : blocks) block_padded[static_cast<size_t>(b)] = (p.capacity + n - 1) / n;
+    }
+  }
+  // The choices a destination block takes, the slot range of them, and which copy it is.
   struct Block {
-    int position;
+    const std::vector<int64_t>* choices;
     int64_t lo, hi;
     int copy;
   };
   auto block = [&](int u, int l) -> Block {
-    if (exec.r == 0 || S == 1) {
-      const int pos = exec.r == 0 ? l : u * g.slots + l;
-      return {pos, 0, padded ? p.capacity : p.rows_per_position[pos], 0};
+    if (!sliced) {
+      const auto b = static_cast<size_t>(u * Lw + l);
+      return {&block_choices[b], 0, padded ? block_padded[b] : static_cast<int64_t>(block_choices[b].size()), 0};
     }
     const int pos = u / S, s = u % S, R = g.replicas, q = s % R;
-    const int64_t n = p.rows_per_position[pos];
+    const auto& at = choice_at[static_cast<size_t>(g.expert_at_position[static_cast<size_t>(pos)])];
+    const auto n = static_cast<int64_t>(at.size());
     if (padded) {
       const int64_t per = (p.capacity + R - 1) / R;
-      return {pos, q * per, (q + 1) * per, s / R};
+      return {&at, q * per, (q + 1) * per, s / R};
     }
-    return {pos, q * n / R, (q + 1) * n / R, s / R};
+    return {&at, q * n / R, (q + 1) * n / R, s / R};
   };
   auto chunk_range = [&](const Block& b, int i) {
     const int64_t width = b.hi - b.lo;
     return std::pair<int64_t, int64_t>{b.lo + i * width / d, b.lo + (i + 1) * width / d};
   };
-  const int X = g.exchange_ranks, Lw = g.slots;
   p.send_block_rows.assign(static_cast<size_t>(d * X * Lw), 0);
   p.row_of_choice.assign(static_cast<size_t>(tokens * k * p.copies), -1);
   int64_t row = 0;
@@ -92,7 +108,7 @@ DispatchPlan build_dispatch_plan(const RouterConfig& router, const Routing& rout
         const Block b = block(u, l);
         const auto [lo, hi] = chunk_range(b, i);
         p.send_block_rows[static_cast<size_t>((i * X + u) * Lw + l)] = hi - lo;
-        const auto& at = choice_at[static_cast<size_t>(b.position)];
+        const auto& at = *b.choices;
         for (int64_t slot = lo; slot < hi; ++slot, ++row) {
           if (slot >= static_cast<int64_t>(at.size())) {  // padding
             p.token_of_row.push_back(-1);

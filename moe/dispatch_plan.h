@@ -26,10 +26,17 @@ struct DispatchPlan {
   std::vector<int64_t> row_of_choice;       // [T*k*copies]: send row, -1 when dropped
   std::vector<int64_t> token_of_row;        // [rows]: source token, -1 for padding
   std::vector<float> weight_of_row;         // [rows]
-  std::vector<int64_t> rows_per_position;   // [E]: routed (kept) rows of each expert position
+  std::vector<int64_t> rows_per_expert;     // [E]: routed (kept) rows of each logical expert
   std::vector<int64_t> send_block_rows;     // [d * X * slots]
   std::vector<int64_t> recv_block_rows;     // [d * X * slots] (after the counts are exchanged)
   int64_t dropped = 0;                      // choices beyond capacity on this rank
+  // The combine layout (CombineLayout), when results leave the sender:
+  bool moves_results = false;
+  int64_t output_rows = 0;                  // rows of this rank's output (tokens when results stay)
+  std::vector<int64_t> result_send_order;   // [T]: my tokens grouped by the rank their result goes to
+  std::vector<int64_t> result_send_counts;  // [X]: results I send to each rank
+  std::vector<int64_t> result_recv_counts;  // [X]: results each rank sends me
+  std::vector<int64_t> result_index;        // [received]: the output row of each result I receive, in order
   int64_t send_rows() const { return static_cast<int64_t>(token_of_row.size()); }
   int64_t recv_rows() const;
   // Rows of one chunk per peer, and where the chunk starts, on either side.
@@ -42,23 +49,39 @@ struct DispatchPlan {
   }
 };
 
+// Where each token's combined result goes. By default it stays with the rank
+// that sent the token, at the token's row; a caller may send it elsewhere (a
+// token that moved before the layer goes home; ranks that own no tokens hand
+// results to those that do). Every rank of the group gives one, or none does.
+struct CombineLayout {
+  std::vector<int> rank;       // [T]: the rank that receives token t's result
+  std::vector<int64_t> index;  // [T]: its row there
+  int64_t output_rows = 0;     // rows this rank receives: its output is [output_rows, M]
+};
+
 // What a plan's shape makes of the layer's layout (MoELayer computes it).
 struct DispatchGeometry {
   int experts = 0;          // E logical experts
-  int shards = 1;           // S ranks per stored expert
+  int shards = 1;           // S ranks per stored expert (sliced, r >= 1); 1 otherwise
   int exchange_ranks = 1;   // X
-  int slots = 1;            // working expert positions per rank
+  int slots = 1;            // working expert slots per rank (the most any rank has)
   int copies = 1;           // ranks every routed row goes to (r > 1)
-  int replicas = 1;         // rank sets an expert's rows are split over (S / r when sliced)
+  int replicas = 1;         // rank sets a sliced expert's rows are split over (S / r)
   int rank = 0;             // this rank in the expert group
-  std::vector<int> position_of_expert;  // [E]
+  // Whole experts or r = 0: the destination blocks (u * slots + l) of each
+  // logical expert's replicas; its i-th kept choice goes to block i mod count.
+  std::vector<std::vector<int>> blocks_of_expert;  // [E]
+  // Sliced experts (shards > 1): the logical expert at each position.
+  std::vector<int> expert_at_position;  // [E]
 };
 
 // Slots are handed out choice by choice (all first choices, then all second
 // ...), as GShard and Tutel do, so a token's best expert wins a slot first;
-// batch_prioritized orders the tokens by their best weight first. `capacity`
-// is already agreed across the group. Padded plans also know their receive
-// blocks; dropless ones learn them from the count exchange.
+// batch_prioritized orders the tokens by their best weight first. Capacity
+// (already agreed across the group) binds per logical expert, before a replica
+// is chosen, so replicas never change which choices drop. Padded blocks hold
+// ceil(C / replicas) rows; padded plans also know their receive blocks,
+// dropless ones learn them from the count exchange.
 DispatchPlan build_dispatch_plan(const RouterConfig& router, const Routing& routing, int64_t tokens,
                                  const ExecPlan& exec, int64_t capacity, const DispatchGeometry& geometry);
 

@@ -128,8 +128,10 @@ void MoELayer::init_parameters(uint64_t seed) {
   // layout holds the same weights.
   Tensor w1 = Tensor::empty({M, H1}, DType::f32), b1 = Tensor::empty({H1}, DType::f32);
   Tensor w2 = Tensor::empty({H, M}, DType::f32), b2 = Tensor::empty({M}, DType::f32);
-  for (int slot = 0; slot < layout_.local_experts(); ++slot) {
-    Rng rng(seed * 1000003u + static_cast<uint64_t>(layout_.expert_at(me, slot)) + 1);
+  for (int slot = 0; slot < layout_.slots(me); ++slot) {
+    const int expert = layout_.expert_at(me, slot);
+    if (expert < 0) continue;  // an unused slot stays zero
+    Rng rng(seed * 1000003u + static_cast<uint64_t>(expert) + 1);
     rng.fill_uniform(w1, -1.0 / std::sqrt(M), 1.0 / std::sqrt(M));
     rng.fill_uniform(b1, -1.0 / std::sqrt(M), 1.0 / std::sqrt(M));
     rng.fill_uniform(w2, -1.0 / std::sqrt(H), 1.0 / std::sqrt(H));
@@ -376,6 +378,95 @@ void MoELayer::backward_chunk(const MoEBatch& batch, int chunk, const Tensor& d_
       }
       offset += m;
     }
+}
+
+}  // namespace switchyard
+
+namespace switchyard {
+
+void MoELayer::migrate(const ExpertPlacement& to, const std::vector<ExpertParams*>& state) {
+  if (layout_.shards() > 1)
+    SY_THROW(InvalidArgument, "moe: migrate needs whole experts; ", config_.router.experts, " experts on ",
+             group_->size(), " ranks are sliced (", layout_.shards(), " ranks per expert) and keep their layout");
+  const int E = config_.router.experts, W = group_->size(), me = group_->rank();
+  ParamLayout next(E, W, to);  // validates the placement against this group
+  const ExpertPlacement& from = layout_.placement();
+  const int64_t M = config_.model_dim, H = config_.hidden_dim, H1 = hidden_in();
+  const int64_t sizes[4] = {M * H1, H1, H * M, M};  // w1, b1, w2, b2 of one expert
+  const int64_t per_expert = sizes[0] + sizes[1] + sizes[2] + sizes[3];
+  std::vector<ExpertParams*> moved{&params_};
+  for (ExpertParams* s : state) {
+    for (auto [t, want] : {std::pair{&s->w1, &params_.w1}, {&s->b1, &params_.b1}, {&s->w2, &params_.w2},
+                           {&s->b2, &params_.b2}})
+      if (t->shape() != want->shape() || t->dtype() != DType::f32)
+        SY_THROW(InvalidArgument, "moe: migrate: a per-expert state tensor is ", dtype_name(t->dtype()), " ",
+                 shape_string(t->shape()), ", expected f32 ", shape_string(want->shape()), " like the parameters");
+    moved.push_back(s);
+  }
+  const int64_t per_slot = per_expert * static_cast<int64_t>(moved.size());
+  // Each logical expert comes from its primary replica under the old placement.
+  auto source_rank = [&](int e) { return from.rank_of_slot(from.primary_slot(e)); };
+  auto source_slot = [&](int e) { return from.primary_slot(e) - from.first_slot(source_rank(e)); };
+  std::vector<int64_t> send_counts(static_cast<size_t>(W), 0), recv_counts(static_cast<size_t>(W), 0);
+  std::vector<int> outgoing;  // my old slots, in the order the receivers' new slots ask for them
+  for (int q = 0; q < W; ++q)
+    for (int s = 0; s < to.slots(q); ++s) {
+      const int e = to.expert_at(q, s);
+      if (e < 0 || source_rank(e) != me) continue;
+      outgoing.push_back(source_slot(e));
+      send_counts[static_cast<size_t>(q)] += per_slot;
+    }
+  for (int s = 0; s < to.slots(me); ++s) {
+    const int e = to.expert_at(me, s);
+    if (e >= 0) recv_counts[static_cast<size_t>(source_rank(e))] += per_slot;
+  }
+  Tensor send = Tensor::empty({static_cast<int64_t>(outgoing.size()) * per_slot}, DType::f32);
+  float* out = send.data_as<float>();
+  for (int slot : outgoing)
+    for (ExpertParams* p : moved) {
+      const Tensor* parts[4] = {&p->w1, &p->b1, &p->w2, &p->b2};
+      for (int i = 0; i < 4; ++i) {
+        std::memcpy(out, parts[i]->data_as<float>() + slot * sizes[i], static_cast<size_t>(sizes[i]) * sizeof(float));
+        out += sizes[i];
+      }
+    }
+  int64_t incoming = 0;
+  for (int64_t c : recv_counts) incoming += c;
+  Tensor recv = Tensor::empty({incoming}, DType::f32);
+  group_->alltoallv(send, send_counts, recv, recv_counts).wait();
+  // Where each source's block starts; within it, my new slots in order.
+  std::vector<int64_t> cursor(static_cast<size_t>(W), 0);
+  for (int u = 1; u < W; ++u) cursor[static_cast<size_t>(u)] = cursor[static_cast<size_t>(u - 1)] + recv_counts[u - 1];
+  const int64_t L = to.slots(me);
+  std::vector<ExpertParams> fresh_sets(moved.size());
+  for (auto& f : fresh_sets) {
+    f.w1 = Tensor::zeros({L, M, H1}, DType::f32);
+    f.b1 = Tensor::zeros({L, H1}, DType::f32);
+    f.w2 = Tensor::zeros({L, H, M}, DType::f32);
+    f.b2 = Tensor::zeros({L, M}, DType::f32);
+  }
+  for (int s = 0; s < L; ++s) {
+    const int e = to.expert_at(me, s);
+    if (e < 0) continue;
+    const float* in = recv.data_as<float>() + cursor[static_cast<size_t>(source_rank(e))];
+    for (ExpertParams& f : fresh_sets) {
+      Tensor* parts[4] = {&f.w1, &f.b1, &f.w2, &f.b2};
+      for (int i = 0; i < 4; ++i) {
+        std::memcpy(parts[i]->data_as<float>() + s * sizes[i], in, static_cast<size_t>(sizes[i]) * sizeof(float));
+        in += sizes[i];
+      }
+    }
+    cursor[static_cast<size_t>(source_rank(e))] += per_slot;
+  }
+  for (size_t i = 0; i < moved.size(); ++i) *moved[i] = std::move(fresh_sets[i]);
+  layout_ = std::move(next);
+  config_.placement = to;
+  ++placement_generation_;  // batches planned on the old placement are refused
+  current_.reset();
+  if (last_ && last_.use_count() == 1) last_->release_buffers();
+  zero_grad();
+  make_replica_groups();
+  parameters_exist_ = true;
 }
 
 }  // namespace switchyard

@@ -72,12 +72,12 @@ const char* stage_name(MoEBatch::Stage s) {
 MoELayer::MoELayer(MoEConfig config, std::shared_ptr<Communicator> expert_group)
     : config_(std::move(config)),
       group_(std::move(expert_group)),
-      layout_(config_.router.experts, group_->size()),
+      layout_(config_.router.experts, group_->size(), config_.placement),
       local_hidden_(layout_.local_hidden(config_.hidden_dim)),
       // Timing only never touches the buffers, so poisoning them would only cost.
       pool_(static_cast<int>(Buffer::count), env().poison_buffers && !config_.skip_compute) {
   config_.validate();
-  const int64_t M = config_.model_dim, L = layout_.local_experts();
+  const int64_t M = config_.model_dim, L = layout_.slots(group_->rank());
   const int64_t H1s = hidden_in() / layout_.shards();
   gate_weight_ = Tensor::zeros({M, config_.router.experts}, DType::f32);
   gate_bias_ = Tensor::zeros({config_.router.experts}, DType::f32);
@@ -113,7 +113,41 @@ MoELayer::MoELayer(MoEConfig config, std::shared_ptr<Communicator> expert_group)
     if (config_.device_model) hierarchical_->set_copy_bandwidth(config_.device_model->memory_bandwidth);
     hierarchical_->set_skip_copies(config_.skip_compute);
   }
+  make_replica_groups();
   check_plan(config_.plan);
+}
+
+void MoELayer::make_replica_groups() {
+  replica_groups_.clear();
+  if (layout_.shards() > 1) return;
+  const ExpertPlacement& pl = layout_.placement();
+  const int me = group_->rank();
+  // Ascending expert order on every rank: each group's members create it in
+  // the same sequence, so no two groups wait on each other.
+  for (int e = 0; e < pl.experts(); ++e) {
+    if (pl.replicas(e) < 2) continue;
+    std::vector<int> members;
+    int mine = -1;
+    for (int p : pl.replicas_of(e)) {
+      const int rank = pl.rank_of_slot(p);
+      members.push_back(rank);
+      if (rank == me) mine = p - pl.first_slot(me);
+    }
+    if (mine < 0) continue;
+    std::sort(members.begin(), members.end());
+    replica_groups_.push_back(
+        {mine, group_->create_group(members, group_->name() + "/replicas-of-" + std::to_string(e))});
+  }
+}
+
+void MoELayer::sum_replica_gradients(ExpertParams& g) {
+  if (replica_groups_.empty() || config_.skip_compute) return;
+  for (const ReplicaGroup& r : replica_groups_)
+    for (Tensor* t : {&g.w1, &g.b1, &g.w2, &g.b2}) {
+      const int64_t per_slot = t->numel() / t->shape()[0];
+      TensorView slice(t->data_as<float>() + r.slot * per_slot, DType::f32, {per_slot});
+      r.group->allreduce(slice, slice).wait();
+    }
 }
 
 void MoELayer::check_plan(const ExecPlan& plan) const {
@@ -127,6 +161,9 @@ void MoELayer::check_plan(const ExecPlan& plan) const {
   }
   if (plan.d < 1 || plan.d > 64)
     SY_THROW(InvalidArgument, "moe plan: d (pipelining degree) = ", plan.d, ", expected 1..64");
+  if (plan.r != 1 && !layout_.is_permutation())
+    SY_THROW(InvalidArgument, "moe plan: r = ", plan.r, " needs every expert once and equal slots per rank; the "
+             "placement has ", layout_.placement().describe(), "; expected r = 1");
   if (plan.a2a == A2AAlgorithm::hierarchical && !hierarchical_ && group_->size() > 1)
     SY_THROW(InvalidArgument, "moe plan: a2a = 2dh needs nodes: node_size = ", config_.node_size,
              " on ", group_->size(), " ranks; expected a divisor of the ranks between 2 and ", group_->size() - 1);
@@ -143,17 +180,32 @@ MoELayer::PlanShape MoELayer::shape_of(int r) const {
           it == gather_groups_.end() ? nullptr : it->second.get()};
 }
 
-DispatchGeometry MoELayer::geometry(const PlanShape& shape) const {
+DispatchGeometry MoELayer::geometry(const PlanShape& shape, int r) const {
   DispatchGeometry g;
-  g.experts = config_.router.experts;
+  const int E = config_.router.experts;
+  g.experts = E;
   g.shards = layout_.shards();
   g.exchange_ranks = shape.exchange_ranks;
   g.slots = shape.slots;
   g.copies = shape.copies;
   g.replicas = shape.replicas;
   g.rank = group_->rank();
-  g.position_of_expert.resize(static_cast<size_t>(g.experts));
-  for (int e = 0; e < g.experts; ++e) g.position_of_expert[static_cast<size_t>(e)] = layout_.position(e);
+  if (g.shards > 1 && r != 0) {
+    g.expert_at_position.resize(static_cast<size_t>(E));
+    for (int pos = 0; pos < E; ++pos) g.expert_at_position[static_cast<size_t>(pos)] = layout_.expert_at_position(pos);
+    return g;
+  }
+  g.blocks_of_expert.resize(static_cast<size_t>(E));
+  if (r == 0) {  // every working expert on every rank, in position order
+    for (int e = 0; e < E; ++e) g.blocks_of_expert[static_cast<size_t>(e)] = {layout_.position(e)};
+    return g;
+  }
+  const ExpertPlacement& pl = layout_.placement();
+  for (int e = 0; e < E; ++e)
+    for (int p : pl.replicas_of(e)) {
+      const int u = pl.rank_of_slot(p);
+      g.blocks_of_expert[static_cast<size_t>(e)].push_back(u * g.slots + p - pl.first_slot(u));
+    }
   return g;
 }
 
@@ -211,37 +263,45 @@ void MoELayer::require(const MoEBatch& batch, MoEBatch::Stage stage, const char*
     SY_THROW(InvalidArgument, "moe: ", phase, " on batch ", batch.sequence_,
              " whose buffers were released (a later forward(x) replaced it); keep the handle from plan() to drive "
              "several batches");
+  if (batch.placement_generation_ != placement_generation_)
+    SY_THROW(InvalidArgument, "moe: ", phase, " on batch ", batch.sequence_,
+             ", planned before the experts migrated; plan it again");
   if (batch.stage_ != stage)
     SY_THROW(InvalidArgument, "moe: ", phase, " on batch ", batch.sequence_, " that is ", stage_name(batch.stage_),
              "; expected ", stage_name(stage), " (plan -> dispatch -> experts -> combine -> finish -> backward)");
 }
 
-void MoELayer::verify_plan_agreement(const ExecPlan& plan) {
+void MoELayer::verify_plan_agreement(const ExecPlan& plan, bool moves_results) {
   if (!config_.check_plan || group_->size() == 1) return;
-  const auto h = static_cast<int64_t>(plan.hash() >> 1), order = static_cast<int64_t>(phase_hash_ >> 1);
+  // Whether results move (a combine layout) is part of what the ranks must agree on.
+  const auto h = static_cast<int64_t>((plan.hash() ^ (moves_results ? 0x9e3779b97f4a7c15ull : 0)) >> 1);
+  const auto order = static_cast<int64_t>(phase_hash_ >> 1);
   Tensor v = Tensor::empty({4}, DType::i64);
   int64_t* a = v.data_as<int64_t>();
   a[0] = h, a[1] = -h, a[2] = order, a[3] = -order;
   group_->allreduce(v, v, {.op = ReduceOp::max}).wait();
   if (a[0] != h || a[1] != -h)
     SY_THROW(InvalidArgument, "moe: ranks of '", group_->name(), "' run different plans; rank ", group_->rank(),
-             " has (", plan.describe(), "). The plan must be a function of inputs agreed across the group");
+             " has (", plan.describe(), moves_results ? ", with a combine layout" : "",
+             "). The plan must be a function of inputs agreed across the group");
   if (a[2] != order || a[3] != -order)
     SY_THROW(InvalidArgument, "moe: ranks of '", group_->name(), "' drove their batches' phases in different orders "
              "before batch ", batches_planned_ - 1, " (rank ", group_->rank(), "); every rank must call plan, dispatch, "
              "experts, combine and backward for the same batches in the same order");
 }
 
-MoEHandle MoELayer::plan(const TensorView& x, const RoutingChoice& routing, const ExecPlan& exec) {
-  return plan_impl(x, routing, &exec, nullptr);
+MoEHandle MoELayer::plan(const TensorView& x, const RoutingChoice& routing, const ExecPlan& exec,
+                         const CombineLayout* combine_layout) {
+  return plan_impl(x, routing, &exec, nullptr, combine_layout);
 }
 
-MoEHandle MoELayer::plan(const TensorView& x, const RoutingChoice& routing, PlanChooser& chooser) {
-  return plan_impl(x, routing, nullptr, &chooser);
+MoEHandle MoELayer::plan(const TensorView& x, const RoutingChoice& routing, PlanChooser& chooser,
+                         const CombineLayout* combine_layout) {
+  return plan_impl(x, routing, nullptr, &chooser, combine_layout);
 }
 
 MoEHandle MoELayer::plan_impl(const TensorView& x, const RoutingChoice& routing, const ExecPlan* fixed,
-                              PlanChooser* chooser) {
+                              PlanChooser* chooser, const CombineLayout* combine_layout) {
   if (fixed) check_plan(*fixed);
   if (routing.k < 1 || routing.k > config_.router.experts)
     SY_THROW(InvalidArgument, "moe: routing k = ", routing.k, ", expected 1..", config_.router.experts);
@@ -254,6 +314,7 @@ MoEHandle MoELayer::plan_impl(const TensorView& x, const RoutingChoice& routing,
   b->router_.validate();
   b->routing_ = route_tokens(b->router_, x, b->logits_);
   b->sequence_ = batches_planned_++;
+  b->placement_generation_ = placement_generation_;
   const int64_t T = x.size(0);
   ExecPlan exec;
   int64_t capacity = 0;
@@ -282,11 +343,13 @@ MoEHandle MoELayer::plan_impl(const TensorView& x, const RoutingChoice& routing,
   }
   {
     PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::gate);
-    b->plan_ = build_dispatch_plan(b->router_, b->routing_, T, exec, capacity, geometry(shape_of(exec.r)));
+    b->plan_ = build_dispatch_plan(b->router_, b->routing_, T, exec, capacity, geometry(shape_of(exec.r), exec.r));
   }
+  b->plan_.output_rows = T;
   record(*b, Phase::plan);
-  verify_plan_agreement(exec);
+  verify_plan_agreement(exec, combine_layout != nullptr);
   exchange_layout(b->plan_);
+  if (combine_layout) exchange_result_layout(b->plan_, *combine_layout);
   b->x_ = buffer(Buffer::input, x.shape());  // the gate's backward reads it
   if (x.nbytes()) std::memcpy(b->x_.data(), x.data(), x.nbytes());
   last_ = b;
@@ -397,6 +460,7 @@ Work MoELayer::combine(MoEBatch& b) {
 const MoEForward& MoELayer::finish(MoEBatch& b) {
   if (b.stage_ == MoEBatch::Stage::dispatched) combine(b);
   require(b, MoEBatch::Stage::combining, "finish");
+  record(b, Phase::finish);
   const DispatchPlan& p = b.plan_;
   const int64_t M = config_.model_dim;
   {
@@ -416,11 +480,88 @@ const MoEForward& MoELayer::finish(MoEBatch& b) {
   kernels::cpu::combine_rows(b.returned_.data_as<float>(), p.row_of_choice.data(), scale.data(), p.tokens, kc, M,
                              f.output.data_as<float>());
   charge_memory(static_cast<double>(p.send_rows() + p.tokens) * M * sizeof(float));
+  if (p.moves_results) {
+    PhaseTimer back_timer(times_, virtual_times_, &MoEPhaseTimes::combine_a2a);
+    Tensor arrived = move_rows(f.output.data_as<float>(), p.result_send_order, p.result_send_counts,
+                               p.result_recv_counts);
+    f.output = Tensor::zeros({p.output_rows, M}, DType::f32);
+    for (size_t i = 0; i < p.result_index.size(); ++i)
+      std::memcpy(f.output.data_as<float>() + p.result_index[i] * M, arrived.data_as<float>() + static_cast<int64_t>(i) * M,
+                  static_cast<size_t>(M) * sizeof(float));
+  }
   f.balance_loss = b.routing_.balance_loss;
   f.z_loss = b.routing_.z_loss;
   f.dropped = p.dropped;
   b.stage_ = MoEBatch::Stage::finished;
   return f;
+}
+
+Tensor MoELayer::move_rows(const float* from, const std::vector<int64_t>& order,
+                           const std::vector<int64_t>& send_counts, const std::vector<int64_t>& recv_counts) {
+  const int64_t M = config_.model_dim;
+  int64_t incoming = 0;
+  for (int64_t c : recv_counts) incoming += c;
+  Tensor send = Tensor::empty({static_cast<int64_t>(order.size()), M}, DType::f32);
+  Tensor recv = Tensor::empty({incoming, M}, DType::f32);
+  kernels::cpu::gather_rows(from, order.data(), static_cast<int64_t>(order.size()), M, send.data_as<float>());
+  group_->alltoallv(TensorView(send.data(), DType::f32, {send.numel()}), times(send_counts, M),
+                    TensorView(recv.data(), DType::f32, {recv.numel()}), times(recv_counts, M)).wait();
+  return recv;
+}
+
+void MoELayer::exchange_result_layout(DispatchPlan& p, const CombineLayout& layout) {
+  const int W = group_->size();
+  const int64_t T = p.tokens;
+  // A bad layout fails on every rank at once: its flag rides on the count exchange.
+  std::string problem;
+  if (static_cast<int64_t>(layout.rank.size()) != T || static_cast<int64_t>(layout.index.size()) != T)
+    problem = detail::make_string("it has ", layout.rank.size(), " ranks and ", layout.index.size(),
+                                  " indices for ", T, " tokens");
+  else if (layout.output_rows < 0)
+    problem = detail::make_string("output_rows = ", layout.output_rows);
+  for (int64_t t = 0; problem.empty() && t < T; ++t)
+    if (layout.rank[t] < 0 || layout.rank[t] >= W || layout.index[t] < 0)
+      problem = detail::make_string("token ", t, " goes to rank ", layout.rank[t], " row ", layout.index[t],
+                                    " (", W, " ranks)");
+  p.result_send_counts.assign(static_cast<size_t>(W), 0);
+  if (problem.empty())
+    for (int64_t t = 0; t < T; ++t) ++p.result_send_counts[static_cast<size_t>(layout.rank[t])];
+  Tensor counts = Tensor::empty({2 * W}, DType::i64), theirs = Tensor::empty({2 * W}, DType::i64);
+  for (int u = 0; u < W; ++u) {
+    counts.data_as<int64_t>()[2 * u] = p.result_send_counts[u];
+    counts.data_as<int64_t>()[2 * u + 1] = problem.empty() ? 0 : 1;
+  }
+  group_->alltoall(counts, theirs).wait();
+  for (int u = 0; u < W; ++u)
+    if (theirs.data_as<int64_t>()[2 * u + 1])
+      SY_THROW(InvalidArgument, "moe: rank ", u, "'s combine layout is invalid",
+               u == group_->rank() ? ": " + problem : std::string(" (it says why)"));
+  p.result_recv_counts.assign(static_cast<size_t>(W), 0);
+  for (int u = 0; u < W; ++u) p.result_recv_counts[u] = theirs.data_as<int64_t>()[2 * u];
+  // My tokens grouped by destination (stable), and each one's row there.
+  p.result_send_order.resize(static_cast<size_t>(T));
+  std::iota(p.result_send_order.begin(), p.result_send_order.end(), int64_t{0});
+  std::stable_sort(p.result_send_order.begin(), p.result_send_order.end(),
+                   [&](int64_t a, int64_t b) { return layout.rank[a] < layout.rank[b]; });
+  Tensor rows = Tensor::empty({T}, DType::i64);
+  for (int64_t i = 0; i < T; ++i) rows.data_as<int64_t>()[i] = layout.index[p.result_send_order[i]];
+  int64_t incoming = 0;
+  for (int64_t c : p.result_recv_counts) incoming += c;
+  Tensor arrived = Tensor::empty({incoming}, DType::i64);
+  group_->alltoallv(rows, p.result_send_counts, arrived, p.result_recv_counts).wait();
+  p.result_index.assign(arrived.data_as<int64_t>(), arrived.data_as<int64_t>() + incoming);
+  std::vector<bool> taken(static_cast<size_t>(layout.output_rows), false);
+  for (int64_t i = 0; i < incoming; ++i) {
+    const int64_t r = p.result_index[static_cast<size_t>(i)];
+    if (r >= layout.output_rows || taken[static_cast<size_t>(r)])
+      SY_THROW(InvalidArgument, "moe: rank ", group_->rank(), " receives a result for row ", r, ", which is ",
+               r >= layout.output_rows ? "beyond its output_rows = " + std::to_string(layout.output_rows)
+                                       : std::string("taken by another token"),
+               "; expected each of its rows once");
+    taken[static_cast<size_t>(r)] = true;
+  }
+  p.moves_results = true;
+  p.output_rows = layout.output_rows;
 }
 
 const MoEForward& MoELayer::forward(MoEBatch& b) {
@@ -455,10 +596,19 @@ Tensor MoELayer::backward(MoEBatch& b, const TensorView& dout, double balance_co
   const DispatchPlan& p = b.plan_;
   const int64_t T = p.tokens, M = config_.model_dim;
   const int k = p.k, kc = p.k * p.copies, S = layout_.shards();
-  if (dout.dtype() != DType::f32 || dout.shape() != Shape{T, M} || !dout.is_contiguous())
+  if (dout.dtype() != DType::f32 || dout.shape() != Shape{p.output_rows, M} || !dout.is_contiguous())
     SY_THROW(InvalidArgument, "moe: dout is ", dtype_name(dout.dtype()), " ", shape_string(dout.shape()),
-             ", expected contiguous f32 [", T, ", ", M, "] like the output");
+             ", expected contiguous f32 [", p.output_rows, ", ", M, "] like the output");
   const float* g = static_cast<const float*>(dout.data());
+  Tensor dout_of_tokens;  // the combine layout's dout, back at the tokens' ranks
+  if (p.moves_results) {
+    Tensor home = move_rows(g, p.result_index, p.result_recv_counts, p.result_send_counts);
+    dout_of_tokens = Tensor::empty({T, M}, DType::f32);
+    for (int64_t i = 0; i < T; ++i)
+      std::memcpy(dout_of_tokens.data_as<float>() + p.result_send_order[i] * M, home.data_as<float>() + i * M,
+                  static_cast<size_t>(M) * sizeof(float));
+    g = dout_of_tokens.data_as<float>();
+  }
 
   // Combine: returned rows (every copy) were weighted and summed into their tokens.
   Tensor d_returned = buffer(Buffer::d_returned, {p.send_rows(), M});
@@ -501,6 +651,9 @@ Tensor MoELayer::backward(MoEBatch& b, const TensorView& dout, double balance_co
     }
     wg.b1 = Tensor::zeros(w.p.b1.shape(), DType::f32);
     wg.b2 = Tensor::zeros(w.p.b2.shape(), DType::f32);
+  } else if (!replica_groups_.empty()) {
+    // This batch's gradients alone are summed over each expert's replicas.
+    wg = {fresh(grads_.w1.shape()), fresh(grads_.b1.shape()), fresh(grads_.w2.shape()), fresh(grads_.b2.shape())};
   } else {
     wg = grads_;
     if (S > 1) wg.b2 = Tensor::zeros(grads_.b2.shape(), DType::f32);  // summed over the expert's ranks below
@@ -516,6 +669,13 @@ Tensor MoELayer::backward(MoEBatch& b, const TensorView& dout, double balance_co
     if (moves && input_grad) back.works.push_back(exchange(p, i, d_rows, d_sent, false));
   }
   scatter_gradients(shape, wg, w.gathered);
+  if (!w.gathered && !replica_groups_.empty()) {
+    sum_replica_gradients(wg);
+    if (!config_.skip_compute)
+      for (auto [acc, part] : {std::pair{&grads_.w1, &wg.w1}, {&grads_.b1, &wg.b1}, {&grads_.w2, &wg.w2},
+                               {&grads_.b2, &wg.b2}})
+        add_into(*acc, *part);
+  }
 
   // Gate: the weights of the choices (summed over a row's copies), then the
   // losses, down to the logits.

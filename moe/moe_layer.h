@@ -8,6 +8,7 @@
 #pragma once
 
 #include <map>
+#include <optional>
 #include <string>
 #include <memory>
 #include <vector>
@@ -41,6 +42,10 @@ struct MoEConfig {
   // the GEMMs themselves (outputs are then meaningless; for virtual timings of
   // clusters larger than this machine can compute).
   std::shared_ptr<const DeviceModel> device_model;
+  // Physical expert placement (replicas, ranks without experts, uneven slots;
+  // moe/placement.h); empty: E / W experts per rank, or Tutel's sliced layout
+  // when E < W. Placements other than a permutation run r = 1 plans.
+  std::optional<ExpertPlacement> placement;
   bool skip_compute = false;
   bool check_finite = false;  // reject NaN/Inf inputs with a clear error
   // Expert GEMMs: f32, or bf16 operands with fp32 accumulation (weights stay
@@ -144,6 +149,7 @@ class MoEBatch {
     bool adds_bias = true;  // the first hidden piece adds fc2's bias, the others add 0
   };
   uint64_t sequence_ = 0;
+  uint64_t placement_generation_ = 0;  // the layer's placement it was planned on
   RouterConfig router_;  // the layer's, with this batch's routing choice
   Stage stage_ = Stage::planned;
   Tensor x_, logits_, send_, rows_, returned_;
@@ -182,8 +188,16 @@ class MoELayer {
   void init_parameters(uint64_t seed);
   // Where each logical expert lives (a permutation of positions rank * L + slot;
   // the same on every rank). Only before the parameters exist (init_parameters
-  // or load): afterwards it would relabel the stored weights, so it throws.
+  // or load): afterwards it would relabel the stored weights, so it throws;
+  // migrate() moves them.
   void set_placement(std::vector<int> position_of_expert);
+  // Moves the stored experts to a new physical placement (whole experts only),
+  // collectively: every rank's new slots receive their logical expert's
+  // weights from its current primary replica, and the same for each
+  // per-expert state given (an optimizer's moments, shaped like params()), so
+  // training continues as if the experts had always lived there. Gradients
+  // are zeroed; batches planned before are refused afterwards.
+  void migrate(const ExpertPlacement& placement, const std::vector<ExpertParams*>& per_expert_state = {});
 
   // ---- one batch at a time: the layer keeps the last forward's handle for
   // backward(dout); a new forward(x) releases it first (its buffers are
@@ -217,8 +231,13 @@ class MoELayer {
   // runs on the executor while chunk i-1's experts compute ----
   // Gate, routing, capacity (agreed over the group: a collective) and the
   // dispatch plan, with its counts exchanged (dropless: a collective).
-  MoEHandle plan(const TensorView& x, const RoutingChoice& routing, const ExecPlan& plan);
-  MoEHandle plan(const TensorView& x, const RoutingChoice& routing, PlanChooser& chooser);
+  // With a CombineLayout (on every rank, or on none) the results go where it
+  // says: finish() then moves them (a collective) and backward() takes dout
+  // in that layout.
+  MoEHandle plan(const TensorView& x, const RoutingChoice& routing, const ExecPlan& plan,
+                 const CombineLayout* combine_layout = nullptr);
+  MoEHandle plan(const TensorView& x, const RoutingChoice& routing, PlanChooser& chooser,
+                 const CombineLayout* combine_layout = nullptr);
   // Encodes the routed rows and posts every chunk's all-to-all; returns the
   // last chunk's Work (the executor is FIFO: it done means all are).
   Work dispatch(MoEBatch& batch);
@@ -229,7 +248,8 @@ class MoELayer {
   // Runs the chunks experts() has not run, then returns the Work of the
   // return exchange (the last chunk's).
   Work combine(MoEBatch& batch);
-  // Waits for the return exchange; out[t] = sum_j weight * row(t, j).
+  // Waits for the return exchange; out[t] = sum_j weight * row(t, j), then
+  // (with a combine layout) each result to its rank and row.
   const MoEForward& finish(MoEBatch& batch);
   // The phases the batch has not run yet, up to finish().
   const MoEForward& forward(MoEBatch& batch);
@@ -290,8 +310,24 @@ class MoELayer {
     Communicator* gather; // all-gathers the working weights; nullptr: stored weights are used as they are
   };
   PlanShape shape_of(int r) const;
-  DispatchGeometry geometry(const PlanShape& shape) const;
-  MoEHandle plan_impl(const TensorView& x, const RoutingChoice& routing, const ExecPlan* fixed, PlanChooser* chooser);
+  DispatchGeometry geometry(const PlanShape& shape, int r) const;
+  // Groups of the ranks holding each replicated expert (made per placement),
+  // and the replica gradient sum over them after each backward.
+  void make_replica_groups();
+  void sum_replica_gradients(ExpertParams& grads);
+  struct ReplicaGroup {
+    int slot;  // my local slot holding the expert
+    std::shared_ptr<Communicator> group;
+  };
+  std::vector<ReplicaGroup> replica_groups_;
+  uint64_t placement_generation_ = 0;
+  MoEHandle plan_impl(const TensorView& x, const RoutingChoice& routing, const ExecPlan* fixed, PlanChooser* chooser,
+                      const CombineLayout* combine_layout);
+  // The combine layout's counts and rows, exchanged at plan time.
+  void exchange_result_layout(DispatchPlan& plan, const CombineLayout& layout);
+  // Rows [n, M] of `from` in `order` to their ranks (counts), received into a new tensor.
+  Tensor move_rows(const float* from, const std::vector<int64_t>& order, const std::vector<int64_t>& send_counts,
+                   const std::vector<int64_t>& recv_counts);
   Routing route_tokens(const RouterConfig& router, const TensorView& x, Tensor& logits);
   // Exchanges per-block row counts (dropless; padded needs none).
   void exchange_layout(DispatchPlan& plan);
@@ -306,8 +342,8 @@ class MoELayer {
   Tensor encode(const DispatchPlan& plan, const TensorView& x);  // the routed rows in send order
   ExpertActivations allocate_activations(const DispatchPlan& plan, const Working& weights);
   // The plan check, with the (batch, phase) order that came before it.
-  void verify_plan_agreement(const ExecPlan& plan);
-  enum class Phase : uint8_t { plan, dispatch, experts, combine, backward };
+  void verify_plan_agreement(const ExecPlan& plan, bool moves_results);
+  enum class Phase : uint8_t { plan, dispatch, experts, combine, finish, backward };
   void record(const MoEBatch& batch, Phase phase, int chunk = 0);
   void require(const MoEBatch& batch, MoEBatch::Stage stage, const char* phase) const;
   MoEConfig config_;

@@ -60,7 +60,8 @@ Planner::Planner(const MoELayer& layer, DeviceModel device, LinkModel link, Plan
   hierarchical_ = layer.has_hierarchical();
   router_ = c.router;
   for (int r : valid_sharding_degrees(shards_))
-    for (int d : options_.overlap_degrees)
+    for (int d : options_.overlap_degrees) {
+      if (r != 1 && !layer.layout().is_permutation()) continue;  // replicas, uneven slots: expert parallel only
       for (A2AAlgorithm a2a : {A2AAlgorithm::flat, A2AAlgorithm::hierarchical})
         for (ExchangeMode x : {ExchangeMode::padded, ExchangeMode::dropless}) {
           if (!options_.choose_exchange && x != c.plan.exchange) continue;
@@ -69,6 +70,7 @@ Planner::Planner(const MoELayer& layer, DeviceModel device, LinkModel link, Plan
           if (world_ == 1 && d != options_.overlap_degrees.front()) continue;
           candidates_.push_back({r, d, a2a, x});
         }
+    }
   SY_CHECK(!candidates_.empty(), "planner: no candidate plans");
 }
 

@@ -307,12 +307,13 @@ PYBIND11_MODULE(_switchyard, m) {
              d["experts.b2"] = capsule_of(g.b2);
              return d;
            })
-      .def_property_readonly("local_experts", [](Layer& L) { return L.layer->layout().local_experts(); })
+      .def_property_readonly("local_experts",
+                             [](Layer& L) { return L.layer->layout().slots(L.layer->group()->rank()); })
       .def_property_readonly("experts_here",
                              [](Layer& L) {
                                std::vector<int> e;
                                const int me = L.layer->group()->rank();
-                               for (int s = 0; s < L.layer->layout().local_experts(); ++s)
+                               for (int s = 0; s < L.layer->layout().slots(me); ++s)
                                  e.push_back(L.layer->layout().expert_at(me, s));
                                return e;
                              })

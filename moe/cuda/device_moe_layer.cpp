@@ -176,6 +176,9 @@ void DeviceMoELayer::copy_parameters_from(MoELayer& host) {
              ", hidden_dim ", h.hidden_dim, ", experts ", h.router.experts, " on ", host.layout().ranks(),
              " ranks; expected ", config_.model_dim, ", ", config_.hidden_dim, ", ", config_.router.experts, " on ",
              layout_.ranks(), " ranks with the same activation");
+  if (!host.layout().is_permutation())
+    SY_THROW(NotSupported, "device moe: the host layer's placement has ", host.layout().placement().describe(),
+             "; the device layer runs one replica per expert with equal slots per rank only");
   const int E = config_.router.experts;
   std::vector<int> placement(static_cast<size_t>(E));
   std::vector<int32_t> placement32(static_cast<size_t>(E));

@@ -5,6 +5,8 @@
 
 #include <cmath>
 #include <cstring>
+#include <filesystem>
+#include <functional>
 
 #include "comm/backends/threads/threads_backend.h"
 #include "moe/moe_layer.h"
@@ -162,6 +164,273 @@ TEST(MoEMultiRank, InterleavedHandlesEqualSequentialBatches) {
     expect_close("b1 grad", many.expert_grads().b1.data_as<float>(), one.expert_grads().b1.data_as<float>(),
                  one.expert_grads().b1.numel(), me);
   });
+}
+
+// A placement with everything a physical placement may have, for n ranks and
+// E = 2n experts: the last rank holds no experts (n > 1), the others hold
+// expert e on rank e mod (n - 1), experts 0 and 1 have a second replica on the
+// next such rank (n > 2), and rank 0 has one unused slot (uneven slots).
+ExpertPlacement awkward_placement(int n) {
+  const int E = 2 * n, hosts = std::max(1, n - 1);
+  std::vector<std::vector<int>> on_rank(static_cast<size_t>(n));
+  for (int e = 0; e < E; ++e) on_rank[static_cast<size_t>(e % hosts)].push_back(e);
+  if (hosts > 1)
+    for (int e : {0, 1}) on_rank[static_cast<size_t>((e % hosts + 1) % hosts)].push_back(e);
+  on_rank[0].push_back(-1);
+  std::vector<int> slots, phy2log;
+  for (const auto& r : on_rank) {
+    slots.push_back(static_cast<int>(r.size()));
+    phy2log.insert(phy2log.end(), r.begin(), r.end());
+  }
+  return ExpertPlacement(E, slots, phy2log);
+}
+
+// All ranks' rows of a per-rank tensor family, in rank order.
+Tensor all_rows(int n, const std::function<Tensor(int)>& of_rank, int64_t width, int64_t& mine, int me) {
+  int64_t total = 0;
+  for (int r = 0; r < n; ++r) total += of_rank(r).shape()[0];
+  Tensor all = Tensor::empty({total, width}, DType::f32);
+  int64_t at = 0;
+  for (int r = 0; r < n; ++r) {
+    Tensor t = of_rank(r);
+    if (r == me) mine = at;
+    if (t.nbytes()) std::memcpy(all.data_as<float>() + at * width, t.data(), t.nbytes());
+    at += t.shape()[0];
+  }
+  return all;
+}
+
+// Replicas, a rank without experts and uneven slots: outputs and gradients
+// equal one rank holding every expert (each replica's gradient is the whole
+// expert's), in both exchange modes and pipelined.
+TEST(MoEMultiRank, PhysicalPlacementEqualsOneRankHoldingEveryExpert) {
+  for (ExchangeMode mode : {ExchangeMode::padded, ExchangeMode::dropless})
+    testing::for_each_rank([&](Communicator& comm, uint64_t seed) {
+      const int n = comm.size(), me = comm.rank();
+      MoEConfig c;
+      c.model_dim = 12, c.hidden_dim = 16;
+      c.activation = kernels::cpu::Activation::swiglu;
+      c.plan.exchange = mode;
+      c.plan.d = 2;
+      c.router.experts = 2 * n, c.router.k = 2, c.router.capacity_factor = 0.0;
+      c.check_plan = true;
+      c.placement = awkward_placement(n);
+      std::shared_ptr<Communicator> group(&comm, [](Communicator*) {});
+      MoELayer layer(c, group);
+      layer.init_parameters(seed);
+      EXPECT_EQ(layer.layout().slots(me), c.placement->slots(me));
+      auto x_of = [&](int r) { return tokens(seed + 700 + r, 6 + 3 * r, 12); };
+      auto d_of = [&](int r) { return tokens(seed + 800 + r, 6 + 3 * r, 12); };
+      MoEForward f = layer.forward(x_of(me));
+      Tensor dx = layer.backward(d_of(me));
+      int64_t mine = 0;
+      Tensor all_x = all_rows(n, x_of, 12, mine, me), all_d = all_rows(n, d_of, 12, mine, me);
+      MoEConfig whole_config = c;
+      whole_config.placement.reset();
+      ThreadsWorld solo_world(1);
+      MoELayer whole(whole_config, solo_world.communicator(0));
+      whole.init_parameters(seed);
+      MoEForward wf = whole.forward(all_x);
+      Tensor all_dx = whole.backward(all_d);
+      expect_close("output", f.output.data_as<float>(), wf.output.data_as<float>() + mine * 12, f.output.numel(), me);
+      expect_close("dx", dx.data_as<float>(), all_dx.data_as<float>() + mine * 12, dx.numel(), me);
+      expect_close("gate grad", layer.gate_grad().data_as<float>(), whole.gate_grad().data_as<float>(),
+                   whole.gate_grad().numel(), me);
+      const int64_t w1 = 12 * 32;
+      for (int slot = 0; slot < layer.layout().slots(me); ++slot) {
+        const int e = layer.layout().expert_at(me, slot);
+        if (e < 0) continue;
+        expect_close("w1 grad", layer.expert_grads().w1.data_as<float>() + slot * w1,
+                     whole.expert_grads().w1.data_as<float>() + e * w1, w1, me);
+        expect_close("b2 grad", layer.expert_grads().b2.data_as<float>() + slot * 12,
+                     whole.expert_grads().b2.data_as<float>() + e * 12, 12, me);
+      }
+      // Only expert-parallel plans run on it, and the error says why.
+      EXPECT_THROW(layer.check_plan(ExecPlan{.r = 0}), InvalidArgument);
+    });
+}
+
+// Capacity binds per logical expert before a replica is chosen: with capacity
+// each source rank's output equals its tokens through one rank holding every
+// expert, whatever the replicas.
+TEST(MoEMultiRank, ReplicasNeverChangeWhichChoicesDrop) {
+  testing::for_each_rank([&](Communicator& comm, uint64_t seed) {
+    const int n = comm.size(), me = comm.rank();
+    MoEConfig c;
+    c.model_dim = 16, c.hidden_dim = 8;
+    c.router.experts = 2 * n, c.router.k = 2, c.router.capacity_factor = 0.6;
+    c.placement = awkward_placement(n);
+    std::shared_ptr<Communicator> group(&comm, [](Communicator*) {});
+    MoELayer layer(c, group);
+    layer.init_parameters(seed);
+    Tensor x = tokens(seed + 900 + me, 40, 16);
+    MoEForward f = layer.forward(x);
+    MoEConfig whole_config = c;
+    whole_config.placement.reset();
+    ThreadsWorld solo_world(1);
+    MoELayer whole(whole_config, solo_world.communicator(0));
+    whole.init_parameters(seed);
+    MoEForward wf = whole.forward(x);
+    EXPECT_EQ(f.dropped, wf.dropped);
+    EXPECT_GT(wf.dropped, 0);
+    expect_close("output", f.output.data_as<float>(), wf.output.data_as<float>(), f.output.numel(), me);
+  });
+}
+
+// migrate() moves the stored experts and an optimizer's per-expert state:
+// it equals a fresh load of the same weights, stale handles are refused, and
+// momentum training continues with the losses of a run that never migrated.
+// A checkpoint of a replicated placement stores each logical expert once and
+// loads under any placement.
+TEST(MoEMultiRank, MigrateMovesWeightsAndOptimizerState) {
+  testing::for_each_rank([&](Communicator& comm, uint64_t seed) {
+    const int n = comm.size(), me = comm.rank();
+    MoEConfig c;
+    c.model_dim = 12, c.hidden_dim = 10;
+    c.activation = kernels::cpu::Activation::gelu;
+    c.plan.exchange = ExchangeMode::dropless;
+    c.router.experts = 2 * n, c.router.k = 2, c.router.capacity_factor = 0.0;
+    std::shared_ptr<Communicator> group(&comm, [](Communicator*) {});
+    MoELayer still(c, group), moving(c, group);
+    still.init_parameters(seed);
+    moving.init_parameters(seed);
+    // Momentum SGD on the experts (v = 0.9 v + g; p -= lr v), plain SGD on the gate.
+    auto momentum_state = [](MoELayer& l) {
+      ExpertParams v;
+      v.w1 = Tensor::zeros(l.params().w1.shape(), DType::f32);
+      v.b1 = Tensor::zeros(l.params().b1.shape(), DType::f32);
+      v.w2 = Tensor::zeros(l.params().w2.shape(), DType::f32);
+      v.b2 = Tensor::zeros(l.params().b2.shape(), DType::f32);
+      return v;
+    };
+    ExpertParams v_still = momentum_state(still), v_moving = momentum_state(moving);
+    auto step = [&](MoELayer& l, ExpertParams& v, int i) {
+      Tensor x = tokens(seed + 1000 + 10 * i + me, 11, 12), d = tokens(seed + 1100 + 10 * i + me, 11, 12);
+      l.zero_grad();
+      MoEForward f = l.forward(x);
+      double loss = 0;
+      for (int64_t j = 0; j < f.output.numel(); ++j) loss += double(f.output.data_as<float>()[j]) * d.data_as<float>()[j];
+      l.backward(d);
+      const std::pair<Tensor*, Tensor*> pairs[] = {{&l.params().w1, &v.w1}, {&l.params().b1, &v.b1},
+                                                   {&l.params().w2, &v.w2}, {&l.params().b2, &v.b2}};
+      const Tensor* grads[] = {&l.expert_grads().w1, &l.expert_grads().b1, &l.expert_grads().w2, &l.expert_grads().b2};
+      for (int t = 0; t < 4; ++t)
+        for (int64_t j = 0; j < pairs[t].first->numel(); ++j) {
+          float& vel = pairs[t].second->data_as<float>()[j];
+          vel = 0.9f * vel + grads[t]->data_as<float>()[j];
+          pairs[t].first->data_as<float>()[j] -= 0.05f * vel;
+        }
+      for (int64_t j = 0; j < l.gate_weight().numel(); ++j)
+        l.gate_weight().data_as<float>()[j] -= 0.05f * l.gate_grad().data_as<float>()[j];
+      std::vector<double> sum{loss};
+      comm.allreduce(TensorView(sum.data(), DType::f64, {1}), TensorView(sum.data(), DType::f64, {1})).wait();
+      return sum[0];
+    };
+    for (int i = 0; i < 2; ++i) EXPECT_EQ(step(still, v_still, i), step(moving, v_moving, i));
+    MoEHandle stale = moving.plan(tokens(seed, 4, 12), moving.routing_choice(), moving.config().plan);
+    const ExpertPlacement target = awkward_placement(n);
+    moving.migrate(target, {&v_moving});
+    EXPECT_THROW(moving.forward(*stale), InvalidArgument);
+    // A fresh layer on the target placement loading the un-migrated weights computes the same.
+    const std::string prefix = (std::filesystem::temp_directory_path() /
+                                ("sy_migrate_" + std::to_string(seed) + "_" + std::to_string(n) + "_" +
+                                 (testing::harness_is_threads() ? "t" : "m")))
+                                   .string();
+    still.save(prefix);
+    MoEConfig placed = c;
+    placed.placement = target;
+    MoELayer loaded(placed, group);
+    loaded.load(prefix);
+    Tensor probe = tokens(seed + 1200 + me, 9, 12);
+    Tensor a = moving.forward(probe).output.clone(), b = loaded.forward(probe).output.clone();
+    if (a.nbytes() && std::memcmp(a.data(), b.data(), a.nbytes()))
+      SY_THROW(Error, "rank ", me, ": migrate differs from a fresh load of the same weights");
+    // The replicated placement's checkpoint holds each logical expert once (a
+    // duplicate would make load() refuse it) and reloads under the default.
+    comm.barrier().wait();
+    if (me == 0)
+      for (int r = 0; r < n; ++r)
+        std::filesystem::remove(prefix + ".rank" + std::to_string(r) + "-of-" + std::to_string(n) + ".safetensors");
+    comm.barrier().wait();
+    moving.save(prefix);
+    MoELayer back(c, group);
+    back.load(prefix);
+    Tensor again = back.forward(probe).output;
+    expect_close("reload under the default placement", again.data_as<float>(), a.data_as<float>(), a.numel(), me);
+    for (int i = 2; i < 5; ++i) {
+      const double want = step(still, v_still, i), got = step(moving, v_moving, i);
+      if (std::fabs(got - want) > 1e-5 * (1 + std::fabs(want)))
+        SY_THROW(Error, "rank ", me, ": after migrate step ", i, " loss ", got, ", unmigrated ", want);
+    }
+    comm.barrier().wait();
+    if (me == 0)
+      for (int r = 0; r < n; ++r)
+        std::filesystem::remove(prefix + ".rank" + std::to_string(r) + "-of-" + std::to_string(n) + ".safetensors");
+  });
+}
+
+// A combine layout sends each token's result to another rank and row: here
+// rank s's token t goes to rank s + 1 at row T_s - 1 - t (the last rank owns no
+// tokens but still receives some). Outputs, dx and every gradient equal one
+// rank holding every expert with the results (and douts) permuted alike.
+TEST(MoEMultiRank, CombineLayoutReturnsResultsToAnotherRank) {
+  for (int d : {1, 2})
+    testing::for_each_rank([&](Communicator& comm, uint64_t seed) {
+      const int n = comm.size(), me = comm.rank();
+      MoEConfig c;
+      c.model_dim = 10, c.hidden_dim = 12;
+      c.plan.exchange = ExchangeMode::dropless;
+      c.plan.d = d;
+      c.router.experts = 2 * n, c.router.k = 2, c.router.capacity_factor = 0.0;
+      c.check_plan = true;
+      std::shared_ptr<Communicator> group(&comm, [](Communicator*) {});
+      auto rows_of = [&](int r) -> int64_t { return n > 1 && r == n - 1 ? 0 : 4 + 3 * r; };
+      auto x_of = [&](int r) { return tokens(seed + 1300 + r, rows_of(r), 10); };
+      auto dout_at = [&](int q) { return tokens(seed + 1400 + q, rows_of((q - 1 + n) % n), 10); };  // in the layout
+      MoELayer layer(c, group);
+      layer.init_parameters(seed);
+      const int64_t T = rows_of(me);
+      CombineLayout to_next;
+      for (int64_t t = 0; t < T; ++t) {
+        to_next.rank.push_back((me + 1) % n);
+        to_next.index.push_back(T - 1 - t);
+      }
+      to_next.output_rows = rows_of((me - 1 + n) % n);
+      MoEHandle h = layer.plan(x_of(me), layer.routing_choice(), c.plan, &to_next);
+      const MoEForward& f = layer.forward(*h);
+      ASSERT_EQ(f.output.shape(), (Shape{to_next.output_rows, 10}));
+      Tensor dx = layer.backward(*h, dout_at(me));
+      // One rank, every token, douts moved back to the tokens they belong to.
+      int64_t mine = 0;
+      Tensor all_x = all_rows(n, x_of, 10, mine, me);
+      auto d_of_tokens = [&](int s) {
+        const int64_t Ts = rows_of(s);
+        Tensor in_layout = dout_at((s + 1) % n), out = Tensor::empty({Ts, 10}, DType::f32);
+        for (int64_t t = 0; t < Ts; ++t)
+          std::memcpy(out.data_as<float>() + t * 10, in_layout.data_as<float>() + (Ts - 1 - t) * 10, 10 * sizeof(float));
+        return out;
+      };
+      Tensor all_d = all_rows(n, d_of_tokens, 10, mine, me);
+      ThreadsWorld solo_world(1);
+      MoELayer whole(c, solo_world.communicator(0));
+      whole.init_parameters(seed);
+      MoEForward wf = whole.forward(all_x);
+      Tensor all_dx = whole.backward(all_d);
+      const int from = (me - 1 + n) % n;
+      int64_t from_offset = 0;
+      for (int r = 0; r < from; ++r) from_offset += rows_of(r);
+      for (int64_t i = 0; i < to_next.output_rows; ++i)  // row i holds the sender's token output_rows - 1 - i
+        expect_close("output", f.output.data_as<float>() + i * 10,
+                     wf.output.data_as<float>() + (from_offset + to_next.output_rows - 1 - i) * 10, 10, me);
+      expect_close("dx", dx.data_as<float>(), all_dx.data_as<float>() + mine * 10, dx.numel(), me);
+      expect_close("gate grad", layer.gate_grad().data_as<float>(), whole.gate_grad().data_as<float>(),
+                   whole.gate_grad().numel(), me);
+      for (int slot = 0; slot < layer.layout().slots(me); ++slot) {
+        const int e = layer.layout().expert_at(me, slot);
+        expect_close("w2 grad", layer.expert_grads().w2.data_as<float>() + slot * 120,
+                     whole.expert_grads().w2.data_as<float>() + e * 120, 120, me);
+      }
+    });
 }
 
 }  // namespace

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <filesystem>
 #include <numeric>
+#include <set>
 
 #include "comm/backends/threads/threads_backend.h"
 #include "moe/moe_layer.h"
@@ -720,6 +721,106 @@ TEST(MoELayer, ExpertPlacementChangesWhereExpertsLiveNotTheResult) {
   // After the parameters exist a new placement would relabel the stored weights.
   layer.init_parameters(1);
   EXPECT_THROW(layer.set_placement({1, 0, 2, 3}), InvalidArgument);
+}
+
+}  // namespace
+}  // namespace switchyard
+
+namespace switchyard {
+namespace {
+
+// Placement builders are pure: checked at 1,024 ranks without a communicator.
+TEST(ExpertPlacement, BuildersAndTheirInvariantsAtScale) {
+  const ExpertPlacement id = ExpertPlacement::identity(2048, 1024);
+  EXPECT_TRUE(id.is_permutation());
+  EXPECT_EQ(id.slots(1023), 2);
+  EXPECT_EQ(id.expert_at(1023, 1), 2047);
+  EXPECT_EQ(id.rank_of_slot(2047), 1023);
+  // 1,024 ranks x 3 slots for 2,048 experts: experts 0..1023 get a second replica.
+  const ExpertPlacement rr = ExpertPlacement::round_robin(2048, 1024, 3);
+  EXPECT_FALSE(rr.is_permutation());
+  int replicated = 0;
+  for (int e = 0; e < 2048; ++e) {
+    replicated += rr.replicas(e) == 2;
+    std::vector<int> ranks;
+    for (int p : rr.replicas_of(e)) ranks.push_back(rr.rank_of_slot(p));
+    EXPECT_EQ(std::set<int>(ranks.begin(), ranks.end()).size(), ranks.size()) << "replicas share a rank";
+  }
+  EXPECT_EQ(replicated, 1024);
+  EXPECT_EQ(rr.primary_slot(5), 5);
+  // Uneven slots and a rank without experts.
+  const ExpertPlacement uneven(3, {2, 0, 1, 1}, {0, 1, 2, 0});
+  EXPECT_EQ(uneven.first_slot(2), 2);
+  EXPECT_EQ(uneven.rank_of_slot(2), 2);
+  EXPECT_EQ(uneven.rank_of_slot(3), 3);
+  EXPECT_EQ(uneven.replicas(0), 2);
+  EXPECT_EQ(uneven.max_slots(), 2);
+  EXPECT_NE(uneven.describe().find("1 ranks without experts"), std::string::npos) << uneven.describe();
+  const ExpertPlacement file_form = ExpertPlacement::from_replicas(3, 2, 2, {{0, 3}, {1}, {2}});
+  EXPECT_EQ(file_form.phy2log(), (std::vector<int>{0, 1, 2, 0}));
+}
+
+TEST(ExpertPlacement, BadPlacementsAreClearErrors) {
+  auto message_of = [](auto&& f) -> std::string {
+    try {
+      f();
+    } catch (const Error& e) {
+      return e.what();
+    }
+    return "no error";
+  };
+  EXPECT_NE(message_of([] { ExpertPlacement(3, {2, 1}, {0, 1, 1}); }).find("expert 2 has no physical slot"),
+            std::string::npos);
+  EXPECT_NE(message_of([] { ExpertPlacement(2, {2}, {0, 0}); }).find("two replicas on rank 0"), std::string::npos);
+  EXPECT_NE(message_of([] { ExpertPlacement(2, {1, 1}, {0, 5}); }).find("holds expert 5, expected 0..1"),
+            std::string::npos);
+  EXPECT_NE(message_of([] { ExpertPlacement(2, {1, 1}, {0}); }).find("the ranks hold 2 slots but phy2log has 1"),
+            std::string::npos);
+  EXPECT_NE(message_of([] { ExpertPlacement::from_replicas(2, 2, 1, {{0}, {0}}); }).find("given to experts 0 and 1"),
+            std::string::npos);
+  MoEConfig c = small_config(Activation::relu, ExchangeMode::padded, 1.0, 4);
+  c.placement = ExpertPlacement::identity(4, 2);
+  EXPECT_NE(message_of([&] { MoELayer l(c, solo()); }).find("the placement has 4 experts on 2 ranks; expected 4 on 1"),
+            std::string::npos);
+}
+
+}  // namespace
+}  // namespace switchyard
+
+namespace switchyard {
+namespace {
+
+TEST(MoELayer, BadCombineLayoutsAreClearErrorsOnEveryRank) {
+  auto message_of = [](auto&& f) -> std::string {
+    try {
+      f();
+    } catch (const Error& e) {
+      return e.what();
+    }
+    return "no error";
+  };
+  MoEConfig c = small_config(Activation::relu, ExchangeMode::dropless, 0.0, 4);
+  MoELayer layer(c, solo());
+  layer.init_parameters(1);
+  Tensor x = random_tokens(2, 3, 16);
+  CombineLayout twice{{0, 0, 0}, {0, 1, 1}, 3};
+  EXPECT_NE(message_of([&] { layer.forward(*layer.plan(x, layer.routing_choice(), c.plan, &twice)); })
+                .find("row 1, which is taken by another token"),
+            std::string::npos);
+  CombineLayout short_of{{0, 0}, {0, 1}, 2};
+  EXPECT_NE(message_of([&] { layer.plan(x, layer.routing_choice(), c.plan, &short_of); })
+                .find("it has 2 ranks and 2 indices for 3 tokens"),
+            std::string::npos);
+  // A bad layout on one rank fails every rank at once (its flag rides on the count exchange).
+  run_thread_ranks(2, [&](Communicator& comm) {
+    std::shared_ptr<Communicator> group(&comm, [](Communicator*) {});
+    MoELayer l(small_config(Activation::relu, ExchangeMode::dropless, 0.0, 4), group);
+    CombineLayout mine{{comm.rank() == 1 ? 7 : 0}, {0}, 1};
+    Tensor one = random_tokens(3 + comm.rank(), 1, 16);
+    const std::string m = message_of([&] { l.plan(one, l.routing_choice(), l.config().plan, &mine); });
+    if (m.find("rank 1's combine layout is invalid") == std::string::npos)
+      SY_THROW(Error, "rank ", comm.rank(), ": ", m);
+  });
 }
 
 }  // namespace

@@ -1,0 +1,115 @@
+#include "moe/placement.h"
+
+#include <algorithm>
+
+#include "core/error.h"
+
+namespace switchyard {
+
+ExpertPlacement::ExpertPlacement(int experts, std::vector<int> slots_per_rank, std::vector<int> phy2log)
+    : experts_(experts), slots_per_rank_(std::move(slots_per_rank)), phy2log_(std::move(phy2log)) {
+  if (experts < 1) SY_THROW(InvalidArgument, "placement: experts = ", experts, ", expected >= 1");
+  if (slots_per_rank_.empty()) SY_THROW(InvalidArgument, "placement: no ranks, expected at least one");
+  first_slot_.assign(slots_per_rank_.size() + 1, 0);
+  for (size_t w = 0; w < slots_per_rank_.size(); ++w) {
+    if (slots_per_rank_[w] < 0)
+      SY_THROW(InvalidArgument, "placement: rank ", w, " has ", slots_per_rank_[w], " slots, expected >= 0");
+    first_slot_[w + 1] = first_slot_[w] + slots_per_rank_[w];
+    max_slots_ = std::max(max_slots_, slots_per_rank_[w]);
+  }
+  if (first_slot_.back() != static_cast<int>(phy2log_.size()))
+    SY_THROW(InvalidArgument, "placement: the ranks hold ", first_slot_.back(), " slots but phy2log has ",
+             phy2log_.size(), " entries; expected one per physical slot");
+  log2phy_.assign(static_cast<size_t>(experts), {});
+  for (int p = 0; p < physical_slots(); ++p) {
+    const int e = phy2log_[static_cast<size_t>(p)];
+    if (e < -1 || e >= experts)
+      SY_THROW(InvalidArgument, "placement: physical slot ", p, " holds expert ", e, ", expected 0..", experts - 1,
+               " or -1 (unused)");
+    if (e < 0) continue;
+    const int rank = rank_of_slot(p);
+    for (int q : log2phy_[static_cast<size_t>(e)])
+      if (rank_of_slot(q) == rank)
+        SY_THROW(InvalidArgument, "placement: expert ", e, " has two replicas on rank ", rank, " (slots ", q, " and ",
+                 p, "); expected replicas on different ranks");
+    log2phy_[static_cast<size_t>(e)].push_back(p);
+  }
+  permutation_ = physical_slots() == experts;
+  for (int e = 0; e < experts; ++e) {
+    if (log2phy_[static_cast<size_t>(e)].empty())
+      SY_THROW(InvalidArgument, "placement: expert ", e, " has no physical slot; expected every logical expert on "
+                                "at least one rank");
+    permutation_ = permutation_ && log2phy_[static_cast<size_t>(e)].size() == 1;
+  }
+  for (int s : slots_per_rank_) permutation_ = permutation_ && s == slots_per_rank_.front();
+}
+
+int ExpertPlacement::rank_of_slot(int physical) const {
+  const auto it = std::upper_bound(first_slot_.begin(), first_slot_.end(), physical);
+  return static_cast<int>(it - first_slot_.begin()) - 1;
+}
+
+ExpertPlacement ExpertPlacement::identity(int experts, int ranks) {
+  std::vector<int> positions(static_cast<size_t>(std::max(0, experts)));
+  for (int e = 0; e < experts; ++e) positions[static_cast<size_t>(e)] = e;
+  return from_positions(ranks, positions);
+}
+
+ExpertPlacement ExpertPlacement::from_positions(int ranks, const std::vector<int>& position_of_expert) {
+  const int E = static_cast<int>(position_of_expert.size());
+  if (ranks < 1 || E % ranks != 0)
+    SY_THROW(InvalidArgument, "placement: ", E, " experts on ", ranks, " ranks; expected a multiple of the ranks");
+  std::vector<int> phy2log(static_cast<size_t>(E), -1);
+  for (int e = 0; e < E; ++e) {
+    const int p = position_of_expert[static_cast<size_t>(e)];
+    if (p < 0 || p >= E || phy2log[static_cast<size_t>(p)] >= 0)
+      SY_THROW(InvalidArgument, "placement of expert ", e, " at position ", p, " is out of range or taken");
+    phy2log[static_cast<size_t>(p)] = e;
+  }
+  return ExpertPlacement(E, std::vector<int>(static_cast<size_t>(ranks), E / ranks), std::move(phy2log));
+}
+
+ExpertPlacement ExpertPlacement::round_robin(int experts, int ranks, int slots_per_rank) {
+  if (ranks < 1 || slots_per_rank < 0 || static_cast<int64_t>(ranks) * slots_per_rank < experts)
+    SY_THROW(InvalidArgument, "placement: round_robin of ", experts, " experts on ", ranks, " ranks x ", slots_per_rank,
+             " slots; expected at least one slot per expert");
+  std::vector<int> phy2log(static_cast<size_t>(ranks) * static_cast<size_t>(slots_per_rank));
+  for (size_t p = 0; p < phy2log.size(); ++p) phy2log[p] = static_cast<int>(p % static_cast<size_t>(experts));
+  return ExpertPlacement(experts, std::vector<int>(static_cast<size_t>(ranks), slots_per_rank), std::move(phy2log));
+}
+
+ExpertPlacement ExpertPlacement::from_replicas(int experts, int ranks, int slots_per_rank,
+                                               const std::vector<std::vector<int>>& slots_of_expert) {
+  if (ranks < 1 || slots_per_rank < 0)
+    SY_THROW(InvalidArgument, "placement: ", ranks, " ranks x ", slots_per_rank, " slots; expected >= 1 x >= 0");
+  if (static_cast<int>(slots_of_expert.size()) != experts)
+    SY_THROW(InvalidArgument, "placement: ", slots_of_expert.size(), " experts listed, expected ", experts);
+  std::vector<int> phy2log(static_cast<size_t>(ranks) * static_cast<size_t>(slots_per_rank), -1);
+  for (int e = 0; e < experts; ++e)
+    for (int p : slots_of_expert[static_cast<size_t>(e)]) {
+      if (p < 0 || p >= static_cast<int>(phy2log.size()))
+        SY_THROW(InvalidArgument, "placement: expert ", e, " at physical slot ", p, ", expected 0..",
+                 phy2log.size() - 1, " (", ranks, " ranks x ", slots_per_rank, " slots)");
+      if (phy2log[static_cast<size_t>(p)] >= 0)
+        SY_THROW(InvalidArgument, "placement: physical slot ", p, " given to experts ", phy2log[static_cast<size_t>(p)],
+                 " and ", e, "; expected one expert per slot");
+      phy2log[static_cast<size_t>(p)] = e;
+    }
+  return ExpertPlacement(experts, std::vector<int>(static_cast<size_t>(ranks), slots_per_rank), std::move(phy2log));
+}
+
+std::string ExpertPlacement::describe() const {
+  int replicated = 0, extra = 0, empty_ranks = 0, unused = 0;
+  for (const auto& r : log2phy_) {
+    replicated += r.size() > 1;
+    extra += static_cast<int>(r.size()) - 1;
+  }
+  for (int s : slots_per_rank_) empty_ranks += s == 0;
+  for (int e : phy2log_) unused += e < 0;
+  return std::to_string(experts_) + " experts on " + std::to_string(physical_slots()) + " slots of " +
+         std::to_string(ranks()) + " ranks (" + std::to_string(replicated) + " replicated, " + std::to_string(extra) +
+         " extra replicas, " + std::to_string(empty_ranks) + " ranks without experts, " + std::to_string(unused) +
+         " unused slots)";
+}
+
+}  // namespace switchyard
