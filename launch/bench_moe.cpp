@@ -130,6 +130,7 @@ int run_bench_moe(const BenchMoeOptions& o) {
     c.plan.d = o.overlap_degree;
     c.plan.a2a = o.use_2dh ? A2AAlgorithm::hierarchical : A2AAlgorithm::flat;
     if (!o.placement.empty()) c.placement = load_placement_file(o.placement, c.router.experts, W);
+    c.send_once_per_rank = o.send_once;
     MoELayer layer(c, group);
     layer.init_parameters(o.seed);
     const int64_t T = static_cast<int64_t>(o.batch_size) * o.num_tokens, M = o.model_dim;
@@ -361,6 +362,10 @@ int run_bench_moe(const BenchMoeOptions& o) {
       line("decode", pt.decode);
       line("backward", pt.backward);
       std::printf("# tokens dropped per step (all ranks): %.1f\n", allreduce_scalar(world, double(dropped_total)) / steps);
+      std::printf("# rows dispatched (rank 0, last batch): %lld of %lld routed rows%s\n",
+                  static_cast<long long>(layer.last_plan().dispatch_rows()),
+                  static_cast<long long>(layer.last_plan().send_rows()),
+                  layer.last_plan().send_once ? " (each token once per destination rank)" : "");
       std::printf("# GEMMs per step (rank 0): m x n x k [transposes] count, median time alone\n");
       for (const auto& [s, v] : rows)
         std::printf("#   %6lld x %6lld x %6lld  %s%s %s x%-6.1f %10.6f sec  (%.1f GFLOP/s)\n", static_cast<long long>(s.m),

@@ -50,6 +50,7 @@ struct BenchMoeOptions {
   // Batches in flight per step: the step's tokens split into this many
   // micro-batches, all planned and dispatched before any combines (handles).
   int microbatches = 1;
+  bool send_once = false;  // MoEConfig::send_once_per_rank (dropless)
   // A physical expert placement file (launch/placement_file.h); "": E / W per rank.
   std::string placement;
   int nodes = 0;  // for 2DH: ranks per node = ranks / nodes (0: the runtime's nodes)

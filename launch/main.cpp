@@ -169,6 +169,8 @@ int main(int argc, char** argv) {
   bench_moe->add_option("--placement", moe.placement,
                         "Physical expert placement (YAML: slots_per_rank: S, experts: {id: [physical slots]}; "
                         "replicas and unused slots allowed)");
+  bench_moe->add_flag("--send_once,--send-once", moe.send_once,
+                      "Dropless: send a token once per destination rank (and chunk), copied there to each expert");
   bench_moe->add_option("--microbatches", moe.microbatches,
                         "Batches in flight per step: the tokens split into M micro-batches whose phases interleave")
       ->capture_default_str();

@@ -52,7 +52,13 @@ ExpertPlacement load_placement_file(const std::string& path, int experts, int ra
     seen[static_cast<size_t>(e)] = true;
     if (!kv.second.IsSequence() || kv.second.size() == 0)
       SY_THROW(ConfigError, at(path, kv.second), ": expert ", e, ": expected a non-empty list of physical slots");
-    for (const auto& p : kv.second) slots_of[static_cast<size_t>(e)].push_back(integer(path, p, "physical slot"));
+    for (const auto& p : kv.second) {
+      const int slot = integer(path, p, "physical slot");
+      if (slot < 0 || static_cast<int64_t>(slot) >= static_cast<int64_t>(ranks) * slots)
+        SY_THROW(ConfigError, at(path, p), ": expert ", e, " at physical slot ", slot, ", expected 0..",
+                 static_cast<int64_t>(ranks) * slots - 1, " (", ranks, " ranks x ", slots, " slots_per_rank)");
+      slots_of[static_cast<size_t>(e)].push_back(slot);
+    }
   }
   for (int e = 0; e < experts; ++e)
     if (!seen[static_cast<size_t>(e)])

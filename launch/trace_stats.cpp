@@ -112,6 +112,19 @@ TraceStats trace_stats(const std::string& path, double build_share) {
     t.token_id_hit_rate = scored ? static_cast<double>(hits) / scored : 0;
     t.global_top_k_hit_rate = scored ? static_cast<double>(global_hits) / scored : 0;
     t.random_hit_rate = static_cast<double>(k) / E;
+    for (int W = 2; W <= E / 2; W *= 2) {
+      if (E % W != 0) continue;
+      const int per_rank = E / W;
+      int64_t distinct = 0;
+      std::vector<int> ranks(static_cast<size_t>(k));
+      for (int64_t i = 0; i < s.tokens; ++i) {
+        for (int j = 0; j < k; ++j) ranks[static_cast<size_t>(j)] = e[i * k + j] / per_rank;
+        std::sort(ranks.begin(), ranks.end());
+        distinct += std::unique(ranks.begin(), ranks.end()) - ranks.begin();
+      }
+      const double rows = static_cast<double>(s.tokens * k);
+      t.rows_saved_once_per_rank.emplace_back(W, rows > 0 ? 1.0 - static_cast<double>(distinct) / rows : 0.0);
+    }
     s.per_layer.push_back(std::move(t));
   }
   return s;
@@ -138,6 +151,19 @@ std::string format_trace_stats(const TraceStats& s) {
                   t.coefficient_of_variation, t.token_id_hit_rate, t.global_top_k_hit_rate, t.random_hit_rate,
                   loads.c_str());
     o << line;
+  }
+  if (!s.per_layer.empty() && !s.per_layer.front().rows_saved_once_per_rank.empty()) {
+    o << "rows saved by sending a token once per destination rank (E/W experts per rank), per layer:";
+    for (const auto& [W, share] : s.per_layer.front().rows_saved_once_per_rank) o << "  W=" << W;
+    o << "\n";
+    for (const TraceLayerStats& t : s.per_layer) {
+      o << "  layer " << t.layer << ":";
+      for (const auto& [W, share] : t.rows_saved_once_per_rank) {
+        std::snprintf(line, sizeof line, "  %5.1f%%", 100.0 * share);
+        o << line;
+      }
+      o << "\n";
+    }
   }
   return o.str();
 }

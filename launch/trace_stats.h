@@ -25,6 +25,9 @@ struct TraceLayerStats {
   double token_id_hit_rate = 0;
   double global_top_k_hit_rate = 0;  // predicting the layer's k most frequent experts for every token
   double random_hit_rate = 0;        // k / E
+  // Sending a token once per destination rank (E / W experts per rank, expert
+  // e on rank e / (E / W)): the share of its k rows saved, per world size W.
+  std::vector<std::pair<int, double>> rows_saved_once_per_rank;
 };
 
 struct TraceStats {

@@ -121,6 +121,31 @@ DispatchPlan build_dispatch_plan(const RouterConfig& router, const Routing& rout
           p.row_of_choice[static_cast<size_t>(c * p.copies + b.copy)] = row;
         }
       }
+  if (g.send_once && !padded && X > 1) {
+    // Distinct tokens per (chunk, peer), in order of first appearance.
+    p.send_once = true;
+    p.unique_of_row.assign(static_cast<size_t>(p.send_rows()), -1);
+    p.unique_send_counts.assign(static_cast<size_t>(d * X), 0);
+    std::vector<int64_t> stamp(static_cast<size_t>(tokens), -1);
+    std::vector<int32_t> index(static_cast<size_t>(tokens), 0);
+    int64_t r = 0;
+    for (int i = 0; i < d; ++i)
+      for (int u = 0; u < X; ++u) {
+        const int64_t group = static_cast<int64_t>(i) * X + u;
+        int32_t distinct = 0;
+        for (int l = 0; l < Lw; ++l)
+          for (int64_t n = p.send_block_rows[static_cast<size_t>(group * Lw + l)]; n > 0; --n, ++r) {
+            const int64_t t = p.token_of_row[static_cast<size_t>(r)];
+            if (stamp[static_cast<size_t>(t)] != group) {
+              stamp[static_cast<size_t>(t)] = group;
+              index[static_cast<size_t>(t)] = distinct++;
+              p.unique_token.push_back(t);
+            }
+            p.unique_of_row[static_cast<size_t>(r)] = index[static_cast<size_t>(t)];
+          }
+        p.unique_send_counts[static_cast<size_t>(group)] = distinct;
+      }
+  }
   if (X == 1) {
     p.recv_block_rows = p.send_block_rows;
   } else if (padded) {  // every source sends my blocks the same padded sizes

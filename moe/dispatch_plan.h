@@ -30,6 +30,15 @@ struct DispatchPlan {
   std::vector<int64_t> send_block_rows;     // [d * X * slots]
   std::vector<int64_t> recv_block_rows;     // [d * X * slots] (after the counts are exchanged)
   int64_t dropped = 0;                      // choices beyond capacity on this rank
+  // Sent once per destination rank (MoEConfig::send_once_per_rank; dropless):
+  // the forward dispatch carries distinct (chunk, peer, token) rows only.
+  bool send_once = false;
+  std::vector<int64_t> unique_token;        // [unique rows]: the token each carries, in send order
+  std::vector<int32_t> unique_of_row;       // [send rows]: which of its (chunk, peer)'s unique rows a row is
+  std::vector<int64_t> unique_send_counts;  // [d * X]: unique rows per (chunk, peer)
+  std::vector<int64_t> unique_recv_counts;  // [d * X] (after the counts are exchanged)
+  std::vector<int64_t> recv_row_source;     // [recv rows]: the received unique row each expert row copies
+  int64_t dispatch_rows() const { return send_once ? static_cast<int64_t>(unique_token.size()) : send_rows(); }
   // The combine layout (CombineLayout), when results leave the sender:
   bool moves_results = false;
   int64_t output_rows = 0;                  // rows of this rank's output (tokens when results stay)
@@ -68,6 +77,7 @@ struct DispatchGeometry {
   int copies = 1;           // ranks every routed row goes to (r > 1)
   int replicas = 1;         // rank sets a sliced expert's rows are split over (S / r)
   int rank = 0;             // this rank in the expert group
+  bool send_once = false;   // MoEConfig::send_once_per_rank, for dropless plans with an exchange
   // Whole experts or r = 0: the destination blocks (u * slots + l) of each
   // logical expert's replicas; its i-th kept choice goes to block i mod count.
   std::vector<std::vector<int>> blocks_of_expert;  // [E]

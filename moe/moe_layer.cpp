@@ -41,7 +41,7 @@ MoEBatch::~MoEBatch() { wait_posted(); }
 void MoEBatch::release_buffers() {
   if (released_) return;
   wait_posted();
-  x_ = logits_ = send_ = rows_ = returned_ = Tensor();
+  x_ = logits_ = send_ = rows_ = returned_ = arrived_ = Tensor();
   weights_ = Working();
   experts_ = ExpertActivations();
   released_ = true;
@@ -190,6 +190,7 @@ DispatchGeometry MoELayer::geometry(const PlanShape& shape, int r) const {
   g.copies = shape.copies;
   g.replicas = shape.replicas;
   g.rank = group_->rank();
+  g.send_once = config_.send_once_per_rank;
   if (g.shards > 1 && r != 0) {
     g.expert_at_position.resize(static_cast<size_t>(E));
     for (int pos = 0; pos < E; ++pos) g.expert_at_position[static_cast<size_t>(pos)] = layout_.expert_at_position(pos);
@@ -360,18 +361,68 @@ void MoELayer::exchange_layout(DispatchPlan& p) {
   if (p.exec.exchange == ExchangeMode::padded || p.exchange_ranks == 1) return;
   PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::dispatch_a2a);
   const int X = p.exchange_ranks, Lw = p.slots, d = p.exec.d;
-  const int64_t per_peer = static_cast<int64_t>(d) * Lw;
+  // Per peer: the rows of every (chunk, slot) block, then (sent once) the distinct rows per chunk.
+  const int64_t blocks = static_cast<int64_t>(d) * Lw, per_peer = blocks + (p.send_once ? d : 0);
   Tensor send = Tensor::empty({X * per_peer}, DType::i64), recv = Tensor::empty({X * per_peer}, DType::i64);
+  int64_t* out = send.data_as<int64_t>();
   for (int u = 0; u < X; ++u)
-    for (int i = 0; i < d; ++i)
+    for (int i = 0; i < d; ++i) {
       for (int l = 0; l < Lw; ++l)
-        send.data_as<int64_t>()[u * per_peer + i * Lw + l] = p.send_block_rows[static_cast<size_t>((i * X + u) * Lw + l)];
+        out[u * per_peer + i * Lw + l] = p.send_block_rows[static_cast<size_t>((i * X + u) * Lw + l)];
+      if (p.send_once) out[u * per_peer + blocks + i] = p.unique_send_counts[static_cast<size_t>(i * X + u)];
+    }
   group_->alltoall(send, recv).wait();
+  const int64_t* in = recv.data_as<int64_t>();
   p.recv_block_rows.resize(p.send_block_rows.size());
   for (int u = 0; u < X; ++u)
     for (int i = 0; i < d; ++i)
       for (int l = 0; l < Lw; ++l)
-        p.recv_block_rows[static_cast<size_t>((i * X + u) * Lw + l)] = recv.data_as<int64_t>()[u * per_peer + i * Lw + l];
+        p.recv_block_rows[static_cast<size_t>((i * X + u) * Lw + l)] = in[u * per_peer + i * Lw + l];
+  if (!p.send_once) return;
+  p.unique_recv_counts.resize(static_cast<size_t>(d * X));
+  for (int u = 0; u < X; ++u)
+    for (int i = 0; i < d; ++i) p.unique_recv_counts[static_cast<size_t>(i * X + u)] = in[u * per_peer + blocks + i];
+  // Which distinct row each received expert row copies: the senders' maps,
+  // grouped by peer for one all-to-all-v, then put in receive order.
+  auto rows_of = [&](const std::vector<int64_t>& block_rows, int i, int u) {
+    int64_t n = 0;
+    for (int l = 0; l < Lw; ++l) n += block_rows[static_cast<size_t>((i * X + u) * Lw + l)];
+    return n;
+  };
+  std::vector<int64_t> map_send_counts(static_cast<size_t>(X), 0), map_recv_counts(static_cast<size_t>(X), 0);
+  std::vector<int64_t> send_group_offset(static_cast<size_t>(d * X) + 1, 0);
+  for (int g = 0; g < d * X; ++g)
+    send_group_offset[static_cast<size_t>(g) + 1] = send_group_offset[static_cast<size_t>(g)] + rows_of(p.send_block_rows, g / X, g % X);
+  Tensor map_send = Tensor::empty({p.send_rows()}, DType::i32), map_recv = Tensor::empty({p.recv_rows()}, DType::i32);
+  int32_t* ms = map_send.data_as<int32_t>();
+  for (int u = 0; u < X; ++u)
+    for (int i = 0; i < d; ++i) {
+      const int64_t from = send_group_offset[static_cast<size_t>(i * X + u)], n = rows_of(p.send_block_rows, i, u);
+      std::copy(p.unique_of_row.begin() + from, p.unique_of_row.begin() + from + n, ms);
+      ms += n;
+      map_send_counts[static_cast<size_t>(u)] += n;
+      map_recv_counts[static_cast<size_t>(u)] += rows_of(p.recv_block_rows, i, u);
+    }
+  group_->alltoallv(map_send, map_send_counts, map_recv, map_recv_counts).wait();
+  // Receive order is [chunk][source][slot]; the distinct rows arrive as [chunk][source].
+  std::vector<int64_t> recv_group_offset(static_cast<size_t>(d * X) + 1, 0), unique_offset(static_cast<size_t>(d * X) + 1, 0);
+  for (int g = 0; g < d * X; ++g) {
+    recv_group_offset[static_cast<size_t>(g) + 1] = recv_group_offset[static_cast<size_t>(g)] + rows_of(p.recv_block_rows, g / X, g % X);
+    unique_offset[static_cast<size_t>(g) + 1] = unique_offset[static_cast<size_t>(g)] + p.unique_recv_counts[static_cast<size_t>(g)];
+  }
+  p.recv_row_source.resize(static_cast<size_t>(p.recv_rows()));
+  const int32_t* mr = map_recv.data_as<int32_t>();
+  for (int u = 0; u < X; ++u)
+    for (int i = 0; i < d; ++i) {
+      const int g = i * X + u;
+      for (int64_t r = recv_group_offset[static_cast<size_t>(g)]; r < recv_group_offset[static_cast<size_t>(g) + 1]; ++r) {
+        const int32_t local = *mr++;
+        if (local < 0 || local >= p.unique_recv_counts[static_cast<size_t>(g)])
+          SY_THROW(Error, "moe: rank ", u, " sent a row map entry ", local, " beyond its ",
+                   p.unique_recv_counts[static_cast<size_t>(g)], " distinct rows (chunk ", i, ")");
+        p.recv_row_source[static_cast<size_t>(r)] = unique_offset[static_cast<size_t>(g)] + local;
+      }
+    }
 }
 
 namespace {
@@ -400,14 +451,35 @@ Work MoELayer::exchange(const DispatchPlan& p, int chunk, const TensorView& in, 
 }
 
 Tensor MoELayer::encode(const DispatchPlan& p, const TensorView& x) {
-  const int64_t M = config_.model_dim;
-  Tensor send = buffer(Buffer::send, {p.send_rows(), M});
+  const int64_t M = config_.model_dim, rows = p.dispatch_rows();
+  Tensor send = buffer(Buffer::send, {rows, M});
   PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::encode);
   if (!config_.skip_compute)  // timing only: the rows are not moved either
-    kernels::cpu::gather_rows(static_cast<const float*>(x.data()), p.token_of_row.data(), p.send_rows(), M,
+    kernels::cpu::gather_rows(static_cast<const float*>(x.data()),
+                              p.send_once ? p.unique_token.data() : p.token_of_row.data(), rows, M,
                               send.data_as<float>());
-  charge_memory(2.0 * p.send_rows() * M * sizeof(float));
+  charge_memory(2.0 * rows * M * sizeof(float));
   return send;
+}
+
+Work MoELayer::exchange_distinct(const DispatchPlan& p, int chunk, const TensorView& in, const TensorView& out) {
+  const int64_t M = config_.model_dim;
+  const int X = p.exchange_ranks;
+  auto counts = [&](const std::vector<int64_t>& per_group) {
+    std::vector<int64_t> c(per_group.begin() + chunk * X, per_group.begin() + (chunk + 1) * X);
+    return times(std::move(c), M);
+  };
+  auto offset = [&](const std::vector<int64_t>& per_group) {
+    return std::accumulate(per_group.begin(), per_group.begin() + chunk * X, int64_t{0}) * M;
+  };
+  auto send = counts(p.unique_send_counts), recv = counts(p.unique_recv_counts);
+  const int64_t in_n = std::accumulate(send.begin(), send.end(), int64_t{0});
+  const int64_t out_n = std::accumulate(recv.begin(), recv.end(), int64_t{0});
+  TensorView a(static_cast<float*>(in.data()) + offset(p.unique_send_counts), DType::f32, {in_n});
+  TensorView b(static_cast<float*>(out.data()) + offset(p.unique_recv_counts), DType::f32, {out_n});
+  if (p.exec.a2a == A2AAlgorithm::hierarchical && hierarchical_)
+    return hierarchical_->alltoallv(a, std::move(send), b, std::move(recv));
+  return group_->alltoallv(a, std::move(send), b, std::move(recv));
 }
 
 Work MoELayer::dispatch(MoEBatch& b) {
@@ -421,6 +493,13 @@ Work MoELayer::dispatch(MoEBatch& b) {
     return completed_work("dispatch");
   }
   b.rows_ = buffer(Buffer::recv, {p.recv_rows(), config_.model_dim});
+  if (p.send_once) {
+    int64_t distinct = 0;
+    for (int64_t c : p.unique_recv_counts) distinct += c;
+    b.arrived_ = buffer(Buffer::arrived, {distinct, config_.model_dim});
+    for (int i = 0; i < p.exec.d; ++i) b.to_experts_.push_back(exchange_distinct(p, i, b.send_, b.arrived_));
+    return b.to_experts_.back();
+  }
   for (int i = 0; i < p.exec.d; ++i) b.to_experts_.push_back(exchange(p, i, b.send_, b.rows_, true));
   return b.to_experts_.back();
 }
@@ -443,6 +522,14 @@ void MoELayer::experts(MoEBatch& b, int chunk) {
   if (moves) {
     PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::dispatch_a2a);
     b.to_experts_[static_cast<size_t>(chunk)].wait();
+  }
+  if (p.send_once) {  // each expert's rows from the distinct ones
+    PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::encode);
+    const int64_t M = config_.model_dim, first = p.recv_offset(chunk), n = p.recv_offset(chunk + 1) - first;
+    if (!config_.skip_compute)
+      kernels::cpu::gather_rows(b.arrived_.data_as<float>(), p.recv_row_source.data() + first, n, M,
+                                b.rows_.data_as<float>() + first * M);
+    charge_memory(2.0 * static_cast<double>(n * M) * sizeof(float));
   }
   run_chunk(b, chunk);
   if (moves) b.back_.push_back(exchange(p, chunk, b.experts_.out, b.returned_, false));

@@ -54,6 +54,12 @@ struct MoEConfig {
   // Inference: the gate and expert GEMMs run row-wise (kernels/rowwise.h), so a
   // token's output does not depend on the batch it came in (f32 forward only).
   bool batch_invariant = false;
+  // Dropless expert-parallel dispatch sends a token once per destination rank
+  // (and chunk) even when several of its top-k experts live there (DeepEP);
+  // the receiver copies it into each expert's rows. Saves bytes on the wire,
+  // costs one local copy of the received rows and a small index exchange, so
+  // it pays across links, not inside shared memory. Results are unchanged.
+  bool send_once_per_rank = false;
   void validate() const;
 };
 
@@ -153,6 +159,7 @@ class MoEBatch {
   RouterConfig router_;  // the layer's, with this batch's routing choice
   Stage stage_ = Stage::planned;
   Tensor x_, logits_, send_, rows_, returned_;
+  Tensor arrived_;  // sent once per rank: the distinct rows as received, before each expert's copy
   Routing routing_;
   DispatchPlan plan_;
   Working weights_;
@@ -339,7 +346,9 @@ class MoELayer {
   void backward_chunk(const MoEBatch& batch, int chunk, const Tensor& d_out, bool input_grad, ExpertParams& grads,
                       Tensor& d_rows, Tensor& dy16, Tensor& dp16);
   Work exchange(const DispatchPlan& plan, int chunk, const TensorView& in, const TensorView& out, bool to_experts);
-  Tensor encode(const DispatchPlan& plan, const TensorView& x);  // the routed rows in send order
+  // The routed rows in send order (or, sent once per rank, the distinct ones).
+  Tensor encode(const DispatchPlan& plan, const TensorView& x);
+  Work exchange_distinct(const DispatchPlan& plan, int chunk, const TensorView& in, const TensorView& out);
   ExpertActivations allocate_activations(const DispatchPlan& plan, const Working& weights);
   // The plan check, with the (batch, phase) order that came before it.
   void verify_plan_agreement(const ExecPlan& plan, bool moves_results);
@@ -366,7 +375,7 @@ class MoELayer {
   void gemm_bf16(const kernels::cpu::GemmBf16Args& args);
   // The kinds of pooled buffer: a batch holds its forward ones until its handle
   // goes; backward's are temporaries of the call.
-  enum class Buffer : uint8_t { input, send, recv, pre, act, expert_out, back, d_returned, d_out, d_rows, d_act, d_pre,
+  enum class Buffer : uint8_t { input, send, recv, arrived, pre, act, expert_out, back, d_returned, d_out, d_rows, d_act, d_pre,
                                 d_sent, recv_bf16, act_bf16, w1_bf16, w2_bf16, d_out_bf16, d_pre_bf16,
                                 gathered, gw1, gb1, gw2, gb2, dw1, db1, dw2, db2, grad_blocks, grad_mine, count };
   Tensor buffer(Buffer which, Shape shape, DType dtype = DType::f32);

@@ -52,6 +52,15 @@ TEST(TraceStats, PredictableLayerHitsAndRandomLayerDoesNot) {
   for (int64_t n : s.per_layer[0].load) total += n;
   EXPECT_EQ(total, N * k);
   EXPECT_NE(format_trace_stats(s).find("token-id hit"), std::string::npos);
+  // Once per destination rank: layer 0's pair always shares a rank (half its rows
+  // saved); layer 1's random pair shares one with probability (E/W - 1) / (E - 1).
+  ASSERT_EQ(s.per_layer[0].rows_saved_once_per_rank.size(), 2u);  // W = 2, 4
+  EXPECT_EQ(s.per_layer[0].rows_saved_once_per_rank[1].first, 4);
+  EXPECT_DOUBLE_EQ(s.per_layer[0].rows_saved_once_per_rank[0].second, 0.5);
+  EXPECT_DOUBLE_EQ(s.per_layer[0].rows_saved_once_per_rank[1].second, 0.5);
+  EXPECT_NEAR(s.per_layer[1].rows_saved_once_per_rank[0].second, 3.0 / 14, 0.02);
+  EXPECT_NEAR(s.per_layer[1].rows_saved_once_per_rank[1].second, 1.0 / 14, 0.02);
+  EXPECT_NE(format_trace_stats(s).find("rows saved by sending a token once per destination rank"), std::string::npos);
 }
 
 TEST(TraceStats, MalformedTracesNameFileTensorAndExpectation) {
