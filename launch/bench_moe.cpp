@@ -9,6 +9,7 @@
 #include "comm/virtual_time.h"
 #include "launch/cluster_presets.h"
 #include "launch/placement_file.h"
+#include "moe/eplb.h"
 #include "moe/planner.h"
 #include "parallel/runtime.h"
 
@@ -96,8 +97,12 @@ int run_bench_moe(const BenchMoeOptions& o) {
     if (!activation) SY_THROW(ConfigError, "--activation: got '", o.activation, "', expected relu, gelu or swiglu");
     c.activation = *activation;
     c.plan.exchange = parse_exchange_mode(o.exchange, "--exchange");
+    if (o.ep_size < 0 || (o.ep_size > 0 && W % o.ep_size != 0))
+      SY_THROW(ConfigError, "--ep_size = ", o.ep_size, " does not divide the ", W, " ranks; expected a divisor");
+    if (o.ep_size > 0 && o.num_local_experts < 0)
+      SY_THROW(ConfigError, "--ep_size needs whole experts (--num_local_experts > 0), got ", o.num_local_experts);
     if (o.num_local_experts > 0) {
-      c.router.experts = o.num_local_experts * W;
+      c.router.experts = o.num_local_experts * (o.ep_size > 0 ? o.ep_size : W);
     } else {
       if (W % -o.num_local_experts != 0)
         SY_THROW(ConfigError, "--num_local_experts = ", o.num_local_experts, ": ", -o.num_local_experts,
@@ -131,6 +136,37 @@ int run_bench_moe(const BenchMoeOptions& o) {
     c.plan.a2a = o.use_2dh ? A2AAlgorithm::hierarchical : A2AAlgorithm::flat;
     if (!o.placement.empty()) c.placement = load_placement_file(o.placement, c.router.experts, W);
     c.send_once_per_rank = o.send_once;
+    if (int(!o.placement.empty()) + int(o.ep_size > 0) + int(o.redundant_experts > 0) > 1)
+      SY_THROW(ConfigError, "--placement, --ep_size and --redundant_experts each choose the placement; give one");
+    if (o.redundant_experts < 0 || o.rebalance_every < 0)
+      SY_THROW(ConfigError, "--redundant_experts and --rebalance_every must be >= 0");
+    if (o.rebalance_every > 0 && o.redundant_experts == 0)
+      SY_THROW(ConfigError, "--rebalance_every needs --redundant_experts R > 0 (replicas to place)");
+    const int E = c.router.experts, physical = E + o.redundant_experts;
+    const int groups = nodes > 1 && E % nodes == 0 ? nodes : 1;  // EPLB's expert groups: one per node
+    if (o.ep_size > 0) {
+      c.placement = ExpertPlacement::expert_data_parallel(E, W, o.ep_size);
+      c.replica_domain = o.ep_size;
+    }
+    if (o.redundant_experts > 0) {
+      if (physical % W != 0)
+        SY_THROW(ConfigError, "--redundant_experts = ", o.redundant_experts, ": ", E, " + ", o.redundant_experts,
+                 " physical experts do not divide over ", W, " ranks");
+      // Before any load is measured: EPLB on equal loads.
+      c.placement = eplb::to_placement(
+          eplb::rebalance_experts(std::vector<float>(static_cast<size_t>(E), 1.f), physical, groups, nodes, W), W);
+    }
+    double zipf = 0;
+    if (!o.gate_skew.empty()) {
+      try {
+        if (o.gate_skew.rfind("zipf:", 0) != 0) throw std::invalid_argument("prefix");
+        size_t used = 0;
+        zipf = std::stod(o.gate_skew.substr(5), &used);
+        if (used != o.gate_skew.size() - 5 || !(zipf > 0)) throw std::invalid_argument("value");
+      } catch (const std::exception&) {
+        SY_THROW(ConfigError, "--gate_skew = '", o.gate_skew, "', expected zipf:S with S > 0");
+      }
+    }
     MoELayer layer(c, group);
     layer.init_parameters(o.seed);
     const int64_t T = static_cast<int64_t>(o.batch_size) * o.num_tokens, M = o.model_dim;
@@ -139,6 +175,18 @@ int run_bench_moe(const BenchMoeOptions& o) {
     Rng rng(o.seed * 7919 + static_cast<uint64_t>(world.rank()));
     rng.fill_uniform(x, -1, 1);
     rng.fill_uniform(target, -0.1, 0.1);
+    if (zipf > 0)  // feature 0 is a constant 1 whose gate row lowers expert e's logit by S ln(e + 1)
+      for (int e = 0; e < E; ++e) layer.gate_weight().data_as<float>()[e] -= static_cast<float>(zipf * std::log(e + 1.0));
+    const bool report_load = o.redundant_experts > 0 || zipf > 0 || o.ep_size > 0;
+    // Loads are judged on tokens the placement never saw: fresh ones every step.
+    auto draw_tokens = [&] {
+      rng.fill_uniform(x, -1, 1);
+      if (zipf > 0)
+        for (int64_t t = 0; t < T; ++t) x.data_as<float>()[t * M] = 1.f;
+    };
+    if (zipf > 0) draw_tokens();
+    std::vector<double> load_since(static_cast<size_t>(E), 0.0);  // logical expert loads since the last placement
+    std::vector<double> rank_load_ratios;                          // max/mean rows per rank, per step
     if (leader && !o.quiet)
       std::printf("# switchyard bench moe: %d ranks (%s, %d nodes), %lld tokens/rank, model_dim %d, hidden %d, %d experts "
                   "(%s), top-%d, capacity factor %g, %s exchange, %s, %d GEMM threads/rank, %s\n",
@@ -180,6 +228,7 @@ int run_bench_moe(const BenchMoeOptions& o) {
     double last_wall = 0;
     // One synchronized step under `fixed`, or the planner's plan when null.
     auto step = [&](int index, const ExecPlan* fixed, bool print) {
+      if (report_load && index > 0) draw_tokens();
       world.barrier().wait();
       group->barrier().wait();  // emulated: every rank's virtual time meets here
       const double virtual_start = virtual_time::now();
@@ -221,6 +270,20 @@ int run_bench_moe(const BenchMoeOptions& o) {
         }
       }
       const ExecPlan plan = layer.last_plan().exec;
+      // Rows each rank's experts received (dropless: exactly the routed ones), and the logical loads.
+      double rank_rows = 0;
+      auto count = [&](const MoEBatch& b) {
+        rank_rows += static_cast<double>(b.plan().recv_rows());
+        for (int e = 0; e < E && e < static_cast<int>(b.routing().expert_load.size()); ++e)
+          load_since[static_cast<size_t>(e)] += static_cast<double>(b.routing().expert_load[static_cast<size_t>(e)]);
+      };
+      if (batches.empty()) {
+        rank_rows = static_cast<double>(layer.last_plan().recv_rows());
+        for (int e = 0; e < E && e < static_cast<int>(layer.last_routing().expert_load.size()); ++e)
+          load_since[static_cast<size_t>(e)] += static_cast<double>(layer.last_routing().expert_load[static_cast<size_t>(e)]);
+      } else {
+        for (auto& b : batches) count(*b);
+      }
       double local_loss = 0.0;
       const float* out = f.output.data_as<float>();
       float* d = dout.data_as<float>();
@@ -252,6 +315,12 @@ int run_bench_moe(const BenchMoeOptions& o) {
       const double loss = allreduce_scalar(world, local_loss) / std::max<double>(1.0, allreduce_scalar(world, double(T * M)));
       const double step_flops = allreduce_scalar(world, layer.gemm_flops() - flops_at_start);
       dropped_total += f.dropped;
+      if (report_load) {
+        const double most = allreduce_scalar(world, rank_rows, ReduceOp::max);
+        const double mean = allreduce_scalar(world, rank_rows) / W;
+        rank_load_ratios.push_back(mean > 0 ? most / mean : 1.0);
+        if (leader && print) std::printf("rank load max/mean: %.3f\n", rank_load_ratios.back());
+      }
       if (leader && print)
         std::printf("STEP-%d: loss = %.5f, step_time = %.6f sec, perf = %.2f tflops. (f = %g, %s)%s\n", index, loss,
                     step_time, step_flops / step_time * 1e-12, o.capacity_factor, plan.describe().c_str(),
@@ -319,6 +388,25 @@ int run_bench_moe(const BenchMoeOptions& o) {
         layer.reset_profile();
         dropped_total = 0;
       }
+      if (o.rebalance_every > 0 && s > 0 && s % o.rebalance_every == 0) {
+        // EPLB from the loads of the steps since the last placement (every rank
+        // computes the same placement from the same summed loads), judged on the next ones.
+        std::vector<double> summed = load_since;
+        world.allreduce(TensorView(summed.data(), DType::f64, {E}), TensorView(summed.data(), DType::f64, {E})).wait();
+        const std::vector<float> load(summed.begin(), summed.end());
+        const ExpertPlacement next =
+            eplb::to_placement(eplb::rebalance_experts(load, physical, groups, nodes, W), W);
+        const size_t last = rank_load_ratios.size(), first = last >= static_cast<size_t>(o.rebalance_every)
+                                                                  ? last - static_cast<size_t>(o.rebalance_every) : 0;
+        const double before = median(std::vector<double>(rank_load_ratios.begin() + static_cast<ptrdiff_t>(first),
+                                                         rank_load_ratios.end()));
+        layer.migrate(next);
+        std::fill(load_since.begin(), load_since.end(), 0.0);
+        if (leader && !o.quiet)
+          std::printf("# rebalanced at step %d from the loads of steps %zu..%d: %s; rank load max/mean was %.3f "
+                      "(median of those steps)\n",
+                      s, first, s - 1, next.describe().c_str(), before);
+      }
       const double t = step(s, o.strategy == "auto" ? nullptr : &c.plan, !o.quiet);
       if (s >= skip) timed += t, step_times.push_back(t), wall_times.push_back(last_wall);
     }
@@ -331,6 +419,12 @@ int run_bench_moe(const BenchMoeOptions& o) {
     }
     if (o.quiet) return;
     if (leader) std::printf("[Summary] Average synchronized step_time = %.6f sec.\n", timed / steps);
+    if (leader && report_load && !rank_load_ratios.empty())
+      std::printf("# rank load max/mean: median %.3f over the last %zu steps\n",
+                  median(std::vector<double>(rank_load_ratios.end() - static_cast<ptrdiff_t>(std::min<size_t>(
+                                                                           rank_load_ratios.size(), static_cast<size_t>(steps))),
+                                             rank_load_ratios.end())),
+                  std::min<size_t>(rank_load_ratios.size(), static_cast<size_t>(steps)));
     if (leader && planner)
       std::printf("# %s (plan changes: %d)\n", planner->explanation().c_str(), planner->decisions_changed());
     // Breakdown (this rank), GEMMs, and the floor: the same GEMMs timed alone

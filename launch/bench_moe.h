@@ -51,6 +51,16 @@ struct BenchMoeOptions {
   // micro-batches, all planned and dispatched before any combines (handles).
   int microbatches = 1;
   bool send_once = false;  // MoEConfig::send_once_per_rank (dropless)
+  // Expert data parallelism: expert groups of ep_size ranks (0: the world);
+  // num_local_experts is per rank of an expert group (E = it x ep_size).
+  int ep_size = 0;
+  // Redundant experts (EPLB): R extra replicas (E + R physical experts over
+  // the ranks), re-placed from the measured loads every rebalance_every steps.
+  int redundant_experts = 0;
+  int rebalance_every = 0;
+  // A skewed gate: "zipf:S" lowers expert e's logit by S ln(e + 1) (through a
+  // constant input feature), so loads fall off like a Zipf law.
+  std::string gate_skew;
   // A physical expert placement file (launch/placement_file.h); "": E / W per rank.
   std::string placement;
   int nodes = 0;  // for 2DH: ranks per node = ranks / nodes (0: the runtime's nodes)

@@ -171,6 +171,17 @@ int main(int argc, char** argv) {
                         "replicas and unused slots allowed)");
   bench_moe->add_flag("--send_once,--send-once", moe.send_once,
                       "Dropless: send a token once per destination rank (and chunk), copied there to each expert");
+  bench_moe->add_option("--ep_size,--ep-size", moe.ep_size,
+                        "Expert-parallel group size (EP x DP; 0 = the world); E = num_local_experts x ep_size")
+      ->capture_default_str();
+  bench_moe->add_option("--redundant_experts,--redundant-experts", moe.redundant_experts,
+                        "Extra expert replicas placed by EPLB (E + R physical experts over the ranks)")
+      ->capture_default_str();
+  bench_moe->add_option("--rebalance_every,--rebalance-every", moe.rebalance_every,
+                        "Re-place the replicas from the loads measured since the last rebalance every N steps (0: never)")
+      ->capture_default_str();
+  bench_moe->add_option("--gate_skew,--gate-skew", moe.gate_skew,
+                        "zipf:S: lower expert e's gate logit by S ln(e+1) (a Zipf-skewed router)");
   bench_moe->add_option("--microbatches", moe.microbatches,
                         "Batches in flight per step: the tokens split into M micro-batches whose phases interleave")
       ->capture_default_str();

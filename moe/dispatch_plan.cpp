@@ -152,8 +152,17 @@ DispatchPlan build_dispatch_plan(const RouterConfig& router, const Routing& rout
     p.recv_block_rows.resize(p.send_block_rows.size());
     for (int i = 0; i < d; ++i)
       for (int l = 0; l < Lw; ++l) {
-        const auto [lo, hi] = chunk_range(block(g.rank, l), i);
-        for (int u = 0; u < X; ++u) p.recv_block_rows[static_cast<size_t>((i * X + u) * Lw + l)] = hi - lo;
+        if (sliced) {
+          const auto [lo, hi] = chunk_range(block(g.rank, l), i);
+          for (int u = 0; u < X; ++u) p.recv_block_rows[static_cast<size_t>((i * X + u) * Lw + l)] = hi - lo;
+          continue;
+        }
+        for (int u = 0; u < X; ++u) {
+          const int n = g.replicas_seen_by_source[static_cast<size_t>(u * Lw + l)];
+          const Block b{nullptr, 0, n ? (p.capacity + n - 1) / n : 0, 0};
+          const auto [lo, hi] = chunk_range(b, i);
+          p.recv_block_rows[static_cast<size_t>((i * X + u) * Lw + l)] = hi - lo;
+        }
       }
   }
   return p;

@@ -81,6 +81,9 @@ struct DispatchGeometry {
   // Whole experts or r = 0: the destination blocks (u * slots + l) of each
   // logical expert's replicas; its i-th kept choice goes to block i mod count.
   std::vector<std::vector<int>> blocks_of_expert;  // [E]
+  // Padded, whole experts: over how many replicas source u spreads the
+  // expert of my slot l, 0 when u does not use that slot ([X * slots]).
+  std::vector<int> replicas_seen_by_source;
   // Sliced experts (shards > 1): the logical expert at each position.
   std::vector<int> expert_at_position;  // [E]
 };

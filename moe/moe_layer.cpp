@@ -23,6 +23,7 @@ void MoEConfig::validate() const {
   if (compute != DType::f32 && compute != DType::bf16)
     SY_THROW(InvalidArgument, "moe: compute = ", dtype_name(compute), ", expected f32 or bf16");
   if (hidden_dim < 1) SY_THROW(InvalidArgument, "moe: hidden_dim = ", hidden_dim, ", expected >= 1");
+  if (replica_domain < 0) SY_THROW(InvalidArgument, "moe: replica_domain = ", replica_domain, ", expected >= 0 ranks");
   if (batch_invariant && compute != DType::f32)
     SY_THROW(InvalidArgument, "moe: batch_invariant needs compute = f32, got ", dtype_name(compute));
   router.validate();
@@ -126,17 +127,18 @@ void MoELayer::make_replica_groups() {
   // the same sequence, so no two groups wait on each other.
   for (int e = 0; e < pl.experts(); ++e) {
     if (pl.replicas(e) < 2) continue;
-    std::vector<int> members;
-    int mine = -1;
+    std::vector<int> members, mine;
     for (int p : pl.replicas_of(e)) {
       const int rank = pl.rank_of_slot(p);
       members.push_back(rank);
-      if (rank == me) mine = p - pl.first_slot(me);
+      if (rank == me) mine.push_back(p - pl.first_slot(me));
     }
-    if (mine < 0) continue;
+    if (mine.empty()) continue;
     std::sort(members.begin(), members.end());
+    members.erase(std::unique(members.begin(), members.end()), members.end());
     replica_groups_.push_back(
-        {mine, group_->create_group(members, group_->name() + "/replicas-of-" + std::to_string(e))});
+        {mine, members.size() > 1 ? group_->create_group(members, group_->name() + "/replicas-of-" + std::to_string(e))
+                                  : nullptr});
   }
 }
 
@@ -145,8 +147,18 @@ void MoELayer::sum_replica_gradients(ExpertParams& g) {
   for (const ReplicaGroup& r : replica_groups_)
     for (Tensor* t : {&g.w1, &g.b1, &g.w2, &g.b2}) {
       const int64_t per_slot = t->numel() / t->shape()[0];
-      TensorView slice(t->data_as<float>() + r.slot * per_slot, DType::f32, {per_slot});
-      r.group->allreduce(slice, slice).wait();
+      float* first = t->data_as<float>() + r.slots.front() * per_slot;
+      // This rank's replicas first, then the ranks', then back into every local replica.
+      for (size_t i = 1; i < r.slots.size(); ++i) {
+        const float* other = t->data_as<float>() + r.slots[i] * per_slot;
+        for (int64_t j = 0; j < per_slot; ++j) first[j] += other[j];
+      }
+      if (r.group) {
+        TensorView slice(first, DType::f32, {per_slot});
+        r.group->allreduce(slice, slice).wait();
+      }
+      for (size_t i = 1; i < r.slots.size(); ++i)
+        std::memcpy(t->data_as<float>() + r.slots[i] * per_slot, first, static_cast<size_t>(per_slot) * sizeof(float));
     }
 }
 
@@ -180,7 +192,13 @@ MoELayer::PlanShape MoELayer::shape_of(int r) const {
           it == gather_groups_.end() ? nullptr : it->second.get()};
 }
 
-DispatchGeometry MoELayer::geometry(const PlanShape& shape, int r) const {
+const DispatchGeometry& MoELayer::geometry(int r) {
+  auto it = geometries_.find(r);
+  if (it == geometries_.end()) it = geometries_.emplace(r, make_geometry(shape_of(r), r)).first;
+  return it->second;
+}
+
+DispatchGeometry MoELayer::make_geometry(const PlanShape& shape, int r) const {
   DispatchGeometry g;
   const int E = config_.router.experts;
   g.experts = E;
@@ -202,11 +220,30 @@ DispatchGeometry MoELayer::geometry(const PlanShape& shape, int r) const {
     return g;
   }
   const ExpertPlacement& pl = layout_.placement();
+  const int W = group_->size(), domain = config_.replica_domain > 0 ? config_.replica_domain : W;
+  // The replicas a source rank spreads an expert over: those in its domain, if any.
+  auto used_by = [&](int source, int e) {
+    std::vector<int> mine;
+    for (int p : pl.replicas_of(e))
+      if (pl.rank_of_slot(p) / domain == source / domain) mine.push_back(p);
+    return mine.empty() ? pl.replicas_of(e) : mine;
+  };
   for (int e = 0; e < E; ++e)
-    for (int p : pl.replicas_of(e)) {
+    for (int p : used_by(g.rank, e)) {
       const int u = pl.rank_of_slot(p);
       g.blocks_of_expert[static_cast<size_t>(e)].push_back(u * g.slots + p - pl.first_slot(u));
     }
+  g.replicas_seen_by_source.assign(static_cast<size_t>(g.exchange_ranks * g.slots), 0);
+  for (int l = 0; l < pl.slots(g.rank); ++l) {
+    const int e = pl.expert_at(g.rank, l);
+    if (e < 0) continue;
+    const int mine = pl.first_slot(g.rank) + l;
+    for (int u = 0; u < g.exchange_ranks; ++u) {
+      const std::vector<int> used = used_by(u, e);
+      if (std::find(used.begin(), used.end(), mine) != used.end())
+        g.replicas_seen_by_source[static_cast<size_t>(u * g.slots + l)] = static_cast<int>(used.size());
+    }
+  }
   return g;
 }
 
@@ -344,7 +381,7 @@ MoEHandle MoELayer::plan_impl(const TensorView& x, const RoutingChoice& routing,
   }
   {
     PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::gate);
-    b->plan_ = build_dispatch_plan(b->router_, b->routing_, T, exec, capacity, geometry(shape_of(exec.r), exec.r));
+    b->plan_ = build_dispatch_plan(b->router_, b->routing_, T, exec, capacity, geometry(exec.r));
   }
   b->plan_.output_rows = T;
   record(*b, Phase::plan);

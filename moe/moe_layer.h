@@ -46,6 +46,11 @@ struct MoEConfig {
   // moe/placement.h); empty: E / W experts per rank, or Tutel's sliced layout
   // when E < W. Placements other than a permutation run r = 1 plans.
   std::optional<ExpertPlacement> placement;
+  // Ranks per replica domain (consecutive ranks): a token uses the replicas of
+  // its expert inside its own rank's domain when there are any (expert data
+  // parallelism: the expert group; a node), else all of them, in turn.
+  // 0: one domain, the whole group.
+  int replica_domain = 0;
   bool skip_compute = false;
   bool check_finite = false;  // reject NaN/Inf inputs with a clear error
   // Expert GEMMs: f32, or bf16 operands with fp32 accumulation (weights stay
@@ -317,14 +322,18 @@ class MoELayer {
     Communicator* gather; // all-gathers the working weights; nullptr: stored weights are used as they are
   };
   PlanShape shape_of(int r) const;
-  DispatchGeometry geometry(const PlanShape& shape, int r) const;
+  // What a plan's sharding degree makes of the placement; cached per r (the
+  // placement changes only in migrate()).
+  const DispatchGeometry& geometry(int r);
+  DispatchGeometry make_geometry(const PlanShape& shape, int r) const;
+  std::map<int, DispatchGeometry> geometries_;
   // Groups of the ranks holding each replicated expert (made per placement),
   // and the replica gradient sum over them after each backward.
   void make_replica_groups();
   void sum_replica_gradients(ExpertParams& grads);
   struct ReplicaGroup {
-    int slot;  // my local slot holding the expert
-    std::shared_ptr<Communicator> group;
+    std::vector<int> slots;               // my local slots holding the expert
+    std::shared_ptr<Communicator> group;  // the ranks holding it; null when they are all mine
   };
   std::vector<ReplicaGroup> replica_groups_;
   uint64_t placement_generation_ = 0;

@@ -27,11 +27,6 @@ ExpertPlacement::ExpertPlacement(int experts, std::vector<int> slots_per_rank, s
       SY_THROW(InvalidArgument, "placement: physical slot ", p, " holds expert ", e, ", expected 0..", experts - 1,
                " or -1 (unused)");
     if (e < 0) continue;
-    const int rank = rank_of_slot(p);
-    for (int q : log2phy_[static_cast<size_t>(e)])
-      if (rank_of_slot(q) == rank)
-        SY_THROW(InvalidArgument, "placement: expert ", e, " has two replicas on rank ", rank, " (slots ", q, " and ",
-                 p, "); expected replicas on different ranks");
     log2phy_[static_cast<size_t>(e)].push_back(p);
   }
   permutation_ = physical_slots() == experts;
@@ -76,6 +71,20 @@ ExpertPlacement ExpertPlacement::round_robin(int experts, int ranks, int slots_p
   std::vector<int> phy2log(static_cast<size_t>(ranks) * static_cast<size_t>(slots_per_rank));
   for (size_t p = 0; p < phy2log.size(); ++p) phy2log[p] = static_cast<int>(p % static_cast<size_t>(experts));
   return ExpertPlacement(experts, std::vector<int>(static_cast<size_t>(ranks), slots_per_rank), std::move(phy2log));
+}
+
+ExpertPlacement ExpertPlacement::expert_data_parallel(int experts, int ranks, int ep_size) {
+  if (ep_size < 1 || ranks % ep_size != 0)
+    SY_THROW(InvalidArgument, "placement: expert_parallel_size = ", ep_size, " does not divide the ", ranks,
+             " ranks; expected a divisor");
+  if (experts % ep_size != 0)
+    SY_THROW(InvalidArgument, "placement: ", experts, " experts over expert groups of ", ep_size,
+             " ranks; expected a multiple of expert_parallel_size");
+  const int per_rank = experts / ep_size;
+  std::vector<int> phy2log;
+  for (int r = 0; r < ranks; ++r)
+    for (int s = 0; s < per_rank; ++s) phy2log.push_back(r % ep_size * per_rank + s);
+  return ExpertPlacement(experts, std::vector<int>(static_cast<size_t>(ranks), per_rank), std::move(phy2log));
 }
 
 ExpertPlacement ExpertPlacement::from_replicas(int experts, int ranks, int slots_per_rank,

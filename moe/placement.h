@@ -22,7 +22,8 @@ class ExpertPlacement {
   // slots_per_rank[w]: physical slots on rank w; phy2log[p]: the logical
   // expert at physical slot p (slots numbered rank by rank), -1 if unused.
   // Throws naming the problem: a logical expert without a slot, an id out of
-  // range, two replicas of one expert on one rank, sizes that disagree.
+  // range, sizes that disagree. Two replicas of one expert may share a rank
+  // (EPLB packs by load alone); they split that rank's rows of the expert.
   ExpertPlacement(int experts, std::vector<int> slots_per_rank, std::vector<int> phy2log);
 
   // E / W experts per rank, expert e at slot e.
@@ -32,6 +33,13 @@ class ExpertPlacement {
   // `slots_per_rank` slots on every rank, physical slot p holding expert p mod E:
   // with more slots than experts the first experts get the extra replicas.
   static ExpertPlacement round_robin(int experts, int ranks, int slots_per_rank);
+  // Expert data parallelism (Megatron's expert_model_parallel_size): the
+  // world in W / ep_size expert groups of ep_size consecutive ranks, each
+  // holding every expert once (E / ep_size per rank); expert e of each group
+  // on its local rank e / (E / ep_size). With MoEConfig::replica_domain =
+  // ep_size a token uses its own group's replica, and the replicas' gradient
+  // sum is the expert-data-parallel all-reduce.
+  static ExpertPlacement expert_data_parallel(int experts, int ranks, int ep_size);
   // `slots_per_rank` on every rank and the physical slots of each logical
   // expert (the placement file's form; launch/placement_file.h reads it).
   static ExpertPlacement from_replicas(int experts, int ranks, int slots_per_rank,

@@ -476,5 +476,60 @@ TEST(MoEMultiRank, SendingATokenOncePerRankChangesOnlyTheRowsSent) {
     });
 }
 
+// Expert data parallelism (EP x DP) as a physical placement: every expert
+// group of ep ranks holds each expert once, tokens stay inside their group,
+// and the replicas' gradient sum is the expert-data-parallel all-reduce.
+// Outputs and gradients equal one rank holding every expert on all tokens.
+TEST(MoEMultiRank, ExpertDataParallelEqualsOneRankHoldingEveryExpert) {
+  for (int ep : {1, 2, 4})
+    for (ExchangeMode mode : {ExchangeMode::dropless, ExchangeMode::padded})
+      testing::for_each_rank([&](Communicator& comm, uint64_t seed) {
+        const int n = comm.size(), me = comm.rank();
+        if (n % ep != 0 || ep > n) return;
+        MoEConfig c;
+        c.model_dim = 8, c.hidden_dim = 10;
+        c.plan.exchange = mode;
+        c.router.experts = 2 * ep, c.router.k = 2, c.router.capacity_factor = 0.0;
+        c.placement = ExpertPlacement::expert_data_parallel(c.router.experts, n, ep);
+        c.replica_domain = ep;
+        c.check_plan = true;
+        std::shared_ptr<Communicator> group(&comm, [](Communicator*) {});
+        MoELayer layer(c, group);
+        layer.init_parameters(seed);
+        auto x_of = [&](int r) { return tokens(seed + 1700 + r, 5 + 2 * r, 8); };
+        auto d_of = [&](int r) { return tokens(seed + 1800 + r, 5 + 2 * r, 8); };
+        MoEForward f = layer.forward(x_of(me));
+        Tensor dx = layer.backward(d_of(me));
+        // Nothing crossed an expert group.
+        const DispatchPlan& p = layer.last_plan();
+        for (int u = 0; u < p.exchange_ranks; ++u)
+          for (int l = 0; l < p.slots; ++l)
+            if (u / ep != me / ep && p.recv_block(0, u, l) != 0)
+              SY_THROW(Error, "rank ", me, ": ", p.recv_block(0, u, l), " rows from rank ", u, " of another expert group");
+        int64_t mine = 0;
+        Tensor all_x = all_rows(n, x_of, 8, mine, me), all_d = all_rows(n, d_of, 8, mine, me);
+        MoEConfig whole_config = c;
+        whole_config.placement.reset();
+        whole_config.replica_domain = 0;
+        ThreadsWorld solo_world(1);
+        MoELayer whole(whole_config, solo_world.communicator(0));
+        whole.init_parameters(seed);
+        MoEForward wf = whole.forward(all_x);
+        Tensor all_dx = whole.backward(all_d);
+        expect_close("output", f.output.data_as<float>(), wf.output.data_as<float>() + mine * 8, f.output.numel(), me);
+        expect_close("dx", dx.data_as<float>(), all_dx.data_as<float>() + mine * 8, dx.numel(), me);
+        expect_close("gate grad", layer.gate_grad().data_as<float>(), whole.gate_grad().data_as<float>(),
+                     whole.gate_grad().numel(), me);
+        for (int slot = 0; slot < layer.layout().slots(me); ++slot) {
+          const int e = layer.layout().expert_at(me, slot);
+          expect_close("w1 grad (summed over the expert's data-parallel replicas)",
+                       layer.expert_grads().w1.data_as<float>() + slot * 80,
+                       whole.expert_grads().w1.data_as<float>() + e * 80, 80, me);
+          expect_close("b1 grad", layer.expert_grads().b1.data_as<float>() + slot * 10,
+                       whole.expert_grads().b1.data_as<float>() + e * 10, 10, me);
+        }
+      });
+}
+
 }  // namespace
 }  // namespace switchyard

@@ -1,0 +1,48 @@
+// DeepSeek's expert-parallel load balancer (EPLB, deepseek-ai/EPLB), written
+// here from its published algorithm: from a load per logical expert, extra
+// replicas go to the experts with the most load per replica, and the physical
+// experts are packed onto ranks so every rank carries about the same load.
+//  - hierarchical (groups of experts divisible by nodes): expert groups are
+//    packed onto nodes first, replicas are made inside each node, then the
+//    node's physical experts are packed onto its ranks (traffic stays in the
+//    node where it can);
+//  - global otherwise: one group, one node.
+// Ties go to the lowest index, as the reference does; loads are summed in
+// float32 like it, so outputs match it on the same input.
+#pragma once
+
+#include <vector>
+
+#include "moe/placement.h"
+
+namespace switchyard::eplb {
+
+// n weighted items into `packs` packs of n / packs items each: heaviest first,
+// each into the lightest pack that still has room (lowest index on ties).
+struct Packing {
+  std::vector<int> pack;          // [n]
+  std::vector<int> rank_in_pack;  // [n]
+};
+Packing balanced_packing(const std::vector<float>& weight, int packs);
+
+// `physical` >= E replicas: expert e keeps replica 0 at physical slot e; each
+// further slot goes to the expert with the largest load / replicas so far.
+struct Replication {
+  std::vector<int> phy2log;  // [physical]
+  std::vector<int> replica;  // [physical]: which replica of its expert
+  std::vector<int> count;    // [E]
+};
+Replication replicate_experts(const std::vector<float>& weight, int physical);
+
+struct Rebalance {
+  std::vector<int> phy2log;  // [physical]: slots rank-major, physical / ranks per rank
+  std::vector<int> replica;  // [physical]
+  std::vector<int> count;    // [E]: replicas of each logical expert
+};
+// load [E]; physical a multiple of ranks, ranks a multiple of nodes.
+Rebalance rebalance_experts(const std::vector<float>& load, int physical, int groups, int nodes, int ranks);
+
+// The result as a placement of `ranks` ranks with physical / ranks slots each.
+ExpertPlacement to_placement(const Rebalance& r, int ranks);
+
+}  // namespace switchyard::eplb
