@@ -196,6 +196,8 @@ int run_bench_moe(const BenchMoeOptions& o) {
                                               : (std::to_string(layer.layout().local_experts()) + " per rank").c_str(),
                   o.top, o.capacity_factor, o.exchange.c_str(), o.activation.c_str(), rt.gemm_threads(),
                   o.eval ? "forward only (--eval)" : "training (fwd+bwd+SGD)");
+    if (leader && !o.quiet && o.send_once && c.plan.exchange != ExchangeMode::dropless)
+      std::printf("# --send_once applies to dropless plans only; this run's padded exchange sends every row\n");
     if (leader && !o.quiet && c.placement)
       std::printf("# placement %s: %s\n", o.placement.c_str(), c.placement->describe().c_str());
     if (leader && !o.quiet && o.microbatches > 1)

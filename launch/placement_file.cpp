@@ -44,6 +44,7 @@ ExpertPlacement load_placement_file(const std::string& path, int experts, int ra
     SY_THROW(ConfigError, at(path, list ? list : root), ": experts: expected a map {logical id: [physical slots]}");
   std::vector<std::vector<int>> slots_of(static_cast<size_t>(experts));
   std::vector<bool> seen(static_cast<size_t>(experts), false);
+  std::vector<int> owner_of_slot(static_cast<size_t>(std::max<int64_t>(0, static_cast<int64_t>(ranks) * slots)), -1);
   for (const auto& kv : list) {
     const int e = integer(path, kv.first, "experts key");
     if (e < 0 || e >= experts)
@@ -57,6 +58,10 @@ ExpertPlacement load_placement_file(const std::string& path, int experts, int ra
       if (slot < 0 || static_cast<int64_t>(slot) >= static_cast<int64_t>(ranks) * slots)
         SY_THROW(ConfigError, at(path, p), ": expert ", e, " at physical slot ", slot, ", expected 0..",
                  static_cast<int64_t>(ranks) * slots - 1, " (", ranks, " ranks x ", slots, " slots_per_rank)");
+      if (owner_of_slot[static_cast<size_t>(slot)] >= 0)
+        SY_THROW(ConfigError, at(path, p), ": physical slot ", slot, " given to experts ",
+                 owner_of_slot[static_cast<size_t>(slot)], " and ", e, "; expected one expert per slot");
+      owner_of_slot[static_cast<size_t>(slot)] = e;
       slots_of[static_cast<size_t>(e)].push_back(slot);
     }
   }

@@ -23,10 +23,13 @@ Tensor BufferPool::acquire(int kind, Shape shape, DType dtype) {
     if (best != list.end()) {
       block = std::move(*best);
       list.erase(best);
-    } else {
-      // The batches outgrew this kind's free blocks: let them go back to the
-      // host (they would never fit again while batches stay this large).
-      std::erase_if(list, [&](const Block& b) { return b.capacity < bytes; });
+    } else if (!list.empty()) {
+      // The batches outgrew this kind's blocks: the largest free one that is
+      // too small goes back to the host, the new larger one takes its place
+      // (one at a time, so sets of other batches in flight keep theirs).
+      auto largest = std::max_element(list.begin(), list.end(),
+                                      [](const Block& a, const Block& b) { return a.capacity < b.capacity; });
+      list.erase(largest);
     }
   }
   if (!block.storage) {

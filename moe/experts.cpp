@@ -395,14 +395,33 @@ void MoELayer::migrate(const ExpertPlacement& to, const std::vector<ExpertParams
   const int64_t sizes[4] = {M * H1, H1, H * M, M};  // w1, b1, w2, b2 of one expert
   const int64_t per_expert = sizes[0] + sizes[1] + sizes[2] + sizes[3];
   std::vector<ExpertParams*> moved{&params_};
+  std::string problem;
   for (ExpertParams* s : state) {
     for (auto [t, want] : {std::pair{&s->w1, &params_.w1}, {&s->b1, &params_.b1}, {&s->w2, &params_.w2},
                            {&s->b2, &params_.b2}})
-      if (t->shape() != want->shape() || t->dtype() != DType::f32)
-        SY_THROW(InvalidArgument, "moe: migrate: a per-expert state tensor is ", dtype_name(t->dtype()), " ",
-                 shape_string(t->shape()), ", expected f32 ", shape_string(want->shape()), " like the parameters");
+      if (problem.empty() && (t->shape() != want->shape() || t->dtype() != DType::f32))
+        problem = detail::make_string("a per-expert state tensor is ", dtype_name(t->dtype()), " ",
+                                      shape_string(t->shape()), ", expected f32 ", shape_string(want->shape()),
+                                      " like the parameters");
     moved.push_back(s);
   }
+  if (problem.empty() && config_.plan.r != 1 && !next.is_permutation())
+    problem = detail::make_string("the layer's plan has r = ", config_.plan.r, ", which the new placement (",
+                                  to.describe(), ") cannot run; expected r = 1");
+  // Every rank must move the same placement and as many state sets, or the
+  // all-to-all below would mismatch: agreed first, and a problem anywhere fails everyone.
+  uint64_t h = 1469598103934665603ull;
+  for (int v : to.phy2log()) h = (h ^ static_cast<uint64_t>(v + 2)) * 1099511628211ull;
+  for (int w = 0; w < W; ++w) h = (h ^ static_cast<uint64_t>(to.slots(w))) * 1099511628211ull;
+  const auto hs = static_cast<double>(h >> 12), sets = static_cast<double>(state.size());
+  double agree[5] = {problem.empty() ? -1.0 : static_cast<double>(me), hs, -hs, sets, -sets};
+  group_->allreduce(TensorView(agree, DType::f64, {5}), TensorView(agree, DType::f64, {5}), {.op = ReduceOp::max}).wait();
+  if (agree[0] >= 0)
+    SY_THROW(InvalidArgument, "moe: migrate: rank ", static_cast<int>(agree[0]), ": ",
+             static_cast<int>(agree[0]) == me ? problem : std::string("refused (it says why)"));
+  if (agree[1] != hs || -agree[2] != hs || agree[3] != sets || -agree[4] != sets)
+    SY_THROW(InvalidArgument, "moe: migrate: the ranks of '", group_->name(), "' passed different placements or "
+             "numbers of per-expert state sets (rank ", me, ": ", to.describe(), ", ", state.size(), " sets)");
   const int64_t per_slot = per_expert * static_cast<int64_t>(moved.size());
   // Each logical expert comes from its primary replica under the old placement.
   auto source_rank = [&](int e) { return from.rank_of_slot(from.primary_slot(e)); };

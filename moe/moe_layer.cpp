@@ -144,22 +144,36 @@ void MoELayer::make_replica_groups() {
 
 void MoELayer::sum_replica_gradients(ExpertParams& g) {
   if (replica_groups_.empty() || config_.skip_compute) return;
-  for (const ReplicaGroup& r : replica_groups_)
-    for (Tensor* t : {&g.w1, &g.b1, &g.w2, &g.b2}) {
-      const int64_t per_slot = t->numel() / t->shape()[0];
-      float* first = t->data_as<float>() + r.slots.front() * per_slot;
-      // This rank's replicas first, then the ranks', then back into every local replica.
-      for (size_t i = 1; i < r.slots.size(); ++i) {
-        const float* other = t->data_as<float>() + r.slots[i] * per_slot;
-        for (int64_t j = 0; j < per_slot; ++j) first[j] += other[j];
+  Tensor* parts[4] = {&g.w1, &g.b1, &g.w2, &g.b2};
+  int64_t per_expert = 0;
+  for (Tensor* t : parts) per_expert += t->numel() / t->shape()[0];
+  std::vector<float> packed(static_cast<size_t>(per_expert));
+  for (const ReplicaGroup& r : replica_groups_) {
+    // This rank's replicas summed into one packed expert, one all-reduce over
+    // the ranks holding it, then back into every local replica.
+    std::fill(packed.begin(), packed.end(), 0.f);
+    for (int slot : r.slots) {
+      float* at = packed.data();
+      for (Tensor* t : parts) {
+        const int64_t n = t->numel() / t->shape()[0];
+        const float* from = t->data_as<float>() + slot * n;
+        for (int64_t j = 0; j < n; ++j) at[j] += from[j];
+        at += n;
       }
-      if (r.group) {
-        TensorView slice(first, DType::f32, {per_slot});
-        r.group->allreduce(slice, slice).wait();
-      }
-      for (size_t i = 1; i < r.slots.size(); ++i)
-        std::memcpy(t->data_as<float>() + r.slots[i] * per_slot, first, static_cast<size_t>(per_slot) * sizeof(float));
     }
+    if (r.group) {
+      TensorView all(packed.data(), DType::f32, {per_expert});
+      r.group->allreduce(all, all).wait();
+    }
+    for (int slot : r.slots) {
+      const float* at = packed.data();
+      for (Tensor* t : parts) {
+        const int64_t n = t->numel() / t->shape()[0];
+        std::memcpy(t->data_as<float>() + slot * n, at, static_cast<size_t>(n) * sizeof(float));
+        at += n;
+      }
+    }
+  }
 }
 
 void MoELayer::check_plan(const ExecPlan& plan) const {
@@ -250,8 +264,13 @@ DispatchGeometry MoELayer::make_geometry(const PlanShape& shape, int r) const {
 void MoELayer::set_placement(std::vector<int> position_of_expert) {
   if (parameters_exist_)
     SY_THROW(InvalidArgument, "moe: set_placement after the parameters exist (init_parameters or load ran) would "
-                              "relabel the stored weights; set the placement first");
+                              "relabel the stored weights; set the placement first, or migrate()");
+  if (config_.placement)
+    SY_THROW(InvalidArgument, "moe: set_placement takes a permutation of the default layout, but this layer has the "
+             "physical placement ", config_.placement->describe(), "; give the one you want in MoEConfig::placement");
   layout_.set_placement(std::move(position_of_expert));
+  geometries_.clear();
+  ++placement_generation_;
 }
 
 const DispatchPlan& MoELayer::last_plan() const {
@@ -299,8 +318,8 @@ void MoELayer::record(const MoEBatch& batch, Phase phase, int chunk) {
 void MoELayer::require(const MoEBatch& batch, MoEBatch::Stage stage, const char* phase) const {
   if (batch.released_)
     SY_THROW(InvalidArgument, "moe: ", phase, " on batch ", batch.sequence_,
-             " whose buffers were released (a later forward(x) replaced it); keep the handle from plan() to drive "
-             "several batches");
+             " whose buffers were released (the layer let it go when a later batch was planned and nobody else held "
+             "it); keep the handle from plan() to drive a batch later");
   if (batch.placement_generation_ != placement_generation_)
     SY_THROW(InvalidArgument, "moe: ", phase, " on batch ", batch.sequence_,
              ", planned before the experts migrated; plan it again");
@@ -481,7 +500,8 @@ Work MoELayer::exchange(const DispatchPlan& p, int chunk, const TensorView& in, 
   TensorView a(static_cast<float*>(in.data()) + in_off, DType::f32, {in_n});
   TensorView b(static_cast<float*>(out.data()) + out_off, DType::f32, {out_n});
   if (p.exec.a2a == A2AAlgorithm::hierarchical && hierarchical_) {
-    if (p.exec.exchange == ExchangeMode::padded) return hierarchical_->alltoall(a, b);  // equal blocks
+    // Padded blocks are equal only when every rank holds the same slots once.
+    if (p.exec.exchange == ExchangeMode::padded && layout_.is_permutation()) return hierarchical_->alltoall(a, b);
     return hierarchical_->alltoallv(a, std::move(send), b, std::move(recv));
   }
   return group_->alltoallv(a, std::move(send), b, std::move(recv));
@@ -524,9 +544,9 @@ Work MoELayer::dispatch(MoEBatch& b) {
   record(b, Phase::dispatch);
   const DispatchPlan& p = b.plan_;
   b.send_ = encode(p, b.x_);
-  b.stage_ = MoEBatch::Stage::dispatched;
   if (p.exchange_ranks == 1) {
     b.rows_ = b.send_;
+    b.stage_ = MoEBatch::Stage::dispatched;
     return completed_work("dispatch");
   }
   b.rows_ = buffer(Buffer::recv, {p.recv_rows(), config_.model_dim});
@@ -535,9 +555,10 @@ Work MoELayer::dispatch(MoEBatch& b) {
     for (int64_t c : p.unique_recv_counts) distinct += c;
     b.arrived_ = buffer(Buffer::arrived, {distinct, config_.model_dim});
     for (int i = 0; i < p.exec.d; ++i) b.to_experts_.push_back(exchange_distinct(p, i, b.send_, b.arrived_));
-    return b.to_experts_.back();
+  } else {
+    for (int i = 0; i < p.exec.d; ++i) b.to_experts_.push_back(exchange(p, i, b.send_, b.rows_, true));
   }
-  for (int i = 0; i < p.exec.d; ++i) b.to_experts_.push_back(exchange(p, i, b.send_, b.rows_, true));
+  b.stage_ = MoEBatch::Stage::dispatched;  // only once every chunk is posted
   return b.to_experts_.back();
 }
 
@@ -576,7 +597,6 @@ void MoELayer::experts(MoEBatch& b, int chunk) {
 Work MoELayer::combine(MoEBatch& b) {
   require(b, MoEBatch::Stage::dispatched, "combine");
   while (b.experts_done_ < b.chunks()) experts(b, b.experts_done_);
-  record(b, Phase::combine);
   b.stage_ = MoEBatch::Stage::combining;
   return b.back_.empty() ? completed_work("combine") : b.back_.back();
 }
@@ -584,13 +604,18 @@ Work MoELayer::combine(MoEBatch& b) {
 const MoEForward& MoELayer::finish(MoEBatch& b) {
   if (b.stage_ == MoEBatch::Stage::dispatched) combine(b);
   require(b, MoEBatch::Stage::combining, "finish");
-  record(b, Phase::finish);
+  if (b.plan_.moves_results) record(b, Phase::finish);  // a collective only with a combine layout
   const DispatchPlan& p = b.plan_;
   const int64_t M = config_.model_dim;
   {
     PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::combine_a2a);
     for (auto& w : b.back_) w.wait();
   }
+  // Backward never reads the sent rows or (when they moved) the experts' own
+  // outputs: back to the pool now, so a handle kept for backward holds less.
+  for (auto& w : b.to_experts_) w.wait();
+  b.send_ = b.arrived_ = Tensor();
+  if (p.exchange_ranks > 1) b.experts_.out = Tensor();
   // Timing only: expert outputs were neither computed nor moved; zeros keep
   // the gate's gradient (and so routing) finite.
   if (config_.skip_compute) std::memset(b.returned_.data(), 0, static_cast<size_t>(p.send_rows() * M) * sizeof(float));
@@ -674,15 +699,22 @@ void MoELayer::exchange_result_layout(DispatchPlan& p, const CombineLayout& layo
   Tensor arrived = Tensor::empty({incoming}, DType::i64);
   group_->alltoallv(rows, p.result_send_counts, arrived, p.result_recv_counts).wait();
   p.result_index.assign(arrived.data_as<int64_t>(), arrived.data_as<int64_t>() + incoming);
-  std::vector<bool> taken(static_cast<size_t>(layout.output_rows), false);
-  for (int64_t i = 0; i < incoming; ++i) {
-    const int64_t r = p.result_index[static_cast<size_t>(i)];
-    if (r >= layout.output_rows || taken[static_cast<size_t>(r)])
-      SY_THROW(InvalidArgument, "moe: rank ", group_->rank(), " receives a result for row ", r, ", which is ",
-               r >= layout.output_rows ? "beyond its output_rows = " + std::to_string(layout.output_rows)
-                                       : std::string("taken by another token"),
-               "; expected each of its rows once");
-    taken[static_cast<size_t>(r)] = true;
+  // The receivers' checks, then agreed: a bad row on any rank fails every rank.
+  std::vector<int64_t> sorted = p.result_index;
+  std::sort(sorted.begin(), sorted.end());
+  std::string bad;
+  for (size_t i = 0; i < sorted.size() && bad.empty(); ++i)
+    if (sorted[i] >= layout.output_rows)
+      bad = detail::make_string("a result for row ", sorted[i], ", beyond its output_rows = ", layout.output_rows);
+    else if (i > 0 && sorted[i] == sorted[i - 1])
+      bad = detail::make_string("two results for row ", sorted[i]);
+  double flag[2] = {bad.empty() ? -1.0 : static_cast<double>(group_->rank()), 0.0};
+  group_->allreduce(TensorView(flag, DType::f64, {2}), TensorView(flag, DType::f64, {2}), {.op = ReduceOp::max}).wait();
+  if (flag[0] >= 0) {
+    const int culprit = static_cast<int>(flag[0]);
+    SY_THROW(InvalidArgument, "moe: rank ", culprit, " receives ",
+             culprit == group_->rank() ? bad : std::string("results its combine layout cannot hold (it says which)"),
+             "; expected each of its rows at most once");
   }
   p.moves_results = true;
   p.output_rows = layout.output_rows;

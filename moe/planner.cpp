@@ -61,7 +61,6 @@ Planner::Planner(const MoELayer& layer, DeviceModel device, LinkModel link, Plan
   router_ = c.router;
   for (int r : valid_sharding_degrees(shards_))
     for (int d : options_.overlap_degrees) {
-      if (r != 1 && !layer.layout().is_permutation()) continue;  // replicas, uneven slots: expert parallel only
       for (A2AAlgorithm a2a : {A2AAlgorithm::flat, A2AAlgorithm::hierarchical})
         for (ExchangeMode x : {ExchangeMode::padded, ExchangeMode::dropless}) {
           if (!options_.choose_exchange && x != c.plan.exchange) continue;
@@ -228,7 +227,12 @@ ExecPlan Planner::choose(MoELayer& layer, const std::vector<double>& agreed, int
   const int64_t C = capacity >= 0 ? capacity : capacity_for(T);
   size_t best = 0, second = 0;
   std::vector<PlanCost> costs;
-  for (const ExecPlan& p : candidates_) costs.push_back(predict(p, T, C));
+  // The layer's placement may have changed since (migrate): plans it cannot run are out.
+  const bool permutation = layer.layout().is_permutation();
+  for (const ExecPlan& p : candidates_) {
+    costs.push_back(predict(p, T, C));
+    if (p.r != 1 && !permutation) costs.back().total = INFINITY;
+  }
   for (size_t i = 1; i < costs.size(); ++i)
     if (costs[i].total < costs[best].total) best = i;
   second = best == 0 ? (costs.size() > 1 ? 1 : 0) : 0;

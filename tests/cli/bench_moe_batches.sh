@@ -9,12 +9,12 @@ bin=$1
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
 cat > "$dir/replicas.yaml" <<'YAML'
-slots_per_rank: 3
+slots_per_rank: 4
 experts:
-  0: [0, 3]
+  0: [0, 4]
   1: [1]
-  2: [4]
-  3: [5, 2]
+  2: [5]
+  3: [6, 2]
 YAML
 printf 'slots_per_rank: 2\nexperts:\n  0: [0]\n  1: [9]\n  2: [2]\n  3: [3]\n' > "$dir/bad.yaml"
 common=(bench moe --ranks 2 --num_local_experts 2 --batch_size 1 --num_tokens 96 --model_dim 32 --hidden_size 48
@@ -33,4 +33,16 @@ if msg=$("$bin" "${common[@]}" --placement "$dir/bad.yaml" 2>&1); then
   echo "a placement with slot 9 of 4 was accepted"; exit 1
 fi
 grep -q "bad.yaml:4: expert 1 at physical slot 9, expected 0..3" <<<"$msg" || { echo "unclear error: $msg"; exit 1; }
-echo "bench moe --microbatches, --placement, --send_once: OK"
+# Redundant experts re-placed by EPLB from the loads of earlier steps even out
+# a Zipf-skewed router's rank loads on later, fresh tokens.
+skewed=(bench moe --ranks 4 --num_local_experts 4 --batch_size 1 --num_tokens 256 --model_dim 32 --hidden_size 32
+        --capacity_factor 0 --exchange dropless --gate_skew zipf:1.0 --num_steps 12)
+ratio() { grep -o 'rank load max/mean: median [0-9.]*' <<<"$1" | awk '{print $NF}'; }
+plain=$(ratio "$("$bin" "${skewed[@]}")")
+out=$("$bin" "${skewed[@]}" --redundant_experts 4 --rebalance_every 4)
+grep -q "rebalanced at step 8 from the loads of steps 4..7" <<<"$out" || { echo "no rebalance line in: $out"; exit 1; }
+balanced=$(ratio "$out")
+awk -v a="$plain" -v b="$balanced" 'BEGIN { exit !(a > 2 && b < 1.5) }' ||
+  { echo "rank load max/mean: $plain without, $balanced with redundant experts"; exit 1; }
+echo "rank load max/mean: $plain -> $balanced with 4 redundant experts"
+echo "bench moe --microbatches, --placement, --send_once, --redundant_experts: OK"

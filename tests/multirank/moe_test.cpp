@@ -9,6 +9,7 @@
 #include <functional>
 
 #include "comm/backends/threads/threads_backend.h"
+#include "moe/eplb.h"
 #include "moe/moe_layer.h"
 #include "tests/common/rank_harness.h"
 
@@ -148,8 +149,14 @@ TEST(MoEMultiRank, InterleavedHandlesEqualSequentialBatches) {
     many.dispatch(*h[2]);
     many.combine(*h[0]);
     many.forward(*h[2]);
-    many.finish(*h[1]);
-    many.finish(*h[0]);
+    // finish() is local (no combine layout): ranks may take it in any order.
+    if (me % 2) {
+      many.finish(*h[1]);
+      many.finish(*h[0]);
+    } else {
+      many.finish(*h[0]);
+      many.finish(*h[1]);
+    }
     for (int i : {1, 2, 0}) {
       Tensor dx = many.backward(*h[i], douts[i]);
       const Tensor& y = h[i]->result().output;
@@ -204,9 +211,12 @@ Tensor all_rows(int n, const std::function<Tensor(int)>& of_rank, int64_t width,
 // equal one rank holding every expert (each replica's gradient is the whole
 // expert's), in both exchange modes and pipelined.
 TEST(MoEMultiRank, PhysicalPlacementEqualsOneRankHoldingEveryExpert) {
+  for (int variant = 0; variant < 3; ++variant)  // awkward placement, EPLB's, awkward over 2DH
   for (ExchangeMode mode : {ExchangeMode::padded, ExchangeMode::dropless})
     testing::for_each_rank([&](Communicator& comm, uint64_t seed) {
       const int n = comm.size(), me = comm.rank();
+      const bool from_eplb = variant == 1;
+      if (variant == 2 && n != 4) return;
       MoEConfig c;
       c.model_dim = 12, c.hidden_dim = 16;
       c.activation = kernels::cpu::Activation::swiglu;
@@ -214,7 +224,16 @@ TEST(MoEMultiRank, PhysicalPlacementEqualsOneRankHoldingEveryExpert) {
       c.plan.d = 2;
       c.router.experts = 2 * n, c.router.k = 2, c.router.capacity_factor = 0.0;
       c.check_plan = true;
+      if (variant == 2) {  // two nodes of two ranks; padded blocks differ per rank
+        c.node_size = 2;
+        c.plan.a2a = A2AAlgorithm::hierarchical;
+      }
       c.placement = awkward_placement(n);
+      if (from_eplb) {  // EPLB on skewed loads: 3 replicas per rank's worth, possibly two of one expert on a rank
+        std::vector<float> load(static_cast<size_t>(2 * n));
+        for (int e = 0; e < 2 * n; ++e) load[static_cast<size_t>(e)] = 100.f / static_cast<float>(e + 1) + 0.1f * e;
+        c.placement = eplb::to_placement(eplb::rebalance_experts(load, 3 * n, 1, 1, n), n);
+      }
       std::shared_ptr<Communicator> group(&comm, [](Communicator*) {});
       MoELayer layer(c, group);
       layer.init_parameters(seed);
@@ -227,6 +246,8 @@ TEST(MoEMultiRank, PhysicalPlacementEqualsOneRankHoldingEveryExpert) {
       Tensor all_x = all_rows(n, x_of, 12, mine, me), all_d = all_rows(n, d_of, 12, mine, me);
       MoEConfig whole_config = c;
       whole_config.placement.reset();
+      whole_config.node_size = 0;
+      whole_config.plan.a2a = A2AAlgorithm::flat;
       ThreadsWorld solo_world(1);
       MoELayer whole(whole_config, solo_world.communicator(0));
       whole.init_parameters(seed);
@@ -362,6 +383,17 @@ TEST(MoEMultiRank, MigrateMovesWeightsAndOptimizerState) {
       if (std::fabs(got - want) > 1e-5 * (1 + std::fabs(want)))
         SY_THROW(Error, "rank ", me, ": after migrate step ", i, " loss ", got, ", unmigrated ", want);
     }
+    // And back from the replicated placement to the default one.
+    moving.migrate(ExpertPlacement::identity(2 * n, n), {&v_moving});
+    for (int i = 5; i < 7; ++i) {
+      const double want = step(still, v_still, i), got = step(moving, v_moving, i);
+      if (std::fabs(got - want) > 1e-5 * (1 + std::fabs(want)))
+        SY_THROW(Error, "rank ", me, ": after migrating back, step ", i, " loss ", got, ", unmigrated ", want);
+    }
+    // Ranks that disagree on the placement are told so, together.
+    if (n > 1)
+      EXPECT_THROW(moving.migrate(me == 0 ? ExpertPlacement::identity(2 * n, n) : target, {&v_moving}),
+                   InvalidArgument);
     comm.barrier().wait();
     if (me == 0)
       for (int r = 0; r < n; ++r)

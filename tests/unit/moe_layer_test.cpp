@@ -649,8 +649,8 @@ TEST(MoELayer, HandlesInFlightEqualTheSameBatchesOneAfterAnother) {
 }
 
 // The one-batch API keeps its contract: backward after forward(x), the
-// previous batch's buffers reused by the next (no growth), and a backward of
-// a batch a later forward(x) replaced refused.
+// previous batch's buffers reused by the next (no growth), and a batch the
+// caller holds stays usable after later forward(x) calls.
 TEST(MoELayer, OneBatchAtATimeReusesItsBuffers) {
   MoELayer layer(small_config(Activation::gelu, ExchangeMode::dropless, 0.0, 4), solo());
   layer.init_parameters(3);
@@ -808,7 +808,7 @@ TEST(MoELayer, BadCombineLayoutsAreClearErrorsOnEveryRank) {
   Tensor x = random_tokens(2, 3, 16);
   CombineLayout twice{{0, 0, 0}, {0, 1, 1}, 3};
   EXPECT_NE(message_of([&] { layer.forward(*layer.plan(x, layer.routing_choice(), c.plan, &twice)); })
-                .find("row 1, which is taken by another token"),
+                .find("two results for row 1; expected each of its rows at most once"),
             std::string::npos);
   CombineLayout short_of{{0, 0}, {0, 1}, 2};
   EXPECT_NE(message_of([&] { layer.plan(x, layer.routing_choice(), c.plan, &short_of); })
@@ -823,6 +823,10 @@ TEST(MoELayer, BadCombineLayoutsAreClearErrorsOnEveryRank) {
     const std::string m = message_of([&] { l.plan(one, l.routing_choice(), l.config().plan, &mine); });
     if (m.find("rank 1's combine layout is invalid") == std::string::npos)
       SY_THROW(Error, "rank ", comm.rank(), ": ", m);
+    // Both ranks' tokens to row 0 of rank 0: its check fails both ranks.
+    CombineLayout clash{{0}, {0}, comm.rank() == 0 ? 2 : 0};
+    const std::string m2 = message_of([&] { l.plan(one, l.routing_choice(), l.config().plan, &clash); });
+    if (m2.find("rank 0 receives") == std::string::npos) SY_THROW(Error, "rank ", comm.rank(), ": ", m2);
   });
 }
 
