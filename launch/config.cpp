@@ -300,7 +300,8 @@ const std::vector<Field>& fields() {
       integer<int64_t>("moe.hidden_dim", 1, kNoMax, +[](JobConfig& c) -> int64_t& { return c.moe.hidden_dim; },
                        "Hidden dimension H of each expert's FFN."),
       integer<int>("moe.experts", 1, kIntMax, +[](JobConfig& c) -> int& { return c.moe.experts; },
-                   "Global number of experts; a multiple of the number of ranks (checked at run time)."),
+                   "Global number of experts; a multiple of the number of ranks, or of moe.expert_parallel_size when "
+                   "set (checked at run time)."),
       integer<int>("moe.top_k", 1, kIntMax, +[](JobConfig& c) -> int& { return c.moe.top_k; },
                    "Experts per token; at most moe.experts (checked at run time)."),
       number("moe.capacity_factor", -1e6, 1e6, +[](JobConfig& c) -> double& { return c.moe.capacity_factor; },
@@ -329,6 +330,17 @@ const std::vector<Field>& fields() {
              "All-to-all of the fixed plan: flat, or 2dh (inside nodes, then across; needs moe.nodes > 1)."),
       integer<int>("moe.nodes", 0, kIntMax, +[](JobConfig& c) -> int& { return c.moe.nodes; },
                    "Nodes the ranks form for 2dh (blocks of ranks); 0: as the runtime found them."),
+      integer<int>("moe.expert_parallel_size", 0, kIntMax,
+                   +[](JobConfig& c) -> int& { return c.moe.expert_parallel_size; },
+                   "Expert data parallelism (Megatron's expert_model_parallel_size): expert groups of this many "
+                   "consecutive ranks, each holding every expert once, tokens exchanged inside their group, expert "
+                   "gradients summed over the groups; must divide the ranks and moe.experts. 0: one group, the world."),
+      integer<int>("moe.redundant_experts", 0, kIntMax, +[](JobConfig& c) -> int& { return c.moe.redundant_experts; },
+                   "Extra expert replicas placed by EPLB (moe.experts + this many physical experts, a multiple of "
+                   "the ranks); 0: none. Not with moe.expert_parallel_size."),
+      integer<int>("moe.rebalance_every", 0, kIntMax, +[](JobConfig& c) -> int& { return c.moe.rebalance_every; },
+                   "Re-place the redundant experts every this many steps from the expert loads measured since the "
+                   "last placement (EPLB, then migrate; logged with the rank load before); 0: never."),
       choice("moe.activation", {"relu", "gelu", "swiglu"},
              +[](JobConfig& c) -> std::string& { return c.moe.activation; }, "Expert activation."),
       choice("moe.gate", {"softmax", "sigmoid_bias"}, +[](JobConfig& c) -> std::string& { return c.moe.gate; },

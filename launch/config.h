@@ -56,6 +56,9 @@ struct MoESection {
   int overlap_degree = 1;            // pipelining degree d of the fixed plan
   std::string a2a = "flat";          // flat | 2dh
   int nodes = 0;                     // nodes the ranks form, for 2dh (0: the runtime's)
+  int expert_parallel_size = 0;      // EP x DP: ranks per expert group (0: the world)
+  int redundant_experts = 0;         // EPLB: extra replicas (E + R physical experts over the ranks)
+  int rebalance_every = 0;           // re-place the replicas from measured loads every N steps (0: never)
 };
 
 struct TrainSection {

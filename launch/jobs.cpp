@@ -7,6 +7,7 @@
 #include "core/logging.h"
 #include "launch/bench_comm.h"
 #include "launch/decode.h"
+#include "moe/eplb.h"
 #include "moe/moe_layer.h"
 #include "moe/planner.h"
 #include "parallel/runtime.h"
@@ -47,6 +48,24 @@ void train_moe(Runtime& rt, const JobConfig& job) {
   if (world.size() % nodes != 0)
     SY_THROW(ConfigError, "moe.nodes = ", nodes, " does not divide the ", world.size(), " ranks");
   student_config.node_size = world.size() / nodes;
+  const int W = world.size(), E = student_config.router.experts, ep = job.moe.expert_parallel_size;
+  const int physical = E + job.moe.redundant_experts;
+  const int groups = nodes > 1 && E % nodes == 0 ? nodes : 1;  // EPLB's expert groups: one per node
+  if (ep > 0 && job.moe.redundant_experts > 0)
+    SY_THROW(ConfigError, "moe.expert_parallel_size and moe.redundant_experts each choose the placement; give one");
+  if (job.moe.rebalance_every > 0 && job.moe.redundant_experts == 0)
+    SY_THROW(ConfigError, "moe.rebalance_every = ", job.moe.rebalance_every, " needs moe.redundant_experts > 0");
+  if (ep > 0) {
+    student_config.placement = ExpertPlacement::expert_data_parallel(E, W, ep);
+    student_config.replica_domain = ep;
+  } else if (job.moe.redundant_experts > 0) {
+    if (physical % W != 0)
+      SY_THROW(ConfigError, "moe.redundant_experts = ", job.moe.redundant_experts, ": ", E, " + ",
+               job.moe.redundant_experts, " physical experts do not divide over ", W, " ranks");
+    student_config.placement = eplb::to_placement(
+        eplb::rebalance_experts(std::vector<float>(static_cast<size_t>(E), 1.f), physical, groups, nodes, W), W);
+  }
+  const bool placed = student_config.placement.has_value();
   MoELayer student(student_config, rt.world_ptr());
   student.init_parameters(static_cast<uint64_t>(tr.seed));
   std::unique_ptr<Planner> planner;
@@ -87,7 +106,24 @@ void train_moe(Runtime& rt, const JobConfig& job) {
   double first_loss = 0, last_loss = 0, total_time = 0, zero_baseline = 0;
   int64_t dropped = 0;
   const int skip = std::min(2, tr.steps / 2);  // warm-up steps left out of the timing summary
+  std::vector<double> load_since(static_cast<size_t>(E), 0.0);  // logical expert loads since the last placement
+  double rank_load = 0, rank_load_since = 0;
+  int steps_since = 0;
   for (int step = 0; step < tr.steps; ++step) {
+    if (job.moe.rebalance_every > 0 && step > 0 && step % job.moe.rebalance_every == 0) {
+      // EPLB from the loads measured since the last placement, the same on every rank.
+      world.allreduce(TensorView(load_since.data(), DType::f64, {E}), TensorView(load_since.data(), DType::f64, {E}))
+          .wait();
+      const ExpertPlacement next = eplb::to_placement(
+          eplb::rebalance_experts(std::vector<float>(load_since.begin(), load_since.end()), physical, groups, nodes, W),
+          W);
+      student.migrate(next);
+      if (leader)
+        std::printf("# rebalanced at step %d: %s; rank load max/mean was %.3f over the last %d steps\n", step + 1,
+                    next.describe().c_str(), rank_load_since / std::max(1, steps_since), steps_since);
+      std::fill(load_since.begin(), load_since.end(), 0.0);
+      rank_load_since = 0, steps_since = 0;
+    }
     Tensor x = Tensor::empty({T, M}, DType::f32);
     Rng(static_cast<uint64_t>(tr.seed) * 1000003u + static_cast<uint64_t>(step) * 131u + static_cast<uint64_t>(world.rank()))
         .fill_uniform(x, -1, 1);
@@ -99,6 +135,14 @@ void train_moe(Runtime& rt, const JobConfig& job) {
     MoEForward f = planner ? student.forward(x, student.routing_choice(), *planner)
                            : student.forward(x, student.routing_choice(), student_config.plan);
     const ExecPlan plan = student.last_plan().exec;
+    if (placed) {  // rows each rank's experts received, and the logical loads for the next placement
+      const auto rows = static_cast<double>(student.last_plan().recv_rows());
+      const double most = allreduce_scalar(world, rows, ReduceOp::max), mean = allreduce_scalar(world, rows) / W;
+      rank_load = mean > 0 ? most / mean : 1.0;
+      rank_load_since += rank_load, ++steps_since;
+      const auto& load = student.last_routing().expert_load;
+      for (int e = 0; e < E && e < static_cast<int>(load.size()); ++e) load_since[static_cast<size_t>(e)] += load[e];
+    }
     Tensor dout = Tensor::empty({T, M}, DType::f32);
     double squared = 0, target_squared = 0;
     for (int64_t i = 0; i < T * M; ++i) target_squared += double(target.data_as<float>()[i]) * target.data_as<float>()[i];
@@ -123,8 +167,9 @@ void train_moe(Runtime& rt, const JobConfig& job) {
     last_loss = loss;
     if (step >= skip) total_time += step_time, dropped += static_cast<int64_t>(step_dropped);
     if (leader && (step % tr.log_every == 0 || step == tr.steps - 1))
-      std::printf("step %4d/%d  loss %.6f  balance %.4f  dropped %5.0f  step_time %.4f s  (%s)\n", step + 1, tr.steps,
-                  loss, balance, step_dropped, step_time, plan.describe().c_str());
+      std::printf("step %4d/%d  loss %.6f  balance %.4f  dropped %5.0f  step_time %.4f s  (%s)%s\n", step + 1, tr.steps,
+                  loss, balance, step_dropped, step_time, plan.describe().c_str(),
+                  placed ? detail::make_string("  rank load max/mean ", rank_load).c_str() : "");
     if (leader && planner && plan.describe() != last_plan) std::printf("# %s\n", planner->explanation().c_str());
     last_plan = plan.describe();
     std::fflush(stdout);

@@ -344,7 +344,7 @@ void MoELayer::verify_plan_agreement(const ExecPlan& plan, bool moves_results) {
   if (a[2] != order || a[3] != -order)
     SY_THROW(InvalidArgument, "moe: ranks of '", group_->name(), "' drove their batches' phases in different orders "
              "before batch ", batches_planned_ - 1, " (rank ", group_->rank(), "); every rank must call plan, dispatch, "
-             "experts, combine and backward for the same batches in the same order");
+             "experts, backward (and finish with a combine layout) for the same batches in the same order");
 }
 
 MoEHandle MoELayer::plan(const TensorView& x, const RoutingChoice& routing, const ExecPlan& exec,

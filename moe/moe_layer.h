@@ -129,8 +129,9 @@ struct MoEForward {
 // dispatcher state): its routing and dispatch plan, its buffers (from the
 // layer's pool, returned when the handle goes), and what its backward needs.
 // Any number may be in flight on one layer. The phases that issue collectives
-// (plan, dispatch, experts, combine, backward) must be called in the same
-// order on every rank of the group, whichever handles they advance; with
+// (plan, dispatch, experts, backward, and finish with a combine layout) must
+// be called in the same order on every rank of the group, whichever handles
+// they advance; combine and finish without a layout are local. With
 // MoEConfig::check_plan that order is checked (a hash of the (batch, phase)
 // sequence rides on the plan check).
 class MoEBatch {

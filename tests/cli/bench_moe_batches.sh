@@ -45,4 +45,15 @@ balanced=$(ratio "$out")
 awk -v a="$plain" -v b="$balanced" 'BEGIN { exit !(a > 2 && b < 1.5) }' ||
   { echo "rank load max/mean: $plain without, $balanced with redundant experts"; exit 1; }
 echo "rank load max/mean: $plain -> $balanced with 4 redundant experts"
-echo "bench moe --microbatches, --placement, --send_once, --redundant_experts: OK"
+# The training job: rebalancing redundant experts (EPLB + migrate) mid-training,
+# and expert data parallelism, keep the losses of the plain run.
+printf 'job: moe-train\ncomm: {backend: threads, ranks: 4}\nmoe: {experts: 8, top_k: 2, model_dim: 32, hidden_dim: 32, capacity_factor: 0, exchange: dropless, strategy: fixed}\ntrain: {steps: 24, tokens_per_rank: 96, log_every: 4}\n' > "$dir/train.yaml"
+train_losses() { grep -o '^step .* loss [0-9.]*' <<<"$1" | awk '{print $NF}' | tr '\n' ' '; }
+want=$(train_losses "$("$bin" run --config "$dir/train.yaml")")
+[ -n "$want" ] || { echo "no step lines from the training job"; exit 1; }
+rebalanced=$("$bin" run --config "$dir/train.yaml" --set moe.redundant_experts=4 --set moe.rebalance_every=8)
+grep -q "# rebalanced at step 17: " <<<"$rebalanced" || { echo "no rebalance in: $rebalanced"; exit 1; }
+[ "$(train_losses "$rebalanced")" = "$want" ] || { echo "rebalanced losses $(train_losses "$rebalanced") vs $want"; exit 1; }
+edp=$("$bin" run --config "$dir/train.yaml" --set moe.expert_parallel_size=2)
+[ "$(train_losses "$edp")" = "$want" ] || { echo "EP x DP losses $(train_losses "$edp") vs $want"; exit 1; }
+echo "bench moe --microbatches, --placement, --send_once, --redundant_experts; run with rebalancing and EP x DP: OK"
