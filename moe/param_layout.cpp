@@ -58,15 +58,9 @@ void ParamLayout::set_placement(std::vector<int> position_of_expert) {
     placement_ = ExpertPlacement::from_positions(ranks_, position_of_expert);
     return;
   }
-  std::vector<int> at(static_cast<size_t>(experts_), -1);
-  for (int e = 0; e < experts_; ++e) {
-    const int p = position_of_expert[static_cast<size_t>(e)];
-    if (p < 0 || p >= experts_ || at[static_cast<size_t>(p)] >= 0)
-      SY_THROW(InvalidArgument, "placement of expert ", e, " at position ", p, " is out of range or taken");
-    at[static_cast<size_t>(p)] = e;
-  }
+  // Sliced: positions are whole-expert slots of one imaginary rank (the same permutation check).
+  expert_at_ = ExpertPlacement::from_positions(1, position_of_expert).phy2log();
   position_ = std::move(position_of_expert);
-  expert_at_ = std::move(at);
 }
 
 }  // namespace switchyard

@@ -24,6 +24,25 @@ void expect_close(const char* what, const float* got, const float* want, int64_t
       SY_THROW(Error, "rank ", rank, ": ", what, "[", i, "] = ", got[i], ", one rank gives ", want[i]);
 }
 
+// The gate's gradient and every stored slot's expert gradients against one
+// rank holding every expert (slot s of this rank is logical expert e there).
+void expect_grads_like_whole(MoELayer& layer, MoELayer& whole, int me) {
+  expect_close("gate grad", layer.gate_grad().data_as<float>(), whole.gate_grad().data_as<float>(),
+               whole.gate_grad().numel(), me);
+  ExpertParams& g = layer.expert_grads();
+  ExpertParams& w = whole.expert_grads();
+  const std::pair<const char*, std::pair<Tensor*, Tensor*>> parts[] = {
+      {"w1 grad", {&g.w1, &w.w1}}, {"b1 grad", {&g.b1, &w.b1}}, {"w2 grad", {&g.w2, &w.w2}}, {"b2 grad", {&g.b2, &w.b2}}};
+  for (int slot = 0; slot < layer.layout().slots(me); ++slot) {
+    const int e = layer.layout().expert_at(me, slot);
+    if (e < 0) continue;
+    for (const auto& [name, t] : parts) {
+      const int64_t per = t.second->numel() / t.second->shape()[0];
+      expect_close(name, t.first->data_as<float>() + slot * per, t.second->data_as<float>() + e * per, per, me);
+    }
+  }
+}
+
 TEST(MoEMultiRank, ExpertParallelEqualsOneRankForwardAndBackward) {
   for (ExchangeMode mode : {ExchangeMode::padded, ExchangeMode::dropless}) {
     testing::for_each_rank([&](Communicator& comm, uint64_t seed) {
@@ -59,16 +78,7 @@ TEST(MoEMultiRank, ExpertParallelEqualsOneRankForwardAndBackward) {
       Tensor all_dx = whole.backward(all_d);
       expect_close("output", f.output.data_as<float>(), wf.output.data_as<float>() + mine * 12, f.output.numel(), me);
       expect_close("dx", dx.data_as<float>(), all_dx.data_as<float>() + mine * 12, dx.numel(), me);
-      expect_close("gate grad", layer.gate_grad().data_as<float>(), whole.gate_grad().data_as<float>(),
-                   layer.gate_grad().numel(), me);
-      const int64_t w1 = 12 * 40;  // M x 2H for swiglu
-      for (int slot = 0; slot < layer.layout().local_experts(); ++slot) {
-        const int e = layer.layout().expert_at(me, slot);
-        expect_close("w1 grad", layer.expert_grads().w1.data_as<float>() + slot * w1,
-                     whole.expert_grads().w1.data_as<float>() + e * w1, w1, me);
-        expect_close("b2 grad", layer.expert_grads().b2.data_as<float>() + slot * 12,
-                     whole.expert_grads().b2.data_as<float>() + e * 12, 12, me);
-      }
+      expect_grads_like_whole(layer, whole, me);
     });
   }
 }
@@ -255,17 +265,7 @@ TEST(MoEMultiRank, PhysicalPlacementEqualsOneRankHoldingEveryExpert) {
       Tensor all_dx = whole.backward(all_d);
       expect_close("output", f.output.data_as<float>(), wf.output.data_as<float>() + mine * 12, f.output.numel(), me);
       expect_close("dx", dx.data_as<float>(), all_dx.data_as<float>() + mine * 12, dx.numel(), me);
-      expect_close("gate grad", layer.gate_grad().data_as<float>(), whole.gate_grad().data_as<float>(),
-                   whole.gate_grad().numel(), me);
-      const int64_t w1 = 12 * 32;
-      for (int slot = 0; slot < layer.layout().slots(me); ++slot) {
-        const int e = layer.layout().expert_at(me, slot);
-        if (e < 0) continue;
-        expect_close("w1 grad", layer.expert_grads().w1.data_as<float>() + slot * w1,
-                     whole.expert_grads().w1.data_as<float>() + e * w1, w1, me);
-        expect_close("b2 grad", layer.expert_grads().b2.data_as<float>() + slot * 12,
-                     whole.expert_grads().b2.data_as<float>() + e * 12, 12, me);
-      }
+      expect_grads_like_whole(layer, whole, me);
       // Only expert-parallel plans run on it, and the error says why.
       EXPECT_THROW(layer.check_plan(ExecPlan{.r = 0}), InvalidArgument);
     });
@@ -455,13 +455,7 @@ TEST(MoEMultiRank, CombineLayoutReturnsResultsToAnotherRank) {
         expect_close("output", f.output.data_as<float>() + i * 10,
                      wf.output.data_as<float>() + (from_offset + to_next.output_rows - 1 - i) * 10, 10, me);
       expect_close("dx", dx.data_as<float>(), all_dx.data_as<float>() + mine * 10, dx.numel(), me);
-      expect_close("gate grad", layer.gate_grad().data_as<float>(), whole.gate_grad().data_as<float>(),
-                   whole.gate_grad().numel(), me);
-      for (int slot = 0; slot < layer.layout().slots(me); ++slot) {
-        const int e = layer.layout().expert_at(me, slot);
-        expect_close("w2 grad", layer.expert_grads().w2.data_as<float>() + slot * 120,
-                     whole.expert_grads().w2.data_as<float>() + e * 120, 120, me);
-      }
+      expect_grads_like_whole(layer, whole, me);
     });
 }
 
@@ -550,16 +544,7 @@ TEST(MoEMultiRank, ExpertDataParallelEqualsOneRankHoldingEveryExpert) {
         Tensor all_dx = whole.backward(all_d);
         expect_close("output", f.output.data_as<float>(), wf.output.data_as<float>() + mine * 8, f.output.numel(), me);
         expect_close("dx", dx.data_as<float>(), all_dx.data_as<float>() + mine * 8, dx.numel(), me);
-        expect_close("gate grad", layer.gate_grad().data_as<float>(), whole.gate_grad().data_as<float>(),
-                     whole.gate_grad().numel(), me);
-        for (int slot = 0; slot < layer.layout().slots(me); ++slot) {
-          const int e = layer.layout().expert_at(me, slot);
-          expect_close("w1 grad (summed over the expert's data-parallel replicas)",
-                       layer.expert_grads().w1.data_as<float>() + slot * 80,
-                       whole.expert_grads().w1.data_as<float>() + e * 80, 80, me);
-          expect_close("b1 grad", layer.expert_grads().b1.data_as<float>() + slot * 10,
-                       whole.expert_grads().b1.data_as<float>() + e * 10, 10, me);
-        }
+        expect_grads_like_whole(layer, whole, me);  // replicas summed over the expert-data-parallel groups
       });
 }
 

@@ -69,6 +69,17 @@ std::vector<double> expert_ref(MoELayer& layer, int expert, const float* x) {
   return y;
 }
 
+// The message of the Error `f` throws, or "no error".
+template <typename F>
+std::string message_of(F&& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "no error";
+}
+
 std::shared_ptr<Communicator> solo() {
   static ThreadsWorld* world = new ThreadsWorld(1);  // a one-rank group for reference layers
   return world->communicator(0);
@@ -233,14 +244,6 @@ TEST(MoELayer, ExpertParallelEqualsOneRankHoldingEveryExpert) {
 }
 
 TEST(MoELayer, BadInputIsRejectedClearly) {
-  auto message_of = [](auto&& f) -> std::string {
-    try {
-      f();
-    } catch (const Error& e) {
-      return e.what();
-    }
-    return "no error";
-  };
   MoEConfig c = small_config(Activation::relu, ExchangeMode::padded, 1.0);
   c.check_finite = true;
   MoELayer layer(c, solo());
@@ -764,14 +767,6 @@ TEST(ExpertPlacement, BuildersAndTheirInvariantsAtScale) {
 }
 
 TEST(ExpertPlacement, BadPlacementsAreClearErrors) {
-  auto message_of = [](auto&& f) -> std::string {
-    try {
-      f();
-    } catch (const Error& e) {
-      return e.what();
-    }
-    return "no error";
-  };
   EXPECT_NE(message_of([] { ExpertPlacement(3, {2, 1}, {0, 1, 1}); }).find("expert 2 has no physical slot"),
             std::string::npos);
   EXPECT_EQ(ExpertPlacement(2, {2, 1}, {0, 0, 1}).replicas(0), 2);  // two replicas may share a rank (EPLB)
@@ -794,14 +789,6 @@ namespace switchyard {
 namespace {
 
 TEST(MoELayer, BadCombineLayoutsAreClearErrorsOnEveryRank) {
-  auto message_of = [](auto&& f) -> std::string {
-    try {
-      f();
-    } catch (const Error& e) {
-      return e.what();
-    }
-    return "no error";
-  };
   MoEConfig c = small_config(Activation::relu, ExchangeMode::dropless, 0.0, 4);
   MoELayer layer(c, solo());
   layer.init_parameters(1);
