@@ -59,7 +59,8 @@ struct BenchMoeOptions {
   int redundant_experts = 0;
   int rebalance_every = 0;
   // A skewed gate: "zipf:S" lowers expert e's logit by S ln(e + 1) (through a
-  // constant input feature), so loads fall off like a Zipf law.
+  // constant input feature): the gate's probabilities fall off like a Zipf
+  // law, and top-k loads concentrate on the first experts even more.
   std::string gate_skew;
   // A physical expert placement file (launch/placement_file.h); "": E / W per rank.
   std::string placement;

@@ -181,7 +181,8 @@ int main(int argc, char** argv) {
                         "Re-place the replicas from the loads measured since the last rebalance every N steps (0: never)")
       ->capture_default_str();
   bench_moe->add_option("--gate_skew,--gate-skew", moe.gate_skew,
-                        "zipf:S: lower expert e's gate logit by S ln(e+1) (a Zipf-skewed router)");
+                        "zipf:S: lower expert e's gate logit by S ln(e+1) (a Zipf-skewed router; top-k loads "
+                        "concentrate even more)");
   bench_moe->add_option("--microbatches", moe.microbatches,
                         "Batches in flight per step: the tokens split into M micro-batches whose phases interleave")
       ->capture_default_str();

