@@ -99,34 +99,11 @@ Tensor AttentionBlock::mix(const Tensor& x, const std::vector<Chunk>& chunks) co
     const LayerKV* cache = cache_of[static_cast<size_t>(i)];
     const int pos = position[static_cast<size_t>(i)];
     thread_local std::vector<float> score;
-    score.assign(static_cast<size_t>(pos + 1), 0.f);
-    float* sc = score.data();
-    for (int head = 0; head < h; ++head) {
-      const float* qh = q.data_as<float>() + i * d + head * hd;
-      // Scores of every key, dimension by dimension over the transposed keys:
-      // each score sums its products in dimension order, whatever the batch.
-      for (int j = 0; j <= pos; ++j) sc[j] = 0.f;
-      for (int t = 0; t < hd; ++t) {
-        const float qt = qh[t];
-        const float* kt = cache->key_dim(head * hd + t);
-#pragma omp simd
-        for (int j = 0; j <= pos; ++j) sc[j] += qt * kt[j];
-      }
-      float m = -INFINITY;
-      for (int j = 0; j <= pos; ++j) {
-        sc[j] *= scale;
-        m = std::max(m, sc[j]);
-      }
-      float sum = 0.f;
-      for (int j = 0; j <= pos; ++j) sum += sc[j] = std::exp(sc[j] - m);
-      float* oh = o.data_as<float>() + i * d + head * hd;
-      for (int t = 0; t < hd; ++t) oh[t] = 0.f;
-      for (int j = 0; j <= pos; ++j) {
-        const float p = sc[j] / sum;
-        const float* vh = cache->values(j) + head * hd;
-        for (int t = 0; t < hd; ++t) oh[t] += p * vh[t];
-      }
-    }
+    score.resize(static_cast<size_t>(h) * static_cast<size_t>(pos + 1));
+    // Keys are [dim][capacity], values [position][width] (model/kv_cache.h).
+    kernels::cpu::attend_heads(q.data_as<float>() + i * d, h, hd, cache->key_dim(0), cache->capacity(),
+                               cache->values(0), cache->width(), pos + 1, scale, score.data(),
+                               o.data_as<float>() + i * d);
   }
   return o;
 }

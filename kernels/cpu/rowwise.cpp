@@ -52,4 +52,96 @@ void matmul_rows(const float* x, int64_t rows, int64_t k, int64_t ldx, const flo
   }
 }
 
+namespace {
+constexpr int kLanes = 16;  // one AVX-512 register of floats
+constexpr int kChains = 8;  // independent accumulators in flight (the FMA latency hides behind them)
+
+// Scores of keys [j0, j0 + W) for heads [h0, h0 + H): each sums its
+// head_dim products in order, one fused multiply-add each.
+template <int H, int W>
+__attribute__((always_inline)) inline void score_block(const float* q, int head_dim, const float* keys_t, int64_t ld_keys,
+                                                       int h0, int j0, float* s, int64_t ld_s) {
+  float acc[H][W];
+  for (int h = 0; h < H; ++h)
+    for (int j = 0; j < W; ++j) acc[h][j] = 0.f;
+  for (int t = 0; t < head_dim; ++t)
+    for (int h = 0; h < H; ++h) {
+      const int dim = (h0 + h) * head_dim + t;
+      const float qt = q[dim];
+      const float* kt = keys_t + dim * ld_keys + j0;
+#pragma omp simd
+      for (int j = 0; j < W; ++j) acc[h][j] = std::fma(qt, kt[j], acc[h][j]);
+    }
+  for (int h = 0; h < H; ++h)
+    for (int j = 0; j < W; ++j) s[(h0 + h) * ld_s + j0 + j] = acc[h][j];
+}
+
+// Output elements [e0, e0 + B * W) of the row (B blocks of W inside heads):
+// each accumulates its n weighted values in key order.
+template <int B, int W>
+__attribute__((always_inline)) inline void mix_block(const float* p, int64_t ld_p, int n, int head_dim,
+                                                     const float* values, int64_t ld_values, int e0, float* out) {
+  float acc[B][W];
+  const float* weight[B];
+  for (int b = 0; b < B; ++b) {
+    weight[b] = p + (e0 + b * W) / head_dim * ld_p;  // the block's head
+    for (int t = 0; t < W; ++t) acc[b][t] = 0.f;
+  }
+  for (int j = 0; j < n; ++j) {
+    const float* v = values + j * ld_values + e0;
+    for (int b = 0; b < B; ++b) {
+      const float pj = weight[b][j];
+#pragma omp simd
+      for (int t = 0; t < W; ++t) acc[b][t] = std::fma(pj, v[b * W + t], acc[b][t]);
+    }
+  }
+  for (int b = 0; b < B; ++b)
+    for (int t = 0; t < W; ++t) out[e0 + b * W + t] = acc[b][t];
+}
+}  // namespace
+
+// Cloned like matmul_rows: std::fma and IEEE division round the same on every
+// ISA, and std::exp is the same libm call, so the clones agree bit for bit.
+// Blocks of keys (scores) and of output elements (the weighted sum) keep
+// several independent accumulators in registers; how elements are grouped
+// never changes an element's own sequence of operations.
+__attribute__((target_clones("avx512f", "avx2,fma", "default")))
+void attend_heads(const float* q, int heads, int head_dim, const float* keys_t, int64_t ld_keys, const float* values,
+                  int64_t ld_values, int positions, float scale, float* scratch, float* out) {
+  const int n = positions;
+  const int64_t ld_s = n;  // scratch: [heads][n]
+  float* s = scratch;
+  int h0 = 0;
+  for (; h0 + kChains <= heads; h0 += kChains) {
+    int j0 = 0;
+    for (; j0 + kLanes <= n; j0 += kLanes) score_block<kChains, kLanes>(q, head_dim, keys_t, ld_keys, h0, j0, s, ld_s);
+    for (; j0 < n; ++j0) score_block<kChains, 1>(q, head_dim, keys_t, ld_keys, h0, j0, s, ld_s);
+  }
+  for (; h0 < heads; ++h0) {
+    int j0 = 0;
+    for (; j0 + kLanes <= n; j0 += kLanes) score_block<1, kLanes>(q, head_dim, keys_t, ld_keys, h0, j0, s, ld_s);
+    for (; j0 < n; ++j0) score_block<1, 1>(q, head_dim, keys_t, ld_keys, h0, j0, s, ld_s);
+  }
+  for (int h = 0; h < heads; ++h) {
+    float* sh = s + h * ld_s;
+    float m = -INFINITY;
+    for (int j = 0; j < n; ++j) {
+      sh[j] *= scale;
+      m = sh[j] > m ? sh[j] : m;
+    }
+    float sum = 0.f;
+    for (int j = 0; j < n; ++j) sum += sh[j] = std::exp(sh[j] - m);  // in key order
+#pragma omp simd
+    for (int j = 0; j < n; ++j) sh[j] /= sum;
+  }
+  const int width = heads * head_dim;
+  int e0 = 0;
+  if (head_dim % kLanes == 0) {  // blocks never straddle heads
+    for (; e0 + kChains * kLanes <= width; e0 += kChains * kLanes)
+      mix_block<kChains, kLanes>(s, ld_s, n, head_dim, values, ld_values, e0, out);
+    for (; e0 + kLanes <= width; e0 += kLanes) mix_block<1, kLanes>(s, ld_s, n, head_dim, values, ld_values, e0, out);
+  }
+  for (; e0 < width; ++e0) mix_block<1, 1>(s, ld_s, n, head_dim, values, ld_values, e0, out);
+}
+
 }  // namespace switchyard::kernels::cpu

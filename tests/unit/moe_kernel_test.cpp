@@ -7,6 +7,7 @@
 #include "core/rng.h"
 #include "kernels/gemm.h"
 #include "kernels/moe.h"
+#include "kernels/rowwise.h"
 
 namespace switchyard {
 namespace {
@@ -137,6 +138,49 @@ TEST(MoEKernels, Bf16GemmAccumulatesInFloatAgainstFloat64) {
             ASSERT_NEAR(c[i * ldc + j], want, 1e-4 * (1 + std::fabs(want))) << ta << tb << accumulate;
           }
         EXPECT_EQ(c[ldc - 1], c0[ldc - 1]);  // padding beyond n untouched
+      }
+}
+
+// Attention over all heads of a row against float64, for head sizes that do
+// and do not fill whole registers; and grouping heads never changes a result:
+// every head alone gives the same bits as all heads at once.
+TEST(MoEKernels, AttendHeadsMatchesFloat64AndGroupingChangesNoBit) {
+  Rng rng(fresh_seed());
+  SCOPED_TRACE("seed " + std::to_string(rng.seed()));
+  for (int heads : {1, 3, 8, 9})
+    for (int head_dim : {5, 16, 32})
+      for (int positions : {1, 17, 40}) {
+        const int width = heads * head_dim, capacity = positions + 3;
+        auto q = random_floats(rng, width), keys = random_floats(rng, int64_t{width} * capacity);
+        auto values = random_floats(rng, int64_t{capacity} * width);
+        const float scale = 1.f / std::sqrt(static_cast<float>(head_dim));
+        std::vector<float> scratch(static_cast<size_t>(heads * positions)), out(static_cast<size_t>(width), NAN);
+        attend_heads(q.data(), heads, head_dim, keys.data(), capacity, values.data(), width, positions, scale,
+                     scratch.data(), out.data());
+        for (int h = 0; h < heads; ++h) {
+          std::vector<double> p(static_cast<size_t>(positions));
+          double top = -INFINITY, sum = 0;
+          for (int j = 0; j < positions; ++j) {
+            double dot = 0;
+            for (int t = 0; t < head_dim; ++t)
+              dot += double(q[h * head_dim + t]) * keys[static_cast<size_t>((h * head_dim + t) * capacity + j)];
+            p[j] = dot * scale;
+            top = std::max(top, p[j]);
+          }
+          for (auto& v : p) sum += (v = std::exp(v - top));
+          for (int t = 0; t < head_dim; ++t) {
+            double want = 0;
+            for (int j = 0; j < positions; ++j) want += p[j] / sum * values[static_cast<size_t>(j * width + h * head_dim + t)];
+            ASSERT_NEAR(out[h * head_dim + t], want, 1e-5 * (1 + std::fabs(want)))
+                << heads << " heads of " << head_dim << ", " << positions << " positions";
+          }
+          // This head alone, through the same entry point.
+          std::vector<float> alone(static_cast<size_t>(head_dim), NAN);
+          attend_heads(q.data() + h * head_dim, 1, head_dim, keys.data() + h * head_dim * capacity, capacity,
+                       values.data() + h * head_dim, width, positions, scale, scratch.data(), alone.data());
+          for (int t = 0; t < head_dim; ++t)
+            ASSERT_EQ(alone[t], out[h * head_dim + t]) << "head " << h << " of " << heads << " alone differs";
+        }
       }
 }
 
