@@ -193,6 +193,7 @@ void bench_batches(Runtime& rt, InferenceEngine& engine, const BenchDecodeOption
     model.reset_times();
     world.barrier().wait();
     const auto start = Clock::now();
+    double rebalancing = 0;  // seconds spent re-placing experts, left out of the step times
     for (int step = 0; step < o.steps; ++step) {
       int64_t row = -1;
       for (Chunk& ch : chunks) {
@@ -201,13 +202,23 @@ void bench_batches(Runtime& rt, InferenceEngine& engine, const BenchDecodeOption
         ch.tokens = {static_cast<int>(std::max_element(r, r + c.vocab_size) - r)};
       }
       logits = engine.step(chunks);
+      if (o.rebalance_every > 0 && (step + 1) % o.rebalance_every == 0) {
+        const auto t0 = Clock::now();
+        const Model::Rebalance r = model.rebalance_experts(o.redundant_experts, rt.nodes());
+        const double took = max_over_ranks(world, seconds_since(t0));
+        rebalancing += took;
+        if (speak)
+          std::printf("# batch %d, after step %d: rebalanced %d layers onto %s in %.1f ms (not in the step times); "
+                      "rank load max/mean on the loads of the last %d steps %.3f -> %.3f (mean over layers)\n",
+                      B, step + 1, c.layers, r.placement.c_str(), took * 1e3, o.rebalance_every, r.before, r.after);
+      }
       for (int l = 0; l < c.layers; ++l) {  // which experts this step's tokens chose here (no traffic while timing)
         const std::vector<int64_t>& load = model.moe(l).last_routing().expert_load;
         for (size_t e = 0; e < load.size(); ++e)
           if (load[e] > 0) chosen.data_as<double>()[(static_cast<size_t>(step) * c.layers + l) * c.experts + e] = 1;
       }
     }
-    const double seconds = max_over_ranks(world, seconds_since(start));
+    const double seconds = max_over_ranks(world, seconds_since(start)) - rebalancing;
     world.allreduce(chosen, chosen, {.op = ReduceOp::max}).wait();  // chosen by any rank's tokens
     double touched = 0;
     for (int64_t i = 0; i < chosen.numel(); ++i) touched += chosen.data_as<double>()[i];
@@ -356,6 +367,11 @@ void BenchDecodeOptions::validate() const {
   if (max_batch < 1) SY_THROW(InvalidArgument, "bench decode: --max_batch = ", max_batch, ", expected >= 1");
   if (kv_budget < 0) SY_THROW(InvalidArgument, "bench decode: --kv_budget = ", kv_budget, ", expected >= 0");
   if (prefill_chunk < 0) SY_THROW(InvalidArgument, "bench decode: --prefill_chunk = ", prefill_chunk, ", expected >= 0");
+  if (redundant_experts < 0 || rebalance_every < 0 || (rebalance_every > 0) != (redundant_experts > 0))
+    SY_THROW(InvalidArgument, "bench decode: --redundant_experts = ", redundant_experts, " and --rebalance_every = ",
+             rebalance_every, ", expected both > 0 (or both 0)");
+  if (rebalance_every > 0 && requests > 0)
+    SY_THROW(InvalidArgument, "bench decode: --rebalance_every is for batch mode, not with --requests");
   if (parallel.threads < 0) SY_THROW(InvalidArgument, "bench decode: --threads = ", parallel.threads, ", expected >= 0");
   for (int B : batches)
     if (B < 1) SY_THROW(InvalidArgument, "bench decode: --batch ", B, ", expected >= 1");

@@ -125,6 +125,12 @@ void FfnBlock::apply(Tensor& x) {
   for (int64_t i = 0; i < x.numel(); ++i) out[i] += a[i];
 }
 
-Tensor MoEFfnBlock::delta(const Tensor& x) { return moe_->forward(rmsnorm(x, norm_, eps_)).output; }
+Tensor MoEFfnBlock::delta(const Tensor& x) {
+  Tensor out = moe_->forward(rmsnorm(x, norm_, eps_)).output;
+  const std::vector<int64_t>& load = moe_->last_routing().expert_load;
+  if (load_since_.size() != load.size()) load_since_.assign(load.size(), 0.0);
+  for (size_t e = 0; e < load.size(); ++e) load_since_[e] += static_cast<double>(load[e]);
+  return out;
+}
 
 }  // namespace switchyard

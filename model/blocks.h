@@ -8,6 +8,7 @@
 // not depend on which other rows share its step.
 #pragma once
 
+#include <algorithm>
 #include <memory>
 #include <vector>
 
@@ -83,11 +84,16 @@ class MoEFfnBlock : public FfnBlock {
   MoEFfnBlock(Tensor norm, double eps, std::unique_ptr<MoELayer> moe) : norm_(std::move(norm)), eps_(eps), moe_(std::move(moe)) {}
   Tensor delta(const Tensor& x) override;
   MoELayer& moe() { return *moe_; }
+  // This rank's routed choices per logical expert since the last reset (for
+  // re-placing redundant experts from measured loads).
+  const std::vector<double>& load_since() const { return load_since_; }
+  void reset_load() { std::fill(load_since_.begin(), load_since_.end(), 0.0); }
 
  private:
   Tensor norm_;
   double eps_;
   std::unique_ptr<MoELayer> moe_;
+  std::vector<double> load_since_;
 };
 
 }  // namespace switchyard

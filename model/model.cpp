@@ -1,5 +1,6 @@
 #include "model/model.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -9,6 +10,7 @@
 #include "core/dtype.h"
 #include "core/error.h"
 #include "core/safetensors.h"
+#include "moe/eplb.h"
 
 namespace switchyard {
 namespace {
@@ -155,6 +157,40 @@ double Model::weight_bytes() const {
   const double d = config_.d_model, V = config_.vocab_size;
   const double per_layer = 4 * d * d + 2 * d + d * config_.experts + config_.experts * expert_bytes() / sizeof(float);
   return (2 * V * d + d + config_.layers * per_layer) * sizeof(float);
+}
+
+Model::Rebalance Model::rebalance_experts(int redundant, int nodes) {
+  const int W = group_->size(), E = config_.experts, physical = E + redundant;
+  if (redundant < 0 || physical % W != 0)
+    SY_THROW(InvalidArgument, "model: ", redundant, " redundant experts: ", E, " + ", redundant,
+             " physical experts do not divide over ", W, " ranks");
+  const int groups = nodes > 1 && E % nodes == 0 ? nodes : 1;
+  // A placement's busiest rank over the mean, for a load per logical expert.
+  auto ratio = [&](const ExpertPlacement& p, const std::vector<double>& load) {
+    std::vector<double> rank(static_cast<size_t>(W), 0.0);
+    double total = 0;
+    for (int slot = 0; slot < p.physical_slots(); ++slot) {
+      const int e = p.phy2log()[static_cast<size_t>(slot)];
+      if (e < 0) continue;
+      rank[static_cast<size_t>(p.rank_of_slot(slot))] += load[static_cast<size_t>(e)] / p.replicas(e);
+    }
+    for (double r : rank) total += r;
+    return total > 0 ? *std::max_element(rank.begin(), rank.end()) / (total / W) : 1.0;
+  };
+  Rebalance out{0, 0, ""};
+  for (auto& block : ffn_) {
+    std::vector<double> load = block->load_since();
+    load.resize(static_cast<size_t>(E), 0.0);
+    group_->allreduce(TensorView(load.data(), DType::f64, {E}), TensorView(load.data(), DType::f64, {E})).wait();
+    const ExpertPlacement next = eplb::to_placement(
+        eplb::rebalance_experts(std::vector<float>(load.begin(), load.end()), physical, groups, nodes, W), W);
+    out.before += ratio(block->moe().layout().placement(), load) / static_cast<double>(ffn_.size());
+    out.after += ratio(next, load) / static_cast<double>(ffn_.size());
+    out.placement = next.describe();
+    block->moe().migrate(next);
+    block->reset_load();
+  }
+  return out;
 }
 
 }  // namespace switchyard

@@ -62,6 +62,15 @@ class Model {
 
   const ModelPhaseTimes& times() const { return times_; }
   void reset_times() { times_ = {}; }
+  // Redundant experts (EPLB, moe/eplb.h): every MoE layer re-places its
+  // experts on E + redundant physical slots from the loads its ranks routed
+  // since the last call, then migrates the weights. Collective over the
+  // expert group; outputs do not change (a replica holds the same weights).
+  struct Rebalance {
+    double before = 1, after = 1;  // rank load max/mean on those loads, mean over layers (in-sample for `after`)
+    std::string placement;         // the last layer's new placement
+  };
+  Rebalance rebalance_experts(int redundant, int nodes = 1);
   // Bytes of weights (all of them: attention, experts of every rank, embedding, head).
   double weight_bytes() const;
   double expert_bytes() const;  // one expert of one layer

@@ -113,6 +113,36 @@ TEST(Engine, ReplicatedAndDataParallelEqualOneRankBitForBit) {
   }, Milliseconds(20000));
 }
 
+// Redundant experts re-placed by EPLB between decode steps (the layers
+// migrate their weights) leave every logit bit as it was: a replica holds the
+// same weights and computes a row with the same batch-invariant kernels.
+TEST(Engine, RebalancingRedundantExpertsBetweenStepsKeepsEveryLogitBit) {
+  for_each_rank([](Communicator& world, uint64_t seed) {
+    const int W = world.size(), R = world.rank();
+    const auto prompts = random_prompts(seed + 7, 3, 1, 19);
+    Model ref(kDraft, one_rank());
+    const auto want = reference_traces(ref, prompts, 6);
+    Model model(kDraft, world.shared_from_this());
+    InferenceEngine engine(model, LayerSchedule::make({.attention = "dp"}, model.config().layers, W));
+    std::vector<int> mine;
+    for (int s = 0; s < 3; ++s)
+      if (s % W == R) mine.push_back(s);
+    int steps = 0;
+    Model::Rebalance last;
+    const auto got = run_sequences(
+        prompts, mine, 6, model.config().vocab_size,
+        [&](const std::vector<Chunk>& c) {
+          Tensor logits = engine.step(c);
+          if (++steps % 2 == 0) last = model.rebalance_experts(W);  // E + W physical experts
+          return logits;
+        },
+        [&] { return engine.new_cache(64); });
+    expect_same_traces(got, want, "rebalanced every 2 steps on " + std::to_string(W) + " ranks");
+    EXPECT_NE(last.placement.find(std::to_string(W) + " extra replicas"), std::string::npos) << last.placement;
+    EXPECT_GE(last.after, 1.0 - 1e-9);  // a mean over layers of max/mean ratios
+  }, Milliseconds(20000));
+}
+
 TEST(Engine, ReplicatedRanksWithDifferentInputsFailTogether) {
   for_each_rank([](Communicator& world, uint64_t seed) {
     if (world.size() == 1) GTEST_SKIP() << "needs two ranks";

@@ -391,9 +391,10 @@ TEST(MoEMultiRank, MigrateMovesWeightsAndOptimizerState) {
         SY_THROW(Error, "rank ", me, ": after migrating back, step ", i, " loss ", got, ", unmigrated ", want);
     }
     // Ranks that disagree on the placement are told so, together.
-    if (n > 1)
+    if (n > 1) {
       EXPECT_THROW(moving.migrate(me == 0 ? ExpertPlacement::identity(2 * n, n) : target, {&v_moving}),
                    InvalidArgument);
+    }
     comm.barrier().wait();
     if (me == 0)
       for (int r = 0; r < n; ++r)
@@ -498,7 +499,9 @@ TEST(MoEMultiRank, SendingATokenOncePerRankChangesOnlyTheRowsSent) {
                          static_cast<double>(once.last_plan().send_rows())};
       comm.allreduce(TensorView(saved, DType::f64, {2}), TensorView(saved, DType::f64, {2})).wait();
       EXPECT_EQ(every.last_plan().dispatch_rows(), every.last_plan().send_rows());
-      if (n > 1) EXPECT_GT(saved[0], 0) << "top-3 of " << c.router.experts << " experts never shared a rank";
+      if (n > 1) {
+        EXPECT_GT(saved[0], 0) << "top-3 of " << c.router.experts << " experts never shared a rank";
+      }
     });
 }
 
