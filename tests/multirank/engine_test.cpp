@@ -203,7 +203,9 @@ TEST(Engine, ServedRequestsEqualEachRequestAlone) {
       const auto results = serve(engine, requests, rr, o, &st);
       expect_served(world, engine, requests, results, ref, mode);
       EXPECT_LE(st.peak_batch, 3);
-      if (engine.schedule().attention() == AttentionMode::replicated) EXPECT_EQ(results.size(), requests.size());
+      if (engine.schedule().attention() == AttentionMode::replicated) {
+        EXPECT_EQ(results.size(), requests.size());
+      }
     }
   }, Milliseconds(20000));
 }
@@ -267,10 +269,16 @@ TEST(Engine, RequestTokensDoNotDependOnTheBatchArrivalsChunkingOrBudget) {
       const auto results = serve(engine, requests, rr, o, &st);
       const std::string what = std::string(mode) + ", " + c.what;
       expect_served(world, engine, requests, results, ref, what);
-      if (c.kv_budget > 0) EXPECT_LE(st.peak_kv, c.kv_budget) << what;
+      if (c.kv_budget > 0) {
+        EXPECT_LE(st.peak_kv, c.kv_budget) << what;
+      }
       EXPECT_LE(st.peak_batch, c.max_batch) << what;
-      if (c.prefill_chunk > 0) EXPECT_LE(st.peak_prefill_rows, c.prefill_chunk) << what;
-      if (!results.empty() && c.prefill_chunk == 0) EXPECT_GT(st.peak_prefill_rows, 3) << what << ": whole prompts";
+      if (c.prefill_chunk > 0) {
+        EXPECT_LE(st.peak_prefill_rows, c.prefill_chunk) << what;
+      }
+      if (!results.empty() && c.prefill_chunk == 0) {
+        EXPECT_GT(st.peak_prefill_rows, 3) << what << ": whole prompts";
+      }
     }
   }, Milliseconds(30000));
 }
