@@ -143,7 +143,9 @@ int run_bench_moe(const BenchMoeOptions& o) {
     if (o.rebalance_every > 0 && o.redundant_experts == 0)
       SY_THROW(ConfigError, "--rebalance_every needs --redundant_experts R > 0 (replicas to place)");
     const int E = c.router.experts, physical = E + o.redundant_experts;
-    const int groups = nodes > 1 && E % nodes == 0 ? nodes : 1;  // EPLB's expert groups: one per node
+    // EPLB's global policy: the router has no group-limited routing, so any
+    // expert may take any rank's spare slots.
+    const int groups = 1;
     if (o.ep_size > 0) {
       c.placement = ExpertPlacement::expert_data_parallel(E, W, o.ep_size);
       c.replica_domain = o.ep_size;
@@ -272,20 +274,17 @@ int run_bench_moe(const BenchMoeOptions& o) {
         }
       }
       const ExecPlan plan = layer.last_plan().exec;
-      // Rows each rank's experts received (dropless: exactly the routed ones), and the logical loads.
-      double rank_rows = 0;
-      auto count = [&](const MoEBatch& b) {
-        rank_rows += static_cast<double>(b.plan().recv_rows());
-        for (int e = 0; e < E && e < static_cast<int>(b.routing().expert_load.size()); ++e)
-          load_since[static_cast<size_t>(e)] += static_cast<double>(b.routing().expert_load[static_cast<size_t>(e)]);
+      // The step's plans (for the rows each rank's experts got) and the logical loads.
+      std::vector<const DispatchPlan*> step_plans;
+      auto count = [&](const DispatchPlan& p, const Routing& r) {
+        step_plans.push_back(&p);
+        for (int e = 0; e < E && e < static_cast<int>(r.expert_load.size()); ++e)
+          load_since[static_cast<size_t>(e)] += static_cast<double>(r.expert_load[static_cast<size_t>(e)]);
       };
-      if (batches.empty()) {
-        rank_rows = static_cast<double>(layer.last_plan().recv_rows());
-        for (int e = 0; e < E && e < static_cast<int>(layer.last_routing().expert_load.size()); ++e)
-          load_since[static_cast<size_t>(e)] += static_cast<double>(layer.last_routing().expert_load[static_cast<size_t>(e)]);
-      } else {
-        for (auto& b : batches) count(*b);
-      }
+      if (batches.empty())
+        count(layer.last_plan(), layer.last_routing());
+      else
+        for (auto& b : batches) count(b->plan(), b->routing());
       double local_loss = 0.0;
       const float* out = f.output.data_as<float>();
       float* d = dout.data_as<float>();
@@ -318,9 +317,7 @@ int run_bench_moe(const BenchMoeOptions& o) {
       const double step_flops = allreduce_scalar(world, layer.gemm_flops() - flops_at_start);
       dropped_total += f.dropped;
       if (report_load) {
-        const double most = allreduce_scalar(world, rank_rows, ReduceOp::max);
-        const double mean = allreduce_scalar(world, rank_rows) / W;
-        rank_load_ratios.push_back(mean > 0 ? most / mean : 1.0);
+        rank_load_ratios.push_back(rank_load_max_over_mean(*group, step_plans));
         if (leader && print) std::printf("rank load max/mean: %.3f\n", rank_load_ratios.back());
       }
       if (leader && print)
@@ -422,7 +419,7 @@ int run_bench_moe(const BenchMoeOptions& o) {
     if (o.quiet) return;
     if (leader) std::printf("[Summary] Average synchronized step_time = %.6f sec.\n", timed / steps);
     if (leader && report_load && !rank_load_ratios.empty())
-      std::printf("# rank load max/mean: median %.3f over the last %zu steps\n",
+      std::printf("# rank load max/mean (routed rows per rank, no padding): median %.3f over the last %zu steps\n",
                   median(std::vector<double>(rank_load_ratios.end() - static_cast<ptrdiff_t>(std::min<size_t>(
                                                                            rank_load_ratios.size(), static_cast<size_t>(steps))),
                                              rank_load_ratios.end())),

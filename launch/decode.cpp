@@ -154,6 +154,10 @@ void bench_batches(Runtime& rt, InferenceEngine& engine, const BenchDecodeOption
   Communicator& world = rt.world();
   const bool speak = world.rank() == 0;
   const int W = world.size(), G = engine.schedule().token_groups(), me = engine.token_group();
+  if (o.redundant_experts > 0 && (c.experts + o.redundant_experts) % model.expert_group()->size() != 0)
+    SY_THROW(InvalidArgument, "bench decode: --redundant_experts = ", o.redundant_experts, ": ", c.experts, " + ",
+             o.redundant_experts, " physical experts do not divide over the ", model.expert_group()->size(),
+             " ranks of the expert group");
   std::FILE* csv = speak && !o.csv.empty() ? std::fopen(o.csv.c_str(), "w") : nullptr;
   // Every rank fails together when rank 0 cannot write it (no rank left waiting).
   if (max_over_ranks(world, speak && !o.csv.empty() && !csv ? 1 : 0) > 0)
@@ -189,6 +193,7 @@ void bench_batches(Runtime& rt, InferenceEngine& engine, const BenchDecodeOption
       chunks.push_back({&caches.back(), prompt_of(s, o.prompt_tokens)});
     }
     Tensor logits = engine.step(chunks);
+    model.reset_expert_loads();  // rebalancing judges decode steps, not the prefill
     Tensor chosen = Tensor::zeros({o.steps, c.layers, c.experts}, DType::f64);
     model.reset_times();
     world.barrier().wait();
@@ -209,7 +214,8 @@ void bench_batches(Runtime& rt, InferenceEngine& engine, const BenchDecodeOption
         rebalancing += took;
         if (speak)
           std::printf("# batch %d, after step %d: rebalanced %d layers onto %s in %.1f ms (not in the step times); "
-                      "rank load max/mean on the loads of the last %d steps %.3f -> %.3f (mean over layers)\n",
+                      "rank load max/mean estimated from the loads of the last %d steps %.3f -> %.3f (mean over "
+                      "layers; replicas taken to share evenly)\n",
                       B, step + 1, c.layers, r.placement.c_str(), took * 1e3, o.rebalance_every, r.before, r.after);
       }
       for (int l = 0; l < c.layers; ++l) {  // which experts this step's tokens chose here (no traffic while timing)
@@ -372,6 +378,8 @@ void BenchDecodeOptions::validate() const {
              rebalance_every, ", expected both > 0 (or both 0)");
   if (rebalance_every > 0 && requests > 0)
     SY_THROW(InvalidArgument, "bench decode: --rebalance_every is for batch mode, not with --requests");
+  if (redundant_experts > (1 << 20))
+    SY_THROW(InvalidArgument, "bench decode: --redundant_experts = ", redundant_experts, ", expected at most 2^20");
   if (parallel.threads < 0) SY_THROW(InvalidArgument, "bench decode: --threads = ", parallel.threads, ", expected >= 0");
   for (int B : batches)
     if (B < 1) SY_THROW(InvalidArgument, "bench decode: --batch ", B, ", expected >= 1");

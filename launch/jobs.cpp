@@ -50,7 +50,9 @@ void train_moe(Runtime& rt, const JobConfig& job) {
   student_config.node_size = world.size() / nodes;
   const int W = world.size(), E = student_config.router.experts, ep = job.moe.expert_parallel_size;
   const int physical = E + job.moe.redundant_experts;
-  const int groups = nodes > 1 && E % nodes == 0 ? nodes : 1;  // EPLB's expert groups: one per node
+  // EPLB's global policy: the router has no group-limited routing, so any
+  // expert may take any rank's spare slots.
+  const int groups = 1;
   if (ep > 0 && job.moe.redundant_experts > 0)
     SY_THROW(ConfigError, "moe.expert_parallel_size and moe.redundant_experts each choose the placement; give one");
   if (job.moe.rebalance_every > 0 && job.moe.redundant_experts == 0)
@@ -136,9 +138,7 @@ void train_moe(Runtime& rt, const JobConfig& job) {
                            : student.forward(x, student.routing_choice(), student_config.plan);
     const ExecPlan plan = student.last_plan().exec;
     if (placed) {  // rows each rank's experts received, and the logical loads for the next placement
-      const auto rows = static_cast<double>(student.last_plan().recv_rows());
-      const double most = allreduce_scalar(world, rows, ReduceOp::max), mean = allreduce_scalar(world, rows) / W;
-      rank_load = mean > 0 ? most / mean : 1.0;
+      rank_load = rank_load_max_over_mean(world, {&student.last_plan()});
       rank_load_since += rank_load, ++steps_since;
       const auto& load = student.last_routing().expert_load;
       for (int e = 0; e < E && e < static_cast<int>(load.size()); ++e) load_since[static_cast<size_t>(e)] += load[e];

@@ -164,7 +164,7 @@ Model::Rebalance Model::rebalance_experts(int redundant, int nodes) {
   if (redundant < 0 || physical % W != 0)
     SY_THROW(InvalidArgument, "model: ", redundant, " redundant experts: ", E, " + ", redundant,
              " physical experts do not divide over ", W, " ranks");
-  const int groups = nodes > 1 && E % nodes == 0 ? nodes : 1;
+  const int groups = 1;  // EPLB's global policy: no group-limited routing, any expert may take any spare slot
   // A placement's busiest rank over the mean, for a load per logical expert.
   auto ratio = [&](const ExpertPlacement& p, const std::vector<double>& load) {
     std::vector<double> rank(static_cast<size_t>(W), 0.0);
@@ -178,6 +178,7 @@ Model::Rebalance Model::rebalance_experts(int redundant, int nodes) {
     return total > 0 ? *std::max_element(rank.begin(), rank.end()) / (total / W) : 1.0;
   };
   Rebalance out{0, 0, ""};
+  (void)nodes;
   for (auto& block : ffn_) {
     std::vector<double> load = block->load_since();
     load.resize(static_cast<size_t>(E), 0.0);

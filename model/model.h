@@ -71,6 +71,10 @@ class Model {
     std::string placement;         // the last layer's new placement
   };
   Rebalance rebalance_experts(int redundant, int nodes = 1);
+  // Forget the loads counted so far (e.g. a prefill's, before timing decode steps).
+  void reset_expert_loads() {
+    for (auto& block : ffn_) block->reset_load();
+  }
   // Bytes of weights (all of them: attention, experts of every rank, embedding, head).
   double weight_bytes() const;
   double expert_bytes() const;  // one expert of one layer

@@ -29,7 +29,7 @@ int64_t DispatchPlan::send_offset(int chunk) const { return chunk_offset(send_bl
 int64_t DispatchPlan::recv_offset(int chunk) const { return chunk_offset(recv_block_rows, chunk, exchange_ranks, slots); }
 
 DispatchPlan build_dispatch_plan(const RouterConfig& router, const Routing& routing, int64_t tokens,
-                                 const ExecPlan& exec, int64_t capacity, const DispatchGeometry& g) {
+                                 const ExecPlan& exec, int64_t capacity, const DispatchGeometry& g, uint64_t rotation) {
   const int k = static_cast<int>(routing.experts.shape().size() == 2 ? routing.experts.shape()[1] : router.k);
   const int E = g.experts, S = g.shards, d = exec.d, X = g.exchange_ranks, Lw = g.slots;
   const bool padded = exec.exchange == ExchangeMode::padded;
@@ -70,8 +70,9 @@ DispatchPlan build_dispatch_plan(const RouterConfig& router, const Routing& rout
     for (int e = 0; e < E; ++e) {
       const auto& blocks = g.blocks_of_expert[static_cast<size_t>(e)];
       const auto n = static_cast<int64_t>(blocks.size());
+      const auto first = static_cast<int64_t>((rotation + static_cast<uint64_t>(g.rank)) % static_cast<uint64_t>(n));
       for (int64_t i = 0; i < static_cast<int64_t>(choice_at[e].size()); ++i)
-        block_choices[static_cast<size_t>(blocks[static_cast<size_t>(i % n)])].push_back(choice_at[e][i]);
+        block_choices[static_cast<size_t>(blocks[static_cast<size_t>((first + i) % n)])].push_back(choice_at[e][i]);
       for (int b : blocks) block_padded[static_cast<size_t>(b)] = (p.capacity + n - 1) / n;
     }
   }
@@ -121,6 +122,12 @@ DispatchPlan build_dispatch_plan(const RouterConfig& router, const Routing& rout
           p.row_of_choice[static_cast<size_t>(c * p.copies + b.copy)] = row;
         }
       }
+  if (!sliced) {
+    p.kept_rows_to_rank.assign(static_cast<size_t>(X), 0);
+    for (int u = 0; u < X; ++u)
+      for (int l = 0; l < Lw; ++l)
+        p.kept_rows_to_rank[static_cast<size_t>(u)] += static_cast<int64_t>(block_choices[static_cast<size_t>(u * Lw + l)].size());
+  }
   if (g.send_once && !padded && X > 1) {
     // Distinct tokens per (chunk, peer), in order of first appearance.
     p.send_once = true;

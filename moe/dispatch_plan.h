@@ -30,6 +30,7 @@ struct DispatchPlan {
   std::vector<int64_t> send_block_rows;     // [d * X * slots]
   std::vector<int64_t> recv_block_rows;     // [d * X * slots] (after the counts are exchanged)
   int64_t dropped = 0;                      // choices beyond capacity on this rank
+  std::vector<int64_t> kept_rows_to_rank;   // [X]: routed rows (no padding) this rank sends each rank; whole experts
   // Sent once per destination rank (MoEConfig::send_once_per_rank; dropless):
   // the forward dispatch carries distinct (chunk, peer, token) rows only.
   bool send_once = false;
@@ -95,7 +96,11 @@ struct DispatchGeometry {
 // is chosen, so replicas never change which choices drop. Padded blocks hold
 // ceil(C / replicas) rows; padded plans also know their receive blocks,
 // dropless ones learn them from the count exchange.
+// `rotation` (the batch's sequence number) turns which replica a source's
+// first kept choice of an expert goes to, so replicas share a small batch's
+// rows too (the source rank turns it as well).
 DispatchPlan build_dispatch_plan(const RouterConfig& router, const Routing& routing, int64_t tokens,
-                                 const ExecPlan& exec, int64_t capacity, const DispatchGeometry& geometry);
+                                 const ExecPlan& exec, int64_t capacity, const DispatchGeometry& geometry,
+                                 uint64_t rotation = 0);
 
 }  // namespace switchyard

@@ -7,8 +7,9 @@
 //    node's physical experts are packed onto its ranks (traffic stays in the
 //    node where it can);
 //  - global otherwise: one group, one node.
-// Ties go to the lowest index, as the reference does; loads are summed in
-// float32 like it, so outputs match it on the same input.
+// Ties go to the lowest index here; the reference's sort is not stable, so on
+// exactly tied loads the two may order items differently (the golden tests
+// use distinct loads). Loads are summed in float32 like it.
 #pragma once
 
 #include <vector>

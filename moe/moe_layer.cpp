@@ -136,9 +136,14 @@ void MoELayer::make_replica_groups() {
     if (mine.empty()) continue;
     std::sort(members.begin(), members.end());
     members.erase(std::unique(members.begin(), members.end()), members.end());
-    replica_groups_.push_back(
-        {mine, members.size() > 1 ? group_->create_group(members, group_->name() + "/replicas-of-" + std::to_string(e))
-                                  : nullptr});
+    std::shared_ptr<Communicator> group;
+    if (members.size() > 1) {
+      // Every member has the same cache (same placements so far), so all reuse or all create.
+      auto& cached = replica_group_cache_[members];
+      if (!cached) cached = group_->create_group(members, group_->name() + "/replicas-of-" + std::to_string(e));
+      group = cached;
+    }
+    replica_groups_.push_back({mine, group});
   }
 }
 
@@ -400,7 +405,7 @@ MoEHandle MoELayer::plan_impl(const TensorView& x, const RoutingChoice& routing,
   }
   {
     PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::gate);
-    b->plan_ = build_dispatch_plan(b->router_, b->routing_, T, exec, capacity, geometry(exec.r));
+    b->plan_ = build_dispatch_plan(b->router_, b->routing_, T, exec, capacity, geometry(exec.r), b->sequence_);
   }
   b->plan_.output_rows = T;
   record(*b, Phase::plan);
@@ -905,6 +910,18 @@ MoELayer::CommBusy MoELayer::comm_busy() const {
       b.weights += sum(*g, {"allgather", "allgatherv", "reduce_scatter"});
     }
   return b;
+}
+
+double rank_load_max_over_mean(Communicator& group, const std::vector<const DispatchPlan*>& plans) {
+  const int W = group.size();
+  std::vector<double> rows(static_cast<size_t>(W), 0.0);
+  for (const DispatchPlan* p : plans)
+    for (size_t u = 0; u < p->kept_rows_to_rank.size() && u < rows.size(); ++u)
+      rows[u] += static_cast<double>(p->kept_rows_to_rank[u]);
+  group.allreduce(TensorView(rows.data(), DType::f64, {W}), TensorView(rows.data(), DType::f64, {W})).wait();
+  double total = 0;
+  for (double r : rows) total += r;
+  return total > 0 ? *std::max_element(rows.begin(), rows.end()) / (total / W) : 1.0;
 }
 
 }  // namespace switchyard

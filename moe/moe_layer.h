@@ -131,7 +131,8 @@ struct MoEForward {
 // Any number may be in flight on one layer. The phases that issue collectives
 // (plan, dispatch, experts, backward, and finish with a combine layout) must
 // be called in the same order on every rank of the group, whichever handles
-// they advance; combine and finish without a layout are local. With
+// they advance (combine runs the chunks experts() has not run, so it counts
+// as those; finish without a layout is local). With
 // MoEConfig::check_plan that order is checked (a hash of the (batch, phase)
 // sequence rides on the plan check).
 class MoEBatch {
@@ -181,6 +182,10 @@ class MoEBatch {
   void release_buffers();
 };
 using MoEHandle = std::shared_ptr<MoEBatch>;
+
+// The busiest rank's routed rows (padding not counted) over the mean, for
+// these plans of one group's batches (whole experts). Collective over `group`.
+double rank_load_max_over_mean(Communicator& group, const std::vector<const DispatchPlan*>& plans);
 
 class MoELayer {
  public:
@@ -337,6 +342,9 @@ class MoELayer {
     std::shared_ptr<Communicator> group;  // the ranks holding it; null when they are all mine
   };
   std::vector<ReplicaGroup> replica_groups_;
+  // Groups by member list, kept across migrations: a rebalance that keeps an
+  // expert's holders reuses its group instead of creating one more.
+  std::map<std::vector<int>, std::shared_ptr<Communicator>> replica_group_cache_;
   uint64_t placement_generation_ = 0;
   MoEHandle plan_impl(const TensorView& x, const RoutingChoice& routing, const ExecPlan* fixed, PlanChooser* chooser,
                       const CombineLayout* combine_layout);

@@ -8,7 +8,7 @@
 // Which replica a routed token uses is a function every rank agrees on: the
 // drops are decided per logical expert first (replicas never change results),
 // then the i-th kept choice of expert e, in GShard slot order, goes to replica
-// i mod replicas(e).
+// (i + source rank + batch number) mod replicas(e).
 #pragma once
 
 #include <string>

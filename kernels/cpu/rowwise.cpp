@@ -135,13 +135,19 @@ void attend_heads(const float* q, int heads, int head_dim, const float* keys_t, 
     for (int j = 0; j < n; ++j) sh[j] /= sum;
   }
   const int width = heads * head_dim;
-  int e0 = 0;
   if (head_dim % kLanes == 0) {  // blocks never straddle heads
+    int e0 = 0;
     for (; e0 + kChains * kLanes <= width; e0 += kChains * kLanes)
       mix_block<kChains, kLanes>(s, ld_s, n, head_dim, values, ld_values, e0, out);
-    for (; e0 + kLanes <= width; e0 += kLanes) mix_block<1, kLanes>(s, ld_s, n, head_dim, values, ld_values, e0, out);
+    for (; e0 < width; e0 += kLanes) mix_block<1, kLanes>(s, ld_s, n, head_dim, values, ld_values, e0, out);
+    return;
   }
-  for (; e0 < width; ++e0) mix_block<1, 1>(s, ld_s, n, head_dim, values, ld_values, e0, out);
+  for (int h = 0; h < heads; ++h) {  // blocks inside each head, then its tail
+    int t0 = 0;
+    for (; t0 + kLanes <= head_dim; t0 += kLanes)
+      mix_block<1, kLanes>(s, ld_s, n, head_dim, values, ld_values, h * head_dim + t0, out);
+    for (; t0 < head_dim; ++t0) mix_block<1, 1>(s, ld_s, n, head_dim, values, ld_values, h * head_dim + t0, out);
+  }
 }
 
 }  // namespace switchyard::kernels::cpu
