@@ -143,9 +143,6 @@ int run_bench_moe(const BenchMoeOptions& o) {
     if (o.rebalance_every > 0 && o.redundant_experts == 0)
       SY_THROW(ConfigError, "--rebalance_every needs --redundant_experts R > 0 (replicas to place)");
     const int E = c.router.experts, physical = E + o.redundant_experts;
-    // EPLB's global policy: the router has no group-limited routing, so any
-    // expert may take any rank's spare slots.
-    const int groups = 1;
     if (o.ep_size > 0) {
       c.placement = ExpertPlacement::expert_data_parallel(E, W, o.ep_size);
       c.replica_domain = o.ep_size;
@@ -155,8 +152,7 @@ int run_bench_moe(const BenchMoeOptions& o) {
         SY_THROW(ConfigError, "--redundant_experts = ", o.redundant_experts, ": ", E, " + ", o.redundant_experts,
                  " physical experts do not divide over ", W, " ranks");
       // Before any load is measured: EPLB on equal loads.
-      c.placement = eplb::to_placement(
-          eplb::rebalance_experts(std::vector<float>(static_cast<size_t>(E), 1.f), physical, groups, nodes, W), W);
+      c.placement = eplb::place(std::vector<double>(static_cast<size_t>(E), 1.0), physical, W);
     }
     double zipf = 0;
     if (!o.gate_skew.empty()) {
@@ -388,18 +384,12 @@ int run_bench_moe(const BenchMoeOptions& o) {
         dropped_total = 0;
       }
       if (o.rebalance_every > 0 && s > 0 && s % o.rebalance_every == 0) {
-        // EPLB from the loads of the steps since the last placement (every rank
-        // computes the same placement from the same summed loads), judged on the next ones.
-        std::vector<double> summed = load_since;
-        world.allreduce(TensorView(summed.data(), DType::f64, {E}), TensorView(summed.data(), DType::f64, {E})).wait();
-        const std::vector<float> load(summed.begin(), summed.end());
-        const ExpertPlacement next =
-            eplb::to_placement(eplb::rebalance_experts(load, physical, groups, nodes, W), W);
+        // EPLB from the loads of the steps since the last placement, judged on the next ones.
         const size_t last = rank_load_ratios.size(), first = last >= static_cast<size_t>(o.rebalance_every)
                                                                   ? last - static_cast<size_t>(o.rebalance_every) : 0;
         const double before = median(std::vector<double>(rank_load_ratios.begin() + static_cast<ptrdiff_t>(first),
                                                          rank_load_ratios.end()));
-        layer.migrate(next);
+        const ExpertPlacement next = layer.rebalance(load_since, physical).placement;
         std::fill(load_since.begin(), load_since.end(), 0.0);
         if (leader && !o.quiet)
           std::printf("# rebalanced at step %d from the loads of steps %zu..%d: %s; rank load max/mean was %.3f "

@@ -209,7 +209,7 @@ void bench_batches(Runtime& rt, InferenceEngine& engine, const BenchDecodeOption
       logits = engine.step(chunks);
       if (o.rebalance_every > 0 && (step + 1) % o.rebalance_every == 0) {
         const auto t0 = Clock::now();
-        const Model::Rebalance r = model.rebalance_experts(o.redundant_experts, rt.nodes());
+        const Model::Rebalance r = model.rebalance_experts(o.redundant_experts);
         const double took = max_over_ranks(world, seconds_since(t0));
         rebalancing += took;
         if (speak)

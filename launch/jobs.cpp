@@ -50,9 +50,6 @@ void train_moe(Runtime& rt, const JobConfig& job) {
   student_config.node_size = world.size() / nodes;
   const int W = world.size(), E = student_config.router.experts, ep = job.moe.expert_parallel_size;
   const int physical = E + job.moe.redundant_experts;
-  // EPLB's global policy: the router has no group-limited routing, so any
-  // expert may take any rank's spare slots.
-  const int groups = 1;
   if (ep > 0 && job.moe.redundant_experts > 0)
     SY_THROW(ConfigError, "moe.expert_parallel_size and moe.redundant_experts each choose the placement; give one");
   if (job.moe.rebalance_every > 0 && job.moe.redundant_experts == 0)
@@ -64,8 +61,7 @@ void train_moe(Runtime& rt, const JobConfig& job) {
     if (physical % W != 0)
       SY_THROW(ConfigError, "moe.redundant_experts = ", job.moe.redundant_experts, ": ", E, " + ",
                job.moe.redundant_experts, " physical experts do not divide over ", W, " ranks");
-    student_config.placement = eplb::to_placement(
-        eplb::rebalance_experts(std::vector<float>(static_cast<size_t>(E), 1.f), physical, groups, nodes, W), W);
+    student_config.placement = eplb::place(std::vector<double>(static_cast<size_t>(E), 1.0), physical, W);
   }
   const bool placed = student_config.placement.has_value();
   MoELayer student(student_config, rt.world_ptr());
@@ -113,13 +109,8 @@ void train_moe(Runtime& rt, const JobConfig& job) {
   int steps_since = 0;
   for (int step = 0; step < tr.steps; ++step) {
     if (job.moe.rebalance_every > 0 && step > 0 && step % job.moe.rebalance_every == 0) {
-      // EPLB from the loads measured since the last placement, the same on every rank.
-      world.allreduce(TensorView(load_since.data(), DType::f64, {E}), TensorView(load_since.data(), DType::f64, {E}))
-          .wait();
-      const ExpertPlacement next = eplb::to_placement(
-          eplb::rebalance_experts(std::vector<float>(load_since.begin(), load_since.end()), physical, groups, nodes, W),
-          W);
-      student.migrate(next);
+      // EPLB from the loads measured since the last placement.
+      const ExpertPlacement next = student.rebalance(load_since, physical).placement;
       if (leader)
         std::printf("# rebalanced at step %d: %s; rank load max/mean was %.3f over the last %d steps\n", step + 1,
                     next.describe().c_str(), rank_load_since / std::max(1, steps_since), steps_since);

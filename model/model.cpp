@@ -10,7 +10,6 @@
 #include "core/dtype.h"
 #include "core/error.h"
 #include "core/safetensors.h"
-#include "moe/eplb.h"
 
 namespace switchyard {
 namespace {
@@ -159,12 +158,11 @@ double Model::weight_bytes() const {
   return (2 * V * d + d + config_.layers * per_layer) * sizeof(float);
 }
 
-Model::Rebalance Model::rebalance_experts(int redundant, int nodes) {
+Model::Rebalance Model::rebalance_experts(int redundant) {
   const int W = group_->size(), E = config_.experts, physical = E + redundant;
   if (redundant < 0 || physical % W != 0)
     SY_THROW(InvalidArgument, "model: ", redundant, " redundant experts: ", E, " + ", redundant,
              " physical experts do not divide over ", W, " ranks");
-  const int groups = 1;  // EPLB's global policy: no group-limited routing, any expert may take any spare slot
   // A placement's busiest rank over the mean, for a load per logical expert.
   auto ratio = [&](const ExpertPlacement& p, const std::vector<double>& load) {
     std::vector<double> rank(static_cast<size_t>(W), 0.0);
@@ -178,17 +176,12 @@ Model::Rebalance Model::rebalance_experts(int redundant, int nodes) {
     return total > 0 ? *std::max_element(rank.begin(), rank.end()) / (total / W) : 1.0;
   };
   Rebalance out{0, 0, ""};
-  (void)nodes;
   for (auto& block : ffn_) {
-    std::vector<double> load = block->load_since();
-    load.resize(static_cast<size_t>(E), 0.0);
-    group_->allreduce(TensorView(load.data(), DType::f64, {E}), TensorView(load.data(), DType::f64, {E})).wait();
-    const ExpertPlacement next = eplb::to_placement(
-        eplb::rebalance_experts(std::vector<float>(load.begin(), load.end()), physical, groups, nodes, W), W);
-    out.before += ratio(block->moe().layout().placement(), load) / static_cast<double>(ffn_.size());
-    out.after += ratio(next, load) / static_cast<double>(ffn_.size());
-    out.placement = next.describe();
-    block->moe().migrate(next);
+    const ExpertPlacement before = block->moe().layout().placement();
+    const MoELayer::Rebalanced r = block->moe().rebalance(block->load_since(), physical);
+    out.before += ratio(before, r.load) / static_cast<double>(ffn_.size());
+    out.after += ratio(r.placement, r.load) / static_cast<double>(ffn_.size());
+    out.placement = r.placement.describe();
     block->reset_load();
   }
   return out;

@@ -70,7 +70,7 @@ class Model {
     double before = 1, after = 1;  // rank load max/mean on those loads, mean over layers (in-sample for `after`)
     std::string placement;         // the last layer's new placement
   };
-  Rebalance rebalance_experts(int redundant, int nodes = 1);
+  Rebalance rebalance_experts(int redundant);
   // Forget the loads counted so far (e.g. a prefill's, before timing decode steps).
   void reset_expert_loads() {
     for (auto& block : ffn_) block->reset_load();

@@ -114,4 +114,8 @@ ExpertPlacement to_placement(const Rebalance& r, int ranks) {
                          r.phy2log);
 }
 
+ExpertPlacement place(const std::vector<double>& load, int physical, int ranks) {
+  return to_placement(rebalance_experts(std::vector<float>(load.begin(), load.end()), physical, 1, 1, ranks), ranks);
+}
+
 }  // namespace switchyard::eplb

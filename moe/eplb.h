@@ -46,4 +46,8 @@ Rebalance rebalance_experts(const std::vector<float>& load, int physical, int gr
 // The result as a placement of `ranks` ranks with physical / ranks slots each.
 ExpertPlacement to_placement(const Rebalance& r, int ranks);
 
+// The placement Switchyard uses: the global policy (its router has no
+// group-limited routing, so any expert may take any rank's spare slots).
+ExpertPlacement place(const std::vector<double>& load, int physical, int ranks);
+
 }  // namespace switchyard::eplb

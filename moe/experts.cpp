@@ -5,6 +5,7 @@
 
 #include "kernels/gemm.h"
 #include "kernels/rowwise.h"
+#include "moe/eplb.h"
 #include "moe/layer_internal.h"
 
 namespace switchyard {
@@ -489,6 +490,17 @@ void MoELayer::migrate(const ExpertPlacement& to, const std::vector<ExpertParams
   geometries_.clear();
   make_replica_groups();
   parameters_exist_ = true;
+}
+
+MoELayer::Rebalanced MoELayer::rebalance(const std::vector<double>& local_load, int physical,
+                                         const std::vector<ExpertParams*>& per_expert_state) {
+  const int E = config_.router.experts;
+  Rebalanced r{ExpertPlacement(), local_load};
+  r.load.resize(static_cast<size_t>(E), 0.0);
+  group_->allreduce(TensorView(r.load.data(), DType::f64, {E}), TensorView(r.load.data(), DType::f64, {E})).wait();
+  r.placement = eplb::place(r.load, physical, group_->size());
+  migrate(r.placement, per_expert_state);
+  return r;
 }
 
 }  // namespace switchyard

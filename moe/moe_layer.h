@@ -216,6 +216,15 @@ class MoELayer {
   // training continues as if the experts had always lived there. Gradients
   // are zeroed; batches planned before are refused afterwards.
   void migrate(const ExpertPlacement& placement, const std::vector<ExpertParams*>& per_expert_state = {});
+  // Redundant experts: the group's loads (each rank's `local_load` per logical
+  // expert, summed) placed by EPLB on `physical` slots, then migrate().
+  // Collective; returns the new placement and the summed loads.
+  struct Rebalanced {
+    ExpertPlacement placement;
+    std::vector<double> load;
+  };
+  Rebalanced rebalance(const std::vector<double>& local_load, int physical,
+                       const std::vector<ExpertParams*>& per_expert_state = {});
 
   // ---- one batch at a time: the layer keeps the last forward's handle for
   // backward(dout); a new forward(x) releases it first (its buffers are

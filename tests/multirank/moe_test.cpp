@@ -43,6 +43,43 @@ void expect_grads_like_whole(MoELayer& layer, MoELayer& whole, int me) {
   }
 }
 
+// All ranks' rows of a per-rank tensor family, in rank order.
+Tensor all_rows(int n, const std::function<Tensor(int)>& of_rank, int64_t width, int64_t& mine, int me) {
+  int64_t total = 0;
+  for (int r = 0; r < n; ++r) total += of_rank(r).shape()[0];
+  Tensor all = Tensor::empty({total, width}, DType::f32);
+  int64_t at = 0;
+  for (int r = 0; r < n; ++r) {
+    Tensor t = of_rank(r);
+    if (r == me) mine = at;
+    if (t.nbytes()) std::memcpy(all.data_as<float>() + at * width, t.data(), t.nbytes());
+    at += t.shape()[0];
+  }
+  return all;
+}
+
+// The same batches through one rank holding every expert (`whole_config` with
+// the default placement and a flat exchange) on all ranks' rows: this rank's
+// output, dx and every gradient must match it.
+void expect_like_whole(MoELayer& layer, const MoEForward& f, const Tensor& dx, MoEConfig whole_config, uint64_t seed,
+                       const std::function<Tensor(int)>& x_of, const std::function<Tensor(int)>& d_of, int n, int me) {
+  whole_config.placement.reset();
+  whole_config.replica_domain = 0;
+  whole_config.node_size = 0;
+  whole_config.plan.a2a = A2AAlgorithm::flat;
+  const int64_t M = whole_config.model_dim;
+  int64_t mine = 0;
+  Tensor all_x = all_rows(n, x_of, M, mine, me), all_d = all_rows(n, d_of, M, mine, me);
+  ThreadsWorld solo_world(1);
+  MoELayer whole(whole_config, solo_world.communicator(0));
+  whole.init_parameters(seed);
+  MoEForward wf = whole.forward(all_x);
+  Tensor all_dx = whole.backward(all_d);
+  expect_close("output", f.output.data_as<float>(), wf.output.data_as<float>() + mine * M, f.output.numel(), me);
+  expect_close("dx", dx.data_as<float>(), all_dx.data_as<float>() + mine * M, dx.numel(), me);
+  expect_grads_like_whole(layer, whole, me);
+}
+
 TEST(MoEMultiRank, ExpertParallelEqualsOneRankForwardAndBackward) {
   for (ExchangeMode mode : {ExchangeMode::padded, ExchangeMode::dropless}) {
     testing::for_each_rank([&](Communicator& comm, uint64_t seed) {
@@ -59,26 +96,8 @@ TEST(MoEMultiRank, ExpertParallelEqualsOneRankForwardAndBackward) {
       Tensor x = tokens(seed + 100 + me, rows_of(me), 12), dout = tokens(seed + 200 + me, rows_of(me), 12);
       MoEForward f = layer.forward(x);
       Tensor dx = layer.backward(dout);
-
-      int64_t total = 0, mine = 0;
-      for (int r = 0; r < n; ++r) {
-        if (r == me) mine = total;
-        total += rows_of(r);
-      }
-      Tensor all_x = Tensor::empty({total, 12}, DType::f32), all_d = Tensor::empty({total, 12}, DType::f32);
-      for (int r = 0, at = 0; r < n; at += static_cast<int>(rows_of(r)), ++r) {
-        Tensor xr = tokens(seed + 100 + r, rows_of(r), 12), dr = tokens(seed + 200 + r, rows_of(r), 12);
-        if (xr.nbytes()) std::memcpy(all_x.data_as<float>() + at * 12, xr.data(), xr.nbytes());
-        if (dr.nbytes()) std::memcpy(all_d.data_as<float>() + at * 12, dr.data(), dr.nbytes());
-      }
-      ThreadsWorld solo_world(1);
-      MoELayer whole(c, solo_world.communicator(0));
-      whole.init_parameters(seed);
-      MoEForward wf = whole.forward(all_x);
-      Tensor all_dx = whole.backward(all_d);
-      expect_close("output", f.output.data_as<float>(), wf.output.data_as<float>() + mine * 12, f.output.numel(), me);
-      expect_close("dx", dx.data_as<float>(), all_dx.data_as<float>() + mine * 12, dx.numel(), me);
-      expect_grads_like_whole(layer, whole, me);
+      expect_like_whole(layer, f, dx, c, seed, [&](int r) { return tokens(seed + 100 + r, rows_of(r), 12); },
+                        [&](int r) { return tokens(seed + 200 + r, rows_of(r), 12); }, n, me);
     });
   }
 }
@@ -202,20 +221,6 @@ ExpertPlacement awkward_placement(int n) {
   return ExpertPlacement(E, slots, phy2log);
 }
 
-// All ranks' rows of a per-rank tensor family, in rank order.
-Tensor all_rows(int n, const std::function<Tensor(int)>& of_rank, int64_t width, int64_t& mine, int me) {
-  int64_t total = 0;
-  for (int r = 0; r < n; ++r) total += of_rank(r).shape()[0];
-  Tensor all = Tensor::empty({total, width}, DType::f32);
-  int64_t at = 0;
-  for (int r = 0; r < n; ++r) {
-    Tensor t = of_rank(r);
-    if (r == me) mine = at;
-    if (t.nbytes()) std::memcpy(all.data_as<float>() + at * width, t.data(), t.nbytes());
-    at += t.shape()[0];
-  }
-  return all;
-}
 
 // Replicas, a rank without experts and uneven slots: outputs and gradients
 // equal one rank holding every expert (each replica's gradient is the whole
@@ -252,20 +257,7 @@ TEST(MoEMultiRank, PhysicalPlacementEqualsOneRankHoldingEveryExpert) {
       auto d_of = [&](int r) { return tokens(seed + 800 + r, 6 + 3 * r, 12); };
       MoEForward f = layer.forward(x_of(me));
       Tensor dx = layer.backward(d_of(me));
-      int64_t mine = 0;
-      Tensor all_x = all_rows(n, x_of, 12, mine, me), all_d = all_rows(n, d_of, 12, mine, me);
-      MoEConfig whole_config = c;
-      whole_config.placement.reset();
-      whole_config.node_size = 0;
-      whole_config.plan.a2a = A2AAlgorithm::flat;
-      ThreadsWorld solo_world(1);
-      MoELayer whole(whole_config, solo_world.communicator(0));
-      whole.init_parameters(seed);
-      MoEForward wf = whole.forward(all_x);
-      Tensor all_dx = whole.backward(all_d);
-      expect_close("output", f.output.data_as<float>(), wf.output.data_as<float>() + mine * 12, f.output.numel(), me);
-      expect_close("dx", dx.data_as<float>(), all_dx.data_as<float>() + mine * 12, dx.numel(), me);
-      expect_grads_like_whole(layer, whole, me);
+      expect_like_whole(layer, f, dx, c, seed, x_of, d_of, n, me);
       // Only expert-parallel plans run on it, and the error says why.
       EXPECT_THROW(layer.check_plan(ExecPlan{.r = 0}), InvalidArgument);
     });
@@ -535,19 +527,8 @@ TEST(MoEMultiRank, ExpertDataParallelEqualsOneRankHoldingEveryExpert) {
           for (int l = 0; l < p.slots; ++l)
             if (u / ep != me / ep && p.recv_block(0, u, l) != 0)
               SY_THROW(Error, "rank ", me, ": ", p.recv_block(0, u, l), " rows from rank ", u, " of another expert group");
-        int64_t mine = 0;
-        Tensor all_x = all_rows(n, x_of, 8, mine, me), all_d = all_rows(n, d_of, 8, mine, me);
-        MoEConfig whole_config = c;
-        whole_config.placement.reset();
-        whole_config.replica_domain = 0;
-        ThreadsWorld solo_world(1);
-        MoELayer whole(whole_config, solo_world.communicator(0));
-        whole.init_parameters(seed);
-        MoEForward wf = whole.forward(all_x);
-        Tensor all_dx = whole.backward(all_d);
-        expect_close("output", f.output.data_as<float>(), wf.output.data_as<float>() + mine * 8, f.output.numel(), me);
-        expect_close("dx", dx.data_as<float>(), all_dx.data_as<float>() + mine * 8, dx.numel(), me);
-        expect_grads_like_whole(layer, whole, me);  // replicas summed over the expert-data-parallel groups
+        // Each replica's gradient is the sum over the expert-data-parallel groups.
+        expect_like_whole(layer, f, dx, c, seed, x_of, d_of, n, me);
       });
 }
 
