@@ -76,6 +76,8 @@ ClusterModel load_cluster_preset(const std::string& name_or_path) {
   m.device.gemm_flops_bf16 = number(dev, "gemm_tflops_bf16_peak", f, "device.") * 1e12 * gemm_eff;
   m.device.memory_bandwidth =
       number(dev, "memory_gbps_peak", f, "device.") * 1e9 * number(dev, "memory_efficiency", f, "device.");
+  // Optional: a preset without it bounds nothing (decode then admits any batch).
+  if (dev["memory_gb"]) m.device.memory_capacity = number(dev, "memory_gb", f, "device.") * 1e9;
   const YAML::Node links = root["links"];
   if (!links || !links.IsMap()) SY_THROW(ConfigError, f, ": links is missing; expected a map with intra and inter");
   m.link.intra = link(links, "intra", f);

@@ -366,9 +366,11 @@ const std::vector<Field>& fields() {
       choice("model.attention", {"replicated", "dp", "tp"}, +[](JobConfig& c) -> std::string& { return c.model.attention; },
              "How attention runs over the ranks (the experts always span them all). replicated: every rank the same "
              "sequences; dp: each rank its own sequences and KV, the MoE all-to-all takes every rank's tokens; tp: "
-             "heads split over model.tp ranks (not built yet: refused at run time)."),
+             "heads split over groups of model.tp ranks (Megatron; the output projection reduce-scattered over the "
+             "rows, each rank the MoE layers on its row slice), data-parallel across the groups."),
       integer<int>("model.tp", 1, 4096, +[](JobConfig& c) -> int& { return c.model.tp; },
-                   "Ranks per tensor-parallel attention group; 1 unless model.attention = tp."),
+                   "Ranks per tensor-parallel attention group (dividing the world and the model's heads); 1 unless "
+                   "model.attention = tp."),
       integer<int>("model.threads", 0, 4096, +[](JobConfig& c) -> int& { return c.model.threads; },
                    "GEMM (OpenMP) threads per rank; 0: the node's cores over its ranks."),
       integer<int>("serve.requests", 1, kIntMax, +[](JobConfig& c) -> int& { return c.serve.requests; },

@@ -7,9 +7,12 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <optional>
 
 #include "core/error.h"
 #include "kernels/gemm.h"
+#include "comm/virtual_time.h"
+#include "launch/cluster_presets.h"
 #include "launch/plot.h"
 #include "model/engine.h"
 #include "model/serving.h"
@@ -148,10 +151,11 @@ StepWork decode_step_work(const ModelConfig& c, double expert_params, double bat
   return w;
 }
 
-void bench_batches(Runtime& rt, InferenceEngine& engine, const BenchDecodeOptions& o) {
+// Emulated: every figure but the wall column is virtual time on `cluster`.
+void bench_batches(InferenceEngine& engine, const BenchDecodeOptions& o, const ClusterModel* cluster) {
   Model& model = engine.model();
   const ModelConfig& c = model.config();
-  Communicator& world = rt.world();
+  Communicator& world = engine.world();  // emulated when emulating: its barriers meet the ranks' virtual clocks
   const bool speak = world.rank() == 0;
   const int W = world.size(), G = engine.schedule().token_groups(), me = engine.token_group();
   if (o.redundant_experts > 0 && (c.experts + o.redundant_experts) % model.expert_group()->size() != 0)
@@ -162,18 +166,47 @@ void bench_batches(Runtime& rt, InferenceEngine& engine, const BenchDecodeOption
   // Every rank fails together when rank 0 cannot write it (no rank left waiting).
   if (max_over_ranks(world, speak && !o.csv.empty() && !csv ? 1 : 0) > 0)
     SY_THROW(IoError, "bench decode: cannot write --csv '", o.csv, "' (rank 0)");
-  if (csv)
+  if (csv && cluster)
+    std::fprintf(csv, "batch,ranks,attention,tpot_ms_virtual,tokens_per_s_virtual,tokens_per_s_per_gpu_virtual,"
+                      "attention_ms_virtual,moe_ms_virtual,floor_ms_virtual,ratio_virtual,wall_ms_per_step,"
+                      "memory_gb_per_rank\n");
+  else if (csv)
     std::fprintf(csv, "batch,ranks,attention,tokens_per_s,tokens_per_s_per_rank,ms_per_step,attention_ms,moe_ms,"
                       "head_ms,floor_ms,ratio,read_gb_per_s\n");
-  // The floor's rates first, every rank measuring at once (no benchmark traffic beside it).
   const double mean_len = o.prompt_tokens + (o.steps + 1) / 2.0;
-  const double flop_rate = gemm_rate(world);
+  const int positions = o.prompt_tokens + o.steps + 1;  // each sequence's cache
+  const DecodeMemory memory = engine.memory();
+  // The largest share of a batch one token group holds; every rank judges alike.
+  auto sequences_per_group = [&](int B) { return (B + G - 1) / G; };
+  const int64_t fits = memory.max_sequences(positions);
+  if (cluster) {
+    if (speak) {
+      std::printf("# emulated %s: %d rank(s) per node; times are virtual (device and link models), the last column "
+                  "this machine's wall time\n", cluster->name.c_str(), cluster->link.ranks_per_node);
+      std::printf("# device memory per rank: %.3f GB of weights + %.1f KB of KV per sequence position; ",
+                  memory.weights / 1e9, memory.kv_per_position / 1e3);
+      if (fits >= 0)
+        std::printf("%.0f GB hold %lld sequences of %d positions per token group\n", memory.capacity / 1e9,
+                    static_cast<long long>(fits), positions);
+      else
+        std::printf("the preset bounds nothing\n");
+      std::printf("floor = max(distinct bytes a step reads / (%d x %.0f GB/s), FLOPs / (%d x %.0f TFLOP/s)): the "
+                  "ideal cluster's step\n", W, cluster->device.memory_bandwidth / 1e9, W,
+                  cluster->device.gemm_flops_f32 / 1e12);
+      std::printf("%6s %10s %12s %12s %9s %9s %9s %7s %10s %8s\n", "batch", "TPOT ms", "tokens/s", "per GPU",
+                  "attn ms", "moe ms", "floor ms", "ratio", "wall ms", "mem GB");
+      std::fflush(stdout);
+    }
+  }
+  // The floor's rates first, every rank measuring at once (no benchmark traffic beside it).
+  const double flop_rate = cluster ? cluster->device.gemm_flops_f32 * W : gemm_rate(world);
   std::vector<double> bandwidth;
   // At the footprint of a step that reads every expert (the most a step reads).
   for (int B : o.batches)
-    bandwidth.push_back(
-        read_bandwidth_at(world, decode_step_work(c, model.expert_bytes() / 4, B, mean_len, c.experts).bytes));
-  if (speak) {
+    bandwidth.push_back(cluster ? cluster->device.memory_bandwidth * W
+                                : read_bandwidth_at(world, decode_step_work(c, model.expert_bytes() / 4, B, mean_len,
+                                                                            c.experts).bytes));
+  if (speak && !cluster) {
     std::printf("floor = max(distinct bytes a step reads / read bandwidth at that footprint, FLOPs / %.1f GFLOP/s "
                 "(oneDNN sgemm 1024^3)); both measured here, by every rank at once on its share of the cores\n",
                 flop_rate / 1e9);
@@ -184,6 +217,15 @@ void bench_batches(Runtime& rt, InferenceEngine& engine, const BenchDecodeOption
   double last_tps = 0;
   for (size_t bi = 0; bi < o.batches.size(); ++bi) {
     const int B = o.batches[bi];
+    if (fits >= 0 && sequences_per_group(B) > fits) {  // as a GPU would: the batch does not fit beside the weights
+      if (speak)
+        std::printf("%6d refused: %d sequence(s) of %d positions per token group need %.2f GB + %.3f GB of weights "
+                    "per rank; the device holds %.0f GB (at most %lld sequences)\n",
+                    B, sequences_per_group(B), positions,
+                    static_cast<double>(sequences_per_group(B)) * positions * memory.kv_per_position / 1e9,
+                    memory.weights / 1e9, memory.capacity / 1e9, static_cast<long long>(fits));
+      continue;
+    }
     std::vector<KVCache> caches;
     std::vector<Chunk> chunks;
     caches.reserve(static_cast<size_t>(B));
@@ -198,7 +240,8 @@ void bench_batches(Runtime& rt, InferenceEngine& engine, const BenchDecodeOption
     model.reset_times();
     world.barrier().wait();
     const auto start = Clock::now();
-    double rebalancing = 0;  // seconds spent re-placing experts, left out of the step times
+    const double virtual_start = virtual_time::now();
+    double rebalancing = 0, rebalancing_virtual = 0;  // re-placing experts, left out of the step times
     for (int step = 0; step < o.steps; ++step) {
       int64_t row = -1;
       for (Chunk& ch : chunks) {
@@ -209,9 +252,11 @@ void bench_batches(Runtime& rt, InferenceEngine& engine, const BenchDecodeOption
       logits = engine.step(chunks);
       if (o.rebalance_every > 0 && (step + 1) % o.rebalance_every == 0) {
         const auto t0 = Clock::now();
+        const double v0 = virtual_time::now();
         const Model::Rebalance r = model.rebalance_experts(o.redundant_experts);
         const double took = max_over_ranks(world, seconds_since(t0));
         rebalancing += took;
+        rebalancing_virtual += virtual_time::now() - v0;
         if (speak)
           std::printf("# batch %d, after step %d: rebalanced %d layers onto %s in %.1f ms (not in the step times); "
                       "rank load max/mean estimated from the loads of the last %d steps %.3f -> %.3f (mean over "
@@ -224,7 +269,13 @@ void bench_batches(Runtime& rt, InferenceEngine& engine, const BenchDecodeOption
           if (load[e] > 0) chosen.data_as<double>()[(static_cast<size_t>(step) * c.layers + l) * c.experts + e] = 1;
       }
     }
-    const double seconds = max_over_ranks(world, seconds_since(start)) - rebalancing;
+    const double wall_elapsed = seconds_since(start);
+    world.barrier().wait();
+    const double virtual_seconds = max_over_ranks(world, virtual_time::now() - virtual_start - rebalancing_virtual);
+    const double seconds = max_over_ranks(world, wall_elapsed) - rebalancing;
+    // The slowest rank's virtual attention (tp: with its reduce-scatter and all-gather) and MoE layers.
+    const double attention_virtual = max_over_ranks(world, model.virtual_times().attention);
+    const double moe_virtual = max_over_ranks(world, model.virtual_times().moe);
     world.allreduce(chosen, chosen, {.op = ReduceOp::max}).wait();  // chosen by any rank's tokens
     double touched = 0;
     for (int64_t i = 0; i < chosen.numel(); ++i) touched += chosen.data_as<double>()[i];
@@ -233,6 +284,22 @@ void bench_batches(Runtime& rt, InferenceEngine& engine, const BenchDecodeOption
     const double step_ms = seconds / o.steps * 1e3;
     const double floor_ms = std::max(work.bytes / bandwidth[bi], work.flops / flop_rate) * 1e3;
     const ModelPhaseTimes& t = model.times();
+    if (cluster) {
+      const double tpot = virtual_seconds / o.steps, tps = B / tpot;
+      const double moe_ms = moe_virtual / o.steps * 1e3, attn_ms = attention_virtual / o.steps * 1e3;
+      const double mem = memory.weights + static_cast<double>(sequences_per_group(B)) * positions * memory.kv_per_position;
+      last_tps = tps;
+      if (!speak) continue;
+      std::printf("%6d %10.4f %12.1f %12.1f %9.4f %9.4f %9.4f %7.2f %10.3f %8.3f\n", B, tpot * 1e3, tps, tps / W,
+                  attn_ms, moe_ms, floor_ms, tpot * 1e3 / floor_ms, step_ms, mem / 1e9);
+      std::fflush(stdout);
+      points += std::to_string(B) + " " + std::to_string(tps / W) + "\n";
+      if (csv)
+        std::fprintf(csv, "%d,%d,%s,%.6f,%.2f,%.2f,%.6f,%.6f,%.6f,%.3f,%.4f,%.4f\n", B, W,
+                     attention_mode_name(engine.schedule().attention()), tpot * 1e3, tps, tps / W, attn_ms, moe_ms,
+                     floor_ms, tpot * 1e3 / floor_ms, step_ms, mem / 1e9);
+      continue;
+    }
     const double tps = B * o.steps / seconds;
     last_tps = tps;
     if (!speak) continue;
@@ -248,16 +315,22 @@ void bench_batches(Runtime& rt, InferenceEngine& engine, const BenchDecodeOption
                    step_ms / floor_ms, bandwidth[bi] / 1e9);
   }
   if (!speak) return;
-  std::printf("total tokens/s: %.1f (batch %d, all %d ranks)\n", last_tps, o.batches.back(), W);
+  if (cluster)
+    std::printf("total tokens/s (virtual, %s): %.1f (the last batch that fitted, all %d GPUs)\n", cluster->name.c_str(),
+                last_tps, W);
+  else
+    std::printf("total tokens/s: %.1f (batch %d, all %d ranks)\n", last_tps, o.batches.back(), W);
   if (csv) {
     std::fclose(csv);
     std::printf("# wrote %s\n", o.csv.c_str());
   }
   if (!o.png.empty())
     plot_png(o.png, "set logscale x 2\nset grid\nset key top left\nset xlabel 'batch (sequences)'\n"
-                    "set ylabel 'tokens/s (all ranks)'\nset title 'bench decode: " + c.name + ", attention " +
+                    "set ylabel '" + std::string(cluster ? "tokens/s per GPU (virtual)" : "tokens/s (all ranks)") +
+                        "'\nset title 'bench decode: " + c.name + ", attention " +
                         attention_mode_name(engine.schedule().attention()) + " on " + std::to_string(W) +
-                        " rank(s)'\n$d << EOD\n" + points + "EOD\nplot $d using 1:2 with linespoints pt 7 title 'tokens/s'\n");
+                        (cluster ? " emulated " + cluster->name : std::string(" rank(s)")) + "'\n$d << EOD\n" + points +
+                        "EOD\nplot $d using 1:2 with linespoints pt 7 title 'tokens/s'\n");
 }
 
 void bench_requests(Runtime& rt, InferenceEngine& engine, const BenchDecodeOptions& o) {
@@ -381,6 +454,9 @@ void BenchDecodeOptions::validate() const {
   if (redundant_experts > (1 << 20))
     SY_THROW(InvalidArgument, "bench decode: --redundant_experts = ", redundant_experts, ", expected at most 2^20");
   if (parallel.threads < 0) SY_THROW(InvalidArgument, "bench decode: --threads = ", parallel.threads, ", expected >= 0");
+  if (!emulate.empty() && requests > 0)
+    SY_THROW(InvalidArgument, "bench decode: --emulate times batch mode in virtual time; request mode (--requests = ",
+             requests, ") runs on this machine's wall clock (give one of them)");
   for (int B : batches)
     if (B < 1) SY_THROW(InvalidArgument, "bench decode: --batch ", B, ", expected >= 1");
 }
@@ -427,10 +503,18 @@ int run_generate(const GenerateOptions& o) {
 
 int run_bench_decode(const BenchDecodeOptions& o) {
   o.validate();
+  std::optional<ClusterModel> cluster;
+  if (!o.emulate.empty()) cluster = load_cluster_preset(o.emulate);
   run_ranks(runtime_options(o.parallel), [&](Runtime& rt) {
-    Model model(o.model, rt.world_ptr());
+    std::shared_ptr<Communicator> group = rt.world_ptr();
+    ModelOptions mo;
+    if (cluster) {
+      group = make_emulated_communicator(group, cluster->link);
+      mo.device = std::make_shared<const DeviceModel>(cluster->device);
+    }
+    Model model(o.model, group, mo);
     const ModelConfig& c = model.config();
-    InferenceEngine engine(model, LayerSchedule::make(o.parallel.schedule(), c.layers, rt.world().size()));
+    InferenceEngine engine(model, LayerSchedule::make(o.parallel.schedule(), c.layers, group->size()));
     if (o.requests > 0 && std::max(1, o.prompt_tokens * 3 / 2) + std::max(1, o.steps * 3 / 2) > c.max_seq)
       SY_THROW(InvalidArgument, "bench decode: request mode draws prompts of up to 3/2 x --prompt_tokens = ",
                std::max(1, o.prompt_tokens * 3 / 2), " and outputs of up to 3/2 x --steps = ", std::max(1, o.steps * 3 / 2),
@@ -449,7 +533,7 @@ int run_bench_decode(const BenchDecodeOptions& o) {
     if (o.requests > 0)
       bench_requests(rt, engine, o);
     else
-      bench_batches(rt, engine, o);
+      bench_batches(engine, o, cluster ? &*cluster : nullptr);
   });
   return 0;
 }

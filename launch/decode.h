@@ -55,6 +55,10 @@ struct BenchDecodeOptions {
   // E + redundant_experts physical experts from the loads since (EPLB + migrate).
   int redundant_experts = 0;
   int rebalance_every = 0;
+  // Batch mode on an emulated cluster (a preset of configs/clusters): every
+  // block charges the preset's device model, the collectives its links, and
+  // its HBM capacity refuses batches whose KV does not fit beside the weights.
+  std::string emulate;
   void validate() const;
 };
 int run_bench_decode(const BenchDecodeOptions& options);

@@ -91,7 +91,8 @@ void add_decode_parallelism(CLI::App* app, DecodeParallelism& p) {
   app->add_option("--backend", p.backend, "threads, mpi (default: from the launcher)");
   app->add_option("--ranks", p.ranks, "Thread-ranks (threads backend); experts are spread over them")->capture_default_str();
   app->add_option("--attention", p.attention,
-                  "replicated (every rank the same sequences) or dp (each rank its own sequences and KV); tp: part 2")
+                  "replicated (every rank the same sequences), dp (each rank its own sequences and KV) or tp (heads split "
+                  "over groups of --tp ranks, data-parallel across groups)")
       ->capture_default_str();
   app->add_option("--tp", p.tp, "Ranks per tensor-parallel attention group (with --attention tp)")->capture_default_str();
   app->add_option("--threads", p.threads, "GEMM threads per rank (0: this node's cores / its ranks)")->capture_default_str();
@@ -238,6 +239,9 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   bench_decode->add_option("--seed", decode.seed, "Request mode: seed of the request lengths and arrivals")
       ->capture_default_str();
+  bench_decode->add_option("--emulate", decode.emulate,
+                           "Batch mode on an emulated cluster preset (h100-nvlink-ib, ...): virtual TPOT and tokens/s "
+                           "per GPU beside wall time; batches beyond its HBM are refused");
   bench_decode->add_option("--png", decode.png, "Also plot the CSV (gnuplot)");
   bench_decode->add_option("--csv", decode.csv, "Also write CSV (batch mode: per batch size; request mode: per request)");
 

@@ -16,6 +16,7 @@
 #include "model/kv_cache.h"
 #include "model/model_config.h"
 #include "moe/moe_layer.h"
+#include "parallel/cost_model.h"
 
 namespace switchyard {
 
@@ -35,24 +36,46 @@ Tensor matmul_rowwise(const Tensor& x, const Tensor& w);
 class RotaryTable {
  public:
   explicit RotaryTable(const ModelConfig& config);
-  // Rotates every head of one row u [heads * head_dim] to position pos.
-  void apply(float* u, int pos) const;
+  // Rotates `heads` heads of one row u [heads * head_dim] to position pos
+  // (every head turns alike, so a tensor-parallel rank's share rotates as
+  // the same heads of the whole row would).
+  void apply(float* u, int pos, int heads) const;
 
  private:
-  int heads_, head_dim_, max_seq_;
+  int head_dim_, max_seq_;
   std::vector<float> cos_, sin_;  // [max_seq, head_dim / 2]
 };
 
 struct AttentionWeights {
-  Tensor norm, wq, wk, wv, wo;  // [d], then [d, d] each
+  Tensor norm, wq, wk, wv, wo;  // [d], then [d, width] (q, k, v) and [width, d] (o); width = heads * head_dim
 };
+
+// What one step of an attention block costs an emulated device: GEMMs at
+// the roofline of the device model (parallel/cost_model.h), the chunk's
+// keys and values read once per chunk (a flash-decoding kernel streams a
+// sequence's cache once for all of its query rows), FLOPs per query row
+// over its positions. Charged to the calling thread's virtual time.
+struct AttentionCost {
+  double seconds = 0, kv_bytes = 0, flops = 0;
+};
+AttentionCost attention_cost(const DeviceModel& device, int64_t d_model, int64_t width,
+                             const std::vector<Chunk>& chunks, int layer);
 
 class AttentionBlock {
  public:
   AttentionBlock(const ModelConfig& config, int layer, AttentionWeights weights,
                  std::shared_ptr<const RotaryTable> rope);
+  // Heads [first, first + count) alone (a tensor-parallel rank's share): the
+  // columns of wq, wk, wv and the rows of wo that belong to them. Its KV
+  // cache layers are count * head_dim wide; delta() is then this share's
+  // partial sum of the output projection.
+  std::unique_ptr<AttentionBlock> head_slice(int first, int count) const;
   int layer() const { return layer_; }
+  int heads() const { return heads_; }
+  int width() const { return heads_ * config_.head_dim(); }  // KV floats per position
   const AttentionWeights& weights() const { return w_; }
+  // Emulation: each call charges its modelled cost on this device (nullptr: none).
+  void set_device_model(std::shared_ptr<const DeviceModel> device) { device_ = std::move(device); }
   // x += attention(rmsnorm(x)): the output projection accumulates onto x (the
   // sequential model's arithmetic). Writes the chunks' keys and values at
   // each cache's length of this layer (LayerKV::advance makes them count).
@@ -64,9 +87,10 @@ class AttentionBlock {
  private:
   Tensor mix(const Tensor& x, const std::vector<Chunk>& chunks) const;  // heads' outputs before wo
   ModelConfig config_;
-  int layer_;
+  int layer_, heads_;
   AttentionWeights w_;
   std::shared_ptr<const RotaryTable> rope_;
+  std::shared_ptr<const DeviceModel> device_;
 };
 
 class FfnBlock {

@@ -1,5 +1,10 @@
 #include "model/engine.h"
 
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+
+#include "comm/virtual_time.h"
 #include "core/error.h"
 
 namespace switchyard {
@@ -12,6 +17,40 @@ InferenceEngine::InferenceEngine(Model& model, LayerSchedule schedule)
   if (schedule_.layer_count() != model.config().layers)
     SY_THROW(InvalidArgument, "inference engine: the schedule has ", schedule_.layer_count(), " layers, model '",
              model.config().name, "' has ", model.config().layers);
+  if (schedule_.attention() == AttentionMode::tp) {
+    const int tp = schedule_.tp(), heads = model.config().heads, t = schedule_.tp_rank(rank_);
+    if (heads % tp != 0)
+      SY_THROW(InvalidArgument, "inference engine: tensor-parallel groups of ", tp, " ranks cannot split model '",
+               model.config().name, "''s ", heads, " heads evenly (expected a tp dividing the head count)");
+    tp_group_ = world().split(rank_ / tp, rank_);
+    for (int l = 0; l < model.config().layers; ++l)
+      tp_attention_.push_back(model.attention_block(l).head_slice(t * heads / tp, heads / tp));
+  }
+}
+
+KVCache InferenceEngine::new_cache(int capacity) const {
+  const int width = tp_attention_.empty() ? 0 : tp_attention_.front()->width();
+  return KVCache(model_.config(), capacity > 0 ? capacity : model_.config().max_seq, schedule_.owned_layers(rank_),
+                 width);
+}
+
+int64_t DecodeMemory::max_sequences(int positions) const {
+  if (capacity <= 0) return -1;
+  if (weights >= capacity) return 0;
+  return static_cast<int64_t>((capacity - weights) / (kv_per_position * std::max(positions, 1)));
+}
+
+DecodeMemory InferenceEngine::memory() const {
+  DecodeMemory m;
+  m.weights = model_.rank_weight_bytes(1.0 / schedule_.tp());
+  m.kv_per_position = static_cast<double>(kv_floats_per_position()) * sizeof(float);
+  if (model_.device_model()) m.capacity = model_.device_model()->memory_capacity;
+  return m;
+}
+
+int64_t InferenceEngine::kv_floats_per_position() const {
+  const int64_t width = tp_attention_.empty() ? model_.config().d_model : tp_attention_.front()->width();
+  return 2 * width * static_cast<int64_t>(schedule_.owned_layers(rank_).size());
 }
 
 void InferenceEngine::verify_replicas(const std::vector<Chunk>& chunks) {
@@ -22,14 +61,61 @@ void InferenceEngine::verify_replicas(const std::vector<Chunk>& chunks) {
     mix(c.cache ? static_cast<uint64_t>(c.cache->length()) : ~0ull);
     for (int t : c.tokens) mix(static_cast<uint64_t>(t));
   }
-  if (!same_on_every_rank(world(), h))
-    SY_THROW(InvalidArgument, "inference engine: replicated attention, but the ranks' chunks differ this step (every "
-             "rank must pass the same sequences and tokens)");
+  if (!same_on_every_rank(tp_group_ ? *tp_group_ : world(), h))
+    SY_THROW(InvalidArgument, "inference engine: ", tp_group_ ? "tensor-parallel" : "replicated", " attention, but the "
+             "ranks' chunks differ this step (every rank ", tp_group_ ? "of a tensor-parallel group " : "",
+             "must pass the same sequences and tokens)");
+}
+
+// Megatron's sequence-parallel form of tensor-parallel attention: every rank
+// of a group computes its heads' partial output projection for all of the
+// group's rows; one reduce-scatter sums them and leaves each rank a slice of
+// the rows, the MoE layer runs on that slice (the group's rows are computed
+// once, not tp times), and an all-gather returns the whole rows for the next
+// layer's heads. Rows are split in blocks of ceil(rows / tp), the last ranks'
+// blocks padded (or empty); each rank still joins every MoE collective.
+Tensor InferenceEngine::step_tensor_parallel(const std::vector<Chunk>& chunks) {
+  using Clock = std::chrono::steady_clock;
+  auto since = [](Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); };
+  const int tp = schedule_.tp(), t = schedule_.tp_rank(rank_);
+  const int64_t d = model_.config().d_model;
+  Tensor x = model_.embed(chunks);
+  const int64_t rows = x.shape()[0], per = (rows + tp - 1) / tp;
+  const int64_t lo = std::min(rows, t * per), hi = std::min(rows, lo + per);
+  const size_t row_bytes = static_cast<size_t>(d) * sizeof(float);
+  Tensor full = Tensor::zeros({per * tp, d}, DType::f32), block = Tensor::zeros({per, d}, DType::f32);
+  Tensor slice = Tensor::empty({hi - lo, d}, DType::f32);
+  for (int l = 0; l < model_.config().layers; ++l) {
+    auto start = Clock::now();
+    double virtual_start = virtual_time::now();
+    const Tensor partial = tp_attention_[static_cast<size_t>(l)]->delta(x, chunks);
+    if (rows > 0) {
+      std::memcpy(full.data(), partial.data(), static_cast<size_t>(rows) * row_bytes);  // padding rows stay 0
+      tp_group_->reduce_scatter(full, block).wait();
+    }
+    const float* sum = block.data_as<float>();
+    const float* residual = x.data_as<float>() + lo * d;
+    float* s = slice.data_as<float>();
+    for (int64_t i = 0; i < (hi - lo) * d; ++i) s[i] = residual[i] + sum[i];
+    model_.add_time(&ModelPhaseTimes::attention, since(start), virtual_time::now() - virtual_start);
+    model_.ffn(l, slice);  // every rank of the world, with its slice (possibly no rows)
+    start = Clock::now();
+    virtual_start = virtual_time::now();
+    if (rows > 0) {
+      std::memcpy(block.data(), slice.data(), static_cast<size_t>(hi - lo) * row_bytes);
+      tp_group_->allgather(block, full).wait();
+      std::memcpy(x.data(), full.data(), static_cast<size_t>(rows) * row_bytes);
+    }
+    model_.add_time(&ModelPhaseTimes::attention, since(start), virtual_time::now() - virtual_start);
+  }
+  Tensor logits = model_.head(x);
+  model_.commit(chunks);
+  return logits;
 }
 
 Tensor InferenceEngine::step(const std::vector<Chunk>& chunks) {
-  if (check_replicas_ && schedule_.attention() == AttentionMode::replicated && schedule_.world() > 1)
-    verify_replicas(chunks);
+  if (check_replicas_ && schedule_.attention() != AttentionMode::dp && schedule_.world() > 1) verify_replicas(chunks);
+  if (tp_group_) return step_tensor_parallel(chunks);
   // replicated and dp run every layer's attention on this rank's own rows and
   // the FFN's experts over every rank: the model's own layer order. Schedules
   // that place layers elsewhere (tp, parallel layer groups, AFD) walk the

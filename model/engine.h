@@ -13,9 +13,21 @@
 
 namespace switchyard {
 
+// Device memory one rank of a decode needs: its weights and each sequence's
+// KV. Under emulation the preset's HBM capacity bounds it, as on a real GPU.
+struct DecodeMemory {
+  double weights = 0;          // bytes of this rank's weights
+  double kv_per_position = 0;  // bytes of KV one sequence position takes on this rank
+  double capacity = 0;         // bytes of device memory per rank; 0: unbounded
+  // Sequences of `positions` positions each that fit beside the weights
+  // (0 when not even the weights fit); -1: unbounded.
+  int64_t max_sequences(int positions) const;
+};
+
 class InferenceEngine {
  public:
-  // The schedule's world must be the model's expert group.
+  // The schedule's world must be the model's expert group. Collective over
+  // it (tp: splits it into the tensor-parallel groups).
   InferenceEngine(Model& model, LayerSchedule schedule);
   Model& model() { return model_; }
   const LayerSchedule& schedule() const { return schedule_; }
@@ -23,21 +35,31 @@ class InferenceEngine {
   int rank() const { return rank_; }
   int token_group() const { return schedule_.token_group_of(rank_); }
   bool speaks_for_group() const { return schedule_.group_leader(token_group()) == rank_; }
-  // A sequence's cache over the layers this rank owns.
-  KVCache new_cache(int capacity) const { return model_.new_cache(capacity, schedule_.owned_layers(rank_)); }
+  // A sequence's cache over the layers this rank owns (tp: its heads' share).
+  KVCache new_cache(int capacity) const;
+  // Floats of KV one position of one sequence takes on this rank, over its layers.
+  int64_t kv_floats_per_position() const;
+  // This rank's weights, KV per position and device capacity (the model's
+  // device model; 0: unbounded).
+  DecodeMemory memory() const;
+  // The ranks of this rank's tensor-parallel group (tp; else nullptr).
+  const std::shared_ptr<Communicator>& tp_group() const { return tp_group_; }
   // One step: logits [rows, vocab] of this rank's chunks (sequence after
   // sequence); the caches take the new positions. Collective over the world.
   Tensor step(const std::vector<Chunk>& chunks);
-  // Debug: under replicated attention, all-reduce a hash of every step's
-  // chunks and fail when the ranks' inputs differ (they would silently
-  // diverge otherwise).
+  // Debug: under replicated attention (tp: inside each tensor-parallel
+  // group), all-reduce a hash of every step's chunks and fail when the
+  // ranks' inputs differ (they would silently diverge otherwise).
   void set_check_replicas(bool on) { check_replicas_ = on; }
 
  private:
   void verify_replicas(const std::vector<Chunk>& chunks);
+  Tensor step_tensor_parallel(const std::vector<Chunk>& chunks);
   Model& model_;
   LayerSchedule schedule_;
   int rank_;
+  std::shared_ptr<Communicator> tp_group_;
+  std::vector<std::unique_ptr<AttentionBlock>> tp_attention_;  // this rank's heads of every layer
   bool check_replicas_ = false;
 };
 

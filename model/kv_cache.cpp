@@ -38,8 +38,8 @@ KVCache::KVCache(const ModelConfig& config, int capacity) : KVCache(config, capa
   return all;
 }()) {}
 
-KVCache::KVCache(const ModelConfig& config, int capacity, const std::vector<int>& owned)
-    : layers_(config.layers), width_(config.d_model), capacity_(capacity), owned_(owned),
+KVCache::KVCache(const ModelConfig& config, int capacity, const std::vector<int>& owned, int width)
+    : layers_(config.layers), width_(width > 0 ? width : config.d_model), capacity_(capacity), owned_(owned),
       index_(static_cast<size_t>(config.layers), -1) {
   std::sort(owned_.begin(), owned_.end());
   for (int l : owned_) {
@@ -74,7 +74,9 @@ void KVCache::advance(int n) {
   for (LayerKV& kv : kv_) kv.advance(n);
 }
 
-bool KVCache::fits(const ModelConfig& c) const { return layers_ == c.layers && width_ == c.d_model; }
+bool KVCache::fits(const ModelConfig& c, int width) const {
+  return layers_ == c.layers && width_ == (width > 0 ? width : c.d_model);
+}
 
 double KVCache::bytes(int positions) const {
   return 2.0 * static_cast<double>(kv_.size()) * positions * width_ * sizeof(float);

@@ -41,8 +41,10 @@ class KVCache {
  public:
   // Every layer of the model.
   KVCache(const ModelConfig& config, int capacity);
-  // Only `owned` layers (others are refused by layer()).
-  KVCache(const ModelConfig& config, int capacity, const std::vector<int>& owned);
+  // Only `owned` layers (others are refused by layer()), `width` floats per
+  // position and layer (0: d_model; a tensor-parallel rank keeps only its
+  // heads' keys and values).
+  KVCache(const ModelConfig& config, int capacity, const std::vector<int>& owned, int width = 0);
 
   // Positions every owned layer holds (the least of their lengths).
   int length() const;
@@ -57,8 +59,9 @@ class KVCache {
   void crop(int length);
   void advance(int n);
   KVCache copy() const { return *this; }
-  // Same layer count and width as `config`.
-  bool fits(const ModelConfig& config) const;
+  // Same layer count as `config` and `width` floats per position (0: d_model).
+  bool fits(const ModelConfig& config, int width = 0) const;
+  int width() const { return width_; }
   // Bytes this cache holds for `positions` positions over its owned layers.
   double bytes(int positions) const;
 

@@ -48,6 +48,18 @@ LayerSchedule LayerSchedule::data_parallel(int layers, int world) {
   return s;
 }
 
+LayerSchedule LayerSchedule::tensor_parallel(int layers, int world, int tp) {
+  if (tp < 1 || world % tp != 0)
+    SY_THROW(InvalidArgument, "layer schedule: tensor-parallel groups of ", tp, " ranks do not divide the world of ",
+             world, " ranks");
+  LayerSchedule s = replicated(layers, world);
+  s.mode_ = AttentionMode::tp;
+  s.groups_ = world / tp;
+  s.tp_ = tp;
+  for (LayerAssignment& a : s.layers_) a.attention = AttentionMode::tp;
+  return s;
+}
+
 LayerSchedule LayerSchedule::make(const ScheduleOptions& o, int layers, int world) {
   if (o.tp < 1) SY_THROW(ConfigError, o.tp_field, " = ", o.tp, ", expected >= 1");
   if (o.attention == "replicated" || o.attention == "dp") {
@@ -56,21 +68,29 @@ LayerSchedule LayerSchedule::make(const ScheduleOptions& o, int layers, int worl
                "; expected 1 (tensor-parallel groups need ", o.attention_field, " = tp)");
     return o.attention == "dp" ? data_parallel(layers, world) : replicated(layers, world);
   }
-  if (o.attention == "tp")
-    SY_THROW(ConfigError, o.attention_field, " = tp: tensor-parallel attention is not built yet (it arrives with the "
-             "parallel inference engine, part 2); expected replicated or dp");
+  if (o.attention == "tp") {
+    if (world % o.tp != 0)
+      SY_THROW(ConfigError, o.tp_field, " = ", o.tp, " does not divide the ", world, " ranks; expected a divisor "
+               "(tensor-parallel groups of ", o.tp_field, " ranks, data-parallel across them)");
+    return tensor_parallel(layers, world, o.tp);
+  }
   SY_THROW(ConfigError, o.attention_field, " = '", o.attention, "', expected replicated, dp or tp");
 }
 
 int LayerSchedule::token_group_of(int rank) const {
   if (rank < 0 || rank >= world_) SY_THROW(InvalidArgument, "layer schedule: rank ", rank, ", expected 0..", world_ - 1);
-  return mode_ == AttentionMode::dp ? rank : 0;
+  switch (mode_) {
+    case AttentionMode::replicated: return 0;
+    case AttentionMode::dp: return rank;
+    case AttentionMode::tp: return rank / tp_;
+  }
+  return 0;
 }
 
 int LayerSchedule::group_leader(int group) const {
   if (group < 0 || group >= groups_)
     SY_THROW(InvalidArgument, "layer schedule: token group ", group, ", expected 0..", groups_ - 1);
-  return mode_ == AttentionMode::dp ? group : 0;
+  return mode_ == AttentionMode::replicated ? 0 : group * tp_;  // dp: tp_ = 1
 }
 
 std::vector<int> LayerSchedule::owned_layers(int rank) const {
@@ -86,6 +106,9 @@ std::string LayerSchedule::describe() const {
   out << layer_count() << " layers on " << world_ << " rank(s): attention " << attention_mode_name(mode_);
   if (mode_ == AttentionMode::dp) out << " (each rank its own sequences and KV)";
   if (mode_ == AttentionMode::replicated && world_ > 1) out << " (every rank the same sequences)";
+  if (mode_ == AttentionMode::tp)
+    out << " (" << groups_ << " group(s) of " << tp_ << " rank(s), heads split inside a group, each rank the MoE "
+        << "layers on its slice of the group's rows)";
   out << ", experts over all " << world_ << " rank(s), " << groups_ << " token group(s)";
   return out.str();
 }

@@ -8,8 +8,12 @@
 //   dp          DeepSeek/SGLang "DP attention": each rank holds its own
 //               sequences and their KV (W token groups); the MoE layers take
 //               every rank's tokens through one all-to-all
-//   tp          heads split over a tensor-parallel group (parallel inference
-//               engine, part 2: refused until then, with that reason)
+//   tp          Megatron tensor-parallel attention: W / tp groups of tp
+//               consecutive ranks; a group shares its sequences, each of its
+//               ranks runs heads [t h / tp, (t + 1) h / tp) and keeps their KV;
+//               the output projection's partial sums are reduce-scattered
+//               over the token rows, each rank runs the MoE layer on its row
+//               slice, and an all-gather gives the group its rows back
 // EasySpec's parallel layer groups and attention-FFN disaggregation's role
 // split are further instances of the same table.
 #pragma once
@@ -44,13 +48,17 @@ class LayerSchedule {
   static LayerSchedule make(const ScheduleOptions& options, int layers, int world);
   static LayerSchedule replicated(int layers, int world);
   static LayerSchedule data_parallel(int layers, int world);
+  static LayerSchedule tensor_parallel(int layers, int world, int tp);
 
   AttentionMode attention() const { return mode_; }
   int world() const { return world_; }
+  int tp() const { return tp_; }  // ranks per token group sharing its heads (1 unless tp)
+  int tp_rank(int rank) const { return mode_ == AttentionMode::tp ? rank % tp_ : 0; }
   int layer_count() const { return static_cast<int>(layers_.size()); }
   const LayerAssignment& layer(int l) const { return layers_.at(static_cast<size_t>(l)); }
   // Token groups: sets of ranks that hold the same sequences (replicated: one
-  // of every rank; dp: one per rank). Requests are assigned to groups.
+  // of every rank; dp: one per rank; tp: one per tensor-parallel group).
+  // Requests are assigned to groups.
   int token_groups() const { return groups_; }
   int token_group_of(int rank) const;
   int group_leader(int group) const;  // the lowest rank of a token group: it speaks for the group
@@ -60,7 +68,7 @@ class LayerSchedule {
 
  private:
   AttentionMode mode_ = AttentionMode::replicated;
-  int world_ = 1, groups_ = 1;
+  int world_ = 1, groups_ = 1, tp_ = 1;
   std::vector<LayerAssignment> layers_;
 };
 

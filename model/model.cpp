@@ -10,6 +10,7 @@
 #include "core/dtype.h"
 #include "core/error.h"
 #include "core/safetensors.h"
+#include "comm/virtual_time.h"
 
 namespace switchyard {
 namespace {
@@ -38,13 +39,13 @@ Tensor load_f32(const SafetensorsFile& f, const std::string& name, const Shape& 
 
 }  // namespace
 
-Model::Model(const std::string& dir, std::shared_ptr<Communicator> group)
-    : config_(ModelConfig::load(dir + "/config.json")), group_(std::move(group)) {
+Model::Model(const std::string& dir, std::shared_ptr<Communicator> group, ModelOptions options)
+    : config_(ModelConfig::load(dir + "/config.json")), group_(std::move(group)), options_(std::move(options)) {
   const ModelConfig& c = config_;
   const int W = group_->size();
-  if (c.experts % W)
+  if (c.experts % W != 0 && W % c.experts != 0)
     SY_THROW(InvalidArgument, "model '", dir, "': ", c.experts, " experts cannot be spread evenly over ", W,
-             " ranks (expected a rank count dividing ffn.experts)");
+             " ranks (expected a rank count dividing ffn.experts, or a multiple of it)");
   const SafetensorsFile f = SafetensorsFile::open(dir + "/model.safetensors");
   const int64_t d = c.d_model, V = c.vocab_size, E = c.experts, H = c.hidden;
   const auto act = *kernels::cpu::parse_activation(c.activation);
@@ -62,6 +63,7 @@ Model::Model(const std::string& dir, std::shared_ptr<Communicator> group)
     aw.wv = load_f32(f, p + "attn.wv", {d, d});
     aw.wo = load_f32(f, p + "attn.wo", {d, d});
     attention_.push_back(std::make_unique<AttentionBlock>(c, i, std::move(aw), rope));
+    attention_.back()->set_device_model(options_.device);
     Tensor ffn_norm = load_f32(f, p + "ffn_norm.weight", {d});
     MoEConfig mc;
     mc.model_dim = d;
@@ -74,6 +76,11 @@ Model::Model(const std::string& dir, std::shared_ptr<Communicator> group)
     mc.router.capacity_factor = 0.0;  // dropless, as trained
     mc.plan.exchange = ExchangeMode::dropless;
     mc.batch_invariant = true;
+    mc.device_model = options_.device;
+    if (W > c.experts) {  // expert data parallelism: W / E expert groups, each holding every expert once
+      mc.placement = ExpertPlacement::expert_data_parallel(c.experts, W, c.experts);
+      mc.replica_domain = c.experts;
+    }
     auto moe = std::make_unique<MoELayer>(mc, group_);
     const Tensor gate = load_f32(f, p + "ffn.gate.weight", {d, E});
     std::memcpy(moe->gate_weight().data(), gate.data(), gate.nbytes());
@@ -97,6 +104,7 @@ Model::Model(const std::string& dir, std::shared_ptr<Communicator> group)
 
 Tensor Model::embed(const std::vector<Chunk>& chunks) {
   const auto start = Clock::now();
+  const double virtual_start = virtual_time::now();
   const int64_t d = config_.d_model;
   int64_t rows = 0;
   for (const Chunk& c : chunks) rows += static_cast<int64_t>(c.tokens.size());
@@ -108,26 +116,35 @@ Tensor Model::embed(const std::vector<Chunk>& chunks) {
         SY_THROW(InvalidArgument, "model: token ", t, ", expected 0..", config_.vocab_size - 1);
       std::memcpy(x.data_as<float>() + r++ * d, embed_.data_as<float>() + t * d, static_cast<size_t>(d) * sizeof(float));
     }
-  times_.embed += seconds_since(start);
+  if (options_.device) virtual_time::charge(options_.device->memory_seconds(2.0 * static_cast<double>(x.nbytes())));
+  add_time(&ModelPhaseTimes::embed, seconds_since(start), virtual_time::now() - virtual_start);
   return x;
 }
 
 void Model::attention(int layer, Tensor& x, const std::vector<Chunk>& chunks) {
   const auto start = Clock::now();
+  const double virtual_start = virtual_time::now();
   attention_.at(static_cast<size_t>(layer))->apply(x, chunks);
-  times_.attention += seconds_since(start);
+  add_time(&ModelPhaseTimes::attention, seconds_since(start), virtual_time::now() - virtual_start);
 }
 
 void Model::ffn(int layer, Tensor& x) {
   const auto start = Clock::now();
+  const double virtual_start = virtual_time::now();
   ffn_.at(static_cast<size_t>(layer))->apply(x);
-  times_.moe += seconds_since(start);
+  add_time(&ModelPhaseTimes::moe, seconds_since(start), virtual_time::now() - virtual_start);
 }
 
 Tensor Model::head(const Tensor& x) {
   const auto start = Clock::now();
+  const double virtual_start = virtual_time::now();
+  if (options_.device) {
+    const double rows = static_cast<double>(x.shape()[0]), d = config_.d_model;
+    virtual_time::charge(options_.device->memory_seconds(2 * rows * d * sizeof(float)) +
+                         options_.device->gemm_seconds(rows, config_.vocab_size, d, false));
+  }
   Tensor logits = matmul_rowwise(rmsnorm(x, norm_, config_.norm_eps), lm_head_);
-  times_.head += seconds_since(start);
+  add_time(&ModelPhaseTimes::head, seconds_since(start), virtual_time::now() - virtual_start);
   return logits;
 }
 
@@ -156,6 +173,13 @@ double Model::weight_bytes() const {
   const double d = config_.d_model, V = config_.vocab_size;
   const double per_layer = 4 * d * d + 2 * d + d * config_.experts + config_.experts * expert_bytes() / sizeof(float);
   return (2 * V * d + d + config_.layers * per_layer) * sizeof(float);
+}
+
+double Model::rank_weight_bytes(double attention_share) const {
+  const double d = config_.d_model, V = config_.vocab_size, E = config_.experts;
+  const int slots = ffn_.empty() ? 0 : ffn_.front()->moe().layout().slots(group_->rank());
+  const double per_layer = (4 * d * d * attention_share + 2 * d + d * E) * sizeof(float) + slots * expert_bytes();
+  return (2 * V * d + d) * sizeof(float) + config_.layers * per_layer;
 }
 
 Model::Rebalance Model::rebalance_experts(int redundant) {

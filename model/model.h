@@ -30,12 +30,24 @@ struct ModelPhaseTimes {
   double embed = 0, attention = 0, moe = 0, head = 0;
 };
 
+struct ModelOptions {
+  // Emulation (`group` an emulated communicator): every block charges its
+  // modelled cost on this device to the calling thread's virtual time
+  // (attention: model/blocks.h; experts: the MoE layer's charges; embedding
+  // and head: their bytes and GEMMs), so a step's virtual time is a GPU's.
+  std::shared_ptr<const DeviceModel> device;
+};
+
 class Model {
  public:
   // DIR/config.json and DIR/model.safetensors (bf16 or f32). Errors name the
-  // file, the tensor and the expected shape. Collective over `group` (its
-  // size must divide the expert count).
-  Model(const std::string& dir, std::shared_ptr<Communicator> group);
+  // file, the tensor and the expected shape. Collective over `group`: its
+  // size divides the expert count (E / W experts per rank), or the expert
+  // count divides it (expert data parallelism: W / E replicas of every
+  // expert, one expert per rank, a token served inside its own expert group
+  // of E consecutive ranks).
+  Model(const std::string& dir, std::shared_ptr<Communicator> group, ModelOptions options = {});
+  const std::shared_ptr<const DeviceModel>& device_model() const { return options_.device; }
   const ModelConfig& config() const { return config_; }
   KVCache new_cache(int capacity = 0) const { return KVCache(config_, capacity > 0 ? capacity : config_.max_seq); }
   KVCache new_cache(int capacity, const std::vector<int>& layers) const {
@@ -61,7 +73,9 @@ class Model {
   Tensor forward(const std::vector<Chunk>& chunks);
 
   const ModelPhaseTimes& times() const { return times_; }
-  void reset_times() { times_ = {}; }
+  // The same phases in virtual (emulated) seconds; zeros without emulation.
+  const ModelPhaseTimes& virtual_times() const { return virtual_times_; }
+  void reset_times() { times_ = virtual_times_ = {}; }
   // Redundant experts (EPLB, moe/eplb.h): every MoE layer re-places its
   // experts on E + redundant physical slots from the loads its ranks routed
   // since the last call, then migrates the weights. Collective over the
@@ -78,14 +92,24 @@ class Model {
   // Bytes of weights (all of them: attention, experts of every rank, embedding, head).
   double weight_bytes() const;
   double expert_bytes() const;  // one expert of one layer
+  // Bytes of weights one rank holds when its attention keeps `attention_share`
+  // of every layer's projections (1, or 1 / tp): its experts' slots, the
+  // gates, norms, embedding and head.
+  double rank_weight_bytes(double attention_share = 1.0) const;
+  // Adds a phase's wall and virtual seconds (blocks a schedule walks itself).
+  void add_time(double ModelPhaseTimes::*phase, double wall, double virtual_seconds) {
+    times_.*phase += wall;
+    virtual_times_.*phase += virtual_seconds;
+  }
 
  private:
   ModelConfig config_;
   std::shared_ptr<Communicator> group_;
+  ModelOptions options_;
   Tensor embed_, norm_, lm_head_;
   std::vector<std::unique_ptr<AttentionBlock>> attention_;
   std::vector<std::unique_ptr<MoEFfnBlock>> ffn_;
-  ModelPhaseTimes times_;
+  ModelPhaseTimes times_, virtual_times_;
 };
 
 }  // namespace switchyard

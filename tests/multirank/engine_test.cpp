@@ -4,7 +4,9 @@
 // ranks empty, continuous batching, chunked prefill and the KV budget.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <numeric>
 
@@ -141,6 +143,99 @@ TEST(Engine, RebalancingRedundantExpertsBetweenStepsKeepsEveryLogitBit) {
     EXPECT_NE(last.placement.find(std::to_string(W) + " extra replicas"), std::string::npos) << last.placement;
     EXPECT_GE(last.after, 1.0 - 1e-9);  // a mean over layers of max/mean ratios
   }, Milliseconds(20000));
+}
+
+// Tensor-parallel attention against the model on one rank. The heads'
+// partial output projections are summed by a reduce-scatter, not inside one
+// dot product as on one rank, so logits are not bit-identical: they agree
+// within 1e-5 of the row's largest magnitude, and the greedy token agrees
+// wherever the reference's top-2 margin exceeds 1e-3. The reference's tokens
+// are fed back to both (teacher forcing), so one near-tie cannot send the
+// two runs down different continuations.
+struct Close {
+  double worst = 0;  // largest |tp - ref| / max(1, max |ref|) seen
+  int compared = 0, skipped = 0;
+};
+template <typename Step, typename NewCache>
+Close tp_against_reference(const std::vector<std::vector<int>>& prompts, const std::vector<int>& mine,
+                           const std::map<int, Trace>& want, int steps, int V, Step&& step, NewCache&& new_cache,
+                           const std::string& what) {
+  std::vector<KVCache> caches;
+  caches.reserve(mine.size());
+  std::vector<Chunk> chunks;
+  for (int s : mine) {
+    caches.push_back(new_cache());
+    chunks.push_back({&caches.back(), prompts[static_cast<size_t>(s)]});
+  }
+  Close close;
+  for (int i = 0; i <= steps; ++i) {
+    const Tensor logits = step(chunks);
+    int64_t row = -1;
+    for (size_t c = 0; c < chunks.size(); ++c) {
+      row += static_cast<int64_t>(chunks[c].tokens.size());
+      const float* got = logits.data_as<float>() + row * V;
+      const std::vector<float>& ref = want.at(mine[c]).rows[static_cast<size_t>(i)];
+      double scale = 1, diff = 0;
+      for (int v = 0; v < V; ++v) scale = std::max(scale, std::abs(static_cast<double>(ref[static_cast<size_t>(v)])));
+      for (int v = 0; v < V; ++v) diff = std::max(diff, std::abs(static_cast<double>(got[v]) - ref[static_cast<size_t>(v)]));
+      close.worst = std::max(close.worst, diff / scale);
+      EXPECT_LE(diff / scale, 1e-5) << what << ", sequence " << mine[c] << ", step " << i;
+      std::vector<float> sorted(ref);
+      std::partial_sort(sorted.begin(), sorted.begin() + 2, sorted.end(), std::greater<float>());
+      const int want_token = want.at(mine[c]).tokens[static_cast<size_t>(i)];
+      if (sorted[0] - sorted[1] > 1e-3) {
+        EXPECT_EQ(argmax(got, V), want_token) << what << ", sequence " << mine[c] << ", step " << i;
+        ++close.compared;
+      } else {
+        ++close.skipped;
+      }
+      chunks[c].tokens = {want_token};
+    }
+  }
+  return close;
+}
+
+TEST(Engine, TensorParallelAttentionEqualsOneRankWithinTolerance) {
+  for_each_rank([](Communicator& world, uint64_t seed) {
+    const int W = world.size(), R = world.rank();
+    // Five sequences: rows split unevenly over a group's ranks, a decode step
+    // of one sequence leaves a rank without rows.
+    const auto prompts = random_prompts(seed + 3, 5, 1, 21);
+    Model ref(kDraft, one_rank());
+    const auto want = reference_traces(ref, prompts, 5);
+    Model model(kDraft, world.shared_from_this());
+    const int heads = model.config().heads;
+    for (int tp = 1; tp <= W; ++tp) {
+      if (W % tp != 0 || heads % tp != 0) continue;
+      InferenceEngine engine(model, LayerSchedule::make({.attention = "tp", .tp = tp}, model.config().layers, W));
+      engine.set_check_replicas(true);
+      ASSERT_EQ(engine.tp_group()->size(), tp);
+      EXPECT_EQ(engine.new_cache(8).width(), model.config().d_model / tp);
+      std::vector<int> mine;  // group g of W / tp holds sequences g, g + W / tp, ...
+      for (int s = 0; s < 5; ++s)
+        if (s % engine.schedule().token_groups() == engine.token_group()) mine.push_back(s);
+      const std::string what = "tp " + std::to_string(tp) + " on " + std::to_string(W) + " ranks, rank " + std::to_string(R);
+      const Close c = tp_against_reference(
+          prompts, mine, want, 5, model.config().vocab_size, [&](const std::vector<Chunk>& ch) { return engine.step(ch); },
+          [&] { return engine.new_cache(64); }, what);
+      EXPECT_GT(c.compared, 0) << what;
+      if (R == 0)
+        std::printf("[tp %d on %d ranks] worst relative logit difference %.2e; %d tokens compared, %d near-ties skipped\n",
+                    tp, W, c.worst, c.compared, c.skipped);
+    }
+  }, Milliseconds(30000));
+}
+
+TEST(Engine, TensorParallelGroupWithDifferentInputsFailsTogether) {
+  for_each_rank([](Communicator& world, uint64_t) {
+    if (world.size() % 2 != 0) GTEST_SKIP() << "needs an even number of ranks";
+    Model model(kDraft, world.shared_from_this());
+    InferenceEngine engine(model, LayerSchedule::tensor_parallel(model.config().layers, world.size(), 2));
+    engine.set_check_replicas(true);
+    KVCache cache = engine.new_cache(16);
+    std::vector<Chunk> chunks = {{&cache, {65 + world.rank()}}};
+    EXPECT_THROW(engine.step(chunks), InvalidArgument);
+  });
 }
 
 TEST(Engine, ReplicatedRanksWithDifferentInputsFailTogether) {

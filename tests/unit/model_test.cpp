@@ -235,7 +235,19 @@ TEST(LayerSchedule, InstancesAndBadConfigs) {
             std::string::npos) << error_of({.attention = "pipeline"});
   EXPECT_NE(error_of({.attention = "dp", .tp = 2}).find("model.tp = 2 with model.attention = dp"), std::string::npos);
   EXPECT_NE(error_of({.attention = "dp", .tp = 0}).find("model.tp = 0, expected >= 1"), std::string::npos);
-  EXPECT_NE(error_of({.attention = "tp", .tp = 2}).find("not built yet"), std::string::npos);
+  EXPECT_NE(error_of({.attention = "tp", .tp = 3}).find("model.tp = 3 does not divide the 4 ranks"), std::string::npos)
+      << error_of({.attention = "tp", .tp = 3});
+  // Two tensor-parallel groups of two: ranks 0-1 and 2-3 share their sequences.
+  const LayerSchedule tp = LayerSchedule::make({.attention = "tp", .tp = 2}, 8, 4);
+  EXPECT_EQ(tp.attention(), AttentionMode::tp);
+  EXPECT_EQ(tp.tp(), 2);
+  EXPECT_EQ(tp.token_groups(), 2);
+  EXPECT_EQ(tp.token_group_of(1), 0);
+  EXPECT_EQ(tp.token_group_of(2), 1);
+  EXPECT_EQ(tp.group_leader(1), 2);
+  EXPECT_EQ(tp.tp_rank(3), 1);
+  EXPECT_EQ(tp.owned_layers(3).size(), size_t{8});
+  EXPECT_THROW(tp.group_leader(2), InvalidArgument);
   EXPECT_NE(error_of({.attention = "x", .attention_field = "--attention"}).find("--attention = 'x'"), std::string::npos);
   EXPECT_THROW(dp.token_group_of(4), InvalidArgument);
 }
