@@ -423,7 +423,8 @@ int run_bench_moe(const BenchMoeOptions& o) {
     std::vector<std::pair<GemmShape, std::pair<double, double>>> rows;
     for (const auto& [shape, count] : layer.gemms()) {
       const double per_step = static_cast<double>(count) / steps;
-      const double t = cluster ? cluster->device.gemm_seconds(2.0 * shape.m * shape.n * shape.k, shape.bf16)
+      const double t = cluster ? cluster->device.gemm_seconds(static_cast<double>(shape.m), static_cast<double>(shape.n),
+                                                              static_cast<double>(shape.k), shape.bf16)
                                : time_gemm(shape);
       floor += per_step * t;
       rows.push_back({shape, {per_step, t}});

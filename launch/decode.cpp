@@ -183,10 +183,10 @@ void bench_batches(InferenceEngine& engine, const BenchDecodeOptions& o, const C
     if (speak) {
       std::printf("# emulated %s: %d rank(s) per node; times are virtual (device and link models), the last column "
                   "this machine's wall time\n", cluster->name.c_str(), cluster->link.ranks_per_node);
-      std::printf("# device memory per rank: %.3f GB of weights + %.1f KB of KV per sequence position; ",
+      std::printf("# device memory per rank: %.4g GB of weights + %.1f KB of KV per sequence position; ",
                   memory.weights / 1e9, memory.kv_per_position / 1e3);
       if (fits >= 0)
-        std::printf("%.0f GB hold %lld sequences of %d positions per token group\n", memory.capacity / 1e9,
+        std::printf("%.4g GB hold %lld sequences of %d positions per token group\n", memory.capacity / 1e9,
                     static_cast<long long>(fits), positions);
       else
         std::printf("the preset bounds nothing\n");
@@ -219,8 +219,8 @@ void bench_batches(InferenceEngine& engine, const BenchDecodeOptions& o, const C
     const int B = o.batches[bi];
     if (fits >= 0 && sequences_per_group(B) > fits) {  // as a GPU would: the batch does not fit beside the weights
       if (speak)
-        std::printf("%6d refused: %d sequence(s) of %d positions per token group need %.2f GB + %.3f GB of weights "
-                    "per rank; the device holds %.0f GB (at most %lld sequences)\n",
+        std::printf("%6d refused: %d sequence(s) of %d positions per token group need %.4g GB of KV + %.4g GB of "
+                    "weights per rank; the device holds %.4g GB (at most %lld sequences)\n",
                     B, sequences_per_group(B), positions,
                     static_cast<double>(sequences_per_group(B)) * positions * memory.kv_per_position / 1e9,
                     memory.weights / 1e9, memory.capacity / 1e9, static_cast<long long>(fits));
@@ -315,7 +315,9 @@ void bench_batches(InferenceEngine& engine, const BenchDecodeOptions& o, const C
                    step_ms / floor_ms, bandwidth[bi] / 1e9);
   }
   if (!speak) return;
-  if (cluster)
+  if (cluster && last_tps == 0)
+    std::printf("no batch fitted the device memory of %s\n", cluster->name.c_str());
+  else if (cluster)
     std::printf("total tokens/s (virtual, %s): %.1f (the last batch that fitted, all %d GPUs)\n", cluster->name.c_str(),
                 last_tps, W);
   else

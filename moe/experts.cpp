@@ -49,8 +49,9 @@ void MoELayer::charge_memory(double bytes) const {
 }
 
 void MoELayer::gemm_bf16(const kernels::cpu::GemmBf16Args& args) {
-  if (config_.device_model)
-    virtual_time::charge(config_.device_model->gemm_seconds(2.0 * args.m * args.n * args.k, true));
+  if (config_.device_model)  // at the roofline: a few rows per expert read its weights at the bandwidth
+    virtual_time::charge(config_.device_model->gemm_seconds(static_cast<double>(args.m), static_cast<double>(args.n),
+                                                            static_cast<double>(args.k), true));
   if (!config_.skip_compute) kernels::cpu::gemm_bf16(args);
   if (args.m && args.n && args.k)
     ++gemms_[GemmShape{args.m, args.n, args.k, args.transpose_a, args.transpose_b, true}];
@@ -58,7 +59,8 @@ void MoELayer::gemm_bf16(const kernels::cpu::GemmBf16Args& args) {
 
 void MoELayer::gemm(const kernels::cpu::GemmArgs& args, bool always) {
   if (config_.device_model)
-    virtual_time::charge(config_.device_model->gemm_seconds(2.0 * args.m * args.n * args.k, false));
+    virtual_time::charge(config_.device_model->gemm_seconds(static_cast<double>(args.m), static_cast<double>(args.n),
+                                                            static_cast<double>(args.k), false));
   if (always || !config_.skip_compute) {
     if (config_.batch_invariant && !args.transpose_a && !args.transpose_b && args.alpha == 1.f)
       kernels::cpu::matmul_rows(args.a, args.m, args.k, args.lda, args.b, args.n, args.ldb, args.beta, args.c, args.ldc);

@@ -129,8 +129,13 @@ PlanCost Planner::predict(const ExecPlan& plan, int64_t tokens, int64_t capacity
   // Experts (rows received = rows sent, loads balanced).
   const double gemm_fwd = 2 * rows * M * (H1w + Hw);
   const double gemm_bwd = 2 * rows * M * (H1w + 2 * Hw) + (options_.input_grad ? 2 * rows * M * H1w : 0.0);
-  const double compute_fwd = compute_scale_ * (gemm_fwd / rate + rows * (2 * H1w + Hw + M) * kFloat / mem);
-  const double compute_bwd = compute_scale_ * (gemm_bwd / rate + rows * (3 * H1w + Hw + M) * kFloat / mem);
+  // The GEMMs at their roofline: a few rows per expert (decode) read the working weights at the bandwidth
+  // (backward: read for the input gradient, the weight gradients written).
+  const double weight_bytes = (r == 0 ? E : L) * M * (H1w + Hw) * (bf16_ ? 2.0 : kFloat);
+  const double compute_fwd =
+      compute_scale_ * (std::max(gemm_fwd / rate, weight_bytes / mem) + rows * (2 * H1w + Hw + M) * kFloat / mem);
+  const double compute_bwd =
+      compute_scale_ * (std::max(gemm_bwd / rate, 2 * weight_bytes / mem) + rows * (3 * H1w + Hw + M) * kFloat / mem);
   // Working weights: all-gathered in the sharding group, gradients reduce-scattered.
   int G = 1;
   if (r == 0) G = W;

@@ -10,10 +10,13 @@
 #include <fstream>
 #include <numeric>
 
+#include "comm/backends/emulated/emulated_backend.h"
 #include "comm/backends/threads/threads_backend.h"
+#include "comm/virtual_time.h"
 #include "core/error.h"
 #include "core/rng.h"
 #include "core/safetensors.h"
+#include "model/engine.h"
 #include "model/generate.h"
 #include "model/layer_schedule.h"
 #include "model/model.h"
@@ -209,6 +212,99 @@ TEST(Model, AttentionDeltaIsWhatApplyAdds) {
   EXPECT_LT(worst, 1e-5);
   // Both wrote the same keys and values.
   EXPECT_EQ(0, std::memcmp(a.layer(0).values(0), b.layer(0).values(0), model.config().d_model * prompt.size() * sizeof(float)));
+}
+
+// Emulated decode. A slow-memory device (1 GB/s, 1 TFLOP/s) makes every
+// block memory-bound; the attention block's charge for one decode row is
+// written here from its definition: RMSNorm reads and writes the row; q, k
+// and v are three [1, d] x [d, w] GEMMs reading the row and the weights and
+// writing w floats; rotary and the KV write touch 6w floats; attention reads
+// the sequence's (L + 1) keys and values once; wo reads [w, d] and writes d.
+double decode_attention_closed_form(const DeviceModel& dev, double d, double w, double L) {
+  const double F = dev.gemm_flops_f32, B = dev.memory_bandwidth, f = 4;
+  auto gemm = [&](double m, double n, double k) { return std::max(2 * m * n * k / F, ((m * k + k * n) * f + m * n * f) / B); };
+  return (2 * d * f + d * f) / B + 3 * gemm(1, w, d) + 6 * w * f / B +
+         std::max(4 * w * (L + 1) / F, ((L + 1) * 2 * w * f + 2 * w * f) / B) + gemm(1, d, w);
+}
+
+TEST(EmulatedDecode, AStepsVirtualTimeIsItsClosedForm) {
+  DeviceModel dev;
+  dev.gemm_flops_f32 = 1e12, dev.gemm_flops_bf16 = 2e12, dev.memory_bandwidth = 1e9;
+  const auto device = std::make_shared<const DeviceModel>(dev);
+  const auto group = make_emulated_communicator(one_rank(), LinkModel{{1e-6, 1e9}, {1e-6, 1e9}, 1});
+  Model model(kModels + "draft", group, {.device = device});
+  const ModelConfig& c = model.config();
+  const double d = c.d_model;
+  // One layer's block, whole and one half of its heads (a tensor-parallel rank's share).
+  const auto half = model.attention_block(0).head_slice(c.heads / 2, c.heads / 2);
+  for (const AttentionBlock* block : {&model.attention_block(0), static_cast<const AttentionBlock*>(half.get())}) {
+    const int L = 9;
+    KVCache cache(c, 16, {0}, block->width());
+    Tensor prompt = Tensor::zeros({L, c.d_model}, DType::f32);
+    std::vector<Chunk> prefill = {{&cache, std::vector<int>(L, 65)}};
+    block->delta(prompt, prefill);
+    cache.advance(L);
+    Tensor row = Tensor::zeros({1, c.d_model}, DType::f32);
+    const std::vector<Chunk> decode = {{&cache, {66}}};
+    const double before = virtual_time::now();
+    block->delta(row, decode);
+    const double got = virtual_time::now() - before;
+    const double want = decode_attention_closed_form(dev, d, block->width(), L);
+    EXPECT_NEAR(got, want, 1e-12 * want) << block->heads() << " heads";
+    EXPECT_DOUBLE_EQ(attention_cost(dev, c.d_model, block->width(), decode, 0).kv_bytes, (L + 1) * 2.0 * block->width() * 4);
+  }
+  // A whole decode step: a sequence whose cache is 40 positions longer costs
+  // exactly those positions' keys and values in every layer more (the
+  // embedding, norms, experts and head see one row either way).
+  auto decode_step = [&](int prompt_length) {
+    KVCache cache = model.new_cache(64);
+    model.forward({{&cache, std::vector<int>(static_cast<size_t>(prompt_length), 70)}});
+    const double before = virtual_time::now();
+    model.forward({{&cache, {71}}});
+    return virtual_time::now() - before;
+  };
+  const double short_step = decode_step(5), long_step = decode_step(45);
+  const double kv = c.layers * 40.0 * 2 * d * 4 / dev.memory_bandwidth;
+  EXPECT_NEAR(long_step - short_step, kv, 1e-9 * long_step);
+  EXPECT_GT(short_step, c.layers * decode_attention_closed_form(dev, d, d, 5));
+  // The phases add up to the steps (a prefill and a decode step).
+  model.reset_times();
+  const double start = virtual_time::now();
+  decode_step(5);
+  const double total = virtual_time::now() - start;
+  const ModelPhaseTimes& v = model.virtual_times();
+  EXPECT_NEAR(v.embed + v.attention + v.moe + v.head, total, 1e-12 * total);
+  EXPECT_GT(v.attention, 0);
+  EXPECT_GT(v.moe, 0);
+  EXPECT_GT(v.head, 0);
+}
+
+TEST(EmulatedDecode, DeviceMemoryBoundsTheSequencesARankHolds) {
+  DeviceModel dev;
+  Model plain(kModels + "draft", one_rank());
+  // The weights one rank holds are the model file's tensors (every expert on one rank), in f32.
+  const SafetensorsFile f = SafetensorsFile::open(kModels + "draft/model.safetensors");
+  double file_floats = 0;
+  for (const SafetensorsEntry& e : f.entries()) {
+    double n = 1;
+    for (int64_t s : e.shape) n *= static_cast<double>(s);
+    file_floats += n;
+  }
+  EXPECT_DOUBLE_EQ(plain.rank_weight_bytes(), file_floats * 4);
+  const double weights = plain.rank_weight_bytes();
+  const ModelConfig& c = plain.config();
+  const double per_position = 2.0 * c.layers * c.d_model * 4;
+  dev.memory_capacity = weights + 10.5 * 20 * per_position;  // ten sequences of 20 positions and a half
+  Model model(kModels + "draft", one_rank(), {.device = std::make_shared<const DeviceModel>(dev)});
+  InferenceEngine engine(model, LayerSchedule::replicated(c.layers, 1));
+  const DecodeMemory m = engine.memory();
+  EXPECT_DOUBLE_EQ(m.weights, weights);
+  EXPECT_DOUBLE_EQ(m.kv_per_position, per_position);
+  EXPECT_EQ(m.max_sequences(20), 10);
+  EXPECT_EQ(m.max_sequences(21), 10);  // 10 x 21 <= 10.5 x 20
+  EXPECT_EQ(m.max_sequences(22), 9);
+  EXPECT_EQ((DecodeMemory{weights, per_position, weights / 2}).max_sequences(20), 0);  // not even the weights
+  EXPECT_EQ((DecodeMemory{weights, per_position, 0}).max_sequences(20), -1);           // unbounded
 }
 
 TEST(LayerSchedule, InstancesAndBadConfigs) {
