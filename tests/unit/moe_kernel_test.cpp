@@ -2,7 +2,9 @@
 // above the threshold where they split work over OpenMP threads.
 #include <gtest/gtest.h>
 
+#include <bit>
 #include <cmath>
+#include <cstdint>
 
 #include "core/rng.h"
 #include "kernels/gemm.h"
@@ -139,6 +141,40 @@ TEST(MoEKernels, Bf16GemmAccumulatesInFloatAgainstFloat64) {
           }
         EXPECT_EQ(c[ldc - 1], c0[ldc - 1]);  // padding beyond n untouched
       }
+}
+
+// The row-wise GEMM against float64, and batch invariance: every row of a
+// batch of 1..9 rows (each remainder of the 4-row blocks) has the bits of the
+// same row computed alone, with beta 0 and 1, a partial column tile and an
+// odd k.
+TEST(MoEKernels, MatmulRowsMatchesFloat64AndEachRowAloneGivesItsBits) {
+  Rng rng(20261201);
+  const int64_t k = 37, n = 70;
+  std::vector<float> w(static_cast<size_t>(k * n));
+  for (float& v : w) v = static_cast<float>(rng.uniform(-1, 1));
+  for (int64_t rows = 1; rows <= 9; ++rows) {
+    std::vector<float> x(static_cast<size_t>(rows * k)), y0(static_cast<size_t>(rows * n));
+    for (float& v : x) v = static_cast<float>(rng.uniform(-1, 1));
+    for (float& v : y0) v = static_cast<float>(rng.uniform(-1, 1));
+    for (const float beta : {0.f, 1.f}) {
+      std::vector<float> y = y0;
+      if (beta == 0.f) std::fill(y.begin(), y.end(), std::nanf(""));  // poisoned: beta 0 must not read it
+      kernels::cpu::matmul_rows(x.data(), rows, k, k, w.data(), n, n, beta, y.data(), n);
+      for (int64_t r = 0; r < rows; ++r) {
+        std::vector<float> alone(y0.begin() + r * n, y0.begin() + (r + 1) * n);
+        kernels::cpu::matmul_rows(x.data() + r * k, 1, k, k, w.data(), n, n, beta, alone.data(), n);
+        for (int64_t j = 0; j < n; ++j) {
+          double want = beta == 0.f ? 0.0 : static_cast<double>(y0[static_cast<size_t>(r * n + j)]);
+          for (int64_t t = 0; t < k; ++t)
+            want += static_cast<double>(x[static_cast<size_t>(r * k + t)]) * w[static_cast<size_t>(t * n + j)];
+          const float got = y[static_cast<size_t>(r * n + j)];
+          ASSERT_NEAR(got, want, 1e-5 * (1 + std::abs(want))) << rows << " rows, row " << r << ", column " << j;
+          ASSERT_EQ(std::bit_cast<uint32_t>(got), std::bit_cast<uint32_t>(alone[static_cast<size_t>(j)]))
+              << rows << " rows, row " << r << ", column " << j << ", beta " << beta;
+        }
+      }
+    }
+  }
 }
 
 // Attention over all heads of a row against float64, for head sizes that do
