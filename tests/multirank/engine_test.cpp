@@ -15,6 +15,7 @@
 #include "core/rng.h"
 #include "model/engine.h"
 #include "model/serving.h"
+#include "model/speculative.h"
 #include "tests/common/rank_harness.h"
 
 namespace switchyard {
@@ -23,6 +24,7 @@ namespace {
 using testing::for_each_rank;
 
 const std::string kDraft = std::string(SWITCHYARD_SOURCE_DIR) + "/examples/tiny_lm/draft";
+const std::string kBase = std::string(SWITCHYARD_SOURCE_DIR) + "/examples/tiny_lm/base";
 
 std::shared_ptr<Communicator> one_rank() { return ThreadsWorld(1).communicator(0); }
 
@@ -236,6 +238,44 @@ TEST(Engine, TensorParallelGroupWithDifferentInputsFailsTogether) {
     std::vector<Chunk> chunks = {{&cache, {65 + world.rank()}}};
     EXPECT_THROW(engine.step(chunks), InvalidArgument);
   });
+}
+
+// Greedy speculative decoding is plain greedy decoding of the base, token for
+// token, for any gamma and schedule: verification chunks give the logits a
+// one-token step would (bit for bit), and each sequence keeps its own count.
+TEST(Engine, SpeculativeGreedyEqualsPlainGreedyForEveryGamma) {
+  for_each_rank([](Communicator& world, uint64_t seed) {
+    const int W = world.size(), R = world.rank();
+    const auto prompts = random_prompts(seed + 11, 5, 1, 17);
+    const int steps = 12;
+    Model ref(kBase, one_rank());
+    const auto want = reference_traces(ref, prompts, steps - 1);  // steps tokens per sequence
+    Model base(kBase, world.shared_from_this()), draft(kDraft, world.shared_from_this());
+    for (const char* mode : {"replicated", "dp"}) {
+      InferenceEngine be(base, LayerSchedule::make({.attention = mode}, base.config().layers, W));
+      InferenceEngine de(draft, LayerSchedule::make({.attention = mode}, draft.config().layers, W));
+      std::vector<int> mine;
+      std::vector<std::vector<int>> my_prompts;
+      for (int s = 0; s < 5; ++s)
+        if (be.schedule().token_groups() == 1 || s % W == R) mine.push_back(s), my_prompts.push_back(prompts[static_cast<size_t>(s)]);
+      for (int gamma : {1, 3, 6}) {
+        SpeculativeStats st;
+        const auto out = speculative_generate(be, de, my_prompts, steps, {.gamma = gamma}, &st);
+        ASSERT_EQ(out.size(), mine.size());
+        for (size_t i = 0; i < mine.size(); ++i)
+          EXPECT_EQ(out[i], want.at(mine[i]).tokens) << mode << ", gamma " << gamma << ", sequence " << mine[i];
+        if (!mine.empty()) {
+          EXPECT_EQ(st.generated, static_cast<int64_t>(mine.size()) * steps);
+          EXPECT_LE(st.accepted, st.proposed);
+          EXPECT_GE(st.tokens_per_round(), 1.0);
+          if (mine.size() == 5) EXPECT_GT(st.tokens_per_round(), 1.0) << "the draft agrees with the base on some tokens";
+        }
+        if (R == 0 && W == 1)
+          std::printf("[speculative %s gamma %d] acceptance %.2f, %.2f tokens per round, %lld base forwards\n", mode,
+                      gamma, st.acceptance(), st.tokens_per_round(), static_cast<long long>(st.rounds));
+      }
+    }
+  }, Milliseconds(30000));
 }
 
 TEST(Engine, ReplicatedRanksWithDifferentInputsFailTogether) {

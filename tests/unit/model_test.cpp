@@ -21,6 +21,7 @@
 #include "model/layer_schedule.h"
 #include "model/model.h"
 #include "model/serving.h"
+#include "model/speculative.h"
 
 namespace switchyard {
 namespace {
@@ -305,6 +306,91 @@ TEST(EmulatedDecode, DeviceMemoryBoundsTheSequencesARankHolds) {
   EXPECT_EQ(m.max_sequences(22), 9);
   EXPECT_EQ((DecodeMemory{weights, per_position, weights / 2}).max_sequences(20), 0);  // not even the weights
   EXPECT_EQ((DecodeMemory{weights, per_position, 0}).max_sequences(20), -1);           // unbounded
+}
+
+// Speculative decoding against plain decoding on one rank (engine tests run
+// the gamma x schedule matrix over ranks).
+class Speculative : public ::testing::Test {
+ protected:
+  // The draft with its LM head negated: it proposes the token the real draft
+  // finds least likely, so the base rejects nearly every proposal.
+  static std::string wrong_draft() {
+    const auto dir = std::filesystem::temp_directory_path() / ("wrong_draft_" + std::to_string(fresh_seed() % 1000000));
+    std::filesystem::create_directories(dir);
+    std::filesystem::copy_file(kModels + "draft/config.json", dir / "config.json");
+    const SafetensorsFile f = SafetensorsFile::open(kModels + "draft/model.safetensors");
+    std::vector<Tensor> keep;
+    std::vector<std::pair<std::string, TensorView>> out;
+    for (const auto& e : f.entries()) {
+      Tensor t = f.load(e.name);
+      if (e.name == "lm_head.weight") {  // flip every element's sign bit (bf16 or f32)
+        auto* bytes = static_cast<uint8_t*>(t.data());
+        const size_t width = dtype_size(t.dtype());
+        for (int64_t i = 0; i < t.numel(); ++i) bytes[static_cast<size_t>(i) * width + width - 1] ^= 0x80;
+      }
+      keep.push_back(t);
+      out.emplace_back(e.name, keep.back().view());
+    }
+    save_safetensors((dir / "model.safetensors").string(), out);
+    return dir.string();
+  }
+};
+
+TEST_F(Speculative, AnAlwaysWrongDraftStillGivesTheBasesOutput) {
+  const std::string wrong = wrong_draft();
+  Model base(kModels + "base", one_rank()), draft(wrong, one_rank());
+  InferenceEngine be(base, LayerSchedule::replicated(base.config().layers, 1));
+  InferenceEngine de(draft, LayerSchedule::replicated(draft.config().layers, 1));
+  const std::vector<std::vector<int>> prompts = {bytes_of("A fool and"), bytes_of("x"), bytes_of("The meaning of life")};
+  for (int gamma : {1, 4}) {
+    SpeculativeStats st;
+    const auto got = speculative_generate(be, de, prompts, 10, {.gamma = gamma}, &st);
+    EXPECT_EQ(got, generate(base, prompts, 10, {})) << "gamma " << gamma;
+    EXPECT_LT(st.acceptance(), 0.05) << "gamma " << gamma;
+  }
+  std::filesystem::remove_all(wrong);
+}
+
+// Speculative sampling keeps the base's distribution: the first new token of
+// 8000 copies of one prompt (each its own generator), proposed by the draft
+// and accepted or resampled, against the base's filtered distribution at that
+// position (temperature 1, top-k 6): chi-square with 5 degrees of freedom,
+// below its 0.1% critical value (20.5).
+TEST_F(Speculative, SamplingKeepsTheBasesDistribution) {
+  Model base(kModels + "base", one_rank()), draft(kModels + "draft", one_rank());
+  InferenceEngine be(base, LayerSchedule::replicated(base.config().layers, 1));
+  InferenceEngine de(draft, LayerSchedule::replicated(draft.config().layers, 1));
+  const std::vector<int> prompt = bytes_of("Th");
+  const SamplingOptions sampling{.temperature = 1.0, .top_k = 6, .seed = 4242};
+  KVCache cache = base.new_cache(32);
+  const Tensor logits = base.forward({{&cache, prompt}});
+  Rng unused(0);
+  const std::vector<float> p =
+      sample(logits.data_as<float>() + (logits.shape()[0] - 1) * 256, 256, sampling, unused).probs;
+  const int n = 8000;
+  SpeculativeStats st;
+  const auto out = speculative_generate(be, de, std::vector<std::vector<int>>(n, prompt), 2,
+                                        {.gamma = 1, .sampling = sampling}, &st);
+  std::vector<double> count(256, 0.0);
+  for (const auto& t : out) count[static_cast<size_t>(t.at(0))] += 1;
+  double chi2 = 0;
+  int support = 0;
+  for (int v = 0; v < 256; ++v) {
+    if (p[static_cast<size_t>(v)] == 0) {
+      EXPECT_EQ(count[static_cast<size_t>(v)], 0) << "token " << v << " is outside the base's top-k";
+      continue;
+    }
+    ++support;
+    const double e = n * static_cast<double>(p[static_cast<size_t>(v)]);
+    chi2 += (count[static_cast<size_t>(v)] - e) * (count[static_cast<size_t>(v)] - e) / e;
+  }
+  EXPECT_EQ(support, 6);
+  EXPECT_LT(chi2, 20.5) << "chi-square over the top-6 tokens";
+  std::printf("[speculative sampling] chi-square %.2f (5 degrees of freedom), acceptance %.2f\n", chi2, st.acceptance());
+  EXPECT_GT(st.accepted, 0);
+  EXPECT_LT(st.accepted, st.proposed) << "the draft's distribution differs from the base's, so some are resampled";
+  EXPECT_THROW(speculative_generate(be, de, {prompt}, 2, {.gamma = 0}), InvalidArgument);
+  EXPECT_THROW(speculative_generate(be, de, {{}}, 2, {}), InvalidArgument);
 }
 
 TEST(LayerSchedule, InstancesAndBadConfigs) {
