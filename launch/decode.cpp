@@ -16,6 +16,7 @@
 #include "launch/plot.h"
 #include "model/engine.h"
 #include "model/serving.h"
+#include "model/speculative.h"
 #include "parallel/runtime.h"
 
 namespace switchyard {
@@ -480,6 +481,28 @@ int run_generate(const GenerateOptions& o) {
     if (speak) {
       std::fputs(o.prompt.c_str(), stdout);
       std::fflush(stdout);
+    }
+    if (!o.draft.empty()) {  // speculative: the request on token group 0, the others join every collective empty
+      Model draft(o.draft, rt.world_ptr());
+      InferenceEngine draft_engine(draft, LayerSchedule::make(o.parallel.schedule(), draft.config().layers,
+                                                              rt.world().size()));
+      std::vector<std::vector<int>> prompts;
+      if (engine.token_group() == 0) prompts.push_back(bytes_of(o.prompt));
+      SpeculativeStats st;
+      const auto out = speculative_generate(engine, draft_engine, prompts, o.max_new_tokens,
+                                            {.gamma = o.gamma, .sampling = o.sampling}, &st);
+      if (speak) {
+        for (int t : out.at(0)) std::fputc(t, stdout);
+        std::printf("\n[%s verifying %s on %d rank(s), attention %s, gamma %d] acceptance %.2f (%lld of %lld), %.2f "
+                    "tokens per base forward, %lld base forwards for %zu tokens; drafting %.1f ms, verifying %.1f ms, "
+                    "%.1f tokens/s\n",
+                    model.config().name.c_str(), draft.config().name.c_str(), rt.world().size(),
+                    attention_mode_name(engine.schedule().attention()), o.gamma, st.acceptance(),
+                    static_cast<long long>(st.accepted), static_cast<long long>(st.proposed), st.tokens_per_round(),
+                    static_cast<long long>(st.rounds), out.at(0).size(), st.draft_seconds * 1e3,
+                    st.verify_seconds * 1e3, static_cast<double>(out.at(0).size()) / st.total_seconds);
+      }
+      return;
     }
     Request r{.id = 0, .prompt = bytes_of(o.prompt), .max_new_tokens = o.max_new_tokens, .sampling = o.sampling};
     ServingOptions so;

@@ -31,6 +31,10 @@ struct GenerateOptions {
   int max_new_tokens = 64;
   SamplingOptions sampling;
   DecodeParallelism parallel;
+  // Speculative decoding (model/speculative.h) when set: the draft proposes
+  // `gamma` tokens per round on the same ranks and schedule, the model verifies.
+  std::string draft;
+  int gamma = 4;
 };
 int run_generate(const GenerateOptions& options);
 

@@ -303,6 +303,8 @@ int main(int argc, char** argv) {
   gen->add_option("--top_k,--top-k", go.sampling.top_k, "Sample among the k likeliest (0: all)")->capture_default_str();
   gen->add_option("--top_p,--top-p", go.sampling.top_p, "Nucleus sampling mass")->capture_default_str();
   gen->add_option("--seed", go.sampling.seed, "Sampling seed")->capture_default_str();
+  gen->add_option("--draft", go.draft, "Speculative decoding with this draft model folder (e.g. examples/tiny_lm/draft)");
+  gen->add_option("--gamma", go.gamma, "Speculative decoding: tokens the draft proposes per round")->capture_default_str();
   add_decode_parallelism(gen, go.parallel);
 
   auto* trace = app.add_subcommand("trace", "Routing trace tools");

@@ -2,7 +2,8 @@
 # Greedy generation gives the same text on one rank, on two MPI ranks
 # (experts spread over them) with attention replicated and data parallel, and
 # on four thread-ranks with data-parallel attention, and with tensor-parallel
-# attention on two MPI ranks (one group of 2) and four thread-ranks (2 x 2).
+# attention on two MPI ranks (one group of 2) and four thread-ranks (2 x 2),
+# and speculatively with the draft (greedy speculative decoding is exact).
 # TP logits differ from one rank's in the last bits (the heads' partial sums
 # are reduce-scattered), so equal text here is this prompt's, whose greedy
 # margins are wide; the engine tests bound the logits for random prompts.
@@ -18,11 +19,13 @@ two_dp=$(OMPI_MCA_btl=self,vader text "$mpirun" -np 2 "$@" "$bin" "${args[@]}" -
 four_dp=$(text "$bin" "${args[@]}" --ranks 4 --attention dp)
 two_tp=$(OMPI_MCA_btl=self,vader text "$mpirun" -np 2 "$@" "$bin" "${args[@]}" --attention tp --tp 2)
 four_tp=$(text "$bin" "${args[@]}" --ranks 4 --attention tp --tp 2)
+spec=$(text "$bin" "${args[@]}" --draft "$(dirname "$model")/draft" --gamma 3 --ranks 2 --attention dp)
 echo "1 rank                   : $one"
 echo "2 MPI ranks, replicated  : $two"
 echo "2 MPI ranks, dp          : $two_dp"
 echo "4 thread-ranks, dp       : $four_dp"
 echo "2 MPI ranks, tp 2        : $two_tp"
 echo "4 thread-ranks, tp 2     : $four_tp"
+echo "speculative, gamma 3     : $spec"
 [ -n "$one" ] && [ "$one" = "$two" ] && [ "$one" = "$two_dp" ] && [ "$one" = "$four_dp" ] && [ "$one" = "$two_tp" ] &&
-  [ "$one" = "$four_tp" ]
+  [ "$one" = "$four_tp" ] && [ "$one" = "$spec" ]
