@@ -22,7 +22,8 @@ void matmul_rows(const float* x, int64_t rows, int64_t k, int64_t ldx, const flo
 // values: value j at values[j * ld_values] (heads * head_dim wide). scratch
 // holds heads * positions floats. The same operations in the same order
 // whatever the row's batch: each score sums its head_dim products in order
-// (one fused multiply-add each), each softmax sums in key order, and each
+// (one fused multiply-add each), each softmax sums its keys in 16 fixed
+// lanes (key j into lane j mod 16, then the lanes in order), and each
 // output element accumulates its positions in key order (fused multiply-add).
 void attend_heads(const float* q, int heads, int head_dim, const float* keys_t, int64_t ld_keys, const float* values,
                   int64_t ld_values, int positions, float scale, float* scratch, float* out);

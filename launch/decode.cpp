@@ -176,10 +176,10 @@ void bench_batches(InferenceEngine& engine, const BenchDecodeOptions& o, const C
                       "head_ms,floor_ms,ratio,read_gb_per_s\n");
   const double mean_len = o.prompt_tokens + (o.steps + 1) / 2.0;
   const int positions = o.prompt_tokens + o.steps + 1;  // each sequence's cache
-  const DecodeMemory memory = engine.memory();
+  DecodeMemory memory = engine.memory();
   // The largest share of a batch one token group holds; every rank judges alike.
   auto sequences_per_group = [&](int B) { return (B + G - 1) / G; };
-  const int64_t fits = memory.max_sequences(positions);
+  int64_t fits = memory.max_sequences(positions);
   if (cluster) {
     if (speak) {
       std::printf("# emulated %s: %d rank(s) per node; times are virtual (device and link models), the last column "
@@ -192,8 +192,9 @@ void bench_batches(InferenceEngine& engine, const BenchDecodeOptions& o, const C
       else
         std::printf("the preset bounds nothing\n");
       std::printf("floor = max(distinct bytes a step reads / (%d x %.0f GB/s), FLOPs / (%d x %.0f TFLOP/s)): the "
-                  "ideal cluster's step\n", W, cluster->device.memory_bandwidth / 1e9, W,
-                  cluster->device.gemm_flops_f32 / 1e12);
+                  "ideal cluster's step; attn and moe ms: each the slowest rank's per step, waits for the other "
+                  "ranks included (so they may add up to more than the TPOT)\n", W,
+                  cluster->device.memory_bandwidth / 1e9, W, cluster->device.gemm_flops_f32 / 1e12);
       std::printf("%6s %10s %12s %12s %9s %9s %9s %7s %10s %8s\n", "batch", "TPOT ms", "tokens/s", "per GPU",
                   "attn ms", "moe ms", "floor ms", "ratio", "wall ms", "mem GB");
       std::fflush(stdout);
@@ -218,6 +219,8 @@ void bench_batches(InferenceEngine& engine, const BenchDecodeOptions& o, const C
   double last_tps = 0;
   for (size_t bi = 0; bi < o.batches.size(); ++bi) {
     const int B = o.batches[bi];
+    memory = engine.memory();  // rebalancing may have added replicas (slots) since the last batch
+    fits = memory.max_sequences(positions);
     if (fits >= 0 && sequences_per_group(B) > fits) {  // as a GPU would: the batch does not fit beside the weights
       if (speak)
         std::printf("%6d refused: %d sequence(s) of %d positions per token group need %.4g GB of KV + %.4g GB of "
@@ -478,32 +481,47 @@ int run_generate(const GenerateOptions& o) {
                o.max_new_tokens, " exceed the model's max_seq = ", model.config().max_seq);
     // The request goes to token group 0, whose first rank is rank 0: it streams the text.
     const bool speak = rt.world().rank() == 0;
-    if (speak) {
+    auto echo_prompt = [&] {
+      if (!speak) return;
       std::fputs(o.prompt.c_str(), stdout);
       std::fflush(stdout);
-    }
+    };
     if (!o.draft.empty()) {  // speculative: the request on token group 0, the others join every collective empty
       Model draft(o.draft, rt.world_ptr());
-      InferenceEngine draft_engine(draft, LayerSchedule::make(o.parallel.schedule(), draft.config().layers,
-                                                              rt.world().size()));
+      if (o.speculative != "plain" && o.speculative != "easyspec")
+        SY_THROW(ConfigError, "--speculative = '", o.speculative, "', expected plain or easyspec");
+      if (o.speculative == "easyspec" && engine.schedule().token_groups() != 1)
+        SY_THROW(ConfigError, "--speculative = easyspec drafts layer-parallel over every rank, so the model's attention "
+                 "must give one token group (replicated, or tp over all ", rt.world().size(), " ranks); --attention = ",
+                 o.parallel.attention, " gives ", engine.schedule().token_groups());
+      const LayerSchedule draft_schedule =
+          o.speculative == "easyspec"
+              ? LayerSchedule::layer_parallel(draft.config().layers, rt.world().size(), o.lp, "--lp")
+              : LayerSchedule::make(o.parallel.schedule(), draft.config().layers, rt.world().size());
+      InferenceEngine draft_engine(draft, draft_schedule);
+      const Calibration calibration = parse_calibration(o.calibration, "--calibration");
+      echo_prompt();
       std::vector<std::vector<int>> prompts;
       if (engine.token_group() == 0) prompts.push_back(bytes_of(o.prompt));
       SpeculativeStats st;
       const auto out = speculative_generate(engine, draft_engine, prompts, o.max_new_tokens,
-                                            {.gamma = o.gamma, .sampling = o.sampling}, &st);
+                                            {.gamma = o.gamma, .sampling = o.sampling, .calibration = calibration}, &st);
       if (speak) {
         for (int t : out.at(0)) std::fputc(t, stdout);
-        std::printf("\n[%s verifying %s on %d rank(s), attention %s, gamma %d] acceptance %.2f (%lld of %lld), %.2f "
-                    "tokens per base forward, %lld base forwards for %zu tokens; drafting %.1f ms, verifying %.1f ms, "
-                    "%.1f tokens/s\n",
-                    model.config().name.c_str(), draft.config().name.c_str(), rt.world().size(),
-                    attention_mode_name(engine.schedule().attention()), o.gamma, st.acceptance(),
+        std::printf("\n[%s verifying %s (%s%s) on %d rank(s), attention %s, gamma %d, calibration %s] acceptance %.2f "
+                    "(%lld of %lld), %.2f tokens per base forward, %lld base forwards for %zu tokens; drafting %.1f "
+                    "ms, verifying %.1f ms, calibrating %.1f ms, %.1f tokens/s\n",
+                    model.config().name.c_str(), draft.config().name.c_str(), o.speculative.c_str(),
+                    o.speculative == "easyspec" ? (", lp " + std::to_string(o.lp)).c_str() : "", rt.world().size(),
+                    attention_mode_name(engine.schedule().attention()), o.gamma, o.calibration.c_str(), st.acceptance(),
                     static_cast<long long>(st.accepted), static_cast<long long>(st.proposed), st.tokens_per_round(),
                     static_cast<long long>(st.rounds), out.at(0).size(), st.draft_seconds * 1e3,
-                    st.verify_seconds * 1e3, static_cast<double>(out.at(0).size()) / st.total_seconds);
+                    st.verify_seconds * 1e3, st.calibration_seconds * 1e3,
+                    static_cast<double>(out.at(0).size()) / st.total_seconds);
       }
       return;
     }
+    echo_prompt();
     Request r{.id = 0, .prompt = bytes_of(o.prompt), .max_new_tokens = o.max_new_tokens, .sampling = o.sampling};
     ServingOptions so;
     so.on_token = [&](int64_t, int token) {

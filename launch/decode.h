@@ -35,6 +35,9 @@ struct GenerateOptions {
   // `gamma` tokens per round on the same ranks and schedule, the model verifies.
   std::string draft;
   int gamma = 4;
+  std::string speculative = "plain";  // plain | easyspec
+  int lp = 2;                         // easyspec: layers per layer-parallel group
+  std::string calibration = "every";  // every | mismatch | never
 };
 int run_generate(const GenerateOptions& options);
 

@@ -305,6 +305,14 @@ int main(int argc, char** argv) {
   gen->add_option("--seed", go.sampling.seed, "Sampling seed")->capture_default_str();
   gen->add_option("--draft", go.draft, "Speculative decoding with this draft model folder (e.g. examples/tiny_lm/draft)");
   gen->add_option("--gamma", go.gamma, "Speculative decoding: tokens the draft proposes per round")->capture_default_str();
+  gen->add_option("--speculative", go.speculative,
+                  "With --draft: plain (the draft on the model's schedule) or easyspec (the draft's middle layers in "
+                  "layer-parallel groups of --lp; the model's attention must give one token group: replicated, or tp "
+                  "over every rank)")->capture_default_str();
+  gen->add_option("--lp", go.lp, "easyspec: draft layers per layer-parallel group (<= ranks)")->capture_default_str();
+  gen->add_option("--calibration", go.calibration,
+                  "Speculative: exact draft pass after each round: every, mismatch (after a rejection) or never")
+      ->capture_default_str();
   add_decode_parallelism(gen, go.parallel);
 
   auto* trace = app.add_subcommand("trace", "Routing trace tools");

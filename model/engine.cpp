@@ -20,8 +20,8 @@ InferenceEngine::InferenceEngine(Model& model, LayerSchedule schedule)
   if (schedule_.attention() == AttentionMode::tp) {
     const int tp = schedule_.tp(), heads = model.config().heads, t = schedule_.tp_rank(rank_);
     if (heads % tp != 0)
-      SY_THROW(InvalidArgument, "inference engine: tensor-parallel groups of ", tp, " ranks cannot split model '",
-               model.config().name, "''s ", heads, " heads evenly (expected a tp dividing the head count)");
+      SY_THROW(InvalidArgument, "inference engine: tensor-parallel groups of ", tp, " ranks (tp) cannot split the ",
+               heads, " heads of model '", model.config().name, "' evenly (expected a tp dividing the head count)");
     tp_group_ = world().split(rank_ / tp, rank_);
     for (int l = 0; l < model.config().layers; ++l)
       tp_attention_.push_back(model.attention_block(l).head_slice(t * heads / tp, heads / tp));
@@ -61,19 +61,72 @@ void InferenceEngine::verify_replicas(const std::vector<Chunk>& chunks) {
     mix(c.cache ? static_cast<uint64_t>(c.cache->length()) : ~0ull);
     for (int t : c.tokens) mix(static_cast<uint64_t>(t));
   }
-  if (!same_on_every_rank(tp_group_ ? *tp_group_ : world(), h))
+  const bool same = same_on_every_rank(tp_group_ ? *tp_group_ : world(), h);
+  // Every rank of the world learns whether any group disagreed: they all throw, none goes on into the all-to-all.
+  if (!same_on_every_rank(world(), same ? 1 : 0) || !same)
     SY_THROW(InvalidArgument, "inference engine: ", tp_group_ ? "tensor-parallel" : "replicated", " attention, but the "
              "ranks' chunks differ this step (every rank ", tp_group_ ? "of a tensor-parallel group " : "",
              "must pass the same sequences and tokens)");
 }
 
+Tensor InferenceEngine::step_exact(const std::vector<Chunk>& chunks) {
+  if (schedule_.layer_groups().empty()) return step(chunks);
+  if (check_replicas_ && schedule_.world() > 1) verify_replicas(chunks);
+  return model_.forward(chunks);
+}
+
+// EasySpec's fuzzy step: the layers of a group take the group's input at
+// once, rank i computing layer i's attention delta (and writing only that
+// layer's KV; its copies of the group's other layers keep stale positions
+// until step_exact recomputes them); one all-gather of the deltas; then every
+// rank adds them and runs the group's FFNs in order (the MoE layers are
+// collective over the world anyway).
+Tensor InferenceEngine::step_layer_parallel(const std::vector<Chunk>& chunks) {
+  using Clock = std::chrono::steady_clock;
+  if (check_replicas_ && schedule_.world() > 1) verify_replicas(chunks);
+  const int64_t d = model_.config().d_model;
+  Tensor x = model_.embed(chunks);
+  const int64_t rows = x.shape()[0];
+  for (const std::vector<int>& group : schedule_.layer_groups()) {
+    if (group.size() == 1) {
+      model_.attention(group[0], x, chunks);
+      model_.ffn(group[0], x);
+      continue;
+    }
+    const auto start = Clock::now();
+    const double virtual_start = virtual_time::now();
+    const int n = static_cast<int>(group.size());
+    const Tensor mine = rank_ < n ? model_.attention_block(group[static_cast<size_t>(rank_)]).delta(x, chunks)
+                                  : Tensor::zeros({rows, d}, DType::f32);
+    Tensor all = Tensor::empty({schedule_.world() * rows, d}, DType::f32);
+    if (rows > 0) world().allgather(mine, all).wait();  // every rank has the same rows (one token group)
+    model_.add_time(&ModelPhaseTimes::attention, std::chrono::duration<double>(Clock::now() - start).count(),
+                    virtual_time::now() - virtual_start);
+    for (int j = 0; j < n; ++j) {
+      float* out = x.data_as<float>();
+      const float* delta = all.data_as<float>() + static_cast<int64_t>(j) * rows * d;
+      for (int64_t i = 0; i < rows * d; ++i) out[i] += delta[i];
+      model_.ffn(group[static_cast<size_t>(j)], x);
+    }
+  }
+  Tensor logits = model_.head(x);
+  model_.commit(chunks);
+  return logits;
+}
+
 // Megatron's sequence-parallel form of tensor-parallel attention: every rank
 // of a group computes its heads' partial output projection for all of the
-// group's rows; one reduce-scatter sums them and leaves each rank a slice of
-// the rows, the MoE layer runs on that slice (the group's rows are computed
-// once, not tp times), and an all-gather returns the whole rows for the next
+// group's rows; the partials are summed so each rank is left a slice of the
+// rows, the MoE layer runs on that slice (the group's rows are computed once,
+// not tp times), and an all-gather returns the whole rows for the next
 // layer's heads. Rows are split in blocks of ceil(rows / tp), the last ranks'
 // blocks padded (or empty); each rank still joins every MoE collective.
+//
+// The sum is a reduce-scatter written as an all-to-all of the partials' row
+// blocks (the same bytes) followed by additions in rank order: a ring
+// reduce-scatter adds a block's partials in an order that depends on which
+// rank owns the block, so with tp >= 3 a row's bits would depend on how many
+// rows its step had (not batch-invariant).
 Tensor InferenceEngine::step_tensor_parallel(const std::vector<Chunk>& chunks) {
   using Clock = std::chrono::steady_clock;
   auto since = [](Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); };
@@ -84,6 +137,7 @@ Tensor InferenceEngine::step_tensor_parallel(const std::vector<Chunk>& chunks) {
   const int64_t lo = std::min(rows, t * per), hi = std::min(rows, lo + per);
   const size_t row_bytes = static_cast<size_t>(d) * sizeof(float);
   Tensor full = Tensor::zeros({per * tp, d}, DType::f32), block = Tensor::zeros({per, d}, DType::f32);
+  Tensor parts = Tensor::zeros({per * tp, d}, DType::f32);  // [source rank][row of my block]
   Tensor slice = Tensor::empty({hi - lo, d}, DType::f32);
   for (int l = 0; l < model_.config().layers; ++l) {
     auto start = Clock::now();
@@ -91,7 +145,12 @@ Tensor InferenceEngine::step_tensor_parallel(const std::vector<Chunk>& chunks) {
     const Tensor partial = tp_attention_[static_cast<size_t>(l)]->delta(x, chunks);
     if (rows > 0) {
       std::memcpy(full.data(), partial.data(), static_cast<size_t>(rows) * row_bytes);  // padding rows stay 0
-      tp_group_->reduce_scatter(full, block).wait();
+      tp_group_->alltoall(full, parts).wait();
+      float* sum = block.data_as<float>();
+      const float* part = parts.data_as<float>();
+      std::memcpy(sum, part, static_cast<size_t>(per) * row_bytes);
+      for (int from = 1; from < tp; ++from)
+        for (int64_t i = 0; i < per * d; ++i) sum[i] += part[from * per * d + i];
     }
     const float* sum = block.data_as<float>();
     const float* residual = x.data_as<float>() + lo * d;
@@ -116,6 +175,7 @@ Tensor InferenceEngine::step_tensor_parallel(const std::vector<Chunk>& chunks) {
 Tensor InferenceEngine::step(const std::vector<Chunk>& chunks) {
   if (check_replicas_ && schedule_.attention() != AttentionMode::dp && schedule_.world() > 1) verify_replicas(chunks);
   if (tp_group_) return step_tensor_parallel(chunks);
+  if (!schedule_.layer_groups().empty()) return step_layer_parallel(chunks);
   // replicated and dp run every layer's attention on this rank's own rows and
   // the FFN's experts over every rank: the model's own layer order. Schedules
   // that place layers elsewhere (tp, parallel layer groups, AFD) walk the

@@ -47,6 +47,11 @@ class InferenceEngine {
   // One step: logits [rows, vocab] of this rank's chunks (sequence after
   // sequence); the caches take the new positions. Collective over the world.
   Tensor step(const std::vector<Chunk>& chunks);
+  // The same step with every layer exact, in order, on every rank: under a
+  // layer-parallel schedule the fuzzy groups are computed sequentially (every
+  // rank every layer, so every rank's KV of every layer is exact again);
+  // other schedules: step().
+  Tensor step_exact(const std::vector<Chunk>& chunks);
   // Debug: under replicated attention (tp: inside each tensor-parallel
   // group), all-reduce a hash of every step's chunks and fail when the
   // ranks' inputs differ (they would silently diverge otherwise).
@@ -55,6 +60,7 @@ class InferenceEngine {
  private:
   void verify_replicas(const std::vector<Chunk>& chunks);
   Tensor step_tensor_parallel(const std::vector<Chunk>& chunks);
+  Tensor step_layer_parallel(const std::vector<Chunk>& chunks);
   Model& model_;
   LayerSchedule schedule_;
   int rank_;

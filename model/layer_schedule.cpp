@@ -60,6 +60,21 @@ LayerSchedule LayerSchedule::tensor_parallel(int layers, int world, int tp) {
   return s;
 }
 
+LayerSchedule LayerSchedule::layer_parallel(int layers, int world, int n, const std::string& field) {
+  if (n < 1 || n > world)
+    SY_THROW(ConfigError, field, " = ", n, ": layer-parallel groups of ", n, " layers need as many ranks; expected 1..",
+             world, " (the ranks of the draft)");
+  LayerSchedule s = replicated(layers, world);
+  s.layer_groups_.push_back({0});
+  for (int l = 1; l < layers - 1; l += n) {
+    std::vector<int> group;
+    for (int j = l; j < std::min(l + n, layers - 1); ++j) group.push_back(j);
+    s.layer_groups_.push_back(group);
+  }
+  if (layers > 1) s.layer_groups_.push_back({layers - 1});
+  return s;
+}
+
 LayerSchedule LayerSchedule::make(const ScheduleOptions& o, int layers, int world) {
   if (o.tp < 1) SY_THROW(ConfigError, o.tp_field, " = ", o.tp, ", expected >= 1");
   if (o.attention == "replicated" || o.attention == "dp") {
@@ -109,6 +124,14 @@ std::string LayerSchedule::describe() const {
   if (mode_ == AttentionMode::tp)
     out << " (" << groups_ << " group(s) of " << tp_ << " rank(s), heads split inside a group, each rank the MoE "
         << "layers on its slice of the group's rows)";
+  if (!layer_groups_.empty()) {
+    out << "; layer-parallel groups";
+    for (const auto& g : layer_groups_) {
+      out << " [";
+      for (size_t i = 0; i < g.size(); ++i) out << (i ? "," : "") << g[i];
+      out << "]";
+    }
+  }
   out << ", experts over all " << world_ << " rank(s), " << groups_ << " token group(s)";
   return out.str();
 }

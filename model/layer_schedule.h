@@ -49,6 +49,14 @@ class LayerSchedule {
   static LayerSchedule replicated(int layers, int world);
   static LayerSchedule data_parallel(int layers, int world);
   static LayerSchedule tensor_parallel(int layers, int world, int tp);
+  // EasySpec's layer-parallel draft: every rank the same sequences (one
+  // token group); the first and last layers run alone, the middle ones in
+  // groups of up to `n` consecutive layers whose attention runs at once, layer
+  // i of a group on rank i, from the group's shared input (fuzzy); then every
+  // rank adds the group's deltas and runs its FFNs in order. Every rank keeps
+  // every layer's KV, so an exact pass (InferenceEngine::step_exact) can
+  // recompute all of it. `field` names the option in errors (--lp).
+  static LayerSchedule layer_parallel(int layers, int world, int n, const std::string& field = "--lp");
 
   AttentionMode attention() const { return mode_; }
   int world() const { return world_; }
@@ -64,12 +72,15 @@ class LayerSchedule {
   int group_leader(int group) const;  // the lowest rank of a token group: it speaks for the group
   // Layers whose attention (and KV) `rank` runs.
   std::vector<int> owned_layers(int rank) const;
+  // Layer-parallel groups in order (every layer in one; empty unless layer_parallel).
+  const std::vector<std::vector<int>>& layer_groups() const { return layer_groups_; }
   std::string describe() const;
 
  private:
   AttentionMode mode_ = AttentionMode::replicated;
   int world_ = 1, groups_ = 1, tp_ = 1;
   std::vector<LayerAssignment> layers_;
+  std::vector<std::vector<int>> layer_groups_;
 };
 
 }  // namespace switchyard

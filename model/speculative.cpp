@@ -20,6 +20,14 @@ struct Sequence {
   std::vector<int> proposals;
   std::vector<std::vector<float>> q;  // the draft's distribution of each proposal
   int gamma = 0;                      // proposals this round
+  // The draft's exact prefix: positions [0, exact) of its KV came from exact
+  // passes; `unexact` are the committed tokens after it (fed fuzzily or pending).
+  int exact = 0;
+  std::vector<int> unexact;
+  // A calibration pass's proposal for the next round (-1: none; the round then feeds draft_pending first).
+  int first = -1;
+  std::vector<float> first_q;
+  bool calibrate = false;  // this round's outcome asks for a calibration pass
 };
 
 // The distribution a request samples from at these logits (after temperature,
@@ -49,6 +57,21 @@ int residual_token(const std::vector<float>& p, const std::vector<float>& q, Rng
 }
 
 }  // namespace
+
+const char* calibration_name(Calibration c) {
+  switch (c) {
+    case Calibration::every: return "every";
+    case Calibration::mismatch: return "mismatch";
+    case Calibration::never: return "never";
+  }
+  return "?";
+}
+
+Calibration parse_calibration(const std::string& name, const std::string& field) {
+  for (Calibration c : {Calibration::every, Calibration::mismatch, Calibration::never})
+    if (name == calibration_name(c)) return c;
+  SY_THROW(ConfigError, field, " = '", name, "', expected every, mismatch or never");
+}
 
 void SpeculativeOptions::validate() const {
   if (gamma < 1 || gamma > 64) SY_THROW(InvalidArgument, "speculative: gamma = ", gamma, ", expected 1..64");
@@ -84,7 +107,7 @@ std::vector<std::vector<int>> speculative_generate(InferenceEngine& base, Infere
       SY_THROW(InvalidArgument, "speculative: prompt ", i, " of ", p.size(), " tokens + ", max_new_tokens,
                " new tokens exceed max_seq (base ", bc.max_seq, ", draft ", draft.model().config().max_seq, ")");
     seqs.push_back({{}, p.back(), {p.back()}, base.new_cache(capacity), draft.new_cache(capacity),
-                    Rng(o.sampling.seed + i), {}, {}, 0});
+                    Rng(o.sampling.seed + i), {}, {}, 0, static_cast<int>(p.size()) - 1, {p.back()}, -1, {}, false});
   }
   // Prefill both caches with every prompt token but the last (that one is the first round's input).
   {
@@ -96,7 +119,7 @@ std::vector<std::vector<int>> speculative_generate(InferenceEngine& base, Infere
       d.push_back({&seqs[i].draft_cache, context});
     }
     auto t = Clock::now();
-    draft.step(d);
+    draft.step_exact(d);  // the prompt's KV exact, whatever the draft's schedule
     st.draft_seconds += seconds_since(t);
     t = Clock::now();
     base.step(b);
@@ -105,27 +128,32 @@ std::vector<std::vector<int>> speculative_generate(InferenceEngine& base, Infere
   Tensor agree = Tensor::empty({2}, DType::f64);
   for (;;) {
     // Proposals per sequence this round: at most gamma, and no more than it may still commit minus the base's own token.
-    int most = -1;
+    // A sequence drafts its proposals in s.gamma steps, or one fewer when a
+    // calibration pass already proposed the first.
+    int most = -1, any = 0;
     for (Sequence& s : seqs) {
       const int remaining = max_new_tokens - static_cast<int>(s.out.size());
       s.gamma = remaining > 0 ? std::min(o.gamma, remaining - 1) : -1;
-      most = std::max(most, s.gamma);
+      s.proposals.clear(), s.q.clear();
+      if (s.gamma >= 1 && s.first >= 0) s.proposals.push_back(s.first), s.q.push_back(std::move(s.first_q));
+      if (s.gamma >= 0) any = 1;
+      most = std::max(most, s.gamma - static_cast<int>(s.proposals.size()));
     }
-    agree.data_as<double>()[0] = most;  // -1: nothing left on this rank
-    agree.data_as<double>()[1] = 0;
+    agree.data_as<double>()[0] = any;
+    agree.data_as<double>()[1] = most;
     base.world().allreduce(agree, agree, {.op = ReduceOp::max}).wait();
-    if (agree.data_as<double>()[0] < 0) break;  // every rank's sequences are done: all stop together
-    const int steps = static_cast<int>(agree.data_as<double>()[0]);
+    if (agree.data_as<double>()[0] == 0) break;  // every rank's sequences are done: all stop together
+    const int steps = static_cast<int>(agree.data_as<double>()[1]);
     ++st.rounds;
-    // Draft: `steps` collective steps; a sequence takes part in its first s.gamma of them.
+    // Draft: `steps` collective steps; a sequence takes part until it has s.gamma proposals.
     auto t = Clock::now();
-    for (Sequence& s : seqs) s.proposals.clear(), s.q.clear();
     for (int step = 0; step < steps; ++step) {
       std::vector<Chunk> chunks;
       std::vector<Sequence*> owner;
       for (Sequence& s : seqs) {
-        if (step >= s.gamma) continue;
-        chunks.push_back({&s.draft_cache, step == 0 ? s.draft_pending : std::vector<int>{s.proposals.back()}});
+        if (static_cast<int>(s.proposals.size()) >= s.gamma) continue;
+        const bool pending = s.proposals.empty();  // the round's first draft step feeds what the draft has not seen
+        chunks.push_back({&s.draft_cache, pending ? s.draft_pending : std::vector<int>{s.proposals.back()}});
         owner.push_back(&s);
       }
       const Tensor logits = draft.step(chunks);
@@ -168,26 +196,61 @@ std::vector<std::vector<int>> speculative_generate(InferenceEngine& base, Infere
       }
       if (next < 0) next = sample(rows + static_cast<int64_t>(s.gamma) * V, V, o.sampling, s.rng).token;  // bonus
       // Commit the accepted proposals and the base's token.
+      const bool had_first = s.first >= 0 && s.gamma >= 1;
       std::vector<int> stream = s.draft_pending;  // what the draft must end up having fed
       for (int i = 0; i < accepted; ++i) {
         s.out.push_back(s.proposals[static_cast<size_t>(i)]);
         stream.push_back(s.proposals[static_cast<size_t>(i)]);
+        s.unexact.push_back(s.proposals[static_cast<size_t>(i)]);
       }
       s.out.push_back(next);
       stream.push_back(next);
+      s.unexact.push_back(next);
       // The base holds [.., last, accepted proposals]; the rejected positions go.
       s.base_cache.crop(s.base_cache.length() - (s.gamma - accepted));
       s.last = next;
-      // The draft fed its pending tokens and its first gamma - 1 proposals; it keeps those that were committed.
-      const int fed = s.gamma >= 1 ? static_cast<int>(s.draft_pending.size()) + s.gamma - 1 : 0;
+      // The draft fed its pending tokens (unless a calibration proposed the
+      // first proposal) and every proposal but the last; it keeps those that
+      // were committed.
+      const int from_pending = had_first ? 0 : static_cast<int>(s.draft_pending.size());
+      const int fed = s.gamma >= 1 ? from_pending + s.gamma - 1 : 0;
       const int kept = std::min(fed, static_cast<int>(s.draft_pending.size()) + accepted);
       s.draft_cache.crop(s.draft_cache.length() - (fed - kept));
       s.draft_pending.assign(stream.begin() + kept, stream.end());
+      s.first = -1;
+      s.calibrate = o.calibration == Calibration::every || (o.calibration == Calibration::mismatch && accepted < s.gamma);
       st.proposed += s.gamma;
       st.accepted += accepted;
       st.generated += accepted + 1;
       ++st.sequence_rounds;
     }
+    if (o.calibration == Calibration::never) continue;
+    // Calibration: one exact draft pass, collective (ranks with nothing to calibrate pass no rows).
+    t = Clock::now();
+    std::vector<Chunk> exact;
+    std::vector<Sequence*> calibrated;
+    for (Sequence& s : seqs) {
+      if (s.gamma < 0 || !s.calibrate || static_cast<int>(s.out.size()) >= max_new_tokens) continue;
+      s.draft_cache.crop(s.exact);
+      exact.push_back({&s.draft_cache, s.unexact});
+      calibrated.push_back(&s);
+    }
+    const Tensor draft_logits = draft.step_exact(exact);
+    ++st.draft_forwards;
+    int64_t row = -1;
+    for (size_t c = 0; c < exact.size(); ++c) {
+      Sequence& s = *calibrated[c];
+      row += static_cast<int64_t>(exact[c].tokens.size());
+      s.exact += static_cast<int>(s.unexact.size());
+      s.unexact.clear();
+      s.draft_pending.clear();
+      ++st.calibrations;
+      if (max_new_tokens - static_cast<int>(s.out.size()) < 2) continue;  // no proposals left to make
+      Sampled pick = sample(draft_logits.data_as<float>() + row * V, V, o.sampling, s.rng);
+      s.first = pick.token;
+      s.first_q = std::move(pick.probs);
+    }
+    st.calibration_seconds += seconds_since(t);
   }
   st.total_seconds = seconds_since(start);
   if (stats) *stats = st;

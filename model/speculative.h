@@ -23,6 +23,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "model/engine.h"
@@ -30,9 +31,20 @@
 
 namespace switchyard {
 
+// EasySpec's bonus calibration: after verification the draft's KV is cropped
+// to its last exact position and one exact pass (InferenceEngine::step_exact)
+// runs over the committed tokens since, accepted ones and the base's token;
+// its last logits give the next round's first proposal, so a round still
+// takes gamma draft forwards. Needed after fuzzy (layer-parallel) drafting,
+// whose KV is inexact; harmless for an exact draft.
+enum class Calibration { every, mismatch, never };  // mismatch: only after a round that rejected a proposal
+const char* calibration_name(Calibration c);
+Calibration parse_calibration(const std::string& name, const std::string& field);  // ConfigError naming field
+
 struct SpeculativeOptions {
   int gamma = 4;  // tokens the draft proposes per round (>= 1)
   SamplingOptions sampling;
+  Calibration calibration = Calibration::every;
   void validate() const;  // InvalidArgument naming the field
 };
 
@@ -41,8 +53,9 @@ struct SpeculativeStats {
   int64_t proposed = 0;         // draft tokens proposed (this rank's sequences)
   int64_t accepted = 0;         // of them, accepted
   int64_t generated = 0;        // tokens committed (accepted + corrections / bonus tokens)
-  int64_t draft_forwards = 0;   // draft steps run (collective)
-  double draft_seconds = 0, verify_seconds = 0, total_seconds = 0;
+  int64_t draft_forwards = 0;   // draft steps run (collective), calibration passes included
+  int64_t calibrations = 0;     // this rank's sequences' calibration passes
+  double draft_seconds = 0, verify_seconds = 0, calibration_seconds = 0, total_seconds = 0;
   double acceptance() const { return proposed > 0 ? static_cast<double>(accepted) / static_cast<double>(proposed) : 0; }
   // Committed tokens per sequence-round (1 + accepted on average).
   int64_t sequence_rounds = 0;

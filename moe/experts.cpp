@@ -48,19 +48,28 @@ void MoELayer::charge_memory(double bytes) const {
   if (config_.device_model) virtual_time::charge(config_.device_model->memory_seconds(bytes));
 }
 
-void MoELayer::gemm_bf16(const kernels::cpu::GemmBf16Args& args) {
-  if (config_.device_model)  // at the roofline: a few rows per expert read its weights at the bandwidth
-    virtual_time::charge(config_.device_model->gemm_seconds(static_cast<double>(args.m), static_cast<double>(args.n),
-                                                            static_cast<double>(args.k), true));
+namespace {
+// A GEMM at the device's roofline: a few rows per expert read its weights at
+// the bandwidth; weights an earlier block of the same expert read are not read again.
+double expert_gemm_seconds(const DeviceModel& dev, double m, double n, double k, bool bf16, bool weights_read) {
+  const double operand = bf16 ? 2.0 : 4.0;
+  return dev.kernel_seconds(2 * m * n * k, (m * k + (weights_read ? 0.0 : k * n)) * operand + m * n * 4.0, bf16);
+}
+}  // namespace
+
+void MoELayer::gemm_bf16(const kernels::cpu::GemmBf16Args& args, bool weights_read) {
+  if (config_.device_model)
+    virtual_time::charge(expert_gemm_seconds(*config_.device_model, static_cast<double>(args.m),
+                                             static_cast<double>(args.n), static_cast<double>(args.k), true, weights_read));
   if (!config_.skip_compute) kernels::cpu::gemm_bf16(args);
   if (args.m && args.n && args.k)
     ++gemms_[GemmShape{args.m, args.n, args.k, args.transpose_a, args.transpose_b, true}];
 }
 
-void MoELayer::gemm(const kernels::cpu::GemmArgs& args, bool always) {
+void MoELayer::gemm(const kernels::cpu::GemmArgs& args, bool always, bool weights_read) {
   if (config_.device_model)
-    virtual_time::charge(config_.device_model->gemm_seconds(static_cast<double>(args.m), static_cast<double>(args.n),
-                                                            static_cast<double>(args.k), false));
+    virtual_time::charge(expert_gemm_seconds(*config_.device_model, static_cast<double>(args.m),
+                                             static_cast<double>(args.n), static_cast<double>(args.k), false, weights_read));
   if (always || !config_.skip_compute) {
     if (config_.batch_invariant && !args.transpose_a && !args.transpose_b && args.alpha == 1.f)
       kernels::cpu::matmul_rows(args.a, args.m, args.k, args.lda, args.b, args.n, args.ldb, args.beta, args.c, args.ldc);
@@ -278,10 +287,13 @@ void MoELayer::run_chunk(MoEBatch& batch, int chunk) {
     const int64_t n = p.recv_offset(chunk + 1) - offset;
     kernels::cpu::to_bf16(x + offset * M, n * M, static_cast<uint16_t*>(a.rows16.data()) + offset * M);
   }
+  std::vector<char> read(static_cast<size_t>(p.slots), 0);  // slots whose weights this chunk has read
   for (int u = 0; u < p.exchange_ranks; ++u)
     for (int l = 0; l < p.slots; ++l) {
       const int64_t m = p.recv_block(chunk, u, l);
       if (m == 0) continue;
+      const bool weights_read = read[static_cast<size_t>(l)];
+      read[static_cast<size_t>(l)] = 1;
       float* pre_b = a.pre.data_as<float>() + offset * H1w;
       float* act_b = a.act.data_as<float>() + offset * Hw;
       float* out_b = a.out.data_as<float>() + offset * M;
@@ -298,19 +310,19 @@ void MoELayer::run_chunk(MoEBatch& batch, int chunk) {
       }
       if (bf)
         gemm_bf16({.m = m, .n = H1w, .k = M, .a = b16(a.rows16, offset * M), .lda = M, .b = b16(a.w1_16, l * M * H1w),
-                   .ldb = H1w, .accumulate = true, .c = pre_b, .ldc = H1w});
+                   .ldb = H1w, .accumulate = true, .c = pre_b, .ldc = H1w}, weights_read);
       else
         gemm({.m = m, .n = H1w, .k = M, .a = x + offset * M, .lda = M, .b = w.p.w1.data_as<float>() + l * M * H1w,
-              .ldb = H1w, .beta = 1.f, .c = pre_b, .ldc = H1w});
+              .ldb = H1w, .beta = 1.f, .c = pre_b, .ldc = H1w}, false, weights_read);
       if (elementwise) kernels::cpu::activation_forward(config_.activation, pre_b, m, Hw, act_b);
       if (bf) {
         uint16_t* a16 = static_cast<uint16_t*>(a.act16.data()) + offset * Hw;
         if (elementwise) kernels::cpu::to_bf16(act_b, m * Hw, a16);
         gemm_bf16({.m = m, .n = M, .k = Hw, .a = a16, .lda = Hw, .b = b16(a.w2_16, l * Hw * M), .ldb = M,
-                   .accumulate = true, .c = out_b, .ldc = M});
+                   .accumulate = true, .c = out_b, .ldc = M}, weights_read);
       } else {
         gemm({.m = m, .n = M, .k = Hw, .a = act_b, .lda = Hw, .b = w.p.w2.data_as<float>() + l * Hw * M, .ldb = M,
-              .beta = 1.f, .c = out_b, .ldc = M});
+              .beta = 1.f, .c = out_b, .ldc = M}, false, weights_read);
       }
       offset += m;
     }

@@ -398,8 +398,12 @@ class MoELayer {
   ExpertParams params_;
   Tensor gate_grad_;
   ExpertParams grads_;
-  void gemm(const kernels::cpu::GemmArgs& args, bool always = false);  // always: even when skip_compute
-  void gemm_bf16(const kernels::cpu::GemmBf16Args& args);
+  // always: even when skip_compute. weights_read: the emulated device already
+  // read this weight matrix for an earlier block of the same expert (a GPU
+  // runs one grouped GEMM over all of an expert's rows), so only the rows and
+  // outputs are charged beside the FLOPs.
+  void gemm(const kernels::cpu::GemmArgs& args, bool always = false, bool weights_read = false);
+  void gemm_bf16(const kernels::cpu::GemmBf16Args& args, bool weights_read = false);
   // The kinds of pooled buffer: a batch holds its forward ones until its handle
   // goes; backward's are temporaries of the call.
   enum class Buffer : uint8_t { input, send, recv, arrived, pre, act, expert_out, back, d_returned, d_out, d_rows, d_act, d_pre,

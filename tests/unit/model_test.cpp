@@ -430,6 +430,24 @@ TEST(LayerSchedule, InstancesAndBadConfigs) {
   EXPECT_EQ(tp.tp_rank(3), 1);
   EXPECT_EQ(tp.owned_layers(3).size(), size_t{8});
   EXPECT_THROW(tp.group_leader(2), InvalidArgument);
+  // EasySpec's layer groups: first and last layers alone, the middle ones in groups of n.
+  const LayerSchedule lp = LayerSchedule::layer_parallel(6, 4, 4);
+  EXPECT_EQ(lp.layer_groups(), (std::vector<std::vector<int>>{{0}, {1, 2, 3, 4}, {5}}));
+  EXPECT_EQ(LayerSchedule::layer_parallel(8, 4, 3).layer_groups(),
+            (std::vector<std::vector<int>>{{0}, {1, 2, 3}, {4, 5, 6}, {7}}));
+  EXPECT_EQ(lp.token_groups(), 1);
+  EXPECT_EQ(lp.owned_layers(3).size(), size_t{6}) << "every rank keeps every layer's KV (calibration)";
+  auto lp_error = [](int n) {
+    try {
+      LayerSchedule::layer_parallel(6, 2, n);
+    } catch (const ConfigError& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  EXPECT_NE(lp_error(3).find("--lp = 3: layer-parallel groups of 3 layers need as many ranks; expected 1..2"),
+            std::string::npos) << lp_error(3);
+  EXPECT_NE(lp_error(0).find("--lp = 0"), std::string::npos);
   EXPECT_NE(error_of({.attention = "x", .attention_field = "--attention"}).find("--attention = 'x'"), std::string::npos);
   EXPECT_THROW(dp.token_group_of(4), InvalidArgument);
 }

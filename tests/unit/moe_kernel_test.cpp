@@ -149,7 +149,7 @@ TEST(MoEKernels, Bf16GemmAccumulatesInFloatAgainstFloat64) {
 // odd k.
 TEST(MoEKernels, MatmulRowsMatchesFloat64AndEachRowAloneGivesItsBits) {
   Rng rng(20261201);
-  const int64_t k = 37, n = 70;
+  const int64_t k = 37, n = 85;  // a 64-column tile, a 16-column tile, 5 single columns
   std::vector<float> w(static_cast<size_t>(k * n));
   for (float& v : w) v = static_cast<float>(rng.uniform(-1, 1));
   for (int64_t rows = 1; rows <= 9; ++rows) {
