@@ -7,6 +7,8 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <map>
+#include <memory>
 #include <optional>
 
 #include "core/error.h"
@@ -465,6 +467,186 @@ void BenchDecodeOptions::validate() const {
              requests, ") runs on this machine's wall clock (give one of them)");
   for (int B : batches)
     if (B < 1) SY_THROW(InvalidArgument, "bench decode: --batch ", B, ", expected >= 1");
+}
+
+void BenchSpecOptions::validate() const {
+  if (count < 1) SY_THROW(InvalidArgument, "bench spec: --count = ", count, ", expected >= 1");
+  if (max_new_tokens < 1) SY_THROW(InvalidArgument, "bench spec: --max_new_tokens = ", max_new_tokens, ", expected >= 1");
+  if (batch < 1) SY_THROW(InvalidArgument, "bench spec: --batch = ", batch, ", expected >= 1");
+  if (rounds < 1) SY_THROW(InvalidArgument, "bench spec: --rounds = ", rounds, ", expected >= 1");
+  for (int g : gammas)
+    if (g < 1 || g > 64) SY_THROW(InvalidArgument, "bench spec: --gamma ", g, ", expected 1..64");
+  for (int n : lps)
+    if (n < 1) SY_THROW(InvalidArgument, "bench spec: --lp ", n, ", expected >= 1");
+  for (const std::string& c : calibrations) parse_calibration(c, "bench spec: --calibration");
+}
+
+namespace {
+// One configuration's figures, summed over this rank's batches.
+struct SpecRun {
+  std::string mode;  // plain | exact | easyspec
+  int lp = 1, gamma = 0;
+  std::string calibration = "-";
+  SpeculativeStats stats;
+  std::vector<double> tokens_per_s;  // per round
+  bool same_as_plain = true;
+};
+}  // namespace
+
+int run_bench_spec(const BenchSpecOptions& o) {
+  o.validate();
+  std::vector<std::vector<int>> prompts;
+  {
+    std::ifstream in(o.prompts);
+    if (!in) SY_THROW(IoError, "bench spec: cannot read --prompts '", o.prompts, "'");
+    std::string line;
+    while (static_cast<int>(prompts.size()) < o.count && std::getline(in, line))
+      if (!line.empty()) prompts.push_back(bytes_of(line));
+    if (prompts.empty()) SY_THROW(InvalidArgument, "bench spec: --prompts '", o.prompts, "' holds no prompt");
+  }
+  run_ranks(runtime_options(o.parallel), [&](Runtime& rt) {
+    const int threads = set_rank_threads(o.parallel, rt);
+    Communicator& world = rt.world();
+    const int W = world.size();
+    const bool speak = world.rank() == 0;
+    Model base(o.model, rt.world_ptr()), draft(o.draft, rt.world_ptr());
+    InferenceEngine be(base, LayerSchedule::make(o.parallel.schedule(), base.config().layers, W));
+    if (be.schedule().token_groups() != 1)
+      SY_THROW(ConfigError, "bench spec: --attention = ", o.parallel.attention, " gives ", be.schedule().token_groups(),
+               " token groups; expected one (replicated, or tp over all ", W, " ranks), as EasySpec drafts over every rank");
+    InferenceEngine exact_draft(draft, LayerSchedule::make(o.parallel.schedule(), draft.config().layers, W));
+    for (const auto& p : prompts)
+      if (static_cast<int>(p.size()) + o.max_new_tokens + 1 > std::min(base.config().max_seq, draft.config().max_seq))
+        SY_THROW(InvalidArgument, "bench spec: a prompt of ", p.size(), " tokens + --max_new_tokens = ", o.max_new_tokens,
+                 " exceed max_seq");
+    std::vector<SpecRun> runs;
+    runs.push_back({"plain", 1, 0});
+    for (int n : o.lps)
+      for (int g : o.gammas) {
+        if (n == 1) {
+          runs.push_back({"exact", 1, g, "never"});
+          continue;
+        }
+        if (n > W) continue;  // said below
+        for (const std::string& c : o.calibrations) runs.push_back({"easyspec", n, g, c});
+      }
+    if (speak) {
+      std::printf("bench spec: %s verifying %s on %d rank(s) (%s), %d GEMM thread(s) per rank; %zu prompts from %s, "
+                  "%d new tokens each, greedy, %d at once; %d round(s), configurations alternated\n",
+                  base.config().name.c_str(), draft.config().name.c_str(), W, be.schedule().describe().c_str(), threads,
+                  prompts.size(), o.prompts.c_str(), o.max_new_tokens, o.batch, o.rounds);
+      for (int n : o.lps)
+        if (n > W) std::printf("# --lp %d skipped: it needs %d ranks\n", n, n);
+      std::fflush(stdout);
+    }
+    std::vector<std::vector<int>> reference;  // plain greedy output, per prompt
+    std::map<int, std::unique_ptr<InferenceEngine>> lp_drafts;
+    for (int round = 0; round < o.rounds; ++round)
+      for (SpecRun& run : runs) {
+        InferenceEngine* de = &exact_draft;
+        if (run.mode == "easyspec") {
+          auto& e = lp_drafts[run.lp];
+          if (!e) e = std::make_unique<InferenceEngine>(draft, LayerSchedule::layer_parallel(draft.config().layers, W, run.lp));
+          de = e.get();
+        }
+        std::vector<std::vector<int>> out;
+        world.barrier().wait();
+        const auto start = Clock::now();
+        SpeculativeStats total;
+        for (size_t first = 0; first < prompts.size(); first += static_cast<size_t>(o.batch)) {
+          const std::vector<std::vector<int>> batch(
+              prompts.begin() + static_cast<std::ptrdiff_t>(first),
+              prompts.begin() + static_cast<std::ptrdiff_t>(std::min(prompts.size(), first + static_cast<size_t>(o.batch))));
+          std::vector<std::vector<int>> got;
+          if (run.mode == "plain") {  // prefill, then one token per step
+            std::vector<KVCache> caches;
+            std::vector<Chunk> chunks;
+            caches.reserve(batch.size());
+            for (const auto& p : batch) {
+              caches.push_back(be.new_cache(static_cast<int>(p.size()) + o.max_new_tokens + 1));
+              chunks.push_back({&caches.back(), p});
+            }
+            got.assign(batch.size(), {});
+            for (int t = 0; t < o.max_new_tokens; ++t) {
+              const Tensor logits = be.step(chunks);
+              int64_t row = -1;
+              for (size_t c = 0; c < chunks.size(); ++c) {
+                row += static_cast<int64_t>(chunks[c].tokens.size());
+                const float* r = logits.data_as<float>() + row * base.config().vocab_size;
+                got[c].push_back(static_cast<int>(std::max_element(r, r + base.config().vocab_size) - r));
+                chunks[c].tokens = {got[c].back()};
+              }
+            }
+          } else {
+            SpeculativeStats st;
+            got = speculative_generate(be, *de, batch, o.max_new_tokens,
+                                       {.gamma = run.gamma,
+                                        .calibration = run.mode == "exact" ? Calibration::never
+                                                                           : parse_calibration(run.calibration, "--calibration")},
+                                       &st);
+            total.proposed += st.proposed, total.accepted += st.accepted, total.generated += st.generated;
+            total.sequence_rounds += st.sequence_rounds, total.rounds += st.rounds;
+            total.draft_seconds += st.draft_seconds, total.verify_seconds += st.verify_seconds;
+            total.calibration_seconds += st.calibration_seconds;
+          }
+          out.insert(out.end(), got.begin(), got.end());
+        }
+        const double seconds = max_over_ranks(world, seconds_since(start));
+        const double tokens = static_cast<double>(prompts.size()) * o.max_new_tokens;
+        run.tokens_per_s.push_back(tokens / seconds);
+        if (run.mode == "plain") reference = out;
+        else if (out != reference) run.same_as_plain = false;
+        if (round == 0) run.stats = total;
+        if (speak) std::fprintf(stderr, "[bench spec] round %d/%d: %s lp=%d gamma=%d %s: %.1f tokens/s\n", round + 1,
+                                o.rounds, run.mode.c_str(), run.lp, run.gamma, run.calibration.c_str(), tokens / seconds);
+      }
+    if (!speak) return;
+    const double plain = median(runs.front().tokens_per_s);
+    std::printf("plain: %.1f tokens/s (median of %d)\n", plain, o.rounds);
+    std::FILE* csv = o.csv.empty() ? nullptr : std::fopen(o.csv.c_str(), "w");
+    if (!o.csv.empty() && !csv) SY_THROW(IoError, "bench spec: cannot write --csv '", o.csv, "'");
+    if (csv)
+      std::fprintf(csv, "mode,lp,gamma,calibration,accepted,proposed,acceptance,tokens_per_round,draft_ms_per_token,"
+                        "verify_ms_per_token,calibration_ms_per_token,tokens_per_s,vs_plain,same_as_plain\n");
+    std::string points;
+    bool all_same = true;
+    for (const SpecRun& run : runs) {
+      if (run.mode == "plain") continue;
+      const SpeculativeStats& st = run.stats;
+      const double per = static_cast<double>(std::max<int64_t>(st.generated, 1));
+      const double tps = median(run.tokens_per_s);
+      all_same = all_same && run.same_as_plain;
+      std::printf("spec %s lp=%d gamma=%d calibration=%s: acceptance %lld/%lld (%.3f), tokens/round %.2f, draft %.3f "
+                  "ms/token, verify %.3f ms/token, calibration %.3f ms/token, %.1f tokens/s, %.2fx plain%s\n",
+                  run.mode.c_str(), run.lp, run.gamma, run.calibration.c_str(), static_cast<long long>(st.accepted),
+                  static_cast<long long>(st.proposed), st.acceptance(), st.tokens_per_round(),
+                  st.draft_seconds / per * 1e3, st.verify_seconds / per * 1e3, st.calibration_seconds / per * 1e3, tps,
+                  tps / plain, run.same_as_plain ? "" : "  OUTPUT DIFFERS FROM PLAIN GREEDY");
+      if (csv)
+        std::fprintf(csv, "%s,%d,%d,%s,%lld,%lld,%.4f,%.3f,%.4f,%.4f,%.4f,%.2f,%.3f,%d\n", run.mode.c_str(), run.lp,
+                     run.gamma, run.calibration.c_str(), static_cast<long long>(st.accepted),
+                     static_cast<long long>(st.proposed), st.acceptance(), st.tokens_per_round(),
+                     st.draft_seconds / per * 1e3, st.verify_seconds / per * 1e3, st.calibration_seconds / per * 1e3,
+                     tps, tps / plain, run.same_as_plain ? 1 : 0);
+    }
+    std::printf("%s\n", all_same ? "every configuration's output equals plain greedy decoding"
+                                  : "FAILED: some configuration's output differs from plain greedy decoding");
+    std::fflush(stdout);
+    if (csv) {
+      std::fclose(csv);
+      std::printf("# wrote %s\n", o.csv.c_str());
+      if (!o.png.empty())
+        plot_png(o.png, "set datafile separator ','\nset grid\nset key top right\nset xlabel 'gamma'\n"
+                        "set ylabel 'acceptance (proposals accepted)'\nset title 'bench spec: " + base.config().name +
+                            " verifying " + draft.config().name + "'\nplot '" + o.csv +
+                            "' every ::1 using 3:(strcol(1) eq 'exact' ? $7 : 1/0) with points pt 7 ps 1.5 title 'exact', "
+                            "'' every ::1 using 3:(strcol(1) eq 'easyspec' && strcol(4) eq 'every' ? $7 : 1/0) with points pt 5 "
+                            "title 'easyspec, calibrated', '' every ::1 using 3:(strcol(1) eq 'easyspec' && strcol(4) eq 'never' "
+                            "? $7 : 1/0) with points pt 4 title 'easyspec, never calibrated'\n");
+    }
+    if (!all_same) SY_THROW(InvalidArgument, "bench spec: speculative output differs from plain greedy decoding");
+  });
+  return 0;
 }
 
 int run_generate(const GenerateOptions& o) {

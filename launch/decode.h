@@ -70,4 +70,26 @@ struct BenchDecodeOptions {
 };
 int run_bench_decode(const BenchDecodeOptions& options);
 
+// `switchyard bench spec`: speculative decoding against plain greedy decoding
+// of the same prompts on the same ranks: exact drafting (the draft on the
+// model's schedule) and EasySpec layer-parallel drafting per --lp, gamma and
+// calibration policy. One line per configuration (acceptance, tokens per
+// base forward, drafting / verification / calibration time per token,
+// tokens/s and its ratio to plain decoding); CSV and a plot.
+struct BenchSpecOptions {
+  std::string model, draft;
+  std::string prompts;  // a file, one prompt per line (examples/tiny_lm/heldout_prompts.txt)
+  int count = 50;       // prompts taken from it
+  int max_new_tokens = 128;
+  int batch = 1;        // prompts decoded at once
+  std::vector<int> gammas = {2, 4, 6};
+  std::vector<int> lps = {1, 2, 4};  // 1: exact drafting; > 1 (<= ranks): EasySpec groups
+  std::vector<std::string> calibrations = {"every", "never"};  // for lp > 1
+  int rounds = 1;       // every configuration this many times, alternated; medians of tokens/s
+  DecodeParallelism parallel;
+  std::string csv, png;
+  void validate() const;
+};
+int run_bench_spec(const BenchSpecOptions& options);
+
 }  // namespace switchyard

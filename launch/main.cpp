@@ -315,6 +315,24 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   add_decode_parallelism(gen, go.parallel);
 
+  auto* bench_spec = bench->add_subcommand("spec", "Speculative decoding (exact and EasySpec drafting) against plain greedy decoding");
+  BenchSpecOptions spec;
+  bench_spec->add_option("--model", spec.model, "Base model folder")->required();
+  bench_spec->add_option("--draft", spec.draft, "Draft model folder")->required();
+  bench_spec->add_option("--prompts", spec.prompts, "Prompts, one per line (examples/tiny_lm/heldout_prompts.txt)")->required();
+  bench_spec->add_option("--count", spec.count, "Prompts taken from the file")->capture_default_str();
+  bench_spec->add_option("--max_new_tokens,--max-new-tokens", spec.max_new_tokens, "Tokens per prompt")->capture_default_str();
+  bench_spec->add_option("--batch", spec.batch, "Prompts decoded at once")->capture_default_str();
+  bench_spec->add_option("--gamma", spec.gammas, "Draft tokens per round")->delimiter(',')->capture_default_str();
+  bench_spec->add_option("--lp", spec.lps, "1: exact drafting; N > 1: EasySpec groups of N layers (<= ranks)")
+      ->delimiter(',')->capture_default_str();
+  bench_spec->add_option("--calibration", spec.calibrations, "EasySpec calibration policies: every, mismatch, never")
+      ->delimiter(',')->capture_default_str();
+  bench_spec->add_option("--rounds", spec.rounds, "Runs of every configuration, alternated (medians)")->capture_default_str();
+  bench_spec->add_option("--csv", spec.csv, "Also write CSV (a row per configuration)");
+  bench_spec->add_option("--png", spec.png, "Also plot acceptance per gamma (gnuplot; needs --csv)");
+  add_decode_parallelism(bench_spec, spec.parallel);
+
   auto* trace = app.add_subcommand("trace", "Routing trace tools");
   auto* trace_stats_cmd = trace->add_subcommand("stats", "Per-layer expert load skew and how predictable a token's experts are from its id");
   std::string trace_file;
@@ -360,6 +378,7 @@ int main(int argc, char** argv) {
     }
     if (bench_moe->parsed()) return run_bench_moe(moe);
     if (bench_decode->parsed()) return run_bench_decode(decode);
+    if (bench_spec->parsed()) return run_bench_spec(spec);
     if (gen->parsed()) return run_generate(go);
     if (bench_scale->parsed()) return run_bench_scale(scale);
     if (launch->parsed()) return run_launch(lo);
