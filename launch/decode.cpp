@@ -635,14 +635,18 @@ int run_bench_spec(const BenchSpecOptions& o) {
     if (csv) {
       std::fclose(csv);
       std::printf("# wrote %s\n", o.csv.c_str());
-      if (!o.png.empty())
-        plot_png(o.png, "set datafile separator ','\nset grid\nset key top right\nset xlabel 'gamma'\n"
+      if (!o.png.empty()) {  // acceptance per gamma: exact drafting, then each (lp, calibration) of EasySpec
+        std::string series = "'" + o.csv + "' every ::1 using 3:(strcol(1) eq 'exact' ? $7 : 1/0) with points pt 7 "
+                             "ps 2 title 'exact'";
+        for (int n : o.lps)
+          for (const std::string& c : o.calibrations)
+            if (n > 1 && n <= W)
+              series += ", '' every ::1 using 3:($2 == " + std::to_string(n) + " && strcol(4) eq '" + c +
+                        "' ? $7 : 1/0) with points ps 1.5 title 'easyspec lp " + std::to_string(n) + ", calibration " + c + "'";
+        plot_png(o.png, "set datafile separator ','\nset grid\nset key bottom left\nset xlabel 'gamma'\n"
                         "set ylabel 'acceptance (proposals accepted)'\nset title 'bench spec: " + base.config().name +
-                            " verifying " + draft.config().name + "'\nplot '" + o.csv +
-                            "' every ::1 using 3:(strcol(1) eq 'exact' ? $7 : 1/0) with points pt 7 ps 1.5 title 'exact', "
-                            "'' every ::1 using 3:(strcol(1) eq 'easyspec' && strcol(4) eq 'every' ? $7 : 1/0) with points pt 5 "
-                            "title 'easyspec, calibrated', '' every ::1 using 3:(strcol(1) eq 'easyspec' && strcol(4) eq 'never' "
-                            "? $7 : 1/0) with points pt 4 title 'easyspec, never calibrated'\n");
+                            " verifying " + draft.config().name + "'\nplot " + series + "\n");
+      }
     }
     if (!all_same) SY_THROW(InvalidArgument, "bench spec: speculative output differs from plain greedy decoding");
   });
