@@ -582,7 +582,8 @@ int run_bench_spec(const BenchSpecOptions& o) {
             got = speculative_generate(be, *de, batch, o.max_new_tokens,
                                        {.gamma = run.gamma,
                                         .calibration = run.mode == "exact" ? Calibration::never
-                                                                           : parse_calibration(run.calibration, "--calibration")},
+                                                                           : parse_calibration(run.calibration, "--calibration"),
+                                        .adaptive_gamma = o.adaptive},
                                        &st);
             total.proposed += st.proposed, total.accepted += st.accepted, total.generated += st.generated;
             total.sequence_rounds += st.sequence_rounds, total.rounds += st.rounds;
@@ -616,10 +617,11 @@ int run_bench_spec(const BenchSpecOptions& o) {
       const double per = static_cast<double>(std::max<int64_t>(st.generated, 1));
       const double tps = median(run.tokens_per_s);
       all_same = all_same && run.same_as_plain;
-      std::printf("spec %s lp=%d gamma=%d calibration=%s: acceptance %lld/%lld (%.3f), tokens/round %.2f, draft %.3f "
+      std::printf("spec %s lp=%d gamma=%s%d calibration=%s: acceptance %lld/%lld (%.3f), tokens/round %.2f, draft %.3f "
                   "ms/token, verify %.3f ms/token, calibration %.3f ms/token, %.1f tokens/s, %.2fx plain%s\n",
-                  run.mode.c_str(), run.lp, run.gamma, run.calibration.c_str(), static_cast<long long>(st.accepted),
-                  static_cast<long long>(st.proposed), st.acceptance(), st.tokens_per_round(),
+                  run.mode.c_str(), run.lp, o.adaptive ? "<=" : "", run.gamma, run.calibration.c_str(),
+                  static_cast<long long>(st.accepted), static_cast<long long>(st.proposed), st.acceptance(),
+                  st.tokens_per_round(),
                   st.draft_seconds / per * 1e3, st.verify_seconds / per * 1e3, st.calibration_seconds / per * 1e3, tps,
                   tps / plain, run.same_as_plain ? "" : "  OUTPUT DIFFERS FROM PLAIN GREEDY");
       if (csv)
@@ -691,7 +693,9 @@ int run_generate(const GenerateOptions& o) {
       if (engine.token_group() == 0) prompts.push_back(bytes_of(o.prompt));
       SpeculativeStats st;
       const auto out = speculative_generate(engine, draft_engine, prompts, o.max_new_tokens,
-                                            {.gamma = o.gamma, .sampling = o.sampling, .calibration = calibration}, &st);
+                                            {.gamma = o.gamma, .sampling = o.sampling, .calibration = calibration,
+                                             .adaptive_gamma = o.adaptive_gamma},
+                                            &st);
       if (speak) {
         for (int t : out.at(0)) std::fputc(t, stdout);
         std::printf("\n[%s verifying %s (%s%s) on %d rank(s), attention %s, gamma %d, calibration %s] acceptance %.2f "

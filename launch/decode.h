@@ -38,6 +38,7 @@ struct GenerateOptions {
   std::string speculative = "plain";  // plain | easyspec
   int lp = 2;                         // easyspec: layers per layer-parallel group
   std::string calibration = "every";  // every | mismatch | never
+  bool adaptive_gamma = false;        // gamma per round from the measured acceptance, at most `gamma`
 };
 int run_generate(const GenerateOptions& options);
 
@@ -86,6 +87,7 @@ struct BenchSpecOptions {
   std::vector<int> lps = {1, 2, 4};  // 1: exact drafting; > 1 (<= ranks): EasySpec groups
   std::vector<std::string> calibrations = {"every", "never"};  // for lp > 1
   int rounds = 1;       // every configuration this many times, alternated; medians of tokens/s
+  bool adaptive = false;  // gamma per sequence and round from its acceptance, each --gamma the most
   DecodeParallelism parallel;
   std::string csv, png;
   void validate() const;

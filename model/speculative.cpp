@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 
 #include "core/error.h"
 
@@ -28,6 +29,7 @@ struct Sequence {
   int first = -1;
   std::vector<float> first_q;
   bool calibrate = false;  // this round's outcome asks for a calibration pass
+  double acceptance = 0.5;  // smoothed per proposal (adaptive gamma)
 };
 
 // The distribution a request samples from at these logits (after temperature,
@@ -133,7 +135,12 @@ std::vector<std::vector<int>> speculative_generate(InferenceEngine& base, Infere
     int most = -1, any = 0;
     for (Sequence& s : seqs) {
       const int remaining = max_new_tokens - static_cast<int>(s.out.size());
-      s.gamma = remaining > 0 ? std::min(o.gamma, remaining - 1) : -1;
+      int want = o.gamma;
+      if (o.adaptive_gamma) {
+        const double a = std::min(s.acceptance, 0.95);
+        want = std::clamp(static_cast<int>(std::lround(a / (1 - a))) + 1, 1, o.gamma);
+      }
+      s.gamma = remaining > 0 ? std::min(want, remaining - 1) : -1;
       s.proposals.clear(), s.q.clear();
       if (s.gamma >= 1 && s.first >= 0) s.proposals.push_back(s.first), s.q.push_back(std::move(s.first_q));
       if (s.gamma >= 0) any = 1;
@@ -219,6 +226,7 @@ std::vector<std::vector<int>> speculative_generate(InferenceEngine& base, Infere
       s.draft_pending.assign(stream.begin() + kept, stream.end());
       s.first = -1;
       s.calibrate = o.calibration == Calibration::every || (o.calibration == Calibration::mismatch && accepted < s.gamma);
+      if (s.gamma > 0) s.acceptance = 0.7 * s.acceptance + 0.3 * static_cast<double>(accepted) / s.gamma;
       st.proposed += s.gamma;
       st.accepted += accepted;
       st.generated += accepted + 1;

@@ -42,9 +42,14 @@ const char* calibration_name(Calibration c);
 Calibration parse_calibration(const std::string& name, const std::string& field);  // ConfigError naming field
 
 struct SpeculativeOptions {
-  int gamma = 4;  // tokens the draft proposes per round (>= 1)
+  int gamma = 4;  // tokens the draft proposes per round (>= 1); with adaptive_gamma the most
   SamplingOptions sampling;
   Calibration calibration = Calibration::every;
+  // Per sequence and round: gamma = clamp(round(a / (1 - a)) + 1, 1, gamma),
+  // a the sequence's acceptance so far (smoothed, starting at 0.5), the
+  // expected run of accepted proposals plus one: a draft that agrees often
+  // proposes more, one that rarely does stops wasting draft steps.
+  bool adaptive_gamma = false;
   void validate() const;  // InvalidArgument naming the field
 };
 

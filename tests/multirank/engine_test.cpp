@@ -298,6 +298,10 @@ TEST(Engine, SpeculativeGreedyEqualsPlainGreedyForEveryGamma) {
           std::printf("[speculative %s gamma %d] acceptance %.2f, %.2f tokens per round, %lld base forwards\n", mode,
                       gamma, st.acceptance(), st.tokens_per_round(), static_cast<long long>(st.rounds));
       }
+      // Gamma chosen per sequence and round from its acceptance: still plain greedy decoding.
+      const auto adaptive = speculative_generate(be, de, my_prompts, steps, {.gamma = 6, .adaptive_gamma = true});
+      for (size_t i = 0; i < mine.size(); ++i)
+        EXPECT_EQ(adaptive[i], plain.at(mine[i]).tokens) << mode << ", adaptive gamma, sequence " << mine[i];
     }
   }, Milliseconds(30000));
 }
