@@ -489,6 +489,7 @@ struct SpecRun {
   std::string calibration = "-";
   SpeculativeStats stats;
   std::vector<double> tokens_per_s;  // per round
+  double virtual_tokens_per_s = 0;   // emulated: on the preset (deterministic)
   bool same_as_plain = true;
 };
 }  // namespace
@@ -504,17 +505,30 @@ int run_bench_spec(const BenchSpecOptions& o) {
       if (!line.empty()) prompts.push_back(bytes_of(line));
     if (prompts.empty()) SY_THROW(InvalidArgument, "bench spec: --prompts '", o.prompts, "' holds no prompt");
   }
+  std::optional<ClusterModel> cluster;
+  if (!o.emulate.empty()) cluster = load_cluster_preset(o.emulate);
   run_ranks(runtime_options(o.parallel), [&](Runtime& rt) {
     const int threads = set_rank_threads(o.parallel, rt);
-    Communicator& world = rt.world();
+    std::shared_ptr<Communicator> group = rt.world_ptr();
+    ModelOptions mo;
+    if (cluster) {
+      group = make_emulated_communicator(group, cluster->link);
+      mo.device = std::make_shared<const DeviceModel>(cluster->device);
+    }
+    Communicator& world = *group;  // emulated: its barriers meet the ranks' virtual clocks
     const int W = world.size();
     const bool speak = world.rank() == 0;
-    Model base(o.model, rt.world_ptr()), draft(o.draft, rt.world_ptr());
+    // The draft is small: by default every rank holds all of it, so its MoE layers need no all-to-all.
+    const std::shared_ptr<Communicator> self = group->split(group->rank(), 0);
+    Model base(o.model, group, mo), draft(o.draft, o.draft_spread ? group : self, mo);
     InferenceEngine be(base, LayerSchedule::make(o.parallel.schedule(), base.config().layers, W));
     if (be.schedule().token_groups() != 1)
       SY_THROW(ConfigError, "bench spec: --attention = ", o.parallel.attention, " gives ", be.schedule().token_groups(),
                " token groups; expected one (replicated, or tp over all ", W, " ranks), as EasySpec drafts over every rank");
-    InferenceEngine exact_draft(draft, LayerSchedule::make(o.parallel.schedule(), draft.config().layers, W));
+    InferenceEngine exact_draft(draft,
+                                o.draft_spread ? LayerSchedule::make(o.parallel.schedule(), draft.config().layers, W)
+                                               : LayerSchedule::replicated(draft.config().layers, W),
+                                group);
     for (const auto& p : prompts)
       if (static_cast<int>(p.size()) + o.max_new_tokens + 1 > std::min(base.config().max_seq, draft.config().max_seq))
         SY_THROW(InvalidArgument, "bench spec: a prompt of ", p.size(), " tokens + --max_new_tokens = ", o.max_new_tokens,
@@ -531,9 +545,11 @@ int run_bench_spec(const BenchSpecOptions& o) {
         for (const std::string& c : o.calibrations) runs.push_back({"easyspec", n, g, c});
       }
     if (speak) {
-      std::printf("bench spec: %s verifying %s on %d rank(s) (%s), %d GEMM thread(s) per rank; %zu prompts from %s, "
-                  "%d new tokens each, greedy, %d at once; %d round(s), configurations alternated\n",
-                  base.config().name.c_str(), draft.config().name.c_str(), W, be.schedule().describe().c_str(), threads,
+      std::printf("bench spec: %s verifying %s (%s) on %d rank(s) (%s), %d GEMM thread(s) per rank; %zu prompts from "
+                  "%s, %d new tokens each, greedy, %d at once; %d round(s), configurations alternated\n",
+                  base.config().name.c_str(), draft.config().name.c_str(),
+                  o.draft_spread ? "its experts spread over the ranks" : "all of it on every rank", W,
+                  be.schedule().describe().c_str(), threads,
                   prompts.size(), o.prompts.c_str(), o.max_new_tokens, o.batch, o.rounds);
       for (int n : o.lps)
         if (n > W) std::printf("# --lp %d skipped: it needs %d ranks\n", n, n);
@@ -546,12 +562,15 @@ int run_bench_spec(const BenchSpecOptions& o) {
         InferenceEngine* de = &exact_draft;
         if (run.mode == "easyspec") {
           auto& e = lp_drafts[run.lp];
-          if (!e) e = std::make_unique<InferenceEngine>(draft, LayerSchedule::layer_parallel(draft.config().layers, W, run.lp));
+          if (!e)
+            e = std::make_unique<InferenceEngine>(draft, LayerSchedule::layer_parallel(draft.config().layers, W, run.lp),
+                                                  group);
           de = e.get();
         }
         std::vector<std::vector<int>> out;
         world.barrier().wait();
         const auto start = Clock::now();
+        const double virtual_start = virtual_time::now();
         SpeculativeStats total;
         for (size_t first = 0; first < prompts.size(); first += static_cast<size_t>(o.batch)) {
           const std::vector<std::vector<int>> batch(
@@ -592,9 +611,13 @@ int run_bench_spec(const BenchSpecOptions& o) {
           }
           out.insert(out.end(), got.begin(), got.end());
         }
-        const double seconds = max_over_ranks(world, seconds_since(start));
+        const double wall = seconds_since(start);
+        world.barrier().wait();
+        const double virtual_seconds = max_over_ranks(world, virtual_time::now() - virtual_start);
+        const double seconds = max_over_ranks(world, wall);
         const double tokens = static_cast<double>(prompts.size()) * o.max_new_tokens;
         run.tokens_per_s.push_back(tokens / seconds);
+        if (cluster) run.virtual_tokens_per_s = tokens / virtual_seconds;
         if (run.mode == "plain") reference = out;
         else if (out != reference) run.same_as_plain = false;
         if (round == 0) run.stats = total;
@@ -602,13 +625,16 @@ int run_bench_spec(const BenchSpecOptions& o) {
                                 o.rounds, run.mode.c_str(), run.lp, run.gamma, run.calibration.c_str(), tokens / seconds);
       }
     if (!speak) return;
-    const double plain = median(runs.front().tokens_per_s);
-    std::printf("plain: %.1f tokens/s (median of %d)\n", plain, o.rounds);
+    const double plain = median(runs.front().tokens_per_s), plain_virtual = runs.front().virtual_tokens_per_s;
+    std::printf("plain: %.1f tokens/s (median of %d)", plain, o.rounds);
+    if (cluster) std::printf("; %.1f tokens/s virtual on %s", plain_virtual, cluster->name.c_str());
+    std::printf("\n");
     std::FILE* csv = o.csv.empty() ? nullptr : std::fopen(o.csv.c_str(), "w");
     if (!o.csv.empty() && !csv) SY_THROW(IoError, "bench spec: cannot write --csv '", o.csv, "'");
     if (csv)
       std::fprintf(csv, "mode,lp,gamma,calibration,accepted,proposed,acceptance,tokens_per_round,draft_ms_per_token,"
-                        "verify_ms_per_token,calibration_ms_per_token,tokens_per_s,vs_plain,same_as_plain\n");
+                        "verify_ms_per_token,calibration_ms_per_token,tokens_per_s,vs_plain,same_as_plain,"
+                        "virtual_tokens_per_s,virtual_vs_plain\n");
     std::string points;
     bool all_same = true;
     for (const SpecRun& run : runs) {
@@ -624,12 +650,16 @@ int run_bench_spec(const BenchSpecOptions& o) {
                   st.tokens_per_round(),
                   st.draft_seconds / per * 1e3, st.verify_seconds / per * 1e3, st.calibration_seconds / per * 1e3, tps,
                   tps / plain, run.same_as_plain ? "" : "  OUTPUT DIFFERS FROM PLAIN GREEDY");
+      if (cluster)
+        std::printf("     virtual on %s: %.1f tokens/s, %.2fx plain\n", cluster->name.c_str(), run.virtual_tokens_per_s,
+                    run.virtual_tokens_per_s / plain_virtual);
       if (csv)
-        std::fprintf(csv, "%s,%d,%d,%s,%lld,%lld,%.4f,%.3f,%.4f,%.4f,%.4f,%.2f,%.3f,%d\n", run.mode.c_str(), run.lp,
-                     run.gamma, run.calibration.c_str(), static_cast<long long>(st.accepted),
+        std::fprintf(csv, "%s,%d,%d,%s,%lld,%lld,%.4f,%.3f,%.4f,%.4f,%.4f,%.2f,%.3f,%d,%.2f,%.3f\n", run.mode.c_str(),
+                     run.lp, run.gamma, run.calibration.c_str(), static_cast<long long>(st.accepted),
                      static_cast<long long>(st.proposed), st.acceptance(), st.tokens_per_round(),
                      st.draft_seconds / per * 1e3, st.verify_seconds / per * 1e3, st.calibration_seconds / per * 1e3,
-                     tps, tps / plain, run.same_as_plain ? 1 : 0);
+                     tps, tps / plain, run.same_as_plain ? 1 : 0, run.virtual_tokens_per_s,
+                     cluster ? run.virtual_tokens_per_s / plain_virtual : 0.0);
     }
     std::printf("%s\n", all_same ? "every configuration's output equals plain greedy decoding"
                                   : "FAILED: some configuration's output differs from plain greedy decoding");
@@ -675,7 +705,8 @@ int run_generate(const GenerateOptions& o) {
       std::fflush(stdout);
     };
     if (!o.draft.empty()) {  // speculative: the request on token group 0, the others join every collective empty
-      Model draft(o.draft, rt.world_ptr());
+      const std::shared_ptr<Communicator> self = rt.world().split(rt.world().rank(), 0);
+      Model draft(o.draft, o.draft_spread ? rt.world_ptr() : self);  // default: all of the small draft on every rank
       if (o.speculative != "plain" && o.speculative != "easyspec")
         SY_THROW(ConfigError, "--speculative = '", o.speculative, "', expected plain or easyspec");
       if (o.speculative == "easyspec" && engine.schedule().token_groups() != 1)
@@ -683,10 +714,10 @@ int run_generate(const GenerateOptions& o) {
                  "must give one token group (replicated, or tp over all ", rt.world().size(), " ranks); --attention = ",
                  o.parallel.attention, " gives ", engine.schedule().token_groups());
       const LayerSchedule draft_schedule =
-          o.speculative == "easyspec"
-              ? LayerSchedule::layer_parallel(draft.config().layers, rt.world().size(), o.lp, "--lp")
-              : LayerSchedule::make(o.parallel.schedule(), draft.config().layers, rt.world().size());
-      InferenceEngine draft_engine(draft, draft_schedule);
+          o.speculative == "easyspec" ? LayerSchedule::layer_parallel(draft.config().layers, rt.world().size(), o.lp, "--lp")
+          : o.draft_spread            ? LayerSchedule::make(o.parallel.schedule(), draft.config().layers, rt.world().size())
+                                      : LayerSchedule::replicated(draft.config().layers, rt.world().size());
+      InferenceEngine draft_engine(draft, draft_schedule, rt.world_ptr());
       const Calibration calibration = parse_calibration(o.calibration, "--calibration");
       echo_prompt();
       std::vector<std::vector<int>> prompts;

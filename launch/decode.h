@@ -39,6 +39,7 @@ struct GenerateOptions {
   int lp = 2;                         // easyspec: layers per layer-parallel group
   std::string calibration = "every";  // every | mismatch | never
   bool adaptive_gamma = false;        // gamma per round from the measured acceptance, at most `gamma`
+  bool draft_spread = false;          // the draft's experts spread over the ranks (default: all on every rank)
 };
 int run_generate(const GenerateOptions& options);
 
@@ -88,6 +89,8 @@ struct BenchSpecOptions {
   std::vector<std::string> calibrations = {"every", "never"};  // for lp > 1
   int rounds = 1;       // every configuration this many times, alternated; medians of tokens/s
   bool adaptive = false;  // gamma per sequence and round from its acceptance, each --gamma the most
+  std::string emulate;    // a cluster preset: tokens/s in virtual time on it, beside wall time
+  bool draft_spread = false;  // the draft's experts spread over the ranks (default: the whole draft on every rank)
   DecodeParallelism parallel;
   std::string csv, png;
   void validate() const;

@@ -309,6 +309,8 @@ int main(int argc, char** argv) {
                   "With --draft: plain (the draft on the model's schedule) or easyspec (the draft's middle layers in "
                   "layer-parallel groups of --lp; the model's attention must give one token group: replicated, or tp "
                   "over every rank)")->capture_default_str();
+  gen->add_flag("--draft_spread,--draft-spread", go.draft_spread,
+               "Speculative: spread the draft's experts over the ranks (default: all of the draft on every rank)");
   gen->add_flag("--adaptive_gamma,--adaptive-gamma", go.adaptive_gamma,
                "Speculative: gamma per round from the measured acceptance (--gamma: the most)");
   gen->add_option("--lp", go.lp, "easyspec: draft layers per layer-parallel group (<= ranks)")->capture_default_str();
@@ -330,6 +332,10 @@ int main(int argc, char** argv) {
       ->delimiter(',')->capture_default_str();
   bench_spec->add_option("--calibration", spec.calibrations, "EasySpec calibration policies: every, mismatch, never")
       ->delimiter(',')->capture_default_str();
+  bench_spec->add_option("--emulate", spec.emulate,
+                         "A cluster preset (h100-nvlink-ib, ...): tokens/s also in virtual time on it");
+  bench_spec->add_flag("--draft_spread,--draft-spread", spec.draft_spread,
+                       "Spread the draft's experts over the ranks (default: all of the draft on every rank)");
   bench_spec->add_flag("--adaptive", spec.adaptive, "Gamma per sequence and round from its acceptance (--gamma: the most)");
   bench_spec->add_option("--rounds", spec.rounds, "Runs of every configuration, alternated (medians)")->capture_default_str();
   bench_spec->add_option("--csv", spec.csv, "Also write CSV (a row per configuration)");

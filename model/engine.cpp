@@ -9,11 +9,18 @@
 
 namespace switchyard {
 
-InferenceEngine::InferenceEngine(Model& model, LayerSchedule schedule)
-    : model_(model), schedule_(std::move(schedule)), rank_(model.expert_group()->rank()) {
-  if (schedule_.world() != model.expert_group()->size())
-    SY_THROW(InvalidArgument, "inference engine: the schedule is for ", schedule_.world(), " rank(s), the model's "
-             "expert group has ", model.expert_group()->size());
+InferenceEngine::InferenceEngine(Model& model, LayerSchedule schedule, std::shared_ptr<Communicator> group)
+    : model_(model), schedule_(std::move(schedule)), group_(group ? std::move(group) : model.expert_group()),
+      rank_(group_->rank()) {
+  if (schedule_.world() != group_->size())
+    SY_THROW(InvalidArgument, "inference engine: the schedule is for ", schedule_.world(), " rank(s), its group has ",
+             group_->size());
+  if (group_ != model.expert_group() && model.expert_group()->size() != 1)
+    SY_THROW(InvalidArgument, "inference engine: a schedule group other than the model's expert group needs the "
+             "model's experts local to each rank (an expert group of 1), got ", model.expert_group()->size());
+  if (group_ != model.expert_group() && group_->size() > 1 && schedule_.attention() != AttentionMode::replicated)
+    SY_THROW(InvalidArgument, "inference engine: a model replicated on every rank runs replicated or layer-parallel "
+             "schedules, not ", attention_mode_name(schedule_.attention()));
   if (schedule_.layer_count() != model.config().layers)
     SY_THROW(InvalidArgument, "inference engine: the schedule has ", schedule_.layer_count(), " layers, model '",
              model.config().name, "' has ", model.config().layers);

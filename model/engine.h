@@ -26,12 +26,16 @@ struct DecodeMemory {
 
 class InferenceEngine {
  public:
-  // The schedule's world must be the model's expert group. Collective over
-  // it (tp: splits it into the tensor-parallel groups).
-  InferenceEngine(Model& model, LayerSchedule schedule);
+  // The schedule spans `group` (default: the model's expert group). A group
+  // larger than the expert group runs a model whose experts are local to each
+  // rank (a small draft replicated on every rank: its MoE layers need no
+  // all-to-all); its step() then takes only replicated or layer-parallel
+  // schedules. Collective over the group (tp: splits it into the
+  // tensor-parallel groups).
+  InferenceEngine(Model& model, LayerSchedule schedule, std::shared_ptr<Communicator> group = nullptr);
   Model& model() { return model_; }
   const LayerSchedule& schedule() const { return schedule_; }
-  Communicator& world() { return *model_.expert_group(); }
+  Communicator& world() { return *group_; }
   int rank() const { return rank_; }
   int token_group() const { return schedule_.token_group_of(rank_); }
   bool speaks_for_group() const { return schedule_.group_leader(token_group()) == rank_; }
@@ -63,6 +67,7 @@ class InferenceEngine {
   Tensor step_layer_parallel(const std::vector<Chunk>& chunks);
   Model& model_;
   LayerSchedule schedule_;
+  std::shared_ptr<Communicator> group_;
   int rank_;
   std::shared_ptr<Communicator> tp_group_;
   std::vector<std::unique_ptr<AttentionBlock>> tp_attention_;  // this rank's heads of every layer

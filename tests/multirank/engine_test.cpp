@@ -298,6 +298,14 @@ TEST(Engine, SpeculativeGreedyEqualsPlainGreedyForEveryGamma) {
           std::printf("[speculative %s gamma %d] acceptance %.2f, %.2f tokens per round, %lld base forwards\n", mode,
                       gamma, st.acceptance(), st.tokens_per_round(), static_cast<long long>(st.rounds));
       }
+      // The whole draft on every rank (its MoE layers local, no all-to-all): the same proposals, the same output.
+      Model local_draft(kDraft, one_rank());
+      InferenceEngine le(local_draft, LayerSchedule::replicated(local_draft.config().layers, W), world.shared_from_this());
+      SpeculativeStats spread_stats, local_stats;
+      const auto spread = speculative_generate(be, de, my_prompts, steps, {.gamma = 3}, &spread_stats);
+      const auto local = speculative_generate(be, le, my_prompts, steps, {.gamma = 3}, &local_stats);
+      EXPECT_EQ(local, spread) << mode;
+      EXPECT_EQ(local_stats.accepted, spread_stats.accepted) << mode << ": the draft's logits are its own bits either way";
       // Gamma chosen per sequence and round from its acceptance: still plain greedy decoding.
       const auto adaptive = speculative_generate(be, de, my_prompts, steps, {.gamma = 6, .adaptive_gamma = true});
       for (size_t i = 0; i < mine.size(); ++i)
