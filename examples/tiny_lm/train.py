@@ -128,7 +128,8 @@ def train(name, steps_override, comm, log, out_root):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["base", "draft", "both"], default="both")
+    parser.add_argument("--model", choices=["base", "draft", "deep_draft", "both"], default="both",
+                        help="both: base and draft; deep_draft: the 12-layer draft for layer-parallel drafting")
     parser.add_argument("--steps", type=int, default=0, help="override the config's step count")
     parser.add_argument("--out", default=here, help="where the model folders go (default: beside this script)")
     args = parser.parse_args()

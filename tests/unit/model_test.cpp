@@ -39,7 +39,7 @@ std::vector<float> rows_of(const Tensor& logits, int64_t first, int64_t n) {
 }
 
 TEST(Model, LogitsMatchThePythonReference) {
-  for (const std::string name : {"base", "draft"}) {
+  for (const std::string name : {"base", "draft", "deep_draft"}) {
     Model model(kModels + name, one_rank());
     const SafetensorsFile ref = SafetensorsFile::open(kModels + name + "/reference_logits.safetensors");
     const Tensor prompt = ref.load("prompt"), expected = ref.load("logits");
