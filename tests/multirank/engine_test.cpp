@@ -50,16 +50,28 @@ struct Trace {
 
 // Runs `mine` (indices into prompts) through `step`: one prefill of all of
 // them, then `steps` greedy decode steps; empty `mine` still runs every step.
+// A cache per sequence of `mine` and a chunk holding its prompt (a moved
+// Sequences keeps its caches' storage, so the chunks stay valid).
+struct Sequences {
+  std::vector<KVCache> caches;
+  std::vector<Chunk> chunks;
+};
+template <typename NewCache>
+Sequences start(const std::vector<std::vector<int>>& prompts, const std::vector<int>& mine, NewCache&& new_cache) {
+  Sequences q;
+  q.caches.reserve(mine.size());
+  for (int s : mine) {
+    q.caches.push_back(new_cache());
+    q.chunks.push_back({&q.caches.back(), prompts[static_cast<size_t>(s)]});
+  }
+  return q;
+}
+
 template <typename Step, typename NewCache>
 std::map<int, Trace> run_sequences(const std::vector<std::vector<int>>& prompts, const std::vector<int>& mine, int steps,
                                    int V, Step&& step, NewCache&& new_cache) {
-  std::vector<KVCache> caches;
-  caches.reserve(mine.size());
-  std::vector<Chunk> chunks;
-  for (int s : mine) {
-    caches.push_back(new_cache());
-    chunks.push_back({&caches.back(), prompts[static_cast<size_t>(s)]});
-  }
+  Sequences q = start(prompts, mine, new_cache);
+  std::vector<Chunk>& chunks = q.chunks;
   std::map<int, Trace> out;
   for (int i = 0; i <= steps; ++i) {
     const Tensor logits = step(chunks);
@@ -162,13 +174,8 @@ template <typename Step, typename NewCache>
 Close tp_against_reference(const std::vector<std::vector<int>>& prompts, const std::vector<int>& mine,
                            const std::map<int, Trace>& want, int steps, int V, Step&& step, NewCache&& new_cache,
                            const std::string& what) {
-  std::vector<KVCache> caches;
-  caches.reserve(mine.size());
-  std::vector<Chunk> chunks;
-  for (int s : mine) {
-    caches.push_back(new_cache());
-    chunks.push_back({&caches.back(), prompts[static_cast<size_t>(s)]});
-  }
+  Sequences q = start(prompts, mine, new_cache);
+  std::vector<Chunk>& chunks = q.chunks;
   Close close;
   for (int i = 0; i <= steps; ++i) {
     const Tensor logits = step(chunks);
