@@ -90,7 +90,6 @@ Tensor InferenceEngine::step_exact(const std::vector<Chunk>& chunks) {
 // collective over the world anyway).
 Tensor InferenceEngine::step_layer_parallel(const std::vector<Chunk>& chunks) {
   using Clock = std::chrono::steady_clock;
-  if (check_replicas_ && schedule_.world() > 1) verify_replicas(chunks);
   const int64_t d = model_.config().d_model;
   Tensor x = model_.embed(chunks);
   const int64_t rows = x.shape()[0];
@@ -105,8 +104,12 @@ Tensor InferenceEngine::step_layer_parallel(const std::vector<Chunk>& chunks) {
     const int n = static_cast<int>(group.size());
     const Tensor mine = rank_ < n ? model_.attention_block(group[static_cast<size_t>(rank_)]).delta(x, chunks)
                                   : Tensor::zeros({rows, d}, DType::f32);
-    Tensor all = Tensor::empty({schedule_.world() * rows, d}, DType::f32);
-    if (rows > 0) world().allgather(mine, all).wait();  // every rank has the same rows (one token group)
+    // Only the group's n ranks contribute (the others send nothing); every rank has the same rows.
+    Tensor all = Tensor::empty({n * rows, d}, DType::f32);
+    std::vector<int64_t> counts(static_cast<size_t>(schedule_.world()), 0);
+    for (int j = 0; j < n; ++j) counts[static_cast<size_t>(j)] = rows * d;
+    const TensorView sent = rank_ < n ? mine.view() : TensorView(mine.data(), DType::f32, {0});
+    if (rows > 0) world().allgatherv(sent, all, counts).wait();
     model_.add_time(&ModelPhaseTimes::attention, std::chrono::duration<double>(Clock::now() - start).count(),
                     virtual_time::now() - virtual_start);
     for (int j = 0; j < n; ++j) {

@@ -92,12 +92,14 @@ std::vector<std::vector<int>> speculative_generate(InferenceEngine& base, Infere
   if (draft.model().config().vocab_size != V)
     SY_THROW(InvalidArgument, "speculative: the draft '", draft.model().config().name, "' has ",
              draft.model().config().vocab_size, " tokens, the base '", bc.name, "' ", V, " (expected the same vocabulary)");
-  if (&draft.world() != &base.world() && (draft.world().size() != base.world().size() ||
-                                          draft.schedule().token_groups() != base.schedule().token_groups() ||
-                                          draft.token_group() != base.token_group()))
-    SY_THROW(InvalidArgument, "speculative: the draft runs on ", draft.world().size(), " rank(s) in ",
-             draft.schedule().token_groups(), " token group(s), the base on ", base.world().size(), " in ",
-             base.schedule().token_groups(), " (expected the same ranks and token groups)");
+  if (draft.world().size() != base.world().size())
+    SY_THROW(InvalidArgument, "speculative: the draft runs on ", draft.world().size(), " rank(s), the base on ",
+             base.world().size(), " (expected the same ranks)");
+  // A layer-parallel draft gathers its groups' deltas over every rank, so every rank must hold the same sequences.
+  if (!draft.schedule().layer_groups().empty() && base.schedule().token_groups() != 1)
+    SY_THROW(InvalidArgument, "speculative: a layer-parallel draft needs the base's ranks to share their sequences "
+             "(one token group: replicated, or tp over every rank); the base has ", base.schedule().token_groups(),
+             " token groups");
   SpeculativeStats st;
   std::vector<Sequence> seqs;
   seqs.reserve(prompts.size());
@@ -238,7 +240,8 @@ std::vector<std::vector<int>> speculative_generate(InferenceEngine& base, Infere
     std::vector<Chunk> exact;
     std::vector<Sequence*> calibrated;
     for (Sequence& s : seqs) {
-      if (s.gamma < 0 || !s.calibrate || static_cast<int>(s.out.size()) >= max_new_tokens) continue;
+      // Not for a sequence with fewer than 2 tokens to go: its draft never runs again.
+      if (s.gamma < 0 || !s.calibrate || max_new_tokens - static_cast<int>(s.out.size()) < 2) continue;
       s.draft_cache.crop(s.exact);
       exact.push_back({&s.draft_cache, s.unexact});
       calibrated.push_back(&s);

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <numeric>
 
 #include "comm/backends/emulated/emulated_backend.h"
@@ -351,44 +352,65 @@ TEST_F(Speculative, AnAlwaysWrongDraftStillGivesTheBasesOutput) {
   std::filesystem::remove_all(wrong);
 }
 
-// Speculative sampling keeps the base's distribution: the first new token of
-// 8000 copies of one prompt (each its own generator), proposed by the draft
-// and accepted or resampled, against the base's filtered distribution at that
-// position (temperature 1, top-k 6): chi-square with 5 degrees of freedom,
-// below its 0.1% critical value (20.5).
-TEST_F(Speculative, SamplingKeepsTheBasesDistribution) {
+// Speculative sampling keeps the base's distribution at every position: 8000
+// copies of one prompt (each its own generator) take 4 new tokens with gamma
+// 3 and calibration every round (so a calibrated first proposal, later
+// proposals, a rejection's residual and the bonus token all occur). For each
+// position k, the tokens that follow the most common k-token prefix are tested
+// against the base's filtered distribution after that prefix (temperature 1,
+// top-k 6): chi-square, categories expected below 5 times lumped, under the
+// 0.1% critical value.
+TEST_F(Speculative, SamplingKeepsTheBasesDistributionAtEveryPosition) {
   Model base(kModels + "base", one_rank()), draft(kModels + "draft", one_rank());
   InferenceEngine be(base, LayerSchedule::replicated(base.config().layers, 1));
   InferenceEngine de(draft, LayerSchedule::replicated(draft.config().layers, 1));
   const std::vector<int> prompt = bytes_of("Th");
   const SamplingOptions sampling{.temperature = 1.0, .top_k = 6, .seed = 4242};
-  KVCache cache = base.new_cache(32);
-  const Tensor logits = base.forward({{&cache, prompt}});
-  Rng unused(0);
-  const std::vector<float> p =
-      sample(logits.data_as<float>() + (logits.shape()[0] - 1) * 256, 256, sampling, unused).probs;
-  const int n = 8000;
+  const int n = 8000, new_tokens = 4;
   SpeculativeStats st;
-  const auto out = speculative_generate(be, de, std::vector<std::vector<int>>(n, prompt), 2,
-                                        {.gamma = 1, .sampling = sampling}, &st);
-  std::vector<double> count(256, 0.0);
-  for (const auto& t : out) count[static_cast<size_t>(t.at(0))] += 1;
-  double chi2 = 0;
-  int support = 0;
-  for (int v = 0; v < 256; ++v) {
-    if (p[static_cast<size_t>(v)] == 0) {
-      EXPECT_EQ(count[static_cast<size_t>(v)], 0) << "token " << v << " is outside the base's top-k";
-      continue;
+  const auto out = speculative_generate(be, de, std::vector<std::vector<int>>(n, prompt), new_tokens,
+                                        {.gamma = 3, .sampling = sampling, .calibration = Calibration::every}, &st);
+  const double critical[] = {0, 10.83, 13.82, 16.27, 18.47, 20.52};  // 0.1% points, 1..5 degrees of freedom
+  for (int k = 0; k < new_tokens; ++k) {
+    std::map<std::vector<int>, int> prefixes;
+    for (const auto& t : out) ++prefixes[std::vector<int>(t.begin(), t.begin() + k)];
+    const auto most = std::max_element(prefixes.begin(), prefixes.end(),
+                                       [](const auto& a, const auto& b) { return a.second < b.second; });
+    std::vector<double> count(256, 0.0);
+    for (const auto& t : out)
+      if (std::equal(most->first.begin(), most->first.end(), t.begin())) count[static_cast<size_t>(t[static_cast<size_t>(k)])] += 1;
+    std::vector<int> context = prompt;
+    context.insert(context.end(), most->first.begin(), most->first.end());
+    KVCache cache = base.new_cache(32);
+    const Tensor logits = base.forward({{&cache, context}});
+    Rng unused(0);
+    const std::vector<float> p =
+        sample(logits.data_as<float>() + (logits.shape()[0] - 1) * 256, 256, sampling, unused).probs;
+    double chi2 = 0, rest_seen = 0, rest_expected = 0;
+    int categories = 0;
+    for (int v = 0; v < 256; ++v) {
+      const double e = most->second * static_cast<double>(p[static_cast<size_t>(v)]), c = count[static_cast<size_t>(v)];
+      if (p[static_cast<size_t>(v)] == 0) {
+        EXPECT_EQ(c, 0) << "position " << k << ": token " << v << " is outside the base's top-k";
+        continue;
+      }
+      if (e < 5) {
+        rest_seen += c, rest_expected += e;
+        continue;
+      }
+      chi2 += (c - e) * (c - e) / e;
+      ++categories;
     }
-    ++support;
-    const double e = n * static_cast<double>(p[static_cast<size_t>(v)]);
-    chi2 += (count[static_cast<size_t>(v)] - e) * (count[static_cast<size_t>(v)] - e) / e;
+    if (rest_expected > 0) chi2 += (rest_seen - rest_expected) * (rest_seen - rest_expected) / rest_expected, ++categories;
+    ASSERT_GE(categories, 2) << "position " << k << ": too few samples after the prefix (" << most->second << ")";
+    EXPECT_LT(chi2, critical[std::min(categories - 1, 5)])
+        << "position " << k << " after its most common prefix (" << most->second << " samples)";
+    std::printf("[speculative sampling] position %d: %d samples, chi-square %.2f, %d degrees of freedom\n", k,
+                most->second, chi2, categories - 1);
   }
-  EXPECT_EQ(support, 6);
-  EXPECT_LT(chi2, 20.5) << "chi-square over the top-6 tokens";
-  std::printf("[speculative sampling] chi-square %.2f (5 degrees of freedom), acceptance %.2f\n", chi2, st.acceptance());
   EXPECT_GT(st.accepted, 0);
   EXPECT_LT(st.accepted, st.proposed) << "the draft's distribution differs from the base's, so some are resampled";
+  EXPECT_GT(st.calibrations, 0);
   EXPECT_THROW(speculative_generate(be, de, {prompt}, 2, {.gamma = 0}), InvalidArgument);
   EXPECT_THROW(speculative_generate(be, de, {{}}, 2, {}), InvalidArgument);
 }
