@@ -550,11 +550,3 @@ TEST(Engine, RanksGivenDifferentRequestsFailTogether) {
 
 }  // namespace
 }  // namespace switchyard
-
-int main(int argc, char** argv) {
-  ::testing::InitGoogleTest(&argc, argv);
-  switchyard::testing::init_rank_harness(argc, argv);
-  const int result = RUN_ALL_TESTS();
-  switchyard::testing::shutdown_rank_harness();
-  return result;
-}
