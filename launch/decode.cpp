@@ -635,7 +635,38 @@ int run_bench_spec(const BenchSpecOptions& o) {
         if (speak) std::fprintf(stderr, "[bench spec] round %d/%d: %s lp=%d gamma=%d %s: %.1f tokens/s\n", round + 1,
                                 o.rounds, run.mode.c_str(), run.lp, run.gamma, run.calibration.c_str(), tokens / seconds);
       }
+    // EasySpec's bound on the drafting speed-up: D = gamma / (1 + (gamma - 1) r), r = a fuzzy draft step's time
+    // over an exact one, both measured here on one sequence (alternated, medians of 15; virtual when emulating).
+    std::map<int, double> step_ratio;
+    for (auto& [n, engine] : lp_drafts) {
+      KVCache cache = engine->new_cache(static_cast<int>(prompts.front().size()) + 2);
+      engine->step_exact({{&cache, prompts.front()}});
+      const int length = cache.length();
+      std::vector<double> exact_t, fuzzy_t;
+      for (int i = 0; i < 16; ++i)
+        for (int fuzzy = 0; fuzzy < 2; ++fuzzy) {
+          world.barrier().wait();
+          const auto t0 = Clock::now();
+          const double v0 = virtual_time::now();
+          if (fuzzy) engine->step({{&cache, {prompts.front().back()}}});
+          else engine->step_exact({{&cache, {prompts.front().back()}}});
+          world.barrier().wait();
+          const double took = cluster ? max_over_ranks(world, virtual_time::now() - v0)
+                                      : max_over_ranks(world, seconds_since(t0));
+          if (i > 0) (fuzzy ? fuzzy_t : exact_t).push_back(took);  // step 0 warms up
+          cache.crop(length);
+        }
+      step_ratio[n] = median(fuzzy_t) / median(exact_t);
+    }
+    // Each configuration's drafting time per round (calibration included) against exact drafting's at its gamma.
+    std::map<int, double> exact_round;
+    for (const SpecRun& run : runs)
+      if (run.mode == "exact" && run.stats.rounds > 0)
+        exact_round[run.gamma] = (run.stats.draft_seconds + run.stats.calibration_seconds) / run.stats.rounds;
     if (!speak) return;
+    for (const auto& [n, r] : step_ratio)
+      std::printf("# lp %d: a fuzzy draft step takes %.2f of an exact one (%s); bound on drafting x exact: D = gamma / "
+                  "(1 + (gamma - 1) x %.2f)\n", n, r, cluster ? "virtual" : "wall", r);
     const double plain = median(runs.front().tokens_per_s), plain_virtual = runs.front().virtual_tokens_per_s;
     std::printf("plain: %.1f tokens/s (median of %d)", plain, o.rounds);
     if (cluster) std::printf("; %.1f tokens/s virtual on %s", plain_virtual, cluster->name.c_str());
@@ -664,6 +695,14 @@ int run_bench_spec(const BenchSpecOptions& o) {
       if (cluster)
         std::printf("     virtual on %s: %.1f tokens/s, %.2fx plain\n", cluster->name.c_str(), run.virtual_tokens_per_s,
                     run.virtual_tokens_per_s / plain_virtual);
+      if (run.mode == "easyspec" && exact_round.count(run.gamma) && st.rounds > 0 && step_ratio.count(run.lp)) {
+        const double r = step_ratio.at(run.lp), bound = run.gamma / (1 + (run.gamma - 1) * r);
+        const double measured = exact_round.at(run.gamma) / ((st.draft_seconds + st.calibration_seconds) / st.rounds);
+        if (cluster)  // the run's drafting times are wall; the bound is the preset's (virtual)
+          std::printf("     drafting x exact: bound D %.2f (virtual)\n", bound);
+        else
+          std::printf("     drafting x exact (wall, per round): measured %.2f, bound D %.2f\n", measured, bound);
+      }
       if (csv)
         std::fprintf(csv, "%s,%d,%d,%s,%lld,%lld,%.4f,%.3f,%.4f,%.4f,%.4f,%.2f,%.3f,%d,%.2f,%.3f\n", run.mode.c_str(),
                      run.lp, run.gamma, run.calibration.c_str(), static_cast<long long>(st.accepted),
