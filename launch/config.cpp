@@ -259,11 +259,13 @@ const std::vector<Field>& fields() {
              "nccl-tests style (time, algbw, busbw, #wrong). moe-train: train an MoE layer (moe.*) on a "
              "synthetic regression task (train.*): a fixed teacher MoE makes the targets. serve: decode a stream "
              "of requests (serve.*) with the model (model.*), continuous batching; TTFT, TPOT, tokens/s."),
-      choice("comm.backend", {"threads", "mpi", "ucx", "fake"},
+      choice("comm.backend", {"auto", "threads", "mpi", "ucx", "fake"},
              +[](JobConfig& c) -> std::string& { return c.comm.backend; },
-             "Communicator backend. threads: ranks are threads of one process; mpi: one rank per "
-             "process under mpirun; ucx: one rank per process under `switchyard launch` (UCX tagged "
-             "messages, bootstrapped through the TCP store); fake: no traffic (logic at scale)."),
+             "Communicator backend. auto: the launcher's (mpi under mpirun, ucx under `switchyard launch` or "
+             "torchrun), else comm.ranks threads; threads: ranks are threads of one process (refused under a "
+             "launcher, where each process would run its own job); mpi: one rank per process under mpirun; ucx: one "
+             "rank per process under `switchyard launch` (UCX tagged messages, bootstrapped through the TCP store); "
+             "fake: no traffic (logic at scale)."),
       integer<int>("comm.ranks", 1, 4096, +[](JobConfig& c) -> int& { return c.comm.ranks; },
                    "Number of ranks for the threads and fake backends (mpi takes the world size from mpirun)."),
       integer<int64_t>("comm.timeout_ms", 1, kNoMax, +[](JobConfig& c) -> int64_t& { return c.comm.timeout_ms; },
@@ -665,6 +667,7 @@ JobConfig load(const std::string& text, const std::string& source_name, const st
   apply(cfg, root, "", Source{source_name}, YAML::Mark::null_mark(), origins);
   for (const auto& o : overrides) apply_override(cfg, o, origins);
   check_cross_rules(cfg, source_name, origins);
+  for (const auto& [key, at] : origins.by_key) cfg.origin[key] = at.second;
   return cfg;
 }
 

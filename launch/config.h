@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -18,7 +19,7 @@ namespace switchyard {
 
 // comm: the world communicator.
 struct CommSection {
-  std::string backend = "threads";  // threads | mpi | fake
+  std::string backend = "auto";  // auto (the launcher's, else threads) | threads | mpi | ucx | fake
   int ranks = 4;                    // ranks of the threads and fake backends (mpi: from mpirun)
   int64_t timeout_ms = 30000;       // per-op timeout
 };
@@ -103,6 +104,13 @@ struct JobConfig {
   ServeSection serve;
   std::string log_level = "warn";  // log.level, a SWITCHYARD_LOG_LEVEL-style spec
   std::string source = "<defaults>";  // the file name, or "<defaults>"
+  // Where each key set by the file or an override came from ("file:line:col",
+  // "--set key=value"), for errors found after loading; unset keys are absent.
+  std::map<std::string, std::string> origin;
+  std::string where(const std::string& key) const {  // "file:line:col", or "<source> (default)"
+    const auto it = origin.find(key);
+    return it != origin.end() ? it->second : source + " (default)";
+  }
 };
 
 // Loads a YAML file, then applies overrides ("dotted.key=value", the value a

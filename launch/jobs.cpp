@@ -191,16 +191,33 @@ void train_moe(Runtime& rt, const JobConfig& job) {
 
 }  // namespace
 
+// comm.backend for the runtime: auto leaves it to the launcher's variables
+// (mpirun: mpi, `switchyard launch` or torchrun: ucx, none: threads). A
+// pinned threads backend under a launcher would make every process run its
+// own job on its own: refused, naming the variables.
+std::string runtime_backend(const JobConfig& config, const EnvLookup& lookup) {
+  if (config.comm.backend == "auto") return "";
+  if (config.comm.backend == "threads") {
+    const auto launched = discover_rank(lookup);
+    if (launched && launched->world_size > 1)
+      SY_THROW(ConfigError, config.where("comm.backend"), ": comm.backend = threads, but this process was started by ",
+               launched->launcher, " as rank ", launched->rank, " of ", launched->world_size, " (", launched->source,
+               "): each of the ", launched->world_size, " processes would run its own job; expected comm.backend: auto "
+               "(the launcher's backend) or mpi / ucx");
+  }
+  return config.comm.backend;
+}
+
 int run_job(const JobConfig& config) {
   set_log_levels(config.log_level);
   RuntimeOptions options;
-  options.backend = config.comm.backend;
+  options.backend = runtime_backend(config, process_env);
   options.ranks = config.comm.ranks;
   options.timeout = Milliseconds(config.comm.timeout_ms);
   if (config.job == "serve") {
     BenchDecodeOptions o;
     o.model = config.model.path;
-    o.parallel = {.backend = config.comm.backend, .ranks = config.comm.ranks, .attention = config.model.attention,
+    o.parallel = {.backend = options.backend, .ranks = config.comm.ranks, .attention = config.model.attention,
                   .tp = config.model.tp, .threads = config.model.threads, .timeout_ms = config.comm.timeout_ms,
                   .attention_field = "model.attention", .tp_field = "model.tp"};
     const ServeSection& s = config.serve;

@@ -5,11 +5,14 @@
 #include <gtest/gtest.h>
 
 #include <fstream>
+#include <map>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
 
 #include "core/error.h"
+#include "launch/jobs.h"
 
 #ifndef SWITCHYARD_SOURCE_DIR
 #error "SWITCHYARD_SOURCE_DIR must name the source tree (the build defines it)"
@@ -49,7 +52,7 @@ void expect_file_error(const std::string& name, int line, const std::vector<std:
 TEST(Config, DefaultsMatchTheStructs) {
   const JobConfig c = load_config_string("", "<defaults>");
   EXPECT_EQ(c.job, "comm-bench");
-  EXPECT_EQ(c.comm.backend, "threads");
+  EXPECT_EQ(c.comm.backend, "auto");
   EXPECT_EQ(c.comm.ranks, 4);
   EXPECT_EQ(c.comm.timeout_ms, 30000);
   EXPECT_EQ(c.bench.ops, std::vector<std::string>{"alltoall"});
@@ -73,13 +76,13 @@ TEST(Config, EmptyFileIsAllDefaults) {
   EXPECT_EQ(c.comm.ranks, 4);
   EXPECT_EQ(c.bench.max_bytes, 67108864);
   EXPECT_EQ(c.source, bad_config("empty.yaml"));
-  EXPECT_EQ(load_config_string("comm:\nbench:\n", "x.yaml").comm.backend, "threads");
+  EXPECT_EQ(load_config_string("comm:\nbench:\n", "x.yaml").comm.backend, "auto");
 }
 
 TEST(Config, LoadsQuickstart) {
   const JobConfig c = load_config_file(source_path("configs/comm-bench.yaml"));
   EXPECT_EQ(c.job, "comm-bench");
-  EXPECT_EQ(c.comm.backend, "threads");
+  EXPECT_EQ(c.comm.backend, "auto");
   EXPECT_EQ(c.comm.ranks, 4);
   EXPECT_EQ(c.bench.ops, (std::vector<std::string>{"alltoall", "allreduce"}));
   EXPECT_EQ(c.bench.min_bytes, 64 << 10);
@@ -153,9 +156,9 @@ TEST(Config, BadFilesNameFileLineKeyValueAndExpectation) {
                     {":3:1: unknown key 'benchmark'", "known top-level keys: job, comm, bench, moe, train, model, serve, log"});
   expect_file_error("bad_type.yaml", 4, {":4:10: comm.ranks: got 'four', expected an integer in [1, 4096]"});
   expect_file_error("bad_range.yaml", 4, {":4:16: bench.step_factor: got '1', expected an integer >= 2"});
-  expect_file_error("bad_enum.yaml", 7, {":7:12: comm.backend: got 'mpii', expected one of threads, mpi, ucx, fake"});
+  expect_file_error("bad_enum.yaml", 7, {":7:12: comm.backend: got 'mpii', expected one of auto, threads, mpi, ucx, fake"});
   expect_file_error("bad_syntax.yaml", 4, {"YAML syntax error", "end of sequence flow not found"});
-  expect_file_error("bad_kind.yaml", 4, {"comm.backend: got a map, expected one of threads, mpi, ucx, fake"});
+  expect_file_error("bad_kind.yaml", 4, {"comm.backend: got a map, expected one of auto, threads, mpi, ucx, fake"});
   expect_file_error("bad_kind_section.yaml", 3, {":3:8: bench: got 'fast', expected a map with keys ops, min_bytes"});
   expect_file_error("bad_op.yaml", 3, {":3:19: bench.ops[1]: got 'all_to_all', expected one of allreduce"});
   expect_file_error("bad_size.yaml", 3, {":3:14: bench.min_bytes: got '64KB', expected a size in bytes"});
@@ -208,7 +211,7 @@ TEST(Config, OverridesApplyInOrderAfterTheFile) {
   EXPECT_FALSE(c.bench.check);
   EXPECT_EQ(c.bench.csv, "out.csv");
   EXPECT_EQ(c.log_level, "debug");
-  EXPECT_EQ(c.comm.backend, "threads");  // untouched keys keep the file's values
+  EXPECT_EQ(c.comm.backend, "auto");  // untouched keys keep the file's values
 }
 
 TEST(Config, OverridesWithoutAFile) {
@@ -303,6 +306,46 @@ TEST(Config, TheTrainingPresetsLoad) {
   EXPECT_DOUBLE_EQ(tuned.moe.capacity_factor, -2.5);
   EXPECT_EQ(tuned.moe.exchange, "dropless");
   EXPECT_DOUBLE_EQ(tuned.train.lr, 0.25);
+}
+
+// comm.backend auto follows the launcher; threads pinned under one is refused,
+// naming the key's line and the variables found (each process would otherwise
+// run its own job).
+TEST(Config, BackendFollowsTheLauncherAndThreadsUnderALauncherIsRefused) {
+  auto env = [](std::map<std::string, std::string> vars) {
+    return EnvLookup([vars](const std::string& name) -> std::optional<std::string> {
+      const auto it = vars.find(name);
+      return it == vars.end() ? std::nullopt : std::optional<std::string>(it->second);
+    });
+  };
+  const auto none = env({});
+  const auto mpirun = env({{"OMPI_COMM_WORLD_RANK", "1"}, {"OMPI_COMM_WORLD_SIZE", "2"},
+                           {"OMPI_COMM_WORLD_LOCAL_RANK", "1"}, {"OMPI_COMM_WORLD_LOCAL_SIZE", "2"}});
+  const auto torchrun = env({{"RANK", "0"}, {"WORLD_SIZE", "4"}, {"LOCAL_RANK", "0"}, {"LOCAL_WORLD_SIZE", "4"}});
+  EXPECT_EQ(load_config_string("", "<defaults>").comm.backend, "auto");
+  EXPECT_EQ(runtime_backend(load_config_string("", "<defaults>"), mpirun), "");
+  const JobConfig pinned = load_config_string("job: comm-bench\ncomm:\n  backend: threads\n", "pinned.yaml");
+  EXPECT_EQ(runtime_backend(pinned, none), "threads");
+  for (const auto& launcher : {mpirun, torchrun}) {
+    try {
+      runtime_backend(pinned, launcher);
+      ADD_FAILURE() << "threads under a launcher was accepted";
+    } catch (const ConfigError& e) {
+      const std::string m = e.what();
+      EXPECT_NE(m.find("pinned.yaml:3"), std::string::npos) << m;
+      EXPECT_NE(m.find("comm.backend = threads"), std::string::npos) << m;
+      EXPECT_NE(m.find("WORLD_SIZE"), std::string::npos) << m;
+      EXPECT_NE(m.find("expected comm.backend: auto"), std::string::npos) << m;
+    }
+  }
+  const JobConfig overridden = load_config_string("", "<defaults>", {"comm.backend=threads"});
+  try {
+    runtime_backend(overridden, mpirun);
+    ADD_FAILURE() << "threads from --set under mpirun was accepted";
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("comm.backend=threads"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(runtime_backend(load_config_string("", "<defaults>", {"comm.backend=mpi"}), mpirun), "mpi");
 }
 
 TEST(Config, ServePresetAndScheduleKeys) {
