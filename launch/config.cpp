@@ -45,6 +45,14 @@ struct Field {
 };
 
 // Where each key was last set, for cross-key errors.
+// The keys of moe.strategy = fixed's plan (under auto the planner chooses them).
+constexpr const char* kFixedPlanKeys[] = {"moe.r", "moe.overlap_degree", "moe.a2a", "moe.exchange"};
+bool fixed_plan_key(const std::string& key) {
+  for (const char* k : kFixedPlanKeys)
+    if (key == k) return true;
+  return false;
+}
+
 struct Origins {
   std::map<std::string, std::pair<int, std::string>> by_key;  // key -> (sequence, where)
   int next = 0;
@@ -667,6 +675,16 @@ JobConfig load(const std::string& text, const std::string& source_name, const st
   apply(cfg, root, "", Source{source_name}, YAML::Mark::null_mark(), origins);
   for (const auto& o : overrides) apply_override(cfg, o, origins);
   check_cross_rules(cfg, source_name, origins);
+  // A fixed-plan key under strategy auto would be silently ignored: the planner chooses those per batch.
+  if (cfg.moe.strategy == "auto")
+    for (const char* key : kFixedPlanKeys) {
+      const auto it = origins.by_key.find(key);
+      if (it == origins.by_key.end()) continue;
+      const auto strategy = origins.by_key.find("moe.strategy");
+      SY_THROW(ConfigError, it->second.second, ": ", key, " = ", find_field(key)->show(cfg), " fixes the plan, but "
+               "moe.strategy = auto (", strategy == origins.by_key.end() ? "the default" : strategy->second.second,
+               ") lets the planner choose it per batch; expected moe.strategy: fixed with it, or no fixed-plan keys");
+    }
   for (const auto& [key, at] : origins.by_key) cfg.origin[key] = at.second;
   return cfg;
 }
@@ -715,6 +733,7 @@ std::string config_schema_markdown() {
 std::string config_to_yaml(const JobConfig& config) {
   YAML::Node root(YAML::NodeType::Map);
   for (const auto& f : fields()) {
+    if (config.moe.strategy == "auto" && fixed_plan_key(f.key)) continue;  // the planner's, not the config's
     // Walk (creating) the sections of the dotted key, then set the leaf from its YAML text.
     std::vector<std::string> parts;
     std::stringstream in(f.key);

@@ -95,11 +95,13 @@ void train_moe(Runtime& rt, const JobConfig& job) {
   };
   const int64_t T = tr.tokens_per_rank, M = student_config.model_dim;
   if (leader)
-    std::printf("# moe-train: %d ranks (%s), %d experts (%d per rank), top-%d, M=%lld H=%lld, %s, %s exchange, "
+    std::printf("# moe-train: %d ranks (%s), %d experts (%d per rank), top-%d, M=%lld H=%lld, %s, plan %s, "
                 "capacity factor %g, %lld tokens/rank/step, %d steps, SGD lr %g, %d GEMM threads/rank\n",
                 world.size(), std::string(world.backend_name()).c_str(), student_config.router.experts,
                 student.layout().local_experts(), student_config.router.k, static_cast<long long>(M),
-                static_cast<long long>(student_config.hidden_dim), job.moe.activation.c_str(), job.moe.exchange.c_str(),
+                static_cast<long long>(student_config.hidden_dim), job.moe.activation.c_str(),
+                planner ? "auto (the planner's choice per batch, printed per step)"
+                        : ("fixed: " + student_config.plan.describe()).c_str(),
                 job.moe.capacity_factor, static_cast<long long>(T), tr.steps, tr.lr, rt.gemm_threads());
   double first_loss = 0, last_loss = 0, total_time = 0, zero_baseline = 0;
   int64_t dropped = 0;

@@ -301,11 +301,24 @@ TEST(Config, TheTrainingPresetsLoad) {
     EXPECT_EQ(c.moe.experts, 8) << preset;
     EXPECT_GT(c.train.lr, 0.0) << preset;
   }
-  const JobConfig tuned = load_config_string("job: moe-train\nmoe: {capacity_factor: -2.5, exchange: dropless}\n",
-                                             "<inline>", {"train.lr=0.25"});
+  const JobConfig tuned = load_config_string(
+      "job: moe-train\nmoe: {capacity_factor: -2.5, strategy: fixed, exchange: dropless}\n", "<inline>", {"train.lr=0.25"});
   EXPECT_DOUBLE_EQ(tuned.moe.capacity_factor, -2.5);
   EXPECT_EQ(tuned.moe.exchange, "dropless");
   EXPECT_DOUBLE_EQ(tuned.train.lr, 0.25);
+  // A fixed-plan key under strategy auto is never silently ignored: an error at the key, naming the strategy's line.
+  try {
+    load_config_string("job: moe-train\nmoe:\n  strategy: auto\n  exchange: dropless\n", "auto.yaml");
+    ADD_FAILURE() << "moe.exchange under moe.strategy = auto was accepted";
+  } catch (const ConfigError& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("auto.yaml:4:13: moe.exchange = dropless fixes the plan, but moe.strategy = auto (auto.yaml:3"),
+              std::string::npos) << m;
+  }
+  EXPECT_THROW(load_config_file(std::string(SWITCHYARD_SOURCE_DIR) + "/configs/quickstart.yaml", {"moe.r=2"}),
+               ConfigError);
+  EXPECT_EQ(load_config_file(std::string(SWITCHYARD_SOURCE_DIR) + "/configs/quickstart.yaml",
+                             {"moe.strategy=fixed", "moe.exchange=dropless"}).moe.exchange, "dropless");
 }
 
 // comm.backend auto follows the launcher; threads pinned under one is refused,
