@@ -50,6 +50,17 @@ void train_moe(Runtime& rt, const JobConfig& job) {
   student_config.node_size = world.size() / nodes;
   const int W = world.size(), E = student_config.router.experts, ep = job.moe.expert_parallel_size;
   const int physical = E + job.moe.redundant_experts;
+  // What the layer would refuse, refused here naming the keys and where they were set.
+  if (job.moe.top_k > E)
+    SY_THROW(ConfigError, job.where("moe.top_k"), ": moe.top_k = ", job.moe.top_k, ", expected at most moe.experts = ",
+             E, " (", job.where("moe.experts"), ")");
+  if (ep == 0 && job.moe.redundant_experts == 0 && (E >= W ? E % W != 0 : W % E != 0))
+    SY_THROW(ConfigError, job.where("moe.experts"), ": moe.experts = ", E, " cannot be laid out over the ", W,
+             " ranks; expected a multiple of ", W, " (whole experts per rank) or a divisor of it (ranks sharing an "
+             "expert's hidden units)");
+  if (ep > 0 && (W % ep != 0 || E % ep != 0))
+    SY_THROW(ConfigError, job.where("moe.expert_parallel_size"), ": moe.expert_parallel_size = ", ep,
+             ", expected a divisor of the ", W, " ranks and of moe.experts = ", E);
   if (ep > 0 && job.moe.redundant_experts > 0)
     SY_THROW(ConfigError, "moe.expert_parallel_size and moe.redundant_experts each choose the placement; give one");
   if (job.moe.rebalance_every > 0 && job.moe.redundant_experts == 0)
