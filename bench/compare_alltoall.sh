@@ -4,11 +4,17 @@
 # in one invocation: the two runs alternate ROUNDS times (A B A B A B) so that
 # drifting machine state hits both alike, and the median busbw per size is compared.
 #
-# usage: bench/compare_alltoall.sh BUILD_DIR [NP] [--csv FILE]
+# usage: bench/compare_alltoall.sh BUILD_DIR [NP] [--csv FILE] [--from DIR]
 #   NP defaults to 2. Prints size, baseline busbw, switchyard busbw (medians,
 #   GB/s) and their ratio, then the minimum ratio over sizes >= 16 MiB and
-#   PASS (>= 0.9) or FAIL. Exits 0 either way; non-zero only when a run failed
-#   (non-zero exit, no result lines, or a non-zero #wrong column).
+#   PASS (>= 0.9) or FAIL, or INCONCLUSIVE when the baseline cannot be
+#   trusted at those sizes: its median below 0.05 GB/s (a broken or starved
+#   run), its rounds spread by more than 1.5x (max / min: a noisy machine), or
+#   a ratio above 2 (nothing built on MPI_Alltoall beats it twice over).
+#   Exits 0 either way; non-zero only when a run failed (non-zero exit, no
+#   result lines, or a non-zero #wrong column).
+#   --from DIR: no runs; read DIR/baseline.N.txt and DIR/switchyard.N.txt
+#   (kept outputs, or a test's).
 # Environment (optional):
 #   ROUNDS=3            runs of each side
 #   SIZES="-b 64K -e 64M -f 2"
@@ -22,11 +28,13 @@ set -euo pipefail
 usage() { echo "usage: $0 BUILD_DIR [NP] [--csv FILE]" >&2; exit 2; }
 
 csv=""
+from=""
 pos=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --csv) [[ $# -ge 2 ]] || usage; csv="$2"; shift 2 ;;
     --csv=*) csv="${1#--csv=}"; shift ;;
+    --from) [[ $# -ge 2 ]] || usage; from="$2"; shift 2 ;;
     -h|--help) usage ;;
     *) pos+=("$1"); shift ;;
   esac
@@ -43,10 +51,12 @@ run_timeout="${RUN_TIMEOUT:-600}"
 baseline_cmd="${BASELINE_CMD:-$build/bin/mpi_alltoall_baseline}"
 switchyard_cmd="${SWITCHYARD_CMD:-$build/bin/switchyard bench comm --backend mpi --op alltoall}"
 
-for cmd in "$baseline_cmd" "$switchyard_cmd"; do
-  exe="${cmd%% *}"
-  [[ -x "$exe" ]] || { echo "not an executable: $exe" >&2; exit 1; }
-done
+if [[ -z "$from" ]]; then
+  for cmd in "$baseline_cmd" "$switchyard_cmd"; do
+    exe="${cmd%% *}"
+    [[ -x "$exe" ]] || { echo "not an executable: $exe" >&2; exit 1; }
+  done
+fi
 
 launcher=("$mpirun_bin" -np "$np" --oversubscribe --bind-to none)
 if [[ "$(id -u)" -eq 0 ]]; then launcher+=(--allow-run-as-root); fi
@@ -78,7 +88,11 @@ run() {
   fi
 }
 
-for ((r = 1; r <= rounds; r++)); do
+if [[ -n "$from" ]]; then
+  cp "$from"/baseline.*.txt "$from"/switchyard.*.txt "$tmp"/
+  rounds=$(ls "$tmp"/baseline.*.txt | wc -l)
+fi
+for ((r = 1; r <= rounds && ${#from} == 0; r++)); do
   run baseline "$r" "$baseline_cmd"
   run switchyard "$r" "$switchyard_cmd"
 done
@@ -94,6 +108,9 @@ awk -v np="$np" -v rounds="$rounds" -v csv="$csv" -v big=16777216 -v threshold=0
   $1 ~ /^[0-9]+$/ && NF >= 8 {
     size = $1 + 0
     vals[role, size] = vals[role, size] " " $8
+    v = $8 + 0
+    if (!((role, size) in lo) || v < lo[role, size]) lo[role, size] = v
+    if (!((role, size) in hi) || v > hi[role, size]) hi[role, size] = v
     if (!(size in seen)) { seen[size] = 1; sizes[++nsizes] = size }
   }
   END {
@@ -113,13 +130,22 @@ awk -v np="$np" -v rounds="$rounds" -v csv="$csv" -v big=16777216 -v threshold=0
         printf "%12d  %10.2f  %10.2f  %7.3f\n", s, b, y, ratio
         if (csv != "") printf "%d,%.4f,%.4f,%.4f\n", s, b, y, ratio > csv
         if (s >= big && (minratio < 0 || ratio < minratio)) { minratio = ratio; minsize = s }
+        if (s >= big && doubt == "") {
+          if (b < 0.05) doubt = sprintf("baseline %.3f GB/s at %d B is below 0.05: a broken or starved run", b, s)
+          else if (lo["baseline", s] > 0 && hi["baseline", s] / lo["baseline", s] > 1.5)
+            doubt = sprintf("baseline rounds at %d B spread %.2fx (max/min > 1.5): too noisy", s, hi["baseline", s] / lo["baseline", s])
+          else if (ratio > 2) doubt = sprintf("ratio %.2f at %d B: nothing on MPI_Alltoall beats it twice over", ratio, s)
+        }
       } else {
+        if (s >= big && hb && hs && b <= 0 && doubt == "") doubt = sprintf("baseline 0 GB/s at %d B: a broken run", s)
         printf "%12d  %10s  %10s  %7s\n", s, hb ? sprintf("%.2f", b) : "-", hs ? sprintf("%.2f", y) : "-", "-"
         if (csv != "") printf "%d,%s,%s,\n", s, hb ? sprintf("%.4f", b) : "", hs ? sprintf("%.4f", y) : "" > csv
       }
     }
     if (minratio < 0)
       printf "# min ratio (size >= 16 MiB): n/a (no size >= 16 MiB in both) -> FAIL (threshold %.2f)\n", threshold
+    else if (doubt != "")
+      printf "# min ratio (size >= 16 MiB): %.3f at %d B -> INCONCLUSIVE: %s\n", minratio, minsize, doubt
     else
       printf "# min ratio (size >= 16 MiB): %.3f at %d B -> %s (threshold %.2f)\n", minratio, minsize,
              (minratio >= threshold ? "PASS" : "FAIL"), threshold
