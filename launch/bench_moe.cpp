@@ -1,6 +1,7 @@
 #include "launch/bench_moe.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <iostream>
@@ -339,7 +340,15 @@ int run_bench_moe(const BenchMoeOptions& o) {
             }
       std::vector<double> medians, wall_medians;
       int index = 0;
-      for (const ExecPlan& p : plans) {
+      const auto sweep_start = std::chrono::steady_clock::now();
+      for (size_t pi = 0; pi < plans.size(); ++pi) {
+        const ExecPlan& p = plans[pi];
+        if (leader && pi > 0) {  // progress on stderr: plan i of N and the time still to go at this pace
+          const double spent = std::chrono::duration<double>(std::chrono::steady_clock::now() - sweep_start).count();
+          std::fprintf(stderr, "[bench moe --sweep] plan %zu/%zu (%s), %.1f s so far, about %.0f s to go\n", pi + 1,
+                       plans.size(), p.describe().c_str(), spent,
+                       spent / static_cast<double>(pi) * static_cast<double>(plans.size() + 1 - pi));
+        }
         if (!o.timing_only) step(index++, &p, true);  // warm-up: buffers sized (virtual time needs none)
         std::vector<double> times, walls;
         for (int s = 0; s < o.num_steps; ++s) {
