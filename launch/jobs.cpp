@@ -1,12 +1,15 @@
 #include "launch/jobs.h"
 
+#include <algorithm>
 #include <atomic>
+#include <filesystem>
 #include <cstdio>
 #include <iostream>
 
 #include "core/logging.h"
 #include "launch/bench_comm.h"
 #include "launch/decode.h"
+#include "model/model_config.h"
 #include "moe/eplb.h"
 #include "moe/moe_layer.h"
 #include "moe/planner.h"
@@ -221,6 +224,31 @@ std::string runtime_backend(const JobConfig& config, const EnvLookup& lookup) {
   return config.comm.backend;
 }
 
+namespace {
+// What the serve job would refuse once running, refused first naming the config keys and where they were set
+// (the decoder's own messages name the CLI's flags).
+void check_serve_config(const JobConfig& config) {
+  const std::string dir = config.model.path;
+  if (!std::filesystem::exists(std::filesystem::path(dir) / "config.json"))
+    SY_THROW(ConfigError, config.where("model.path"), ": model.path = '", dir, "' holds no config.json; expected a "
+             "model folder (config.json, model.safetensors), relative to the working directory");
+  const ModelConfig m = ModelConfig::load(dir + "/config.json");
+  const ServeSection& s = config.serve;
+  const int longest = std::max(1, s.prompt_tokens * 3 / 2) + std::max(1, s.new_tokens * 3 / 2);
+  if (longest > m.max_seq)
+    SY_THROW(ConfigError, config.where(config.where("serve.new_tokens").starts_with("--set") &&
+                                               !config.where("serve.prompt_tokens").starts_with("--set")
+                                           ? "serve.new_tokens" : "serve.prompt_tokens"),
+             ": serve.prompt_tokens = ", s.prompt_tokens, " and serve.new_tokens = ", s.new_tokens, " draw requests of up "
+             "to ", longest, " positions (3/2 of each); model '", m.name, "' holds max_seq = ", m.max_seq);
+  const bool launched = discover_rank(process_env).has_value();
+  const int ranks = config.comm.ranks;
+  if (!launched && m.experts % ranks != 0 && ranks % m.experts != 0)
+    SY_THROW(ConfigError, config.where("comm.ranks"), ": comm.ranks = ", ranks, " cannot hold the ", m.experts,
+             " experts of model '", m.name, "' evenly; expected a divisor or a multiple of ", m.experts);
+}
+}  // namespace
+
 int run_job(const JobConfig& config) {
   set_log_levels(config.log_level);
   RuntimeOptions options;
@@ -234,6 +262,7 @@ int run_job(const JobConfig& config) {
                   .tp = config.model.tp, .threads = config.model.threads, .timeout_ms = config.comm.timeout_ms,
                   .attention_field = "model.attention", .tp_field = "model.tp"};
     const ServeSection& s = config.serve;
+    check_serve_config(config);
     o.requests = s.requests;
     o.rate = s.rate;
     o.prompt_tokens = s.prompt_tokens;
