@@ -130,6 +130,17 @@ RuntimeOptions runtime_options(const DecodeParallelism& p) {
   return ro;
 }
 
+// Greedy decoding's next step: every chunk's next input is the argmax of its
+// last row of logits (the first maximum, as sample() chooses at temperature 0).
+void feed_greedy_tokens(const Tensor& logits, int vocab, std::vector<Chunk>& chunks) {
+  int64_t row = -1;
+  for (Chunk& ch : chunks) {
+    row += static_cast<int64_t>(ch.tokens.size());
+    const float* r = logits.data_as<float>() + row * vocab;
+    ch.tokens = {static_cast<int>(std::max_element(r, r + vocab) - r)};
+  }
+}
+
 const std::string kText = "The quick brown fox jumps over the lazy dog; a stitch in time saves nine. ";
 
 std::vector<int> prompt_of(int64_t s, int length) {
@@ -249,12 +260,7 @@ void bench_batches(InferenceEngine& engine, const BenchDecodeOptions& o, const C
     const double virtual_start = virtual_time::now();
     double rebalancing = 0, rebalancing_virtual = 0;  // re-placing experts, left out of the step times
     for (int step = 0; step < o.steps; ++step) {
-      int64_t row = -1;
-      for (Chunk& ch : chunks) {
-        row += static_cast<int64_t>(ch.tokens.size());
-        const float* r = logits.data_as<float>() + row * c.vocab_size;
-        ch.tokens = {static_cast<int>(std::max_element(r, r + c.vocab_size) - r)};
-      }
+      feed_greedy_tokens(logits, c.vocab_size, chunks);
       logits = engine.step(chunks);
       if (o.rebalance_every > 0 && (step + 1) % o.rebalance_every == 0) {
         const auto t0 = Clock::now();
@@ -597,14 +603,8 @@ int run_bench_spec(const BenchSpecOptions& o) {
             }
             got.assign(batch.size(), {});
             for (int t = 0; t < o.max_new_tokens; ++t) {
-              const Tensor logits = be.step(chunks);
-              int64_t row = -1;
-              for (size_t c = 0; c < chunks.size(); ++c) {
-                row += static_cast<int64_t>(chunks[c].tokens.size());
-                const float* r = logits.data_as<float>() + row * base.config().vocab_size;
-                got[c].push_back(static_cast<int>(std::max_element(r, r + base.config().vocab_size) - r));
-                chunks[c].tokens = {got[c].back()};
-              }
+              feed_greedy_tokens(be.step(chunks), base.config().vocab_size, chunks);
+              for (size_t c = 0; c < chunks.size(); ++c) got[c].push_back(chunks[c].tokens[0]);
             }
           } else {
             SpeculativeStats st;
@@ -614,10 +614,7 @@ int run_bench_spec(const BenchSpecOptions& o) {
                                                                            : parse_calibration(run.calibration, "--calibration"),
                                         .adaptive_gamma = o.adaptive},
                                        &st);
-            total.proposed += st.proposed, total.accepted += st.accepted, total.generated += st.generated;
-            total.sequence_rounds += st.sequence_rounds, total.rounds += st.rounds;
-            total.draft_seconds += st.draft_seconds, total.verify_seconds += st.verify_seconds;
-            total.calibration_seconds += st.calibration_seconds;
+            total += st;
           }
           out.insert(out.end(), got.begin(), got.end());
         }
@@ -631,11 +628,7 @@ int run_bench_spec(const BenchSpecOptions& o) {
         if (run.mode == "plain") reference = out;
         else if (out != reference) run.same_as_plain = false;
         // Acceptance is the same every round (greedy); times per token are over every round.
-        SpeculativeStats& sum = run.stats;
-        sum.proposed += total.proposed, sum.accepted += total.accepted, sum.generated += total.generated;
-        sum.sequence_rounds += total.sequence_rounds, sum.rounds += total.rounds;
-        sum.draft_seconds += total.draft_seconds, sum.verify_seconds += total.verify_seconds;
-        sum.calibration_seconds += total.calibration_seconds;
+        run.stats += total;
         if (speak) std::fprintf(stderr, "[bench spec] round %d/%d: %s lp=%d gamma=%d %s: %.1f tokens/s\n", round + 1,
                                 o.rounds, run.mode.c_str(), run.lp, run.gamma, run.calibration.c_str(), tokens / seconds);
       }
@@ -833,7 +826,7 @@ int run_bench_decode(const BenchDecodeOptions& o) {
     Model model(o.model, group, mo);
     const ModelConfig& c = model.config();
     InferenceEngine engine(model, LayerSchedule::make(o.parallel.schedule(), c.layers, group->size()));
-    if (o.requests > 0 && std::max(1, o.prompt_tokens * 3 / 2) + std::max(1, o.steps * 3 / 2) > c.max_seq)
+    if (o.requests > 0 && longest_request(o.prompt_tokens, o.steps) > c.max_seq)
       SY_THROW(InvalidArgument, "bench decode: request mode draws prompts of up to 3/2 x --prompt_tokens = ",
                std::max(1, o.prompt_tokens * 3 / 2), " and outputs of up to 3/2 x --steps = ", std::max(1, o.steps * 3 / 2),
                " tokens; together they exceed max_seq (", c.max_seq, ")");

@@ -5,6 +5,7 @@
 // parallel (model/layer_schedule.h) and the experts spread over the ranks.
 #pragma once
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -71,6 +72,11 @@ struct BenchDecodeOptions {
   void validate() const;
 };
 int run_bench_decode(const BenchDecodeOptions& options);
+// Request mode's longest request: prompts of up to 3/2 x prompt_tokens and
+// outputs of up to 3/2 x steps positions (the serve job's rule too).
+inline int longest_request(int prompt_tokens, int steps) {
+  return std::max(1, prompt_tokens * 3 / 2) + std::max(1, steps * 3 / 2);
+}
 
 // `switchyard bench spec`: speculative decoding against plain greedy decoding
 // of the same prompts on the same ranks: exact drafting (the draft on the

@@ -234,7 +234,7 @@ void check_serve_config(const JobConfig& config) {
              "model folder (config.json, model.safetensors), relative to the working directory");
   const ModelConfig m = ModelConfig::load(dir + "/config.json");
   const ServeSection& s = config.serve;
-  const int longest = std::max(1, s.prompt_tokens * 3 / 2) + std::max(1, s.new_tokens * 3 / 2);
+  const int longest = longest_request(s.prompt_tokens, s.new_tokens);
   if (longest > m.max_seq)
     SY_THROW(ConfigError, config.where(config.where("serve.new_tokens").starts_with("--set") &&
                                                !config.where("serve.prompt_tokens").starts_with("--set")

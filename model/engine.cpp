@@ -1,10 +1,8 @@
 #include "model/engine.h"
 
 #include <algorithm>
-#include <chrono>
 #include <cstring>
 
-#include "comm/virtual_time.h"
 #include "core/error.h"
 
 namespace switchyard {
@@ -89,7 +87,6 @@ Tensor InferenceEngine::step_exact(const std::vector<Chunk>& chunks) {
 // rank adds them and runs the group's FFNs in order (the MoE layers are
 // collective over the world anyway).
 Tensor InferenceEngine::step_layer_parallel(const std::vector<Chunk>& chunks) {
-  using Clock = std::chrono::steady_clock;
   const int64_t d = model_.config().d_model;
   Tensor x = model_.embed(chunks);
   const int64_t rows = x.shape()[0];
@@ -99,19 +96,18 @@ Tensor InferenceEngine::step_layer_parallel(const std::vector<Chunk>& chunks) {
       model_.ffn(group[0], x);
       continue;
     }
-    const auto start = Clock::now();
-    const double virtual_start = virtual_time::now();
     const int n = static_cast<int>(group.size());
-    const Tensor mine = rank_ < n ? model_.attention_block(group[static_cast<size_t>(rank_)]).delta(x, chunks)
-                                  : Tensor::zeros({rows, d}, DType::f32);
     // Only the group's n ranks contribute (the others send nothing); every rank has the same rows.
     Tensor all = Tensor::empty({n * rows, d}, DType::f32);
-    std::vector<int64_t> counts(static_cast<size_t>(schedule_.world()), 0);
-    for (int j = 0; j < n; ++j) counts[static_cast<size_t>(j)] = rows * d;
-    const TensorView sent = rank_ < n ? mine.view() : TensorView(mine.data(), DType::f32, {0});
-    if (rows > 0) world().allgatherv(sent, all, counts).wait();
-    model_.add_time(&ModelPhaseTimes::attention, std::chrono::duration<double>(Clock::now() - start).count(),
-                    virtual_time::now() - virtual_start);
+    {
+      const Model::PhaseTimer timer(model_, &ModelPhaseTimes::attention);
+      const Tensor mine = rank_ < n ? model_.attention_block(group[static_cast<size_t>(rank_)]).delta(x, chunks)
+                                    : Tensor::zeros({rows, d}, DType::f32);
+      std::vector<int64_t> counts(static_cast<size_t>(schedule_.world()), 0);
+      for (int j = 0; j < n; ++j) counts[static_cast<size_t>(j)] = rows * d;
+      const TensorView sent = rank_ < n ? mine.view() : TensorView(mine.data(), DType::f32, {0});
+      if (rows > 0) world().allgatherv(sent, all, counts).wait();
+    }
     for (int j = 0; j < n; ++j) {
       float* out = x.data_as<float>();
       const float* delta = all.data_as<float>() + static_cast<int64_t>(j) * rows * d;
@@ -138,8 +134,6 @@ Tensor InferenceEngine::step_layer_parallel(const std::vector<Chunk>& chunks) {
 // rank owns the block, so with tp >= 3 a row's bits would depend on how many
 // rows its step had (not batch-invariant).
 Tensor InferenceEngine::step_tensor_parallel(const std::vector<Chunk>& chunks) {
-  using Clock = std::chrono::steady_clock;
-  auto since = [](Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); };
   const int tp = schedule_.tp(), t = schedule_.tp_rank(rank_);
   const int64_t d = model_.config().d_model;
   Tensor x = model_.embed(chunks);
@@ -150,32 +144,30 @@ Tensor InferenceEngine::step_tensor_parallel(const std::vector<Chunk>& chunks) {
   Tensor parts = Tensor::zeros({per * tp, d}, DType::f32);  // [source rank][row of my block]
   Tensor slice = Tensor::empty({hi - lo, d}, DType::f32);
   for (int l = 0; l < model_.config().layers; ++l) {
-    auto start = Clock::now();
-    double virtual_start = virtual_time::now();
-    const Tensor partial = tp_attention_[static_cast<size_t>(l)]->delta(x, chunks);
-    if (rows > 0) {
-      std::memcpy(full.data(), partial.data(), static_cast<size_t>(rows) * row_bytes);  // padding rows stay 0
-      tp_group_->alltoall(full, parts).wait();
-      float* sum = block.data_as<float>();
-      const float* part = parts.data_as<float>();
-      std::memcpy(sum, part, static_cast<size_t>(per) * row_bytes);
-      for (int from = 1; from < tp; ++from)
-        for (int64_t i = 0; i < per * d; ++i) sum[i] += part[from * per * d + i];
+    {  // the heads, their summed projection and the residual
+      const Model::PhaseTimer timer(model_, &ModelPhaseTimes::attention);
+      const Tensor partial = tp_attention_[static_cast<size_t>(l)]->delta(x, chunks);
+      if (rows > 0) {
+        std::memcpy(full.data(), partial.data(), static_cast<size_t>(rows) * row_bytes);  // padding rows stay 0
+        tp_group_->alltoall(full, parts).wait();
+        float* sum = block.data_as<float>();
+        const float* part = parts.data_as<float>();
+        std::memcpy(sum, part, static_cast<size_t>(per) * row_bytes);
+        for (int from = 1; from < tp; ++from)
+          for (int64_t i = 0; i < per * d; ++i) sum[i] += part[from * per * d + i];
+      }
+      const float* sum = block.data_as<float>();
+      const float* residual = x.data_as<float>() + lo * d;
+      float* s = slice.data_as<float>();
+      for (int64_t i = 0; i < (hi - lo) * d; ++i) s[i] = residual[i] + sum[i];
     }
-    const float* sum = block.data_as<float>();
-    const float* residual = x.data_as<float>() + lo * d;
-    float* s = slice.data_as<float>();
-    for (int64_t i = 0; i < (hi - lo) * d; ++i) s[i] = residual[i] + sum[i];
-    model_.add_time(&ModelPhaseTimes::attention, since(start), virtual_time::now() - virtual_start);
     model_.ffn(l, slice);  // every rank of the world, with its slice (possibly no rows)
-    start = Clock::now();
-    virtual_start = virtual_time::now();
-    if (rows > 0) {
+    if (rows > 0) {  // the group's whole rows back, for the next layer's heads
+      const Model::PhaseTimer timer(model_, &ModelPhaseTimes::attention);
       std::memcpy(block.data(), slice.data(), static_cast<size_t>(hi - lo) * row_bytes);
       tp_group_->allgather(block, full).wait();
       std::memcpy(x.data(), full.data(), static_cast<size_t>(rows) * row_bytes);
     }
-    model_.add_time(&ModelPhaseTimes::attention, since(start), virtual_time::now() - virtual_start);
   }
   Tensor logits = model_.head(x);
   model_.commit(chunks);

@@ -102,9 +102,16 @@ Model::Model(const std::string& dir, std::shared_ptr<Communicator> group, ModelO
   }
 }
 
+Model::PhaseTimer::PhaseTimer(Model& model, double ModelPhaseTimes::*phase)
+    : model_(model), phase_(phase), start_(Clock::now()), virtual_start_(virtual_time::now()) {}
+
+Model::PhaseTimer::~PhaseTimer() {
+  model_.times_.*phase_ += seconds_since(start_);
+  model_.virtual_times_.*phase_ += virtual_time::now() - virtual_start_;
+}
+
 Tensor Model::embed(const std::vector<Chunk>& chunks) {
-  const auto start = Clock::now();
-  const double virtual_start = virtual_time::now();
+  const PhaseTimer timer(*this, &ModelPhaseTimes::embed);
   const int64_t d = config_.d_model;
   int64_t rows = 0;
   for (const Chunk& c : chunks) rows += static_cast<int64_t>(c.tokens.size());
@@ -117,34 +124,27 @@ Tensor Model::embed(const std::vector<Chunk>& chunks) {
       std::memcpy(x.data_as<float>() + r++ * d, embed_.data_as<float>() + t * d, static_cast<size_t>(d) * sizeof(float));
     }
   if (options_.device) virtual_time::charge(options_.device->memory_seconds(2.0 * static_cast<double>(x.nbytes())));
-  add_time(&ModelPhaseTimes::embed, seconds_since(start), virtual_time::now() - virtual_start);
   return x;
 }
 
 void Model::attention(int layer, Tensor& x, const std::vector<Chunk>& chunks) {
-  const auto start = Clock::now();
-  const double virtual_start = virtual_time::now();
+  const PhaseTimer timer(*this, &ModelPhaseTimes::attention);
   attention_.at(static_cast<size_t>(layer))->apply(x, chunks);
-  add_time(&ModelPhaseTimes::attention, seconds_since(start), virtual_time::now() - virtual_start);
 }
 
 void Model::ffn(int layer, Tensor& x) {
-  const auto start = Clock::now();
-  const double virtual_start = virtual_time::now();
+  const PhaseTimer timer(*this, &ModelPhaseTimes::moe);
   ffn_.at(static_cast<size_t>(layer))->apply(x);
-  add_time(&ModelPhaseTimes::moe, seconds_since(start), virtual_time::now() - virtual_start);
 }
 
 Tensor Model::head(const Tensor& x) {
-  const auto start = Clock::now();
-  const double virtual_start = virtual_time::now();
+  const PhaseTimer timer(*this, &ModelPhaseTimes::head);
   if (options_.device) {
     const double rows = static_cast<double>(x.shape()[0]), d = config_.d_model;
     virtual_time::charge(options_.device->memory_seconds(2 * rows * d * sizeof(float)) +
                          options_.device->gemm_seconds(rows, config_.vocab_size, d, false));
   }
   Tensor logits = matmul_rowwise(rmsnorm(x, norm_, config_.norm_eps), lm_head_);
-  add_time(&ModelPhaseTimes::head, seconds_since(start), virtual_time::now() - virtual_start);
   return logits;
 }
 

@@ -12,6 +12,7 @@
 // or beside other sequences, on any number of ranks.
 #pragma once
 
+#include <chrono>
 #include <memory>
 #include <string>
 #include <vector>
@@ -96,11 +97,21 @@ class Model {
   // of every layer's projections (1, or 1 / tp): its experts' slots, the
   // gates, norms, embedding and head.
   double rank_weight_bytes(double attention_share = 1.0) const;
-  // Adds a phase's wall and virtual seconds (blocks a schedule walks itself).
-  void add_time(double ModelPhaseTimes::*phase, double wall, double virtual_seconds) {
-    times_.*phase += wall;
-    virtual_times_.*phase += virtual_seconds;
-  }
+  // Adds the wall and virtual seconds from its construction to its end to a
+  // phase of the model's times (blocks a schedule walks itself time theirs).
+  class PhaseTimer {
+   public:
+    PhaseTimer(Model& model, double ModelPhaseTimes::*phase);
+    PhaseTimer(const PhaseTimer&) = delete;
+    PhaseTimer& operator=(const PhaseTimer&) = delete;
+    ~PhaseTimer();
+
+   private:
+    Model& model_;
+    double ModelPhaseTimes::*phase_;
+    std::chrono::steady_clock::time_point start_;
+    double virtual_start_;
+  };
 
  private:
   ModelConfig config_;

@@ -61,6 +61,13 @@ struct SpeculativeStats {
   int64_t draft_forwards = 0;   // draft steps run (collective), calibration passes included
   int64_t calibrations = 0;     // this rank's sequences' calibration passes
   double draft_seconds = 0, verify_seconds = 0, calibration_seconds = 0, total_seconds = 0;
+  SpeculativeStats& operator+=(const SpeculativeStats& o) {
+    rounds += o.rounds, proposed += o.proposed, accepted += o.accepted, generated += o.generated;
+    draft_forwards += o.draft_forwards, calibrations += o.calibrations, sequence_rounds += o.sequence_rounds;
+    draft_seconds += o.draft_seconds, verify_seconds += o.verify_seconds;
+    calibration_seconds += o.calibration_seconds, total_seconds += o.total_seconds;
+    return *this;
+  }
   double acceptance() const { return proposed > 0 ? static_cast<double>(accepted) / static_cast<double>(proposed) : 0; }
   // Committed tokens per sequence-round (1 + accepted on average).
   int64_t sequence_rounds = 0;

@@ -48,19 +48,10 @@ void MoELayer::charge_memory(double bytes) const {
   if (config_.device_model) virtual_time::charge(config_.device_model->memory_seconds(bytes));
 }
 
-namespace {
-// A GEMM at the device's roofline: a few rows per expert read its weights at
-// the bandwidth; weights an earlier block of the same expert read are not read again.
-double expert_gemm_seconds(const DeviceModel& dev, double m, double n, double k, bool bf16, bool weights_read) {
-  const double operand = bf16 ? 2.0 : 4.0;
-  return dev.kernel_seconds(2 * m * n * k, (m * k + (weights_read ? 0.0 : k * n)) * operand + m * n * 4.0, bf16);
-}
-}  // namespace
-
 void MoELayer::gemm_bf16(const kernels::cpu::GemmBf16Args& args, bool weights_read) {
   if (config_.device_model)
-    virtual_time::charge(expert_gemm_seconds(*config_.device_model, static_cast<double>(args.m),
-                                             static_cast<double>(args.n), static_cast<double>(args.k), true, weights_read));
+    virtual_time::charge(config_.device_model->gemm_seconds(static_cast<double>(args.m), static_cast<double>(args.n),
+                                                            static_cast<double>(args.k), true, weights_read));
   if (!config_.skip_compute) kernels::cpu::gemm_bf16(args);
   if (args.m && args.n && args.k)
     ++gemms_[GemmShape{args.m, args.n, args.k, args.transpose_a, args.transpose_b, true}];
@@ -68,8 +59,8 @@ void MoELayer::gemm_bf16(const kernels::cpu::GemmBf16Args& args, bool weights_re
 
 void MoELayer::gemm(const kernels::cpu::GemmArgs& args, bool always, bool weights_read) {
   if (config_.device_model)
-    virtual_time::charge(expert_gemm_seconds(*config_.device_model, static_cast<double>(args.m),
-                                             static_cast<double>(args.n), static_cast<double>(args.k), false, weights_read));
+    virtual_time::charge(config_.device_model->gemm_seconds(static_cast<double>(args.m), static_cast<double>(args.n),
+                                                            static_cast<double>(args.k), false, weights_read));
   if (always || !config_.skip_compute) {
     if (config_.batch_invariant && !args.transpose_a && !args.transpose_b && args.alpha == 1.f)
       kernels::cpu::matmul_rows(args.a, args.m, args.k, args.lda, args.b, args.n, args.ldb, args.beta, args.c, args.ldc);
