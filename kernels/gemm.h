@@ -7,8 +7,9 @@
 
 #include <cstdint>
 
-namespace switchyard::kernels::cpu {
+namespace switchyard::kernels {
 
+// The argument types are the same for every device (kernels/cuda takes them too).
 struct GemmArgs {
   bool transpose_a = false;
   bool transpose_b = false;
@@ -22,6 +23,25 @@ struct GemmArgs {
   float* c = nullptr;
   int64_t ldc = 0;
 };
+
+// C (fp32) = op(A) * op(B) (+ C when accumulate), A and B bf16 (raw bits),
+// accumulated in fp32.
+struct GemmBf16Args {
+  bool transpose_a = false;
+  bool transpose_b = false;
+  int64_t m = 0, n = 0, k = 0;
+  const uint16_t* a = nullptr;
+  int64_t lda = 0;
+  const uint16_t* b = nullptr;
+  int64_t ldb = 0;
+  bool accumulate = false;
+  float* c = nullptr;
+  int64_t ldc = 0;
+};
+
+}  // namespace switchyard::kernels
+
+namespace switchyard::kernels::cpu {
 
 void gemm_f32(const GemmArgs& args);
 
@@ -48,21 +68,7 @@ void warn_if_spinning(int gemm_threads, int local_ranks);
 
 namespace switchyard::kernels::cpu {
 
-// C (fp32) = op(A) * op(B) (+ C when accumulate), A and B bf16 (raw bits),
-// accumulated in fp32: oneDNN's matmul primitive, one cached per shape.
-struct GemmBf16Args {
-  bool transpose_a = false;
-  bool transpose_b = false;
-  int64_t m = 0, n = 0, k = 0;
-  const uint16_t* a = nullptr;
-  int64_t lda = 0;
-  const uint16_t* b = nullptr;
-  int64_t ldb = 0;
-  bool accumulate = false;
-  float* c = nullptr;
-  int64_t ldc = 0;
-};
-
+// oneDNN's matmul primitive, one cached per shape.
 void gemm_bf16(const GemmBf16Args& args);
 
 // dst = bf16(src), round to nearest even, on the calling thread's OpenMP threads.

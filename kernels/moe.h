@@ -6,6 +6,14 @@
 #include <optional>
 #include <string_view>
 
+namespace switchyard::kernels {
+
+enum class Activation : uint8_t { relu, gelu, swiglu };
+// "relu", "gelu", "swiglu"; nullopt otherwise.
+std::optional<Activation> parse_activation(std::string_view name);
+
+}  // namespace switchyard::kernels
+
 namespace switchyard::kernels::cpu {
 
 // dst[i] = src[index[i]] for i < rows; index -1 writes a zero row (padding).
@@ -26,9 +34,6 @@ void broadcast_rows(const float* bias, int64_t rows, int64_t width, float* y);
 // out[i] = dot(a[index[i]], b[i]) for i < rows; index -1 gives 0.
 void row_dots(const float* a, const int64_t* index, const float* b, int64_t rows, int64_t width, float* out);
 
-enum class Activation : uint8_t { relu, gelu, swiglu };
-// "relu", "gelu", "swiglu"; nullopt otherwise.
-std::optional<Activation> parse_activation(std::string_view name);
 // relu, gelu (exact, erf): y = f(x) on [rows, width]. swiglu: x is [rows, 2*width]
 // holding (gate, up) halves per row, y[rows, width] = silu(gate) * up.
 void activation_forward(Activation act, const float* x, int64_t rows, int64_t width, float* y);

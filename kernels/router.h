@@ -5,7 +5,7 @@
 
 #include <cstdint>
 
-namespace switchyard::kernels::cpu {
+namespace switchyard::kernels {
 
 enum class GateScore : uint8_t {
   softmax,        // GShard/Tutel: probabilities = softmax(logits)
@@ -29,6 +29,10 @@ struct TopKGateArgs {
   float* weights_out = nullptr;    // [tokens, k]
   float* scores_out = nullptr;     // [tokens, experts]: softmax probabilities or sigmoid scores; may be null
 };
+
+}  // namespace switchyard::kernels
+
+namespace switchyard::kernels::cpu {
 
 void topk_gate(const TopKGateArgs& args);
 

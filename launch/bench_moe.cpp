@@ -17,7 +17,7 @@
 namespace switchyard {
 namespace {
 
-using kernels::cpu::Activation;
+using kernels::Activation;
 
 // Median seconds of one GEMM of this shape with the layer's own call.
 double time_gemm(const GemmShape& s) {
@@ -94,7 +94,7 @@ int run_bench_moe(const BenchMoeOptions& o) {
     MoEConfig c;
     c.model_dim = o.model_dim;
     c.hidden_dim = o.hidden_size;
-    const auto activation = kernels::cpu::parse_activation(o.activation);
+    const auto activation = kernels::parse_activation(o.activation);
     if (!activation) SY_THROW(ConfigError, "--activation: got '", o.activation, "', expected relu, gelu or swiglu");
     c.activation = *activation;
     c.plan.exchange = parse_exchange_mode(o.exchange, "--exchange");

@@ -102,7 +102,7 @@ double read_bandwidth_at(Communicator& world, double bytes) {
 double gemm_rate(Communicator& world) {
   const int64_t n = 1024;
   std::vector<float> a(static_cast<size_t>(n * n), 0.5f), b(a.size(), 0.25f), c(a.size());
-  const kernels::cpu::GemmArgs args{.m = n, .n = n, .k = n, .a = a.data(), .lda = n, .b = b.data(), .ldb = n,
+  const kernels::GemmArgs args{.m = n, .n = n, .k = n, .a = a.data(), .lda = n, .b = b.data(), .ldb = n,
                                     .c = c.data(), .ldc = n};
   kernels::cpu::gemm_f32(args);
   std::vector<double> runs;

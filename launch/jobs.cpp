@@ -24,7 +24,7 @@ MoEConfig moe_config(const JobConfig& job) {
   MoEConfig c;
   c.model_dim = m.model_dim;
   c.hidden_dim = m.hidden_dim;
-  c.activation = kernels::cpu::parse_activation(m.activation).value();  // the config schema admits only these
+  c.activation = kernels::parse_activation(m.activation).value();  // the config schema admits only these
   c.plan.exchange = parse_exchange_mode(m.exchange, "moe.exchange");
   c.router.experts = m.experts;
   c.router.k = m.top_k;

@@ -48,8 +48,8 @@ Model::Model(const std::string& dir, std::shared_ptr<Communicator> group, ModelO
              " ranks (expected a rank count dividing ffn.experts, or a multiple of it)");
   const SafetensorsFile f = SafetensorsFile::open(dir + "/model.safetensors");
   const int64_t d = c.d_model, V = c.vocab_size, E = c.experts, H = c.hidden;
-  const auto act = *kernels::cpu::parse_activation(c.activation);
-  const int64_t H1 = act == kernels::cpu::Activation::swiglu ? 2 * H : H;
+  const auto act = *kernels::parse_activation(c.activation);
+  const int64_t H1 = act == kernels::Activation::swiglu ? 2 * H : H;
   const auto rope = std::make_shared<const RotaryTable>(c);
   embed_ = load_f32(f, "embed.weight", {V, d});
   norm_ = load_f32(f, "norm.weight", {d});

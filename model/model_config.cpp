@@ -65,7 +65,7 @@ ModelConfig ModelConfig::load(const std::string& path) {
              "; expected an even head width d_model / heads");
   if (c.k < 1 || c.k > c.experts)
     SY_THROW(ConfigError, path, ": ffn.k = ", c.k, ", expected 1..ffn.experts (", c.experts, ")");
-  if (!kernels::cpu::parse_activation(c.activation))
+  if (!kernels::parse_activation(c.activation))
     SY_THROW(ConfigError, path, ": ffn.activation = '", c.activation, "', expected relu, gelu or swiglu");
   if (c.gate != "softmax" && c.gate != "sigmoid_bias")
     SY_THROW(ConfigError, path, ": ffn.gate = '", c.gate, "', expected softmax or sigmoid_bias");

@@ -69,7 +69,7 @@ ReshardReport reshard_checkpoint(const std::string& source_prefix, const std::st
 
 namespace {
 using moe_detail::copy_hidden_piece;
-using kernels::cpu::Activation;
+using kernels::Activation;
 std::string expert_key(int expert, const char* name) { return "experts." + std::to_string(expert) + "." + name; }
 }  // namespace
 

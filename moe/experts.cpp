@@ -10,7 +10,7 @@
 
 namespace switchyard {
 
-using kernels::cpu::Activation;
+using kernels::Activation;
 using moe_detail::copy_hidden_piece;
 using moe_detail::PhaseTimer;
 
@@ -48,7 +48,7 @@ void MoELayer::charge_memory(double bytes) const {
   if (config_.device_model) virtual_time::charge(config_.device_model->memory_seconds(bytes));
 }
 
-void MoELayer::gemm_bf16(const kernels::cpu::GemmBf16Args& args, bool weights_read) {
+void MoELayer::gemm_bf16(const kernels::GemmBf16Args& args, bool weights_read) {
   if (config_.device_model)
     virtual_time::charge(config_.device_model->gemm_seconds(static_cast<double>(args.m), static_cast<double>(args.n),
                                                             static_cast<double>(args.k), true, weights_read));
@@ -57,7 +57,7 @@ void MoELayer::gemm_bf16(const kernels::cpu::GemmBf16Args& args, bool weights_re
     ++gemms_[GemmShape{args.m, args.n, args.k, args.transpose_a, args.transpose_b, true}];
 }
 
-void MoELayer::gemm(const kernels::cpu::GemmArgs& args, bool always, bool weights_read) {
+void MoELayer::gemm(const kernels::GemmArgs& args, bool always, bool weights_read) {
   if (config_.device_model)
     virtual_time::charge(config_.device_model->gemm_seconds(static_cast<double>(args.m), static_cast<double>(args.n),
                                                             static_cast<double>(args.k), false, weights_read));

@@ -14,7 +14,7 @@
 
 namespace switchyard {
 
-using kernels::cpu::Activation;
+using kernels::Activation;
 using moe_detail::add_into;
 using moe_detail::PhaseTimer;
 

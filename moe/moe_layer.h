@@ -29,7 +29,7 @@ namespace switchyard {
 struct MoEConfig {
   int64_t model_dim = 0;
   int64_t hidden_dim = 0;
-  kernels::cpu::Activation activation = kernels::cpu::Activation::relu;
+  kernels::Activation activation = kernels::Activation::relu;
   RouterConfig router;  // router.experts is the global expert count
   ExecPlan plan;        // what forward(x) runs; forward(x, routing, plan) may change it per batch
   // Ranks per node for the 2D-hierarchical all-to-all (its groups are made at
@@ -402,8 +402,8 @@ class MoELayer {
   // read this weight matrix for an earlier block of the same expert (a GPU
   // runs one grouped GEMM over all of an expert's rows), so only the rows and
   // outputs are charged beside the FLOPs.
-  void gemm(const kernels::cpu::GemmArgs& args, bool always = false, bool weights_read = false);
-  void gemm_bf16(const kernels::cpu::GemmBf16Args& args, bool weights_read = false);
+  void gemm(const kernels::GemmArgs& args, bool always = false, bool weights_read = false);
+  void gemm_bf16(const kernels::GemmBf16Args& args, bool weights_read = false);
   // The kinds of pooled buffer: a batch holds its forward ones until its handle
   // goes; backward's are temporaries of the call.
   enum class Buffer : uint8_t { input, send, recv, arrived, pre, act, expert_out, back, d_returned, d_out, d_rows, d_act, d_pre,

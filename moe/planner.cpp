@@ -55,7 +55,7 @@ Planner::Planner(const MoELayer& layer, DeviceModel device, LinkModel link, Plan
   k_ = c.router.k;
   model_dim_ = c.model_dim;
   hidden_ = c.hidden_dim;
-  gated_ = c.activation == kernels::cpu::Activation::swiglu;
+  gated_ = c.activation == kernels::Activation::swiglu;
   bf16_ = c.compute == DType::bf16;
   hierarchical_ = layer.has_hierarchical();
   router_ = c.router;

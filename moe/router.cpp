@@ -64,13 +64,13 @@ Routing route(const RouterConfig& config, const TensorView& logits, const Tensor
   r.experts = Tensor::empty({T, k}, DType::i32);
   r.weights = Tensor::empty({T, k}, DType::f32);
   r.scores = Tensor::empty({T, E}, DType::f32);
-  kernels::cpu::TopKGateArgs args;
+  kernels::TopKGateArgs args;
   args.logits = x;
   args.bias = has_bias ? static_cast<const float*>(bias->data()) : nullptr;
   args.tokens = T;
   args.experts = E;
   args.k = k;
-  args.score = config.gate == GateKind::softmax ? kernels::cpu::GateScore::softmax : kernels::cpu::GateScore::sigmoid_bias;
+  args.score = config.gate == GateKind::softmax ? kernels::GateScore::softmax : kernels::GateScore::sigmoid_bias;
   args.renormalize = config.renormalize;
   args.groups = config.groups;
   args.topk_groups = config.topk_groups;

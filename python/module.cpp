@@ -237,7 +237,7 @@ PYBIND11_MODULE(_switchyard, m) {
              MoEConfig c;
              c.model_dim = model_dim;
              c.hidden_dim = hidden_dim;
-             const auto act = kernels::cpu::parse_activation(activation);
+             const auto act = kernels::parse_activation(activation);
              if (!act) SY_THROW(InvalidArgument, "activation = '", activation, "', expected relu, gelu or swiglu");
              c.activation = *act;
              c.router.experts = experts;

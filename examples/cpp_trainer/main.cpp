@@ -33,7 +33,7 @@ int main() {
     MoEConfig config;
     config.model_dim = M;
     config.hidden_dim = H;
-    config.activation = kernels::cpu::Activation::gelu;
+    config.activation = kernels::Activation::gelu;
     config.router.experts = 4;
     config.router.k = 2;
     config.router.capacity_factor = 0.0;  // dropless

@@ -4,7 +4,7 @@
 #include <cmath>
 #include <cstring>
 
-namespace switchyard::kernels::cpu {
+namespace switchyard::kernels {
 
 std::optional<Activation> parse_activation(std::string_view name) {
   if (name == "relu") return Activation::relu;
@@ -12,6 +12,10 @@ std::optional<Activation> parse_activation(std::string_view name) {
   if (name == "swiglu") return Activation::swiglu;
   return std::nullopt;
 }
+
+}  // namespace switchyard::kernels
+
+namespace switchyard::kernels::cpu {
 
 // Rows are independent: split them over the calling thread's OpenMP threads
 // (the rank's GEMM thread budget). Small jobs stay on one thread.

@@ -10,8 +10,6 @@
 
 namespace switchyard::kernels::cuda {
 
-using cpu::GemmArgs;
-using cpu::GemmBf16Args;
 
 void gemm_f32(const GemmArgs& args, cudaStream_t stream);
 void gemm_bf16(const GemmBf16Args& args, cudaStream_t stream);

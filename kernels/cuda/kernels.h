@@ -12,9 +12,6 @@
 
 namespace switchyard::kernels::cuda {
 
-using cpu::Activation;
-using cpu::GateScore;
-using cpu::TopKGateArgs;
 
 // Largest expert count the gate kernel takes (a warp holds a token's scores in registers).
 inline constexpr int kMaxGateExperts = 256;

@@ -16,7 +16,7 @@ namespace kc = kernels::cuda;
 namespace {
 
 int64_t hidden_in(const MoEConfig& c) {
-  return c.activation == kernels::cpu::Activation::swiglu ? 2 * c.hidden_dim : c.hidden_dim;
+  return c.activation == kernels::Activation::swiglu ? 2 * c.hidden_dim : c.hidden_dim;
 }
 
 const float* fp(const Tensor& t, int64_t offset = 0) { return static_cast<const float*>(t.data()) + offset; }
@@ -259,13 +259,13 @@ MoEForward DeviceMoELayer::forward(const TensorView& x, const RoutingChoice& rou
   sv.scores = device_empty({T, E});
   sv.experts = device_empty({T, k}, DType::i32);
   sv.weights = device_empty({T, k});
-  kc::TopKGateArgs gate;
+  kernels::TopKGateArgs gate;
   gate.logits = fp(sv.logits);
   gate.bias = rc.gate == GateKind::sigmoid_bias ? fp(gate_bias_) : nullptr;
   gate.tokens = T;
   gate.experts = E;
   gate.k = k;
-  gate.score = rc.gate == GateKind::softmax ? kc::GateScore::softmax : kc::GateScore::sigmoid_bias;
+  gate.score = rc.gate == GateKind::softmax ? kernels::GateScore::softmax : kernels::GateScore::sigmoid_bias;
   gate.renormalize = rc.renormalize;
   gate.groups = rc.groups;
   gate.topk_groups = rc.topk_groups;
@@ -538,7 +538,7 @@ Tensor DeviceMoELayer::backward(const TensorView& dout, double balance_coef, dou
   gb.experts_total = E;
   gb.k = k;
   gb.renormalize = config_.router.renormalize;
-  gb.score = config_.router.gate == GateKind::softmax ? kc::GateScore::softmax : kc::GateScore::sigmoid_bias;
+  gb.score = config_.router.gate == GateKind::softmax ? kernels::GateScore::softmax : kernels::GateScore::sigmoid_bias;
   gb.z_coef = z_coef;
   gb.d_logits = mp(d_logits);
   kc::gate_backward(gb, s);

@@ -104,23 +104,23 @@ Tensor dev_i64(const std::vector<int64_t>& v) {
 // ---- kernels ----
 
 void check_gate() {
-  struct Case { int64_t T; int E, k; kh::GateScore score; bool renorm; int groups, topk_groups; };
-  for (const Case& c : {Case{1000, 64, 2, kh::GateScore::softmax, false, 1, 1}, Case{777, 7, 3, kh::GateScore::softmax, true, 1, 1},
-                        Case{513, 64, 6, kh::GateScore::sigmoid_bias, true, 8, 3}, Case{300, 256, 8, kh::GateScore::softmax, false, 1, 1},
-                        Case{0, 16, 2, kh::GateScore::softmax, false, 1, 1}}) {
+  struct Case { int64_t T; int E, k; kernels::GateScore score; bool renorm; int groups, topk_groups; };
+  for (const Case& c : {Case{1000, 64, 2, kernels::GateScore::softmax, false, 1, 1}, Case{777, 7, 3, kernels::GateScore::softmax, true, 1, 1},
+                        Case{513, 64, 6, kernels::GateScore::sigmoid_bias, true, 8, 3}, Case{300, 256, 8, kernels::GateScore::softmax, false, 1, 1},
+                        Case{0, 16, 2, kernels::GateScore::softmax, false, 1, 1}}) {
     Tensor logits = host_random({c.T, c.E}, -4, 4), bias = host_random({c.E}, -0.1, 0.1);
     Tensor ei = Tensor::empty({c.T, c.k}, DType::i32), w = Tensor::empty({c.T, c.k}, DType::f32), s = Tensor::empty({c.T, c.E}, DType::f32);
-    kh::TopKGateArgs a{.logits = logits.data_as<float>(), .bias = bias.data_as<float>(), .tokens = c.T, .experts = c.E, .k = c.k,
+    kernels::TopKGateArgs a{.logits = logits.data_as<float>(), .bias = bias.data_as<float>(), .tokens = c.T, .experts = c.E, .k = c.k,
                        .score = c.score, .renormalize = c.renorm, .groups = c.groups, .topk_groups = c.topk_groups,
                        .experts_out = ei.data_as<int32_t>(), .weights_out = w.data_as<float>(), .scores_out = s.data_as<float>()};
     kh::topk_gate(a);
     Tensor dl = dev(logits), db = dev(bias), dei = poisoned({c.T, c.k}, DType::i32), dw = poisoned({c.T, c.k}), ds = poisoned({c.T, c.E});
-    kh::TopKGateArgs d = a;
+    kernels::TopKGateArgs d = a;
     d.logits = dl.data_as<float>(), d.bias = db.data_as<float>(), d.experts_out = dei.data_as<int32_t>();
     d.weights_out = dw.data_as<float>(), d.scores_out = ds.data_as<float>();
     kc::topk_gate(d, nullptr);
     const std::string name = "topk_gate T=" + std::to_string(c.T) + " E=" + std::to_string(c.E) + " k=" + std::to_string(c.k) +
-                             (c.score == kh::GateScore::softmax ? " softmax" : " sigmoid+bias") + (c.groups > 1 ? " grouped" : "");
+                             (c.score == kernels::GateScore::softmax ? " softmax" : " sigmoid+bias") + (c.groups > 1 ? " grouped" : "");
     compare_exact(name + ": experts", dei, ei.data_as<int32_t>());
     compare(name + ": weights", dw, w.data_as<float>(), 1e-5);
     compare(name + ": scores", ds, s.data_as<float>(), 1e-5);
@@ -221,9 +221,9 @@ void check_rows() {
     kc::broadcast_rows(dbias.data_as<float>(), rows, width, dy.data_as<float>(), nullptr);
     compare("bias (broadcast_rows)" + w, dy, y.data_as<float>(), 0);
 
-    for (auto act : {kh::Activation::relu, kh::Activation::gelu, kh::Activation::swiglu}) {
-      const int64_t in_w = act == kh::Activation::swiglu ? 2 * width : width;
-      const std::string an = act == kh::Activation::relu ? "relu" : act == kh::Activation::gelu ? "gelu" : "swiglu";
+    for (auto act : {kernels::Activation::relu, kernels::Activation::gelu, kernels::Activation::swiglu}) {
+      const int64_t in_w = act == kernels::Activation::swiglu ? 2 * width : width;
+      const std::string an = act == kernels::Activation::relu ? "relu" : act == kernels::Activation::gelu ? "gelu" : "swiglu";
       Tensor x = host_random({rows, in_w}, -3, 3), g = host_random({rows, width});
       Tensor fy = Tensor::empty({rows, width}, DType::f32), dx = Tensor::empty({rows, in_w}, DType::f32);
       kh::activation_forward(act, x.data_as<float>(), rows, width, fy.data_as<float>());
@@ -250,7 +250,7 @@ void check_gemm() {
       const int64_t m = 301, n = 257, k = 129;
       Tensor a = host_random(ta ? Shape{k, m} : Shape{m, k}), b = host_random(tb ? Shape{n, k} : Shape{k, n}), c = host_random({m, n});
       Tensor dA = dev(a), dB = dev(b), dC = dev(c);
-      kh::GemmArgs args{.transpose_a = ta, .transpose_b = tb, .m = m, .n = n, .k = k, .alpha = 0.5f, .a = a.data_as<float>(),
+      kernels::GemmArgs args{.transpose_a = ta, .transpose_b = tb, .m = m, .n = n, .k = k, .alpha = 0.5f, .a = a.data_as<float>(),
                         .lda = ta ? m : k, .b = b.data_as<float>(), .ldb = tb ? k : n, .beta = 1.f, .c = c.data_as<float>(), .ldc = n};
       kh::gemm_f32(args);
       args.a = dA.data_as<float>(), args.b = dB.data_as<float>(), args.c = dC.data_as<float>();
@@ -330,7 +330,7 @@ void check_nccl() {
 
 // ---- the MoE layer ----
 
-void check_layer(kh::Activation act, DType compute, ExchangeMode mode, double cf, int64_t tokens) {
+void check_layer(kernels::Activation act, DType compute, ExchangeMode mode, double cf, int64_t tokens) {
   MoEConfig cfg;
   cfg.model_dim = 96;
   cfg.hidden_dim = 80;
@@ -338,7 +338,7 @@ void check_layer(kh::Activation act, DType compute, ExchangeMode mode, double cf
   cfg.compute = compute;
   cfg.router.experts = 8;
   cfg.router.k = 2;
-  cfg.router.renormalize = act == kh::Activation::swiglu;
+  cfg.router.renormalize = act == kernels::Activation::swiglu;
   ThreadsWorld world(1);
   auto boot = world.communicator(0);
   MoELayer host_layer(cfg, boot);
@@ -355,7 +355,7 @@ void check_layer(kh::Activation act, DType compute, ExchangeMode mode, double cf
   const MoEForward df = device_layer.forward(dx_in, routing, plan);
   const Tensor ddx = device_layer.backward(dg, 0.01, 0.001);
   const double tol = compute == DType::bf16 ? 2e-2 : 2e-5;
-  const std::string name = std::string("moe layer ") + (act == kh::Activation::gelu ? "gelu" : "swiglu") +
+  const std::string name = std::string("moe layer ") + (act == kernels::Activation::gelu ? "gelu" : "swiglu") +
                            (compute == DType::bf16 ? " bf16" : " f32") + (mode == ExchangeMode::padded ? " padded" : " dropless") +
                            " cf=" + std::to_string(cf).substr(0, 3) + " T=" + std::to_string(tokens);
   report(hf.dropped == df.dropped, name + ": dropped", std::to_string(df.dropped) + " vs host " + std::to_string(hf.dropped));
@@ -389,7 +389,7 @@ void check_layer_multirank(int W, ExchangeMode mode, double cf) {
       MoEConfig cfg;
       cfg.model_dim = 64;
       cfg.hidden_dim = 48;
-      cfg.activation = kh::Activation::gelu;
+      cfg.activation = kernels::Activation::gelu;
       cfg.router.experts = 8;
       cfg.router.k = 2;
       auto host_comm = world.shared_from_this();
@@ -479,7 +479,7 @@ void timing_table() {
   };
   Tensor logits = dev(host_random({T, E}, -3, 3)), scores = cuda::empty({T, E}, DType::f32, 0);
   Tensor ei = cuda::empty({T, k}, DType::i32, 0), w = cuda::empty({T, k}, DType::f32, 0);
-  kh::TopKGateArgs ga{.logits = logits.data_as<float>(), .tokens = T, .experts = int(E), .k = int(k), .experts_out = ei.data_as<int32_t>(),
+  kernels::TopKGateArgs ga{.logits = logits.data_as<float>(), .tokens = T, .experts = int(E), .k = int(k), .experts_out = ei.data_as<int32_t>(),
                       .weights_out = w.data_as<float>(), .scores_out = scores.data_as<float>()};
   row("router: softmax top-2 [16384 x 64]", median_ms([&] { kc::topk_gate(ga, nullptr); }), T * E * 8.0 + T * k * 8.0);
   const int64_t tiles = kc::dispatch_tiles(T, k);
@@ -520,7 +520,7 @@ void timing_table() {
       }),
       (R + T) * M * 4.0);
   Tensor pre = cuda::empty({R, H}, DType::f32, 0), act = cuda::empty({R, H}, DType::f32, 0);
-  row("gelu forward 32768 x 2048", median_ms([&] { kc::activation_forward(kh::Activation::gelu, pre.data_as<float>(), R, H, act.data_as<float>(), nullptr); }),
+  row("gelu forward 32768 x 2048", median_ms([&] { kc::activation_forward(kernels::Activation::gelu, pre.data_as<float>(), R, H, act.data_as<float>(), nullptr); }),
       2.0 * R * H * 4);
   Tensor sums = cuda::zeros({H}, DType::f32, 0), scratch = cuda::empty({kc::column_sum_scratch(R, H)}, DType::f32, 0);
   row("bias gradient: column sums 32768 x 2048", median_ms([&] {
@@ -554,7 +554,7 @@ void timing_table() {
     MoEConfig cfg;
     cfg.model_dim = M;
     cfg.hidden_dim = H;
-    cfg.activation = kh::Activation::gelu;
+    cfg.activation = kernels::Activation::gelu;
     cfg.compute = compute;
     cfg.router.experts = int(E);
     cfg.router.k = int(k);
@@ -609,12 +609,12 @@ int main(int argc, char** argv) {
     check_rows();
     check_gemm();
     check_nccl();
-    for (auto act : {kh::Activation::gelu, kh::Activation::swiglu})
+    for (auto act : {kernels::Activation::gelu, kernels::Activation::swiglu})
       for (DType compute : {DType::f32, DType::bf16})
         for (ExchangeMode mode : {ExchangeMode::padded, ExchangeMode::dropless})
           check_layer(act, compute, mode, mode == ExchangeMode::padded ? 1.0 : 0.0, 301);
-    check_layer(kh::Activation::gelu, DType::f32, ExchangeMode::padded, 0.5, 1000);  // drops
-    check_layer(kh::Activation::gelu, DType::f32, ExchangeMode::dropless, 0.0, 0);    // an empty batch
+    check_layer(kernels::Activation::gelu, DType::f32, ExchangeMode::padded, 0.5, 1000);  // drops
+    check_layer(kernels::Activation::gelu, DType::f32, ExchangeMode::dropless, 0.0, 0);    // an empty batch
     for (int W : {2, 4})
       for (ExchangeMode mode : {ExchangeMode::padded, ExchangeMode::dropless})
         check_layer_multirank(W, mode, mode == ExchangeMode::padded ? 1.0 : 0.0);

@@ -86,7 +86,7 @@ TEST(MoEMultiRank, ExpertParallelEqualsOneRankForwardAndBackward) {
       const int n = comm.size(), me = comm.rank();
       MoEConfig c;
       c.model_dim = 12, c.hidden_dim = 20;
-      c.activation = kernels::cpu::Activation::swiglu;
+      c.activation = kernels::Activation::swiglu;
       c.plan.exchange = mode;
       c.router.experts = 2 * n, c.router.k = std::min(2, 2 * n), c.router.capacity_factor = 0.0;
       auto rows_of = [&](int r) -> int64_t { return r == n - 1 && n > 1 ? 0 : 3 + 4 * r; };
@@ -146,7 +146,7 @@ TEST(MoEMultiRank, InterleavedHandlesEqualSequentialBatches) {
     const int n = comm.size(), me = comm.rank();
     MoEConfig c;
     c.model_dim = 12, c.hidden_dim = 20;
-    c.activation = kernels::cpu::Activation::gelu;
+    c.activation = kernels::Activation::gelu;
     c.router.experts = 2 * n, c.router.k = std::min(2, 2 * n), c.router.capacity_factor = 0.8;
     c.check_plan = true;
     std::shared_ptr<Communicator> group(&comm, [](Communicator*) {});
@@ -234,7 +234,7 @@ TEST(MoEMultiRank, PhysicalPlacementEqualsOneRankHoldingEveryExpert) {
       if (variant == 2 && n != 4) return;
       MoEConfig c;
       c.model_dim = 12, c.hidden_dim = 16;
-      c.activation = kernels::cpu::Activation::swiglu;
+      c.activation = kernels::Activation::swiglu;
       c.plan.exchange = mode;
       c.plan.d = 2;
       c.router.experts = 2 * n, c.router.k = 2, c.router.capacity_factor = 0.0;
@@ -300,7 +300,7 @@ TEST(MoEMultiRank, MigrateMovesWeightsAndOptimizerState) {
     const int n = comm.size(), me = comm.rank();
     MoEConfig c;
     c.model_dim = 12, c.hidden_dim = 10;
-    c.activation = kernels::cpu::Activation::gelu;
+    c.activation = kernels::Activation::gelu;
     c.plan.exchange = ExchangeMode::dropless;
     c.router.experts = 2 * n, c.router.k = 2, c.router.capacity_factor = 0.0;
     std::shared_ptr<Communicator> group(&comm, [](Communicator*) {});

@@ -81,7 +81,7 @@ TEST(MoEPlans, EveryPlanEqualsOneRankForwardAndBackward) {
       const int S = E >= n ? 1 : n / E;
       MoEConfig c;
       c.model_dim = 12, c.hidden_dim = 4 * S;
-      c.activation = kernels::cpu::Activation::swiglu;
+      c.activation = kernels::Activation::swiglu;
       c.router.experts = E, c.router.k = std::min(2, E), c.router.capacity_factor = 0.0;  // no drops
       c.node_size = n % 2 == 0 && n > 2 ? 2 : 0;
       const int64_t M = c.model_dim, H = c.hidden_dim;
@@ -202,7 +202,7 @@ TEST(MoEPlans, CheckpointReloadsUnderOtherWorldSizes) {
     const int E = n % 2 == 0 ? n / 2 : n;
     MoEConfig c;
     c.model_dim = 12, c.hidden_dim = 8;
-    c.activation = kernels::cpu::Activation::swiglu;
+    c.activation = kernels::Activation::swiglu;
     c.router.experts = E, c.router.k = std::min(2, E), c.router.capacity_factor = 0.0;
     const std::string dir = (std::filesystem::temp_directory_path() /
                              ("sy_plan_ckpt_" + std::to_string(seed) + "_" + std::to_string(n))).string();

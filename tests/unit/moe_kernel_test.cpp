@@ -15,6 +15,7 @@ namespace switchyard {
 namespace {
 
 using namespace kernels::cpu;
+using kernels::Activation;
 
 std::vector<float> random_floats(Rng& rng, int64_t n) {
   std::vector<float> v(static_cast<size_t>(n));

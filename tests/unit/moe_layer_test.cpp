@@ -19,7 +19,7 @@
 namespace switchyard {
 namespace {
 
-using kernels::cpu::Activation;
+using kernels::Activation;
 
 MoEConfig small_config(Activation act, ExchangeMode mode, double cf, int experts = 6) {
   MoEConfig c;
