@@ -78,6 +78,14 @@ const std::vector<VarSpec>& specs() {
          if (v != "0" && v != "1") SY_THROW(ConfigError, n, "='", v, "': expected 0 or 1");
          e.poison_buffers = v == "1";
        }},
+      {"SWITCHYARD_MOE_OPS", "string", "cpu",
+       "Debug: what MoE layers without a device model run their operations on: cpu, or emulated (every operation "
+       "through the emulated-device decorator with no device to charge, to check that it computes exactly what the "
+       "host does; the test suite runs the MoE tests both ways).",
+       [](Env& e, const std::string& n, const std::string& v) {
+         if (v != "cpu" && v != "emulated") SY_THROW(ConfigError, n, "='", v, "': expected cpu or emulated");
+         e.moe_ops = v;
+       }},
       {"SWITCHYARD_TEST_SEED", "uint64", "", "Seed for test inputs, to reproduce a failure (tests print theirs).",
        [](Env& e, const std::string& n, const std::string& v) {
          e.test_seed = parse_integer<uint64_t>(n, v, 0, "an unsigned 64-bit seed");

@@ -25,6 +25,7 @@ struct Env {
   int64_t spin_us = 250;                 // SWITCHYARD_SPIN_US
   int64_t ucx_heartbeat_ms = 2000;       // SWITCHYARD_UCX_HEARTBEAT_MS
   bool poison_buffers = false;           // SWITCHYARD_POISON_BUFFERS
+  std::string moe_ops = "cpu";           // SWITCHYARD_MOE_OPS
 };
 
 struct EnvVarDoc {

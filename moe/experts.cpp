@@ -16,57 +16,38 @@ using moe_detail::PhaseTimer;
 
 namespace moe_detail {
 
-void copy_hidden_piece(bool gated, int64_t rows, int64_t hidden, int piece, int pieces, float* full, float* part,
-                       bool to_part) {
+void copy_hidden_piece(MoEOps& ops, bool gated, int64_t rows, int64_t hidden, int piece, int pieces, float* full,
+                       float* part, bool to_part) {
   const int64_t hp = hidden / pieces;
   const int halves = gated ? 2 : 1;
-  const int64_t full_width = halves * hidden, part_width = halves * hp;
-  for (int64_t i = 0; i < rows; ++i)
-    for (int h = 0; h < halves; ++h) {
-      float* f = full + i * full_width + h * hidden + piece * hp;
-      float* q = part + i * part_width + h * hp;
-      if (to_part)
-        std::memcpy(q, f, static_cast<size_t>(hp) * sizeof(float));
-      else
-        std::memcpy(f, q, static_cast<size_t>(hp) * sizeof(float));
-    }
+  const auto f32 = static_cast<int64_t>(sizeof(float));
+  const int64_t full_pitch = halves * hidden * f32, part_pitch = halves * hp * f32;
+  for (int h = 0; h < halves; ++h) {
+    float* f = full + h * hidden + piece * hp;
+    float* q = part + h * hp;
+    if (to_part)
+      ops.copy_2d(q, part_pitch, f, full_pitch, hp * f32, rows);
+    else
+      ops.copy_2d(f, full_pitch, q, part_pitch, hp * f32, rows);
+  }
 }
 
-void add_into(Tensor& acc, const TensorView& delta) {
-  float* a = acc.data_as<float>();
-  const float* d = static_cast<const float*>(delta.data());
-  const int64_t n = acc.numel();
-#pragma omp parallel for schedule(static) if (n >= (1 << 16))
-  for (int64_t i = 0; i < n; ++i) a[i] += d[i];
+void copy_hidden_piece(bool gated, int64_t rows, int64_t hidden, int piece, int pieces, float* full, float* part,
+                       bool to_part) {
+  CpuOps host;
+  copy_hidden_piece(host, gated, rows, hidden, piece, pieces, full, part, to_part);
 }
 
 }  // namespace moe_detail
 
-using moe_detail::add_into;
-
-void MoELayer::charge_memory(double bytes) const {
-  if (config_.device_model) virtual_time::charge(config_.device_model->memory_seconds(bytes));
-}
-
 void MoELayer::gemm_bf16(const kernels::GemmBf16Args& args, bool weights_read) {
-  if (config_.device_model)
-    virtual_time::charge(config_.device_model->gemm_seconds(static_cast<double>(args.m), static_cast<double>(args.n),
-                                                            static_cast<double>(args.k), true, weights_read));
-  if (!config_.skip_compute) kernels::cpu::gemm_bf16(args);
+  ops_->gemm_bf16(args, weights_read);
   if (args.m && args.n && args.k)
     ++gemms_[GemmShape{args.m, args.n, args.k, args.transpose_a, args.transpose_b, true}];
 }
 
-void MoELayer::gemm(const kernels::GemmArgs& args, bool always, bool weights_read) {
-  if (config_.device_model)
-    virtual_time::charge(config_.device_model->gemm_seconds(static_cast<double>(args.m), static_cast<double>(args.n),
-                                                            static_cast<double>(args.k), false, weights_read));
-  if (always || !config_.skip_compute) {
-    if (config_.batch_invariant && !args.transpose_a && !args.transpose_b && args.alpha == 1.f)
-      kernels::cpu::matmul_rows(args.a, args.m, args.k, args.lda, args.b, args.n, args.ldb, args.beta, args.c, args.ldc);
-    else
-      kernels::cpu::gemm_f32(args);
-  }
+void MoELayer::gemm(const kernels::GemmArgs& args, OpData data, bool weights_read) {
+  ops_->gemm(args, data, weights_read);
   if (args.m && args.n && args.k) ++gemms_[GemmShape{args.m, args.n, args.k, args.transpose_a, args.transpose_b}];
 }
 
@@ -82,11 +63,7 @@ void MoELayer::reset_profile() {
   gemms_.clear();
 }
 
-Tensor MoELayer::fresh(Shape shape) const {
-  // Timing only: expert tensors are allocated, never touched, so clusters far
-  // larger than this machine's memory can be emulated.
-  return config_.skip_compute ? Tensor::empty(std::move(shape), DType::f32) : Tensor::zeros(std::move(shape), DType::f32);
-}
+Tensor MoELayer::fresh(Shape shape) const { return ops_->allocate(std::move(shape), DType::f32, true); }
 
 void MoELayer::zero_grad() {
   gate_grad_ = Tensor::zeros(gate_weight_.shape(), DType::f32);
@@ -104,16 +81,9 @@ void MoELayer::sgd_step(double lr) {
   const std::pair<Tensor*, Tensor*> pairs[] = {{&gate_weight_, &gate_grad_}, {&params_.w1, &grads_.w1},
                                                {&params_.b1, &grads_.b1},     {&params_.w2, &grads_.w2},
                                                {&params_.b2, &grads_.b2}};
-  const auto rate = static_cast<float>(lr);
-  for (auto [param, grad] : pairs) {
-    charge_memory(3.0 * static_cast<double>(param->nbytes()));
-    if (config_.skip_compute && param != &gate_weight_) continue;
-    float* p = param->data_as<float>();
-    const float* g = grad->data_as<float>();
-    const int64_t n = param->numel();
-#pragma omp parallel for schedule(static) if (n >= (1 << 15))
-    for (int64_t i = 0; i < n; ++i) p[i] -= rate * g[i];
-  }
+  for (auto [param, grad] : pairs)
+    ops_->axpy(-static_cast<float>(lr), grad->data_as<float>(), param->numel(), param->data_as<float>(),
+               param == &gate_weight_ ? OpData::gate : OpData::bulk);
 }
 
 void MoELayer::init_parameters(uint64_t seed) {
@@ -126,7 +96,7 @@ void MoELayer::init_parameters(uint64_t seed) {
   Rng gate_rng(seed);
   gate_rng.fill_uniform(gate_weight_, -1.0 / std::sqrt(M), 1.0 / std::sqrt(M));
   const int me = group_->rank();
-  if (config_.skip_compute) return;  // timing only: expert weights stay untouched
+  if (!ops_->computes()) return;  // timing only: expert weights stay untouched
   // The whole logical expert is drawn, then this rank's slice kept, so every
   // layout holds the same weights.
   Tensor w1 = Tensor::empty({M, H1}, DType::f32), b1 = Tensor::empty({H1}, DType::f32);
@@ -139,11 +109,14 @@ void MoELayer::init_parameters(uint64_t seed) {
     rng.fill_uniform(b1, -1.0 / std::sqrt(M), 1.0 / std::sqrt(M));
     rng.fill_uniform(w2, -1.0 / std::sqrt(H), 1.0 / std::sqrt(H));
     rng.fill_uniform(b2, -1.0 / std::sqrt(H), 1.0 / std::sqrt(H));
-    copy_hidden_piece(gated, M, H, shard, S, w1.data_as<float>(), params_.w1.data_as<float>() + slot * M * H1s, true);
-    copy_hidden_piece(gated, 1, H, shard, S, b1.data_as<float>(), params_.b1.data_as<float>() + slot * H1s, true);
-    std::memcpy(params_.w2.data_as<float>() + slot * Hs * M, w2.data_as<float>() + shard * Hs * M,
-                static_cast<size_t>(Hs * M) * sizeof(float));
-    std::memcpy(params_.b2.data_as<float>() + slot * M, b2.data(), b2.nbytes());
+    // Drawn on the host: host ops (the parameters' memory) copy the slice in.
+    copy_hidden_piece(*ops_, gated, M, H, shard, S, w1.data_as<float>(), params_.w1.data_as<float>() + slot * M * H1s,
+                      true);
+    copy_hidden_piece(*ops_, gated, 1, H, shard, S, b1.data_as<float>(), params_.b1.data_as<float>() + slot * H1s,
+                      true);
+    ops_->copy(params_.w2.data_as<float>() + slot * Hs * M, w2.data_as<float>() + shard * Hs * M,
+               Hs * M * static_cast<int64_t>(sizeof(float)));
+    ops_->copy(params_.b2.data_as<float>() + slot * M, b2.data(), static_cast<int64_t>(b2.nbytes()));
   }
 }
 
@@ -173,9 +146,8 @@ void MoELayer::gather_weights(const DispatchPlan& p, Working& w) {
                   g.allgather(params_.b2, raw_b2)};
   for (auto& work : works) work.wait();
   w.p.b2 = Tensor::empty({Lw, M}, DType::f32);
-  for (int i = 0; i < Lw; ++i)
-    std::memcpy(w.p.b2.data_as<float>() + i * M, raw_b2.data_as<float>() + static_cast<int64_t>(i) * P * M,
-                static_cast<size_t>(M) * sizeof(float));
+  const auto f32 = static_cast<int64_t>(sizeof(float));
+  ops_->copy_2d(w.p.b2.data(), M * f32, raw_b2.data(), P * M * f32, M * f32, Lw);  // piece 0's bias of each expert
   if (P == 1) {
     w.p.w1 = raw_w1;
     w.p.b1 = raw_b1;
@@ -183,15 +155,13 @@ void MoELayer::gather_weights(const DispatchPlan& p, Working& w) {
   }
   w.p.w1 = buffer(Buffer::gw1, {Lw, M, H1w});
   w.p.b1 = Tensor::empty({Lw, H1w}, DType::f32);
-  charge_memory(2.0 * static_cast<double>(w.p.w1.nbytes()));
-  if (config_.skip_compute) return;  // timing only: leave the gathered pages untouched
   for (int i = 0; i < Lw; ++i)
     for (int piece = 0; piece < P; ++piece) {
       const int64_t b = static_cast<int64_t>(i) * P + piece;
-      copy_hidden_piece(gated, M, Hw, piece, P, w.p.w1.data_as<float>() + i * M * H1w,
+      copy_hidden_piece(*ops_, gated, M, Hw, piece, P, w.p.w1.data_as<float>() + i * M * H1w,
                         raw_w1.data_as<float>() + b * M * H1s, false);
-      copy_hidden_piece(gated, 1, Hw, piece, P, w.p.b1.data_as<float>() + i * H1w, raw_b1.data_as<float>() + b * H1s,
-                        false);
+      copy_hidden_piece(*ops_, gated, 1, Hw, piece, P, w.p.b1.data_as<float>() + i * H1w,
+                        raw_b1.data_as<float>() + b * H1s, false);
     }
 }
 
@@ -209,18 +179,18 @@ void MoELayer::scatter_gradients(const PlanShape& shape, const ExpertParams& wg,
     if (P > 1) {
       raw_w1 = buffer(Buffer::grad_blocks, {G * L, M, H1s});
       raw_b1 = Tensor::empty({G * L, H1s}, DType::f32);
-      raw_b2 = Tensor::zeros({G * L, M}, DType::f32);  // one piece of each expert carries the bias gradient
-      for (int i = 0; i < Lw && !config_.skip_compute; ++i) {
-        std::memcpy(raw_b2.data_as<float>() + static_cast<int64_t>(i) * P * M, wg.b2.data_as<float>() + i * M,
-                    static_cast<size_t>(M) * sizeof(float));
+      raw_b2 = Tensor::empty({G * L, M}, DType::f32);  // one piece of each expert carries the bias gradient
+      const auto f32 = static_cast<int64_t>(sizeof(float));
+      ops_->zero(raw_b2.data(), static_cast<int64_t>(raw_b2.nbytes()));
+      ops_->copy_2d(raw_b2.data(), P * M * f32, wg.b2.data(), M * f32, M * f32, Lw);
+      for (int i = 0; i < Lw; ++i)
         for (int piece = 0; piece < P; ++piece) {
           const int64_t b = static_cast<int64_t>(i) * P + piece;
-          copy_hidden_piece(gated, M, Hw, piece, P, wg.w1.data_as<float>() + i * M * H1w,
+          copy_hidden_piece(*ops_, gated, M, Hw, piece, P, wg.w1.data_as<float>() + i * M * H1w,
                             raw_w1.data_as<float>() + b * M * H1s, true);
-          copy_hidden_piece(gated, 1, Hw, piece, P, wg.b1.data_as<float>() + i * H1w,
+          copy_hidden_piece(*ops_, gated, 1, Hw, piece, P, wg.b1.data_as<float>() + i * H1w,
                             raw_b1.data_as<float>() + b * H1s, true);
         }
-      }
     }
     Tensor mine_w1 = buffer(Buffer::grad_mine, params_.w1.shape());
     Tensor mine_b1 = Tensor::empty(params_.b1.shape(), DType::f32);
@@ -229,16 +199,12 @@ void MoELayer::scatter_gradients(const PlanShape& shape, const ExpertParams& wg,
     Work works[] = {g.reduce_scatter(raw_w1, mine_w1), g.reduce_scatter(raw_b1, mine_b1),
                     g.reduce_scatter(wg.w2, mine_w2), g.reduce_scatter(raw_b2, b2_delta)};
     for (auto& work : works) work.wait();
-    charge_memory(4.0 * static_cast<double>(raw_w1.nbytes() + wg.w2.nbytes()));  // re-layout, sums
-    if (!config_.skip_compute) {
-      add_into(grads_.w1, mine_w1);
-      add_into(grads_.b1, mine_b1);
-      add_into(grads_.w2, mine_w2);
-    }
+    for (auto [acc, part] : {std::pair{&grads_.w1, &mine_w1}, {&grads_.b1, &mine_b1}, {&grads_.w2, &mine_w2}})
+      ops_->axpy(1.f, part->data_as<float>(), part->numel(), acc->data_as<float>());
   }
   // fc2's bias is replicated on the S ranks of an expert: each gets the sum.
   if (S > 1) shard_group_->allreduce(b2_delta, b2_delta).wait();
-  if (S > 1 || gathered) add_into(grads_.b2, b2_delta);
+  if (S > 1 || gathered) ops_->axpy(1.f, b2_delta.data_as<float>(), b2_delta.numel(), grads_.b2.data_as<float>());
 }
 
 ExpertActivations MoELayer::allocate_activations(const DispatchPlan& p, const Working& w) {
@@ -254,10 +220,9 @@ ExpertActivations MoELayer::allocate_activations(const DispatchPlan& p, const Wo
     a.act16 = buffer(Buffer::act_bf16, {R, Hw}, DType::bf16);
     a.w1_16 = buffer(Buffer::w1_bf16, w.p.w1.shape(), DType::bf16);
     a.w2_16 = buffer(Buffer::w2_bf16, w.p.w2.shape(), DType::bf16);
-    charge_memory(1.5 * static_cast<double>(w.p.w1.nbytes() + w.p.w2.nbytes()));
-    if (!config_.skip_compute) {
-      kernels::cpu::to_bf16(w.p.w1.data_as<float>(), w.p.w1.numel(), static_cast<uint16_t*>(a.w1_16.data()));
-      kernels::cpu::to_bf16(w.p.w2.data_as<float>(), w.p.w2.numel(), static_cast<uint16_t*>(a.w2_16.data()));
+    {
+      ops_->to_bf16(w.p.w1.data_as<float>(), w.p.w1.numel(), static_cast<uint16_t*>(a.w1_16.data()));
+      ops_->to_bf16(w.p.w2.data_as<float>(), w.p.w2.numel(), static_cast<uint16_t*>(a.w2_16.data()));
     }
   }
   return a;
@@ -274,9 +239,9 @@ void MoELayer::run_chunk(MoEBatch& batch, int chunk) {
   const float* x = batch.rows_.data_as<float>();
   auto b16 = [](const Tensor& t, int64_t offset) { return static_cast<const uint16_t*>(t.data()) + offset; };
   int64_t offset = p.recv_offset(chunk);
-  if (bf && !config_.skip_compute) {
+  if (bf) {
     const int64_t n = p.recv_offset(chunk + 1) - offset;
-    kernels::cpu::to_bf16(x + offset * M, n * M, static_cast<uint16_t*>(a.rows16.data()) + offset * M);
+    ops_->to_bf16(x + offset * M, n * M, static_cast<uint16_t*>(a.rows16.data()) + offset * M);
   }
   std::vector<char> read(static_cast<size_t>(p.slots), 0);  // slots whose weights this chunk has read
   for (int u = 0; u < p.exchange_ranks; ++u)
@@ -290,30 +255,26 @@ void MoELayer::run_chunk(MoEBatch& batch, int chunk) {
       float* out_b = a.out.data_as<float>() + offset * M;
       // Biases first, then GEMMs accumulate on top. With r > 1 only the first
       // hidden piece adds fc2's bias: the pieces' outputs are summed.
-      charge_memory(static_cast<double>(m) * (2 * H1w + Hw + M) * sizeof(float));  // biases, activation
-      const bool elementwise = !config_.skip_compute;  // timing only: GEMMs charge, nothing is touched
-      if (elementwise) {
-        kernels::cpu::broadcast_rows(w.p.b1.data_as<float>() + l * H1w, m, H1w, pre_b);
-        if (w.adds_bias)
-          kernels::cpu::broadcast_rows(w.p.b2.data_as<float>() + l * M, m, M, out_b);
-        else
-          std::memset(out_b, 0, static_cast<size_t>(m * M) * sizeof(float));
-      }
+      ops_->broadcast_rows(w.p.b1.data_as<float>() + l * H1w, m, H1w, pre_b);
+      if (w.adds_bias)
+        ops_->broadcast_rows(w.p.b2.data_as<float>() + l * M, m, M, out_b);
+      else
+        ops_->zero(out_b, m * M * static_cast<int64_t>(sizeof(float)));
       if (bf)
         gemm_bf16({.m = m, .n = H1w, .k = M, .a = b16(a.rows16, offset * M), .lda = M, .b = b16(a.w1_16, l * M * H1w),
                    .ldb = H1w, .accumulate = true, .c = pre_b, .ldc = H1w}, weights_read);
       else
         gemm({.m = m, .n = H1w, .k = M, .a = x + offset * M, .lda = M, .b = w.p.w1.data_as<float>() + l * M * H1w,
-              .ldb = H1w, .beta = 1.f, .c = pre_b, .ldc = H1w}, false, weights_read);
-      if (elementwise) kernels::cpu::activation_forward(config_.activation, pre_b, m, Hw, act_b);
+              .ldb = H1w, .beta = 1.f, .c = pre_b, .ldc = H1w}, OpData::bulk, weights_read);
+      ops_->activation_forward(config_.activation, pre_b, m, Hw, act_b);
       if (bf) {
         uint16_t* a16 = static_cast<uint16_t*>(a.act16.data()) + offset * Hw;
-        if (elementwise) kernels::cpu::to_bf16(act_b, m * Hw, a16);
+        ops_->to_bf16(act_b, m * Hw, a16);
         gemm_bf16({.m = m, .n = M, .k = Hw, .a = a16, .lda = Hw, .b = b16(a.w2_16, l * Hw * M), .ldb = M,
                    .accumulate = true, .c = out_b, .ldc = M}, weights_read);
       } else {
         gemm({.m = m, .n = M, .k = Hw, .a = act_b, .lda = Hw, .b = w.p.w2.data_as<float>() + l * Hw * M, .ldb = M,
-              .beta = 1.f, .c = out_b, .ldc = M}, false, weights_read);
+              .beta = 1.f, .c = out_b, .ldc = M}, OpData::bulk, weights_read);
       }
       offset += m;
     }
@@ -329,9 +290,9 @@ void MoELayer::backward_chunk(const MoEBatch& batch, int chunk, const Tensor& d_
   const bool bf = config_.compute == DType::bf16;
   auto b16 = [](const Tensor& t, int64_t offset) { return static_cast<const uint16_t*>(t.data()) + offset; };
   int64_t offset = p.recv_offset(chunk);
-  if (bf && !config_.skip_compute) {
+  if (bf) {
     const int64_t n = p.recv_offset(chunk + 1) - offset;
-    kernels::cpu::to_bf16(d_out.data_as<float>() + offset * M, n * M, static_cast<uint16_t*>(dy16.data()) + offset * M);
+    ops_->to_bf16(d_out.data_as<float>() + offset * M, n * M, static_cast<uint16_t*>(dy16.data()) + offset * M);
   }
   Tensor d_act = buffer(Buffer::d_act, {p.recv_rows(), Hw}), d_pre = buffer(Buffer::d_pre, {p.recv_rows(), H1w});
   for (int u = 0; u < p.exchange_ranks; ++u)
@@ -346,8 +307,7 @@ void MoELayer::backward_chunk(const MoEBatch& batch, int chunk, const Tensor& d_
       float* dp = d_pre.data_as<float>() + offset * H1w;
       float* dw1 = grads.w1.data_as<float>() + l * M * H1w;
       float* dw2 = grads.w2.data_as<float>() + l * Hw * M;
-      const bool elementwise = !config_.skip_compute;  // timing only: GEMMs charge, nothing is touched
-      if (w.adds_bias && elementwise) kernels::cpu::add_column_sums(dy, m, M, grads.b2.data_as<float>() + l * M);
+      if (w.adds_bias) ops_->add_column_sums(dy, m, M, grads.b2.data_as<float>() + l * M);
       if (bf) {
         const uint16_t* dy_b = static_cast<const uint16_t*>(dy16.data()) + offset * M;
         gemm_bf16({.transpose_a = true, .m = Hw, .n = M, .k = m, .a = b16(saved.act16, offset * Hw), .lda = Hw,
@@ -360,14 +320,11 @@ void MoELayer::backward_chunk(const MoEBatch& batch, int chunk, const Tensor& d_
         gemm({.transpose_b = true, .m = m, .n = Hw, .k = M, .a = dy, .lda = M,
               .b = w.p.w2.data_as<float>() + l * Hw * M, .ldb = M, .c = da, .ldc = Hw});
       }
-      charge_memory(static_cast<double>(m) * (3 * H1w + Hw + M) * sizeof(float));  // activation, bias sums
-      if (elementwise) {
-        kernels::cpu::activation_backward(config_.activation, pre, da, m, Hw, dp);
-        kernels::cpu::add_column_sums(dp, m, H1w, grads.b1.data_as<float>() + l * H1w);
-      }
+      ops_->activation_backward(config_.activation, pre, da, m, Hw, dp);
+      ops_->add_column_sums(dp, m, H1w, grads.b1.data_as<float>() + l * H1w);
       if (bf) {
         uint16_t* dp_b = static_cast<uint16_t*>(dp16.data()) + offset * H1w;
-        if (elementwise) kernels::cpu::to_bf16(dp, m * H1w, dp_b);
+        ops_->to_bf16(dp, m * H1w, dp_b);
         gemm_bf16({.transpose_a = true, .m = M, .n = H1w, .k = m, .a = b16(saved.rows16, offset * M), .lda = M,
                    .b = dp_b, .ldb = H1w, .accumulate = true, .c = dw1, .ldc = H1w});
         if (input_grad)
@@ -446,7 +403,7 @@ void MoELayer::migrate(const ExpertPlacement& to, const std::vector<ExpertParams
     if (e >= 0) recv_counts[static_cast<size_t>(source_rank(e))] += per_slot;
   }
   // Timing only: the stored weights are untouched memory; nothing is worth moving.
-  const bool move = !config_.skip_compute;
+  const bool move = ops_->computes();
   Tensor send = Tensor::empty({move ? static_cast<int64_t>(outgoing.size()) * per_slot : 0}, DType::f32);
   float* out = send.data_as<float>();
   for (int slot : move ? outgoing : std::vector<int>{})

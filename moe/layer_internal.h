@@ -32,10 +32,10 @@ class PhaseTimer {
 // Hidden piece `piece` of `pieces` of a row block of a weight whose columns are
 // the hidden units (w1, b1): `hidden` units, or gate|up halves of `hidden`
 // each for gated activations. to_part: full -> part, else part -> full.
+// Through `ops`, or on the host.
+void copy_hidden_piece(MoEOps& ops, bool gated, int64_t rows, int64_t hidden, int piece, int pieces, float* full,
+                       float* part, bool to_part);
 void copy_hidden_piece(bool gated, int64_t rows, int64_t hidden, int piece, int pieces, float* full, float* part,
                        bool to_part);
-
-// acc += delta, elementwise over f32 tensors of acc's size.
-void add_into(Tensor& acc, const TensorView& delta);
 
 }  // namespace switchyard::moe_detail

@@ -15,7 +15,6 @@
 namespace switchyard {
 
 using kernels::Activation;
-using moe_detail::add_into;
 using moe_detail::PhaseTimer;
 
 void MoEConfig::validate() const {
@@ -75,9 +74,15 @@ MoELayer::MoELayer(MoEConfig config, std::shared_ptr<Communicator> expert_group)
       group_(std::move(expert_group)),
       layout_(config_.router.experts, group_->size(), config_.placement),
       local_hidden_(layout_.local_hidden(config_.hidden_dim)),
+      ops_(config_.ops ? config_.ops
+                       : make_moe_ops(config_.device_model, config_.skip_compute, config_.batch_invariant)),
       // Timing only never touches the buffers, so poisoning them would only cost.
-      pool_(static_cast<int>(Buffer::count), env().poison_buffers && !config_.skip_compute) {
+      pool_(static_cast<int>(Buffer::count), env().poison_buffers && ops_->computes()) {
   config_.validate();
+  if (!ops_->device().is_cpu())
+    SY_THROW(NotSupported, "moe: ops '", ops_->name(), "' run on ", to_string(ops_->device()),
+             "; this layer keeps its routing, plans and parameters in host memory, so it takes host ops "
+             "(cpu, emulated)");
   const int64_t M = config_.model_dim, L = layout_.slots(group_->rank());
   const int64_t H1s = hidden_in() / layout_.shards();
   gate_weight_ = Tensor::zeros({M, config_.router.experts}, DType::f32);
@@ -112,7 +117,7 @@ MoELayer::MoELayer(MoEConfig config, std::shared_ptr<Communicator> expert_group)
                " ranks of the expert group; expected a divisor (ranks per node)");
     hierarchical_ = std::make_unique<algorithms::HierarchicalAlltoall>(*group_, config_.node_size);
     if (config_.device_model) hierarchical_->set_copy_bandwidth(config_.device_model->memory_bandwidth);
-    hierarchical_->set_skip_copies(config_.skip_compute);
+    hierarchical_->set_skip_copies(!ops_->computes());
   }
   make_replica_groups();
   check_plan(config_.plan);
@@ -148,33 +153,30 @@ void MoELayer::make_replica_groups() {
 }
 
 void MoELayer::sum_replica_gradients(ExpertParams& g) {
-  if (replica_groups_.empty() || config_.skip_compute) return;
+  if (replica_groups_.empty()) return;
   Tensor* parts[4] = {&g.w1, &g.b1, &g.w2, &g.b2};
   int64_t per_expert = 0;
   for (Tensor* t : parts) per_expert += t->numel() / t->shape()[0];
-  std::vector<float> packed(static_cast<size_t>(per_expert));
+  Tensor packed = buffer(Buffer::replica_sum, {per_expert});
+  float* sum = packed.data_as<float>();
   for (const ReplicaGroup& r : replica_groups_) {
     // This rank's replicas summed into one packed expert, one all-reduce over
     // the ranks holding it, then back into every local replica.
-    std::fill(packed.begin(), packed.end(), 0.f);
+    ops_->zero(sum, per_expert * static_cast<int64_t>(sizeof(float)));
     for (int slot : r.slots) {
-      float* at = packed.data();
+      float* at = sum;
       for (Tensor* t : parts) {
         const int64_t n = t->numel() / t->shape()[0];
-        const float* from = t->data_as<float>() + slot * n;
-        for (int64_t j = 0; j < n; ++j) at[j] += from[j];
+        ops_->axpy(1.f, t->data_as<float>() + slot * n, n, at);
         at += n;
       }
     }
-    if (r.group) {
-      TensorView all(packed.data(), DType::f32, {per_expert});
-      r.group->allreduce(all, all).wait();
-    }
+    if (r.group) r.group->allreduce(packed, packed).wait();
     for (int slot : r.slots) {
-      const float* at = packed.data();
+      const float* at = sum;
       for (Tensor* t : parts) {
         const int64_t n = t->numel() / t->shape()[0];
-        std::memcpy(t->data_as<float>() + slot * n, at, static_cast<size_t>(n) * sizeof(float));
+        ops_->copy(t->data_as<float>() + slot * n, at, n * static_cast<int64_t>(sizeof(float)));
         at += n;
       }
     }
@@ -305,7 +307,7 @@ Routing MoELayer::route_tokens(const RouterConfig& router, const TensorView& x, 
   logits = Tensor::empty({T, E}, DType::f32);
   gemm({.m = T, .n = E, .k = M, .a = static_cast<const float*>(x.data()), .lda = M,
         .b = gate_weight_.data_as<float>(), .ldb = E, .c = logits.data_as<float>(), .ldc = E},
-       true);  // routing needs real logits even when timing only
+       OpData::gate);
   const TensorView bias = gate_bias_.view();
   return route(router, logits, router.gate == GateKind::sigmoid_bias ? &bias : nullptr,
                router.noise_std > 0 ? &noise_ : nullptr);
@@ -413,7 +415,7 @@ MoEHandle MoELayer::plan_impl(const TensorView& x, const RoutingChoice& routing,
   exchange_layout(b->plan_);
   if (combine_layout) exchange_result_layout(b->plan_, *combine_layout);
   b->x_ = buffer(Buffer::input, x.shape());  // the gate's backward reads it
-  if (x.nbytes()) std::memcpy(b->x_.data(), x.data(), x.nbytes());
+  ops_->copy(b->x_.data(), x.data(), static_cast<int64_t>(x.nbytes()), OpData::gate);
   last_ = b;
   return b;
 }
@@ -516,11 +518,8 @@ Tensor MoELayer::encode(const DispatchPlan& p, const TensorView& x) {
   const int64_t M = config_.model_dim, rows = p.dispatch_rows();
   Tensor send = buffer(Buffer::send, {rows, M});
   PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::encode);
-  if (!config_.skip_compute)  // timing only: the rows are not moved either
-    kernels::cpu::gather_rows(static_cast<const float*>(x.data()),
-                              p.send_once ? p.unique_token.data() : p.token_of_row.data(), rows, M,
-                              send.data_as<float>());
-  charge_memory(2.0 * rows * M * sizeof(float));
+  ops_->gather_rows(static_cast<const float*>(x.data()), p.send_once ? p.unique_token.data() : p.token_of_row.data(),
+                    rows, M, send.data_as<float>());
   return send;
 }
 
@@ -589,10 +588,8 @@ void MoELayer::experts(MoEBatch& b, int chunk) {
   if (p.send_once) {  // each expert's rows from the distinct ones
     PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::encode);
     const int64_t M = config_.model_dim, first = p.recv_offset(chunk), n = p.recv_offset(chunk + 1) - first;
-    if (!config_.skip_compute)
-      kernels::cpu::gather_rows(b.arrived_.data_as<float>(), p.recv_row_source.data() + first, n, M,
-                                b.rows_.data_as<float>() + first * M);
-    charge_memory(2.0 * static_cast<double>(n * M) * sizeof(float));
+    ops_->gather_rows(b.arrived_.data_as<float>(), p.recv_row_source.data() + first, n, M,
+                      b.rows_.data_as<float>() + first * M);
   }
   run_chunk(b, chunk);
   if (moves) b.back_.push_back(exchange(p, chunk, b.experts_.out, b.returned_, false));
@@ -621,9 +618,6 @@ const MoEForward& MoELayer::finish(MoEBatch& b) {
   for (auto& w : b.to_experts_) w.wait();
   b.send_ = b.arrived_ = Tensor();
   if (p.exchange_ranks > 1) b.experts_.out = Tensor();
-  // Timing only: expert outputs were neither computed nor moved; zeros keep
-  // the gate's gradient (and so routing) finite.
-  if (config_.skip_compute) std::memset(b.returned_.data(), 0, static_cast<size_t>(p.send_rows() * M) * sizeof(float));
   PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::decode);
   const int kc = p.k * p.copies;
   MoEForward& f = b.result_;
@@ -631,17 +625,15 @@ const MoEForward& MoELayer::finish(MoEBatch& b) {
   std::vector<float> scale(p.row_of_choice.size(), 0.f);
   for (size_t c = 0; c < scale.size(); ++c)
     if (p.row_of_choice[c] >= 0) scale[c] = p.weight_of_row[static_cast<size_t>(p.row_of_choice[c])];
-  kernels::cpu::combine_rows(b.returned_.data_as<float>(), p.row_of_choice.data(), scale.data(), p.tokens, kc, M,
-                             f.output.data_as<float>());
-  charge_memory(static_cast<double>(p.send_rows() + p.tokens) * M * sizeof(float));
+  ops_->combine_rows(b.returned_.data_as<float>(), p.row_of_choice.data(), scale.data(), p.tokens, kc, M,
+                     f.output.data_as<float>());
   if (p.moves_results) {
     PhaseTimer back_timer(times_, virtual_times_, &MoEPhaseTimes::combine_a2a);
     Tensor arrived = move_rows(f.output.data_as<float>(), p.result_send_order, p.result_send_counts,
                                p.result_recv_counts);
     f.output = Tensor::zeros({p.output_rows, M}, DType::f32);
-    for (size_t i = 0; i < p.result_index.size(); ++i)
-      std::memcpy(f.output.data_as<float>() + p.result_index[i] * M, arrived.data_as<float>() + static_cast<int64_t>(i) * M,
-                  static_cast<size_t>(M) * sizeof(float));
+    ops_->scatter_rows(arrived.data_as<float>(), p.result_index.data(), static_cast<int64_t>(p.result_index.size()), M,
+                       f.output.data_as<float>());
   }
   f.balance_loss = b.routing_.balance_loss;
   f.z_loss = b.routing_.z_loss;
@@ -657,7 +649,7 @@ Tensor MoELayer::move_rows(const float* from, const std::vector<int64_t>& order,
   for (int64_t c : recv_counts) incoming += c;
   Tensor send = Tensor::empty({static_cast<int64_t>(order.size()), M}, DType::f32);
   Tensor recv = Tensor::empty({incoming, M}, DType::f32);
-  kernels::cpu::gather_rows(from, order.data(), static_cast<int64_t>(order.size()), M, send.data_as<float>());
+  ops_->gather_rows(from, order.data(), static_cast<int64_t>(order.size()), M, send.data_as<float>());
   group_->alltoallv(TensorView(send.data(), DType::f32, {send.numel()}), times(send_counts, M),
                     TensorView(recv.data(), DType::f32, {recv.numel()}), times(recv_counts, M)).wait();
   return recv;
@@ -765,21 +757,16 @@ Tensor MoELayer::backward(MoEBatch& b, const TensorView& dout, double balance_co
   if (p.moves_results) {
     Tensor home = move_rows(g, p.result_index, p.result_recv_counts, p.result_send_counts);
     dout_of_tokens = Tensor::empty({T, M}, DType::f32);
-    for (int64_t i = 0; i < T; ++i)
-      std::memcpy(dout_of_tokens.data_as<float>() + p.result_send_order[i] * M, home.data_as<float>() + i * M,
-                  static_cast<size_t>(M) * sizeof(float));
+    ops_->scatter_rows(home.data_as<float>(), p.result_send_order.data(), T, M, dout_of_tokens.data_as<float>());
     g = dout_of_tokens.data_as<float>();
   }
 
   // Combine: returned rows (every copy) were weighted and summed into their tokens.
   Tensor d_returned = buffer(Buffer::d_returned, {p.send_rows(), M});
-  if (!config_.skip_compute)  // timing only: these rows are neither computed on nor moved
-    kernels::cpu::gather_scaled_rows(g, p.token_of_row.data(), p.weight_of_row.data(), p.send_rows(), M,
-                                     d_returned.data_as<float>());
+  ops_->gather_scaled_rows(g, p.token_of_row.data(), p.weight_of_row.data(), p.send_rows(), M,
+                           d_returned.data_as<float>());
   std::vector<float> d_weight_of_row(static_cast<size_t>(p.send_rows()));
-  kernels::cpu::row_dots(g, p.token_of_row.data(), b.returned_.data_as<float>(), p.send_rows(), M,
-                         d_weight_of_row.data());
-  charge_memory(4.0 * p.send_rows() * M * sizeof(float));
+  ops_->row_dots(g, p.token_of_row.data(), b.returned_.data_as<float>(), p.send_rows(), M, d_weight_of_row.data());
 
   // To the experts the way the tokens went, chunk by chunk, each chunk's
   // gradient returning while the next one computes.
@@ -806,10 +793,8 @@ Tensor MoELayer::backward(MoEBatch& b, const TensorView& dout, double balance_co
   if (w.gathered) {
     wg.w1 = buffer(Buffer::dw1, w.p.w1.shape());
     wg.w2 = buffer(Buffer::dw2, w.p.w2.shape());
-    if (!config_.skip_compute) {
-      std::memset(wg.w1.data(), 0, wg.w1.nbytes());
-      std::memset(wg.w2.data(), 0, wg.w2.nbytes());
-    }
+    ops_->zero(wg.w1.data(), static_cast<int64_t>(wg.w1.nbytes()));
+    ops_->zero(wg.w2.data(), static_cast<int64_t>(wg.w2.nbytes()));
     wg.b1 = Tensor::zeros(w.p.b1.shape(), DType::f32);
     wg.b2 = Tensor::zeros(w.p.b2.shape(), DType::f32);
   } else if (!replica_groups_.empty()) {
@@ -832,10 +817,9 @@ Tensor MoELayer::backward(MoEBatch& b, const TensorView& dout, double balance_co
   scatter_gradients(shape, wg, w.gathered);
   if (!w.gathered && !replica_groups_.empty()) {
     sum_replica_gradients(wg);
-    if (!config_.skip_compute)
-      for (auto [acc, part] : {std::pair{&grads_.w1, &wg.w1}, {&grads_.b1, &wg.b1}, {&grads_.w2, &wg.w2},
-                               {&grads_.b2, &wg.b2}})
-        add_into(*acc, *part);
+    for (auto [acc, part] : {std::pair{&grads_.w1, &wg.w1}, {&grads_.b1, &wg.b1}, {&grads_.w2, &wg.w2},
+                             {&grads_.b2, &wg.b2}})
+      ops_->axpy(1.f, part->data_as<float>(), part->numel(), acc->data_as<float>());
   }
 
   // Gate: the weights of the choices (summed over a row's copies), then the
@@ -851,22 +835,18 @@ Tensor MoELayer::backward(MoEBatch& b, const TensorView& dout, double balance_co
   Tensor local_gate_grad = Tensor::zeros({M, E}, DType::f32);
   gemm({.transpose_a = true, .m = M, .n = E, .k = T, .a = b.x_.data_as<float>(), .lda = M,
         .b = d_logits.data_as<float>(), .ldb = E, .c = local_gate_grad.data_as<float>(), .ldc = E},
-       true);
+       OpData::gate);
   group_->allreduce(local_gate_grad, local_gate_grad).wait();
-  add_into(gate_grad_, local_gate_grad);
+  ops_->axpy(1.f, local_gate_grad.data_as<float>(), E * M, gate_grad_.data_as<float>(), OpData::gate);
 
   if (!input_grad) return Tensor();
   for (auto& work : back.works) work.wait();
-  // Timing only: the rows' gradients were neither computed nor moved; zeros
-  // keep a stack of layers finite.
-  if (config_.skip_compute) std::memset(d_sent.data(), 0, static_cast<size_t>(p.send_rows() * M) * sizeof(float));
   // Every copy's partial input gradient lands on its token.
   Tensor dx = Tensor::empty({T, M}, DType::f32);
-  kernels::cpu::combine_rows(d_sent.data_as<float>(), p.row_of_choice.data(), nullptr, T, kc, M, dx.data_as<float>());
-  charge_memory(static_cast<double>(p.send_rows() + T) * M * sizeof(float));
+  ops_->combine_rows(d_sent.data_as<float>(), p.row_of_choice.data(), nullptr, T, kc, M, dx.data_as<float>());
   gemm({.transpose_b = true, .m = T, .n = M, .k = E, .a = d_logits.data_as<float>(), .lda = E,
         .b = gate_weight_.data_as<float>(), .ldb = E, .beta = 1.f, .c = dx.data_as<float>(), .ldc = M},
-       true);
+       OpData::gate);
   return dx;
 }
 

@@ -20,6 +20,7 @@
 #include "moe/buffer_pool.h"
 #include "moe/dispatch_plan.h"
 #include "moe/exec_plan.h"
+#include "moe/ops.h"
 #include "moe/param_layout.h"
 #include "moe/router.h"
 #include "parallel/cost_model.h"
@@ -37,10 +38,11 @@ struct MoEConfig {
   int node_size = 0;
   // Debug: all-reduce a hash of each batch's plan and fail when ranks differ.
   bool check_plan = false;
-  // Emulation: compute phases charge the calling thread's virtual time with
-  // this device's rates (GEMM FLOPs, streamed bytes). skip_compute also skips
-  // the GEMMs themselves (outputs are then meaningless; for virtual timings of
-  // clusters larger than this machine can compute).
+  // Emulation: the layer's ops (moe/ops.h) charge the calling thread's
+  // virtual time with this device's rates (GEMM FLOPs, streamed bytes).
+  // skip_compute also skips the bulk work itself (outputs are then
+  // meaningless; for virtual timings of clusters larger than this machine
+  // can compute).
   std::shared_ptr<const DeviceModel> device_model;
   // Physical expert placement (replicas, ranks without experts, uneven slots;
   // moe/placement.h); empty: E / W experts per rank, or Tutel's sliced layout
@@ -52,6 +54,9 @@ struct MoEConfig {
   // 0: one domain, the whole group.
   int replica_domain = 0;
   bool skip_compute = false;
+  // What the phases run their bulk work on; null: the host (CpuOps), wrapped
+  // in EmulatedOps when there is a device model or skip_compute.
+  std::shared_ptr<MoEOps> ops;
   bool check_finite = false;  // reject NaN/Inf inputs with a clear error
   // Expert GEMMs: f32, or bf16 operands with fp32 accumulation (weights stay
   // fp32 masters; bf16 copies are made per batch).
@@ -192,6 +197,7 @@ class MoELayer {
   MoELayer(MoEConfig config, std::shared_ptr<Communicator> expert_group);
 
   const MoEConfig& config() const { return config_; }
+  MoEOps& ops() const { return *ops_; }
   const ParamLayout& layout() const { return layout_; }
   Tensor& gate_weight() { return gate_weight_; }  // [M, E], replicated on every rank
   // Per-expert selection bias of the sigmoid_bias gate (DeepSeek-V3's
@@ -324,7 +330,7 @@ class MoELayer {
  private:
   using Working = MoEBatch::Working;
   int64_t hidden_in() const;  // H1 of a whole expert
-  Tensor fresh(Shape shape) const;  // zeros, or untouched memory when timing only
+  Tensor fresh(Shape shape) const;  // zeros (untouched memory when timing only)
   // What a sharding degree makes each rank compute (see ExecPlan::r).
   struct PlanShape {
     int exchange_ranks;   // 1 for r = 0
@@ -398,21 +404,19 @@ class MoELayer {
   ExpertParams params_;
   Tensor gate_grad_;
   ExpertParams grads_;
-  // always: even when skip_compute. weights_read: the emulated device already
-  // read this weight matrix for an earlier block of the same expert (a GPU
-  // runs one grouped GEMM over all of an expert's rows), so only the rows and
-  // outputs are charged beside the FLOPs.
-  void gemm(const kernels::GemmArgs& args, bool always = false, bool weights_read = false);
+  // The ops' GEMMs, counted in gemms(). weights_read: an earlier block of
+  // the same expert read this weight matrix (see MoEOps::gemm).
+  void gemm(const kernels::GemmArgs& args, OpData data = OpData::bulk, bool weights_read = false);
   void gemm_bf16(const kernels::GemmBf16Args& args, bool weights_read = false);
+  std::shared_ptr<MoEOps> ops_;
   // The kinds of pooled buffer: a batch holds its forward ones until its handle
   // goes; backward's are temporaries of the call.
   enum class Buffer : uint8_t { input, send, recv, arrived, pre, act, expert_out, back, d_returned, d_out, d_rows, d_act, d_pre,
                                 d_sent, recv_bf16, act_bf16, w1_bf16, w2_bf16, d_out_bf16, d_pre_bf16,
-                                gathered, gw1, gb1, gw2, gb2, dw1, db1, dw2, db2, grad_blocks, grad_mine, count };
+                                gathered, gw1, gb1, gw2, gb2, dw1, db1, dw2, db2, grad_blocks, grad_mine, replica_sum, count };
   Tensor buffer(Buffer which, Shape shape, DType dtype = DType::f32);
   BufferPool pool_;
   MoEPhaseTimes times_, virtual_times_;
-  void charge_memory(double bytes) const;
   std::map<GemmShape, int64_t> gemms_;
   uint64_t batches_planned_ = 0;
   uint64_t phase_hash_ = 0;  // of the (batch, phase) sequence so far

@@ -16,6 +16,13 @@
 namespace switchyard {
 namespace {
 
+// The single-rank reference runs on the host ops whatever SWITCHYARD_MOE_OPS
+// says, so the suite's emulated-ops run compares the decorator against the host.
+MoEConfig on_host(MoEConfig c) {
+  c.ops = std::make_shared<CpuOps>();
+  return c;
+}
+
 Tensor tokens(uint64_t seed, int64_t rows, int64_t width) { return testing::random_tensor(seed, rows, width); }
 
 void expect_close(const char* what, const float* got, const float* want, int64_t n, int rank) {
@@ -71,7 +78,7 @@ void expect_like_whole(MoELayer& layer, const MoEForward& f, const Tensor& dx, M
   int64_t mine = 0;
   Tensor all_x = all_rows(n, x_of, M, mine, me), all_d = all_rows(n, d_of, M, mine, me);
   ThreadsWorld solo_world(1);
-  MoELayer whole(whole_config, solo_world.communicator(0));
+  MoELayer whole(on_host(whole_config), solo_world.communicator(0));
   whole.init_parameters(seed);
   MoEForward wf = whole.forward(all_x);
   Tensor all_dx = whole.backward(all_d);
@@ -120,7 +127,7 @@ TEST(MoEMultiRank, CapacityAndBf16AgreeWithOneRankPerSource) {
         MoEForward f = layer.forward(x);
         Tensor dx = layer.backward(dout);
         ThreadsWorld solo_world(1);
-        MoELayer whole(c, solo_world.communicator(0));
+        MoELayer whole(on_host(c), solo_world.communicator(0));
         whole.init_parameters(seed);
         MoEForward wf = whole.forward(x);
         Tensor wdx = whole.backward(dout);
@@ -281,7 +288,7 @@ TEST(MoEMultiRank, ReplicasNeverChangeWhichChoicesDrop) {
     MoEConfig whole_config = c;
     whole_config.placement.reset();
     ThreadsWorld solo_world(1);
-    MoELayer whole(whole_config, solo_world.communicator(0));
+    MoELayer whole(on_host(whole_config), solo_world.communicator(0));
     whole.init_parameters(seed);
     MoEForward wf = whole.forward(x);
     EXPECT_EQ(f.dropped, wf.dropped);
@@ -437,7 +444,7 @@ TEST(MoEMultiRank, CombineLayoutReturnsResultsToAnotherRank) {
       };
       Tensor all_d = all_rows(n, d_of_tokens, 10, mine, me);
       ThreadsWorld solo_world(1);
-      MoELayer whole(c, solo_world.communicator(0));
+      MoELayer whole(on_host(c), solo_world.communicator(0));
       whole.init_parameters(seed);
       MoEForward wf = whole.forward(all_x);
       Tensor all_dx = whole.backward(all_d);

@@ -22,6 +22,13 @@
 namespace switchyard {
 namespace {
 
+// The single-rank reference runs on the host ops whatever SWITCHYARD_MOE_OPS
+// says, so the suite's emulated-ops run compares the decorator against the host.
+MoEConfig on_host(MoEConfig c) {
+  c.ops = std::make_shared<CpuOps>();
+  return c;
+}
+
 using testing::random_tensor;
 
 void expect_close(const std::string& what, const float* got, const float* want, int64_t n, double tol = 2e-4) {
@@ -88,7 +95,7 @@ TEST(MoEPlans, EveryPlanEqualsOneRankForwardAndBackward) {
       auto rows_of = [&](int r) -> int64_t { return r == n - 1 && n > 1 ? 0 : 5 + 3 * r; };
       AllTokens all = all_tokens(n, me, seed + E, M, rows_of);
       ThreadsWorld solo_world(1);
-      MoELayer whole(c, solo_world.communicator(0));
+      MoELayer whole(on_host(c), solo_world.communicator(0));
       whole.init_parameters(seed);
       MoEForward wf = whole.forward(all.x);
       Tensor wdx = whole.backward(all.dout);
@@ -221,7 +228,7 @@ TEST(MoEPlans, CheckpointReloadsUnderOtherWorldSizes) {
     layer.save(dir + "/moe");
     // One rank holding every expert.
     ThreadsWorld solo_world(1);
-    MoELayer solo(c, solo_world.communicator(0));
+    MoELayer solo(on_host(c), solo_world.communicator(0));
     solo.load(dir + "/moe");
     MoEForward sf = solo.forward(all.x);
     expect_close("rank " + std::to_string(me) + " W=1 reload output", trained.output.data_as<float>(),

@@ -1,0 +1,224 @@
+#include "moe/ops.h"
+
+#include <cstring>
+
+#include "comm/virtual_time.h"
+#include "core/env.h"
+#include "kernels/rowwise.h"
+
+namespace switchyard {
+
+namespace {
+constexpr double kF32 = sizeof(float);
+
+// Columns an activation reads per output column (swiglu: the gate and up halves).
+int64_t activation_input_width(kernels::Activation act, int64_t width) {
+  return act == kernels::Activation::swiglu ? 2 * width : width;
+}
+}  // namespace
+
+// ---- CpuOps ----
+
+Tensor CpuOps::allocate(Shape shape, DType dtype, bool zeroed) {
+  return zeroed ? Tensor::zeros(std::move(shape), dtype) : Tensor::empty(std::move(shape), dtype);
+}
+
+void CpuOps::zero(void* dst, int64_t bytes) {
+  if (bytes > 0) std::memset(dst, 0, static_cast<size_t>(bytes));
+}
+
+void CpuOps::copy_2d(void* dst, int64_t dst_pitch, const void* src, int64_t src_pitch, int64_t width_bytes,
+                     int64_t rows, OpData) {
+  if (width_bytes <= 0) return;
+  if (dst_pitch == width_bytes && src_pitch == width_bytes) {
+    std::memcpy(dst, src, static_cast<size_t>(width_bytes * rows));
+    return;
+  }
+  for (int64_t i = 0; i < rows; ++i)
+    std::memcpy(static_cast<char*>(dst) + i * dst_pitch, static_cast<const char*>(src) + i * src_pitch,
+                static_cast<size_t>(width_bytes));
+}
+
+void CpuOps::gemm(const kernels::GemmArgs& args, OpData, bool) {
+  if (batch_invariant_ && !args.transpose_a && !args.transpose_b && args.alpha == 1.f)
+    kernels::cpu::matmul_rows(args.a, args.m, args.k, args.lda, args.b, args.n, args.ldb, args.beta, args.c, args.ldc);
+  else
+    kernels::cpu::gemm_f32(args);
+}
+
+void CpuOps::gemm_bf16(const kernels::GemmBf16Args& args, bool) { kernels::cpu::gemm_bf16(args); }
+
+void CpuOps::to_bf16(const float* src, int64_t n, uint16_t* dst) { kernels::cpu::to_bf16(src, n, dst); }
+
+void CpuOps::gather_rows(const float* src, const int64_t* index, int64_t rows, int64_t width, float* dst) {
+  kernels::cpu::gather_rows(src, index, rows, width, dst);
+}
+
+void CpuOps::scatter_rows(const float* src, const int64_t* index, int64_t rows, int64_t width, float* dst) {
+  const size_t bytes = static_cast<size_t>(width) * sizeof(float);
+  for (int64_t i = 0; i < rows; ++i) std::memcpy(dst + index[i] * width, src + i * width, bytes);
+}
+
+void CpuOps::gather_scaled_rows(const float* src, const int64_t* index, const float* scale, int64_t rows,
+                                int64_t width, float* dst) {
+  kernels::cpu::gather_scaled_rows(src, index, scale, rows, width, dst);
+}
+
+void CpuOps::combine_rows(const float* src, const int64_t* row, const float* scale, int64_t tokens, int k,
+                          int64_t width, float* out) {
+  kernels::cpu::combine_rows(src, row, scale, tokens, k, width, out);
+}
+
+void CpuOps::row_dots(const float* a, const int64_t* index, const float* b, int64_t rows, int64_t width, float* out) {
+  kernels::cpu::row_dots(a, index, b, rows, width, out);
+}
+
+void CpuOps::broadcast_rows(const float* bias, int64_t rows, int64_t width, float* y) {
+  kernels::cpu::broadcast_rows(bias, rows, width, y);
+}
+
+void CpuOps::add_column_sums(const float* x, int64_t rows, int64_t width, float* acc) {
+  kernels::cpu::add_column_sums(x, rows, width, acc);
+}
+
+void CpuOps::activation_forward(kernels::Activation act, const float* x, int64_t rows, int64_t width, float* y) {
+  kernels::cpu::activation_forward(act, x, rows, width, y);
+}
+
+void CpuOps::activation_backward(kernels::Activation act, const float* x, const float* dy, int64_t rows,
+                                 int64_t width, float* dx) {
+  kernels::cpu::activation_backward(act, x, dy, rows, width, dx);
+}
+
+void CpuOps::axpy(float alpha, const float* x, int64_t n, float* y, OpData) {
+#pragma omp parallel for schedule(static) if (n >= (1 << 15))
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
+// ---- EmulatedOps ----
+
+EmulatedOps::EmulatedOps(std::shared_ptr<MoEOps> inner, std::shared_ptr<const DeviceModel> device, bool timing_only)
+    : inner_(std::move(inner)), device_(std::move(device)), timing_only_(timing_only) {
+  if (!inner_) SY_THROW(InvalidArgument, "EmulatedOps: no inner ops to decorate");
+}
+
+std::string EmulatedOps::name() const {
+  return std::string("emulated") + (device_ ? "" : " (no device model)") + (timing_only_ ? " (timing only)" : "") +
+         " over " + inner_->name();
+}
+
+void EmulatedOps::charge_bytes(double bytes) const {
+  if (device_) virtual_time::charge(device_->memory_seconds(bytes));
+}
+
+Tensor EmulatedOps::allocate(Shape shape, DType dtype, bool zeroed) {
+  // Timing only: allocated, never touched, so the pages of an emulated
+  // cluster's experts are never committed.
+  if (zeroed) charge_bytes(static_cast<double>(shape_numel(shape)) * static_cast<double>(dtype_size(dtype)));
+  return inner_->allocate(std::move(shape), dtype, zeroed && !timing_only_);
+}
+
+void EmulatedOps::zero(void* dst, int64_t bytes) {
+  charge_bytes(static_cast<double>(bytes));
+  if (!timing_only_) inner_->zero(dst, bytes);
+}
+
+void EmulatedOps::copy_2d(void* dst, int64_t dst_pitch, const void* src, int64_t src_pitch, int64_t width_bytes,
+                          int64_t rows, OpData data) {
+  charge_bytes(2.0 * static_cast<double>(width_bytes) * static_cast<double>(rows));
+  if (!timing_only_ || data == OpData::gate) inner_->copy_2d(dst, dst_pitch, src, src_pitch, width_bytes, rows, data);
+}
+
+void EmulatedOps::gemm(const kernels::GemmArgs& a, OpData data, bool weights_read) {
+  if (device_)
+    virtual_time::charge(device_->gemm_seconds(static_cast<double>(a.m), static_cast<double>(a.n),
+                                               static_cast<double>(a.k), false, weights_read));
+  if (!timing_only_ || data == OpData::gate) inner_->gemm(a, data, weights_read);
+}
+
+void EmulatedOps::gemm_bf16(const kernels::GemmBf16Args& a, bool weights_read) {
+  if (device_)
+    virtual_time::charge(device_->gemm_seconds(static_cast<double>(a.m), static_cast<double>(a.n),
+                                               static_cast<double>(a.k), true, weights_read));
+  if (!timing_only_) inner_->gemm_bf16(a, weights_read);
+}
+
+void EmulatedOps::to_bf16(const float* src, int64_t n, uint16_t* dst) {
+  charge_bytes(static_cast<double>(n) * (kF32 + 2));
+  if (!timing_only_) inner_->to_bf16(src, n, dst);
+}
+
+void EmulatedOps::gather_rows(const float* src, const int64_t* index, int64_t rows, int64_t width, float* dst) {
+  charge_bytes(2.0 * static_cast<double>(rows * width) * kF32);
+  if (!timing_only_) inner_->gather_rows(src, index, rows, width, dst);
+}
+
+void EmulatedOps::scatter_rows(const float* src, const int64_t* index, int64_t rows, int64_t width, float* dst) {
+  charge_bytes(2.0 * static_cast<double>(rows * width) * kF32);
+  if (!timing_only_) inner_->scatter_rows(src, index, rows, width, dst);
+}
+
+void EmulatedOps::gather_scaled_rows(const float* src, const int64_t* index, const float* scale, int64_t rows,
+                                     int64_t width, float* dst) {
+  charge_bytes(2.0 * static_cast<double>(rows * width) * kF32);
+  if (!timing_only_) inner_->gather_scaled_rows(src, index, scale, rows, width, dst);
+}
+
+void EmulatedOps::combine_rows(const float* src, const int64_t* row, const float* scale, int64_t tokens, int k,
+                               int64_t width, float* out) {
+  // Reads the rows that are there (dropped choices are skipped), writes each token once.
+  int64_t rows = tokens * k;
+  if (inner_->device().is_cpu()) {
+    rows = 0;
+    for (int64_t c = 0; c < tokens * k; ++c) rows += row[c] >= 0;
+  }
+  charge_bytes(static_cast<double>((rows + tokens) * width) * kF32);
+  if (timing_only_)
+    inner_->zero(out, tokens * width * static_cast<int64_t>(sizeof(float)));
+  else
+    inner_->combine_rows(src, row, scale, tokens, k, width, out);
+}
+
+void EmulatedOps::row_dots(const float* a, const int64_t* index, const float* b, int64_t rows, int64_t width,
+                           float* out) {
+  charge_bytes(2.0 * static_cast<double>(rows * width) * kF32);
+  if (timing_only_)
+    inner_->zero(out, rows * static_cast<int64_t>(sizeof(float)));
+  else
+    inner_->row_dots(a, index, b, rows, width, out);
+}
+
+void EmulatedOps::broadcast_rows(const float* bias, int64_t rows, int64_t width, float* y) {
+  charge_bytes(static_cast<double>(rows * width) * kF32);
+  if (!timing_only_) inner_->broadcast_rows(bias, rows, width, y);
+}
+
+void EmulatedOps::add_column_sums(const float* x, int64_t rows, int64_t width, float* acc) {
+  charge_bytes(static_cast<double>(rows * width) * kF32);
+  if (!timing_only_) inner_->add_column_sums(x, rows, width, acc);
+}
+
+void EmulatedOps::activation_forward(kernels::Activation act, const float* x, int64_t rows, int64_t width, float* y) {
+  charge_bytes(static_cast<double>(rows * (activation_input_width(act, width) + width)) * kF32);
+  if (!timing_only_) inner_->activation_forward(act, x, rows, width, y);
+}
+
+void EmulatedOps::activation_backward(kernels::Activation act, const float* x, const float* dy, int64_t rows,
+                                      int64_t width, float* dx) {
+  charge_bytes(static_cast<double>(rows * (2 * activation_input_width(act, width) + width)) * kF32);
+  if (!timing_only_) inner_->activation_backward(act, x, dy, rows, width, dx);
+}
+
+void EmulatedOps::axpy(float alpha, const float* x, int64_t n, float* y, OpData data) {
+  charge_bytes(3.0 * static_cast<double>(n) * kF32);
+  if (!timing_only_ || data == OpData::gate) inner_->axpy(alpha, x, n, y, data);
+}
+
+std::shared_ptr<MoEOps> make_moe_ops(std::shared_ptr<const DeviceModel> device_model, bool timing_only,
+                                     bool batch_invariant) {
+  auto cpu = std::make_shared<CpuOps>(batch_invariant);
+  if (!device_model && !timing_only && env().moe_ops == "cpu") return cpu;
+  return std::make_shared<EmulatedOps>(std::move(cpu), std::move(device_model), timing_only);
+}
+
+}  // namespace switchyard
