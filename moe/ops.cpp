@@ -55,8 +55,7 @@ void CpuOps::gather_rows(const float* src, const int64_t* index, int64_t rows, i
 }
 
 void CpuOps::scatter_rows(const float* src, const int64_t* index, int64_t rows, int64_t width, float* dst) {
-  const size_t bytes = static_cast<size_t>(width) * sizeof(float);
-  for (int64_t i = 0; i < rows; ++i) std::memcpy(dst + index[i] * width, src + i * width, bytes);
+  kernels::cpu::scatter_rows(src, index, rows, width, dst);
 }
 
 void CpuOps::gather_scaled_rows(const float* src, const int64_t* index, const float* scale, int64_t rows,

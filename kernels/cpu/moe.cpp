@@ -32,6 +32,12 @@ void gather_rows(const float* src, const int64_t* index, int64_t rows, int64_t w
   }
 }
 
+void scatter_rows(const float* src, const int64_t* index, int64_t rows, int64_t width, float* dst) {
+  const size_t bytes = static_cast<size_t>(width) * sizeof(float);
+#pragma omp parallel for schedule(static) if (rows * width >= kParallelMinElements)
+  for (int64_t i = 0; i < rows; ++i) std::memcpy(dst + index[i] * width, src + i * width, bytes);
+}
+
 void combine_rows(const float* src, const int64_t* row, const float* scale, int64_t tokens, int k, int64_t width,
                   float* out) {
 #pragma omp parallel for schedule(static) if (tokens * width >= kParallelMinElements)

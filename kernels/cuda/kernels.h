@@ -39,6 +39,7 @@ void dispatch_slots(const int32_t* experts, const int32_t* position_of_expert, c
 
 // Encode / decode and their backward (kernels::cpu counterparts).
 void gather_rows(const float* src, const int64_t* index, int64_t rows, int64_t width, float* dst, cudaStream_t stream);
+void scatter_rows(const float* src, const int64_t* index, int64_t rows, int64_t width, float* dst, cudaStream_t stream);
 void gather_scaled_rows(const float* src, const int64_t* index, const float* scale, int64_t rows, int64_t width,
                         float* dst, cudaStream_t stream);
 void combine_rows(const float* src, const int64_t* row, const float* scale, int64_t tokens, int k, int64_t width,

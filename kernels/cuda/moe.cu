@@ -112,6 +112,18 @@ __global__ void gather_rows_kernel(const float* src, const int64_t* index, const
   }
 }
 
+__global__ void scatter_rows_kernel(const float* src, const int64_t* index, int64_t width, float* dst, bool vec4) {
+  const int64_t i = blockIdx.x;
+  float* d = dst + index[i] * width;
+  const float* s = src + i * width;
+  if (vec4) {
+    for (int64_t j = threadIdx.x; j < width / 4; j += blockDim.x)
+      reinterpret_cast<float4*>(d)[j] = reinterpret_cast<const float4*>(s)[j];
+  } else {
+    for (int64_t j = threadIdx.x; j < width; j += blockDim.x) d[j] = s[j];
+  }
+}
+
 __global__ void combine_rows_kernel(const float* src, const int64_t* row, const float* scale, int k, int64_t width,
                                     float* out, bool vec4) {
   const int64_t t = blockIdx.x;
@@ -350,6 +362,14 @@ void gather_rows(const float* src, const int64_t* index, int64_t rows, int64_t w
   const bool vec = width % 4 == 0 && aligned16(src) && aligned16(dst);
   gather_rows_kernel<<<static_cast<unsigned>(rows), row_threads(width, vec), 0, stream>>>(src, index, nullptr, width, dst,
                                                                                          vec);
+  SY_CUDA_CHECK_LAUNCH();
+}
+
+void scatter_rows(const float* src, const int64_t* index, int64_t rows, int64_t width, float* dst, cudaStream_t stream) {
+  check_rows("scatter_rows", rows, width);
+  if (rows == 0 || width == 0) return;
+  const bool vec = width % 4 == 0 && aligned16(src) && aligned16(dst);
+  scatter_rows_kernel<<<static_cast<unsigned>(rows), row_threads(width, vec), 0, stream>>>(src, index, width, dst, vec);
   SY_CUDA_CHECK_LAUNCH();
 }
 

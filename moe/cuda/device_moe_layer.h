@@ -14,6 +14,11 @@
 // Other plans (r != 1, sliced experts, d > 1, 2DH) and batch-prioritised
 // routing throw NotSupported naming the field: they run on the host layer.
 // CUDA builds only.
+//
+// Marked for removal: MoELayer's phases run over a MoEOps seam (moe/ops.h)
+// and CudaOps (moe/cuda/cuda_ops.h) implements it; once the layer keeps its
+// tensors on its ops' device and the GPU check passes on a lent device for
+// every plan, this second orchestration goes.
 #pragma once
 
 #include <memory>

@@ -31,7 +31,9 @@
 #include "kernels/gemm.h"
 #include "kernels/moe.h"
 #include "kernels/router.h"
+#include "moe/cuda/cuda_ops.h"
 #include "moe/cuda/device_moe_layer.h"
+#include "moe/ops.h"
 #include "moe/moe_layer.h"
 
 using namespace switchyard;
@@ -282,6 +284,123 @@ void check_gemm() {
                         .c = dC.data_as<float>(), .ldc = n},
                        batch, m * k, k * n, m * n, nullptr);
   compare("gemm_f32 strided batched (5 experts)", dC, c.data_as<float>(), 1e-5);
+}
+
+// ---- the MoE layer's ops seam: CudaOps against CpuOps, operation by operation ----
+
+void check_cuda_ops() {
+  CudaOps gpu_ops(0);
+  CpuOps cpu_ops;
+  MoEOps &gpu = gpu_ops, &cpu = cpu_ops;  // through the seam, as the layer calls them
+  const int64_t rows = 203, width = 76, tokens = 90;
+  const int k = 2;
+  Tensor src = host_random({rows, width}), dsrc = dev(src);
+  // gather / scatter / scaled gather
+  std::vector<int64_t> idx = random_index(rows, rows, 0.1);
+  Tensor ref = Tensor::empty({rows, width}, DType::f32), out = poisoned({rows, width});
+  Tensor didx = dev_i64(idx);
+  cpu.gather_rows(src.data_as<float>(), idx.data(), rows, width, ref.data_as<float>());
+  gpu.gather_rows(dsrc.data_as<float>(), didx.data_as<int64_t>(), rows, width, out.data_as<float>());
+  compare("ops gather_rows", out, ref.data_as<float>(), 0);
+  std::vector<int64_t> perm(static_cast<size_t>(rows));
+  std::iota(perm.begin(), perm.end(), int64_t{0});
+  std::reverse(perm.begin(), perm.end());
+  Tensor dperm = dev_i64(perm);
+  out = poisoned({rows, width});
+  cpu.scatter_rows(src.data_as<float>(), perm.data(), rows, width, ref.data_as<float>());
+  gpu.scatter_rows(dsrc.data_as<float>(), dperm.data_as<int64_t>(), rows, width, out.data_as<float>());
+  compare("ops scatter_rows", out, ref.data_as<float>(), 0);
+  Tensor scale = host_random({rows}), dscale = dev(scale);
+  out = poisoned({rows, width});
+  cpu.gather_scaled_rows(src.data_as<float>(), idx.data(), scale.data_as<float>(), rows, width, ref.data_as<float>());
+  gpu.gather_scaled_rows(dsrc.data_as<float>(), didx.data_as<int64_t>(), dscale.data_as<float>(), rows, width,
+                         out.data_as<float>());
+  compare("ops gather_scaled_rows", out, ref.data_as<float>(), 0);
+  // combine with drops, row dots
+  std::vector<int64_t> choice = random_index(tokens * k, rows, 0.2);
+  Tensor w = host_random({tokens * k}), dw = dev(w), dchoice = dev_i64(choice);
+  Tensor combined = Tensor::empty({tokens, width}, DType::f32), dcombined = poisoned({tokens, width});
+  cpu.combine_rows(src.data_as<float>(), choice.data(), w.data_as<float>(), tokens, k, width, combined.data_as<float>());
+  gpu.combine_rows(dsrc.data_as<float>(), dchoice.data_as<int64_t>(), dw.data_as<float>(), tokens, k, width,
+                   dcombined.data_as<float>());
+  compare("ops combine_rows", dcombined, combined.data_as<float>(), 1e-6);
+  Tensor other = host_random({rows, width}), dother = dev(other);
+  std::vector<float> dots(static_cast<size_t>(rows));
+  Tensor ddots = poisoned({rows});
+  cpu.row_dots(src.data_as<float>(), idx.data(), other.data_as<float>(), rows, width, dots.data());
+  gpu.row_dots(dsrc.data_as<float>(), didx.data_as<int64_t>(), dother.data_as<float>(), rows, width,
+               ddots.data_as<float>());
+  compare("ops row_dots", ddots, dots.data(), 1e-5);
+  // biases, column sums, activations, axpy, bf16
+  Tensor bias = host_random({width}), dbias = dev(bias);
+  out = poisoned({rows, width});
+  cpu.broadcast_rows(bias.data_as<float>(), rows, width, ref.data_as<float>());
+  gpu.broadcast_rows(dbias.data_as<float>(), rows, width, out.data_as<float>());
+  compare("ops broadcast_rows", out, ref.data_as<float>(), 0);
+  Tensor acc = host_random({width}), dacc = dev(acc);
+  cpu.add_column_sums(src.data_as<float>(), rows, width, acc.data_as<float>());
+  gpu.add_column_sums(dsrc.data_as<float>(), rows, width, dacc.data_as<float>());
+  compare("ops add_column_sums", dacc, acc.data_as<float>(), 1e-5);
+  for (auto act : {kernels::Activation::relu, kernels::Activation::gelu, kernels::Activation::swiglu}) {
+    const int64_t in_w = act == kernels::Activation::swiglu ? 2 * width : width;
+    Tensor x = host_random({rows, in_w}, -3, 3), g = host_random({rows, width}), dx_ = dev(x), dg = dev(g);
+    Tensor y = Tensor::empty({rows, width}, DType::f32), dy = poisoned({rows, width});
+    Tensor gx = Tensor::empty({rows, in_w}, DType::f32), dgx = poisoned({rows, in_w});
+    cpu.activation_forward(act, x.data_as<float>(), rows, width, y.data_as<float>());
+    gpu.activation_forward(act, dx_.data_as<float>(), rows, width, dy.data_as<float>());
+    cpu.activation_backward(act, x.data_as<float>(), g.data_as<float>(), rows, width, gx.data_as<float>());
+    gpu.activation_backward(act, dx_.data_as<float>(), dg.data_as<float>(), rows, width, dgx.data_as<float>());
+    compare("ops activation_forward " + std::to_string(static_cast<int>(act)), dy, y.data_as<float>(), 1e-6);
+    compare("ops activation_backward " + std::to_string(static_cast<int>(act)), dgx, gx.data_as<float>(), 1e-6);
+  }
+  Tensor acc2 = host_random({rows, width}), dacc2 = dev(acc2);
+  cpu.axpy(-0.25f, src.data_as<float>(), rows * width, acc2.data_as<float>());
+  gpu.axpy(-0.25f, dsrc.data_as<float>(), rows * width, dacc2.data_as<float>());
+  compare("ops axpy", dacc2, acc2.data_as<float>(), 1e-6);
+  std::vector<uint16_t> h16(static_cast<size_t>(rows * width));
+  Tensor d16 = poisoned({rows * width}, DType::bf16);
+  cpu.to_bf16(src.data_as<float>(), rows * width, h16.data());
+  gpu.to_bf16(dsrc.data_as<float>(), rows * width, static_cast<uint16_t*>(d16.data()));
+  compare_exact("ops to_bf16", d16, h16.data());
+  // memory: zero, 2-D copy (every other row, a column window), allocate zeroed
+  Tensor z = poisoned({rows, width});
+  gpu.zero(z.data(), static_cast<int64_t>(z.nbytes()));
+  std::vector<float> zeros(static_cast<size_t>(rows * width), 0.f);
+  compare("ops zero", z, zeros.data(), 0);
+  const int64_t f = sizeof(float), half = rows / 2;
+  Tensor window = Tensor::empty({half, 10}, DType::f32), dwindow = poisoned({half, 10});
+  cpu.copy_2d(window.data(), 10 * f, src.data_as<float>() + 3, 2 * width * f, 10 * f, half);
+  gpu.copy_2d(dwindow.data(), 10 * f, dsrc.data_as<float>() + 3, 2 * width * f, 10 * f, half);
+  compare("ops copy_2d", dwindow, window.data_as<float>(), 0);
+  Tensor za = gpu.allocate({rows, width}, DType::f32, true);
+  report(za.device() == Device::cuda(0), "ops allocate on the ops' device", to_string(za.device()));
+  compare("ops allocate zeroed", za, zeros.data(), 0);
+  // GEMMs, f32 and bf16, as the layer's expert blocks call them (beta 1 / accumulate)
+  const int64_t m = 37, n = 130, kk = 76;
+  Tensor a = host_random({m, kk}), b = host_random({kk, n}), c = host_random({m, n});
+  Tensor da = dev(a), db = dev(b), dc = dev(c);
+  cpu.gemm({.m = m, .n = n, .k = kk, .a = a.data_as<float>(), .lda = kk, .b = b.data_as<float>(), .ldb = n,
+            .beta = 1.f, .c = c.data_as<float>(), .ldc = n});
+  gpu.gemm({.m = m, .n = n, .k = kk, .a = da.data_as<float>(), .lda = kk, .b = db.data_as<float>(), .ldb = n,
+            .beta = 1.f, .c = dc.data_as<float>(), .ldc = n});
+  compare("ops gemm f32 (beta 1)", dc, c.data_as<float>(), 1e-5);
+  std::vector<uint16_t> a16(static_cast<size_t>(m * kk)), b16(static_cast<size_t>(kk * n));
+  cpu.to_bf16(a.data_as<float>(), m * kk, a16.data());
+  cpu.to_bf16(b.data_as<float>(), kk * n, b16.data());
+  Tensor da16 = cuda::to_device(TensorView(a16.data(), DType::bf16, {m, kk}), 0);
+  Tensor db16 = cuda::to_device(TensorView(b16.data(), DType::bf16, {kk, n}), 0);
+  Tensor c16 = host_random({m, n}), dc16 = dev(c16);
+  cpu.gemm_bf16({.m = m, .n = n, .k = kk, .a = a16.data(), .lda = kk, .b = b16.data(), .ldb = n, .accumulate = true,
+                 .c = c16.data_as<float>(), .ldc = n});
+  gpu.gemm_bf16({.m = m, .n = n, .k = kk, .a = static_cast<const uint16_t*>(da16.data()), .lda = kk,
+                 .b = static_cast<const uint16_t*>(db16.data()), .ldb = n, .accumulate = true,
+                 .c = dc16.data_as<float>(), .ldc = n});
+  compare("ops gemm bf16 (accumulate)", dc16, c16.data_as<float>(), 1e-5);
+  // Empty inputs are no-ops.
+  gpu.gather_rows(dsrc.data_as<float>(), didx.data_as<int64_t>(), 0, width, out.data_as<float>());
+  gpu.combine_rows(dsrc.data_as<float>(), dchoice.data_as<int64_t>(), nullptr, 0, k, width, dcombined.data_as<float>());
+  SY_CUDA_CHECK(cudaDeviceSynchronize());
+  report(true, "ops with zero rows");
 }
 
 // ---- NCCL, one rank ----
@@ -608,6 +727,7 @@ int main(int argc, char** argv) {
     check_layout();
     check_rows();
     check_gemm();
+    check_cuda_ops();
     check_nccl();
     for (auto act : {kernels::Activation::gelu, kernels::Activation::swiglu})
       for (DType compute : {DType::f32, DType::bf16})
