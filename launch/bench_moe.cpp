@@ -210,20 +210,16 @@ int run_bench_moe(const BenchMoeOptions& o) {
                   o.timing_only ? "; timing only: GEMMs and bulky payloads skipped, losses meaningless" : "");
     int64_t dropped_total = 0;
     // One synchronized step under `plan`; returns the slowest rank's seconds.
-    // --strategy auto (and the sweep's auto row): the planner, seeded by the
-    // emulated cluster's preset or by a calibration on this group.
-    std::unique_ptr<Planner> planner;
+    // --strategy auto (and the sweep's auto row): the planner, seeded by a
+    // calibration on this group (emulated: on the emulated cluster, in
+    // virtual time, as on real hardware; never from the preset's figures).
+    std::unique_ptr<MoEPlanner> planner;
     auto make_planner = [&] {
       PlannerOptions po;
       po.training = !o.eval;
       po.input_grad = o.input_grad;
-      if (cluster) {
-        LinkModel link = cluster->link;
-        link.ranks_per_node = W / nodes;
-        return std::make_unique<Planner>(layer, cluster->device, link, po);
-      }
-      auto [device, link] = Planner::calibrate(layer, W / nodes);
-      return std::make_unique<Planner>(layer, device, link, po);
+      auto [device, link] = MoEPlanner::calibrate(layer, W / nodes);
+      return std::make_unique<MoEPlanner>(layer, device, link, po);
     };
     if (o.strategy == "auto" || o.sweep) planner = make_planner();
     double last_wall = 0;
@@ -326,18 +322,11 @@ int run_bench_moe(const BenchMoeOptions& o) {
     };
 
     if (o.sweep) {
-      // Every plan this layout allows, each for num_steps steps after one warm-up.
+      // Every candidate the planner has (the strategies' plans this layout
+      // runs), each for num_steps steps after one warm-up.
       std::vector<ExecPlan> plans;
-      for (int r : valid_sharding_degrees(layer.layout().shards()))
-        for (int d : {1, 2, 4})
-          for (A2AAlgorithm a2a : {A2AAlgorithm::flat, A2AAlgorithm::hierarchical})
-            for (ExchangeMode x : {ExchangeMode::padded, ExchangeMode::dropless}) {
-              ExecPlan p{r, d, a2a, x};
-              if (a2a == A2AAlgorithm::hierarchical && (c.node_size <= 1 || c.node_size >= W || r == 0)) continue;
-              if (r == 0 && (d > 1 || x == ExchangeMode::dropless)) continue;  // no all-to-all to shape
-              if (r != 1 && !layer.layout().is_permutation()) continue;      // replicas: expert parallel only
-              plans.push_back(p);
-            }
+      for (const ExecPlan& p : planner->candidates())
+        if (p.r == 1 || layer.layout().is_permutation()) plans.push_back(p);  // replicas: expert parallel only
       std::vector<double> medians, wall_medians;
       int index = 0;
       const auto sweep_start = std::chrono::steady_clock::now();
@@ -369,8 +358,15 @@ int run_bench_moe(const BenchMoeOptions& o) {
         const double worst = *std::max_element(medians.begin(), medians.end());
         std::printf("# sweep: median synchronized step time per plan (%s), and its ratio to the best%s\n",
                     cluster ? "virtual, emulated" : "wall clock", cluster ? "; then this machine's wall time" : "");
+        // The planner's prediction for each plan, from the last batch it decided
+        // (agreed inputs, its learned corrections), against the measurement.
+        double worst_error = 0;
         for (size_t i = 0; i < plans.size(); ++i) {
-          std::printf("#   %-40s %10.6f sec  x%.3f", plans[i].describe().c_str(), medians[i], medians[i] / best);
+          const double predicted = planner->predict(plans[i], planner->last_inputs()).total;
+          const double error = predicted / medians[i] - 1;
+          worst_error = std::max(worst_error, std::abs(error));
+          std::printf("#   %-40s %10.6f sec  x%.3f   predicted %10.6f sec (%+5.1f%%)", plans[i].describe().c_str(),
+                      medians[i], medians[i] / best, predicted, 100 * error);
           if (cluster) std::printf("   wall %10.6f sec", wall_medians[i]);
           std::printf("\n");
         }
@@ -378,8 +374,9 @@ int run_bench_moe(const BenchMoeOptions& o) {
                     median(auto_times) / best);
         if (cluster) std::printf("   wall %10.6f sec", median(auto_walls));
         std::printf("\n# %s\n", planner->explanation().c_str());
-        std::printf("# best / worst = %.3f (the worst plan is %.2fx slower than the best); auto / best = %.3f\n",
-                    best / worst, worst / best, median(auto_times) / best);
+        std::printf("# best / worst = %.3f (the worst plan is %.2fx slower than the best); auto / best = %.3f; "
+                    "largest prediction error %.1f%%\n",
+                    best / worst, worst / best, median(auto_times) / best, 100 * worst_error);
       }
       return;
     }

@@ -80,12 +80,12 @@ void train_moe(Runtime& rt, const JobConfig& job) {
   const bool placed = student_config.placement.has_value();
   MoELayer student(student_config, rt.world_ptr());
   student.init_parameters(static_cast<uint64_t>(tr.seed));
-  std::unique_ptr<Planner> planner;
+  std::unique_ptr<MoEPlanner> planner;
   if (job.moe.strategy == "auto") {
     PlannerOptions po;
     po.input_grad = false;
-    auto [device, link] = Planner::calibrate(student, world.size() / nodes);
-    planner = std::make_unique<Planner>(student, device, link, po);
+    auto [device, link] = MoEPlanner::calibrate(student, world.size() / nodes);
+    planner = std::make_unique<MoEPlanner>(student, device, link, po);
   }
   std::string last_plan;
   const int64_t Md = student_config.model_dim;

@@ -6,7 +6,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "moe/exec_plan.h"
+#include "parallel/exec_plan.h"
 #include "moe/router.h"
 
 namespace switchyard {

@@ -392,7 +392,7 @@ MoEHandle MoELayer::plan_impl(const TensorView& x, const RoutingChoice& routing,
     capacity = expert_capacity(b->router_, T, b->routing_, agree ? group_.get() : nullptr);
   } else {
     // One max-all-reduce agrees the capacity and the chooser's inputs.
-    std::vector<double> values = chooser->local_inputs(*this, T);
+    std::vector<double> values = chooser->local_inputs(*this, T, &b->routing_);
     values.insert(values.begin(), static_cast<double>(expert_capacity(b->router_, T, b->routing_, nullptr)));
     if (group_->size() > 1) {
       PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::gate);

@@ -19,7 +19,7 @@
 #include "kernels/moe.h"
 #include "moe/buffer_pool.h"
 #include "moe/dispatch_plan.h"
-#include "moe/exec_plan.h"
+#include "parallel/exec_plan.h"
 #include "moe/ops.h"
 #include "moe/param_layout.h"
 #include "moe/router.h"
@@ -77,12 +77,13 @@ class MoELayer;
 
 // Chooses a batch's plan inside forward() without a collective of its own:
 // its local inputs ride on the all-reduce (max) that agrees the batch's expert
-// capacity, and it decides from the agreed values. The Planner is one.
+// capacity, and it decides from the agreed values. MoEPlanner (moe/planner.h) is one.
 class PlanChooser {
  public:
   virtual ~PlanChooser() = default;
-  // Values this rank contributes to the group's max-all-reduce.
-  virtual std::vector<double> local_inputs(MoELayer& layer, int64_t tokens) = 0;
+  // Values this rank contributes to the group's max-all-reduce (as many on
+  // every rank), from its tokens and the batch's routing (null: not known).
+  virtual std::vector<double> local_inputs(MoELayer& layer, int64_t tokens, const Routing* routing) = 0;
   // The plan, from the agreed values (same on every rank) and the agreed capacity.
   virtual ExecPlan choose(MoELayer& layer, const std::vector<double>& agreed, int64_t capacity) = 0;
 };

@@ -2,26 +2,15 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
+#include <functional>
+#include <numeric>
 
-#include "core/logging.h"
-#include "kernels/gemm.h"
+#include "comm/virtual_time.h"
+#include "core/error.h"
 
 namespace switchyard {
 namespace {
 constexpr double kFloat = 4.0;
-
-double median_seconds(int reps, const std::function<void()>& fn) {
-  fn();  // warm-up
-  std::vector<double> t;
-  for (int i = 0; i < reps; ++i) {
-    const auto start = Clock::now();
-    fn();
-    t.push_back(std::chrono::duration<double>(Clock::now() - start).count());
-  }
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
-}
 
 // The pipeline of one direction pair: d chunks sent back to back on one FIFO
 // stream, each computed once it arrived (and not before `ready`), each sent
@@ -37,14 +26,14 @@ double pipeline(int d, double chunk_out, double chunk_compute, double chunk_back
   for (int i = 0; i < d; ++i) stream = std::max(stream, posted[static_cast<size_t>(i)]) + chunk_back;
   return std::max(stream, computed);
 }
+
+// Each rank sends `per_peer` to every rank (itself included).
+std::vector<double> uniform(int world, double per_peer) {
+  return std::vector<double>(static_cast<size_t>(world) * world, per_peer);
+}
 }  // namespace
 
-std::string PlanCost::describe() const {
-  return detail::make_string(total * 1e3, " ms (all-to-all ", exchange * 1e3, ", experts ", compute * 1e3,
-                             ", weights ", weights * 1e3, ", other ", other * 1e3, ")");
-}
-
-Planner::Planner(const MoELayer& layer, DeviceModel device, LinkModel link, PlannerOptions options)
+MoECostModel::MoECostModel(const MoELayer& layer, DeviceModel device, LinkModel link, PlannerOptions options)
     : device_(device), link_(link), options_(std::move(options)) {
   const MoEConfig& c = layer.config();
   world_ = layer.group()->size();
@@ -58,62 +47,86 @@ Planner::Planner(const MoELayer& layer, DeviceModel device, LinkModel link, Plan
   gated_ = c.activation == kernels::Activation::swiglu;
   bf16_ = c.compute == DType::bf16;
   hierarchical_ = layer.has_hierarchical();
-  router_ = c.router;
-  for (int r : valid_sharding_degrees(shards_))
-    for (int d : options_.overlap_degrees) {
-      for (A2AAlgorithm a2a : {A2AAlgorithm::flat, A2AAlgorithm::hierarchical})
-        for (ExchangeMode x : {ExchangeMode::padded, ExchangeMode::dropless}) {
-          if (!options_.choose_exchange && x != c.plan.exchange) continue;
-          if (a2a == A2AAlgorithm::hierarchical && (!hierarchical_ || r == 0)) continue;
-          if (r == 0 && (d != options_.overlap_degrees.front() || a2a != A2AAlgorithm::flat)) continue;  // no all-to-all
-          if (world_ == 1 && d != options_.overlap_degrees.front()) continue;
-          candidates_.push_back({r, d, a2a, x});
-        }
-    }
-  SY_CHECK(!candidates_.empty(), "planner: no candidate plans");
+  if (link_.ranks_per_node < 1) link_.ranks_per_node = 1;
 }
 
-int64_t Planner::capacity_for(int64_t tokens) const {
-  const double cf = router_.capacity_factor;
-  const int64_t by_factor = capacity_by_factor(router_, tokens);
-  // Without a factor the capacity is the largest load: scale the last batch's.
-  int64_t largest = last_tokens_ > 0 && last_capacity_ > 0
-                        ? static_cast<int64_t>(std::ceil(static_cast<double>(last_capacity_) * tokens / last_tokens_))
-                        : static_cast<int64_t>(std::ceil(2.0 * tokens * k_ / experts_));
-  int64_t c = cf > 0 ? by_factor : cf == 0 ? largest : std::min(largest, by_factor);
-  const int64_t a = router_.capacity_alignment;
-  return (c + a - 1) / a * a;
+std::vector<double> MoECostModel::traffic(const ExecPlan& plan, const PlanInputs& batch, double rows_per_rank) const {
+  const int W = world_;
+  const bool per_peer = plan.r == 1 && shards_ == 1 && plan.exchange == ExchangeMode::dropless;
+  if (!per_peer || batch.peer_rows.empty()) return uniform(W, rows_per_rank / W);
+  if (!batch.peer_rows_summarised) return batch.peer_rows;
+  // Locality summary (rows to self, inside the node, across nodes): spread
+  // evenly over the peers of each class.
+  std::vector<double> m(static_cast<size_t>(W) * W, 0.0);
+  for (int i = 0; i < W; ++i) {
+    int near = 0, far = 0;
+    for (int j = 0; j < W; ++j)
+      if (j != i) (link_.same_node(i, j) ? near : far) += 1;
+    const double* s = batch.peer_rows.data() + 3 * i;
+    for (int j = 0; j < W; ++j)
+      m[static_cast<size_t>(i) * W + j] =
+          j == i ? s[0] : link_.same_node(i, j) ? s[1] / std::max(1, near) : s[2] / std::max(1, far);
+  }
+  return m;
 }
 
-double Planner::a2a_seconds(const ExecPlan& plan, double bytes, double* copies) const {
+double MoECostModel::a2a_seconds(const ExecPlan& plan, const std::vector<double>& bytes, double link_scale,
+                                 double* copies) const {
   const int W = world_;
   if (W == 1) return 0.0;
-  const int G = std::min(link_.ranks_per_node, W);
-  if (plan.a2a == A2AAlgorithm::flat || !hierarchical_) {
-    const double alpha = (G - 1) * link_.intra.latency + (W - G) * link_.inter.latency;
-    const double intra = bytes * (G - 1) / W, inter = bytes * (W - G) / W;
-    return link_scale_ * (alpha + std::max(intra / link_.intra.bandwidth, inter / link_.inter.bandwidth));
-  }
+  // One flat all-to-all: each rank's messages to its peers, each link class
+  // at its bandwidth (a pair's cost is the larger of its two directions).
+  auto flat = [&](const std::vector<double>& b) {
+    double slowest = 0;
+    for (int i = 0; i < W; ++i) {
+      double latency = 0, intra = 0, inter = 0;
+      for (int j = 0; j < W; ++j) {
+        if (j == i) continue;
+        const double pair = std::max(b[static_cast<size_t>(i) * W + j], b[static_cast<size_t>(j) * W + i]);
+        if (pair <= 0) continue;
+        const bool near = link_.same_node(i, j);
+        latency += near ? link_.intra.latency : link_.inter.latency;
+        (near ? intra : inter) += pair;
+      }
+      slowest = std::max(slowest, latency + std::max(intra / link_.intra.bandwidth, inter / link_.inter.bandwidth));
+    }
+    return slowest;
+  };
+  if (plan.a2a == A2AAlgorithm::flat || !hierarchical_) return link_scale * flat(bytes);
+  // 2DH over the layer's node groups of g ranks: first inside each group every
+  // rank sends local rank l' what goes to local index l' anywhere, then across
+  // groups local rank l sends group a' what its group has for (a', l).
   const int g = node_size_, n = W / g;
+  std::vector<double> phase1(bytes.size(), 0.0), phase2(bytes.size(), 0.0);
+  double relayout = 0;
+  for (int i = 0; i < W; ++i) {
+    double sent = 0;
+    for (int j = 0; j < W; ++j) {
+      const double b = bytes[static_cast<size_t>(i) * W + j];
+      sent += b;
+      const int via = i / g * g + j % g;  // the rank of i's group with j's local index
+      phase1[static_cast<size_t>(i) * W + via] += b;
+      phase2[static_cast<size_t>(via) * W + j] += b;
+    }
+    relayout = std::max(relayout, 2.0 * sent / device_.memory_bandwidth);
+  }
   const LinkClass& inside = g <= link_.ranks_per_node ? link_.intra : link_.inter;
-  const double phase1 = (g - 1) * inside.latency + bytes * (g - 1) / g / inside.bandwidth;
-  const double phase2 = (n - 1) * link_.inter.latency + bytes * (n - 1) / n / link_.inter.bandwidth;
   const double counts = plan.exchange == ExchangeMode::dropless ? (g - 1) * inside.latency : 0.0;
-  const double relayout = 2.0 * bytes / device_.memory_bandwidth;
   if (copies) *copies = relayout;
-  return link_scale_ * (phase1 + phase2 + counts) + relayout;
+  (void)n;
+  return link_scale * (flat(phase1) + flat(phase2) + counts) + relayout;
 }
 
-double Planner::collective_seconds(int group, bool spans_nodes, double full_bytes) const {
+double MoECostModel::collective_seconds(int group, bool spans_nodes, double full_bytes, double link_scale) const {
   if (group <= 1) return 0.0;
   const LinkClass& c = spans_nodes ? link_.inter : link_.intra;
-  return link_scale_ * (group - 1) * (c.latency + full_bytes / group / c.bandwidth);
+  return link_scale * (group - 1) * (c.latency + full_bytes / group / c.bandwidth);
 }
 
-PlanCost Planner::predict(const ExecPlan& plan, int64_t tokens, int64_t capacity) const {
+PlanCost MoECostModel::predict(const ExecPlan& plan, const PlanInputs& batch, const Corrections& corr) const {
   const int S = shards_, r = plan.r, E = experts_, W = world_, L = local_experts_;
-  const double M = static_cast<double>(model_dim_), H = static_cast<double>(hidden_), T = static_cast<double>(tokens);
-  const double C = static_cast<double>(capacity);
+  const double M = static_cast<double>(model_dim_), H = static_cast<double>(hidden_);
+  const double T = static_cast<double>(batch.tokens), C = static_cast<double>(batch.capacity);
   const bool padded = plan.exchange == ExchangeMode::padded;
   double rows = 0, Hw = H;
   if (r == 0 || S == 1) {
@@ -123,19 +136,31 @@ PlanCost Planner::predict(const ExecPlan& plan, int64_t tokens, int64_t capacity
     rows = padded ? E * R * std::ceil(C / R) * r : T * k_ * r;
     Hw = H / r;
   }
+  // The all-to-all's bytes per rank pair, and the rows the busiest rank's experts compute.
+  const std::vector<double> rows_between = traffic(plan, batch, rows);
+  double compute_rows = rows;
+  if (r != 0 && W > 1) {
+    compute_rows = 0;
+    for (int j = 0; j < W; ++j) {
+      double in = 0;
+      for (int i = 0; i < W; ++i) in += rows_between[static_cast<size_t>(i) * W + j];
+      compute_rows = std::max(compute_rows, in);
+    }
+  }
   const double H1w = gated_ ? 2 * Hw : Hw;
   const double rate = bf16_ ? device_.gemm_flops_bf16 : device_.gemm_flops_f32;
   const double mem = device_.memory_bandwidth;
-  // Experts (rows received = rows sent, loads balanced).
-  const double gemm_fwd = 2 * rows * M * (H1w + Hw);
-  const double gemm_bwd = 2 * rows * M * (H1w + 2 * Hw) + (options_.input_grad ? 2 * rows * M * H1w : 0.0);
+  // Experts (the busiest receiver's rows).
+  const double gemm_fwd = 2 * compute_rows * M * (H1w + Hw);
+  const double gemm_bwd =
+      2 * compute_rows * M * (H1w + 2 * Hw) + (options_.input_grad ? 2 * compute_rows * M * H1w : 0.0);
   // The GEMMs at their roofline: a few rows per expert (decode) read the working weights at the bandwidth
   // (backward: read for the input gradient, the weight gradients written).
   const double weight_bytes = (r == 0 ? E : L) * M * (H1w + Hw) * (bf16_ ? 2.0 : kFloat);
-  const double compute_fwd =
-      compute_scale_ * (std::max(gemm_fwd / rate, weight_bytes / mem) + rows * (2 * H1w + Hw + M) * kFloat / mem);
-  const double compute_bwd =
-      compute_scale_ * (std::max(gemm_bwd / rate, 2 * weight_bytes / mem) + rows * (3 * H1w + Hw + M) * kFloat / mem);
+  const double compute_fwd = corr.compute * (std::max(gemm_fwd / rate, weight_bytes / mem) +
+                                             compute_rows * (2 * H1w + Hw + M) * kFloat / mem);
+  const double compute_bwd = corr.compute * (std::max(gemm_bwd / rate, 2 * weight_bytes / mem) +
+                                             compute_rows * (3 * H1w + Hw + M) * kFloat / mem);
   // Working weights: all-gathered in the sharding group, gradients reduce-scattered.
   int G = 1;
   if (r == 0) G = W;
@@ -145,7 +170,7 @@ PlanCost Planner::predict(const ExecPlan& plan, int64_t tokens, int64_t capacity
   const bool spans = G > link_.ranks_per_node;
   double gather = 0, relayout = 0;
   if (G > 1) {
-    gather = 4 * collective_seconds(G, spans, G * stored / 4);  // four tensors
+    gather = 4 * collective_seconds(G, spans, G * stored / 4, corr.link);  // four tensors
     const int pieces = r == 0 ? S : G;
     const double working_w1 = (r == 0 ? E : L) * M * H1w * kFloat;
     if (pieces > 1) relayout = 2 * working_w1 / mem;
@@ -153,22 +178,30 @@ PlanCost Planner::predict(const ExecPlan& plan, int64_t tokens, int64_t capacity
   if (bf16_) relayout += 1.5 * (r == 0 ? E : L) * M * (H1w + Hw) * kFloat / mem;
   // All-to-alls: d chunks each way, rows x M floats per direction.
   const int d = W == 1 || r == 0 ? 1 : plan.d;
-  const double bytes = rows * M * kFloat;
+  std::vector<double> chunk_bytes = rows_between;
+  for (double& b : chunk_bytes) b *= M * kFloat / d;
   double chunk_copies = 0;
-  const double chunk = r == 0 ? 0.0 : a2a_seconds(plan, bytes / d, &chunk_copies);
+  const double chunk = r == 0 ? 0.0 : a2a_seconds(plan, chunk_bytes, corr.link, &chunk_copies);
   const double counts =
-      r != 0 && !padded ? a2a_seconds({plan.r, 1, A2AAlgorithm::flat, plan.exchange}, W * d * L * 8.0) : 0.0;
+      r != 0 && !padded ? a2a_seconds({plan.r, 1, A2AAlgorithm::flat, plan.exchange}, uniform(W, d * L * 8.0),
+                                      corr.link)
+                        : 0.0;
   PlanCost cost;
   cost.compute = compute_fwd + (options_.training ? compute_bwd : 0.0);
+  cost.forward_compute = compute_fwd;
   cost.weights = gather + relayout + (options_.training ? gather + relayout : 0.0);
   const double chunks = 2 * d + (options_.training ? d * (options_.input_grad ? 2 : 1) : 0);
   cost.exchange = counts + chunks * chunk;
   cost.link_busy = counts + chunks * (chunk - chunk_copies) + gather * (options_.training ? 2 : 1);
-  const double gate = 2 * T * M * E / device_.gemm_flops_f32 * (options_.training ? 3 : 1) * compute_scale_;
+  const double gate = 2 * T * M * E / device_.gemm_flops_f32 * (options_.training ? 3 : 1) * corr.compute;
   const double streams = (2 * rows + rows + T) * M * kFloat / mem +
                          (options_.training ? (5 * rows + T) * M * kFloat / mem + 3 * stored / mem : 0.0);
-  const double gate_sync = collective_seconds(W, W > link_.ranks_per_node, 8.0) * (options_.training ? 2 : 1);
-  cost.other = gate + compute_scale_ * streams + gate_sync;
+  // Ring all-reduces over the group: the capacity agreement (a few values)
+  // and, training, the gate's gradient [M, E].
+  const bool group_spans = W > link_.ranks_per_node;
+  const double gate_sync = 2 * collective_seconds(W, group_spans, 64.0, corr.link) +
+                           (options_.training ? 2 * collective_seconds(W, group_spans, M * E * kFloat, corr.link) : 0.0);
+  cost.other = gate + corr.compute * streams + gate_sync;
   const double ready = gather + relayout;
   double fwd = 0, bwd = 0;
   if (r == 0 || W == 1) {
@@ -182,132 +215,222 @@ PlanCost Planner::predict(const ExecPlan& plan, int64_t tokens, int64_t capacity
   return cost;
 }
 
-void Planner::observe(MoELayer&, const double measured[2], int64_t capacity) {
-  const double cs = compute_scale_, ls = link_scale_;
-  compute_scale_ = link_scale_ = 1.0;  // predictions without the corrections
-  const PlanCost p = predict(last_plan_, last_tokens_, capacity);
-  const bool training = options_.training;
-  options_.training = false;
-  const PlanCost forward = predict(last_plan_, last_tokens_, capacity);
-  options_.training = training;
-  compute_scale_ = cs, link_scale_ = ls;
-  auto update = [&](double& scale, double observed, double predicted) {
-    if (!(observed > 0) || !(predicted > 0)) return;
-    // The first measurement replaces the calibration's guess; later ones are smoothed.
-    const double a = observations_ == 0 ? 1.0 : options_.smoothing;
-    scale = std::exp((1 - a) * std::log(scale) + a * std::log(observed / predicted));
-  };
-  // The experts phase is the forward expert compute.
-  update(compute_scale_, measured[0], forward.compute);
-  // All-to-alls and weight collectives share the link model.
-  update(link_scale_, measured[1], p.link_busy);
-  ++observations_;
-  last_capacity_ = capacity;
+std::vector<ExecPlan> tutel_plans(const MoELayer& layer, const PlannerOptions& options) {
+  const int W = layer.group()->size();
+  const bool hierarchical = layer.has_hierarchical();
+  std::vector<ExecPlan> plans;
+  for (int r : valid_sharding_degrees(layer.layout().shards()))
+    for (int d : options.overlap_degrees)
+      for (A2AAlgorithm a2a : {A2AAlgorithm::flat, A2AAlgorithm::hierarchical})
+        for (ExchangeMode x : {ExchangeMode::padded, ExchangeMode::dropless}) {
+          if (!options.choose_exchange && x != layer.config().plan.exchange) continue;
+          if (a2a == A2AAlgorithm::hierarchical && (!hierarchical || r == 0)) continue;
+          // r = 0 has no all-to-all: one plan, whatever d, a2a and the exchange say.
+          if (r == 0 && (d != options.overlap_degrees.front() || a2a != A2AAlgorithm::flat ||
+                         x != (options.choose_exchange ? ExchangeMode::padded : layer.config().plan.exchange)))
+            continue;
+          if (W == 1 && d != options.overlap_degrees.front()) continue;
+          plans.push_back({r, d, a2a, x});
+        }
+  return plans;
 }
 
-std::vector<double> Planner::local_inputs(MoELayer& layer, int64_t tokens) {
+MoEPlanner::MoEPlanner(const MoELayer& layer, DeviceModel device, LinkModel link, PlannerOptions options)
+    : world_(layer.group()->size()),
+      k_(layer.config().router.k),
+      experts_(layer.config().router.experts),
+      router_(layer.config().router),
+      model_(std::make_shared<MoECostModel>(layer, device, link, options)),
+      planner_(model_, options),
+      options_(options) {
+  planner_.add_candidates("tutel", tutel_plans(layer, options));
+  if (planner_.candidates().empty()) SY_THROW(InvalidArgument, "planner: no candidate plans for this layer");
+}
+
+int64_t MoEPlanner::capacity_for(int64_t tokens) const {
+  const double cf = router_.capacity_factor;
+  const int64_t by_factor = capacity_by_factor(router_, tokens);
+  // Without a factor the capacity is the largest load: scale the last batch's.
+  int64_t largest = last_tokens_ > 0 && last_capacity_ > 0
+                        ? static_cast<int64_t>(std::ceil(static_cast<double>(last_capacity_) * tokens / last_tokens_))
+                        : static_cast<int64_t>(std::ceil(2.0 * tokens * k_ / experts_));
+  int64_t c = cf > 0 ? by_factor : cf == 0 ? largest : std::min(largest, by_factor);
+  const int64_t a = router_.capacity_alignment;
+  return (c + a - 1) / a * a;
+}
+
+PlanInputs::Layout MoEPlanner::layout(bool with_peer_rows) const {
+  PlanInputs::Layout l;
+  l.world = world_;
+  if (with_peer_rows && world_ > 1) l.peer_values = world_ <= options_.peer_rows_up_to ? world_ * world_ : world_ * 3;
+  return l;
+}
+
+std::vector<double> MoEPlanner::local_inputs(MoELayer& layer, int64_t tokens, const Routing* routing) {
   const bool virt = layer.config().device_model != nullptr;
   snapshot_phases_ = virt ? layer.virtual_phase_times() : layer.phase_times();
   snapshot_busy_ = layer.comm_busy();
+  PlanInputs in;
+  in.tokens = tokens;
+  in.measured_compute = snapshot_phases_.experts - last_phases_.experts;
+  in.measured_links = snapshot_busy_.exchange - last_busy_.exchange + snapshot_busy_.weights - last_busy_.weights;
   // The last batch's capacity rides along: uncapped dropless plans keep a
   // rank-local one (nothing agrees it), and predictions must use the group's.
-  return {static_cast<double>(tokens), snapshot_phases_.experts - last_phases_.experts,
-          snapshot_busy_.exchange - last_busy_.exchange + snapshot_busy_.weights - last_busy_.weights,
-          static_cast<double>(layer.last_plan().capacity)};
+  in.previous_capacity = layer.last_plan().capacity;
+  with_peer_rows_ = routing != nullptr;
+  const PlanInputs::Layout l = layout(with_peer_rows_);
+  if (l.peer_values > 0) {
+    // Where this rank's routed rows go under expert parallelism: each choice
+    // to its expert's ranks (split over replicas, or over the S ranks of a
+    // sliced expert).
+    const int W = world_, me = layer.group()->rank(), E = experts_;
+    const ParamLayout& pl = layer.layout();
+    std::vector<std::vector<std::pair<int, double>>> to(static_cast<size_t>(E));
+    for (int e = 0; e < E; ++e) {
+      if (pl.shards() > 1) {
+        const int first = pl.owner(e), S = pl.shards();
+        for (int s = 0; s < S; ++s) to[static_cast<size_t>(e)].push_back({first + s, 1.0 / S});
+      } else {
+        const auto& replicas = pl.placement().replicas_of(e);
+        for (int p : replicas)
+          to[static_cast<size_t>(e)].push_back({pl.placement().rank_of_slot(p), 1.0 / static_cast<double>(replicas.size())});
+      }
+    }
+    std::vector<double> mine(static_cast<size_t>(W), 0.0);
+    const int32_t* experts = routing->experts.numel() ? routing->experts.data_as<int32_t>() : nullptr;
+    for (int64_t c = 0; c < routing->experts.numel(); ++c) {
+      const int e = experts[c];
+      if (e < 0 || e >= E) continue;
+      for (auto [rank, share] : to[static_cast<size_t>(e)]) mine[static_cast<size_t>(rank)] += share;
+    }
+    in.peer_rows.assign(static_cast<size_t>(l.peer_values), 0.0);
+    if (l.peer_values == W * W) {
+      std::copy(mine.begin(), mine.end(), in.peer_rows.begin() + static_cast<std::ptrdiff_t>(me) * W);
+    } else {
+      const LinkModel& link = model_->link();
+      for (int j = 0; j < W; ++j)
+        in.peer_rows[static_cast<size_t>(3 * me + (j == me ? 0 : link.same_node(me, j) ? 1 : 2))] +=
+            mine[static_cast<size_t>(j)];
+    }
+  }
+  return in.pack(l);
 }
 
-ExecPlan Planner::next(MoELayer& layer, int64_t tokens) {
+ExecPlan MoEPlanner::next(MoELayer& layer, int64_t tokens) {
   // One max-allreduce agrees this batch's tokens and the previous batch's
   // measurements (the slowest rank's), so every rank decides alike.
-  std::vector<double> agreed = local_inputs(layer, tokens);
-  layer.group()->allreduce(TensorView(agreed.data(), DType::f64, {4}), TensorView(agreed.data(), DType::f64, {4}),
+  std::vector<double> agreed = local_inputs(layer, tokens, nullptr);
+  const auto n = static_cast<int64_t>(agreed.size());
+  layer.group()->allreduce(TensorView(agreed.data(), DType::f64, {n}), TensorView(agreed.data(), DType::f64, {n}),
                            {.op = ReduceOp::max}).wait();
   return choose(layer, agreed, -1);
 }
 
-ExecPlan Planner::choose(MoELayer& layer, const std::vector<double>& agreed, int64_t capacity) {
-  SY_CHECK_EQ(agreed.size(), size_t{4}, "planner inputs");
-  if (pending_) observe(layer, agreed.data() + 1, static_cast<int64_t>(agreed[3]));
-  const auto T = static_cast<int64_t>(agreed[0]);
-  const int64_t C = capacity >= 0 ? capacity : capacity_for(T);
-  size_t best = 0, second = 0;
-  std::vector<PlanCost> costs;
+ExecPlan MoEPlanner::choose(MoELayer& layer, const std::vector<double>& agreed, int64_t capacity) {
+  PlanInputs in = PlanInputs::unpack(agreed, layout(with_peer_rows_));
+  if (planner_.has_decided() && in.previous_capacity > 0) last_capacity_ = in.previous_capacity;
+  in.capacity = capacity >= 0 ? capacity : capacity_for(in.tokens);
   // The layer's placement may have changed since (migrate): plans it cannot run are out.
   const bool permutation = layer.layout().is_permutation();
-  for (const ExecPlan& p : candidates_) {
-    costs.push_back(predict(p, T, C));
-    if (p.r != 1 && !permutation) costs.back().total = INFINITY;
-  }
-  for (size_t i = 1; i < costs.size(); ++i)
-    if (costs[i].total < costs[best].total) best = i;
-  second = best == 0 ? (costs.size() > 1 ? 1 : 0) : 0;
-  for (size_t i = 0; i < costs.size(); ++i)
-    if (i != best && costs[i].total < costs[second].total) second = i;
-  // Hysteresis: keep the current plan unless another is predicted clearly
-  // (options.switch_margin) cheaper, so noise in measured times cannot make
-  // the decision flap between near-ties.
-  if (pending_)
-    for (size_t i = 0; i < candidates_.size(); ++i)
-      if (candidates_[i] == last_plan_ && costs[best].total > costs[i].total * (1.0 - options_.switch_margin)) best = i;
-  const ExecPlan chosen = candidates_[best];
-  const bool changed = !pending_ || !(chosen == last_plan_);
-  {
-    explanation_ = detail::make_string("planner: (", chosen.describe(), ") predicted ", costs[best].describe(),
-                                       "; runner-up (", candidates_[second].describe(), ") ",
-                                       costs[second].total * 1e3, " ms; ", T, " tokens/rank, capacity ", C,
-                                       "; corrections compute x", compute_scale_, ", links x", link_scale_);
-  }
-  if (changed) {  // why, in the log, whenever the decision changes
-    ++changes_;
-    SY_LOG_INFO("planner", explanation_);
-  }
-  pending_ = true;
-  last_plan_ = chosen;
-  last_tokens_ = T;
+  const ExecPlan chosen = planner_.choose(in, [&](const ExecPlan& p) { return p.r == 1 || permutation; });
+  last_tokens_ = in.tokens;
   last_phases_ = snapshot_phases_;
   last_busy_ = snapshot_busy_;
+  last_inputs_ = in;
   return chosen;
 }
 
-std::pair<DeviceModel, LinkModel> Planner::calibrate(MoELayer& layer, int ranks_per_node) {
+PlanCost MoEPlanner::predict(const ExecPlan& plan, int64_t tokens, int64_t capacity) const {
+  PlanInputs in;
+  in.tokens = tokens;
+  in.capacity = capacity;
+  return planner_.predict(plan, in);
+}
+
+std::pair<DeviceModel, LinkModel> MoEPlanner::calibrate(MoELayer& layer, int ranks_per_node) {
   const MoEConfig& c = layer.config();
   Communicator& g = *layer.group();
+  MoEOps& ops = layer.ops();
+  const bool virt = c.device_model != nullptr;
+  // Seconds of fn: the emulated clock's advance (deterministic: one run), or
+  // the median wall time of a few after a warm-up.
+  auto seconds = [&](int reps, const std::function<void()>& fn) {
+    if (virt) {
+      const double start = virtual_time::now();
+      fn();
+      return virtual_time::now() - start;
+    }
+    fn();
+    std::vector<double> t;
+    for (int i = 0; i < reps; ++i) {
+      const auto start = Clock::now();
+      fn();
+      t.push_back(std::chrono::duration<double>(Clock::now() - start).count());
+    }
+    std::sort(t.begin(), t.end());
+    return t[t.size() / 2];
+  };
   const int64_t m = 256, M = c.model_dim, H = c.hidden_dim;
-  Tensor a = Tensor::zeros({m, M}, DType::f32), b = Tensor::zeros({M, H}, DType::f32), out = Tensor::zeros({m, H}, DType::f32);
-  const double t_gemm = median_seconds(3, [&] {
-    kernels::cpu::gemm_f32({.m = m, .n = H, .k = M, .a = a.data_as<float>(), .lda = M, .b = b.data_as<float>(),
-                            .ldb = H, .c = out.data_as<float>(), .ldc = H});
+  Tensor a = ops.allocate({m, M}, DType::f32, true), b = ops.allocate({M, H}, DType::f32, true);
+  Tensor out = ops.allocate({m, H}, DType::f32, true);
+  const double t_gemm = seconds(3, [&] {
+    ops.gemm({.m = m, .n = H, .k = M, .a = a.data_as<float>(), .lda = M, .b = b.data_as<float>(), .ldb = H,
+              .c = out.data_as<float>(), .ldc = H});
   });
   double t_bf16 = t_gemm / 2;
   if (c.compute == DType::bf16) {
-    Tensor a16 = Tensor::zeros({m, M}, DType::bf16), b16 = Tensor::zeros({M, H}, DType::bf16);
-    t_bf16 = median_seconds(3, [&] {
-      kernels::cpu::gemm_bf16({.m = m, .n = H, .k = M, .a = static_cast<const uint16_t*>(a16.data()), .lda = M,
-                               .b = static_cast<const uint16_t*>(b16.data()), .ldb = H, .c = out.data_as<float>(),
-                               .ldc = H});
+    Tensor a16 = ops.allocate({m, M}, DType::bf16, true), b16 = ops.allocate({M, H}, DType::bf16, true);
+    t_bf16 = seconds(3, [&] {
+      ops.gemm_bf16({.m = m, .n = H, .k = M, .a = static_cast<const uint16_t*>(a16.data()), .lda = M,
+                     .b = static_cast<const uint16_t*>(b16.data()), .ldb = H, .c = out.data_as<float>(), .ldc = H});
     });
   }
   const int64_t copy_bytes = 8 << 20;
-  std::vector<char> src(static_cast<size_t>(copy_bytes), 1), dst(static_cast<size_t>(copy_bytes));
-  const double t_copy = median_seconds(3, [&] { std::memcpy(dst.data(), src.data(), src.size()); });
-  const int W = g.size();
-  const int64_t big = 1 << 18;  // floats per peer
-  Tensor s_small = Tensor::zeros({W * 2}, DType::f32), r_small = Tensor::zeros({W * 2}, DType::f32);
-  Tensor s_big = Tensor::zeros({W * big}, DType::f32), r_big = Tensor::zeros({W * big}, DType::f32);
-  const double t_small = median_seconds(5, [&] { g.alltoall(s_small, r_small).wait(); });
-  const double t_big = median_seconds(3, [&] { g.alltoall(s_big, r_big).wait(); });
-  double t[5] = {t_gemm, t_bf16, t_copy, t_small, t_big};
-  g.allreduce(TensorView(t, DType::f64, {5}), TensorView(t, DType::f64, {5}), {.op = ReduceOp::max}).wait();
+  Tensor src = ops.allocate({copy_bytes}, DType::u8, true), dst = ops.allocate({copy_bytes}, DType::u8, true);
+  const double t_copy = seconds(3, [&] { ops.copy(dst.data(), src.data(), copy_bytes); });
+  // Each link class on a group that uses only it: the ranks of my node, and
+  // (several nodes) the ranks of my local index on every node.
+  const int W = g.size(), me = g.rank(), per_node = std::clamp(ranks_per_node, 1, W);
+  const int nodes = (W + per_node - 1) / per_node;
+  std::vector<int> node_members, across_members;
+  for (int u = me / per_node * per_node; u < std::min(W, (me / per_node + 1) * per_node); ++u) node_members.push_back(u);
+  for (int u = me % per_node; u < W; u += per_node) across_members.push_back(u);
+  // Two all-to-all sizes on a group: latency per peer from the small one, bandwidth from the difference.
+  auto measure_link = [&](Communicator& group, double out[2]) {
+    const int p = group.size();
+    const int64_t big = 1 << 18;  // floats per peer
+    Tensor s_small = Tensor::zeros({p * 2}, DType::f32), r_small = Tensor::zeros({p * 2}, DType::f32);
+    Tensor s_big = Tensor::zeros({p * big}, DType::f32), r_big = Tensor::zeros({p * big}, DType::f32);
+    group.barrier().wait();
+    const double t_small = seconds(5, [&] { group.alltoall(s_small, r_small).wait(); });
+    group.barrier().wait();
+    const double t_big = seconds(3, [&] { group.alltoall(s_big, r_big).wait(); });
+    const int peers = std::max(1, p - 1);
+    out[0] = p > 1 ? t_small / peers : 1e-6;
+    out[1] = p > 1 ? std::max(1e6, big * 4.0 * peers / std::max(1e-9, t_big - t_small)) : 1e12;
+  };
+  double intra[2] = {1e-6, 1e12}, inter[2] = {1e-6, 1e12};
+  if (W > 1) {
+    auto node = g.create_group(node_members, g.name() + "/calibrate-node");
+    measure_link(*node, intra);
+    if (nodes > 1) {
+      auto across = g.create_group(across_members, g.name() + "/calibrate-across");
+      if (across->size() > 1) measure_link(*across, inter);
+    } else {
+      inter[0] = intra[0], inter[1] = intra[1];
+    }
+  }
+  // The slowest rank's: max of times, min of bandwidths (as max of their negatives).
+  double t[7] = {t_gemm, t_bf16, t_copy, intra[0], -intra[1], inter[0], -inter[1]};
+  g.allreduce(TensorView(t, DType::f64, {7}), TensorView(t, DType::f64, {7}), {.op = ReduceOp::max}).wait();
   DeviceModel dev;
   dev.gemm_flops_f32 = 2.0 * m * M * H / t[0];
   dev.gemm_flops_bf16 = 2.0 * m * M * H / t[1];
-  dev.memory_bandwidth = static_cast<double>(copy_bytes) / t[2];
+  dev.memory_bandwidth = static_cast<double>(copy_bytes) * 2 / t[2];  // read and written
   LinkModel link;
-  const int peers = std::max(1, W - 1);
-  link.intra.latency = W > 1 ? t[3] / peers : 1e-6;
-  link.intra.bandwidth = W > 1 ? std::max(1e6, big * 4.0 * peers / std::max(1e-9, t[4] - t[3])) : 1e12;
-  link.inter = link.intra;
-  link.ranks_per_node = ranks_per_node;
+  link.intra = {t[3], -t[4]};
+  link.inter = {t[5], -t[6]};
+  link.ranks_per_node = per_node;
   return {dev, link};
 }
 

@@ -82,7 +82,7 @@ struct World {
 // The layer plus the planner that `plan="auto"` uses (made on first use: it calibrates).
 struct Layer {
   std::unique_ptr<MoELayer> layer;
-  std::unique_ptr<Planner> planner;
+  std::unique_ptr<MoEPlanner> planner;
   int ranks_per_node = 0;
   ExecPlan last_plan;
 };
@@ -109,8 +109,8 @@ py::tuple forward(Layer& L, const py::object& x_obj, std::optional<double> capac
     py::gil_scoped_release released;
     if (plan == "auto") {
       if (!L.planner) {
-        auto [device, link] = Planner::calibrate(*L.layer, L.ranks_per_node);
-        L.planner = std::make_unique<Planner>(*L.layer, device, link);
+        auto [device, link] = MoEPlanner::calibrate(*L.layer, L.ranks_per_node);
+        L.planner = std::make_unique<MoEPlanner>(*L.layer, device, link);
       }
       batch = L.layer->plan(x, routing, *L.planner);
     } else if (plan == "fixed") {

@@ -310,7 +310,7 @@ TEST(MoEPlans, PlannerWithAWrongCalibrationReachesTheCheapestPlan) {
     wrong_link.intra.latency /= 30, wrong_link.inter.latency /= 30;
     PlannerOptions po;
     po.input_grad = true;  // backward(dout) returns dx
-    Planner planner(layer, wrong_device, wrong_link, po);
+    MoEPlanner planner(layer, wrong_device, wrong_link, po);
     std::map<uint64_t, double> fixed;  // plan hash -> virtual step time
     double best = 1e30;
     for (const ExecPlan& p : planner.candidates()) {
@@ -353,8 +353,8 @@ TEST(MoEPlans, RanksWithDifferentTimingsAgreeOnThePlan) {
     c.check_plan = true;
     MoELayer layer(c, group);
     layer.init_parameters(seed);
-    auto [device, link] = Planner::calibrate(layer, n);
-    Planner planner(layer, device, link);
+    auto [device, link] = MoEPlanner::calibrate(layer, n);
+    MoEPlanner planner(layer, device, link);
     for (int batch = 0; batch < 7; ++batch) {
       const int64_t rows = 8 + 13 * ((me + batch) % 3);  // differs by rank and batch
       Tensor x = random_tensor(seed + 10 * batch + me, rows, 32);

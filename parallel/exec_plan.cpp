@@ -1,4 +1,4 @@
-#include "moe/exec_plan.h"
+#include "parallel/exec_plan.h"
 
 #include "core/error.h"
 
