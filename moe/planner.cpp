@@ -54,7 +54,14 @@ std::vector<double> MoECostModel::traffic(const ExecPlan& plan, const PlanInputs
   const int W = world_;
   const bool per_peer = plan.r == 1 && shards_ == 1 && plan.exchange == ExchangeMode::dropless;
   if (!per_peer || batch.peer_rows.empty()) return uniform(W, rows_per_rank / W);
-  if (!batch.peer_rows_summarised) return batch.peer_rows;
+  if (!batch.peer_rows_summarised) {
+    // A capped exchange sends at most the capacity per expert: the excess drops.
+    std::vector<double> m = batch.peer_rows;
+    const double most = static_cast<double>(batch.capacity) * local_experts_;
+    if (batch.capacity > 0)
+      for (double& v : m) v = std::min(v, most);
+    return m;
+  }
   // Locality summary (rows to self, inside the node, across nodes): spread
   // evenly over the peers of each class.
   std::vector<double> m(static_cast<size_t>(W) * W, 0.0);
@@ -76,14 +83,15 @@ double MoECostModel::a2a_seconds(const ExecPlan& plan, const std::vector<double>
   if (W == 1) return 0.0;
   // One flat all-to-all: each rank's messages to its peers, each link class
   // at its bandwidth (a pair's cost is the larger of its two directions).
-  auto flat = [&](const std::vector<double>& b) {
+  // peer(i, j): whether the exchange has i and j talk (every pair, or one 2DH phase's).
+  auto exchange = [&](const std::vector<double>& b, const std::function<bool(int, int)>& peer) {
     double slowest = 0;
     for (int i = 0; i < W; ++i) {
       double latency = 0, intra = 0, inter = 0;
       for (int j = 0; j < W; ++j) {
-        if (j == i) continue;
+        if (j == i || !peer(i, j)) continue;
+        // Every peer gets a message, empty ones too (all-to-all-v posts them all).
         const double pair = std::max(b[static_cast<size_t>(i) * W + j], b[static_cast<size_t>(j) * W + i]);
-        if (pair <= 0) continue;
         const bool near = link_.same_node(i, j);
         latency += near ? link_.intra.latency : link_.inter.latency;
         (near ? intra : inter) += pair;
@@ -92,11 +100,11 @@ double MoECostModel::a2a_seconds(const ExecPlan& plan, const std::vector<double>
     }
     return slowest;
   };
-  if (plan.a2a == A2AAlgorithm::flat || !hierarchical_) return link_scale * flat(bytes);
+  if (plan.a2a == A2AAlgorithm::flat || !hierarchical_) return link_scale * exchange(bytes, [](int, int) { return true; });
   // 2DH over the layer's node groups of g ranks: first inside each group every
   // rank sends local rank l' what goes to local index l' anywhere, then across
   // groups local rank l sends group a' what its group has for (a', l).
-  const int g = node_size_, n = W / g;
+  const int g = node_size_;
   std::vector<double> phase1(bytes.size(), 0.0), phase2(bytes.size(), 0.0);
   double relayout = 0;
   for (int i = 0; i < W; ++i) {
@@ -113,8 +121,9 @@ double MoECostModel::a2a_seconds(const ExecPlan& plan, const std::vector<double>
   const LinkClass& inside = g <= link_.ranks_per_node ? link_.intra : link_.inter;
   const double counts = plan.exchange == ExchangeMode::dropless ? (g - 1) * inside.latency : 0.0;
   if (copies) *copies = relayout;
-  (void)n;
-  return link_scale * (flat(phase1) + flat(phase2) + counts) + relayout;
+  const double inside_nodes = exchange(phase1, [&](int i, int j) { return i / g == j / g; });
+  const double across_nodes = exchange(phase2, [&](int i, int j) { return i % g == j % g; });
+  return link_scale * (inside_nodes + across_nodes + counts) + relayout;
 }
 
 double MoECostModel::collective_seconds(int group, bool spans_nodes, double full_bytes, double link_scale) const {

@@ -340,6 +340,78 @@ TEST(MoEPlans, PlannerWithAWrongCalibrationReachesTheCheapestPlan) {
   });
 }
 
+// Skewed traffic: every token's two experts live on its own rank and its
+// node's other rank, so dropless traffic never leaves the node while padded
+// blocks still cross it. The planner prices the batch's per-peer rows and
+// picks what the emulated cluster finds cheapest; priced as uniform traffic
+// (next(), no routing) it would pick a plan measurably slower, so the skew
+// is what the test checks.
+TEST(MoEPlans, PlannerUnderSkewedTrafficPicksTheEmulatorsCheapestPlan) {
+  testing::for_each_rank([&](Communicator& comm, uint64_t seed) {
+    const int n = comm.size(), me = comm.rank();
+    if (n != 4) return;  // two emulated nodes of two ranks
+    LinkModel link;
+    link.intra = {2e-6, 3e11};
+    link.inter = {8e-6, 1.2e10};
+    link.ranks_per_node = 2;
+    DeviceModel device;
+    device.gemm_flops_f32 = 4e14, device.gemm_flops_bf16 = 8e14, device.memory_bandwidth = 3e12;
+    std::shared_ptr<Communicator> world(&comm, [](Communicator*) {});
+    auto group = make_emulated_communicator(world, link, /*timing_only=*/true);
+    MoEConfig c;
+    c.model_dim = 512, c.hidden_dim = 512;
+    c.router.experts = 4, c.router.k = 2, c.router.capacity_factor = 1.0;
+    c.node_size = 2;
+    c.device_model = std::make_shared<DeviceModel>(device);
+    c.skip_compute = true;
+    c.check_plan = true;
+    MoELayer layer(c, group);
+    layer.init_parameters(seed);
+    // Logit e is feature e: tokens here favour expert `me`, then its node partner.
+    Tensor& gate = layer.gate_weight();
+    std::memset(gate.data(), 0, gate.nbytes());
+    for (int e = 0; e < 4; ++e) gate.data_as<float>()[e * 4 + e] = 1.f;
+    const int64_t T = 2048;
+    Tensor x = random_tensor(seed + me, T, 512), dout = random_tensor(seed + 50 + me, T, 512);
+    for (int64_t t = 0; t < T; ++t) {
+      x.data_as<float>()[t * 512 + me] = 4.f;
+      x.data_as<float>()[t * 512 + (me ^ 1)] = 3.f;
+    }
+    auto virtual_step = [&](const ExecPlan& plan) {
+      group->barrier().wait();
+      const double start = virtual_time::now();
+      layer.forward(x, layer.routing_choice(), plan);
+      layer.backward(dout);
+      return allreduce_scalar(comm, virtual_time::now() - start, ReduceOp::max);
+    };
+    auto [dev, lk] = MoEPlanner::calibrate(layer, 2);
+    MoEPlanner planner(layer, dev, lk);
+    std::map<uint64_t, double> fixed;
+    double best = 1e30;
+    ExecPlan best_plan;
+    for (const ExecPlan& p : planner.candidates()) {
+      fixed[p.hash()] = virtual_step(p);
+      if (fixed[p.hash()] < best) best = fixed[p.hash()], best_plan = p;
+    }
+    ExecPlan chosen;
+    for (int batch = 0; batch < 4; ++batch) {
+      layer.forward(x, layer.routing_choice(), planner);
+      layer.backward(dout);
+      chosen = layer.last_plan().exec;
+    }
+    const double got = fixed.at(chosen.hash());
+    if (got > 1.05 * best)
+      SY_THROW(Error, "rank ", me, ": under skewed traffic the planner chose (", chosen.describe(), ") at ", got * 1e6,
+               " us virtual; the cheapest plan (", best_plan.describe(), ") takes ", best * 1e6, " us; ",
+               planner.explanation());
+    MoEPlanner uniform(layer, dev, lk);
+    const ExecPlan blind = uniform.next(layer, T);
+    if (fixed.at(blind.hash()) < 1.15 * best)
+      SY_THROW(Error, "rank ", me, ": the scenario does not test the skew: uniform pricing picks (", blind.describe(),
+               ") at ", fixed.at(blind.hash()) * 1e6, " us against the best ", best * 1e6, " us");
+  });
+}
+
 // Ranks measure different wall times and hold different token counts, yet
 // every batch's plan is the same on all of them (check_plan all-reduces its hash).
 TEST(MoEPlans, RanksWithDifferentTimingsAgreeOnThePlan) {
