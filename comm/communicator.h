@@ -79,6 +79,11 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
   // list of ranks of this communicator, which must include the caller. No
   // traffic on backends that need none (threads, fake). Blocks.
   std::shared_ptr<Communicator> create_group(std::vector<int> members, std::string name = "");
+  // Emulation: this group's collectives run at the same time as those of
+  // sibling groups whose members share its members' inter-node NICs (2DH's
+  // cross-node groups, one per local index), each moving about as much, so
+  // the emulated NIC carries theirs too. Other backends ignore it.
+  virtual void set_concurrent_siblings(bool) {}
 
   CommStats stats() const;
   void reset_stats();

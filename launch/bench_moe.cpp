@@ -1,6 +1,7 @@
 #include "launch/bench_moe.h"
 
 #include <algorithm>
+#include <numeric>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -128,6 +129,7 @@ int run_bench_moe(const BenchMoeOptions& o) {
     if (cluster) {
       LinkModel link = cluster->link;
       link.ranks_per_node = W / nodes;
+      link.ranks_per_nic = std::gcd(link.ranks_per_nic, link.ranks_per_node);  // fewer ranks per node than the preset's
       group = make_emulated_communicator(group, link, o.timing_only);
       c.device_model = std::make_shared<DeviceModel>(cluster->device);
       c.skip_compute = o.timing_only;

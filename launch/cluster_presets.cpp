@@ -83,6 +83,13 @@ ClusterModel load_cluster_preset(const std::string& name_or_path) {
   m.link.intra = link(links, "intra", f);
   m.link.inter = link(links, "inter", f);
   m.link.ranks_per_node = static_cast<int>(number(root, "ranks_per_node", f, ""));
+  // Optional: GPUs of a node sharing one inter-node NIC (links.inter is the NIC's bandwidth).
+  if (root["ranks_per_nic"]) {
+    m.link.ranks_per_nic = static_cast<int>(number(root, "ranks_per_nic", f, ""));
+    if (m.link.ranks_per_nic < 1 || m.link.ranks_per_node % m.link.ranks_per_nic != 0)
+      SY_THROW(ConfigError, f, ": ranks_per_nic = ", m.link.ranks_per_nic, ", expected a divisor of ranks_per_node (",
+               m.link.ranks_per_node, ")");
+  }
   return m;
 }
 

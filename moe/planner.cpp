@@ -424,6 +424,7 @@ std::pair<DeviceModel, LinkModel> MoEPlanner::calibrate(MoELayer& layer, int ran
     measure_link(*node, intra);
     if (nodes > 1) {
       auto across = g.create_group(across_members, g.name() + "/calibrate-across");
+      across->set_concurrent_siblings(true);  // every local index measures at once, as their NICs see it
       if (across->size() > 1) measure_link(*across, inter);
     } else {
       inter[0] = intra[0], inter[1] = intra[1];

@@ -20,6 +20,7 @@ HierarchicalAlltoall::HierarchicalAlltoall(Communicator& world, int local_size)
   for (int n = 0; n < nodes_; ++n) same_local.push_back(n * local_size + local);
   intra_ = world.create_group(same_node, world.name() + "/node");
   inter_ = world.create_group(same_local, world.name() + "/cross-node");
+  inter_->set_concurrent_siblings(true);  // every local index crosses nodes at once
   executor_ = std::make_unique<Executor>(name_);
 }
 

@@ -3,6 +3,7 @@
 // with compute overlapping an op in flight as on two GPU streams.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "comm/backends/emulated/emulated_backend.h"
@@ -131,6 +132,63 @@ TEST(Emulated, FakeBackendAtScaleUsesTheSameCostModel) {
   group->allreduce(v, v).wait();
   expect_time(virtual_time::now(), a2a + 2.0 * 7 * (m.intra.latency + 4096.0 / 8 / m.intra.bandwidth),
               "node-group allreduce");
+}
+
+// A shared NIC: two ranks of a node crossing to the other node at once cost
+// more than either alone (their bytes share the NIC's bandwidth), and exactly
+// the closed form; with a NIC per rank they cost the same as one alone. 2DH's
+// cross-node groups are concurrent siblings: one member per NIC, yet the NIC
+// carries its mate's share too.
+TEST(Emulated, TwoStreamsSharingANicCostMoreThanEitherAlone) {
+  testing::for_each_rank([&](Communicator& comm, uint64_t seed) {
+    const int n = comm.size(), me = comm.rank();
+    if (n != 4) return;  // two nodes of two ranks
+    std::shared_ptr<Communicator> world(&comm, [](Communicator*) {});
+    const int64_t block = 20000 + 8 * static_cast<int64_t>(seed % 5);  // f32 per cross-node peer
+    // Ranks in `senders` send `block` floats to each rank of the other node; nothing else moves.
+    auto a2a_time = [&](const LinkModel& m, const std::vector<int>& senders) {
+      auto em = make_emulated_communicator(world, m);
+      std::vector<int64_t> send(4, 0), recv(4, 0);
+      const bool sending = std::find(senders.begin(), senders.end(), me) != senders.end();
+      for (int p = 0; p < 4; ++p) {
+        if (p / 2 == me / 2) continue;
+        if (sending) send[static_cast<size_t>(p)] = block;
+        if (std::find(senders.begin(), senders.end(), p) != senders.end()) recv[static_cast<size_t>(p)] = block;
+      }
+      int64_t ns = 0, nr = 0;
+      for (int p = 0; p < 4; ++p) ns += send[static_cast<size_t>(p)], nr += recv[static_cast<size_t>(p)];
+      Tensor in = Tensor::zeros({ns}, DType::f32), out = Tensor::zeros({nr}, DType::f32);
+      em->barrier().wait();
+      const double start = virtual_time::now();
+      em->alltoallv(in, send, out, recv).wait();
+      return virtual_time::now() - start;
+    };
+    LinkModel shared = test_links();
+    shared.ranks_per_nic = 2;
+    const double alone = a2a_time(shared, {0}), both = a2a_time(shared, {0, 1});
+    const double latency = test_links().intra.latency + 2 * test_links().inter.latency;
+    const double bytes = 2.0 * block * 4;  // to each of the other node's two ranks
+    expect_time(alone, latency + bytes / shared.inter.bandwidth, "one rank crossing");
+    expect_time(both, latency + 2 * bytes / shared.inter.bandwidth, "two ranks sharing the NIC");
+    EXPECT_GT(both, alone);
+    const LinkModel own = test_links();  // a NIC per rank
+    expect_time(a2a_time(own, {0, 1}), a2a_time(own, {0}), "two ranks with a NIC each");
+    // Concurrent siblings: groups {0, 2} and {1, 3} cross at once; each group's NIC time doubles.
+    auto em = make_emulated_communicator(world, shared);
+    auto across = em->create_group({me % 2, me % 2 + 2}, "across");
+    Tensor in = Tensor::zeros({2 * block}, DType::f32), out = Tensor::zeros({2 * block}, DType::f32);
+    auto crossing = [&] {
+      across->barrier().wait();
+      const double start = virtual_time::now();
+      across->alltoall(in, out).wait();
+      return virtual_time::now() - start;
+    };
+    const double apart = crossing();
+    across->set_concurrent_siblings(true);
+    const double together = crossing();
+    expect_time(apart, shared.inter.latency + block * 4.0 / shared.inter.bandwidth, "one group crossing");
+    expect_time(together, shared.inter.latency + 2 * block * 4.0 / shared.inter.bandwidth, "sibling groups crossing");
+  });
 }
 
 }  // namespace

@@ -47,6 +47,7 @@ class EmulatedCommunicator : public Communicator {
         transport_(inner_->rank(), inner_->size()) {}
   ~EmulatedCommunicator() override { shutdown_executor(); }
   std::string_view backend_name() const override { return backend_; }
+  void set_concurrent_siblings(bool on) override { concurrent_siblings_ = on; }
 
  protected:
   Transport& transport() override { return transport_; }
@@ -88,7 +89,7 @@ class EmulatedCommunicator : public Communicator {
     std::vector<int64_t> sb(send_counts.begin(), send_counts.end()), rb(recv_counts.begin(), recv_counts.end());
     for (auto& v : sb) v *= es;
     for (auto& v : rb) v *= es;
-    finish(ctx, EmulatedCosts::alltoallv(model_, world_ranks_, rank(), sb, rb));
+    finish_alltoall(ctx, sb, rb);
   }
   void do_alltoall(const TensorView& in, const TensorView& out, const OpContext& ctx) override {
     if (moves(in)) inner_->alltoall(in, out, opts(ctx)).wait();
@@ -96,7 +97,7 @@ class EmulatedCommunicator : public Communicator {
     std::vector<int64_t> counts(static_cast<size_t>(size()), block / static_cast<int64_t>(in.element_size()));
     count_direct_alltoallv(in.element_size(), counts, counts);
     std::vector<int64_t> bytes(static_cast<size_t>(size()), block);
-    finish(ctx, EmulatedCosts::alltoallv(model_, world_ranks_, rank(), bytes, bytes));
+    finish_alltoall(ctx, bytes, bytes);
   }
   void do_broadcast(const TensorView& buffer, int root, const OpContext& ctx) override {
     if (moves(buffer)) inner_->broadcast(buffer, root, opts(ctx)).wait();
@@ -173,6 +174,49 @@ class EmulatedCommunicator : public Communicator {
     if (ctx.end_time) *ctx.end_time = stream_free_;
     if (ctx.start_time) *ctx.start_time = agreed[0];
   }
+  // An all-to-all: with shared NICs every member's inter-node bytes are
+  // agreed (one max-all-reduce with the start), and each member's NIC
+  // carries those of the members on it; else as finish().
+  void finish_alltoall(const OpContext& ctx, const std::vector<int64_t>& send_bytes,
+                       const std::vector<int64_t>& recv_bytes) {
+    const EmulatedCosts::AlltoallParts mine =
+        EmulatedCosts::alltoallv_parts(model_, world_ranks_, rank(), send_bytes, recv_bytes);
+    if (model_.ranks_per_nic <= 1 || size() == 1) {
+      finish(ctx, mine.latency + std::max(mine.intra_bytes / model_.intra.bandwidth,
+                                          mine.inter_bytes / model_.inter.bandwidth));
+      return;
+    }
+    const int p = size();
+    std::vector<double> agreed(static_cast<size_t>(1 + 3 * p), 0.0);
+    agreed[0] = std::max(ctx.issue_time, stream_free_);
+    agreed[static_cast<size_t>(1 + 3 * rank())] = mine.latency;
+    agreed[static_cast<size_t>(2 + 3 * rank())] = mine.intra_bytes;
+    agreed[static_cast<size_t>(3 + 3 * rank())] = mine.inter_bytes;
+    ReduceOptions o = opts(ctx, ReduceOp::max);
+    inner_->allreduce(TensorView(agreed.data(), DType::f64, {static_cast<int64_t>(agreed.size())}),
+                      TensorView(agreed.data(), DType::f64, {static_cast<int64_t>(agreed.size())}), o)
+        .wait();
+    double cost = 0;
+    for (int m = 0; m < p; ++m) {
+      const int wm = world_ranks_[static_cast<size_t>(m)];
+      double nic = 0;
+      int mates_here = 0;
+      for (int q = 0; q < p; ++q)
+        if (model_.same_nic(wm, world_ranks_[static_cast<size_t>(q)])) {
+          nic += agreed[static_cast<size_t>(3 + 3 * q)];
+          ++mates_here;
+        }
+      // Concurrent sibling groups: the NIC-mates outside this group move as much as this member.
+      if (concurrent_siblings_) nic += (model_.ranks_per_nic - mates_here) * agreed[static_cast<size_t>(3 + 3 * m)];
+      const double member = agreed[static_cast<size_t>(1 + 3 * m)] +
+                            std::max(agreed[static_cast<size_t>(2 + 3 * m)] / model_.intra.bandwidth,
+                                     nic / model_.inter.bandwidth);
+      cost = std::max(cost, member);
+    }
+    stream_free_ = agreed[0] + cost;
+    if (ctx.end_time) *ctx.end_time = stream_free_;
+    if (ctx.start_time) *ctx.start_time = agreed[0];
+  }
   void finish_local(const OpContext& ctx, double cost) {
     const double start = std::max(ctx.issue_time, stream_free_);
     if (ctx.start_time) *ctx.start_time = start;
@@ -187,20 +231,28 @@ class EmulatedCommunicator : public Communicator {
   std::string backend_;
   NoTransport transport_;
   double stream_free_ = 0;  // executor thread only
+  bool concurrent_siblings_ = false;
 };
 
 }  // namespace
 
-double EmulatedCosts::alltoallv(const LinkModel& m, const std::vector<int>& members, int me,
-                                const std::vector<int64_t>& send_bytes, const std::vector<int64_t>& recv_bytes) {
-  double latency = 0, intra_bytes = 0, inter_bytes = 0;
+EmulatedCosts::AlltoallParts EmulatedCosts::alltoallv_parts(const LinkModel& m, const std::vector<int>& members,
+                                                            int me, const std::vector<int64_t>& send_bytes,
+                                                            const std::vector<int64_t>& recv_bytes) {
+  AlltoallParts parts;
   for (size_t p = 0; p < members.size(); ++p) {
     if (static_cast<int>(p) == me) continue;
     const bool near = m.same_node(members[static_cast<size_t>(me)], members[p]);
-    latency += near ? m.intra.latency : m.inter.latency;
-    (near ? intra_bytes : inter_bytes) += static_cast<double>(std::max(send_bytes[p], recv_bytes[p]));
+    parts.latency += near ? m.intra.latency : m.inter.latency;
+    (near ? parts.intra_bytes : parts.inter_bytes) += static_cast<double>(std::max(send_bytes[p], recv_bytes[p]));
   }
-  return latency + std::max(intra_bytes / m.intra.bandwidth, inter_bytes / m.inter.bandwidth);
+  return parts;
+}
+
+double EmulatedCosts::alltoallv(const LinkModel& m, const std::vector<int>& members, int me,
+                                const std::vector<int64_t>& send_bytes, const std::vector<int64_t>& recv_bytes) {
+  const AlltoallParts p = alltoallv_parts(m, members, me, send_bytes, recv_bytes);
+  return p.latency + std::max(p.intra_bytes / m.intra.bandwidth, p.inter_bytes / m.inter.bandwidth);
 }
 
 double EmulatedCosts::allreduce(const LinkModel& m, const std::vector<int>& members, int64_t bytes) {
@@ -239,6 +291,9 @@ std::shared_ptr<Communicator> make_emulated_communicator(std::shared_ptr<Communi
                                                          bool timing_only) {
   if (model.ranks_per_node < 1)
     SY_THROW(InvalidArgument, "emulated link model: ranks_per_node = ", model.ranks_per_node, ", expected >= 1");
+  if (model.ranks_per_nic < 1 || model.ranks_per_node % model.ranks_per_nic != 0)
+    SY_THROW(InvalidArgument, "emulated link model: ranks_per_nic = ", model.ranks_per_nic,
+             ", expected a divisor of ranks_per_node (", model.ranks_per_node, ")");
   if (model.intra.bandwidth <= 0 || model.inter.bandwidth <= 0)
     SY_THROW(InvalidArgument, "emulated link model: bandwidths must be > 0 (intra ", model.intra.bandwidth,
              ", inter ", model.inter.bandwidth, " bytes/s)");

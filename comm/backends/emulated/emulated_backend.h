@@ -11,7 +11,9 @@
 //
 // Costs per member (p ranks, n bytes, alpha/beta of the slowest link class the
 // group spans; all-to-all counts each peer's class separately):
-//   alltoall(v)  sum over peers of alpha(peer) + max over classes of bytes(class) / bandwidth(class)
+//   alltoall(v)  sum over peers of alpha(peer) + max over classes of bytes(class) / bandwidth(class),
+//                where a shared NIC (ranks_per_nic > 1) carries the inter-node bytes of every
+//                member on it (and, for concurrent sibling groups, of its NIC-mates outside)
 //   allreduce    2 (p-1) (alpha + n / p / bandwidth)         (ring)
 //   reduce-scatter, allgather(v)  (p-1) (alpha + n / p / bandwidth), n = the full buffer
 //   broadcast    ceil(log2 p) (alpha + n / bandwidth);  barrier  ceil(log2 p) alpha
@@ -34,8 +36,14 @@ struct LinkModel {
   LinkClass intra;          // inside a node (NVLink, shared memory)
   LinkClass inter;          // across nodes (InfiniBand, Ethernet)
   int ranks_per_node = 1;   // world ranks are placed on nodes in blocks
+  // Ranks sharing one inter-node NIC (consecutive ranks of a node): inter.bandwidth
+  // is the NIC's, so ranks that cross nodes at once split it. 1: a NIC per rank.
+  int ranks_per_nic = 1;
   bool same_node(int world_a, int world_b) const {
     return world_a / ranks_per_node == world_b / ranks_per_node;
+  }
+  bool same_nic(int world_a, int world_b) const {
+    return same_node(world_a, world_b) && world_a / ranks_per_nic == world_b / ranks_per_nic;
   }
 };
 
@@ -52,6 +60,13 @@ inline constexpr size_t kEmulatedControlBytes = 64 * 1024;
 // The model's cost of ops on a group (for planners and tests): `members` are
 // world ranks, `me` an index into them.
 struct EmulatedCosts {
+  // One member's part of an all-to-all-v: per-message latency, and bytes by link class.
+  struct AlltoallParts {
+    double latency = 0, intra_bytes = 0, inter_bytes = 0;
+  };
+  static AlltoallParts alltoallv_parts(const LinkModel& m, const std::vector<int>& members, int me,
+                                       const std::vector<int64_t>& send_bytes, const std::vector<int64_t>& recv_bytes);
+  // Without NIC sharing: latency + the slower class's bytes over its bandwidth.
   static double alltoallv(const LinkModel& m, const std::vector<int>& members, int me,
                           const std::vector<int64_t>& send_bytes, const std::vector<int64_t>& recv_bytes);
   static double allreduce(const LinkModel& m, const std::vector<int>& members, int64_t bytes);
