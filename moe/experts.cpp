@@ -109,7 +109,7 @@ void MoELayer::init_parameters(uint64_t seed) {
     rng.fill_uniform(b1, -1.0 / std::sqrt(M), 1.0 / std::sqrt(M));
     rng.fill_uniform(w2, -1.0 / std::sqrt(H), 1.0 / std::sqrt(H));
     rng.fill_uniform(b2, -1.0 / std::sqrt(H), 1.0 / std::sqrt(H));
-    // Drawn on the host: host ops (the parameters' memory) copy the slice in.
+    // Drawn on the host and copied in by the ops (host ops: this layer's parameters live on the host).
     copy_hidden_piece(*ops_, gated, M, H, shard, S, w1.data_as<float>(), params_.w1.data_as<float>() + slot * M * H1s,
                       true);
     copy_hidden_piece(*ops_, gated, 1, H, shard, S, b1.data_as<float>(), params_.b1.data_as<float>() + slot * H1s,
@@ -220,10 +220,8 @@ ExpertActivations MoELayer::allocate_activations(const DispatchPlan& p, const Wo
     a.act16 = buffer(Buffer::act_bf16, {R, Hw}, DType::bf16);
     a.w1_16 = buffer(Buffer::w1_bf16, w.p.w1.shape(), DType::bf16);
     a.w2_16 = buffer(Buffer::w2_bf16, w.p.w2.shape(), DType::bf16);
-    {
-      ops_->to_bf16(w.p.w1.data_as<float>(), w.p.w1.numel(), static_cast<uint16_t*>(a.w1_16.data()));
-      ops_->to_bf16(w.p.w2.data_as<float>(), w.p.w2.numel(), static_cast<uint16_t*>(a.w2_16.data()));
-    }
+    ops_->to_bf16(w.p.w1.data_as<float>(), w.p.w1.numel(), static_cast<uint16_t*>(a.w1_16.data()));
+    ops_->to_bf16(w.p.w2.data_as<float>(), w.p.w2.numel(), static_cast<uint16_t*>(a.w2_16.data()));
   }
   return a;
 }

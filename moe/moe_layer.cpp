@@ -79,6 +79,11 @@ MoELayer::MoELayer(MoEConfig config, std::shared_ptr<Communicator> expert_group)
       // Timing only never touches the buffers, so poisoning them would only cost.
       pool_(static_cast<int>(Buffer::count), env().poison_buffers && ops_->computes()) {
   config_.validate();
+  if (config_.ops && (config_.device_model || config_.skip_compute || config_.batch_invariant))
+    SY_THROW(InvalidArgument, "moe: ops '", ops_->name(), "' given together with ",
+             config_.device_model ? "device_model" : config_.skip_compute ? "skip_compute" : "batch_invariant",
+             ", which choose the ops when none are given; expected one or the other (an EmulatedOps carries its "
+             "device model and timing-only mode)");
   if (!ops_->device().is_cpu())
     SY_THROW(NotSupported, "moe: ops '", ops_->name(), "' run on ", to_string(ops_->device()),
              "; this layer keeps its routing, plans and parameters in host memory, so it takes host ops "
@@ -116,7 +121,7 @@ MoELayer::MoELayer(MoEConfig config, std::shared_ptr<Communicator> expert_group)
       SY_THROW(InvalidArgument, "moe: node_size = ", config_.node_size, " does not divide the ", W,
                " ranks of the expert group; expected a divisor (ranks per node)");
     hierarchical_ = std::make_unique<algorithms::HierarchicalAlltoall>(*group_, config_.node_size);
-    if (config_.device_model) hierarchical_->set_copy_bandwidth(config_.device_model->memory_bandwidth);
+    if (const DeviceModel* dev = ops_->device_model()) hierarchical_->set_copy_bandwidth(dev->memory_bandwidth);
     hierarchical_->set_skip_copies(!ops_->computes());
   }
   make_replica_groups();
@@ -157,7 +162,15 @@ void MoELayer::sum_replica_gradients(ExpertParams& g) {
   Tensor* parts[4] = {&g.w1, &g.b1, &g.w2, &g.b2};
   int64_t per_expert = 0;
   for (Tensor* t : parts) per_expert += t->numel() / t->shape()[0];
-  Tensor packed = buffer(Buffer::replica_sum, {per_expert});
+  // Timing only: a reduce-scatter and an all-gather (the ring all-reduce's two
+  // halves, charged alike) move no bulk payload, where an all-reduce would
+  // move the uninitialised sums for real.
+  const bool charge_only = !ops_->computes();
+  int64_t padded = per_expert;
+  if (charge_only)
+    for (const ReplicaGroup& r : replica_groups_)
+      if (r.group) padded = std::max(padded, (per_expert + r.group->size() - 1) / r.group->size() * r.group->size());
+  Tensor packed = buffer(Buffer::replica_sum, {padded});
   float* sum = packed.data_as<float>();
   for (const ReplicaGroup& r : replica_groups_) {
     // This rank's replicas summed into one packed expert, one all-reduce over
@@ -171,7 +184,15 @@ void MoELayer::sum_replica_gradients(ExpertParams& g) {
         at += n;
       }
     }
-    if (r.group) r.group->allreduce(packed, packed).wait();
+    if (r.group && charge_only) {
+      const int64_t p = r.group->size(), block = (per_expert + p - 1) / p;
+      TensorView all(sum, DType::f32, {block * p}), part(sum, DType::f32, {block});
+      r.group->reduce_scatter(all, part).wait();
+      r.group->allgather(part, all).wait();
+    } else if (r.group) {
+      TensorView all(sum, DType::f32, {per_expert});
+      r.group->allreduce(all, all).wait();
+    }
     for (int slot : r.slots) {
       const float* at = sum;
       for (Tensor* t : parts) {
@@ -867,7 +888,7 @@ void MoELayer::update_gate_bias(double rate) {
 }
 
 MoELayer::CommBusy MoELayer::comm_busy() const {
-  const bool virt = config_.device_model != nullptr;
+  const bool virt = ops_->device_model() != nullptr;
   auto sum = [&](const Communicator& c, std::initializer_list<const char*> ops) {
     const CommStats st = c.stats();
     double t = 0;

@@ -32,6 +32,8 @@ class MoEOps {
   // False in timing-only mode: bulk outputs hold no meaningful values, so
   // work done only for them (initial weights, moving stored experts) is left out.
   virtual bool computes() const { return true; }
+  // The emulated device its operations charge to the virtual clock; null: none (real time).
+  virtual const DeviceModel* device_model() const { return nullptr; }
 
   // ---- memory ----
   // Storage outside the layer's pool (parameters, gradients). zeroed: filled
@@ -119,7 +121,7 @@ class EmulatedOps final : public MoEOps {
   std::string name() const override;
   Device device() const override { return inner_->device(); }
   bool computes() const override { return !timing_only_; }
-  const DeviceModel* model() const { return device_.get(); }
+  const DeviceModel* device_model() const override { return device_.get(); }
   Tensor allocate(Shape shape, DType dtype, bool zeroed) override;
   void zero(void* dst, int64_t bytes) override;
   void copy_2d(void* dst, int64_t dst_pitch, const void* src, int64_t src_pitch, int64_t width_bytes,

@@ -208,10 +208,13 @@ PlanCost MoECostModel::predict(const ExecPlan& plan, const PlanInputs& batch, co
   // Ring all-reduces over the group: the capacity agreement (a few values)
   // and, training, the gate's gradient [M, E].
   const bool group_spans = W > link_.ranks_per_node;
-  const double gate_sync = 2 * collective_seconds(W, group_spans, 64.0, corr.link) +
+  const double agreement = 8.0 * (6 + static_cast<double>(batch.peer_rows.size()));  // PlanInputs on the capacity all-reduce
+  const double gate_sync = 2 * collective_seconds(W, group_spans, agreement, corr.link) +
                            (options_.training ? 2 * collective_seconds(W, group_spans, M * E * kFloat, corr.link) : 0.0);
   cost.other = gate + corr.compute * streams + gate_sync;
   const double ready = gather + relayout;
+  cost.serial = counts + ready + compute_fwd + 2 * d * chunk + cost.other +
+                (options_.training ? compute_bwd + d * chunk * (options_.input_grad ? 2 : 1) + gather + relayout : 0.0);
   double fwd = 0, bwd = 0;
   if (r == 0 || W == 1) {
     fwd = ready + compute_fwd;
@@ -221,6 +224,7 @@ PlanCost MoECostModel::predict(const ExecPlan& plan, const PlanInputs& batch, co
     bwd = pipeline(d, chunk, compute_bwd / d, options_.input_grad ? chunk : 0.0, 0.0) + gather + relayout;
   }
   cost.total = fwd + (options_.training ? bwd : 0.0) + cost.other;
+  cost.serial = std::max(cost.serial, cost.total);
   return cost;
 }
 
@@ -271,18 +275,22 @@ int64_t MoEPlanner::capacity_for(int64_t tokens) const {
 PlanInputs::Layout MoEPlanner::layout(bool with_peer_rows) const {
   PlanInputs::Layout l;
   l.world = world_;
-  if (with_peer_rows && world_ > 1) l.peer_values = world_ <= options_.peer_rows_up_to ? world_ * world_ : world_ * 3;
+  if (with_peer_rows && world_ > 1) {
+    l.summarised = world_ > options_.peer_rows_up_to;
+    l.peer_values = l.summarised ? world_ * 3 : world_ * world_;
+  }
   return l;
 }
 
 std::vector<double> MoEPlanner::local_inputs(MoELayer& layer, int64_t tokens, const Routing* routing) {
-  const bool virt = layer.config().device_model != nullptr;
+  const bool virt = layer.ops().device_model() != nullptr;
   snapshot_phases_ = virt ? layer.virtual_phase_times() : layer.phase_times();
   snapshot_busy_ = layer.comm_busy();
   PlanInputs in;
   in.tokens = tokens;
   in.measured_compute = snapshot_phases_.experts - last_phases_.experts;
   in.measured_links = snapshot_busy_.exchange - last_busy_.exchange + snapshot_busy_.weights - last_busy_.weights;
+  in.measured_total = snapshot_phases_.total() - last_phases_.total();
   // The last batch's capacity rides along: uncapped dropless plans keep a
   // rank-local one (nothing agrees it), and predictions must use the group's.
   in.previous_capacity = layer.last_plan().capacity;
@@ -305,15 +313,20 @@ std::vector<double> MoEPlanner::local_inputs(MoELayer& layer, int64_t tokens, co
           to[static_cast<size_t>(e)].push_back({pl.placement().rank_of_slot(p), 1.0 / static_cast<double>(replicas.size())});
       }
     }
-    std::vector<double> mine(static_cast<size_t>(W), 0.0);
+    // Rows per expert, at most this rank's capacity when capped (the excess drops).
+    std::vector<double> load(static_cast<size_t>(E), 0.0);
     const int32_t* experts = routing->experts.numel() ? routing->experts.data_as<int32_t>() : nullptr;
-    for (int64_t c = 0; c < routing->experts.numel(); ++c) {
-      const int e = experts[c];
-      if (e < 0 || e >= E) continue;
-      for (auto [rank, share] : to[static_cast<size_t>(e)]) mine[static_cast<size_t>(rank)] += share;
+    for (int64_t c = 0; c < routing->experts.numel(); ++c)
+      if (experts[c] >= 0 && experts[c] < E) load[static_cast<size_t>(experts[c])] += 1;
+    if (router_.capacity_factor > 0) {
+      const auto cap = static_cast<double>(capacity_for(tokens));
+      for (double& v : load) v = std::min(v, cap);
     }
+    std::vector<double> mine(static_cast<size_t>(W), 0.0);
+    for (int e = 0; e < E; ++e)
+      for (auto [rank, share] : to[static_cast<size_t>(e)]) mine[static_cast<size_t>(rank)] += share * load[static_cast<size_t>(e)];
     in.peer_rows.assign(static_cast<size_t>(l.peer_values), 0.0);
-    if (l.peer_values == W * W) {
+    if (!l.summarised) {
       std::copy(mine.begin(), mine.end(), in.peer_rows.begin() + static_cast<std::ptrdiff_t>(me) * W);
     } else {
       const LinkModel& link = model_->link();
@@ -360,7 +373,7 @@ std::pair<DeviceModel, LinkModel> MoEPlanner::calibrate(MoELayer& layer, int ran
   const MoEConfig& c = layer.config();
   Communicator& g = *layer.group();
   MoEOps& ops = layer.ops();
-  const bool virt = c.device_model != nullptr;
+  const bool virt = ops.device_model() != nullptr;
   // Seconds of fn: the emulated clock's advance (deterministic: one run), or
   // the median wall time of a few after a warm-up.
   auto seconds = [&](int reps, const std::function<void()>& fn) {
@@ -379,7 +392,8 @@ std::pair<DeviceModel, LinkModel> MoEPlanner::calibrate(MoELayer& layer, int ran
     std::sort(t.begin(), t.end());
     return t[t.size() / 2];
   };
-  const int64_t m = 256, M = c.model_dim, H = c.hidden_dim;
+  // Rows enough that the GEMM runs at its rate, not at the memory bandwidth.
+  const int64_t m = 2048, M = c.model_dim, H = c.hidden_dim;
   Tensor a = ops.allocate({m, M}, DType::f32, true), b = ops.allocate({M, H}, DType::f32, true);
   Tensor out = ops.allocate({m, H}, DType::f32, true);
   const double t_gemm = seconds(3, [&] {
@@ -408,8 +422,9 @@ std::pair<DeviceModel, LinkModel> MoEPlanner::calibrate(MoELayer& layer, int ran
   auto measure_link = [&](Communicator& group, double out[2]) {
     const int p = group.size();
     const int64_t big = 1 << 18;  // floats per peer
-    Tensor s_small = Tensor::zeros({p * 2}, DType::f32), r_small = Tensor::zeros({p * 2}, DType::f32);
-    Tensor s_big = Tensor::zeros({p * big}, DType::f32), r_big = Tensor::zeros({p * big}, DType::f32);
+    // Through the ops: untouched pages when timing only (the emulator moves no bulk then).
+    Tensor s_small = ops.allocate({p * 2}, DType::f32, true), r_small = ops.allocate({p * 2}, DType::f32, true);
+    Tensor s_big = ops.allocate({p * big}, DType::f32, true), r_big = ops.allocate({p * big}, DType::f32, true);
     group.barrier().wait();
     const double t_small = seconds(5, [&] { group.alltoall(s_small, r_small).wait(); });
     group.barrier().wait();

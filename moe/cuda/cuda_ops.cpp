@@ -30,7 +30,7 @@ void CudaOps::copy_2d(void* dst, int64_t dst_pitch, const void* src, int64_t src
   if (width_bytes <= 0 || rows <= 0) return;
   SY_CUDA_CHECK(cudaMemcpy2DAsync(dst, static_cast<size_t>(dst_pitch), src, static_cast<size_t>(src_pitch),
                                   static_cast<size_t>(width_bytes), static_cast<size_t>(rows),
-                                  cudaMemcpyDeviceToDevice, cuda::current_stream()));
+                                  cudaMemcpyDefault, cuda::current_stream()));  // host or device pointers (UVA)
 }
 
 // cuBLAS reads every operand once per call; a grouped GEMM would read an

@@ -1,7 +1,8 @@
 // CudaOps: the MoE layer's operations (moe/ops.h) on one GPU, through the
 // CUDA twins of the host kernels (kernels/cuda) and cuBLAS, on the calling
-// thread's current stream (cuda::current_stream). Pointers are device
-// pointers of `device`. CUDA builds only.
+// thread's current stream (cuda::current_stream) and current device, which
+// must be `device` (allocate() places memory there). Pointers are device
+// pointers of `device` (copy_2d also takes host ones). CUDA builds only.
 //
 // The GPU check (tests/gpu/gpu_check.cpp) compares every operation with
 // CpuOps on the same inputs. MoELayer keeps its routing, dispatch plans and

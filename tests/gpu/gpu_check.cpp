@@ -310,6 +310,18 @@ void check_cuda_ops() {
   cpu.scatter_rows(src.data_as<float>(), perm.data(), rows, width, ref.data_as<float>());
   gpu.scatter_rows(dsrc.data_as<float>(), dperm.data_as<int64_t>(), rows, width, out.data_as<float>());
   compare("ops scatter_rows", out, ref.data_as<float>(), 0);
+  {  // a partial scatter at an odd width: rows nobody writes keep their values
+    const int64_t w2 = 77, dst_rows = 120, n2 = 50;
+    Tensor part = host_random({n2, w2}), dst = host_random({dst_rows, w2});
+    std::vector<int64_t> where(static_cast<size_t>(dst_rows));
+    std::iota(where.begin(), where.end(), int64_t{0});
+    for (int64_t i = dst_rows - 1; i > 0; --i) std::swap(where[static_cast<size_t>(i)], where[static_cast<size_t>(rng.uniform_int(0, i))]);
+    where.resize(static_cast<size_t>(n2));
+    Tensor dpart = dev(part), ddst = dev(dst), dwhere = dev_i64(where);
+    cpu.scatter_rows(part.data_as<float>(), where.data(), n2, w2, dst.data_as<float>());
+    gpu.scatter_rows(dpart.data_as<float>(), dwhere.data_as<int64_t>(), n2, w2, ddst.data_as<float>());
+    compare("ops scatter_rows (partial, odd width)", ddst, dst.data_as<float>(), 0);
+  }
   Tensor scale = host_random({rows}), dscale = dev(scale);
   out = poisoned({rows, width});
   cpu.gather_scaled_rows(src.data_as<float>(), idx.data(), scale.data_as<float>(), rows, width, ref.data_as<float>());

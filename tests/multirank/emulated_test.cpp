@@ -171,6 +171,8 @@ TEST(Emulated, TwoStreamsSharingANicCostMoreThanEitherAlone) {
     expect_time(alone, latency + bytes / shared.inter.bandwidth, "one rank crossing");
     expect_time(both, latency + 2 * bytes / shared.inter.bandwidth, "two ranks sharing the NIC");
     EXPECT_GT(both, alone);
+    // Full duplex: node 0 sending while it receives as much costs no more than sending alone.
+    expect_time(a2a_time(shared, {0, 2}), alone, "one rank each way through the shared NICs");
     const LinkModel own = test_links();  // a NIC per rank
     expect_time(a2a_time(own, {0, 1}), a2a_time(own, {0}), "two ranks with a NIC each");
     // Concurrent siblings: groups {0, 2} and {1, 3} cross at once; each group's NIC time doubles.

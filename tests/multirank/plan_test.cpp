@@ -340,6 +340,52 @@ TEST(MoEPlans, PlannerWithAWrongCalibrationReachesTheCheapestPlan) {
   });
 }
 
+// Timing only is the same run without the bulk work: on every plan (whole
+// and sliced experts, 2DH, pipelined, gathered r = 0), a timing-only layer's
+// forward and backward take the virtual time of a computing one.
+TEST(MoEPlans, TimingOnlyChargesWhatComputingChargesOnEveryPlan) {
+  testing::for_each_rank([&](Communicator& comm, uint64_t seed) {
+    const int n = comm.size(), me = comm.rank();
+    if (n < 2) return;
+    LinkModel link;
+    link.intra = {3e-6, 2e11};
+    link.inter = {7e-6, 3e10};
+    link.ranks_per_node = n % 2 == 0 && n > 2 ? 2 : n;
+    DeviceModel device;
+    device.gemm_flops_f32 = 2e14, device.gemm_flops_bf16 = 4e14, device.memory_bandwidth = 2e12;
+    std::shared_ptr<Communicator> world(&comm, [](Communicator*) {});
+    auto group = make_emulated_communicator(world, link);
+    for (int E : {n, std::max(1, n / 2)}) {
+      if (E != n && n % E != 0) continue;
+      MoEConfig c;
+      c.model_dim = 24, c.hidden_dim = 24;
+      c.activation = kernels::Activation::swiglu;
+      c.router.experts = E, c.router.k = std::min(2, E), c.router.capacity_factor = 1.0;
+      c.node_size = link.ranks_per_node < n ? link.ranks_per_node : 0;
+      c.device_model = std::make_shared<DeviceModel>(device);
+      MoELayer computing(c, group);
+      c.skip_compute = true;
+      MoELayer timing(c, group);
+      computing.init_parameters(seed);
+      timing.init_parameters(seed);
+      Tensor x = random_tensor(seed + me, 17 + 3 * me, 24), dout = random_tensor(seed + 9 + me, 17 + 3 * me, 24);
+      auto virtual_step = [&](MoELayer& layer, const ExecPlan& plan) {
+        group->barrier().wait();
+        const double start = virtual_time::now();
+        layer.forward(x, layer.routing_choice(), plan);
+        layer.backward(dout);
+        return allreduce_scalar(comm, virtual_time::now() - start, ReduceOp::max);
+      };
+      for (const ExecPlan& plan : every_plan(computing, c.node_size > 0)) {
+        const double a = virtual_step(computing, plan), b = virtual_step(timing, plan);
+        if (std::fabs(a - b) > 1e-9 * a)
+          SY_THROW(Error, "rank ", me, " E = ", E, " (", plan.describe(), "): timing only took ", b * 1e6,
+                   " us virtual, computing ", a * 1e6, " us");
+      }
+    }
+  });
+}
+
 // Skewed traffic: every token's two experts live on its own rank and its
 // node's other rank, so dropless traffic never leaves the node while padded
 // blocks still cross it. The planner prices the batch's per-peer rows and

@@ -206,5 +206,36 @@ TEST(MoEOps, ALayerTimingOnlyChargesWhatItChargesComputing) {
     }
 }
 
+// Timing only still trains the gate (routing evolves as in a real run): SGD
+// moves the gate by its gradient while the experts stay untouched.
+TEST(MoEOps, TimingOnlyStillStepsTheGate) {
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  MoEConfig c;
+  c.model_dim = 16, c.hidden_dim = 8;
+  c.router.experts = 4, c.router.k = 2, c.router.capacity_factor = 1.0;
+  c.device_model = std::make_shared<DeviceModel>(test_device());
+  c.skip_compute = true;
+  ThreadsWorld world(1);
+  MoELayer layer(c, world.communicator(0));
+  layer.init_parameters(seed);
+  Tensor x = Tensor::empty({13, 16}, DType::f32), dout = Tensor::empty({13, 16}, DType::f32);
+  Rng(seed).fill_uniform(x, -1, 1);
+  Rng(seed + 1).fill_uniform(dout, -1, 1);
+  layer.forward(x);
+  layer.backward(dout, /*balance_coef=*/0.1);
+  const std::vector<float> before(layer.gate_weight().data_as<float>(),
+                                  layer.gate_weight().data_as<float>() + layer.gate_weight().numel());
+  const std::vector<float> grad(layer.gate_grad().data_as<float>(),
+                                layer.gate_grad().data_as<float>() + layer.gate_grad().numel());
+  layer.sgd_step(0.5);
+  double moved = 0;
+  for (size_t i = 0; i < before.size(); ++i) {
+    ASSERT_EQ(layer.gate_weight().data_as<float>()[i], before[i] + -0.5f * grad[i]) << "gate element " << i;
+    moved += std::fabs(grad[i]);
+  }
+  EXPECT_GT(moved, 0.0) << "the balance loss gives the gate a gradient even when timing only";
+}
+
 }  // namespace
 }  // namespace switchyard

@@ -187,31 +187,32 @@ class EmulatedCommunicator : public Communicator {
       return;
     }
     const int p = size();
-    std::vector<double> agreed(static_cast<size_t>(1 + 3 * p), 0.0);
+    constexpr int kPer = 5;  // latency, intra bytes, inter bytes, inter sent, inter received
+    std::vector<double> agreed(static_cast<size_t>(1 + kPer * p), 0.0);
     agreed[0] = std::max(ctx.issue_time, stream_free_);
-    agreed[static_cast<size_t>(1 + 3 * rank())] = mine.latency;
-    agreed[static_cast<size_t>(2 + 3 * rank())] = mine.intra_bytes;
-    agreed[static_cast<size_t>(3 + 3 * rank())] = mine.inter_bytes;
+    const double values[kPer] = {mine.latency, mine.intra_bytes, mine.inter_bytes, mine.inter_sent, mine.inter_received};
+    std::copy(values, values + kPer, agreed.begin() + 1 + kPer * rank());
     ReduceOptions o = opts(ctx, ReduceOp::max);
     inner_->allreduce(TensorView(agreed.data(), DType::f64, {static_cast<int64_t>(agreed.size())}),
                       TensorView(agreed.data(), DType::f64, {static_cast<int64_t>(agreed.size())}), o)
         .wait();
+    auto at = [&](int member, int field) { return agreed[static_cast<size_t>(1 + kPer * member + field)]; };
     double cost = 0;
     for (int m = 0; m < p; ++m) {
       const int wm = world_ranks_[static_cast<size_t>(m)];
-      double nic = 0;
+      double sent = 0, received = 0;
       int mates_here = 0;
       for (int q = 0; q < p; ++q)
         if (model_.same_nic(wm, world_ranks_[static_cast<size_t>(q)])) {
-          nic += agreed[static_cast<size_t>(3 + 3 * q)];
+          sent += at(q, 3), received += at(q, 4);
           ++mates_here;
         }
       // Concurrent sibling groups: the NIC-mates outside this group move as much as this member.
-      if (concurrent_siblings_) nic += (model_.ranks_per_nic - mates_here) * agreed[static_cast<size_t>(3 + 3 * m)];
-      const double member = agreed[static_cast<size_t>(1 + 3 * m)] +
-                            std::max(agreed[static_cast<size_t>(2 + 3 * m)] / model_.intra.bandwidth,
-                                     nic / model_.inter.bandwidth);
-      cost = std::max(cost, member);
+      const int outside = concurrent_siblings_ ? model_.ranks_per_nic - mates_here : 0;
+      sent += outside * at(m, 3), received += outside * at(m, 4);
+      // Alone on its NIC it pays as without sharing (each pair's larger direction).
+      const double nic = mates_here == 1 && outside == 0 ? at(m, 2) : std::max(sent, received);
+      cost = std::max(cost, at(m, 0) + std::max(at(m, 1) / model_.intra.bandwidth, nic / model_.inter.bandwidth));
     }
     stream_free_ = agreed[0] + cost;
     if (ctx.end_time) *ctx.end_time = stream_free_;
@@ -245,6 +246,10 @@ EmulatedCosts::AlltoallParts EmulatedCosts::alltoallv_parts(const LinkModel& m, 
     const bool near = m.same_node(members[static_cast<size_t>(me)], members[p]);
     parts.latency += near ? m.intra.latency : m.inter.latency;
     (near ? parts.intra_bytes : parts.inter_bytes) += static_cast<double>(std::max(send_bytes[p], recv_bytes[p]));
+    if (!near) {
+      parts.inter_sent += static_cast<double>(send_bytes[p]);
+      parts.inter_received += static_cast<double>(recv_bytes[p]);
+    }
   }
   return parts;
 }

@@ -12,8 +12,9 @@
 // Costs per member (p ranks, n bytes, alpha/beta of the slowest link class the
 // group spans; all-to-all counts each peer's class separately):
 //   alltoall(v)  sum over peers of alpha(peer) + max over classes of bytes(class) / bandwidth(class),
-//                where a shared NIC (ranks_per_nic > 1) carries the inter-node bytes of every
-//                member on it (and, for concurrent sibling groups, of its NIC-mates outside)
+//                where a NIC shared by several members (ranks_per_nic > 1) carries, each way,
+//                the inter-node bytes of every member on it (and, for concurrent sibling
+//                groups, as much again for each NIC-mate outside the group)
 //   allreduce    2 (p-1) (alpha + n / p / bandwidth)         (ring)
 //   reduce-scatter, allgather(v)  (p-1) (alpha + n / p / bandwidth), n = the full buffer
 //   broadcast    ceil(log2 p) (alpha + n / bandwidth);  barrier  ceil(log2 p) alpha
@@ -63,6 +64,7 @@ struct EmulatedCosts {
   // One member's part of an all-to-all-v: per-message latency, and bytes by link class.
   struct AlltoallParts {
     double latency = 0, intra_bytes = 0, inter_bytes = 0;
+    double inter_sent = 0, inter_received = 0;  // a shared NIC is full duplex: each direction on its own
   };
   static AlltoallParts alltoallv_parts(const LinkModel& m, const std::vector<int>& members, int me,
                                        const std::vector<int64_t>& send_bytes, const std::vector<int64_t>& recv_bytes);
