@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "launch/cluster_presets.h"
 #include "launch/jobs.h"
 
 #ifndef SWITCHYARD_SOURCE_DIR
@@ -383,4 +384,33 @@ TEST(Config, ServePresetAndScheduleKeys) {
 }
 
 }  // namespace
+// Cluster presets: every shipped one loads with a NIC per GPU; a NIC count
+// that does not divide the node is refused naming the key and the file.
+TEST(Config, ClusterPresetsLoadAndSharedNicsAreChecked) {
+  for (const std::string& name : cluster_preset_names()) {
+    const ClusterModel m = load_cluster_preset(name);
+    EXPECT_GE(m.link.ranks_per_nic, 1) << name;
+    EXPECT_EQ(m.link.ranks_per_node % m.link.ranks_per_nic, 0) << name;
+  }
+  const std::string path = ::testing::TempDir() + "/shared_nic_preset.yaml";
+  auto write = [&](int per_nic) {
+    std::ofstream(path) << "name: t\nranks_per_node: 8\nranks_per_nic: " << per_nic
+                        << "\ndevice: {gemm_tflops_f32_peak: 1, gemm_tflops_bf16_peak: 2, gemm_efficiency: 1, "
+                           "memory_gbps_peak: 100, memory_efficiency: 1}\nlinks:\n"
+                           "  intra: {latency_us: 1, bandwidth_gbps_peak: 100, efficiency: 1}\n"
+                           "  inter: {latency_us: 5, bandwidth_gbps_peak: 10, efficiency: 1}\n";
+  };
+  write(2);
+  EXPECT_EQ(load_cluster_preset(path).link.ranks_per_nic, 2);
+  write(3);
+  try {
+    load_cluster_preset(path);
+    FAIL() << "ranks_per_nic = 3 on 8 ranks per node was accepted";
+  } catch (const ConfigError& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("ranks_per_nic = 3"), std::string::npos) << what;
+    EXPECT_NE(what.find(path), std::string::npos) << what;
+  }
+}
+
 }  // namespace switchyard
