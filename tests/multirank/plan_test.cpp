@@ -79,6 +79,17 @@ std::vector<ExecPlan> every_plan(const MoELayer& layer, bool hierarchical) {
   return plans;
 }
 
+// One forward and backward under `plan` from a common virtual start: the
+// slowest rank's virtual seconds (an emulated group).
+double virtual_step(Communicator& comm, Communicator& group, MoELayer& layer, const Tensor& x, const Tensor& dout,
+                    const ExecPlan& plan) {
+  group.barrier().wait();
+  const double start = virtual_time::now();
+  layer.forward(x, layer.routing_choice(), plan);
+  layer.backward(dout);
+  return allreduce_scalar(comm, virtual_time::now() - start, ReduceOp::max);
+}
+
 TEST(MoEPlans, EveryPlanEqualsOneRankForwardAndBackward) {
   testing::for_each_rank([&](Communicator& comm, uint64_t seed) {
     const int n = comm.size(), me = comm.rank();
@@ -296,13 +307,7 @@ TEST(MoEPlans, PlannerWithAWrongCalibrationReachesTheCheapestPlan) {
     layer.init_parameters(seed);
     const int64_t T = 1024;
     Tensor x = random_tensor(seed + me, T, 512), dout = random_tensor(seed + 50 + me, T, 512);
-    auto virtual_step = [&](const ExecPlan& plan) {
-      group->barrier().wait();
-      const double start = virtual_time::now();
-      layer.forward(x, layer.routing_choice(), plan);
-      layer.backward(dout);
-      return allreduce_scalar(comm, virtual_time::now() - start, ReduceOp::max);
-    };
+    auto step = [&](const ExecPlan& plan) { return virtual_step(comm, *group, layer, x, dout, plan); };
     DeviceModel wrong_device = device;
     wrong_device.gemm_flops_f32 /= 10, wrong_device.gemm_flops_bf16 /= 10;
     LinkModel wrong_link = link;
@@ -314,7 +319,7 @@ TEST(MoEPlans, PlannerWithAWrongCalibrationReachesTheCheapestPlan) {
     std::map<uint64_t, double> fixed;  // plan hash -> virtual step time
     double best = 1e30;
     for (const ExecPlan& p : planner.candidates()) {
-      const double t = virtual_step(p);  // virtual time needs no warm-up
+      const double t = step(p);  // virtual time needs no warm-up
       fixed[p.hash()] = t;
       best = std::min(best, t);
     }
@@ -369,15 +374,9 @@ TEST(MoEPlans, TimingOnlyChargesWhatComputingChargesOnEveryPlan) {
       computing.init_parameters(seed);
       timing.init_parameters(seed);
       Tensor x = random_tensor(seed + me, 17 + 3 * me, 24), dout = random_tensor(seed + 9 + me, 17 + 3 * me, 24);
-      auto virtual_step = [&](MoELayer& layer, const ExecPlan& plan) {
-        group->barrier().wait();
-        const double start = virtual_time::now();
-        layer.forward(x, layer.routing_choice(), plan);
-        layer.backward(dout);
-        return allreduce_scalar(comm, virtual_time::now() - start, ReduceOp::max);
-      };
       for (const ExecPlan& plan : every_plan(computing, c.node_size > 0)) {
-        const double a = virtual_step(computing, plan), b = virtual_step(timing, plan);
+        const double a = virtual_step(comm, *group, computing, x, dout, plan);
+        const double b = virtual_step(comm, *group, timing, x, dout, plan);
         if (std::fabs(a - b) > 1e-9 * a)
           SY_THROW(Error, "rank ", me, " E = ", E, " (", plan.describe(), "): timing only took ", b * 1e6,
                    " us virtual, computing ", a * 1e6, " us");
@@ -423,20 +422,14 @@ TEST(MoEPlans, PlannerUnderSkewedTrafficPicksTheEmulatorsCheapestPlan) {
       x.data_as<float>()[t * 512 + me] = 4.f;
       x.data_as<float>()[t * 512 + (me ^ 1)] = 3.f;
     }
-    auto virtual_step = [&](const ExecPlan& plan) {
-      group->barrier().wait();
-      const double start = virtual_time::now();
-      layer.forward(x, layer.routing_choice(), plan);
-      layer.backward(dout);
-      return allreduce_scalar(comm, virtual_time::now() - start, ReduceOp::max);
-    };
+    auto step = [&](const ExecPlan& plan) { return virtual_step(comm, *group, layer, x, dout, plan); };
     auto [dev, lk] = MoEPlanner::calibrate(layer, 2);
     MoEPlanner planner(layer, dev, lk);
     std::map<uint64_t, double> fixed;
     double best = 1e30;
     ExecPlan best_plan;
     for (const ExecPlan& p : planner.candidates()) {
-      fixed[p.hash()] = virtual_step(p);
+      fixed[p.hash()] = step(p);
       if (fixed[p.hash()] < best) best = fixed[p.hash()], best_plan = p;
     }
     ExecPlan chosen;
