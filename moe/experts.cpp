@@ -293,10 +293,13 @@ void MoELayer::backward_chunk(const MoEBatch& batch, int chunk, const Tensor& d_
     ops_->to_bf16(d_out.data_as<float>() + offset * M, n * M, static_cast<uint16_t*>(dy16.data()) + offset * M);
   }
   Tensor d_act = buffer(Buffer::d_act, {p.recv_rows(), Hw}), d_pre = buffer(Buffer::d_pre, {p.recv_rows(), H1w});
+  std::vector<char> read(static_cast<size_t>(p.slots), 0);  // slots whose weights and gradients this chunk paid for
   for (int u = 0; u < p.exchange_ranks; ++u)
     for (int l = 0; l < p.slots; ++l) {
       const int64_t m = p.recv_block(chunk, u, l);
       if (m == 0) continue;
+      const bool weights_read = read[static_cast<size_t>(l)];
+      read[static_cast<size_t>(l)] = 1;
       const float* dy = d_out.data_as<float>() + offset * M;
       const float* act = saved.act.data_as<float>() + offset * Hw;
       const float* pre = saved.pre.data_as<float>() + offset * H1w;
@@ -309,14 +312,14 @@ void MoELayer::backward_chunk(const MoEBatch& batch, int chunk, const Tensor& d_
       if (bf) {
         const uint16_t* dy_b = static_cast<const uint16_t*>(dy16.data()) + offset * M;
         gemm_bf16({.transpose_a = true, .m = Hw, .n = M, .k = m, .a = b16(saved.act16, offset * Hw), .lda = Hw,
-                   .b = dy_b, .ldb = M, .accumulate = true, .c = dw2, .ldc = M});
+                   .b = dy_b, .ldb = M, .accumulate = true, .c = dw2, .ldc = M}, weights_read);
         gemm_bf16({.transpose_b = true, .m = m, .n = Hw, .k = M, .a = dy_b, .lda = M,
-                   .b = b16(saved.w2_16, l * Hw * M), .ldb = M, .c = da, .ldc = Hw});
+                   .b = b16(saved.w2_16, l * Hw * M), .ldb = M, .c = da, .ldc = Hw}, weights_read);
       } else {
         gemm({.transpose_a = true, .m = Hw, .n = M, .k = m, .a = act, .lda = Hw, .b = dy, .ldb = M, .beta = 1.f,
-              .c = dw2, .ldc = M});
+              .c = dw2, .ldc = M}, OpData::bulk, weights_read);
         gemm({.transpose_b = true, .m = m, .n = Hw, .k = M, .a = dy, .lda = M,
-              .b = w.p.w2.data_as<float>() + l * Hw * M, .ldb = M, .c = da, .ldc = Hw});
+              .b = w.p.w2.data_as<float>() + l * Hw * M, .ldb = M, .c = da, .ldc = Hw}, OpData::bulk, weights_read);
       }
       ops_->activation_backward(config_.activation, pre, da, m, Hw, dp);
       ops_->add_column_sums(dp, m, H1w, grads.b1.data_as<float>() + l * H1w);
@@ -324,18 +327,18 @@ void MoELayer::backward_chunk(const MoEBatch& batch, int chunk, const Tensor& d_
         uint16_t* dp_b = static_cast<uint16_t*>(dp16.data()) + offset * H1w;
         ops_->to_bf16(dp, m * H1w, dp_b);
         gemm_bf16({.transpose_a = true, .m = M, .n = H1w, .k = m, .a = b16(saved.rows16, offset * M), .lda = M,
-                   .b = dp_b, .ldb = H1w, .accumulate = true, .c = dw1, .ldc = H1w});
+                   .b = dp_b, .ldb = H1w, .accumulate = true, .c = dw1, .ldc = H1w}, weights_read);
         if (input_grad)
           gemm_bf16({.transpose_b = true, .m = m, .n = M, .k = H1w, .a = dp_b, .lda = H1w,
                      .b = b16(saved.w1_16, l * M * H1w), .ldb = H1w, .c = d_rows.data_as<float>() + offset * M,
-                     .ldc = M});
+                     .ldc = M}, weights_read);
       } else {
         gemm({.transpose_a = true, .m = M, .n = H1w, .k = m, .a = x, .lda = M, .b = dp, .ldb = H1w, .beta = 1.f,
-              .c = dw1, .ldc = H1w});
+              .c = dw1, .ldc = H1w}, OpData::bulk, weights_read);
         if (input_grad)
           gemm({.transpose_b = true, .m = m, .n = M, .k = H1w, .a = dp, .lda = H1w,
                 .b = w.p.w1.data_as<float>() + l * M * H1w, .ldb = H1w, .c = d_rows.data_as<float>() + offset * M,
-                .ldc = M});
+                .ldc = M}, OpData::bulk, weights_read);
       }
       offset += m;
     }

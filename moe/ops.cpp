@@ -128,17 +128,23 @@ void EmulatedOps::copy_2d(void* dst, int64_t dst_pitch, const void* src, int64_t
   if (!timing_only_ || data == OpData::gate) inner_->copy_2d(dst, dst_pitch, src, src_pitch, width_bytes, rows, data);
 }
 
+void EmulatedOps::charge_gemm(int64_t m, int64_t n, int64_t k, bool transpose_a, bool bf16, bool weights_read) const {
+  if (!device_) return;
+  // The roofline: 2mnk FLOPs against A and B read once (bf16: 2 bytes an
+  // element) and C (fp32) written once, less the operand already paid for.
+  const double operand = bf16 ? 2.0 : kF32, M = static_cast<double>(m), N = static_cast<double>(n), K = static_cast<double>(k);
+  double a_bytes = M * K * operand, b_bytes = K * N * operand, c_bytes = M * N * kF32;
+  if (weights_read) (transpose_a ? c_bytes : b_bytes) = 0;
+  virtual_time::charge(device_->kernel_seconds(2.0 * M * N * K, a_bytes + b_bytes + c_bytes, bf16));
+}
+
 void EmulatedOps::gemm(const kernels::GemmArgs& a, OpData data, bool weights_read) {
-  if (device_)
-    virtual_time::charge(device_->gemm_seconds(static_cast<double>(a.m), static_cast<double>(a.n),
-                                               static_cast<double>(a.k), false, weights_read));
+  charge_gemm(a.m, a.n, a.k, a.transpose_a, false, weights_read);
   if (!timing_only_ || data == OpData::gate) inner_->gemm(a, data, weights_read);
 }
 
 void EmulatedOps::gemm_bf16(const kernels::GemmBf16Args& a, bool weights_read) {
-  if (device_)
-    virtual_time::charge(device_->gemm_seconds(static_cast<double>(a.m), static_cast<double>(a.n),
-                                               static_cast<double>(a.k), true, weights_read));
+  charge_gemm(a.m, a.n, a.k, a.transpose_a, true, weights_read);
   if (!timing_only_) inner_->gemm_bf16(a, weights_read);
 }
 

@@ -48,8 +48,10 @@ class MoEOps {
   }
 
   // ---- GEMMs ----
-  // weights_read: an earlier call of the same grouped GEMM already read b (an
-  // expert's weight); a device running one grouped GEMM reads it once.
+  // weights_read: an earlier call of the same grouped GEMM (one expert's
+  // blocks of a chunk) already paid for the expert-sized operand: b, its
+  // weight, or with transpose_a c, its weight gradient (a device running one
+  // grouped GEMM reads the weight and writes the gradient once).
   virtual void gemm(const kernels::GemmArgs& args, OpData data = OpData::bulk, bool weights_read = false) = 0;
   virtual void gemm_bf16(const kernels::GemmBf16Args& args, bool weights_read = false) = 0;
   virtual void to_bf16(const float* src, int64_t n, uint16_t* dst) = 0;
@@ -146,6 +148,7 @@ class EmulatedOps final : public MoEOps {
 
  private:
   void charge_bytes(double bytes) const;  // a streaming kernel
+  void charge_gemm(int64_t m, int64_t n, int64_t k, bool transpose_a, bool bf16, bool weights_read) const;
   std::shared_ptr<MoEOps> inner_;
   std::shared_ptr<const DeviceModel> device_;  // may be null: nothing is charged
   bool timing_only_;

@@ -159,17 +159,25 @@ PlanCost MoECostModel::predict(const ExecPlan& plan, const PlanInputs& batch, co
   const double H1w = gated_ ? 2 * Hw : Hw;
   const double rate = bf16_ ? device_.gemm_flops_bf16 : device_.gemm_flops_f32;
   const double mem = device_.memory_bandwidth;
-  // Experts (the busiest receiver's rows).
-  const double gemm_fwd = 2 * compute_rows * M * (H1w + Hw);
-  const double gemm_bwd =
-      2 * compute_rows * M * (H1w + 2 * Hw) + (options_.input_grad ? 2 * compute_rows * M * H1w : 0.0);
-  // The GEMMs at their roofline: a few rows per expert (decode) read the working weights at the bandwidth
-  // (backward: read for the input gradient, the weight gradients written).
-  const double weight_bytes = (r == 0 ? E : L) * M * (H1w + Hw) * (bf16_ ? 2.0 : kFloat);
-  const double compute_fwd = corr.compute * (std::max(gemm_fwd / rate, weight_bytes / mem) +
-                                             compute_rows * (2 * H1w + Hw + M) * kFloat / mem);
-  const double compute_bwd = corr.compute * (std::max(gemm_bwd / rate, 2 * weight_bytes / mem) +
-                                             compute_rows * (3 * H1w + Hw + M) * kFloat / mem);
+  // Experts (the busiest receiver's rows), as the layer runs them: per chunk
+  // and working expert one GEMM per source rank's block, each at its
+  // roofline; the first block of an expert in a chunk also reads its weight
+  // (or, for a weight gradient, writes it), the others only their rows.
+  const int d = W == 1 || r == 0 ? 1 : plan.d;
+  const double slots = r == 0 ? E : L, blocks = r == 0 ? 1.0 : static_cast<double>(W);
+  const double op_bytes = bf16_ ? 2.0 : kFloat;
+  const double block_rows = compute_rows / (d * slots * blocks);
+  // A GEMM kind over all blocks: rows x p times p x q, the expert-sized operand p x q.
+  auto expert_gemm = [&](double p, double q) {
+    const double flops = 2 * block_rows * p * q, rows_bytes = block_rows * (p + q) * op_bytes;
+    const double first = std::max(flops / rate, (p * q * op_bytes + rows_bytes) / mem);
+    const double rest = std::max(flops / rate, rows_bytes / mem);
+    return d * slots * (first + (blocks - 1) * rest);
+  };
+  const double gemm_fwd = expert_gemm(M, H1w) + expert_gemm(Hw, M);
+  const double gemm_bwd = expert_gemm(Hw, M) * 2 + expert_gemm(M, H1w) * (options_.input_grad ? 2 : 1);
+  const double compute_fwd = corr.compute * (gemm_fwd + compute_rows * (2 * H1w + Hw + M) * kFloat / mem);
+  const double compute_bwd = corr.compute * (gemm_bwd + compute_rows * (3 * H1w + Hw + M) * kFloat / mem);
   // Working weights: all-gathered in the sharding group, gradients reduce-scattered.
   int G = 1;
   if (r == 0) G = W;
@@ -186,7 +194,6 @@ PlanCost MoECostModel::predict(const ExecPlan& plan, const PlanInputs& batch, co
   }
   if (bf16_) relayout += 1.5 * (r == 0 ? E : L) * M * (H1w + Hw) * kFloat / mem;
   // All-to-alls: d chunks each way, rows x M floats per direction.
-  const int d = W == 1 || r == 0 ? 1 : plan.d;
   std::vector<double> chunk_bytes = rows_between;
   for (double& b : chunk_bytes) b *= M * kFloat / d;
   double chunk_copies = 0;
