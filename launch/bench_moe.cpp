@@ -1,11 +1,11 @@
 #include "launch/bench_moe.h"
 
 #include <algorithm>
-#include <numeric>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <iostream>
+#include <numeric>
 
 #include "kernels/gemm.h"
 #include "comm/virtual_time.h"

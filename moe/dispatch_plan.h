@@ -6,8 +6,8 @@
 #include <cstdint>
 #include <vector>
 
-#include "parallel/exec_plan.h"
 #include "moe/router.h"
+#include "parallel/exec_plan.h"
 
 namespace switchyard {
 

@@ -8,22 +8,22 @@
 #pragma once
 
 #include <map>
+#include <memory>
 #include <optional>
 #include <string>
-#include <memory>
 #include <vector>
 
+#include "comm/algorithms/alltoallv_hierarchical.h"
 #include "comm/communicator.h"
 #include "kernels/gemm.h"
-#include "comm/algorithms/alltoallv_hierarchical.h"
 #include "kernels/moe.h"
 #include "moe/buffer_pool.h"
 #include "moe/dispatch_plan.h"
-#include "parallel/exec_plan.h"
 #include "moe/ops.h"
 #include "moe/param_layout.h"
 #include "moe/router.h"
 #include "parallel/cost_model.h"
+#include "parallel/exec_plan.h"
 
 namespace switchyard {
 

@@ -10,7 +10,6 @@
 
 namespace switchyard::kernels::cuda {
 
-
 void gemm_f32(const GemmArgs& args, cudaStream_t stream);
 void gemm_bf16(const GemmBf16Args& args, cudaStream_t stream);
 // `batch` GEMMs of one shape whose operands start stride_{a,b,c} elements apart

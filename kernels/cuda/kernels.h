@@ -12,7 +12,6 @@
 
 namespace switchyard::kernels::cuda {
 
-
 // Largest expert count the gate kernel takes (a warp holds a token's scores in registers).
 inline constexpr int kMaxGateExperts = 256;
 // One warp per token; pointers are device pointers. Throws NotSupported past kMaxGateExperts.

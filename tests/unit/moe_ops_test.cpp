@@ -14,6 +14,7 @@
 #include "comm/virtual_time.h"
 #include "moe/moe_layer.h"
 #include "moe/ops.h"
+#include "moe/planner.h"
 
 namespace switchyard {
 namespace {
@@ -235,6 +236,55 @@ TEST(MoEOps, TimingOnlyStillStepsTheGate) {
     moved += std::fabs(grad[i]);
   }
   EXPECT_GT(moved, 0.0) << "the balance loss gives the gate a gradient even when timing only";
+}
+
+// The planner's inputs: packed and unpacked unchanged, and the locality
+// summary (large groups) prices traffic that is uniform inside each class
+// exactly as the full per-peer matrix does; skewed traffic costs more than
+// uniform traffic of the same total.
+TEST(MoEOps, PlannerInputsAndTheirLocalitySummary) {
+  const int W = 8;
+  ThreadsWorld world(W);
+  MoEConfig c;
+  c.model_dim = 64, c.hidden_dim = 128;
+  c.router.experts = 8, c.router.k = 2, c.router.capacity_factor = 0;
+  MoELayer layer(c, world.communicator(0));  // geometry only: no collective runs
+  DeviceModel dev;
+  LinkModel link;
+  link.intra = {2e-6, 2e11}, link.inter = {8e-6, 2e10}, link.ranks_per_node = 4;
+  MoECostModel model(layer, dev, link, PlannerOptions{});
+  PlanInputs full;
+  full.tokens = 512, full.capacity = 0;
+  full.peer_rows.assign(W * W, 0.0);
+  PlanInputs summary = full;
+  summary.peer_rows.assign(W * 3, 0.0);
+  summary.peer_rows_summarised = true;
+  for (int i = 0; i < W; ++i)
+    for (int j = 0; j < W; ++j) {
+      const double rows = i == j ? 300 : i / 4 == j / 4 ? 100 : 40;  // to itself, inside its node, across
+      full.peer_rows[static_cast<size_t>(i * W + j)] = rows;
+      summary.peer_rows[static_cast<size_t>(3 * i + (i == j ? 0 : i / 4 == j / 4 ? 1 : 2))] += rows;
+    }
+  const ExecPlan dropless{1, 1, A2AAlgorithm::flat, ExchangeMode::dropless};
+  const PlanCost pf = model.predict(dropless, full, {}), ps = model.predict(dropless, summary, {});
+  EXPECT_NEAR(pf.exchange, ps.exchange, 1e-12 * pf.exchange);
+  EXPECT_NEAR(pf.compute, ps.compute, 1e-12 * pf.compute);
+  const double a = pf.total;  // the totals differ by the agreement's own size (W x W values or W x 3)
+  EXPECT_NEAR(a, ps.total, 1e-4 * a);
+  PlanInputs skewed = full;  // the same rows, all of rank 0's sent across nodes to rank 4
+  for (int j = 0; j < W; ++j) skewed.peer_rows[static_cast<size_t>(j)] = 0;
+  skewed.peer_rows[4] = 300 + 3 * 100 + 4 * 40;
+  EXPECT_GT(model.predict(dropless, skewed, {}).total, a);
+  // Round trip through the all-reduce form.
+  full.measured_compute = 1.5, full.measured_links = 0.25, full.measured_total = 3, full.previous_capacity = 17;
+  const PlanInputs::Layout l{W, W * W, false};
+  const PlanInputs back = PlanInputs::unpack(full.pack(l), l);
+  EXPECT_EQ(back.tokens, full.tokens);
+  EXPECT_EQ(back.previous_capacity, 17);
+  EXPECT_EQ(back.measured_links, 0.25);
+  EXPECT_EQ(back.measured_total, 3);
+  EXPECT_EQ(back.peer_rows, full.peer_rows);
+  EXPECT_FALSE(back.peer_rows_summarised);
 }
 
 }  // namespace
