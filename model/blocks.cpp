@@ -181,7 +181,7 @@ void FfnBlock::apply(Tensor& x) {
 }
 
 Tensor MoEFfnBlock::delta(const Tensor& x) {
-  if (const auto& dev = moe_->config().device_model)  // the norm; the layer charges its own phases
+  if (const DeviceModel* dev = moe_->ops().device_model())  // the norm; the layer charges its own phases
     virtual_time::charge(dev->memory_seconds(2.0 * static_cast<double>(x.nbytes())));
   Tensor out = moe_->forward(rmsnorm(x, norm_, eps_)).output;
   const std::vector<int64_t>& load = moe_->last_routing().expert_load;

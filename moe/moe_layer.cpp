@@ -166,12 +166,17 @@ void MoELayer::sum_replica_gradients(ExpertParams& g) {
   // halves, charged alike) move no bulk payload, where an all-reduce would
   // move the uninitialised sums for real.
   const bool charge_only = !ops_->computes();
-  int64_t padded = per_expert;
+  int64_t padded = per_expert, largest_block = 0;
   if (charge_only)
     for (const ReplicaGroup& r : replica_groups_)
-      if (r.group) padded = std::max(padded, (per_expert + r.group->size() - 1) / r.group->size() * r.group->size());
+      if (r.group) {
+        const int64_t p = r.group->size(), block = (per_expert + p - 1) / p;
+        padded = std::max(padded, block * p);
+        largest_block = std::max(largest_block, block);
+      }
   Tensor packed = buffer(Buffer::replica_sum, {padded});
   float* sum = packed.data_as<float>();
+  Tensor scattered = largest_block ? ops_->allocate({largest_block}, DType::f32, false) : Tensor();
   for (const ReplicaGroup& r : replica_groups_) {
     // This rank's replicas summed into one packed expert, one all-reduce over
     // the ranks holding it, then back into every local replica.
@@ -186,7 +191,7 @@ void MoELayer::sum_replica_gradients(ExpertParams& g) {
     }
     if (r.group && charge_only) {
       const int64_t p = r.group->size(), block = (per_expert + p - 1) / p;
-      TensorView all(sum, DType::f32, {block * p}), part(sum, DType::f32, {block});
+      TensorView all(sum, DType::f32, {block * p}), part(scattered.data(), DType::f32, {block});
       r.group->reduce_scatter(all, part).wait();
       r.group->allgather(part, all).wait();
     } else if (r.group) {

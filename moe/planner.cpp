@@ -147,13 +147,16 @@ PlanCost MoECostModel::predict(const ExecPlan& plan, const PlanInputs& batch, co
   }
   // The all-to-all's bytes per rank pair, and the rows the busiest rank's experts compute.
   const std::vector<double> rows_between = traffic(plan, batch, rows);
-  double compute_rows = rows;
+  double compute_rows = rows, sources = 1;  // and how many ranks send the busiest receiver rows
   if (r != 0 && W > 1) {
     compute_rows = 0;
     for (int j = 0; j < W; ++j) {
-      double in = 0;
-      for (int i = 0; i < W; ++i) in += rows_between[static_cast<size_t>(i) * W + j];
-      compute_rows = std::max(compute_rows, in);
+      double in = 0, from = 0;
+      for (int i = 0; i < W; ++i) {
+        in += rows_between[static_cast<size_t>(i) * W + j];
+        from += rows_between[static_cast<size_t>(i) * W + j] > 0;
+      }
+      if (in > compute_rows) compute_rows = in, sources = std::max(1.0, from);
     }
   }
   const double H1w = gated_ ? 2 * Hw : Hw;
@@ -164,18 +167,25 @@ PlanCost MoECostModel::predict(const ExecPlan& plan, const PlanInputs& batch, co
   // roofline; the first block of an expert in a chunk also reads its weight
   // (or, for a weight gradient, writes it), the others only their rows.
   const int d = W == 1 || r == 0 ? 1 : plan.d;
-  const double slots = r == 0 ? E : L, blocks = r == 0 ? 1.0 : static_cast<double>(W);
+  const double slots = r == 0 ? E : L, blocks = r == 0 ? 1.0 : sources;
+  // Experts a chunk's rows reach (padded: every one, its padding computed too;
+  // dropless: as many as so many rows spread over them hit).
+  const double chunk_rows = compute_rows / d;
+  const double active = padded ? slots : std::max(1.0, slots * (1 - std::pow(1 - 1 / slots, chunk_rows)));
   const double op_bytes = bf16_ ? 2.0 : kFloat;
-  const double block_rows = compute_rows / (d * slots * blocks);
-  // A GEMM kind over all blocks: rows x p times p x q, the expert-sized operand p x q.
-  auto expert_gemm = [&](double p, double q) {
-    const double flops = 2 * block_rows * p * q, rows_bytes = block_rows * (p + q) * op_bytes;
-    const double first = std::max(flops / rate, (p * q * op_bytes + rows_bytes) / mem);
+  const double block_rows = chunk_rows / (active * blocks);
+  // A GEMM kind over all blocks: rows x p times p x q, the expert-sized
+  // operand p x q (a weight in the GEMM's dtype, or an fp32 weight gradient).
+  auto expert_gemm = [&](double p, double q, bool gradient) {
+    const double flops = 2 * block_rows * p * q;
+    const double rows_bytes = block_rows * (p * op_bytes + q * (gradient ? op_bytes : kFloat));
+    const double first = std::max(flops / rate, (p * q * (gradient ? kFloat : op_bytes) + rows_bytes) / mem);
     const double rest = std::max(flops / rate, rows_bytes / mem);
-    return d * slots * (first + (blocks - 1) * rest);
+    return d * active * (first + (blocks - 1) * rest);
   };
-  const double gemm_fwd = expert_gemm(M, H1w) + expert_gemm(Hw, M);
-  const double gemm_bwd = expert_gemm(Hw, M) * 2 + expert_gemm(M, H1w) * (options_.input_grad ? 2 : 1);
+  const double gemm_fwd = expert_gemm(M, H1w, false) + expert_gemm(Hw, M, false);
+  const double gemm_bwd = expert_gemm(Hw, M, true) + expert_gemm(M, Hw, false) + expert_gemm(M, H1w, true) +
+                          (options_.input_grad ? expert_gemm(H1w, M, false) : 0.0);
   const double compute_fwd = corr.compute * (gemm_fwd + compute_rows * (2 * H1w + Hw + M) * kFloat / mem);
   const double compute_bwd = corr.compute * (gemm_bwd + compute_rows * (3 * H1w + Hw + M) * kFloat / mem);
   // Working weights: all-gathered in the sharding group, gradients reduce-scattered.
@@ -215,13 +225,11 @@ PlanCost MoECostModel::predict(const ExecPlan& plan, const PlanInputs& batch, co
   // Ring all-reduces over the group: the capacity agreement (a few values)
   // and, training, the gate's gradient [M, E].
   const bool group_spans = W > link_.ranks_per_node;
-  const double agreement = 8.0 * (6 + static_cast<double>(batch.peer_rows.size()));  // PlanInputs on the capacity all-reduce
+  const double agreement = 8.0 * (6 + static_cast<double>(batch.peer_rows.size()));  // the capacity and PlanInputs
   const double gate_sync = 2 * collective_seconds(W, group_spans, agreement, corr.link) +
                            (options_.training ? 2 * collective_seconds(W, group_spans, M * E * kFloat, corr.link) : 0.0);
   cost.other = gate + corr.compute * streams + gate_sync;
   const double ready = gather + relayout;
-  cost.serial = counts + ready + compute_fwd + 2 * d * chunk + cost.other +
-                (options_.training ? compute_bwd + d * chunk * (options_.input_grad ? 2 : 1) + gather + relayout : 0.0);
   double fwd = 0, bwd = 0;
   if (r == 0 || W == 1) {
     fwd = ready + compute_fwd;
@@ -231,7 +239,6 @@ PlanCost MoECostModel::predict(const ExecPlan& plan, const PlanInputs& batch, co
     bwd = pipeline(d, chunk, compute_bwd / d, options_.input_grad ? chunk : 0.0, 0.0) + gather + relayout;
   }
   cost.total = fwd + (options_.training ? bwd : 0.0) + cost.other;
-  cost.serial = std::max(cost.serial, cost.total);
   return cost;
 }
 
@@ -297,7 +304,6 @@ std::vector<double> MoEPlanner::local_inputs(MoELayer& layer, int64_t tokens, co
   in.tokens = tokens;
   in.measured_compute = snapshot_phases_.experts - last_phases_.experts;
   in.measured_links = snapshot_busy_.exchange - last_busy_.exchange + snapshot_busy_.weights - last_busy_.weights;
-  in.measured_total = snapshot_phases_.total() - last_phases_.total();
   // The last batch's capacity rides along: uncapped dropless plans keep a
   // rank-local one (nothing agrees it), and predictions must use the group's.
   in.previous_capacity = layer.last_plan().capacity;
@@ -325,7 +331,7 @@ std::vector<double> MoEPlanner::local_inputs(MoELayer& layer, int64_t tokens, co
     const int32_t* experts = routing->experts.numel() ? routing->experts.data_as<int32_t>() : nullptr;
     for (int64_t c = 0; c < routing->experts.numel(); ++c)
       if (experts[c] >= 0 && experts[c] < E) load[static_cast<size_t>(experts[c])] += 1;
-    if (router_.capacity_factor > 0) {
+    if (router_.capacity_factor != 0) {  // capped (cf < 0: by the factor or the largest load)
       const auto cap = static_cast<double>(capacity_for(tokens));
       for (double& v : load) v = std::min(v, cap);
     }

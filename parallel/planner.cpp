@@ -20,12 +20,11 @@ std::vector<double> PlanInputs::pack(const Layout& layout) const {
   v[2] = measured_compute;
   v[3] = -measured_links;
   v[4] = static_cast<double>(previous_capacity);
-  v[5] = measured_total;
   if (layout.peer_values > 0) {
     if (peer_rows.size() != static_cast<size_t>(layout.peer_values))
       SY_THROW(InvalidArgument, "planner inputs: ", peer_rows.size(), " peer-row values, expected ",
                layout.peer_values);
-    std::copy(peer_rows.begin(), peer_rows.end(), v.begin() + 6);
+    std::copy(peer_rows.begin(), peer_rows.end(), v.begin() + 5);
   }
   return v;
 }
@@ -38,8 +37,7 @@ PlanInputs PlanInputs::unpack(const std::vector<double>& v, const Layout& layout
   in.measured_compute = v[2];
   in.measured_links = -v[3];
   in.previous_capacity = static_cast<int64_t>(v[4]);
-  in.measured_total = v[5];
-  in.peer_rows.assign(v.begin() + 6, v.end());
+  in.peer_rows.assign(v.begin() + 5, v.end());
   in.peer_rows_summarised = layout.summarised;
   return in;
 }
@@ -58,9 +56,7 @@ void Planner::add_candidates(const std::string& strategy, const std::vector<Exec
 }
 
 PlanCost Planner::predict(const ExecPlan& plan, const PlanInputs& batch) const {
-  PlanCost c = model_->predict(plan, batch, corrections_);
-  c.total = c.serial - corrections_.overlap * (c.serial - c.total);
-  return c;
+  return model_->predict(plan, batch, corrections_);
 }
 
 void Planner::observe(const PlanInputs& agreed) {
@@ -77,16 +73,6 @@ void Planner::observe(const PlanInputs& agreed) {
   };
   update(corrections_.compute, agreed.measured_compute, p.forward_compute);
   update(corrections_.link, agreed.measured_links, p.link_busy);
-  // The overlap the batch showed: where its measured time fell between the
-  // corrected prediction with nothing overlapped and with all the model's overlap.
-  const PlanCost q = model_->predict(last_plan_, previous, Corrections{corrections_.compute, corrections_.link, 1.0});
-  const double hidden = q.serial - q.total;
-  if (agreed.measured_total > 0 && hidden > 0.02 * q.serial) {
-    const double seen = std::clamp((q.serial - agreed.measured_total) / hidden, 0.0, 1.0);
-    const double a = overlap_observations_ == 0 ? 1.0 : options_.smoothing;
-    corrections_.overlap = (1 - a) * corrections_.overlap + a * seen;
-    ++overlap_observations_;
-  }
   ++observations_;
 }
 
@@ -121,8 +107,7 @@ ExecPlan Planner::choose(const PlanInputs& agreed, const std::function<bool(cons
       "; runner-up (", candidates_[second].describe(), ") ", costs[second].total * 1e3, " ms; ", agreed.tokens,
       " tokens/rank, capacity ", agreed.capacity,
       agreed.peer_rows.empty() ? "; traffic uniform" : agreed.peer_rows_summarised ? "; traffic by locality" : "; traffic per peer",
-      "; corrections compute x", corrections_.compute, ", links x", corrections_.link, ", overlap x",
-      corrections_.overlap);
+      "; corrections compute x", corrections_.compute, ", links x", corrections_.link);
   if (changed) {  // why, in the log, whenever the decision changes
     ++changes_;
     SY_LOG_INFO("planner", explanation_);

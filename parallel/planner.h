@@ -39,7 +39,6 @@ struct PlanCost {
   double weights = 0;          // working-weight gathers and gradient scatters
   double other = 0;            // gate, encode, decode, optimizer
   double link_busy = 0;        // the part spent on links (what the communicators' busy times measure)
-  double serial = 0;           // the same work with nothing overlapped (total <= serial)
   std::string describe() const;
 };
 
@@ -52,11 +51,11 @@ struct PlanInputs {
   // node and across nodes (world x 3). Empty: traffic assumed uniform.
   std::vector<double> peer_rows;
   bool peer_rows_summarised = false;  // the world x 3 form
-  // Measured over the previous batch: expert compute and the batch's time
-  // (the slowest rank's seconds), link busy time (the least of the ranks':
+  // Measured over the previous batch: expert compute (the slowest rank's
+  // seconds), link busy time (the least of the ranks':
   // the last to join an exchange waits least, the others' busy time includes
   // waiting for it); and that batch's capacity.
-  double measured_compute = 0, measured_links = 0, measured_total = 0;
+  double measured_compute = 0, measured_links = 0;
   int64_t previous_capacity = 0;
 
   // The max-all-reduce form (each field a max, measured_links packed negated
@@ -66,20 +65,16 @@ struct PlanInputs {
     int world = 1;
     int peer_values = 0;      // world * world, world * 3, or 0
     bool summarised = false;  // the world * 3 form
-    size_t size() const { return 6 + static_cast<size_t>(peer_values); }
+    size_t size() const { return 5 + static_cast<size_t>(peer_values); }
   };
   std::vector<double> pack(const Layout& layout) const;
   static PlanInputs unpack(const std::vector<double>& values, const Layout& layout);
 };
 
-// The corrections a planner has learned: multiply the model's compute and
-// link times; overlap is the share of the model's overlap (total below
-// serial: pipelined chunks, gathers behind all-to-alls) that the measured
-// batch time showed (cores shared by compute and communication give ~0).
+// The corrections a planner has learned: multiply the model's compute and link times.
 struct Corrections {
   double compute = 1.0;
   double link = 1.0;
-  double overlap = 1.0;
 };
 
 class PlanCostModel {
@@ -102,8 +97,7 @@ class Planner {
   // accepts, unless the current plan is within the switch margin of it. The
   // previous decision's measurements (in `agreed`) are folded in first.
   ExecPlan choose(const PlanInputs& agreed, const std::function<bool(const ExecPlan&)>& runnable = {});
-  // The cost model's prediction with the corrections learned so far (the
-  // overlap correction applied to its total).
+  // The cost model's prediction with the corrections learned so far.
   PlanCost predict(const ExecPlan& plan, const PlanInputs& batch) const;
   const PlannerOptions& options() const { return options_; }
   const Corrections& corrections() const { return corrections_; }
@@ -126,7 +120,6 @@ class Planner {
   std::string explanation_;
   int changes_ = 0;
   int observations_ = 0;
-  int overlap_observations_ = 0;  // batches whose plan overlapped anything
 };
 
 }  // namespace switchyard

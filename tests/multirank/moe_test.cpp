@@ -8,7 +8,9 @@
 #include <filesystem>
 #include <functional>
 
+#include "comm/backends/emulated/emulated_backend.h"
 #include "comm/backends/threads/threads_backend.h"
+#include "comm/virtual_time.h"
 #include "moe/eplb.h"
 #include "moe/moe_layer.h"
 #include "tests/common/rank_harness.h"
@@ -273,6 +275,45 @@ TEST(MoEMultiRank, PhysicalPlacementEqualsOneRankHoldingEveryExpert) {
 // Capacity binds per logical expert before a replica is chosen: with capacity
 // each source rank's output equals its tokens through one rank holding every
 // expert, whatever the replicas.
+// Timing only with replicated experts: the replica gradient sums are charged
+// (as the ring all-reduce, without moving the unwritten sums) and the step
+// costs what a computing one costs, up to the sums' padding to whole blocks.
+TEST(MoEMultiRank, TimingOnlyReplicasChargeWhatComputingCharges) {
+  testing::for_each_rank([&](Communicator& comm, uint64_t seed) {
+    const int n = comm.size(), me = comm.rank();
+    if (n < 2) return;
+    LinkModel link;
+    link.intra = {3e-6, 2e11}, link.inter = {7e-6, 3e10}, link.ranks_per_node = n;
+    DeviceModel device;
+    device.gemm_flops_f32 = 2e14, device.gemm_flops_bf16 = 4e14, device.memory_bandwidth = 2e12;
+    std::shared_ptr<Communicator> world(&comm, [](Communicator*) {});
+    auto group = make_emulated_communicator(world, link);
+    MoEConfig c;
+    c.model_dim = 16, c.hidden_dim = 8;
+    c.router.experts = 2 * n, c.router.k = 2, c.router.capacity_factor = 1.0;
+    c.placement = awkward_placement(n);
+    c.device_model = std::make_shared<DeviceModel>(device);
+    MoELayer computing(c, group);
+    c.skip_compute = true;
+    MoELayer timing(c, group);
+    computing.init_parameters(seed);
+    timing.init_parameters(seed);
+    Tensor x = tokens(seed + 40 + me, 30, 16), dout = tokens(seed + 41 + me, 30, 16);
+    auto step = [&](MoELayer& layer) {
+      group->barrier().wait();
+      const double start = virtual_time::now();
+      layer.forward(x);
+      layer.backward(dout);
+      layer.sgd_step(0.1);
+      return allreduce_scalar(comm, virtual_time::now() - start, ReduceOp::max);
+    };
+    const double a = step(computing), b = step(timing);
+    EXPECT_GT(a, 0.0);
+    if (std::fabs(a - b) > 1e-3 * a)
+      SY_THROW(Error, "rank ", me, ": timing only took ", b * 1e6, " us virtual with replicas, computing ", a * 1e6, " us");
+  });
+}
+
 TEST(MoEMultiRank, ReplicasNeverChangeWhichChoicesDrop) {
   testing::for_each_rank([&](Communicator& comm, uint64_t seed) {
     const int n = comm.size(), me = comm.rank();

@@ -276,13 +276,12 @@ TEST(MoEOps, PlannerInputsAndTheirLocalitySummary) {
   skewed.peer_rows[4] = 300 + 3 * 100 + 4 * 40;
   EXPECT_GT(model.predict(dropless, skewed, {}).total, a);
   // Round trip through the all-reduce form.
-  full.measured_compute = 1.5, full.measured_links = 0.25, full.measured_total = 3, full.previous_capacity = 17;
+  full.measured_compute = 1.5, full.measured_links = 0.25, full.previous_capacity = 17;
   const PlanInputs::Layout l{W, W * W, false};
   const PlanInputs back = PlanInputs::unpack(full.pack(l), l);
   EXPECT_EQ(back.tokens, full.tokens);
   EXPECT_EQ(back.previous_capacity, 17);
   EXPECT_EQ(back.measured_links, 0.25);
-  EXPECT_EQ(back.measured_total, 3);
   EXPECT_EQ(back.peer_rows, full.peer_rows);
   EXPECT_FALSE(back.peer_rows_summarised);
 }

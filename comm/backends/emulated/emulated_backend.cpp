@@ -210,8 +210,8 @@ class EmulatedCommunicator : public Communicator {
       // Concurrent sibling groups: the NIC-mates outside this group move as much as this member.
       const int outside = concurrent_siblings_ ? model_.ranks_per_nic - mates_here : 0;
       sent += outside * at(m, 3), received += outside * at(m, 4);
-      // Alone on its NIC it pays as without sharing (each pair's larger direction).
-      const double nic = mates_here == 1 && outside == 0 ? at(m, 2) : std::max(sent, received);
+      // At least what it pays alone (each pair's larger direction); shared, the NIC's busier direction.
+      const double nic = std::max(at(m, 2), std::max(sent, received));
       cost = std::max(cost, at(m, 0) + std::max(at(m, 1) / model_.intra.bandwidth, nic / model_.inter.bandwidth));
     }
     stream_free_ = agreed[0] + cost;

@@ -12,9 +12,9 @@
 // Costs per member (p ranks, n bytes, alpha/beta of the slowest link class the
 // group spans; all-to-all counts each peer's class separately):
 //   alltoall(v)  sum over peers of alpha(peer) + max over classes of bytes(class) / bandwidth(class),
-//                where a NIC shared by several members (ranks_per_nic > 1) carries, each way,
-//                the inter-node bytes of every member on it (and, for concurrent sibling
-//                groups, as much again for each NIC-mate outside the group)
+//                where a NIC shared by several members (ranks_per_nic > 1) costs at least
+//                the busier of its directions, summed over every member on it (and, for
+//                concurrent sibling groups, as much again for each NIC-mate outside the group)
 //   allreduce    2 (p-1) (alpha + n / p / bandwidth)         (ring)
 //   reduce-scatter, allgather(v)  (p-1) (alpha + n / p / bandwidth), n = the full buffer
 //   broadcast    ceil(log2 p) (alpha + n / bandwidth);  barrier  ceil(log2 p) alpha
