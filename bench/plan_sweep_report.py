@@ -10,14 +10,18 @@ import sys
 out = sys.argv[1] if len(sys.argv) > 1 else "bench-results/plan-sweep"
 row = re.compile(r"^#   r = (\d+), o = (\d+), a2a = (\w+), x = (\w+)\s+([0-9.]+) sec")
 auto_re = re.compile(r"^#   auto \(planner.*?\)\s+([0-9.]+) sec")
-print("| config | ranks | best fixed plan | best (ms) | worst/best | auto/best | adaptive-r gain | pipelining gain | 2DH vs flat |")
-print("|---|---|---|---|---|---|---|---|---|")
+error_re = re.compile(r"largest prediction error ([0-9.]+)%")
+print("| config | ranks | best fixed plan | best (ms) | worst/best | auto/best | adaptive-r gain | pipelining gain | 2DH vs flat | largest prediction error |")
+print("|---|---|---|---|---|---|---|---|---|---|")
 def key(path):
     m = re.search(r"sweep-(.*)-(\d+)\.txt$", path)
     return (int(m.group(2)), m.group(1)) if m else (0, path)
 for path in sorted(glob.glob(f"{out}/sweep-c*-*.txt"), key=key):
-    plans, auto = [], None
+    plans, auto, error = [], None, None
     for line in open(path):
+        m = error_re.search(line)
+        if m:
+            error = float(m.group(1))
         m = row.match(line)
         if m:
             plans.append((int(m.group(1)), int(m.group(2)), m.group(3), m.group(4), float(m.group(5))))
@@ -37,4 +41,5 @@ for path in sorted(glob.glob(f"{out}/sweep-c*-*.txt"), key=key):
     pipe = f"{d1 / min(dmore):.2f}x" if dmore else "-"
     twodh = f"{flat / min(hier):.2f}x" if hier else "- (one node)"
     print(f"| {name} | {ranks} | r={best[0]} o={best[1]} {best[2]} {best[3]} | {best[4]*1e3:.3f} | {worst/best[4]:.2f} | "
-          f"{(auto/best[4]) if auto else float('nan'):.3f} | {r1/best[4]:.2f}x | {pipe} | {twodh} |")
+          f"{(auto/best[4]) if auto else float('nan'):.3f} | {r1/best[4]:.2f}x | {pipe} | {twodh} | "
+          f"{f'{error:.1f}%' if error is not None else '-'} |")

@@ -351,9 +351,10 @@ int run_bench_moe(const BenchMoeOptions& o) {
       }
       // The planner's row: its first steps learn, the median is over the rest.
       std::vector<double> auto_times, auto_walls;
+      std::vector<ExecPlan> auto_plans;  // what the planner ran in its counted steps
       for (int s = 0; s < o.num_steps + 3; ++s) {
         const double t = step(index++, nullptr, true);
-        if (s >= 3) auto_times.push_back(t), auto_walls.push_back(last_wall);
+        if (s >= 3) auto_times.push_back(t), auto_walls.push_back(last_wall), auto_plans.push_back(layer.last_plan().exec);
       }
       if (leader) {
         const double best = *std::min_element(medians.begin(), medians.end());
@@ -379,6 +380,19 @@ int run_bench_moe(const BenchMoeOptions& o) {
         std::printf("# best / worst = %.3f (the worst plan is %.2fx slower than the best); auto / best = %.3f; "
                     "largest prediction error %.1f%%\n",
                     best / worst, worst / best, median(auto_times) / best, 100 * worst_error);
+        // The planner's steps ran a plan the sweep measured too: their times
+        // must agree, or the machine's noise, not the planner, made the ratio.
+        const bool one_plan = std::all_of(auto_plans.begin(), auto_plans.end(),
+                                          [&](const ExecPlan& p) { return p == auto_plans.front(); });
+        const auto swept = std::find(plans.begin(), plans.end(), auto_plans.front());
+        if (one_plan && swept != plans.end()) {
+          const double same = median(auto_times) / medians[static_cast<size_t>(swept - plans.begin())];
+          if (same > 1.05 || same < 0.95)
+            std::printf("# INCONCLUSIVE: auto ran (%s) throughout, whose fixed run took %.6f sec; auto's %.6f sec "
+                        "differs by %+.1f%%: the machine was too noisy to judge auto / best\n",
+                        auto_plans.front().describe().c_str(), medians[static_cast<size_t>(swept - plans.begin())],
+                        median(auto_times), 100 * (same - 1));
+        }
       }
       return;
     }
