@@ -18,6 +18,8 @@ namespace switchyard::kernels::cpu {
 
 // dst[i] = src[index[i]] for i < rows; index -1 writes a zero row (padding).
 void gather_rows(const float* src, const int64_t* index, int64_t rows, int64_t width, float* dst);
+// y += alpha * x over n elements (gradient sums, SGD).
+void axpy(float alpha, const float* x, int64_t n, float* y);
 // dst[index[i]] = src[i] for i < rows; indices distinct (results back to their rows).
 void scatter_rows(const float* src, const int64_t* index, int64_t rows, int64_t width, float* dst);
 // out[t] = sum_j scale[t*k+j] * src[row[t*k+j]] for t < tokens (row -1 skipped;

@@ -89,10 +89,7 @@ void CpuOps::activation_backward(kernels::Activation act, const float* x, const 
   kernels::cpu::activation_backward(act, x, dy, rows, width, dx);
 }
 
-void CpuOps::axpy(float alpha, const float* x, int64_t n, float* y, OpData) {
-#pragma omp parallel for schedule(static) if (n >= (1 << 15))
-  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
-}
+void CpuOps::axpy(float alpha, const float* x, int64_t n, float* y, OpData) { kernels::cpu::axpy(alpha, x, n, y); }
 
 // ---- EmulatedOps ----
 
@@ -129,13 +126,10 @@ void EmulatedOps::copy_2d(void* dst, int64_t dst_pitch, const void* src, int64_t
 }
 
 void EmulatedOps::charge_gemm(int64_t m, int64_t n, int64_t k, bool transpose_a, bool bf16, bool weights_read) const {
-  if (!device_) return;
-  // The roofline: 2mnk FLOPs against A and B read once (bf16: 2 bytes an
-  // element) and C (fp32) written once, less the operand already paid for.
-  const double operand = bf16 ? 2.0 : kF32, M = static_cast<double>(m), N = static_cast<double>(n), K = static_cast<double>(k);
-  double a_bytes = M * K * operand, b_bytes = K * N * operand, c_bytes = M * N * kF32;
-  if (weights_read) (transpose_a ? c_bytes : b_bytes) = 0;
-  virtual_time::charge(device_->kernel_seconds(2.0 * M * N * K, a_bytes + b_bytes + c_bytes, bf16));
+  // transpose_a: the layer's weight-gradient GEMMs (A = rows transposed), whose expert-sized operand is C.
+  if (device_)
+    virtual_time::charge(device_->gemm_seconds(static_cast<double>(m), static_cast<double>(n), static_cast<double>(k),
+                                               bf16, weights_read, transpose_a));
 }
 
 void EmulatedOps::gemm(const kernels::GemmArgs& a, OpData data, bool weights_read) {

@@ -160,7 +160,6 @@ PlanCost MoECostModel::predict(const ExecPlan& plan, const PlanInputs& batch, co
     }
   }
   const double H1w = gated_ ? 2 * Hw : Hw;
-  const double rate = bf16_ ? device_.gemm_flops_bf16 : device_.gemm_flops_f32;
   const double mem = device_.memory_bandwidth;
   // Experts (the busiest receiver's rows), as the layer runs them: per chunk
   // and working expert one GEMM per source rank's block, each at its
@@ -172,16 +171,15 @@ PlanCost MoECostModel::predict(const ExecPlan& plan, const PlanInputs& batch, co
   // dropless: as many as so many rows spread over them hit).
   const double chunk_rows = compute_rows / d;
   const double active = padded ? slots : std::max(1.0, slots * (1 - std::pow(1 - 1 / slots, chunk_rows)));
-  const double op_bytes = bf16_ ? 2.0 : kFloat;
   const double block_rows = chunk_rows / (active * blocks);
-  // A GEMM kind over all blocks: rows x p times p x q, the expert-sized
-  // operand p x q (a weight in the GEMM's dtype, or an fp32 weight gradient).
+  // A GEMM kind over all blocks, its expert-sized operand p x q: a weight
+  // (rows x p times p x q), or an fp32 weight gradient (p x rows times rows x q).
   auto expert_gemm = [&](double p, double q, bool gradient) {
-    const double flops = 2 * block_rows * p * q;
-    const double rows_bytes = block_rows * (p * op_bytes + q * (gradient ? op_bytes : kFloat));
-    const double first = std::max(flops / rate, (p * q * (gradient ? kFloat : op_bytes) + rows_bytes) / mem);
-    const double rest = std::max(flops / rate, rows_bytes / mem);
-    return d * active * (first + (blocks - 1) * rest);
+    auto block = [&](bool paid) {
+      return gradient ? device_.gemm_seconds(p, q, block_rows, bf16_, paid, true)
+                      : device_.gemm_seconds(block_rows, q, p, bf16_, paid);
+    };
+    return d * active * (block(false) + (blocks - 1) * block(true));
   };
   const double gemm_fwd = expert_gemm(M, H1w, false) + expert_gemm(Hw, M, false);
   const double gemm_bwd = expert_gemm(Hw, M, true) + expert_gemm(M, Hw, false) + expert_gemm(M, H1w, true) +

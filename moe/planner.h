@@ -22,7 +22,6 @@ class MoECostModel final : public PlanCostModel {
  public:
   MoECostModel(const MoELayer& layer, DeviceModel device, LinkModel link, PlannerOptions options);
   PlanCost predict(const ExecPlan& plan, const PlanInputs& batch, const Corrections& corrections) const override;
-  const DeviceModel& device() const { return device_; }
   const LinkModel& link() const { return link_; }
 
  private:
@@ -37,7 +36,6 @@ class MoECostModel final : public PlanCostModel {
   int world_, experts_, shards_, local_experts_, node_size_, k_;
   int64_t model_dim_, hidden_;
   bool gated_, bf16_, hierarchical_;
-  std::vector<int> node_of_;  // world rank -> node (the link model's)
   DeviceModel device_;
   LinkModel link_;
   PlannerOptions options_;

@@ -26,10 +26,15 @@ struct DeviceModel {
   // [m, k] x [k, n] -> [m, n] f32: both operands read once (bf16: 2 bytes an
   // element), the output written once. A decode step's few rows make this
   // the weight matrix's bytes over the bandwidth, not its FLOPs over the rate.
-  // weights_read: an earlier block of the same grouped GEMM read [k, n] already.
-  double gemm_seconds(double m, double n, double k, bool bf16, bool weights_read = false) const {
+  // weights_read: an earlier block of the same grouped GEMM paid for the
+  // expert-sized operand already: B [k, n] (a weight) or, reused_is_c, the
+  // output C [m, n] (a weight gradient it accumulates, written once).
+  double gemm_seconds(double m, double n, double k, bool bf16, bool weights_read = false,
+                      bool reused_is_c = false) const {
     const double operand = bf16 ? 2.0 : 4.0;
-    return kernel_seconds(2.0 * m * n * k, (m * k + (weights_read ? 0.0 : k * n)) * operand + m * n * 4.0, bf16);
+    double b = k * n * operand, c = m * n * 4.0;
+    if (weights_read) (reused_is_c ? c : b) = 0;
+    return kernel_seconds(2.0 * m * n * k, m * k * operand + b + c, bf16);
   }
 };
 

@@ -90,8 +90,6 @@ class Planner {
   // A strategy's candidate plans (duplicates of earlier ones are dropped).
   void add_candidates(const std::string& strategy, const std::vector<ExecPlan>& plans);
   const std::vector<ExecPlan>& candidates() const { return candidates_; }
-  // Which strategy contributed each candidate.
-  const std::vector<std::string>& strategies() const { return strategy_of_; }
 
   // The plan for a batch (agreed inputs): the cheapest candidate `runnable`
   // accepts, unless the current plan is within the switch margin of it. The
@@ -99,13 +97,11 @@ class Planner {
   ExecPlan choose(const PlanInputs& agreed, const std::function<bool(const ExecPlan&)>& runnable = {});
   // The cost model's prediction with the corrections learned so far.
   PlanCost predict(const ExecPlan& plan, const PlanInputs& batch) const;
-  const PlannerOptions& options() const { return options_; }
   const Corrections& corrections() const { return corrections_; }
   // Why the last decision was made: the chosen plan, the runner-up, the corrections.
   const std::string& explanation() const { return explanation_; }
   int decisions_changed() const { return changes_; }
   bool has_decided() const { return pending_; }
-  const ExecPlan& last_plan() const { return last_plan_; }
 
  private:
   void observe(const PlanInputs& agreed);

@@ -32,6 +32,11 @@ void gather_rows(const float* src, const int64_t* index, int64_t rows, int64_t w
   }
 }
 
+void axpy(float alpha, const float* x, int64_t n, float* y) {
+#pragma omp parallel for schedule(static) if (n >= kParallelMinElements)
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
 void scatter_rows(const float* src, const int64_t* index, int64_t rows, int64_t width, float* dst) {
   const size_t bytes = static_cast<size_t>(width) * sizeof(float);
 #pragma omp parallel for schedule(static) if (rows * width >= kParallelMinElements)
