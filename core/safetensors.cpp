@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <limits>
 #include <nlohmann/json.hpp>
@@ -229,11 +230,23 @@ void save_safetensors(const std::string& path, const std::vector<std::pair<std::
     out.flush();
     if (!out) SY_THROW(IoError, "save_safetensors: writing '", tmp, "' failed: ", std::strerror(errno));
   }
+  fsync_path(tmp);  // on disk before it takes the name: a crash leaves the old file or the whole new one
   if (std::rename(tmp.c_str(), path.c_str()) != 0) {
     const int err = errno;
     std::remove(tmp.c_str());
     SY_THROW(IoError, "save_safetensors: cannot rename '", tmp, "' to '", path, "': ", std::strerror(err));
   }
+  fsync_path(std::filesystem::path(path).parent_path().empty() ? std::string(".")
+                                                               : std::filesystem::path(path).parent_path().string());
+}
+
+void fsync_path(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY);
+  if (fd < 0) SY_THROW(IoError, "cannot open '", path, "' to sync it: ", std::strerror(errno));
+  const int rc = ::fsync(fd);
+  const int err = errno;
+  ::close(fd);
+  if (rc != 0) SY_THROW(IoError, "fsync of '", path, "' failed: ", std::strerror(err));
 }
 
 }  // namespace switchyard

@@ -54,9 +54,13 @@ class SafetensorsFile {
 };
 
 // Writes tensors (contiguous host memory) in the given order, atomically
-// (a temporary file renamed into place). Names must be unique and non-empty.
+// and durably (a temporary file, fsynced, renamed into place, the directory
+// fsynced). Names must be unique and non-empty.
 void save_safetensors(const std::string& path, const std::vector<std::pair<std::string, TensorView>>& tensors,
                       const std::map<std::string, std::string>& metadata = {});
+
+// fsync a file or directory (a directory: the names in it are durable).
+void fsync_path(const std::string& path);
 
 // The format's dtype names ("F32", "BF16", "F8_E4M3", ...).
 std::string safetensors_dtype_name(DType t);

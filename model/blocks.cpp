@@ -58,6 +58,21 @@ void RotaryTable::apply(float* u, int pos, int heads) const {
   }
 }
 
+void RotaryTable::apply_inverse(float* u, int pos, int heads) const {
+  if (pos >= max_seq_) SY_THROW(InvalidArgument, "model: position ", pos, " is beyond max_seq = ", max_seq_);
+  const int half = head_dim_ / 2;
+  const float* cs = cos_.data() + static_cast<size_t>(pos) * half;
+  const float* sn = sin_.data() + static_cast<size_t>(pos) * half;
+  for (int head = 0; head < heads; ++head) {
+    float* a = u + head * head_dim_;
+    for (int j = 0; j < half; ++j) {
+      const float y1 = a[j], y2 = a[j + half];
+      a[j] = y1 * cs[j] + y2 * sn[j];
+      a[j + half] = -y1 * sn[j] + y2 * cs[j];
+    }
+  }
+}
+
 AttentionBlock::AttentionBlock(const ModelConfig& config, int layer, AttentionWeights weights,
                                std::shared_ptr<const RotaryTable> rope)
     : config_(config), layer_(layer), w_(std::move(weights)), rope_(std::move(rope)) {

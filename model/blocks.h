@@ -40,6 +40,9 @@ class RotaryTable {
   // (every head turns alike, so a tensor-parallel rank's share rotates as
   // the same heads of the whole row would).
   void apply(float* u, int pos, int heads) const;
+  // The transposed rotation (turning back by the same angle): the gradient of
+  // apply() with respect to its input.
+  void apply_inverse(float* u, int pos, int heads) const;
 
  private:
   int head_dim_, max_seq_;

@@ -6,10 +6,12 @@
 #include <cstring>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <optional>
 
 #include "core/dtype.h"
 #include "core/error.h"
 #include "core/safetensors.h"
+#include "parallel/checkpoint.h"
 #include "comm/virtual_time.h"
 
 namespace switchyard {
@@ -46,25 +48,35 @@ Model::Model(const std::string& dir, std::shared_ptr<Communicator> group, ModelO
   if (c.experts % W != 0 && W % c.experts != 0)
     SY_THROW(InvalidArgument, "model '", dir, "': ", c.experts, " experts cannot be spread evenly over ", W,
              " ranks (expected a rank count dividing ffn.experts, or a multiple of it)");
-  const SafetensorsFile f = SafetensorsFile::open(dir + "/model.safetensors");
+  // A released model (model.safetensors, experts stacked per layer) or a
+  // training checkpoint (parallel/checkpoint.h: experts keyed by logical id).
+  std::optional<SafetensorsFile> file;
+  std::optional<Checkpoint> checkpoint;
+  if (Checkpoint::exists(dir))
+    checkpoint = Checkpoint::open(dir);
+  else
+    file = SafetensorsFile::open(dir + "/model.safetensors");
+  auto tensor = [&](const std::string& name, const Shape& shape) {
+    return checkpoint ? checkpoint->load_f32(name, shape) : load_f32(*file, name, shape);
+  };
   const int64_t d = c.d_model, V = c.vocab_size, E = c.experts, H = c.hidden;
   const auto act = *kernels::parse_activation(c.activation);
   const int64_t H1 = act == kernels::Activation::swiglu ? 2 * H : H;
   const auto rope = std::make_shared<const RotaryTable>(c);
-  embed_ = load_f32(f, "embed.weight", {V, d});
-  norm_ = load_f32(f, "norm.weight", {d});
-  lm_head_ = load_f32(f, "lm_head.weight", {d, V});
+  embed_ = tensor("embed.weight", {V, d});
+  norm_ = tensor("norm.weight", {d});
+  lm_head_ = tensor("lm_head.weight", {d, V});
   for (int i = 0; i < c.layers; ++i) {
     const std::string p = "layers." + std::to_string(i) + ".";
     AttentionWeights aw;
-    aw.norm = load_f32(f, p + "attn_norm.weight", {d});
-    aw.wq = load_f32(f, p + "attn.wq", {d, d});
-    aw.wk = load_f32(f, p + "attn.wk", {d, d});
-    aw.wv = load_f32(f, p + "attn.wv", {d, d});
-    aw.wo = load_f32(f, p + "attn.wo", {d, d});
+    aw.norm = tensor(p + "attn_norm.weight", {d});
+    aw.wq = tensor(p + "attn.wq", {d, d});
+    aw.wk = tensor(p + "attn.wk", {d, d});
+    aw.wv = tensor(p + "attn.wv", {d, d});
+    aw.wo = tensor(p + "attn.wo", {d, d});
     attention_.push_back(std::make_unique<AttentionBlock>(c, i, std::move(aw), rope));
     attention_.back()->set_device_model(options_.device);
-    Tensor ffn_norm = load_f32(f, p + "ffn_norm.weight", {d});
+    Tensor ffn_norm = tensor(p + "ffn_norm.weight", {d});
     MoEConfig mc;
     mc.model_dim = d;
     mc.hidden_dim = H;
@@ -82,21 +94,27 @@ Model::Model(const std::string& dir, std::shared_ptr<Communicator> group, ModelO
       mc.replica_domain = c.experts;
     }
     auto moe = std::make_unique<MoELayer>(mc, group_);
-    const Tensor gate = load_f32(f, p + "ffn.gate.weight", {d, E});
+    const Tensor gate = tensor(p + "ffn.gate.weight", {d, E});
     std::memcpy(moe->gate_weight().data(), gate.data(), gate.nbytes());
-    const Tensor w1 = load_f32(f, p + "ffn.experts.w1", {E, d, H1}), b1 = load_f32(f, p + "ffn.experts.b1", {E, H1});
-    const Tensor w2 = load_f32(f, p + "ffn.experts.w2", {E, H, d}), b2 = load_f32(f, p + "ffn.experts.b2", {E, d});
+    Tensor w1, b1, w2, b2;  // stacked [E, ...] from a released model
+    if (!checkpoint) {
+      w1 = tensor(p + "ffn.experts.w1", {E, d, H1}), b1 = tensor(p + "ffn.experts.b1", {E, H1});
+      w2 = tensor(p + "ffn.experts.w2", {E, H, d}), b2 = tensor(p + "ffn.experts.b2", {E, d});
+    }
     ExpertParams& ep = moe->params();
     for (int s = 0; s < moe->layout().slots(group_->rank()); ++s) {
       const int e = moe->layout().expert_at(group_->rank(), s);
       if (e < 0) continue;  // an unused slot
-      auto copy_slot = [&](const Tensor& from, Tensor& to, int64_t per) {
-        std::memcpy(to.data_as<float>() + s * per, from.data_as<float>() + e * per, static_cast<size_t>(per) * sizeof(float));
+      auto copy_slot = [&](const Tensor& stacked, const char* field, const Shape& shape, Tensor& to) {
+        const int64_t per = shape_numel(shape);
+        const Tensor one = checkpoint ? tensor(p + "ffn.experts." + std::to_string(e) + "." + field, shape) : Tensor();
+        const float* from = checkpoint ? one.data_as<float>() : stacked.data_as<float>() + e * per;
+        std::memcpy(to.data_as<float>() + s * per, from, static_cast<size_t>(per) * sizeof(float));
       };
-      copy_slot(w1, ep.w1, d * H1);
-      copy_slot(b1, ep.b1, H1);
-      copy_slot(w2, ep.w2, H * d);
-      copy_slot(b2, ep.b2, d);
+      copy_slot(w1, "w1", {d, H1}, ep.w1);
+      copy_slot(b1, "b1", {H1}, ep.b1);
+      copy_slot(w2, "w2", {H, d}, ep.w2);
+      copy_slot(b2, "b2", {d}, ep.b2);
     }
     ffn_.push_back(std::make_unique<MoEFfnBlock>(std::move(ffn_norm), c.norm_eps, std::move(moe)));
   }

@@ -41,7 +41,9 @@ struct ModelOptions {
 
 class Model {
  public:
-  // DIR/config.json and DIR/model.safetensors (bf16 or f32). Errors name the
+  // DIR/config.json and DIR/model.safetensors (bf16 or f32), or a training
+  // checkpoint's DIR/manifest.json and shards (parallel/checkpoint.h, experts
+  // keyed by logical id; model/lm_train.h writes them). Errors name the
   // file, the tensor and the expected shape. Collective over `group`: its
   // size divides the expert count (E / W experts per rank), or the expert
   // count divides it (expert data parallelism: W / E replicas of every

@@ -16,6 +16,7 @@ packages=(
   libbenchmark-dev
   libdlpack-dev
   nlohmann-json3-dev
+  zlib1g-dev                               # CRC-32 of checkpoint shards
   gnuplot-nox
   python3-dev pybind11-dev python3-torch   # the Python module and the trainer examples (/usr/bin/python3)
   libopenblas0-openmp                      # torch's BLAS: Debian's default reference BLAS is ~8x slower

@@ -1,0 +1,84 @@
+// Sharded checkpoints in generations: the one format for layer, model and
+// training state.
+//
+// DIR holds one complete generation at a time:
+//   DIR/manifest.json                       the generation, world size, shards
+//                                           with their bytes and CRC-32, and
+//                                           the writer's metadata
+//   DIR/g<G>.rank<r>-of-<W>.safetensors      rank r's tensors of generation G
+// Every rank writes its shard to a temporary file, fsyncs it and renames it
+// into place; rank 0 writes the manifest the same way, last, after every shard
+// is on disk, then removes the files of older generations. A reader follows
+// the manifest only, so it takes exactly one complete generation: a save
+// killed part-way leaves the previous manifest and its shards untouched, and
+// a missing or torn shard is named, never silently mixed with another.
+//
+// Tensors are keyed by logical name (a training run keys experts by logical
+// expert id), so a checkpoint loads at another world size: a reader finds
+// each name in whichever shard holds it.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "core/safetensors.h"
+
+namespace switchyard {
+
+inline constexpr const char* kCheckpointFormat = "switchyard-checkpoint-v1";
+
+struct CheckpointShard {
+  std::string file;  // relative to the directory
+  uint64_t bytes = 0;
+  uint32_t crc32 = 0;
+};
+
+// Writes this rank's tensors as its shard of a new generation in `dir`
+// (created if missing). Collective over `world`: every rank passes its own
+// tensors (names unique over all ranks); `metadata` is taken from rank 0.
+// Returns the generation written.
+uint64_t save_checkpoint(Communicator& world, const std::string& dir,
+                         const std::vector<std::pair<std::string, TensorView>>& tensors,
+                         const std::map<std::string, std::string>& metadata = {});
+
+// The complete generation a directory's manifest names.
+class Checkpoint {
+ public:
+  // Reads DIR/manifest.json and opens every shard it lists, checking each
+  // one's size and CRC-32. IoError naming the directory when there is no
+  // manifest; InvalidArgument naming the shard when one is missing or torn.
+  static Checkpoint open(const std::string& dir);
+  // Whether DIR has a manifest (a checkpoint to resume from).
+  static bool exists(const std::string& dir);
+
+  const std::string& dir() const { return dir_; }
+  uint64_t generation() const { return generation_; }
+  int world_size() const { return world_size_; }
+  const std::vector<CheckpointShard>& shards() const { return shards_; }
+  const std::map<std::string, std::string>& metadata() const { return metadata_; }
+  // The writer's metadata value; InvalidArgument naming the key when absent.
+  const std::string& meta(const std::string& key) const;
+
+  bool contains(const std::string& tensor) const { return where_.count(tensor) != 0; }
+  // Every tensor name, in order.
+  std::vector<std::string> names() const;
+  // A fresh copy of the tensor; InvalidArgument naming the checkpoint and the
+  // tensor when absent, or when its shape differs from `expected_shape`
+  // (checked when non-empty). bf16 tensors are widened to f32 exactly.
+  Tensor load_f32(const std::string& tensor, const Shape& expected_shape = {}) const;
+
+ private:
+  std::string dir_;
+  uint64_t generation_ = 0;
+  int world_size_ = 0;
+  std::vector<CheckpointShard> shards_;
+  std::map<std::string, std::string> metadata_;
+  std::vector<SafetensorsFile> files_;
+  std::map<std::string, size_t> where_;  // tensor -> file
+};
+
+}  // namespace switchyard

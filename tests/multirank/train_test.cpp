@@ -1,0 +1,450 @@
+// Training the decoder (model/lm_train.h) on every rank count of the world:
+// gradients against central differences of a float64 reference written from
+// the architecture's definition (examples/tiny_lm/README.md), resume against
+// an uninterrupted run, checkpoints across world sizes and killed saves.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <map>
+
+#include "comm/backends/threads/threads_backend.h"
+#include "core/rng.h"
+#include "model/lm_train.h"
+#include "model/model.h"
+#include "parallel/checkpoint.h"
+#include "tests/common/rank_harness.h"
+
+namespace switchyard {
+namespace {
+
+using testing::for_each_rank;
+namespace fs = std::filesystem;
+
+ModelConfig tiny_config() {
+  ModelConfig c;
+  c.name = "tiny-train-test";
+  c.vocab_size = 256;
+  c.d_model = 16;
+  c.layers = 2;
+  c.heads = 2;
+  c.max_seq = 32;
+  c.experts = 4;
+  c.k = 2;
+  c.hidden = 12;
+  c.activation = "gelu";
+  c.gate = "softmax";
+  return c;
+}
+
+LmTrainOptions dropless() {
+  LmTrainOptions o;
+  o.plan.exchange = ExchangeMode::dropless;
+  return o;
+}
+
+// ---- the float64 reference, from the definition ----
+
+using Vec = std::vector<double>;
+struct Reference {
+  ModelConfig c;
+  std::map<std::string, Vec> t;  // the checkpoint's names; experts stacked [E, ...]
+};
+
+Vec to_vec(const float* p, int64_t n) { return Vec(p, p + n); }
+
+// The whole model in double: replicated tensors from this rank, experts
+// gathered from every rank (identity placement: rank r holds r*L .. r*L+L-1).
+Reference reference_of(TrainableLM& m) {
+  Reference ref{m.config(), {}};
+  Communicator& world = m.world();
+  for (const TrainParam& p : m.parameters()) {
+    if (p.kind != ParamKind::expert) {
+      ref.t[p.name] = to_vec(p.value.data_as<float>(), p.value.numel());
+      continue;
+    }
+    std::vector<float> all(static_cast<size_t>(p.value.numel() * world.size()));
+    world.allgather(p.value, TensorView(all.data(), DType::f32, {p.value.numel() * world.size()})).wait();
+    ref.t[p.name] = Vec(all.begin(), all.end());
+  }
+  return ref;
+}
+
+Vec rmsnorm(const Vec& x, const Vec& w, int64_t rows, int64_t d, double eps) {
+  Vec y(x.size());
+  for (int64_t r = 0; r < rows; ++r) {
+    double ss = 0;
+    for (int64_t j = 0; j < d; ++j) ss += x[r * d + j] * x[r * d + j];
+    const double inv = 1 / std::sqrt(ss / d + eps);
+    for (int64_t j = 0; j < d; ++j) y[r * d + j] = x[r * d + j] * inv * w[j];
+  }
+  return y;
+}
+
+Vec matmul(const Vec& x, const Vec& w, int64_t rows, int64_t k, int64_t n) {
+  Vec y(static_cast<size_t>(rows * n), 0.0);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < k; ++i)
+      for (int64_t j = 0; j < n; ++j) y[r * n + j] += x[r * k + i] * w[i * n + j];
+  return y;
+}
+
+void rotate(Vec& u, int64_t rows, int T, const ModelConfig& c) {
+  const int hd = c.head_dim(), half = hd / 2;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int h = 0; h < c.heads; ++h)
+      for (int j = 0; j < half; ++j) {
+        const double angle = static_cast<double>(r % T) * std::pow(c.rope_theta, -static_cast<double>(j) / half);
+        double& a = u[r * c.d_model + h * hd + j];
+        double& b = u[r * c.d_model + h * hd + j + half];
+        const double x1 = a, x2 = b;
+        a = x1 * std::cos(angle) - x2 * std::sin(angle);
+        b = x1 * std::sin(angle) + x2 * std::cos(angle);
+      }
+}
+
+// sum over ranks' targets of CE / total + coef / W * sum over ranks of mean-over-layers balance.
+double reference_loss(const Reference& ref, const std::vector<std::vector<int>>& tokens,
+                      const std::vector<std::vector<int>>& targets, int T, double coef) {
+  const ModelConfig& c = ref.c;
+  const int64_t d = c.d_model, V = c.vocab_size, E = c.experts, H = c.hidden, hd = c.head_dim();
+  const int W = static_cast<int>(tokens.size());
+  double ce = 0, balance = 0;
+  int64_t total = 0;
+  for (int r = 0; r < W; ++r) {
+    const int64_t N = static_cast<int64_t>(tokens[static_cast<size_t>(r)].size());
+    total += N;
+    if (N == 0) continue;
+    Vec x(static_cast<size_t>(N * d));
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t j = 0; j < d; ++j) x[i * d + j] = ref.t.at("embed.weight")[tokens[static_cast<size_t>(r)][static_cast<size_t>(i)] * d + j];
+    for (int l = 0; l < c.layers; ++l) {
+      const std::string p = "layers." + std::to_string(l) + ".";
+      const Vec a = rmsnorm(x, ref.t.at(p + "attn_norm.weight"), N, d, c.norm_eps);
+      Vec q = matmul(a, ref.t.at(p + "attn.wq"), N, d, d), k = matmul(a, ref.t.at(p + "attn.wk"), N, d, d);
+      const Vec v = matmul(a, ref.t.at(p + "attn.wv"), N, d, d);
+      rotate(q, N, T, c);
+      rotate(k, N, T, c);
+      Vec o(static_cast<size_t>(N * d), 0.0);
+      for (int64_t s = 0; s < N / T; ++s)
+        for (int h = 0; h < c.heads; ++h)
+          for (int i = 0; i < T; ++i) {
+            const int64_t qi = s * T + i;
+            Vec score(static_cast<size_t>(i + 1));
+            double mx = -1e300;
+            for (int j = 0; j <= i; ++j) {
+              double dot = 0;
+              for (int64_t e = 0; e < hd; ++e) dot += q[qi * d + h * hd + e] * k[(s * T + j) * d + h * hd + e];
+              score[static_cast<size_t>(j)] = dot / std::sqrt(static_cast<double>(hd));
+              mx = std::max(mx, score[static_cast<size_t>(j)]);
+            }
+            double sum = 0;
+            for (double& z : score) sum += z = std::exp(z - mx);
+            for (int j = 0; j <= i; ++j)
+              for (int64_t e = 0; e < hd; ++e) o[qi * d + h * hd + e] += score[static_cast<size_t>(j)] / sum * v[(s * T + j) * d + h * hd + e];
+          }
+      const Vec ao = matmul(o, ref.t.at(p + "attn.wo"), N, d, d);
+      for (size_t i = 0; i < x.size(); ++i) x[i] += ao[i];
+      // The MoE: softmax gate, top-k by probability (ties to the lower expert), weights = probabilities.
+      const Vec xn = rmsnorm(x, ref.t.at(p + "ffn_norm.weight"), N, d, c.norm_eps);
+      const Vec logits = matmul(xn, ref.t.at(p + "ffn.gate.weight"), N, d, E);
+      const Vec &w1 = ref.t.at(p + "ffn.experts.w1"), &b1 = ref.t.at(p + "ffn.experts.b1");
+      const Vec &w2 = ref.t.at(p + "ffn.experts.w2"), &b2 = ref.t.at(p + "ffn.experts.b2");
+      Vec load(static_cast<size_t>(E), 0.0), mean_prob(static_cast<size_t>(E), 0.0);
+      for (int64_t i = 0; i < N; ++i) {
+        Vec prob(static_cast<size_t>(E));
+        double mx = -1e300, sum = 0;
+        for (int64_t e = 0; e < E; ++e) mx = std::max(mx, logits[i * E + e]);
+        for (int64_t e = 0; e < E; ++e) sum += prob[static_cast<size_t>(e)] = std::exp(logits[i * E + e] - mx);
+        for (double& z : prob) z /= sum;
+        for (int64_t e = 0; e < E; ++e) mean_prob[static_cast<size_t>(e)] += prob[static_cast<size_t>(e)] / N;
+        std::vector<bool> taken(static_cast<size_t>(E), false);
+        for (int choice = 0; choice < c.k; ++choice) {
+          int64_t best = -1;
+          for (int64_t e = 0; e < E; ++e)
+            if (!taken[static_cast<size_t>(e)] && (best < 0 || prob[static_cast<size_t>(e)] > prob[static_cast<size_t>(best)])) best = e;
+          taken[static_cast<size_t>(best)] = true;
+          load[static_cast<size_t>(best)] += 1;
+          Vec hid(static_cast<size_t>(H));
+          for (int64_t u = 0; u < H; ++u) {
+            double z = b1[best * H + u];
+            for (int64_t j = 0; j < d; ++j) z += xn[i * d + j] * w1[(best * d + j) * H + u];
+            hid[static_cast<size_t>(u)] = 0.5 * z * (1 + std::erf(z / std::sqrt(2.0)));
+          }
+          for (int64_t j = 0; j < d; ++j) {
+            double y = b2[best * d + j];
+            for (int64_t u = 0; u < H; ++u) y += hid[static_cast<size_t>(u)] * w2[(best * H + u) * d + j];
+            x[i * d + j] += prob[static_cast<size_t>(best)] * y;
+          }
+        }
+      }
+      double bal = 0;  // E * sum_e (load_e / (N k)) * mean_t p_te
+      for (int64_t e = 0; e < E; ++e) bal += load[static_cast<size_t>(e)] / (static_cast<double>(N) * c.k) * mean_prob[static_cast<size_t>(e)];
+      balance += E * bal / c.layers;
+    }
+    const Vec xf = rmsnorm(x, ref.t.at("norm.weight"), N, d, c.norm_eps);
+    const Vec logits = matmul(xf, ref.t.at("lm_head.weight"), N, d, V);
+    for (int64_t i = 0; i < N; ++i) {
+      double mx = -1e300, sum = 0;
+      for (int64_t j = 0; j < V; ++j) mx = std::max(mx, logits[i * V + j]);
+      for (int64_t j = 0; j < V; ++j) sum += std::exp(logits[i * V + j] - mx);
+      ce += mx + std::log(sum) - logits[i * V + targets[static_cast<size_t>(r)][static_cast<size_t>(i)]];
+    }
+  }
+  return ce / static_cast<double>(total) + coef / W * balance;
+}
+
+// Sequences of random bytes; sequence s goes to rank s % W (the last ranks may hold none).
+struct Batch {
+  std::vector<std::vector<int>> tokens, targets;  // per rank
+  std::vector<int> sequences;
+};
+Batch random_batch(uint64_t seed, int W, int sequences, int T) {
+  Rng rng(seed);
+  Batch b{std::vector<std::vector<int>>(static_cast<size_t>(W)), std::vector<std::vector<int>>(static_cast<size_t>(W)),
+          std::vector<int>(static_cast<size_t>(W), 0)};
+  for (int s = 0; s < sequences; ++s) {
+    for (int t = 0; t < T; ++t) {
+      b.tokens[static_cast<size_t>(s % W)].push_back(static_cast<int>(rng.uniform_int(0, 255)));
+      b.targets[static_cast<size_t>(s % W)].push_back(static_cast<int>(rng.uniform_int(0, 255)));
+    }
+    ++b.sequences[static_cast<size_t>(s % W)];
+  }
+  return b;
+}
+
+TEST(LmTrain, GradientsMatchCentralDifferencesOfAFloat64Reference) {
+  for_each_rank([](Communicator& world, uint64_t seed) {
+    const int W = world.size(), R = world.rank(), T = 5;  // odd sizes; 3 sequences: 4 ranks leave one empty
+    const double coef = 0.3;
+    TrainableLM model(tiny_config(), world.shared_from_this(), dropless());
+    model.init_parameters(seed);
+    const Batch batch = random_batch(seed + 1, W, 3, T);
+    model.zero_grad();
+    const auto loss = model.forward_backward(batch.tokens[static_cast<size_t>(R)], batch.targets[static_cast<size_t>(R)],
+                                             batch.sequences[static_cast<size_t>(R)], T, 3.0 * T, coef);
+    model.all_reduce_gradients();
+    Reference ref = reference_of(model);
+    // The loss itself, against the reference.
+    const double got = allreduce_scalar(world, loss.ce_sum) / (3.0 * T) + coef / W * allreduce_scalar(world, loss.balance);
+    const double want = reference_loss(ref, batch.tokens, batch.targets, T, coef);
+    EXPECT_NEAR(got, want, 1e-5 * std::abs(want)) << "loss on " << W << " ranks";
+    Rng pick(seed + 2);
+    const int L = model.local_experts();
+    for (const TrainParam& p : model.parameters()) {
+      const int64_t n = p.value.numel();
+      double largest = 0;
+      for (int64_t i = 0; i < n; ++i) largest = std::max(largest, std::abs(static_cast<double>(p.grad.data_as<float>()[i])));
+      for (int trial = 0; trial < 3; ++trial) {
+        // The first and last elements (edges of every loop), then one at random.
+        int64_t i = trial == 0 ? 0 : trial == 1 ? n - 1 : pick.uniform_int(0, n - 1);
+        if (p.name == "embed.weight") {  // a row the batch uses, so the gradient is not trivially zero
+          const int64_t d = model.config().d_model;
+          i = batch.tokens[0][static_cast<size_t>(trial)] * d + (trial == 0 ? 0 : trial == 1 ? d - 1 : i % d);
+        }
+        Vec& values = ref.t.at(p.name);
+        const int64_t at = p.kind == ParamKind::expert ? R * L * (n / L) + i : i;  // this rank's slots in the stacked whole
+        const double h = 1e-5, keep = values[static_cast<size_t>(at)];
+        values[static_cast<size_t>(at)] = keep + h;
+        const double up = reference_loss(ref, batch.tokens, batch.targets, T, coef);
+        values[static_cast<size_t>(at)] = keep - h;
+        const double down = reference_loss(ref, batch.tokens, batch.targets, T, coef);
+        values[static_cast<size_t>(at)] = keep;
+        const double fd = (up - down) / (2 * h), analytic = p.grad.data_as<float>()[i];
+        EXPECT_NEAR(analytic, fd, 1e-3 * largest + 1e-3 * std::abs(fd) + 1e-7)
+            << p.name << "[" << i << "] on rank " << R << " of " << W << " (largest |grad| " << largest << ")";
+      }
+    }
+  }, Milliseconds(30000));
+}
+
+TEST(LmTrain, TrainingLowersTheLossOfTheSameBatch) {
+  for_each_rank([](Communicator& world, uint64_t seed) {
+    const int W = world.size(), R = world.rank(), T = 8;
+    TrainableLM model(tiny_config(), world.shared_from_this(), dropless());
+    model.init_parameters(seed);
+    const Batch batch = random_batch(seed + 1, W, 4, T);
+    AdamW adam;
+    double first = 0, last = 0;
+    for (int step = 0; step < 30; ++step) {
+      model.zero_grad();
+      const auto l = model.forward_backward(batch.tokens[static_cast<size_t>(R)], batch.targets[static_cast<size_t>(R)],
+                                            batch.sequences[static_cast<size_t>(R)], T, 4.0 * T, 0.01);
+      model.all_reduce_gradients();
+      auto params = model.parameters();
+      adam.step(params, 1e-2);
+      const double mean = allreduce_scalar(world, l.ce_sum) / (4.0 * T);
+      (step == 0 ? first : last) = mean;
+    }
+    EXPECT_LT(last, 0.5 * first) << "a batch of random bytes memorised in 30 AdamW steps: " << first << " -> " << last;
+  }, Milliseconds(30000));
+}
+
+// A text of a few hundred bytes, so the tests need no corpus installed.
+TextCorpus small_corpus(uint64_t seed) {
+  Rng rng(seed);
+  TextCorpus c;
+  const char* words[] = {"the ", "cat ", "sat ", "on ", "a ", "mat ", "and ", "dog ", "ran\n"};
+  for (int i = 0; i < 400; ++i) c.train += words[rng.uniform_int(0, 8)];
+  for (int i = 0; i < 100; ++i) c.held_out += words[rng.uniform_int(0, 8)];
+  return c;
+}
+
+LmTrainSchedule small_schedule() {
+  LmTrainSchedule s;
+  s.batch = 5;  // uneven over 2 and 4 ranks
+  s.seq = 12;
+  s.steps = 6;
+  s.warmup = 2;
+  s.lr = 5e-3;
+  s.clip = 0.5;  // small enough to clip: the path resume must reproduce
+  s.seed = 7;
+  return s;
+}
+
+std::string test_dir(const std::string& name, Communicator& world, uint64_t seed) {
+  const std::string dir = (fs::temp_directory_path() / ("switchyard-" + name + "-" + std::to_string(seed) + "-" +
+                                                        std::to_string(world.size()))).string();
+  if (world.rank() == 0) fs::remove_all(dir);
+  world.barrier().wait();
+  return dir;
+}
+
+std::vector<float> flat_parameters(TrainableLM& m) {
+  std::vector<float> out;
+  for (const TrainParam& p : m.parameters()) out.insert(out.end(), p.value.data_as<float>(), p.value.data_as<float>() + p.value.numel());
+  return out;
+}
+
+TEST(LmTrain, ResumeEqualsAnUninterruptedRunBitForBit) {
+  for_each_rank([](Communicator& world, uint64_t seed) {
+    const TextCorpus corpus = small_corpus(seed);
+    const std::string dir = test_dir("resume", world, seed);
+    std::vector<double> straight, resumed;
+    std::vector<float> straight_params;
+    {
+      TrainableLM model(tiny_config(), world.shared_from_this(), dropless());
+      model.init_parameters(seed);
+      LmTrainer trainer(model, corpus, small_schedule());
+      for (int i = 0; i < 6; ++i) straight.push_back(trainer.step().loss);
+      straight_params = flat_parameters(model);
+    }
+    {
+      TrainableLM model(tiny_config(), world.shared_from_this(), dropless());
+      model.init_parameters(seed);
+      LmTrainer trainer(model, corpus, small_schedule());
+      for (int i = 0; i < 3; ++i) resumed.push_back(trainer.step().loss);
+      trainer.save(dir);
+    }
+    {
+      TrainableLM model(tiny_config(), world.shared_from_this(), dropless());
+      model.init_parameters(seed + 99);  // other weights: the checkpoint must replace every one
+      LmTrainer trainer(model, corpus, small_schedule());
+      trainer.resume(dir);
+      EXPECT_EQ(trainer.next_step(), 3);
+      for (int i = 0; i < 3; ++i) resumed.push_back(trainer.step().loss);
+      const std::vector<float> params = flat_parameters(model);
+      ASSERT_EQ(params.size(), straight_params.size());
+      EXPECT_EQ(0, std::memcmp(params.data(), straight_params.data(), params.size() * sizeof(float)))
+          << "weights after a resumed run differ from an uninterrupted one";
+    }
+    for (size_t i = 0; i < straight.size(); ++i)
+      EXPECT_EQ(straight[i], resumed[i]) << "step " << i << " on " << world.size() << " ranks";
+    EXPECT_LT(straight.back(), straight.front());
+  }, Milliseconds(30000));
+}
+
+// Saved on this world, loaded on one rank: the same model (the experts found
+// in whichever shard holds them), and model/model.h's loader reads it too.
+TEST(LmTrain, CheckpointLoadsAtAnotherWorldSizeAndIntoTheInferenceModel) {
+  for_each_rank([](Communicator& world, uint64_t seed) {
+    const TextCorpus corpus = small_corpus(seed);
+    const std::string dir = test_dir("reshard", world, seed);
+    TrainableLM model(tiny_config(), world.shared_from_this(), dropless());
+    model.init_parameters(seed);
+    LmTrainer trainer(model, corpus, small_schedule());
+    for (int i = 0; i < 2; ++i) trainer.step();
+    trainer.save(dir);
+    std::vector<int> prompt;
+    for (char ch : std::string("the cat sat")) prompt.push_back(static_cast<unsigned char>(ch));
+    const int T = static_cast<int>(prompt.size());
+    // Every rank computes the prompt's logits here (replicated rows, so each rank's view is whole).
+    const Tensor here = model.logits(prompt, 1, T);
+    auto one = ThreadsWorld(1).communicator(0);
+    TrainableLM alone(tiny_config(), one, dropless());
+    alone.init_parameters(seed + 5);
+    load_lm_checkpoint(alone, nullptr, dir);
+    const Tensor there = alone.logits(prompt, 1, T);
+    ASSERT_EQ(here.numel(), there.numel());
+    for (int64_t i = 0; i < here.numel(); ++i)
+      ASSERT_NEAR(here.data_as<float>()[i], there.data_as<float>()[i], 1e-4) << "logit " << i;
+    // The inference model (row-wise kernels) from the same directory: the last position's logits agree.
+    Model inference(dir, world.shared_from_this());
+    KVCache cache = inference.new_cache(32);
+    const Tensor served = inference.forward({Chunk{&cache, prompt}});
+    ASSERT_EQ(served.numel(), here.numel());
+    for (int64_t i = 0; i < here.numel(); ++i)
+      ASSERT_NEAR(here.data_as<float>()[i], served.data_as<float>()[i], 1e-4) << "inference logit " << i;
+  }, Milliseconds(30000));
+}
+
+TEST(LmTrain, AFailedSaveLeavesThePreviousGenerationAndTornShardsAreNamed) {
+  for_each_rank([](Communicator& world, uint64_t seed) {
+    const std::string dir = test_dir("ckpt", world, seed);
+    const int R = world.rank(), W = world.size();
+    Tensor mine = testing::random_tensor(seed + R, 3, 5);
+    const std::string name = "t." + std::to_string(R);
+    EXPECT_EQ(save_checkpoint(world, dir, {{name, mine.view()}}, {{"step", "1"}}), 1u);
+    // Generation 2 fails on the last rank (a bad tensor name there, as a full disk would): every rank throws,
+    // and the directory still holds generation 1, whole.
+    Tensor other = testing::random_tensor(seed + 100 + R, 3, 5);
+    try {
+      save_checkpoint(world, dir, {{R == W - 1 ? "" : name, other.view()}}, {{"step", "2"}});
+      ADD_FAILURE() << "a save that failed on rank " << W - 1 << " returned on rank " << R;
+    } catch (const IoError& e) {
+      EXPECT_NE(std::string(e.what()).find("rank " + std::to_string(W - 1) + " could not write its shard"), std::string::npos)
+          << e.what();
+    }
+    world.barrier().wait();
+    {
+      const Checkpoint c = Checkpoint::open(dir);
+      EXPECT_EQ(c.generation(), 1u);
+      EXPECT_EQ(c.meta("step"), "1");
+      for (int r = 0; r < W; ++r) {
+        const Tensor want = testing::random_tensor(seed + r, 3, 5), got = c.load_f32("t." + std::to_string(r), {3, 5});
+        EXPECT_EQ(0, std::memcmp(want.data(), got.data(), want.nbytes())) << "tensor of rank " << r;
+      }
+    }
+    // A later save completes and removes generation 1 and the strays.
+    EXPECT_EQ(save_checkpoint(world, dir, {{name, other.view()}}, {{"step", "2"}}), 2u);
+    world.barrier().wait();
+    if (R == 0) {
+      int shards = 0;
+      for (const auto& e : fs::directory_iterator(dir)) shards += e.path().extension() == ".safetensors";
+      EXPECT_EQ(shards, W) << "older generations are removed once the new one is complete";
+      EXPECT_EQ(Checkpoint::open(dir).generation(), 2u);
+      // A torn shard, then a missing one: named.
+      const std::string shard = dir + "/" + Checkpoint::open(dir).shards().back().file;
+      fs::resize_file(shard, fs::file_size(shard) - 3);
+      try {
+        Checkpoint::open(dir);
+        ADD_FAILURE() << "a torn shard loaded";
+      } catch (const InvalidArgument& e) {
+        EXPECT_NE(std::string(e.what()).find("is torn"), std::string::npos) << e.what();
+      }
+      fs::remove(shard);
+      try {
+        Checkpoint::open(dir);
+        ADD_FAILURE() << "a missing shard loaded";
+      } catch (const InvalidArgument& e) {
+        EXPECT_NE(std::string(e.what()).find("is missing"), std::string::npos) << e.what();
+      }
+    }
+    world.barrier().wait();
+  }, Milliseconds(30000));
+}
+
+}  // namespace
+}  // namespace switchyard
