@@ -18,9 +18,13 @@ configure: deps
 build: configure
 	@cmake --build $(BUILD) -j $(JOBS)
 
-# The main job on the embedded default: ranks as threads in one process.
+# The main job on the embedded default: ranks as threads in one process. It
+# trains the MoE language model for about a minute and saves runs/quickstart;
+# then a sample from that checkpoint.
 run: build
 	$(BUILD)/bin/switchyard run --config configs/quickstart.yaml
+	$(BUILD)/bin/switchyard generate --model runs/quickstart --prompt "The meaning of life is" \
+	  --max_new_tokens 160 --temperature 0.7 --top_k 20 --seed 1
 
 # The whole suite; tests that need a GPU carry the label "gpu" and are left out here.
 test: build

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Does a busy neighbour collapse Switchyard's steps? The quickstart training
-# job on one rank (two GEMM threads) and a `bench moe` step, each run
+# Does a busy neighbour collapse Switchyard's steps? The MoE-layer training
+# job (configs/moe-regression.yaml) on one rank (two GEMM threads) and a `bench moe` step, each run
 #   quiet     the default environment, nothing else running
 #   loaded    the default environment beside a process that keeps one core busy
 #   spinning  loaded, with OMP_WAIT_POLICY=active (OpenMP's spinning policy,
@@ -19,8 +19,8 @@ cd "$(dirname "$0")/.."
 # The user's own policy would decide the "default" runs: measure without one.
 unset OMP_WAIT_POLICY GOMP_SPINCOUNT
 
-job() {  # step seconds of the quickstart job on one rank
-  "$@" "$bin" run --config configs/quickstart.yaml --set comm.ranks=1 --set train.steps=60 |
+job() {  # step seconds of the MoE-layer job on one rank
+  "$@" "$bin" run --config configs/moe-regression.yaml --set comm.ranks=1 --set train.steps=60 |
     sed -n 's/^#   step time *\([0-9.e-]*\) s$/\1/p'
 }
 moe() {  # step seconds of bench moe on one rank

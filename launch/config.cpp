@@ -262,10 +262,12 @@ bool is_log_spec(const std::string& spec) {
 // The schema. Order here is the order of the docs and of config_to_yaml.
 const std::vector<Field>& fields() {
   static const std::vector<Field> table = {
-      choice("job", {"comm-bench", "moe-train", "serve"}, +[](JobConfig& c) -> std::string& { return c.job; },
+      choice("job", {"comm-bench", "moe-train", "moe-lm-train", "serve"}, +[](JobConfig& c) -> std::string& { return c.job; },
              "What `switchyard run` does. comm-bench: sweep collectives over message sizes, "
              "nccl-tests style (time, algbw, busbw, #wrong). moe-train: train an MoE layer (moe.*) on a "
-             "synthetic regression task (train.*): a fixed teacher MoE makes the targets. serve: decode a stream "
+             "synthetic regression task (train.*): a fixed teacher MoE makes the targets. moe-lm-train: train the "
+             "byte-level MoE language model (lm.*, its FFNs moe.*) on the fortunes corpus with AdamW, held-out "
+             "loss against the unigram baseline, sharded checkpoints and resume (train.*). serve: decode a stream "
              "of requests (serve.*) with the model (model.*), continuous batching; TTFT, TPOT, tokens/s."),
       choice("comm.backend", {"auto", "threads", "mpi", "ucx", "fake"},
              +[](JobConfig& c) -> std::string& { return c.comm.backend; },
@@ -359,7 +361,7 @@ const std::vector<Field>& fields() {
                    "Training steps."),
       integer<int64_t>("train.tokens_per_rank", 0, kNoMax,
                        +[](JobConfig& c) -> int64_t& { return c.train.tokens_per_rank; }, "Tokens per rank per step."),
-      number("train.lr", 0.0, 1e3, +[](JobConfig& c) -> double& { return c.train.lr; }, "SGD learning rate."),
+      number("train.lr", 0.0, 1e3, +[](JobConfig& c) -> double& { return c.train.lr; }, "Learning rate (moe-train: SGD; moe-lm-train: AdamW's peak)."),
       number("train.balance_coef", 0.0, 1e3, +[](JobConfig& c) -> double& { return c.train.balance_coef; },
              "Weight of the load-balancing loss."),
       number("train.z_coef", 0.0, 1e3, +[](JobConfig& c) -> double& { return c.train.z_coef; },
@@ -371,6 +373,46 @@ const std::vector<Field>& fields() {
                    "Print the loss every this many steps."),
       integer<int64_t>("train.seed", 0, kNoMax, +[](JobConfig& c) -> int64_t& { return c.train.seed; },
                        "Seed of the weights, the teacher and the data."),
+      integer<int64_t>("train.warmup", 0, kNoMax, +[](JobConfig& c) -> int64_t& { return c.train.warmup; },
+                       "moe-lm-train: linear learning-rate warm-up steps, then cosine decay to train.min_lr_ratio."),
+      number("train.min_lr_ratio", 0.0, 1.0, +[](JobConfig& c) -> double& { return c.train.min_lr_ratio; },
+             "moe-lm-train: the cosine decay ends at train.lr times this."),
+      number("train.clip", 0.0, 1e9, +[](JobConfig& c) -> double& { return c.train.clip; },
+             "moe-lm-train: clip the global gradient L2 norm (experts summed over the ranks) to this; 0: no clipping."),
+      number("train.weight_decay", 0.0, 1e3, +[](JobConfig& c) -> double& { return c.train.weight_decay; },
+             "moe-lm-train: AdamW's decoupled weight decay."),
+      dtype("train.dtype", +[](JobConfig& c) -> DType& { return c.train.dtype; },
+            "moe-lm-train: the experts' GEMMs, f32 or bf16 (bf16 operands, fp32 accumulation and master weights; the "
+            "dense layers stay f32)."),
+      string("train.checkpoint", +[](JobConfig& c) -> std::string& { return c.train.checkpoint; },
+             "moe-lm-train: directory of the sharded checkpoint (generations, manifest written last), written every "
+             "train.checkpoint_every steps and at the end; `switchyard generate --model DIR` reads it. Empty: none."),
+      integer<int>("train.checkpoint_every", 0, kIntMax, +[](JobConfig& c) -> int& { return c.train.checkpoint_every; },
+                   "moe-lm-train: also save every this many steps; 0: only at the end."),
+      boolean("train.resume", +[](JobConfig& c) -> bool& { return c.train.resume; },
+              "moe-lm-train: continue from train.checkpoint when it holds a checkpoint (weights, AdamW moments, step, "
+              "data position; saved at any world size), else start fresh."),
+      integer<int>("train.stop_after", 0, kIntMax, +[](JobConfig& c) -> int& { return c.train.stop_after; },
+                   "moe-lm-train: end this run after this many steps, evaluated and checkpointed, though the "
+                   "learning-rate schedule spans train.steps (time-limited allocations; continue with train.resume); "
+                   "0: run to train.steps."),
+      integer<int>("lm.layers", 1, 1024, +[](JobConfig& c) -> int& { return c.lm.layers; },
+                   "moe-lm-train: decoder layers (attention, then an MoE FFN of moe.*)."),
+      integer<int>("lm.heads", 1, 1024, +[](JobConfig& c) -> int& { return c.lm.heads; },
+                   "moe-lm-train: attention heads; moe.model_dim / lm.heads must be even."),
+      integer<int>("lm.seq", 2, 65536, +[](JobConfig& c) -> int& { return c.lm.seq; },
+                   "moe-lm-train: bytes per training sequence (the model's max_seq)."),
+      integer<int>("lm.batch", 1, kIntMax, +[](JobConfig& c) -> int& { return c.lm.batch; },
+                   "moe-lm-train: sequences per step over all ranks (split as evenly as the ranks allow)."),
+      string("lm.corpus", +[](JobConfig& c) -> std::string& { return c.lm.corpus; },
+             "moe-lm-train: folder of fortune files (Debian's fortunes package); every 10th fortune is held out."),
+      integer<int>("lm.eval_every", 1, kIntMax, +[](JobConfig& c) -> int& { return c.lm.eval_every; },
+                   "moe-lm-train: print the held-out loss every this many steps, and at the end."),
+      integer<int>("lm.eval_sequences", 1, kIntMax, +[](JobConfig& c) -> int& { return c.lm.eval_sequences; },
+                   "moe-lm-train: held-out windows of lm.seq bytes per evaluation."),
+      integer<int>("lm.probe_plans", 0, 64, +[](JobConfig& c) -> int& { return c.lm.probe_plans; },
+                   "moe-lm-train with moe.strategy auto: first run every candidate plan fixed this many steps each "
+                   "(timed), so the plan lines compare auto with the best fixed plan of the same run; 0: no probe."),
       string("model.path", +[](JobConfig& c) -> std::string& { return c.model.path; },
              "Folder of the decoder model (config.json, model.safetensors), relative to the working directory."),
       choice("model.attention", {"replicated", "dp", "tp"}, +[](JobConfig& c) -> std::string& { return c.model.attention; },

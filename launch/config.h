@@ -71,6 +71,28 @@ struct TrainSection {
   double bias_rate = 0.001;  // sigmoid_bias gate: per-step bias adjustment (aux-loss-free balancing)
   int log_every = 10;
   int64_t seed = 1;
+  // moe-lm-train only:
+  int64_t warmup = 20;          // linear learning-rate warm-up steps, then cosine decay
+  double min_lr_ratio = 0.1;    // the decay ends at lr * this
+  double clip = 1.0;            // global gradient-norm limit; 0: none
+  double weight_decay = 0.0;    // AdamW's decoupled decay
+  DType dtype = DType::f32;     // the experts' GEMMs: f32 or bf16 (fp32 masters)
+  std::string checkpoint;       // directory of the sharded checkpoint; "": none
+  int checkpoint_every = 0;     // also save every this many steps; 0: only at the end
+  bool resume = false;          // continue from train.checkpoint when it holds one
+  int stop_after = 0;           // end this run after this many steps (checkpointed; the schedule spans train.steps); 0: run to the end
+};
+
+// lm: the decoder the moe-lm-train job trains (its FFNs are moe.* layers; d_model is moe.model_dim).
+struct LmSection {
+  int layers = 2;
+  int heads = 4;
+  int seq = 128;     // bytes per training sequence (the model's max_seq)
+  int batch = 16;    // sequences per step over all ranks
+  std::string corpus = "/usr/share/games/fortunes";
+  int eval_every = 100;      // held-out loss every this many steps (and at the end)
+  int eval_sequences = 128;  // held-out windows of lm.seq bytes per evaluation
+  int probe_plans = 1;       // moe.strategy auto: time each fixed candidate plan this many steps first; 0: no probe
 };
 
 // model: the decoder the serve job runs, and how it runs over the ranks.
@@ -100,6 +122,7 @@ struct JobConfig {
   BenchCommSection bench;
   MoESection moe;
   TrainSection train;
+  LmSection lm;
   ModelSection model;
   ServeSection serve;
   std::string log_level = "warn";  // log.level, a SWITCHYARD_LOG_LEVEL-style spec

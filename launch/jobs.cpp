@@ -9,6 +9,7 @@
 #include "core/logging.h"
 #include "launch/bench_comm.h"
 #include "launch/decode.h"
+#include "launch/train_lm.h"
 #include "model/model_config.h"
 #include "moe/eplb.h"
 #include "moe/moe_layer.h"
@@ -277,6 +278,10 @@ int run_job(const JobConfig& config) {
   }
   if (config.job == "moe-train") {
     run_ranks(options, [&](Runtime& rt) { train_moe(rt, config); });
+    return 0;
+  }
+  if (config.job == "moe-lm-train") {
+    run_ranks(options, [&](Runtime& rt) { train_lm(rt, config); });
     return 0;
   }
   if (config.job != "comm-bench") SY_THROW(ConfigError, config.source, ": job '", config.job, "' is not known");

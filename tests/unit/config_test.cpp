@@ -296,7 +296,7 @@ namespace switchyard {
 namespace {
 
 TEST(Config, TheTrainingPresetsLoad) {
-  for (const char* preset : {"configs/quickstart.yaml", "configs/cpu-mpi.yaml"}) {
+  for (const char* preset : {"configs/moe-regression.yaml", "configs/cpu-mpi.yaml"}) {
     const JobConfig c = load_config_file(std::string(SWITCHYARD_SOURCE_DIR) + "/" + preset);
     EXPECT_EQ(c.job, "moe-train") << preset;
     EXPECT_EQ(c.moe.experts, 8) << preset;
@@ -316,6 +316,10 @@ TEST(Config, TheTrainingPresetsLoad) {
     EXPECT_NE(m.find("auto.yaml:4:13: moe.exchange = dropless fixes the plan, but moe.strategy = auto (auto.yaml:3"),
               std::string::npos) << m;
   }
+  const JobConfig quickstart = load_config_file(std::string(SWITCHYARD_SOURCE_DIR) + "/configs/quickstart.yaml");
+  EXPECT_EQ(quickstart.job, "moe-lm-train");
+  EXPECT_EQ(quickstart.moe.strategy, "auto");
+  EXPECT_FALSE(quickstart.train.checkpoint.empty());
   EXPECT_THROW(load_config_file(std::string(SWITCHYARD_SOURCE_DIR) + "/configs/quickstart.yaml", {"moe.r=2"}),
                ConfigError);
   EXPECT_EQ(load_config_file(std::string(SWITCHYARD_SOURCE_DIR) + "/configs/quickstart.yaml",

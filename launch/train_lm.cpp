@@ -1,0 +1,222 @@
+#include "launch/train_lm.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <map>
+#include <memory>
+
+#include "core/error.h"
+#include "model/lm_train.h"
+#include "moe/planner.h"
+#include "parallel/checkpoint.h"
+
+namespace switchyard {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v.size() % 2 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
+}
+
+// What the layers refuse later, refused here naming the keys and where they were set.
+ModelConfig lm_model_config(const JobConfig& job, int world) {
+  const MoESection& m = job.moe;
+  const LmSection& lm = job.lm;
+  if (m.experts % world != 0)
+    SY_THROW(ConfigError, job.where("moe.experts"), ": moe.experts = ", m.experts, " over ", world,
+             " ranks; moe-lm-train keeps whole experts per rank, expected a multiple of the rank count");
+  if (m.model_dim % lm.heads != 0 || (m.model_dim / lm.heads) % 2 != 0)
+    SY_THROW(ConfigError, job.where("lm.heads"), ": lm.heads = ", lm.heads, " with moe.model_dim = ", m.model_dim,
+             " (", job.where("moe.model_dim"), "); expected heads dividing the width into even head widths");
+  if (m.top_k > m.experts)
+    SY_THROW(ConfigError, job.where("moe.top_k"), ": moe.top_k = ", m.top_k, ", expected at most moe.experts = ", m.experts,
+             " (", job.where("moe.experts"), ")");
+  if (job.train.dtype != DType::f32 && job.train.dtype != DType::bf16)
+    SY_THROW(ConfigError, job.where("train.dtype"), ": train.dtype = ", dtype_name(job.train.dtype),
+             ", expected f32 or bf16");
+  if (job.moe.expert_parallel_size != 0 || job.moe.redundant_experts != 0)
+    SY_THROW(ConfigError, job.where(job.moe.expert_parallel_size ? "moe.expert_parallel_size" : "moe.redundant_experts"),
+             ": moe-lm-train runs the experts expert-parallel over the world; EP x DP and redundant experts are "
+             "not built for it yet (expected 0)");
+  ModelConfig c;
+  c.name = "moe-lm";
+  c.vocab_size = 256;
+  c.d_model = static_cast<int>(m.model_dim);
+  c.layers = lm.layers;
+  c.heads = lm.heads;
+  c.max_seq = lm.seq;
+  c.experts = m.experts;
+  c.k = m.top_k;
+  c.hidden = m.hidden_dim;
+  c.activation = m.activation;
+  c.gate = m.gate;
+  c.renormalize = m.gate == "sigmoid_bias";
+  return c;
+}
+
+}  // namespace
+
+void train_lm(Runtime& rt, const JobConfig& job) {
+  Communicator& world = rt.world();
+  const bool leader = world.rank() == 0;
+  const TrainSection& tr = job.train;
+  const LmSection& lm = job.lm;
+  const ModelConfig mc = lm_model_config(job, world.size());
+  const bool automatic = job.moe.strategy == "auto";
+  LmTrainOptions options;
+  options.compute = tr.dtype;
+  options.capacity_factor = job.moe.capacity_factor;
+  options.plan.r = job.moe.r;
+  options.plan.d = job.moe.overlap_degree;
+  options.plan.a2a = parse_a2a_algorithm(job.moe.a2a, "moe.a2a");
+  options.plan.exchange = parse_exchange_mode(job.moe.exchange, "moe.exchange");
+  const int nodes = job.moe.nodes > 0 ? job.moe.nodes : rt.nodes();
+  options.node_size = world.size() % nodes == 0 ? world.size() / nodes : 0;
+  const TextCorpus corpus = TextCorpus::fortunes(lm.corpus);
+  TrainableLM model(mc, rt.world_ptr(), options);
+  model.init_parameters(static_cast<uint64_t>(tr.seed));
+  LmTrainSchedule schedule;
+  schedule.batch = lm.batch;
+  schedule.seq = lm.seq;
+  schedule.steps = tr.steps;
+  schedule.lr = tr.lr;
+  schedule.min_lr_ratio = tr.min_lr_ratio;
+  schedule.warmup = tr.warmup;
+  schedule.clip = tr.clip;
+  schedule.balance_coef = tr.balance_coef;
+  schedule.seed = static_cast<uint64_t>(tr.seed);
+  schedule.adam.weight_decay = tr.weight_decay;
+  LmTrainer trainer(model, corpus, schedule);
+  const double unigram = corpus.unigram_nats();
+  if (tr.resume && tr.checkpoint.empty())
+    SY_THROW(ConfigError, job.where("train.resume"), ": train.resume = true needs train.checkpoint (a directory)");
+  if (tr.resume && Checkpoint::exists(tr.checkpoint)) {
+    const auto meta = trainer.resume(tr.checkpoint);
+    if (leader)
+      std::printf("# resumed from %s (generation %s, saved by %s ranks) at step %lld\n", tr.checkpoint.c_str(),
+                  std::to_string(Checkpoint::open(tr.checkpoint).generation()).c_str(),
+                  std::to_string(Checkpoint::open(tr.checkpoint).world_size()).c_str(),
+                  static_cast<long long>(trainer.next_step()));
+  }
+  int64_t parameters = 0;
+  for (const TrainParam& p : model.parameters())
+    parameters += p.kind == ParamKind::expert ? p.value.numel() * world.size() : p.value.numel();
+  if (leader)
+    std::printf("# moe-lm-train: %d ranks (%s), %d layers, d_model %d, %d heads, %d experts top-%d (hidden %lld, %s), "
+                "%.2f M parameters, %s experts; %d x %d bytes per step, %d steps, AdamW lr %g (warm-up %lld, cosine to "
+                "x%g), clip %g; plan %s; corpus %s: %zu bytes train, %zu held out, unigram %.3f nats/byte\n",
+                world.size(), std::string(world.backend_name()).c_str(), mc.layers, mc.d_model, mc.heads, mc.experts,
+                mc.k, static_cast<long long>(mc.hidden), mc.activation.c_str(), parameters / 1e6,
+                dtype_name(tr.dtype).data(), lm.batch, lm.seq, tr.steps, tr.lr, static_cast<long long>(tr.warmup),
+                tr.min_lr_ratio, tr.clip, automatic ? "auto (the planner's per batch)" : options.plan.describe().c_str(),
+                lm.corpus.c_str(), corpus.train.size(), corpus.held_out.size(), unigram);
+  // auto: every candidate fixed for lm.probe_plans steps first (timed), then the planner.
+  std::vector<ExecPlan> probe;
+  PlannerOptions po;
+  po.input_grad = true;
+  if (automatic) {
+    const std::vector<ExecPlan> all = tutel_plans(model.moe(0), po);
+    for (int rep = 0; rep < lm.probe_plans; ++rep) probe.insert(probe.end(), all.begin(), all.end());
+  }
+  std::map<std::string, std::vector<double>> probed;  // plan -> MoE seconds per step
+  std::vector<std::unique_ptr<MoEPlanner>> planners;
+  std::map<std::string, int> ran;  // plans auto ran since the last plan line (layer-steps)
+  std::vector<double> auto_moe;
+  auto moe_seconds = [&] {
+    double s = 0;
+    for (int l = 0; l < mc.layers; ++l) s += model.moe(l).phase_times().total();
+    return s;
+  };
+  auto save = [&] {
+    const uint64_t g = trainer.save(tr.checkpoint);
+    if (leader)
+      std::printf("checkpoint: %s (generation %llu, step %lld)\n", tr.checkpoint.c_str(),
+                  static_cast<unsigned long long>(g), static_cast<long long>(trainer.next_step()));
+  };
+  auto evaluate = [&] {
+    const double held = trainer.held_out_loss(lm.eval_sequences);
+    if (leader)
+      std::printf("held-out loss %.4f nats/byte (unigram %.4f; ratio %.3f) after %lld steps\n", held, unigram,
+                  held / unigram, static_cast<long long>(trainer.next_step()));
+    return held;
+  };
+  const auto start = Clock::now();
+  int64_t ran_steps = 0, probe_at = 0;
+  double step_seconds = 0;
+  std::fflush(stdout);
+  const int64_t end = tr.stop_after > 0 ? std::min<int64_t>(tr.steps, trainer.next_step() + tr.stop_after) : tr.steps;
+  while (trainer.next_step() < end) {
+    const bool probing = probe_at < static_cast<int64_t>(probe.size());
+    if (probing) {
+      model.set_fixed_plan(probe[static_cast<size_t>(probe_at)]);
+      model.set_plan_choosers({});
+    } else if (automatic && planners.empty()) {
+      auto [device, link] = MoEPlanner::calibrate(model.moe(0), options.node_size > 0 ? options.node_size : world.size());
+      std::vector<PlanChooser*> choosers;
+      for (int l = 0; l < mc.layers; ++l) {
+        planners.push_back(std::make_unique<MoEPlanner>(model.moe(l), device, link, po));
+        choosers.push_back(planners.back().get());
+      }
+      model.set_plan_choosers(choosers);
+    }
+    const double moe_before = moe_seconds();
+    const auto t0 = Clock::now();
+    const LmTrainer::Step st = trainer.step();
+    double times[2] = {std::chrono::duration<double>(Clock::now() - t0).count(), moe_seconds() - moe_before};
+    world.allreduce(TensorView(times, DType::f64, {2}), TensorView(times, DType::f64, {2}), {.op = ReduceOp::max}).wait();
+    step_seconds += times[0];
+    ++ran_steps;
+    if (probing) {
+      probed[probe[static_cast<size_t>(probe_at)].describe()].push_back(times[1]);
+      ++probe_at;
+    } else if (automatic) {
+      auto_moe.push_back(times[1]);
+      for (int l = 0; l < mc.layers; ++l) ++ran[model.moe(l).last_plan().exec.describe()];
+    }
+    const int64_t s = st.step + 1;
+    const bool last = s == end;
+    if (leader && (st.step % tr.log_every == 0 || last)) {
+      const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
+      std::printf("step %5lld/%d  loss %.6f  balance %.3f  |g| %.3f  lr %.2e  %.0f tokens/s  %.1f s%s\n",
+                  static_cast<long long>(s), tr.steps, st.loss, st.balance, st.grad_norm, st.lr,
+                  static_cast<double>(ran_steps) * lm.batch * lm.seq / std::max(step_seconds, 1e-9), elapsed,
+                  probing ? ("  (probing " + probe[static_cast<size_t>(probe_at - 1)].describe() + ")").c_str() : "");
+    }
+    if (leader && automatic && !probing && !ran.empty() && (st.step % tr.log_every == 0 || last)) {
+      std::string plans;
+      for (const auto& [plan, count] : ran) plans += (plans.empty() ? "" : ", ") + plan + " x" + std::to_string(count);
+      std::string best;
+      double best_time = 0;
+      for (const auto& [plan, t] : probed)
+        if (best.empty() || median(t) < best_time) best = plan, best_time = median(t);
+      const double mine = median(auto_moe);
+      if (best.empty())
+        std::printf("plan: auto ran %s (layer-steps); MoE %.2f ms/step (no probe: lm.probe_plans = 0)\n", plans.c_str(),
+                    1e3 * mine);
+      else
+        std::printf("plan: auto ran %s (layer-steps); MoE %.2f ms/step, best fixed %s %.2f ms/step (probed first): "
+                    "auto/best %.3f\n",
+                    plans.c_str(), 1e3 * mine, best.c_str(), 1e3 * best_time, mine / std::max(best_time, 1e-12));
+      ran.clear();
+      auto_moe.clear();
+    }
+    std::fflush(stdout);
+    if (s % lm.eval_every == 0 && !last) evaluate();
+    if (!tr.checkpoint.empty() && tr.checkpoint_every > 0 && s % tr.checkpoint_every == 0 && !last) save();
+  }
+  const double held = evaluate();
+  if (!tr.checkpoint.empty()) save();
+  if (leader && ran_steps > 0) {
+    std::printf("# %lld steps in %.1f s: %.3f s/step, %.0f tokens/s over %d ranks; held-out %.4f nats/byte = %.3f x "
+                "unigram\n",
+                static_cast<long long>(ran_steps), step_seconds, step_seconds / ran_steps,
+                static_cast<double>(ran_steps) * lm.batch * lm.seq / step_seconds, world.size(), held, held / unigram);
+  }
+  std::fflush(stdout);
+}
+
+}  // namespace switchyard
