@@ -124,7 +124,9 @@ uint64_t save_checkpoint(Communicator& world, const std::string& dir,
     for (const auto& entry : fs::directory_iterator(dir)) {
       std::smatch m;
       const std::string name = entry.path().filename().string();
-      if (std::regex_match(name, m, shard_pattern) && std::stoull(m[1].str()) != generation) fs::remove(entry.path());
+      // Every rank renamed its temporary file before reporting, so any left is a stray.
+      if (std::regex_match(name, m, shard_pattern) && (std::stoull(m[1].str()) != generation || m[2].matched))
+        fs::remove(entry.path());
     }
   }
   world.barrier().wait();  // nobody reads the directory before the manifest is in place

@@ -154,7 +154,7 @@ TEST(Config, BadFilesNameFileLineKeyValueAndExpectation) {
   expect_file_error("bad_unknown_key.yaml", 4,
                     {":4:3: unknown key 'comm.bakend'", "known keys under comm: backend, ranks, timeout_ms"});
   expect_file_error("bad_unknown_section.yaml", 3,
-                    {":3:1: unknown key 'benchmark'", "known top-level keys: job, comm, bench, moe, train, model, serve, log"});
+                    {":3:1: unknown key 'benchmark'", "known top-level keys: job, comm, bench, moe, train, lm, model, serve, log"});
   expect_file_error("bad_type.yaml", 4, {":4:10: comm.ranks: got 'four', expected an integer in [1, 4096]"});
   expect_file_error("bad_range.yaml", 4, {":4:16: bench.step_factor: got '1', expected an integer >= 2"});
   expect_file_error("bad_enum.yaml", 7, {":7:12: comm.backend: got 'mpii', expected one of auto, threads, mpi, ucx, fake"});
@@ -169,7 +169,7 @@ TEST(Config, BadFilesNameFileLineKeyValueAndExpectation) {
   expect_file_error("bad_dtype.yaml", 3, {":3:10: bench.dtype: got 'float128', expected a dtype: f32"});
   expect_file_error("bad_bool.yaml", 3, {":3:10: bench.check: got 'maybe', expected true or false"});
   expect_file_error("bad_duplicate.yaml", 4, {":4:3: duplicate key 'comm.ranks'"});
-  expect_file_error("bad_top_level.yaml", 2, {"got a list, expected a map with keys job, comm, bench, moe, train, model, serve, log"});
+  expect_file_error("bad_top_level.yaml", 2, {"got a list, expected a map with keys job, comm, bench, moe, train, lm, model, serve, log"});
 }
 
 TEST(Config, MoreValueErrors) {
@@ -232,7 +232,7 @@ TEST(Config, BadOverridesNameTheOverride) {
   EXPECT_NE(error_of("comm.bakend=mpi").find("--set comm.bakend=mpi: unknown key 'comm.bakend' (known keys under comm: "
                                              "backend, ranks, timeout_ms)"),
             std::string::npos);
-  EXPECT_NE(error_of("benchx.iters=3").find("unknown key 'benchx.iters' (known top-level keys: job, comm, bench, moe, train, model, serve, log)"),
+  EXPECT_NE(error_of("benchx.iters=3").find("unknown key 'benchx.iters' (known top-level keys: job, comm, bench, moe, train, lm, model, serve, log)"),
             std::string::npos);
   EXPECT_NE(error_of("bench.ops=[alltoall,bogus]").find("bench.ops[1]: got 'bogus'"), std::string::npos);
   EXPECT_NE(error_of("bench.ops=[alltoall").find("--set bench.ops=[alltoall: bench.ops: the value is not valid YAML"),
@@ -276,7 +276,7 @@ TEST(Config, SchemaDocumentsEveryKey) {
   EXPECT_NE(md.find("| `comm.ranks` | int | `4` | [1, 4096] |"), std::string::npos) << md;
   EXPECT_NE(md.find("| `bench.min_bytes` | size | `64K` |"), std::string::npos) << md;
   const auto rows = config_schema();
-  EXPECT_EQ(rows.size(), 56u);
+  EXPECT_EQ(rows.size(), 73u);
   for (const auto& row : rows) EXPECT_FALSE(row.doc.empty()) << row.key;
 }
 
