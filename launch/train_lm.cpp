@@ -7,6 +7,7 @@
 #include <memory>
 
 #include "core/error.h"
+#include "kernels/gemm.h"
 #include "model/lm_train.h"
 #include "moe/planner.h"
 #include "parallel/checkpoint.h"
@@ -56,6 +57,55 @@ ModelConfig lm_model_config(const JobConfig& job, int world) {
   c.gate = m.gate;
   c.renormalize = m.gate == "sigmoid_bias";
   return c;
+}
+
+// GFLOP/s of one rank's GEMMs while every rank runs them at once (the
+// machine's cores shared as during training), f32 and bf16, at a square
+// shape large enough to reach the library's rate: the floor's rate.
+std::pair<double, double> concurrent_gemm_rates(Communicator& world) {
+  const int64_t n = 1024;
+  std::vector<float> a(static_cast<size_t>(n * n), 0.5f), b(a), c(a);
+  std::vector<uint16_t> a16(a.size()), b16(a.size());
+  kernels::cpu::to_bf16(a.data(), n * n, a16.data());
+  kernels::cpu::to_bf16(b.data(), n * n, b16.data());
+  auto gemm = [&](bool bf16) {
+    if (bf16) {
+      kernels::GemmBf16Args g;
+      g.m = g.n = g.k = n, g.a = a16.data(), g.lda = n, g.b = b16.data(), g.ldb = n, g.c = c.data(), g.ldc = n;
+      kernels::cpu::gemm_bf16(g);
+    } else {
+      kernels::GemmArgs g;
+      g.m = g.n = g.k = n, g.a = a.data(), g.lda = n, g.b = b.data(), g.ldb = n, g.c = c.data(), g.ldc = n;
+      kernels::cpu::gemm_f32(g);
+    }
+  };
+  // Every rank runs `reps` GEMMs between two barriers, so all of them are busy
+  // throughout; the rate is this rank's FLOPs over the slowest rank's time. Best of 3.
+  auto timed = [&](bool bf16) {
+    gemm(bf16);  // warm-up (primitive creation)
+    const int reps = 6;
+    double best = 0;
+    for (int trial = 0; trial < 3; ++trial) {
+      world.barrier().wait();
+      const auto t0 = Clock::now();
+      for (int i = 0; i < reps; ++i) gemm(bf16);
+      const double elapsed = allreduce_scalar(world, std::chrono::duration<double>(Clock::now() - t0).count(), ReduceOp::max);
+      best = std::max(best, reps * 2.0 * n * n * n / elapsed);
+    }
+    return best;
+  };
+  const double f32 = timed(false), bf16 = timed(true);
+  return {f32, bf16};
+}
+
+// FLOPs of one training step's dense GEMMs on `sequences` sequences of T
+// (forward, input and weight gradients: three GEMMs of each product;
+// attention's scores and mixing, four more in the backward).
+double dense_step_flops(const ModelConfig& c, int sequences, int T) {
+  const double N = static_cast<double>(sequences) * T, d = c.d_model, V = c.vocab_size;
+  const double projections = 3 * 4 * 2 * N * d * d, head = 3 * 2 * N * d * V;
+  const double attention = (4 + 8) * static_cast<double>(sequences) * T * T * d;  // 2 fwd + 4 bwd GEMMs of 2 T^2 hd per head
+  return c.layers * (projections + attention) + head;
 }
 
 }  // namespace
@@ -126,6 +176,12 @@ void train_lm(Runtime& rt, const JobConfig& job) {
   std::vector<std::unique_ptr<MoEPlanner>> planners;
   std::map<std::string, int> ran;  // plans auto ran since the last plan line (layer-steps)
   std::vector<double> auto_moe;
+  auto moe_flops = [&] {
+    double f = 0;
+    for (int l = 0; l < mc.layers; ++l) f += model.moe(l).gemm_flops();
+    return f;
+  };
+  double rank_dense_flops = 0, rank_moe_flops = 0;  // this rank's, summed over the steps run
   auto moe_seconds = [&] {
     double s = 0;
     for (int l = 0; l < mc.layers; ++l) s += model.moe(l).phase_times().total();
@@ -163,13 +219,15 @@ void train_lm(Runtime& rt, const JobConfig& job) {
       }
       model.set_plan_choosers(choosers);
     }
-    const double moe_before = moe_seconds();
+    const double moe_before = moe_seconds(), moe_flops_before = moe_flops();
     const auto t0 = Clock::now();
     const LmTrainer::Step st = trainer.step();
     double times[2] = {std::chrono::duration<double>(Clock::now() - t0).count(), moe_seconds() - moe_before};
     world.allreduce(TensorView(times, DType::f64, {2}), TensorView(times, DType::f64, {2}), {.op = ReduceOp::max}).wait();
     step_seconds += times[0];
     ++ran_steps;
+    rank_moe_flops += moe_flops() - moe_flops_before;
+    rank_dense_flops += dense_step_flops(mc, static_cast<int>(trainer.starts(st.step).size()), lm.seq);
     if (probing) {
       probed[probe[static_cast<size_t>(probe_at)].describe()].push_back(times[1]);
       ++probe_at;
@@ -210,11 +268,24 @@ void train_lm(Runtime& rt, const JobConfig& job) {
   }
   const double held = evaluate();
   if (!tr.checkpoint.empty()) save();
-  if (leader && ran_steps > 0) {
-    std::printf("# %lld steps in %.1f s: %.3f s/step, %.0f tokens/s over %d ranks; held-out %.4f nats/byte = %.3f x "
-                "unigram\n",
-                static_cast<long long>(ran_steps), step_seconds, step_seconds / ran_steps,
-                static_cast<double>(ran_steps) * lm.batch * lm.seq / step_seconds, world.size(), held, held / unigram);
+  if (ran_steps > 0) {
+    // The floor: each rank's GEMM FLOPs at its measured concurrent rate; the slowest rank's bounds the step.
+    const auto [f32_rate, bf16_rate] = concurrent_gemm_rates(world);
+    const double expert_rate = tr.dtype == DType::bf16 ? bf16_rate : f32_rate;
+    double floor[2] = {(rank_dense_flops / f32_rate + rank_moe_flops / expert_rate) / ran_steps,
+                       (rank_dense_flops + rank_moe_flops) / ran_steps};
+    const double total_flops = allreduce_scalar(world, floor[1]);
+    world.allreduce(TensorView(floor, DType::f64, {2}), TensorView(floor, DType::f64, {2}), {.op = ReduceOp::max}).wait();
+    if (leader) {
+      const double per_step = step_seconds / ran_steps;
+      std::printf("# %lld steps in %.1f s: %.4f s/step, %.0f tokens/s over %d ranks; held-out %.4f nats/byte = %.3f x "
+                  "unigram\n",
+                  static_cast<long long>(ran_steps), step_seconds, per_step,
+                  static_cast<double>(ran_steps) * lm.batch * lm.seq / step_seconds, world.size(), held, held / unigram);
+      std::printf("# GEMM floor: %.3f GFLOP per step over all ranks; the busiest rank's GEMMs at its measured "
+                  "concurrent rate (%.1f GFLOP/s f32, %.1f bf16: 1024^3 GEMMs on every rank at once) take %.4f s: step time / floor = %.2f\n",
+                  total_flops / 1e9, f32_rate / 1e9, bf16_rate / 1e9, floor[0], per_step / floor[0]);
+    }
   }
   std::fflush(stdout);
 }

@@ -68,7 +68,8 @@ void rmsnorm_backward(const float* x, const float* w, const float* rstd, const f
 void add_into(Tensor& dst, const Tensor& src) {
   float* d = dst.data_as<float>();
   const float* s = src.data_as<float>();
-  for (int64_t i = 0; i < dst.numel(); ++i) d[i] += s[i];
+  const int64_t n = dst.numel();
+  for (int64_t i = 0; i < n; ++i) d[i] += s[i];
 }
 
 }  // namespace
@@ -202,7 +203,8 @@ double TrainableLM::gradient_norm() {
   for (const TrainParam& p : parameters()) {
     double s = 0;
     const float* g = p.grad.data_as<float>();
-    for (int64_t i = 0; i < p.grad.numel(); ++i) s += static_cast<double>(g[i]) * g[i];
+    const int64_t n = p.grad.numel();
+    for (int64_t i = 0; i < n; ++i) s += static_cast<double>(g[i]) * g[i];
     (p.kind == ParamKind::expert ? experts : shared) += s;
   }
   return std::sqrt(shared + allreduce_scalar(*world_, experts));
@@ -250,11 +252,17 @@ void TrainableLM::attention_forward(const Dense& w, LayerCache& c, int B, int T)
   c.p = Tensor::empty({static_cast<int64_t>(B) * h, T, T}, DType::f32);
   c.o = Tensor::empty({N, d}, DType::f32);
   const float scale = 1.f / std::sqrt(static_cast<float>(hd));
-  for (int b = 0; b < B; ++b)
-    for (int head = 0; head < h; ++head) {
-      float* P = c.p.data_as<float>() + (static_cast<int64_t>(b) * h + head) * T * T;
+  float* const p_all = c.p.data_as<float>();
+  const float *const qd = c.q.data_as<float>(), *const kd = c.k.data_as<float>(), *const vd = c.v.data_as<float>();
+  float* const od = c.o.data_as<float>();
+  // One (sequence, head) per iteration: the GEMMs are small, so the threads split the pairs, each GEMM on one.
+#pragma omp parallel for schedule(static) if (B * h > 1)
+  for (int bh = 0; bh < B * h; ++bh) {
+    const int b = bh / h, head = bh % h;
+    {
+      float* P = p_all + static_cast<int64_t>(bh) * T * T;
       const int64_t at = static_cast<int64_t>(b) * T * d + head * hd;
-      mm(false, true, T, T, hd, c.q.data_as<float>() + at, d, c.k.data_as<float>() + at, d, 0.f, P, T, scale);
+      mm(false, true, T, T, hd, qd + at, d, kd + at, d, 0.f, P, T, scale);
       for (int i = 0; i < T; ++i) {  // causal softmax: query i sees keys 0..i
         float* row = P + static_cast<int64_t>(i) * T;
         float mx = row[0];
@@ -265,8 +273,9 @@ void TrainableLM::attention_forward(const Dense& w, LayerCache& c, int B, int T)
         for (int j = 0; j <= i; ++j) row[j] *= inv;
         for (int j = i + 1; j < T; ++j) row[j] = 0.f;
       }
-      mm(false, false, T, hd, T, P, T, c.v.data_as<float>() + at, d, 0.f, c.o.data_as<float>() + at, d);
+      mm(false, false, T, hd, T, P, T, vd + at, d, 0.f, od + at, d);
     }
+  }
 }
 
 void TrainableLM::attention_backward(const Dense& w, Dense& g, const LayerCache& c, int B, int T, Tensor& dx) {
@@ -278,14 +287,21 @@ void TrainableLM::attention_backward(const Dense& w, Dense& g, const LayerCache&
   mm(false, true, N, d, d, dx.data_as<float>(), d, w.wo.data_as<float>(), d, 0.f, d_o.data_as<float>(), d);
   Tensor dq = Tensor::empty({N, d}, DType::f32), dk = Tensor::empty({N, d}, DType::f32);
   Tensor dv = Tensor::empty({N, d}, DType::f32);
-  std::vector<float> dP(static_cast<size_t>(T) * T);
   const float scale = 1.f / std::sqrt(static_cast<float>(hd));
-  for (int b = 0; b < B; ++b)
-    for (int head = 0; head < h; ++head) {
-      const float* P = c.p.data_as<float>() + (static_cast<int64_t>(b) * h + head) * T * T;
+  const float* const p_all = c.p.data_as<float>();
+  const float *const qd = c.q.data_as<float>(), *const kd = c.k.data_as<float>(), *const vd = c.v.data_as<float>();
+  const float* const dod = d_o.data_as<float>();
+  float *const dqd = dq.data_as<float>(), *const dkd = dk.data_as<float>(), *const dvd = dv.data_as<float>();
+#pragma omp parallel for schedule(static) if (B * h > 1)
+  for (int bh = 0; bh < B * h; ++bh) {
+    const int b = bh / h, head = bh % h;
+    thread_local std::vector<float> dP;
+    dP.resize(static_cast<size_t>(T) * T);
+    {
+      const float* P = p_all + static_cast<int64_t>(bh) * T * T;
       const int64_t at = static_cast<int64_t>(b) * T * d + head * hd;
-      mm(false, true, T, T, hd, d_o.data_as<float>() + at, d, c.v.data_as<float>() + at, d, 0.f, dP.data(), T);
-      mm(true, false, T, hd, T, P, T, d_o.data_as<float>() + at, d, 0.f, dv.data_as<float>() + at, d);
+      mm(false, true, T, T, hd, dod + at, d, vd + at, d, 0.f, dP.data(), T);
+      mm(true, false, T, hd, T, P, T, dod + at, d, 0.f, dvd + at, d);
       for (int i = 0; i < T; ++i) {  // dS = P (dP - rowsum(dP P)) * scale, zero above the diagonal
         float* row = dP.data() + static_cast<int64_t>(i) * T;
         const float* prow = P + static_cast<int64_t>(i) * T;
@@ -294,9 +310,10 @@ void TrainableLM::attention_backward(const Dense& w, Dense& g, const LayerCache&
         for (int j = 0; j <= i; ++j) row[j] = prow[j] * (row[j] - static_cast<float>(dot)) * scale;
         for (int j = i + 1; j < T; ++j) row[j] = 0.f;
       }
-      mm(false, false, T, hd, T, dP.data(), T, c.k.data_as<float>() + at, d, 0.f, dq.data_as<float>() + at, d);
-      mm(true, false, T, hd, T, dP.data(), T, c.q.data_as<float>() + at, d, 0.f, dk.data_as<float>() + at, d);
+      mm(false, false, T, hd, T, dP.data(), T, kd + at, d, 0.f, dqd + at, d);
+      mm(true, false, T, hd, T, dP.data(), T, qd + at, d, 0.f, dkd + at, d);
     }
+  }
   for (int64_t r = 0; r < N; ++r) {  // back through the rotation: its transpose
     const int pos = static_cast<int>(r % T);
     const float* cs = cos_.data() + static_cast<size_t>(pos) * half;
@@ -437,7 +454,8 @@ void AdamW::step(std::vector<TrainParam>& params, double lr) {
     float* m = s.m.data_as<float>();
     float* v = s.v.data_as<float>();
     const float decay = static_cast<float>(1.0 - lr * options_.weight_decay);
-    for (int64_t i = 0; i < p.value.numel(); ++i) {
+    const int64_t n = p.value.numel();
+    for (int64_t i = 0; i < n; ++i) {
       m[i] = static_cast<float>(b1 * m[i] + (1 - b1) * g[i]);
       v[i] = static_cast<float>(b2 * v[i] + (1 - b2) * static_cast<double>(g[i]) * g[i]);
       const double update = (m[i] / c1) / (std::sqrt(v[i] / c2) + options_.eps);
@@ -651,8 +669,11 @@ LmTrainer::Step LmTrainer::step() {
   out.grad_norm = model_.gradient_norm();
   if (schedule_.clip > 0 && out.grad_norm > schedule_.clip) {
     const float scale = static_cast<float>(schedule_.clip / out.grad_norm);
-    for (TrainParam& p : params)
-      for (int64_t i = 0; i < p.grad.numel(); ++i) p.grad.data_as<float>()[i] *= scale;
+    for (TrainParam& p : params) {
+      float* g = p.grad.data_as<float>();
+      const int64_t n = p.grad.numel();
+      for (int64_t i = 0; i < n; ++i) g[i] *= scale;
+    }
   }
   optimizer_.step(params, out.lr);
   double sums[2] = {loss.ce_sum, loss.balance};

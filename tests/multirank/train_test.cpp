@@ -5,14 +5,19 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <algorithm>
 #include <map>
 
+#include <nlohmann/json.hpp>
+
 #include "comm/backends/threads/threads_backend.h"
 #include "core/rng.h"
+#include "core/safetensors.h"
 #include "model/lm_train.h"
 #include "model/model.h"
 #include "parallel/checkpoint.h"
@@ -466,6 +471,137 @@ TEST(LmTrain, AFailedSaveLeavesThePreviousGenerationAndTornShardsAreNamed) {
       }
     }
     world.barrier().wait();
+  }, Milliseconds(30000));
+}
+
+// The PyTorch model of examples/tiny_lm/tinylm.py (embeddings, RMSNorms,
+// rotary attention and head in torch autograd; the MoE FFNs the same C++
+// layer through switchyard.torch) against this model: one training step's
+// gradients of the same weights and batch, every tensor, every element.
+// tests/python/torch_lm_grads.py writes the file that
+// SWITCHYARD_TORCH_GRADS names (CTest's train_torch_grads does both).
+ModelConfig torch_grads_config() {  // tests/python/torch_lm_grads.py's CONFIG
+  ModelConfig c;
+  c.name = "torch-grads";
+  c.vocab_size = 256;
+  c.d_model = 32;
+  c.layers = 2;
+  c.heads = 4;
+  c.norm_eps = 1e-5;
+  c.rope_theta = 10000.0;
+  c.max_seq = 16;
+  c.experts = 4;
+  c.k = 2;
+  c.hidden = 24;
+  c.activation = "gelu";
+  c.gate = "softmax";
+  c.renormalize = false;
+  return c;
+}
+
+TEST(LmTrain, GradientsMatchThePyTorchModel) {
+  const char* env = std::getenv("SWITCHYARD_TORCH_GRADS");
+  if (env == nullptr || *env == '\0')
+    GTEST_SKIP() << "SWITCHYARD_TORCH_GRADS is unset: no PyTorch gradients to compare with (CTest's "
+                    "train_torch_grads writes them with tests/python/torch_lm_grads.py)";
+  const std::string path = env;
+  ASSERT_TRUE(fs::is_regular_file(path)) << "SWITCHYARD_TORCH_GRADS='" << path << "' is not a file";
+  for_each_rank([&path](Communicator&, uint64_t) {
+    // Every rank does the whole check on a world of its own: on one rank the
+    // layer's slots are all the experts, as on the PyTorch side.
+    auto one = ThreadsWorld(1).communicator(0);
+    const SafetensorsFile file = SafetensorsFile::open(path);
+    const ModelConfig config = torch_grads_config();
+    const auto meta = [&](const std::string& key) {
+      const auto it = file.metadata().find(key);
+      if (it == file.metadata().end()) throw std::runtime_error(path + ": no metadata '" + key + "'");
+      return it->second;
+    };
+    {  // the script's architecture is the one built here
+      const nlohmann::json j = nlohmann::json::parse(meta("config"));
+      const nlohmann::json& f = j.at("ffn");
+      EXPECT_EQ(j.at("vocab_size").get<int>(), config.vocab_size);
+      EXPECT_EQ(j.at("d_model").get<int>(), config.d_model);
+      EXPECT_EQ(j.at("layers").get<int>(), config.layers);
+      EXPECT_EQ(j.at("heads").get<int>(), config.heads);
+      EXPECT_EQ(j.at("norm_eps").get<double>(), config.norm_eps);
+      EXPECT_EQ(j.at("rope_theta").get<double>(), config.rope_theta);
+      EXPECT_EQ(j.at("max_seq").get<int>(), config.max_seq);
+      EXPECT_EQ(f.at("experts").get<int>(), config.experts);
+      EXPECT_EQ(f.at("k").get<int>(), config.k);
+      EXPECT_EQ(f.at("hidden").get<int64_t>(), config.hidden);
+      EXPECT_EQ(f.at("activation").get<std::string>(), config.activation);
+      EXPECT_EQ(f.at("gate").get<std::string>(), config.gate);
+      EXPECT_EQ(f.at("renormalize").get<bool>(), config.renormalize);
+    }
+    const double coef = std::stod(meta("balance_coef"));
+    ASSERT_NE(coef, 0.0) << "the balance loss must take part";
+    ASSERT_EQ(file.entry("tokens").shape.size(), 2u);
+    const int B = static_cast<int>(file.entry("tokens").shape[0]), T = static_cast<int>(file.entry("tokens").shape[1]);
+    const Tensor tokens_t = file.load("tokens", {B, T}, DType::i32), targets_t = file.load("targets", {B, T}, DType::i32);
+    const std::vector<int> tokens(tokens_t.data_as<int32_t>(), tokens_t.data_as<int32_t>() + B * T);
+    const std::vector<int> targets(targets_t.data_as<int32_t>(), targets_t.data_as<int32_t>() + B * T);
+    const double torch_loss = file.load("loss", {1}, DType::f32).data_as<float>()[0];
+
+    TrainableLM model(config, one, dropless());
+    ASSERT_EQ(model.local_experts(), config.experts);
+    // The file's weights (experts stacked [E, ...] in logical order) into the model's tensors.
+    const auto copy_in = [&](const std::string& name, const TrainParam& p, const Tensor& dst) {
+      const Tensor src = file.load(name, p.value.shape(), DType::f32);  // [L, ...] = [E, ...] on one rank
+      if (p.kind != ParamKind::expert) {
+        std::memcpy(dst.data(), src.data(), src.nbytes());
+        return;
+      }
+      const int64_t per = src.numel() / config.experts;
+      for (int s = 0; s < model.local_experts(); ++s)
+        std::memcpy(dst.data_as<float>() + s * per, src.data_as<float>() + model.expert_at_slot(s) * per,
+                    static_cast<size_t>(per) * sizeof(float));
+    };
+    size_t names = 0;
+    for (const TrainParam& p : model.parameters()) {
+      copy_in(p.name, p, p.value);
+      ++names;
+    }
+    size_t in_file = 0;
+    for (const SafetensorsEntry& e : file.entries()) in_file += e.name.starts_with("grad.");
+    ASSERT_EQ(in_file, names) << "the file's gradients vs the model's parameters";
+
+    model.zero_grad();
+    const auto loss = model.forward_backward(tokens, targets, B, T, static_cast<double>(B) * T, coef);
+    model.all_reduce_gradients();  // one rank: nothing to sum
+    const double got = loss.ce_sum / (static_cast<double>(B) * T) + coef * loss.balance;
+    EXPECT_NEAR(got, torch_loss, 1e-5 * std::abs(torch_loss))
+        << "loss (ce_sum " << loss.ce_sum << ", balance " << loss.balance << ") vs PyTorch's";
+    if (std::getenv("SWITCHYARD_TORCH_GRADS_VERBOSE"))
+      std::printf("loss %.7f here, %.7f in PyTorch: %.2e relative\n", got, torch_loss,
+                  std::abs(got - torch_loss) / std::abs(torch_loss));
+
+    for (const TrainParam& p : model.parameters()) {
+      Tensor want = Tensor::zeros(p.grad.shape(), DType::f32);
+      copy_in("grad." + p.name, p, want);
+      const float* g = p.grad.data_as<float>();
+      const float* w = want.data_as<float>();
+      double largest = 0;
+      for (int64_t i = 0; i < want.numel(); ++i) largest = std::max(largest, std::abs(static_cast<double>(w[i])));
+      const double tolerance = 1e-4 * largest + 1e-6;
+      int64_t worst = 0;
+      double worst_err = -1;
+      for (int64_t i = 0; i < want.numel(); ++i) {
+        const double err = std::abs(static_cast<double>(g[i]) - w[i]);
+        if (err > worst_err || std::isnan(err)) {  // a NaN is the worst and stays so
+          worst_err = err;
+          worst = i;
+          if (std::isnan(err)) break;
+        }
+      }
+      EXPECT_TRUE(worst_err <= tolerance)
+          << p.name << ": worst element [" << worst << "] is " << g[worst] << " here, " << w[worst]
+          << " in PyTorch (|diff| " << worst_err << ", tolerance " << tolerance << ", largest |PyTorch grad| "
+          << largest << ")";
+      if (std::getenv("SWITCHYARD_TORCH_GRADS_VERBOSE"))
+        std::printf("%-28s max|grad| %.3e  worst |diff| %.3e = %.2e of max\n", p.name.c_str(), largest, worst_err,
+                    largest > 0 ? worst_err / largest : 0.0);
+    }
   }, Milliseconds(30000));
 }
 
