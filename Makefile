@@ -24,7 +24,7 @@ build: configure
 run: build
 	$(BUILD)/bin/switchyard run --config configs/quickstart.yaml
 	$(BUILD)/bin/switchyard generate --model runs/quickstart --prompt "The meaning of life is" \
-	  --max_new_tokens 160 --temperature 0.7 --top_k 20 --seed 1
+	  --max_new_tokens 100 --temperature 0.7 --top_k 20 --seed 1
 
 # The whole suite; tests that need a GPU carry the label "gpu" and are left out here.
 test: build

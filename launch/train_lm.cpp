@@ -39,6 +39,13 @@ ModelConfig lm_model_config(const JobConfig& job, int world) {
   if (job.train.dtype != DType::f32 && job.train.dtype != DType::bf16)
     SY_THROW(ConfigError, job.where("train.dtype"), ": train.dtype = ", dtype_name(job.train.dtype),
              ", expected f32 or bf16");
+  if (m.gate == "sigmoid_bias")
+    SY_THROW(ConfigError, job.where("moe.gate"), ": moe.gate = sigmoid_bias: its bias balancing is not built into "
+             "moe-lm-train yet (nor saved in its checkpoints); expected softmax");
+  if ((job.train.checkpoint_every > 0 || job.train.stop_after > 0) && job.train.checkpoint.empty())
+    SY_THROW(ConfigError, job.where(job.train.checkpoint_every > 0 ? "train.checkpoint_every" : "train.stop_after"),
+             ": ", job.train.checkpoint_every > 0 ? "train.checkpoint_every" : "train.stop_after",
+             " needs train.checkpoint (a directory to save into)");
   if (job.moe.expert_parallel_size != 0 || job.moe.redundant_experts != 0)
     SY_THROW(ConfigError, job.where(job.moe.expert_parallel_size ? "moe.expert_parallel_size" : "moe.redundant_experts"),
              ": moe-lm-train runs the experts expert-parallel over the world; EP x DP and redundant experts are "
@@ -120,6 +127,8 @@ void train_lm(Runtime& rt, const JobConfig& job) {
   LmTrainOptions options;
   options.compute = tr.dtype;
   options.capacity_factor = job.moe.capacity_factor;
+  options.capacity_rounding = parse_capacity_rounding(job.moe.capacity_rounding, "moe.capacity_rounding");
+  options.balance_loss = parse_balance_loss(job.moe.balance_loss, "moe.balance_loss");
   options.plan.r = job.moe.r;
   options.plan.d = job.moe.overlap_degree;
   options.plan.a2a = parse_a2a_algorithm(job.moe.a2a, "moe.a2a");
@@ -138,19 +147,27 @@ void train_lm(Runtime& rt, const JobConfig& job) {
   schedule.warmup = tr.warmup;
   schedule.clip = tr.clip;
   schedule.balance_coef = tr.balance_coef;
+  schedule.z_coef = tr.z_coef;
   schedule.seed = static_cast<uint64_t>(tr.seed);
   schedule.adam.weight_decay = tr.weight_decay;
   LmTrainer trainer(model, corpus, schedule);
   const double unigram = corpus.unigram_nats();
   if (tr.resume && tr.checkpoint.empty())
     SY_THROW(ConfigError, job.where("train.resume"), ": train.resume = true needs train.checkpoint (a directory)");
-  if (tr.resume && Checkpoint::exists(tr.checkpoint)) {
+  // Rank 0 looks, every rank follows: ranks that disagreed (a directory not shared) would train different runs.
+  double found = leader && !tr.checkpoint.empty() && Checkpoint::exists(tr.checkpoint) ? 1.0 : 0.0;
+  world.broadcast(TensorView(&found, DType::f64, {1}), 0).wait();
+  if (tr.resume && found != 0) {
     const auto meta = trainer.resume(tr.checkpoint);
     if (leader)
       std::printf("# resumed from %s (generation %s, saved by %s ranks) at step %lld\n", tr.checkpoint.c_str(),
-                  std::to_string(Checkpoint::open(tr.checkpoint).generation()).c_str(),
-                  std::to_string(Checkpoint::open(tr.checkpoint).world_size()).c_str(),
+                  meta.at("generation").c_str(), meta.at("world_size").c_str(),
                   static_cast<long long>(trainer.next_step()));
+  } else if (leader && found != 0) {
+    std::printf("# %s holds a checkpoint; this run starts fresh and replaces it at its first save (train.resume: "
+                "true continues it)\n", tr.checkpoint.c_str());
+  } else if (leader && tr.resume) {
+    std::printf("# train.resume: no checkpoint in %s yet; starting fresh\n", tr.checkpoint.c_str());
   }
   int64_t parameters = 0;
   for (const TrainParam& p : model.parameters())
@@ -168,9 +185,17 @@ void train_lm(Runtime& rt, const JobConfig& job) {
   std::vector<ExecPlan> probe;
   PlannerOptions po;
   po.input_grad = true;
+  const int64_t end = tr.stop_after > 0 ? std::min<int64_t>(tr.steps, trainer.next_step() + tr.stop_after) : tr.steps;
   if (automatic) {
     const std::vector<ExecPlan> all = tutel_plans(model.moe(0), po);
     for (int rep = 0; rep < lm.probe_plans; ++rep) probe.insert(probe.end(), all.begin(), all.end());
+    // The probe takes at most half of this run's steps, so the planner gets the rest.
+    if (static_cast<int64_t>(probe.size()) * 2 > end - trainer.next_step()) {
+      if (leader && !probe.empty())
+        std::printf("# no plan probe: its %zu steps would take more than half of this run's %lld\n", probe.size(),
+                    static_cast<long long>(end - trainer.next_step()));
+      probe.clear();
+    }
   }
   std::map<std::string, std::vector<double>> probed;  // plan -> MoE seconds per step
   std::vector<std::unique_ptr<MoEPlanner>> planners;
@@ -188,7 +213,7 @@ void train_lm(Runtime& rt, const JobConfig& job) {
     return s;
   };
   auto save = [&] {
-    const uint64_t g = trainer.save(tr.checkpoint);
+    const uint64_t g = trainer.save(tr.checkpoint, {{"capacity_factor", std::to_string(job.moe.capacity_factor)}});
     if (leader)
       std::printf("checkpoint: %s (generation %llu, step %lld)\n", tr.checkpoint.c_str(),
                   static_cast<unsigned long long>(g), static_cast<long long>(trainer.next_step()));
@@ -204,7 +229,6 @@ void train_lm(Runtime& rt, const JobConfig& job) {
   int64_t ran_steps = 0, probe_at = 0;
   double step_seconds = 0;
   std::fflush(stdout);
-  const int64_t end = tr.stop_after > 0 ? std::min<int64_t>(tr.steps, trainer.next_step() + tr.stop_after) : tr.steps;
   while (trainer.next_step() < end) {
     const bool probing = probe_at < static_cast<int64_t>(probe.size());
     if (probing) {

@@ -110,6 +110,8 @@ TrainableLM::TrainableLM(const ModelConfig& config, std::shared_ptr<Communicator
     mc.router.gate = c.gate == "sigmoid_bias" ? GateKind::sigmoid_bias : GateKind::softmax;
     mc.router.renormalize = c.renormalize;
     mc.router.capacity_factor = options_.capacity_factor;
+    mc.router.capacity_rounding = options_.capacity_rounding;
+    mc.router.balance_loss = options_.balance_loss;
     mc.plan = options_.plan;
     mc.node_size = options_.node_size;
     mc.compute = options_.compute;
@@ -118,9 +120,13 @@ TrainableLM::TrainableLM(const ModelConfig& config, std::shared_ptr<Communicator
   zero_grad();
 }
 
-int TrainableLM::local_experts() const { return moe_.front()->layout().slots(world_->rank()); }
+int TrainableLM::local_experts(int layer) const {
+  return moe_.at(static_cast<size_t>(layer))->layout().slots(world_->rank());
+}
 
-int TrainableLM::expert_at_slot(int slot) const { return moe_.front()->layout().expert_at(world_->rank(), slot); }
+int TrainableLM::expert_at_slot(int layer, int slot) const {
+  return moe_.at(static_cast<size_t>(layer))->layout().expert_at(world_->rank(), slot);
+}
 
 void TrainableLM::init_parameters(uint64_t seed) {
   const double d = config_.d_model;
@@ -211,18 +217,19 @@ double TrainableLM::gradient_norm() {
 }
 
 TrainableLM::Loss TrainableLM::forward_backward(const std::vector<int>& tokens, const std::vector<int>& targets,
-                                                int sequences, int seq, double global_targets, double balance_coef) {
-  return run(tokens, &targets, sequences, seq, true, global_targets, balance_coef, nullptr);
+                                                int sequences, int seq, double global_targets, double balance_coef,
+                                                double z_coef) {
+  return run(tokens, &targets, sequences, seq, true, global_targets, balance_coef, z_coef, nullptr);
 }
 
 TrainableLM::Loss TrainableLM::evaluate(const std::vector<int>& tokens, const std::vector<int>& targets, int sequences,
                                         int seq) {
-  return run(tokens, &targets, sequences, seq, false, 1.0, 0.0, nullptr);
+  return run(tokens, &targets, sequences, seq, false, 1.0, 0.0, 0.0, nullptr);
 }
 
 Tensor TrainableLM::logits(const std::vector<int>& tokens, int sequences, int seq) {
   Tensor out;
-  run(tokens, nullptr, sequences, seq, false, 1.0, 0.0, &out);
+  run(tokens, nullptr, sequences, seq, false, 1.0, 0.0, 0.0, &out);
   return out;
 }
 
@@ -341,7 +348,8 @@ void TrainableLM::attention_backward(const Dense& w, Dense& g, const LayerCache&
 }
 
 TrainableLM::Loss TrainableLM::run(const std::vector<int>& tokens, const std::vector<int>* targets, int B, int T,
-                                   bool backward, double global_targets, double balance_coef, Tensor* logits_out) {
+                                   bool backward, double global_targets, double balance_coef, double z_coef,
+                                   Tensor* logits_out) {
   const ModelConfig& cfg = config_;
   const int64_t d = cfg.d_model, V = cfg.vocab_size, N = static_cast<int64_t>(B) * T;
   if (B < 0 || T < 1 || T > cfg.max_seq)
@@ -358,7 +366,8 @@ TrainableLM::Loss TrainableLM::run(const std::vector<int>& tokens, const std::ve
                 static_cast<size_t>(d) * sizeof(float));
   Loss loss;
   std::vector<LayerCache> caches(static_cast<size_t>(cfg.layers));
-  const double layer_coef = balance_coef / world_->size() / cfg.layers;
+  // The losses' weights per layer and rank: the job's loss averages the layers and sums the ranks' over W.
+  const double layer_coef = balance_coef / world_->size() / cfg.layers, layer_z = z_coef / world_->size() / cfg.layers;
   for (int l = 0; l < cfg.layers; ++l) {
     const Dense& w = dense_[static_cast<size_t>(l)];
     LayerCache& c = caches[static_cast<size_t>(l)];
@@ -417,7 +426,7 @@ TrainableLM::Loss TrainableLM::run(const std::vector<int>& tokens, const std::ve
     Dense& g = grads_[static_cast<size_t>(l)];
     const LayerCache& c = caches[static_cast<size_t>(l)];
     // x_out = x_mid + moe(norm(x_mid)): dx flows on, and through the layer and its norm.
-    const Tensor dxn2 = moe_[static_cast<size_t>(l)]->backward(dx, layer_coef, 0.0, true);
+    const Tensor dxn2 = moe_[static_cast<size_t>(l)]->backward(dx, layer_coef, layer_z, true);
     rmsnorm_backward(c.x_mid.data_as<float>(), w.ffn_norm.data_as<float>(), c.rstd2.data_as<float>(),
                      dxn2.data_as<float>(), N, d, dx.data_as<float>(), g.ffn_norm.data_as<float>());
     attention_backward(w, g, c, B, T, dx);
@@ -507,7 +516,8 @@ uint64_t save_lm_checkpoint(TrainableLM& model, const AdamW& optimizer, const st
       if (leader) tensors.emplace_back(name, t.view());
       return;
     }
-    for (int s = 0; s < model.local_experts(); ++s) tensors.emplace_back(expert_name(name, model.expert_at_slot(s)), slot_view(t, s));
+    for (int s = 0; s < model.local_experts(p.layer); ++s)
+      tensors.emplace_back(expert_name(name, model.expert_at_slot(p.layer, s)), slot_view(t, s));
   };
   const std::vector<TrainParam> params = model.parameters();
   for (const TrainParam& p : params) {
@@ -550,23 +560,27 @@ std::map<std::string, std::string> load_lm_checkpoint(TrainableLM& model, AdamW*
       std::memcpy(t.data(), v.data(), v.nbytes());
       return;
     }
-    for (int s = 0; s < model.local_experts(); ++s) {
+    for (int s = 0; s < model.local_experts(p.layer); ++s) {
       const TensorView slot = slot_view(t, s);
-      const Tensor v = ckpt.load_f32(expert_name(name, model.expert_at_slot(s)), slot.shape());
+      const Tensor v = ckpt.load_f32(expert_name(name, model.expert_at_slot(p.layer, s)), slot.shape());
       std::memcpy(slot.data(), v.data(), v.nbytes());
     }
   };
   for (TrainParam& p : model.parameters()) {
     load_into(p.name, p, p.value);
-    if (!optimizer || !ckpt.contains(p.kind == ParamKind::expert ? expert_name("adamw.m." + p.name, model.expert_at_slot(0))
-                                                                 : "adamw.m." + p.name))
+    if (!optimizer || !ckpt.contains(p.kind == ParamKind::expert
+                                         ? expert_name("adamw.m." + p.name, model.expert_at_slot(p.layer, 0))
+                                         : "adamw.m." + p.name))
       continue;
     AdamW::Moments& m = optimizer->moments(p);
     load_into("adamw.m." + p.name, p, m.m);
     load_into("adamw.v." + p.name, p, m.v);
   }
   if (optimizer) optimizer->set_steps(std::stoll(ckpt.meta("adamw_steps")));
-  return ckpt.metadata();
+  auto meta = ckpt.metadata();
+  meta["generation"] = std::to_string(ckpt.generation());
+  meta["world_size"] = std::to_string(ckpt.world_size());
+  return meta;
 }
 
 }  // namespace switchyard
@@ -663,7 +677,8 @@ LmTrainer::Step LmTrainer::step() {
   out.lr = warmup_cosine_lr(schedule_.lr, next_, schedule_.warmup, schedule_.steps, schedule_.min_lr_ratio);
   model_.zero_grad();
   const TrainableLM::Loss loss = model_.forward_backward(tokens, targets, static_cast<int>(mine.size()), T,
-                                                         static_cast<double>(schedule_.batch) * T, schedule_.balance_coef);
+                                                         static_cast<double>(schedule_.batch) * T, schedule_.balance_coef,
+                                                         schedule_.z_coef);
   model_.all_reduce_gradients();
   std::vector<TrainParam> params = model_.parameters();
   out.grad_norm = model_.gradient_norm();
@@ -687,6 +702,9 @@ LmTrainer::Step LmTrainer::step() {
 double LmTrainer::held_out_loss(int sequences) {
   const int T = schedule_.seq, W = model_.world().size(), R = model_.world().rank();
   const int64_t n = std::min<int64_t>(sequences, (static_cast<int64_t>(corpus_.held_out.size()) - 1) / T);
+  if (n < 1)
+    SY_THROW(InvalidArgument, "training: the held-out text has ", corpus_.held_out.size(), " bytes, fewer than seq + 1 = ",
+             T + 1, ": nothing to evaluate");
   std::vector<int64_t> mine;
   for (int64_t j = R; j < n; j += W) mine.push_back(j * T);
   // Every rank runs as many rounds as the busiest one (an empty batch still joins each all-to-all).
@@ -713,15 +731,22 @@ uint64_t LmTrainer::save(const std::string& dir, std::map<std::string, std::stri
   extra["next_step"] = std::to_string(next_);
   extra["data_seed"] = std::to_string(schedule_.seed);
   extra["data_position"] = std::to_string(next_);  // batches are drawn from the step number
+  extra["batch"] = std::to_string(schedule_.batch);
+  extra["seq"] = std::to_string(schedule_.seq);
   return save_lm_checkpoint(model_, optimizer_, dir, std::move(extra));
 }
 
 std::map<std::string, std::string> LmTrainer::resume(const std::string& dir) {
+  const Checkpoint ckpt = Checkpoint::open(dir);
+  // The batches a resumed run draws must be the ones the saved run would have drawn next.
+  for (const auto& [key, ours] : {std::pair<std::string, std::string>{"data_seed", std::to_string(schedule_.seed)},
+                                  {"batch", std::to_string(schedule_.batch)},
+                                  {"seq", std::to_string(schedule_.seq)}})
+    if (ckpt.meta(key) != ours)
+      SY_THROW(InvalidArgument, "checkpoint '", dir, "' was trained with ", key, " = ", ckpt.meta(key),
+               ", this run has ", ours, "; resuming would not continue that run");
   auto meta = load_lm_checkpoint(model_, &optimizer_, dir);
   next_ = std::stoll(meta.at("next_step"));
-  if (std::stoull(meta.at("data_seed")) != schedule_.seed)
-    SY_THROW(InvalidArgument, "checkpoint '", dir, "' was trained on data seed ", meta.at("data_seed"),
-             ", this run uses ", schedule_.seed, "; resuming would not continue that run");
   return meta;
 }
 

@@ -29,6 +29,8 @@ struct LmTrainOptions {
   // master weights). The dense layers' GEMMs are fp32 either way.
   DType compute = DType::f32;
   double capacity_factor = 0;  // RouterConfig's meaning; 0 with a dropless plan: nothing drops
+  CapacityRounding capacity_rounding = CapacityRounding::switchyard;
+  BalanceLoss balance_loss = BalanceLoss::all_choices;
   ExecPlan plan;               // the fixed plan, used where a layer has no chooser
   int node_size = 0;           // ranks per node (2DH plans); 0: one node
 };
@@ -70,7 +72,7 @@ class TrainableLM {
   // the parameters' gradients (replicated ones this rank's share: sum them
   // with all_reduce_gradients()). Collective.
   Loss forward_backward(const std::vector<int>& tokens, const std::vector<int>& targets, int sequences, int seq,
-                        double global_targets, double balance_coef);
+                        double global_targets, double balance_coef, double z_coef = 0.0);
   // The same forward without gradients.
   Loss evaluate(const std::vector<int>& tokens, const std::vector<int>& targets, int sequences, int seq);
   // Logits [sequences * seq, vocab] of a forward (tests, sampling).
@@ -85,9 +87,9 @@ class TrainableLM {
   // Every trained tensor, with its gradient as it is now (the MoE layers'
   // gradient tensors are replaced by zero_grad()).
   std::vector<TrainParam> parameters();
-  // Logical expert held in a layer's local slot.
-  int expert_at_slot(int slot) const;
-  int local_experts() const;
+  // Logical expert held in a layer's local slot, and the slots of a layer.
+  int expert_at_slot(int layer, int slot) const;
+  int local_experts(int layer) const;
 
  private:
   struct Dense {  // a layer's replicated tensors
@@ -97,7 +99,7 @@ class TrainableLM {
     Tensor x_in, rstd1, a, q, k, v, p, o, x_mid, rstd2, xn2;
   };
   Loss run(const std::vector<int>& tokens, const std::vector<int>* targets, int sequences, int seq, bool backward,
-           double global_targets, double balance_coef, Tensor* logits_out);
+           double global_targets, double balance_coef, double z_coef, Tensor* logits_out);
   void attention_forward(const Dense& w, LayerCache& c, int sequences, int seq);
   void attention_backward(const Dense& w, Dense& g, const LayerCache& c, int sequences, int seq, Tensor& dx);
   ModelConfig config_;
@@ -158,7 +160,7 @@ struct LmTrainSchedule {
   double lr = 3e-3, min_lr_ratio = 0.1;
   int64_t warmup = 20;
   double clip = 1.0;  // global gradient L2 norm limit; 0: none
-  double balance_coef = 0.01;
+  double balance_coef = 0.01, z_coef = 0.0;
   uint64_t seed = 1;  // the data order (the weights are the model's own seed)
   AdamW::Options adam;
 };
@@ -186,6 +188,7 @@ class LmTrainer {
   // Checkpoint: the model and optimizer, the next step, the data seed.
   uint64_t save(const std::string& dir, std::map<std::string, std::string> extra = {});
   // Continue from a checkpoint (any world size): weights, moments, the step.
+  // Refuses one whose batches were drawn differently (batch, seq, data seed).
   std::map<std::string, std::string> resume(const std::string& dir);
   TrainableLM& model() { return model_; }
   const LmTrainSchedule& schedule() const { return schedule_; }
@@ -208,7 +211,7 @@ uint64_t save_lm_checkpoint(TrainableLM& model, const AdamW& optimizer, const st
                             std::map<std::string, std::string> metadata);
 // Loads parameters (and, with an optimizer, its moments and step count) saved
 // at any world size. Collective only in that every rank reads. Returns the
-// checkpoint's metadata.
+// checkpoint's metadata, with "generation" and "world_size" (the saving world's) added.
 std::map<std::string, std::string> load_lm_checkpoint(TrainableLM& model, AdamW* optimizer, const std::string& dir);
 // config.json text of a model architecture (model/model_config.h's keys).
 std::string model_config_json(const ModelConfig& config);

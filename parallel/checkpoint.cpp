@@ -1,6 +1,12 @@
 #include "parallel/checkpoint.h"
 
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
 #include <zlib.h>
+
+#include <cerrno>
+#include <cstring>
 
 #include <cinttypes>
 #include <cstdio>
@@ -11,6 +17,7 @@
 
 #include "core/dtype.h"
 #include "core/error.h"
+#include "core/logging.h"
 
 namespace switchyard {
 namespace {
@@ -30,15 +37,23 @@ std::string read_file(const std::string& path) {
   return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
 }
 
-uint32_t crc_of(const std::string& bytes) {
+// Size and CRC-32 of a file, read in pieces.
+std::pair<uint64_t, uint32_t> file_crc(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) SY_THROW(IoError, "cannot read '", path, "'");
+  std::vector<char> buf(1 << 20);
   uLong crc = crc32(0L, Z_NULL, 0);
-  // zlib takes uInt lengths: feed large files in pieces.
-  for (size_t at = 0; at < bytes.size(); at += 1u << 30) {
-    const size_t n = std::min<size_t>(bytes.size() - at, 1u << 30);
-    crc = crc32(crc, reinterpret_cast<const Bytef*>(bytes.data() + at), static_cast<uInt>(n));
+  uint64_t bytes = 0;
+  while (in) {
+    in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
+    const auto n = in.gcount();
+    if (n <= 0) break;
+    crc = crc32(crc, reinterpret_cast<const Bytef*>(buf.data()), static_cast<uInt>(n));
+    bytes += static_cast<uint64_t>(n);
   }
-  return static_cast<uint32_t>(crc);
+  return {bytes, static_cast<uint32_t>(crc)};
 }
+
 
 // The generation the directory's manifest names; 0 when it has none.
 uint64_t current_generation(const std::string& dir) {
@@ -54,33 +69,74 @@ uint64_t current_generation(const std::string& dir) {
 
 }  // namespace
 
+namespace {
+
+// Every rank learns whether every rank succeeded (one max-all-reduce of a
+// flag); the failing ranks' messages stay with them, the others name who failed.
+void agree_or_throw(Communicator& world, const std::string& dir, const std::string& my_error, const std::string& step) {
+  std::vector<double> failed(static_cast<size_t>(world.size()), 0.0);
+  failed[static_cast<size_t>(world.rank())] = my_error.empty() ? 0.0 : 1.0;
+  world.allreduce(TensorView(failed.data(), DType::f64, {world.size()}),
+                  TensorView(failed.data(), DType::f64, {world.size()}), {.op = ReduceOp::max}).wait();
+  for (int r = 0; r < world.size(); ++r)
+    if (failed[static_cast<size_t>(r)] != 0)
+      SY_THROW(IoError, "checkpoint '", dir, "': rank ", r, " failed to ", step,
+               r == world.rank() ? ": " + my_error : std::string(" (see its error)"),
+               "; the previous generation stays the checkpoint");
+}
+
+// Rank 0 holds DIR/.lock (flock) from choosing the generation until the
+// manifest is in place, so two jobs saving into one directory fail instead
+// of interleaving their shards.
+class DirectoryLock {
+ public:
+  explicit DirectoryLock(const std::string& dir) {
+    const std::string path = (fs::path(dir) / ".lock").string();
+    fd_ = ::open(path.c_str(), O_RDWR | O_CREAT, 0644);
+    if (fd_ < 0) SY_THROW(IoError, "cannot open '", path, "': ", std::strerror(errno));
+    if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+      ::close(fd_);
+      SY_THROW(IoError, "another process is saving into this directory (it holds '", path, "')");
+    }
+  }
+  DirectoryLock(const DirectoryLock&) = delete;
+  DirectoryLock& operator=(const DirectoryLock&) = delete;
+  ~DirectoryLock() {
+    ::flock(fd_, LOCK_UN);
+    ::close(fd_);
+  }
+
+ private:
+  int fd_ = -1;
+};
+
+}  // namespace
+
 uint64_t save_checkpoint(Communicator& world, const std::string& dir,
                          const std::vector<std::pair<std::string, TensorView>>& tensors,
                          const std::map<std::string, std::string>& metadata) {
   const int rank = world.rank(), W = world.size();
-  // Rank 0 decides the generation; a failure there must reach every rank, not leave them waiting.
-  double agreed[2] = {0, 0};  // generation, error
+  // Rank 0 locks the directory and decides the generation.
+  std::unique_ptr<DirectoryLock> lock;
+  double generation_value = 0;
   std::string error;
   if (rank == 0) {
     try {
       fs::create_directories(dir);
-      agreed[0] = static_cast<double>(current_generation(dir) + 1);
+      lock = std::make_unique<DirectoryLock>(dir);
+      generation_value = static_cast<double>(current_generation(dir) + 1);
     } catch (const std::exception& e) {
       error = e.what();
-      agreed[1] = 1;
     }
   }
-  world.broadcast(TensorView(agreed, DType::f64, {2}), 0).wait();
-  if (agreed[1] != 0)
-    SY_THROW(IoError, "checkpoint '", dir, "': ",
-             rank == 0 ? error : std::string("rank 0 could not start a new generation (see its error)"));
-  const auto generation = static_cast<uint64_t>(agreed[0]);
+  agree_or_throw(world, dir, error, "start a new generation");
+  world.broadcast(TensorView(&generation_value, DType::f64, {1}), 0).wait();
+  const auto generation = static_cast<uint64_t>(generation_value);
   const std::string file = shard_name(generation, rank, W);
   const std::string path = (fs::path(dir) / file).string();
-  // Each rank's shard, then its size and checksum to rank 0. A rank that fails
-  // here reports -1, so the manifest is not written and every rank throws.
-  double mine[2] = {-1, 0};
-  std::string write_error;
+  // Each rank's shard, then its size and checksum to rank 0.
+  double mine[2] = {0, 0};
+  error.clear();
   try {
     fs::create_directories(dir);
     std::map<std::string, std::string> meta = {{"format", kCheckpointFormat},
@@ -88,48 +144,64 @@ uint64_t save_checkpoint(Communicator& world, const std::string& dir,
                                                {"rank", std::to_string(rank)},
                                                {"world_size", std::to_string(W)}};
     save_safetensors(path, tensors, meta);
-    const std::string bytes = read_file(path);  // what is on disk, not what we meant to write
-    mine[0] = static_cast<double>(bytes.size());
-    mine[1] = static_cast<double>(crc_of(bytes));
+    const auto [bytes, crc] = file_crc(path);  // what is on disk, not what we meant to write
+    mine[0] = static_cast<double>(bytes);
+    mine[1] = static_cast<double>(crc);
   } catch (const std::exception& e) {
-    write_error = e.what();
+    error = e.what();
   }
+  agree_or_throw(world, dir, error, "write its shard of generation " + std::to_string(generation));
   std::vector<double> all(static_cast<size_t>(2 * W));
   world.allgather(TensorView(mine, DType::f64, {2}), TensorView(all.data(), DType::f64, {2 * W})).wait();
-  for (int r = 0; r < W; ++r)
-    if (all[static_cast<size_t>(2 * r)] < 0)
-      SY_THROW(IoError, "checkpoint '", dir, "': rank ", r, " could not write its shard of generation ", generation,
-               r == rank ? ": " + write_error : std::string(" (see its error)"),
-               "; the previous generation stays the checkpoint");
+  // Rank 0 publishes: every shard must be visible to it (one shared filesystem), then the manifest.
+  error.clear();
   if (rank == 0) {
-    Json manifest = {{"format", kCheckpointFormat}, {"generation", generation}, {"world_size", W},
-                     {"metadata", metadata}, {"shards", Json::array()}};
-    for (int r = 0; r < W; ++r)
-      manifest["shards"].push_back({{"file", shard_name(generation, r, W)},
-                                    {"bytes", static_cast<uint64_t>(all[static_cast<size_t>(2 * r)])},
-                                    {"crc32", static_cast<uint32_t>(all[static_cast<size_t>(2 * r + 1)])}});
-    const std::string target = (fs::path(dir) / "manifest.json").string();
-    const std::string tmp = target + ".tmp";
-    {
-      std::ofstream out(tmp, std::ios::trunc);
-      out << manifest.dump(1) << "\n";
-      out.flush();
-      if (!out) SY_THROW(IoError, "checkpoint '", dir, "': cannot write '", tmp, "'");
+    try {
+      for (int r = 0; r < W; ++r) {
+        const fs::path shard = fs::path(dir) / shard_name(generation, r, W);
+        const auto want = static_cast<uint64_t>(all[static_cast<size_t>(2 * r)]);
+        if (!fs::exists(shard) || fs::file_size(shard) != want)
+          SY_THROW(IoError, "rank ", r, "'s shard '", shard.string(), "' (", want, " bytes) is ",
+                   fs::exists(shard) ? "another size" : "not there", " as rank 0 sees the directory: a checkpoint "
+                   "directory must be on a filesystem every rank shares");
+      }
+      Json manifest = {{"format", kCheckpointFormat}, {"generation", generation}, {"world_size", W},
+                       {"metadata", metadata}, {"shards", Json::array()}};
+      for (int r = 0; r < W; ++r)
+        manifest["shards"].push_back({{"file", shard_name(generation, r, W)},
+                                      {"bytes", static_cast<uint64_t>(all[static_cast<size_t>(2 * r)])},
+                                      {"crc32", static_cast<uint32_t>(all[static_cast<size_t>(2 * r + 1)])}});
+      const std::string target = (fs::path(dir) / "manifest.json").string();
+      const std::string tmp = target + ".tmp";
+      {
+        std::ofstream out(tmp, std::ios::trunc);
+        out << manifest.dump(1) << "\n";
+        out.flush();
+        if (!out) SY_THROW(IoError, "cannot write '", tmp, "'");
+      }
+      fsync_path(tmp);
+      fs::rename(tmp, target);
+      fsync_path(dir);
+    } catch (const std::exception& e) {
+      error = e.what();
     }
-    fsync_path(tmp);
-    fs::rename(tmp, target);
-    fsync_path(dir);
-    // The new generation is complete: older shards (and strays of saves that never finished) go.
-    const std::regex shard_pattern(R"(g(\d+)\.rank\d+-of-\d+\.safetensors(\.tmp\..*)?)");
-    for (const auto& entry : fs::directory_iterator(dir)) {
-      std::smatch m;
-      const std::string name = entry.path().filename().string();
-      // Every rank renamed its temporary file before reporting, so any left is a stray.
-      if (std::regex_match(name, m, shard_pattern) && (std::stoull(m[1].str()) != generation || m[2].matched))
-        fs::remove(entry.path());
+    // The new generation is complete: older shards, and strays of saves that never finished, go. Best
+    // effort: the save has committed, a file left behind costs only disk.
+    if (error.empty()) try {
+      const std::regex shard_pattern(R"(g(\d+)\.rank\d+-of-\d+\.safetensors(\.tmp\..*)?)");
+      for (const auto& entry : fs::directory_iterator(dir)) {
+        std::smatch m;
+        const std::string name = entry.path().filename().string();
+        // Every rank renamed its temporary file before reporting, so any left is a stray.
+        if (std::regex_match(name, m, shard_pattern) && (std::stoull(m[1].str()) < generation || m[2].matched))
+          fs::remove(entry.path());
+      }
+    } catch (const std::exception& e) {
+      SY_LOG_WARN("checkpoint", "checkpoint '{}': generation {} is saved, but removing older files failed: {}", dir,
+                  generation, e.what());
     }
   }
-  world.barrier().wait();  // nobody reads the directory before the manifest is in place
+  agree_or_throw(world, dir, error, "publish generation " + std::to_string(generation));
   return generation;
 }
 
@@ -165,16 +237,11 @@ Checkpoint Checkpoint::open(const std::string& dir) {
     if (!fs::exists(p))
       SY_THROW(InvalidArgument, "checkpoint '", dir, "' generation ", c.generation_, ": shard '", s.file,
                "' is missing");
-    auto bytes = std::make_shared<std::vector<uint8_t>>();
-    {
-      const std::string text = read_file(p.string());
-      if (text.size() != s.bytes || crc_of(text) != s.crc32)
-        SY_THROW(InvalidArgument, "checkpoint '", dir, "' generation ", c.generation_, ": shard '", s.file, "' is torn (",
-                 text.size(), " bytes, CRC-32 ", crc_of(text), "; the manifest says ", s.bytes, " bytes, CRC-32 ",
-                 s.crc32, ")");
-      bytes->assign(text.begin(), text.end());
-    }
-    c.files_.push_back(SafetensorsFile::parse(bytes, p.string()));
+    const auto [bytes, crc] = file_crc(p.string());
+    if (bytes != s.bytes || crc != s.crc32)
+      SY_THROW(InvalidArgument, "checkpoint '", dir, "' generation ", c.generation_, ": shard '", s.file, "' is torn (",
+               bytes, " bytes, CRC-32 ", crc, "; the manifest says ", s.bytes, " bytes, CRC-32 ", s.crc32, ")");
+    c.files_.push_back(SafetensorsFile::open(p.string()));  // mapped, not copied
     for (const SafetensorsEntry& e : c.files_.back().entries()) {
       if (c.where_.count(e.name))
         SY_THROW(InvalidArgument, "checkpoint '", dir, "': tensor '", e.name, "' is in two shards");

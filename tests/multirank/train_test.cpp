@@ -2,7 +2,10 @@
 // gradients against central differences of a float64 reference written from
 // the architecture's definition (examples/tiny_lm/README.md), resume against
 // an uninterrupted run, checkpoints across world sizes and killed saves.
+#include <fcntl.h>
 #include <gtest/gtest.h>
+#include <sys/file.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <cstdio>
@@ -238,7 +241,7 @@ TEST(LmTrain, GradientsMatchCentralDifferencesOfAFloat64Reference) {
     const double want = reference_loss(ref, batch.tokens, batch.targets, T, coef);
     EXPECT_NEAR(got, want, 1e-5 * std::abs(want)) << "loss on " << W << " ranks";
     Rng pick(seed + 2);
-    const int L = model.local_experts();
+    const int L = model.local_experts(0);
     for (const TrainParam& p : model.parameters()) {
       const int64_t n = p.value.numel();
       double largest = 0;
@@ -261,6 +264,47 @@ TEST(LmTrain, GradientsMatchCentralDifferencesOfAFloat64Reference) {
         const double fd = (up - down) / (2 * h), analytic = p.grad.data_as<float>()[i];
         EXPECT_NEAR(analytic, fd, 1e-3 * largest + 1e-3 * std::abs(fd) + 1e-7)
             << p.name << "[" << i << "] on rank " << R << " of " << W << " (largest |grad| " << largest << ")";
+      }
+    }
+  }, Milliseconds(30000));
+}
+
+// Every plan the planner may pick (and the job's probe trains with) computes the same gradients.
+TEST(LmTrain, EveryPlanGivesTheSameGradients) {
+  for_each_rank([](Communicator& world, uint64_t seed) {
+    const int W = world.size(), R = world.rank(), T = 6;
+    const Batch batch = random_batch(seed + 1, W, 5, T);
+    std::vector<std::vector<float>> reference;
+    auto plan = [](int r, int d, ExchangeMode x) {
+      ExecPlan p;
+      p.r = r, p.d = d, p.exchange = x;
+      return p;
+    };
+    for (const ExecPlan& p : {plan(1, 1, ExchangeMode::dropless), plan(1, 1, ExchangeMode::padded),
+                              plan(1, 2, ExchangeMode::dropless), plan(1, 4, ExchangeMode::padded),
+                              plan(0, 1, ExchangeMode::dropless), plan(0, 2, ExchangeMode::padded)}) {
+      LmTrainOptions o = dropless();
+      o.plan = p;
+      TrainableLM model(tiny_config(), world.shared_from_this(), o);
+      model.init_parameters(seed);
+      model.zero_grad();
+      model.forward_backward(batch.tokens[static_cast<size_t>(R)], batch.targets[static_cast<size_t>(R)],
+                             batch.sequences[static_cast<size_t>(R)], T, 5.0 * T, 0.1);
+      model.all_reduce_gradients();
+      std::vector<std::vector<float>> grads;
+      for (const TrainParam& t : model.parameters())
+        grads.emplace_back(t.grad.data_as<float>(), t.grad.data_as<float>() + t.grad.numel());
+      if (reference.empty()) {
+        reference = grads;
+        continue;
+      }
+      const auto params = model.parameters();
+      for (size_t i = 0; i < grads.size(); ++i) {
+        float largest = 0;
+        for (float v : reference[i]) largest = std::max(largest, std::abs(v));
+        for (size_t j = 0; j < grads[i].size(); ++j)
+          ASSERT_NEAR(grads[i][j], reference[i][j], 1e-5f * largest + 1e-8f)
+              << params[i].name << "[" << j << "] under " << p.describe() << " on rank " << R << " of " << W;
       }
     }
   }, Milliseconds(30000));
@@ -336,6 +380,15 @@ TEST(LmTrain, ResumeEqualsAnUninterruptedRunBitForBit) {
       LmTrainer trainer(model, corpus, small_schedule());
       for (int i = 0; i < 6; ++i) straight.push_back(trainer.step().loss);
       straight_params = flat_parameters(model);
+      // Replicated tensors stay bit-identical on every rank (a hash of their bytes, gathered).
+      std::string bytes;
+      for (const TrainParam& p : model.parameters())
+        if (p.kind != ParamKind::expert) bytes.append(static_cast<const char*>(p.value.data()), p.value.nbytes());
+      const double mine = static_cast<double>(std::hash<std::string>{}(bytes) % (1ull << 50));
+      std::vector<double> all(static_cast<size_t>(world.size()));
+      world.allgather(TensorView(const_cast<double*>(&mine), DType::f64, {1}),
+                      TensorView(all.data(), DType::f64, {world.size()})).wait();
+      for (int r = 1; r < world.size(); ++r) EXPECT_EQ(all[static_cast<size_t>(r)], all[0]) << "replicated weights of rank " << r;
     }
     {
       TrainableLM model(tiny_config(), world.shared_from_this(), dropless());
@@ -424,7 +477,7 @@ TEST(LmTrain, AFailedSaveLeavesThePreviousGenerationAndTornShardsAreNamed) {
       save_checkpoint(world, dir, {{R == W - 1 ? "" : name, other.view()}}, {{"step", "2"}});
       ADD_FAILURE() << "a save that failed on rank " << W - 1 << " returned on rank " << R;
     } catch (const IoError& e) {
-      EXPECT_NE(std::string(e.what()).find("rank " + std::to_string(W - 1) + " could not write its shard"), std::string::npos)
+      EXPECT_NE(std::string(e.what()).find("rank " + std::to_string(W - 1) + " failed to write its shard"), std::string::npos)
           << e.what();
     }
     world.barrier().wait();
@@ -445,6 +498,34 @@ TEST(LmTrain, AFailedSaveLeavesThePreviousGenerationAndTornShardsAreNamed) {
     }
     world.barrier().wait();
     EXPECT_EQ(Checkpoint::open(dir).generation(), 1u);
+    // Another job saving into the directory (it holds the lock): every rank fails, naming it.
+    auto expect_all_fail = [&](const std::string& part, const char* what) {
+      try {
+        save_checkpoint(world, dir, {{name, other.view()}}, {{"step", "2"}});
+        ADD_FAILURE() << what << ": the save returned on rank " << R;
+      } catch (const IoError& e) {
+        EXPECT_NE(std::string(e.what()).find(part), std::string::npos) << what << ": " << e.what();
+      }
+      world.barrier().wait();
+      EXPECT_EQ(Checkpoint::open(dir).generation(), 1u) << what;
+    };
+    {
+      int fd = -1;
+      if (R == 0) {
+        fd = ::open((dir + "/.lock").c_str(), O_RDWR | O_CREAT, 0644);
+        ASSERT_EQ(::flock(fd, LOCK_EX | LOCK_NB), 0);
+      }
+      world.barrier().wait();
+      expect_all_fail(R == 0 ? "another process is saving into this directory" : "rank 0 failed to start a new generation",
+                      "a held lock");
+      if (R == 0) ::close(fd);
+    }
+    // Rank 0 cannot publish the manifest (its temporary name is taken by a directory): every rank fails.
+    if (R == 0) fs::create_directories(dir + "/manifest.json.tmp");
+    world.barrier().wait();
+    expect_all_fail("rank 0 failed to publish generation 2", "a manifest that cannot be written");
+    if (R == 0) fs::remove_all(dir + "/manifest.json.tmp");
+    world.barrier().wait();
     // A later save completes and removes generation 1 and the strays.
     EXPECT_EQ(save_checkpoint(world, dir, {{name, other.view()}}, {{"step", "2"}}), 2u);
     world.barrier().wait();
@@ -544,7 +625,7 @@ TEST(LmTrain, GradientsMatchThePyTorchModel) {
     const double torch_loss = file.load("loss", {1}, DType::f32).data_as<float>()[0];
 
     TrainableLM model(config, one, dropless());
-    ASSERT_EQ(model.local_experts(), config.experts);
+    ASSERT_EQ(model.local_experts(0), config.experts);
     // The file's weights (experts stacked [E, ...] in logical order) into the model's tensors.
     const auto copy_in = [&](const std::string& name, const TrainParam& p, const Tensor& dst) {
       const Tensor src = file.load(name, p.value.shape(), DType::f32);  // [L, ...] = [E, ...] on one rank
@@ -553,8 +634,8 @@ TEST(LmTrain, GradientsMatchThePyTorchModel) {
         return;
       }
       const int64_t per = src.numel() / config.experts;
-      for (int s = 0; s < model.local_experts(); ++s)
-        std::memcpy(dst.data_as<float>() + s * per, src.data_as<float>() + model.expert_at_slot(s) * per,
+      for (int s = 0; s < model.local_experts(p.layer); ++s)
+        std::memcpy(dst.data_as<float>() + s * per, src.data_as<float>() + model.expert_at_slot(p.layer, s) * per,
                     static_cast<size_t>(per) * sizeof(float));
     };
     size_t names = 0;
