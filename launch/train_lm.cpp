@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <map>
 #include <memory>
+#include <optional>
 
 #include "core/error.h"
 #include "kernels/gemm.h"
@@ -200,7 +201,11 @@ void train_lm(Runtime& rt, const JobConfig& job) {
   std::map<std::string, std::vector<double>> probed;  // plan -> MoE seconds per step
   std::vector<std::unique_ptr<MoEPlanner>> planners;
   std::map<std::string, int> ran;  // plans auto ran since the last plan line (layer-steps)
-  std::vector<double> auto_moe;
+  // After the probe every 4th step runs the best probed plan fixed (a control, interleaved with auto's steps,
+  // so the comparison sees the same drift and is free of the probe's best-of-many selection bias).
+  std::optional<ExecPlan> control;
+  std::vector<double> auto_moe, control_moe;
+  int64_t after_probe = 0;
   auto moe_flops = [&] {
     double f = 0;
     for (int l = 0; l < mc.layers; ++l) f += model.moe(l).gemm_flops();
@@ -231,10 +236,13 @@ void train_lm(Runtime& rt, const JobConfig& job) {
   std::fflush(stdout);
   while (trainer.next_step() < end) {
     const bool probing = probe_at < static_cast<int64_t>(probe.size());
-    if (probing) {
-      model.set_fixed_plan(probe[static_cast<size_t>(probe_at)]);
-      model.set_plan_choosers({});
-    } else if (automatic && planners.empty()) {
+    if (!probing && !probed.empty() && !control) {
+      double best_time = 0;
+      for (const ExecPlan& p : probe)
+        if (!control || median(probed[p.describe()]) < best_time) control = p, best_time = median(probed[p.describe()]);
+    }
+    const bool controlling = !probing && control && after_probe % 4 == 3;
+    if (automatic && planners.empty()) {  // calibrated once, before the probe, which the planners then learn from
       auto [device, link] = MoEPlanner::calibrate(model.moe(0), options.node_size > 0 ? options.node_size : world.size());
       std::vector<PlanChooser*> choosers;
       for (int l = 0; l < mc.layers; ++l) {
@@ -243,9 +251,14 @@ void train_lm(Runtime& rt, const JobConfig& job) {
       }
       model.set_plan_choosers(choosers);
     }
+    // Forced plans go through the planners, which learn from them as from their own choices.
+    for (auto& planner : planners)
+      planner->force(probing ? std::optional<ExecPlan>(probe[static_cast<size_t>(probe_at)])
+                     : controlling ? control : std::nullopt);
     const double moe_before = moe_seconds(), moe_flops_before = moe_flops();
     const auto t0 = Clock::now();
     const LmTrainer::Step st = trainer.step();
+    // Wall seconds of the step and of its MoE layers: the slowest rank's.
     double times[2] = {std::chrono::duration<double>(Clock::now() - t0).count(), moe_seconds() - moe_before};
     world.allreduce(TensorView(times, DType::f64, {2}), TensorView(times, DType::f64, {2}), {.op = ReduceOp::max}).wait();
     step_seconds += times[0];
@@ -255,9 +268,13 @@ void train_lm(Runtime& rt, const JobConfig& job) {
     if (probing) {
       probed[probe[static_cast<size_t>(probe_at)].describe()].push_back(times[1]);
       ++probe_at;
+    } else if (controlling) {
+      control_moe.push_back(times[1]);
+      ++after_probe;
     } else if (automatic) {
       auto_moe.push_back(times[1]);
       for (int l = 0; l < mc.layers; ++l) ++ran[model.moe(l).last_plan().exec.describe()];
+      ++after_probe;
     }
     const int64_t s = st.step + 1;
     const bool last = s == end;
@@ -266,25 +283,25 @@ void train_lm(Runtime& rt, const JobConfig& job) {
       std::printf("step %5lld/%d  loss %.6f  balance %.3f  |g| %.3f  lr %.2e  %.0f tokens/s  %.1f s%s\n",
                   static_cast<long long>(s), tr.steps, st.loss, st.balance, st.grad_norm, st.lr,
                   static_cast<double>(ran_steps) * lm.batch * lm.seq / std::max(step_seconds, 1e-9), elapsed,
-                  probing ? ("  (probing " + probe[static_cast<size_t>(probe_at - 1)].describe() + ")").c_str() : "");
+                  probing       ? ("  (probing " + probe[static_cast<size_t>(probe_at - 1)].describe() + ")").c_str()
+                  : controlling ? "  (control: the best probed plan)"
+                                : "");
     }
     if (leader && automatic && !probing && !ran.empty() && (st.step % tr.log_every == 0 || last)) {
       std::string plans;
       for (const auto& [plan, count] : ran) plans += (plans.empty() ? "" : ", ") + plan + " x" + std::to_string(count);
-      std::string best;
-      double best_time = 0;
-      for (const auto& [plan, t] : probed)
-        if (best.empty() || median(t) < best_time) best = plan, best_time = median(t);
       const double mine = median(auto_moe);
-      if (best.empty())
-        std::printf("plan: auto ran %s (layer-steps); MoE %.2f ms/step (no probe: lm.probe_plans = 0)\n", plans.c_str(),
-                    1e3 * mine);
+      if (!control || control_moe.empty())
+        std::printf("plan: auto ran %s (layer-steps); MoE %.2f ms/step (median of %zu steps; no control: "
+                    "lm.probe_plans = 0)\n", plans.c_str(), 1e3 * mine, auto_moe.size());
       else
-        std::printf("plan: auto ran %s (layer-steps); MoE %.2f ms/step, best fixed %s %.2f ms/step (probed first): "
-                    "auto/best %.3f\n",
-                    plans.c_str(), 1e3 * mine, best.c_str(), 1e3 * best_time, mine / std::max(best_time, 1e-12));
+        std::printf("plan: auto ran %s (layer-steps); MoE %.2f ms/step (median of %zu steps) vs the best probed plan "
+                    "(%s) fixed on %zu interleaved steps %.2f ms/step: auto/best %.3f\n",
+                    plans.c_str(), 1e3 * mine, auto_moe.size(), control->describe().c_str(), control_moe.size(),
+                    1e3 * median(control_moe), mine / std::max(median(control_moe), 1e-12));
       ran.clear();
       auto_moe.clear();
+      control_moe.clear();
     }
     std::fflush(stdout);
     if (s % lm.eval_every == 0 && !last) evaluate();

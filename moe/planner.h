@@ -8,6 +8,7 @@
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -76,6 +77,10 @@ class MoEPlanner : public PlanChooser {
   int decisions_changed() const { return planner_.decisions_changed(); }
   // The inputs of the last decision (agreed), for explaining it.
   const PlanInputs& last_inputs() const { return last_inputs_; }
+  // Until cleared, every decision is this plan (the inputs are agreed and the
+  // corrections learned as usual): a probe that times each candidate.
+  void force(std::optional<ExecPlan> plan) { forced_ = std::move(plan); }
+
 
  private:
   int64_t capacity_for(int64_t tokens) const;
@@ -90,6 +95,7 @@ class MoEPlanner : public PlanChooser {
   MoELayer::CommBusy last_busy_, snapshot_busy_;
   bool with_peer_rows_ = false;  // what the last local_inputs packed
   PlanInputs last_inputs_;
+  std::optional<ExecPlan> forced_;
 };
 
 }  // namespace switchyard

@@ -43,6 +43,6 @@ out=$("$sy" generate --model "$work/straight" --prompt "The " --max_new_tokens 1
 
 # auto: the probe, then plan lines comparing auto with the best fixed plan.
 "$sy" run --config "$config" "${small[@]}" --set lm.probe_plans=1 --set train.checkpoint="$work/auto" > "$work/auto.log"
-grep -q "(probing r = " "$work/auto.log" && grep -q "^plan: auto ran .* auto/best [0-9.]*$" "$work/auto.log" ||
+grep -q "(probing r = " "$work/auto.log" && grep -q "^plan: auto ran .* vs the best probed plan .* on [0-9]* interleaved steps .* auto/best [0-9.]*$" "$work/auto.log" ||
   { cat "$work/auto.log"; echo "FAIL: no probe or plan line"; exit 1; }
 echo "PASS: resume equals the uninterrupted run; resumed on 2 ranks; generate read the checkpoint; plan lines"
