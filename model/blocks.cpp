@@ -43,32 +43,22 @@ RotaryTable::RotaryTable(const ModelConfig& c) : head_dim_(c.head_dim()), max_se
     }
 }
 
-void RotaryTable::apply(float* u, int pos, int heads) const {
-  if (pos >= max_seq_) SY_THROW(InvalidArgument, "model: position ", pos, " is beyond max_seq = ", max_seq_);
-  const int half = head_dim_ / 2;
-  const float* cs = cos_.data() + static_cast<size_t>(pos) * half;
-  const float* sn = sin_.data() + static_cast<size_t>(pos) * half;
-  for (int head = 0; head < heads; ++head) {
-    float* a = u + head * head_dim_;
-    for (int j = 0; j < half; ++j) {
-      const float x1 = a[j], x2 = a[j + half];
-      a[j] = x1 * cs[j] - x2 * sn[j];
-      a[j + half] = x1 * sn[j] + x2 * cs[j];
-    }
-  }
-}
+void RotaryTable::apply(float* u, int pos, int heads) const { rotate(u, pos, heads, false); }
 
-void RotaryTable::apply_inverse(float* u, int pos, int heads) const {
+void RotaryTable::apply_inverse(float* u, int pos, int heads) const { rotate(u, pos, heads, true); }
+
+void RotaryTable::rotate(float* u, int pos, int heads, bool inverse) const {
   if (pos >= max_seq_) SY_THROW(InvalidArgument, "model: position ", pos, " is beyond max_seq = ", max_seq_);
   const int half = head_dim_ / 2;
   const float* cs = cos_.data() + static_cast<size_t>(pos) * half;
   const float* sn = sin_.data() + static_cast<size_t>(pos) * half;
+  const float sign = inverse ? -1.f : 1.f;  // the transpose turns by the negative angle
   for (int head = 0; head < heads; ++head) {
     float* a = u + head * head_dim_;
     for (int j = 0; j < half; ++j) {
-      const float y1 = a[j], y2 = a[j + half];
-      a[j] = y1 * cs[j] + y2 * sn[j];
-      a[j + half] = -y1 * sn[j] + y2 * cs[j];
+      const float x1 = a[j], x2 = a[j + half], s = sign * sn[j];
+      a[j] = x1 * cs[j] - x2 * s;
+      a[j + half] = x1 * s + x2 * cs[j];
     }
   }
 }

@@ -45,6 +45,7 @@ class RotaryTable {
   void apply_inverse(float* u, int pos, int heads) const;
 
  private:
+  void rotate(float* u, int pos, int heads, bool inverse) const;
   int head_dim_, max_seq_;
   std::vector<float> cos_, sin_;  // [max_seq, head_dim / 2]
 };

@@ -75,7 +75,7 @@ void add_into(Tensor& dst, const Tensor& src) {
 }  // namespace
 
 TrainableLM::TrainableLM(const ModelConfig& config, std::shared_ptr<Communicator> world, LmTrainOptions options)
-    : config_(config), world_(std::move(world)), options_(std::move(options)) {
+    : config_(config), world_(std::move(world)), options_(std::move(options)), rope_(config_) {
   const ModelConfig& c = config_;
   const int W = world_->size();
   if (c.experts % W != 0)
@@ -85,13 +85,6 @@ TrainableLM::TrainableLM(const ModelConfig& config, std::shared_ptr<Communicator
     SY_THROW(InvalidArgument, "training '", c.name, "': d_model ", c.d_model, " over ", c.heads,
              " heads, expected an even head width");
   const int64_t d = c.d_model, V = c.vocab_size;
-  const int half = c.head_dim() / 2;
-  for (int pos = 0; pos < c.max_seq; ++pos)
-    for (int j = 0; j < half; ++j) {  // as model/blocks.h's RotaryTable (and the Python model) compute them
-      const float freq = std::pow(static_cast<float>(c.rope_theta), -static_cast<float>(j) / static_cast<float>(half));
-      cos_.push_back(std::cos(static_cast<float>(pos) * freq));
-      sin_.push_back(std::sin(static_cast<float>(pos) * freq));
-    }
   embed_ = Tensor::zeros({V, d}, DType::f32);
   norm_ = Tensor::zeros({d}, DType::f32);
   lm_head_ = Tensor::zeros({d, V}, DType::f32);
@@ -235,7 +228,7 @@ Tensor TrainableLM::logits(const std::vector<int>& tokens, int sequences, int se
 
 void TrainableLM::attention_forward(const Dense& w, LayerCache& c, int B, int T) {
   const int64_t d = config_.d_model, N = static_cast<int64_t>(B) * T;
-  const int h = config_.heads, hd = config_.head_dim(), half = hd / 2;
+  const int h = config_.heads, hd = config_.head_dim();
   c.q = Tensor::empty({N, d}, DType::f32);
   c.k = Tensor::empty({N, d}, DType::f32);
   c.v = Tensor::empty({N, d}, DType::f32);
@@ -243,18 +236,8 @@ void TrainableLM::attention_forward(const Dense& w, LayerCache& c, int B, int T)
   mm(false, false, N, d, d, c.a.data_as<float>(), d, w.wk.data_as<float>(), d, 0.f, c.k.data_as<float>(), d);
   mm(false, false, N, d, d, c.a.data_as<float>(), d, w.wv.data_as<float>(), d, 0.f, c.v.data_as<float>(), d);
   for (int64_t r = 0; r < N; ++r) {
-    const int pos = static_cast<int>(r % T);
-    const float* cs = cos_.data() + static_cast<size_t>(pos) * half;
-    const float* sn = sin_.data() + static_cast<size_t>(pos) * half;
-    for (Tensor* t : {&c.q, &c.k})
-      for (int head = 0; head < h; ++head) {
-        float* u = t->data_as<float>() + r * d + head * hd;
-        for (int j = 0; j < half; ++j) {
-          const float x1 = u[j], x2 = u[j + half];
-          u[j] = x1 * cs[j] - x2 * sn[j];
-          u[j + half] = x1 * sn[j] + x2 * cs[j];
-        }
-      }
+    rope_.apply(c.q.data_as<float>() + r * d, static_cast<int>(r % T), h);
+    rope_.apply(c.k.data_as<float>() + r * d, static_cast<int>(r % T), h);
   }
   c.p = Tensor::empty({static_cast<int64_t>(B) * h, T, T}, DType::f32);
   c.o = Tensor::empty({N, d}, DType::f32);
@@ -287,7 +270,7 @@ void TrainableLM::attention_forward(const Dense& w, LayerCache& c, int B, int T)
 
 void TrainableLM::attention_backward(const Dense& w, Dense& g, const LayerCache& c, int B, int T, Tensor& dx) {
   const int64_t d = config_.d_model, N = static_cast<int64_t>(B) * T;
-  const int h = config_.heads, hd = config_.head_dim(), half = hd / 2;
+  const int h = config_.heads, hd = config_.head_dim();
   // x_mid = x_in + o wo: the residual passes dx through; wo and o get theirs.
   Tensor d_o = Tensor::empty({N, d}, DType::f32);
   mm(true, false, d, d, N, c.o.data_as<float>(), d, dx.data_as<float>(), d, 1.f, g.wo.data_as<float>(), d);
@@ -322,18 +305,8 @@ void TrainableLM::attention_backward(const Dense& w, Dense& g, const LayerCache&
     }
   }
   for (int64_t r = 0; r < N; ++r) {  // back through the rotation: its transpose
-    const int pos = static_cast<int>(r % T);
-    const float* cs = cos_.data() + static_cast<size_t>(pos) * half;
-    const float* sn = sin_.data() + static_cast<size_t>(pos) * half;
-    for (Tensor* t : {&dq, &dk})
-      for (int head = 0; head < h; ++head) {
-        float* u = t->data_as<float>() + r * d + head * hd;
-        for (int j = 0; j < half; ++j) {
-          const float y1 = u[j], y2 = u[j + half];
-          u[j] = y1 * cs[j] + y2 * sn[j];
-          u[j + half] = -y1 * sn[j] + y2 * cs[j];
-        }
-      }
+    rope_.apply_inverse(dq.data_as<float>() + r * d, static_cast<int>(r % T), h);
+    rope_.apply_inverse(dk.data_as<float>() + r * d, static_cast<int>(r % T), h);
   }
   const float* a = c.a.data_as<float>();
   mm(true, false, d, d, N, a, d, dq.data_as<float>(), d, 1.f, g.wq.data_as<float>(), d);

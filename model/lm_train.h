@@ -19,6 +19,7 @@
 
 #include "comm/communicator.h"
 #include "core/tensor.h"
+#include "model/blocks.h"
 #include "model/model_config.h"
 #include "moe/moe_layer.h"
 
@@ -105,7 +106,7 @@ class TrainableLM {
   ModelConfig config_;
   std::shared_ptr<Communicator> world_;
   LmTrainOptions options_;
-  std::vector<float> cos_, sin_;  // rotary table [max_seq, head_dim / 2]
+  RotaryTable rope_;  // the inference blocks' rotation (and its transpose for the backward)
   Tensor embed_, norm_, lm_head_, g_embed_, g_norm_, g_lm_head_;
   std::vector<Dense> dense_, grads_;
   std::vector<std::unique_ptr<MoELayer>> moe_;

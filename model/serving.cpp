@@ -131,6 +131,10 @@ std::vector<RequestResult> serve(InferenceEngine& engine, const std::vector<Requ
   // plus how far it was behind at the last agreement, so an event never
   // precedes the agreed arrival that admitted it.
   double behind = 0;
+  // ... and never decreasing: `behind` shrinks when this rank catches up, which must not move a later event
+  // before an earlier one (a request's finish before its first token).
+  double last_stamp = 0;
+  auto stamp = [&] { return last_stamp = std::max(last_stamp, elapsed() + behind); };
   for (;;) {
     // The step's agreement: clock, who still has work, who finished how much.
     std::fill(a, a + 2 + G, 0.0);
@@ -207,9 +211,9 @@ std::vector<RequestResult> serve(InferenceEngine& engine, const std::vector<Requ
       owner.push_back(s.get());
     }
     st.peak_prefill_rows = std::max(st.peak_prefill_rows, prefill_rows);
-    const double t0 = elapsed() + behind;
+    const double t0 = stamp();
     const Tensor logits = engine.step(chunks);
-    const double t1 = elapsed() + behind;
+    const double t1 = stamp();
     st.step_seconds += t1 - t0;
     ++st.steps;
     if (chunks.empty()) ++st.idle_steps;

@@ -562,21 +562,12 @@ TEST(LmTrain, AFailedSaveLeavesThePreviousGenerationAndTornShardsAreNamed) {
 // tests/python/torch_lm_grads.py writes the file that
 // SWITCHYARD_TORCH_GRADS names (CTest's train_torch_grads does both).
 ModelConfig torch_grads_config() {  // tests/python/torch_lm_grads.py's CONFIG
-  ModelConfig c;
+  ModelConfig c = tiny_config();  // the script's: wider, more heads, a longer hidden layer
   c.name = "torch-grads";
-  c.vocab_size = 256;
   c.d_model = 32;
-  c.layers = 2;
   c.heads = 4;
-  c.norm_eps = 1e-5;
-  c.rope_theta = 10000.0;
   c.max_seq = 16;
-  c.experts = 4;
-  c.k = 2;
   c.hidden = 24;
-  c.activation = "gelu";
-  c.gate = "softmax";
-  c.renormalize = false;
   return c;
 }
 
