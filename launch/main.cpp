@@ -16,7 +16,7 @@
 #include "launch/bench_moe.h"
 #include "launch/bench_scale.h"
 #include "launch/launcher.h"
-#include "moe/checkpoint.h"
+#include "parallel/checkpoint.h"
 #include "launch/config.h"
 #include "launch/decode.h"
 #include "kernels/gemm.h"
@@ -285,12 +285,13 @@ int main(int argc, char** argv) {
   launch->add_option("command", lo.command, "-- CMD ARGS...")->required();
   launch->prefix_command(false);
 
-  auto* ckpt = app.add_subcommand("ckpt", "MoE checkpoint tools");
-  auto* reshard = ckpt->add_subcommand("reshard", "Rewrite a checkpoint's shards for another number of ranks");
+  auto* ckpt = app.add_subcommand("ckpt", "Checkpoint tools (the sharded format of layer, model and training checkpoints)");
+  auto* reshard = ckpt->add_subcommand("reshard", "Rewrite a checkpoint's shards as a world of --ranks ranks stores them "
+                                       "(loading needs no reshard: any world size reads any checkpoint)");
   std::string reshard_from, reshard_to;
   int reshard_ranks = 1;
-  reshard->add_option("--from", reshard_from, "Source prefix (its shards: PREFIX.rank*-of-*.safetensors)")->required();
-  reshard->add_option("--to", reshard_to, "Target prefix")->required();
+  reshard->add_option("--from", reshard_from, "Source checkpoint directory (its manifest.json names the shards)")->required();
+  reshard->add_option("--to", reshard_to, "Target directory (a new generation there)")->required();
   reshard->add_option("--ranks", reshard_ranks, "Ranks of the target layout")->required();
   ckpt->require_subcommand(1);
 
@@ -397,8 +398,9 @@ int main(int argc, char** argv) {
     }
     if (reshard->parsed()) {
       const ReshardReport r = reshard_checkpoint(reshard_from, reshard_to, reshard_ranks);
-      std::printf("resharded %d experts from %d shards of '%s' into %d shards '%s.rank*-of-%d.safetensors'\n",
-                  r.experts, r.source_shards, reshard_from.c_str(), r.ranks, reshard_to.c_str(), r.ranks);
+      std::printf("resharded %d experts from %d shards of '%s' into %d shards in '%s' (generation %llu)\n", r.experts,
+                  r.source_ranks, reshard_from.c_str(), r.ranks, reshard_to.c_str(),
+                  static_cast<unsigned long long>(Checkpoint::open(reshard_to).generation()));
       return 0;
     }
     if (run->parsed()) {

@@ -39,10 +39,20 @@ Tensor load_f32(const SafetensorsFile& f, const std::string& name, const Shape& 
   return out;
 }
 
+// A checkpoint carries its architecture in the manifest (config.json beside it is a copy for people).
+ModelConfig load_config(const std::string& dir) {
+  if (Checkpoint::exists(dir)) {
+    const Checkpoint c = Checkpoint::open(dir);
+    if (c.metadata().count("model_config"))
+      return ModelConfig::parse(c.meta("model_config"), dir + "/manifest.json (model_config)");
+  }
+  return ModelConfig::load(dir + "/config.json");
+}
+
 }  // namespace
 
 Model::Model(const std::string& dir, std::shared_ptr<Communicator> group, ModelOptions options)
-    : config_(ModelConfig::load(dir + "/config.json")), group_(std::move(group)), options_(std::move(options)) {
+    : config_(load_config(dir)), group_(std::move(group)), options_(std::move(options)) {
   const ModelConfig& c = config_;
   const int W = group_->size();
   if (c.experts % W != 0 && W % c.experts != 0)

@@ -27,9 +27,13 @@ T required(const Json& j, const std::string& key, const std::string& path, const
 ModelConfig ModelConfig::load(const std::string& path) {
   std::ifstream in(path);
   if (!in) SY_THROW(IoError, "cannot read model config '", path, "'");
+  return parse(std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>()), path);
+}
+
+ModelConfig ModelConfig::parse(const std::string& text, const std::string& path) {
   Json j;
   try {
-    j = Json::parse(in);
+    j = Json::parse(text);
   } catch (const Json::exception& e) {
     SY_THROW(ConfigError, path, ": not valid JSON: ", e.what());
   }

@@ -24,6 +24,8 @@ struct ModelConfig {
   int head_dim() const { return d_model / heads; }
   // Reads config.json; ConfigError naming the file and the key that is missing or wrong.
   static ModelConfig load(const std::string& path);
+  // The same from config.json's text (`path` names it in errors).
+  static ModelConfig parse(const std::string& text, const std::string& path);
 };
 
 }  // namespace switchyard

@@ -1,4 +1,4 @@
-#include "moe/checkpoint.h"
+#include "parallel/checkpoint.h"
 
 #include <cstring>
 #include <filesystem>
@@ -7,65 +7,16 @@
 
 #include "core/error.h"
 #include "moe/layer_internal.h"
+#include "moe/moe_layer.h"
 #include "moe/param_layout.h"
 
 namespace switchyard {
 
-std::vector<SafetensorsFile> open_checkpoint_shards(const std::string& prefix) {
-  namespace fs = std::filesystem;
-  const fs::path base(prefix);
-  const fs::path dir = base.has_parent_path() ? base.parent_path() : fs::path(".");
-  const std::string stem = base.filename().string() + ".rank";
-  std::vector<SafetensorsFile> shards;
-  if (fs::is_directory(dir))
-    for (const auto& entry : fs::directory_iterator(dir)) {
-      const std::string name = entry.path().filename().string();
-      if (name.rfind(stem, 0) == 0 && name.size() > 12 && name.substr(name.size() - 12) == ".safetensors")
-        shards.push_back(SafetensorsFile::open(entry.path().string()));
-    }
-  if (shards.empty()) SY_THROW(IoError, "moe checkpoint: no shards '", prefix, ".rank*-of-*.safetensors'");
-  return shards;
-}
+// MoELayer's checkpoints, in the format of parallel/checkpoint.h: whole logical
+// experts keyed "experts.<e>.w1" (a sliced expert saved whole by its first
+// slice's rank), rank 0 also the gate, so any world size, E/W split,
+// placement or plan loads them.
 
-ReshardReport reshard_checkpoint(const std::string& source_prefix, const std::string& target_prefix, int ranks) {
-  if (ranks < 1) SY_THROW(InvalidArgument, "reshard: ranks = ", ranks, ", expected >= 1");
-  const auto shards = open_checkpoint_shards(source_prefix);
-  // Which file holds each tensor (a tensor in two files: stale shards of another save).
-  std::map<std::string, const SafetensorsFile*> where;
-  std::set<int> experts;
-  for (const auto& f : shards)
-    for (const auto& e : f.entries()) {
-      auto [it, fresh] = where.emplace(e.name, &f);
-      if (!fresh)
-        SY_THROW(InvalidArgument, "reshard: tensor '", e.name, "' is in both '", it->second->path(), "' and '",
-                 f.path(), "'; shards of several saves share the prefix '", source_prefix, "'");
-      if (e.name.rfind("experts.", 0) == 0) experts.insert(std::stoi(e.name.substr(8)));
-    }
-  const int E = static_cast<int>(experts.size());
-  if (E == 0 || *experts.rbegin() != E - 1)
-    SY_THROW(InvalidArgument, "reshard: checkpoint '", source_prefix, "' holds experts ",
-             E == 0 ? std::string("none") : std::to_string(*experts.begin()) + ".." + std::to_string(*experts.rbegin()),
-             " (", E, " distinct); expected 0..E-1");
-  if (!where.count("gate.weight")) SY_THROW(InvalidArgument, "reshard: checkpoint '", source_prefix, "' has no gate.weight");
-  const ParamLayout layout(E, ranks);  // validates E against ranks
-  std::vector<std::vector<std::string>> names(static_cast<size_t>(ranks));
-  names[0].push_back("gate.weight");
-  for (const auto& [name, file] : where)
-    if (name.rfind("experts.", 0) == 0) names[static_cast<size_t>(layout.owner(std::stoi(name.substr(8))))].push_back(name);
-  for (int r = 0; r < ranks; ++r) {
-    std::vector<Tensor> keep;
-    std::vector<std::pair<std::string, TensorView>> tensors;
-    for (const auto& name : names[static_cast<size_t>(r)]) {
-      keep.push_back(where.at(name)->load(name));
-      tensors.emplace_back(name, keep.back().view());
-    }
-    save_safetensors(target_prefix + ".rank" + std::to_string(r) + "-of-" + std::to_string(ranks) + ".safetensors",
-                     tensors, {{"format", "switchyard-moe-v1"}, {"experts", std::to_string(E)}});
-  }
-  return {E, static_cast<int>(shards.size()), ranks};
-}
-
-// ---- MoELayer's own checkpoints ----
 
 namespace {
 using moe_detail::copy_hidden_piece;
@@ -73,7 +24,7 @@ using kernels::Activation;
 std::string expert_key(int expert, const char* name) { return "experts." + std::to_string(expert) + "." + name; }
 }  // namespace
 
-void MoELayer::save(const std::string& prefix) const {
+void MoELayer::save(const std::string& dir) const {
   const int me = group_->rank(), W = group_->size(), S = layout_.shards();
   const int64_t M = config_.model_dim, H = config_.hidden_dim, H1 = hidden_in(), H1s = H1 / S, Hs = local_hidden_;
   const bool gated = config_.activation == Activation::swiglu;
@@ -116,40 +67,23 @@ void MoELayer::save(const std::string& prefix) const {
       keep = {fw1, fb1, w2};
     }
   }
-  save_safetensors(prefix + ".rank" + std::to_string(me) + "-of-" + std::to_string(W) + ".safetensors", tensors,
-                   {{"format", "switchyard-moe-v1"}, {"experts", std::to_string(config_.router.experts)}});
-  group_->barrier().wait();  // every shard is on disk before anyone loads
+  save_checkpoint(*group_, dir, tensors,
+                  {{"content", "moe-layer"}, {"experts", std::to_string(config_.router.experts)}, {"saved_by", std::to_string(W)}});
 }
 
-void MoELayer::load(const std::string& prefix) {
+void MoELayer::load(const std::string& dir) {
   parameters_exist_ = true;
-  const std::vector<SafetensorsFile> shards = open_checkpoint_shards(prefix);
-  auto find = [&](const std::string& key) -> const SafetensorsFile& {
-    const SafetensorsFile* found = nullptr;
-    for (const auto& f : shards) {
-      if (!f.contains(key)) continue;
-      if (found)
-        SY_THROW(InvalidArgument, "moe: checkpoint '", prefix, "': tensor '", key, "' is in both '", found->path(),
-                 "' and '", f.path(), "'; shards of several saves share the prefix, remove the stale ones");
-      found = &f;
-    }
-    if (!found)
-      SY_THROW(InvalidArgument, "moe: checkpoint '", prefix, "' has no tensor '", key, "' (", shards.size(), " shards)");
-    return *found;
-  };
+  const Checkpoint ckpt = Checkpoint::open(dir);
   const int S = layout_.shards(), shard = layout_.shard_of_rank(group_->rank());
   const int64_t M = config_.model_dim, H = config_.hidden_dim, H1 = hidden_in(), H1s = H1 / S, Hs = local_hidden_;
   const bool gated = config_.activation == Activation::swiglu;
-  Tensor g = find("gate.weight").load("gate.weight", gate_weight_.shape(), DType::f32);
+  const Tensor g = ckpt.load_f32("gate.weight", gate_weight_.shape());
   std::memcpy(gate_weight_.data(), g.data(), g.nbytes());
   const int me = group_->rank();
   for (int slot = 0; slot < layout_.slots(me); ++slot) {
     const int e = layout_.expert_at(me, slot);
     if (e < 0) continue;  // an unused slot
-    auto load = [&](const char* name, const Shape& shape) {
-      const std::string key = expert_key(e, name);
-      return find(key).load(key, shape, DType::f32);
-    };
+    auto load = [&](const char* name, const Shape& shape) { return ckpt.load_f32(expert_key(e, name), shape); };
     Tensor w1 = load("w1", {M, H1}), b1 = load("b1", {H1}), w2 = load("w2", {H, M}), b2 = load("b2", {M});
     copy_hidden_piece(gated, M, H, shard, S, w1.data_as<float>(), params_.w1.data_as<float>() + slot * M * H1s, true);
     copy_hidden_piece(gated, 1, H, shard, S, b1.data_as<float>(), params_.b1.data_as<float>() + slot * H1s, true);

@@ -243,13 +243,15 @@ class MoELayer {
   // divisor of S, d < 1, 2DH without node groups).
   void check_plan(const ExecPlan& plan) const;
 
-  // Checkpoints keyed by logical expert id: every rank writes
-  // `prefix.rank<r>-of-<W>.safetensors` with its experts ("experts.<e>.w1", ...)
-  // and rank 0 also the gate ("gate.weight"). load() reads every shard of a
-  // prefix and takes the experts this rank holds now, whatever W saved them, so
-  // a checkpoint moves between layouts. Collective (ends with a barrier).
-  void save(const std::string& prefix) const;
-  void load(const std::string& prefix);
+  // Checkpoints keyed by logical expert id, in the sharded format of
+  // parallel/checkpoint.h (a directory of generations, manifest last): every
+  // rank's shard holds its experts ("experts.<e>.w1", ...; a sliced expert
+  // whole, from its first slice's rank) and rank 0's also the gate
+  // ("gate.weight"). load() takes the experts this rank holds now from
+  // whichever shard has them, whatever W saved them, so a checkpoint moves
+  // between layouts. Collective.
+  void save(const std::string& dir) const;
+  void load(const std::string& dir);
 
   // Gradients of sum(dout * output) + balance_coef * balance_loss + z_coef * z_loss
   // for the last forward(x): accumulated into gate_grad() and expert_grads();

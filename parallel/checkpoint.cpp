@@ -8,12 +8,14 @@
 #include <cerrno>
 #include <cstring>
 
+#include <algorithm>
 #include <cinttypes>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <regex>
+#include <tuple>
 
 #include "core/dtype.h"
 #include "core/error.h"
@@ -64,6 +66,64 @@ uint64_t current_generation(const std::string& dir) {
   } catch (const std::exception& e) {
     SY_THROW(InvalidArgument, "checkpoint '", dir, "': manifest.json is unreadable (", e.what(),
              "); move it away to start a new checkpoint there");
+  }
+}
+
+// One rank's shard of a generation: written (fsynced, renamed), then its size and CRC as on disk.
+CheckpointShard write_shard(const std::string& dir, uint64_t generation, int rank, int world,
+                            const std::vector<std::pair<std::string, TensorView>>& tensors) {
+  CheckpointShard shard{shard_name(generation, rank, world), 0, 0};
+  fs::create_directories(dir);
+  save_safetensors((fs::path(dir) / shard.file).string(), tensors,
+                   {{"format", kCheckpointFormat}, {"generation", std::to_string(generation)},
+                    {"rank", std::to_string(rank)}, {"world_size", std::to_string(world)}});
+  std::tie(shard.bytes, shard.crc32) = file_crc((fs::path(dir) / shard.file).string());
+  return shard;
+}
+
+// The manifest of a complete generation, last: every shard must be there as listed (a directory every writer
+// shares), then manifest.json replaces the old one atomically.
+void publish(const std::string& dir, uint64_t generation, const std::vector<CheckpointShard>& shards,
+             const std::map<std::string, std::string>& metadata) {
+  for (size_t r = 0; r < shards.size(); ++r) {
+    const fs::path shard = fs::path(dir) / shards[r].file;
+    if (!fs::exists(shard) || fs::file_size(shard) != shards[r].bytes)
+      SY_THROW(IoError, "rank ", r, "'s shard '", shard.string(), "' (", shards[r].bytes, " bytes) is ",
+               fs::exists(shard) ? "another size" : "not there", " as the publishing rank sees the directory: a "
+               "checkpoint directory must be on a filesystem every rank shares");
+  }
+  Json manifest = {{"format", kCheckpointFormat}, {"generation", generation}, {"world_size", shards.size()},
+                   {"metadata", metadata}, {"shards", Json::array()}};
+  for (const CheckpointShard& s : shards)
+    manifest["shards"].push_back({{"file", s.file}, {"bytes", s.bytes}, {"crc32", s.crc32}});
+  const std::string target = (fs::path(dir) / "manifest.json").string();
+  const std::string tmp = target + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    out << manifest.dump(1) << "\n";
+    out.flush();
+    if (!out) SY_THROW(IoError, "cannot write '", tmp, "'");
+  }
+  fsync_path(tmp);
+  fs::rename(tmp, target);
+  fsync_path(dir);
+}
+
+// After a commit: older generations and strays of saves that never finished go. Best effort: the save has
+// committed, a file left behind costs only disk.
+void remove_older(const std::string& dir, uint64_t generation) {
+  try {
+    const std::regex shard_pattern(R"(g(\d+)\.rank\d+-of-\d+\.safetensors(\.tmp\..*)?)");
+    for (const auto& entry : fs::directory_iterator(dir)) {
+      std::smatch m;
+      const std::string name = entry.path().filename().string();
+      // Every writer renamed its temporary file before the manifest was written, so any left is a stray.
+      if (std::regex_match(name, m, shard_pattern) && (std::stoull(m[1].str()) < generation || m[2].matched))
+        fs::remove(entry.path());
+    }
+  } catch (const std::exception& e) {
+    SY_LOG_WARN("checkpoint", "checkpoint '{}': generation {} is saved, but removing older files failed: {}", dir,
+                generation, e.what());
   }
 }
 
@@ -132,74 +192,31 @@ uint64_t save_checkpoint(Communicator& world, const std::string& dir,
   agree_or_throw(world, dir, error, "start a new generation");
   world.broadcast(TensorView(&generation_value, DType::f64, {1}), 0).wait();
   const auto generation = static_cast<uint64_t>(generation_value);
-  const std::string file = shard_name(generation, rank, W);
-  const std::string path = (fs::path(dir) / file).string();
   // Each rank's shard, then its size and checksum to rank 0.
   double mine[2] = {0, 0};
   error.clear();
   try {
-    fs::create_directories(dir);
-    std::map<std::string, std::string> meta = {{"format", kCheckpointFormat},
-                                               {"generation", std::to_string(generation)},
-                                               {"rank", std::to_string(rank)},
-                                               {"world_size", std::to_string(W)}};
-    save_safetensors(path, tensors, meta);
-    const auto [bytes, crc] = file_crc(path);  // what is on disk, not what we meant to write
-    mine[0] = static_cast<double>(bytes);
-    mine[1] = static_cast<double>(crc);
+    const CheckpointShard shard = write_shard(dir, generation, rank, W, tensors);
+    mine[0] = static_cast<double>(shard.bytes);
+    mine[1] = static_cast<double>(shard.crc32);
   } catch (const std::exception& e) {
     error = e.what();
   }
   agree_or_throw(world, dir, error, "write its shard of generation " + std::to_string(generation));
   std::vector<double> all(static_cast<size_t>(2 * W));
   world.allgather(TensorView(mine, DType::f64, {2}), TensorView(all.data(), DType::f64, {2 * W})).wait();
-  // Rank 0 publishes: every shard must be visible to it (one shared filesystem), then the manifest.
   error.clear();
   if (rank == 0) {
     try {
-      for (int r = 0; r < W; ++r) {
-        const fs::path shard = fs::path(dir) / shard_name(generation, r, W);
-        const auto want = static_cast<uint64_t>(all[static_cast<size_t>(2 * r)]);
-        if (!fs::exists(shard) || fs::file_size(shard) != want)
-          SY_THROW(IoError, "rank ", r, "'s shard '", shard.string(), "' (", want, " bytes) is ",
-                   fs::exists(shard) ? "another size" : "not there", " as rank 0 sees the directory: a checkpoint "
-                   "directory must be on a filesystem every rank shares");
-      }
-      Json manifest = {{"format", kCheckpointFormat}, {"generation", generation}, {"world_size", W},
-                       {"metadata", metadata}, {"shards", Json::array()}};
+      std::vector<CheckpointShard> shards;
       for (int r = 0; r < W; ++r)
-        manifest["shards"].push_back({{"file", shard_name(generation, r, W)},
-                                      {"bytes", static_cast<uint64_t>(all[static_cast<size_t>(2 * r)])},
-                                      {"crc32", static_cast<uint32_t>(all[static_cast<size_t>(2 * r + 1)])}});
-      const std::string target = (fs::path(dir) / "manifest.json").string();
-      const std::string tmp = target + ".tmp";
-      {
-        std::ofstream out(tmp, std::ios::trunc);
-        out << manifest.dump(1) << "\n";
-        out.flush();
-        if (!out) SY_THROW(IoError, "cannot write '", tmp, "'");
-      }
-      fsync_path(tmp);
-      fs::rename(tmp, target);
-      fsync_path(dir);
+        shards.push_back({shard_name(generation, r, W), static_cast<uint64_t>(all[static_cast<size_t>(2 * r)]),
+                          static_cast<uint32_t>(all[static_cast<size_t>(2 * r + 1)])});
+      publish(dir, generation, shards, metadata);
     } catch (const std::exception& e) {
       error = e.what();
     }
-    // The new generation is complete: older shards, and strays of saves that never finished, go. Best
-    // effort: the save has committed, a file left behind costs only disk.
-    if (error.empty()) try {
-      const std::regex shard_pattern(R"(g(\d+)\.rank\d+-of-\d+\.safetensors(\.tmp\..*)?)");
-      for (const auto& entry : fs::directory_iterator(dir)) {
-        std::smatch m;
-        const std::string name = entry.path().filename().string();
-        // Every rank renamed its temporary file before reporting, so any left is a stray.
-        if (std::regex_match(name, m, shard_pattern) && (std::stoull(m[1].str()) < generation || m[2].matched))
-          fs::remove(entry.path());
-      }
-    } catch (const std::exception& e) {
-      SY_LOG_WARN("checkpoint", "checkpoint '{}': generation {} is saved, but removing older files failed: {}", dir,
-                  generation, e.what());
-    }
+    if (error.empty()) remove_older(dir, generation);
   }
   agree_or_throw(world, dir, error, "publish generation " + std::to_string(generation));
   return generation;
@@ -281,6 +298,52 @@ Tensor Checkpoint::load_f32(const std::string& tensor, const Shape& expected_sha
   const auto* in = static_cast<const bf16*>(t.data());
   for (int64_t i = 0; i < t.numel(); ++i) out.data_as<float>()[i] = in[i].to_float();
   return out;
+}
+
+int checkpoint_expert_of(const std::string& tensor) {
+  static const std::regex pattern(R"((^|.*\.)experts\.(\d+)\..*)");
+  std::smatch m;
+  return std::regex_match(tensor, m, pattern) ? std::stoi(m[2].str()) : -1;
+}
+
+ReshardReport reshard_checkpoint(const std::string& source_dir, const std::string& target_dir, int ranks) {
+  if (ranks < 1) SY_THROW(InvalidArgument, "reshard: ranks = ", ranks, ", expected >= 1");
+  const Checkpoint source = Checkpoint::open(source_dir);
+  int experts = 0;
+  for (const std::string& name : source.names()) experts = std::max(experts, checkpoint_expert_of(name) + 1);
+  if (experts > 0 && experts % ranks != 0 && ranks % experts != 0)
+    SY_THROW(InvalidArgument, "reshard: ", experts, " experts cannot be laid out over ", ranks,
+             " ranks (expected a rank count dividing the expert count, or a multiple of it)");
+  // Where a layer of `ranks` ranks stores expert e (identity placement; a sliced expert: its first slice's rank).
+  auto owner = [&](int e) { return experts >= ranks ? e / (experts / ranks) : e * (ranks / experts); };
+  std::vector<std::vector<std::string>> names(static_cast<size_t>(ranks));
+  for (const std::string& name : source.names()) {
+    const int e = checkpoint_expert_of(name);
+    names[static_cast<size_t>(e < 0 ? 0 : owner(e))].push_back(name);
+  }
+  fs::create_directories(target_dir);
+  DirectoryLock lock(target_dir);
+  const uint64_t generation = current_generation(target_dir) + 1;
+  std::vector<CheckpointShard> shards;
+  for (int r = 0; r < ranks; ++r) {
+    std::vector<Tensor> keep;
+    std::vector<std::pair<std::string, TensorView>> tensors;
+    for (const std::string& name : names[static_cast<size_t>(r)]) {
+      keep.push_back(source.load(name));
+      tensors.emplace_back(name, keep.back().view());
+    }
+    shards.push_back(write_shard(target_dir, generation, r, ranks, tensors));
+  }
+  publish(target_dir, generation, shards, source.metadata());
+  remove_older(target_dir, generation);
+  return {experts, source.world_size(), ranks};
+}
+
+Tensor Checkpoint::load(const std::string& tensor) const {
+  const auto it = where_.find(tensor);
+  if (it == where_.end())
+    SY_THROW(InvalidArgument, "checkpoint '", dir_, "' generation ", generation_, ": no tensor '", tensor, "'");
+  return files_[it->second].load(tensor);
 }
 
 }  // namespace switchyard

@@ -70,6 +70,8 @@ class Checkpoint {
   // tensor when absent, or when its shape differs from `expected_shape`
   // (checked when non-empty). bf16 tensors are widened to f32 exactly.
   Tensor load_f32(const std::string& tensor, const Shape& expected_shape = {}) const;
+  // The tensor as stored (its own dtype).
+  Tensor load(const std::string& tensor) const;
 
  private:
   std::string dir_;
@@ -80,5 +82,22 @@ class Checkpoint {
   std::vector<SafetensorsFile> files_;
   std::map<std::string, size_t> where_;  // tensor -> file
 };
+
+// The logical expert a tensor belongs to ("experts.5.w1", "layers.2.ffn.experts.5.b2",
+// "adamw.m.layers.2.ffn.experts.5.w1": 5), or -1.
+int checkpoint_expert_of(const std::string& tensor);
+
+struct ReshardReport {
+  int experts = 0;        // distinct logical experts found
+  int source_ranks = 0;   // the world that saved the source
+  int ranks = 0;
+};
+// Rewrites a checkpoint directory as `ranks` shards of a new generation in
+// `target_dir`, laid out as a layer of that many ranks stores its experts
+// (identity placement; an expert sliced over several ranks: its first
+// slice's rank), everything else on rank 0. Not collective. Loading needs no
+// reshard (a reader finds every tensor wherever it is); this makes each
+// rank's shard hold what it loads, for loaders that read only their own.
+ReshardReport reshard_checkpoint(const std::string& source_dir, const std::string& target_dir, int ranks);
 
 }  // namespace switchyard

@@ -14,7 +14,7 @@
 #include "comm/backends/threads/threads_backend.h"
 #include "comm/backends/emulated/emulated_backend.h"
 #include "comm/virtual_time.h"
-#include "moe/checkpoint.h"
+#include "parallel/checkpoint.h"
 #include "moe/moe_layer.h"
 #include "moe/planner.h"
 #include "tests/common/rank_harness.h"
@@ -248,6 +248,8 @@ TEST(MoEPlans, CheckpointReloadsUnderOtherWorldSizes) {
     if (me == 0) {
       const ReshardReport rep = reshard_checkpoint(dir + "/moe", dir + "/one", 1);
       EXPECT_EQ(rep.experts, E);
+      EXPECT_EQ(rep.source_ranks, n);
+      EXPECT_EQ(Checkpoint::open(dir + "/one").world_size(), 1);
       MoELayer resharded(c, solo_world.communicator(0));
       resharded.load(dir + "/one");
       MoEForward rf = resharded.forward(all.x);
