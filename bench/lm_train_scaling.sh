@@ -14,13 +14,15 @@ rounds=${ROUNDS:-3}
 steps=${STEPS:-60}
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive}
 csv="$out/runs.csv"
+ckpt=$(mktemp -d)  # the runs' checkpoints: scratch, not results
+trap 'rm -rf "$ckpt"' EXIT
 echo "round,ranks,dtype,tokens_per_s,step_s,floor_ratio,heldout_ratio" > "$csv"
 for ((r = 1; r <= rounds; ++r)); do
   for ranks in 1 2 4; do
     for dtype in f32 bf16; do
       echo "[lm_train_scaling] round $r/$rounds: $ranks ranks, $dtype" >&2
       log=$("$sy" run --config configs/quickstart.yaml --set comm.ranks="$ranks" --set train.dtype="$dtype" \
-        --set train.steps="$steps" --set lm.probe_plans=0 --set train.checkpoint="$out/ckpt-$ranks-$dtype")
+        --set train.steps="$steps" --set lm.probe_plans=0 --set train.checkpoint="$ckpt/$ranks-$dtype")
       line=$(grep '^# [0-9]* steps in' <<< "$log")
       floor=$(grep '^# GEMM floor' <<< "$log" | sed 's/.*step time \/ floor = \([0-9.]*\)/\1/')
       tps=$(sed 's/.* s\/step, \([0-9]*\) tokens\/s.*/\1/' <<< "$line")

@@ -158,8 +158,11 @@ void train_lm(Runtime& rt, const JobConfig& job) {
   // Rank 0 looks, every rank follows: ranks that disagreed (a directory not shared) would train different runs.
   double found = leader && !tr.checkpoint.empty() && Checkpoint::exists(tr.checkpoint) ? 1.0 : 0.0;
   world.broadcast(TensorView(&found, DType::f64, {1}), 0).wait();
+  PlannerOptions po;
+  po.input_grad = true;
+  std::map<std::string, std::string> meta;  // of the checkpoint resumed from
   if (tr.resume && found != 0) {
-    const auto meta = trainer.resume(tr.checkpoint);
+    meta = trainer.resume(tr.checkpoint);
     if (leader)
       std::printf("# resumed from %s (generation %s, saved by %s ranks) at step %lld\n", tr.checkpoint.c_str(),
                   meta.at("generation").c_str(), meta.at("world_size").c_str(),
@@ -184,10 +187,25 @@ void train_lm(Runtime& rt, const JobConfig& job) {
                 lm.corpus.c_str(), corpus.train.size(), corpus.held_out.size(), unigram);
   // auto: every candidate fixed for lm.probe_plans steps first (timed), then the planner.
   std::vector<ExecPlan> probe;
-  PlannerOptions po;
-  po.input_grad = true;
   const int64_t end = tr.stop_after > 0 ? std::min<int64_t>(tr.steps, trainer.next_step() + tr.stop_after) : tr.steps;
-  if (automatic) {
+  // The control plan (the best probed one) as the checkpoint keeps it: r d a2a exchange.
+  auto encode = [](const ExecPlan& p) {
+    return std::to_string(p.r) + " " + std::to_string(p.d) + " " + std::to_string(static_cast<int>(p.a2a)) + " " +
+           std::to_string(static_cast<int>(p.exchange));
+  };
+  std::optional<ExecPlan> control;
+  std::string no_control = lm.probe_plans == 0 ? "lm.probe_plans = 0" : "";
+  if (automatic && meta.count("control_plan")) {  // a resumed run keeps its probe's verdict instead of probing again
+    ExecPlan p;
+    int a2a = 0, exchange = 0;
+    if (std::sscanf(meta.at("control_plan").c_str(), "%d %d %d %d", &p.r, &p.d, &a2a, &exchange) == 4) {
+      p.a2a = static_cast<A2AAlgorithm>(a2a);
+      p.exchange = static_cast<ExchangeMode>(exchange);
+      const std::vector<ExecPlan> here = tutel_plans(model.moe(0), po);  // another world size may not run it
+      if (std::find(here.begin(), here.end(), p) != here.end()) control = p;
+    }
+  }
+  if (automatic && !control) {
     const std::vector<ExecPlan> all = tutel_plans(model.moe(0), po);
     for (int rep = 0; rep < lm.probe_plans; ++rep) probe.insert(probe.end(), all.begin(), all.end());
     // The probe takes at most half of this run's steps, so the planner gets the rest.
@@ -195,6 +213,7 @@ void train_lm(Runtime& rt, const JobConfig& job) {
       if (leader && !probe.empty())
         std::printf("# no plan probe: its %zu steps would take more than half of this run's %lld\n", probe.size(),
                     static_cast<long long>(end - trainer.next_step()));
+      if (!probe.empty()) no_control = "no probe: the run is too short for it";
       probe.clear();
     }
   }
@@ -203,7 +222,6 @@ void train_lm(Runtime& rt, const JobConfig& job) {
   std::map<std::string, int> ran;  // plans auto ran since the last plan line (layer-steps)
   // After the probe every 4th step runs the best probed plan fixed (a control, interleaved with auto's steps,
   // so the comparison sees the same drift and is free of the probe's best-of-many selection bias).
-  std::optional<ExecPlan> control;
   std::vector<double> auto_moe, control_moe;
   int64_t after_probe = 0;
   auto moe_flops = [&] {
@@ -218,7 +236,9 @@ void train_lm(Runtime& rt, const JobConfig& job) {
     return s;
   };
   auto save = [&] {
-    const uint64_t g = trainer.save(tr.checkpoint, {{"capacity_factor", std::to_string(job.moe.capacity_factor)}});
+    std::map<std::string, std::string> extra = {{"capacity_factor", std::to_string(job.moe.capacity_factor)}};
+    if (control) extra["control_plan"] = encode(*control);
+    const uint64_t g = trainer.save(tr.checkpoint, extra);
     if (leader)
       std::printf("checkpoint: %s (generation %llu, step %lld)\n", tr.checkpoint.c_str(),
                   static_cast<unsigned long long>(g), static_cast<long long>(trainer.next_step()));
@@ -291,17 +311,20 @@ void train_lm(Runtime& rt, const JobConfig& job) {
       std::string plans;
       for (const auto& [plan, count] : ran) plans += (plans.empty() ? "" : ", ") + plan + " x" + std::to_string(count);
       const double mine = median(auto_moe);
-      if (!control || control_moe.empty())
-        std::printf("plan: auto ran %s (layer-steps); MoE %.2f ms/step (median of %zu steps; no control: "
-                    "lm.probe_plans = 0)\n", plans.c_str(), 1e3 * mine, auto_moe.size());
-      else
+      if (!control) {
+        std::printf("plan: auto ran %s (layer-steps); MoE %.2f ms/step (median of %zu steps; no control: %s)\n",
+                    plans.c_str(), 1e3 * mine, auto_moe.size(), no_control.c_str());
+        ran.clear();
+        auto_moe.clear();
+      } else if (!control_moe.empty()) {  // else the samples wait for the first control step
         std::printf("plan: auto ran %s (layer-steps); MoE %.2f ms/step (median of %zu steps) vs the best probed plan "
                     "(%s) fixed on %zu interleaved steps %.2f ms/step: auto/best %.3f\n",
                     plans.c_str(), 1e3 * mine, auto_moe.size(), control->describe().c_str(), control_moe.size(),
                     1e3 * median(control_moe), mine / std::max(median(control_moe), 1e-12));
-      ran.clear();
-      auto_moe.clear();
-      control_moe.clear();
+        ran.clear();
+        auto_moe.clear();
+        control_moe.clear();
+      }
     }
     std::fflush(stdout);
     if (s % lm.eval_every == 0 && !last) evaluate();

@@ -502,21 +502,28 @@ uint64_t save_lm_checkpoint(TrainableLM& model, const AdamW& optimizer, const st
   }
   metadata["adamw_steps"] = std::to_string(optimizer.steps());
   metadata["model_config"] = model_config_json(model.config());
-  if (leader) {  // the architecture beside the shards, for model/model.h's loader
-    std::filesystem::create_directories(dir);
-    const std::string path = dir + "/config.json", tmp = path + ".tmp";
-    {
-      std::ofstream out(tmp, std::ios::trunc);
-      out << model_config_json(model.config());
-      if (!out) SY_THROW(IoError, "checkpoint '", dir, "': cannot write '", tmp, "'");
-    }
-    fsync_path(tmp);
-    std::filesystem::rename(tmp, path);
-  }
-  return save_checkpoint(model.world(), dir, tensors, metadata);
+  // The architecture also beside the manifest, for people and tools that read config.json.
+  return save_checkpoint(model.world(), dir, tensors, metadata, {{"config.json", model_config_json(model.config())}});
 }
 
+static std::map<std::string, std::string> load_lm_checkpoint_here(TrainableLM& model, AdamW* optimizer,
+                                                                  const std::string& dir);
+
 std::map<std::string, std::string> load_lm_checkpoint(TrainableLM& model, AdamW* optimizer, const std::string& dir) {
+  // Every rank reads; one rank's failure (a missing expert, a directory it cannot see) fails them all alike.
+  std::map<std::string, std::string> meta;
+  std::string error;
+  try {
+    meta = load_lm_checkpoint_here(model, optimizer, dir);
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  agree_on_success(model.world(), dir, error, "load it");
+  return meta;
+}
+
+static std::map<std::string, std::string> load_lm_checkpoint_here(TrainableLM& model, AdamW* optimizer,
+                                                                  const std::string& dir) {
   const Checkpoint ckpt = Checkpoint::open(dir);
   const ModelConfig saved = [&] {
     const ModelConfig& c = model.config();

@@ -72,6 +72,17 @@ void MoELayer::save(const std::string& dir) const {
 }
 
 void MoELayer::load(const std::string& dir) {
+  // Every rank reads; one rank's failure (an expert missing, a shape) fails them all alike.
+  std::string error;
+  try {
+    load_here(dir);
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  agree_on_success(*group_, dir, error, "load it");
+}
+
+void MoELayer::load_here(const std::string& dir) {
   parameters_exist_ = true;
   const Checkpoint ckpt = Checkpoint::open(dir);
   const int S = layout_.shards(), shard = layout_.shard_of_rank(group_->rank());
@@ -91,7 +102,6 @@ void MoELayer::load(const std::string& dir) {
                 static_cast<size_t>(Hs * M) * sizeof(float));
     std::memcpy(params_.b2.data_as<float>() + slot * M, b2.data(), b2.nbytes());
   }
-  group_->barrier().wait();
 }
 
 }  // namespace switchyard

@@ -374,6 +374,7 @@ class MoELayer {
   Routing route_tokens(const RouterConfig& router, const TensorView& x, Tensor& logits);
   // Exchanges per-block row counts (dropless; padded needs none).
   void exchange_layout(DispatchPlan& plan);
+  void load_here(const std::string& dir);  // load() without the agreement
   void gather_weights(const DispatchPlan& plan, Working& into);
   // Working-weight gradients back to the stored slices (reduce-scatter) and fc2's
   // bias gradient over the S ranks of each expert.

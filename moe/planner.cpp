@@ -366,7 +366,8 @@ ExecPlan MoEPlanner::choose(MoELayer& layer, const std::vector<double>& agreed, 
   // The layer's placement may have changed since (migrate): plans it cannot run are out.
   const bool permutation = layer.layout().is_permutation();
   const ExecPlan chosen =
-      planner_.choose(in, [&](const ExecPlan& p) { return (p.r == 1 || permutation) && (!forced_ || p == *forced_); });
+      planner_.choose(in, [&](const ExecPlan& p) { return (p.r == 1 || permutation) && (!forced_ || p == *forced_); },
+                      forced_.has_value());
   last_tokens_ = in.tokens;
   last_phases_ = snapshot_phases_;
   last_busy_ = snapshot_busy_;

@@ -106,7 +106,12 @@ void publish(const std::string& dir, uint64_t generation, const std::vector<Chec
   }
   fsync_path(tmp);
   fs::rename(tmp, target);
-  fsync_path(dir);
+  try {  // committed: the rename is the commit; a failed directory sync only weakens durability
+    fsync_path(dir);
+  } catch (const std::exception& e) {
+    SY_LOG_WARN("checkpoint", "checkpoint '{}': generation {} is published, but syncing the directory failed: {}", dir,
+                generation, e.what());
+  }
 }
 
 // After a commit: older generations and strays of saves that never finished go. Best effort: the save has
@@ -129,11 +134,7 @@ void remove_older(const std::string& dir, uint64_t generation) {
 
 }  // namespace
 
-namespace {
-
-// Every rank learns whether every rank succeeded (one max-all-reduce of a
-// flag); the failing ranks' messages stay with them, the others name who failed.
-void agree_or_throw(Communicator& world, const std::string& dir, const std::string& my_error, const std::string& step) {
+void agree_on_success(Communicator& world, const std::string& dir, const std::string& my_error, const std::string& step) {
   std::vector<double> failed(static_cast<size_t>(world.size()), 0.0);
   failed[static_cast<size_t>(world.rank())] = my_error.empty() ? 0.0 : 1.0;
   world.allreduce(TensorView(failed.data(), DType::f64, {world.size()}),
@@ -142,8 +143,10 @@ void agree_or_throw(Communicator& world, const std::string& dir, const std::stri
     if (failed[static_cast<size_t>(r)] != 0)
       SY_THROW(IoError, "checkpoint '", dir, "': rank ", r, " failed to ", step,
                r == world.rank() ? ": " + my_error : std::string(" (see its error)"),
-               "; the previous generation stays the checkpoint");
+               step.starts_with("load") ? std::string() : std::string("; the previous generation stays the checkpoint"));
 }
+
+namespace {
 
 // Rank 0 holds DIR/.lock (flock) from choosing the generation until the
 // manifest is in place, so two jobs saving into one directory fail instead
@@ -152,7 +155,7 @@ class DirectoryLock {
  public:
   explicit DirectoryLock(const std::string& dir) {
     const std::string path = (fs::path(dir) / ".lock").string();
-    fd_ = ::open(path.c_str(), O_RDWR | O_CREAT, 0644);
+    fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
     if (fd_ < 0) SY_THROW(IoError, "cannot open '", path, "': ", std::strerror(errno));
     if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
       ::close(fd_);
@@ -174,7 +177,8 @@ class DirectoryLock {
 
 uint64_t save_checkpoint(Communicator& world, const std::string& dir,
                          const std::vector<std::pair<std::string, TensorView>>& tensors,
-                         const std::map<std::string, std::string>& metadata) {
+                         const std::map<std::string, std::string>& metadata,
+                         const std::map<std::string, std::string>& side_files) {
   const int rank = world.rank(), W = world.size();
   // Rank 0 locks the directory and decides the generation.
   std::unique_ptr<DirectoryLock> lock;
@@ -189,7 +193,7 @@ uint64_t save_checkpoint(Communicator& world, const std::string& dir,
       error = e.what();
     }
   }
-  agree_or_throw(world, dir, error, "start a new generation");
+  agree_on_success(world, dir, error, "start a new generation");
   world.broadcast(TensorView(&generation_value, DType::f64, {1}), 0).wait();
   const auto generation = static_cast<uint64_t>(generation_value);
   // Each rank's shard, then its size and checksum to rank 0.
@@ -202,7 +206,7 @@ uint64_t save_checkpoint(Communicator& world, const std::string& dir,
   } catch (const std::exception& e) {
     error = e.what();
   }
-  agree_or_throw(world, dir, error, "write its shard of generation " + std::to_string(generation));
+  agree_on_success(world, dir, error, "write its shard of generation " + std::to_string(generation));
   std::vector<double> all(static_cast<size_t>(2 * W));
   world.allgather(TensorView(mine, DType::f64, {2}), TensorView(all.data(), DType::f64, {2 * W})).wait();
   error.clear();
@@ -213,12 +217,23 @@ uint64_t save_checkpoint(Communicator& world, const std::string& dir,
         shards.push_back({shard_name(generation, r, W), static_cast<uint64_t>(all[static_cast<size_t>(2 * r)]),
                           static_cast<uint32_t>(all[static_cast<size_t>(2 * r + 1)])});
       publish(dir, generation, shards, metadata);
+      for (const auto& [name, text] : side_files) {  // still under the lock, after the commit
+        const std::string path = (fs::path(dir) / name).string(), tmp = path + ".tmp";
+        {
+          std::ofstream out(tmp, std::ios::trunc);
+          out << text;
+          out.flush();
+          if (!out) SY_THROW(IoError, "generation ", generation, " is published, but '", tmp, "' cannot be written");
+        }
+        fsync_path(tmp);
+        fs::rename(tmp, path);
+      }
     } catch (const std::exception& e) {
       error = e.what();
     }
     if (error.empty()) remove_older(dir, generation);
   }
-  agree_or_throw(world, dir, error, "publish generation " + std::to_string(generation));
+  agree_on_success(world, dir, error, "publish generation " + std::to_string(generation));
   return generation;
 }
 

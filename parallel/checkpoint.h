@@ -41,9 +41,18 @@ struct CheckpointShard {
 // (created if missing). Collective over `world`: every rank passes its own
 // tensors (names unique over all ranks); `metadata` is taken from rank 0.
 // Returns the generation written.
+// `side_files` (name -> text, e.g. config.json) are written by rank 0 beside
+// the manifest once the generation is published, still under the lock.
 uint64_t save_checkpoint(Communicator& world, const std::string& dir,
                          const std::vector<std::pair<std::string, TensorView>>& tensors,
-                         const std::map<std::string, std::string>& metadata = {});
+                         const std::map<std::string, std::string>& metadata = {},
+                         const std::map<std::string, std::string>& side_files = {});
+
+// Every rank learns whether every rank succeeded at `step` (one
+// max-all-reduce of a flag per rank): all throw IoError, the failing ranks
+// with their `error`, the others naming who failed. Collective; error empty
+// on success.
+void agree_on_success(Communicator& world, const std::string& dir, const std::string& error, const std::string& step);
 
 // The complete generation a directory's manifest names.
 class Checkpoint {

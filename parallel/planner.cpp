@@ -76,7 +76,8 @@ void Planner::observe(const PlanInputs& agreed) {
   ++observations_;
 }
 
-ExecPlan Planner::choose(const PlanInputs& agreed, const std::function<bool(const ExecPlan&)>& runnable) {
+ExecPlan Planner::choose(const PlanInputs& agreed, const std::function<bool(const ExecPlan&)>& runnable,
+                         bool forced) {
   if (candidates_.empty()) SY_THROW(InvalidArgument, "planner: no candidate plans (no strategy contributed any)");
   if (pending_) observe(agreed);
   std::vector<PlanCost> costs;
@@ -95,13 +96,13 @@ ExecPlan Planner::choose(const PlanInputs& agreed, const std::function<bool(cons
   // Hysteresis: keep the current plan unless another is predicted clearly
   // (options.switch_margin) cheaper, so noise in measured times cannot make
   // the decision flap between near-ties.
-  if (pending_)
+  if (held_)
     for (size_t i = 0; i < candidates_.size(); ++i)
-      if (candidates_[i] == last_plan_ && std::isfinite(costs[i].total) &&
+      if (candidates_[i] == held_plan_ && std::isfinite(costs[i].total) &&
           costs[best].total > costs[i].total * (1.0 - options_.switch_margin))
         best = i;
   const ExecPlan chosen = candidates_[best];
-  const bool changed = !pending_ || !(chosen == last_plan_);
+  const bool changed = !forced && (!held_ || !(chosen == held_plan_));
   explanation_ = detail::make_string(
       "planner: (", chosen.describe(), ") from ", strategy_of_[best], " predicted ", costs[best].describe(),
       "; runner-up (", candidates_[second].describe(), ") ", costs[second].total * 1e3, " ms; ", agreed.tokens,
@@ -115,6 +116,7 @@ ExecPlan Planner::choose(const PlanInputs& agreed, const std::function<bool(cons
   pending_ = true;
   last_plan_ = chosen;
   last_inputs_ = agreed;
+  if (!forced) held_plan_ = chosen, held_ = true;
   return chosen;
 }
 

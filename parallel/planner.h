@@ -94,7 +94,12 @@ class Planner {
   // The plan for a batch (agreed inputs): the cheapest candidate `runnable`
   // accepts, unless the current plan is within the switch margin of it. The
   // previous decision's measurements (in `agreed`) are folded in first.
-  ExecPlan choose(const PlanInputs& agreed, const std::function<bool(const ExecPlan&)>& runnable = {});
+  // forced: `runnable` admits one plan the caller imposes (a probe): it is
+  // measured and learned from like a choice, but the hysteresis keeps
+  // comparing against the last plan chosen freely, and it is not counted or
+  // logged as a decision.
+  ExecPlan choose(const PlanInputs& agreed, const std::function<bool(const ExecPlan&)>& runnable = {},
+                  bool forced = false);
   // The cost model's prediction with the corrections learned so far.
   PlanCost predict(const ExecPlan& plan, const PlanInputs& batch) const;
   const Corrections& corrections() const { return corrections_; }
@@ -111,7 +116,9 @@ class Planner {
   std::vector<std::string> strategy_of_;
   Corrections corrections_;
   bool pending_ = false;
-  ExecPlan last_plan_;
+  ExecPlan last_plan_;   // what ran last (observe() attributes the measurements to it)
+  ExecPlan held_plan_;   // the last free choice (the hysteresis keeps it)
+  bool held_ = false;
   PlanInputs last_inputs_;
   std::string explanation_;
   int changes_ = 0;

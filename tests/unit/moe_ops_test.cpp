@@ -288,3 +288,38 @@ TEST(MoEOps, PlannerInputsAndTheirLocalitySummary) {
 
 }  // namespace
 }  // namespace switchyard
+
+namespace switchyard {
+namespace {
+
+// Plans priced by their pipelining degree alone: d = 1 is 1.00 ms, d = 2 1.02 ms (within the 3% hysteresis).
+class FixedCosts final : public PlanCostModel {
+ public:
+  PlanCost predict(const ExecPlan& plan, const PlanInputs&, const Corrections&) const override {
+    PlanCost c;
+    c.total = plan.d == 1 ? 1.00e-3 : 1.02e-3;
+    return c;
+  }
+};
+
+// A plan imposed on the planner (a probe, a control step) runs and is learned
+// from, but does not become the plan the hysteresis holds on to.
+TEST(Planner, AForcedPlanDoesNotBecomeTheHeldChoice) {
+  PlannerOptions options;
+  Planner planner(std::make_shared<FixedCosts>(), options);
+  ExecPlan one, two;
+  one.d = 1, two.d = 2;
+  planner.add_candidates("test", {one, two});
+  PlanInputs in;
+  in.tokens = 8;
+  EXPECT_EQ(planner.choose(in).d, 1);
+  EXPECT_EQ(planner.choose(in, [&](const ExecPlan& p) { return p == two; }, true).d, 2);
+  EXPECT_EQ(planner.choose(in).d, 1) << "the forced plan was kept by the hysteresis";
+  EXPECT_EQ(planner.decisions_changed(), 1) << "forced decisions are not counted as changes";
+  // A free choice of d = 2 (d = 1 not runnable) is held next time, though d = 1 is 2% cheaper.
+  EXPECT_EQ(planner.choose(in, [&](const ExecPlan& p) { return p == two; }).d, 2);
+  EXPECT_EQ(planner.choose(in).d, 2);
+}
+
+}  // namespace
+}  // namespace switchyard
