@@ -11,6 +11,7 @@
 #include "core/dtype.h"
 #include "core/error.h"
 #include "core/safetensors.h"
+#include "model/lm_train.h"
 #include "parallel/checkpoint.h"
 #include "comm/virtual_time.h"
 
@@ -62,9 +63,14 @@ Model::Model(const std::string& dir, std::shared_ptr<Communicator> group, ModelO
   // training checkpoint (parallel/checkpoint.h: experts keyed by logical id).
   std::optional<SafetensorsFile> file;
   std::optional<Checkpoint> checkpoint;
-  if (Checkpoint::exists(dir))
+  if (Checkpoint::exists(dir)) {
     checkpoint = Checkpoint::open(dir);
-  else
+    // The architecture came from an earlier open of the manifest: a save in between must not pair it with
+    // another architecture's weights.
+    if (checkpoint->metadata().count("model_config") &&
+        model_config_json(ModelConfig::parse(checkpoint->meta("model_config"), dir)) != model_config_json(c))
+      SY_THROW(InvalidArgument, "model '", dir, "': the checkpoint changed while it was being loaded; load it again");
+  } else
     file = SafetensorsFile::open(dir + "/model.safetensors");
   auto tensor = [&](const std::string& name, const Shape& shape) {
     return checkpoint ? checkpoint->load_f32(name, shape) : load_f32(*file, name, shape);
