@@ -435,13 +435,17 @@ void AdamW::step(std::vector<TrainParam>& params, double lr) {
     const float* g = p.grad.data_as<float>();
     float* m = s.m.data_as<float>();
     float* v = s.v.data_as<float>();
+    // In float, so the loop vectorises (the moments are stored in float anyway).
     const float decay = static_cast<float>(1.0 - lr * options_.weight_decay);
+    const float fb1 = static_cast<float>(b1), fb2 = static_cast<float>(b2), rest1 = static_cast<float>(1 - b1),
+                rest2 = static_cast<float>(1 - b2), inv_c1 = static_cast<float>(1 / c1),
+                inv_c2 = static_cast<float>(1 / c2), eps = static_cast<float>(options_.eps), step = static_cast<float>(lr);
     const int64_t n = p.value.numel();
+#pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
-      m[i] = static_cast<float>(b1 * m[i] + (1 - b1) * g[i]);
-      v[i] = static_cast<float>(b2 * v[i] + (1 - b2) * static_cast<double>(g[i]) * g[i]);
-      const double update = (m[i] / c1) / (std::sqrt(v[i] / c2) + options_.eps);
-      w[i] = static_cast<float>(w[i] * decay - lr * update);
+      m[i] = fb1 * m[i] + rest1 * g[i];
+      v[i] = fb2 * v[i] + rest2 * g[i] * g[i];
+      w[i] = w[i] * decay - step * ((m[i] * inv_c1) / (std::sqrt(v[i] * inv_c2) + eps));
     }
   }
 }
