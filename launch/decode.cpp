@@ -15,6 +15,7 @@
 #include "kernels/gemm.h"
 #include "comm/virtual_time.h"
 #include "launch/cluster_presets.h"
+#include "launch/gemm_rate.h"
 #include "launch/plot.h"
 #include "model/engine.h"
 #include "model/serving.h"
@@ -98,22 +99,6 @@ double read_bandwidth_at(Communicator& world, double bytes) {
   return median(runs);
 }
 
-// oneDNN's sgemm at 1024^3 on every rank at once: the machine's FLOP/s (median of 5).
-double gemm_rate(Communicator& world) {
-  const int64_t n = 1024;
-  std::vector<float> a(static_cast<size_t>(n * n), 0.5f), b(a.size(), 0.25f), c(a.size());
-  const kernels::GemmArgs args{.m = n, .n = n, .k = n, .a = a.data(), .lda = n, .b = b.data(), .ldb = n,
-                                    .c = c.data(), .ldc = n};
-  kernels::cpu::gemm_f32(args);
-  std::vector<double> runs;
-  for (int r = 0; r < 5; ++r) {
-    world.barrier().wait();
-    const auto t = Clock::now();
-    kernels::cpu::gemm_f32(args);
-    runs.push_back(2.0 * n * n * n * world.size() / max_over_ranks(world, seconds_since(t)));
-  }
-  return median(runs);
-}
 
 // GEMM threads per rank: the given number, else the runtime's budget (the
 // node's cores over its ranks, or SWITCHYARD_GEMM_THREADS).
@@ -214,7 +199,7 @@ void bench_batches(InferenceEngine& engine, const BenchDecodeOptions& o, const C
     }
   }
   // The floor's rates first, every rank measuring at once (no benchmark traffic beside it).
-  const double flop_rate = cluster ? cluster->device.gemm_flops_f32 * W : gemm_rate(world);
+  const double flop_rate = cluster ? cluster->device.gemm_flops_f32 * W : machine_gemm_rate(world);
   std::vector<double> bandwidth;
   // At the footprint of a step that reads every expert (the most a step reads).
   for (int B : o.batches)

@@ -8,7 +8,7 @@
 #include <optional>
 
 #include "core/error.h"
-#include "kernels/gemm.h"
+#include "launch/gemm_rate.h"
 #include "model/lm_train.h"
 #include "moe/planner.h"
 #include "parallel/checkpoint.h"
@@ -65,45 +65,6 @@ ModelConfig lm_model_config(const JobConfig& job, int world) {
   c.gate = m.gate;
   c.renormalize = m.gate == "sigmoid_bias";
   return c;
-}
-
-// GFLOP/s of one rank's GEMMs while every rank runs them at once (the
-// machine's cores shared as during training), f32 and bf16, at a square
-// shape large enough to reach the library's rate: the floor's rate.
-std::pair<double, double> concurrent_gemm_rates(Communicator& world) {
-  const int64_t n = 1024;
-  std::vector<float> a(static_cast<size_t>(n * n), 0.5f), b(a), c(a);
-  std::vector<uint16_t> a16(a.size()), b16(a.size());
-  kernels::cpu::to_bf16(a.data(), n * n, a16.data());
-  kernels::cpu::to_bf16(b.data(), n * n, b16.data());
-  auto gemm = [&](bool bf16) {
-    if (bf16) {
-      kernels::GemmBf16Args g;
-      g.m = g.n = g.k = n, g.a = a16.data(), g.lda = n, g.b = b16.data(), g.ldb = n, g.c = c.data(), g.ldc = n;
-      kernels::cpu::gemm_bf16(g);
-    } else {
-      kernels::GemmArgs g;
-      g.m = g.n = g.k = n, g.a = a.data(), g.lda = n, g.b = b.data(), g.ldb = n, g.c = c.data(), g.ldc = n;
-      kernels::cpu::gemm_f32(g);
-    }
-  };
-  // Every rank runs `reps` GEMMs between two barriers, so all of them are busy
-  // throughout; the rate is this rank's FLOPs over the slowest rank's time. Best of 3.
-  auto timed = [&](bool bf16) {
-    gemm(bf16);  // warm-up (primitive creation)
-    const int reps = 6;
-    double best = 0;
-    for (int trial = 0; trial < 3; ++trial) {
-      world.barrier().wait();
-      const auto t0 = Clock::now();
-      for (int i = 0; i < reps; ++i) gemm(bf16);
-      const double elapsed = allreduce_scalar(world, std::chrono::duration<double>(Clock::now() - t0).count(), ReduceOp::max);
-      best = std::max(best, reps * 2.0 * n * n * n / elapsed);
-    }
-    return best;
-  };
-  const double f32 = timed(false), bf16 = timed(true);
-  return {f32, bf16};
 }
 
 // FLOPs of one training step's dense GEMMs on `sequences` sequences of T
@@ -334,7 +295,9 @@ void train_lm(Runtime& rt, const JobConfig& job) {
   if (!tr.checkpoint.empty()) save();
   if (ran_steps > 0) {
     // The floor: each rank's GEMM FLOPs at its measured concurrent rate; the slowest rank's bounds the step.
-    const auto [f32_rate, bf16_rate] = concurrent_gemm_rates(world);
+    // This rank's share of the machine's rates (every rank runs its GEMMs at once, as in training).
+    const double f32_rate = machine_gemm_rate(world, DType::f32) / world.size();
+    const double bf16_rate = machine_gemm_rate(world, DType::bf16) / world.size();
     const double expert_rate = tr.dtype == DType::bf16 ? bf16_rate : f32_rate;
     double floor[2] = {(rank_dense_flops / f32_rate + rank_moe_flops / expert_rate) / ran_steps,
                        (rank_dense_flops + rank_moe_flops) / ran_steps};

@@ -9,19 +9,21 @@
 
 namespace switchyard {
 
-Tensor rmsnorm(const Tensor& x, const Tensor& w, double eps) {
-  const int64_t rows = x.shape()[0], d = x.shape()[1];
-  Tensor y = Tensor::empty({rows, d}, DType::f32);
-  const float* in = x.data_as<float>();
-  const float* g = w.data_as<float>();
-  float* out = y.data_as<float>();
+void rmsnorm_rows(const float* in, const float* g, int64_t rows, int64_t d, double eps, float* out, float* rstd) {
 #pragma omp parallel for schedule(static) if (rows >= 64)
   for (int64_t r = 0; r < rows; ++r) {
     double ss = 0;
     for (int64_t j = 0; j < d; ++j) ss += static_cast<double>(in[r * d + j]) * in[r * d + j];
     const float inv = static_cast<float>(1.0 / std::sqrt(ss / static_cast<double>(d) + eps));
+    if (rstd) rstd[r] = inv;
     for (int64_t j = 0; j < d; ++j) out[r * d + j] = in[r * d + j] * inv * g[j];
   }
+}
+
+Tensor rmsnorm(const Tensor& x, const Tensor& w, double eps) {
+  const int64_t rows = x.shape()[0], d = x.shape()[1];
+  Tensor y = Tensor::empty({rows, d}, DType::f32);
+  rmsnorm_rows(x.data_as<float>(), w.data_as<float>(), rows, d, eps, y.data_as<float>(), nullptr);
   return y;
 }
 

@@ -29,6 +29,9 @@ struct Chunk {
 
 // y[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w, per row.
 Tensor rmsnorm(const Tensor& x, const Tensor& w, double eps);
+// The same on raw rows; rstd (may be null) gets each row's 1 / sqrt(mean + eps),
+// which the training backward reuses.
+void rmsnorm_rows(const float* x, const float* w, int64_t rows, int64_t d, double eps, float* y, float* rstd);
 // x [rows, k] @ w [k, n], row-wise.
 Tensor matmul_rowwise(const Tensor& x, const Tensor& w);
 

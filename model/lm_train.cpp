@@ -11,6 +11,7 @@
 #include "core/error.h"
 #include "core/rng.h"
 #include "kernels/gemm.h"
+#include "kernels/moe.h"
 #include "parallel/checkpoint.h"
 
 namespace switchyard {
@@ -37,17 +38,6 @@ void fill_normal(Tensor& t, Rng& rng, double stddev) { rng.fill_normal(t, 0.0, s
 
 void fill_ones(Tensor& t) { std::fill(t.data_as<float>(), t.data_as<float>() + t.numel(), 1.f); }
 
-// y = x * rstd * w per row; rstd[r] = 1 / sqrt(mean(x[r]^2) + eps).
-void rmsnorm_forward(const float* x, const float* w, int64_t rows, int64_t d, double eps, float* y, float* rstd) {
-  for (int64_t r = 0; r < rows; ++r) {
-    double ss = 0;
-    for (int64_t j = 0; j < d; ++j) ss += static_cast<double>(x[r * d + j]) * x[r * d + j];
-    const float inv = static_cast<float>(1.0 / std::sqrt(ss / static_cast<double>(d) + eps));
-    rstd[r] = inv;
-    for (int64_t j = 0; j < d; ++j) y[r * d + j] = x[r * d + j] * inv * w[j];
-  }
-}
-
 // dx += rstd (dy * w) - x rstd^3 mean(dy * w * x); dw += sum_r dy x rstd.
 void rmsnorm_backward(const float* x, const float* w, const float* rstd, const float* dy, int64_t rows, int64_t d,
                       float* dx, float* dw) {
@@ -65,12 +55,6 @@ void rmsnorm_backward(const float* x, const float* w, const float* rstd, const f
   }
 }
 
-void add_into(Tensor& dst, const Tensor& src) {
-  float* d = dst.data_as<float>();
-  const float* s = src.data_as<float>();
-  const int64_t n = dst.numel();
-  for (int64_t i = 0; i < n; ++i) d[i] += s[i];
-}
 
 }  // namespace
 
@@ -347,24 +331,24 @@ TrainableLM::Loss TrainableLM::run(const std::vector<int>& tokens, const std::ve
     c.x_in = x.clone();
     c.rstd1 = Tensor::empty({N}, DType::f32);
     c.a = Tensor::empty({N, d}, DType::f32);
-    rmsnorm_forward(x.data_as<float>(), w.attn_norm.data_as<float>(), N, d, cfg.norm_eps, c.a.data_as<float>(),
+    rmsnorm_rows(x.data_as<float>(), w.attn_norm.data_as<float>(), N, d, cfg.norm_eps, c.a.data_as<float>(),
                     c.rstd1.data_as<float>());
     attention_forward(w, c, B, T);
     mm(false, false, N, d, d, c.o.data_as<float>(), d, w.wo.data_as<float>(), d, 1.f, x.data_as<float>(), d);
     c.x_mid = x.clone();
     c.rstd2 = Tensor::empty({N}, DType::f32);
     c.xn2 = Tensor::empty({N, d}, DType::f32);
-    rmsnorm_forward(x.data_as<float>(), w.ffn_norm.data_as<float>(), N, d, cfg.norm_eps, c.xn2.data_as<float>(),
+    rmsnorm_rows(x.data_as<float>(), w.ffn_norm.data_as<float>(), N, d, cfg.norm_eps, c.xn2.data_as<float>(),
                     c.rstd2.data_as<float>());
     MoELayer& moe = *moe_[static_cast<size_t>(l)];
     PlanChooser* chooser = static_cast<size_t>(l) < choosers_.size() ? choosers_[static_cast<size_t>(l)] : nullptr;
     const MoEForward f = chooser ? moe.forward(c.xn2, moe.routing_choice(), *chooser)
                                  : moe.forward(c.xn2, moe.routing_choice(), options_.plan);
-    add_into(x, f.output);
+    kernels::cpu::axpy(1.f, f.output.data_as<float>(), x.numel(), x.data_as<float>());
     loss.balance += f.balance_loss / cfg.layers;
   }
   Tensor rstd_f = Tensor::empty({N}, DType::f32), xf = Tensor::empty({N, d}, DType::f32);
-  rmsnorm_forward(x.data_as<float>(), norm_.data_as<float>(), N, d, cfg.norm_eps, xf.data_as<float>(),
+  rmsnorm_rows(x.data_as<float>(), norm_.data_as<float>(), N, d, cfg.norm_eps, xf.data_as<float>(),
                   rstd_f.data_as<float>());
   Tensor logits = Tensor::empty({N, V}, DType::f32);
   mm(false, false, N, V, d, xf.data_as<float>(), d, lm_head_.data_as<float>(), V, 0.f, logits.data_as<float>(), V);
@@ -529,15 +513,9 @@ std::map<std::string, std::string> load_lm_checkpoint(TrainableLM& model, AdamW*
 static std::map<std::string, std::string> load_lm_checkpoint_here(TrainableLM& model, AdamW* optimizer,
                                                                   const std::string& dir) {
   const Checkpoint ckpt = Checkpoint::open(dir);
-  const ModelConfig saved = [&] {
-    const ModelConfig& c = model.config();
-    const std::string ours = model_config_json(c);
-    const std::string theirs = ckpt.meta("model_config");
-    if (nlohmann::json::parse(ours) != nlohmann::json::parse(theirs))
-      SY_THROW(InvalidArgument, "checkpoint '", dir, "' holds another architecture:\n", theirs, "expected:\n", ours);
-    return c;
-  }();
-  (void)saved;
+  const std::string ours = model_config_json(model.config()), theirs = ckpt.meta("model_config");
+  if (nlohmann::json::parse(ours) != nlohmann::json::parse(theirs))
+    SY_THROW(InvalidArgument, "checkpoint '", dir, "' holds another architecture:\n", theirs, "expected:\n", ours);
   auto load_into = [&](const std::string& name, const TrainParam& p, Tensor& t) {
     if (p.kind != ParamKind::expert) {
       const Tensor v = ckpt.load_f32(name, t.shape());
@@ -721,15 +699,18 @@ uint64_t LmTrainer::save(const std::string& dir, std::map<std::string, std::stri
 }
 
 std::map<std::string, std::string> LmTrainer::resume(const std::string& dir) {
-  const Checkpoint ckpt = Checkpoint::open(dir);
-  // The batches a resumed run draws must be the ones the saved run would have drawn next.
+  auto meta = load_lm_checkpoint(model_, &optimizer_, dir);
+  // The batches a resumed run draws must be the ones the saved run would have drawn next (the same metadata
+  // on every rank, so all refuse alike).
   for (const auto& [key, ours] : {std::pair<std::string, std::string>{"data_seed", std::to_string(schedule_.seed)},
                                   {"batch", std::to_string(schedule_.batch)},
-                                  {"seq", std::to_string(schedule_.seq)}})
-    if (ckpt.meta(key) != ours)
-      SY_THROW(InvalidArgument, "checkpoint '", dir, "' was trained with ", key, " = ", ckpt.meta(key),
-               ", this run has ", ours, "; resuming would not continue that run");
-  auto meta = load_lm_checkpoint(model_, &optimizer_, dir);
+                                  {"seq", std::to_string(schedule_.seq)}}) {
+    const auto it = meta.find(key);
+    if (it == meta.end() || it->second != ours)
+      SY_THROW(InvalidArgument, "checkpoint '", dir, "' was trained with ", key, " = ",
+               it == meta.end() ? std::string("(not recorded)") : it->second, ", this run has ", ours,
+               "; resuming would not continue that run");
+  }
   next_ = std::stoll(meta.at("next_step"));
   return meta;
 }

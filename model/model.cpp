@@ -11,7 +11,6 @@
 #include "core/dtype.h"
 #include "core/error.h"
 #include "core/safetensors.h"
-#include "model/lm_train.h"
 #include "parallel/checkpoint.h"
 #include "comm/virtual_time.h"
 
@@ -35,43 +34,48 @@ Tensor load_f32(const SafetensorsFile& f, const std::string& name, const Shape& 
     SY_THROW(InvalidArgument, "model file '", f.path(), "': tensor '", name, "' is ", dtype_name(t.dtype()),
              ", expected bf16 or f32");
   Tensor out = Tensor::empty(shape, DType::f32);
-  const auto* in = static_cast<const bf16*>(t.data());
-  for (int64_t i = 0; i < t.numel(); ++i) out.data_as<float>()[i] = in[i].to_float();
+  convert(t.data(), DType::bf16, out.data(), DType::f32, static_cast<size_t>(t.numel()));  // exact widening
   return out;
-}
-
-// A checkpoint carries its architecture in the manifest (config.json beside it is a copy for people).
-ModelConfig load_config(const std::string& dir) {
-  if (Checkpoint::exists(dir)) {
-    const Checkpoint c = Checkpoint::open(dir);
-    if (c.metadata().count("model_config"))
-      return ModelConfig::parse(c.meta("model_config"), dir + "/manifest.json (model_config)");
-  }
-  return ModelConfig::load(dir + "/config.json");
 }
 
 }  // namespace
 
+// Where a model's weights come from, opened once: a released model
+// (config.json, model.safetensors with experts stacked per layer) or a
+// checkpoint (parallel/checkpoint.h: experts keyed by logical id, the
+// architecture in its manifest; config.json beside it is a copy for people).
+struct Model::Source {
+  ModelConfig config;
+  std::optional<Checkpoint> checkpoint;
+  std::optional<SafetensorsFile> file;
+  static Source open(const std::string& dir) {
+    Source s;
+    if (Checkpoint::exists(dir)) {
+      s.checkpoint = Checkpoint::open(dir);
+      if (s.checkpoint->metadata().count("model_config")) {
+        s.config = ModelConfig::parse(s.checkpoint->meta("model_config"), dir + "/manifest.json (model_config)");
+        return s;
+      }
+    } else {
+      s.file = SafetensorsFile::open(dir + "/model.safetensors");
+    }
+    s.config = ModelConfig::load(dir + "/config.json");
+    return s;
+  }
+};
+
 Model::Model(const std::string& dir, std::shared_ptr<Communicator> group, ModelOptions options)
-    : config_(load_config(dir)), group_(std::move(group)), options_(std::move(options)) {
+    : Model(Source::open(dir), dir, std::move(group), std::move(options)) {}
+
+Model::Model(Source source, const std::string& dir, std::shared_ptr<Communicator> group, ModelOptions options)
+    : config_(std::move(source.config)), group_(std::move(group)), options_(std::move(options)) {
   const ModelConfig& c = config_;
   const int W = group_->size();
   if (c.experts % W != 0 && W % c.experts != 0)
     SY_THROW(InvalidArgument, "model '", dir, "': ", c.experts, " experts cannot be spread evenly over ", W,
              " ranks (expected a rank count dividing ffn.experts, or a multiple of it)");
-  // A released model (model.safetensors, experts stacked per layer) or a
-  // training checkpoint (parallel/checkpoint.h: experts keyed by logical id).
-  std::optional<SafetensorsFile> file;
-  std::optional<Checkpoint> checkpoint;
-  if (Checkpoint::exists(dir)) {
-    checkpoint = Checkpoint::open(dir);
-    // The architecture came from an earlier open of the manifest: a save in between must not pair it with
-    // another architecture's weights.
-    if (checkpoint->metadata().count("model_config") &&
-        model_config_json(ModelConfig::parse(checkpoint->meta("model_config"), dir)) != model_config_json(c))
-      SY_THROW(InvalidArgument, "model '", dir, "': the checkpoint changed while it was being loaded; load it again");
-  } else
-    file = SafetensorsFile::open(dir + "/model.safetensors");
+  const std::optional<Checkpoint>& checkpoint = source.checkpoint;
+  const std::optional<SafetensorsFile>& file = source.file;
   auto tensor = [&](const std::string& name, const Shape& shape) {
     return checkpoint ? checkpoint->load_f32(name, shape) : load_f32(*file, name, shape);
   };

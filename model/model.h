@@ -116,6 +116,8 @@ class Model {
   };
 
  private:
+  struct Source;  // the weights' file or checkpoint, opened once
+  Model(Source source, const std::string& dir, std::shared_ptr<Communicator> group, ModelOptions options);
   ModelConfig config_;
   std::shared_ptr<Communicator> group_;
   ModelOptions options_;

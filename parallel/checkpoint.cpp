@@ -310,8 +310,7 @@ Tensor Checkpoint::load_f32(const std::string& tensor, const Shape& expected_sha
     SY_THROW(InvalidArgument, "checkpoint '", dir_, "': tensor '", tensor, "' is ", dtype_name(t.dtype()),
              ", expected f32 or bf16");
   Tensor out = Tensor::empty(e.shape, DType::f32);
-  const auto* in = static_cast<const bf16*>(t.data());
-  for (int64_t i = 0; i < t.numel(); ++i) out.data_as<float>()[i] = in[i].to_float();
+  convert(t.data(), DType::bf16, out.data(), DType::f32, static_cast<size_t>(t.numel()));  // exact widening
   return out;
 }
 
