@@ -37,7 +37,7 @@ const std::vector<VarSpec>& specs() {
          e.comm_timeout_ms = parse_integer<int64_t>(n, v, 1, "a positive number of milliseconds");
        }},
       {"SWITCHYARD_BACKEND", "string", "",
-       "Communicator backend when the config names none: threads, mpi or fake.",
+       "Communicator backend when the config names none: threads, mpi, ucx or fake.",
        [](Env& e, const std::string&, const std::string& v) { e.backend = v; }},
       {"SWITCHYARD_RANK", "int", "", "Rank of this process; overrides every launcher's variable.",
        [](Env& e, const std::string& n, const std::string& v) { e.rank = parse_integer<int>(n, v, 0, "a rank >= 0"); }},
@@ -65,6 +65,10 @@ const std::vector<VarSpec>& specs() {
          e.spin_us = parse_integer<int64_t>(n, v, 0, "microseconds in [0, 1000000]");
          if (e.spin_us > 1000000) SY_THROW(ConfigError, n, "='", v, "': expected microseconds in [0, 1000000]");
        }},
+      {"SWITCHYARD_STORE", "string", "",
+       "ADDR:PORT of the job's TCP store for the ucx backend (`switchyard launch` sets it, with SWITCHYARD_STORE_TOKEN, "
+       "and gives torch MASTER_PORT); unset under torchrun: rank 0 hosts it at MASTER_ADDR:MASTER_PORT+1.",
+       [](Env& e, const std::string&, const std::string& v) { e.store = v; }},
       {"SWITCHYARD_UCX_HEARTBEAT_MS", "int", "2000",
        "UCX backend: a rank whose heartbeat (through the job's store, every 250 ms) stops this long is declared dead "
        "and every rank's ops fail naming it; 0 = no heartbeat (dead peers are then found at the op timeout).",

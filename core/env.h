@@ -24,6 +24,7 @@ struct Env {
   int64_t host_cache_bytes = int64_t{4} << 30;        // SWITCHYARD_HOST_CACHE_BYTES
   int64_t spin_us = 250;                 // SWITCHYARD_SPIN_US
   int64_t ucx_heartbeat_ms = 2000;       // SWITCHYARD_UCX_HEARTBEAT_MS
+  std::string store;                     // SWITCHYARD_STORE (ADDR:PORT; parsed by ucx_store_address)
   bool poison_buffers = false;           // SWITCHYARD_POISON_BUFFERS
   std::string moe_ops = "cpu";           // SWITCHYARD_MOE_OPS
 };

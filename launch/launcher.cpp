@@ -1,7 +1,9 @@
 #include "launch/launcher.h"
 
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <poll.h>
+#include <sys/socket.h>
 #include <sys/prctl.h>
 #include <signal.h>
 #include <sys/wait.h>
@@ -22,6 +24,21 @@ extern char** environ;
 
 namespace switchyard {
 namespace {
+
+// A port nothing listens on now (the kernel's pick), for torch's store.
+uint16_t free_loopback_port() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) SY_THROW(IoError, "launch: socket failed: ", std::strerror(errno));
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof a;
+  const bool ok = ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0 &&
+                  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0;
+  ::close(fd);
+  if (!ok) SY_THROW(IoError, "launch: cannot find a free port for MASTER_PORT: ", std::strerror(errno));
+  return ntohs(a.sin_port);
+}
 
 std::string random_token() {
   std::random_device rd;
@@ -94,6 +111,16 @@ int run_launch(const LaunchOptions& o) {
     server = std::make_unique<TcpStoreServer>(token, port, host);
     port = server->port();
   }
+  // torch.distributed's env:// store must not land on Switchyard's: torch gets
+  // MASTER_PORT = the store's port + 1 (--master), or another free port.
+  uint16_t torch_port = 0;
+  if (!o.master.empty()) {
+    if (port == 65535)
+      SY_THROW(ConfigError, "--master = '", o.master, "': port 65535 leaves none for torch (MASTER_PORT = PORT + 1)");
+    torch_port = static_cast<uint16_t>(port + 1);
+  } else {
+    torch_port = free_loopback_port();
+  }
   const int world = o.nprocs * o.nnodes;
   if (::pipe2(g_signal_pipe, O_CLOEXEC | O_NONBLOCK) != 0) SY_THROW(IoError, "launch: pipe failed: ", std::strerror(errno));
   struct sigaction sa {};
@@ -124,7 +151,8 @@ int run_launch(const LaunchOptions& o) {
         {"RANK", std::to_string(c.rank)},            {"WORLD_SIZE", std::to_string(world)},
         {"LOCAL_RANK", std::to_string(i)},           {"LOCAL_WORLD_SIZE", std::to_string(o.nprocs)},
         {"GROUP_RANK", std::to_string(o.node_rank)}, {"MASTER_ADDR", host},
-        {"MASTER_PORT", std::to_string(port)},       {"SWITCHYARD_STORE_TOKEN", token}};
+        {"MASTER_PORT", std::to_string(torch_port)}, {"SWITCHYARD_STORE", host + ":" + std::to_string(port)},
+        {"SWITCHYARD_STORE_TOKEN", token}};
     std::vector<std::string> env_strings;
     for (char** e = environ; *e; ++e) {
       const std::string entry = *e;

@@ -7,6 +7,7 @@
 // backward() are composed of exactly these phases.
 #pragma once
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -100,6 +101,15 @@ struct ExpertParams {
   Tensor w2;  // [L, H, M]
   Tensor b2;  // [L, M]
 };
+
+// Whole logical experts as a checkpoint stores them (views into the layer's
+// tensors, or into `keep` when gathered from slices).
+struct LogicalExpertTensors {
+  std::vector<std::pair<std::string, TensorView>> tensors;
+  std::vector<Tensor> keep;
+};
+// A whole logical expert's tensor by name ("w1", "b1", "w2", "b2") and shape.
+using LogicalExpertSource = std::function<Tensor(int expert, const char* name, const Shape& shape)>;
 
 // What the experts computed for the received rows (kept for backward).
 struct ExpertActivations {
@@ -252,6 +262,13 @@ class MoELayer {
   // between layouts. Collective.
   void save(const std::string& dir) const;
   void load(const std::string& dir);
+  // The pieces of save and load, for callers that write their own checkpoint
+  // (the PyTorch module, training state with moments shaped like the
+  // parameters): the whole logical experts this rank saves from `p`, keyed
+  // prefix + "experts.<e>.w1" (collective over the slices when experts are
+  // sliced), and this rank's slots of `into` filled from whole logical experts.
+  LogicalExpertTensors logical_expert_tensors(const ExpertParams& p, const std::string& prefix = "") const;
+  void assign_logical_experts(const LogicalExpertSource& get, ExpertParams& into) const;
 
   // Gradients of sum(dout * output) + balance_coef * balance_loss + z_coef * z_loss
   // for the last forward(x): accumulated into gate_grad() and expert_grads();

@@ -165,20 +165,137 @@ std::vector<int> nodes_from_host_names(Communicator& world) {
   return node_of_rank;
 }
 
-#if SWITCHYARD_HAS_UCX
-std::shared_ptr<Communicator> bootstrap_ucx_world(const RankInfo& info, Milliseconds timeout) {
-  auto need = [](const char* name) -> std::string {
-    const char* v = std::getenv(name);
-    if (!v || !*v)
-      SY_THROW(ConfigError, "backend ucx: ", name, " is not set; start the processes with `switchyard launch` "
-               "(or torchrun with MASTER_ADDR, MASTER_PORT and SWITCHYARD_STORE_TOKEN)");
-    return v;
-  };
-  const std::string host = need("MASTER_ADDR"), port_text = need("MASTER_PORT"), token = need("SWITCHYARD_STORE_TOKEN");
+namespace {
+uint16_t port_of(const std::string& text, const std::string& what) {
   char* end = nullptr;
-  const long port = std::strtol(port_text.c_str(), &end, 10);
-  if (*end != '\0' || port < 1 || port > 65535)
-    SY_THROW(ConfigError, "MASTER_PORT = '", port_text, "', expected a port number 1..65535");
+  const long port = std::strtol(text.c_str(), &end, 10);
+  if (text.empty() || *end != '\0' || port < 1 || port > 65535)
+    SY_THROW(ConfigError, what, " = '", text, "', expected a port number 1..65535");
+  return static_cast<uint16_t>(port);
+}
+
+}  // namespace
+
+StoreAddress ucx_store_address(const RankInfo& info, const EnvLookup& lookup) {
+  StoreAddress a;
+  auto need = [&](const char* name) -> std::string {
+    auto v = lookup(name);
+    if (!v || v->empty())
+      SY_THROW(ConfigError, "backend ucx: ", name, " is not set; start the processes with `switchyard launch` "
+               "or torchrun (which set MASTER_ADDR and MASTER_PORT), or set SWITCHYARD_STORE=ADDR:PORT");
+    return *v;
+  };
+  if (auto store = lookup("SWITCHYARD_STORE"); store && !store->empty()) {
+    // `switchyard launch` (or the user) names the store; its host holds it.
+    const auto colon = store->rfind(':');
+    if (colon == std::string::npos || colon == 0)
+      SY_THROW(ConfigError, "SWITCHYARD_STORE = '", *store, "', expected ADDR:PORT");
+    a.host = store->substr(0, colon);
+    a.port = port_of(store->substr(colon + 1), "SWITCHYARD_STORE's port");
+    a.source = "SWITCHYARD_STORE";
+    auto token = lookup("SWITCHYARD_STORE_TOKEN");
+    if (!token || token->empty())
+      SY_THROW(ConfigError, "backend ucx: SWITCHYARD_STORE is set but SWITCHYARD_STORE_TOKEN is not; expected the "
+               "job's secret (`switchyard launch` sets both)");
+    a.token = *token;
+    return a;
+  }
+  // Torchrun-style: torch's store has MASTER_PORT, Switchyard's is the next port, hosted by rank 0.
+  a.host = need("MASTER_ADDR");
+  const uint16_t master = port_of(need("MASTER_PORT"), "MASTER_PORT");
+  if (master == 65535) SY_THROW(ConfigError, "MASTER_PORT = 65535 leaves no port for Switchyard's store (MASTER_PORT + 1); "
+                                "set SWITCHYARD_STORE=ADDR:PORT");
+  a.port = static_cast<uint16_t>(master + 1);
+  a.source = "MASTER_ADDR:MASTER_PORT+1 (hosted by rank 0)";
+  a.hosted_by_rank0 = true;
+  if (auto token = lookup("SWITCHYARD_STORE_TOKEN"); token && !token->empty()) {
+    a.token = *token;
+  } else {
+    // Without a shared secret the token comes from what every rank of the job
+    // sees: no more closed than torch's own store on MASTER_PORT.
+    a.token = "torchrun:" + lookup("TORCHELASTIC_RUN_ID").value_or("") + ":" + a.host + ":" +
+              std::to_string(master) + ":" + std::to_string(info.world_size);
+  }
+  return a;
+}
+
+#if SWITCHYARD_HAS_UCX
+namespace {
+
+constexpr const char* kUcxBootstrapPrefix = "bootstrap/ucx";
+
+// Under torchrun-style variables nothing hosts Switchyard's store (torch's own
+// store sits on MASTER_PORT), so rank 0 hosts it for the life of its process.
+// At exit it stays up until every other rank has left (said done or failed, or
+// its heartbeat stopped), so no rank loses the store while it still runs.
+class HostedStore {
+ public:
+  HostedStore(const std::string& host, uint16_t port, const std::string& token, int world_size)
+      : token_(token), world_size_(world_size) {
+    try {
+      server_ = std::make_unique<TcpStoreServer>(token, port, host);
+    } catch (const InvalidArgument&) {  // a host name, not an address: listen on every interface
+      server_ = std::make_unique<TcpStoreServer>(token, port, "0.0.0.0");
+    }
+    port_ = server_->port();
+  }
+  ~HostedStore() {
+    try {
+      linger();
+    } catch (const std::exception&) {
+    }
+  }
+  uint16_t port() const { return port_; }
+
+ private:
+  void linger() {
+    if (world_size_ <= 1) return;
+    TcpStore store("127.0.0.1", port_, token_, Milliseconds(1000));
+    const std::string hb = std::string(kUcxBootstrapPrefix) + "/heartbeat/";
+    std::vector<std::optional<Store::Bytes>> last(static_cast<size_t>(world_size_));
+    std::vector<int> still(static_cast<size_t>(world_size_), 0);
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    while (std::chrono::steady_clock::now() < deadline) {
+      if (store.try_get(hb + "failed")) return;
+      bool all_left = true;
+      for (int r = 1; r < world_size_; ++r) {
+        const size_t i = static_cast<size_t>(r);
+        if (still[i] >= 4 || store.try_get(hb + "done/" + std::to_string(r))) continue;
+        auto beat = store.try_get(hb + "hb/" + std::to_string(r));
+        // Four unchanged looks, 250 ms apart, is a heartbeat that stopped: the process is gone.
+        still[i] = beat == last[i] ? still[i] + 1 : 0;
+        last[i] = beat;
+        all_left = all_left && still[i] >= 4;
+      }
+      if (all_left) return;
+      std::this_thread::sleep_for(std::chrono::milliseconds(250));
+    }
+  }
+  std::unique_ptr<TcpStoreServer> server_;
+  std::string token_;
+  int world_size_;
+  uint16_t port_ = 0;
+};
+
+HostedStore* g_hosted_store = nullptr;  // rank 0's under torchrun; lives until the process exits
+
+}  // namespace
+
+std::shared_ptr<Communicator> bootstrap_ucx_world(const RankInfo& info, Milliseconds timeout) {
+  const StoreAddress address = ucx_store_address(info, process_env);
+  const std::string& host = address.host;
+  const std::string& token = address.token;
+  const uint16_t port = address.port;
+  if (address.hosted_by_rank0 && info.rank == 0 && !g_hosted_store) {
+    try {
+      g_hosted_store = new HostedStore(host, port, token, info.world_size);
+    } catch (const IoError& e) {
+      SY_THROW(IoError, "backend ucx: rank 0 hosts Switchyard's store at MASTER_PORT + 1 = ", port,
+               " and cannot: ", e.what(), "; set SWITCHYARD_STORE=ADDR:PORT to choose its address");
+    }
+    // Destroyed at exit, after everything that uses it: it lingers until the other ranks have left.
+    std::atexit([] { delete std::exchange(g_hosted_store, nullptr); });
+  }
   TcpStore store(host, static_cast<uint16_t>(port), token, timeout);
   // Every rank must agree on the world size: a mismatch is named, not a hang.
   store.set("bootstrap/world_size/" + std::to_string(info.rank), Store::to_bytes(std::to_string(info.world_size)));
@@ -188,7 +305,7 @@ std::shared_ptr<Communicator> bootstrap_ucx_world(const RankInfo& info, Millisec
              " but WORLD_SIZE = ", info.world_size, " here; every rank must be started with the same WORLD_SIZE");
   std::shared_ptr<Communicator> world;
   try {
-    world = make_ucx_world_communicator(store, info.rank, info.world_size, "bootstrap/ucx", timeout, [=] {
+    world = make_ucx_world_communicator(store, info.rank, info.world_size, kUcxBootstrapPrefix, timeout, [=] {
       return std::unique_ptr<Store>(std::make_unique<TcpStore>(host, static_cast<uint16_t>(port), token, timeout));
     });
   } catch (const TimeoutError& e) {

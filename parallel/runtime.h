@@ -81,9 +81,24 @@ class Runtime {
 // numbered in order of their lowest rank.
 std::vector<int> nodes_from_host_names(Communicator& world);
 
-// The UCX world of a process started by `switchyard launch` (or torchrun):
-// MASTER_ADDR/MASTER_PORT name the TCP store, SWITCHYARD_STORE_TOKEN its
-// token. ConfigError naming a missing variable or a WORLD_SIZE mismatch.
+// Where a UCX world's ranks meet. SWITCHYARD_STORE=ADDR:PORT (set by
+// `switchyard launch`, with SWITCHYARD_STORE_TOKEN) names a store someone
+// hosts. Otherwise (torchrun, or its variables set by hand) torch keeps
+// MASTER_PORT and Switchyard's store is MASTER_ADDR:MASTER_PORT+1, hosted by
+// rank 0, with SWITCHYARD_STORE_TOKEN if set, else a token made from the job's
+// variables. ConfigError naming a missing or malformed variable.
+struct StoreAddress {
+  std::string host;
+  uint16_t port = 0;
+  std::string token;
+  bool hosted_by_rank0 = false;
+  std::string source;  // which variables gave it
+};
+StoreAddress ucx_store_address(const RankInfo& info, const EnvLookup& lookup);
+
+// The UCX world of a process started by `switchyard launch` or torchrun,
+// through the store ucx_store_address() names (rank 0 hosting it under
+// torchrun). ConfigError naming a missing variable or a WORLD_SIZE mismatch.
 std::shared_ptr<Communicator> bootstrap_ucx_world(const RankInfo& info, Milliseconds timeout);
 
 // This process's world where ranks are processes (mpi, ucx/tcp), or a lone

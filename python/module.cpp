@@ -8,6 +8,8 @@
 #include <pybind11/stl.h>
 
 #include <chrono>
+#include <cstring>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -19,6 +21,7 @@
 #include "kernels/gemm.h"
 #include "moe/moe_layer.h"
 #include "moe/planner.h"
+#include "parallel/checkpoint.h"
 #include "parallel/runtime.h"
 #if SWITCHYARD_HAS_MPI
 #include "comm/backends/mpi/mpi_backend.h"
@@ -73,6 +76,39 @@ DType compute_of(const std::string& name) {
   SY_THROW(InvalidArgument, "compute = '", name, "', expected f32 or bf16");
 }
 
+// The GEMM threads Switchyard's calls use (0: whatever OpenMP has, e.g.
+// torch's setting). Set only around Switchyard's own calls, so torch's thread
+// settings stay the user's.
+int g_gemm_threads = 0;
+
+class GemmThreadScope {
+ public:
+  GemmThreadScope() : saved_(kernels::cpu::gemm_threads()) {
+    if (g_gemm_threads > 0 && g_gemm_threads != saved_) kernels::cpu::set_gemm_threads(g_gemm_threads);
+  }
+  ~GemmThreadScope() {
+    if (g_gemm_threads > 0 && g_gemm_threads != saved_) kernels::cpu::set_gemm_threads(saved_);
+  }
+  GemmThreadScope(const GemmThreadScope&) = delete;
+  GemmThreadScope& operator=(const GemmThreadScope&) = delete;
+
+ private:
+  int saved_;
+};
+
+int gemm_threads_of(const py::object& value, int local_size) {
+  if (value.is_none()) return 0;
+  if (py::isinstance<py::str>(value)) {
+    if (value.cast<std::string>() != "auto")
+      SY_THROW(InvalidArgument, "gemm_threads = '", value.cast<std::string>(), "', expected None, 'auto' or a count >= 1");
+    const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    return std::max(1, cores / std::max(1, local_size));
+  }
+  const int n = value.cast<int>();
+  if (n < 1) SY_THROW(InvalidArgument, "gemm_threads = ", n, ", expected None, 'auto' or a count >= 1");
+  return n;
+}
+
 // What init() made: the world and where this process sits.
 struct World {
   std::shared_ptr<Communicator> comm;
@@ -96,6 +132,33 @@ ExecPlan plan_of(int r, int d, const std::string& a2a, const std::string& exchan
   return p;
 }
 
+// Tensors shaped like this rank's expert parameters (e.g. optimizer moments).
+ExpertParams expert_params_of(Layer& L, const py::object& tensors) {
+  ExpertParams& own = L.layer->params();
+  if (tensors.is_none()) return own;
+  const py::dict d = tensors.cast<py::dict>();
+  ExpertParams p;
+  auto take = [&](const char* name, const Tensor& like) {
+    if (!d.contains(name)) SY_THROW(InvalidArgument, "expert tensors: no '", name, "'; expected w1, b1, w2 and b2");
+    Tensor t = tensor_from(d[name], name);
+    if (t.dtype() != DType::f32 || t.shape() != like.shape() || !t.view().is_contiguous() || !t.device().is_cpu())
+      SY_THROW(InvalidArgument, "expert tensors: '", name, "' is ", dtype_name(t.dtype()), " ", shape_string(t.shape()),
+               ", expected contiguous host f32 ", shape_string(like.shape()), " (this rank's ", name, ")");
+    return t;
+  };
+  p.w1 = take("w1", own.w1);
+  p.b1 = take("b1", own.b1);
+  p.w2 = take("w2", own.w2);
+  p.b2 = take("b2", own.b2);
+  return p;
+}
+
+py::dict metadata_dict(const std::map<std::string, std::string>& m) {
+  py::dict d;
+  for (const auto& [k, v] : m) d[py::str(k)] = v;
+  return d;
+}
+
 // One batch through the layer on a handle of its own, so its backward can run
 // later, after other batches (no recompute, any number in flight).
 py::tuple forward(Layer& L, const py::object& x_obj, std::optional<double> capacity_factor, std::optional<int> k,
@@ -107,6 +170,7 @@ py::tuple forward(Layer& L, const py::object& x_obj, std::optional<double> capac
   MoEHandle batch;
   {
     py::gil_scoped_release released;
+    GemmThreadScope threads;
     if (plan == "auto") {
       if (!L.planner) {
         auto [device, link] = MoEPlanner::calibrate(*L.layer, L.ranks_per_node);
@@ -152,21 +216,57 @@ PYBIND11_MODULE(_switchyard, m) {
 
   m.def(
       "init",
-      [](const std::string& backend, std::optional<double> timeout_s) {
+      [](const std::string& backend, std::optional<double> timeout_s, const py::object& gemm_threads) {
         RuntimeOptions o;
         o.backend = backend;
         if (timeout_s) o.timeout = Milliseconds(static_cast<int64_t>(*timeout_s * 1000));
         ProcessWorld pw = connect_process_world(o);
-        // GEMM threads: this node's cores shared by its ranks (SWITCHYARD_GEMM_THREADS overrides).
-        const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-        const int threads = std::max(1, cores / std::max(1, pw.info.local_size));
-        kernels::cpu::set_gemm_threads(threads);
+        g_gemm_threads = gemm_threads_of(gemm_threads, pw.info.local_size);
+        const int threads = g_gemm_threads > 0 ? g_gemm_threads : kernels::cpu::gemm_threads();
         kernels::cpu::warn_if_spinning(threads, pw.info.local_size);
         return World{pw.world, pw.info};
       },
-      py::arg("backend") = "", py::arg("timeout_s") = py::none(),
-      "This process's world: mpi under mpirun, ucx under `switchyard launch`/torchrun, else one rank.");
-  m.def("set_gemm_threads", &kernels::cpu::set_gemm_threads, py::arg("threads"));
+      py::arg("backend") = "", py::arg("timeout_s") = py::none(), py::arg("gemm_threads") = py::none(),
+      "This process's world: mpi under mpirun, ucx under `switchyard launch`/torchrun, else one rank. "
+      "gemm_threads: None (Switchyard's GEMMs use OpenMP's threads as they are: torch.set_num_threads and "
+      "OMP_NUM_THREADS decide), 'auto' (the node's cores over its ranks) or a count; set only around "
+      "Switchyard's own calls, so torch's settings are never changed.");
+  m.def(
+      "set_gemm_threads",
+      [](const py::object& threads) { g_gemm_threads = gemm_threads_of(threads, 1); }, py::arg("threads"),
+      "The GEMM threads of Switchyard's calls: None (OpenMP's as they are) or a count.");
+  m.def("gemm_threads", [] { return g_gemm_threads > 0 ? g_gemm_threads : kernels::cpu::gemm_threads(); },
+        "The GEMM threads Switchyard's next call uses.");
+  m.def(
+      "save_checkpoint",
+      [](Communicator& comm, const std::string& dir, const std::vector<std::pair<std::string, py::object>>& tensors,
+         const std::map<std::string, std::string>& metadata) {
+        std::vector<Tensor> keep;
+        std::vector<std::pair<std::string, TensorView>> views;
+        for (const auto& [name, obj] : tensors) {
+          keep.push_back(tensor_from(obj, name.c_str()));
+          if (!keep.back().view().is_contiguous() || !keep.back().device().is_cpu())
+            SY_THROW(InvalidArgument, "save_checkpoint: tensor '", name, "' must be contiguous on the host");
+          views.emplace_back(name, keep.back().view());
+        }
+        py::gil_scoped_release released;
+        return save_checkpoint(comm, dir, views, metadata);
+      },
+      py::arg("group"), py::arg("dir"), py::arg("tensors"), py::arg("metadata") = std::map<std::string, std::string>{},
+      "Collective: this rank's (name, tensor) pairs as its shard of a new generation of the checkpoint in dir "
+      "(names unique over the ranks; metadata from rank 0). Returns the generation.");
+
+  py::class_<Checkpoint>(m, "Checkpoint", "The complete generation a checkpoint directory's manifest names.")
+      .def(py::init([](const std::string& dir) { return Checkpoint::open(dir); }), py::arg("dir"))
+      .def_static("exists", &Checkpoint::exists, py::arg("dir"))
+      .def_property_readonly("dir", &Checkpoint::dir)
+      .def_property_readonly("generation", &Checkpoint::generation)
+      .def_property_readonly("world_size", &Checkpoint::world_size)
+      .def_property_readonly("metadata", [](const Checkpoint& c) { return metadata_dict(c.metadata()); })
+      .def("names", &Checkpoint::names)
+      .def("__contains__", &Checkpoint::contains)
+      .def("load", [](const Checkpoint& c, const std::string& name) { return capsule_of(c.load(name)); },
+           py::arg("name"), "A fresh copy of the tensor as stored (a DLPack capsule).");
   m.def(
       "finalize",
       [] {
@@ -274,6 +374,7 @@ PYBIND11_MODULE(_switchyard, m) {
             Tensor dx;
             {
               py::gil_scoped_release released;
+              GemmThreadScope threads;
               dx = L.layer->backward(*batch, g, balance_coef, z_coef, input_grad);
             }
             if (!input_grad) return py::none();
@@ -318,6 +419,62 @@ PYBIND11_MODULE(_switchyard, m) {
                                return e;
                              })
       .def_property_readonly("last_plan", [](Layer& L) { return L.last_plan.describe(); })
+      .def_property_readonly("group", [](Layer& L) { return L.layer->group(); })
+      .def_property_readonly("slices", [](Layer& L) { return L.layer->layout().shards(); },
+                             "S: how many ranks share each expert (1 unless there are fewer experts than ranks).")
+      .def_property_readonly("slice", [](Layer& L) { return L.layer->layout().shard_of_rank(L.layer->group()->rank()); })
+      .def(
+          "logical_experts",
+          [](Layer& L, const py::object& tensors, const std::string& prefix) {
+            const ExpertParams p = expert_params_of(L, tensors);
+            LogicalExpertTensors experts;
+            {
+              py::gil_scoped_release released;
+              experts = L.layer->logical_expert_tensors(p, prefix);
+            }
+            py::list out;
+            for (const auto& [name, view] : experts.tensors) {
+              Tensor copy = Tensor::empty(view.shape(), DType::f32);
+              std::memcpy(copy.data(), view.data(), copy.nbytes());
+              out.append(py::make_tuple(name, capsule_of(copy)));
+            }
+            return out;
+          },
+          py::arg("tensors") = py::none(), py::arg("prefix") = "",
+          "Copies of the whole logical experts this rank saves, as (prefix + 'experts.<e>.w1', capsule) pairs, "
+          "from the layer's parameters or from tensors shaped like them (a dict w1, b1, w2, b2: e.g. optimizer "
+          "moments). Collective over the slices when experts are sliced (slices > 1).")
+      .def(
+          "assign_logical",
+          [](Layer& L, const py::function& get, const py::object& into) {
+            ExpertParams p = expert_params_of(L, into);
+            L.layer->assign_logical_experts(
+                [&](int e, const char* name, const Shape& shape) {
+                  Tensor t = tensor_from(get(e, std::string(name)), name);
+                  if (t.dtype() != DType::f32 || t.shape() != shape || !t.view().is_contiguous())
+                    SY_THROW(InvalidArgument, "expert ", e, " ", name, ": got ", dtype_name(t.dtype()), " ",
+                             shape_string(t.shape()), ", expected contiguous f32 ", shape_string(shape));
+                  return t;
+                },
+                p);
+          },
+          py::arg("get"), py::arg("into") = py::none(),
+          "Fills this rank's expert slots (the layer's parameters, or the dict w1, b1, w2, b2 given) from whole "
+          "logical experts: get(expert, name) returns expert's whole 'w1', 'b1', 'w2' or 'b2'.")
+      .def(
+          "save",
+          [](Layer& L, const std::string& dir) {
+            py::gil_scoped_release released;
+            L.layer->save(dir);
+          },
+          py::arg("dir"), "Collective: the layer as a sharded checkpoint keyed by logical expert (any world size loads it).")
+      .def(
+          "load",
+          [](Layer& L, const std::string& dir) {
+            py::gil_scoped_release released;
+            L.layer->load(dir);
+          },
+          py::arg("dir"), "Collective: this rank's experts and the gate from a checkpoint saved at any world size.")
       .def(
           "last_choices",
           [](Layer& L) {
@@ -337,6 +494,7 @@ PYBIND11_MODULE(_switchyard, m) {
             // The same forward + backward calls as from Python, timed in C++ (the binding's overhead is the difference).
             Tensor x = tensor_from(x_obj, "x"), g = tensor_from(dout_obj, "dout");
             py::gil_scoped_release released;
+            GemmThreadScope threads;
             const ExecPlan plan = plan_of(1, 1, "flat", exchange);
             const auto start = std::chrono::steady_clock::now();
             for (int i = 0; i < iterations; ++i) {

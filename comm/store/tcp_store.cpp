@@ -430,7 +430,7 @@ TcpStore::TcpStore(const std::string& host, uint16_t port, std::string token, Mi
     }
     if (std::chrono::steady_clock::now() >= deadline)
       SY_THROW(IoError, "store: nothing answers at ", address_, " after ", connect_timeout.count(), " ms (",
-               last_error, "); check MASTER_ADDR / MASTER_PORT and that rank 0 started the store");
+               last_error, "); check SWITCHYARD_STORE (set by `switchyard launch`; under torchrun MASTER_ADDR / MASTER_PORT + 1, which rank 0 hosts) and that its host is up");
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
 }

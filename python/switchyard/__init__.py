@@ -1,7 +1,7 @@
 """Switchyard: a distributed mixture-of-experts runtime (C++), from Python.
 
     import switchyard
-    world = switchyard.init()            # mpi under mpirun, ucx under `switchyard launch`, else one rank
+    world = switchyard.init()            # mpi under mpirun, ucx under `switchyard launch` or torchrun, else one rank
     layer = switchyard.torch.MoE(world.communicator, model_dim=256, hidden_dim=512, experts=8, k=2)
 
 Tensors cross the boundary zero-copy through DLPack; `switchyard.torch` holds
@@ -10,6 +10,7 @@ the torch.nn.Module.
 import atexit
 
 from ._switchyard import (  # noqa: F401
+    Checkpoint,
     Communicator,
     ConfigError,
     Error,
@@ -20,7 +21,9 @@ from ._switchyard import (  # noqa: F401
     TimeoutError,
     World,
     finalize,
+    gemm_threads,
     init,
+    save_checkpoint,
     set_gemm_threads,
 )
 

@@ -1,4 +1,5 @@
-"""switchyard.torch: the MoE layer as a torch.nn.Module.
+"""switchyard.torch: the MoE layer as a torch.nn.Module, and what a PyTorch
+training loop needs around it (DDP, gradient sync, checkpoints).
 
 The parameters are ordinary torch tensors that share memory with the C++
 layer (DLPack): optimizers update them in place and the C++ forward reads
@@ -7,11 +8,26 @@ expert all-to-all runs on Switchyard's communicator. Each forward's batch
 handle (its dispatch plan and saved activations) lives in the autograd
 context, so any number of forwards may precede their backwards (gradient
 accumulation, several micro-batches) without recomputing anything.
+
+Gradient conventions. The C++ backward gives each expert (and the gate) the
+sum over the group's ranks of the gradients of their losses: right when each
+rank's loss is its part of one global loss. Under DistributedDataParallel
+(which averages the dense gradients over its ranks), prepare_ddp() (or this
+module's DistributedDataParallel) scales the MoE's gradients by 1/world so
+the whole model follows DDP's average; allreduce_gradients() does the same
+for training loops without DDP.
 """
+import json
+import re
+import sys
+
 import torch
 from torch.utils import dlpack as _dlpack
 
 from . import _switchyard
+
+_EXPERT_TENSORS = ("w1", "b1", "w2", "b2")
+_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _t(capsule):
@@ -22,60 +38,111 @@ class _MoEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, module, routing, plan, *params):
         layer = module.layer
-        x = x.detach().contiguous()
-        out, balance, z, dropped, batch = layer.forward(x, **routing, **plan)
+        x32 = x.detach().to(torch.float32).contiguous()
+        out, balance, z, dropped, batch = layer.forward(x32, **routing, **plan)
         # The handle goes with the graph (its buffers back to the layer's pool);
         # kept after backward for retain_graph and gradcheck's repeated backwards.
-        ctx.module, ctx.batch = module, batch
+        ctx.module, ctx.batch, ctx.x_dtype = module, batch, x.dtype
         module.last_dropped = dropped
-        return _t(out), torch.tensor(balance, dtype=torch.float32), torch.tensor(z, dtype=torch.float32)
+        y = _t(out)
+        return (y if x.dtype == torch.float32 else y.to(x.dtype)), torch.tensor(balance, dtype=torch.float32), \
+            torch.tensor(z, dtype=torch.float32)
 
     @staticmethod
     def backward(ctx, dout, dbalance, dz):
-        layer = ctx.module.layer
+        module = ctx.module
+        layer = module.layer
         layer.zero_grad()
         # d(loss)/d(balance) and d(loss)/d(z) are the coefficients the caller gave the losses.
-        dx = layer.backward(ctx.batch, dout.contiguous(), balance_coef=float(dbalance), z_coef=float(dz),
-                            input_grad=ctx.needs_input_grad[0])
+        dx = layer.backward(ctx.batch, dout.to(torch.float32).contiguous(), balance_coef=float(dbalance),
+                            z_coef=float(dz), input_grad=ctx.needs_input_grad[0])
         grads = layer.grads()
         # No copies: zero_grad() above gave the layer fresh gradient tensors, and the
         # next backward gets fresh ones again, so these stay torch's alone.
-        param_grads = [_t(grads[name]) for name in ctx.module.names]
-        return (_t(dx) if dx is not None else None, None, None, None, *param_grads)
+        param_grads = [_t(grads[name]) for name in MoE.names]
+        if module.gradient_scale != 1.0:
+            for g in param_grads:
+                g.mul_(module.gradient_scale)
+        edp = module.expert_data_parallel_group
+        if edp is not None and edp.size > 1:
+            # The same experts live on every rank of this group: their gradients (and the
+            # replicated gate's) are summed over it.
+            for g in param_grads:
+                edp.allreduce(g)
+        if dx is not None:
+            dx = _t(dx)
+            if ctx.x_dtype != torch.float32:
+                dx = dx.to(ctx.x_dtype)
+        return (dx, None, None, None, *param_grads)
+
+
+def _enclosing_ddp():
+    """The torch DistributedDataParallel whose forward is running this call, if any."""
+    ddp_type = torch.nn.parallel.DistributedDataParallel
+    frame = sys._getframe(2)
+    for _ in range(64):
+        if frame is None:
+            return None
+        if frame.f_code.co_name in ("forward", "_run_ddp_forward"):
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, ddp_type):
+                return owner
+        frame = frame.f_back
+    return None
 
 
 class MoE(torch.nn.Module):
     """A mixture-of-experts FFN over `group` (a switchyard Communicator).
 
-    forward(x) takes [tokens, model_dim] float32 and returns (y, balance_loss,
-    z_loss); add coef * balance_loss to the loss to train the gate to balance.
-    Routing (capacity_factor, k) and the execution plan (r, d, a2a, exchange,
-    or plan="auto") may change on every call.
+    forward(x) takes [..., model_dim] (float32, bfloat16 or float16; computed
+    in float32, or bf16 with compute="bf16") and returns (y, balance_loss,
+    z_loss), y shaped and typed like x; add coef * balance_loss to the loss to
+    train the gate to balance. An empty batch ([0, model_dim]) still joins the
+    group's all-to-all. Routing (capacity_factor, k) and the execution plan (r,
+    d, a2a, exchange, or plan="auto") may change on every call.
+
+    Parameters: gate_weight [model_dim, experts] (replicated: the same on every
+    rank), and this rank's experts w1, b1, w2, b2 (experts_here lists their
+    logical ids). state_dict() keys the experts by logical id
+    ("experts.<e>.w1", as the C++ checkpoints), so a state_dict loads on
+    whichever rank holds those experts.
+
+    expert_data_parallel_group: a Communicator over the ranks holding the same
+    experts (expert groups smaller than the world): the expert and gate
+    gradients are summed over it after the C++ backward.
     """
 
     names = ("gate.weight", "experts.w1", "experts.b1", "experts.w2", "experts.b2")
 
     def __init__(self, group, model_dim, hidden_dim, experts, k=2, activation="gelu", gate="softmax",
                  capacity_factor=1.0, renormalize=False, compute="f32", seed=0, ranks_per_node=0,
-                 capacity_rounding="switchyard", balance_loss="all_choices"):
+                 capacity_rounding="switchyard", balance_loss="all_choices", expert_data_parallel_group=None):
         super().__init__()
-        self.layer = _switchyard.MoELayer(group, model_dim, hidden_dim, experts, k=k, activation=activation,
-                                          gate=gate, capacity_factor=capacity_factor, renormalize=renormalize,
-                                          compute=compute, seed=seed, ranks_per_node=ranks_per_node,
-                                          capacity_rounding=capacity_rounding, balance_loss=balance_loss)
-        shared = self.layer.parameters()
-        self.gate_weight = torch.nn.Parameter(_t(shared["gate.weight"]))
-        self.w1 = torch.nn.Parameter(_t(shared["experts.w1"]))
-        self.b1 = torch.nn.Parameter(_t(shared["experts.b1"]))
-        self.w2 = torch.nn.Parameter(_t(shared["experts.w2"]))
-        self.b2 = torch.nn.Parameter(_t(shared["experts.b2"]))
+        self._config = dict(model_dim=model_dim, hidden_dim=hidden_dim, experts=experts, k=k, activation=activation,
+                            gate=gate, capacity_factor=capacity_factor, renormalize=renormalize, compute=compute,
+                            seed=seed, ranks_per_node=ranks_per_node, capacity_rounding=capacity_rounding,
+                            balance_loss=balance_loss)
+        self.layer = _switchyard.MoELayer(group, **self._config)
+        # The parameters are the C++ layer's own memory, and must stay so (see _apply).
+        shared = self._layer_tensors()
+        self._layer_ptrs = {name: t.data_ptr() for name, t in shared.items()}
+        for name, tensor in shared.items():
+            setattr(self, name, torch.nn.Parameter(tensor))
         # The gate is replicated on every rank and its gradient already summed over the
         # group; the experts live on this rank only (not data-parallel parameters).
         self.gate_weight.switchyard_reduced = True
         self.experts_here = self.layer.experts_here
+        self.expert_data_parallel_group = expert_data_parallel_group
+        self.gradient_scale = 1.0
         self.last_dropped = 0
         self.routing = {}
         self.plan = {}
+        self._ddp_prepared = False
+        self._ddp_checked = None
+
+    @property
+    def group(self):
+        return self.layer.group
 
     def set_routing(self, capacity_factor=None, k=None):
         self.routing = {key: v for key, v in (("capacity_factor", capacity_factor), ("k", k)) if v is not None}
@@ -83,13 +150,408 @@ class MoE(torch.nn.Module):
     def set_plan(self, plan="fixed", r=1, d=1, a2a="flat", exchange="padded"):
         self.plan = {"plan": plan, "r": r, "d": d, "a2a": a2a, "exchange": exchange}
 
+    def extra_repr(self):
+        c = self._config
+        plan = self.plan.get("plan", "fixed")
+        if plan == "fixed":
+            p = {"r": 1, "d": 1, "a2a": "flat", "exchange": "padded", **self.plan}
+            plan = f"r={p['r']}, d={p['d']}, a2a={p['a2a']}, exchange={p['exchange']}"
+        here = ", ".join(str(e) for e in self.experts_here)
+        cf = self.routing.get("capacity_factor", c["capacity_factor"])
+        return (f"model_dim={c['model_dim']}, hidden_dim={c['hidden_dim']}, experts={c['experts']} "
+                f"([{here}] on rank {self.group.rank} of {self.group.size}"
+                + (f", sliced {self.layer.slices} ways" if self.layer.slices > 1 else "") + "), "
+                f"k={self.routing.get('k', c['k'])}, capacity_factor={cf}"
+                + (" (dropless)" if cf == 0 else "") + f", activation={c['activation']}, gate={c['gate']}, "
+                f"compute={c['compute']}, plan: {plan}")
+
+    def _check_input(self, x):
+        M = self._config["model_dim"]
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"switchyard MoE: x is {type(x).__name__}, expected a torch.Tensor [..., {M}]")
+        if x.dtype not in _INPUT_DTYPES:
+            raise TypeError(f"switchyard MoE: x is {x.dtype}, expected float32, bfloat16 or float16 "
+                            f"(the C++ layer computes in float32 or bf16)")
+        if x.dim() < 1 or x.shape[-1] != M:
+            raise ValueError(f"switchyard MoE: x has shape {list(x.shape)}, expected [..., {M}] (model_dim {M})")
+        if x.device.type != "cpu":
+            raise NotImplementedError(f"switchyard MoE: x is on {x.device}; this build of switchyard.torch computes "
+                                      f"on host (cpu) tensors only")
+
+    def _check_ddp(self):
+        """A torch DDP that does not leave the experts alone broadcasts rank 0's experts over
+        every other rank's and averages different experts' gradients: refuse it."""
+        ddp = _enclosing_ddp()
+        if ddp is None or ddp is self._ddp_checked:
+            return
+        mine = {id(p) for p in self.parameters(recurse=False)}
+        names = [n for n, p in ddp.module.named_parameters() if id(p) in mine]
+        synced = [n for n in names if n not in ddp.parameters_to_ignore]
+        if synced or not self._ddp_prepared:
+            raise RuntimeError(
+                "switchyard MoE inside torch.nn.parallel.DistributedDataParallel without "
+                "switchyard.torch.prepare_ddp(model) before wrapping: DDP would broadcast rank 0's experts over the "
+                "other ranks' (different experts) and average their gradients"
+                + (f" (it syncs {', '.join(synced)})" if synced else "")
+                + ". Wrap with switchyard.torch.DistributedDataParallel(model, ...), or call "
+                "switchyard.torch.prepare_ddp(model) first, and rebuild the model's experts (DDP's construction "
+                "already overwrote them).")
+        self._ddp_checked = ddp
+
     def forward(self, x, capacity_factor=None, k=None, **plan):
-        if x.dtype != torch.float32 or x.dim() != 2:
-            raise ValueError(f"switchyard MoE: x is {x.dtype} with {x.dim()} dims, expected float32 [tokens, model_dim]")
+        self._check_input(x)
+        if torch.is_grad_enabled() and torch.distributed.is_available() and torch.distributed.is_initialized():
+            self._check_ddp()
         routing = dict(self.routing)
         if capacity_factor is not None:
             routing["capacity_factor"] = capacity_factor
         if k is not None:
             routing["k"] = k
+        shape = x.shape
         params = (self.gate_weight, self.w1, self.b1, self.w2, self.b2)
-        return _MoEFunction.apply(x, self, routing, {**self.plan, **plan}, *params)
+        y, balance, z = _MoEFunction.apply(x.reshape(-1, shape[-1]), self, routing, {**self.plan, **plan}, *params)
+        return y.reshape(shape), balance, z
+
+    # --- the parameters stay the C++ layer's memory -----------------------------------------
+
+    def _apply(self, fn):
+        """What .to(), .float(), .half(), .double(), .cuda() call: refuse, before changing anything,
+        what the C++ layer cannot compute with; otherwise keep the parameters in its memory."""
+        for name, p in self._parameters.items():
+            with torch.no_grad():
+                probe = fn(p)
+            if probe.dtype != torch.float32 or probe.device.type != "cpu":
+                raise TypeError(
+                    f"switchyard MoE: this conversion would make {name} {probe.dtype} on {probe.device}; the MoE's "
+                    f"parameters live in the C++ layer's float32 host memory (compute='bf16' computes in bf16 from "
+                    f"them, and bfloat16/float16 inputs are accepted as they are). Leave the MoE out of the "
+                    f"conversion (convert the other modules, or use torch.autocast).")
+        super()._apply(fn)
+        layer_memory = None
+        for name, p in self._parameters.items():
+            if p.data_ptr() != self._layer_ptrs[name]:
+                # fn gave the parameter other float32 host memory (a copy, or share_memory_, which
+                # moves the storage itself): the values go back into the C++ layer's memory, which
+                # the parameter points at again.
+                if layer_memory is None:
+                    layer_memory = self._layer_tensors()
+                with torch.no_grad():
+                    layer_memory[name].copy_(p.data)
+                p.data = layer_memory[name]
+        return self
+
+    def _layer_tensors(self):
+        shared = self.layer.parameters()
+        return {"gate_weight": _t(shared["gate.weight"]), "w1": _t(shared["experts.w1"]),
+                "b1": _t(shared["experts.b1"]), "w2": _t(shared["experts.w2"]), "b2": _t(shared["experts.b2"])}
+
+    def __deepcopy__(self, memo):
+        new = MoE(self.group, **self._config, expert_data_parallel_group=self.expert_data_parallel_group)
+        memo[id(self)] = new
+        with torch.no_grad():
+            for name, p in self._parameters.items():
+                target = new._parameters[name]
+                target.copy_(p)
+                target.requires_grad_(p.requires_grad)
+                if p.grad is not None:
+                    target.grad = p.grad.clone()
+        new.routing, new.plan = dict(self.routing), dict(self.plan)
+        new.gradient_scale, new._ddp_prepared = self.gradient_scale, self._ddp_prepared
+        new.train(self.training)
+        return new
+
+    def __getstate__(self):
+        raise TypeError("switchyard MoE cannot be pickled (torch.save(model), multiprocessing): its experts live in a "
+                        "C++ layer bound to a communicator. Save state_dict() instead, or "
+                        "switchyard.torch.save_checkpoint(dir, model, group) for a checkpoint any world size loads.")
+
+    # --- state_dict keyed by logical expert ---------------------------------------------------
+
+    def _expert_key(self, expert, name):
+        if self.layer.slices == 1:
+            return f"experts.{expert}.{name}"
+        return f"experts.{expert}.slice{self.layer.slice}of{self.layer.slices}.{name}"
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        gate = self.gate_weight
+        destination[prefix + "gate.weight"] = gate if keep_vars else gate.detach()
+        for name in _EXPERT_TENSORS:
+            p = getattr(self, name)
+            p = p if keep_vars else p.detach()
+            for slot, e in enumerate(self.experts_here):
+                destination[prefix + self._expert_key(e, name)] = p[slot]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        E = self._config["experts"]
+        expert_key = re.compile(r"experts\.(\d+)\.(?:slice\d+of\d+\.)?(w1|b1|w2|b2)$")
+        present = set()
+        for key in state_dict:
+            if not key.startswith(prefix):
+                continue
+            rest = key[len(prefix):]
+            m = expert_key.match(rest)
+            if rest == "gate.weight":
+                continue
+            if m and int(m.group(1)) < E:
+                present.add(int(m.group(1)))  # an expert of this layer, here or on another rank
+            else:
+                unexpected_keys.append(key)
+
+        def copy_into(target, key):
+            value = state_dict[key]
+            if value.shape != target.shape:
+                error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(value.shape)}, "
+                                  f"the shape in the current model is {tuple(target.shape)}")
+                return
+            with torch.no_grad():
+                target.copy_(value)
+
+        if prefix + "gate.weight" in state_dict:
+            copy_into(self.gate_weight, prefix + "gate.weight")
+        else:
+            missing_keys.append(prefix + "gate.weight")
+        absent = []
+        for slot, e in enumerate(self.experts_here):
+            for name in _EXPERT_TENSORS:
+                key = prefix + self._expert_key(e, name)
+                if key in state_dict:
+                    copy_into(getattr(self, name)[slot], key)
+                else:
+                    missing_keys.append(key)
+                    absent.append(e)
+        if absent:
+            error_msgs.append(
+                f"switchyard MoE {prefix or '(root)'}: this rank ({self.group.rank} of {self.group.size}) holds "
+                f"experts {list(self.experts_here)}"
+                + (f" (slice {self.layer.slice} of {self.layer.slices})" if self.layer.slices > 1 else "")
+                + f" but the state_dict has experts {sorted(present) if present else 'none'}"
+                f" without {sorted(set(absent))}: it was saved by another rank or world size. Load with "
+                f"switchyard.torch.load_checkpoint(dir, model) to move experts between world sizes.")
+
+
+def _moe_modules(model):
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
+
+
+def _dotted(prefix, name):
+    return f"{prefix}.{name}" if prefix else name
+
+
+def prepare_ddp(model, process_group=None):
+    """Before torch's DistributedDataParallel(model): its switchyard MoE parameters (experts, and the
+    gate, whose gradient Switchyard already sums) are listed in model._ddp_params_and_buffers_to_ignore
+    (torch 1.13's mechanism: DDP neither broadcasts nor all-reduces them), and their gradients are scaled
+    by 1/world so the whole model follows DDP's averaging. Returns model."""
+    import torch.distributed as dist
+    world = dist.get_world_size(process_group)
+    names = []
+    for prefix, m in _moe_modules(model):
+        names += [_dotted(prefix, n) for n, _ in m.named_parameters(recurse=False)]
+        m.gradient_scale = 1.0 / world
+        m._ddp_prepared = True
+    ignored = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
+    model._ddp_params_and_buffers_to_ignore = ignored + [n for n in names if n not in ignored]
+    return model
+
+
+class DistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
+    """torch's DistributedDataParallel for a model holding switchyard MoE layers: prepare_ddp(), then
+    torch's wrapper (same arguments). The dense parameters go through DDP; the experts stay each rank's own."""
+
+    def __init__(self, module, *args, **kwargs):
+        prepare_ddp(module, kwargs.get("process_group"))
+        super().__init__(module, *args, **kwargs)
+
+
+def allreduce_gradients(model, group, average=True):
+    """Gradient sync for training loops without DDP, over `group` (a switchyard Communicator: the data-
+    parallel ranks). average=True: each rank's loss is the mean over its own batch, so the dense gradients
+    are averaged over the ranks and the MoE's (summed by Switchyard) divided by the world size, as DDP
+    does. average=False: each rank's loss is its part of one global loss: the dense gradients are summed
+    and the MoE's are left as they are. One all-reduce of every dense gradient, flattened."""
+    moe_params = {id(p) for _, m in _moe_modules(model) for p in m.parameters(recurse=False)}
+    dense = [p for p in model.parameters() if id(p) not in moe_params and p.grad is not None]
+    if dense:
+        flat = torch.cat([p.grad.reshape(-1).to(torch.float32) for p in dense])
+        group.allreduce(flat)
+        if average:
+            flat /= group.size
+        offset = 0
+        for p in dense:
+            n = p.grad.numel()
+            p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+            offset += n
+    if average and group.size > 1:
+        for _, m in _moe_modules(model):
+            for p in m.parameters(recurse=False):
+                if p.grad is not None:
+                    p.grad /= group.size
+
+
+# --- checkpoints in the C++ format, at any world size ---------------------------------------
+#
+# Names: the model's state_dict keys, experts by logical id ("<moe>.experts.<e>.w1"); optimizer
+# state "optim.<state key>.<parameter or expert tensor>", shaped like the parameter (experts split by
+# logical id like the weights) or, for the scalar keys listed in the metadata, one element.
+
+def _optimizer_state(optimizer, param):
+    for key, value in optimizer.state.get(param, {}).items():
+        if "." in key:
+            raise ValueError(f"save_checkpoint: optimizer state key '{key}' contains a '.'")
+        yield key, value if isinstance(value, torch.Tensor) else torch.tensor(value)
+
+
+def save_checkpoint(dir, model, group, optimizer=None, metadata=None):
+    """Collective over `group` (a switchyard Communicator over every rank of the model): the model (and the
+    optimizer's state, for optimizers whose per-parameter state is tensors shaped like the parameter or
+    scalars: Adam, AdamW, SGD) as a new generation of the sharded checkpoint in `dir`, the format of the
+    C++ layer and training job: experts by logical id from the ranks holding them, everything else from
+    rank 0. load_checkpoint() reads it at any world size; a bare MoE's checkpoint is what the C++
+    MoELayer::load reads. metadata: anything JSON can hold, returned by load_checkpoint. Returns the
+    generation written."""
+    moes = _moe_modules(model)
+    expert_prefixes = tuple(_dotted(p, "experts.") for p, _ in moes)
+    mine = []
+    if group.rank == 0:
+        mine += [(k, v.detach().to(torch.float32).contiguous()) for k, v in model.state_dict().items()
+                 if not k.startswith(expert_prefixes)]
+    for prefix, m in moes:  # the same order on every rank: sliced experts are gathered
+        mine += [(k, _t(v)) for k, v in m.layer.logical_experts(prefix=_dotted(prefix, ""))]
+    meta = {"content": "torch-model", "saved_by": str(group.size), "user": json.dumps(metadata)}
+    if optimizer is not None:
+        names = {id(p): n for n, p in model.named_parameters()}
+        groups = []
+        for g in optimizer.param_groups:
+            if any(id(p) not in names for p in g["params"]):
+                raise ValueError("save_checkpoint: the optimizer holds parameters that are not the model's")
+            groups.append({"params": [names[id(p)] for p in g["params"]],
+                           **{k: v for k, v in g.items()
+                              if k != "params" and isinstance(v, (int, float, bool, str, tuple, list, type(None)))}})
+        scalars = set()
+        moe_of = {id(getattr(m, n)): (prefix, m) for prefix, m in moes for n in _EXPERT_TENSORS}
+        gathered = set()
+        for name, p in model.named_parameters():
+            if id(p) in moe_of:
+                prefix, m = moe_of[id(p)]
+                if id(m) in gathered:
+                    continue
+                gathered.add(id(m))
+                tensors = {n: getattr(m, n) for n in _EXPERT_TENSORS}
+                states = {n: dict(_optimizer_state(optimizer, t)) for n, t in tensors.items()}
+                keys = sorted({k for st in states.values() for k in st})
+                for key in keys:  # the same keys on every rank (one optimizer, one model)
+                    if any(key not in states[n] for n in _EXPERT_TENSORS):
+                        raise ValueError(f"save_checkpoint: optimizer state '{key}' exists for some of {prefix}'s "
+                                         f"expert tensors only")
+                    values = {n: states[n][key] for n in _EXPERT_TENSORS}
+                    if all(v.shape == tensors[n].shape for n, v in values.items()):
+                        moments = {n: v.detach().to(torch.float32).contiguous() for n, v in values.items()}
+                        mine += [(k, _t(v)) for k, v in
+                                 m.layer.logical_experts(moments, prefix=f"optim.{key}.{_dotted(prefix, '')}")]
+                    elif all(v.numel() == 1 for v in values.values()):
+                        scalars.add(key)
+                        if group.rank == 0:
+                            mine += [(f"optim.{key}.{_dotted(prefix, n)}", v.detach().reshape(1).to(torch.float32))
+                                     for n, v in values.items()]
+                    else:
+                        raise ValueError(f"save_checkpoint: optimizer state '{key}' of {prefix}'s experts is "
+                                         f"neither shaped like the parameters nor a scalar")
+            else:
+                for key, v in _optimizer_state(optimizer, p):
+                    if v.shape != p.shape:
+                        if v.numel() != 1:
+                            raise ValueError(f"save_checkpoint: optimizer state '{key}' of {name} has shape "
+                                             f"{list(v.shape)}; expected the parameter's or a scalar")
+                        scalars.add(key)
+                    if group.rank == 0:
+                        mine.append((f"optim.{key}.{name}", v.detach().reshape(v.shape if v.shape == p.shape else (1,))
+                                     .to(torch.float32).contiguous()))
+        meta["optimizer"] = type(optimizer).__name__
+        meta["optimizer.param_groups"] = json.dumps(groups)
+        meta["optimizer.scalar_keys"] = json.dumps(sorted(scalars))
+    return _switchyard.save_checkpoint(group, str(dir), mine, meta)
+
+
+def load_checkpoint(dir, model, optimizer=None):
+    """Loads a checkpoint written by save_checkpoint (or, for a bare MoE, the C++ MoELayer::save) into
+    model, whatever world size saved it: each rank takes the dense tensors and the experts it holds now.
+    The optimizer's state and hyperparameters (if saved) go into `optimizer`, built over the model's
+    parameters in the same groups. Not collective. Returns the metadata given to save_checkpoint."""
+    ck = _switchyard.Checkpoint(str(dir))
+
+    def load(name, like):
+        if name not in ck:
+            raise KeyError(f"checkpoint {dir}: no tensor '{name}' (saved from a different model?)")
+        t = _t(ck.load(name))
+        if t.numel() != like.numel():
+            raise ValueError(f"checkpoint {dir}: '{name}' has shape {list(t.shape)}, the model's is {list(like.shape)}")
+        return t.reshape(like.shape).to(like.dtype)
+
+    def logical(name):
+        if name not in ck:
+            raise KeyError(f"checkpoint {dir}: no tensor '{name}' (saved from a model with other experts?)")
+        return _t(ck.load(name))
+
+    moes = _moe_modules(model)
+    expert_prefixes = tuple(_dotted(p, "experts.") for p, _ in moes)
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            if not k.startswith(expert_prefixes):
+                v.copy_(load(k, v))
+        for prefix, m in moes:
+            m.layer.assign_logical(lambda e, n, p=_dotted(prefix, ""): logical(f"{p}experts.{e}.{n}"))
+    meta = ck.metadata
+    if optimizer is not None:
+        if "optimizer" not in meta:
+            raise KeyError(f"checkpoint {dir} holds no optimizer state")
+        if meta["optimizer"] != type(optimizer).__name__:
+            raise ValueError(f"checkpoint {dir} holds {meta['optimizer']} state; the optimizer is "
+                             f"{type(optimizer).__name__}")
+        params = dict(model.named_parameters())
+        names = {id(p): n for n, p in params.items()}
+        saved_groups = json.loads(meta["optimizer.param_groups"])
+        mine = [[names.get(id(p)) for p in g["params"]] for g in optimizer.param_groups]
+        if [g["params"] for g in saved_groups] != mine:
+            raise ValueError(f"checkpoint {dir}: the optimizer's parameter groups differ from the saved ones")
+        for g, saved in zip(optimizer.param_groups, saved_groups):
+            for k, v in saved.items():
+                if k != "params":
+                    g[k] = tuple(v) if isinstance(g.get(k), tuple) else v
+        scalars = set(json.loads(meta["optimizer.scalar_keys"]))
+        by_target = {}
+        for full in ck.names():
+            if full.startswith("optim."):
+                _, key, target = full.split(".", 2)
+                by_target.setdefault(target, set()).add(key)
+        moe_of = {id(getattr(m, n)): (prefix, m) for prefix, m in moes for n in _EXPERT_TENSORS}
+        done = set()
+        for name, p in params.items():
+            if id(p) in moe_of:
+                prefix, m = moe_of[id(p)]
+                if id(m) in done:
+                    continue
+                done.add(id(m))
+                states = {n: {} for n in _EXPERT_TENSORS}
+                for n in _EXPERT_TENSORS:
+                    for key in by_target.get(_dotted(prefix, n), ()):
+                        states[n][key] = _t(ck.load(f"optim.{key}.{_dotted(prefix, n)}")).reshape(())
+                first = _dotted(prefix, f"experts.{m.experts_here[0]}.w1") if m.experts_here else None
+                for key in sorted(by_target.get(first, ())):
+                    moments = {n: torch.zeros_like(getattr(m, n)) for n in _EXPERT_TENSORS}
+                    m.layer.assign_logical(
+                        lambda e, t, key=key, p=_dotted(prefix, ""): logical(f"optim.{key}.{p}experts.{e}.{t}"), moments)
+                    for n in _EXPERT_TENSORS:
+                        states[n][key] = moments[n]
+                for n in _EXPERT_TENSORS:
+                    if states[n]:
+                        optimizer.state[getattr(m, n)] = states[n]
+            else:
+                state = {}
+                for key in by_target.get(name, ()):
+                    t = _t(ck.load(f"optim.{key}.{name}"))
+                    state[key] = t.reshape(()) if key in scalars else t.reshape(p.shape).to(p.dtype)
+                if state:
+                    optimizer.state[p] = state
+    user = meta.get("user")
+    return json.loads(user) if user else None

@@ -2,9 +2,12 @@
 
 Run with Debian's interpreter: PYTHONPATH=build/python /usr/bin/python3 -m unittest tests/python/test_moe_torch.py
 """
+import copy
 import math
 import os
+import pickle
 import random
+import tempfile
 import unittest
 import warnings
 
@@ -175,8 +178,10 @@ class MoETorchTest(unittest.TestCase):
         y_b, _, _ = moe(x, capacity_factor=0.0, k=1, exchange="dropless", d=2)
         self.assertTrue(torch.allclose(y_a, y_b, atol=1e-6))
         self.assertIn("o = 2", moe.layer.last_plan)  # o: the overlap (pipelining) degree d
-        with self.assertRaises(ValueError):
+        with self.assertRaisesRegex(TypeError, "float64"):
             moe(x.double())
+        with self.assertRaisesRegex(ValueError, r"\[16, 7\], expected \[\.\.\., 8\]"):
+            moe(x[:, :7])
         with self.assertRaisesRegex(ValueError, "exchange"):
             moe(x, exchange="sideways")
 
@@ -192,6 +197,245 @@ class MoETorchTest(unittest.TestCase):
         self.assertAlmostEqual(float(balance), want, places=5)
         with self.assertRaisesRegex(Exception, "capacity_rounding"):
             MoE(self.world.communicator, 8, 8, 4, capacity_rounding="gshard")
+
+    # --- a module that behaves like torch (issue: PyTorch users) ---------------------------
+
+    def test_any_leading_shape_and_empty_batches(self):
+        moe = MoE(self.world.communicator, 8, 12, 4, k=2, capacity_factor=0.0, seed=self.seed)
+        x = torch.randn(3, 5, 8, requires_grad=True)
+        g = torch.randn(3, 5, 8)
+        y, balance, _ = moe(x)
+        self.assertEqual(y.shape, x.shape)
+        ((y * g).sum() + 0.01 * balance).backward()
+        flat = x.detach().reshape(15, 8).clone().requires_grad_()
+        moe.zero_grad()
+        y2, balance2, _ = moe(flat)
+        ((y2 * g.reshape(15, 8)).sum() + 0.01 * balance2).backward()
+        self.assertTrue(torch.equal(y.reshape(15, 8), y2))
+        self.assertTrue(torch.allclose(x.grad.reshape(15, 8), flat.grad, atol=1e-6))
+        for shape in ((0, 8), (2, 0, 8)):  # a rank with no tokens must still run (and join the all-to-all)
+            empty = torch.randn(*shape, requires_grad=True)
+            moe.zero_grad()
+            y, balance, z = moe(empty)
+            self.assertEqual(y.shape, empty.shape)
+            (y.sum() + balance + z).backward()
+            self.assertEqual(empty.grad.shape, empty.shape)
+            self.assertEqual(float(moe.w1.grad.abs().sum()), 0.0)
+            self.assertTrue(torch.isfinite(balance) and torch.isfinite(z))
+
+    def test_bf16_and_float16_inputs_are_within_tolerance_of_float32(self):
+        M = 16
+        for compute in ("f32", "bf16"):
+            moe = MoE(self.world.communicator, M, 24, 4, k=2, capacity_factor=0.0, compute=compute, seed=self.seed)
+            x = torch.randn(33, M)
+            y32, _, _ = moe(x)
+            for dtype in (torch.bfloat16, torch.float16):
+                xl = x.to(dtype).requires_grad_()
+                y, balance, _ = moe(xl)
+                self.assertEqual(y.dtype, dtype)
+                err = float((y.float() - y32).norm() / y32.norm())
+                self.assertLess(err, 2e-2, f"{compute} {dtype}: relative error {err:.2e} (seed {self.seed})")
+                (y.float().sum() + balance).backward()
+                self.assertEqual(xl.grad.dtype, dtype)
+
+    def test_autocast_bf16_around_a_block_holding_the_moe(self):
+        torch.manual_seed(self.seed)
+        M = 16
+        inp, out = torch.nn.Linear(M, M), torch.nn.Linear(M, M)
+        moe = MoE(self.world.communicator, M, 24, 4, k=2, capacity_factor=0.0, seed=self.seed)
+        x = torch.randn(20, M)
+
+        def run():
+            for m in (inp, out, moe):
+                m.zero_grad()
+            y, balance, _ = moe(torch.relu(inp(x)))
+            loss = out(y).float().pow(2).mean() + 0.01 * balance
+            loss.backward()
+            return float(loss), [p.grad.clone() for p in (*inp.parameters(), *moe.parameters())]
+
+        loss32, grads32 = run()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss16, grads16 = run()
+        self.assertLess(abs(loss16 - loss32), 3e-2 * abs(loss32) + 1e-3)
+        for a, b in zip(grads16, grads32):
+            self.assertLess(float((a.float() - b).norm()), 0.1 * float(b.norm()) + 1e-4)
+
+    def test_conversions_keep_the_parameters_in_the_layers_memory(self):
+        moe = MoE(self.world.communicator, 8, 8, 2, k=1, seed=1)
+        x = torch.randn(10, 8)
+        # .float() / .to() keep the storage the C++ layer reads (before: after .double().float()
+        # zeroing w2/b2 still gave |y| = 83.6).
+        moe.float().to("cpu").to(torch.float32)
+        with torch.no_grad():
+            moe.w2.zero_()
+            moe.b2.zero_()
+        self.assertEqual(float(moe(x)[0].abs().max()), 0.0)
+        with torch.no_grad():
+            moe.b2.fill_(1.0)
+        before = [p.detach().clone() for p in moe.parameters()]
+        for convert in (lambda m: m.double(), lambda m: m.half(), lambda m: m.bfloat16(),
+                        lambda m: m.to(torch.float64), lambda m: torch.nn.Sequential(torch.nn.Linear(8, 8), m).double()):
+            with self.assertRaisesRegex(TypeError, "C\\+\\+ layer's float32 host memory"):
+                convert(moe)
+            for p, b in zip(moe.parameters(), before):
+                self.assertEqual(p.dtype, torch.float32)
+                self.assertTrue(torch.equal(p, b))
+        # A conversion that gives new float32 storage (share_memory_) leaves the values in the layer's memory.
+        moe.share_memory()
+        with torch.no_grad():
+            moe.b2.fill_(0.25)
+        y, _, _ = moe(x)
+        kept = y.abs().sum(dim=1) > 0
+        top = torch.softmax(x @ moe.gate_weight.detach(), dim=1).max(dim=1).values
+        self.assertTrue(torch.allclose(y[kept], 0.25 * top[kept, None].expand(-1, 8), atol=1e-6))
+
+    def test_load_state_dict_copies_into_the_shared_storage(self):
+        a = MoE(self.world.communicator, 8, 8, 4, k=2, seed=1)
+        b = MoE(self.world.communicator, 8, 8, 4, k=2, seed=2)
+        x = torch.randn(12, 8)
+        b.load_state_dict(a.state_dict())
+        self.assertTrue(torch.equal(a(x)[0], b(x)[0]))
+
+    def test_state_dict_keys_are_logical_experts_and_a_wrong_expert_set_is_refused(self):
+        E = 4
+        moe = MoE(self.world.communicator, 8, 6, E, k=2, seed=3)
+        sd = moe.state_dict()
+        want = {"gate.weight"} | {f"experts.{e}.{n}" for e in range(E) for n in ("w1", "b1", "w2", "b2")}
+        self.assertEqual(set(sd), want)
+        self.assertTrue(torch.equal(sd["experts.2.w1"], moe.w1[2]))
+        # Another rank's file (experts 2 and 3 only): refused, naming both sets.
+        other = {k: v for k, v in sd.items() if not k.startswith(("experts.0.", "experts.1."))}
+        with self.assertRaisesRegex(RuntimeError, r"holds experts \[0, 1, 2, 3\].*has experts \[2, 3\] without \[0, 1\]"):
+            moe.load_state_dict(other)
+        # A key of no expert of this layer is unexpected.
+        with self.assertRaisesRegex(RuntimeError, "experts.9.w1"):
+            moe.load_state_dict({**sd, "experts.9.w1": sd["experts.0.w1"]})
+        inside = torch.nn.Sequential(torch.nn.Linear(8, 8), moe)
+        self.assertIn("1.experts.3.b2", inside.state_dict())
+
+    def test_deepcopy_is_an_independent_layer_and_pickling_is_refused(self):
+        moe = MoE(self.world.communicator, 8, 8, 4, k=2, seed=4)
+        moe.set_routing(capacity_factor=0.0)
+        x = torch.randn(9, 8)
+        twin = copy.deepcopy(moe)
+        self.assertIsNot(twin.layer, moe.layer)
+        self.assertTrue(torch.equal(moe(x)[0], twin(x)[0]))
+        with torch.no_grad():
+            twin.w2.zero_()
+            twin.b2.zero_()
+        self.assertEqual(float(twin(x)[0].abs().max()), 0.0)
+        self.assertGreater(float(moe(x)[0].abs().max()), 0.0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), moe)
+        self.assertTrue(torch.equal(copy.deepcopy(model)(x)[0], model(x)[0]))
+        with self.assertRaisesRegex(TypeError, "cannot be pickled.*save_checkpoint"):
+            pickle.dumps(model)
+
+    def test_repr_names_experts_k_capacity_plan_and_ranks(self):
+        moe = MoE(self.world.communicator, 8, 6, 4, k=2, capacity_factor=1.25, seed=0)
+        moe.set_plan(d=2, exchange="dropless")
+        text = repr(moe)
+        for part in ("model_dim=8", "hidden_dim=6", "experts=4", "[0, 1, 2, 3] on rank 0 of 1", "k=2",
+                     "capacity_factor=1.25", "d=2", "exchange=dropless"):
+            self.assertIn(part, text)
+
+    def test_activation_checkpointing_around_a_block_holding_the_moe(self):
+        from torch.utils.checkpoint import checkpoint
+        torch.manual_seed(self.seed)
+        M = 16
+        lin = torch.nn.Linear(M, M)
+        moe = MoE(self.world.communicator, M, 24, 4, k=2, capacity_factor=1.0, seed=self.seed)
+        x = torch.randn(25, M, requires_grad=True)
+
+        def block(h):
+            y, balance, _ = moe(torch.tanh(lin(h)))
+            return y, balance
+
+        def grads(wrap):
+            for p in (*lin.parameters(), *moe.parameters(), x):
+                p.grad = None
+            y, balance = wrap(x)
+            (y.pow(2).sum() + 0.1 * balance).backward()
+            return [p.grad.clone() for p in (*lin.parameters(), *moe.parameters(), x)]
+
+        plain = grads(block)
+        for reentrant in (True, False):
+            checked = grads(lambda h: checkpoint(block, h, use_reentrant=reentrant))
+            for a, b in zip(checked, plain):
+                self.assertTrue(torch.allclose(a, b, rtol=1e-5, atol=1e-6), f"use_reentrant={reentrant}")
+
+    def test_two_forwards_then_two_backwards_accumulate(self):
+        moe = MoE(self.world.communicator, 8, 8, 4, k=2, capacity_factor=0.0, seed=6)
+        xa, xb = torch.randn(11, 8), torch.randn(6, 8)
+        ya, ba, _ = moe(xa)
+        yb, bb, _ = moe(xb)
+        (ya.sum() + 0.1 * ba).backward()
+        (yb.pow(2).sum() + 0.1 * bb).backward()
+        accumulated = [p.grad.clone() for p in moe.parameters()]
+        parts = []
+        for x, f in ((xa, lambda y: y.sum()), (xb, lambda y: y.pow(2).sum())):
+            moe.zero_grad()
+            y, b, _ = moe(x)
+            (f(y) + 0.1 * b).backward()
+            parts.append([p.grad.clone() for p in moe.parameters()])
+        for acc, a, b in zip(accumulated, *parts):
+            self.assertTrue(torch.allclose(acc, a + b, rtol=1e-5, atol=1e-6))
+
+    def test_init_leaves_torchs_threads_alone_unless_asked(self):
+        torch.set_num_threads(1)
+        switchyard.init()
+        self.assertEqual(torch.get_num_threads(), 1)
+        moe = MoE(self.world.communicator, 8, 8, 2, k=1, seed=0)
+        switchyard.set_gemm_threads(2)  # Switchyard's calls use 2; torch's setting is untouched
+        try:
+            self.assertEqual(switchyard.gemm_threads(), 2)
+            y, _, _ = moe(torch.randn(4, 8))
+            y.sum().backward()
+            self.assertEqual(torch.get_num_threads(), 1)
+        finally:
+            switchyard.set_gemm_threads(None)
+        self.assertEqual(switchyard.gemm_threads(), 1)
+        with self.assertRaisesRegex(ValueError, "gemm_threads"):
+            switchyard.set_gemm_threads(0)
+
+    def test_checkpoint_save_resume_with_adam_continues_the_run(self):
+        from switchyard.torch import load_checkpoint, save_checkpoint
+        torch.manual_seed(self.seed)
+        M = 12
+        comm = self.world.communicator
+
+        def make(seed):
+            torch.manual_seed(seed)
+            model = torch.nn.Sequential(torch.nn.Linear(M, M), MoE(comm, M, 16, 4, k=2, capacity_factor=0.0, seed=seed))
+            return model, torch.optim.Adam(model.parameters(), lr=1e-2)
+
+        x, target = torch.randn(30, M), torch.randn(30, M)
+
+        def step(model, opt):
+            opt.zero_grad()
+            y, balance, _ = model[1](model[0](x))
+            loss = (y - target).pow(2).mean() + 0.01 * balance
+            loss.backward()
+            opt.step()
+            return float(loss)
+
+        model, opt = make(self.seed)
+        straight = [step(model, opt) for _ in range(4)]
+        model, opt = make(self.seed)
+        first = [step(model, opt) for _ in range(2)]
+        with tempfile.TemporaryDirectory() as d:
+            save_checkpoint(d, model, comm, opt, metadata={"step": 2})
+            other, other_opt = make(self.seed + 1)  # other weights, fresh optimizer
+            self.assertEqual(load_checkpoint(d, other, other_opt), {"step": 2})
+            ck = switchyard.Checkpoint(d)
+            self.assertIn("1.experts.3.w1", ck)
+            self.assertIn("optim.exp_avg_sq.1.experts.0.b2", ck)
+            # The bare layer's checkpoint is the C++ MoELayer's format: the C++ load reads it.
+            save_checkpoint(d + "/layer", model[1], comm)
+            fresh = MoE(comm, M, 16, 4, k=2, capacity_factor=0.0, seed=99)
+            fresh.layer.load(d + "/layer")
+            self.assertTrue(torch.equal(fresh.w1, model[1].w1))
+        resumed = first + [step(other, other_opt) for _ in range(2)]
+        self.assertEqual(straight, resumed)
 
 
 if __name__ == "__main__":

@@ -387,7 +387,7 @@ TEST(TcpStore, NothingListeningIsAnIoErrorNamingTheAddress) {
   }
   const std::string message = message_of([&] { TcpStore s("127.0.0.1", port, "t", 200ms); });
   EXPECT_NE(message.find("nothing answers at 127.0.0.1:" + std::to_string(port)), std::string::npos) << message;
-  EXPECT_NE(message.find("MASTER_ADDR / MASTER_PORT"), std::string::npos) << message;
+  EXPECT_NE(message.find("check SWITCHYARD_STORE"), std::string::npos) << message;
   EXPECT_NE(message_of([] { TcpStoreServer s("t", 0, "not-an-ip"); }).find("host 'not-an-ip' is not an IP address"),
             std::string::npos);
 }
