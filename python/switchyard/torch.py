@@ -20,6 +20,7 @@ for training loops without DDP.
 import json
 import re
 import sys
+import weakref
 
 import torch
 from torch.utils import dlpack as _dlpack
@@ -182,7 +183,7 @@ class MoE(torch.nn.Module):
         """A torch DDP that does not leave the experts alone broadcasts rank 0's experts over
         every other rank's and averages different experts' gradients: refuse it."""
         ddp = _enclosing_ddp()
-        if ddp is None or ddp is self._ddp_checked:
+        if ddp is None or (self._ddp_checked is not None and self._ddp_checked() is ddp):
             return
         mine = {id(p) for p in self.parameters(recurse=False)}
         names = [n for n, p in ddp.module.named_parameters() if id(p) in mine]
@@ -196,7 +197,7 @@ class MoE(torch.nn.Module):
                 + ". Wrap with switchyard.torch.DistributedDataParallel(model, ...), or call "
                 "switchyard.torch.prepare_ddp(model) first, and rebuild the model's experts (DDP's construction "
                 "already overwrote them).")
-        self._ddp_checked = ddp
+        self._ddp_checked = weakref.ref(ddp)  # not the module itself: that would make it a submodule (a cycle)
 
     def forward(self, x, capacity_factor=None, k=None, **plan):
         self._check_input(x)
