@@ -30,12 +30,13 @@ VOCAB, SEQ, DIM, HIDDEN, EXPERTS, BATCH = 32, 16, 32, 64, 4, 8
 
 
 class Block(torch.nn.Module):
-    def __init__(self, group):
+    def __init__(self, group, expert_data_parallel_group=None):
         super().__init__()
         self.norm1, self.norm2 = torch.nn.LayerNorm(DIM), torch.nn.LayerNorm(DIM)
         self.attn = torch.nn.MultiheadAttention(DIM, 4, batch_first=True)
         # Expert-parallel: EXPERTS / world experts on each rank; the gate is replicated.
-        self.moe = MoE(group, DIM, HIDDEN, EXPERTS, k=2, capacity_factor=0.0, seed=1)
+        self.moe = MoE(group, DIM, HIDDEN, EXPERTS, k=2, capacity_factor=0.0, seed=1,
+                       expert_data_parallel_group=expert_data_parallel_group)
         # Float, not bool: DDP broadcasts buffers, and gloo has no bool.
         self.register_buffer("causal", torch.triu(torch.full((SEQ, SEQ), float("-inf")), 1), persistent=False)
 
@@ -47,11 +48,11 @@ class Block(torch.nn.Module):
 
 
 class TinyLM(torch.nn.Module):
-    def __init__(self, group):
+    def __init__(self, group, expert_data_parallel_group=None):
         super().__init__()
         self.embed = torch.nn.Embedding(VOCAB, DIM)
         self.pos = torch.nn.Parameter(torch.zeros(SEQ, DIM))
-        self.block = Block(group)
+        self.block = Block(group, expert_data_parallel_group)
         self.norm = torch.nn.LayerNorm(DIM)
         self.head = torch.nn.Linear(DIM, VOCAB)
 
@@ -76,6 +77,10 @@ def main():
     ap.add_argument("--sync", choices=("ddp", "manual", "torch-ddp-unprepared"), default="ddp",
                     help="ddp: switchyard.torch.DistributedDataParallel; manual: allreduce_gradients; "
                          "torch-ddp-unprepared: torch's DDP as is (refused: it would corrupt the experts)")
+    ap.add_argument("--expert_parallel", type=int, default=0,
+                    help="ranks per expert group (Megatron's expert_model_parallel_size; default: all): the "
+                         "experts are split over each group and replicated across groups, whose expert "
+                         "gradients are summed over the expert-data-parallel group")
     ap.add_argument("--save", help="checkpoint directory written after the last step")
     ap.add_argument("--resume", help="checkpoint directory to continue from (any world size)")
     ap.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
@@ -89,8 +94,14 @@ def main():
     comm = world.communicator
     if BATCH % comm.size:
         raise SystemExit(f"{comm.size} ranks do not divide the batch of {BATCH}")
+    ep = args.expert_parallel or comm.size
+    if comm.size % ep:
+        raise SystemExit(f"--expert_parallel {ep} does not divide {comm.size} ranks")
+    # Expert groups: consecutive ranks; the expert-data-parallel groups: the same position in each.
+    expert_group = comm.split(color=comm.rank // ep, key=comm.rank)
+    edp_group = comm.split(color=comm.rank % ep, key=comm.rank) if ep < comm.size else None
     torch.manual_seed(0)  # the same dense initialisation on every rank
-    model = TinyLM(comm)
+    model = TinyLM(expert_group, edp_group)
     if args.sync != "manual":
         if "MASTER_ADDR" in os.environ:  # switchyard launch and torchrun give torch its own MASTER_PORT
             dist.init_process_group("gloo", rank=world.rank, world_size=world.size)

@@ -417,8 +417,13 @@ def save_checkpoint(dir, model, group, optimizer=None, metadata=None):
     if group.rank == 0:
         mine += [(k, v.detach().to(torch.float32).contiguous()) for k, v in model.state_dict().items()
                  if not k.startswith(expert_prefixes)]
-    for prefix, m in moes:  # the same order on every rank: sliced experts are gathered
-        mine += [(k, _t(v)) for k, v in m.layer.logical_experts(prefix=_dotted(prefix, ""))]
+    def writes_experts(m):  # experts replicated over expert groups: the first group's are saved
+        edp = m.expert_data_parallel_group
+        return edp is None or edp.rank == 0
+
+    for prefix, m in moes:  # the same order on every rank of an expert group: sliced experts are gathered
+        if writes_experts(m):
+            mine += [(k, _t(v)) for k, v in m.layer.logical_experts(prefix=_dotted(prefix, ""))]
     meta = {"content": "torch-model", "saved_by": str(group.size), "user": json.dumps(metadata)}
     if optimizer is not None:
         names = {id(p): n for n, p in model.named_parameters()}
@@ -447,6 +452,8 @@ def save_checkpoint(dir, model, group, optimizer=None, metadata=None):
                                          f"expert tensors only")
                     values = {n: states[n][key] for n in _EXPERT_TENSORS}
                     if all(v.shape == tensors[n].shape for n, v in values.items()):
+                        if not writes_experts(m):
+                            continue
                         moments = {n: v.detach().to(torch.float32).contiguous() for n, v in values.items()}
                         mine += [(k, _t(v)) for k, v in
                                  m.layer.logical_experts(moments, prefix=f"optim.{key}.{_dotted(prefix, '')}")]

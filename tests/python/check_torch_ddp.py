@@ -96,6 +96,8 @@ agree("1 process vs 2 ranks with DDP (switchyard launch)", reference, launch(*sg
 agree("1 process vs 2 ranks with DDP (torchrun's variables, rank 0 hosts the store)", reference,
       torchrun_by_hand(*sgd, "--sync", "ddp"), 1e-5)
 agree("1 process vs 2 ranks with the hand-written sync", reference, launch(*sgd, "--sync", "manual"), 1e-5)
+agree("1 process vs 2 ranks with DDP, expert groups of 1 rank (every expert on both, expert-data-parallel)",
+      reference, launch(*sgd, "--sync", "ddp", "--expert_parallel", "1"), 1e-5)
 
 adam = ["--steps", "4"]
 agree("DDP vs the hand-written sync (2 ranks, Adam, balance loss)", launch(*adam, "--sync", "manual"),
@@ -108,6 +110,11 @@ try:
     resumed = one("--steps", "6", "--balance_coef", "0", "--sync", "manual", "--resume", os.path.join(work, "ckpt"))
     agree("saved on 2 ranks at step 3, resumed on 1 (Adam state included) vs 2 ranks straight", straight[3:],
           resumed, 1e-5)
+    launch("--steps", "3", "--balance_coef", "0", "--sync", "ddp", "--expert_parallel", "1",
+           "--save", os.path.join(work, "replicated"))
+    resumed = launch("--steps", "6", "--balance_coef", "0", "--sync", "ddp", "--resume", os.path.join(work, "replicated"))
+    agree("saved with every expert on both ranks (expert groups of 1), resumed with experts split over 2 vs "
+          "straight", straight[3:], resumed, 1e-5)
 finally:
     shutil.rmtree(work, ignore_errors=True)
 
