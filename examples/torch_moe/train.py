@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 import switchyard
-from switchyard.torch import MoE, allreduce_gradients, load_checkpoint, save_checkpoint
+from switchyard.torch import MoE, allreduce_gradients, clip_grad_norm_, load_checkpoint, save_checkpoint
 
 VOCAB, SEQ, DIM, HIDDEN, EXPERTS, BATCH = 32, 16, 32, 64, 4, 8
 
@@ -81,6 +81,7 @@ def main():
                     help="ranks per expert group (Megatron's expert_model_parallel_size; default: all): the "
                          "experts are split over each group and replicated across groups, whose expert "
                          "gradients are summed over the expert-data-parallel group")
+    ap.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping (0: off)")
     ap.add_argument("--save", help="checkpoint directory written after the last step")
     ap.add_argument("--resume", help="checkpoint directory to continue from (any world size)")
     ap.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
@@ -128,11 +129,13 @@ def main():
         loss.backward()
         if args.sync == "manual":
             allreduce_gradients(core, comm, average=True)
+        # The whole model's norm, every expert once, so every rank clips alike.
+        norm = clip_grad_norm_(core, args.clip, comm) if args.clip > 0 else torch.zeros(())
         optimizer.step()
         total = loss.detach().reshape(1).clone()
         comm.allreduce(total)
         if comm.rank == 0:
-            print(f"step {step + 1} loss {float(total) / comm.size:.7f}", flush=True)
+            print(f"step {step + 1} loss {float(total) / comm.size:.7f} gradient norm {float(norm):.5f}", flush=True)
     if args.save:
         save_checkpoint(args.save, core, comm, optimizer, metadata={"step": args.steps})
         if comm.rank == 0:

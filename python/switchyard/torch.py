@@ -390,6 +390,35 @@ def allreduce_gradients(model, group, average=True):
                     p.grad /= group.size
 
 
+def clip_grad_norm_(model, max_norm, group):
+    """torch.nn.utils.clip_grad_norm_ (2-norm) for a model holding switchyard MoE layers, after the
+    gradient sync: the norm of the whole model's gradient, every expert counted once (this rank's experts'
+    squares summed over `group`, the switchyard Communicator over every rank of the model), so every rank
+    clips by the same factor. torch's own clip_grad_norm_ would see only this rank's experts: the ranks
+    would scale their replicated dense parameters differently and drift apart. Returns the norm."""
+    expert_params = set()
+    expert_sq = torch.zeros(1, dtype=torch.float64)
+    for _, m in _moe_modules(model):
+        edp = m.expert_data_parallel_group
+        counted = edp is None or edp.rank == 0  # replicas across expert groups: once
+        for n in _EXPERT_TENSORS:
+            p = getattr(m, n)
+            expert_params.add(id(p))
+            # Sliced experts: each slice holds the whole b2.
+            if counted and p.grad is not None and not (n == "b2" and m.layer.slice > 0):
+                expert_sq += p.grad.double().pow(2).sum()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    dense_sq = sum((p.grad.double().pow(2).sum() for p in model.parameters()
+                    if p.grad is not None and id(p) not in expert_params), torch.zeros((), dtype=torch.float64))
+    group.allreduce(expert_sq)
+    norm = (dense_sq + expert_sq[0]).sqrt()
+    coef = float(max_norm) / (float(norm) + 1e-6)
+    if coef < 1:
+        for g in grads:
+            g.mul_(coef)
+    return norm.to(torch.float32)
+
+
 # --- checkpoints in the C++ format, at any world size ---------------------------------------
 #
 # Names: the model's state_dict keys, experts by logical id ("<moe>.experts.<e>.w1"); optimizer
