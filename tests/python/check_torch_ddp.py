@@ -118,6 +118,19 @@ try:
 finally:
     shutil.rmtree(work, ignore_errors=True)
 
+# state_dict by logical expert: one process's loads on 2 ranks (each takes its own experts); a rank's own
+# refuses to load on the other (before: a same-shaped load put the wrong experts in place).
+sd_script = os.path.join(here, "state_dict_ranks.py")
+work = tempfile.mkdtemp()
+try:
+    run([python, sd_script, "save", work])
+    code, text = run([switchyard, "launch", "--nprocs", "2", "--", python, sd_script, "load", work], expect_ok=False)
+    print(("ok   " if code == 0 else "FAIL ") + "state_dict across ranks:\n" + text.strip())
+    if code != 0:
+        failures.append("state_dict across ranks")
+finally:
+    shutil.rmtree(work, ignore_errors=True)
+
 code, text = run([switchyard, "launch", "--nprocs", "2", "--", python, script, "--steps", "2",
                   "--sync", "torch-ddp-unprepared"], expect_ok=False)
 refused = code != 0 and "without switchyard.torch.prepare_ddp(model)" in text and "block.moe.w1" in text
