@@ -9,6 +9,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -122,6 +123,8 @@ int run_launch(const LaunchOptions& o) {
     torch_port = free_loopback_port();
   }
   const int world = o.nprocs * o.nnodes;
+  const int omp_threads_per_rank =
+      std::max(1, static_cast<int>(std::max(1u, std::thread::hardware_concurrency())) / o.nprocs);
   if (::pipe2(g_signal_pipe, O_CLOEXEC | O_NONBLOCK) != 0) SY_THROW(IoError, "launch: pipe failed: ", std::strerror(errno));
   struct sigaction sa {};
   sa.sa_handler = on_signal;
@@ -147,12 +150,14 @@ int run_launch(const LaunchOptions& o) {
     // Everything the child needs is built here: after fork a child of this
     // multi-threaded process may only make async-signal-safe calls (another
     // thread may have held the allocator's lock at the fork).
-    const std::map<std::string, std::string> vars = {
+    std::map<std::string, std::string> vars = {
         {"RANK", std::to_string(c.rank)},            {"WORLD_SIZE", std::to_string(world)},
         {"LOCAL_RANK", std::to_string(i)},           {"LOCAL_WORLD_SIZE", std::to_string(o.nprocs)},
         {"GROUP_RANK", std::to_string(o.node_rank)}, {"MASTER_ADDR", host},
         {"MASTER_PORT", std::to_string(torch_port)}, {"SWITCHYARD_STORE", host + ":" + std::to_string(port)},
         {"SWITCHYARD_STORE_TOKEN", token}};
+    // As torchrun does: without it every process's OpenMP (torch's included) takes every core.
+    if (!std::getenv("OMP_NUM_THREADS")) vars["OMP_NUM_THREADS"] = std::to_string(omp_threads_per_rank);
     std::vector<std::string> env_strings;
     for (char** e = environ; *e; ++e) {
       const std::string entry = *e;

@@ -234,6 +234,7 @@ class HostedStore {
       : token_(token), world_size_(world_size) {
     try {
       server_ = std::make_unique<TcpStoreServer>(token, port, host);
+      local_address_ = host == "0.0.0.0" ? "127.0.0.1" : host;  // where this process reaches it at exit
     } catch (const InvalidArgument&) {  // a host name, not an address: listen on every interface
       server_ = std::make_unique<TcpStoreServer>(token, port, "0.0.0.0");
     }
@@ -248,30 +249,43 @@ class HostedStore {
   uint16_t port() const { return port_; }
 
  private:
+  // Until every other rank said done (or some rank failed), or its heartbeat stood still for the
+  // heartbeat's own dead-after time (its process is gone); at most 30 s. Without a heartbeat
+  // (SWITCHYARD_UCX_HEARTBEAT_MS=0) nothing tells, and the store goes at once.
   void linger() {
-    if (world_size_ <= 1) return;
-    TcpStore store("127.0.0.1", port_, token_, Milliseconds(1000));
+    const int64_t dead_after_ms = env().ucx_heartbeat_ms;
+    if (world_size_ <= 1 || dead_after_ms <= 0) return;
+    TcpStore store(local_address_, port_, token_, Milliseconds(1000));
     const std::string hb = std::string(kUcxBootstrapPrefix) + "/heartbeat/";
+    using Clock = std::chrono::steady_clock;
     std::vector<std::optional<Store::Bytes>> last(static_cast<size_t>(world_size_));
-    std::vector<int> still(static_cast<size_t>(world_size_), 0);
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-    while (std::chrono::steady_clock::now() < deadline) {
+    std::vector<Clock::time_point> changed(static_cast<size_t>(world_size_), Clock::now());
+    std::vector<bool> left(static_cast<size_t>(world_size_), false);
+    const auto deadline = Clock::now() + std::chrono::seconds(30);
+    while (Clock::now() < deadline) {
       if (store.try_get(hb + "failed")) return;
       bool all_left = true;
       for (int r = 1; r < world_size_; ++r) {
         const size_t i = static_cast<size_t>(r);
-        if (still[i] >= 4 || store.try_get(hb + "done/" + std::to_string(r))) continue;
+        if (left[i]) continue;
+        if (store.try_get(hb + "done/" + std::to_string(r))) {
+          left[i] = true;
+          continue;
+        }
         auto beat = store.try_get(hb + "hb/" + std::to_string(r));
-        // Four unchanged looks, 250 ms apart, is a heartbeat that stopped: the process is gone.
-        still[i] = beat == last[i] ? still[i] + 1 : 0;
-        last[i] = beat;
-        all_left = all_left && still[i] >= 4;
+        if (beat != last[i]) {
+          last[i] = beat;
+          changed[i] = Clock::now();
+        }
+        left[i] = Clock::now() - changed[i] > std::chrono::milliseconds(dead_after_ms);
+        all_left = all_left && left[i];
       }
       if (all_left) return;
-      std::this_thread::sleep_for(std::chrono::milliseconds(250));
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
     }
   }
   std::unique_ptr<TcpStoreServer> server_;
+  std::string local_address_ = "127.0.0.1";
   std::string token_;
   int world_size_;
   uint16_t port_ = 0;

@@ -106,6 +106,10 @@ def main():
     if args.sync != "manual":
         if "MASTER_ADDR" in os.environ:  # switchyard launch and torchrun give torch its own MASTER_PORT
             dist.init_process_group("gloo", rank=world.rank, world_size=world.size)
+        elif comm.size > 1:
+            raise SystemExit(f"--sync {args.sync} on {comm.size} ranks needs torch.distributed's MASTER_ADDR and "
+                             "MASTER_PORT (switchyard launch and torchrun set them; under mpirun export them, or "
+                             "use --sync manual)")
         else:
             dist.init_process_group("gloo", init_method="file://" + tempfile.mktemp(), rank=0, world_size=1)
         if args.sync == "ddp":

@@ -17,6 +17,7 @@ module's DistributedDataParallel) scales the MoE's gradients by 1/world so
 the whole model follows DDP's average; allreduce_gradients() does the same
 for training loops without DDP.
 """
+import copy
 import json
 import re
 import sys
@@ -44,6 +45,9 @@ class _MoEFunction(torch.autograd.Function):
         # The handle goes with the graph (its buffers back to the layer's pool);
         # kept after backward for retain_graph and gradcheck's repeated backwards.
         ctx.module, ctx.batch, ctx.x_dtype = module, batch, x.dtype
+        # Saved only so torch's version counters catch an in-place change of the weights
+        # between this forward and its backward (the C++ backward reads them as they are then).
+        ctx.save_for_backward(*params)
         module.last_dropped = dropped
         y = _t(out)
         return (y if x.dtype == torch.float32 else y.to(x.dtype)), torch.tensor(balance, dtype=torch.float32), \
@@ -53,10 +57,14 @@ class _MoEFunction(torch.autograd.Function):
     def backward(ctx, dout, dbalance, dz):
         module = ctx.module
         layer = module.layer
+        ctx.saved_tensors  # raises if a weight was modified in place since the forward
         layer.zero_grad()
+        # The input gradient's all-to-all is collective: every rank of the group runs it
+        # whether or not its own x needs a gradient (a rank with no tokens may pass one that does not).
+        want_dx = ctx.needs_input_grad[0]
         # d(loss)/d(balance) and d(loss)/d(z) are the coefficients the caller gave the losses.
         dx = layer.backward(ctx.batch, dout.to(torch.float32).contiguous(), balance_coef=float(dbalance),
-                            z_coef=float(dz), input_grad=ctx.needs_input_grad[0])
+                            z_coef=float(dz), input_grad=want_dx or module.group.size > 1)
         grads = layer.grads()
         # No copies: zero_grad() above gave the layer fresh gradient tensors, and the
         # next backward gets fresh ones again, so these stay torch's alone.
@@ -70,10 +78,12 @@ class _MoEFunction(torch.autograd.Function):
             # replicated gate's) are summed over it.
             for g in param_grads:
                 edp.allreduce(g)
-        if dx is not None:
+        if dx is not None and want_dx:
             dx = _t(dx)
             if ctx.x_dtype != torch.float32:
                 dx = dx.to(ctx.x_dtype)
+        else:
+            dx = None
         return (dx, None, None, None, *param_grads)
 
 
@@ -127,6 +137,7 @@ class MoE(torch.nn.Module):
         # The parameters are the C++ layer's own memory, and must stay so (see _apply).
         shared = self._layer_tensors()
         self._layer_ptrs = {name: t.data_ptr() for name, t in shared.items()}
+        self._layer_shapes = {name: t.shape for name, t in shared.items()}
         for name, tensor in shared.items():
             setattr(self, name, torch.nn.Parameter(tensor))
         # The gate is replicated on every rank and its gradient already summed over the
@@ -186,8 +197,7 @@ class MoE(torch.nn.Module):
         if ddp is None or (self._ddp_checked is not None and self._ddp_checked() is ddp):
             return
         mine = {id(p) for p in self.parameters(recurse=False)}
-        names = [n for n, p in ddp.module.named_parameters() if id(p) in mine]
-        synced = [n for n in names if n not in ddp.parameters_to_ignore]
+        synced = [n for n in _ddp_names(ddp.module, mine) if n not in ddp.parameters_to_ignore]
         if synced or not self._ddp_prepared:
             raise RuntimeError(
                 "switchyard MoE inside torch.nn.parallel.DistributedDataParallel without "
@@ -201,6 +211,7 @@ class MoE(torch.nn.Module):
 
     def forward(self, x, capacity_factor=None, k=None, **plan):
         self._check_input(x)
+        self._keep_in_layer_memory()
         if torch.is_grad_enabled() and torch.distributed.is_available() and torch.distributed.is_initialized():
             self._check_ddp()
         routing = dict(self.routing)
@@ -228,18 +239,25 @@ class MoE(torch.nn.Module):
                     f"them, and bfloat16/float16 inputs are accepted as they are). Leave the MoE out of the "
                     f"conversion (convert the other modules, or use torch.autocast).")
         super()._apply(fn)
+        self._keep_in_layer_memory()
+        return self
+
+    def _keep_in_layer_memory(self):
+        """A parameter given other memory (a conversion that copies, share_memory_, which moves the storage
+        itself, `p.data = ...` as vector_to_parameters does): its values go back into the C++ layer's
+        memory, which it points at again, so the layer computes with what the parameter holds."""
         layer_memory = None
         for name, p in self._parameters.items():
-            if p.data_ptr() != self._layer_ptrs[name]:
-                # fn gave the parameter other float32 host memory (a copy, or share_memory_, which
-                # moves the storage itself): the values go back into the C++ layer's memory, which
-                # the parameter points at again.
-                if layer_memory is None:
-                    layer_memory = self._layer_tensors()
-                with torch.no_grad():
-                    layer_memory[name].copy_(p.data)
-                p.data = layer_memory[name]
-        return self
+            if p.data_ptr() == self._layer_ptrs[name]:
+                continue
+            if p.dtype != torch.float32 or p.device.type != "cpu" or p.shape != self._layer_shapes[name]:
+                raise TypeError(f"switchyard MoE: parameter {name} is now {p.dtype} {list(p.shape)} on {p.device}; "
+                                f"the C++ layer computes with float32 {list(self._layer_shapes[name])} on the host")
+            if layer_memory is None:
+                layer_memory = self._layer_tensors()
+            with torch.no_grad():
+                layer_memory[name].copy_(p.data)
+            p.data = layer_memory[name]
 
     def _layer_tensors(self):
         shared = self.layer.parameters()
@@ -247,18 +265,40 @@ class MoE(torch.nn.Module):
                 "b1": _t(shared["experts.b1"]), "w2": _t(shared["experts.w2"]), "b2": _t(shared["experts.b2"])}
 
     def __deepcopy__(self, memo):
-        new = MoE(self.group, **self._config, expert_data_parallel_group=self.expert_data_parallel_group)
+        """A new C++ layer on the same group (communicators are shared, not copied) with the values copied;
+        everything else (a subclass's own modules, hooks, settings) deep-copied as torch would."""
+        cls = type(self)
+        new = cls.__new__(cls)
         memo[id(self)] = new
+        shared = ("layer", "_parameters", "_layer_ptrs", "_layer_shapes", "expert_data_parallel_group",
+                  "_ddp_checked")
+        for key, value in self.__dict__.items():
+            if key not in shared:
+                new.__dict__[key] = copy.deepcopy(value, memo)
+        new.__dict__["expert_data_parallel_group"] = self.expert_data_parallel_group
+        new.__dict__["_ddp_checked"] = None
+        new.__dict__["layer"] = _switchyard.MoELayer(self.group, **self._config)
+        fresh = new._layer_tensors()
+        new.__dict__["_layer_ptrs"] = {name: t.data_ptr() for name, t in fresh.items()}
+        new.__dict__["_layer_shapes"] = {name: t.shape for name, t in fresh.items()}
+        new.__dict__["_parameters"] = {}
         with torch.no_grad():
             for name, p in self._parameters.items():
-                target = new._parameters[name]
-                target.copy_(p)
-                target.requires_grad_(p.requires_grad)
+                fresh[name].copy_(p)
+                q = torch.nn.Parameter(fresh[name], requires_grad=p.requires_grad)
                 if p.grad is not None:
-                    target.grad = p.grad.clone()
-        new.routing, new.plan = dict(self.routing), dict(self.plan)
-        new.gradient_scale, new._ddp_prepared = self.gradient_scale, self._ddp_prepared
-        new.train(self.training)
+                    q.grad = p.grad.clone()
+                q.__dict__.update(copy.deepcopy(p.__dict__, memo))
+                new._parameters[name] = q
+                memo[id(p)] = q
+        return new
+
+    def __copy__(self):
+        """A shallow copy shares everything, the C++ layer included (as copy.copy of a module shares its
+        parameters)."""
+        cls = type(self)
+        new = cls.__new__(cls)
+        new.__dict__.update(self.__dict__)
         return new
 
     def __getstate__(self):
@@ -284,6 +324,8 @@ class MoE(torch.nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        for hook in self._load_state_dict_pre_hooks.values():  # what torch's own _load_from_state_dict runs first
+            hook(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         E = self._config["experts"]
         expert_key = re.compile(r"experts\.(\d+)\.(?:slice\d+of\d+\.)?(w1|b1|w2|b2)$")
         present = set()
@@ -292,7 +334,7 @@ class MoE(torch.nn.Module):
                 continue
             rest = key[len(prefix):]
             m = expert_key.match(rest)
-            if rest == "gate.weight":
+            if rest == "gate.weight" or rest.split(".", 1)[0] in self._modules:  # a child module's: its own
                 continue
             if m and int(m.group(1)) < E:
                 present.add(int(m.group(1)))  # an expert of this layer, here or on another rank
@@ -321,7 +363,10 @@ class MoE(torch.nn.Module):
                 else:
                     missing_keys.append(key)
                     absent.append(e)
-        if absent:
+        # Another rank's (or world size's) experts in place of this rank's: refused even when not strict,
+        # since loading them would put the wrong experts in place. None of this layer's at all: only missing
+        # keys, which strict=False accepts (torch 1.13 passes strict=True here whatever the caller's).
+        if absent and present:
             error_msgs.append(
                 f"switchyard MoE {prefix or '(root)'}: this rank ({self.group.rank} of {self.group.size}) holds "
                 f"experts {list(self.experts_here)}"
@@ -331,8 +376,33 @@ class MoE(torch.nn.Module):
                 f"switchyard.torch.load_checkpoint(dir, model) to move experts between world sizes.")
 
 
+def _ddp_names(model, ids):
+    """The names torch 1.13's DDP gives these parameters, in both of its forms: named_parameters()'s
+    (its broadcast) and "<module>.<param>" (its reducer: ".w1" for the root module's own)."""
+    names = []
+    for module_name, module in model.named_modules():
+        for param_name, p in module.named_parameters(recurse=False):
+            if id(p) in ids:
+                names += [f"{module_name}.{param_name}"] + ([param_name] if not module_name else [])
+    return names
+
+
 def _moe_modules(model):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
+
+
+def _check_layout(m, prefix, world, what):
+    """The MoE's expert group times its expert-data-parallel group must be the data-parallel world, or
+    the gradients are summed or averaged over the wrong ranks."""
+    edp = m.expert_data_parallel_group
+    covered = m.group.size * (edp.size if edp is not None else 1)
+    if covered != world:
+        raise ValueError(
+            f"switchyard MoE {prefix or '(root)'}: its expert group has {m.group.size} rank(s)"
+            + (f" and its expert_data_parallel_group {edp.size}" if edp is not None else "")
+            + f", {covered} in all, but {what} has {world}: "
+            + ("pass expert_data_parallel_group (the ranks holding the same experts)" if covered < world else
+               "the groups do not match the data-parallel ranks"))
 
 
 def _dotted(prefix, name):
@@ -346,11 +416,22 @@ def prepare_ddp(model, process_group=None):
     by 1/world so the whole model follows DDP's averaging. Returns model."""
     import torch.distributed as dist
     world = dist.get_world_size(process_group)
-    names = []
-    for prefix, m in _moe_modules(model):
-        names += [_dotted(prefix, n) for n, _ in m.named_parameters(recurse=False)]
+    moes = _moe_modules(model)
+    for prefix, m in moes:
+        _check_layout(m, prefix, world, "torch.distributed's world (process_group)")
+    ids = {id(p) for _, m in moes for p in m.parameters(recurse=False)}
+    if not any(p.requires_grad and id(p) not in ids for p in model.parameters()):
+        # torch 1.13's DDP would crash on an empty parameter list (a segfault in its shape check).
+        raise ValueError("prepare_ddp: every trainable parameter of this model is a switchyard MoE's, so DDP would "
+                         "have nothing to sync; use the model without DDP (Switchyard syncs the MoE itself)")
+    names = _ddp_names(model, ids)
+    for prefix, m in moes:
         m.gradient_scale = 1.0 / world
         m._ddp_prepared = True
+        # DDP leaves the gate alone too (Switchyard sums its gradient), so nothing else would make
+        # the replicas start equal: rank 0's, as DDP does for the dense parameters.
+        with torch.no_grad():
+            dist.broadcast(m.gate_weight.data, 0, group=process_group)
     ignored = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
     model._ddp_params_and_buffers_to_ignore = ignored + [n for n in names if n not in ignored]
     return model
@@ -361,7 +442,8 @@ class DistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
     torch's wrapper (same arguments). The dense parameters go through DDP; the experts stay each rank's own."""
 
     def __init__(self, module, *args, **kwargs):
-        prepare_ddp(module, kwargs.get("process_group"))
+        # torch's signature: (module, device_ids, output_device, dim, broadcast_buffers, process_group, ...)
+        prepare_ddp(module, kwargs.get("process_group", args[4] if len(args) > 4 else None))
         super().__init__(module, *args, **kwargs)
 
 
@@ -371,17 +453,27 @@ def allreduce_gradients(model, group, average=True):
     are averaged over the ranks and the MoE's (summed by Switchyard) divided by the world size, as DDP
     does. average=False: each rank's loss is its part of one global loss: the dense gradients are summed
     and the MoE's are left as they are. One all-reduce of every dense gradient, flattened."""
-    moe_params = {id(p) for _, m in _moe_modules(model) for p in m.parameters(recurse=False)}
-    dense = [p for p in model.parameters() if id(p) not in moe_params and p.grad is not None]
+    moes = _moe_modules(model)
+    for prefix, m in moes:
+        _check_layout(m, prefix, group.size, "the group given")
+    moe_params = {id(p) for _, m in moes for p in m.parameters(recurse=False)}
+    # Every dense parameter that trains, a missing gradient as zeros: the flat buffer must be the same on
+    # every rank even when a branch went unused on some.
+    dense = [p for p in model.parameters() if id(p) not in moe_params and p.requires_grad]
     if dense:
-        flat = torch.cat([p.grad.reshape(-1).to(torch.float32) for p in dense])
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(torch.float32)
+                          for p in dense])
         group.allreduce(flat)
         if average:
             flat /= group.size
         offset = 0
         for p in dense:
-            n = p.grad.numel()
-            p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+            n = p.numel()
+            value = flat[offset:offset + n].view_as(p).to(p.dtype)
+            if p.grad is None:
+                p.grad = value.clone()
+            else:
+                p.grad.copy_(value)
             offset += n
     if average and group.size > 1:
         for _, m in _moe_modules(model):
@@ -413,7 +505,7 @@ def clip_grad_norm_(model, max_norm, group):
     group.allreduce(expert_sq)
     norm = (dense_sq + expert_sq[0]).sqrt()
     coef = float(max_norm) / (float(norm) + 1e-6)
-    if coef < 1:
+    if not coef >= 1:  # a NaN norm makes NaN gradients, as torch's does
         for g in grads:
             g.mul_(coef)
     return norm.to(torch.float32)
@@ -427,6 +519,8 @@ def clip_grad_norm_(model, max_norm, group):
 
 def _optimizer_state(optimizer, param):
     for key, value in optimizer.state.get(param, {}).items():
+        if value is None:  # SGD without momentum keeps momentum_buffer = None
+            continue
         if "." in key:
             raise ValueError(f"save_checkpoint: optimizer state key '{key}' contains a '.'")
         yield key, value if isinstance(value, torch.Tensor) else torch.tensor(value)
@@ -446,9 +540,21 @@ def save_checkpoint(dir, model, group, optimizer=None, metadata=None):
     if group.rank == 0:
         mine += [(k, v.detach().to(torch.float32).contiguous()) for k, v in model.state_dict().items()
                  if not k.startswith(expert_prefixes)]
-    def writes_experts(m):  # experts replicated over expert groups: the first group's are saved
-        edp = m.expert_data_parallel_group
-        return edp is None or edp.rank == 0
+    writers = {}
+
+    def writes_experts(m):
+        """Experts replicated over expert groups: the first group's are saved. Every rank of an expert group
+        must agree (sliced experts are gathered over it), whatever order the groups were split in."""
+        if id(m) not in writers:
+            edp = m.expert_data_parallel_group
+            mine = 1.0 if edp is None or edp.rank == 0 else 0.0
+            both = torch.tensor([mine, -mine])
+            m.group.allreduce(both, op="max")
+            if float(both[0]) != -float(both[1]):
+                raise ValueError("save_checkpoint: the ranks of an expert group are not all first (or all not first) "
+                                 "in their expert_data_parallel_group; split the groups so that they are")
+            writers[id(m)] = mine == 1.0
+        return writers[id(m)]
 
     for prefix, m in moes:  # the same order on every rank of an expert group: sliced experts are gathered
         if writes_experts(m):
@@ -518,12 +624,10 @@ def load_checkpoint(dir, model, optimizer=None):
     ck = _switchyard.Checkpoint(str(dir))
 
     def load(name, like):
-        if name not in ck:
-            raise KeyError(f"checkpoint {dir}: no tensor '{name}' (saved from a different model?)")
         t = _t(ck.load(name))
-        if t.numel() != like.numel():
+        if list(t.shape) != list(like.shape):
             raise ValueError(f"checkpoint {dir}: '{name}' has shape {list(t.shape)}, the model's is {list(like.shape)}")
-        return t.reshape(like.shape).to(like.dtype)
+        return t.to(like.dtype)
 
     def logical(name):
         if name not in ck:
@@ -532,10 +636,17 @@ def load_checkpoint(dir, model, optimizer=None):
 
     moes = _moe_modules(model)
     expert_prefixes = tuple(_dotted(p, "experts.") for p, _ in moes)
+    dense = {k: v for k, v in model.state_dict().items() if not k.startswith(expert_prefixes)}
+    # Everything this rank needs, checked before anything is overwritten.
+    needed = list(dense) + [f"{_dotted(prefix, '')}experts.{e}.{n}" for prefix, m in moes for e in m.experts_here
+                            for n in _EXPERT_TENSORS]
+    missing = [n for n in needed if n not in ck]
+    if missing:
+        raise KeyError(f"checkpoint {dir} lacks {len(missing)} tensor(s) this rank needs, e.g. "
+                       f"{', '.join(missing[:4])} (saved from a different model?)")
     with torch.no_grad():
-        for k, v in model.state_dict().items():
-            if not k.startswith(expert_prefixes):
-                v.copy_(load(k, v))
+        for k, v in dense.items():
+            v.copy_(load(k, v))
         for prefix, m in moes:
             m.layer.assign_logical(lambda e, n, p=_dotted(prefix, ""): logical(f"{p}experts.{e}.{n}"))
     meta = ck.metadata

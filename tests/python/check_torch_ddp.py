@@ -54,9 +54,13 @@ def one(*args):
     return losses(run(cmd)[1], cmd)
 
 
-def launch(*args):
-    cmd = [switchyard, "launch", "--nprocs", "2", "--", python, script, *args]
+def run_launch(nprocs, *args):
+    cmd = [switchyard, "launch", "--nprocs", str(nprocs), "--", python, script, *args]
     return losses(run(cmd)[1], cmd)
+
+
+def launch(*args):
+    return run_launch(2, *args)
 
 
 def torchrun_by_hand(*args):
@@ -99,6 +103,9 @@ agree("1 process vs 2 ranks with the hand-written sync", reference, launch(*sgd,
 agree("1 process vs 2 ranks with DDP, expert groups of 1 rank (every expert on both, expert-data-parallel)",
       reference, launch(*sgd, "--sync", "ddp", "--expert_parallel", "1"), 1e-5)
 
+agree("1 process vs 4 ranks: expert groups of 2 x 2 data-parallel replicas, DDP", reference,
+      run_launch(4, *sgd, "--sync", "ddp", "--expert_parallel", "2"), 1e-5)
+
 adam = ["--steps", "4"]
 agree("DDP vs the hand-written sync (2 ranks, Adam, balance loss)", launch(*adam, "--sync", "manual"),
       launch(*adam, "--sync", "ddp"), 1e-6)
@@ -125,7 +132,11 @@ work = tempfile.mkdtemp()
 try:
     run([python, sd_script, "save", work])
     code, text = run([switchyard, "launch", "--nprocs", "2", "--", python, sd_script, "load", work], expect_ok=False)
-    print(("ok   " if code == 0 else "FAIL ") + "state_dict across ranks:\n" + text.strip())
+    if code == 0:
+        code, more = run([python, sd_script, "check", work], expect_ok=False)
+        text += more
+    print(("ok   " if code == 0 else "FAIL ") + "state_dict across ranks, mixed input gradients, a sliced expert:\n"
+          + text.strip())
     if code != 0:
         failures.append("state_dict across ranks")
 finally:

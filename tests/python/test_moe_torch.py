@@ -437,6 +437,132 @@ class MoETorchTest(unittest.TestCase):
         resumed = first + [step(other, other_opt) for _ in range(2)]
         self.assertEqual(straight, resumed)
 
+    def test_checkpoint_with_sgd_with_and_without_momentum(self):
+        from switchyard.torch import load_checkpoint, save_checkpoint
+        comm = self.world.communicator
+        x, target = torch.randn(16, 8), torch.randn(16, 8)
+        for momentum in (0.0, 0.9):
+            def make():
+                torch.manual_seed(self.seed)
+                model = torch.nn.Sequential(torch.nn.Linear(8, 8), MoE(comm, 8, 8, 2, k=1, capacity_factor=0.0, seed=1))
+                return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum)
+
+            def step(model, opt):
+                opt.zero_grad()
+                loss = (model[1](model[0](x))[0] - target).pow(2).mean()
+                loss.backward()
+                opt.step()
+                return float(loss)
+
+            model, opt = make()
+            straight = [step(model, opt) for _ in range(3)]
+            model, opt = make()
+            step(model, opt)
+            with tempfile.TemporaryDirectory() as d:
+                save_checkpoint(d, model, comm, opt)
+                model, opt = make()
+                load_checkpoint(d, model, opt)
+            self.assertEqual(straight[1:], [step(model, opt) for _ in range(2)], f"momentum {momentum}")
+
+    def _one_rank_torch_distributed(self):
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", init_method="file://" + tempfile.mktemp(), rank=0, world_size=1)
+        return dist
+
+    def test_ddp_leaves_a_root_moe_and_a_subclass_alone_and_refuses_unprepared(self):
+        from switchyard.torch import DistributedDataParallel, prepare_ddp
+        self._one_rank_torch_distributed()
+        comm = self.world.communicator
+
+        class WithShared(MoE):  # a subclass holding a dense child: DDP must sync that and nothing else
+            def __init__(self):
+                super().__init__(comm, 8, 8, 2, k=1, capacity_factor=0.0, seed=3)
+                self.shared = torch.nn.Linear(8, 8)
+
+        model = WithShared()
+        ddp = DistributedDataParallel(model)
+        reduced, _ = ddp._build_params_for_reducer()  # torch 1.13: what the reducer all-reduces
+        self.assertEqual({id(p) for p in reduced}, {id(p) for p in model.shared.parameters()})
+        y, _, _ = ddp(torch.randn(5, 8))
+        y.sum().backward()
+        # A bare MoE: everything is left to Switchyard (torch 1.13's DDP would segfault on the empty list).
+        with self.assertRaisesRegex(ValueError, "nothing to sync"):
+            prepare_ddp(MoE(comm, 8, 8, 2, k=1, seed=1))
+        plain = torch.nn.parallel.DistributedDataParallel(torch.nn.Sequential(torch.nn.Linear(8, 8),
+                                                                              MoE(comm, 8, 8, 2, k=1, seed=1)))
+        with self.assertRaisesRegex(RuntimeError, r"without switchyard.torch.prepare_ddp.*1\.w1"):
+            plain(torch.randn(4, 8))
+
+    def test_load_state_dict_not_strict_subclass_children_and_pre_hooks(self):
+        comm = self.world.communicator
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), MoE(comm, 8, 8, 2, k=1, seed=1))
+        dense_only = {k: v for k, v in model.state_dict().items() if k.startswith("0.")}
+        result = model.load_state_dict(dense_only, strict=False)  # a pretrained backbone without the MoE
+        self.assertIn("1.gate.weight", result.missing_keys)
+        self.assertIn("1.experts.0.w1", result.missing_keys)
+
+        class WithShared(MoE):
+            def __init__(self, seed):
+                super().__init__(comm, 8, 8, 2, k=1, seed=seed)
+                self.shared = torch.nn.Linear(8, 8)
+
+        a, b = WithShared(1), WithShared(2)
+        b.load_state_dict(a.state_dict())  # strict: the child's keys are the child's
+        self.assertTrue(torch.equal(a.shared.weight, b.shared.weight) and torch.equal(a.w1, b.w1))
+        seen = []
+        b._register_load_state_dict_pre_hook(lambda sd, prefix, *rest: seen.append(prefix))
+        b.load_state_dict(a.state_dict())
+        self.assertEqual(seen, [""])
+
+    def test_inplace_change_between_forward_and_backward_is_an_error(self):
+        moe = MoE(self.world.communicator, 8, 8, 2, k=1, seed=1)
+        y, _, _ = moe(torch.randn(6, 8, requires_grad=True))
+        with torch.no_grad():
+            moe.w2.mul_(2)
+        with self.assertRaisesRegex(RuntimeError, "modified by an inplace operation"):
+            y.sum().backward()
+
+    def test_rebound_parameter_data_reaches_the_layer(self):
+        moe = MoE(self.world.communicator, 8, 8, 2, k=1, seed=1)
+        vector = torch.nn.utils.parameters_to_vector(moe.parameters())
+        torch.nn.utils.vector_to_parameters(torch.zeros_like(vector), moe.parameters())  # p.data = ... for each
+        self.assertEqual(float(moe(torch.randn(5, 8))[0].abs().max()), 0.0)
+        with torch.no_grad():
+            moe.b2.fill_(1.0)  # in place again: still the layer's memory
+        self.assertGreater(float(moe(torch.randn(5, 8))[0].abs().max()), 0.0)
+
+    def test_deepcopy_of_a_subclass_and_shallow_copy(self):
+        comm = self.world.communicator
+
+        class WithShared(MoE):
+            def __init__(self):
+                super().__init__(comm, 8, 8, 2, k=1, capacity_factor=0.0, seed=3)
+                self.shared = torch.nn.Linear(8, 8)
+
+        a = WithShared()
+        b = copy.deepcopy(a)
+        self.assertIs(type(b), WithShared)
+        self.assertIsNot(b.shared, a.shared)
+        self.assertTrue(torch.equal(b.shared.weight, a.shared.weight))
+        x = torch.randn(7, 8)
+        self.assertTrue(torch.equal(a(x)[0], b(x)[0]))
+        c = copy.copy(a)
+        self.assertIs(c.layer, a.layer)
+        self.assertIs(c.w1, a.w1)
+
+    def test_allreduce_gradients_with_an_unused_branch(self):
+        from switchyard.torch import allreduce_gradients
+        comm = self.world.communicator
+        used, unused = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+        model = torch.nn.ModuleDict({"used": used, "unused": unused, "moe": MoE(comm, 8, 8, 2, k=1, seed=1)})
+        y, _, _ = model["moe"](used(torch.randn(4, 8)))
+        y.sum().backward()
+        before = used.weight.grad.clone()
+        allreduce_gradients(model, comm, average=True)
+        self.assertTrue(torch.equal(used.weight.grad, before))  # one rank: unchanged
+        self.assertEqual(float(unused.weight.grad.abs().sum()), 0.0)  # zeros, as every rank must send something
+
 
 if __name__ == "__main__":
     unittest.main()
