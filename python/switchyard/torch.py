@@ -517,6 +517,19 @@ def clip_grad_norm_(model, max_norm, group):
 # state "optim.<state key>.<parameter or expert tensor>", shaped like the parameter (experts split by
 # logical id like the weights) or, for the scalar keys listed in the metadata, one element.
 
+def _by_owner(named_parameters, moes):
+    """(name, parameter, None) for each dense parameter and (prefix, None, moe) once per MoE, in order:
+    optimizer state is kept per dense parameter, and per MoE for its expert tensors together."""
+    moe_of = {id(getattr(m, n)): (prefix, m) for prefix, m in moes for n in _EXPERT_TENSORS}
+    seen = set()
+    for name, p in named_parameters:
+        if id(p) not in moe_of:
+            yield name, p, None
+        elif id(moe_of[id(p)][1]) not in seen:
+            seen.add(id(moe_of[id(p)][1]))
+            yield moe_of[id(p)][0], None, moe_of[id(p)][1]
+
+
 def _optimizer_state(optimizer, param):
     for key, value in optimizer.state.get(param, {}).items():
         if value is None:  # SGD without momentum keeps momentum_buffer = None
@@ -570,14 +583,9 @@ def save_checkpoint(dir, model, group, optimizer=None, metadata=None):
                            **{k: v for k, v in g.items()
                               if k != "params" and isinstance(v, (int, float, bool, str, tuple, list, type(None)))}})
         scalars = set()
-        moe_of = {id(getattr(m, n)): (prefix, m) for prefix, m in moes for n in _EXPERT_TENSORS}
-        gathered = set()
-        for name, p in model.named_parameters():
-            if id(p) in moe_of:
-                prefix, m = moe_of[id(p)]
-                if id(m) in gathered:
-                    continue
-                gathered.add(id(m))
+        for name, p, m in _by_owner(model.named_parameters(), moes):
+            if m is not None:
+                prefix = name
                 tensors = {n: getattr(m, n) for n in _EXPERT_TENSORS}
                 states = {n: dict(_optimizer_state(optimizer, t)) for n, t in tensors.items()}
                 keys = sorted({k for st in states.values() for k in st})
@@ -672,14 +680,9 @@ def load_checkpoint(dir, model, optimizer=None):
             if full.startswith("optim."):
                 _, key, target = full.split(".", 2)
                 by_target.setdefault(target, set()).add(key)
-        moe_of = {id(getattr(m, n)): (prefix, m) for prefix, m in moes for n in _EXPERT_TENSORS}
-        done = set()
-        for name, p in params.items():
-            if id(p) in moe_of:
-                prefix, m = moe_of[id(p)]
-                if id(m) in done:
-                    continue
-                done.add(id(m))
+        for name, p, m in _by_owner(params.items(), moes):
+            if m is not None:
+                prefix = name
                 states = {n: {} for n in _EXPERT_TENSORS}
                 for n in _EXPERT_TENSORS:
                     for key in by_target.get(_dotted(prefix, n), ()):
