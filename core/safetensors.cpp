@@ -14,6 +14,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "core/untrusted.h"
 
 namespace switchyard {
 namespace {
@@ -56,13 +57,18 @@ std::string safetensors_dtype_name(DType t) {
 }
 
 SafetensorsFile SafetensorsFile::open(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  // O_NONBLOCK: a FIFO must not wait for a writer; anything but a regular file is refused below.
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) SY_THROW(IoError, "safetensors file '", path, "': cannot open: ", std::strerror(errno));
   struct stat st {};
   if (fstat(fd, &st) != 0) {
     const int err = errno;
     ::close(fd);
     SY_THROW(IoError, "safetensors file '", path, "': cannot stat: ", std::strerror(err));
+  }
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd);
+    SY_THROW(IoError, "safetensors file '", path, "': not a regular file");
   }
   auto mapping = std::make_shared<Mapping>();
   const auto size = static_cast<uint64_t>(st.st_size);
@@ -103,9 +109,9 @@ void SafetensorsFile::parse_header(const uint8_t* base, uint64_t size) {
   if (header_len == 0 || header[0] != '{') fail("header does not start with a JSON object");
   Json json;
   try {
-    json = Json::parse(header, header + header_len);
-  } catch (const Json::parse_error& e) {
-    fail("header is not valid JSON: ", e.what());
+    json = parse_untrusted_json(std::string_view(header, header_len), "header");
+  } catch (const InvalidArgument& e) {
+    fail(e.what());
   }
   if (!json.is_object()) fail("header is not a JSON object");
   data_ = base + 8 + header_len;
@@ -137,23 +143,23 @@ void SafetensorsFile::parse_header(const uint8_t* base, uint64_t size) {
     if (!v["shape"].is_array()) bad("shape is not an array");
     uint64_t numel = 1;
     for (const Json& d : v["shape"]) {
-      if (!d.is_number_unsigned()) bad("shape ", v["shape"].dump(), " has an entry that is not a non-negative integer");
+      if (!d.is_number_unsigned()) bad("shape ", json_excerpt(v["shape"]), " has an entry that is not a non-negative integer");
       const uint64_t dim = d.get<uint64_t>();
       if (dim > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()) ||
           (dim != 0 && numel > std::numeric_limits<uint64_t>::max() / dim))
-        bad("shape ", v["shape"].dump(), " overflows");
+        bad("shape ", json_excerpt(v["shape"]), " overflows");
       numel *= dim;
       e.shape.push_back(static_cast<int64_t>(dim));
     }
     const Json& off = v["data_offsets"];
     if (!off.is_array() || off.size() != 2 || !off[0].is_number_unsigned() || !off[1].is_number_unsigned())
-      bad("data_offsets ", off.dump(), " is not [begin, end] with non-negative integers");
+      bad("data_offsets ", json_excerpt(off), " is not [begin, end] with non-negative integers");
     e.begin = off[0].get<uint64_t>();
     e.end = off[1].get<uint64_t>();
     if (e.begin > e.end) bad("data_offsets [", e.begin, ", ", e.end, "] ends before it begins");
     if (e.end > data_size_) bad("data_offsets end ", e.end, " is past the data section (", data_size_, " bytes)");
     const uint64_t esize = dtype_size(e.dtype);
-    if (numel > std::numeric_limits<uint64_t>::max() / esize) bad("shape ", v["shape"].dump(), " overflows");
+    if (numel > std::numeric_limits<uint64_t>::max() / esize) bad("shape ", json_excerpt(v["shape"]), " overflows");
     if (e.end - e.begin != numel * esize)
       bad("data_offsets cover ", e.end - e.begin, " bytes but shape ", shape_string(e.shape), " of ", dtype,
           " needs ", numel * esize);

@@ -1,5 +1,6 @@
 #include "launch/config.h"
 
+#include <yaml-cpp/eventhandler.h>
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
@@ -18,6 +19,7 @@
 #include <variant>
 
 #include "core/error.h"
+#include "core/untrusted.h"
 
 namespace switchyard {
 namespace {
@@ -653,12 +655,46 @@ void apply(JobConfig& cfg, const YAML::Node& node, const std::string& path, cons
   }
 }
 
+// Counts documents as the parser reads them. yaml-cpp 0.7's parser can hand
+// out an empty document forever without advancing (a stray ',' at the top:
+// upstream issue 1040), which made LoadAll allocate without bound; a document
+// that starts where the previous one started is that case.
+class DocumentCounter : public YAML::EventHandler {
+ public:
+  void OnDocumentStart(const YAML::Mark& mark) override {
+    stuck = documents > 0 && mark.pos == last.pos;
+    last = mark;
+    ++documents;
+  }
+  void OnDocumentEnd() override {}
+  void OnNull(const YAML::Mark&, YAML::anchor_t) override {}
+  void OnAlias(const YAML::Mark&, YAML::anchor_t) override {}
+  void OnScalar(const YAML::Mark&, const std::string&, YAML::anchor_t, const std::string&) override {}
+  void OnSequenceStart(const YAML::Mark&, const std::string&, YAML::anchor_t, YAML::EmitterStyle::value) override {}
+  void OnSequenceEnd() override {}
+  void OnMapStart(const YAML::Mark&, const std::string&, YAML::anchor_t, YAML::EmitterStyle::value) override {}
+  void OnMapEnd() override {}
+  int documents = 0;
+  bool stuck = false;
+  YAML::Mark last;
+};
+
 YAML::Node parse_yaml(const std::string& text, const std::string& source_name) {
   try {
-    std::vector<YAML::Node> docs = YAML::LoadAll(text);
-    if (docs.size() > 1)
-      SY_THROW(ConfigError, source_name, ": expected one YAML document, found ", docs.size());
-    return docs.empty() ? YAML::Node() : docs.front();
+    std::istringstream in(text);
+    YAML::Parser parser(in);
+    DocumentCounter counter;
+    while (parser.HandleNextDocument(counter)) {
+      const YAML::Mark& at = counter.last;
+      if (counter.stuck) {
+        const char c = at.pos >= 0 && static_cast<size_t>(at.pos) < text.size() ? text[static_cast<size_t>(at.pos)] : '?';
+        SY_THROW(ConfigError, source_name, ":", at.line + 1, ":", at.column + 1, ": YAML syntax error: unexpected '",
+                 std::string(1, c), "' (a flow indicator outside a [list] or {map})");
+      }
+      if (counter.documents > 1)
+        SY_THROW(ConfigError, source_name, ":", at.line + 1, ": expected one YAML document, found a second one here");
+    }
+    return counter.documents == 0 ? YAML::Node() : YAML::Load(text);
   } catch (const YAML::ParserException& e) {
     SY_THROW(ConfigError, source_name, ":", e.mark.line + 1, ":", e.mark.column + 1, ": YAML syntax error: ", e.msg);
   }
@@ -740,12 +776,14 @@ std::string md_cell(std::string s) {
 }  // namespace
 
 JobConfig load_config_file(const std::string& path, const std::vector<std::string>& overrides) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) SY_THROW(ConfigError, path, ": cannot open the config file");
-  std::ostringstream text;
-  text << in.rdbuf();
-  if (in.bad()) SY_THROW(ConfigError, path, ": cannot read the config file");
-  return load(text.str(), path, overrides);
+  std::string text;
+  try {
+    // A directory, a FIFO or a huge file is refused, not run as the default job or waited on.
+    text = read_untrusted_file(path);
+  } catch (const IoError& e) {
+    SY_THROW(ConfigError, "config file ", e.what());
+  }
+  return load(text, path, overrides);
 }
 
 JobConfig load_config_string(const std::string& yaml_text, const std::string& source_name,

@@ -1,10 +1,12 @@
 #include "launch/trace_stats.h"
 
 #include <algorithm>
+#include <charconv>
 #include <cmath>
 #include <cstdio>
 #include <map>
 #include <numeric>
+#include <unordered_map>
 #include <sstream>
 
 #include "core/error.h"
@@ -22,14 +24,33 @@ std::vector<int> top_k(const std::vector<int64_t>& counts, int k) {
   return order;
 }
 
-int metadata_int(const SafetensorsFile& f, const std::string& key, int fallback) {
+// A metadata integer in [lo, hi]; the fallback when absent.
+int metadata_int(const SafetensorsFile& f, const std::string& key, int fallback, int lo, int hi) {
   const auto it = f.metadata().find(key);
   if (it == f.metadata().end()) return fallback;
-  try {
-    return std::stoi(it->second);
-  } catch (const std::exception&) {
-    SY_THROW(InvalidArgument, "trace ", f.path(), ": metadata ", key, " = '", it->second, "', expected an integer");
+  int v = 0;
+  const std::string& text = it->second;
+  const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
+  if (ec != std::errc() || end != text.data() + text.size() || v < lo || v > hi)
+    SY_THROW(InvalidArgument, "trace ", f.path(), ": metadata ", key, " = '", text.substr(0, 40), "', expected an integer ",
+             lo, "..", hi);
+  return v;
+}
+
+// top_k of the dense counts these sparse ones stand for: the most frequent first, ties and the
+// experts never counted (count 0) to the lower id.
+std::vector<int> top_k_sparse(const std::map<int, int64_t>& counts, int k, int experts) {
+  std::vector<std::pair<int64_t, int>> by_count;
+  for (const auto& [expert, n] : counts) by_count.emplace_back(-n, expert);
+  std::sort(by_count.begin(), by_count.end());
+  std::vector<int> out;
+  for (const auto& [n, expert] : by_count) {
+    if (static_cast<int>(out.size()) == k) break;
+    out.push_back(expert);
   }
+  for (int expert = 0; static_cast<int>(out.size()) < k && expert < experts; ++expert)
+    if (!counts.count(expert)) out.push_back(expert);
+  return out;
 }
 
 }  // namespace
@@ -49,9 +70,18 @@ TraceStats trace_stats(const std::string& path, double build_share) {
   s.tokens = tokens.shape()[0];
   while (f.contains("layer" + std::to_string(s.layers) + ".experts")) ++s.layers;
   if (s.layers == 0) SY_THROW(InvalidArgument, "trace ", path, ": no layer0.experts tensor");
-  s.layers = metadata_int(f, "layers", s.layers);
+  // The metadata must agree with the tensors there: arrays are sized from the data, never from claims.
+  if (metadata_int(f, "layers", s.layers, 1, 1 << 16) != s.layers)
+    SY_THROW(InvalidArgument, "trace ", path, ": metadata layers = ", f.metadata().at("layers"), " but the file holds ",
+             s.layers, " layer tensors (layer0.experts .. layer", s.layers - 1, ".experts)");
   const Tensor first = f.load("layer0.experts");
-  s.k = metadata_int(f, "k", first.shape().size() == 2 ? static_cast<int>(first.shape()[1]) : 0);
+  if (first.shape().size() != 2 || first.shape()[1] < 1 || first.shape()[1] > 64)
+    SY_THROW(InvalidArgument, "trace ", path, ": layer0.experts is ", shape_string(first.shape()),
+             ", expected [tokens, k] with k in 1..64");
+  s.k = static_cast<int>(first.shape()[1]);
+  if (metadata_int(f, "k", s.k, 1, 64) != s.k)
+    SY_THROW(InvalidArgument, "trace ", path, ": metadata k = ", f.metadata().at("k"), " but layer0.experts is ",
+             shape_string(first.shape()), " (k = ", s.k, ")");
   int max_expert = 0;
   s.build_tokens = static_cast<int64_t>(std::floor(build_share * static_cast<double>(s.tokens)));
   const int32_t* tok = tokens.data_as<int32_t>();
@@ -59,7 +89,6 @@ TraceStats trace_stats(const std::string& path, double build_share) {
   for (int64_t i = 0; i < s.tokens; ++i)
     if (tok[i] < 0 || tok[i] >= kMaxVocab)
       SY_THROW(InvalidArgument, "trace ", path, ": tokens[", i, "] = ", tok[i], ", expected 0..", kMaxVocab - 1);
-  const int vocab = s.tokens ? *std::max_element(tok, tok + s.tokens) + 1 : 1;
   std::vector<Tensor> experts;
   for (int l = 0; l < s.layers; ++l) {
     experts.push_back(f.load("layer" + std::to_string(l) + ".experts", {s.tokens, s.k}, DType::i32));
@@ -69,7 +98,11 @@ TraceStats trace_stats(const std::string& path, double build_share) {
       max_expert = std::max(max_expert, e[i]);
     }
   }
-  s.experts = metadata_int(f, "experts", max_expert + 1);
+  // More experts than any choice names only widens per-expert arrays; bounded like the ids themselves.
+  constexpr int kMaxExperts = 1 << 16;
+  if (max_expert >= kMaxExperts)
+    SY_THROW(InvalidArgument, "trace ", path, ": expert id ", max_expert, ", expected below ", kMaxExperts);
+  s.experts = metadata_int(f, "experts", max_expert + 1, max_expert + 1, kMaxExperts);
   if (max_expert >= s.experts)
     SY_THROW(InvalidArgument, "trace ", path, ": expert ", max_expert, " but metadata experts = ", s.experts);
   const int E = s.experts, k = s.k;
@@ -84,24 +117,24 @@ TraceStats trace_stats(const std::string& path, double build_share) {
     for (int64_t n : t.load) var += (n - mean) * (n - mean);
     t.max_over_mean = mean > 0 ? static_cast<double>(*std::max_element(t.load.begin(), t.load.end())) / mean : 0;
     t.coefficient_of_variation = mean > 0 ? std::sqrt(var / E) / mean : 0;
-    // Predictors from the build part.
-    std::vector<std::vector<int64_t>> per_token(static_cast<size_t>(vocab));
+    // Predictors from the build part: counts per token id kept sparse, so memory follows the
+    // choices in the file, not vocab x experts.
+    std::unordered_map<int32_t, std::map<int, int64_t>> per_token;
     std::vector<int64_t> overall(static_cast<size_t>(E), 0);
     for (int64_t i = 0; i < s.build_tokens; ++i) {
-      auto& c = per_token[static_cast<size_t>(tok[i])];
-      if (c.empty()) c.assign(static_cast<size_t>(E), 0);
+      auto& c = per_token[tok[i]];
       for (int j = 0; j < k; ++j) {
-        ++c[static_cast<size_t>(e[i * k + j])];
+        ++c[e[i * k + j]];
         ++overall[static_cast<size_t>(e[i * k + j])];
       }
     }
     const std::vector<int> global = top_k(overall, k);
-    std::vector<std::vector<int>> predicted(static_cast<size_t>(vocab));
-    for (int v = 0; v < vocab; ++v)
-      predicted[static_cast<size_t>(v)] = per_token[static_cast<size_t>(v)].empty() ? global : top_k(per_token[static_cast<size_t>(v)], k);
+    std::unordered_map<int32_t, std::vector<int>> predicted;
+    for (const auto& [id, counts] : per_token) predicted[id] = top_k_sparse(counts, k, E);
     int64_t hits = 0, global_hits = 0, scored = 0;
     for (int64_t i = s.build_tokens; i < s.tokens; ++i) {
-      const auto& p = predicted[static_cast<size_t>(tok[i])];
+      const auto found = predicted.find(tok[i]);
+      const auto& p = found == predicted.end() ? global : found->second;
       for (int j = 0; j < k; ++j) {
         const int chosen = e[i * k + j];
         hits += std::find(p.begin(), p.end(), chosen) != p.end();

@@ -9,6 +9,7 @@
 #include <random>
 
 #include "core/error.h"
+#include "core/untrusted.h"
 #include "core/rng.h"
 #include "kernels/gemm.h"
 #include "kernels/moe.h"
@@ -514,7 +515,7 @@ static std::map<std::string, std::string> load_lm_checkpoint_here(TrainableLM& m
                                                                   const std::string& dir) {
   const Checkpoint ckpt = Checkpoint::open(dir);
   const std::string ours = model_config_json(model.config()), theirs = ckpt.meta("model_config");
-  if (nlohmann::json::parse(ours) != nlohmann::json::parse(theirs))
+  if (parse_untrusted_json(ours, "this run's model config") != parse_untrusted_json(theirs, "the checkpoint's model config"))
     SY_THROW(InvalidArgument, "checkpoint '", dir, "' holds another architecture:\n", theirs, "expected:\n", ours);
   auto load_into = [&](const std::string& name, const TrainParam& p, Tensor& t) {
     if (p.kind != ParamKind::expert) {

@@ -19,6 +19,7 @@
 
 #include "core/dtype.h"
 #include "core/error.h"
+#include "core/untrusted.h"
 #include "core/logging.h"
 
 namespace switchyard {
@@ -31,12 +32,6 @@ std::string shard_name(uint64_t generation, int rank, int world) {
   char buf[96];
   std::snprintf(buf, sizeof buf, "g%06" PRIu64 ".rank%d-of-%d.safetensors", generation, rank, world);
   return buf;
-}
-
-std::string read_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) SY_THROW(IoError, "cannot read '", path, "'");
-  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
 }
 
 // Size and CRC-32 of a file, read in pieces.
@@ -62,7 +57,8 @@ uint64_t current_generation(const std::string& dir) {
   const fs::path manifest = fs::path(dir) / "manifest.json";
   if (!fs::exists(manifest)) return 0;
   try {
-    return Json::parse(read_file(manifest.string())).at("generation").get<uint64_t>();
+    return json_integer<uint64_t>(
+        parse_untrusted_json(read_untrusted_file(manifest.string()), manifest.string()).at("generation"), "generation");
   } catch (const std::exception& e) {
     SY_THROW(InvalidArgument, "checkpoint '", dir, "': manifest.json is unreadable (", e.what(),
              "); move it away to start a new checkpoint there");
@@ -248,16 +244,24 @@ Checkpoint Checkpoint::open(const std::string& dir) {
   c.dir_ = dir;
   Json m;
   try {
-    m = Json::parse(read_file(manifest_path.string()));
+    m = parse_untrusted_json(read_untrusted_file(manifest_path.string()), manifest_path.string());
     if (m.at("format").get<std::string>() != kCheckpointFormat)
       SY_THROW(InvalidArgument, "format '", m.at("format").get<std::string>(), "', expected ", kCheckpointFormat);
-    c.generation_ = m.at("generation").get<uint64_t>();
-    c.world_size_ = m.at("world_size").get<int>();
+    c.generation_ = json_integer<uint64_t>(m.at("generation"), "generation");
+    c.world_size_ = json_integer<int>(m.at("world_size"), "world_size");
+    if (c.world_size_ < 1 || c.world_size_ > (1 << 20))
+      SY_THROW(InvalidArgument, "world_size = ", c.world_size_, ", expected 1..", 1 << 20);
     for (const auto& [k, v] : m.at("metadata").items()) c.metadata_[k] = v.get<std::string>();
-    for (const Json& s : m.at("shards"))
-      c.shards_.push_back({s.at("file").get<std::string>(), s.at("bytes").get<uint64_t>(), s.at("crc32").get<uint32_t>()});
-  } catch (const Error&) {
-    throw;
+    for (const Json& s : m.at("shards")) {
+      const std::string file = s.at("file").get<std::string>();
+      // A shard is a file in this directory: no path may lead out of it.
+      if (file.empty() || file.find('/') != std::string::npos || file == "." || file == "..")
+        SY_THROW(InvalidArgument, "shard file '", file, "' is not a file name in the checkpoint directory");
+      c.shards_.push_back({file, json_integer<uint64_t>(s.at("bytes"), "bytes"),
+                           json_integer<uint32_t>(s.at("crc32"), "crc32")});
+    }
+  } catch (const IoError&) {
+    throw;  // names the manifest already
   } catch (const std::exception& e) {
     SY_THROW(InvalidArgument, "checkpoint '", dir, "': manifest.json is malformed: ", e.what());
   }

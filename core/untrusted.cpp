@@ -1,0 +1,79 @@
+#include "core/untrusted.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cmath>
+#include <cstring>
+
+namespace switchyard {
+
+nlohmann::json parse_untrusted_json(std::string_view text, const std::string& what) {
+  int depth = 0;
+  bool in_string = false, escaped = false;
+  for (size_t i = 0; i < text.size(); ++i) {
+    const char c = text[i];
+    if (in_string) {
+      if (escaped) escaped = false;
+      else if (c == '\\') escaped = true;
+      else if (c == '"') in_string = false;
+      continue;
+    }
+    if (c == '"') in_string = true;
+    else if (c == '[' || c == '{') {
+      if (++depth > kMaxJsonDepth)
+        SY_THROW(InvalidArgument, what, ": JSON nested deeper than ", kMaxJsonDepth, " levels (at byte ", i, ")");
+    } else if (c == ']' || c == '}') {
+      --depth;
+    }
+  }
+  try {
+    return nlohmann::json::parse(text.begin(), text.end());
+  } catch (const nlohmann::json::exception& e) {
+    SY_THROW(InvalidArgument, what, ": not valid JSON: ", e.what());
+  }
+}
+
+std::string read_untrusted_file(const std::string& path, uint64_t max_bytes) {
+  // O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused below.
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  if (fd < 0) SY_THROW(IoError, "'", path, "': cannot open: ", std::strerror(errno));
+  struct stat st {};
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    ::close(fd);
+    SY_THROW(IoError, "'", path, "': not a regular file");
+  }
+  if (static_cast<uint64_t>(st.st_size) > max_bytes) {
+    ::close(fd);
+    SY_THROW(IoError, "'", path, "': ", st.st_size, " bytes, more than the ", max_bytes, " expected of such a file");
+  }
+  std::string text(static_cast<size_t>(st.st_size), '\0');
+  size_t got = 0;
+  while (got < text.size()) {
+    const ssize_t n = ::read(fd, text.data() + got, text.size() - got);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    got += static_cast<size_t>(n);
+  }
+  ::close(fd);
+  text.resize(got);
+  return text;
+}
+
+std::string json_excerpt(const nlohmann::json& j) {
+  std::string s = j.dump();  // depth already bounded by parse_untrusted_json
+  constexpr size_t kKeep = 80;
+  if (s.size() > kKeep) s = s.substr(0, kKeep) + "... (" + std::to_string(s.size()) + " characters)";
+  return s;
+}
+
+double json_finite(const nlohmann::json& j, const std::string& field) {
+  if (!j.is_number()) SY_THROW(ConfigError, field, " is ", json_excerpt(j), ", expected a number");
+  const double v = j.get<double>();
+  if (!std::isfinite(v)) SY_THROW(ConfigError, field, " = ", json_excerpt(j), ", expected a finite number");
+  return v;
+}
+
+}  // namespace switchyard

@@ -1,0 +1,59 @@
+// Reading files Switchyard did not write itself (headers, configs, manifests,
+// traces): limits checked before anything is allocated or parsed, numbers
+// range-checked before conversion, and error messages that quote at most a
+// short excerpt of what was read. nlohmann's parser and dump() recurse once
+// per nesting level (a header nested 65,000 deep overflowed the stack while
+// the error message was being formatted), so the depth is bounded first.
+#pragma once
+
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <string_view>
+
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+
+namespace switchyard {
+
+inline constexpr int kMaxJsonDepth = 64;
+inline constexpr uint64_t kMaxTextFileBytes = 16u << 20;  // configs, manifests: far above any real one
+
+// Parses `text` as JSON after checking its nesting depth (<= kMaxJsonDepth,
+// strings and escapes respected). InvalidArgument naming `what` and the
+// limit, or the parser's error, otherwise.
+nlohmann::json parse_untrusted_json(std::string_view text, const std::string& what);
+
+// The whole of a regular file of at most `max_bytes`: IoError naming it when
+// it is missing, not a regular file (a FIFO or a directory would block or
+// mislead) or larger.
+std::string read_untrusted_file(const std::string& path, uint64_t max_bytes = kMaxTextFileBytes);
+
+// At most ~80 characters of a JSON value, for error messages.
+std::string json_excerpt(const nlohmann::json& j);
+
+// The integer at j as T, in T's range: 4294967552 is not 256 and 1e20 is not
+// undefined behaviour. `field` names it in the ConfigError.
+template <typename T>
+T json_integer(const nlohmann::json& j, const std::string& field) {
+  static_assert(std::is_integral_v<T>);
+  if (j.is_number_unsigned()) {
+    const uint64_t v = j.get<uint64_t>();
+    if (v <= static_cast<uint64_t>(std::numeric_limits<T>::max())) return static_cast<T>(v);
+  } else if (j.is_number_integer()) {
+    const int64_t v = j.get<int64_t>();
+    if (v >= static_cast<int64_t>(std::numeric_limits<T>::min()) &&
+        (v < 0 || static_cast<uint64_t>(v) <= static_cast<uint64_t>(std::numeric_limits<T>::max())))
+      return static_cast<T>(v);
+  } else {
+    SY_THROW(ConfigError, field, " is ", json_excerpt(j), ", expected an integer");
+  }
+  SY_THROW(ConfigError, field, " = ", json_excerpt(j), " is out of range, expected ", +std::numeric_limits<T>::min(),
+           "..", +std::numeric_limits<T>::max());
+}
+
+// A finite number at j.
+double json_finite(const nlohmann::json& j, const std::string& field);
+
+}  // namespace switchyard
