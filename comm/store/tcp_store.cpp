@@ -115,12 +115,16 @@ void read_exact(tcp::socket& s, void* data, size_t n, std::chrono::steady_clock:
 }
 
 // A whole frame of at most `limit` bytes; IoError when oversized or cut short.
-Store::Bytes read_frame(tcp::socket& s, std::chrono::steady_clock::time_point deadline, uint32_t limit = kTcpStoreMaxFrame) {
+// The body must follow its length within `body_within` (also when the length
+// may wait until `deadline`): a frame announced and never sent is dropped
+// instead of holding its buffer for the life of the connection.
+Store::Bytes read_frame(tcp::socket& s, std::chrono::steady_clock::time_point deadline, uint32_t limit = kTcpStoreMaxFrame,
+                        std::chrono::milliseconds body_within = std::chrono::milliseconds(30000)) {
   uint32_t n = 0;
   read_exact(s, &n, 4, deadline);
   if (n > limit) SY_THROW(IoError, "store frame of ", n, " bytes exceeds the limit of ", limit);
   Store::Bytes body(n);
-  if (n) read_exact(s, body.data(), n, deadline);
+  if (n) read_exact(s, body.data(), n, std::min(deadline, std::chrono::steady_clock::now() + body_within));
   return body;
 }
 
@@ -128,6 +132,10 @@ constexpr auto kForever = std::chrono::steady_clock::time_point::max();
 constexpr uint32_t kHelloLimit = 4096;                       // before the token is checked
 constexpr std::chrono::milliseconds kHelloWithin{10000};     // a connection must present it this soon
 constexpr int kMaxConnections = 4096;
+// Connections that have not presented the token yet have a budget of their own, so
+// strangers cannot take the slots the job's ranks need (a refused one is closed at once).
+constexpr int kMaxUnauthenticated = 512;
+constexpr const char* kBusy = "busy: too many connections have not presented a token; retry";
 
 void close_on_exec(int fd) { ::fcntl(fd, F_SETFD, ::fcntl(fd, F_GETFD) | FD_CLOEXEC); }
 
@@ -149,10 +157,28 @@ struct TcpStoreServer::Impl {
   std::mutex mutex;
   std::list<std::pair<std::shared_ptr<tcp::socket>, std::thread>> connections;
   std::atomic<bool> stopping{false};
+  std::atomic<int> unauthenticated{0};
+  // Refusals are logged at most once per interval, with the count since the last line.
+  std::mutex log_mutex;
+  std::chrono::steady_clock::time_point last_log{};
+  int64_t unlogged = 0;
 };
 
-TcpStoreServer::TcpStoreServer(std::string token, uint16_t port, const std::string& host)
-    : impl_(std::make_unique<Impl>()), token_(std::move(token)) {
+void TcpStoreServer::note_refusal(const std::string& why) {
+  ++refused_;
+  std::lock_guard lock(impl_->log_mutex);
+  ++impl_->unlogged;
+  const auto now = std::chrono::steady_clock::now();
+  if (now - impl_->last_log < std::chrono::seconds(5)) return;
+  SY_LOG_WARN("store", "store server on port ", port_, ": refused ", impl_->unlogged, " connection(s) since the last "
+              "report (", refused_.load(), " in all; the latest: ", why, ")");
+  impl_->last_log = now;
+  impl_->unlogged = 0;
+}
+
+TcpStoreServer::TcpStoreServer(std::string token, uint16_t port, const std::string& host,
+                               std::chrono::milliseconds frame_within)
+    : impl_(std::make_unique<Impl>()), token_(std::move(token)), frame_within_(frame_within) {
   if (token_.empty()) SY_THROW(InvalidArgument, "store server: empty token; expected the job's secret");
   boost::system::error_code ec;
   const auto address = asio::ip::make_address(host, ec);
@@ -185,15 +211,22 @@ TcpStoreServer::TcpStoreServer(std::string token, uint16_t port, const std::stri
         } else {
           ++it;
         }
-      if (static_cast<int>(impl_->connections.size()) >= kMaxConnections) {
-        ++refused_;
+      if (static_cast<int>(impl_->connections.size()) >= kMaxConnections ||
+          impl_->unauthenticated.load() >= kMaxUnauthenticated) {
+        // A short "busy" (the client retries it), then closed: a fresh socket's send buffer takes it at once.
+        Store::Bytes frame = Writer().u8(static_cast<uint8_t>(Status::error)).str(kBusy).frame();
+        socket->non_blocking(true, aec);
+        socket->write_some(asio::buffer(frame), aec);
         socket->close(aec);
+        note_refusal("over the connection budget");
         continue;
       }
       try {
+        ++impl_->unauthenticated;
         impl_->connections.emplace_back(socket, std::thread([this, socket] { serve(socket); }));
       } catch (const std::system_error&) {  // no thread to spare: refuse this one
-        ++refused_;
+        --impl_->unauthenticated;
+        note_refusal("no thread to serve it");
         socket->close(aec);
       }
     }
@@ -230,6 +263,12 @@ void TcpStoreServer::serve(std::shared_ptr<void> opaque) {
     std::memcpy(frame.data(), &n, 4);
     asio::write(socket, asio::buffer(frame));
   };
+  // Until the token is presented this connection counts against the strangers' budget.
+  bool authenticated = false;
+  auto leave_budget = [&] {
+    if (!authenticated) --impl_->unauthenticated;
+    authenticated = true;
+  };
   try {
     {  // The first frame must be hello with the job's token.
       const Store::Bytes hello = read_frame(socket, std::chrono::steady_clock::now() + kHelloWithin, kHelloLimit);
@@ -239,18 +278,27 @@ void TcpStoreServer::serve(std::shared_ptr<void> opaque) {
       const std::string token = r.str();
       r.done();
       if (op != Op::hello || !same_secret(token, token_) || version != kProtocolVersion) {
-        ++refused_;
-        reply(Status::error, Writer().str(op != Op::hello ? "the first request must present the token"
-                                          : version != kProtocolVersion
-                                              ? "protocol version " + std::to_string(version) + " (server speaks " +
-                                                    std::to_string(kProtocolVersion) + ")"
-                                              : "wrong token"));
+        const std::string why = op != Op::hello ? "the first request must present the token"
+                                : version != kProtocolVersion
+                                    ? "protocol version " + std::to_string(version) + " (server speaks " +
+                                          std::to_string(kProtocolVersion) + ")"
+                                    : "wrong token";
+        note_refusal(why);
+        // Refused: answered, then closed below, so it never keeps a slot or a descriptor.
+        boost::system::error_code ignored;
+        try {
+          reply(Status::error, Writer().str(why));
+        } catch (...) {
+        }
+        leave_budget();
+        socket.close(ignored);
         return;
       }
+      leave_budget();
       reply(Status::ok, Writer());
     }
     while (!impl_->stopping.load()) {
-      const Store::Bytes request = read_frame(socket, kForever);
+      const Store::Bytes request = read_frame(socket, kForever, kTcpStoreMaxFrame, frame_within_);
       Reader r(request);
       const auto op = static_cast<Op>(r.u8());
       try {
@@ -331,8 +379,7 @@ void TcpStoreServer::serve(std::shared_ptr<void> opaque) {
     if (!impl_->stopping.load()) {
       const std::string what = e.what();
       if (what.find("End of file") == std::string::npos) {
-        ++refused_;
-        SY_LOG_WARN("store", "store server: dropping a connection: ", what);
+        note_refusal(what);
         try {
           reply(Status::error, Writer().str(what));
         } catch (...) {
@@ -340,6 +387,7 @@ void TcpStoreServer::serve(std::shared_ptr<void> opaque) {
       }
     }
   }
+  leave_budget();
   boost::system::error_code ec;
   socket.close(ec);  // marks the connection finished for the accept loop's reaping
 }
@@ -438,6 +486,19 @@ TcpStore::TcpStore(const std::string& host, uint16_t port, std::string token, Mi
 TcpStore::~TcpStore() = default;
 
 std::unique_ptr<TcpStore::Connection> TcpStore::connect() {
+  // A server whose strangers' budget is full says "busy": retried for as long as a hello may take.
+  const auto give_up = std::chrono::steady_clock::now() + hello_within_;
+  for (;;) {
+    try {
+      return connect_once();
+    } catch (const IoError& e) {
+      if (std::string(e.what()).find(kBusy) == std::string::npos || std::chrono::steady_clock::now() >= give_up) throw;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+}
+
+std::unique_ptr<TcpStore::Connection> TcpStore::connect_once() {
   auto connection = std::make_unique<Connection>(impl_->io);
   tcp::socket* socket = &connection->socket;
   boost::system::error_code ec;

@@ -3,8 +3,11 @@
 // TcpStoreServer; every rank (that one included) talks to it through a
 // TcpStore client. Every connection must first present the job's token (the
 // launcher sets SWITCHYARD_STORE_TOKEN); a wrong or missing token is refused
-// with a clear error while the server keeps serving the others. Frames are
-// length-prefixed; malformed or oversized ones close that connection only.
+// with a clear error and the connection closed, while the server keeps serving
+// the others. Connections that have not presented the token have a budget of
+// their own (beyond it: "busy", which clients retry). Frames are
+// length-prefixed; malformed, oversized or unfinished ones close that
+// connection only. Refusals are counted and logged at most every 5 s.
 #pragma once
 
 #include <atomic>
@@ -26,7 +29,10 @@ class TcpStoreServer {
  public:
   // Binds `host:port` (port 0: any free port, see port()); loopback unless a
   // host is given. Serves on background threads until destroyed.
-  TcpStoreServer(std::string token, uint16_t port = 0, const std::string& host = "127.0.0.1");
+  // A request's body must arrive within `frame_within` of its length (a frame
+  // announced and never sent is dropped with its connection).
+  TcpStoreServer(std::string token, uint16_t port = 0, const std::string& host = "127.0.0.1",
+                 std::chrono::milliseconds frame_within = std::chrono::milliseconds(30000));
   ~TcpStoreServer();
   TcpStoreServer(const TcpStoreServer&) = delete;
   TcpStoreServer& operator=(const TcpStoreServer&) = delete;
@@ -38,8 +44,10 @@ class TcpStoreServer {
  private:
   struct Impl;
   void serve(std::shared_ptr<void> socket);
+  void note_refusal(const std::string& why);
   std::unique_ptr<Impl> impl_;
   std::string token_;
+  std::chrono::milliseconds frame_within_;
   uint16_t port_ = 0;
   MemoryStore data_;  // the values; waits block the serving connection's thread
   std::atomic<int64_t> refused_{0};
@@ -69,7 +77,8 @@ class TcpStore : public Store {
   // One request, one reply, on an idle connection or a new one.
   Bytes call(const Bytes& request, Milliseconds reply_within);
   struct Connection;
-  std::unique_ptr<Connection> connect();  // and present the token
+  std::unique_ptr<Connection> connect();  // and present the token (a busy server retried)
+  std::unique_ptr<Connection> connect_once();
   std::unique_ptr<Impl> impl_;
   std::string address_;
   Milliseconds hello_within_;  // a server that accepts but never answers the token is given up on after this

@@ -379,6 +379,61 @@ TEST(TcpStore, GarbageAndOversizedFramesDropOnlyThatConnection) {
   EXPECT_EQ(later.add("n", 2), 2);
 }
 
+size_t open_descriptors() {
+  size_t n = 0;
+  for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator("/proc/self/fd")) ++n;
+  return n;
+}
+
+// Before: a refused hello returned without closing, so each wrong-token
+// connection kept a descriptor and one of the 4,096 slots for the life of the
+// store, and 4,200 of them locked a real job out.
+TEST(TcpStore, RefusedConnectionsAreClosedAndNeverUseUpTheSlots) {
+  TcpStoreServer server("right");
+  const size_t before = open_descriptors();
+  std::vector<uint8_t> hello = {14, 0, 0, 0, 1, 1, 0, 0, 0, 5, 0, 0, 0, 'w', 'r', 'o', 'n', 'g'};
+  for (int i = 0; i < 4200; ++i) {
+    const int fd = raw_connect(server.port());
+    ASSERT_GE(fd, 0) << "connection " << i;
+    ASSERT_EQ(::send(fd, hello.data(), hello.size(), 0), static_cast<ssize_t>(hello.size()));
+    const auto start = std::chrono::steady_clock::now();
+    drain(fd);  // the server answers and closes
+    ASSERT_LT(std::chrono::steady_clock::now() - start, 1s) << "the server kept refused connection " << i << " open";
+  }
+  std::this_thread::sleep_for(100ms);
+  EXPECT_LT(open_descriptors(), before + 16);  // nothing kept on the server's side
+  EXPECT_EQ(server.refused(), 4200);
+  TcpStore good("127.0.0.1", server.port(), "right", 2000ms);
+  good.set("k", Store::to_bytes("v"));
+  EXPECT_EQ(Store::to_string(good.get("k", 1s)), "v");
+}
+
+// An authenticated client that announces a frame and never sends it: dropped
+// at the frame deadline instead of holding its buffer forever.
+TEST(TcpStore, AFrameAnnouncedAndNeverSentIsDropped) {
+  TcpStoreServer server("t", 0, "127.0.0.1", 300ms);
+  const int fd = raw_connect(server.port());
+  ASSERT_GE(fd, 0);
+  std::vector<uint8_t> hello = {10, 0, 0, 0, 1, 1, 0, 0, 0, 1, 0, 0, 0, 't'};
+  ASSERT_EQ(::send(fd, hello.data(), hello.size(), 0), static_cast<ssize_t>(hello.size()));
+  uint8_t ok[5];
+  ASSERT_EQ(::recv(fd, ok, sizeof ok, MSG_WAITALL), 5);
+  EXPECT_EQ(ok[4], 0);  // the hello was accepted
+  const uint32_t announced = (64u << 20) - 1;
+  ASSERT_EQ(::send(fd, &announced, 4, 0), 4);
+  const auto start = std::chrono::steady_clock::now();
+  timeval tv{5, 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  char buf[256];
+  while (::recv(fd, buf, sizeof buf, 0) > 0) {
+  }
+  const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  ::close(fd);
+  EXPECT_GE(waited, 0.25);
+  EXPECT_LT(waited, 3.0) << "the unfinished frame was not dropped";
+  EXPECT_GE(server.refused(), 1);
+}
+
 TEST(TcpStore, NothingListeningIsAnIoErrorNamingTheAddress) {
   uint16_t port = 0;
   {
