@@ -1,6 +1,8 @@
 // The fake backend at 1,024+ ranks: validation, groups and traffic accounting
-// without any data moving.
+// without any data travelling; outputs as from a world of copies of this rank.
 #include <gtest/gtest.h>
+
+#include <cstring>
 
 #include "comm/backends/fake/fake_backend.h"
 
@@ -17,7 +19,7 @@ TEST(FakeBackend, ThousandsOfRanksCountLogicalTrafficAndMoveNothing) {
   Tensor out = Tensor::empty({2 * world - 2}, DType::f32);
   std::memset(out.data(), 0x5a, out.nbytes());
   comm->alltoallv(in, counts, out, counts).wait();
-  EXPECT_EQ(static_cast<uint8_t*>(out.data())[0], 0x5a);  // untouched
+  EXPECT_EQ(out.data_as<float>()[0], 0.0f);  // filled, never left as it was (a dropless exchange reads it)
   const CommStats s = comm->stats();
   EXPECT_EQ(s.sent_to[7], 0u);
   EXPECT_EQ(s.sent_to[8], 8u);
@@ -39,6 +41,39 @@ TEST(FakeBackend, ThousandsOfRanksCountLogicalTrafficAndMoveNothing) {
   EXPECT_EQ(comm->stats().sent_to[1], 8u);  // 2 * 4 * world / world
     // Validation is as strict as on a real backend.
   EXPECT_THROW(comm->alltoallv(in, counts, out, std::vector<int64_t>(world, 1)), InvalidArgument);
+}
+
+// Outputs as if every rank were this one. Before, they were left uninitialised: a dropless
+// exchange read garbage counts and tried to allocate 8e16 bytes.
+TEST(FakeBackend, OutputsAreThoseOfAWorldOfCopiesOfThisRank) {
+  const int world = 5, me = 3;
+  auto comm = make_fake_communicator(me, world);
+  Tensor counts = Tensor::empty({world}, DType::i64), got = Tensor::empty({world}, DType::i64);
+  for (int p = 0; p < world; ++p) counts.data_as<int64_t>()[p] = 10 + p;  // rows this rank sends to p
+  std::memset(got.data(), 0xff, got.nbytes());
+  comm->alltoall(counts, got).wait();
+  for (int p = 0; p < world; ++p) EXPECT_EQ(got.data_as<int64_t>()[p], 10 + me) << "from " << p;
+  Tensor x = Tensor::empty({3}, DType::f32);
+  for (int i = 0; i < 3; ++i) x.data_as<float>()[i] = 1.5f * i;
+  Tensor sum = Tensor::empty({3}, DType::f32), max = Tensor::empty({3}, DType::f32);
+  comm->allreduce(x, sum).wait();
+  comm->allreduce(x, max, {.op = ReduceOp::max}).wait();
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(sum.data_as<float>()[i], world * 1.5f * i);
+    EXPECT_EQ(max.data_as<float>()[i], 1.5f * i);
+  }
+  Tensor all = Tensor::empty({3 * world}, DType::f32);
+  comm->allgather(x, all).wait();
+  for (int i = 0; i < 3 * world; ++i) EXPECT_EQ(all.data_as<float>()[i], 1.5f * (i % 3));
+  // alltoallv with other receive counts: this rank's self-block, cut or zero-padded to each.
+  Tensor in = Tensor::empty({world * 2}, DType::f32), out = Tensor::empty({world * 3}, DType::f32);
+  for (int i = 0; i < world * 2; ++i) in.data_as<float>()[i] = static_cast<float>(i);
+  comm->alltoallv(in, std::vector<int64_t>(world, 2), out, std::vector<int64_t>(world, 3)).wait();
+  for (int p = 0; p < world; ++p) {
+    EXPECT_EQ(out.data_as<float>()[3 * p], 2.0f * me);
+    EXPECT_EQ(out.data_as<float>()[3 * p + 1], 2.0f * me + 1);
+    EXPECT_EQ(out.data_as<float>()[3 * p + 2], 0.0f);
+  }
 }
 
 TEST(FakeBackend, GroupsFromMemberListsAndSplitIsRefusedClearly) {

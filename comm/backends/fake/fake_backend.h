@@ -1,6 +1,8 @@
 // The fake backend: one process plays one rank of a world of any size (1,024+)
-// and no data moves. Ops validate, count and complete at once; outputs are left
-// untouched. For sharding, mesh and planner logic at scale.
+// and no data travels. Ops validate, count and complete at once, and fill their
+// outputs as if every other rank were this one (all-to-all: from each peer what
+// this rank sends itself; sums: W times its values; a plain recv: zeros). For
+// sharding, mesh and planner logic at scale.
 #pragma once
 
 #include <memory>

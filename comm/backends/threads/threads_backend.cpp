@@ -286,6 +286,7 @@ void run_thread_ranks(int size, const std::function<void(Communicator&)>& fn, Th
   std::vector<std::thread> threads;
   threads.reserve(static_cast<size_t>(size));
   for (int r = 0; r < size; ++r) {
+    try {
     threads.emplace_back([&, r] {
       set_log_rank(r);
       // Declared outside the try: the world is aborted before the communicator's
@@ -306,6 +307,15 @@ void run_thread_ranks(int size, const std::function<void(Communicator&)>& fn, Th
         world.abort(detail::make_string("rank ", r, " failed: ", e.what()));
       }
     });
+    } catch (const std::system_error& e) {
+      // No thread for this rank (a thread or memory limit): the ranks already started are
+      // stopped and joined, and the run fails saying so, instead of std::terminate.
+      const std::string why = detail::make_string("cannot start thread-rank ", r, " of ", size, " (", e.what(),
+                                                  "); lower the rank count or raise the process's thread limit");
+      world.abort(why);
+      for (auto& t : threads) t.join();
+      SY_THROW(IoError, why);
+    }
   }
   for (auto& t : threads) t.join();
   if (!first_failure) return;
