@@ -132,6 +132,40 @@ int run_launch(const LaunchOptions& o) {
   for (int sig : {SIGINT, SIGTERM, SIGHUP}) ::sigaction(sig, &sa, nullptr);
   ::signal(SIGPIPE, SIG_IGN);  // a closed stdout (launch ... | head) must not kill the launcher silently
   const pid_t launcher = ::getpid();
+  // A watchdog outlives a SIGKILLed launcher just long enough to take every rank's process group
+  // with it: PR_SET_PDEATHSIG reaches only the direct child, not what a wrapper (sh -c ...) started.
+  // The launcher tells it each rank's group through a pipe, and 0 when it ends normally; EOF with
+  // no 0 means the launcher died.
+  int watch[2] = {-1, -1};
+  if (::pipe2(watch, O_CLOEXEC) != 0) SY_THROW(IoError, "launch: pipe failed: ", std::strerror(errno));
+  std::vector<pid_t> watched(static_cast<size_t>(o.nprocs), 0);  // sized before the fork: the watchdog may not allocate
+  const pid_t watchdog = ::fork();
+  if (watchdog < 0) SY_THROW(IoError, "launch: fork failed: ", std::strerror(errno));
+  if (watchdog == 0) {
+    // Only async-signal-safe calls here (this process was forked from a multi-threaded one).
+    ::close(watch[1]);
+    struct sigaction ignore {};
+    ignore.sa_handler = SIG_IGN;
+    for (int sig : {SIGINT, SIGTERM, SIGHUP}) ::sigaction(sig, &ignore, nullptr);  // the launcher handles those
+    size_t n = 0;
+    for (;;) {
+      pid_t group = 0;
+      const ssize_t got = ::read(watch[0], &group, sizeof group);
+      if (got < 0 && errno == EINTR) continue;
+      if (got != static_cast<ssize_t>(sizeof group)) break;  // EOF: the launcher is gone
+      if (group == 0) ::_exit(0);                             // it ended normally
+      if (n < watched.size()) watched[n++] = group;
+    }
+    for (size_t i = 0; i < n; ++i) ::kill(-watched[i], SIGKILL);
+    ::_exit(0);
+  }
+  ::close(watch[0]);
+  auto end_watchdog = [&] {
+    const pid_t done = 0;
+    [[maybe_unused]] const ssize_t w = ::write(watch[1], &done, sizeof done);
+    ::close(watch[1]);
+    ::waitpid(watchdog, nullptr, 0);
+  };
   std::vector<Child> children(static_cast<size_t>(o.nprocs));
   auto kill_started = [&] {
     for (auto& c : children)
@@ -199,6 +233,7 @@ int run_launch(const LaunchOptions& o) {
     }
     c.pid = pid;
     ::setpgid(pid, pid);  // also here: a stop may come before the child ran its own setpgid
+    [[maybe_unused]] const ssize_t told = ::write(watch[1], &pid, sizeof pid);  // atomic: under PIPE_BUF
     ::sigprocmask(SIG_SETMASK, &previous, nullptr);
     ::close(out[1]), ::close(err[1]);
     c.out = out[0], c.err = err[0];
@@ -292,6 +327,7 @@ int run_launch(const LaunchOptions& o) {
     if (c.out >= 0) ::close(c.out);
     if (c.err >= 0) ::close(c.err);
   }
+  end_watchdog();
   ::close(g_signal_pipe[0]);
   ::close(g_signal_pipe[1]);
   for (int sig : {SIGINT, SIGTERM, SIGHUP}) ::signal(sig, SIG_DFL);
