@@ -7,6 +7,7 @@ set(SWITCHYARD_WITH_NCCL AUTO CACHE STRING "NCCL backend: ON, OFF or AUTO (on wi
 set_property(CACHE SWITCHYARD_WITH_CUDA PROPERTY STRINGS ON OFF AUTO)
 set_property(CACHE SWITCHYARD_WITH_NCCL PROPERTY STRINGS ON OFF AUTO)
 option(SWITCHYARD_BUILD_TESTS "Build the test suite" ON)
+option(SWITCHYARD_FUZZ "Build the fuzz harnesses as libFuzzer binaries (clang; `make fuzz` sets the sanitizer flags)" OFF)
 option(SWITCHYARD_BUILD_BENCH "Build benchmarks that need Google Benchmark" ON)
 
 set(SWITCHYARD_HAS_MPI 0)

@@ -56,7 +56,11 @@ std::vector<int> top_k_sparse(const std::map<int, int64_t>& counts, int k, int e
 }  // namespace
 
 TraceStats trace_stats(const std::string& path, double build_share) {
-  const SafetensorsFile f = SafetensorsFile::open(path);
+  return trace_stats(SafetensorsFile::open(path), build_share);
+}
+
+TraceStats trace_stats(const SafetensorsFile& f, double build_share) {
+  const std::string& path = f.path();
   TraceStats s;
   s.path = path;
   const auto model = f.metadata().find("model");

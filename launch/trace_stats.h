@@ -9,6 +9,8 @@
 // "switchyard-routing-trace-v1", "layers", "k", "experts".
 #pragma once
 
+#include "core/safetensors.h"
+
 #include <string>
 #include <vector>
 
@@ -40,6 +42,8 @@ struct TraceStats {
 
 // Reads and checks a trace (errors name the file, the tensor and what was expected).
 TraceStats trace_stats(const std::string& path, double build_share = 0.2);
+// The same from an opened file (its path() names it in errors).
+TraceStats trace_stats(const SafetensorsFile& file, double build_share = 0.2);
 // The table `switchyard trace stats` prints.
 std::string format_trace_stats(const TraceStats& s);
 

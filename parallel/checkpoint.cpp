@@ -235,6 +235,35 @@ uint64_t save_checkpoint(Communicator& world, const std::string& dir,
 
 bool Checkpoint::exists(const std::string& dir) { return fs::exists(fs::path(dir) / "manifest.json"); }
 
+CheckpointManifest parse_checkpoint_manifest(const std::string& text, const std::string& dir) {
+  CheckpointManifest c;
+  Json m;
+  try {
+    m = parse_untrusted_json(text, dir + "/manifest.json");
+    if (m.at("format").get<std::string>() != kCheckpointFormat)
+      SY_THROW(InvalidArgument, "format '", m.at("format").get<std::string>(), "', expected ", kCheckpointFormat);
+    c.generation = json_integer<uint64_t>(m.at("generation"), "generation");
+    c.world_size = json_integer<int>(m.at("world_size"), "world_size");
+    if (c.world_size < 1 || c.world_size > (1 << 20))
+      SY_THROW(InvalidArgument, "world_size = ", c.world_size, ", expected 1..", 1 << 20);
+    for (const auto& [k, v] : m.at("metadata").items()) c.metadata[k] = v.get<std::string>();
+    for (const Json& s : m.at("shards")) {
+      const std::string file = s.at("file").get<std::string>();
+      // A shard is a file in this directory: no path may lead out of it.
+      if (file.empty() || file.find('/') != std::string::npos || file == "." || file == "..")
+        SY_THROW(InvalidArgument, "shard file '", file, "' is not a file name in the checkpoint directory");
+      c.shards.push_back({file, json_integer<uint64_t>(s.at("bytes"), "bytes"),
+                          json_integer<uint32_t>(s.at("crc32"), "crc32")});
+    }
+  } catch (const std::exception& e) {
+    SY_THROW(InvalidArgument, "checkpoint '", dir, "': manifest.json is malformed: ", e.what());
+  }
+  if (static_cast<int>(c.shards.size()) != c.world_size)
+    SY_THROW(InvalidArgument, "checkpoint '", dir, "': the manifest lists ", c.shards.size(), " shards for world size ",
+             c.world_size);
+  return c;
+}
+
 Checkpoint Checkpoint::open(const std::string& dir) {
   const fs::path manifest_path = fs::path(dir) / "manifest.json";
   if (!fs::exists(manifest_path))
@@ -242,32 +271,11 @@ Checkpoint Checkpoint::open(const std::string& dir) {
              "completed)");
   Checkpoint c;
   c.dir_ = dir;
-  Json m;
-  try {
-    m = parse_untrusted_json(read_untrusted_file(manifest_path.string()), manifest_path.string());
-    if (m.at("format").get<std::string>() != kCheckpointFormat)
-      SY_THROW(InvalidArgument, "format '", m.at("format").get<std::string>(), "', expected ", kCheckpointFormat);
-    c.generation_ = json_integer<uint64_t>(m.at("generation"), "generation");
-    c.world_size_ = json_integer<int>(m.at("world_size"), "world_size");
-    if (c.world_size_ < 1 || c.world_size_ > (1 << 20))
-      SY_THROW(InvalidArgument, "world_size = ", c.world_size_, ", expected 1..", 1 << 20);
-    for (const auto& [k, v] : m.at("metadata").items()) c.metadata_[k] = v.get<std::string>();
-    for (const Json& s : m.at("shards")) {
-      const std::string file = s.at("file").get<std::string>();
-      // A shard is a file in this directory: no path may lead out of it.
-      if (file.empty() || file.find('/') != std::string::npos || file == "." || file == "..")
-        SY_THROW(InvalidArgument, "shard file '", file, "' is not a file name in the checkpoint directory");
-      c.shards_.push_back({file, json_integer<uint64_t>(s.at("bytes"), "bytes"),
-                           json_integer<uint32_t>(s.at("crc32"), "crc32")});
-    }
-  } catch (const IoError&) {
-    throw;  // names the manifest already
-  } catch (const std::exception& e) {
-    SY_THROW(InvalidArgument, "checkpoint '", dir, "': manifest.json is malformed: ", e.what());
-  }
-  if (static_cast<int>(c.shards_.size()) != c.world_size_)
-    SY_THROW(InvalidArgument, "checkpoint '", dir, "': the manifest lists ", c.shards_.size(), " shards for world size ",
-             c.world_size_);
+  CheckpointManifest m = parse_checkpoint_manifest(read_untrusted_file(manifest_path.string()), dir);
+  c.generation_ = m.generation;
+  c.world_size_ = m.world_size;
+  c.metadata_ = std::move(m.metadata);
+  c.shards_ = std::move(m.shards);
   for (const CheckpointShard& s : c.shards_) {
     const fs::path p = fs::path(dir) / s.file;
     if (!fs::exists(p))

@@ -54,6 +54,17 @@ uint64_t save_checkpoint(Communicator& world, const std::string& dir,
 // on success.
 void agree_on_success(Communicator& world, const std::string& dir, const std::string& error, const std::string& step);
 
+// What a manifest says, checked: the format, the generation, the world size,
+// shard file names inside the directory, one shard per rank. InvalidArgument
+// naming `dir` otherwise. (Checkpoint::open reads it from DIR/manifest.json.)
+struct CheckpointManifest {
+  uint64_t generation = 0;
+  int world_size = 0;
+  std::vector<CheckpointShard> shards;
+  std::map<std::string, std::string> metadata;
+};
+CheckpointManifest parse_checkpoint_manifest(const std::string& text, const std::string& dir);
+
 // The complete generation a directory's manifest names.
 class Checkpoint {
  public:

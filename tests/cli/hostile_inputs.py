@@ -1,10 +1,11 @@
 """Hostile files through the real CLI: each must end with exit status 1 or 2
 (never a signal), within a few seconds, under 200 MB of memory, with a
 message naming the file and what is wrong. The inputs are those that crashed
-or grew without bound before (a one-byte YAML config, JSON nested 65,000
-deep in a safetensors header, a config.json and a checkpoint manifest, a
-routing trace declaring 3e8 experts, out-of-range config.json numbers), plus
-directories and FIFOs given as files.
+or grew without bound before (a one-byte YAML config; JSON nested 80,000
+deep in a safetensors shape and a config.json value, which crashed with a
+stack overflow when the error message dumped it; a routing trace declaring
+3e8 experts; out-of-range config.json numbers), plus directories and FIFOs
+given as files.
 
 usage: hostile_inputs.py SWITCHYARD_BINARY
 """
@@ -19,7 +20,7 @@ import time
 
 switchyard = sys.argv[1]
 work = tempfile.mkdtemp()
-deep = "[" * 65000 + "]" * 65000
+deep = "[" * 80000 + "]" * 80000  # where an error message dumped it, this deep overflowed the stack (exit 139)
 failures = []
 MAX_SECONDS = 5.0  # the target is 2 s; a loaded 2-core CI machine gets some slack
 MAX_RSS_MB = 200
@@ -64,7 +65,7 @@ def model_dir(name, **changes):
 
 def deep_config_dir():
     d = model_dir("deepcfg")
-    write("deepcfg/config.json", '{"a":' + deep + "}")
+    write("deepcfg/config.json", json.dumps(dict(good_config, vocab_size="X")).replace('"X"', deep))
     return d
 
 
@@ -115,14 +116,15 @@ try:
     fifo = path("fifo.yaml")
     os.mkfifo(fifo)
     case("a FIFO as the config", ["run", "--config", fifo], "not a regular file")
-    case("safetensors header nested 65,000 deep (trace stats)",
-         ["trace", "stats", write("deep.safetensors", safetensors('{"a":' + deep + "}"))], "nested deeper than 64")
+    case("safetensors header with a shape nested 80,000 deep (trace stats)",
+         ["trace", "stats", write("deep.safetensors", safetensors('{"t":{"dtype":"F32","shape":' + deep +
+                                                                  ',"data_offsets":[0,0]}}'))], "nested deeper than 64")
     case("a FIFO as a trace", ["trace", "stats", fifo], "not a regular file")
     case("trace declaring 3e8 experts", ["trace", "stats", write("experts.safetensors", trace({"experts": "300000000"}))],
          "metadata experts = '300000000'")
     case("trace with layers = -3", ["trace", "stats", write("layers.safetensors", trace({"layers": "-3"}))],
          "metadata layers = '-3', expected an integer 1..65536")
-    case("config.json nested 65,000 deep (generate)",
+    case("config.json with vocab_size nested 80,000 deep (generate)",
          ["generate", "--model", deep_config_dir(), "--prompt", "x"],
          "nested deeper than 64")
     case("config.json vocab_size 4294967552", ["generate", "--model", model_dir("vocab", vocab_size=4294967552),
@@ -135,7 +137,7 @@ try:
          "norm_eps = -1")
     case("config.json rope_theta 0", ["generate", "--model", model_dir("theta", rope_theta=0), "--prompt", "x"],
          "rope_theta = 0")
-    case("checkpoint manifest nested 65,000 deep (ckpt reshard)",
+    case("checkpoint manifest nested 80,000 deep (ckpt reshard)",
          ["ckpt", "reshard", "--from", manifest_dir("deepckpt", '{"a":' + deep + "}"), "--to", path("out1"),
           "--ranks", "2"], "nested deeper than 64")
     case("checkpoint manifest naming a shard outside its directory",
