@@ -4,7 +4,7 @@ BUILD ?= build
 JOBS ?= $(shell nproc)
 CMAKE_FLAGS ?=
 
-.PHONY: all deps configure build run test bench clean
+.PHONY: all deps configure build run test bench fuzz clean
 
 all: build
 
@@ -30,6 +30,22 @@ run: build
 test: build
 	@echo "ctest: excluding tests labelled gpu (this machine has no GPU)"
 	ctest --test-dir $(BUILD) --output-on-failure --label-exclude gpu
+
+# Every parser under libFuzzer with ASan + UBSan (clang), FUZZ_SECONDS per harness; a crashing,
+# leaking or slow input lands in $(FUZZ_BUILD)/tests/fuzz/crashers (add it to tests/fuzz/corpus/<harness>/
+# and make test replays it from then on). make test runs the same harnesses without clang.
+FUZZ_BUILD ?= build-fuzz
+FUZZ_SECONDS ?= 60
+FUZZ_FLAGS = -fsanitize=fuzzer-no-link,address,undefined
+fuzz: deps
+	@command -v clang++ > /dev/null || { echo "make fuzz needs clang (apt-get install clang); make test runs the harnesses without it"; exit 1; }
+	@cmake -S . -B $(FUZZ_BUILD) -G Ninja -DCMAKE_C_COMPILER=clang -DCMAKE_CXX_COMPILER=clang++ -DSWITCHYARD_FUZZ=ON \
+	  -DSWITCHYARD_BUILD_BENCH=OFF -DSWITCHYARD_WITH_MPI=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSWITCHYARD_FUZZ_SECONDS=$(FUZZ_SECONDS) \
+	  "-DCMAKE_C_FLAGS=$(FUZZ_FLAGS)" "-DCMAKE_CXX_FLAGS=$(FUZZ_FLAGS)" > $(FUZZ_BUILD).configure.log 2>&1 \
+	  || (cat $(FUZZ_BUILD).configure.log; exit 1)
+	@cmake --build $(FUZZ_BUILD) -j $(JOBS) --target fuzz_yaml_config fuzz_safetensors fuzz_model_config \
+	  fuzz_checkpoint_manifest fuzz_routing_trace
+	ctest --test-dir $(FUZZ_BUILD) -L fuzz --output-on-failure
 
 bench: build
 	bench/compare_alltoall.sh $(BUILD)

@@ -194,19 +194,26 @@ void convert(const void* src, DType src_type, void* dst, DType dst_type, size_t 
     std::memmove(dst, src, n * dtype_size(src_type));
     return;
   }
+  // The two hot pairs directly (rounding to nearest even, exact widening); the rest through double.
+  if (src_type == DType::f32 && dst_type == DType::bf16) {
+    const auto* in = static_cast<const float*>(src);
+    auto* out = static_cast<bf16*>(dst);
+    for (size_t i = 0; i < n; ++i) out[i] = bf16::from_float(in[i]);
+    return;
+  }
+  if (src_type == DType::bf16 && dst_type == DType::f32) {
+    const auto* in = static_cast<const bf16*>(src);
+    auto* out = static_cast<float*>(dst);
+    for (size_t i = 0; i < n; ++i) out[i] = in[i].to_float();
+    return;
+  }
   visit_dtype(src_type, [&](auto s) {
     using S = decltype(s);
     visit_dtype(dst_type, [&](auto d) {
       using D = decltype(d);
       const S* in = static_cast<const S*>(src);
       D* out = static_cast<D*>(dst);
-      if constexpr (std::is_same_v<S, float> && std::is_same_v<D, bf16>) {
-        for (size_t i = 0; i < n; ++i) out[i] = bf16::from_float(in[i]);
-      } else if constexpr (std::is_same_v<S, bf16> && std::is_same_v<D, float>) {
-        for (size_t i = 0; i < n; ++i) out[i] = in[i].to_float();
-      } else {
-        for (size_t i = 0; i < n; ++i) out[i] = from_double<D>(to_double(in[i]));
-      }
+      for (size_t i = 0; i < n; ++i) out[i] = from_double<D>(to_double(in[i]));
     });
   });
 }

@@ -119,12 +119,11 @@ inline float sigmoid(float v) { return 1.f / (1.f + std::exp(-v)); }
 // training step. Every element goes through the same function, the last
 // partial block padded, so a row's result never depends on where it sits in
 // the batch (the inference kernels are batch-invariant).
-#pragma GCC push_options
-#pragma GCC target("avx2")
-extern "C" __m256 _ZGVdN8v_erff(__m256);
-extern "C" __m256 _ZGVdN8v_expf(__m256);
+// (A target attribute, not a pragma: clang honours only the attribute.)
+extern "C" __attribute__((target("avx2"))) __m256 _ZGVdN8v_erff(__m256);
+extern "C" __attribute__((target("avx2"))) __m256 _ZGVdN8v_expf(__m256);
 enum class VectorMath : uint8_t { erf, exp };
-void apply8(VectorMath f, const float* in, float* out, int64_t n) {
+__attribute__((target("avx2"))) void apply8(VectorMath f, const float* in, float* out, int64_t n) {
   for (int64_t i = 0; i < n; i += 8) {
     alignas(32) float block[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     const int64_t m = std::min<int64_t>(8, n - i);
@@ -134,7 +133,6 @@ void apply8(VectorMath f, const float* in, float* out, int64_t n) {
     std::memcpy(out + i, block, static_cast<size_t>(m) * sizeof(float));
   }
 }
-#pragma GCC pop_options
 
 // out[i] = f(in[i]) for n elements (in == out allowed).
 void vector_math(VectorMath f, const float* in, float* out, int64_t n) {
