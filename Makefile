@@ -36,7 +36,7 @@ test: build
 # and make test replays it from then on). make test runs the same harnesses without clang.
 FUZZ_BUILD ?= build-fuzz
 FUZZ_SECONDS ?= 60
-FUZZ_FLAGS = -fsanitize=fuzzer-no-link,address,undefined
+FUZZ_FLAGS = -fsanitize=fuzzer-no-link,address,undefined -fno-sanitize-recover=undefined
 fuzz: deps
 	@command -v clang++ > /dev/null || { echo "make fuzz needs clang (apt-get install clang); make test runs the harnesses without it"; exit 1; }
 	@cmake -S . -B $(FUZZ_BUILD) -G Ninja -DCMAKE_C_COMPILER=clang -DCMAKE_CXX_COMPILER=clang++ -DSWITCHYARD_FUZZ=ON \

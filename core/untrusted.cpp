@@ -1,6 +1,7 @@
 #include "core/untrusted.h"
 
 #include <fcntl.h>
+#include <poll.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -32,18 +33,53 @@ nlohmann::json parse_untrusted_json(std::string_view text, const std::string& wh
   try {
     return nlohmann::json::parse(text.begin(), text.end());
   } catch (const nlohmann::json::exception& e) {
-    SY_THROW(InvalidArgument, what, ": not valid JSON: ", e.what());
+    // The library's message quotes the offending token whole, which may be megabytes.
+    std::string message = e.what();
+    if (message.size() > 240) message = message.substr(0, 240) + "... (" + std::to_string(message.size()) + " characters)";
+    SY_THROW(InvalidArgument, what, ": not valid JSON: ", message);
   }
 }
 
 std::string read_untrusted_file(const std::string& path, uint64_t max_bytes) {
-  // O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused below.
+  // O_NONBLOCK: opening a FIFO must not wait for a writer.
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) SY_THROW(IoError, "'", path, "': cannot open: ", std::strerror(errno));
   struct stat st {};
-  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+  if (::fstat(fd, &st) != 0) {
     ::close(fd);
-    SY_THROW(IoError, "'", path, "': not a regular file");
+    SY_THROW(IoError, "'", path, "': cannot stat: ", std::strerror(errno));
+  }
+  if (S_ISFIFO(st.st_mode) || S_ISCHR(st.st_mode)) {
+    // A pipe (`--config <(...)`, /dev/stdin): read to its end, bounded in size and in how long it
+    // may stay silent; a FIFO nobody writes to ends at once with nothing, which is refused.
+    std::string text;
+    char buf[65536];
+    for (;;) {
+      const ssize_t n = ::read(fd, buf, sizeof buf);  // 0: the end (or a FIFO with no writer at all)
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0 && errno == EAGAIN) {  // a writer that has not written yet
+        pollfd p{fd, POLLIN, 0};
+        if (::poll(&p, 1, 10000) == 0) {
+          ::close(fd);
+          SY_THROW(IoError, "'", path, "': a pipe that sent nothing for 10 s");
+        }
+        continue;
+      }
+      if (n <= 0) break;
+      text.append(buf, static_cast<size_t>(n));
+      if (text.size() > max_bytes) {
+        ::close(fd);
+        SY_THROW(IoError, "'", path, "': more than the ", max_bytes, " bytes expected of such a file");
+      }
+    }
+    ::close(fd);
+    if (text.empty()) SY_THROW(IoError, "'", path, "': a pipe with nothing in it (nobody writes to it?)");
+    return text;
+  }
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd);
+    SY_THROW(IoError, "'", path, "': not a regular file (", S_ISDIR(st.st_mode) ? "a directory" : "a socket or device",
+             ")");
   }
   if (static_cast<uint64_t>(st.st_size) > max_bytes) {
     ::close(fd);

@@ -6,6 +6,7 @@
 // the error message was being formatted), so the depth is bounded first.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <string>
@@ -25,9 +26,9 @@ inline constexpr uint64_t kMaxTextFileBytes = 16u << 20;  // configs, manifests:
 // limit, or the parser's error, otherwise.
 nlohmann::json parse_untrusted_json(std::string_view text, const std::string& what);
 
-// The whole of a regular file of at most `max_bytes`: IoError naming it when
-// it is missing, not a regular file (a FIFO or a directory would block or
-// mislead) or larger.
+// The whole of a regular file, or what a pipe (`<(...)`, /dev/stdin) sends
+// until it closes, of at most `max_bytes`: IoError naming it when it is
+// missing, a directory or socket, larger, a pipe silent for 10 s, or empty.
 std::string read_untrusted_file(const std::string& path, uint64_t max_bytes = kMaxTextFileBytes);
 
 // At most ~80 characters of a JSON value, for error messages.
@@ -46,6 +47,14 @@ T json_integer(const nlohmann::json& j, const std::string& field) {
     if (v >= static_cast<int64_t>(std::numeric_limits<T>::min()) &&
         (v < 0 || static_cast<uint64_t>(v) <= static_cast<uint64_t>(std::numeric_limits<T>::max())))
       return static_cast<T>(v);
+  } else if (j.is_number_float()) {
+    // 256.0 is 256; 1e20 or 2.5 is not an integer of T.
+    const double v = j.get<double>();
+    if (std::abs(v) < 9.0e15 && v == static_cast<double>(static_cast<int64_t>(v)) &&
+        v >= static_cast<double>(std::numeric_limits<T>::min()) && v <= static_cast<double>(std::numeric_limits<T>::max()))
+      return static_cast<T>(v);
+    SY_THROW(ConfigError, field, " is ", json_excerpt(j), ", expected an integer in ", +std::numeric_limits<T>::min(),
+             "..", +std::numeric_limits<T>::max());
   } else {
     SY_THROW(ConfigError, field, " is ", json_excerpt(j), ", expected an integer");
   }

@@ -510,7 +510,10 @@ std::string describe(const YAML::Node& node) {
     case YAML::NodeType::Map: return "a map";
     case YAML::NodeType::Sequence: return "a list";
     case YAML::NodeType::Null: return "an empty value";
-    default: return "'" + node.Scalar() + "'";
+    default: {  // quoted, at most 80 characters of it: a value may be megabytes long
+      const std::string& v = node.Scalar();
+      return "'" + (v.size() > 80 ? v.substr(0, 80) + "...' (" + std::to_string(v.size()) + " characters)" : v + "'");
+    }
   }
 }
 

@@ -154,12 +154,23 @@ int run_launch(const LaunchOptions& o) {
       if (got < 0 && errno == EINTR) continue;
       if (got != static_cast<ssize_t>(sizeof group)) break;  // EOF: the launcher is gone
       if (group == 0) ::_exit(0);                             // it ended normally
+      if (group < 0) {  // that rank was reaped: its group id may be reused, so it is forgotten
+        for (size_t i = 0; i < n; ++i)
+          if (watched[i] == -group) watched[i] = 0;
+        continue;
+      }
       if (n < watched.size()) watched[n++] = group;
     }
-    for (size_t i = 0; i < n; ++i) ::kill(-watched[i], SIGKILL);
+    for (size_t i = 0; i < n; ++i)
+      if (watched[i] > 0) ::kill(-watched[i], SIGKILL);
     ::_exit(0);
   }
   ::close(watch[0]);
+  // Groups of reaped ranks are dropped from the watchdog's list (their ids could be reused).
+  auto forget = [&](pid_t pid) {
+    const pid_t gone = -pid;
+    [[maybe_unused]] const ssize_t w = ::write(watch[1], &gone, sizeof gone);
+  };
   auto end_watchdog = [&] {
     const pid_t done = 0;
     [[maybe_unused]] const ssize_t w = ::write(watch[1], &done, sizeof done);
@@ -301,6 +312,7 @@ int run_launch(const LaunchOptions& o) {
         int status = 0;
         if (::waitpid(c.pid, &status, WNOHANG) == c.pid) {
           c.exited = true;
+          forget(c.pid);
           c.code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
           if (c.code != 0 && first_failure == 0 && !stopping) {
             first_failure = c.code;

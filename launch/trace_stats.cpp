@@ -72,6 +72,7 @@ TraceStats trace_stats(const SafetensorsFile& f, double build_share) {
     SY_THROW(InvalidArgument, "trace ", path, ": tokens is ", dtype_name(tokens.dtype()), " ", shape_string(tokens.shape()),
              ", expected i32 [N]");
   s.tokens = tokens.shape()[0];
+  if (s.tokens < 1) SY_THROW(InvalidArgument, "trace ", path, ": tokens is empty; expected at least one routed token");
   while (f.contains("layer" + std::to_string(s.layers) + ".experts")) ++s.layers;
   if (s.layers == 0) SY_THROW(InvalidArgument, "trace ", path, ": no layer0.experts tensor");
   // The metadata must agree with the tensors there: arrays are sized from the data, never from claims.
@@ -107,6 +108,10 @@ TraceStats trace_stats(const SafetensorsFile& f, double build_share) {
   if (max_expert >= kMaxExperts)
     SY_THROW(InvalidArgument, "trace ", path, ": expert id ", max_expert, ", expected below ", kMaxExperts);
   s.experts = metadata_int(f, "experts", max_expert + 1, max_expert + 1, kMaxExperts);
+  // Each layer keeps a count per expert: bounded in all, so a small file cannot claim gigabytes.
+  if (static_cast<int64_t>(s.experts) * s.layers > (int64_t{1} << 22))
+    SY_THROW(InvalidArgument, "trace ", path, ": ", s.layers, " layers x ", s.experts, " experts, expected at most ",
+             int64_t{1} << 22, " in all");
   if (max_expert >= s.experts)
     SY_THROW(InvalidArgument, "trace ", path, ": expert ", max_expert, " but metadata experts = ", s.experts);
   const int E = s.experts, k = s.k;

@@ -1,5 +1,6 @@
 #include "model/model_config.h"
 
+#include <algorithm>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
@@ -78,6 +79,11 @@ ModelConfig ModelConfig::parse(const std::string& text, const std::string& path)
   in_range("max_seq", c.max_seq, int64_t{1} << 24);
   in_range("ffn.experts", c.experts, int64_t{1} << 16);
   in_range("ffn.hidden", c.hidden, int64_t{1} << 20);
+  // The rotary table (max_seq x head width floats) is built before any weight is read.
+  if (static_cast<int64_t>(c.max_seq) * (c.d_model / std::max(1, c.heads)) > (int64_t{1} << 25))
+    SY_THROW(ConfigError, path, ": max_seq = ", c.max_seq, " with a head width of ", c.d_model / std::max(1, c.heads),
+             " needs a rotary table of ", static_cast<int64_t>(c.max_seq) * (c.d_model / std::max(1, c.heads)),
+             " floats, expected at most ", int64_t{1} << 25);
   if (!(c.norm_eps > 0) || c.norm_eps > 1)
     SY_THROW(ConfigError, path, ": norm_eps = ", c.norm_eps, ", expected a small positive number (0, 1]");
   if (!(c.rope_theta > 1))

@@ -182,6 +182,12 @@ uint64_t save_checkpoint(Communicator& world, const std::string& dir,
   std::string error;
   if (rank == 0) {
     try {
+      // Readers refuse manifests over kMaxTextFileBytes: metadata that would make one is refused here, first.
+      size_t meta_bytes = 0;
+      for (const auto& [k, v] : metadata) meta_bytes += k.size() + v.size();
+      if (meta_bytes > kMaxTextFileBytes / 2)
+        SY_THROW(InvalidArgument, "checkpoint '", dir, "': ", meta_bytes, " bytes of metadata; at most ",
+                 kMaxTextFileBytes / 2, " fit in a manifest (store large data as tensors)");
       fs::create_directories(dir);
       lock = std::make_unique<DirectoryLock>(dir);
       generation_value = static_cast<double>(current_generation(dir) + 1);

@@ -3,6 +3,8 @@
 # the shell as the rank's process and the real work as its child, which
 # PR_SET_PDEATHSIG does not reach): within a second no process of the job may
 # remain. Before the watchdog the wrapped children ran on until their own end.
+# (-x: the whole command line, so the launcher and its watchdog, whose command
+# lines contain the same words, are not counted as the ranks' sleeps.)
 # usage: launcher_killed.sh SWITCHYARD
 set -u
 switchyard=$1
@@ -10,22 +12,22 @@ tag="31.$$"   # a sleep length no other process on the machine uses
 "$switchyard" launch --nprocs 2 -- sh -c "sleep $tag; echo never" > /dev/null 2>&1 &
 launcher=$!
 for i in $(seq 50); do
-  [ "$(pgrep -f "sleep $tag" | wc -l)" -ge 2 ] && break
+  [ "$(pgrep -xf "sleep $tag" | wc -l)" -ge 2 ] && break
   sleep 0.1
 done
-running=$(pgrep -f "sleep $tag" | wc -l)
+running=$(pgrep -xf "sleep $tag" | wc -l)
 [ "$running" -ge 2 ] || { echo "FAIL: the ranks did not start ($running running)"; kill -9 $launcher; exit 1; }
 kill -9 $launcher
 start=$(date +%s.%N)
 for i in $(seq 20); do
-  left=$(pgrep -f "sleep $tag" | wc -l)
+  left=$(pgrep -xf "sleep $tag" | wc -l)
   [ "$left" -eq 0 ] && break
   sleep 0.05
 done
 took=$(echo "$(date +%s.%N) - $start" | bc)
 if [ "$left" -ne 0 ]; then
   echo "FAIL: $left process(es) of the job still running after the launcher was SIGKILLed"
-  pkill -9 -f "sleep $tag"
+  pkill -9 -xf "sleep $tag"
   exit 1
 fi
 echo "PASS: every process of the job gone ${took}s after the launcher was SIGKILLed"

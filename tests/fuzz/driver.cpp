@@ -47,6 +47,20 @@ void on_fatal(int sig) {
   ::raise(sig);
 }
 
+// An input that runs too long: written out too, then the run fails.
+void on_alarm(int) {
+  static const char msg[] = "fuzz: FAIL an input ran longer than 10 s (a hang); it is written to the crash file\n";
+  if (g_current && g_crash_path[0]) {
+    const int fd = ::open(g_crash_path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd >= 0) {
+      [[maybe_unused]] const ssize_t n = ::write(fd, g_current->data(), g_current->size());
+      ::close(fd);
+    }
+  }
+  [[maybe_unused]] const ssize_t n = ::write(2, msg, sizeof msg - 1);
+  ::_exit(1);
+}
+
 Bytes read_all(const fs::path& p) {
   std::ifstream in(p, std::ios::binary);
   return Bytes(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
@@ -147,14 +161,26 @@ int main(int argc, char** argv) {
   if (pool.empty()) pool.emplace_back(), names.emplace_back("(empty)");
   const std::string crash = out_dir + "/fuzz-crash-" + fs::path(argv[0]).filename().string() + "-" + std::to_string(seed);
   std::snprintf(g_crash_path, sizeof g_crash_path, "%s", crash.c_str());
-  for (int sig : {SIGSEGV, SIGABRT, SIGBUS, SIGFPE, SIGILL}) ::signal(sig, on_fatal);
+  // The handlers run on a stack of their own: a stack overflow, the likeliest crash here, leaves none.
+  static std::vector<char> alt(1 << 16);
+  stack_t ss{};
+  ss.ss_sp = alt.data();
+  ss.ss_size = alt.size();
+  ::sigaltstack(&ss, nullptr);
+  struct sigaction fatal {};
+  fatal.sa_handler = on_fatal;
+  fatal.sa_flags = SA_ONSTACK;
+  for (int sig : {SIGSEGV, SIGABRT, SIGBUS, SIGFPE, SIGILL}) ::sigaction(sig, &fatal, nullptr);
+  ::signal(SIGALRM, on_alarm);
   std::cerr << "fuzz: " << pool.size() << " input(s), seed " << seed << ", " << seconds << " s, memory limit "
             << limit_mb << " MB; a crashing input would be written to " << crash << "\n";
   auto run = [&](const Bytes& input, const std::string& what) {
     g_current = &input;
     const auto start = std::chrono::steady_clock::now();
+    ::alarm(10);
     try {
       LLVMFuzzerTestOneInput(input.data(), input.size());
+      ::alarm(0);
     } catch (const std::exception& e) {
       std::ofstream(crash, std::ios::binary).write(reinterpret_cast<const char*>(input.data()),
                                                    static_cast<std::streamsize>(input.size()));
