@@ -191,9 +191,28 @@ Tensor MoEFfnBlock::delta(const Tensor& x) {
   if (const DeviceModel* dev = moe_->ops().device_model())  // the norm; the layer charges its own phases
     virtual_time::charge(dev->memory_seconds(2.0 * static_cast<double>(x.nbytes())));
   Tensor out = moe_->forward(rmsnorm(x, norm_, eps_)).output;
-  const std::vector<int64_t>& load = moe_->last_routing().expert_load;
+  count_load(moe_->last_routing());
+  return out;
+}
+
+void MoEFfnBlock::count_load(const Routing& routing) {
+  const std::vector<int64_t>& load = routing.expert_load;
   if (load_since_.size() != load.size()) load_since_.assign(load.size(), 0.0);
   for (size_t e = 0; e < load.size(); ++e) load_since_[e] += static_cast<double>(load[e]);
+}
+
+MoEHandle MoEFfnBlock::post(const Tensor& x) {
+  if (const DeviceModel* dev = moe_->ops().device_model())
+    virtual_time::charge(dev->memory_seconds(2.0 * static_cast<double>(x.nbytes())));
+  MoEHandle batch = moe_->plan(rmsnorm(x, norm_, eps_), moe_->routing_choice(), moe_->config().plan);
+  moe_->dispatch(*batch);
+  moe_->combine(*batch);
+  return batch;
+}
+
+Tensor MoEFfnBlock::collect(MoEBatch& batch) {
+  Tensor out = moe_->finish(batch).output;
+  count_load(batch.routing());
   return out;
 }
 

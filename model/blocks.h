@@ -114,6 +114,13 @@ class MoEFfnBlock : public FfnBlock {
  public:
   MoEFfnBlock(Tensor norm, double eps, std::unique_ptr<MoELayer> moe) : norm_(std::move(norm)), eps_(eps), moe_(std::move(moe)) {}
   Tensor delta(const Tensor& x) override;
+  // delta() in two halves, so several batches can be in flight on the layer
+  // (attention-FFN disaggregation's micro-batches): post() norms the rows,
+  // plans the batch and posts its exchanges (the experts' ranks compute
+  // inside it); collect() waits for the results and returns the delta. Both
+  // are collective in the layer's batch order (moe/moe_layer.h).
+  MoEHandle post(const Tensor& x);
+  Tensor collect(MoEBatch& batch);
   MoELayer& moe() { return *moe_; }
   // This rank's routed choices per logical expert since the last reset (for
   // re-placing redundant experts from measured loads).
@@ -125,6 +132,7 @@ class MoEFfnBlock : public FfnBlock {
   double eps_;
   std::unique_ptr<MoELayer> moe_;
   std::vector<double> load_since_;
+  void count_load(const Routing& routing);
 };
 
 }  // namespace switchyard

@@ -1,8 +1,10 @@
 #include "model/engine.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 
+#include "comm/virtual_time.h"
 #include "core/error.h"
 
 namespace switchyard {
@@ -19,6 +21,13 @@ InferenceEngine::InferenceEngine(Model& model, LayerSchedule schedule, std::shar
   if (group_ != model.expert_group() && group_->size() > 1 && schedule_.attention() != AttentionMode::replicated)
     SY_THROW(InvalidArgument, "inference engine: a model replicated on every rank runs replicated or layer-parallel "
              "schedules, not ", attention_mode_name(schedule_.attention()));
+  if (schedule_.roles() != model.roles())
+    SY_THROW(InvalidArgument, "inference engine: the schedule's role split is ",
+             schedule_.roles() ? schedule_.roles()->name() : std::string("colocated"), ", the model was loaded ",
+             model.roles() ? "for " + model.roles()->name() : std::string("colocated"),
+             " (ModelOptions::roles must be the schedule's)");
+  if (schedule_.roles() && group_ != model.expert_group())
+    SY_THROW(InvalidArgument, "inference engine: a disaggregated schedule runs over the model's expert group");
   if (schedule_.layer_count() != model.config().layers)
     SY_THROW(InvalidArgument, "inference engine: the schedule has ", schedule_.layer_count(), " layers, model '",
              model.config().name, "' has ", model.config().layers);
@@ -174,7 +183,114 @@ Tensor InferenceEngine::step_tensor_parallel(const std::vector<Chunk>& chunks) {
   return logits;
 }
 
+void InferenceEngine::set_microbatches(int m) {
+  if (m < 1) SY_THROW(InvalidArgument, "inference engine: ", m, " micro-batches, expected >= 1");
+  microbatches_ = m;
+}
+
+std::pair<double, double> InferenceEngine::exchange_waits() const {
+  double wall = 0, virt = 0;
+  for (int l = 0; l < model_.config().layers; ++l) {
+    const MoELayer& moe = model_.moe(l);
+    wall += moe.phase_times().dispatch_a2a + moe.phase_times().combine_a2a;
+    virt += moe.virtual_phase_times().dispatch_a2a + moe.virtual_phase_times().combine_a2a;
+  }
+  return {wall, virt};
+}
+
+// Attention-FFN disaggregation, MegaScale-Infer's ping-pong: the attention
+// ranks take micro-batch i through layer l's attention and post its rows to
+// the experts (MoELayer handles: several batches in flight), then go on with
+// micro-batch i + 1 while the FFN ranks compute i; micro-batch i's results
+// are collected just before its next layer's attention. The FFN ranks walk
+// the same (layer, micro-batch) order with no rows of their own, so every
+// rank issues the MoE collectives in one order. Every row's arithmetic is
+// the colocated model's (row-wise kernels, the same experts), so the logits
+// are the same bits whatever m and the split.
+Tensor InferenceEngine::step_disaggregated(const std::vector<Chunk>& chunks) {
+  const RoleSplit& roles = *schedule_.roles();
+  const bool attention = roles.is_attention(rank_);
+  const int L = model_.config().layers;
+  const int64_t d = model_.config().d_model;
+  // The step's agreement: the ping-pong depth, and whether an FFN rank was wrongly given rows (all fail alike).
+  double agree[2] = {attention ? static_cast<double>(microbatches_) : 1.0, !attention && !chunks.empty() ? 1.0 : 0.0};
+  {
+    const auto t0 = std::chrono::steady_clock::now();
+    const double v0 = virtual_time::now();
+    const TensorView v(agree, DType::f64, {2});
+    world().allreduce(v, v, {.op = ReduceOp::max}).wait();
+    step_times_.waiting += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    step_times_.virtual_waiting += virtual_time::now() - v0;
+  }
+  if (agree[1] > 0)
+    SY_THROW(InvalidArgument, "inference engine: an FFN rank of ", roles.name(), " was given sequences this step; "
+             "FFN ranks hold no attention or KV and pass no chunks (requests go to the attention ranks)");
+  const int m = static_cast<int>(agree[0]);
+  auto ffn = [&](int l) -> MoEFfnBlock& { return static_cast<MoEFfnBlock&>(model_.ffn_block(l)); };
+  if (!attention) {
+    const Tensor none = Tensor::empty({0, d}, DType::f32);
+    const Model::PhaseTimer timer(model_, &ModelPhaseTimes::moe);
+    for (int l = 0; l < L; ++l)
+      for (int i = 0; i < m; ++i) {
+        const MoEHandle batch = ffn(l).post(none);  // the experts compute in here
+        ffn(l).collect(*batch);
+      }
+    return Tensor::empty({0, model_.config().vocab_size}, DType::f32);
+  }
+  // Contiguous micro-batches balanced by rows: a chunk goes to the part its first row falls in.
+  std::vector<std::vector<Chunk>> parts(static_cast<size_t>(m));
+  int64_t total = 0, before = 0;
+  for (const Chunk& c : chunks) total += static_cast<int64_t>(c.tokens.size());
+  for (const Chunk& c : chunks) {
+    parts[static_cast<size_t>(total > 0 ? before * m / total : 0)].push_back(c);
+    before += static_cast<int64_t>(c.tokens.size());
+  }
+  std::vector<Tensor> x;
+  for (const auto& part : parts) x.push_back(model_.embed(part));
+  std::vector<MoEHandle> pending(static_cast<size_t>(m));
+  auto add_results = [&](int l, int i) {
+    const Model::PhaseTimer timer(model_, &ModelPhaseTimes::moe);
+    const Tensor delta = ffn(l).collect(*pending[static_cast<size_t>(i)]);
+    pending[static_cast<size_t>(i)].reset();
+    float* out = x[static_cast<size_t>(i)].data_as<float>();
+    const float* a = delta.data_as<float>();
+    for (int64_t j = 0; j < delta.numel(); ++j) out[j] += a[j];  // FfnBlock::apply's addition
+  };
+  for (int l = 0; l < L; ++l)
+    for (int i = 0; i < m; ++i) {
+      if (l > 0) add_results(l - 1, i);
+      model_.attention(l, x[static_cast<size_t>(i)], parts[static_cast<size_t>(i)]);
+      const Model::PhaseTimer timer(model_, &ModelPhaseTimes::moe);
+      pending[static_cast<size_t>(i)] = ffn(l).post(x[static_cast<size_t>(i)]);
+    }
+  for (int i = 0; i < m; ++i) add_results(L - 1, i);
+  Tensor rows = Tensor::empty({total, d}, DType::f32);
+  int64_t at = 0;
+  for (const Tensor& part : x) {
+    std::memcpy(rows.data_as<float>() + at * d, part.data(), part.nbytes());
+    at += part.shape()[0];
+  }
+  Tensor logits = model_.head(rows);
+  model_.commit(chunks);
+  return logits;
+}
+
 Tensor InferenceEngine::step(const std::vector<Chunk>& chunks) {
+  const auto start = std::chrono::steady_clock::now();
+  const double virtual_start = virtual_time::now();
+  const auto [wait0, virtual_wait0] = exchange_waits();
+  Tensor logits = step_any(chunks);
+  const auto [wait1, virtual_wait1] = exchange_waits();
+  ++step_times_.steps;
+  step_times_.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  step_times_.waiting += wait1 - wait0;
+  step_times_.virtual_seconds += virtual_time::now() - virtual_start;
+  step_times_.virtual_waiting += virtual_wait1 - virtual_wait0;
+  return logits;
+}
+
+Tensor InferenceEngine::step_any(const std::vector<Chunk>& chunks) {
+  if (schedule_.roles()) return step_disaggregated(chunks);
   if (check_replicas_ && schedule_.attention() != AttentionMode::dp && schedule_.world() > 1) verify_replicas(chunks);
   if (tp_group_) return step_tensor_parallel(chunks);
   if (!schedule_.layer_groups().empty()) return step_layer_parallel(chunks);

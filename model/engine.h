@@ -38,7 +38,7 @@ class InferenceEngine {
   Communicator& world() { return *group_; }
   int rank() const { return rank_; }
   int token_group() const { return schedule_.token_group_of(rank_); }
-  bool speaks_for_group() const { return schedule_.group_leader(token_group()) == rank_; }
+  bool speaks_for_group() const { return token_group() >= 0 && schedule_.group_leader(token_group()) == rank_; }
   // A sequence's cache over the layers this rank owns (tp: its heads' share).
   KVCache new_cache(int capacity) const;
   // Floats of KV one position of one sequence takes on this rank, over its layers.
@@ -61,11 +61,39 @@ class InferenceEngine {
   // ranks' inputs differ (they would silently diverge otherwise).
   void set_check_replicas(bool on) { check_replicas_ = on; }
 
+  // Attention-FFN disaggregation's ping-pong depth: each step's sequences
+  // go through the layers in m micro-batches (contiguous, balanced by rows),
+  // so the FFN ranks compute micro-batch i of a layer while the attention
+  // ranks run micro-batch i + 1. Every rank may set its own; a step uses the
+  // largest the attention ranks set (agreed at its start), so it may change
+  // from step to step. Without roles it does nothing.
+  void set_microbatches(int m);
+  int microbatches() const { return microbatches_; }
+
+  // Where this rank's step time went, summed over steps: waiting = inside the
+  // MoE layers' exchanges (count exchange, dispatch and return waits) and the
+  // step's agreement, the rest is busy. On a disaggregated schedule the
+  // waiting share is the side's pipeline bubble; colocated, the exposed
+  // all-to-all. Wall seconds, and virtual ones when emulated.
+  struct StepTimes {
+    int64_t steps = 0;
+    double seconds = 0, waiting = 0;
+    double virtual_seconds = 0, virtual_waiting = 0;
+    double bubble() const { return seconds > 0 ? waiting / seconds : 0; }
+    double virtual_bubble() const { return virtual_seconds > 0 ? virtual_waiting / virtual_seconds : 0; }
+  };
+  const StepTimes& step_times() const { return step_times_; }
+  void reset_step_times() { step_times_ = {}; }
+
  private:
   void verify_replicas(const std::vector<Chunk>& chunks);
   int kv_width() const;  // floats of K (or V) per position and layer: this rank's heads
   Tensor step_tensor_parallel(const std::vector<Chunk>& chunks);
   Tensor step_layer_parallel(const std::vector<Chunk>& chunks);
+  Tensor step_disaggregated(const std::vector<Chunk>& chunks);
+  Tensor step_any(const std::vector<Chunk>& chunks);
+  // Wall and virtual seconds the MoE layers spent waiting on their exchanges so far.
+  std::pair<double, double> exchange_waits() const;
   Model& model_;
   LayerSchedule schedule_;
   std::shared_ptr<Communicator> group_;
@@ -73,6 +101,8 @@ class InferenceEngine {
   std::shared_ptr<Communicator> tp_group_;
   std::vector<std::unique_ptr<AttentionBlock>> tp_attention_;  // this rank's heads of every layer
   bool check_replicas_ = false;
+  int microbatches_ = 1;
+  StepTimes step_times_;
 };
 
 }  // namespace switchyard

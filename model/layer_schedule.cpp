@@ -75,7 +75,85 @@ LayerSchedule LayerSchedule::layer_parallel(int layers, int world, int n, const 
   return s;
 }
 
+RoleSplit RoleSplit::of(std::vector<int> attention, std::vector<int> ffn, int world, const std::string& field) {
+  if (attention.empty() || ffn.empty())
+    SY_THROW(ConfigError, field, ": ", attention.size(), " attention and ", ffn.size(), " FFN rank(s); expected at "
+             "least one of each");
+  std::vector<int> seen(static_cast<size_t>(std::max(world, 0)), 0);
+  for (const std::vector<int>* side : {&attention, &ffn})
+    for (int r : *side) {
+      if (r < 0 || r >= world)
+        SY_THROW(ConfigError, field, ": rank ", r, " is outside the world of ", world, " rank(s) (expected 0..",
+                 world - 1, ")");
+      if (seen[static_cast<size_t>(r)]++)
+        SY_THROW(ConfigError, field, ": rank ", r, " is given two roles (expected each rank once)");
+    }
+  for (int r = 0; r < world; ++r)
+    if (!seen[static_cast<size_t>(r)])
+      SY_THROW(ConfigError, field, ": rank ", r, " of the world of ", world, " has no role (", attention.size(),
+               " attention + ", ffn.size(), " FFN rank(s); expected them to add up to the world)");
+  std::sort(attention.begin(), attention.end());
+  std::sort(ffn.begin(), ffn.end());
+  return {std::move(attention), std::move(ffn)};
+}
+
+RoleSplit RoleSplit::parse(const std::string& spec, int world, const std::string& field) {
+  const size_t colon = spec.find(':');
+  auto number = [&](const std::string& part) {
+    size_t used = 0;
+    int v = -1;
+    try {
+      v = std::stoi(part, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (part.empty() || used != part.size() || v < 1)
+      SY_THROW(ConfigError, field, " = '", spec, "': expected A:F, attention ranks A and FFN ranks F, each >= 1 "
+               "(e.g. 2:2)");
+    return v;
+  };
+  if (colon == std::string::npos) number("");
+  const int a = number(spec.substr(0, colon)), f = number(spec.substr(colon + 1));
+  if (a + f != world)
+    SY_THROW(ConfigError, field, " = '", spec, "': ", a, " attention + ", f, " FFN ranks = ", a + f,
+             ", but the world has ", world, " rank(s) (expected A + F = ", world, ")");
+  std::vector<int> attention(static_cast<size_t>(a)), ffn(static_cast<size_t>(f));
+  std::iota(attention.begin(), attention.end(), 0);
+  std::iota(ffn.begin(), ffn.end(), a);
+  return of(std::move(attention), std::move(ffn), world, field);
+}
+
+bool RoleSplit::is_attention(int rank) const { return std::binary_search(attention.begin(), attention.end(), rank); }
+bool RoleSplit::is_ffn(int rank) const { return std::binary_search(ffn.begin(), ffn.end(), rank); }
+
+int RoleSplit::attention_index(int rank) const {
+  const auto it = std::lower_bound(attention.begin(), attention.end(), rank);
+  return it != attention.end() && *it == rank ? static_cast<int>(it - attention.begin()) : -1;
+}
+
+std::string RoleSplit::name() const { return std::to_string(attention.size()) + "A" + std::to_string(ffn.size()) + "F"; }
+
+LayerSchedule LayerSchedule::disaggregated(int layers, const RoleSplit& roles) {
+  const int world = static_cast<int>(roles.attention.size() + roles.ffn.size());
+  LayerSchedule s = checked(layers, world);
+  RoleSplit::of(roles.attention, roles.ffn, world);  // validated whatever built it
+  s.mode_ = AttentionMode::dp;
+  s.world_ = world;
+  s.groups_ = static_cast<int>(roles.attention.size());
+  s.roles_ = roles;
+  for (int l = 0; l < layers; ++l) s.layers_.push_back({l, AttentionMode::dp, roles.attention, roles.ffn});
+  return s;
+}
+
 LayerSchedule LayerSchedule::make(const ScheduleOptions& o, int layers, int world) {
+  if (!o.afd.empty()) {
+    if (o.attention != "replicated" && o.attention != "dp")
+      SY_THROW(ConfigError, o.attention_field, " = ", o.attention, " with ", o.afd_field, " = ", o.afd,
+               "; expected dp (the attention ranks of a disaggregated deployment run data-parallel attention)");
+    if (o.tp != 1)
+      SY_THROW(ConfigError, o.tp_field, " = ", o.tp, " with ", o.afd_field, " = ", o.afd, "; expected 1");
+    return disaggregated(layers, RoleSplit::parse(o.afd, world, o.afd_field));
+  }
   if (o.tp < 1) SY_THROW(ConfigError, o.tp_field, " = ", o.tp, ", expected >= 1");
   if (o.attention == "replicated" || o.attention == "dp") {
     if (o.tp != 1)
@@ -96,7 +174,7 @@ int LayerSchedule::token_group_of(int rank) const {
   if (rank < 0 || rank >= world_) SY_THROW(InvalidArgument, "layer schedule: rank ", rank, ", expected 0..", world_ - 1);
   switch (mode_) {
     case AttentionMode::replicated: return 0;
-    case AttentionMode::dp: return rank;
+    case AttentionMode::dp: return roles_ ? roles_->attention_index(rank) : rank;
     case AttentionMode::tp: return rank / tp_;
   }
   return 0;
@@ -105,6 +183,7 @@ int LayerSchedule::token_group_of(int rank) const {
 int LayerSchedule::group_leader(int group) const {
   if (group < 0 || group >= groups_)
     SY_THROW(InvalidArgument, "layer schedule: token group ", group, ", expected 0..", groups_ - 1);
+  if (roles_) return roles_->attention[static_cast<size_t>(group)];
   return mode_ == AttentionMode::replicated ? 0 : group * tp_;  // dp: tp_ = 1
 }
 
@@ -131,6 +210,14 @@ std::string LayerSchedule::describe() const {
       for (size_t i = 0; i < g.size(); ++i) out << (i ? "," : "") << g[i];
       out << "]";
     }
+  }
+  if (roles_) {
+    auto list = [](const std::vector<int>& r) {
+      return r.size() == 1 ? std::to_string(r[0]) : std::to_string(r.front()) + ".." + std::to_string(r.back());
+    };
+    out << " on the attention ranks " << list(roles_->attention) << ", experts on the FFN ranks " << list(roles_->ffn)
+        << " (" << roles_->name() << "), " << groups_ << " token group(s)";
+    return out.str();
   }
   out << ", experts over all " << world_ << " rank(s), " << groups_ << " token group(s)";
   return out.str();

@@ -14,10 +14,12 @@
 //               the output projection's partial sums are reduce-scattered
 //               over the token rows, each rank runs the MoE layer on its row
 //               slice, and an all-gather gives the group its rows back
-// EasySpec's parallel layer groups and attention-FFN disaggregation's role
-// split are further instances of the same table.
+// EasySpec's parallel layer groups (layer_parallel) and attention-FFN
+// disaggregation's role split (disaggregated) are further instances of the
+// same table.
 #pragma once
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -33,13 +35,34 @@ struct LayerAssignment {
   std::vector<int> ffn_ranks;        // the layer's expert group
 };
 
+// Attention-FFN disaggregation (Step-3, MegaScale-Infer): the attention
+// ranks run DP attention (each its own sequences and KV), the router and the
+// combine, and hold no experts; the FFN ranks hold every expert (spread over
+// them: EP inside the FFN group) and no attention. Together they are the world.
+struct RoleSplit {
+  std::vector<int> attention, ffn;  // ascending, disjoint
+  // "A:F": the first A ranks attention, the next F ranks FFN. ConfigError
+  // naming `field`, the value and what was expected (A, F >= 1, A + F = world).
+  static RoleSplit parse(const std::string& spec, int world, const std::string& field = "--afd");
+  // Explicit rank lists; the same checks.
+  static RoleSplit of(std::vector<int> attention, std::vector<int> ffn, int world, const std::string& field = "--afd");
+  bool is_attention(int rank) const;
+  bool is_ffn(int rank) const;
+  // This rank's index among the attention ranks (-1: an FFN rank).
+  int attention_index(int rank) const;
+  std::string name() const;  // Step-3's notation: "2A2F"
+  bool operator==(const RoleSplit&) const = default;
+};
+
 // What a user chooses (YAML model.attention / model.tp, or the CLI's
-// --attention / --tp); field names go into the errors.
+// --attention / --tp / --afd); field names go into the errors.
 struct ScheduleOptions {
   std::string attention = "replicated";
   int tp = 1;
   std::string attention_field = "model.attention";
   std::string tp_field = "model.tp";
+  std::string afd;  // "A:F" (RoleSplit::parse); empty: colocated
+  std::string afd_field = "model.afd";
 };
 
 class LayerSchedule {
@@ -57,6 +80,10 @@ class LayerSchedule {
   // every layer's KV, so an exact pass (InferenceEngine::step_exact) can
   // recompute all of it. `field` names the option in errors (--lp).
   static LayerSchedule layer_parallel(int layers, int world, int n, const std::string& field = "--lp");
+  // Attention-FFN disaggregation: every layer's attention data-parallel over
+  // roles.attention (one token group each), its FFN on roles.ffn. FFN ranks
+  // belong to no token group and own no KV.
+  static LayerSchedule disaggregated(int layers, const RoleSplit& roles);
 
   AttentionMode attention() const { return mode_; }
   int world() const { return world_; }
@@ -68,12 +95,14 @@ class LayerSchedule {
   // of every rank; dp: one per rank; tp: one per tensor-parallel group).
   // Requests are assigned to groups.
   int token_groups() const { return groups_; }
-  int token_group_of(int rank) const;
+  int token_group_of(int rank) const;  // -1: an FFN rank of a disaggregated schedule (no sequences)
   int group_leader(int group) const;  // the lowest rank of a token group: it speaks for the group
   // Layers whose attention (and KV) `rank` runs.
   std::vector<int> owned_layers(int rank) const;
   // Layer-parallel groups in order (every layer in one; empty unless layer_parallel).
   const std::vector<std::vector<int>>& layer_groups() const { return layer_groups_; }
+  // The role split of a disaggregated schedule (else empty).
+  const std::optional<RoleSplit>& roles() const { return roles_; }
   std::string describe() const;
 
  private:
@@ -81,6 +110,7 @@ class LayerSchedule {
   int world_ = 1, groups_ = 1, tp_ = 1;
   std::vector<LayerAssignment> layers_;
   std::vector<std::vector<int>> layer_groups_;
+  std::optional<RoleSplit> roles_;
 };
 
 }  // namespace switchyard

@@ -70,8 +70,10 @@ Model::Model(const std::string& dir, std::shared_ptr<Communicator> group, ModelO
 Model::Model(Source source, const std::string& dir, std::shared_ptr<Communicator> group, ModelOptions options)
     : config_(std::move(source.config)), group_(std::move(group)), options_(std::move(options)) {
   const ModelConfig& c = config_;
-  const int W = group_->size();
-  if (c.experts % W != 0 && W % c.experts != 0)
+  const int W = group_->size(), me = group_->rank();
+  const std::optional<ExpertPlacement> ffn_only = disaggregated_placement(dir);
+  const bool attention_here = holds_attention();
+  if (!ffn_only && c.experts % W != 0 && W % c.experts != 0)
     SY_THROW(InvalidArgument, "model '", dir, "': ", c.experts, " experts cannot be spread evenly over ", W,
              " ranks (expected a rank count dividing ffn.experts, or a multiple of it)");
   const std::optional<Checkpoint>& checkpoint = source.checkpoint;
@@ -83,20 +85,27 @@ Model::Model(Source source, const std::string& dir, std::shared_ptr<Communicator
   const auto act = *kernels::parse_activation(c.activation);
   const int64_t H1 = act == kernels::Activation::swiglu ? 2 * H : H;
   const auto rope = std::make_shared<const RotaryTable>(c);
-  embed_ = tensor("embed.weight", {V, d});
-  norm_ = tensor("norm.weight", {d});
-  lm_head_ = tensor("lm_head.weight", {d, V});
+  if (attention_here) {
+    embed_ = tensor("embed.weight", {V, d});
+    norm_ = tensor("norm.weight", {d});
+    lm_head_ = tensor("lm_head.weight", {d, V});
+  }
   for (int i = 0; i < c.layers; ++i) {
     const std::string p = "layers." + std::to_string(i) + ".";
-    AttentionWeights aw;
-    aw.norm = tensor(p + "attn_norm.weight", {d});
-    aw.wq = tensor(p + "attn.wq", {d, d});
-    aw.wk = tensor(p + "attn.wk", {d, d});
-    aw.wv = tensor(p + "attn.wv", {d, d});
-    aw.wo = tensor(p + "attn.wo", {d, d});
-    attention_.push_back(std::make_unique<AttentionBlock>(c, i, std::move(aw), rope));
-    attention_.back()->set_device_model(options_.device);
-    Tensor ffn_norm = tensor(p + "ffn_norm.weight", {d});
+    if (attention_here) {
+      AttentionWeights aw;
+      aw.norm = tensor(p + "attn_norm.weight", {d});
+      aw.wq = tensor(p + "attn.wq", {d, d});
+      aw.wk = tensor(p + "attn.wk", {d, d});
+      aw.wv = tensor(p + "attn.wv", {d, d});
+      aw.wo = tensor(p + "attn.wo", {d, d});
+      attention_.push_back(std::make_unique<AttentionBlock>(c, i, std::move(aw), rope));
+      attention_.back()->set_device_model(options_.device);
+    } else {
+      attention_.push_back(nullptr);  // an FFN rank
+    }
+    // The FFN's norm runs where the rows are (the attention side sends normed rows).
+    Tensor ffn_norm = attention_here ? tensor(p + "ffn_norm.weight", {d}) : Tensor::zeros({d}, DType::f32);
     MoEConfig mc;
     mc.model_dim = d;
     mc.hidden_dim = H;
@@ -109,21 +118,26 @@ Model::Model(Source source, const std::string& dir, std::shared_ptr<Communicator
     mc.plan.exchange = ExchangeMode::dropless;
     mc.batch_invariant = true;
     mc.device_model = options_.device;
-    if (W > c.experts) {  // expert data parallelism: W / E expert groups, each holding every expert once
+    if (ffn_only) {
+      mc.placement = ffn_only;
+    } else if (W > c.experts) {  // expert data parallelism: W / E expert groups, each holding every expert once
       mc.placement = ExpertPlacement::expert_data_parallel(c.experts, W, c.experts);
       mc.replica_domain = c.experts;
     }
     auto moe = std::make_unique<MoELayer>(mc, group_);
-    const Tensor gate = tensor(p + "ffn.gate.weight", {d, E});
-    std::memcpy(moe->gate_weight().data(), gate.data(), gate.nbytes());
+    if (attention_here) {  // the router runs beside the attention
+      const Tensor gate = tensor(p + "ffn.gate.weight", {d, E});
+      std::memcpy(moe->gate_weight().data(), gate.data(), gate.nbytes());
+    }
+    const bool experts_here = moe->layout().slots(me) > 0;
     Tensor w1, b1, w2, b2;  // stacked [E, ...] from a released model
-    if (!checkpoint) {
+    if (!checkpoint && experts_here) {
       w1 = tensor(p + "ffn.experts.w1", {E, d, H1}), b1 = tensor(p + "ffn.experts.b1", {E, H1});
       w2 = tensor(p + "ffn.experts.w2", {E, H, d}), b2 = tensor(p + "ffn.experts.b2", {E, d});
     }
     ExpertParams& ep = moe->params();
-    for (int s = 0; s < moe->layout().slots(group_->rank()); ++s) {
-      const int e = moe->layout().expert_at(group_->rank(), s);
+    for (int s = 0; s < moe->layout().slots(me); ++s) {
+      const int e = moe->layout().expert_at(me, s);
       if (e < 0) continue;  // an unused slot
       auto copy_slot = [&](const Tensor& stacked, const char* field, const Shape& shape, Tensor& to) {
         const int64_t per = shape_numel(shape);
@@ -140,6 +154,30 @@ Model::Model(Source source, const std::string& dir, std::shared_ptr<Communicator
   }
 }
 
+std::optional<ExpertPlacement> Model::disaggregated_placement(const std::string& dir) const {
+  if (!options_.roles) return std::nullopt;
+  const RoleSplit& roles = *options_.roles;
+  const int W = group_->size(), E = config_.experts, F = static_cast<int>(roles.ffn.size());
+  RoleSplit::of(roles.attention, roles.ffn, W, "model roles");  // names a split that does not fit this group
+  if (F > E)
+    SY_THROW(ConfigError, "model '", dir, "': ", F, " FFN ranks for ", E, " experts; expected at most ", E,
+             " (each FFN rank holds whole experts: expert parallelism inside the FFN group)");
+  std::vector<int> slots(static_cast<size_t>(W), 0), phy2log;
+  for (int j = 0; j < F; ++j) slots[static_cast<size_t>(roles.ffn[static_cast<size_t>(j)])] = E / F + (j < E % F);
+  // Physical slots are numbered rank by rank; expert e goes to the e-th slot in that order.
+  for (int w = 0, e = 0; w < W; ++w)
+    for (int s = 0; s < slots[static_cast<size_t>(w)]; ++s) phy2log.push_back(e++);
+  return ExpertPlacement(E, std::move(slots), std::move(phy2log));
+}
+
+const AttentionBlock& Model::attention_block(int layer) const {
+  const auto& block = attention_.at(static_cast<size_t>(layer));
+  if (!block)
+    SY_THROW(InvalidArgument, "model: rank ", group_->rank(), " is an FFN rank of ", options_.roles->name(),
+             " and holds no attention (layer ", layer, ")");
+  return *block;
+}
+
 Model::PhaseTimer::PhaseTimer(Model& model, double ModelPhaseTimes::*phase)
     : model_(model), phase_(phase), start_(Clock::now()), virtual_start_(virtual_time::now()) {}
 
@@ -148,8 +186,15 @@ Model::PhaseTimer::~PhaseTimer() {
   model_.virtual_times_.*phase_ += virtual_time::now() - virtual_start_;
 }
 
+void Model::require_attention(const char* what) const {
+  if (!holds_attention())
+    SY_THROW(InvalidArgument, "model: ", what, " on rank ", group_->rank(), ", an FFN rank of ", options_.roles->name(),
+             " (it holds experts only)");
+}
+
 Tensor Model::embed(const std::vector<Chunk>& chunks) {
   const PhaseTimer timer(*this, &ModelPhaseTimes::embed);
+  require_attention("embed");
   const int64_t d = config_.d_model;
   int64_t rows = 0;
   for (const Chunk& c : chunks) rows += static_cast<int64_t>(c.tokens.size());
@@ -167,7 +212,7 @@ Tensor Model::embed(const std::vector<Chunk>& chunks) {
 
 void Model::attention(int layer, Tensor& x, const std::vector<Chunk>& chunks) {
   const PhaseTimer timer(*this, &ModelPhaseTimes::attention);
-  attention_.at(static_cast<size_t>(layer))->apply(x, chunks);
+  attention_block(layer).apply(x, chunks);
 }
 
 void Model::ffn(int layer, Tensor& x) {
@@ -177,6 +222,7 @@ void Model::ffn(int layer, Tensor& x) {
 
 Tensor Model::head(const Tensor& x) {
   const PhaseTimer timer(*this, &ModelPhaseTimes::head);
+  require_attention("head");
   if (options_.device) {
     const double rows = static_cast<double>(x.shape()[0]), d = config_.d_model;
     virtual_time::charge(options_.device->memory_seconds(2 * rows * d * sizeof(float)) +
@@ -216,12 +262,16 @@ double Model::weight_bytes() const {
 double Model::rank_weight_bytes(double attention_share) const {
   const double d = config_.d_model, V = config_.vocab_size, E = config_.experts;
   const int slots = ffn_.empty() ? 0 : ffn_.front()->moe().layout().slots(group_->rank());
+  if (!holds_attention()) return config_.layers * slots * expert_bytes();
   const double per_layer = (4 * d * d * attention_share + 2 * d + d * E) * sizeof(float) + slots * expert_bytes();
   return (2 * V * d + d) * sizeof(float) + config_.layers * per_layer;
 }
 
 Model::Rebalance Model::rebalance_experts(int redundant) {
   const int W = group_->size(), E = config_.experts, physical = E + redundant;
+  if (options_.roles)
+    SY_THROW(InvalidArgument, "model: rebalancing redundant experts is not built for disaggregated models (",
+             options_.roles->name(), "): EPLB would place experts on the attention ranks");
   if (redundant < 0 || physical % W != 0)
     SY_THROW(InvalidArgument, "model: ", redundant, " redundant experts: ", E, " + ", redundant,
              " physical experts do not divide over ", W, " ranks");

@@ -14,6 +14,7 @@
 
 #include <chrono>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -21,6 +22,7 @@
 #include "core/tensor.h"
 #include "model/blocks.h"
 #include "model/kv_cache.h"
+#include "model/layer_schedule.h"
 #include "model/model_config.h"
 #include "moe/moe_layer.h"
 
@@ -37,6 +39,11 @@ struct ModelOptions {
   // (attention: model/blocks.h; experts: the MoE layer's charges; embedding
   // and head: their bytes and GEMMs), so a step's virtual time is a GPU's.
   std::shared_ptr<const DeviceModel> device;
+  // Attention-FFN disaggregation: the experts spread over roles->ffn only
+  // (E / F each; the first E mod F ranks one more), none on the attention
+  // ranks; an FFN rank loads no attention, embedding, head or gate, an
+  // attention rank no expert. Empty: every rank both.
+  std::optional<RoleSplit> roles;
 };
 
 class Model {
@@ -65,10 +72,15 @@ class Model {
   // x += moe(rmsnorm(x)): collective over the expert group (every rank calls,
   // with its own rows, possibly none).
   void ffn(int layer, Tensor& x);
-  const AttentionBlock& attention_block(int layer) const { return *attention_.at(static_cast<size_t>(layer)); }
+  // Throws on an FFN rank of a disaggregated model (it holds no attention).
+  const AttentionBlock& attention_block(int layer) const;
   FfnBlock& ffn_block(int layer) { return *ffn_.at(static_cast<size_t>(layer)); }
   MoELayer& moe(int layer) { return ffn_.at(static_cast<size_t>(layer))->moe(); }
   const std::shared_ptr<Communicator>& expert_group() const { return group_; }
+  const std::optional<RoleSplit>& roles() const { return options_.roles; }
+  // Whether this rank holds the attention side (embedding, attention, gates,
+  // head): every rank unless disaggregated.
+  bool holds_attention() const { return !options_.roles || options_.roles->is_attention(group_->rank()); }
   Tensor head(const Tensor& x);  // logits [rows, vocab]
   // Every layer the caches own takes the chunks' positions.
   void commit(const std::vector<Chunk>& chunks);
@@ -97,7 +109,8 @@ class Model {
   double expert_bytes() const;  // one expert of one layer
   // Bytes of weights one rank holds when its attention keeps `attention_share`
   // of every layer's projections (1, or 1 / tp): its experts' slots, the
-  // gates, norms, embedding and head.
+  // gates, norms, embedding and head (an FFN rank of a disaggregated model:
+  // its experts alone).
   double rank_weight_bytes(double attention_share = 1.0) const;
   // Adds the wall and virtual seconds from its construction to its end to a
   // phase of the model's times (blocks a schedule walks itself time theirs).
@@ -116,6 +129,9 @@ class Model {
   };
 
  private:
+  // Every expert on the FFN ranks of options_.roles (nullopt unless disaggregated).
+  std::optional<ExpertPlacement> disaggregated_placement(const std::string& dir) const;
+  void require_attention(const char* what) const;
   struct Source;  // the weights' file or checkpoint, opened once
   Model(Source source, const std::string& dir, std::shared_ptr<Communicator> group, ModelOptions options);
   ModelConfig config_;

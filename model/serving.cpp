@@ -140,7 +140,7 @@ std::vector<RequestResult> serve(InferenceEngine& engine, const std::vector<Requ
     std::fill(a, a + 2 + G, 0.0);
     a[0] = elapsed();
     a[1] = active.empty() && waiting.empty() ? 0 : 1;
-    a[2 + me] = static_cast<double>(finished_mine);
+    if (me >= 0) a[2 + me] = static_cast<double>(finished_mine);  // an FFN rank (me = -1) serves no group
     engine.world().allreduce(agree, agree, {.op = ReduceOp::max}).wait();
     const double now = a[0];
     behind = now - elapsed();  // after the wait: a rank that waited here is not counted late

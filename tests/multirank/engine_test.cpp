@@ -553,5 +553,164 @@ TEST(Engine, RanksGivenDifferentRequestsFailTogether) {
   });
 }
 
+
+// ---- attention-FFN disaggregation (LayerSchedule::disaggregated) ----
+
+// Every split of the world into A attention and W - A FFN ranks, every
+// ping-pong depth (more micro-batches than a rank has sequences included):
+// the logits are one rank's model's, bit for bit, and the attention ranks
+// hold no experts, the FFN ranks no attention or KV.
+TEST(Engine, DisaggregatedEqualsOneRankBitForBitForEverySplitAndDepth) {
+  for_each_rank([](Communicator& world, uint64_t seed) {
+    const int W = world.size(), R = world.rank();
+    if (W < 2) return;
+    const auto prompts = random_prompts(seed, 5, 1, 19);
+    Model ref(kDraft, one_rank());
+    const auto want = reference_traces(ref, prompts, 5);
+    for (int A = 1; A < W; ++A) {
+      const RoleSplit roles = RoleSplit::parse(std::to_string(A) + ":" + std::to_string(W - A), W);
+      Model model(kDraft, world.shared_from_this(), {.roles = roles});
+      const int V = model.config().vocab_size;
+      InferenceEngine engine(model, LayerSchedule::disaggregated(model.config().layers, roles));
+      const bool attention = roles.is_attention(R);
+      EXPECT_EQ(model.holds_attention(), attention);
+      EXPECT_EQ(model.moe(0).layout().slots(R) > 0, !attention) << "rank " << R << " of " << roles.name();
+      EXPECT_EQ(engine.kv_floats_per_position() > 0, attention);
+      EXPECT_EQ(engine.token_group(), roles.attention_index(R));
+      for (int m : {1, 2, 3}) {
+        engine.set_microbatches(m);
+        std::vector<int> mine;
+        for (int s = 0; s < 5 && attention; ++s)
+          if (s % A == engine.token_group()) mine.push_back(s);
+        const auto got = run_sequences(prompts, mine, 5, V, [&](const std::vector<Chunk>& c) { return engine.step(c); },
+                                       [&] { return engine.new_cache(64); });
+        EXPECT_EQ(got.size(), mine.size());
+        expect_same_traces(got, want, roles.name() + ", m = " + std::to_string(m) + ", rank " + std::to_string(R));
+      }
+      // The depth may change from step to step and differ between ranks (the largest is used).
+      int step = 0;
+      std::vector<int> mine;
+      for (int s = 0; s < 5 && attention; ++s)
+        if (s % A == engine.token_group()) mine.push_back(s);
+      const auto got = run_sequences(prompts, mine, 5, V,
+                                     [&](const std::vector<Chunk>& c) {
+                                       engine.set_microbatches(1 + (step++ + R) % 3);
+                                       return engine.step(c);
+                                     },
+                                     [&] { return engine.new_cache(64); });
+      expect_same_traces(got, want, roles.name() + ", m changing per step, rank " + std::to_string(R));
+      EXPECT_GT(engine.step_times().steps, 0);
+      EXPECT_LE(engine.step_times().waiting, engine.step_times().seconds);
+    }
+  }, Milliseconds(20000));
+}
+
+TEST(Engine, DisaggregatedServingEqualsEachRequestAlone) {
+  for_each_rank([](Communicator& world, uint64_t seed) {
+    const int W = world.size();
+    if (W < 2) return;
+    const RoleSplit roles = RoleSplit::parse(std::to_string(W / 2) + ":" + std::to_string(W - W / 2), W);
+    Model ref(kDraft, one_rank());
+    Model model(kDraft, world.shared_from_this(), {.roles = roles});
+    InferenceEngine engine(model, LayerSchedule::disaggregated(model.config().layers, roles));
+    engine.set_microbatches(2);
+    const auto requests = mixed_requests(seed, 7);
+    RoundRobinScheduler rr;
+    ServingOptions o;
+    o.max_batch = 3;
+    ServingStats st;
+    const auto results = serve(engine, requests, rr, o, &st);
+    expect_served(world, engine, requests, results, ref, roles.name());
+    if (!roles.is_attention(world.rank())) {
+      EXPECT_TRUE(results.empty());
+      EXPECT_EQ(st.rows, 0);
+    }
+  }, Milliseconds(20000));
+}
+
+TEST(Engine, DisaggregatedRoleSplitsThatDoNotFitAreClearErrors) {
+  auto error_of = [](const std::function<void()>& f) {
+    try {
+      f();
+    } catch (const ConfigError& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  EXPECT_NE(error_of([] { RoleSplit::parse("2:3", 4); }).find("--afd = '2:3': 2 attention + 3 FFN ranks = 5, but the world has 4"),
+            std::string::npos);
+  EXPECT_NE(error_of([] { RoleSplit::parse("0:4", 4); }).find("expected A:F"), std::string::npos);
+  EXPECT_NE(error_of([] { RoleSplit::parse("2", 2); }).find("expected A:F"), std::string::npos);
+  EXPECT_NE(error_of([] { RoleSplit::parse("1:x", 2); }).find("expected A:F"), std::string::npos);
+  EXPECT_NE(error_of([] { RoleSplit::of({0, 1}, {1}, 2); }).find("rank 1 is given two roles"), std::string::npos);
+  EXPECT_NE(error_of([] { RoleSplit::of({0}, {2}, 3); }).find("rank 1 of the world of 3 has no role"), std::string::npos);
+  EXPECT_NE(error_of([] { RoleSplit::of({0}, {5}, 2); }).find("rank 5 is outside the world"), std::string::npos);
+  EXPECT_NE(error_of([] {
+              LayerSchedule::make({.attention = "tp", .tp = 2, .afd = "1:1", .afd_field = "--afd"}, 2, 2);
+            }).find("model.attention = tp with --afd = 1:1; expected dp"),
+            std::string::npos);
+  const RoleSplit roles = RoleSplit::parse("1:3", 4);
+  EXPECT_EQ(roles.name(), "1A3F");
+  EXPECT_EQ(roles.attention_index(0), 0);
+  EXPECT_EQ(roles.attention_index(2), -1);
+  const LayerSchedule s = LayerSchedule::disaggregated(3, roles);
+  EXPECT_EQ(s.token_groups(), 1);
+  EXPECT_EQ(s.token_group_of(3), -1);
+  EXPECT_TRUE(s.owned_layers(1).empty());
+  EXPECT_EQ(s.owned_layers(0).size(), 3u);
+}
+
+// More FFN ranks than experts, a model loaded without roles under a
+// disaggregated schedule, and an FFN rank given sequences: errors on every
+// rank alike (the last one agreed, so no rank is left in a collective).
+TEST(Engine, DisaggregatedMisuseFailsOnEveryRank) {
+  for_each_rank([](Communicator& world, uint64_t) {
+    const int W = world.size();
+    if (W < 2) return;
+    const RoleSplit roles = RoleSplit::parse("1:" + std::to_string(W - 1), W);
+    Model colocated(kDraft, world.shared_from_this());
+    EXPECT_THROW(InferenceEngine(colocated, LayerSchedule::disaggregated(colocated.config().layers, roles)),
+                 InvalidArgument);
+    Model model(kDraft, world.shared_from_this(), {.roles = roles});
+    InferenceEngine engine(model, LayerSchedule::disaggregated(model.config().layers, roles));
+    KVCache cache = model.new_cache(16, {});
+    std::vector<Chunk> chunks;
+    if (world.rank() == W - 1) chunks.push_back({&cache, {65}});  // an FFN rank with a sequence
+    try {
+      engine.step(chunks);
+      ADD_FAILURE() << "no error";
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find("an FFN rank of 1A"), std::string::npos) << e.what();
+    }
+  }, Milliseconds(20000));
+}
+
+// A dead FFN rank: the attention ranks fail with a timeout naming the op and
+// the peer, within the op timeout, instead of waiting for ever.
+TEST(Engine, DisaggregatedFfnRankThatStopsMakesTheAttentionRanksFail) {
+  if (!testing::harness_is_threads() || testing::harness_config().ranks < 2) GTEST_SKIP() << "needs >= 2 thread-ranks";
+  const auto start = std::chrono::steady_clock::now();
+  try {
+    for_each_rank([](Communicator& world, uint64_t) {
+      const int W = world.size();
+      const RoleSplit roles = RoleSplit::parse(std::to_string(W - 1) + ":1", W);
+      Model model(kDraft, world.shared_from_this(), {.roles = roles});
+      InferenceEngine engine(model, LayerSchedule::disaggregated(model.config().layers, roles));
+      engine.set_microbatches(2);
+      KVCache cache = engine.new_cache(32);
+      std::vector<Chunk> chunks;
+      if (roles.is_attention(world.rank())) chunks.push_back({&cache, {65, 66, 67}});
+      engine.step(chunks);
+      if (roles.is_ffn(world.rank())) return;  // the FFN rank goes away after one step
+      for (Chunk& c : chunks) c.tokens = {68};
+      engine.step(chunks);
+    }, Milliseconds(1500));
+    FAIL() << "no error";
+  } catch (const TimeoutError& e) {
+    EXPECT_NE(std::string(e.what()).find("timed out waiting for"), std::string::npos) << e.what();
+  }
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(10));
+}
+
 }  // namespace
 }  // namespace switchyard
