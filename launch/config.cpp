@@ -425,6 +425,20 @@ const std::vector<Field>& fields() {
       integer<int>("model.tp", 1, 4096, +[](JobConfig& c) -> int& { return c.model.tp; },
                    "Ranks per tensor-parallel attention group (dividing the world and the model's heads); 1 unless "
                    "model.attention = tp."),
+      string("model.afd", +[](JobConfig& c) -> std::string& { return c.model.afd; },
+             "Attention-FFN disaggregation as A:F (Step-3, MegaScale-Infer): the first A ranks run data-parallel "
+             "attention with the KV, the router and the combine, and hold no experts; the other F ranks hold the "
+             "experts (E / F each) and no attention; A + F = the ranks. Empty: every rank both.",
+             [](const std::string& v) {
+               const size_t c = v.find(':');
+               return v.empty() || (c != std::string::npos && c > 0 && c + 1 < v.size() &&
+                                    v.find_first_not_of("0123456789:") == std::string::npos &&
+                                    v.find(':', c + 1) == std::string::npos);
+             },
+             "A:F, two rank counts (e.g. 2:2), or empty"),
+      integer<int>("model.microbatches", 1, 64, +[](JobConfig& c) -> int& { return c.model.microbatches; },
+                   "With model.afd: micro-batches per step ping-ponged between the attention and FFN ranks (the FFN "
+                   "ranks compute micro-batch i while the attention ranks run i + 1); 1 otherwise."),
       integer<int>("model.threads", 0, 4096, +[](JobConfig& c) -> int& { return c.model.threads; },
                    "GEMM (OpenMP) threads per rank; 0: the node's cores over its ranks."),
       integer<int>("serve.requests", 1, kIntMax, +[](JobConfig& c) -> int& { return c.serve.requests; },
@@ -468,6 +482,10 @@ const std::vector<CrossCheck>& cross_checks() {
        [](const JobConfig& c) { return c.bench.min_bytes <= c.bench.max_bytes; }},
       {{"model.attention", "model.tp"}, "model.tp = 1 unless model.attention = tp",
        [](const JobConfig& c) { return c.model.tp == 1 || c.model.attention == "tp"; }},
+      {{"model.afd", "model.microbatches"}, "model.microbatches = 1 unless model.afd is set",
+       [](const JobConfig& c) { return c.model.microbatches == 1 || !c.model.afd.empty(); }},
+      {{"model.afd", "model.attention"}, "model.attention = replicated (the default) or dp when model.afd is set",
+       [](const JobConfig& c) { return c.model.afd.empty() || c.model.attention != "tp"; }},
   };
   return table;
 }

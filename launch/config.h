@@ -100,6 +100,8 @@ struct ModelSection {
   std::string path = "examples/tiny_lm/base";  // a folder with config.json and model.safetensors
   std::string attention = "replicated";        // replicated | dp | tp (model/layer_schedule.h)
   int tp = 1;                                   // ranks per tensor-parallel attention group
+  std::string afd;                              // "A:F": attention-FFN disaggregation (empty: colocated)
+  int microbatches = 1;                         // with afd: micro-batches ping-ponged per step
   int threads = 0;                              // GEMM threads per rank; 0: cores / ranks on the node
 };
 

@@ -115,6 +115,61 @@ RuntimeOptions runtime_options(const DecodeParallelism& p) {
   return ro;
 }
 
+// The model's roles on `world` ranks (disaggregated: --afd), and `device`.
+ModelOptions model_options(const DecodeParallelism& p, int world, std::shared_ptr<const DeviceModel> device = nullptr) {
+  ModelOptions mo;
+  mo.device = std::move(device);
+  if (!p.afd.empty()) mo.roles = RoleSplit::parse(p.afd, world, p.afd_field);
+  return mo;
+}
+
+// The engine of `model` as `p` schedules it (micro-batches included).
+std::unique_ptr<InferenceEngine> make_engine(Model& model, const DecodeParallelism& p) {
+  if (p.microbatches < 1)
+    SY_THROW(ConfigError, p.microbatches_field, " = ", p.microbatches, ", expected >= 1");
+  if (p.microbatches > 1 && p.afd.empty())
+    SY_THROW(ConfigError, p.microbatches_field, " = ", p.microbatches, " without ", p.afd_field,
+             "; micro-batches ping-pong between attention and FFN ranks (expected 1, or an ", p.afd_field, " split)");
+  auto engine = std::make_unique<InferenceEngine>(
+      model, LayerSchedule::make(p.schedule(), model.config().layers, model.expert_group()->size()));
+  engine->set_microbatches(p.microbatches);
+  return engine;
+}
+
+// How the schedule runs, for a result line: "attention dp" or "2A2F, m = 2".
+std::string schedule_name(const InferenceEngine& engine) {
+  if (const auto& roles = engine.schedule().roles())
+    return roles->name() + ", m = " + std::to_string(engine.microbatches());
+  return std::string("attention ") + attention_mode_name(engine.schedule().attention());
+}
+
+// Each side's pipeline bubble (InferenceEngine::StepTimes: the share of step
+// time spent waiting on exchanges), the mean over its ranks; colocated, every
+// rank is both sides. Collective.
+struct SideBubbles {
+  double attention = 0, ffn = 0;  // wall
+  double attention_virtual = 0, ffn_virtual = 0;
+};
+SideBubbles side_bubbles(Communicator& world, const InferenceEngine& engine) {
+  const int W = world.size(), R = world.rank();
+  Tensor all = Tensor::zeros({2 * W}, DType::f64);
+  all.data_as<double>()[R] = engine.step_times().bubble();
+  all.data_as<double>()[W + R] = engine.step_times().virtual_bubble();
+  world.allreduce(all, all).wait();
+  const auto& roles = engine.schedule().roles();
+  SideBubbles b;
+  int na = 0, nf = 0;
+  for (int r = 0; r < W; ++r) {
+    const bool a = !roles || roles->is_attention(r), f = !roles || roles->is_ffn(r);
+    const double wall = all.data_as<double>()[r], virt = all.data_as<double>()[W + r];
+    if (a) b.attention += wall, b.attention_virtual += virt, ++na;
+    if (f) b.ffn += wall, b.ffn_virtual += virt, ++nf;
+  }
+  b.attention /= std::max(na, 1), b.attention_virtual /= std::max(na, 1);
+  b.ffn /= std::max(nf, 1), b.ffn_virtual /= std::max(nf, 1);
+  return b;
+}
+
 // Greedy decoding's next step: every chunk's next input is the argmax of its
 // last row of logits (the first maximum, as sample() chooses at temperature 0).
 void feed_greedy_tokens(const Tensor& logits, int vocab, std::vector<Chunk>& chunks) {
@@ -168,22 +223,30 @@ void bench_batches(InferenceEngine& engine, const BenchDecodeOptions& o, const C
   if (csv && cluster)
     std::fprintf(csv, "batch,ranks,attention,tpot_ms_virtual,tokens_per_s_virtual,tokens_per_s_per_gpu_virtual,"
                       "attention_ms_virtual,moe_ms_virtual,floor_ms_virtual,ratio_virtual,wall_ms_per_step,"
-                      "memory_gb_per_rank\n");
+                      "memory_gb_per_rank,attention_idle_virtual,ffn_idle_virtual\n");
   else if (csv)
     std::fprintf(csv, "batch,ranks,attention,tokens_per_s,tokens_per_s_per_rank,ms_per_step,attention_ms,moe_ms,"
-                      "head_ms,floor_ms,ratio,read_gb_per_s\n");
+                      "head_ms,floor_ms,ratio,read_gb_per_s,attention_idle,ffn_idle\n");
   const double mean_len = o.prompt_tokens + (o.steps + 1) / 2.0;
   const int positions = o.prompt_tokens + o.steps + 1;  // each sequence's cache
   DecodeMemory memory = engine.memory();
   // The largest share of a batch one token group holds; every rank judges alike.
   auto sequences_per_group = [&](int B) { return (B + G - 1) / G; };
-  int64_t fits = memory.max_sequences(positions);
+  // Sequences per token group that fit on every rank (-1: unbounded); ranks differ under
+  // disaggregation (attention ranks hold the KV, FFN ranks the experts), and all must decide alike.
+  auto agreed_fits = [&](const DecodeMemory& m) {
+    const int64_t f = m.max_sequences(positions);
+    const double most = max_over_ranks(world, f < 0 ? -1e18 : -static_cast<double>(f));
+    return most <= -1e18 ? int64_t{-1} : static_cast<int64_t>(-most);
+  };
+  int64_t fits = agreed_fits(memory);
+  const double heaviest_weights = max_over_ranks(world, memory.weights);
   if (cluster) {
     if (speak) {
       std::printf("# emulated %s: %d rank(s) per node; times are virtual (device and link models), the last column "
                   "this machine's wall time\n", cluster->name.c_str(), cluster->link.ranks_per_node);
-      std::printf("# device memory per rank: %.4g GB of weights + %.1f KB of KV per sequence position; ",
-                  memory.weights / 1e9, memory.kv_per_position / 1e3);
+      std::printf("# device memory per rank: %.4g GB of weights (the heaviest rank: %.4g GB) + %.1f KB of KV per "
+                  "sequence position; ", memory.weights / 1e9, heaviest_weights / 1e9, memory.kv_per_position / 1e3);
       if (fits >= 0)
         std::printf("%.4g GB hold %lld sequences of %d positions per token group\n", memory.capacity / 1e9,
                     static_cast<long long>(fits), positions);
@@ -193,8 +256,10 @@ void bench_batches(InferenceEngine& engine, const BenchDecodeOptions& o, const C
                   "ideal cluster's step; attn and moe ms: each the slowest rank's per step, waits for the other "
                   "ranks included (so they may add up to more than the TPOT)\n", W,
                   cluster->device.memory_bandwidth / 1e9, W, cluster->device.gemm_flops_f32 / 1e12);
-      std::printf("%6s %10s %12s %12s %9s %9s %9s %7s %10s %8s\n", "batch", "TPOT ms", "tokens/s", "per GPU",
-                  "attn ms", "moe ms", "floor ms", "ratio", "wall ms", "mem GB");
+      std::printf("# A idle, F idle: the attention and FFN ranks' pipeline bubble (share of the step spent waiting on "
+                  "the MoE exchanges; colocated, every rank is both)\n");
+      std::printf("%6s %10s %12s %12s %9s %9s %9s %7s %7s %7s %10s %8s\n", "batch", "TPOT ms", "tokens/s", "per GPU",
+                  "attn ms", "moe ms", "floor ms", "ratio", "A idle", "F idle", "wall ms", "mem GB");
       std::fflush(stdout);
     }
   }
@@ -210,15 +275,17 @@ void bench_batches(InferenceEngine& engine, const BenchDecodeOptions& o, const C
     std::printf("floor = max(distinct bytes a step reads / read bandwidth at that footprint, FLOPs / %.1f GFLOP/s "
                 "(oneDNN sgemm 1024^3)); both measured here, by every rank at once on its share of the cores\n",
                 flop_rate / 1e9);
-    std::printf("%6s %12s %12s %10s %9s %9s %9s %9s %7s %8s\n", "batch", "tokens/s", "per rank", "ms/step", "attn ms",
-                "moe ms", "head ms", "floor ms", "ratio", "GB/s");
+    std::printf("A idle, F idle: the attention and FFN ranks' pipeline bubble (share of the step spent waiting on the "
+                "MoE exchanges; colocated, every rank is both)\n");
+    std::printf("%6s %12s %12s %10s %9s %9s %9s %9s %7s %8s %7s %7s\n", "batch", "tokens/s", "per rank", "ms/step",
+                "attn ms", "moe ms", "head ms", "floor ms", "ratio", "GB/s", "A idle", "F idle");
   }
   std::string points;
   double last_tps = 0;
   for (size_t bi = 0; bi < o.batches.size(); ++bi) {
     const int B = o.batches[bi];
     memory = engine.memory();  // rebalancing may have added replicas (slots) since the last batch
-    fits = memory.max_sequences(positions);
+    fits = agreed_fits(memory);
     if (fits >= 0 && sequences_per_group(B) > fits) {  // as a GPU would: the batch does not fit beside the weights
       if (speak)
         std::printf("%6d refused: %d sequence(s) of %d positions per token group need %.4g GB of KV + %.4g GB of "
@@ -240,6 +307,7 @@ void bench_batches(InferenceEngine& engine, const BenchDecodeOptions& o, const C
     model.reset_expert_loads();  // rebalancing judges decode steps, not the prefill
     Tensor chosen = Tensor::zeros({o.steps, c.layers, c.experts}, DType::f64);
     model.reset_times();
+    engine.reset_step_times();
     world.barrier().wait();
     const auto start = Clock::now();
     const double virtual_start = virtual_time::now();
@@ -273,6 +341,7 @@ void bench_batches(InferenceEngine& engine, const BenchDecodeOptions& o, const C
     // The slowest rank's virtual attention (tp: with its reduce-scatter and all-gather) and MoE layers.
     const double attention_virtual = max_over_ranks(world, model.virtual_times().attention);
     const double moe_virtual = max_over_ranks(world, model.virtual_times().moe);
+    const SideBubbles idle = side_bubbles(world, engine);
     world.allreduce(chosen, chosen, {.op = ReduceOp::max}).wait();  // chosen by any rank's tokens
     double touched = 0;
     for (int64_t i = 0; i < chosen.numel(); ++i) touched += chosen.data_as<double>()[i];
@@ -287,14 +356,15 @@ void bench_batches(InferenceEngine& engine, const BenchDecodeOptions& o, const C
       const double mem = memory.weights + static_cast<double>(sequences_per_group(B)) * positions * memory.kv_per_position;
       last_tps = tps;
       if (!speak) continue;
-      std::printf("%6d %10.4f %12.1f %12.1f %9.4f %9.4f %9.4f %7.2f %10.3f %8.3f\n", B, tpot * 1e3, tps, tps / W,
-                  attn_ms, moe_ms, floor_ms, tpot * 1e3 / floor_ms, step_ms, mem / 1e9);
+      std::printf("%6d %10.4f %12.1f %12.1f %9.4f %9.4f %9.4f %7.2f %6.1f%% %6.1f%% %10.3f %8.3f\n", B, tpot * 1e3, tps,
+                  tps / W, attn_ms, moe_ms, floor_ms, tpot * 1e3 / floor_ms, 100 * idle.attention_virtual,
+                  100 * idle.ffn_virtual, step_ms, mem / 1e9);
       std::fflush(stdout);
       points += std::to_string(B) + " " + std::to_string(tps / W) + "\n";
       if (csv)
-        std::fprintf(csv, "%d,%d,%s,%.6f,%.2f,%.2f,%.6f,%.6f,%.6f,%.3f,%.4f,%.4f\n", B, W,
-                     attention_mode_name(engine.schedule().attention()), tpot * 1e3, tps, tps / W, attn_ms, moe_ms,
-                     floor_ms, tpot * 1e3 / floor_ms, step_ms, mem / 1e9);
+        std::fprintf(csv, "%d,%d,%s,%.6f,%.2f,%.2f,%.6f,%.6f,%.6f,%.3f,%.4f,%.4f,%.4f,%.4f\n", B, W,
+                     schedule_name(engine).c_str(), tpot * 1e3, tps, tps / W, attn_ms, moe_ms, floor_ms,
+                     tpot * 1e3 / floor_ms, step_ms, mem / 1e9, idle.attention_virtual, idle.ffn_virtual);
       continue;
     }
     const double tps = B * o.steps / seconds;
@@ -303,17 +373,17 @@ void bench_batches(InferenceEngine& engine, const BenchDecodeOptions& o, const C
     // A step well under its floor means the floor's estimate (a warm read at the step's footprint) was wrong
     // for this run, not that the step beat the machine: the ratio is then not a result.
     const bool beaten = step_ms < 0.8 * floor_ms;
-    std::printf("%6d %12.1f %12.1f %10.3f %9.3f %9.3f %9.3f %9.3f %7.2f %8.1f%s\n", B, tps, tps / W, step_ms,
-                t.attention / o.steps * 1e3, t.moe / o.steps * 1e3, t.head / o.steps * 1e3, floor_ms, step_ms / floor_ms,
-                bandwidth[bi] / 1e9,
+    std::printf("%6d %12.1f %12.1f %10.3f %9.3f %9.3f %9.3f %9.3f %7.2f %8.1f %6.1f%% %6.1f%%%s\n", B, tps, tps / W,
+                step_ms, t.attention / o.steps * 1e3, t.moe / o.steps * 1e3, t.head / o.steps * 1e3, floor_ms,
+                step_ms / floor_ms, bandwidth[bi] / 1e9, 100 * idle.attention, 100 * idle.ffn,
                 beaten ? "  INCONCLUSIVE: the step beat its floor by over 20% (the bandwidth estimate is off here)" : "");
     std::fflush(stdout);
     points += std::to_string(B) + " " + std::to_string(tps) + "\n";
     if (csv)
-      std::fprintf(csv, "%d,%d,%s,%.2f,%.2f,%.4f,%.4f,%.4f,%.4f,%.4f,%.3f,%.2f\n", B, W,
-                   attention_mode_name(engine.schedule().attention()), tps, tps / W, step_ms,
-                   t.attention / o.steps * 1e3, t.moe / o.steps * 1e3, t.head / o.steps * 1e3, floor_ms,
-                   step_ms / floor_ms, bandwidth[bi] / 1e9);
+      std::fprintf(csv, "%d,%d,%s,%.2f,%.2f,%.4f,%.4f,%.4f,%.4f,%.4f,%.3f,%.2f,%.4f,%.4f\n", B, W,
+                   schedule_name(engine).c_str(), tps, tps / W, step_ms, t.attention / o.steps * 1e3,
+                   t.moe / o.steps * 1e3, t.head / o.steps * 1e3, floor_ms, step_ms / floor_ms, bandwidth[bi] / 1e9,
+                   idle.attention, idle.ffn);
   }
   if (!speak) return;
   if (cluster && last_tps == 0)
@@ -330,8 +400,7 @@ void bench_batches(InferenceEngine& engine, const BenchDecodeOptions& o, const C
   if (!o.png.empty())
     plot_png(o.png, "set logscale x 2\nset grid\nset key top left\nset xlabel 'batch (sequences)'\n"
                     "set ylabel '" + std::string(cluster ? "tokens/s per GPU (virtual)" : "tokens/s (all ranks)") +
-                        "'\nset title 'bench decode: " + c.name + ", attention " +
-                        attention_mode_name(engine.schedule().attention()) + " on " + std::to_string(W) +
+                        "'\nset title 'bench decode: " + c.name + ", " + schedule_name(engine) + " on " + std::to_string(W) +
                         (cluster ? " emulated " + cluster->name : std::string(" rank(s)")) + "'\n$d << EOD\n" + points +
                         "EOD\nplot $d using 1:2 with linespoints pt 7 title 'tokens/s'\n");
 }
@@ -371,7 +440,9 @@ void bench_requests(Runtime& rt, InferenceEngine& engine, const BenchDecodeOptio
   RoundRobinScheduler rr;
   ServingStats st;
   model.reset_times();
+  engine.reset_step_times();
   const auto results = serve(engine, requests, rr, so, &st);
+  const SideBubbles idle = side_bubbles(world, engine);
   // Every request's figures to every rank: the group that served it fills its row.
   const int F = 6;  // ttft, tpot, tokens, prompt, group, arrival
   Tensor all = Tensor::zeros({o.requests * F}, DType::f64);
@@ -415,6 +486,9 @@ void bench_requests(Runtime& rt, InferenceEngine& engine, const BenchDecodeOptio
               static_cast<long long>(st.idle_steps));
   for (int r = 0; r < W; ++r) std::printf(" %.0f", per_rank.data_as<double>()[r]);
   std::printf("; in step(): %.3f s of %.3f s on rank 0\n", st.step_seconds, seconds);
+  std::printf("pipeline bubble (share of step time waiting on the MoE exchanges): attention ranks %.1f%%, FFN ranks "
+              "%.1f%%%s\n", 100 * idle.attention, 100 * idle.ffn,
+              engine.schedule().roles() ? "" : " (colocated: every rank is both)");
   if (!o.csv.empty()) {
     std::ofstream csv(o.csv);
     if (!csv) SY_THROW(IoError, "bench decode: cannot write --csv '", o.csv, "'");
@@ -724,8 +798,12 @@ int run_generate(const GenerateOptions& o) {
     SY_THROW(InvalidArgument, "generate: --max_new_tokens = ", o.max_new_tokens, ", expected >= 1");
   run_ranks(runtime_options(o.parallel), [&](Runtime& rt) {
     set_rank_threads(o.parallel, rt);
-    Model model(o.model, rt.world_ptr());
-    InferenceEngine engine(model, LayerSchedule::make(o.parallel.schedule(), model.config().layers, rt.world().size()));
+    Model model(o.model, rt.world_ptr(), model_options(o.parallel, rt.world().size()));
+    const std::unique_ptr<InferenceEngine> engine_ptr = make_engine(model, o.parallel);
+    InferenceEngine& engine = *engine_ptr;
+    if (!o.draft.empty() && engine.schedule().roles())
+      SY_THROW(ConfigError, "--draft with --afd = ", o.parallel.afd, ": speculative decoding on a disaggregated "
+               "deployment is not built (run the draft colocated: drop --afd)");
     if (static_cast<int>(o.prompt.size()) + o.max_new_tokens > model.config().max_seq)
       SY_THROW(InvalidArgument, "generate: a prompt of ", o.prompt.size(), " tokens + --max_new_tokens = ",
                o.max_new_tokens, " exceed the model's max_seq = ", model.config().max_seq);
@@ -787,9 +865,9 @@ int run_generate(const GenerateOptions& o) {
     const auto results = serve(engine, {r}, rr, so, &st);
     if (speak && !results.empty()) {
       const RequestResult& res = results[0];
-      std::printf("\n[%s on %d rank(s), attention %s] prefill %lld tokens, first token after %.1f ms; %zu tokens in "
+      std::printf("\n[%s on %d rank(s), %s] prefill %lld tokens, first token after %.1f ms; %zu tokens in "
                   "%.1f ms (%.1f tokens/s after the first)\n",
-                  model.config().name.c_str(), rt.world().size(), attention_mode_name(engine.schedule().attention()),
+                  model.config().name.c_str(), rt.world().size(), schedule_name(engine).c_str(),
                   static_cast<long long>(st.prompt_tokens), res.ttft() * 1e3, res.tokens.size(),
                   (res.finish - res.arrival) * 1e3, res.tpot() > 0 ? 1.0 / res.tpot() : 0.0);
     }
@@ -803,14 +881,15 @@ int run_bench_decode(const BenchDecodeOptions& o) {
   if (!o.emulate.empty()) cluster = load_cluster_preset(o.emulate);
   run_ranks(runtime_options(o.parallel), [&](Runtime& rt) {
     std::shared_ptr<Communicator> group = rt.world_ptr();
-    ModelOptions mo;
+    std::shared_ptr<const DeviceModel> device;
     if (cluster) {
       group = make_emulated_communicator(group, cluster->link);
-      mo.device = std::make_shared<const DeviceModel>(cluster->device);
+      device = std::make_shared<const DeviceModel>(cluster->device);
     }
-    Model model(o.model, group, mo);
+    Model model(o.model, group, model_options(o.parallel, group->size(), device));
     const ModelConfig& c = model.config();
-    InferenceEngine engine(model, LayerSchedule::make(o.parallel.schedule(), c.layers, group->size()));
+    const std::unique_ptr<InferenceEngine> engine_ptr = make_engine(model, o.parallel);
+    InferenceEngine& engine = *engine_ptr;
     if (o.requests > 0 && longest_request(o.prompt_tokens, o.steps) > c.max_seq)
       SY_THROW(InvalidArgument, "bench decode: request mode draws prompts of up to 3/2 x --prompt_tokens = ",
                std::max(1, o.prompt_tokens * 3 / 2), " and outputs of up to 3/2 x --steps = ", std::max(1, o.steps * 3 / 2),

@@ -20,10 +20,15 @@ struct DecodeParallelism {
   int ranks = 1;        // thread-ranks (threads backend)
   std::string attention = "replicated";  // replicated | dp | tp
   int tp = 1;
+  // Attention-FFN disaggregation: "A:F" (model/layer_schedule.h RoleSplit), and
+  // the micro-batches each step ping-pongs between the two sides.
+  std::string afd;
+  int microbatches = 1;
   int threads = 0;      // GEMM (OpenMP) threads per rank; 0: the machine's cores / ranks on this node
   int64_t timeout_ms = 0;  // per-op timeout; 0: the runtime's default
   std::string attention_field = "--attention", tp_field = "--tp";  // names in errors (a config's: model.attention)
-  ScheduleOptions schedule() const { return {attention, tp, attention_field, tp_field}; }
+  std::string afd_field = "--afd", microbatches_field = "--microbatches";
+  ScheduleOptions schedule() const { return {attention, tp, attention_field, tp_field, afd, afd_field}; }
 };
 
 struct GenerateOptions {

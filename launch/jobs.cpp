@@ -260,8 +260,10 @@ int run_job(const JobConfig& config) {
     BenchDecodeOptions o;
     o.model = config.model.path;
     o.parallel = {.backend = options.backend, .ranks = config.comm.ranks, .attention = config.model.attention,
-                  .tp = config.model.tp, .threads = config.model.threads, .timeout_ms = config.comm.timeout_ms,
-                  .attention_field = "model.attention", .tp_field = "model.tp"};
+                  .tp = config.model.tp, .afd = config.model.afd, .microbatches = config.model.microbatches,
+                  .threads = config.model.threads, .timeout_ms = config.comm.timeout_ms,
+                  .attention_field = "model.attention", .tp_field = "model.tp", .afd_field = "model.afd",
+                  .microbatches_field = "model.microbatches"};
     const ServeSection& s = config.serve;
     check_serve_config(config);
     o.requests = s.requests;

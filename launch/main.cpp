@@ -95,6 +95,12 @@ void add_decode_parallelism(CLI::App* app, DecodeParallelism& p) {
                   "over groups of --tp ranks, data-parallel across groups)")
       ->capture_default_str();
   app->add_option("--tp", p.tp, "Ranks per tensor-parallel attention group (with --attention tp)")->capture_default_str();
+  app->add_option("--afd", p.afd,
+                  "Attention-FFN disaggregation A:F: the first A ranks run data-parallel attention and hold no experts, "
+                  "the other F hold the experts (A + F = the ranks)");
+  app->add_option("--microbatches", p.microbatches,
+                  "With --afd: micro-batches per step ping-ponged between the attention and FFN ranks")
+      ->capture_default_str();
   app->add_option("--threads", p.threads, "GEMM threads per rank (0: this node's cores / its ranks)")->capture_default_str();
 }
 

@@ -51,6 +51,7 @@ KVCache InferenceEngine::new_cache(int capacity) const {
 int64_t DecodeMemory::max_sequences(int positions) const {
   if (capacity <= 0) return -1;
   if (weights >= capacity) return 0;
+  if (kv_per_position <= 0) return -1;  // a rank that holds no KV (an FFN rank) bounds no sequence count
   return static_cast<int64_t>((capacity - weights) / (kv_per_position * std::max(positions, 1)));
 }
 

@@ -213,9 +213,11 @@ std::string LayerSchedule::describe() const {
   }
   if (roles_) {
     auto list = [](const std::vector<int>& r) {
-      return r.size() == 1 ? std::to_string(r[0]) : std::to_string(r.front()) + ".." + std::to_string(r.back());
+      std::string s = r.size() == 1 ? "rank " : "ranks ";
+      for (size_t i = 0; i < r.size(); ++i) s += (i ? "," : "") + std::to_string(r[i]);
+      return s;
     };
-    out << " on the attention ranks " << list(roles_->attention) << ", experts on the FFN ranks " << list(roles_->ffn)
+    out << " on attention " << list(roles_->attention) << ", experts on FFN " << list(roles_->ffn)
         << " (" << roles_->name() << "), " << groups_ << " token group(s)";
     return out.str();
   }

@@ -2,7 +2,10 @@
 # bench decode on an emulated cluster: virtual TPOT and tokens/s per GPU for
 # data- and tensor-parallel attention, and a preset whose HBM holds only a few
 # sequences beside the weights refuses the batch that does not fit (as a GPU
-# would) while the one that fits runs.
+# would) while the one that fits runs; disaggregated (1A1F, two
+# micro-batches) it runs with each side's bubble, and only the attention rank
+# holds KV (the FFN rank's experts alone bound nothing), so the same HBM fits
+# more sequences than colocated.
 # usage: bench_decode_emulated.sh SWITCHYARD MODEL_DIR
 set -euo pipefail
 bin=$1 model=$2
@@ -34,6 +37,12 @@ echo "$out" | grep -q "^  4096 refused: 2048 sequence(s) of 7 positions per toke
 tp=$("$bin" "${common[@]}" --attention tp --tp 2 --batch 4 --emulate h100-nvlink-ib)
 echo "$tp"
 echo "$tp" | grep -q "total tokens/s (virtual, h100-nvlink-ib)"
+afd=$("$bin" "${common[@]}" --afd 1:1 --microbatches 2 --batch 2,4096 --emulate "$tmp/small-hbm.yaml")
+echo "$afd"
+echo "$afd" | grep -q "(1A1F), 1 token group"
+afd_fits=$(echo "$afd" | sed -n 's/.* hold \([0-9]*\) sequences of 7 positions per token group/\1/p')
+[ -n "$afd_fits" ] && [ "$afd_fits" -gt "$fits" ]
+echo "$afd" | grep -Eq "^ +2 +[0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9.]+% +[0-9.]+% "
 # Request mode runs on the wall clock: refused with the reason.
 if err=$("$bin" "${common[@]}" --requests 4 --emulate h100-nvlink-ib 2>&1); then exit 1; fi
 echo "$err" | grep -q -- "--emulate times batch mode in virtual time"

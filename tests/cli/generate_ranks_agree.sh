@@ -3,7 +3,9 @@
 # (experts spread over them) with attention replicated and data parallel, and
 # on four thread-ranks with data-parallel attention, and with tensor-parallel
 # attention on two MPI ranks (one group of 2) and four thread-ranks (2 x 2),
-# and speculatively with the draft (greedy speculative decoding is exact).
+# and speculatively with the draft (greedy speculative decoding is exact),
+# and attention-FFN disaggregated (--afd) on two MPI ranks (1A1F, two
+# micro-batches) and four thread-ranks (2A2F with three, 1A3F with one).
 # TP logits differ from one rank's in the last bits (the heads' partial sums
 # are reduce-scattered), so equal text here is this prompt's, whose greedy
 # margins are wide; the engine tests bound the logits for random prompts.
@@ -20,6 +22,9 @@ four_dp=$(text "$bin" "${args[@]}" --ranks 4 --attention dp)
 two_tp=$(OMPI_MCA_btl=self,vader text "$mpirun" -np 2 "$@" "$bin" "${args[@]}" --attention tp --tp 2)
 four_tp=$(text "$bin" "${args[@]}" --ranks 4 --attention tp --tp 2)
 spec=$(text "$bin" "${args[@]}" --draft "$(dirname "$model")/draft" --gamma 3 --ranks 2 --attention dp)
+afd_two=$(OMPI_MCA_btl=self,vader text "$mpirun" -np 2 "$@" "$bin" "${args[@]}" --afd 1:1 --microbatches 2)
+afd_four=$(text "$bin" "${args[@]}" --ranks 4 --afd 2:2 --microbatches 3)
+afd_one_three=$(text "$bin" "${args[@]}" --ranks 4 --afd 1:3)
 echo "1 rank                   : $one"
 echo "2 MPI ranks, replicated  : $two"
 echo "2 MPI ranks, dp          : $two_dp"
@@ -27,5 +32,9 @@ echo "4 thread-ranks, dp       : $four_dp"
 echo "2 MPI ranks, tp 2        : $two_tp"
 echo "4 thread-ranks, tp 2     : $four_tp"
 echo "speculative, gamma 3     : $spec"
+echo "2 MPI ranks, 1A1F, m 2   : $afd_two"
+echo "4 thread-ranks, 2A2F, m 3: $afd_four"
+echo "4 thread-ranks, 1A3F     : $afd_one_three"
 [ -n "$one" ] && [ "$one" = "$two" ] && [ "$one" = "$two_dp" ] && [ "$one" = "$four_dp" ] && [ "$one" = "$two_tp" ] &&
-  [ "$one" = "$four_tp" ] && [ "$one" = "$spec" ]
+  [ "$one" = "$four_tp" ] && [ "$one" = "$spec" ] && [ "$one" = "$afd_two" ] && [ "$one" = "$afd_four" ] &&
+  [ "$one" = "$afd_one_three" ]
