@@ -74,6 +74,7 @@ ClusterModel load_cluster_preset(const std::string& name_or_path) {
   const double gemm_eff = number(dev, "gemm_efficiency", f, "device.");
   m.device.gemm_flops_f32 = number(dev, "gemm_tflops_f32_peak", f, "device.") * 1e12 * gemm_eff;
   m.device.gemm_flops_bf16 = number(dev, "gemm_tflops_bf16_peak", f, "device.") * 1e12 * gemm_eff;
+  if (dev["gemm_tflops_fp8_peak"]) m.device.gemm_flops_fp8 = number(dev, "gemm_tflops_fp8_peak", f, "device.") * 1e12 * gemm_eff;
   m.device.memory_bandwidth =
       number(dev, "memory_gbps_peak", f, "device.") * 1e9 * number(dev, "memory_efficiency", f, "device.");
   // Optional: a preset without it bounds nothing (decode then admits any batch).

@@ -17,6 +17,7 @@
 #include "launch/cluster_presets.h"
 #include "launch/gemm_rate.h"
 #include "launch/plot.h"
+#include "model/afd_plan.h"
 #include "model/engine.h"
 #include "model/serving.h"
 #include "model/speculative.h"
@@ -910,6 +911,114 @@ int run_bench_decode(const BenchDecodeOptions& o) {
     else
       bench_batches(engine, o, cluster ? &*cluster : nullptr);
   });
+  return 0;
+}
+
+int run_afd_plan(const AfdPlanOptions& o) {
+  const ClusterModel cluster = load_cluster_preset(o.emulate);
+  const bool published = std::find(decode_shape_presets().begin(), decode_shape_presets().end(), o.model) !=
+                         decode_shape_presets().end();
+  const DecodeShape shape = published ? DecodeShape::preset(o.model)
+                                      : DecodeShape::of(ModelConfig::load(o.model + "/config.json"));
+  const AfdHardware hw = AfdHardware::of(cluster, shape.weight_bytes);
+  const AfdSearch search{o.gpus, o.context, o.tpot_ms * 1e-3, o.max_microbatches};
+  const char* dtype = shape.weight_bytes <= 1 ? "fp8" : shape.weight_bytes <= 2 ? "bf16" : "f32";
+  std::printf("afd plan: %s (%d layers, %d MoE, H %.0f, %d experts top-%d + %d shared, %s weights and KV) on %s: %d "
+              "GPUs, context %d, TPOT <= %.1f ms\n", shape.name.c_str(), shape.layers, shape.moe_layers, shape.hidden,
+              shape.experts, shape.top_k, shape.shared_experts, dtype, cluster.name.c_str(), o.gpus, o.context,
+              o.tpot_ms);
+  std::printf("# a cost model, not a run: every block at its roofline on the preset (%.0f TFLOP/s %s GEMMs, %.0f GB/s "
+              "HBM, %.0f GB per GPU), NICs of %.1f GB/s per GPU each way, NVLink %.0f GB/s, %d GPUs per node\n",
+              hw.flops / 1e12, dtype, hw.memory_bandwidth / 1e9, hw.memory_capacity / 1e9, hw.nic_bandwidth / 1e9,
+              hw.intra_bandwidth / 1e9, hw.gpus_per_node);
+  std::printf("%-10s %3s %9s %9s %13s %8s %8s %8s %7s %7s %9s %9s\n", "split", "m", "batch/mb", "TPOT ms",
+              "tokens/s/GPU", "Ta us", "Te us", "Tc us", "A idle", "F idle", "A mem GB", "F mem GB");
+  std::FILE* csv = o.csv.empty() ? nullptr : std::fopen(o.csv.c_str(), "w");
+  if (!o.csv.empty() && !csv) SY_THROW(IoError, "afd plan: cannot write --csv '", o.csv, "'");
+  if (csv)
+    std::fprintf(csv, "attention_gpus,ffn_gpus,microbatches,batch_per_microbatch,tpot_ms,tokens_per_s_per_gpu,ta_us,"
+                      "te_us,tc_us,attention_idle,ffn_idle,attention_memory_gb,ffn_memory_gb\n");
+  auto row = [&](const std::string& split, const AfdChoice& c) {
+    const AfdCost& k = c.cost;
+    std::printf("%-10s %3d %9lld %9.2f %13.1f %8.1f %8.1f %8.1f %6.1f%% %6.1f%% %9.2f %9.2f\n", split.c_str(),
+                c.plan.microbatches, static_cast<long long>(c.plan.batch), k.tpot * 1e3, k.tokens_per_s_per_gpu,
+                k.ta * 1e6, k.te * 1e6, k.tc * 1e6, 100 * k.bubble_attention, 100 * k.bubble_ffn,
+                k.attention_memory / 1e9, k.ffn_memory / 1e9);
+  };
+  // The best m per split, every split; the search's answer is the best of them.
+  AfdChoice best;
+  std::vector<std::string> points(static_cast<size_t>(o.max_microbatches));  // per m: "A tokens/s" lines
+  for (int a = 1; a < o.gpus; ++a) {
+    AfdChoice split_best;
+    for (int m = 1; m <= o.max_microbatches; ++m) {
+      const AfdChoice c = best_batch(shape, hw, search, {false, a, o.gpus - a, m, 0});
+      if (c.found)
+        points[static_cast<size_t>(m - 1)] += std::to_string(a) + " " + std::to_string(c.cost.tokens_per_s_per_gpu) + "\n";
+      if (c.found && csv)
+        std::fprintf(csv, "%d,%d,%d,%lld,%.4f,%.2f,%.2f,%.2f,%.2f,%.4f,%.4f,%.3f,%.3f\n", a, o.gpus - a, m,
+                     static_cast<long long>(c.plan.batch), c.cost.tpot * 1e3, c.cost.tokens_per_s_per_gpu,
+                     c.cost.ta * 1e6, c.cost.te * 1e6, c.cost.tc * 1e6, c.cost.bubble_attention, c.cost.bubble_ffn,
+                     c.cost.attention_memory / 1e9, c.cost.ffn_memory / 1e9);
+      if (c.found && (!split_best.found || c.cost.tokens_per_s_per_gpu > split_best.cost.tokens_per_s_per_gpu))
+        split_best = c;
+    }
+    if (!split_best.found) continue;
+    if (!best.found || split_best.cost.tokens_per_s_per_gpu > best.cost.tokens_per_s_per_gpu) best = split_best;
+    // Print the splits a person compares: every one up to 16 GPUs, then whole nodes.
+    if (o.gpus <= 16 || a % hw.gpus_per_node == 0)
+      row(std::to_string(a) + "A" + std::to_string(o.gpus - a) + "F", split_best);
+  }
+  const AfdChoice colocated = best_colocated(shape, hw, search);
+  if (csv) {
+    std::fclose(csv);
+    std::printf("# wrote %s (a row per split and m)\n", o.csv.c_str());
+  }
+  if (colocated.found) row("colocated", colocated);
+  if (!best.found) {
+    std::printf("no AFD split meets a TPOT of %.1f ms within the HBM on %d GPUs\n", o.tpot_ms, o.gpus);
+    return 1;
+  }
+  std::printf("best AFD: %s, %lld sequences per attention GPU per micro-batch: %.1f tokens/s per GPU at %.2f ms TPOT\n",
+              plan_name(best.plan, shape, hw).c_str(), static_cast<long long>(best.plan.batch),
+              best.cost.tokens_per_s_per_gpu, best.cost.tpot * 1e3);
+  if (colocated.found)
+    std::printf("best colocated: %s, %lld sequences per GPU per micro-batch: %.1f tokens/s per GPU at %.2f ms TPOT; "
+                "AFD / colocated = %.2f\n", plan_name(colocated.plan, shape, hw).c_str(),
+                static_cast<long long>(colocated.plan.batch), colocated.cost.tokens_per_s_per_gpu,
+                colocated.cost.tpot * 1e3, best.cost.tokens_per_s_per_gpu / colocated.cost.tokens_per_s_per_gpu);
+  else
+    std::printf("best colocated: none meets the target within the HBM (a GPU holding attention, KV and its experts)\n");
+  std::printf("m ablation at %dA%dF:", best.plan.attention_gpus, best.plan.ffn_gpus);
+  double at_one = 0;
+  for (int m = 1; m <= o.max_microbatches; ++m) {
+    const AfdChoice c = best_batch(shape, hw, search, {false, best.plan.attention_gpus, best.plan.ffn_gpus, m, 0});
+    if (m == 1 && c.found) at_one = c.cost.tokens_per_s_per_gpu;
+    if (c.found)
+      std::printf(" m=%d %.1f%s", m, c.cost.tokens_per_s_per_gpu,
+                  m > 1 && at_one > 0 ? (" (" + std::to_string(c.cost.tokens_per_s_per_gpu / at_one).substr(0, 4) + "x)").c_str() : "");
+    else
+      std::printf(" m=%d none", m);
+  }
+  std::printf("\n");
+  if (!o.png.empty()) {
+    std::string script = "set grid\nset key top left\nset xlabel 'attention GPUs (the rest FFN)'\nset ylabel "
+                         "'tokens/s per GPU (cost model)'\nset title 'afd plan: " + shape.name + " on " +
+                         std::to_string(o.gpus) + " GPUs of " + cluster.name + ", context " +
+                         std::to_string(o.context) + ", TPOT <= " + std::to_string(o.tpot_ms).substr(0, 5) + " ms'\n";
+    std::string plots;
+    for (int m = 1; m <= o.max_microbatches; ++m) {
+      if (points[static_cast<size_t>(m - 1)].empty()) continue;
+      script += "$m" + std::to_string(m) + " << EOD\n" + points[static_cast<size_t>(m - 1)] + "EOD\n";
+      plots += std::string(plots.empty() ? "" : ", ") + "$m" + std::to_string(m) + " using 1:2 with linespoints title 'm = " +
+               std::to_string(m) + "'";
+    }
+    if (colocated.found)
+      plots += ", " + std::to_string(colocated.cost.tokens_per_s_per_gpu) + " with lines dt 2 lw 2 title 'colocated'";
+    plot_png(o.png, script + "plot " + plots + "\n");
+  }
+  const double tf = std::max(best.cost.ta, best.cost.te);
+  std::printf("MegaScale-Infer's bound for it: m >= 2 (1 + Tc / Tf) = 2 (1 + %.1f / %.1f) -> %d\n", best.cost.tc * 1e6,
+              tf * 1e6, min_microbatches(best.cost.tc, tf));
   return 0;
 }
 

@@ -108,4 +108,23 @@ struct BenchSpecOptions {
 };
 int run_bench_spec(const BenchSpecOptions& options);
 
+// `switchyard afd plan`: the deployment search of model/afd_plan.h for a
+// model (a folder, or a published shape: step3, deepseek-v3) on a cluster
+// preset: the best attention:FFN split, the FFN's inner parallelism and m
+// that maximise tokens/s per GPU within the TPOT target and each GPU's HBM,
+// against the best colocated deployment on the same GPUs; the m ablation of
+// the best split, MegaScale-Infer's bound on m, and a row per split in --csv.
+// A cost model at the preset's rooflines, not a run: it says so.
+struct AfdPlanOptions {
+  std::string model;
+  std::string emulate = "h100-nvlink-ib";
+  int gpus = 32;
+  int context = 4096;
+  double tpot_ms = 50;
+  int max_microbatches = 4;
+  std::string csv;
+  std::string png;  // tokens/s per GPU against the attention GPUs, a line per m (gnuplot)
+};
+int run_afd_plan(const AfdPlanOptions& options);
+
 }  // namespace switchyard

@@ -349,6 +349,22 @@ int main(int argc, char** argv) {
   bench_spec->add_option("--png", spec.png, "Also plot acceptance per gamma (gnuplot; needs --csv)");
   add_decode_parallelism(bench_spec, spec.parallel);
 
+  auto* afd = app.add_subcommand("afd", "Attention-FFN disaggregation tools");
+  auto* afd_plan = afd->add_subcommand("plan", "Search the attention:FFN split, the FFN's parallelism and micro-batches "
+                                               "for the best tokens/s per GPU at a TPOT target (a cost model)");
+  AfdPlanOptions afd_options;
+  afd_plan->add_option("--model", afd_options.model, "A model folder, or a published shape: step3, deepseek-v3")
+      ->required();
+  afd_plan->add_option("--emulate", afd_options.emulate, "The cluster preset (configs/clusters)")->capture_default_str();
+  afd_plan->add_option("--gpus", afd_options.gpus, "GPUs of the deployment (attention + FFN)")->capture_default_str();
+  afd_plan->add_option("--context", afd_options.context, "Context positions per sequence")->capture_default_str();
+  afd_plan->add_option("--tpot_ms,--tpot-ms", afd_options.tpot_ms, "TPOT target in ms")->capture_default_str();
+  afd_plan->add_option("--max_microbatches,--max-microbatches", afd_options.max_microbatches,
+                       "Micro-batches tried per split (1..)")->capture_default_str();
+  afd_plan->add_option("--csv", afd_options.csv, "Also write a row per split and m");
+  afd_plan->add_option("--png", afd_options.png, "Also plot tokens/s per GPU per split and m (gnuplot)");
+  afd->require_subcommand(1);
+
   auto* trace = app.add_subcommand("trace", "Routing trace tools");
   auto* trace_stats_cmd = trace->add_subcommand("stats", "Per-layer expert load skew and how predictable a token's experts are from its id");
   std::string trace_file;
@@ -395,6 +411,7 @@ int main(int argc, char** argv) {
     if (bench_moe->parsed()) return run_bench_moe(moe);
     if (bench_decode->parsed()) return run_bench_decode(decode);
     if (bench_spec->parsed()) return run_bench_spec(spec);
+    if (afd_plan->parsed()) return run_afd_plan(afd_options);
     if (gen->parsed()) return run_generate(go);
     if (bench_scale->parsed()) return run_bench_scale(scale);
     if (launch->parsed()) return run_launch(lo);

@@ -13,6 +13,7 @@ namespace switchyard {
 struct DeviceModel {
   double gemm_flops_f32 = 1e11;   // FLOP/s achieved by fp32-input GEMMs (TF32 on tensor-core GPUs)
   double gemm_flops_bf16 = 2e11;  // FLOP/s achieved by bf16 GEMMs with fp32 accumulation
+  double gemm_flops_fp8 = 0;      // FLOP/s achieved by fp8 GEMMs (0: the device has none)
   double memory_bandwidth = 1e10; // bytes/s achieved by streaming kernels (copies, gathers, activations)
   double memory_capacity = 0;     // bytes of device memory (HBM) per rank; 0: unbounded
   double gemm_seconds(double flops, bool bf16) const { return flops / (bf16 ? gemm_flops_bf16 : gemm_flops_f32); }

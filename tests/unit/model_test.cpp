@@ -17,6 +17,8 @@
 #include "core/error.h"
 #include "core/rng.h"
 #include "core/safetensors.h"
+#include "launch/cluster_presets.h"
+#include "model/afd_plan.h"
 #include "model/engine.h"
 #include "model/generate.h"
 #include "model/layer_schedule.h"
@@ -569,6 +571,99 @@ TEST_F(BadModelFiles, ConfigMismatchAndBadConfigAreNamed) {
   EXPECT_NE(error_of().find("ffn.hidden"), std::string::npos) << error_of();
   rewrite("\"heads\": 4,", "");
   EXPECT_NE(error_of().find("'heads' is missing"), std::string::npos) << error_of();
+}
+
+
+// ---- attention-FFN disaggregation's cost model (model/afd_plan.h) ----
+
+// Step-3 (arXiv 2507.19427) Table 7: the minimum MoE sparsity per GPU, from
+// H = 7168, L = 61, the GPU's FP8 (H800, H20) or BF16 (A800, 910B) FLOPs and
+// HBM bandwidth, and 8 NICs of 400 (H800, H20) or 200 Gb/s per server.
+TEST(AfdPlan, Step3MinimumSparsityTable) {
+  struct Gpu {
+    const char* name;
+    double flops, hbm, network, published;
+  };
+  for (const Gpu& g : {Gpu{"H800", 1.98e15, 3.35e12, 8 * 50e9, 0.058}, Gpu{"H20", 2.96e14, 4.0e12, 8 * 50e9, 0.0073},
+                       Gpu{"A800", 3.12e14, 2.0e12, 8 * 25e9, 0.031}, Gpu{"910B", 2.80e14, 1.6e12, 8 * 25e9, 0.034}}) {
+    const double s = step3_min_sparsity(7168, 61, g.flops, g.hbm, g.network);
+    EXPECT_NEAR(s, g.published, g.published * 0.02) << g.name;  // the table's two significant digits
+  }
+}
+
+// MegaScale-Infer: m >= 2 (1 + Tc / Tf) hides the transfer (3 when Tc < Tf / 2, else 4 up to Tc = Tf).
+TEST(AfdPlan, MicroBatchBound) {
+  EXPECT_EQ(min_microbatches(0, 1), 2);
+  EXPECT_EQ(min_microbatches(0.3, 1), 3);
+  EXPECT_EQ(min_microbatches(0.5, 1), 3);
+  EXPECT_EQ(min_microbatches(0.6, 1), 4);
+  EXPECT_EQ(min_microbatches(1.0, 1), 4);
+  EXPECT_THROW(min_microbatches(1, 0), InvalidArgument);
+}
+
+// One MoE layer with round numbers, computed by hand from the model's
+// definition: Ta = Te = 200 us (compute-bound), the A->F transfer 10 us and
+// F->A 20 us over a 10 GB/s NIC. m = 1: the round trip, 430 us; m = 3:
+// each side busy 600 us per layer, plus the fill term 430 - 200 us.
+TEST(AfdPlan, CostOfAHandComputedLayer) {
+  DecodeShape s;
+  s.name = "round";
+  s.layers = s.moe_layers = 1;
+  s.hidden = 1000;
+  s.attention_params = 1e6;
+  s.experts = 2, s.top_k = 1;
+  s.expert_params = 1e6;
+  AfdHardware hw;
+  hw.flops = 1e12, hw.memory_bandwidth = 1e12, hw.nic_bandwidth = 1e10, hw.gpus_per_node = 1;
+  hw.intra_bandwidth = 1e11;
+  const AfdCost one = afd_cost(s, hw, 0, {false, 1, 1, 1, 100});
+  EXPECT_NEAR(one.ta, 200e-6, 1e-9);
+  EXPECT_NEAR(one.te, 200e-6, 1e-9);
+  EXPECT_NEAR(one.tc, 20e-6, 1e-9);
+  EXPECT_NEAR(one.tpot, 430e-6, 1e-9);
+  EXPECT_NEAR(one.tokens_per_s_per_gpu, 100 / 430e-6 / 2, 1e-3);
+  const AfdCost three = afd_cost(s, hw, 0, {false, 1, 1, 3, 100});
+  EXPECT_NEAR(three.layer, 600e-6, 1e-9);
+  EXPECT_NEAR(three.tpot, 600e-6 + 230e-6, 1e-9);
+  EXPECT_NEAR(three.bubble_attention, 0, 1e-12);
+  EXPECT_NEAR(three.bubble_ffn, 0, 1e-12);
+  EXPECT_NEAR(three.tokens_per_s_per_gpu, 300 / 830e-6 / 2, 1e-3);
+  // The same on one node (A + F fit): the transfer takes NVLink, 10x faster.
+  hw.gpus_per_node = 8;
+  EXPECT_NEAR(afd_cost(s, hw, 0, {false, 1, 1, 1, 100}).tc, 2e-6, 1e-9);
+  EXPECT_THROW(afd_cost(s, hw, 0, {false, 1, 1, 1, 0}), InvalidArgument);
+}
+
+// The search's answers meet the target and the HBM on the h100 preset, and a
+// colocated GPU, holding attention, KV and experts, fits fewer sequences than
+// an attention GPU at the same batch.
+TEST(AfdPlan, SearchMeetsTargetAndMemory) {
+  const DecodeShape step3 = DecodeShape::preset("step3");
+  EXPECT_NEAR(step3.attention_params, 169.3e6, 0.1e6);  // the paper's MFA layer
+  EXPECT_NEAR(step3.layers * step3.kv_bytes_per_position * 4096, 1.28e8, 0.01e8);  // KV per token at 4K, FP8
+  ClusterModel h100 = load_cluster_preset("h100-nvlink-ib");
+  const AfdHardware hw = AfdHardware::of(h100, step3.weight_bytes);
+  EXPECT_NEAR(hw.flops, 1979e12 * 0.7, 1e12);  // FP8 weights at the preset's FP8 rate
+  const AfdSearch search{32, 4096, 0.05, 4};
+  const AfdChoice afd = best_afd(step3, hw, search);
+  const AfdChoice colocated = best_colocated(step3, hw, search);
+  ASSERT_TRUE(afd.found);
+  ASSERT_TRUE(colocated.found);
+  for (const AfdChoice* c : {&afd, &colocated}) {
+    EXPECT_LE(c->cost.tpot, 0.05);
+    EXPECT_TRUE(c->cost.fits);
+    EXPECT_LE(c->cost.attention_memory, hw.memory_capacity);
+    // One more sequence would break the target or the memory.
+    AfdPlan more = c->plan;
+    ++more.batch;
+    const AfdCost next = afd_cost(step3, hw, 4096, more);
+    EXPECT_TRUE(!next.fits || next.tpot > 0.05);
+  }
+  AfdPlan same = afd.plan;
+  same.colocated = true, same.attention_gpus = same.ffn_gpus = 32;
+  EXPECT_GT(afd_cost(step3, hw, 4096, same).attention_memory, afd.cost.attention_memory);
+  EXPECT_THROW(DecodeShape::preset("gpt-5"), ConfigError);
+  EXPECT_THROW(best_afd(step3, hw, {1, 4096, 0.05, 4}), ConfigError);
 }
 
 }  // namespace
