@@ -126,8 +126,8 @@ ModelOptions model_options(const DecodeParallelism& p, int world, std::shared_pt
 
 // The engine of `model` as `p` schedules it (micro-batches included).
 std::unique_ptr<InferenceEngine> make_engine(Model& model, const DecodeParallelism& p) {
-  if (p.microbatches < 1)
-    SY_THROW(ConfigError, p.microbatches_field, " = ", p.microbatches, ", expected >= 1");
+  if (p.microbatches < 1 || p.microbatches > 64)
+    SY_THROW(ConfigError, p.microbatches_field, " = ", p.microbatches, ", expected 1..64");
   if (p.microbatches > 1 && p.afd.empty())
     SY_THROW(ConfigError, p.microbatches_field, " = ", p.microbatches, " without ", p.afd_field,
              "; micro-batches ping-pong between attention and FFN ranks (expected 1, or an ", p.afd_field, " split)");
@@ -204,6 +204,54 @@ StepWork decode_step_work(const ModelConfig& c, double expert_params, double bat
             batch * mean_len * L * 2 * d * 4.0;
   w.flops = batch * (L * (8 * d * d + 4 * d * mean_len + 2 * d * E + k * 2.0 * expert_params) + 2 * d * c.vocab_size);
   return w;
+}
+
+// Every rank's busy spans of the engine's last recorded step to rank 0, which
+// writes PNG.csv (rank, side, layer, micro-batch, start and end in ms) and
+// draws a bar per span, a row per rank, coloured by micro-batch. Collective.
+void write_timeline(Communicator& world, const InferenceEngine& engine, const std::string& png, const std::string& title) {
+  const int W = world.size();
+  constexpr int kFields = 6;  // rank, attention, layer, micro-batch, start, end
+  std::vector<double> mine;
+  for (const InferenceEngine::BusySpan& s : engine.timeline())
+    for (double v : {static_cast<double>(world.rank()), s.attention ? 1.0 : 0.0, static_cast<double>(s.layer),
+                     static_cast<double>(s.microbatch), s.start, s.end})
+      mine.push_back(v);
+  Tensor counts = Tensor::zeros({W}, DType::f64);
+  counts.data_as<double>()[world.rank()] = static_cast<double>(mine.size());
+  world.allreduce(counts, counts).wait();
+  std::vector<int64_t> n(static_cast<size_t>(W));
+  int64_t total = 0;
+  for (int r = 0; r < W; ++r) total += n[static_cast<size_t>(r)] = static_cast<int64_t>(counts.data_as<double>()[r]);
+  Tensor all = Tensor::empty({std::max<int64_t>(total, 1)}, DType::f64);
+  world.allgatherv(TensorView(mine.data(), DType::f64, {static_cast<int64_t>(mine.size())}), all, n).wait();
+  if (world.rank() != 0) return;
+  const std::string csv_path = png + ".csv";
+  std::ofstream csv(csv_path);
+  if (!csv) SY_THROW(IoError, "bench decode: cannot write the timeline's '", csv_path, "'");
+  csv << "rank,side,layer,microbatch,start_ms,end_ms\n";
+  std::string rows;
+  const double* v = all.data_as<double>();
+  for (int64_t i = 0; i + kFields <= total; i += kFields) {
+    char line[160];
+    std::snprintf(line, sizeof line, "%d,%s,%d,%d,%.6f,%.6f\n", static_cast<int>(v[i]), v[i + 1] > 0 ? "attention" : "ffn",
+                  static_cast<int>(v[i + 2]), static_cast<int>(v[i + 3]), v[i + 4] * 1e3, v[i + 5] * 1e3);
+    csv << line;
+    std::snprintf(line, sizeof line, "%.6f %d %.6f %d\n", (v[i + 4] + v[i + 5]) / 2 * 1e3, static_cast<int>(v[i]),
+                  (v[i + 5] - v[i + 4]) / 2 * 1e3, static_cast<int>(v[i + 3]) + 1);
+    rows += line;
+  }
+  csv.close();
+  std::printf("# wrote %s (%lld busy spans)\n", csv_path.c_str(), static_cast<long long>(total / kFields));
+  std::string ytics;
+  const auto& roles = engine.schedule().roles();
+  for (int r = 0; r < W; ++r)
+    ytics += std::string(r ? ", " : "") + "'" + (roles && roles->is_ffn(r) ? "F" : "A") + std::to_string(r) + "' " +
+             std::to_string(r);
+  plot_png(png, "set grid x\nset xlabel 'ms since the step began'\nset ylabel 'rank'\nset ytics (" + ytics +
+                    ")\nset yrange [-0.6:" + std::to_string(W) + "-0.4] reverse\nset key off\nset title 'one step: " +
+                    title + " (colour: micro-batch)'\n$d << EOD\n" + rows +
+                    "EOD\nplot $d using 1:2:3:(0.35):4 with boxxyerror fs solid 0.85 noborder lc variable\n");
 }
 
 // Emulated: every figure but the wall column is virtual time on `cluster`.
@@ -288,12 +336,25 @@ void bench_batches(InferenceEngine& engine, const BenchDecodeOptions& o, const C
     memory = engine.memory();  // rebalancing may have added replicas (slots) since the last batch
     fits = agreed_fits(memory);
     if (fits >= 0 && sequences_per_group(B) > fits) {  // as a GPU would: the batch does not fit beside the weights
+      // Name the rank that binds (disaggregated: an FFN rank's experts may, with no KV at all).
+      Tensor per_rank = Tensor::zeros({3 * W}, DType::f64);
+      double* pr = per_rank.data_as<double>();
+      pr[world.rank()] = memory.weights, pr[W + world.rank()] = memory.kv_per_position;
+      pr[2 * W + world.rank()] = static_cast<double>(memory.max_sequences(positions));
+      world.allreduce(per_rank, per_rank).wait();
+      int binding = 0;
+      for (int r = 0; r < W; ++r)
+        if (pr[2 * W + r] >= 0 && (pr[2 * W + binding] < 0 || pr[2 * W + r] < pr[2 * W + binding])) binding = r;
+      const auto& roles = engine.schedule().roles();
+      const std::string who = roles ? std::string(roles->is_ffn(binding) ? "FFN" : "attention") + " rank " +
+                                          std::to_string(binding)
+                                    : "every rank";
       if (speak)
         std::printf("%6d refused: %d sequence(s) of %d positions per token group need %.4g GB of KV + %.4g GB of "
-                    "weights per rank; the device holds %.4g GB (at most %lld sequences)\n",
+                    "weights on %s; the device holds %.4g GB (at most %lld sequences)\n",
                     B, sequences_per_group(B), positions,
-                    static_cast<double>(sequences_per_group(B)) * positions * memory.kv_per_position / 1e9,
-                    memory.weights / 1e9, memory.capacity / 1e9, static_cast<long long>(fits));
+                    static_cast<double>(sequences_per_group(B)) * positions * pr[W + binding] / 1e9,
+                    pr[binding] / 1e9, who.c_str(), memory.capacity / 1e9, static_cast<long long>(fits));
       continue;
     }
     std::vector<KVCache> caches;
@@ -313,9 +374,20 @@ void bench_batches(InferenceEngine& engine, const BenchDecodeOptions& o, const C
     const auto start = Clock::now();
     const double virtual_start = virtual_time::now();
     double rebalancing = 0, rebalancing_virtual = 0;  // re-placing experts, left out of the step times
+    std::vector<std::vector<double>> loads_before(static_cast<size_t>(c.layers));
+    for (int l = 0; l < c.layers; ++l) loads_before[static_cast<size_t>(l)] = model.expert_load_since(l);
     for (int step = 0; step < o.steps; ++step) {
       feed_greedy_tokens(logits, c.vocab_size, chunks);
       logits = engine.step(chunks);
+      for (int l = 0; l < c.layers; ++l) {  // which experts this step's tokens chose here (no traffic while timing)
+        std::vector<double>& before = loads_before[static_cast<size_t>(l)];
+        const std::vector<double>& load = model.expert_load_since(l);  // every micro-batch's choices
+        for (size_t e = 0; e < load.size(); ++e) {
+          if (load[e] > (e < before.size() ? before[e] : 0.0))
+            chosen.data_as<double>()[(static_cast<size_t>(step) * c.layers + l) * c.experts + e] = 1;
+        }
+        before = load;
+      }
       if (o.rebalance_every > 0 && (step + 1) % o.rebalance_every == 0) {
         const auto t0 = Clock::now();
         const double v0 = virtual_time::now();
@@ -323,16 +395,12 @@ void bench_batches(InferenceEngine& engine, const BenchDecodeOptions& o, const C
         const double took = max_over_ranks(world, seconds_since(t0));
         rebalancing += took;
         rebalancing_virtual += virtual_time::now() - v0;
+        for (int l = 0; l < c.layers; ++l) loads_before[static_cast<size_t>(l)] = model.expert_load_since(l);  // reset
         if (speak)
           std::printf("# batch %d, after step %d: rebalanced %d layers onto %s in %.1f ms (not in the step times); "
                       "rank load max/mean estimated from the loads of the last %d steps %.3f -> %.3f (mean over "
                       "layers; replicas taken to share evenly)\n",
                       B, step + 1, c.layers, r.placement.c_str(), took * 1e3, o.rebalance_every, r.before, r.after);
-      }
-      for (int l = 0; l < c.layers; ++l) {  // which experts this step's tokens chose here (no traffic while timing)
-        const std::vector<int64_t>& load = model.moe(l).last_routing().expert_load;
-        for (size_t e = 0; e < load.size(); ++e)
-          if (load[e] > 0) chosen.data_as<double>()[(static_cast<size_t>(step) * c.layers + l) * c.experts + e] = 1;
       }
     }
     const double wall_elapsed = seconds_since(start);
@@ -350,7 +418,17 @@ void bench_batches(InferenceEngine& engine, const BenchDecodeOptions& o, const C
     const StepWork work = decode_step_work(c, model.expert_bytes() / 4, B, mean_len, touched);
     const double step_ms = seconds / o.steps * 1e3;
     const double floor_ms = std::max(work.bytes / bandwidth[bi], work.flops / flop_rate) * 1e3;
-    const ModelPhaseTimes& t = model.times();
+    const ModelPhaseTimes t = model.times();
+    // One more step, recorded and drawn, after every figure of the batch was taken.
+    if (!o.timeline.empty() && bi + 1 == o.batches.size()) {
+      engine.record_timeline(true);
+      feed_greedy_tokens(logits, c.vocab_size, chunks);
+      logits = engine.step(chunks);
+      engine.record_timeline(false);
+      write_timeline(world, engine, o.timeline, c.name + ", batch " + std::to_string(B) + ", " + schedule_name(engine) +
+                                                    (cluster ? ", virtual time on " + cluster->name : std::string(", wall time")));
+    }
+
     if (cluster) {
       const double tpot = virtual_seconds / o.steps, tps = B / tpot;
       const double moe_ms = moe_virtual / o.steps * 1e3, attn_ms = attention_virtual / o.steps * 1e3;
@@ -532,6 +610,12 @@ void BenchDecodeOptions::validate() const {
   if (redundant_experts > (1 << 20))
     SY_THROW(InvalidArgument, "bench decode: --redundant_experts = ", redundant_experts, ", expected at most 2^20");
   if (parallel.threads < 0) SY_THROW(InvalidArgument, "bench decode: --threads = ", parallel.threads, ", expected >= 0");
+  if (redundant_experts > 0 && !parallel.afd.empty())
+    SY_THROW(InvalidArgument, "bench decode: --redundant_experts with --afd: rebalancing a disaggregated model's "
+             "experts is not built (EPLB would place experts on the attention ranks)");
+  if (!timeline.empty() && (parallel.afd.empty() || requests > 0))
+    SY_THROW(InvalidArgument, "bench decode: --timeline draws a disaggregated step of batch mode; expected --afd A:F "
+             "and no --requests");
   if (!emulate.empty() && requests > 0)
     SY_THROW(InvalidArgument, "bench decode: --emulate times batch mode in virtual time; request mode (--requests = ",
              requests, ") runs on this machine's wall clock (give one of them)");
@@ -540,6 +624,9 @@ void BenchDecodeOptions::validate() const {
 }
 
 void BenchSpecOptions::validate() const {
+  if (!parallel.afd.empty() || parallel.microbatches != 1)
+    SY_THROW(ConfigError, "bench spec: ", parallel.afd.empty() ? parallel.microbatches_field : parallel.afd_field,
+             " is for disaggregated decoding; speculative decoding on a disaggregated deployment is not built");
   if (count < 1) SY_THROW(InvalidArgument, "bench spec: --count = ", count, ", expected >= 1");
   if (max_new_tokens < 1) SY_THROW(InvalidArgument, "bench spec: --max_new_tokens = ", max_new_tokens, ", expected >= 1");
   if (batch < 1) SY_THROW(InvalidArgument, "bench spec: --batch = ", batch, ", expected >= 1");
@@ -916,8 +1003,11 @@ int run_bench_decode(const BenchDecodeOptions& o) {
 
 int run_afd_plan(const AfdPlanOptions& o) {
   const ClusterModel cluster = load_cluster_preset(o.emulate);
-  const bool published = std::find(decode_shape_presets().begin(), decode_shape_presets().end(), o.model) !=
-                         decode_shape_presets().end();
+  const std::vector<std::string> presets = decode_shape_presets();
+  const bool published = std::find(presets.begin(), presets.end(), o.model) != presets.end();
+  if (!published && !std::ifstream(o.model + "/config.json"))
+    SY_THROW(ConfigError, "afd plan: --model '", o.model, "' is neither a published shape (expected step3 or "
+             "deepseek-v3) nor a model folder (no ", o.model, "/config.json)");
   const DecodeShape shape = published ? DecodeShape::preset(o.model)
                                       : DecodeShape::of(ModelConfig::load(o.model + "/config.json"));
   const AfdHardware hw = AfdHardware::of(cluster, shape.weight_bytes);
@@ -931,17 +1021,17 @@ int run_afd_plan(const AfdPlanOptions& o) {
               "HBM, %.0f GB per GPU), NICs of %.1f GB/s per GPU each way, NVLink %.0f GB/s, %d GPUs per node\n",
               hw.flops / 1e12, dtype, hw.memory_bandwidth / 1e9, hw.memory_capacity / 1e9, hw.nic_bandwidth / 1e9,
               hw.intra_bandwidth / 1e9, hw.gpus_per_node);
-  std::printf("%-10s %3s %9s %9s %13s %8s %8s %8s %7s %7s %9s %9s\n", "split", "m", "batch/mb", "TPOT ms",
+  std::printf("%-10s %3s %3s %9s %9s %13s %8s %8s %8s %7s %7s %9s %9s\n", "split", "tp", "m", "batch/mb", "TPOT ms",
               "tokens/s/GPU", "Ta us", "Te us", "Tc us", "A idle", "F idle", "A mem GB", "F mem GB");
   std::FILE* csv = o.csv.empty() ? nullptr : std::fopen(o.csv.c_str(), "w");
   if (!o.csv.empty() && !csv) SY_THROW(IoError, "afd plan: cannot write --csv '", o.csv, "'");
   if (csv)
-    std::fprintf(csv, "attention_gpus,ffn_gpus,microbatches,batch_per_microbatch,tpot_ms,tokens_per_s_per_gpu,ta_us,"
+    std::fprintf(csv, "attention_gpus,ffn_gpus,ffn_tp,microbatches,batch_per_microbatch,tpot_ms,tokens_per_s_per_gpu,ta_us,"
                       "te_us,tc_us,attention_idle,ffn_idle,attention_memory_gb,ffn_memory_gb\n");
   auto row = [&](const std::string& split, const AfdChoice& c) {
     const AfdCost& k = c.cost;
-    std::printf("%-10s %3d %9lld %9.2f %13.1f %8.1f %8.1f %8.1f %6.1f%% %6.1f%% %9.2f %9.2f\n", split.c_str(),
-                c.plan.microbatches, static_cast<long long>(c.plan.batch), k.tpot * 1e3, k.tokens_per_s_per_gpu,
+    std::printf("%-10s %3d %3d %9lld %9.2f %13.1f %8.1f %8.1f %8.1f %6.1f%% %6.1f%% %9.2f %9.2f\n", split.c_str(),
+                c.plan.colocated ? 1 : c.plan.ffn_tp, c.plan.microbatches, static_cast<long long>(c.plan.batch), k.tpot * 1e3, k.tokens_per_s_per_gpu,
                 k.ta * 1e6, k.te * 1e6, k.tc * 1e6, 100 * k.bubble_attention, 100 * k.bubble_ffn,
                 k.attention_memory / 1e9, k.ffn_memory / 1e9);
   };
@@ -951,16 +1041,19 @@ int run_afd_plan(const AfdPlanOptions& o) {
   for (int a = 1; a < o.gpus; ++a) {
     AfdChoice split_best;
     for (int m = 1; m <= o.max_microbatches; ++m) {
-      const AfdChoice c = best_batch(shape, hw, search, {false, a, o.gpus - a, m, 0});
-      if (c.found)
-        points[static_cast<size_t>(m - 1)] += std::to_string(a) + " " + std::to_string(c.cost.tokens_per_s_per_gpu) + "\n";
-      if (c.found && csv)
-        std::fprintf(csv, "%d,%d,%d,%lld,%.4f,%.2f,%.2f,%.2f,%.2f,%.4f,%.4f,%.3f,%.3f\n", a, o.gpus - a, m,
-                     static_cast<long long>(c.plan.batch), c.cost.tpot * 1e3, c.cost.tokens_per_s_per_gpu,
-                     c.cost.ta * 1e6, c.cost.te * 1e6, c.cost.tc * 1e6, c.cost.bubble_attention, c.cost.bubble_ffn,
-                     c.cost.attention_memory / 1e9, c.cost.ffn_memory / 1e9);
-      if (c.found && (!split_best.found || c.cost.tokens_per_s_per_gpu > split_best.cost.tokens_per_s_per_gpu))
-        split_best = c;
+      AfdChoice at_m;  // the best FFN tensor-parallel degree at this split and m
+      for (int t : ffn_tp_degrees(o.gpus - a, shape, hw)) {
+        const AfdChoice c = best_batch(shape, hw, search, {false, a, o.gpus - a, m, 0, t});
+        if (c.found && csv)
+          std::fprintf(csv, "%d,%d,%d,%d,%lld,%.4f,%.2f,%.2f,%.2f,%.2f,%.4f,%.4f,%.3f,%.3f\n", a, o.gpus - a, t, m,
+                       static_cast<long long>(c.plan.batch), c.cost.tpot * 1e3, c.cost.tokens_per_s_per_gpu,
+                       c.cost.ta * 1e6, c.cost.te * 1e6, c.cost.tc * 1e6, c.cost.bubble_attention, c.cost.bubble_ffn,
+                       c.cost.attention_memory / 1e9, c.cost.ffn_memory / 1e9);
+        if (c.found && (!at_m.found || c.cost.tokens_per_s_per_gpu > at_m.cost.tokens_per_s_per_gpu)) at_m = c;
+      }
+      if (!at_m.found) continue;
+      points[static_cast<size_t>(m - 1)] += std::to_string(a) + " " + std::to_string(at_m.cost.tokens_per_s_per_gpu) + "\n";
+      if (!split_best.found || at_m.cost.tokens_per_s_per_gpu > split_best.cost.tokens_per_s_per_gpu) split_best = at_m;
     }
     if (!split_best.found) continue;
     if (!best.found || split_best.cost.tokens_per_s_per_gpu > best.cost.tokens_per_s_per_gpu) best = split_best;
@@ -988,10 +1081,12 @@ int run_afd_plan(const AfdPlanOptions& o) {
                 colocated.cost.tpot * 1e3, best.cost.tokens_per_s_per_gpu / colocated.cost.tokens_per_s_per_gpu);
   else
     std::printf("best colocated: none meets the target within the HBM (a GPU holding attention, KV and its experts)\n");
-  std::printf("m ablation at %dA%dF:", best.plan.attention_gpus, best.plan.ffn_gpus);
+  std::printf("m ablation at %dA%dF, FFN %s:", best.plan.attention_gpus, best.plan.ffn_gpus,
+              ffn_parallelism(best.plan, shape).c_str());
   double at_one = 0;
   for (int m = 1; m <= o.max_microbatches; ++m) {
-    const AfdChoice c = best_batch(shape, hw, search, {false, best.plan.attention_gpus, best.plan.ffn_gpus, m, 0});
+    const AfdChoice c =
+        best_batch(shape, hw, search, {false, best.plan.attention_gpus, best.plan.ffn_gpus, m, 0, best.plan.ffn_tp});
     if (m == 1 && c.found) at_one = c.cost.tokens_per_s_per_gpu;
     if (c.found)
       std::printf(" m=%d %.1f%s", m, c.cost.tokens_per_s_per_gpu,

@@ -74,6 +74,9 @@ struct BenchDecodeOptions {
   // block charges the preset's device model, the collectives its links, and
   // its HBM capacity refuses batches whose KV does not fit beside the weights.
   std::string emulate;
+  // Disaggregated, batch mode: one more step of the last batch recorded (each
+  // rank's busy spans) and drawn as a timeline PNG (and PNG.csv).
+  std::string timeline;
   void validate() const;
 };
 int run_bench_decode(const BenchDecodeOptions& options);

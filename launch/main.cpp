@@ -249,6 +249,9 @@ int main(int argc, char** argv) {
                            "Batch mode on an emulated cluster preset (h100-nvlink-ib, ...): virtual TPOT and tokens/s "
                            "per GPU beside wall time; batches beyond its HBM are refused");
   bench_decode->add_option("--png", decode.png, "Also plot the CSV (gnuplot)");
+  bench_decode->add_option("--timeline", decode.timeline,
+                           "With --afd: one more step of the last batch drawn as a timeline PNG (and PNG.csv): which "
+                           "side is busy when");
   bench_decode->add_option("--csv", decode.csv, "Also write CSV (batch mode: per batch size; request mode: per request)");
 
   auto* bench_scale = bench->add_subcommand("scale", "Weak/strong scaling of the MoE layer: real ranks here, emulated beyond");

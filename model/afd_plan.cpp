@@ -102,6 +102,9 @@ AfdCost afd_cost(const DecodeShape& s, const AfdHardware& hw, int context, const
   if (plan.batch < 1 || plan.microbatches < 1 || plan.attention_gpus < 1 || plan.ffn_gpus < 1)
     SY_THROW(InvalidArgument, "afd cost: batch ", plan.batch, ", ", plan.microbatches, " micro-batch(es), ",
              plan.attention_gpus, " attention and ", plan.ffn_gpus, " FFN GPU(s); expected each >= 1");
+  if (plan.ffn_tp < 1 || plan.ffn_gpus % plan.ffn_tp != 0)
+    SY_THROW(InvalidArgument, "afd cost: FFN tensor parallelism ", plan.ffn_tp, " does not divide the ", plan.ffn_gpus,
+             " FFN GPUs");
   AfdCost c;
   const double b = static_cast<double>(plan.batch), m = plan.microbatches, H = s.hidden, ctx = context;
   const double wb = s.weight_bytes, k = s.top_k, shared = s.shared_experts;
@@ -117,13 +120,27 @@ AfdCost afd_cost(const DecodeShape& s, const AfdHardware& hw, int context, const
   double te_moe = 0, te_dense = 0, tc_moe = 0, tc_dense = 0, nic_moe = 0, nic_dense = 0;
   if (!plan.colocated) {
     const double A = plan.attention_gpus, F = plan.ffn_gpus;
-    // FFN side: the micro-batch's A b tokens, k routed rows and the shared experts' rows each, balanced over F.
-    const double rows = A * b * (k + shared) / F;
-    const double weights = (s.experts * s.expert_params + shared * s.shared_expert_params) * wb / F;
-    te_moe = roofline(hw, 2 * rows * s.expert_params, weights + 2 * rows * H * wb);
-    te_dense = roofline(hw, 2 * A * b / F * s.dense_ffn_params, s.dense_ffn_params * wb / F + 2 * A * b / F * H * wb);
-    // A token crosses once to each FFN node its routed experts touch (the shared expert lives on every node).
+    // FFN side, the fullest GPU: ceil(E / F) whole experts and their share of the micro-batch's A b k routed
+    // rows (tokens balanced over the experts), a replica of the shared experts with 1 / F of their rows; the
+    // dense layers' FFN in tensor parallel over a node's FFN GPUs, replicated per FFN node.
+    const double t = plan.ffn_tp, groups = F / t, g = std::min<double>(F, hw.gpus_per_node);
+    const double per_group = std::ceil(s.experts / groups);
     const int ffn_nodes = nodes_of(plan.ffn_gpus, hw.gpus_per_node);
+    // More groups than experts: floor(groups / E) replicas of each share its rows (expert data parallelism).
+    const double replicas = std::max(1.0, std::floor(groups / s.experts));
+    const double routed = A * b * k * per_group / s.experts / replicas, shared_rows = A * b * shared / groups;
+    // Every GPU of a group reads all of the group's rows; their partial outputs are reduce-scattered over
+    // NVLink (each GPU then returns its slice of the rows to the attention side), not overlapped.
+    const double all_reduce = t > 1 ? (t - 1) / t * (routed + shared_rows) * H * s.combine_bytes / hw.intra_bandwidth +
+                                          hw.intra_latency
+                                    : 0.0;
+    te_moe = roofline(hw, 2 * (routed * s.expert_params + shared_rows * s.shared_expert_params) / t,
+                      (per_group * s.expert_params + shared * s.shared_expert_params) * wb / t +
+                          2 * (routed + shared_rows) * H * wb) + all_reduce;
+    const double node_rows = A * b / ffn_nodes;
+    te_dense = roofline(hw, 2 * node_rows * s.dense_ffn_params / g, s.dense_ffn_params * wb / g + 2 * node_rows * H * wb);
+    // A token goes once to each FFN node its routed experts touch (the shared expert is on every GPU); inside
+    // one node (the whole deployment on it) to each FFN GPU they touch, over NVLink.
     const bool across = plan.attention_gpus + plan.ffn_gpus > hw.gpus_per_node;
     const auto [bw, lat] = link(across);
     auto transfer = [&](double destinations, double messages) {
@@ -134,8 +151,8 @@ AfdCost afd_cost(const DecodeShape& s, const AfdHardware& hw, int context, const
       return std::tuple{std::max(one_way, back), one_way + back - std::max(one_way, back),
                         std::max({out_a, back_a, out_f, back_f}) / bw};
     };
-    const double dest_moe = std::max(1.0, distinct_touched(ffn_nodes, k));
-    const auto [tc1, tc1_other, nic1] = transfer(dest_moe, std::max(1.0, F / hw.gpus_per_node));
+    const double dest_moe = std::max(1.0, across ? distinct_touched(ffn_nodes, k) : distinct_touched(F, k));
+    const auto [tc1, tc1_other, nic1] = transfer(dest_moe, dest_moe);
     const auto [tc2, tc2_other, nic2] = transfer(1.0, 1.0);
     tc_moe = tc1, nic_moe = nic1, tc_dense = tc2, nic_dense = nic2;
     // A layer: each side busy m times, and micro-batch i's round trip before its next layer.
@@ -148,7 +165,8 @@ AfdCost afd_cost(const DecodeShape& s, const AfdHardware& hw, int context, const
     c.tpot = s.moe_layers * c_moe + dense_layers * c_dense + (c.ta + te_moe + tc1 + tc1_other - c_moe / m) +
              m * c.head;
     c.attention_memory = s.attention_weight_bytes() + kv_bytes;
-    c.ffn_memory = s.expert_weight_bytes() / F;
+    c.ffn_memory = (s.moe_layers * (per_group * s.expert_params + shared * s.shared_expert_params) / t +
+                    dense_layers * s.dense_ffn_params / g) * wb;
     c.bubble_attention = 1 - std::min(1.0, m * c.ta / c_moe);
     c.bubble_ffn = 1 - std::min(1.0, m * te_moe / c_moe);
     c.tokens_per_s_per_gpu = A * m * b / c.tpot / (A + F);
@@ -156,10 +174,13 @@ AfdCost afd_cost(const DecodeShape& s, const AfdHardware& hw, int context, const
     // Colocated on N GPUs: every GPU its b sequences' attention, its E / N experts' share of the rows and a copy
     // of the shared experts; the all-to-all over the N GPUs (DeepEP: a token once to each remote node it touches,
     // NVLink inside a node).
-    const double N = plan.attention_gpus;
-    const double rows = b * (k + shared);
-    const double weights = (s.experts * s.expert_params / N + shared * s.shared_expert_params) * wb;
-    te_moe = roofline(hw, 2 * rows * s.expert_params, weights + 2 * rows * H * wb);
+    const double N = plan.attention_gpus, per_gpu = std::ceil(s.experts / N);
+    // The fullest GPU: ceil(E / N) experts with their share of all N b k routed rows, and its own b shared rows.
+    const double replicas = std::max(1.0, std::floor(N / s.experts));  // more GPUs than experts: EP x DP
+    const double routed = N * b * k * per_gpu / s.experts / replicas, shared_rows = b * shared;
+    const double weights = (per_gpu * s.expert_params + shared * s.shared_expert_params) * wb;
+    te_moe = roofline(hw, 2 * (routed * s.expert_params + shared_rows * s.shared_expert_params),
+                      weights + 2 * (routed + shared_rows) * H * wb);
     te_dense = roofline(hw, 2 * b * s.dense_ffn_params, s.dense_ffn_params * wb + 2 * b * H * wb);
     const int nodes = nodes_of(plan.attention_gpus, hw.gpus_per_node);
     double remote_nodes = nodes > 1 ? (nodes - 1) * (1.0 - std::pow(1.0 - 1.0 / nodes, k)) : 0.0;
@@ -180,7 +201,7 @@ AfdCost afd_cost(const DecodeShape& s, const AfdHardware& hw, int context, const
     c.te = te_moe, c.tc = tc_moe, c.nic = tc_moe;
     c.tpot = s.moe_layers * c.layer + dense_layers * c_dense + m * c.head;
     c.attention_memory = c.ffn_memory = s.attention_weight_bytes() + kv_bytes +
-                                        (s.moe_layers * (s.experts * s.expert_params / N + shared * s.shared_expert_params) +
+                                        (s.moe_layers * (per_gpu * s.expert_params + shared * s.shared_expert_params) +
                                          dense_layers * s.dense_ffn_params) * wb;
     c.bubble_attention = c.bubble_ffn = 1 - std::min(1.0, m * compute_moe / c.layer);
     c.tokens_per_s_per_gpu = m * b / c.tpot;
@@ -230,6 +251,16 @@ void check_search(const AfdSearch& s) {
   if (s.max_microbatches < 1)
     SY_THROW(ConfigError, "afd plan: --max_microbatches = ", s.max_microbatches, ", expected >= 1");
 }
+}  // namespace
+
+std::vector<int> ffn_tp_degrees(int ffn_gpus, const DecodeShape& shape, const AfdHardware& hw) {
+  std::vector<int> out;
+  for (int t : {1, 2, 4, 8})
+    if (t <= hw.gpus_per_node && ffn_gpus % t == 0 && (t > 1 || ffn_gpus <= shape.experts)) out.push_back(t);
+  return out;
+}
+
+namespace {
 bool better(const AfdChoice& a, const AfdChoice& b) {
   return a.found && (!b.found || a.cost.tokens_per_s_per_gpu > b.cost.tokens_per_s_per_gpu);
 }
@@ -239,10 +270,11 @@ AfdChoice best_afd(const DecodeShape& shape, const AfdHardware& hw, const AfdSea
   check_search(search);
   AfdChoice best;
   for (int a = 1; a < search.gpus; ++a)
-    for (int m = 1; m <= search.max_microbatches; ++m) {
-      const AfdChoice c = best_batch(shape, hw, search, {false, a, search.gpus - a, m, 0});
-      if (better(c, best)) best = c;
-    }
+    for (int t : ffn_tp_degrees(search.gpus - a, shape, hw))
+      for (int m = 1; m <= search.max_microbatches; ++m) {
+        const AfdChoice c = best_batch(shape, hw, search, {false, a, search.gpus - a, m, 0, t});
+        if (better(c, best)) best = c;
+      }
   return best;
 }
 
@@ -257,14 +289,15 @@ AfdChoice best_colocated(const DecodeShape& shape, const AfdHardware& hw, const 
 }
 
 std::string ffn_parallelism(const AfdPlan& plan, const DecodeShape& shape) {
-  const int F = plan.colocated ? plan.attention_gpus : plan.ffn_gpus, E = shape.experts;
+  const int t = plan.colocated ? 1 : plan.ffn_tp, G = (plan.colocated ? plan.attention_gpus : plan.ffn_gpus) / t;
+  const int E = shape.experts;
   std::ostringstream out;
-  if (F <= E) {
-    out << "ep " << F << " (" << E / F << (E % F ? "-" + std::to_string(E / F + 1) : std::string()) << " experts per GPU)";
-  } else {
-    const int tp = (F + E - 1) / E;
-    out << "ep " << E << " x tp " << tp << " (each expert split over " << tp << " GPUs)";
-  }
+  out << "ep " << std::min(G, E);
+  if (t > 1) out << " x tp " << t;
+  if (G > E) out << " x dp " << G / E << " (" << G / E << " replicas of each expert)";
+  else
+    out << " (" << E / G << (E % G ? "-" + std::to_string(E / G + 1) : std::string()) << " experts per "
+        << (t > 1 ? "group" : "GPU") << ")";
   return out.str();
 }
 

@@ -6,16 +6,22 @@
 //   Ta  attention on an attention GPU at its roofline: the layer's attention
 //       weights and the b sequences' KV read from HBM, the projections' and
 //       the scores' FLOPs;
-//   Te  the experts on an FFN GPU: its share of the routed and shared rows
-//       (tokens balanced over the experts) at the roofline, the weights of
-//       the experts it holds read once per micro-batch;
+//   Te  the experts on the fullest FFN GPU: F / t expert-parallel groups of
+//       t GPUs (t = 1: whole experts), a group holding ceil(E / groups)
+//       experts and a replica of the shared experts, each split over its t
+//       GPUs, with their share of the routed rows (tokens balanced over the
+//       experts) and 1 / groups of the shared rows, at the roofline, the
+//       weights read once per micro-batch, plus the group's reduce-scatter
+//       of partial outputs over NVLink; a dense layer's FFN in tensor parallel
+//       over a node's FFN GPUs (that all-reduce not charged);
 //   Tc  the transfer each way over a GPU's NIC (A->F the rows in the
 //       dispatch dtype, F->A the results in the combine dtype), a token
-//       crossing once to each FFN node its experts touch.
+//       crossing once to each FFN node its experts touch (one node: to each
+//       FFN GPU, over NVLink).
 // A layer takes C = max(m Ta, m Te, m Tnic, Ta + Te + 2 Tc) with m
 // micro-batches (each side busy m times per layer, and micro-batch i back
 // on the attention side before its next layer); a step takes
-// L C + (Ta + Te + 2 Tc - C / m) (MegaScale-Infer's fill term) + the head.
+// L C + (Ta + Te + 2 Tc - C / m) (MegaScale-Infer's fill term) + m heads.
 // With Ta = Te = Tf the pipeline has no bubble once m >= 2 (1 + Tc / Tf).
 //
 // The colocated baseline (DP attention + EP on every GPU, DeepSeek's decode)
@@ -73,15 +79,18 @@ struct AfdHardware {
   static AfdHardware of(const ClusterModel& cluster, double weight_bytes);
 };
 
-// The deployment: A attention GPUs (DP attention), F FFN GPUs holding the
-// experts with expert parallelism across FFN nodes (and tensor parallelism
-// inside a node when a node holds more GPUs than experts), m micro-batches
-// of b sequences per attention GPU. colocated: every GPU both (A = F = the
+// The deployment: A attention GPUs (DP attention), F FFN GPUs holding whole
+// experts (expert parallelism), m micro-batches of b sequences per
+// attention GPU. colocated: every GPU both (A = F = the
 // GPUs), m = 1 (exposed all-to-all) or 2 (overlapped).
 struct AfdPlan {
   bool colocated = false;
   int attention_gpus = 0, ffn_gpus = 0, microbatches = 1;
   int64_t batch = 0;  // sequences per attention GPU per micro-batch
+  // FFN GPUs per expert-parallel group, each expert's hidden split over them
+  // (tensor parallelism inside a node; divides ffn_gpus). 1: whole experts
+  // per GPU, the only form the engine runs today.
+  int ffn_tp = 1;
 };
 
 struct AfdCost {
@@ -121,7 +130,8 @@ struct AfdChoice {
   bool found = false;
 };
 // The largest batch that meets the TPOT target and fits HBM, for every split
-// (A:F with F >= 1 and whole nodes or a divisor of the experts), every m in
+// A:F with F FFN GPUs, every FFN tensor-parallel degree t in 1, 2, 4, 8
+// (dividing F, within a node; t = 1 needs F <= E) and every m in
 // 1..max_microbatches; the best tokens/s per GPU.
 AfdChoice best_afd(const DecodeShape& shape, const AfdHardware& hw, const AfdSearch& search);
 // The same for the colocated deployment on all the GPUs (exposed and overlapped all-to-all).
@@ -131,8 +141,10 @@ AfdChoice best_batch(const DecodeShape& shape, const AfdHardware& hw, const AfdS
 
 // "16A16F (2A2F in nodes of 8), m = 3, ep 16" or "colocated on 32, 2 micro-batches".
 std::string plan_name(const AfdPlan& plan, const DecodeShape& shape, const AfdHardware& hw);
-// The FFN side's inner parallelism: "ep F" (whole experts, E / F per GPU) or
-// "ep X x tp T" (each expert split over T GPUs of a node when F > E).
+// The FFN side's inner parallelism: "ep F (n experts per GPU)", "ep G x tp
+// t", or with more groups than experts "... x dp R" (replicas).
 std::string ffn_parallelism(const AfdPlan& plan, const DecodeShape& shape);
+// The FFN tensor-parallel degrees the search tries for F FFN GPUs.
+std::vector<int> ffn_tp_degrees(int ffn_gpus, const DecodeShape& shape, const AfdHardware& hw);
 
 }  // namespace switchyard

@@ -213,12 +213,26 @@ Tensor InferenceEngine::step_disaggregated(const std::vector<Chunk>& chunks) {
   const bool attention = roles.is_attention(rank_);
   const int L = model_.config().layers;
   const int64_t d = model_.config().d_model;
-  // The step's agreement: the ping-pong depth, and whether an FFN rank was wrongly given rows (all fail alike).
-  double agree[2] = {attention ? static_cast<double>(microbatches_) : 1.0, !attention && !chunks.empty() ? 1.0 : 0.0};
+  // A chunk this rank cannot run would fail here mid-step while the others wait in a collective: found first.
+  std::string bad_chunk;
+  const int V = model_.config().vocab_size;
+  for (const Chunk& c : chunks) {
+    const int n = static_cast<int>(c.tokens.size());
+    if (!c.cache) bad_chunk = "a chunk without a KV cache";
+    else if (c.cache->length() + n > c.cache->capacity())
+      bad_chunk = "a chunk of " + std::to_string(n) + " token(s) at position " + std::to_string(c.cache->length()) +
+                  " of a cache of " + std::to_string(c.cache->capacity());
+    for (int t : c.tokens)
+      if (t < 0 || t >= V) bad_chunk = "token " + std::to_string(t) + " (expected 0.." + std::to_string(V - 1) + ")";
+  }
+  // The step's agreement: the ping-pong depth, whether an FFN rank was wrongly given rows, and which rank (if
+  // any) was given a chunk it cannot run: every rank fails alike, none is left in a collective.
+  double agree[3] = {attention ? static_cast<double>(microbatches_) : 1.0, !attention && !chunks.empty() ? 1.0 : 0.0,
+                     bad_chunk.empty() ? 0.0 : rank_ + 1.0};
   {
     const auto t0 = std::chrono::steady_clock::now();
     const double v0 = virtual_time::now();
-    const TensorView v(agree, DType::f64, {2});
+    const TensorView v(agree, DType::f64, {3});
     world().allreduce(v, v, {.op = ReduceOp::max}).wait();
     step_times_.waiting += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     step_times_.virtual_waiting += virtual_time::now() - v0;
@@ -226,14 +240,34 @@ Tensor InferenceEngine::step_disaggregated(const std::vector<Chunk>& chunks) {
   if (agree[1] > 0)
     SY_THROW(InvalidArgument, "inference engine: an FFN rank of ", roles.name(), " was given sequences this step; "
              "FFN ranks hold no attention or KV and pass no chunks (requests go to the attention ranks)");
+  if (agree[2] > 0) {
+    if (!bad_chunk.empty()) SY_THROW(InvalidArgument, "inference engine: rank ", rank_, " was given ", bad_chunk);
+    SY_THROW(InvalidArgument, "inference engine: rank ", static_cast<int>(agree[2]) - 1, " was given a chunk it "
+             "cannot run this step (its error names it); every rank of ", roles.name(), " stops");
+  }
   const int m = static_cast<int>(agree[0]);
   auto ffn = [&](int l) -> MoEFfnBlock& { return static_cast<MoEFfnBlock&>(model_.ffn_block(l)); };
+  // The timeline's clock: virtual when emulated (the device's time), else wall; from after the agreement.
+  const bool emulated = model_.device_model() != nullptr;
+  const auto wall0 = std::chrono::steady_clock::now();
+  const double virtual0 = virtual_time::now();
+  auto clock = [&] {
+    return emulated ? virtual_time::now() - virtual0
+                    : std::chrono::duration<double>(std::chrono::steady_clock::now() - wall0).count();
+  };
+  timeline_.clear();
   if (!attention) {
     const Tensor none = Tensor::empty({0, d}, DType::f32);
     const Model::PhaseTimer timer(model_, &ModelPhaseTimes::moe);
     for (int l = 0; l < L; ++l)
       for (int i = 0; i < m; ++i) {
-        const MoEHandle batch = ffn(l).post(none);  // the experts compute in here
+        const MoEPhaseTimes& t = emulated ? model_.moe(l).virtual_phase_times() : model_.moe(l).phase_times();
+        const double computed = t.experts + t.encode;
+        const MoEHandle batch = ffn(l).post(none);  // the experts compute in here, last
+        if (record_timeline_) {
+          const double end = clock();
+          timeline_.push_back({l, i, false, end - (t.experts + t.encode - computed), end});
+        }
         ffn(l).collect(*batch);
       }
     return Tensor::empty({0, model_.config().vocab_size}, DType::f32);
@@ -260,7 +294,9 @@ Tensor InferenceEngine::step_disaggregated(const std::vector<Chunk>& chunks) {
   for (int l = 0; l < L; ++l)
     for (int i = 0; i < m; ++i) {
       if (l > 0) add_results(l - 1, i);
+      const double start = clock();
       model_.attention(l, x[static_cast<size_t>(i)], parts[static_cast<size_t>(i)]);
+      if (record_timeline_) timeline_.push_back({l, i, true, start, clock()});
       const Model::PhaseTimer timer(model_, &ModelPhaseTimes::moe);
       pending[static_cast<size_t>(i)] = ffn(l).post(x[static_cast<size_t>(i)]);
     }

@@ -85,6 +85,18 @@ class InferenceEngine {
   const StepTimes& step_times() const { return step_times_; }
   void reset_step_times() { step_times_ = {}; }
 
+  // A disaggregated step's timeline, recorded while on: what this rank was
+  // busy with and when (attention ranks: a micro-batch's attention; FFN
+  // ranks: its experts), in virtual seconds when the model is
+  // emulated, else wall seconds, from the step's start. Each step replaces it.
+  struct BusySpan {
+    int layer = 0, microbatch = 0;
+    bool attention = true;
+    double start = 0, end = 0;
+  };
+  void record_timeline(bool on) { record_timeline_ = on; }
+  const std::vector<BusySpan>& timeline() const { return timeline_; }
+
  private:
   void verify_replicas(const std::vector<Chunk>& chunks);
   int kv_width() const;  // floats of K (or V) per position and layer: this rank's heads
@@ -103,6 +115,8 @@ class InferenceEngine {
   bool check_replicas_ = false;
   int microbatches_ = 1;
   StepTimes step_times_;
+  bool record_timeline_ = false;
+  std::vector<BusySpan> timeline_;
 };
 
 }  // namespace switchyard

@@ -100,6 +100,9 @@ class Model {
     std::string placement;         // the last layer's new placement
   };
   Rebalance rebalance_experts(int redundant);
+  // The routed choices per logical expert this rank's tokens made in layer
+  // `layer` since the last reset (every batch of the layer, micro-batches included).
+  const std::vector<double>& expert_load_since(int layer) const { return ffn_.at(static_cast<size_t>(layer))->load_since(); }
   // Forget the loads counted so far (e.g. a prefill's, before timing decode steps).
   void reset_expert_loads() {
     for (auto& block : ffn_) block->reset_load();

@@ -43,6 +43,11 @@ echo "$afd" | grep -q "(1A1F), 1 token group"
 afd_fits=$(echo "$afd" | sed -n 's/.* hold \([0-9]*\) sequences of 7 positions per token group/\1/p')
 [ -n "$afd_fits" ] && [ "$afd_fits" -gt "$fits" ]
 echo "$afd" | grep -Eq "^ +2 +[0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9.]+% +[0-9.]+% "
+# An FFN rank's experts alone can overflow the device: the refusal names that rank, not rank 0's figures.
+sed 's/memory_gb: 0.0039/memory_gb: 0.0025/' "$tmp/small-hbm.yaml" > "$tmp/smaller-hbm.yaml"
+tight=$("$bin" "${common[@]}" --afd 1:1 --batch 2 --emulate "$tmp/smaller-hbm.yaml")
+echo "$tight"
+echo "$tight" | grep -Eq "^     2 refused: .* GB of weights on FFN rank 1; the device holds 0.0025 GB \(at most 0 sequences\)"
 # Request mode runs on the wall clock: refused with the reason.
 if err=$("$bin" "${common[@]}" --requests 4 --emulate h100-nvlink-ib 2>&1); then exit 1; fi
 echo "$err" | grep -q -- "--emulate times batch mode in virtual time"

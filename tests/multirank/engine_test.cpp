@@ -10,6 +10,7 @@
 #include <map>
 #include <numeric>
 
+#include "comm/backends/emulated/emulated_backend.h"
 #include "comm/backends/threads/threads_backend.h"
 #include "core/error.h"
 #include "core/rng.h"
@@ -601,6 +602,7 @@ TEST(Engine, DisaggregatedEqualsOneRankBitForBitForEverySplitAndDepth) {
       expect_same_traces(got, want, roles.name() + ", m changing per step, rank " + std::to_string(R));
       EXPECT_GT(engine.step_times().steps, 0);
       EXPECT_LE(engine.step_times().waiting, engine.step_times().seconds);
+      if (!attention) EXPECT_GT(engine.step_times().waiting, 0.0) << "an FFN rank never waited for the attention ranks";
     }
   }, Milliseconds(20000));
 }
@@ -660,9 +662,10 @@ TEST(Engine, DisaggregatedRoleSplitsThatDoNotFitAreClearErrors) {
   EXPECT_EQ(s.owned_layers(0).size(), 3u);
 }
 
-// More FFN ranks than experts, a model loaded without roles under a
-// disaggregated schedule, and an FFN rank given sequences: errors on every
-// rank alike (the last one agreed, so no rank is left in a collective).
+// A model loaded without roles under a disaggregated schedule, an FFN rank
+// given sequences, and an attention rank given a chunk its cache cannot
+// hold: errors on every rank alike (agreed at the step's start, so no rank
+// is left in a collective).
 TEST(Engine, DisaggregatedMisuseFailsOnEveryRank) {
   for_each_rank([](Communicator& world, uint64_t) {
     const int W = world.size();
@@ -682,6 +685,71 @@ TEST(Engine, DisaggregatedMisuseFailsOnEveryRank) {
     } catch (const InvalidArgument& e) {
       EXPECT_NE(std::string(e.what()).find("an FFN rank of 1A"), std::string::npos) << e.what();
     }
+    // Rank 0 (attention) overflows its cache: it names the chunk, the others name rank 0.
+    KVCache small = engine.new_cache(2);
+    std::vector<Chunk> over;
+    if (world.rank() == 0) over.push_back({&small, {65, 66, 67}});
+    try {
+      engine.step(over);
+      ADD_FAILURE() << "no error";
+    } catch (const InvalidArgument& e) {
+      const std::string m = e.what();
+      EXPECT_NE(m.find(world.rank() == 0 ? "a chunk of 3 token(s) at position 0 of a cache of 2" : "rank 0 was given"),
+                std::string::npos) << m;
+    }
+  }, Milliseconds(20000));
+}
+
+// The ping-pong overlaps on an emulated cluster: while an FFN rank computes
+// micro-batch 0 of a layer, the attention rank runs micro-batch 1's
+// attention (their busy spans intersect in virtual time); with the results
+// collected right after posting (a serialised pipeline) they would not.
+TEST(Engine, DisaggregatedMicroBatchesOverlapInVirtualTime) {
+  for_each_rank([](Communicator& world, uint64_t seed) {
+    if (world.size() != 2) return;  // 1A1F
+    LinkModel link;
+    link.intra = {2e-6, 100e9};
+    link.inter = link.intra;
+    link.ranks_per_node = 2;
+    auto emulated = make_emulated_communicator(world.shared_from_this(), link);
+    auto device = std::make_shared<DeviceModel>();
+    device->gemm_flops_f32 = 1e12, device->memory_bandwidth = 1e12;
+    const RoleSplit roles = RoleSplit::parse("1:1", 2);
+    Model model(kDraft, emulated, {.device = device, .roles = roles});
+    InferenceEngine engine(model, LayerSchedule::disaggregated(model.config().layers, roles));
+    engine.set_microbatches(2);
+    const auto prompts = random_prompts(seed, 8, 4, 8);
+    std::vector<KVCache> caches;
+    caches.reserve(8);
+    std::vector<Chunk> chunks;
+    for (int s = 0; s < 8 && world.rank() == 0; ++s) {
+      caches.push_back(engine.new_cache(16));
+      chunks.push_back({&caches.back(), prompts[static_cast<size_t>(s)]});
+    }
+    engine.record_timeline(true);
+    engine.step(chunks);
+    // Every rank's spans (side, layer, micro-batch, start, end) to every rank.
+    std::vector<double> mine;
+    for (const auto& sp : engine.timeline())
+      for (double v : {sp.attention ? 1.0 : 0.0, double(sp.layer), double(sp.microbatch), sp.start, sp.end}) mine.push_back(v);
+    Tensor n = Tensor::zeros({2}, DType::f64);
+    n.data_as<double>()[world.rank()] = static_cast<double>(mine.size());
+    world.allreduce(n, n).wait();
+    const std::vector<int64_t> counts = {static_cast<int64_t>(n.data_as<double>()[0]), static_cast<int64_t>(n.data_as<double>()[1])};
+    Tensor all = Tensor::empty({counts[0] + counts[1]}, DType::f64);
+    world.allgatherv(TensorView(mine.data(), DType::f64, {static_cast<int64_t>(mine.size())}), all, counts).wait();
+    const double* v = all.data_as<double>();
+    const int L = model.config().layers;
+    ASSERT_EQ(counts[0] + counts[1], int64_t{2 * 2 * L * 5});  // both sides, every layer and micro-batch
+    int overlapping = 0;
+    for (int64_t i = 0; i < counts[0] + counts[1]; i += 5)
+      for (int64_t j = 0; j < counts[0] + counts[1]; j += 5)
+        if (v[i] == 0 && v[j] == 1 && v[i + 1] == v[j + 1] && v[i + 2] == 0 && v[j + 2] == 1 &&
+            std::min(v[i + 4], v[j + 4]) > std::max(v[i + 3], v[j + 3]))
+          ++overlapping;  // FFN (l, 0) and attention (l, 1) busy at once
+    EXPECT_GE(overlapping, L - 1) << "the FFN rank's experts of micro-batch 0 never ran beside the attention of micro-batch 1";
+    // The FFN rank waited for the attention rank at some point: its bubble is not zero.
+    if (world.rank() == 1) EXPECT_GT(engine.step_times().virtual_waiting, 0.0);
   }, Milliseconds(20000));
 }
 

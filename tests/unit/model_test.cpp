@@ -591,7 +591,8 @@ TEST(AfdPlan, Step3MinimumSparsityTable) {
   }
 }
 
-// MegaScale-Infer: m >= 2 (1 + Tc / Tf) hides the transfer (3 when Tc < Tf / 2, else 4 up to Tc = Tf).
+// MegaScale-Infer's constraint m >= 2 (1 + Tc / Tf), as its paper tabulates it: 3 micro-batches while
+// Tc < Tf / 2, 4 up to Tc = Tf.
 TEST(AfdPlan, MicroBatchBound) {
   EXPECT_EQ(min_microbatches(0, 1), 2);
   EXPECT_EQ(min_microbatches(0.3, 1), 3);
@@ -628,10 +629,25 @@ TEST(AfdPlan, CostOfAHandComputedLayer) {
   EXPECT_NEAR(three.bubble_attention, 0, 1e-12);
   EXPECT_NEAR(three.bubble_ffn, 0, 1e-12);
   EXPECT_NEAR(three.tokens_per_s_per_gpu, 300 / 830e-6 / 2, 1e-3);
-  // The same on one node (A + F fit): the transfer takes NVLink, 10x faster.
+  // Colocated on 2 GPUs of separate nodes: the fullest GPU holds 1 expert with half of all 200 routed rows
+  // (200 us), and half of each token's single choice leaves the node: 5 us out, 10 us back. m = 1 runs them
+  // in turn (415 us); m = 2 overlaps one micro-batch's all-to-all with the other's 400 us of compute.
+  const AfdCost colocated = afd_cost(s, hw, 0, {true, 2, 2, 1, 100});
+  EXPECT_NEAR(colocated.te, 200e-6, 1e-9);
+  EXPECT_NEAR(colocated.tc, 15e-6, 1e-9);
+  EXPECT_NEAR(colocated.tpot, 415e-6, 1e-9);
+  EXPECT_NEAR(colocated.tokens_per_s_per_gpu, 100 / 415e-6, 1e-3);
+  EXPECT_NEAR(afd_cost(s, hw, 0, {true, 2, 2, 2, 100}).tpot, 800e-6, 1e-9);
+  // Two FFN GPUs for 2 experts at top-1: the fullest holds one expert and half the rows (100 us of compute).
+  EXPECT_NEAR(afd_cost(s, hw, 0, {false, 1, 2, 1, 100}).te, 100e-6, 1e-9);
+  // The same deployment on one node (A + F fit): the transfer takes NVLink, 10x faster, to each FFN GPU a
+  // token's experts touch (1 of 2 at top-1).
   hw.gpus_per_node = 8;
   EXPECT_NEAR(afd_cost(s, hw, 0, {false, 1, 1, 1, 100}).tc, 2e-6, 1e-9);
+  s.top_k = 2;  // both FFN GPUs touched: 1.5 destinations expected under uniform routing over 2 GPUs
+  EXPECT_NEAR(afd_cost(s, hw, 0, {false, 1, 2, 1, 100}).nic, 1.5 * 100 * 1000 * 2 / 1e11, 1e-9);
   EXPECT_THROW(afd_cost(s, hw, 0, {false, 1, 1, 1, 0}), InvalidArgument);
+  EXPECT_THROW(afd_cost(s, hw, 0, {false, 1, 2, 1, 100, 3}), InvalidArgument);  // tp 3 does not divide 2 FFN GPUs
 }
 
 // The search's answers meet the target and the HBM on the h100 preset, and a
