@@ -73,5 +73,7 @@ void gemm_bf16(const GemmBf16Args& args);
 
 // dst = bf16(src), round to nearest even, on the calling thread's OpenMP threads.
 void to_bf16(const float* src, int64_t n, uint16_t* dst);
+// dst = float(src), exact (bf16 is the top half of an f32).
+void from_bf16(const uint16_t* src, int64_t n, float* dst);
 
 }  // namespace switchyard::kernels::cpu

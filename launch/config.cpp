@@ -439,6 +439,11 @@ const std::vector<Field>& fields() {
       integer<int>("model.microbatches", 1, 64, +[](JobConfig& c) -> int& { return c.model.microbatches; },
                    "With model.afd: micro-batches per step ping-ponged between the attention and FFN ranks (the FFN "
                    "ranks compute micro-batch i while the attention ranks run i + 1); 1 otherwise."),
+      choice("model.dispatch_dtype", {"f32", "bf16"}, +[](JobConfig& c) -> std::string& { return c.model.dispatch_dtype; },
+             "What the MoE layers' exchanges carry to the experts: f32 (exact) or bf16 (half the bytes; with "
+             "model.afd the attention-to-FFN transfer)."),
+      choice("model.combine_dtype", {"f32", "bf16"}, +[](JobConfig& c) -> std::string& { return c.model.combine_dtype; },
+             "What the experts' results come back in: f32 (exact) or bf16."),
       integer<int>("model.threads", 0, 4096, +[](JobConfig& c) -> int& { return c.model.threads; },
                    "GEMM (OpenMP) threads per rank; 0: the node's cores over its ranks."),
       integer<int>("serve.requests", 1, kIntMax, +[](JobConfig& c) -> int& { return c.serve.requests; },

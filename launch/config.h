@@ -102,6 +102,8 @@ struct ModelSection {
   int tp = 1;                                   // ranks per tensor-parallel attention group
   std::string afd;                              // "A:F": attention-FFN disaggregation (empty: colocated)
   int microbatches = 1;                         // with afd: micro-batches ping-ponged per step
+  std::string dispatch_dtype = "f32";           // what the MoE exchanges carry: f32 | bf16
+  std::string combine_dtype = "f32";
   int threads = 0;                              // GEMM threads per rank; 0: cores / ranks on the node
 };
 

@@ -121,6 +121,16 @@ ModelOptions model_options(const DecodeParallelism& p, int world, std::shared_pt
   ModelOptions mo;
   mo.device = std::move(device);
   if (!p.afd.empty()) mo.roles = RoleSplit::parse(p.afd, world, p.afd_field);
+  auto payload = [](const std::string& v, const std::string& field) {
+    if (v == "f32") return DType::f32;
+    if (v == "bf16") return DType::bf16;
+    if (v == "fp8")
+      SY_THROW(ConfigError, field, " = fp8: fp8 payloads (e4m3 with 1x128 block scales) are not built yet; expected "
+               "f32 or bf16");
+    SY_THROW(ConfigError, field, " = '", v, "', expected f32 or bf16");
+  };
+  mo.dispatch_payload = payload(p.dispatch_dtype, p.dispatch_field);
+  mo.combine_payload = payload(p.combine_dtype, p.combine_field);
   return mo;
 }
 
@@ -139,9 +149,14 @@ std::unique_ptr<InferenceEngine> make_engine(Model& model, const DecodeParalleli
 
 // How the schedule runs, for a result line: "attention dp" or "2A2F, m = 2".
 std::string schedule_name(const InferenceEngine& engine) {
+  const ModelOptions& o = engine.model().options();
+  const std::string payloads = o.dispatch_payload == DType::f32 && o.combine_payload == DType::f32
+                                   ? ""
+                                   : ", payloads " + std::string(dtype_name(o.dispatch_payload)) + "/" +
+                                         std::string(dtype_name(o.combine_payload));
   if (const auto& roles = engine.schedule().roles())
-    return roles->name() + ", m = " + std::to_string(engine.microbatches());
-  return std::string("attention ") + attention_mode_name(engine.schedule().attention());
+    return roles->name() + ", m = " + std::to_string(engine.microbatches()) + payloads;
+  return std::string("attention ") + attention_mode_name(engine.schedule().attention()) + payloads;
 }
 
 // Each side's pipeline bubble (InferenceEngine::StepTimes: the share of step

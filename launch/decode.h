@@ -24,10 +24,13 @@ struct DecodeParallelism {
   // the micro-batches each step ping-pongs between the two sides.
   std::string afd;
   int microbatches = 1;
+  // What the MoE exchanges carry: f32 (exact) or bf16, to the experts and back.
+  std::string dispatch_dtype = "f32", combine_dtype = "f32";
   int threads = 0;      // GEMM (OpenMP) threads per rank; 0: the machine's cores / ranks on this node
   int64_t timeout_ms = 0;  // per-op timeout; 0: the runtime's default
   std::string attention_field = "--attention", tp_field = "--tp";  // names in errors (a config's: model.attention)
   std::string afd_field = "--afd", microbatches_field = "--microbatches";
+  std::string dispatch_field = "--dispatch_dtype", combine_field = "--combine_dtype";
   ScheduleOptions schedule() const { return {attention, tp, attention_field, tp_field, afd, afd_field}; }
 };
 

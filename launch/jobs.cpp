@@ -261,9 +261,11 @@ int run_job(const JobConfig& config) {
     o.model = config.model.path;
     o.parallel = {.backend = options.backend, .ranks = config.comm.ranks, .attention = config.model.attention,
                   .tp = config.model.tp, .afd = config.model.afd, .microbatches = config.model.microbatches,
+                  .dispatch_dtype = config.model.dispatch_dtype, .combine_dtype = config.model.combine_dtype,
                   .threads = config.model.threads, .timeout_ms = config.comm.timeout_ms,
                   .attention_field = "model.attention", .tp_field = "model.tp", .afd_field = "model.afd",
-                  .microbatches_field = "model.microbatches"};
+                  .microbatches_field = "model.microbatches", .dispatch_field = "model.dispatch_dtype",
+                  .combine_field = "model.combine_dtype"};
     const ServeSection& s = config.serve;
     check_serve_config(config);
     o.requests = s.requests;

@@ -101,6 +101,10 @@ void add_decode_parallelism(CLI::App* app, DecodeParallelism& p) {
   app->add_option("--microbatches", p.microbatches,
                   "With --afd: micro-batches per step ping-ponged between the attention and FFN ranks")
       ->capture_default_str();
+  app->add_option("--dispatch_dtype,--dispatch-dtype", p.dispatch_dtype,
+                  "What the MoE exchange carries to the experts: f32 (exact) or bf16")->capture_default_str();
+  app->add_option("--combine_dtype,--combine-dtype", p.combine_dtype,
+                  "What the experts' results come back in: f32 (exact) or bf16")->capture_default_str();
   app->add_option("--threads", p.threads, "GEMM threads per rank (0: this node's cores / its ranks)")->capture_default_str();
 }
 

@@ -34,6 +34,7 @@ class InferenceEngine {
   // tensor-parallel groups).
   InferenceEngine(Model& model, LayerSchedule schedule, std::shared_ptr<Communicator> group = nullptr);
   Model& model() { return model_; }
+  const Model& model() const { return model_; }
   const LayerSchedule& schedule() const { return schedule_; }
   Communicator& world() { return *group_; }
   int rank() const { return rank_; }

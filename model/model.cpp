@@ -118,6 +118,8 @@ Model::Model(Source source, const std::string& dir, std::shared_ptr<Communicator
     mc.plan.exchange = ExchangeMode::dropless;
     mc.batch_invariant = true;
     mc.device_model = options_.device;
+    mc.dispatch_payload = options_.dispatch_payload;
+    mc.combine_payload = options_.combine_payload;
     if (ffn_only) {
       mc.placement = ffn_only;
     } else if (W > c.experts) {  // expert data parallelism: W / E expert groups, each holding every expert once

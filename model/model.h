@@ -44,6 +44,10 @@ struct ModelOptions {
   // ranks; an FFN rank loads no attention, embedding, head or gate, an
   // attention rank no expert. Empty: every rank both.
   std::optional<RoleSplit> roles;
+  // What the MoE layers' exchanges carry (MoEConfig::dispatch_payload,
+  // combine_payload): f32 (exact) or bf16.
+  DType dispatch_payload = DType::f32;
+  DType combine_payload = DType::f32;
 };
 
 class Model {
@@ -78,6 +82,7 @@ class Model {
   MoELayer& moe(int layer) { return ffn_.at(static_cast<size_t>(layer))->moe(); }
   const std::shared_ptr<Communicator>& expert_group() const { return group_; }
   const std::optional<RoleSplit>& roles() const { return options_.roles; }
+  const ModelOptions& options() const { return options_; }
   // Whether this rank holds the attention side (embedding, attention, gates,
   // head): every rank unless disaggregated.
   bool holds_attention() const { return !options_.roles || options_.roles->is_attention(group_->rank()); }

@@ -25,6 +25,13 @@ void MoEConfig::validate() const {
   if (replica_domain < 0) SY_THROW(InvalidArgument, "moe: replica_domain = ", replica_domain, ", expected >= 0 ranks");
   if (batch_invariant && compute != DType::f32)
     SY_THROW(InvalidArgument, "moe: batch_invariant needs compute = f32, got ", dtype_name(compute));
+  for (auto [field, dtype] : {std::pair{"dispatch_payload", dispatch_payload}, std::pair{"combine_payload", combine_payload}}) {
+    if (dtype != DType::f32 && dtype != DType::bf16)
+      SY_THROW(InvalidArgument, "moe: ", field, " = ", dtype_name(dtype), ", expected f32 or bf16");
+    if (dtype != DType::f32 && send_once_per_rank)
+      SY_THROW(InvalidArgument, "moe: ", field, " = ", dtype_name(dtype), " with send_once_per_rank is not built "
+               "(expected f32, or send_once_per_rank off)");
+  }
   router.validate();
 }
 
@@ -41,7 +48,7 @@ MoEBatch::~MoEBatch() { wait_posted(); }
 void MoEBatch::release_buffers() {
   if (released_) return;
   wait_posted();
-  x_ = logits_ = send_ = rows_ = returned_ = arrived_ = Tensor();
+  x_ = logits_ = send_ = rows_ = returned_ = arrived_ = send16_ = rows16_ = out16_ = returned16_ = Tensor();
   weights_ = Working();
   experts_ = ExpertActivations();
   released_ = true;
@@ -223,6 +230,9 @@ void MoELayer::check_plan(const ExecPlan& plan) const {
   if (plan.r != 1 && !layout_.is_permutation())
     SY_THROW(InvalidArgument, "moe plan: r = ", plan.r, " needs every expert once and equal slots per rank; the "
              "placement has ", layout_.placement().describe(), "; expected r = 1");
+  if (plan.a2a == A2AAlgorithm::hierarchical &&
+      (config_.dispatch_payload != DType::f32 || config_.combine_payload != DType::f32))
+    SY_THROW(InvalidArgument, "moe plan: a2a = 2dh with bf16 payloads is not built; expected the flat all-to-all");
   if (plan.a2a == A2AAlgorithm::hierarchical && !hierarchical_ && group_->size() > 1)
     SY_THROW(InvalidArgument, "moe plan: a2a = 2dh needs nodes: node_size = ", config_.node_size,
              " on ", group_->size(), " ranks; expected a divisor of the ranks between 2 and ", group_->size() - 1);
@@ -530,8 +540,9 @@ Work MoELayer::exchange(const DispatchPlan& p, int chunk, const TensorView& in, 
   const int64_t out_off = (to_experts ? p.recv_offset(chunk) : p.send_offset(chunk)) * M;
   const int64_t in_n = std::accumulate(send.begin(), send.end(), int64_t{0});
   const int64_t out_n = std::accumulate(recv.begin(), recv.end(), int64_t{0});
-  TensorView a(static_cast<float*>(in.data()) + in_off, DType::f32, {in_n});
-  TensorView b(static_cast<float*>(out.data()) + out_off, DType::f32, {out_n});
+  const size_t es = in.element_size();  // f32, or a bf16 payload
+  TensorView a(static_cast<char*>(in.data()) + in_off * static_cast<int64_t>(es), in.dtype(), {in_n});
+  TensorView b(static_cast<char*>(out.data()) + out_off * static_cast<int64_t>(out.element_size()), out.dtype(), {out_n});
   if (p.exec.a2a == A2AAlgorithm::hierarchical && hierarchical_) {
     // Padded blocks are equal only when every rank holds the same slots once.
     if (p.exec.exchange == ExchangeMode::padded && layout_.is_permutation()) return hierarchical_->alltoall(a, b);
@@ -585,6 +596,15 @@ Work MoELayer::dispatch(MoEBatch& b) {
     for (int64_t c : p.unique_recv_counts) distinct += c;
     b.arrived_ = buffer(Buffer::arrived, {distinct, config_.model_dim});
     for (int i = 0; i < p.exec.d; ++i) b.to_experts_.push_back(exchange_distinct(p, i, b.send_, b.arrived_));
+  } else if (config_.dispatch_payload == DType::bf16) {  // rounded once, sent at half the bytes
+    const int64_t M = config_.model_dim;
+    b.send16_ = buffer(Buffer::send_payload, {p.send_rows(), M}, DType::bf16);
+    b.rows16_ = buffer(Buffer::recv_payload, {p.recv_rows(), M}, DType::bf16);
+    {
+      PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::encode);
+      ops_->to_bf16(b.send_.data_as<float>(), b.send_.numel(), static_cast<uint16_t*>(b.send16_.data()));
+    }
+    for (int i = 0; i < p.exec.d; ++i) b.to_experts_.push_back(exchange(p, i, b.send16_, b.rows16_, true));
   } else {
     for (int i = 0; i < p.exec.d; ++i) b.to_experts_.push_back(exchange(p, i, b.send_, b.rows_, true));
   }
@@ -611,6 +631,12 @@ void MoELayer::experts(MoEBatch& b, int chunk) {
     PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::dispatch_a2a);
     b.to_experts_[static_cast<size_t>(chunk)].wait();
   }
+  if (b.rows16_.defined()) {  // the chunk's bf16 rows widened (exactly) for the experts
+    PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::encode);
+    const int64_t M = config_.model_dim, first = p.recv_offset(chunk), n = p.recv_offset(chunk + 1) - first;
+    ops_->from_bf16(static_cast<const uint16_t*>(b.rows16_.data()) + first * M, n * M,
+                    b.rows_.data_as<float>() + first * M);
+  }
   if (p.send_once) {  // each expert's rows from the distinct ones
     PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::encode);
     const int64_t M = config_.model_dim, first = p.recv_offset(chunk), n = p.recv_offset(chunk + 1) - first;
@@ -618,7 +644,21 @@ void MoELayer::experts(MoEBatch& b, int chunk) {
                       b.rows_.data_as<float>() + first * M);
   }
   run_chunk(b, chunk);
-  if (moves) b.back_.push_back(exchange(p, chunk, b.experts_.out, b.returned_, false));
+  if (moves && config_.combine_payload == DType::bf16) {
+    const int64_t M = config_.model_dim, first = p.recv_offset(chunk), n = p.recv_offset(chunk + 1) - first;
+    if (!b.out16_.defined()) {
+      b.out16_ = buffer(Buffer::out_payload, {p.recv_rows(), M}, DType::bf16);
+      b.returned16_ = buffer(Buffer::back_payload, {p.send_rows(), M}, DType::bf16);
+    }
+    {
+      PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::decode);
+      ops_->to_bf16(b.experts_.out.data_as<float>() + first * M, n * M,
+                    static_cast<uint16_t*>(b.out16_.data()) + first * M);
+    }
+    b.back_.push_back(exchange(p, chunk, b.out16_, b.returned16_, false));
+  } else if (moves) {
+    b.back_.push_back(exchange(p, chunk, b.experts_.out, b.returned_, false));
+  }
   ++b.experts_done_;
 }
 
@@ -642,9 +682,13 @@ const MoEForward& MoELayer::finish(MoEBatch& b) {
   // Backward never reads the sent rows or (when they moved) the experts' own
   // outputs: back to the pool now, so a handle kept for backward holds less.
   for (auto& w : b.to_experts_) w.wait();
-  b.send_ = b.arrived_ = Tensor();
+  b.send_ = b.arrived_ = b.send16_ = b.rows16_ = b.out16_ = Tensor();
   if (p.exchange_ranks > 1) b.experts_.out = Tensor();
   PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::decode);
+  if (b.returned16_.defined()) {  // the bf16 results widened (exactly) before the weighted sum
+    ops_->from_bf16(static_cast<const uint16_t*>(b.returned16_.data()), b.returned_.numel(), b.returned_.data_as<float>());
+    b.returned16_ = Tensor();
+  }
   const int kc = p.k * p.copies;
   MoEForward& f = b.result_;
   f.output = Tensor::empty({p.tokens, M}, DType::f32);
@@ -770,6 +814,10 @@ Tensor MoELayer::backward(const TensorView& dout, double balance_coef, double z_
 
 Tensor MoELayer::backward(MoEBatch& b, const TensorView& dout, double balance_coef, double z_coef, bool input_grad) {
   require(b, MoEBatch::Stage::finished, "backward");
+  if (config_.dispatch_payload != DType::f32 || config_.combine_payload != DType::f32)
+    SY_THROW(NotSupported, "moe: backward with ", dtype_name(config_.dispatch_payload), " dispatch and ",
+             dtype_name(config_.combine_payload), " combine payloads is not built (payloads other than f32 are for "
+             "inference)");
   record(b, Phase::backward);
   PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::backward);
   const DispatchPlan& p = b.plan_;

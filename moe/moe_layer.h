@@ -71,6 +71,14 @@ struct MoEConfig {
   // costs one local copy of the received rows and a small index exchange, so
   // it pays across links, not inside shared memory. Results are unchanged.
   bool send_once_per_rank = false;
+  // What the exchanges carry (inference): the rows to the experts and their
+  // results back, f32 (exact) or bf16 (rounded to nearest even before the
+  // all-to-all, half the bytes; attention-FFN disaggregation's payloads).
+  // A row is rounded whichever rank it goes to, itself included, so any
+  // placement gives the same results; a plan without an exchange (r = 0, one
+  // rank) moves nothing and rounds nothing. Forward only: backward refuses.
+  DType dispatch_payload = DType::f32;
+  DType combine_payload = DType::f32;
   void validate() const;
 };
 
@@ -183,6 +191,7 @@ class MoEBatch {
   Stage stage_ = Stage::planned;
   Tensor x_, logits_, send_, rows_, returned_;
   Tensor arrived_;  // sent once per rank: the distinct rows as received, before each expert's copy
+  Tensor send16_, rows16_, out16_, returned16_;  // bf16 payloads as sent and received (MoEConfig::*_payload)
   Routing routing_;
   DispatchPlan plan_;
   Working weights_;
@@ -434,7 +443,8 @@ class MoELayer {
   // goes; backward's are temporaries of the call.
   enum class Buffer : uint8_t { input, send, recv, arrived, pre, act, expert_out, back, d_returned, d_out, d_rows, d_act, d_pre,
                                 d_sent, recv_bf16, act_bf16, w1_bf16, w2_bf16, d_out_bf16, d_pre_bf16,
-                                gathered, gw1, gb1, gw2, gb2, dw1, db1, dw2, db2, grad_blocks, grad_mine, replica_sum, count };
+                                gathered, gw1, gb1, gw2, gb2, dw1, db1, dw2, db2, grad_blocks, grad_mine, replica_sum,
+                                send_payload, recv_payload, out_payload, back_payload, count };
   Tensor buffer(Buffer which, Shape shape, DType dtype = DType::f32);
   BufferPool pool_;
   MoEPhaseTimes times_, virtual_times_;

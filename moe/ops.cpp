@@ -49,6 +49,7 @@ void CpuOps::gemm(const kernels::GemmArgs& args, OpData, bool) {
 void CpuOps::gemm_bf16(const kernels::GemmBf16Args& args, bool) { kernels::cpu::gemm_bf16(args); }
 
 void CpuOps::to_bf16(const float* src, int64_t n, uint16_t* dst) { kernels::cpu::to_bf16(src, n, dst); }
+void CpuOps::from_bf16(const uint16_t* src, int64_t n, float* dst) { kernels::cpu::from_bf16(src, n, dst); }
 
 void CpuOps::gather_rows(const float* src, const int64_t* index, int64_t rows, int64_t width, float* dst) {
   kernels::cpu::gather_rows(src, index, rows, width, dst);
@@ -145,6 +146,11 @@ void EmulatedOps::gemm_bf16(const kernels::GemmBf16Args& a, bool weights_read) {
 void EmulatedOps::to_bf16(const float* src, int64_t n, uint16_t* dst) {
   charge_bytes(static_cast<double>(n) * (kF32 + 2));
   if (!timing_only_) inner_->to_bf16(src, n, dst);
+}
+
+void EmulatedOps::from_bf16(const uint16_t* src, int64_t n, float* dst) {
+  charge_bytes(static_cast<double>(n) * (kF32 + 2));
+  if (!timing_only_) inner_->from_bf16(src, n, dst);
 }
 
 void EmulatedOps::gather_rows(const float* src, const int64_t* index, int64_t rows, int64_t width, float* dst) {

@@ -55,6 +55,7 @@ class MoEOps {
   virtual void gemm(const kernels::GemmArgs& args, OpData data = OpData::bulk, bool weights_read = false) = 0;
   virtual void gemm_bf16(const kernels::GemmBf16Args& args, bool weights_read = false) = 0;
   virtual void to_bf16(const float* src, int64_t n, uint16_t* dst) = 0;
+  virtual void from_bf16(const uint16_t* src, int64_t n, float* dst) = 0;  // exact widening
 
   // ---- rows (kernels/moe.h) ----
   virtual void gather_rows(const float* src, const int64_t* index, int64_t rows, int64_t width, float* dst) = 0;
@@ -93,6 +94,7 @@ class CpuOps final : public MoEOps {
   void gemm(const kernels::GemmArgs& args, OpData data, bool weights_read) override;
   void gemm_bf16(const kernels::GemmBf16Args& args, bool weights_read) override;
   void to_bf16(const float* src, int64_t n, uint16_t* dst) override;
+  void from_bf16(const uint16_t* src, int64_t n, float* dst) override;
   void gather_rows(const float* src, const int64_t* index, int64_t rows, int64_t width, float* dst) override;
   void scatter_rows(const float* src, const int64_t* index, int64_t rows, int64_t width, float* dst) override;
   void gather_scaled_rows(const float* src, const int64_t* index, const float* scale, int64_t rows, int64_t width,
@@ -131,6 +133,7 @@ class EmulatedOps final : public MoEOps {
   void gemm(const kernels::GemmArgs& args, OpData data, bool weights_read) override;
   void gemm_bf16(const kernels::GemmBf16Args& args, bool weights_read) override;
   void to_bf16(const float* src, int64_t n, uint16_t* dst) override;
+  void from_bf16(const uint16_t* src, int64_t n, float* dst) override;
   void gather_rows(const float* src, const int64_t* index, int64_t rows, int64_t width, float* dst) override;
   void scatter_rows(const float* src, const int64_t* index, int64_t rows, int64_t width, float* dst) override;
   void gather_scaled_rows(const float* src, const int64_t* index, const float* scale, int64_t rows, int64_t width,

@@ -1,3 +1,4 @@
+#include <cstring>
 #include <map>
 #include <omp.h>
 
@@ -89,6 +90,14 @@ void gemm_bf16(const GemmBf16Args& g) {
 void to_bf16(const float* src, int64_t n, uint16_t* dst) {
 #pragma omp parallel for schedule(static) if (n >= (1 << 15))
   for (int64_t i = 0; i < n; ++i) dst[i] = bf16::from_float(src[i]).bits;
+}
+
+void from_bf16(const uint16_t* src, int64_t n, float* dst) {
+#pragma omp parallel for schedule(static) if (n >= (1 << 15))
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t bits = static_cast<uint32_t>(src[i]) << 16;
+    std::memcpy(dst + i, &bits, sizeof bits);
+  }
 }
 
 }  // namespace switchyard::kernels::cpu

@@ -57,6 +57,8 @@ void activation_backward(Activation act, const float* x, const float* dy, int64_
 void axpy(float alpha, const float* x, int64_t n, float* y, cudaStream_t stream);
 // dst = bf16(src), round to nearest even.
 void to_bf16(const float* src, int64_t n, uint16_t* dst, cudaStream_t stream);
+// dst = float(src), exact.
+void from_bf16(const uint16_t* src, int64_t n, float* dst, cudaStream_t stream);
 
 // The gate's backward for one batch (MoELayer::backward's host loop): from
 // d_weight_of_row through the routing weights (renormalised or not), plus the

@@ -240,6 +240,12 @@ __global__ void activation_backward_kernel(Activation act, const float* x, const
   }
 }
 
+__global__ void from_bf16_kernel(const uint16_t* src, int64_t n, float* dst) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    dst[i] = __uint_as_float(static_cast<unsigned>(src[i]) << 16);
+}
+
 __global__ void to_bf16_kernel(const float* src, int64_t n, uint16_t* dst) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -455,6 +461,12 @@ void axpy(float alpha, const float* x, int64_t n, float* y, cudaStream_t stream)
 void to_bf16(const float* src, int64_t n, uint16_t* dst, cudaStream_t stream) {
   if (n <= 0) return;
   to_bf16_kernel<<<elementwise_grid(n), kThreads, 0, stream>>>(src, n, dst);
+  SY_CUDA_CHECK_LAUNCH();
+}
+
+void from_bf16(const uint16_t* src, int64_t n, float* dst, cudaStream_t stream) {
+  if (n <= 0) return;
+  from_bf16_kernel<<<elementwise_grid(n), kThreads, 0, stream>>>(src, n, dst);
   SY_CUDA_CHECK_LAUNCH();
 }
 

@@ -40,6 +40,9 @@ void CudaOps::gemm(const kernels::GemmArgs& args, OpData, bool) { kc::gemm_f32(a
 void CudaOps::gemm_bf16(const kernels::GemmBf16Args& args, bool) { kc::gemm_bf16(args, cuda::current_stream()); }
 
 void CudaOps::to_bf16(const float* src, int64_t n, uint16_t* dst) { kc::to_bf16(src, n, dst, cuda::current_stream()); }
+void CudaOps::from_bf16(const uint16_t* src, int64_t n, float* dst) {
+  kc::from_bf16(src, n, dst, cuda::current_stream());
+}
 
 void CudaOps::gather_rows(const float* src, const int64_t* index, int64_t rows, int64_t width, float* dst) {
   kc::gather_rows(src, index, rows, width, dst, cuda::current_stream());

@@ -25,6 +25,12 @@ spec=$(text "$bin" "${args[@]}" --draft "$(dirname "$model")/draft" --gamma 3 --
 afd_two=$(OMPI_MCA_btl=self,vader text "$mpirun" -np 2 "$@" "$bin" "${args[@]}" --afd 1:1 --microbatches 2)
 afd_four=$(text "$bin" "${args[@]}" --ranks 4 --afd 2:2 --microbatches 3)
 afd_one_three=$(text "$bin" "${args[@]}" --ranks 4 --afd 1:3)
+# bf16 payloads: disaggregated equals colocated with the same payloads (the text may differ from f32's).
+bf16=(--dispatch_dtype bf16 --combine_dtype bf16)
+dp_bf16=$(text "$bin" "${args[@]}" --ranks 4 --attention dp "${bf16[@]}")
+afd_bf16=$(text "$bin" "${args[@]}" --ranks 4 --afd 2:2 --microbatches 2 "${bf16[@]}")
+echo "4 thread-ranks, dp, bf16 : $dp_bf16"
+echo "2A2F, m 2, bf16 payloads : $afd_bf16"
 echo "1 rank                   : $one"
 echo "2 MPI ranks, replicated  : $two"
 echo "2 MPI ranks, dp          : $two_dp"
@@ -37,4 +43,4 @@ echo "4 thread-ranks, 2A2F, m 3: $afd_four"
 echo "4 thread-ranks, 1A3F     : $afd_one_three"
 [ -n "$one" ] && [ "$one" = "$two" ] && [ "$one" = "$two_dp" ] && [ "$one" = "$four_dp" ] && [ "$one" = "$two_tp" ] &&
   [ "$one" = "$four_tp" ] && [ "$one" = "$spec" ] && [ "$one" = "$afd_two" ] && [ "$one" = "$afd_four" ] &&
-  [ "$one" = "$afd_one_three" ]
+  [ "$one" = "$afd_one_three" ] && [ -n "$dp_bf16" ] && [ "$dp_bf16" = "$afd_bf16" ]

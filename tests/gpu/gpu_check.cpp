@@ -374,6 +374,11 @@ void check_cuda_ops() {
   cpu.to_bf16(src.data_as<float>(), rows * width, h16.data());
   gpu.to_bf16(dsrc.data_as<float>(), rows * width, static_cast<uint16_t*>(d16.data()));
   compare_exact("ops to_bf16", d16, h16.data());
+  Tensor wide = poisoned({rows * width});
+  Tensor hwide = Tensor::empty({rows * width}, DType::f32);
+  cpu.from_bf16(h16.data(), rows * width, hwide.data_as<float>());
+  gpu.from_bf16(static_cast<const uint16_t*>(d16.data()), rows * width, wide.data_as<float>());
+  compare_exact("ops from_bf16 (exact)", wide, hwide.data_as<float>());
   // memory: zero, 2-D copy (every other row, a column window), allocate zeroed
   Tensor z = poisoned({rows, width});
   gpu.zero(z.data(), static_cast<int64_t>(z.nbytes()));

@@ -780,5 +780,76 @@ TEST(Engine, DisaggregatedFfnRankThatStopsMakesTheAttentionRanksFail) {
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(10));
 }
 
+
+// bf16 payloads (A->F rows and F->A results rounded to bf16, as Step-3 sends
+// them in fp8 and bf16): AFD gives the logits of a colocated run with the
+// same payloads, bit for bit, for every split and m; they differ from f32's
+// and stay within bf16 rounding of them.
+TEST(Engine, DisaggregatedBf16PayloadsEqualColocatedWithTheSamePayloads) {
+  for_each_rank([](Communicator& world, uint64_t seed) {
+    const int W = world.size(), R = world.rank();
+    if (W < 2) return;
+    const auto prompts = random_prompts(seed, 4, 2, 12);
+    ModelOptions bf16;
+    bf16.dispatch_payload = bf16.combine_payload = DType::bf16;
+    Model colocated(kDraft, world.shared_from_this(), bf16);
+    const int V = colocated.config().vocab_size;
+    // The colocated reference: dp attention, every sequence on rank s mod W, every rank's rows gathered.
+    InferenceEngine dp(colocated, LayerSchedule::data_parallel(colocated.config().layers, W));
+    std::vector<int> mine_dp;
+    for (int s = 0; s < 4; ++s)
+      if (s % W == R) mine_dp.push_back(s);
+    auto local = run_sequences(prompts, mine_dp, 4, V, [&](const std::vector<Chunk>& c) { return dp.step(c); },
+                               [&] { return dp.new_cache(64); });
+    // Every sequence's trace to every rank (sequence s from rank s mod W), for comparing under any split.
+    const size_t per = 5 * static_cast<size_t>(V);  // prefill's last row + 4 decode rows
+    Tensor all = Tensor::zeros({4 * static_cast<int64_t>(per)}, DType::f32);
+    for (const auto& [s, t] : local)
+      for (size_t i = 0; i < t.rows.size(); ++i)
+        std::memcpy(all.data_as<float>() + s * per + i * V, t.rows[i].data(), V * sizeof(float));
+    world.allreduce(all, all).wait();
+    std::map<int, Trace> want;
+    for (int s = 0; s < 4; ++s)
+      for (size_t i = 0; i < 5; ++i) {
+        const float* r = all.data_as<float>() + s * per + i * V;
+        want[s].rows.emplace_back(r, r + V);
+        want[s].tokens.push_back(argmax(r, V));
+      }
+    Model ref(kDraft, one_rank());
+    const auto exact = reference_traces(ref, prompts, 4);
+    double worst = 0;
+    bool differs = false;
+    for (int s = 0; s < 4; ++s)
+      for (size_t i = 0; i < 5 && want[s].tokens == exact.at(s).tokens; ++i) {
+        const auto& a = want[s].rows[i];
+        const auto& b = exact.at(s).rows[i];
+        double scale = 0;
+        for (int v = 0; v < V; ++v) scale = std::max(scale, std::fabs(static_cast<double>(b[v])));
+        for (int v = 0; v < V; ++v) {
+          worst = std::max(worst, std::fabs(static_cast<double>(a[v]) - b[v]) / scale);
+          differs = differs || a[v] != b[v];
+        }
+      }
+    EXPECT_TRUE(differs) << "bf16 payloads gave f32's logits: nothing was rounded";
+    EXPECT_LT(worst, 0.05) << "bf16 payloads moved a logit by more than 5% of its row's largest";
+    for (int A = 1; A < W; ++A) {
+      const RoleSplit roles = RoleSplit::parse(std::to_string(A) + ":" + std::to_string(W - A), W);
+      ModelOptions o = bf16;
+      o.roles = roles;
+      Model model(kDraft, world.shared_from_this(), o);
+      InferenceEngine engine(model, LayerSchedule::disaggregated(model.config().layers, roles));
+      for (int m : {1, 2}) {
+        engine.set_microbatches(m);
+        std::vector<int> mine;
+        for (int s = 0; s < 4 && roles.is_attention(R); ++s)
+          if (s % A == engine.token_group()) mine.push_back(s);
+        const auto got = run_sequences(prompts, mine, 4, V, [&](const std::vector<Chunk>& c) { return engine.step(c); },
+                                       [&] { return engine.new_cache(64); });
+        expect_same_traces(got, want, roles.name() + " bf16, m = " + std::to_string(m) + ", rank " + std::to_string(R));
+      }
+    }
+  }, Milliseconds(20000));
+}
+
 }  // namespace
 }  // namespace switchyard
