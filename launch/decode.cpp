@@ -642,6 +642,9 @@ void BenchSpecOptions::validate() const {
   if (!parallel.afd.empty() || parallel.microbatches != 1)
     SY_THROW(ConfigError, "bench spec: ", parallel.afd.empty() ? parallel.microbatches_field : parallel.afd_field,
              " is for disaggregated decoding; speculative decoding on a disaggregated deployment is not built");
+  if (parallel.dispatch_dtype != "f32" || parallel.combine_dtype != "f32")
+    SY_THROW(ConfigError, "bench spec: ", parallel.dispatch_dtype != "f32" ? parallel.dispatch_field : parallel.combine_field,
+             " other than f32 is not built for speculative decoding (it compares against exact greedy decoding)");
   if (count < 1) SY_THROW(InvalidArgument, "bench spec: --count = ", count, ", expected >= 1");
   if (max_new_tokens < 1) SY_THROW(InvalidArgument, "bench spec: --max_new_tokens = ", max_new_tokens, ", expected >= 1");
   if (batch < 1) SY_THROW(InvalidArgument, "bench spec: --batch = ", batch, ", expected >= 1");

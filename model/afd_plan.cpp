@@ -123,7 +123,9 @@ AfdCost afd_cost(const DecodeShape& s, const AfdHardware& hw, int context, const
     // FFN side, the fullest GPU: ceil(E / F) whole experts and their share of the micro-batch's A b k routed
     // rows (tokens balanced over the experts), a replica of the shared experts with 1 / F of their rows; the
     // dense layers' FFN in tensor parallel over a node's FFN GPUs, replicated per FFN node.
-    const double t = plan.ffn_tp, groups = F / t, g = std::min<double>(F, hw.gpus_per_node);
+    // Dense layers: tensor parallel over each FFN node's GPUs; the smallest node (the last may be partial) binds.
+    const double t = plan.ffn_tp, groups = F / t;
+    const double g = plan.ffn_gpus - (nodes_of(plan.ffn_gpus, hw.gpus_per_node) - 1) * hw.gpus_per_node;
     const double per_group = std::ceil(s.experts / groups);
     const int ffn_nodes = nodes_of(plan.ffn_gpus, hw.gpus_per_node);
     // More groups than experts: floor(groups / E) replicas of each share its rows (expert data parallelism).
@@ -143,17 +145,21 @@ AfdCost afd_cost(const DecodeShape& s, const AfdHardware& hw, int context, const
     // one node (the whole deployment on it) to each FFN GPU they touch, over NVLink.
     const bool across = plan.attention_gpus + plan.ffn_gpus > hw.gpus_per_node;
     const auto [bw, lat] = link(across);
-    auto transfer = [&](double destinations, double messages) {
-      const double out_a = b * H * s.dispatch_bytes * destinations, back_a = b * H * s.combine_bytes * destinations;
+    auto transfer = [&](double destinations, double back_destinations, double messages) {
+      const double out_a = b * H * s.dispatch_bytes * destinations, back_a = b * H * s.combine_bytes * back_destinations;
       const double out_f = out_a * A / F, back_f = back_a * A / F;  // an FFN GPU's share of every attention GPU's rows
       const double one_way = lat * messages + std::max(out_a, out_f) / bw;
       const double back = lat * messages + std::max(back_a, back_f) / bw;
       return std::tuple{std::max(one_way, back), one_way + back - std::max(one_way, back),
                         std::max({out_a, back_a, out_f, back_f}) / bw};
     };
-    const double dest_moe = std::max(1.0, across ? distinct_touched(ffn_nodes, k) : distinct_touched(F, k));
-    const auto [tc1, tc1_other, nic1] = transfer(dest_moe, dest_moe);
-    const auto [tc2, tc2_other, nic2] = transfer(1.0, 1.0);
+    // One node: a token goes to every GPU of each group its experts touch (they all read the group's rows) and
+    // comes back once per group (each GPU returns its reduce-scattered slice).
+    const double groups_touched = std::max(1.0, distinct_touched(groups, k));
+    const double dest_moe = across ? std::max(1.0, distinct_touched(ffn_nodes, k)) : t * groups_touched;
+    const double back_moe = across ? dest_moe : groups_touched;
+    const auto [tc1, tc1_other, nic1] = transfer(dest_moe, back_moe, dest_moe);
+    const auto [tc2, tc2_other, nic2] = transfer(1.0, 1.0, 1.0);
     tc_moe = tc1, nic_moe = nic1, tc_dense = tc2, nic_dense = nic2;
     // A layer: each side busy m times, and micro-batch i's round trip before its next layer.
     auto layer = [&](double te, double tc, double tc_other, double nic) {
@@ -294,7 +300,7 @@ std::string ffn_parallelism(const AfdPlan& plan, const DecodeShape& shape) {
   std::ostringstream out;
   out << "ep " << std::min(G, E);
   if (t > 1) out << " x tp " << t;
-  if (G > E) out << " x dp " << G / E << " (" << G / E << " replicas of each expert)";
+  if (G >= 2 * E) out << " x dp " << G / E << " (" << G / E << " replicas of each expert)";
   else
     out << " (" << E / G << (E % G ? "-" + std::to_string(E / G + 1) : std::string()) << " experts per "
         << (t > 1 ? "group" : "GPU") << ")";

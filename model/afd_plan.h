@@ -18,10 +18,11 @@
 //       dispatch dtype, F->A the results in the combine dtype), a token
 //       crossing once to each FFN node its experts touch (one node: to each
 //       FFN GPU, over NVLink).
-// A layer takes C = max(m Ta, m Te, m Tnic, Ta + Te + 2 Tc) with m
+// A layer takes C = max(m Ta, m Te, m Tnic, Ta + Tout + Te + Tback) with m
 // micro-batches (each side busy m times per layer, and micro-batch i back
-// on the attention side before its next layer); a step takes
-// L C + (Ta + Te + 2 Tc - C / m) (MegaScale-Infer's fill term) + m heads.
+// on the attention side before its next layer; Tout and Tback the two
+// directions of Tc); a step takes L C + (Ta + Tout + Te + Tback - C / m)
+// (MegaScale-Infer's fill term) + m heads.
 // With Ta = Te = Tf the pipeline has no bubble once m >= 2 (1 + Tc / Tf).
 //
 // The colocated baseline (DP attention + EP on every GPU, DeepSeek's decode)
@@ -94,7 +95,7 @@ struct AfdPlan {
 };
 
 struct AfdCost {
-  double ta = 0, te = 0, tc = 0;  // per layer and micro-batch: attention, experts, transfer one way (the slower)
+  double ta = 0, te = 0, tc = 0;  // per layer and micro-batch: attention, experts, the slower transfer direction
   double nic = 0;                 // per layer and micro-batch: the busier NIC's time (A->F and F->A directions)
   double layer = 0;               // C: a layer's time with the pipeline full
   double head = 0;                // the LM head per micro-batch (attention side)

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <map>
 
 #include "comm/virtual_time.h"
 #include "core/error.h"
@@ -216,11 +217,18 @@ Tensor InferenceEngine::step_disaggregated(const std::vector<Chunk>& chunks) {
   // A chunk this rank cannot run would fail here mid-step while the others wait in a collective: found first.
   std::string bad_chunk;
   const int V = model_.config().vocab_size;
+  std::map<const KVCache*, int> appended;  // chunks sharing a cache write one after another
   for (const Chunk& c : chunks) {
     const int n = static_cast<int>(c.tokens.size());
-    if (!c.cache) bad_chunk = "a chunk without a KV cache";
-    else if (c.cache->length() + n > c.cache->capacity())
-      bad_chunk = "a chunk of " + std::to_string(n) + " token(s) at position " + std::to_string(c.cache->length()) +
+    if (!c.cache) {
+      bad_chunk = "a chunk without a KV cache";
+      continue;
+    }
+    if (!c.cache->fits(model_.config()))  // no tensor parallelism here: the whole width
+      bad_chunk = "a chunk whose KV cache is not this engine's (another model's, or other layers or heads)";
+    const int total = appended[c.cache] += n;
+    if (c.cache->length() + total > c.cache->capacity())
+      bad_chunk = std::to_string(total) + " token(s) at position " + std::to_string(c.cache->length()) +
                   " of a cache of " + std::to_string(c.cache->capacity());
     for (int t : c.tokens)
       if (t < 0 || t >= V) bad_chunk = "token " + std::to_string(t) + " (expected 0.." + std::to_string(V - 1) + ")";

@@ -74,9 +74,11 @@ struct MoEConfig {
   // What the exchanges carry (inference): the rows to the experts and their
   // results back, f32 (exact) or bf16 (rounded to nearest even before the
   // all-to-all, half the bytes; attention-FFN disaggregation's payloads).
-  // A row is rounded whichever rank it goes to, itself included, so any
-  // placement gives the same results; a plan without an exchange (r = 0, one
-  // rank) moves nothing and rounds nothing. Forward only: backward refuses.
+  // A row is rounded whichever rank it goes to, itself included, and also
+  // when nothing moves (one rank, r = 0), so any placement and world size
+  // give the same results; with r > 1 each of a row's r partial results is
+  // rounded before they are summed. A CombineLayout's move of the combined
+  // rows stays f32. Forward only: backward refuses.
   DType dispatch_payload = DType::f32;
   DType combine_payload = DType::f32;
   void validate() const;

@@ -272,6 +272,46 @@ TEST(MoEMultiRank, PhysicalPlacementEqualsOneRankHoldingEveryExpert) {
     });
 }
 
+// bf16 payloads under every plan and placement the layer runs (padded and
+// dropless, d = 1 and 2, r = 0 with weights gathered, an awkward placement
+// with replicas) give one rank's results with the same payloads: a row is
+// rounded wherever it goes, its own rank included, and also where nothing
+// moves. Backward refuses them on every rank.
+TEST(MoEMultiRank, Bf16PayloadsEqualOneRankWithTheSamePayloadsForEveryPlan) {
+  for (int variant = 0; variant < 3; ++variant)  // identity, identity with r = 0, awkward placement
+    for (ExchangeMode mode : {ExchangeMode::padded, ExchangeMode::dropless})
+      for (int d : {1, 2})
+        testing::for_each_rank([&](Communicator& comm, uint64_t seed) {
+          const int n = comm.size(), me = comm.rank();
+          MoEConfig c;
+          c.model_dim = 12, c.hidden_dim = 16;
+          c.activation = kernels::Activation::gelu;
+          c.plan.exchange = mode;
+          c.plan.d = d;
+          c.plan.r = variant == 1 ? 0 : 1;
+          c.router.experts = 2 * n, c.router.k = 2, c.router.capacity_factor = 0.0;
+          c.dispatch_payload = c.combine_payload = DType::bf16;
+          if (variant == 2) c.placement = awkward_placement(n);
+          std::shared_ptr<Communicator> group(&comm, [](Communicator*) {});
+          MoELayer layer(c, group);
+          layer.init_parameters(seed);
+          auto x_of = [&](int r) { return tokens(seed + 900 + r, 5 + 2 * r, 12); };
+          const MoEForward f = layer.forward(x_of(me));
+          MoEConfig whole_config = c;
+          whole_config.placement.reset();
+          whole_config.plan.r = 1;
+          int64_t mine = 0;
+          const Tensor all_x = all_rows(n, x_of, 12, mine, me);
+          ThreadsWorld solo_world(1);
+          MoELayer whole(on_host(whole_config), solo_world.communicator(0));
+          whole.init_parameters(seed);
+          const MoEForward wf = whole.forward(all_x);
+          expect_close("bf16-payload output", f.output.data_as<float>(), wf.output.data_as<float>() + mine * 12,
+                       f.output.numel(), me);
+          EXPECT_THROW(layer.backward(tokens(seed + 1, 5 + 2 * me, 12)), NotSupported);
+        });
+}
+
 // Capacity binds per logical expert before a replica is chosen: with capacity
 // each source rank's output equals its tokens through one rank holding every
 // expert, whatever the replicas.

@@ -534,6 +534,54 @@ double relative_norm_error(const Tensor& a, const Tensor& b) {
   return std::sqrt(diff / std::max(ref, 1e-300));
 }
 
+// bf16 payloads from the definition, in float64: each routed row rounded to
+// bf16 before the experts, each expert's result rounded to bf16 before the
+// weighted sum, also on one rank where nothing moves. The layer's f32 expert
+// results may sit on the other side of a bf16 rounding boundary from the
+// float64 ones, so nearly every element must match tightly and every one
+// within a bf16 step; f32 payloads differ.
+TEST(MoELayer, Bf16PayloadsRoundRowsAndResultsAsDefined) {
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  auto round = [](double v) { return static_cast<double>(bf16::from_float(static_cast<float>(v)).to_float()); };
+  for (ExchangeMode mode : {ExchangeMode::padded, ExchangeMode::dropless}) {
+    MoEConfig c = small_config(Activation::gelu, mode, 0.0);
+    c.dispatch_payload = c.combine_payload = DType::bf16;
+    MoELayer layer(c, solo());
+    layer.init_parameters(seed);
+    MoEConfig f32 = c;
+    f32.dispatch_payload = f32.combine_payload = DType::f32;
+    MoELayer exact(f32, solo());
+    exact.init_parameters(seed);
+    const int64_t T = 41, M = 16;
+    const Tensor x = random_tokens(seed + 5, T, M);
+    const ReferenceRouting ref = reference_routing(layer, x);
+    const MoEForward got = layer.forward(x), plain = exact.forward(x);
+    int64_t tight = 0, differs = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      std::vector<float> xr(M);
+      for (int64_t m = 0; m < M; ++m) xr[m] = static_cast<float>(round(x.data_as<float>()[t * M + m]));
+      std::vector<double> want(M, 0.0), step(M, 0.0);
+      for (int j = 0; j < 2; ++j) {
+        const auto y = expert_ref(layer, ref.expert[t * 2 + j], xr.data());
+        for (int64_t m = 0; m < M; ++m) {
+          want[m] += ref.weight[t * 2 + j] * round(y[m]);
+          step[m] += ref.weight[t * 2 + j] * std::fabs(y[m]) / 128;  // one bf16 step of each term
+        }
+      }
+      for (int64_t m = 0; m < M; ++m) {
+        const double g = got.output.data_as<float>()[t * M + m];
+        ASSERT_LE(std::fabs(g - want[m]), step[m] + 1e-5) << "mode " << int(mode) << " token " << t << " m " << m;
+        tight += std::fabs(g - want[m]) <= 1e-5 * (1 + std::fabs(want[m]));
+        differs += g != plain.output.data_as<float>()[t * M + m];
+      }
+    }
+    EXPECT_GE(tight, T * M * 95 / 100) << "mode " << int(mode) << ": rows or results rounded otherwise than defined";
+    EXPECT_GE(differs, T * M / 2) << "mode " << int(mode) << ": bf16 payloads left the results as f32's";
+    EXPECT_THROW(layer.backward(x), NotSupported);
+  }
+}
+
 TEST(MoELayer, Bf16IsWithinOnePercentOfFp32InNorm) {
   const uint64_t seed = fresh_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));
