@@ -436,9 +436,10 @@ const std::vector<Field>& fields() {
                                     v.find(':', c + 1) == std::string::npos);
              },
              "A:F, two rank counts (e.g. 2:2), or empty"),
-      integer<int>("model.microbatches", 1, 64, +[](JobConfig& c) -> int& { return c.model.microbatches; },
+      integer<int>("model.microbatches", 0, 64, +[](JobConfig& c) -> int& { return c.model.microbatches; },
                    "With model.afd: micro-batches per step ping-ponged between the attention and FFN ranks (the FFN "
-                   "ranks compute micro-batch i while the attention ranks run i + 1); 1 otherwise."),
+                   "ranks compute micro-batch i while the attention ranks run i + 1); 0: each step from the measured "
+                   "times, m >= 2 (1 + Tc / max(Ta, Te)); 1 otherwise."),
       choice("model.dispatch_dtype", {"f32", "bf16"}, +[](JobConfig& c) -> std::string& { return c.model.dispatch_dtype; },
              "What the MoE layers' exchanges carry to the experts: f32 (exact) or bf16 (half the bytes; with "
              "model.afd the attention-to-FFN transfer)."),

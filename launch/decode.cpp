@@ -136,9 +136,9 @@ ModelOptions model_options(const DecodeParallelism& p, int world, std::shared_pt
 
 // The engine of `model` as `p` schedules it (micro-batches included).
 std::unique_ptr<InferenceEngine> make_engine(Model& model, const DecodeParallelism& p) {
-  if (p.microbatches < 1 || p.microbatches > 64)
-    SY_THROW(ConfigError, p.microbatches_field, " = ", p.microbatches, ", expected 1..64");
-  if (p.microbatches > 1 && p.afd.empty())
+  if (p.microbatches < 0 || p.microbatches > 64)
+    SY_THROW(ConfigError, p.microbatches_field, " = ", p.microbatches, ", expected 1..64 (0: automatic)");
+  if (p.microbatches != 1 && p.afd.empty())
     SY_THROW(ConfigError, p.microbatches_field, " = ", p.microbatches, " without ", p.afd_field,
              "; micro-batches ping-pong between attention and FFN ranks (expected 1, or an ", p.afd_field, " split)");
   auto engine = std::make_unique<InferenceEngine>(
@@ -155,8 +155,17 @@ std::string schedule_name(const InferenceEngine& engine) {
                                    : ", payloads " + std::string(dtype_name(o.dispatch_payload)) + "/" +
                                          std::string(dtype_name(o.combine_payload));
   if (const auto& roles = engine.schedule().roles())
-    return roles->name() + ", m = " + std::to_string(engine.microbatches()) + payloads;
+    return roles->name() + ", m = " +
+           (engine.microbatches() > 0 ? std::to_string(engine.microbatches())
+                                      : "auto (" + std::to_string(engine.last_microbatches()) + " last step)") +
+           payloads;
   return std::string("attention ") + attention_mode_name(engine.schedule().attention()) + payloads;
+}
+
+// A CSV cell: the name's commas as semicolons.
+std::string csv_field(std::string s) {
+  std::replace(s.begin(), s.end(), ',', ';');
+  return s;
 }
 
 // Each side's pipeline bubble (InferenceEngine::StepTimes: the share of step
@@ -457,7 +466,7 @@ void bench_batches(InferenceEngine& engine, const BenchDecodeOptions& o, const C
       points += std::to_string(B) + " " + std::to_string(tps / W) + "\n";
       if (csv)
         std::fprintf(csv, "%d,%d,%s,%.6f,%.2f,%.2f,%.6f,%.6f,%.6f,%.3f,%.4f,%.4f,%.4f,%.4f\n", B, W,
-                     schedule_name(engine).c_str(), tpot * 1e3, tps, tps / W, attn_ms, moe_ms, floor_ms,
+                     csv_field(schedule_name(engine)).c_str(), tpot * 1e3, tps, tps / W, attn_ms, moe_ms, floor_ms,
                      tpot * 1e3 / floor_ms, step_ms, mem / 1e9, idle.attention_virtual, idle.ffn_virtual);
       continue;
     }
@@ -475,7 +484,7 @@ void bench_batches(InferenceEngine& engine, const BenchDecodeOptions& o, const C
     points += std::to_string(B) + " " + std::to_string(tps) + "\n";
     if (csv)
       std::fprintf(csv, "%d,%d,%s,%.2f,%.2f,%.4f,%.4f,%.4f,%.4f,%.4f,%.3f,%.2f,%.4f,%.4f\n", B, W,
-                   schedule_name(engine).c_str(), tps, tps / W, step_ms, t.attention / o.steps * 1e3,
+                   csv_field(schedule_name(engine)).c_str(), tps, tps / W, step_ms, t.attention / o.steps * 1e3,
                    t.moe / o.steps * 1e3, t.head / o.steps * 1e3, floor_ms, step_ms / floor_ms, bandwidth[bi] / 1e9,
                    idle.attention, idle.ffn);
   }

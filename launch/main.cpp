@@ -99,7 +99,8 @@ void add_decode_parallelism(CLI::App* app, DecodeParallelism& p) {
                   "Attention-FFN disaggregation A:F: the first A ranks run data-parallel attention and hold no experts, "
                   "the other F hold the experts (A + F = the ranks)");
   app->add_option("--microbatches", p.microbatches,
-                  "With --afd: micro-batches per step ping-ponged between the attention and FFN ranks")
+                  "With --afd: micro-batches per step ping-ponged between the attention and FFN ranks (0: each step "
+                  "from the measured Ta, Te, Tc: m >= 2 (1 + Tc / max(Ta, Te)))")
       ->capture_default_str();
   app->add_option("--dispatch_dtype,--dispatch-dtype", p.dispatch_dtype,
                   "What the MoE exchange carries to the experts: f32 (exact) or bf16")->capture_default_str();

@@ -221,6 +221,12 @@ int min_microbatches(double tc, double tf) {
   return static_cast<int>(std::ceil(2.0 * (1.0 + std::max(tc, 0.0) / tf) - 1e-12));
 }
 
+int auto_microbatches(double ta, double te, double tc, int64_t most_sequences, int limit) {
+  const double tf = std::max(ta, te);
+  const int m = tf > 0 ? min_microbatches(tc, tf) : 2;
+  return static_cast<int>(std::clamp<int64_t>(std::min<int64_t>(m, limit), 1, std::max<int64_t>(most_sequences, 1)));
+}
+
 double step3_min_sparsity(double hidden, int layers, double flops, double hbm_bandwidth, double server_network) {
   // 50 ms over 3 stages is 16.6 ms per stage for the network; 3 H bytes per token per layer (fp8 out, bf16
   // back) within 16.6 ms / L, for at least FLOPs / (2 S BW) tokens (fp8 weights: 2 FLOPs per weight byte).

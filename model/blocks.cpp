@@ -201,12 +201,18 @@ void MoEFfnBlock::count_load(const Routing& routing) {
   for (size_t e = 0; e < load.size(); ++e) load_since_[e] += static_cast<double>(load[e]);
 }
 
-MoEHandle MoEFfnBlock::post(const Tensor& x) {
-  if (const DeviceModel* dev = moe_->ops().device_model())
-    virtual_time::charge(dev->memory_seconds(2.0 * static_cast<double>(x.nbytes())));
+MoEHandle MoEFfnBlock::post(const Tensor& x, PostTimes* times) {
+  const DeviceModel* dev = moe_->ops().device_model();
+  if (dev) virtual_time::charge(dev->memory_seconds(2.0 * static_cast<double>(x.nbytes())));
   MoEHandle batch = moe_->plan(rmsnorm(x, norm_, eps_), moe_->routing_choice(), moe_->config().plan);
   moe_->dispatch(*batch);
-  moe_->combine(*batch);
+  const MoEPhaseTimes& t = dev ? moe_->virtual_phase_times() : moe_->phase_times();
+  const double waited = t.dispatch_a2a, computed = t.experts + t.encode + t.decode;
+  moe_->combine(*batch);  // waits for each chunk's rows, computes it, posts its return
+  if (times) {
+    times->transfer = t.dispatch_a2a - waited;
+    times->compute = t.experts + t.encode + t.decode - computed;
+  }
   return batch;
 }
 

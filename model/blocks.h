@@ -119,7 +119,12 @@ class MoEFfnBlock : public FfnBlock {
   // plans the batch and posts its exchanges (the experts' ranks compute
   // inside it); collect() waits for the results and returns the delta. Both
   // are collective in the layer's batch order (moe/moe_layer.h).
-  MoEHandle post(const Tensor& x);
+  // times (may be null) gets the seconds post() spent waiting for the rows
+  // to arrive and computing the experts (wall, or virtual when emulated).
+  struct PostTimes {
+    double transfer = 0, compute = 0;
+  };
+  MoEHandle post(const Tensor& x, PostTimes* times = nullptr);
   Tensor collect(MoEBatch& batch);
   MoELayer& moe() { return *moe_; }
   // This rank's routed choices per logical expert since the last reset (for

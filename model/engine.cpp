@@ -7,6 +7,7 @@
 
 #include "comm/virtual_time.h"
 #include "core/error.h"
+#include "model/afd_plan.h"
 
 namespace switchyard {
 
@@ -186,7 +187,7 @@ Tensor InferenceEngine::step_tensor_parallel(const std::vector<Chunk>& chunks) {
 }
 
 void InferenceEngine::set_microbatches(int m) {
-  if (m < 1) SY_THROW(InvalidArgument, "inference engine: ", m, " micro-batches, expected >= 1");
+  if (m < 0) SY_THROW(InvalidArgument, "inference engine: ", m, " micro-batches, expected >= 1 (0: automatic)");
   microbatches_ = m;
 }
 
@@ -235,12 +236,14 @@ Tensor InferenceEngine::step_disaggregated(const std::vector<Chunk>& chunks) {
   }
   // The step's agreement: the ping-pong depth, whether an FFN rank was wrongly given rows, and which rank (if
   // any) was given a chunk it cannot run: every rank fails alike, none is left in a collective.
-  double agree[3] = {attention ? static_cast<double>(microbatches_) : 1.0, !attention && !chunks.empty() ? 1.0 : 0.0,
-                     bad_chunk.empty() ? 0.0 : rank_ + 1.0};
+  // Also, for an automatic depth, the last step's measured times and the most sequences a rank holds.
+  double agree[7] = {attention ? static_cast<double>(microbatches_) : 0.0, !attention && !chunks.empty() ? 1.0 : 0.0,
+                     bad_chunk.empty() ? 0.0 : rank_ + 1.0, measured_ta_, measured_te_, measured_tc_,
+                     static_cast<double>(chunks.size())};
   {
     const auto t0 = std::chrono::steady_clock::now();
     const double v0 = virtual_time::now();
-    const TensorView v(agree, DType::f64, {3});
+    const TensorView v(agree, DType::f64, {7});
     world().allreduce(v, v, {.op = ReduceOp::max}).wait();
     step_times_.waiting += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     step_times_.virtual_waiting += virtual_time::now() - v0;
@@ -253,7 +256,11 @@ Tensor InferenceEngine::step_disaggregated(const std::vector<Chunk>& chunks) {
     SY_THROW(InvalidArgument, "inference engine: rank ", static_cast<int>(agree[2]) - 1, " was given a chunk it "
              "cannot run this step (its error names it); every rank of ", roles.name(), " stops");
   }
-  const int m = static_cast<int>(agree[0]);
+  const int m = agree[0] >= 1 ? static_cast<int>(agree[0])
+                              : auto_microbatches(agree[3], agree[4], agree[5], static_cast<int64_t>(agree[6]));
+  last_microbatches_ = m;
+  double ta_sum = 0, te_sum = 0, tc_sum = 0;
+  int ta_n = 0, fe_n = 0;
   auto ffn = [&](int l) -> MoEFfnBlock& { return static_cast<MoEFfnBlock&>(model_.ffn_block(l)); };
   // The timeline's clock: virtual when emulated (the device's time), else wall; from after the agreement.
   const bool emulated = model_.device_model() != nullptr;
@@ -269,15 +276,16 @@ Tensor InferenceEngine::step_disaggregated(const std::vector<Chunk>& chunks) {
     const Model::PhaseTimer timer(model_, &ModelPhaseTimes::moe);
     for (int l = 0; l < L; ++l)
       for (int i = 0; i < m; ++i) {
-        const MoEPhaseTimes& t = emulated ? model_.moe(l).virtual_phase_times() : model_.moe(l).phase_times();
-        const double computed = t.experts + t.encode;
-        const MoEHandle batch = ffn(l).post(none);  // the experts compute in here, last
+        MoEFfnBlock::PostTimes pt;
+        const MoEHandle batch = ffn(l).post(none, &pt);  // the experts compute in here, last
         if (record_timeline_) {
           const double end = clock();
-          timeline_.push_back({l, i, false, end - (t.experts + t.encode - computed), end});
+          timeline_.push_back({l, i, false, end - pt.compute, end});
         }
+        te_sum += pt.compute, tc_sum += pt.transfer, ++fe_n;
         ffn(l).collect(*batch);
       }
+    measured_ta_ = 0, measured_te_ = fe_n ? te_sum / fe_n : 0, measured_tc_ = fe_n ? tc_sum / fe_n : 0;
     return Tensor::empty({0, model_.config().vocab_size}, DType::f32);
   }
   // Contiguous micro-batches balanced by rows: a chunk goes to the part its first row falls in.
@@ -304,11 +312,14 @@ Tensor InferenceEngine::step_disaggregated(const std::vector<Chunk>& chunks) {
       if (l > 0) add_results(l - 1, i);
       const double start = clock();
       model_.attention(l, x[static_cast<size_t>(i)], parts[static_cast<size_t>(i)]);
-      if (record_timeline_) timeline_.push_back({l, i, true, start, clock()});
+      const double end = clock();
+      if (record_timeline_) timeline_.push_back({l, i, true, start, end});
+      if (x[static_cast<size_t>(i)].shape()[0] > 0) ta_sum += end - start, ++ta_n;
       const Model::PhaseTimer timer(model_, &ModelPhaseTimes::moe);
       pending[static_cast<size_t>(i)] = ffn(l).post(x[static_cast<size_t>(i)]);
     }
   for (int i = 0; i < m; ++i) add_results(L - 1, i);
+  measured_ta_ = ta_n ? ta_sum / ta_n : 0, measured_te_ = measured_tc_ = 0;
   Tensor rows = Tensor::empty({total, d}, DType::f32);
   int64_t at = 0;
   for (const Tensor& part : x) {

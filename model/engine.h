@@ -68,8 +68,16 @@ class InferenceEngine {
   // ranks run micro-batch i + 1. Every rank may set its own; a step uses the
   // largest the attention ranks set (agreed at its start), so it may change
   // from step to step. Without roles it does nothing.
+  // m = 0: automatic, each step MegaScale-Infer's bound m >= 2 (1 + Tc / Tf)
+  // from the previous step's measured Ta (an attention rank's attention of
+  // one micro-batch and layer), Te (an FFN rank's experts) and Tc (an FFN
+  // rank's wait for the rows after the count exchange), Tf = max(Ta, Te),
+  // at most 8 and the most sequences an attention rank holds
+  // (auto_microbatches in model/afd_plan.h). A fixed m set on any attention
+  // rank wins.
   void set_microbatches(int m);
   int microbatches() const { return microbatches_; }
+  int last_microbatches() const { return last_microbatches_; }  // what the last step used
 
   // Where this rank's step time went, summed over steps: waiting = inside the
   // MoE layers' exchanges (count exchange, dispatch and return waits) and the
@@ -115,6 +123,9 @@ class InferenceEngine {
   std::vector<std::unique_ptr<AttentionBlock>> tp_attention_;  // this rank's heads of every layer
   bool check_replicas_ = false;
   int microbatches_ = 1;
+  int last_microbatches_ = 1;
+  // The last step's measured per-(layer, micro-batch) means on this rank (0: not measured here).
+  double measured_ta_ = 0, measured_te_ = 0, measured_tc_ = 0;
   StepTimes step_times_;
   bool record_timeline_ = false;
   std::vector<BusySpan> timeline_;

@@ -578,7 +578,7 @@ TEST(Engine, DisaggregatedEqualsOneRankBitForBitForEverySplitAndDepth) {
       EXPECT_EQ(model.moe(0).layout().slots(R) > 0, !attention) << "rank " << R << " of " << roles.name();
       EXPECT_EQ(engine.kv_floats_per_position() > 0, attention);
       EXPECT_EQ(engine.token_group(), roles.attention_index(R));
-      for (int m : {1, 2, 3}) {
+      for (int m : {1, 2, 3, 0}) {  // 0: automatic, from the last step's measured times
         engine.set_microbatches(m);
         std::vector<int> mine;
         for (int s = 0; s < 5 && attention; ++s)
@@ -587,6 +587,9 @@ TEST(Engine, DisaggregatedEqualsOneRankBitForBitForEverySplitAndDepth) {
                                        [&] { return engine.new_cache(64); });
         EXPECT_EQ(got.size(), mine.size());
         expect_same_traces(got, want, roles.name() + ", m = " + std::to_string(m) + ", rank " + std::to_string(R));
+        const int used = engine.last_microbatches();
+        EXPECT_TRUE(m > 0 ? used == m : used >= 1 && used <= std::max(1, (5 + A - 1) / A)) << "m " << m << " used " << used;
+        EXPECT_TRUE(same_on_every_rank(world, static_cast<uint64_t>(used))) << "ranks used different depths";
       }
       // The depth may change from step to step and differ between ranks (the largest is used).
       int step = 0;

@@ -600,6 +600,13 @@ TEST(AfdPlan, MicroBatchBound) {
   EXPECT_EQ(min_microbatches(0.6, 1), 4);
   EXPECT_EQ(min_microbatches(1.0, 1), 4);
   EXPECT_THROW(min_microbatches(1, 0), InvalidArgument);
+  // The engine's automatic depth: the bound from Tf = max(Ta, Te), within the sequences and the limit.
+  EXPECT_EQ(auto_microbatches(0, 0, 0, 10), 2);         // nothing measured yet
+  EXPECT_EQ(auto_microbatches(1.0, 0.5, 0.3, 10), 3);   // 2 (1 + 0.3)
+  EXPECT_EQ(auto_microbatches(0.5, 1.0, 0.6, 10), 4);   // Tf is the slower side
+  EXPECT_EQ(auto_microbatches(1.0, 1.0, 0.3, 2), 2);    // no more micro-batches than sequences
+  EXPECT_EQ(auto_microbatches(1.0, 1.0, 0.3, 0), 1);    // a rank with none still runs one
+  EXPECT_EQ(auto_microbatches(1.0, 1.0, 5.0, 100), 8);  // the limit
 }
 
 // One MoE layer with round numbers, computed by hand from the model's
