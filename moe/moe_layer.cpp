@@ -373,8 +373,11 @@ void MoELayer::require(const MoEBatch& batch, MoEBatch::Stage stage, const char*
 
 void MoELayer::verify_plan_agreement(const ExecPlan& plan, bool moves_results) {
   if (!config_.check_plan || group_->size() == 1) return;
-  // Whether results move (a combine layout) is part of what the ranks must agree on.
-  const auto h = static_cast<int64_t>((plan.hash() ^ (moves_results ? 0x9e3779b97f4a7c15ull : 0)) >> 1);
+  // Whether results move (a combine layout) and the payloads' dtypes (they size every exchange) are part of
+  // what the ranks must agree on.
+  const uint64_t payloads = static_cast<uint64_t>(config_.dispatch_payload) * 31 + static_cast<uint64_t>(config_.combine_payload);
+  const auto h = static_cast<int64_t>(
+      (plan.hash() ^ (moves_results ? 0x9e3779b97f4a7c15ull : 0) ^ (payloads * 0xc2b2ae3d27d4eb4full)) >> 1);
   const auto order = static_cast<int64_t>(phase_hash_ >> 1);
   Tensor v = Tensor::empty({4}, DType::i64);
   int64_t* a = v.data_as<int64_t>();
@@ -382,8 +385,9 @@ void MoELayer::verify_plan_agreement(const ExecPlan& plan, bool moves_results) {
   group_->allreduce(v, v, {.op = ReduceOp::max}).wait();
   if (a[0] != h || a[1] != -h)
     SY_THROW(InvalidArgument, "moe: ranks of '", group_->name(), "' run different plans; rank ", group_->rank(),
-             " has (", plan.describe(), moves_results ? ", with a combine layout" : "",
-             "). The plan must be a function of inputs agreed across the group");
+             " has (", plan.describe(), moves_results ? ", with a combine layout" : "", ", payloads ",
+             dtype_name(config_.dispatch_payload), "/", dtype_name(config_.combine_payload),
+             "). The plan and the layer's payloads must be the same on every rank");
   if (a[2] != order || a[3] != -order)
     SY_THROW(InvalidArgument, "moe: ranks of '", group_->name(), "' drove their batches' phases in different orders "
              "before batch ", batches_planned_ - 1, " (rank ", group_->rank(), "); every rank must call plan, dispatch, "

@@ -310,6 +310,24 @@ TEST(MoEMultiRank, Bf16PayloadsEqualOneRankWithTheSamePayloadsForEveryPlan) {
                        f.output.numel(), me);
           EXPECT_THROW(layer.backward(tokens(seed + 1, 5 + 2 * me, 12)), NotSupported);
         });
+  // Ranks whose layers carry different payloads would size their exchanges differently: with the plan check
+  // on, every rank refuses the batch.
+  testing::for_each_rank([&](Communicator& comm, uint64_t seed) {
+    if (comm.size() < 2) return;
+    MoEConfig c;
+    c.model_dim = 8, c.hidden_dim = 8, c.router.experts = 2 * comm.size(), c.router.k = 1;
+    c.plan.exchange = ExchangeMode::dropless, c.router.capacity_factor = 0.0, c.check_plan = true;
+    if (comm.rank() == 0) c.dispatch_payload = DType::bf16;
+    std::shared_ptr<Communicator> group(&comm, [](Communicator*) {});
+    MoELayer layer(c, group);
+    layer.init_parameters(seed);
+    try {
+      layer.forward(tokens(seed, 4, 8));
+      ADD_FAILURE() << "no error";
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find("payloads"), std::string::npos) << e.what();
+    }
+  });
 }
 
 // Capacity binds per logical expert before a replica is chosen: with capacity
