@@ -428,14 +428,15 @@ const std::vector<Field>& fields() {
       string("model.afd", +[](JobConfig& c) -> std::string& { return c.model.afd; },
              "Attention-FFN disaggregation as A:F (Step-3, MegaScale-Infer): the first A ranks run data-parallel "
              "attention with the KV, the router and the combine, and hold no experts; the other F ranks hold the "
-             "experts (E / F each) and no attention; A + F = the ranks. Empty: every rank both.",
+             "experts (E / F each) and no attention; A + F = the ranks. Or rank lists, [0,2]:[1,3] (attention ranks, "
+             "then FFN ranks; quoted in YAML: \"[1]:[0]\"). Empty: every rank both.",
              [](const std::string& v) {
                const size_t c = v.find(':');
                return v.empty() || (c != std::string::npos && c > 0 && c + 1 < v.size() &&
-                                    v.find_first_not_of("0123456789:") == std::string::npos &&
+                                    v.find_first_not_of("0123456789:,[]") == std::string::npos &&
                                     v.find(':', c + 1) == std::string::npos);
              },
-             "A:F, two rank counts (e.g. 2:2), or empty"),
+             "A:F, two rank counts (e.g. 2:2), rank lists ([0,2]:[1,3]), or empty"),
       integer<int>("model.microbatches", 0, 64, +[](JobConfig& c) -> int& { return c.model.microbatches; },
                    "With model.afd: micro-batches per step ping-ponged between the attention and FFN ranks (the FFN "
                    "ranks compute micro-batch i while the attention ranks run i + 1); 0: each step from the measured "

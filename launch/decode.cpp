@@ -922,8 +922,9 @@ int run_generate(const GenerateOptions& o) {
     if (static_cast<int>(o.prompt.size()) + o.max_new_tokens > model.config().max_seq)
       SY_THROW(InvalidArgument, "generate: a prompt of ", o.prompt.size(), " tokens + --max_new_tokens = ",
                o.max_new_tokens, " exceed the model's max_seq = ", model.config().max_seq);
-    // The request goes to token group 0, whose first rank is rank 0: it streams the text.
-    const bool speak = rt.world().rank() == 0;
+    // The request goes to token group 0; its first rank streams the text (rank 0 unless the roles put an
+    // FFN rank first).
+    const bool speak = engine.schedule().group_leader(0) == rt.world().rank();
     auto echo_prompt = [&] {
       if (!speak) return;
       std::fputs(o.prompt.c_str(), stdout);

@@ -97,7 +97,7 @@ void add_decode_parallelism(CLI::App* app, DecodeParallelism& p) {
   app->add_option("--tp", p.tp, "Ranks per tensor-parallel attention group (with --attention tp)")->capture_default_str();
   app->add_option("--afd", p.afd,
                   "Attention-FFN disaggregation A:F: the first A ranks run data-parallel attention and hold no experts, "
-                  "the other F hold the experts (A + F = the ranks)");
+                  "the other F hold the experts (A + F = the ranks); or rank lists [0,2]:[1,3]");
   app->add_option("--microbatches", p.microbatches,
                   "With --afd: micro-batches per step ping-ponged between the attention and FFN ranks (0: each step "
                   "from the measured Ta, Te, Tc: m >= 2 (1 + Tc / max(Ta, Te)))")

@@ -113,6 +113,32 @@ RoleSplit RoleSplit::parse(const std::string& spec, int world, const std::string
     return v;
   };
   if (colon == std::string::npos) number("");
+  // Rank lists, "[0,2]:[1,3]": which ranks take which role (any order, brackets optional when a side has a comma).
+  if (spec.find_first_of("[,") != std::string::npos) {
+    auto ranks = [&](std::string part) {
+      if (part.size() >= 2 && part.front() == '[' && part.back() == ']') part = part.substr(1, part.size() - 2);
+      std::vector<int> out;
+      size_t at = 0;
+      while (at <= part.size()) {
+        const size_t comma = std::min(part.find(',', at), part.size());
+        const std::string item = part.substr(at, comma - at);
+        size_t used = 0;
+        int v = -1;
+        try {
+          v = std::stoi(item, &used);
+        } catch (const std::exception&) {
+          used = 0;
+        }
+        if (item.empty() || used != item.size() || v < 0)
+          SY_THROW(ConfigError, field, " = '", spec, "': '", item, "' is not a rank; expected rank lists such as "
+                   "[0,2]:[1,3] (attention ranks, then FFN ranks)");
+        out.push_back(v);
+        at = comma + 1;
+      }
+      return out;
+    };
+    return of(ranks(spec.substr(0, colon)), ranks(spec.substr(colon + 1)), world, field);
+  }
   const int a = number(spec.substr(0, colon)), f = number(spec.substr(colon + 1));
   if (a + f != world)
     SY_THROW(ConfigError, field, " = '", spec, "': ", a, " attention + ", f, " FFN ranks = ", a + f,

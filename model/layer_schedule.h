@@ -41,8 +41,10 @@ struct LayerAssignment {
 // them: EP inside the FFN group) and no attention. Together they are the world.
 struct RoleSplit {
   std::vector<int> attention, ffn;  // ascending, disjoint
-  // "A:F": the first A ranks attention, the next F ranks FFN. ConfigError
-  // naming `field`, the value and what was expected (A, F >= 1, A + F = world).
+  // "A:F": the first A ranks attention, the next F ranks FFN; or rank lists
+  // "[0,2]:[1,3]" (brackets optional where a side has a comma). ConfigError
+  // naming `field`, the value and what was expected (A, F >= 1, every rank
+  // of the world once).
   static RoleSplit parse(const std::string& spec, int world, const std::string& field = "--afd");
   // Explicit rank lists; the same checks.
   static RoleSplit of(std::vector<int> attention, std::vector<int> ffn, int world, const std::string& field = "--afd");

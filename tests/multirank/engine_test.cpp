@@ -568,8 +568,12 @@ TEST(Engine, DisaggregatedEqualsOneRankBitForBitForEverySplitAndDepth) {
     const auto prompts = random_prompts(seed, 5, 1, 19);
     Model ref(kDraft, one_rank());
     const auto want = reference_traces(ref, prompts, 5);
-    for (int A = 1; A < W; ++A) {
-      const RoleSplit roles = RoleSplit::parse(std::to_string(A) + ":" + std::to_string(W - A), W);
+    std::vector<std::string> splits;
+    for (int A = 1; A < W; ++A) splits.push_back(std::to_string(A) + ":" + std::to_string(W - A));
+    if (W == 4) splits.push_back("[1,3]:[0,2]");  // interleaved roles, an FFN rank first
+    for (const std::string& split : splits) {
+      const RoleSplit roles = RoleSplit::parse(split, W);
+      const int A = static_cast<int>(roles.attention.size());
       Model model(kDraft, world.shared_from_this(), {.roles = roles});
       const int V = model.config().vocab_size;
       InferenceEngine engine(model, LayerSchedule::disaggregated(model.config().layers, roles));
@@ -654,6 +658,12 @@ TEST(Engine, DisaggregatedRoleSplitsThatDoNotFitAreClearErrors) {
               LayerSchedule::make({.attention = "tp", .tp = 2, .afd = "1:1", .afd_field = "--afd"}, 2, 2);
             }).find("model.attention = tp with --afd = 1:1; expected dp"),
             std::string::npos);
+  EXPECT_NE(error_of([] { RoleSplit::parse("[0,x]:[1]", 3); }).find("'x' is not a rank"), std::string::npos);
+  EXPECT_NE(error_of([] { RoleSplit::parse("[0,1]:[1]", 2); }).find("rank 1 is given two roles"), std::string::npos);
+  const RoleSplit lists = RoleSplit::parse("[3,1]:0,2", 4);
+  EXPECT_EQ(lists.attention, (std::vector<int>{1, 3}));
+  EXPECT_EQ(lists.ffn, (std::vector<int>{0, 2}));
+  EXPECT_EQ(LayerSchedule::disaggregated(2, lists).group_leader(0), 1);
   const RoleSplit roles = RoleSplit::parse("1:3", 4);
   EXPECT_EQ(roles.name(), "1A3F");
   EXPECT_EQ(roles.attention_index(0), 0);
