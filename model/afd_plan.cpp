@@ -223,7 +223,9 @@ int min_microbatches(double tc, double tf) {
 
 int auto_microbatches(double ta, double te, double tc, int64_t most_sequences, int limit) {
   const double tf = std::max(ta, te);
-  const int m = tf > 0 ? min_microbatches(tc, tf) : 2;
+  // MegaScale-Infer's bound holds while the transfer is shorter than the compute (its Tc < Tf); beyond, the
+  // step is transfer-bound and every extra micro-batch adds its latencies: two keep one side busy.
+  const int m = tf > 0 && tc < tf ? min_microbatches(tc, tf) : 2;
   return static_cast<int>(std::clamp<int64_t>(std::min<int64_t>(m, limit), 1, std::max<int64_t>(most_sequences, 1)));
 }
 

@@ -111,9 +111,10 @@ AfdCost afd_cost(const DecodeShape& shape, const AfdHardware& hw, int context, c
 // MegaScale-Infer's bound: micro-batches that hide the transfer, m >= 2 (1 + tc / tf).
 int min_microbatches(double tc, double tf);
 // The engine's automatic depth (InferenceEngine::set_microbatches(0)): the
-// bound for measured Ta, Te and Tc with Tf = max(Ta, Te), at most
-// `most_sequences` (a micro-batch needs one) and `limit`; 2 before anything
-// was measured (Tf = 0).
+// bound for measured Ta, Te and Tc with Tf = max(Ta, Te) while Tc < Tf (the
+// paper's regime), 2 when the transfer is as long as the compute or longer
+// (more micro-batches would only add latencies) and before anything was
+// measured; at most `most_sequences` (a micro-batch needs one) and `limit`.
 int auto_microbatches(double ta, double te, double tc, int64_t most_sequences, int limit = 8);
 
 // Step-3's minimum MoE sparsity (Table 7): the activated share S of the

@@ -71,9 +71,9 @@ class InferenceEngine {
   // m = 0: automatic, each step MegaScale-Infer's bound m >= 2 (1 + Tc / Tf)
   // from the previous step's measured Ta (an attention rank's attention of
   // one micro-batch and layer), Te (an FFN rank's experts) and Tc (an FFN
-  // rank's wait for the rows after the count exchange), Tf = max(Ta, Te),
-  // at most 8 and the most sequences an attention rank holds
-  // (auto_microbatches in model/afd_plan.h). A fixed m set on any attention
+  // rank's wait for the rows after the count exchange), Tf = max(Ta, Te);
+  // 2 when Tc >= Tf; at most 8 and the most sequences an attention rank
+  // holds (auto_microbatches in model/afd_plan.h). A fixed m set on any attention
   // rank wins.
   void set_microbatches(int m);
   int microbatches() const { return microbatches_; }

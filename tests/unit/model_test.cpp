@@ -606,7 +606,9 @@ TEST(AfdPlan, MicroBatchBound) {
   EXPECT_EQ(auto_microbatches(0.5, 1.0, 0.6, 10), 4);   // Tf is the slower side
   EXPECT_EQ(auto_microbatches(1.0, 1.0, 0.3, 2), 2);    // no more micro-batches than sequences
   EXPECT_EQ(auto_microbatches(1.0, 1.0, 0.3, 0), 1);    // a rank with none still runs one
-  EXPECT_EQ(auto_microbatches(1.0, 1.0, 5.0, 100), 8);  // the limit
+  EXPECT_EQ(auto_microbatches(1.0, 1.0, 0.9, 100), 4);  // 2 (1 + 0.9)
+  EXPECT_EQ(auto_microbatches(1.0, 1.0, 5.0, 100), 2);  // transfer-bound: more would only add latencies
+  EXPECT_EQ(auto_microbatches(1.0, 1.0, 0.99, 3), 3);   // within the sequences
 }
 
 // One MoE layer with round numbers, computed by hand from the model's
