@@ -97,17 +97,25 @@ RoleSplit RoleSplit::of(std::vector<int> attention, std::vector<int> ffn, int wo
   return {std::move(attention), std::move(ffn)};
 }
 
+namespace {
+// A whole non-negative decimal number, or -1.
+int whole_number(const std::string& text) {
+  size_t used = 0;
+  int v = -1;
+  try {
+    v = std::stoi(text, &used);
+  } catch (const std::exception&) {
+    return -1;
+  }
+  return text.empty() || used != text.size() || v < 0 ? -1 : v;
+}
+}  // namespace
+
 RoleSplit RoleSplit::parse(const std::string& spec, int world, const std::string& field) {
   const size_t colon = spec.find(':');
   auto number = [&](const std::string& part) {
-    size_t used = 0;
-    int v = -1;
-    try {
-      v = std::stoi(part, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    if (part.empty() || used != part.size() || v < 1)
+    const int v = whole_number(part);
+    if (v < 1)
       SY_THROW(ConfigError, field, " = '", spec, "': expected A:F, attention ranks A and FFN ranks F, each >= 1 "
                "(e.g. 2:2)");
     return v;
@@ -118,21 +126,13 @@ RoleSplit RoleSplit::parse(const std::string& spec, int world, const std::string
     auto ranks = [&](std::string part) {
       if (part.size() >= 2 && part.front() == '[' && part.back() == ']') part = part.substr(1, part.size() - 2);
       std::vector<int> out;
-      size_t at = 0;
-      while (at <= part.size()) {
+      for (size_t at = 0; at <= part.size();) {
         const size_t comma = std::min(part.find(',', at), part.size());
         const std::string item = part.substr(at, comma - at);
-        size_t used = 0;
-        int v = -1;
-        try {
-          v = std::stoi(item, &used);
-        } catch (const std::exception&) {
-          used = 0;
-        }
-        if (item.empty() || used != item.size() || v < 0)
+        if (whole_number(item) < 0)
           SY_THROW(ConfigError, field, " = '", spec, "': '", item, "' is not a rank; expected rank lists such as "
                    "[0,2]:[1,3] (attention ranks, then FFN ranks)");
-        out.push_back(v);
+        out.push_back(whole_number(item));
         at = comma + 1;
       }
       return out;
