@@ -12,6 +12,13 @@ enum class Activation : uint8_t { relu, gelu, swiglu };
 // "relu", "gelu", "swiglu"; nullopt otherwise.
 std::optional<Activation> parse_activation(std::string_view name);
 
+// fp8 dispatch payloads (DeepEP's and Step-3's form): a row of `width` values
+// as fp8 e4m3 with one f32 scale per block of 128 columns (the block's
+// largest magnitude / 448, 1 for an all-zero block), packed per row as the
+// scales, then the values.
+inline constexpr int64_t kFp8Block = 128;
+inline int64_t fp8_row_bytes(int64_t width) { return 4 * ((width + kFp8Block - 1) / kFp8Block) + width; }
+
 }  // namespace switchyard::kernels
 
 namespace switchyard::kernels::cpu {
@@ -43,5 +50,8 @@ void row_dots(const float* a, const int64_t* index, const float* b, int64_t rows
 void activation_forward(Activation act, const float* x, int64_t rows, int64_t width, float* y);
 // dx from dy and the forward input x (same layouts as forward).
 void activation_backward(Activation act, const float* x, const float* dy, int64_t rows, int64_t width, float* dx);
+// [rows, width] f32 to packed fp8 rows (fp8_row_bytes(width) bytes each) and back.
+void to_fp8_rows(const float* src, int64_t rows, int64_t width, uint8_t* dst);
+void from_fp8_rows(const uint8_t* src, int64_t rows, int64_t width, float* dst);
 
 }  // namespace switchyard::kernels::cpu

@@ -441,9 +441,11 @@ const std::vector<Field>& fields() {
                    "With model.afd: micro-batches per step ping-ponged between the attention and FFN ranks (the FFN "
                    "ranks compute micro-batch i while the attention ranks run i + 1); 0: each step from the measured "
                    "times, m >= 2 (1 + Tc / max(Ta, Te)); 1 otherwise."),
-      choice("model.dispatch_dtype", {"f32", "bf16"}, +[](JobConfig& c) -> std::string& { return c.model.dispatch_dtype; },
-             "What the MoE layers' exchanges carry to the experts: f32 (exact) or bf16 (half the bytes; with "
-             "model.afd the attention-to-FFN transfer)."),
+      choice("model.dispatch_dtype", {"f32", "bf16", "fp8"},
+             +[](JobConfig& c) -> std::string& { return c.model.dispatch_dtype; },
+             "What the MoE layers' exchanges carry to the experts: f32 (exact), bf16 (half the bytes) or fp8 (e4m3 "
+             "with an f32 scale per 128 columns, as DeepEP and Step-3 send them); with model.afd the "
+             "attention-to-FFN transfer."),
       choice("model.combine_dtype", {"f32", "bf16"}, +[](JobConfig& c) -> std::string& { return c.model.combine_dtype; },
              "What the experts' results come back in: f32 (exact) or bf16."),
       integer<int>("model.threads", 0, 4096, +[](JobConfig& c) -> int& { return c.model.threads; },

@@ -121,16 +121,17 @@ ModelOptions model_options(const DecodeParallelism& p, int world, std::shared_pt
   ModelOptions mo;
   mo.device = std::move(device);
   if (!p.afd.empty()) mo.roles = RoleSplit::parse(p.afd, world, p.afd_field);
-  auto payload = [](const std::string& v, const std::string& field) {
+  auto payload = [](const std::string& v, const std::string& field, bool fp8) {
     if (v == "f32") return DType::f32;
     if (v == "bf16") return DType::bf16;
+    if (v == "fp8" && fp8) return DType::fp8_e4m3;
     if (v == "fp8")
-      SY_THROW(ConfigError, field, " = fp8: fp8 payloads (e4m3 with 1x128 block scales) are not built yet; expected "
-               "f32 or bf16");
-    SY_THROW(ConfigError, field, " = '", v, "', expected f32 or bf16");
+      SY_THROW(ConfigError, field, " = fp8: results come back in f32 or bf16 (fp8 is for the rows sent to the "
+               "experts); expected f32 or bf16");
+    SY_THROW(ConfigError, field, " = '", v, "', expected f32, bf16", fp8 ? " or fp8" : "");
   };
-  mo.dispatch_payload = payload(p.dispatch_dtype, p.dispatch_field);
-  mo.combine_payload = payload(p.combine_dtype, p.combine_field);
+  mo.dispatch_payload = payload(p.dispatch_dtype, p.dispatch_field, true);
+  mo.combine_payload = payload(p.combine_dtype, p.combine_field, false);
   return mo;
 }
 

@@ -103,7 +103,8 @@ void add_decode_parallelism(CLI::App* app, DecodeParallelism& p) {
                   "from the measured Ta, Te, Tc: m >= 2 (1 + Tc / max(Ta, Te)))")
       ->capture_default_str();
   app->add_option("--dispatch_dtype,--dispatch-dtype", p.dispatch_dtype,
-                  "What the MoE exchange carries to the experts: f32 (exact) or bf16")->capture_default_str();
+                  "What the MoE exchange carries to the experts: f32 (exact), bf16, or fp8 (e4m3, a scale per 128 "
+                  "columns)")->capture_default_str();
   app->add_option("--combine_dtype,--combine-dtype", p.combine_dtype,
                   "What the experts' results come back in: f32 (exact) or bf16")->capture_default_str();
   app->add_option("--threads", p.threads, "GEMM threads per rank (0: this node's cores / its ranks)")->capture_default_str();

@@ -25,9 +25,12 @@ void MoEConfig::validate() const {
   if (replica_domain < 0) SY_THROW(InvalidArgument, "moe: replica_domain = ", replica_domain, ", expected >= 0 ranks");
   if (batch_invariant && compute != DType::f32)
     SY_THROW(InvalidArgument, "moe: batch_invariant needs compute = f32, got ", dtype_name(compute));
+  if (combine_payload == DType::fp8_e4m3)
+    SY_THROW(InvalidArgument, "moe: combine_payload = fp8_e4m3 is not built (results come back in f32 or bf16, as "
+             "DeepEP and Step-3 send them)");
   for (auto [field, dtype] : {std::pair{"dispatch_payload", dispatch_payload}, std::pair{"combine_payload", combine_payload}}) {
-    if (dtype != DType::f32 && dtype != DType::bf16)
-      SY_THROW(InvalidArgument, "moe: ", field, " = ", dtype_name(dtype), ", expected f32 or bf16");
+    if (dtype != DType::f32 && dtype != DType::bf16 && dtype != DType::fp8_e4m3)
+      SY_THROW(InvalidArgument, "moe: ", field, " = ", dtype_name(dtype), ", expected f32, bf16 or fp8_e4m3");
     if (dtype != DType::f32 && send_once_per_rank)
       SY_THROW(InvalidArgument, "moe: ", field, " = ", dtype_name(dtype), " with send_once_per_rank is not built "
                "(expected f32, or send_once_per_rank off)");
@@ -535,9 +538,29 @@ std::vector<int64_t> times(std::vector<int64_t> rows, int64_t width) {
 }
 }  // namespace
 
-Work MoELayer::exchange(const DispatchPlan& p, int chunk, const TensorView& in, const TensorView& out,
-                        bool to_experts) {
+int64_t MoELayer::payload_row() const {
+  return config_.dispatch_payload == DType::fp8_e4m3 ? kernels::fp8_row_bytes(config_.model_dim) : config_.model_dim;
+}
+
+DType MoELayer::payload_storage() const {
+  return config_.dispatch_payload == DType::fp8_e4m3 ? DType::u8 : config_.dispatch_payload;
+}
+
+void MoELayer::to_payload(const float* rows, int64_t n, void* out) {
   const int64_t M = config_.model_dim;
+  if (config_.dispatch_payload == DType::fp8_e4m3) ops_->to_fp8_rows(rows, n, M, static_cast<uint8_t*>(out));
+  else ops_->to_bf16(rows, n * M, static_cast<uint16_t*>(out));
+}
+
+void MoELayer::from_payload(const void* in, int64_t n, float* rows) {
+  const int64_t M = config_.model_dim;
+  if (config_.dispatch_payload == DType::fp8_e4m3) ops_->from_fp8_rows(static_cast<const uint8_t*>(in), n, M, rows);
+  else ops_->from_bf16(static_cast<const uint16_t*>(in), n * M, rows);
+}
+
+Work MoELayer::exchange(const DispatchPlan& p, int chunk, const TensorView& in, const TensorView& out,
+                        bool to_experts, int64_t per_row) {
+  const int64_t M = per_row > 0 ? per_row : config_.model_dim;
   auto send = times(to_experts ? p.send_counts(chunk) : p.recv_counts(chunk), M);
   auto recv = times(to_experts ? p.recv_counts(chunk) : p.send_counts(chunk), M);
   const int64_t in_off = (to_experts ? p.send_offset(chunk) : p.recv_offset(chunk)) * M;
@@ -590,11 +613,12 @@ Work MoELayer::dispatch(MoEBatch& b) {
   const DispatchPlan& p = b.plan_;
   b.send_ = encode(p, b.x_);
   if (p.exchange_ranks == 1) {
-    if (config_.dispatch_payload == DType::bf16) {  // rounded as if sent, so a payload's results need no exchange
+    if (config_.dispatch_payload != DType::f32) {  // rounded as if sent, so a payload's results need no exchange
       PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::encode);
-      Tensor staged = buffer(Buffer::send_payload, b.send_.shape(), DType::bf16);
-      ops_->to_bf16(b.send_.data_as<float>(), b.send_.numel(), static_cast<uint16_t*>(staged.data()));
-      ops_->from_bf16(static_cast<const uint16_t*>(staged.data()), b.send_.numel(), b.send_.data_as<float>());
+      const int64_t n = b.send_.shape()[0];
+      Tensor staged = buffer(Buffer::send_payload, {n, payload_row()}, payload_storage());
+      to_payload(b.send_.data_as<float>(), n, staged.data());
+      from_payload(staged.data(), n, b.send_.data_as<float>());
     }
     b.rows_ = b.send_;
     b.stage_ = MoEBatch::Stage::dispatched;
@@ -606,15 +630,15 @@ Work MoELayer::dispatch(MoEBatch& b) {
     for (int64_t c : p.unique_recv_counts) distinct += c;
     b.arrived_ = buffer(Buffer::arrived, {distinct, config_.model_dim});
     for (int i = 0; i < p.exec.d; ++i) b.to_experts_.push_back(exchange_distinct(p, i, b.send_, b.arrived_));
-  } else if (config_.dispatch_payload == DType::bf16) {  // rounded once, sent at half the bytes
-    const int64_t M = config_.model_dim;
-    b.send16_ = buffer(Buffer::send_payload, {p.send_rows(), M}, DType::bf16);
-    b.rows16_ = buffer(Buffer::recv_payload, {p.recv_rows(), M}, DType::bf16);
+  } else if (config_.dispatch_payload != DType::f32) {  // rounded once, sent at half (bf16) or about a quarter (fp8) of the bytes
+    const int64_t per_row = payload_row();
+    b.send16_ = buffer(Buffer::send_payload, {p.send_rows(), per_row}, payload_storage());
+    b.rows16_ = buffer(Buffer::recv_payload, {p.recv_rows(), per_row}, payload_storage());
     {
       PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::encode);
-      ops_->to_bf16(b.send_.data_as<float>(), b.send_.numel(), static_cast<uint16_t*>(b.send16_.data()));
+      to_payload(b.send_.data_as<float>(), p.send_rows(), b.send16_.data());
     }
-    for (int i = 0; i < p.exec.d; ++i) b.to_experts_.push_back(exchange(p, i, b.send16_, b.rows16_, true));
+    for (int i = 0; i < p.exec.d; ++i) b.to_experts_.push_back(exchange(p, i, b.send16_, b.rows16_, true, per_row));
   } else {
     for (int i = 0; i < p.exec.d; ++i) b.to_experts_.push_back(exchange(p, i, b.send_, b.rows_, true));
   }
@@ -641,11 +665,11 @@ void MoELayer::experts(MoEBatch& b, int chunk) {
     PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::dispatch_a2a);
     b.to_experts_[static_cast<size_t>(chunk)].wait();
   }
-  if (b.rows16_.defined()) {  // the chunk's bf16 rows widened (exactly) for the experts
+  if (b.rows16_.defined()) {  // the chunk's payload rows widened (exactly) for the experts
     PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::encode);
     const int64_t M = config_.model_dim, first = p.recv_offset(chunk), n = p.recv_offset(chunk + 1) - first;
-    ops_->from_bf16(static_cast<const uint16_t*>(b.rows16_.data()) + first * M, n * M,
-                    b.rows_.data_as<float>() + first * M);
+    from_payload(static_cast<const char*>(b.rows16_.data()) + first * payload_row() * static_cast<int64_t>(dtype_size(b.rows16_.dtype())), n,
+                 b.rows_.data_as<float>() + first * M);
   }
   if (p.send_once) {  // each expert's rows from the distinct ones
     PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::encode);

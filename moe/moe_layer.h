@@ -73,7 +73,9 @@ struct MoEConfig {
   bool send_once_per_rank = false;
   // What the exchanges carry (inference): the rows to the experts and their
   // results back, f32 (exact) or bf16 (rounded to nearest even before the
-  // all-to-all, half the bytes; attention-FFN disaggregation's payloads).
+  // all-to-all, half the bytes; attention-FFN disaggregation's payloads);
+  // the rows also fp8 e4m3 with one f32 scale per 128 columns (DeepEP's and
+  // Step-3's dispatch, a little over a quarter of the bytes).
   // A row is rounded whichever rank it goes to, itself included, and also
   // when nothing moves (one rank, r = 0), so any placement and world size
   // give the same results; with r > 1 each of a row's r partial results is
@@ -193,7 +195,7 @@ class MoEBatch {
   Stage stage_ = Stage::planned;
   Tensor x_, logits_, send_, rows_, returned_;
   Tensor arrived_;  // sent once per rank: the distinct rows as received, before each expert's copy
-  Tensor send16_, rows16_, out16_, returned16_;  // bf16 payloads as sent and received (MoEConfig::*_payload)
+  Tensor send16_, rows16_, out16_, returned16_;  // payloads as sent and received (bf16; the rows also packed fp8)
   Routing routing_;
   DispatchPlan plan_;
   Working weights_;
@@ -410,7 +412,15 @@ class MoELayer {
   void run_chunk(MoEBatch& batch, int chunk);
   void backward_chunk(const MoEBatch& batch, int chunk, const Tensor& d_out, bool input_grad, ExpertParams& grads,
                       Tensor& d_rows, Tensor& dy16, Tensor& dp16);
-  Work exchange(const DispatchPlan& plan, int chunk, const TensorView& in, const TensorView& out, bool to_experts);
+  // per_row: elements a row takes in `in` and `out` (0: model_dim; a packed fp8 payload's bytes).
+  Work exchange(const DispatchPlan& plan, int chunk, const TensorView& in, const TensorView& out, bool to_experts,
+                int64_t per_row = 0);
+  // The dispatch payload: its elements per row and dtype (f32 rows, bf16 rows, packed fp8 bytes), the
+  // conversion of rows into it and back.
+  int64_t payload_row() const;
+  DType payload_storage() const;
+  void to_payload(const float* rows, int64_t n, void* out);
+  void from_payload(const void* in, int64_t n, float* rows);
   // The routed rows in send order (or, sent once per rank, the distinct ones).
   Tensor encode(const DispatchPlan& plan, const TensorView& x);
   Work exchange_distinct(const DispatchPlan& plan, int chunk, const TensorView& in, const TensorView& out);

@@ -50,6 +50,12 @@ void CpuOps::gemm_bf16(const kernels::GemmBf16Args& args, bool) { kernels::cpu::
 
 void CpuOps::to_bf16(const float* src, int64_t n, uint16_t* dst) { kernels::cpu::to_bf16(src, n, dst); }
 void CpuOps::from_bf16(const uint16_t* src, int64_t n, float* dst) { kernels::cpu::from_bf16(src, n, dst); }
+void CpuOps::to_fp8_rows(const float* src, int64_t rows, int64_t width, uint8_t* dst) {
+  kernels::cpu::to_fp8_rows(src, rows, width, dst);
+}
+void CpuOps::from_fp8_rows(const uint8_t* src, int64_t rows, int64_t width, float* dst) {
+  kernels::cpu::from_fp8_rows(src, rows, width, dst);
+}
 
 void CpuOps::gather_rows(const float* src, const int64_t* index, int64_t rows, int64_t width, float* dst) {
   kernels::cpu::gather_rows(src, index, rows, width, dst);
@@ -151,6 +157,16 @@ void EmulatedOps::to_bf16(const float* src, int64_t n, uint16_t* dst) {
 void EmulatedOps::from_bf16(const uint16_t* src, int64_t n, float* dst) {
   charge_bytes(static_cast<double>(n) * (kF32 + 2));
   if (!timing_only_) inner_->from_bf16(src, n, dst);
+}
+
+void EmulatedOps::to_fp8_rows(const float* src, int64_t rows, int64_t width, uint8_t* dst) {
+  charge_bytes(static_cast<double>(rows) * (width * kF32 + static_cast<double>(kernels::fp8_row_bytes(width))));
+  if (!timing_only_) inner_->to_fp8_rows(src, rows, width, dst);
+}
+
+void EmulatedOps::from_fp8_rows(const uint8_t* src, int64_t rows, int64_t width, float* dst) {
+  charge_bytes(static_cast<double>(rows) * (width * kF32 + static_cast<double>(kernels::fp8_row_bytes(width))));
+  if (!timing_only_) inner_->from_fp8_rows(src, rows, width, dst);
 }
 
 void EmulatedOps::gather_rows(const float* src, const int64_t* index, int64_t rows, int64_t width, float* dst) {

@@ -56,6 +56,9 @@ class MoEOps {
   virtual void gemm_bf16(const kernels::GemmBf16Args& args, bool weights_read = false) = 0;
   virtual void to_bf16(const float* src, int64_t n, uint16_t* dst) = 0;
   virtual void from_bf16(const uint16_t* src, int64_t n, float* dst) = 0;  // exact widening
+  // [rows, width] to packed fp8 rows with 1x128 block scales and back (kernels/moe.h fp8_row_bytes).
+  virtual void to_fp8_rows(const float* src, int64_t rows, int64_t width, uint8_t* dst) = 0;
+  virtual void from_fp8_rows(const uint8_t* src, int64_t rows, int64_t width, float* dst) = 0;
 
   // ---- rows (kernels/moe.h) ----
   virtual void gather_rows(const float* src, const int64_t* index, int64_t rows, int64_t width, float* dst) = 0;
@@ -95,6 +98,8 @@ class CpuOps final : public MoEOps {
   void gemm_bf16(const kernels::GemmBf16Args& args, bool weights_read) override;
   void to_bf16(const float* src, int64_t n, uint16_t* dst) override;
   void from_bf16(const uint16_t* src, int64_t n, float* dst) override;
+  void to_fp8_rows(const float* src, int64_t rows, int64_t width, uint8_t* dst) override;
+  void from_fp8_rows(const uint8_t* src, int64_t rows, int64_t width, float* dst) override;
   void gather_rows(const float* src, const int64_t* index, int64_t rows, int64_t width, float* dst) override;
   void scatter_rows(const float* src, const int64_t* index, int64_t rows, int64_t width, float* dst) override;
   void gather_scaled_rows(const float* src, const int64_t* index, const float* scale, int64_t rows, int64_t width,
@@ -134,6 +139,8 @@ class EmulatedOps final : public MoEOps {
   void gemm_bf16(const kernels::GemmBf16Args& args, bool weights_read) override;
   void to_bf16(const float* src, int64_t n, uint16_t* dst) override;
   void from_bf16(const uint16_t* src, int64_t n, float* dst) override;
+  void to_fp8_rows(const float* src, int64_t rows, int64_t width, uint8_t* dst) override;
+  void from_fp8_rows(const uint8_t* src, int64_t rows, int64_t width, float* dst) override;
   void gather_rows(const float* src, const int64_t* index, int64_t rows, int64_t width, float* dst) override;
   void scatter_rows(const float* src, const int64_t* index, int64_t rows, int64_t width, float* dst) override;
   void gather_scaled_rows(const float* src, const int64_t* index, const float* scale, int64_t rows, int64_t width,

@@ -6,6 +6,8 @@
 #include <cmath>
 #include <cstring>
 
+#include "core/dtype.h"
+
 namespace switchyard::kernels {
 
 std::optional<Activation> parse_activation(std::string_view name) {
@@ -212,6 +214,37 @@ void activation_backward(Activation act, const float* x, const float* dy, int64_
         }
       }
       return;
+  }
+}
+
+void to_fp8_rows(const float* src, int64_t rows, int64_t width, uint8_t* dst) {
+  const int64_t blocks = (width + kFp8Block - 1) / kFp8Block, bytes = fp8_row_bytes(width);
+#pragma omp parallel for schedule(static) if (rows * width >= (1 << 15))
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* x = src + r * width;
+    uint8_t* out = dst + r * bytes;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t lo = b * kFp8Block, hi = std::min(width, lo + kFp8Block);
+      float amax = 0;
+      for (int64_t j = lo; j < hi; ++j) amax = std::max(amax, std::fabs(x[j]));
+      const float scale = amax > 0 ? amax / 448.0f : 1.0f;
+      std::memcpy(out + 4 * b, &scale, 4);
+      for (int64_t j = lo; j < hi; ++j) out[4 * blocks + j] = fp8_e4m3::from_float(x[j] / scale).bits;
+    }
+  }
+}
+
+void from_fp8_rows(const uint8_t* src, int64_t rows, int64_t width, float* dst) {
+  const int64_t blocks = (width + kFp8Block - 1) / kFp8Block, bytes = fp8_row_bytes(width);
+#pragma omp parallel for schedule(static) if (rows * width >= (1 << 15))
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* in = src + r * bytes;
+    for (int64_t b = 0; b < blocks; ++b) {
+      float scale;
+      std::memcpy(&scale, in + 4 * b, 4);
+      const int64_t lo = b * kFp8Block, hi = std::min(width, lo + kFp8Block);
+      for (int64_t j = lo; j < hi; ++j) dst[r * width + j] = fp8_e4m3{in[4 * blocks + j]}.to_float() * scale;
+    }
   }
 }
 

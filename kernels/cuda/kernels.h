@@ -59,6 +59,9 @@ void axpy(float alpha, const float* x, int64_t n, float* y, cudaStream_t stream)
 void to_bf16(const float* src, int64_t n, uint16_t* dst, cudaStream_t stream);
 // dst = float(src), exact.
 void from_bf16(const uint16_t* src, int64_t n, float* dst, cudaStream_t stream);
+// Packed fp8 rows (kernels/moe.h fp8_row_bytes: per 128 columns an f32 scale, then e4m3 values) and back.
+void to_fp8_rows(const float* src, int64_t rows, int64_t width, uint8_t* dst, cudaStream_t stream);
+void from_fp8_rows(const uint8_t* src, int64_t rows, int64_t width, float* dst, cudaStream_t stream);
 
 // The gate's backward for one batch (MoELayer::backward's host loop): from
 // d_weight_of_row through the routing weights (renormalised or not), plus the

@@ -3,6 +3,7 @@
 // backward. Memory-bound: rows move as float4 where the width allows, one
 // block per row so a row's reads are coalesced.
 #include <cuda_bf16.h>
+#include <cuda_fp8.h>
 
 #include <cub/block/block_scan.cuh>
 
@@ -246,6 +247,37 @@ __global__ void from_bf16_kernel(const uint16_t* src, int64_t n, float* dst) {
     dst[i] = __uint_as_float(static_cast<unsigned>(src[i]) << 16);
 }
 
+// One thread per (row, 128-column block): the block's largest magnitude, its scale, its values.
+__global__ void to_fp8_rows_kernel(const float* src, int64_t rows, int64_t width, uint8_t* dst) {
+  const int64_t blocks = (width + kernels::kFp8Block - 1) / kernels::kFp8Block, bytes = 4 * blocks + width;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < rows * blocks;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / blocks, b = i % blocks, lo = b * kernels::kFp8Block;
+    const int64_t hi = lo + kernels::kFp8Block < width ? lo + kernels::kFp8Block : width;
+    const float* x = src + r * width;
+    float amax = 0;
+    for (int64_t j = lo; j < hi; ++j) amax = fmaxf(amax, fabsf(x[j]));
+    const float scale = amax > 0 ? amax / 448.0f : 1.0f;
+    uint8_t* out = dst + r * bytes;
+    memcpy(out + 4 * b, &scale, 4);
+    for (int64_t j = lo; j < hi; ++j)
+      out[4 * blocks + j] = static_cast<uint8_t>(__nv_cvt_float_to_fp8(x[j] / scale, __NV_SATFINITE, __NV_E4M3));
+  }
+}
+
+__global__ void from_fp8_rows_kernel(const uint8_t* src, int64_t rows, int64_t width, float* dst) {
+  const int64_t blocks = (width + kernels::kFp8Block - 1) / kernels::kFp8Block, bytes = 4 * blocks + width;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < rows * width;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / width, j = i % width;
+    const uint8_t* in = src + r * bytes;
+    float scale;
+    memcpy(&scale, in + 4 * (j / kernels::kFp8Block), 4);
+    const __half_raw h = __nv_cvt_fp8_to_halfraw(static_cast<__nv_fp8_storage_t>(in[4 * blocks + j]), __NV_E4M3);
+    dst[i] = __half2float(__half(h)) * scale;
+  }
+}
+
 __global__ void to_bf16_kernel(const float* src, int64_t n, uint16_t* dst) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -467,6 +499,19 @@ void to_bf16(const float* src, int64_t n, uint16_t* dst, cudaStream_t stream) {
 void from_bf16(const uint16_t* src, int64_t n, float* dst, cudaStream_t stream) {
   if (n <= 0) return;
   from_bf16_kernel<<<elementwise_grid(n), kThreads, 0, stream>>>(src, n, dst);
+  SY_CUDA_CHECK_LAUNCH();
+}
+
+void to_fp8_rows(const float* src, int64_t rows, int64_t width, uint8_t* dst, cudaStream_t stream) {
+  const int64_t n = rows * ((width + kernels::kFp8Block - 1) / kernels::kFp8Block);
+  if (n <= 0) return;
+  to_fp8_rows_kernel<<<elementwise_grid(n), kThreads, 0, stream>>>(src, rows, width, dst);
+  SY_CUDA_CHECK_LAUNCH();
+}
+
+void from_fp8_rows(const uint8_t* src, int64_t rows, int64_t width, float* dst, cudaStream_t stream) {
+  if (rows * width <= 0) return;
+  from_fp8_rows_kernel<<<elementwise_grid(rows * width), kThreads, 0, stream>>>(src, rows, width, dst);
   SY_CUDA_CHECK_LAUNCH();
 }
 

@@ -43,6 +43,12 @@ void CudaOps::to_bf16(const float* src, int64_t n, uint16_t* dst) { kc::to_bf16(
 void CudaOps::from_bf16(const uint16_t* src, int64_t n, float* dst) {
   kc::from_bf16(src, n, dst, cuda::current_stream());
 }
+void CudaOps::to_fp8_rows(const float* src, int64_t rows, int64_t width, uint8_t* dst) {
+  kc::to_fp8_rows(src, rows, width, dst, cuda::current_stream());
+}
+void CudaOps::from_fp8_rows(const uint8_t* src, int64_t rows, int64_t width, float* dst) {
+  kc::from_fp8_rows(src, rows, width, dst, cuda::current_stream());
+}
 
 void CudaOps::gather_rows(const float* src, const int64_t* index, int64_t rows, int64_t width, float* dst) {
   kc::gather_rows(src, index, rows, width, dst, cuda::current_stream());

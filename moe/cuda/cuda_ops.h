@@ -28,6 +28,8 @@ class CudaOps final : public MoEOps {
   void gemm_bf16(const kernels::GemmBf16Args& args, bool weights_read) override;
   void to_bf16(const float* src, int64_t n, uint16_t* dst) override;
   void from_bf16(const uint16_t* src, int64_t n, float* dst) override;
+  void to_fp8_rows(const float* src, int64_t rows, int64_t width, uint8_t* dst) override;
+  void from_fp8_rows(const uint8_t* src, int64_t rows, int64_t width, float* dst) override;
   void gather_rows(const float* src, const int64_t* index, int64_t rows, int64_t width, float* dst) override;
   void scatter_rows(const float* src, const int64_t* index, int64_t rows, int64_t width, float* dst) override;
   void gather_scaled_rows(const float* src, const int64_t* index, const float* scale, int64_t rows, int64_t width,

@@ -31,8 +31,14 @@ afd_lists=$(text "$bin" "${args[@]}" --ranks 4 --afd '[1,3]:[0,2]')  # an FFN ra
 bf16=(--dispatch_dtype bf16 --combine_dtype bf16)
 dp_bf16=$(text "$bin" "${args[@]}" --ranks 4 --attention dp "${bf16[@]}")
 afd_bf16=$(text "$bin" "${args[@]}" --ranks 4 --afd 2:2 --microbatches 2 "${bf16[@]}")
+# Step-3's payloads: fp8 rows out, bf16 results back.
+fp8=(--dispatch_dtype fp8 --combine_dtype bf16)
+dp_fp8=$(text "$bin" "${args[@]}" --ranks 4 --attention dp "${fp8[@]}")
+afd_fp8=$(text "$bin" "${args[@]}" --ranks 4 --afd 2:2 --microbatches 2 "${fp8[@]}")
 echo "4 thread-ranks, dp, bf16 : $dp_bf16"
 echo "2A2F, m 2, bf16 payloads : $afd_bf16"
+echo "4 thread-ranks, dp, fp8  : $dp_fp8"
+echo "2A2F, m 2, fp8 payloads  : $afd_fp8"
 echo "1 rank                   : $one"
 echo "2 MPI ranks, replicated  : $two"
 echo "2 MPI ranks, dp          : $two_dp"
@@ -46,4 +52,5 @@ echo "4 thread-ranks, 1A3F     : $afd_one_three"
 echo "4 thread-ranks, [1,3]:[0,2]: $afd_lists"
 [ -n "$one" ] && [ "$one" = "$two" ] && [ "$one" = "$two_dp" ] && [ "$one" = "$four_dp" ] && [ "$one" = "$two_tp" ] &&
   [ "$one" = "$four_tp" ] && [ "$one" = "$spec" ] && [ "$one" = "$afd_two" ] && [ "$one" = "$afd_four" ] &&
-  [ "$one" = "$afd_one_three" ] && [ "$one" = "$afd_lists" ] && [ -n "$dp_bf16" ] && [ "$dp_bf16" = "$afd_bf16" ]
+  [ "$one" = "$afd_one_three" ] && [ "$one" = "$afd_lists" ] && [ -n "$dp_bf16" ] && [ "$dp_bf16" = "$afd_bf16" ] &&
+  [ -n "$dp_fp8" ] && [ "$dp_fp8" = "$afd_fp8" ]

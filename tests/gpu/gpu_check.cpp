@@ -379,6 +379,18 @@ void check_cuda_ops() {
   cpu.from_bf16(h16.data(), rows * width, hwide.data_as<float>());
   gpu.from_bf16(static_cast<const uint16_t*>(d16.data()), rows * width, wide.data_as<float>());
   compare_exact("ops from_bf16 (exact)", wide, hwide.data_as<float>());
+  // fp8 payload rows (odd width: a partial last block), packed bytes and their widening, exactly.
+  const int64_t fw = width + 77, frb = kernels::fp8_row_bytes(fw);
+  Tensor fsrc = host_random({rows, fw}), dfsrc = dev(fsrc);
+  std::vector<uint8_t> h8(static_cast<size_t>(rows * frb));
+  Tensor d8 = poisoned({rows * frb}, DType::u8);
+  cpu.to_fp8_rows(fsrc.data_as<float>(), rows, fw, h8.data());
+  gpu.to_fp8_rows(dfsrc.data_as<float>(), rows, fw, static_cast<uint8_t*>(d8.data()));
+  compare_exact("ops to_fp8_rows (scales and e4m3 bits)", d8, h8.data());
+  Tensor fwide = poisoned({rows * fw}), hfwide = Tensor::empty({rows * fw}, DType::f32);
+  cpu.from_fp8_rows(h8.data(), rows, fw, hfwide.data_as<float>());
+  gpu.from_fp8_rows(static_cast<const uint8_t*>(d8.data()), rows, fw, fwide.data_as<float>());
+  compare_exact("ops from_fp8_rows (exact)", fwide, hfwide.data_as<float>());
   // memory: zero, 2-D copy (every other row, a column window), allocate zeroed
   Tensor z = poisoned({rows, width});
   gpu.zero(z.data(), static_cast<int64_t>(z.nbytes()));

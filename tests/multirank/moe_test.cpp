@@ -272,12 +272,13 @@ TEST(MoEMultiRank, PhysicalPlacementEqualsOneRankHoldingEveryExpert) {
     });
 }
 
-// bf16 payloads under every plan and placement the layer runs (padded and
+// bf16 and fp8 payloads (fp8 rows, bf16 results) under every plan and placement the layer runs (padded and
 // dropless, d = 1 and 2, r = 0 with weights gathered, an awkward placement
 // with replicas) give one rank's results with the same payloads: a row is
 // rounded wherever it goes, its own rank included, and also where nothing
 // moves. Backward refuses them on every rank.
-TEST(MoEMultiRank, Bf16PayloadsEqualOneRankWithTheSamePayloadsForEveryPlan) {
+TEST(MoEMultiRank, PayloadsEqualOneRankWithTheSamePayloadsForEveryPlan) {
+  for (DType rows_dtype : {DType::bf16, DType::fp8_e4m3})
   for (int variant = 0; variant < 3; ++variant)  // identity, identity with r = 0, awkward placement
     for (ExchangeMode mode : {ExchangeMode::padded, ExchangeMode::dropless})
       for (int d : {1, 2})
@@ -290,7 +291,8 @@ TEST(MoEMultiRank, Bf16PayloadsEqualOneRankWithTheSamePayloadsForEveryPlan) {
           c.plan.d = d;
           c.plan.r = variant == 1 ? 0 : 1;
           c.router.experts = 2 * n, c.router.k = 2, c.router.capacity_factor = 0.0;
-          c.dispatch_payload = c.combine_payload = DType::bf16;
+          c.dispatch_payload = rows_dtype;
+          c.combine_payload = DType::bf16;
           if (variant == 2) c.placement = awkward_placement(n);
           std::shared_ptr<Communicator> group(&comm, [](Communicator*) {});
           MoELayer layer(c, group);
@@ -306,7 +308,7 @@ TEST(MoEMultiRank, Bf16PayloadsEqualOneRankWithTheSamePayloadsForEveryPlan) {
           MoELayer whole(on_host(whole_config), solo_world.communicator(0));
           whole.init_parameters(seed);
           const MoEForward wf = whole.forward(all_x);
-          expect_close("bf16-payload output", f.output.data_as<float>(), wf.output.data_as<float>() + mine * 12,
+          expect_close(rows_dtype == DType::bf16 ? "bf16-payload output" : "fp8-payload output", f.output.data_as<float>(), wf.output.data_as<float>() + mine * 12,
                        f.output.numel(), me);
           EXPECT_THROW(layer.backward(tokens(seed + 1, 5 + 2 * me, 12)), NotSupported);
         });

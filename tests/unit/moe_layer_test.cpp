@@ -534,19 +534,35 @@ double relative_norm_error(const Tensor& a, const Tensor& b) {
   return std::sqrt(diff / std::max(ref, 1e-300));
 }
 
-// bf16 payloads from the definition, in float64: each routed row rounded to
-// bf16 before the experts, each expert's result rounded to bf16 before the
-// weighted sum, also on one rank where nothing moves. The layer's f32 expert
+// Payloads from the definition, in float64: each routed row rounded to bf16
+// (or to fp8 e4m3 over its 128-column block's scale) before the experts,
+// each expert's result rounded to bf16 before the weighted sum, also on one
+// rank where nothing moves. The layer's f32 expert
 // results may sit on the other side of a bf16 rounding boundary from the
 // float64 ones, so nearly every element must match tightly and every one
 // within a bf16 step; f32 payloads differ.
-TEST(MoELayer, Bf16PayloadsRoundRowsAndResultsAsDefined) {
+// fp8 rows: e4m3 of each value over its 128-column block's scale (the block's largest magnitude / 448).
+std::vector<float> fp8_rounded(const float* x, int64_t width) {
+  std::vector<float> out(static_cast<size_t>(width));
+  for (int64_t lo = 0; lo < width; lo += 128) {
+    const int64_t hi = std::min(width, lo + 128);
+    float amax = 0;
+    for (int64_t j = lo; j < hi; ++j) amax = std::max(amax, std::fabs(x[j]));
+    const float scale = amax > 0 ? amax / 448.0f : 1.0f;
+    for (int64_t j = lo; j < hi; ++j) out[j] = fp8_e4m3::from_float(x[j] / scale).to_float() * scale;
+  }
+  return out;
+}
+
+TEST(MoELayer, PayloadsRoundRowsAndResultsAsDefined) {
   const uint64_t seed = fresh_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));
   auto round = [](double v) { return static_cast<double>(bf16::from_float(static_cast<float>(v)).to_float()); };
+  for (DType rows_dtype : {DType::bf16, DType::fp8_e4m3})
   for (ExchangeMode mode : {ExchangeMode::padded, ExchangeMode::dropless}) {
     MoEConfig c = small_config(Activation::gelu, mode, 0.0);
-    c.dispatch_payload = c.combine_payload = DType::bf16;
+    c.dispatch_payload = rows_dtype;
+    c.combine_payload = DType::bf16;
     MoELayer layer(c, solo());
     layer.init_parameters(seed);
     MoEConfig f32 = c;
@@ -561,6 +577,7 @@ TEST(MoELayer, Bf16PayloadsRoundRowsAndResultsAsDefined) {
     for (int64_t t = 0; t < T; ++t) {
       std::vector<float> xr(M);
       for (int64_t m = 0; m < M; ++m) xr[m] = static_cast<float>(round(x.data_as<float>()[t * M + m]));
+      if (rows_dtype == DType::fp8_e4m3) xr = fp8_rounded(x.data_as<float>() + t * M, M);
       std::vector<double> want(M, 0.0), step(M, 0.0);
       for (int j = 0; j < 2; ++j) {
         const auto y = expert_ref(layer, ref.expert[t * 2 + j], xr.data());
@@ -576,8 +593,9 @@ TEST(MoELayer, Bf16PayloadsRoundRowsAndResultsAsDefined) {
         differs += g != plain.output.data_as<float>()[t * M + m];
       }
     }
-    EXPECT_GE(tight, T * M * 95 / 100) << "mode " << int(mode) << ": rows or results rounded otherwise than defined";
-    EXPECT_GE(differs, T * M / 2) << "mode " << int(mode) << ": bf16 payloads left the results as f32's";
+    EXPECT_GE(tight, T * M * 95 / 100) << dtype_name(rows_dtype) << " mode " << int(mode)
+                                       << ": rows or results rounded otherwise than defined";
+    EXPECT_GE(differs, T * M / 2) << "mode " << int(mode) << ": payloads left the results as f32's";
     EXPECT_THROW(layer.backward(x), NotSupported);
   }
 }
