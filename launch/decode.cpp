@@ -1064,28 +1064,34 @@ int run_afd_plan(const AfdPlanOptions& o) {
                 k.ta * 1e6, k.te * 1e6, k.tc * 1e6, 100 * k.bubble_attention, 100 * k.bubble_ffn,
                 k.attention_memory / 1e9, k.ffn_memory / 1e9);
   };
-  // The best m per split, every split; the search's answer is the best of them.
+  // Every candidate to the CSV; per split the best m (and FFN tensor parallelism) printed and plotted; the
+  // search's answer is the best of them.
+  const std::vector<AfdChoice> candidates = afd_candidates(shape, hw, search);
+  auto faster = [](const AfdChoice& c, const AfdChoice& than) {
+    return !than.found || c.cost.tokens_per_s_per_gpu > than.cost.tokens_per_s_per_gpu;
+  };
   AfdChoice best;
   std::vector<std::string> points(static_cast<size_t>(o.max_microbatches));  // per m: "A tokens/s" lines
   for (int a = 1; a < o.gpus; ++a) {
     AfdChoice split_best;
     for (int m = 1; m <= o.max_microbatches; ++m) {
       AfdChoice at_m;  // the best FFN tensor-parallel degree at this split and m
-      for (int t : ffn_tp_degrees(o.gpus - a, shape, hw)) {
-        const AfdChoice c = best_batch(shape, hw, search, {false, a, o.gpus - a, m, 0, t});
-        if (c.found && csv)
-          std::fprintf(csv, "%d,%d,%d,%d,%lld,%.4f,%.2f,%.2f,%.2f,%.2f,%.4f,%.4f,%.3f,%.3f\n", a, o.gpus - a, t, m,
-                       static_cast<long long>(c.plan.batch), c.cost.tpot * 1e3, c.cost.tokens_per_s_per_gpu,
-                       c.cost.ta * 1e6, c.cost.te * 1e6, c.cost.tc * 1e6, c.cost.bubble_attention, c.cost.bubble_ffn,
-                       c.cost.attention_memory / 1e9, c.cost.ffn_memory / 1e9);
-        if (c.found && (!at_m.found || c.cost.tokens_per_s_per_gpu > at_m.cost.tokens_per_s_per_gpu)) at_m = c;
+      for (const AfdChoice& c : candidates) {
+        if (c.plan.attention_gpus != a || c.plan.microbatches != m) continue;
+        if (csv)
+          std::fprintf(csv, "%d,%d,%d,%d,%lld,%.4f,%.2f,%.2f,%.2f,%.2f,%.4f,%.4f,%.3f,%.3f\n", a, o.gpus - a,
+                       c.plan.ffn_tp, m, static_cast<long long>(c.plan.batch), c.cost.tpot * 1e3,
+                       c.cost.tokens_per_s_per_gpu, c.cost.ta * 1e6, c.cost.te * 1e6, c.cost.tc * 1e6,
+                       c.cost.bubble_attention, c.cost.bubble_ffn, c.cost.attention_memory / 1e9,
+                       c.cost.ffn_memory / 1e9);
+        if (faster(c, at_m)) at_m = c;
       }
       if (!at_m.found) continue;
       points[static_cast<size_t>(m - 1)] += std::to_string(a) + " " + std::to_string(at_m.cost.tokens_per_s_per_gpu) + "\n";
-      if (!split_best.found || at_m.cost.tokens_per_s_per_gpu > split_best.cost.tokens_per_s_per_gpu) split_best = at_m;
+      if (faster(at_m, split_best)) split_best = at_m;
     }
     if (!split_best.found) continue;
-    if (!best.found || split_best.cost.tokens_per_s_per_gpu > best.cost.tokens_per_s_per_gpu) best = split_best;
+    if (faster(split_best, best)) best = split_best;
     // Print the splits a person compares: every one up to 16 GPUs, then whole nodes.
     if (o.gpus <= 16 || a % hw.gpus_per_node == 0)
       row(std::to_string(a) + "A" + std::to_string(o.gpus - a) + "F", split_best);
@@ -1114,8 +1120,10 @@ int run_afd_plan(const AfdPlanOptions& o) {
               ffn_parallelism(best.plan, shape).c_str());
   double at_one = 0;
   for (int m = 1; m <= o.max_microbatches; ++m) {
-    const AfdChoice c =
-        best_batch(shape, hw, search, {false, best.plan.attention_gpus, best.plan.ffn_gpus, m, 0, best.plan.ffn_tp});
+    AfdChoice c;  // the best split and FFN parallelism at this m, from the candidates
+    for (const AfdChoice& k : candidates)
+      if (k.plan.attention_gpus == best.plan.attention_gpus && k.plan.ffn_tp == best.plan.ffn_tp && k.plan.microbatches == m)
+        c = k;
     if (m == 1 && c.found) at_one = c.cost.tokens_per_s_per_gpu;
     if (c.found)
       std::printf(" m=%d %.1f%s", m, c.cost.tokens_per_s_per_gpu,

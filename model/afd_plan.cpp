@@ -280,15 +280,22 @@ bool better(const AfdChoice& a, const AfdChoice& b) {
 }
 }  // namespace
 
-AfdChoice best_afd(const DecodeShape& shape, const AfdHardware& hw, const AfdSearch& search) {
+std::vector<AfdChoice> afd_candidates(const DecodeShape& shape, const AfdHardware& hw, const AfdSearch& search) {
   check_search(search);
-  AfdChoice best;
+  std::vector<AfdChoice> out;
   for (int a = 1; a < search.gpus; ++a)
-    for (int t : ffn_tp_degrees(search.gpus - a, shape, hw))
-      for (int m = 1; m <= search.max_microbatches; ++m) {
-        const AfdChoice c = best_batch(shape, hw, search, {false, a, search.gpus - a, m, 0, t});
-        if (better(c, best)) best = c;
+    for (int m = 1; m <= search.max_microbatches; ++m)
+      for (int t : ffn_tp_degrees(search.gpus - a, shape, hw)) {
+        AfdChoice c = best_batch(shape, hw, search, {false, a, search.gpus - a, m, 0, t});
+        if (c.found) out.push_back(std::move(c));
       }
+  return out;
+}
+
+AfdChoice best_afd(const DecodeShape& shape, const AfdHardware& hw, const AfdSearch& search) {
+  AfdChoice best;
+  for (const AfdChoice& c : afd_candidates(shape, hw, search))
+    if (better(c, best)) best = c;
   return best;
 }
 

@@ -141,6 +141,10 @@ struct AfdChoice {
 // (dividing F, within a node; t = 1 needs F <= E) and every m in
 // 1..max_microbatches; the best tokens/s per GPU.
 AfdChoice best_afd(const DecodeShape& shape, const AfdHardware& hw, const AfdSearch& search);
+// Every plan the search tries that meets the target (each with its largest
+// batch), ordered by attention GPUs, then m, then FFN tensor parallelism;
+// best_afd is the first with the most tokens/s per GPU.
+std::vector<AfdChoice> afd_candidates(const DecodeShape& shape, const AfdHardware& hw, const AfdSearch& search);
 // The same for the colocated deployment on all the GPUs (exposed and overlapped all-to-all).
 AfdChoice best_colocated(const DecodeShape& shape, const AfdHardware& hw, const AfdSearch& search);
 // The largest batch meeting the target for one plan (plan.batch ignored); found = false when none does.

@@ -187,13 +187,7 @@ void FfnBlock::apply(Tensor& x) {
   for (int64_t i = 0; i < x.numel(); ++i) out[i] += a[i];
 }
 
-Tensor MoEFfnBlock::delta(const Tensor& x) {
-  if (const DeviceModel* dev = moe_->ops().device_model())  // the norm; the layer charges its own phases
-    virtual_time::charge(dev->memory_seconds(2.0 * static_cast<double>(x.nbytes())));
-  Tensor out = moe_->forward(rmsnorm(x, norm_, eps_)).output;
-  count_load(moe_->last_routing());
-  return out;
-}
+Tensor MoEFfnBlock::delta(const Tensor& x) { return collect(*post(x)); }
 
 void MoEFfnBlock::count_load(const Routing& routing) {
   const std::vector<int64_t>& load = routing.expert_load;

@@ -108,7 +108,6 @@ class InferenceEngine {
 
  private:
   void verify_replicas(const std::vector<Chunk>& chunks);
-  int kv_width() const;  // floats of K (or V) per position and layer: this rank's heads
   Tensor step_tensor_parallel(const std::vector<Chunk>& chunks);
   Tensor step_layer_parallel(const std::vector<Chunk>& chunks);
   Tensor step_disaggregated(const std::vector<Chunk>& chunks);
