@@ -105,6 +105,8 @@ struct ModelSection {
   std::string dispatch_dtype = "f32";           // what the MoE exchanges carry: f32 | bf16
   std::string combine_dtype = "f32";
   int threads = 0;                              // GEMM threads per rank; 0: cores / ranks on the node
+  int redundant_experts = 0;                    // extra expert replicas (EPLB), re-placed every rebalance_every steps
+  int rebalance_every = 0;                      // serving steps between re-placements; 0: never
 };
 
 // serve: a stream of requests through the model (continuous batching).

@@ -531,6 +531,15 @@ void bench_requests(Runtime& rt, InferenceEngine& engine, const BenchDecodeOptio
   so.max_batch = o.max_batch;
   so.kv_budget = o.kv_budget;
   so.prefill_chunk = o.prefill_chunk;
+  so.redundant_experts = o.redundant_experts;
+  so.rebalance_every = o.rebalance_every;
+  so.on_rebalance = [&](int64_t step, const Model::Rebalance& r, double seconds) {
+    if (speak)
+      std::printf("# after step %lld: rebalanced %d layers onto %s in %.1f ms (in the total time, not in step()); "
+                  "rank load max/mean estimated from the loads since the last one %.3f -> %.3f (mean over layers; "
+                  "replicas taken to share evenly)\n",
+                  static_cast<long long>(step), c.layers, r.placement.c_str(), seconds * 1e3, r.before, r.after);
+  };
   {  // warm-up: a few short requests at once, untimed
     std::vector<Request> warm;
     for (int i = 0; i < 2 * W; ++i) warm.push_back({.id = i, .prompt = prompt_of(i, 8), .max_new_tokens = 4});
@@ -590,6 +599,9 @@ void bench_requests(Runtime& rt, InferenceEngine& engine, const BenchDecodeOptio
               static_cast<long long>(st.idle_steps));
   for (int r = 0; r < W; ++r) std::printf(" %.0f", per_rank.data_as<double>()[r]);
   std::printf("; in step(): %.3f s of %.3f s on rank 0\n", st.step_seconds, seconds);
+  if (st.rebalances > 0)
+    std::printf("rebalances: %lld, %.3f s in all (every %d steps, %d redundant experts)\n",
+                static_cast<long long>(st.rebalances), st.rebalance_seconds, o.rebalance_every, o.redundant_experts);
   std::printf("pipeline bubble (share of step time waiting on the MoE exchanges): attention ranks %.1f%%, FFN ranks "
               "%.1f%%%s\n", 100 * idle.attention, 100 * idle.ffn,
               engine.schedule().roles() ? "" : " (colocated: every rank is both)");
@@ -630,8 +642,6 @@ void BenchDecodeOptions::validate() const {
   if (redundant_experts < 0 || rebalance_every < 0 || (rebalance_every > 0) != (redundant_experts > 0))
     SY_THROW(InvalidArgument, "bench decode: --redundant_experts = ", redundant_experts, " and --rebalance_every = ",
              rebalance_every, ", expected both > 0 (or both 0)");
-  if (rebalance_every > 0 && requests > 0)
-    SY_THROW(InvalidArgument, "bench decode: --rebalance_every is for batch mode, not with --requests");
   if (redundant_experts > (1 << 20))
     SY_THROW(InvalidArgument, "bench decode: --redundant_experts = ", redundant_experts, ", expected at most 2^20");
   if (parallel.threads < 0) SY_THROW(InvalidArgument, "bench decode: --threads = ", parallel.threads, ", expected >= 0");

@@ -69,8 +69,9 @@ struct BenchDecodeOptions {
   uint64_t seed = 1;
   std::string csv;  // batch mode: a row per batch size; request mode: a row per request
   std::string png;  // a plot of the CSV (gnuplot)
-  // Batch mode: every rebalance_every decode steps, the MoE layers re-place
-  // E + redundant_experts physical experts from the loads since (EPLB + migrate).
+  // Every rebalance_every decode steps (batch mode) or serving steps
+  // (requests), the MoE layers re-place E + redundant_experts physical
+  // experts from the loads since (EPLB + migrate).
   int redundant_experts = 0;
   int rebalance_every = 0;
   // Batch mode on an emulated cluster (a preset of configs/clusters): every

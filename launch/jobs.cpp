@@ -277,6 +277,8 @@ int run_job(const JobConfig& config) {
     o.prefill_chunk = s.prefill_chunk;
     o.seed = static_cast<uint64_t>(s.seed);
     o.csv = s.csv;
+    o.redundant_experts = config.model.redundant_experts;
+    o.rebalance_every = config.model.rebalance_every;
     std::cout << "# switchyard " << config.source << ": job serve\n";
     return run_bench_decode(o);
   }

@@ -241,10 +241,10 @@ int main(int argc, char** argv) {
   bench_decode->add_option("--kv_budget,--kv-budget", decode.kv_budget, "Request mode: KV positions per rank (0: unlimited)")
       ->capture_default_str();
   bench_decode->add_option("--redundant_experts,--redundant-experts", decode.redundant_experts,
-                           "Batch mode: extra expert replicas (EPLB) re-placed every --rebalance_every steps")
+                           "Extra expert replicas (EPLB) re-placed every --rebalance_every steps")
       ->capture_default_str();
   bench_decode->add_option("--rebalance_every,--rebalance-every", decode.rebalance_every,
-                           "Batch mode: re-place the redundant experts from the loads of the last N decode steps")
+                           "Re-place the redundant experts from the loads of the last N decode (or, with --requests, serving) steps")
       ->capture_default_str();
   bench_decode->add_option("--prefill_chunk,--prefill-chunk", decode.prefill_chunk,
                            "Request mode: prompt tokens prefilled per rank per step (0: whole prompts)")

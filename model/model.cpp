@@ -269,14 +269,19 @@ double Model::rank_weight_bytes(double attention_share) const {
   return (2 * V * d + d) * sizeof(float) + config_.layers * per_layer;
 }
 
-Model::Rebalance Model::rebalance_experts(int redundant) {
-  const int W = group_->size(), E = config_.experts, physical = E + redundant;
+void Model::check_redundant_experts(int redundant) const {
+  const int W = group_->size(), E = config_.experts;
   if (options_.roles)
     SY_THROW(InvalidArgument, "model: rebalancing redundant experts is not built for disaggregated models (",
              options_.roles->name(), "): EPLB would place experts on the attention ranks");
-  if (redundant < 0 || physical % W != 0)
+  if (redundant < 0 || (E + redundant) % W != 0)
     SY_THROW(InvalidArgument, "model: ", redundant, " redundant experts: ", E, " + ", redundant,
              " physical experts do not divide over ", W, " ranks");
+}
+
+Model::Rebalance Model::rebalance_experts(int redundant) {
+  check_redundant_experts(redundant);
+  const int W = group_->size(), physical = config_.experts + redundant;
   // A placement's busiest rank over the mean, for a load per logical expert.
   auto ratio = [&](const ExpertPlacement& p, const std::vector<double>& load) {
     std::vector<double> rank(static_cast<size_t>(W), 0.0);

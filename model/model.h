@@ -105,6 +105,8 @@ class Model {
     std::string placement;         // the last layer's new placement
   };
   Rebalance rebalance_experts(int redundant);
+  // What rebalance_experts(redundant) would refuse, thrown now (InvalidArgument).
+  void check_redundant_experts(int redundant) const;
   // The routed choices per logical expert this rank's tokens made in layer
   // `layer` since the last reset (every batch of the layer, micro-batches included).
   const std::vector<double>& expert_load_since(int layer) const { return ffn_.at(static_cast<size_t>(layer))->load_since(); }

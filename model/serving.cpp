@@ -24,6 +24,9 @@ void ServingOptions::validate() const {
   if (prefill_chunk < 0)
     SY_THROW(InvalidArgument, "serving: prefill_chunk = ", prefill_chunk, ", expected >= 0 (0: whole prompts)");
   if (!(progress_every > 0)) SY_THROW(InvalidArgument, "serving: progress_every = ", progress_every, ", expected > 0");
+  if (redundant_experts < 0 || rebalance_every < 0 || (rebalance_every > 0) != (redundant_experts > 0))
+    SY_THROW(InvalidArgument, "serving: redundant_experts = ", redundant_experts, " and rebalance_every = ",
+             rebalance_every, ", expected both > 0 (rebalance) or both 0");
 }
 
 std::vector<double> poisson_arrivals(int64_t n, double rate, uint64_t seed) {
@@ -98,6 +101,7 @@ void verify_same_requests(Communicator& world, const std::vector<Request>& reque
 std::vector<RequestResult> serve(InferenceEngine& engine, const std::vector<Request>& requests,
                                  RequestScheduler& scheduler, const ServingOptions& options, ServingStats* stats) {
   options.validate();
+  if (options.rebalance_every > 0) engine.model().check_redundant_experts(options.redundant_experts);
   const ModelConfig& mc = engine.model().config();
   check_requests(requests, mc, options);
   if (options.check_replicas) engine.set_check_replicas(true);
@@ -242,6 +246,15 @@ std::vector<RequestResult> serve(InferenceEngine& engine, const std::vector<Requ
       }
     }
     std::erase_if(active, [](const std::unique_ptr<Sequence>& s) { return s->request == nullptr; });
+    if (options.rebalance_every > 0 && st.steps % options.rebalance_every == 0) {
+      // Between steps no MoE batch is in flight, and every rank is here after the same step.
+      const double r0 = elapsed();
+      const Model::Rebalance done_now = engine.model().rebalance_experts(options.redundant_experts);
+      const double took = allreduce_scalar(engine.world(), elapsed() - r0, ReduceOp::max);
+      ++st.rebalances;
+      st.rebalance_seconds += took;
+      if (options.on_rebalance) options.on_rebalance(st.steps, done_now, took);
+    }
   }
   st.seconds = stamp();
   if (reports) options.progress({st.seconds, N, N, st.steps});

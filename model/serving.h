@@ -80,6 +80,15 @@ struct ServingOptions {
   std::function<void(const ServeProgress&)> progress;
   // Each token as it is chosen, on the ranks of the request's group.
   std::function<void(int64_t id, int token)> on_token;
+  // Redundant experts (EPLB): after every rebalance_every steps (a count
+  // every rank shares) the MoE layers re-place E + redundant_experts physical
+  // experts from the loads routed since the last time
+  // (Model::rebalance_experts); outputs stay bit for bit. on_rebalance hears
+  // each one on every rank: after which step, what it did, its seconds (the
+  // slowest rank's).
+  int redundant_experts = 0;
+  int64_t rebalance_every = 0;  // 0: never
+  std::function<void(int64_t step, const Model::Rebalance& done, double seconds)> on_rebalance;
   void validate() const;  // InvalidArgument naming the field
 };
 
@@ -94,6 +103,8 @@ struct ServingStats {
   int64_t peak_kv = 0;        // most KV positions this rank held reserved at once
   int64_t peak_batch = 0;     // most sequences this rank had in flight at once
   int64_t peak_prefill_rows = 0;  // most prompt rows this rank prefilled in one step
+  int64_t rebalances = 0;          // expert re-placements (ServingOptions::rebalance_every)
+  double rebalance_seconds = 0;    // spent in them (in `seconds`, not in `step_seconds`)
 };
 
 // Results of the requests this rank's token group served, in id order.

@@ -40,6 +40,7 @@ DispatchPlan build_dispatch_plan(const RouterConfig& router, const Routing& rout
   p.k = k;
   p.copies = g.copies;
   p.exchange_ranks = X;
+  p.exchange_first = g.exchange_first;
   p.slots = Lw;
   p.capacity = capacity;
   const int32_t* chosen = tokens ? routing.experts.data_as<int32_t>() : nullptr;

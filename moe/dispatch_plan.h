@@ -22,6 +22,7 @@ struct DispatchPlan {
   int copies = 1;
   int64_t capacity = 0;
   int exchange_ranks = 1;  // ranks of the all-to-all (1: r = 0, no exchange)
+  int exchange_first = 0;  // the expert group's rank of the all-to-all's rank 0 (a replica domain's first)
   int slots = 1;           // working expert slots per rank
   std::vector<int64_t> row_of_choice;       // [T*k*copies]: send row, -1 when dropped
   std::vector<int64_t> token_of_row;        // [rows]: source token, -1 for padding
@@ -44,8 +45,8 @@ struct DispatchPlan {
   bool moves_results = false;
   int64_t output_rows = 0;                  // rows of this rank's output (tokens when results stay)
   std::vector<int64_t> result_send_order;   // [T]: my tokens grouped by the rank their result goes to
-  std::vector<int64_t> result_send_counts;  // [X]: results I send to each rank
-  std::vector<int64_t> result_recv_counts;  // [X]: results each rank sends me
+  std::vector<int64_t> result_send_counts;  // [W]: results I send to each rank of the expert group
+  std::vector<int64_t> result_recv_counts;  // [W]: results each rank sends me
   std::vector<int64_t> result_index;        // [received]: the output row of each result I receive, in order
   int64_t send_rows() const { return static_cast<int64_t>(token_of_row.size()); }
   int64_t recv_rows() const;
@@ -74,10 +75,11 @@ struct DispatchGeometry {
   int experts = 0;          // E logical experts
   int shards = 1;           // S ranks per stored expert (sliced, r >= 1); 1 otherwise
   int exchange_ranks = 1;   // X
+  int exchange_first = 0;   // the group rank of the exchange's rank 0
   int slots = 1;            // working expert slots per rank (the most any rank has)
   int copies = 1;           // ranks every routed row goes to (r > 1)
   int replicas = 1;         // rank sets a sliced expert's rows are split over (S / r)
-  int rank = 0;             // this rank in the expert group
+  int rank = 0;             // this rank in the exchange (its group rank - exchange_first)
   bool send_once = false;   // MoEConfig::send_once_per_rank, for dropless plans with an exchange
   // Whole experts or r = 0: the destination blocks (u * slots + l) of each
   // logical expert's replicas; its i-th kept choice goes to block i mod count.

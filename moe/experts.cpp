@@ -451,6 +451,7 @@ void MoELayer::migrate(const ExpertPlacement& to, const std::vector<ExpertParams
   if (last_ && last_.use_count() == 1) last_->release_buffers();
   zero_grad();
   geometries_.clear();
+  make_exchange_group();
   make_replica_groups();
   parameters_exist_ = true;
 }

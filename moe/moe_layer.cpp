@@ -126,16 +126,63 @@ MoELayer::MoELayer(MoEConfig config, std::shared_ptr<Communicator> expert_group)
       gather_groups_[r] = group_->create_group(piece, group_->name() + "/r" + std::to_string(r));
     }
   }
-  if (config_.node_size > 1 && config_.node_size < W) {
-    if (W % config_.node_size != 0)
-      SY_THROW(InvalidArgument, "moe: node_size = ", config_.node_size, " does not divide the ", W,
-               " ranks of the expert group; expected a divisor (ranks per node)");
-    hierarchical_ = std::make_unique<algorithms::HierarchicalAlltoall>(*group_, config_.node_size);
-    if (const DeviceModel* dev = ops_->device_model()) hierarchical_->set_copy_bandwidth(dev->memory_bandwidth);
-    hierarchical_->set_skip_copies(!ops_->computes());
-  }
+  if (config_.node_size > 1 && config_.node_size < W && W % config_.node_size != 0)
+    SY_THROW(InvalidArgument, "moe: node_size = ", config_.node_size, " does not divide the ", W,
+             " ranks of the expert group; expected a divisor (ranks per node)");
+  make_exchange_group();
   make_replica_groups();
   check_plan(config_.plan);
+}
+
+bool MoELayer::domains_hold_every_expert() const {
+  const int W = group_->size(), D = config_.replica_domain;
+  if (D < 1 || D >= W || W % D != 0 || layout_.shards() > 1) return false;
+  const ExpertPlacement& pl = layout_.placement();
+  for (int e = 0; e < pl.experts(); ++e) {
+    std::vector<char> held(static_cast<size_t>(W / D), 0);
+    for (int p : pl.replicas_of(e)) held[static_cast<size_t>(pl.rank_of_slot(p) / D)] = 1;
+    if (std::find(held.begin(), held.end(), 0) != held.end()) return false;
+  }
+  return true;
+}
+
+void MoELayer::make_exchange_group() {
+  // Collective over the group (every rank decides alike from the placement):
+  // a domain group is made by its members, a 2DH's groups by the exchange's.
+  const int me = group_->rank(), D = config_.replica_domain;
+  std::shared_ptr<Communicator> next = group_;
+  exchange_first_ = 0;
+  if (domains_hold_every_expert()) {
+    exchange_first_ = me / D * D;
+    std::vector<int> members(static_cast<size_t>(D));
+    std::iota(members.begin(), members.end(), exchange_first_);
+    auto& cached = domain_group_cache_[members];
+    if (!cached) cached = group_->create_group(members, group_->name() + "/domain" + std::to_string(me / D));
+    next = cached;
+  }
+  exchange_group_ = next;
+  // 2DH over the exchange's own nodes; none when it fits in one node or its
+  // nodes would not be whole.
+  const int X = exchange_group_->size(), g = config_.node_size;
+  hierarchical_ = nullptr;
+  if (g > 1 && g < X && X % g == 0) {
+    auto& made = hierarchical_cache_[exchange_group_.get()];
+    if (!made) {
+      made = std::make_unique<algorithms::HierarchicalAlltoall>(*exchange_group_, g);
+      if (const DeviceModel* dev = ops_->device_model()) made->set_copy_bandwidth(dev->memory_bandwidth);
+      made->set_skip_copies(!ops_->computes());
+    }
+    hierarchical_ = made.get();
+  }
+}
+
+std::vector<int> MoELayer::replicas_used_by(int source, int expert) const {
+  const ExpertPlacement& pl = layout_.placement();
+  const int W = group_->size(), domain = config_.replica_domain > 0 ? config_.replica_domain : W;
+  std::vector<int> mine;
+  for (int p : pl.replicas_of(expert))
+    if (pl.rank_of_slot(p) / domain == source / domain) mine.push_back(p);
+  return mine.empty() ? pl.replicas_of(expert) : mine;
 }
 
 void MoELayer::make_replica_groups() {
@@ -236,16 +283,19 @@ void MoELayer::check_plan(const ExecPlan& plan) const {
   if (plan.a2a == A2AAlgorithm::hierarchical &&
       (config_.dispatch_payload != DType::f32 || config_.combine_payload != DType::f32))
     SY_THROW(InvalidArgument, "moe plan: a2a = 2dh with bf16 payloads is not built; expected the flat all-to-all");
-  if (plan.a2a == A2AAlgorithm::hierarchical && !hierarchical_ && group_->size() > 1)
-    SY_THROW(InvalidArgument, "moe plan: a2a = 2dh needs nodes: node_size = ", config_.node_size,
-             " on ", group_->size(), " ranks; expected a divisor of the ranks between 2 and ", group_->size() - 1);
+  const int X = exchange_group_->size();
+  if (plan.a2a == A2AAlgorithm::hierarchical && !hierarchical_ && X > 1)
+    SY_THROW(InvalidArgument, "moe plan: a2a = 2dh needs nodes: node_size = ", config_.node_size, " on the ", X,
+             " ranks the all-to-all spans",
+             X < group_->size() ? " (each replica domain holds every expert, so tokens stay in theirs)" : "",
+             "; expected a divisor of those ranks between 2 and ", X - 1);
 }
 
 MoELayer::PlanShape MoELayer::shape_of(int r) const {
   const int S = layout_.shards(), W = group_->size();
   const int64_t H = config_.hidden_dim;
   if (r == 0) return {1, config_.router.experts, S, 0, 1, 1, H, W > 1 ? group_.get() : nullptr};
-  if (S == 1) return {W, layout_.local_experts(), 1, 0, 1, 1, H, nullptr};
+  if (S == 1) return {exchange_group_->size(), layout_.local_experts(), 1, 0, 1, 1, H, nullptr};
   const int R = S / r;
   auto it = gather_groups_.find(r);
   return {W, 1, R, layout_.shard_of_rank(group_->rank()) / R, r, R, H / r,
@@ -267,7 +317,8 @@ DispatchGeometry MoELayer::make_geometry(const PlanShape& shape, int r) const {
   g.slots = shape.slots;
   g.copies = shape.copies;
   g.replicas = shape.replicas;
-  g.rank = group_->rank();
+  g.rank = group_->rank() - exchange_first_;
+  g.exchange_first = exchange_first_;
   g.send_once = config_.send_once_per_rank;
   if (g.shards > 1 && r != 0) {
     g.expert_at_position.resize(static_cast<size_t>(E));
@@ -279,27 +330,24 @@ DispatchGeometry MoELayer::make_geometry(const PlanShape& shape, int r) const {
     for (int e = 0; e < E; ++e) g.blocks_of_expert[static_cast<size_t>(e)] = {layout_.position(e)};
     return g;
   }
+  // Ranks below are the group's; blocks and sources the exchange's (its domain when it has one).
   const ExpertPlacement& pl = layout_.placement();
-  const int W = group_->size(), domain = config_.replica_domain > 0 ? config_.replica_domain : W;
-  // The replicas a source rank spreads an expert over: those in its domain, if any.
-  auto used_by = [&](int source, int e) {
-    std::vector<int> mine;
-    for (int p : pl.replicas_of(e))
-      if (pl.rank_of_slot(p) / domain == source / domain) mine.push_back(p);
-    return mine.empty() ? pl.replicas_of(e) : mine;
-  };
+  const int me = group_->rank(), first = exchange_first_;
   for (int e = 0; e < E; ++e)
-    for (int p : used_by(g.rank, e)) {
+    for (int p : replicas_used_by(me, e)) {
       const int u = pl.rank_of_slot(p);
-      g.blocks_of_expert[static_cast<size_t>(e)].push_back(u * g.slots + p - pl.first_slot(u));
+      if (u < first || u >= first + g.exchange_ranks)
+        SY_THROW(Error, "moe: rank ", me, " would send expert ", e, "'s rows to rank ", u, " outside its exchange of ",
+                 g.exchange_ranks, " ranks from ", first);
+      g.blocks_of_expert[static_cast<size_t>(e)].push_back((u - first) * g.slots + p - pl.first_slot(u));
     }
   g.replicas_seen_by_source.assign(static_cast<size_t>(g.exchange_ranks * g.slots), 0);
-  for (int l = 0; l < pl.slots(g.rank); ++l) {
-    const int e = pl.expert_at(g.rank, l);
+  for (int l = 0; l < pl.slots(me); ++l) {
+    const int e = pl.expert_at(me, l);
     if (e < 0) continue;
-    const int mine = pl.first_slot(g.rank) + l;
+    const int mine = pl.first_slot(me) + l;
     for (int u = 0; u < g.exchange_ranks; ++u) {
-      const std::vector<int> used = used_by(u, e);
+      const std::vector<int> used = replicas_used_by(first + u, e);
       if (std::find(used.begin(), used.end(), mine) != used.end())
         g.replicas_seen_by_source[static_cast<size_t>(u * g.slots + l)] = static_cast<int>(used.size());
     }
@@ -477,7 +525,7 @@ void MoELayer::exchange_layout(DispatchPlan& p) {
         out[u * per_peer + i * Lw + l] = p.send_block_rows[static_cast<size_t>((i * X + u) * Lw + l)];
       if (p.send_once) out[u * per_peer + blocks + i] = p.unique_send_counts[static_cast<size_t>(i * X + u)];
     }
-  group_->alltoall(send, recv).wait();
+  exchange_group_->alltoall(send, recv).wait();
   const int64_t* in = recv.data_as<int64_t>();
   p.recv_block_rows.resize(p.send_block_rows.size());
   for (int u = 0; u < X; ++u)
@@ -509,7 +557,7 @@ void MoELayer::exchange_layout(DispatchPlan& p) {
       map_send_counts[static_cast<size_t>(u)] += n;
       map_recv_counts[static_cast<size_t>(u)] += rows_of(p.recv_block_rows, i, u);
     }
-  group_->alltoallv(map_send, map_send_counts, map_recv, map_recv_counts).wait();
+  exchange_group_->alltoallv(map_send, map_send_counts, map_recv, map_recv_counts).wait();
   // Receive order is [chunk][source][slot]; the distinct rows arrive as [chunk][source].
   std::vector<int64_t> recv_group_offset(static_cast<size_t>(d * X) + 1, 0), unique_offset(static_cast<size_t>(d * X) + 1, 0);
   for (int g = 0; g < d * X; ++g) {
@@ -575,7 +623,7 @@ Work MoELayer::exchange(const DispatchPlan& p, int chunk, const TensorView& in, 
     if (p.exec.exchange == ExchangeMode::padded && layout_.is_permutation()) return hierarchical_->alltoall(a, b);
     return hierarchical_->alltoallv(a, std::move(send), b, std::move(recv));
   }
-  return group_->alltoallv(a, std::move(send), b, std::move(recv));
+  return exchange_group_->alltoallv(a, std::move(send), b, std::move(recv));
 }
 
 Tensor MoELayer::encode(const DispatchPlan& p, const TensorView& x) {
@@ -604,7 +652,7 @@ Work MoELayer::exchange_distinct(const DispatchPlan& p, int chunk, const TensorV
   TensorView b(static_cast<float*>(out.data()) + offset(p.unique_recv_counts), DType::f32, {out_n});
   if (p.exec.a2a == A2AAlgorithm::hierarchical && hierarchical_)
     return hierarchical_->alltoallv(a, std::move(send), b, std::move(recv));
-  return group_->alltoallv(a, std::move(send), b, std::move(recv));
+  return exchange_group_->alltoallv(a, std::move(send), b, std::move(recv));
 }
 
 Work MoELayer::dispatch(MoEBatch& b) {
@@ -994,6 +1042,7 @@ MoELayer::CommBusy MoELayer::comm_busy() const {
   };
   CommBusy b;
   b.exchange = sum(*group_, {"alltoall", "alltoallv"});
+  if (exchange_group_ != group_) b.exchange += sum(*exchange_group_, {"alltoall", "alltoallv"});
   if (hierarchical_)
     b.exchange += sum(*hierarchical_->intra(), {"alltoall", "alltoallv"}) +
                   sum(*hierarchical_->inter(), {"alltoall", "alltoallv"});
@@ -1011,8 +1060,8 @@ double rank_load_max_over_mean(Communicator& group, const std::vector<const Disp
   const int W = group.size();
   std::vector<double> rows(static_cast<size_t>(W), 0.0);
   for (const DispatchPlan* p : plans)
-    for (size_t u = 0; u < p->kept_rows_to_rank.size() && u < rows.size(); ++u)
-      rows[u] += static_cast<double>(p->kept_rows_to_rank[u]);
+    for (size_t u = 0; u < p->kept_rows_to_rank.size() && p->exchange_first + u < rows.size(); ++u)
+      rows[p->exchange_first + u] += static_cast<double>(p->kept_rows_to_rank[u]);
   group.allreduce(TensorView(rows.data(), DType::f64, {W}), TensorView(rows.data(), DType::f64, {W})).wait();
   double total = 0;
   for (double r : rows) total += r;

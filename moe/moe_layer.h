@@ -342,6 +342,17 @@ class MoELayer {
   };
   CommBusy comm_busy() const;
   const std::shared_ptr<Communicator>& group() const { return group_; }
+  // The ranks a batch's all-to-alls span: the whole group, or, when each
+  // replica domain (MoEConfig::replica_domain) holds every expert, as expert
+  // data parallelism's groups do, this rank's domain, so tokens never leave
+  // it and no empty message goes to another domain. exchange_first() is the
+  // group rank of its rank 0. It follows the placement (migrate).
+  const std::shared_ptr<Communicator>& exchange_group() const { return exchange_group_; }
+  int exchange_first() const { return exchange_first_; }
+  // The physical slots a source rank's choices of an expert go to, in turn:
+  // its domain's replicas when the domain has any, else every replica.
+  std::vector<int> replicas_used_by(int source_rank, int expert) const;
+  // 2DH over the exchange's nodes (node_size ranks each); none within one node.
   bool has_hierarchical() const { return hierarchical_ != nullptr; }
   // The same phases in virtual (emulated) seconds; zeros without emulation.
   const MoEPhaseTimes& virtual_phase_times() const { return virtual_times_; }
@@ -438,7 +449,15 @@ class MoELayer {
   // Sub-communicators every plan may need, made once at construction.
   std::shared_ptr<Communicator> shard_group_;                    // the S ranks of my expert
   std::map<int, std::shared_ptr<Communicator>> gather_groups_;   // per r >= 1 with S / r > 1
-  std::unique_ptr<algorithms::HierarchicalAlltoall> hierarchical_;
+  // The exchange's communicator and 2DH, per placement; groups made once are
+  // kept (a migration back reuses them, and in-flight work keeps its own).
+  bool domains_hold_every_expert() const;
+  void make_exchange_group();
+  std::shared_ptr<Communicator> exchange_group_;
+  int exchange_first_ = 0;
+  std::map<std::vector<int>, std::shared_ptr<Communicator>> domain_group_cache_;
+  std::map<const Communicator*, std::unique_ptr<algorithms::HierarchicalAlltoall>> hierarchical_cache_;
+  algorithms::HierarchicalAlltoall* hierarchical_ = nullptr;
 
   Tensor gate_weight_;
   Tensor gate_bias_;

@@ -27,9 +27,13 @@ double pipeline(int d, double chunk_out, double chunk_compute, double chunk_back
   return std::max(stream, computed);
 }
 
-// Each rank sends `per_peer` to every rank (itself included).
-std::vector<double> uniform(int world, double per_peer) {
-  return std::vector<double>(static_cast<size_t>(world) * world, per_peer);
+// Each rank sends `per_peer` to every rank of its exchange (blocks of
+// `exchange` consecutive ranks; itself included), nothing to the others.
+std::vector<double> uniform(int world, int exchange, double per_peer) {
+  std::vector<double> m(static_cast<size_t>(world) * world, 0.0);
+  for (int i = 0; i < world; ++i)
+    for (int j = i / exchange * exchange; j < (i / exchange + 1) * exchange; ++j) m[static_cast<size_t>(i) * world + j] = per_peer;
+  return m;
 }
 }  // namespace
 
@@ -37,6 +41,7 @@ MoECostModel::MoECostModel(const MoELayer& layer, DeviceModel device, LinkModel 
     : device_(device), link_(link), options_(std::move(options)) {
   const MoEConfig& c = layer.config();
   world_ = layer.group()->size();
+  exchange_ranks_ = layer.exchange_group()->size();
   experts_ = c.router.experts;
   shards_ = layer.layout().shards();
   local_experts_ = layer.layout().local_experts();
@@ -53,7 +58,7 @@ MoECostModel::MoECostModel(const MoELayer& layer, DeviceModel device, LinkModel 
 std::vector<double> MoECostModel::traffic(const ExecPlan& plan, const PlanInputs& batch, double rows_per_rank) const {
   const int W = world_;
   const bool per_peer = plan.r == 1 && shards_ == 1 && plan.exchange == ExchangeMode::dropless;
-  if (!per_peer || batch.peer_rows.empty()) return uniform(W, rows_per_rank / W);
+  if (!per_peer || batch.peer_rows.empty()) return uniform(W, exchange_ranks_, rows_per_rank / exchange_ranks_);
   if (!batch.peer_rows_summarised) {
     // A capped exchange sends at most the capacity per expert: the excess drops.
     std::vector<double> m = batch.peer_rows;
@@ -63,16 +68,17 @@ std::vector<double> MoECostModel::traffic(const ExecPlan& plan, const PlanInputs
     return m;
   }
   // Locality summary (rows to self, inside the node, across nodes): spread
-  // evenly over the peers of each class.
+  // evenly over the exchange's peers of each class.
   std::vector<double> m(static_cast<size_t>(W) * W, 0.0);
   for (int i = 0; i < W; ++i) {
     int near = 0, far = 0;
     for (int j = 0; j < W; ++j)
-      if (j != i) (link_.same_node(i, j) ? near : far) += 1;
+      if (j != i && same_exchange(i, j)) (link_.same_node(i, j) ? near : far) += 1;
     const double* s = batch.peer_rows.data() + 3 * i;
     for (int j = 0; j < W; ++j)
-      m[static_cast<size_t>(i) * W + j] =
-          j == i ? s[0] : link_.same_node(i, j) ? s[1] / std::max(1, near) : s[2] / std::max(1, far);
+      if (same_exchange(i, j))
+        m[static_cast<size_t>(i) * W + j] =
+            j == i ? s[0] : link_.same_node(i, j) ? s[1] / std::max(1, near) : s[2] / std::max(1, far);
   }
   return m;
 }
@@ -89,8 +95,8 @@ double MoECostModel::a2a_seconds(const ExecPlan& plan, const std::vector<double>
     for (int i = 0; i < W; ++i) {
       double latency = 0, intra = 0, inter = 0;
       for (int j = 0; j < W; ++j) {
-        if (j == i || !peer(i, j)) continue;
-        // Every peer gets a message, empty ones too (all-to-all-v posts them all).
+        if (j == i || !same_exchange(i, j) || !peer(i, j)) continue;
+        // Every peer of the exchange gets a message, empty ones too (all-to-all-v posts them all).
         const double pair = std::max(b[static_cast<size_t>(i) * W + j], b[static_cast<size_t>(j) * W + i]);
         const bool near = link_.same_node(i, j);
         latency += near ? link_.intra.latency : link_.inter.latency;
@@ -207,8 +213,8 @@ PlanCost MoECostModel::predict(const ExecPlan& plan, const PlanInputs& batch, co
   double chunk_copies = 0;
   const double chunk = r == 0 ? 0.0 : a2a_seconds(plan, chunk_bytes, corr.link, &chunk_copies);
   const double counts =
-      r != 0 && !padded ? a2a_seconds({plan.r, 1, A2AAlgorithm::flat, plan.exchange}, uniform(W, d * L * 8.0),
-                                      corr.link)
+      r != 0 && !padded ? a2a_seconds({plan.r, 1, A2AAlgorithm::flat, plan.exchange},
+                                      uniform(W, exchange_ranks_, d * L * 8.0), corr.link)
                         : 0.0;
   PlanCost cost;
   cost.compute = compute_fwd + (options_.training ? compute_bwd : 0.0);
@@ -319,7 +325,7 @@ std::vector<double> MoEPlanner::local_inputs(MoELayer& layer, int64_t tokens, co
         const int first = pl.owner(e), S = pl.shards();
         for (int s = 0; s < S; ++s) to[static_cast<size_t>(e)].push_back({first + s, 1.0 / S});
       } else {
-        const auto& replicas = pl.placement().replicas_of(e);
+        const std::vector<int> replicas = layer.replicas_used_by(me, e);
         for (int p : replicas)
           to[static_cast<size_t>(e)].push_back({pl.placement().rank_of_slot(p), 1.0 / static_cast<double>(replicas.size())});
       }

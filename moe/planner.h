@@ -34,7 +34,10 @@ class MoECostModel final : public PlanCostModel {
   double a2a_seconds(const ExecPlan& plan, const std::vector<double>& bytes, double link_scale,
                      double* copies = nullptr) const;
   double collective_seconds(int group, bool spans_nodes, double full_bytes, double link_scale) const;
-  int world_, experts_, shards_, local_experts_, node_size_, k_;
+  // Whether ranks i and j both take part in the layer's all-to-alls (one
+  // replica domain, or the whole group).
+  bool same_exchange(int i, int j) const { return i / exchange_ranks_ == j / exchange_ranks_; }
+  int world_, exchange_ranks_, experts_, shards_, local_experts_, node_size_, k_;
   int64_t model_dim_, hidden_;
   bool gated_, bf16_, hierarchical_;
   DeviceModel device_;

@@ -464,6 +464,46 @@ TEST(Engine, ServedRequestsEqualEachRequestAlone) {
   }, Milliseconds(20000));
 }
 
+// Serving with redundant experts re-placed every few steps (EPLB from the
+// loads the requests routed) serves every request as it would alone, and
+// each rebalance is heard on every rank after the same step.
+TEST(Engine, ServingRebalancesRedundantExpertsWithoutChangingAnyToken) {
+  for_each_rank([](Communicator& world, uint64_t seed) {
+    const int W = world.size();
+    Model ref(kDraft, one_rank());
+    Model model(kDraft, world.shared_from_this());
+    const auto requests = mixed_requests(seed + 3, 6);
+    InferenceEngine engine(model, LayerSchedule::make({.attention = "dp"}, model.config().layers, W));
+    RoundRobinScheduler rr;
+    ServingOptions o;
+    o.max_batch = 2;
+    o.redundant_experts = W;  // E + W physical experts
+    o.rebalance_every = 3;
+    std::vector<int64_t> heard;
+    std::string placement;
+    o.on_rebalance = [&](int64_t step, const Model::Rebalance& r, double seconds) {
+      heard.push_back(step);
+      placement = r.placement;
+      EXPECT_GE(seconds, 0.0);
+    };
+    ServingStats st;
+    const auto results = serve(engine, requests, rr, o, &st);
+    expect_served(world, engine, requests, results, ref, "rebalanced every 3 steps");
+    ASSERT_GE(st.steps, 3) << "too few steps to rebalance";
+    EXPECT_EQ(st.rebalances, st.steps / 3);
+    ASSERT_EQ(heard.size(), static_cast<size_t>(st.rebalances));
+    for (size_t i = 0; i < heard.size(); ++i) EXPECT_EQ(heard[i], 3 * static_cast<int64_t>(i + 1));
+    EXPECT_NE(placement.find(std::to_string(W) + " extra replicas"), std::string::npos) << placement;
+    // Bad settings are refused before any step, naming the fields.
+    o.redundant_experts = 0;
+    EXPECT_THROW(serve(engine, requests, rr, o), InvalidArgument);
+    o.redundant_experts = W + 1;  // E + W + 1 does not divide over W > 1 ranks
+    if (W > 1) {
+      EXPECT_THROW(serve(engine, requests, rr, o), InvalidArgument);
+    }
+  }, Milliseconds(20000));
+}
+
 // Everything to token group 0: the other ranks compute nothing but join every step.
 class FirstGroupOnly : public RequestScheduler {
  public:

@@ -644,17 +644,53 @@ TEST(MoEMultiRank, ExpertDataParallelEqualsOneRankHoldingEveryExpert) {
         layer.init_parameters(seed);
         auto x_of = [&](int r) { return tokens(seed + 1700 + r, 5 + 2 * r, 8); };
         auto d_of = [&](int r) { return tokens(seed + 1800 + r, 5 + 2 * r, 8); };
+        comm.reset_stats();
         MoEForward f = layer.forward(x_of(me));
         Tensor dx = layer.backward(d_of(me));
-        // Nothing crossed an expert group.
-        const DispatchPlan& p = layer.last_plan();
-        for (int u = 0; u < p.exchange_ranks; ++u)
-          for (int l = 0; l < p.slots; ++l)
-            if (u / ep != me / ep && p.recv_block(0, u, l) != 0)
-              SY_THROW(Error, "rank ", me, ": ", p.recv_block(0, u, l), " rows from rank ", u, " of another expert group");
+        // The all-to-alls ran on the expert group alone: nothing crossed it,
+        // and no message (not even an empty one) went to another group.
+        EXPECT_EQ(layer.exchange_group()->size(), ep);
+        EXPECT_EQ(layer.exchange_first(), me / ep * ep);
+        EXPECT_EQ(layer.last_plan().exchange_ranks, ep);
+        const CommStats world = comm.stats();
+        if (ep < n) {
+          EXPECT_EQ(world.ops.count("alltoallv") + world.ops.count("alltoall"), 0u)
+              << "rank " << me << ": an exchange spanned the whole world";
+        }
         // Each replica's gradient is the sum over the expert-data-parallel groups.
         expect_like_whole(layer, f, dx, c, seed, x_of, d_of, n, me);
       });
+}
+
+// A replica domain that lacks an expert cannot keep its tokens: the layer
+// then exchanges over the whole group, and results stay those of one rank.
+TEST(MoEMultiRank, ReplicaDomainMissingAnExpertExchangesOverTheWholeGroup) {
+  testing::for_each_rank([&](Communicator& comm, uint64_t seed) {
+    const int n = comm.size(), me = comm.rank();
+    if (n < 2 || n % 2 != 0) return;
+    const int ep = n / 2, E = 2 * ep;
+    MoEConfig c;
+    c.model_dim = 8, c.hidden_dim = 6;
+    c.router.experts = E, c.router.k = 2, c.router.capacity_factor = 0.0;
+    // Expert data parallelism, except that the second group holds expert 1 twice and expert 0 not at all.
+    ExpertPlacement edp = ExpertPlacement::expert_data_parallel(E, n, ep);
+    std::vector<int> phy2log = edp.phy2log();
+    std::replace(phy2log.begin() + E, phy2log.end(), 0, 1);
+    c.placement = ExpertPlacement(E, std::vector<int>(static_cast<size_t>(n), 2), phy2log);
+    c.replica_domain = ep;
+    c.check_plan = true;
+    std::shared_ptr<Communicator> group(&comm, [](Communicator*) {});
+    MoELayer layer(c, group);
+    layer.init_parameters(seed);
+    EXPECT_EQ(layer.exchange_group().get(), &comm);
+    EXPECT_EQ(layer.exchange_first(), 0);
+    auto x_of = [&](int r) { return tokens(seed + 1900 + r, 6 + r, 8); };
+    auto d_of = [&](int r) { return tokens(seed + 2000 + r, 6 + r, 8); };
+    MoEForward f = layer.forward(x_of(me));
+    Tensor dx = layer.backward(d_of(me));
+    EXPECT_EQ(layer.last_plan().exchange_ranks, n);
+    expect_like_whole(layer, f, dx, c, seed, x_of, d_of, n, me);
+  });
 }
 
 }  // namespace
