@@ -150,6 +150,14 @@ int run_bench_moe(const BenchMoeOptions& o) {
       c.placement = ExpertPlacement::expert_data_parallel(E, W, o.ep_size);
       c.replica_domain = o.ep_size;
     }
+    if (o.replica_choice != "in_turn" && o.replica_choice != "nearest")
+      SY_THROW(ConfigError, "--replica_choice = '", o.replica_choice, "', expected in_turn or nearest");
+    if (o.replica_choice == "nearest") {
+      if (o.ep_size > 0)
+        SY_THROW(ConfigError, "--replica_choice nearest with --ep_size: expert data parallelism keeps tokens in their "
+                 "expert group; expected in_turn");
+      c.replica_choice = MoEConfig::ReplicaChoice::nearest;
+    }
     if (o.redundant_experts > 0) {
       if (physical % W != 0)
         SY_THROW(ConfigError, "--redundant_experts = ", o.redundant_experts, ": ", E, " + ", o.redundant_experts,

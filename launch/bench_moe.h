@@ -58,6 +58,9 @@ struct BenchMoeOptions {
   // the ranks), re-placed from the measured loads every rebalance_every steps.
   int redundant_experts = 0;
   int rebalance_every = 0;
+  // Which replica a routed choice uses (MoEConfig::replica_choice): in_turn
+  // or nearest (own rank, then node, balanced).
+  std::string replica_choice = "in_turn";
   // A skewed gate: "zipf:S" lowers expert e's logit by S ln(e + 1) (through a
   // constant input feature): the gate's probabilities fall off like a Zipf
   // law, and top-k loads concentrate on the first experts even more.

@@ -355,6 +355,10 @@ const std::vector<Field>& fields() {
       integer<int>("moe.rebalance_every", 0, kIntMax, +[](JobConfig& c) -> int& { return c.moe.rebalance_every; },
                    "Re-place the redundant experts every this many steps from the expert loads measured since the "
                    "last placement (EPLB, then migrate; logged with the rank load before); 0: never."),
+      choice("moe.replica_choice", {"in_turn", "nearest"}, +[](JobConfig& c) -> std::string& { return c.moe.replica_choice; },
+             "Which replica of a redundant expert a routed choice uses: in_turn (every replica takes every n-th "
+             "choice: exact shares) or nearest (the source's own rank's replicas first, then its node's, then any, "
+             "each replica still expecting an equal share). Not with moe.expert_parallel_size."),
       choice("moe.activation", {"relu", "gelu", "swiglu"},
              +[](JobConfig& c) -> std::string& { return c.moe.activation; }, "Expert activation."),
       choice("moe.gate", {"softmax", "sigmoid_bias"}, +[](JobConfig& c) -> std::string& { return c.moe.gate; },

@@ -59,6 +59,7 @@ struct MoESection {
   int nodes = 0;                     // nodes the ranks form, for 2dh (0: the runtime's)
   int expert_parallel_size = 0;      // EP x DP: ranks per expert group (0: the world)
   int redundant_experts = 0;         // EPLB: extra replicas (E + R physical experts over the ranks)
+  std::string replica_choice = "in_turn";  // in_turn | nearest (MoEConfig::replica_choice)
   int rebalance_every = 0;           // re-place the replicas from measured loads every N steps (0: never)
 };
 

@@ -67,6 +67,11 @@ void train_moe(Runtime& rt, const JobConfig& job) {
              ", expected a divisor of the ", W, " ranks and of moe.experts = ", E);
   if (ep > 0 && job.moe.redundant_experts > 0)
     SY_THROW(ConfigError, "moe.expert_parallel_size and moe.redundant_experts each choose the placement; give one");
+  const bool nearest = job.moe.replica_choice == "nearest";
+  if (nearest && ep > 0)
+    SY_THROW(ConfigError, job.where("moe.replica_choice"), ": moe.replica_choice = nearest with moe.expert_parallel_size = ",
+             ep, " (", job.where("moe.expert_parallel_size"), "); expert data parallelism keeps tokens in their group, "
+             "expected in_turn");
   if (job.moe.rebalance_every > 0 && job.moe.redundant_experts == 0)
     SY_THROW(ConfigError, "moe.rebalance_every = ", job.moe.rebalance_every, " needs moe.redundant_experts > 0");
   if (ep > 0) {
@@ -78,6 +83,7 @@ void train_moe(Runtime& rt, const JobConfig& job) {
                job.moe.redundant_experts, " physical experts do not divide over ", W, " ranks");
     student_config.placement = eplb::place(std::vector<double>(static_cast<size_t>(E), 1.0), physical, W);
   }
+  if (nearest) student_config.replica_choice = MoEConfig::ReplicaChoice::nearest;
   const bool placed = student_config.placement.has_value();
   MoELayer student(student_config, rt.world_ptr());
   student.init_parameters(static_cast<uint64_t>(tr.seed));

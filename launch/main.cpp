@@ -193,6 +193,11 @@ int main(int argc, char** argv) {
   bench_moe->add_option("--rebalance_every,--rebalance-every", moe.rebalance_every,
                         "Re-place the replicas from the loads measured since the last rebalance every N steps (0: never)")
       ->capture_default_str();
+  bench_moe->add_option("--replica_choice,--replica-choice", moe.replica_choice,
+                        "Which replica a routed choice uses: in_turn (every replica takes every n-th, exact shares) or "
+                        "nearest (the source's own rank's replicas, then its node's, then any, balanced in expectation)")
+      ->check(CLI::IsMember({"in_turn", "nearest"}))
+      ->capture_default_str();
   bench_moe->add_option("--gate_skew,--gate-skew", moe.gate_skew,
                         "zipf:S: lower expert e's gate logit by S ln(e+1) (a Zipf-skewed router; top-k loads "
                         "concentrate even more)");

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <numeric>
 
+#include "moe/placement.h"
+
 namespace switchyard {
 namespace {
 std::vector<int64_t> chunk_counts(const std::vector<int64_t>& blocks, int chunk, int ranks, int slots) {
@@ -72,6 +74,29 @@ DispatchPlan build_dispatch_plan(const RouterConfig& router, const Routing& rout
       const auto& blocks = g.blocks_of_expert[static_cast<size_t>(e)];
       const auto n = static_cast<int64_t>(blocks.size());
       const auto first = static_cast<int64_t>((rotation + static_cast<uint64_t>(g.rank)) % static_cast<uint64_t>(n));
+      if (!g.quanta_of_expert.empty()) {
+        // Nearest: block b takes floor(m q_b / Q) choices, the remainders by largest fraction (ties in the
+        // batch's turn), in runs: never more than ceil(m q_b / Q) <= its padded ceil(C q_b / Q).
+        const auto& q = g.quanta_of_expert[static_cast<size_t>(e)];
+        const int64_t Q = ExpertPlacement::kShareQuanta, m = static_cast<int64_t>(choice_at[e].size());
+        std::vector<int64_t> take(static_cast<size_t>(n));
+        std::vector<std::pair<int64_t, int64_t>> rest;  // (remainder, turn order)
+        int64_t given = 0;
+        for (int64_t b = 0; b < n; ++b) {
+          take[static_cast<size_t>(b)] = m * q[static_cast<size_t>(b)] / Q;
+          given += take[static_cast<size_t>(b)];
+          rest.push_back({m * q[static_cast<size_t>(b)] % Q, (b - first + n) % n});
+        }
+        std::sort(rest.begin(), rest.end(), [](const auto& a, const auto& b) { return a.first != b.first ? a.first > b.first : a.second < b.second; });
+        for (size_t i = 0; given < m; ++i, ++given) ++take[static_cast<size_t>((rest[i].second + first) % n)];
+        int64_t next = 0;
+        for (int64_t b = 0; b < n; ++b) {
+          auto& to = block_choices[static_cast<size_t>(blocks[static_cast<size_t>(b)])];
+          for (int64_t i = 0; i < take[static_cast<size_t>(b)]; ++i) to.push_back(choice_at[e][static_cast<size_t>(next++)]);
+          block_padded[static_cast<size_t>(blocks[static_cast<size_t>(b)])] = (p.capacity * q[static_cast<size_t>(b)] + Q - 1) / Q;
+        }
+        continue;
+      }
       for (int64_t i = 0; i < static_cast<int64_t>(choice_at[e].size()); ++i)
         block_choices[static_cast<size_t>(blocks[static_cast<size_t>((first + i) % n)])].push_back(choice_at[e][i]);
       for (int b : blocks) block_padded[static_cast<size_t>(b)] = (p.capacity + n - 1) / n;
@@ -167,7 +192,12 @@ DispatchPlan build_dispatch_plan(const RouterConfig& router, const Routing& rout
         }
         for (int u = 0; u < X; ++u) {
           const int n = g.replicas_seen_by_source[static_cast<size_t>(u * Lw + l)];
-          const Block b{nullptr, 0, n ? (p.capacity + n - 1) / n : 0, 0};
+          int64_t padded_rows = n ? (p.capacity + n - 1) / n : 0;
+          if (!g.quanta_seen_by_source.empty()) {
+            const int64_t q = g.quanta_seen_by_source[static_cast<size_t>(u * Lw + l)], Q = ExpertPlacement::kShareQuanta;
+            padded_rows = (p.capacity * q + Q - 1) / Q;
+          }
+          const Block b{nullptr, 0, padded_rows, 0};
           const auto [lo, hi] = chunk_range(b, i);
           p.recv_block_rows[static_cast<size_t>((i * X + u) * Lw + l)] = hi - lo;
         }

@@ -87,6 +87,12 @@ struct DispatchGeometry {
   // Padded, whole experts: over how many replicas source u spreads the
   // expert of my slot l, 0 when u does not use that slot ([X * slots]).
   std::vector<int> replicas_seen_by_source;
+  // Nearest replica choice (MoEConfig::replica_choice): per logical expert,
+  // the quanta (of ExpertPlacement::kShareQuanta) of its kept choices each of
+  // its blocks_of_expert takes, and, for padded sizes, the quanta source u
+  // sends my slot l ([X * slots]). Empty: in turn, equal shares.
+  std::vector<std::vector<int64_t>> quanta_of_expert;
+  std::vector<int64_t> quanta_seen_by_source;
   // Sliced experts (shards > 1): the logical expert at each position.
   std::vector<int> expert_at_position;  // [E]
 };

@@ -23,6 +23,9 @@ void MoEConfig::validate() const {
     SY_THROW(InvalidArgument, "moe: compute = ", dtype_name(compute), ", expected f32 or bf16");
   if (hidden_dim < 1) SY_THROW(InvalidArgument, "moe: hidden_dim = ", hidden_dim, ", expected >= 1");
   if (replica_domain < 0) SY_THROW(InvalidArgument, "moe: replica_domain = ", replica_domain, ", expected >= 0 ranks");
+  if (replica_choice == ReplicaChoice::nearest && replica_domain > 0)
+    SY_THROW(InvalidArgument, "moe: replica_choice = nearest with replica_domain = ", replica_domain,
+             "; expected one of them (a domain keeps tokens in it, nearest balances across it)");
   if (batch_invariant && compute != DType::f32)
     SY_THROW(InvalidArgument, "moe: batch_invariant needs compute = f32, got ", dtype_name(compute));
   if (combine_payload == DType::fp8_e4m3)
@@ -174,6 +177,23 @@ void MoELayer::make_exchange_group() {
     }
     hierarchical_ = made.get();
   }
+}
+
+std::vector<std::pair<int, double>> MoELayer::replica_shares(int source, int expert) const {
+  std::vector<std::pair<int, double>> out;
+  const ExpertPlacement& pl = layout_.placement();
+  if (config_.replica_choice == MoEConfig::ReplicaChoice::nearest && pl.replicas(expert) > 1) {
+    const std::vector<int64_t> q = pl.nearest_shares(expert, config_.node_size);
+    const int R = pl.replicas(expert);
+    for (int j = 0; j < R; ++j)
+      if (const int64_t share = q[static_cast<size_t>(source) * R + j])
+        out.push_back({pl.replicas_of(expert)[static_cast<size_t>(j)],
+                       static_cast<double>(share) / static_cast<double>(ExpertPlacement::kShareQuanta)});
+    return out;
+  }
+  const std::vector<int> used = replicas_used_by(source, expert);
+  for (int p : used) out.push_back({p, 1.0 / static_cast<double>(used.size())});
+  return out;
 }
 
 std::vector<int> MoELayer::replicas_used_by(int source, int expert) const {
@@ -333,15 +353,45 @@ DispatchGeometry MoELayer::make_geometry(const PlanShape& shape, int r) const {
   // Ranks below are the group's; blocks and sources the exchange's (its domain when it has one).
   const ExpertPlacement& pl = layout_.placement();
   const int me = group_->rank(), first = exchange_first_;
-  for (int e = 0; e < E; ++e)
-    for (int p : replicas_used_by(me, e)) {
-      const int u = pl.rank_of_slot(p);
-      if (u < first || u >= first + g.exchange_ranks)
-        SY_THROW(Error, "moe: rank ", me, " would send expert ", e, "'s rows to rank ", u, " outside its exchange of ",
-                 g.exchange_ranks, " ranks from ", first);
-      g.blocks_of_expert[static_cast<size_t>(e)].push_back((u - first) * g.slots + p - pl.first_slot(u));
-    }
+  auto block_of = [&](int e, int p) {
+    const int u = pl.rank_of_slot(p);
+    if (u < first || u >= first + g.exchange_ranks)
+      SY_THROW(Error, "moe: rank ", me, " would send expert ", e, "'s rows to rank ", u, " outside its exchange of ",
+               g.exchange_ranks, " ranks from ", first);
+    return (u - first) * g.slots + p - pl.first_slot(u);
+  };
   g.replicas_seen_by_source.assign(static_cast<size_t>(g.exchange_ranks * g.slots), 0);
+  if (config_.replica_choice == MoEConfig::ReplicaChoice::nearest) {
+    // Every source's quanta of every replicated expert, both for my blocks and for the padded sizes I receive.
+    g.quanta_of_expert.resize(static_cast<size_t>(E));
+    g.quanta_seen_by_source.assign(static_cast<size_t>(g.exchange_ranks * g.slots), 0);
+    std::vector<std::vector<int64_t>> shares(static_cast<size_t>(E));
+    for (int e = 0; e < E; ++e) {
+      const auto& slots = pl.replicas_of(e);
+      const int R = static_cast<int>(slots.size());
+      shares[static_cast<size_t>(e)] = R > 1 ? pl.nearest_shares(e, config_.node_size)
+                                             : std::vector<int64_t>(static_cast<size_t>(pl.ranks()), ExpertPlacement::kShareQuanta);
+      for (int j = 0; j < R; ++j)
+        if (const int64_t q = shares[static_cast<size_t>(e)][static_cast<size_t>(me) * R + j]) {
+          g.blocks_of_expert[static_cast<size_t>(e)].push_back(block_of(e, slots[static_cast<size_t>(j)]));
+          g.quanta_of_expert[static_cast<size_t>(e)].push_back(q);
+        }
+    }
+    for (int l = 0; l < pl.slots(me); ++l) {
+      const int e = pl.expert_at(me, l);
+      if (e < 0) continue;
+      const auto& slots = pl.replicas_of(e);
+      const auto j = std::find(slots.begin(), slots.end(), pl.first_slot(me) + l) - slots.begin();
+      for (int u = 0; u < g.exchange_ranks; ++u) {
+        const int64_t q = shares[static_cast<size_t>(e)][static_cast<size_t>(first + u) * slots.size() + static_cast<size_t>(j)];
+        g.quanta_seen_by_source[static_cast<size_t>(u * g.slots + l)] = q;
+        g.replicas_seen_by_source[static_cast<size_t>(u * g.slots + l)] = q > 0;
+      }
+    }
+    return g;
+  }
+  for (int e = 0; e < E; ++e)
+    for (int p : replicas_used_by(me, e)) g.blocks_of_expert[static_cast<size_t>(e)].push_back(block_of(e, p));
   for (int l = 0; l < pl.slots(me); ++l) {
     const int e = pl.expert_at(me, l);
     if (e < 0) continue;

@@ -54,6 +54,15 @@ struct MoEConfig {
   // parallelism: the expert group; a node), else all of them, in turn.
   // 0: one domain, the whole group.
   int replica_domain = 0;
+  // Which replica a routed choice uses (placements with replicas):
+  // in_turn: every replica (of the domain) takes every n-th kept choice, so
+  // replicas share each source's rows exactly; nearest: each source splits
+  // its choices by ExpertPlacement::nearest_shares (own rank's replicas
+  // first, then its node's, node_size ranks, then any), balanced when
+  // sources route alike and sending fewer rows across links. Not with a
+  // replica_domain.
+  enum class ReplicaChoice : uint8_t { in_turn, nearest };
+  ReplicaChoice replica_choice = ReplicaChoice::in_turn;
   bool skip_compute = false;
   // What the phases run their bulk work on; null: the host (CpuOps), wrapped
   // in EmulatedOps when there is a device model or skip_compute.
@@ -352,6 +361,9 @@ class MoELayer {
   // The physical slots a source rank's choices of an expert go to, in turn:
   // its domain's replicas when the domain has any, else every replica.
   std::vector<int> replicas_used_by(int source_rank, int expert) const;
+  // What share of a source rank's kept choices of an expert each physical
+  // slot takes (MoEConfig::replica_choice; whole experts).
+  std::vector<std::pair<int, double>> replica_shares(int source_rank, int expert) const;
   // 2DH over the exchange's nodes (node_size ranks each); none within one node.
   bool has_hierarchical() const { return hierarchical_ != nullptr; }
   // The same phases in virtual (emulated) seconds; zeros without emulation.

@@ -39,6 +39,58 @@ ExpertPlacement::ExpertPlacement(int experts, std::vector<int> slots_per_rank, s
   for (int s : slots_per_rank_) permutation_ = permutation_ && s == slots_per_rank_.front();
 }
 
+std::vector<int64_t> ExpertPlacement::nearest_shares(int expert, int ranks_per_node) const {
+  const auto& slots = replicas_of(expert);
+  const int W = ranks(), R = static_cast<int>(slots.size());
+  std::vector<double> supply(static_cast<size_t>(W), 1.0 / W), demand(static_cast<size_t>(R), 1.0 / R);
+  std::vector<double> flow(static_cast<size_t>(W) * R, 0.0);
+  std::vector<int> levels = {1};
+  if (ranks_per_node > 1 && ranks_per_node < W) levels.push_back(ranks_per_node);
+  levels.push_back(W);
+  for (int L : levels)
+    for (int first = 0; first < W; first += L) {
+      const int last = std::min(W, first + L);
+      double s = 0, d = 0;
+      for (int i = first; i < last; ++i) s += supply[static_cast<size_t>(i)];
+      for (int j = 0; j < R; ++j) {
+        const int r = rank_of_slot(slots[static_cast<size_t>(j)]);
+        if (r >= first && r < last) d += demand[static_cast<size_t>(j)];
+      }
+      const double moved = L == W ? s : std::min(s, d);  // the last level takes everything left
+      if (moved <= 0 || d <= 0) continue;
+      for (int j = 0; j < R; ++j) {
+        const int r = rank_of_slot(slots[static_cast<size_t>(j)]);
+        if (r < first || r >= last) continue;
+        const double taken = demand[static_cast<size_t>(j)] / d;
+        for (int i = first; i < last; ++i)
+          flow[static_cast<size_t>(i) * R + j] += moved * supply[static_cast<size_t>(i)] / s * taken;
+      }
+      for (int i = first; i < last; ++i) supply[static_cast<size_t>(i)] *= 1 - moved / s;
+      for (int j = 0; j < R; ++j) {
+        const int r = rank_of_slot(slots[static_cast<size_t>(j)]);
+        if (r >= first && r < last) demand[static_cast<size_t>(j)] *= 1 - moved / d;
+      }
+    }
+  // Per source, quanta by largest remainder (ties to the lower replica), so each row sums exactly.
+  std::vector<int64_t> quanta(flow.size(), 0);
+  for (int i = 0; i < W; ++i) {
+    double total = 0;
+    for (int j = 0; j < R; ++j) total += flow[static_cast<size_t>(i) * R + j];
+    std::vector<std::pair<double, int>> rest;
+    int64_t given = 0;
+    for (int j = 0; j < R; ++j) {
+      const double exact = flow[static_cast<size_t>(i) * R + j] / total * static_cast<double>(kShareQuanta);
+      const auto whole = static_cast<int64_t>(exact);
+      quanta[static_cast<size_t>(i) * R + j] = whole;
+      given += whole;
+      rest.push_back({exact - static_cast<double>(whole), j});
+    }
+    std::stable_sort(rest.begin(), rest.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+    for (size_t n = 0; given < kShareQuanta; ++n, ++given) ++quanta[static_cast<size_t>(i) * R + rest[n % rest.size()].second];
+  }
+  return quanta;
+}
+
 int ExpertPlacement::rank_of_slot(int physical) const {
   const auto it = std::upper_bound(first_slot_.begin(), first_slot_.end(), physical);
   return static_cast<int>(it - first_slot_.begin()) - 1;

@@ -64,6 +64,20 @@ class ExpertPlacement {
   // one: the layout every plan (r = 0, sliced experts) runs on.
   bool is_permutation() const { return permutation_; }
   std::string describe() const;
+
+  // Nearest balanced replica choice: the share of expert e's choices that
+  // each source rank sends each of e's replicas, in quanta of kShareQuanta
+  // per source ([ranks][replicas(e)], replicas in replicas_of order; every
+  // row sums to kShareQuanta). Every source has the same supply and every
+  // replica the same demand, filled nearest first: a source's own rank's
+  // replicas, then its node's (blocks of ranks_per_node consecutive ranks;
+  // <= 1: no node level), then every replica, each level spreading a
+  // block's remaining supply over its remaining demand proportionally. So a
+  // replica expects 1 / replicas(e) of the load when sources route alike,
+  // and no row leaves a rank or node that could have kept it without
+  // overloading a replica (greedy by level is optimal for such nested costs).
+  static constexpr int64_t kShareQuanta = int64_t{1} << 20;
+  std::vector<int64_t> nearest_shares(int expert, int ranks_per_node) const;
   bool operator==(const ExpertPlacement& o) const {
     return experts_ == o.experts_ && slots_per_rank_ == o.slots_per_rank_ && phy2log_ == o.phy2log_;
   }

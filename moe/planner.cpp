@@ -325,9 +325,8 @@ std::vector<double> MoEPlanner::local_inputs(MoELayer& layer, int64_t tokens, co
         const int first = pl.owner(e), S = pl.shards();
         for (int s = 0; s < S; ++s) to[static_cast<size_t>(e)].push_back({first + s, 1.0 / S});
       } else {
-        const std::vector<int> replicas = layer.replicas_used_by(me, e);
-        for (int p : replicas)
-          to[static_cast<size_t>(e)].push_back({pl.placement().rank_of_slot(p), 1.0 / static_cast<double>(replicas.size())});
+        for (auto [p, share] : layer.replica_shares(me, e))
+          to[static_cast<size_t>(e)].push_back({pl.placement().rank_of_slot(p), share});
       }
     }
     // Rows per expert, at most this rank's capacity when capped (the excess drops).

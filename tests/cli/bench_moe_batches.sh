@@ -54,6 +54,13 @@ want=$(train_losses "$("$bin" run --config "$dir/train.yaml")")
 rebalanced=$("$bin" run --config "$dir/train.yaml" --set moe.redundant_experts=4 --set moe.rebalance_every=8)
 grep -q "# rebalanced at step 17: " <<<"$rebalanced" || { echo "no rebalance in: $rebalanced"; exit 1; }
 [ "$(train_losses "$rebalanced")" = "$want" ] || { echo "rebalanced losses $(train_losses "$rebalanced") vs $want"; exit 1; }
+nearest=$("$bin" run --config "$dir/train.yaml" --set moe.redundant_experts=4 --set moe.rebalance_every=8 \
+          --set moe.replica_choice=nearest)
+[ "$(train_losses "$nearest")" = "$want" ] || { echo "nearest-replica losses $(train_losses "$nearest") vs $want"; exit 1; }
+if msg=$("$bin" run --config "$dir/train.yaml" --set moe.expert_parallel_size=2 --set moe.replica_choice=nearest 2>&1); then
+  echo "nearest replicas with EP x DP were accepted"; exit 1
+fi
+grep -q "moe.replica_choice = nearest with moe.expert_parallel_size = 2" <<<"$msg" || { echo "unclear error: $msg"; exit 1; }
 edp=$("$bin" run --config "$dir/train.yaml" --set moe.expert_parallel_size=2)
 [ "$(train_losses "$edp")" = "$want" ] || { echo "EP x DP losses $(train_losses "$edp") vs $want"; exit 1; }
 echo "bench moe --microbatches, --placement, --send_once, --redundant_experts; run with rebalancing and EP x DP: OK"

@@ -234,7 +234,10 @@ ExpertPlacement awkward_placement(int n) {
 // Replicas, a rank without experts and uneven slots: outputs and gradients
 // equal one rank holding every expert (each replica's gradient is the whole
 // expert's), in both exchange modes and pipelined.
+// Replicas chosen in turn or nearest first (own rank, then node) alike.
 TEST(MoEMultiRank, PhysicalPlacementEqualsOneRankHoldingEveryExpert) {
+  using Choice = MoEConfig::ReplicaChoice;
+  for (Choice choice : {Choice::in_turn, Choice::nearest})
   for (int variant = 0; variant < 3; ++variant)  // awkward placement, EPLB's, awkward over 2DH
   for (ExchangeMode mode : {ExchangeMode::padded, ExchangeMode::dropless})
     testing::for_each_rank([&](Communicator& comm, uint64_t seed) {
@@ -248,6 +251,7 @@ TEST(MoEMultiRank, PhysicalPlacementEqualsOneRankHoldingEveryExpert) {
       c.plan.d = 2;
       c.router.experts = 2 * n, c.router.k = 2, c.router.capacity_factor = 0.0;
       c.check_plan = true;
+      c.replica_choice = choice;
       if (variant == 2) {  // two nodes of two ranks; padded blocks differ per rank
         c.node_size = 2;
         c.plan.a2a = A2AAlgorithm::hierarchical;
@@ -392,12 +396,15 @@ TEST(MoEMultiRank, TimingOnlyReplicasChargeWhatComputingCharges) {
 }
 
 TEST(MoEMultiRank, ReplicasNeverChangeWhichChoicesDrop) {
+  for (auto choice : {MoEConfig::ReplicaChoice::in_turn, MoEConfig::ReplicaChoice::nearest})
   testing::for_each_rank([&](Communicator& comm, uint64_t seed) {
     const int n = comm.size(), me = comm.rank();
     MoEConfig c;
     c.model_dim = 16, c.hidden_dim = 8;
     c.router.experts = 2 * n, c.router.k = 2, c.router.capacity_factor = 0.6;
     c.placement = awkward_placement(n);
+    c.replica_choice = choice;
+    c.node_size = n % 2 == 0 && n > 2 ? 2 : 0;
     std::shared_ptr<Communicator> group(&comm, [](Communicator*) {});
     MoELayer layer(c, group);
     layer.init_parameters(seed);
@@ -412,6 +419,48 @@ TEST(MoEMultiRank, ReplicasNeverChangeWhichChoicesDrop) {
     EXPECT_EQ(f.dropped, wf.dropped);
     EXPECT_GT(wf.dropped, 0);
     expect_close("output", f.output.data_as<float>(), wf.output.data_as<float>(), f.output.numel(), me);
+  });
+}
+
+// Nearest replica choice keeps a replicated expert's rows on the source's
+// own rank where it holds a replica (in turn sends half of them away), with
+// the same results; in-turn and nearest send the same rows in all.
+// EPLB's placement gives replicas unequal shares (padded blocks sized by them).
+TEST(MoEMultiRank, NearestReplicasKeepRowsOnTheirOwnRank) {
+  for (bool from_eplb : {false, true})
+  for (ExchangeMode mode : {ExchangeMode::dropless, ExchangeMode::padded})
+  testing::for_each_rank([&](Communicator& comm, uint64_t seed) {
+    const int n = comm.size(), me = comm.rank();
+    if (n < 3) return;  // the awkward placement has replicas from 3 ranks on
+    MoEConfig c;
+    c.model_dim = 8, c.hidden_dim = 8;
+    c.router.experts = 2 * n, c.router.k = 2, c.router.capacity_factor = from_eplb ? 0.0 : 1.5;
+    c.plan.exchange = mode;
+    c.placement = awkward_placement(n);
+    if (from_eplb) {
+      std::vector<double> load(static_cast<size_t>(2 * n));
+      for (int e = 0; e < 2 * n; ++e) load[static_cast<size_t>(e)] = 100.0 / (e + 1);
+      c.placement = eplb::place(load, 4 * n, n);
+    }
+    std::shared_ptr<Communicator> group(&comm, [](Communicator*) {});
+    MoEConfig nc = c;
+    nc.replica_choice = MoEConfig::ReplicaChoice::nearest;
+    MoELayer in_turn(c, group), nearest(nc, group);
+    in_turn.init_parameters(seed);
+    nearest.init_parameters(seed);
+    Tensor x = tokens(seed + 2100 + me, 64, 8);
+    MoEForward a = in_turn.forward(x), b = nearest.forward(x);
+    expect_close("output", b.output.data_as<float>(), a.output.data_as<float>(), a.output.numel(), me);
+    double kept[4] = {static_cast<double>(in_turn.last_plan().kept_rows_to_rank[static_cast<size_t>(me)]),
+                      static_cast<double>(nearest.last_plan().kept_rows_to_rank[static_cast<size_t>(me)]), 0, 0};
+    for (int64_t v : in_turn.last_plan().kept_rows_to_rank) kept[2] += static_cast<double>(v);
+    for (int64_t v : nearest.last_plan().kept_rows_to_rank) kept[3] += static_cast<double>(v);
+    comm.allreduce(TensorView(kept, DType::f64, {4}), TensorView(kept, DType::f64, {4})).wait();
+    if (!from_eplb) {
+      EXPECT_GT(kept[1], kept[0]) << "nearest kept no more rows on their own ranks than in turn";
+    }
+    EXPECT_EQ(kept[2], kept[3]);
+    EXPECT_EQ(a.dropped, b.dropped);
   });
 }
 

@@ -949,5 +949,55 @@ TEST(Eplb, EvensOutRankLoadsAtScaleAndRejectsBadSizes) {
   EXPECT_THROW(ExpertPlacement::expert_data_parallel(8, 6, 4), InvalidArgument);     // EP size not dividing the world
 }
 
+// Nearest balanced replica shares, worked by hand from the definition (every
+// source supplies 1/W, every replica asks 1/R; own rank, then node, then all).
+TEST(Placement, NearestSharesFillOwnRankThenNodeThenEveryReplica) {
+  constexpr int64_t Q = ExpertPlacement::kShareQuanta;
+  auto shares = [](std::vector<int> slots, std::vector<int> phy2log, int node) {
+    const int experts = *std::max_element(phy2log.begin(), phy2log.end()) + 1;
+    return ExpertPlacement(experts, std::move(slots), std::move(phy2log)).nearest_shares(0, node);
+  };
+  // 4 ranks, nodes of 2, expert 0 on ranks 0 and 2: each node keeps its rows.
+  EXPECT_EQ(shares({1, 1, 1, 1}, {0, 1, 0, 2}, 2), (std::vector<int64_t>{Q, 0, Q, 0, 0, Q, 0, Q}));
+  // Without nodes, ranks 1 and 3 split over both replicas' remaining demand.
+  EXPECT_EQ(shares({1, 1, 1, 1}, {0, 1, 0, 2}, 0), (std::vector<int64_t>{Q, 0, Q / 2, Q / 2, 0, Q, Q / 2, Q / 2}));
+  // Both replicas in node 0 (ranks 0, 1): those ranks keep theirs, node 1 splits evenly.
+  EXPECT_EQ(shares({1, 1, 1, 1}, {0, 0, 1, 2}, 2), (std::vector<int64_t>{Q, 0, 0, Q, Q / 2, Q / 2, Q / 2, Q / 2}));
+  // Three replicas, two on rank 0: rank 0 halves its quarter over its two
+  // (1/8 each), rank 1 fills its own; the rest (5/24, 5/24, 2/24) takes
+  // ranks 2 and 3 in those proportions (5/12, 5/12, 1/6).
+  const std::vector<int64_t> three = shares({2, 1, 1, 1}, {0, 0, 0, 1, 2}, 0);
+  ASSERT_EQ(three.size(), 12u);
+  EXPECT_EQ(std::vector<int64_t>(three.begin(), three.begin() + 6), (std::vector<int64_t>{Q / 2, Q / 2, 0, 0, 0, Q}));
+  for (int source : {2, 3}) {
+    EXPECT_NEAR(static_cast<double>(three[source * 3 + 0]), Q * 5.0 / 12, 1.0);
+    EXPECT_NEAR(static_cast<double>(three[source * 3 + 1]), Q * 5.0 / 12, 1.0);
+    EXPECT_NEAR(static_cast<double>(three[source * 3 + 2]), Q / 6.0, 1.0);
+  }
+  // EPLB placements at 64 ranks in nodes of 8: rows sum to Q exactly, every
+  // replica expects 1/R of the load, and a source with a replica on its own
+  // rank keeps at least the share that replica can take (W / R of its rows).
+  std::vector<double> load(64 * 2);
+  for (size_t e = 0; e < load.size(); ++e) load[e] = 1000.0 / static_cast<double>(e + 1);
+  const ExpertPlacement p = eplb::place(load, 64 * 3, 64);
+  for (int e = 0; e < p.experts(); ++e) {
+    const int R = p.replicas(e), W = p.ranks();
+    const std::vector<int64_t> q = p.nearest_shares(e, 8);
+    std::vector<double> column(static_cast<size_t>(R), 0.0);
+    for (int i = 0; i < W; ++i) {
+      int64_t row = 0;
+      for (int j = 0; j < R; ++j) row += q[static_cast<size_t>(i * R + j)], column[static_cast<size_t>(j)] += q[static_cast<size_t>(i * R + j)];
+      ASSERT_EQ(row, Q) << "expert " << e << " source " << i;
+      int64_t own = 0;
+      for (int j = 0; j < R; ++j)
+        if (p.rank_of_slot(p.replicas_of(e)[static_cast<size_t>(j)]) == i) own += q[static_cast<size_t>(i * R + j)];
+      int own_replicas = 0;
+      for (int slot : p.replicas_of(e)) own_replicas += p.rank_of_slot(slot) == i;
+      EXPECT_GE(static_cast<double>(own), std::min(1.0, static_cast<double>(own_replicas) * W / R) * Q - R) << e << " " << i;
+    }
+    for (int j = 0; j < R; ++j) EXPECT_NEAR(column[static_cast<size_t>(j)] / (static_cast<double>(W) * Q), 1.0 / R, 1e-5) << e;
+  }
+}
+
 }  // namespace
 }  // namespace switchyard
