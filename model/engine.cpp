@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cstring>
 #include <map>
+#include <set>
 
 #include "comm/virtual_time.h"
 #include "core/error.h"
@@ -41,6 +42,26 @@ InferenceEngine::InferenceEngine(Model& model, LayerSchedule schedule, std::shar
     tp_group_ = world().split(rank_ / tp, rank_);
     for (int l = 0; l < model.config().layers; ++l)
       tp_attention_.push_back(model.attention_block(l).head_slice(t * heads / tp, heads / tp));
+  }
+  // EasySpec: a group of g layers gathers its deltas inside blocks of g
+  // consecutive ranks (rank r computes the group's layer r mod g), so the
+  // all-gather pays g - 1 latencies, not W - 1; ranks past the last whole
+  // block compute nothing and join block 0's gather. One group per size, made
+  // in ascending order on every rank.
+  std::set<int> sizes;
+  for (const std::vector<int>& lg : schedule_.layer_groups())
+    if (lg.size() > 1) sizes.insert(static_cast<int>(lg.size()));
+  const int W = group_->size();
+  for (int g : sizes) {
+    const int whole = W / g * g;
+    std::vector<int> members;
+    const int first = rank_ < whole ? rank_ / g * g : 0;
+    for (int r = first; r < first + g; ++r) members.push_back(r);
+    if (first == 0)
+      for (int r = whole; r < W; ++r) members.push_back(r);
+    layer_parallel_groups_[g] = members.size() == static_cast<size_t>(W)
+                                    ? group_
+                                    : world().create_group(members, world().name() + "/lp" + std::to_string(g));
   }
 }
 
@@ -92,12 +113,12 @@ Tensor InferenceEngine::step_exact(const std::vector<Chunk>& chunks) {
   return model_.forward(chunks);
 }
 
-// EasySpec's fuzzy step: the layers of a group take the group's input at
-// once, rank i computing layer i's attention delta (and writing only that
-// layer's KV; its copies of the group's other layers keep stale positions
-// until step_exact recomputes them); one all-gather of the deltas; then every
-// rank adds them and runs the group's FFNs in order (the MoE layers are
-// collective over the world anyway).
+// EasySpec's fuzzy step: the layers of a group of n take the group's input
+// at once, rank r computing layer r mod n's attention delta (and writing only
+// that layer's KV; its copies of the group's other layers keep stale
+// positions until step_exact recomputes them); one all-gather of the deltas
+// inside r's block of n ranks; then every rank adds them and runs the
+// group's FFNs in order (the MoE layers are collective over the world anyway).
 Tensor InferenceEngine::step_layer_parallel(const std::vector<Chunk>& chunks) {
   const int64_t d = model_.config().d_model;
   Tensor x = model_.embed(chunks);
@@ -109,16 +130,19 @@ Tensor InferenceEngine::step_layer_parallel(const std::vector<Chunk>& chunks) {
       continue;
     }
     const int n = static_cast<int>(group.size());
-    // Only the group's n ranks contribute (the others send nothing); every rank has the same rows.
+    // The block's first n members contribute a layer each (a tail rank in block 0 sends nothing); every rank
+    // has the same rows.
+    Communicator& block = *layer_parallel_groups_.at(n);
+    const int member = block.rank();
     Tensor all = Tensor::empty({n * rows, d}, DType::f32);
     {
       const Model::PhaseTimer timer(model_, &ModelPhaseTimes::attention);
-      const Tensor mine = rank_ < n ? model_.attention_block(group[static_cast<size_t>(rank_)]).delta(x, chunks)
-                                    : Tensor::zeros({rows, d}, DType::f32);
-      std::vector<int64_t> counts(static_cast<size_t>(schedule_.world()), 0);
+      const Tensor mine = member < n ? model_.attention_block(group[static_cast<size_t>(member)]).delta(x, chunks)
+                                     : Tensor::zeros({rows, d}, DType::f32);
+      std::vector<int64_t> counts(static_cast<size_t>(block.size()), 0);
       for (int j = 0; j < n; ++j) counts[static_cast<size_t>(j)] = rows * d;
-      const TensorView sent = rank_ < n ? mine.view() : TensorView(mine.data(), DType::f32, {0});
-      if (rows > 0) world().allgatherv(sent, all, counts).wait();
+      const TensorView sent = member < n ? mine.view() : TensorView(mine.data(), DType::f32, {0});
+      if (rows > 0) block.allgatherv(sent, all, counts).wait();
     }
     for (int j = 0; j < n; ++j) {
       float* out = x.data_as<float>();

@@ -6,6 +6,7 @@
 // dp and ranks without work never stall the others.
 #pragma once
 
+#include <map>
 #include <memory>
 
 #include "model/layer_schedule.h"
@@ -119,6 +120,8 @@ class InferenceEngine {
   std::shared_ptr<Communicator> group_;
   int rank_;
   std::shared_ptr<Communicator> tp_group_;
+  // EasySpec: per layer-group size g, this rank's block of g ranks for the deltas' all-gather.
+  std::map<int, std::shared_ptr<Communicator>> layer_parallel_groups_;
   std::vector<std::unique_ptr<AttentionBlock>> tp_attention_;  // this rank's heads of every layer
   bool check_replicas_ = false;
   int microbatches_ = 1;

@@ -77,8 +77,10 @@ class LayerSchedule {
   // EasySpec's layer-parallel draft: every rank the same sequences (one
   // token group); the first and last layers run alone, the middle ones in
   // groups of up to `n` consecutive layers whose attention runs at once, layer
-  // i of a group on rank i, from the group's shared input (fuzzy); then every
-  // rank adds the group's deltas and runs its FFNs in order. Every rank keeps
+  // i of a group of g on the ranks r with r mod g = i (each block of g
+  // consecutive ranks gathers its own), from the group's shared input
+  // (fuzzy); then every rank adds the group's deltas and runs its FFNs in
+  // order. Every rank keeps
   // every layer's KV, so an exact pass (InferenceEngine::step_exact) can
   // recompute all of it. `field` names the option in errors (--lp).
   static LayerSchedule layer_parallel(int layers, int world, int n, const std::string& field = "--lp");

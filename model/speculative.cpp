@@ -129,13 +129,25 @@ std::vector<std::vector<int>> speculative_generate(InferenceEngine& base, Infere
     base.step(b);
     st.verify_seconds += seconds_since(t);
   }
-  Tensor agree = Tensor::empty({2}, DType::f64);
+  Tensor agree = Tensor::empty({3}, DType::f64);
   for (;;) {
+    // The last round's calibrations (bonus calibration), run here so the
+    // round's agreement also says whether any rank has one: the exact pass is
+    // collective, and is skipped when no rank needs it. Not for a sequence
+    // with fewer than 2 tokens to go: its draft never runs again.
+    std::vector<Sequence*> to_calibrate;
+    for (Sequence& s : seqs) {
+      const bool wanted = o.calibration != Calibration::never && s.calibrate && s.gamma >= 0 &&
+                          max_new_tokens - static_cast<int>(s.out.size()) >= 2;
+      s.calibrate = false;
+      if (wanted) to_calibrate.push_back(&s);
+    }
     // Proposals per sequence this round: at most gamma, and no more than it may still commit minus the base's own token.
     // A sequence drafts its proposals in s.gamma steps, or one fewer when a
-    // calibration pass already proposed the first.
+    // calibration pass proposes the first (it has or will have s.first).
     int most = -1, any = 0;
     for (Sequence& s : seqs) {
+      const bool calibrating = std::find(to_calibrate.begin(), to_calibrate.end(), &s) != to_calibrate.end();
       const int remaining = max_new_tokens - static_cast<int>(s.out.size());
       int want = o.gamma;
       if (o.adaptive_gamma) {
@@ -144,14 +156,41 @@ std::vector<std::vector<int>> speculative_generate(InferenceEngine& base, Infere
       }
       s.gamma = remaining > 0 ? std::min(want, remaining - 1) : -1;
       s.proposals.clear(), s.q.clear();
-      if (s.gamma >= 1 && s.first >= 0) s.proposals.push_back(s.first), s.q.push_back(std::move(s.first_q));
       if (s.gamma >= 0) any = 1;
-      most = std::max(most, s.gamma - static_cast<int>(s.proposals.size()));
+      most = std::max(most, s.gamma - (s.gamma >= 1 && (s.first >= 0 || calibrating) ? 1 : 0));
     }
     agree.data_as<double>()[0] = any;
     agree.data_as<double>()[1] = most;
+    agree.data_as<double>()[2] = to_calibrate.empty() ? 0 : 1;
     base.world().allreduce(agree, agree, {.op = ReduceOp::max}).wait();
     if (agree.data_as<double>()[0] == 0) break;  // every rank's sequences are done: all stop together
+    if (agree.data_as<double>()[2] > 0) {
+      // Calibration: one exact draft pass over each sequence's committed tokens since its last exact position,
+      // collective (ranks with nothing to calibrate pass no rows); its last logits propose the round's first token.
+      auto t = Clock::now();
+      std::vector<Chunk> exact;
+      for (Sequence* s : to_calibrate) {
+        s->draft_cache.crop(s->exact);
+        exact.push_back({&s->draft_cache, s->unexact});
+      }
+      const Tensor draft_logits = draft.step_exact(exact);
+      ++st.draft_forwards;
+      int64_t row = -1;
+      for (size_t c = 0; c < exact.size(); ++c) {
+        Sequence& s = *to_calibrate[c];
+        row += static_cast<int64_t>(exact[c].tokens.size());
+        s.exact += static_cast<int>(s.unexact.size());
+        s.unexact.clear();
+        s.draft_pending.clear();
+        ++st.calibrations;
+        Sampled pick = sample(draft_logits.data_as<float>() + row * V, V, o.sampling, s.rng);
+        s.first = pick.token;
+        s.first_q = std::move(pick.probs);
+      }
+      st.calibration_seconds += seconds_since(t);
+    }
+    for (Sequence& s : seqs)
+      if (s.gamma >= 1 && s.first >= 0) s.proposals.push_back(s.first), s.q.push_back(std::move(s.first_q));
     const int steps = static_cast<int>(agree.data_as<double>()[1]);
     ++st.rounds;
     // Draft: `steps` collective steps; a sequence takes part until it has s.gamma proposals.
@@ -234,34 +273,6 @@ std::vector<std::vector<int>> speculative_generate(InferenceEngine& base, Infere
       st.generated += accepted + 1;
       ++st.sequence_rounds;
     }
-    if (o.calibration == Calibration::never) continue;
-    // Calibration: one exact draft pass, collective (ranks with nothing to calibrate pass no rows).
-    t = Clock::now();
-    std::vector<Chunk> exact;
-    std::vector<Sequence*> calibrated;
-    for (Sequence& s : seqs) {
-      // Not for a sequence with fewer than 2 tokens to go: its draft never runs again.
-      if (s.gamma < 0 || !s.calibrate || max_new_tokens - static_cast<int>(s.out.size()) < 2) continue;
-      s.draft_cache.crop(s.exact);
-      exact.push_back({&s.draft_cache, s.unexact});
-      calibrated.push_back(&s);
-    }
-    const Tensor draft_logits = draft.step_exact(exact);
-    ++st.draft_forwards;
-    int64_t row = -1;
-    for (size_t c = 0; c < exact.size(); ++c) {
-      Sequence& s = *calibrated[c];
-      row += static_cast<int64_t>(exact[c].tokens.size());
-      s.exact += static_cast<int>(s.unexact.size());
-      s.unexact.clear();
-      s.draft_pending.clear();
-      ++st.calibrations;
-      if (max_new_tokens - static_cast<int>(s.out.size()) < 2) continue;  // no proposals left to make
-      Sampled pick = sample(draft_logits.data_as<float>() + row * V, V, o.sampling, s.rng);
-      s.first = pick.token;
-      s.first_q = std::move(pick.probs);
-    }
-    st.calibration_seconds += seconds_since(t);
   }
   st.total_seconds = seconds_since(start);
   if (stats) *stats = st;

@@ -334,7 +334,7 @@ TEST(Engine, EasySpecGreedyEqualsPlainGreedyForEveryGroupingAndGamma) {
     const auto want = reference_traces(ref, prompts, steps - 1);
     Model base(kBase, world.shared_from_this()), draft(kDraft, world.shared_from_this());
     InferenceEngine be(base, LayerSchedule::replicated(base.config().layers, W));
-    for (int n : {1, 2, 4}) {
+    for (int n : {1, 2, 3, 4}) {
       if (n > W) continue;
       InferenceEngine de(draft, LayerSchedule::layer_parallel(draft.config().layers, W, n));
       de.set_check_replicas(true);

@@ -354,6 +354,26 @@ TEST_F(Speculative, AnAlwaysWrongDraftStillGivesTheBasesOutput) {
   std::filesystem::remove_all(wrong);
 }
 
+// Calibration "mismatch" after rounds that accepted everything runs no exact
+// pass at all (not even an empty collective one): with the base as its own
+// draft every proposal is accepted, so mismatch does the draft forwards
+// "never" does; "every" adds one pass per round that has tokens to go.
+TEST_F(Speculative, MismatchCalibrationSkipsThePassWhenNoSequenceNeedsIt) {
+  Model base(kModels + "base", one_rank()), same(kModels + "base", one_rank());
+  InferenceEngine be(base, LayerSchedule::replicated(base.config().layers, 1));
+  InferenceEngine de(same, LayerSchedule::replicated(same.config().layers, 1));
+  const std::vector<std::vector<int>> prompts = {bytes_of("A fool and"), bytes_of("The meaning of life")};
+  std::map<Calibration, SpeculativeStats> st;
+  for (Calibration c : {Calibration::never, Calibration::mismatch, Calibration::every}) {
+    const auto got = speculative_generate(be, de, prompts, 12, {.gamma = 3, .calibration = c}, &st[c]);
+    EXPECT_EQ(got, generate(base, prompts, 12, {})) << calibration_name(c);
+  }
+  EXPECT_EQ(st[Calibration::mismatch].accepted, st[Calibration::mismatch].proposed);
+  EXPECT_EQ(st[Calibration::mismatch].calibrations, 0);
+  EXPECT_EQ(st[Calibration::mismatch].draft_forwards, st[Calibration::never].draft_forwards);
+  EXPECT_GT(st[Calibration::every].calibrations, 0);
+}
+
 // Speculative sampling keeps the base's distribution at every position: 8000
 // copies of one prompt (each its own generator) take 4 new tokens with gamma
 // 3 and calibration every round (so a calibrated first proposal, later
