@@ -115,6 +115,15 @@ int run_bench_moe(const BenchMoeOptions& o) {
     c.router.capacity_factor = o.capacity_factor;
     c.router.capacity_rounding = parse_capacity_rounding(o.capacity_rounding, "--capacity_rounding");
     c.router.renormalize = o.top > 1;  // Tutel normalises the k gate weights, never a single one
+    if (o.expert_groups < 1 || c.router.experts % o.expert_groups != 0)
+      SY_THROW(ConfigError, "--expert_groups = ", o.expert_groups, ", expected a divisor of the ", c.router.experts,
+               " experts");
+    if (o.topk_groups < 1 || o.topk_groups > o.expert_groups ||
+        o.topk_groups * (c.router.experts / o.expert_groups) < o.top)
+      SY_THROW(ConfigError, "--topk_groups = ", o.topk_groups, ", expected 1..--expert_groups (", o.expert_groups,
+               ") with at least --top (", o.top, ") experts in that many groups of ", c.router.experts / o.expert_groups);
+    c.router.groups = o.expert_groups;
+    c.router.topk_groups = o.topk_groups;
     c.compute = bf16 ? DType::bf16 : DType::f32;
     std::optional<ClusterModel> cluster;
     if (!o.emulate.empty()) cluster = load_cluster_preset(o.emulate);
@@ -143,6 +152,8 @@ int run_bench_moe(const BenchMoeOptions& o) {
       SY_THROW(ConfigError, "--placement, --ep_size and --redundant_experts each choose the placement; give one");
     if (o.redundant_experts < 0 || o.rebalance_every < 0)
       SY_THROW(ConfigError, "--redundant_experts and --rebalance_every must be >= 0");
+    if (o.eplb_policy != "global" && o.redundant_experts == 0)
+      SY_THROW(ConfigError, "--eplb_policy ", o.eplb_policy, " needs --redundant_experts R > 0 (replicas to place)");
     if (o.rebalance_every > 0 && o.redundant_experts == 0)
       SY_THROW(ConfigError, "--rebalance_every needs --redundant_experts R > 0 (replicas to place)");
     const int E = c.router.experts, physical = E + o.redundant_experts;
@@ -163,7 +174,16 @@ int run_bench_moe(const BenchMoeOptions& o) {
         SY_THROW(ConfigError, "--redundant_experts = ", o.redundant_experts, ": ", E, " + ", o.redundant_experts,
                  " physical experts do not divide over ", W, " ranks");
       // Before any load is measured: EPLB on equal loads.
-      c.placement = eplb::place(std::vector<double>(static_cast<size_t>(E), 1.0), physical, W);
+      const int node_count = c.node_size > 1 && c.node_size < W ? W / c.node_size : 1;
+      if (o.eplb_policy == "hierarchical") {
+        if (node_count < 2 || o.expert_groups % node_count != 0)
+          SY_THROW(ConfigError, "--eplb_policy hierarchical packs --expert_groups = ", o.expert_groups,
+                   " onto ", node_count, " node(s); expected 2 or more nodes (--nodes, --emulate) and a multiple of them");
+        c.eplb_hierarchical = true;
+      }
+      c.placement = c.eplb_hierarchical
+                        ? eplb::place(std::vector<double>(static_cast<size_t>(E), 1.0), physical, W, o.expert_groups, node_count)
+                        : eplb::place(std::vector<double>(static_cast<size_t>(E), 1.0), physical, W);
     }
     double zipf = 0;
     if (!o.gate_skew.empty()) {

@@ -61,6 +61,13 @@ struct BenchMoeOptions {
   // Which replica a routed choice uses (MoEConfig::replica_choice): in_turn
   // or nearest (own rank, then node, balanced).
   std::string replica_choice = "in_turn";
+  // Group-limited routing (DeepSeek-V3's n_group / topk_group): experts in
+  // expert_groups consecutive groups, each token choosing among its
+  // topk_groups best groups; eplb_policy hierarchical packs those groups
+  // onto the nodes (replicas inside each node), global ignores them.
+  int expert_groups = 1;
+  int topk_groups = 1;
+  std::string eplb_policy = "global";
   // A skewed gate: "zipf:S" lowers expert e's logit by S ln(e + 1) (through a
   // constant input feature): the gate's probabilities fall off like a Zipf
   // law, and top-k loads concentrate on the first experts even more.

@@ -455,9 +455,9 @@ const std::vector<Field>& fields() {
       integer<int>("model.threads", 0, 4096, +[](JobConfig& c) -> int& { return c.model.threads; },
                    "GEMM (OpenMP) threads per rank; 0: the node's cores over its ranks."),
       integer<int>("model.redundant_experts", 0, 1 << 20, +[](JobConfig& c) -> int& { return c.model.redundant_experts; },
-                   "Extra expert replicas (DeepSeek's EPLB): the MoE layers hold experts + this many physical "
-                   "experts (a multiple of the ranks), re-placed every model.rebalance_every serving steps from the "
-                   "loads routed since; outputs do not change."),
+                   "Extra expert replicas (DeepSeek's EPLB): from the first rebalance on, the MoE layers hold "
+                   "experts + this many physical experts (a multiple of the ranks), re-placed every "
+                   "model.rebalance_every serving steps from the loads routed since; outputs do not change."),
       integer<int>("model.rebalance_every", 0, kIntMax, +[](JobConfig& c) -> int& { return c.model.rebalance_every; },
                    "Serving steps between re-placements of the redundant experts; 0: never."),
       integer<int>("serve.requests", 1, kIntMax, +[](JobConfig& c) -> int& { return c.serve.requests; },
@@ -505,7 +505,8 @@ const std::vector<CrossCheck>& cross_checks() {
        [](const JobConfig& c) { return c.model.microbatches == 1 || !c.model.afd.empty(); }},
       {{"model.afd", "model.attention"}, "model.attention = replicated (the default) or dp when model.afd is set",
        [](const JobConfig& c) { return c.model.afd.empty() || c.model.attention != "tp"; }},
-      {{"model.redundant_experts", "model.rebalance_every"}, "both > 0 (rebalance) or both 0",
+      {{"model.redundant_experts", "model.rebalance_every"},
+       "model.redundant_experts > 0 exactly when model.rebalance_every > 0",
        [](const JobConfig& c) { return (c.model.redundant_experts > 0) == (c.model.rebalance_every > 0); }},
       {{"model.afd", "model.redundant_experts"}, "model.redundant_experts = 0 when model.afd is set (rebalancing a "
        "disaggregated model's experts is not built)",

@@ -545,6 +545,7 @@ void bench_requests(Runtime& rt, InferenceEngine& engine, const BenchDecodeOptio
     for (int i = 0; i < 2 * W; ++i) warm.push_back({.id = i, .prompt = prompt_of(i, 8), .max_new_tokens = 4});
     RoundRobinScheduler rr;
     serve(engine, warm, rr, {.max_batch = o.max_batch});
+    model.reset_expert_loads();  // the first rebalance sees the requests' loads only
   }
   so.progress = [&](const ServeProgress& p) {
     std::fprintf(stderr, "[bench decode] %6.1f s: %lld/%lld requests finished, %lld steps\n", p.seconds,

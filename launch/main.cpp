@@ -198,6 +198,17 @@ int main(int argc, char** argv) {
                         "nearest (the source's own rank's replicas, then its node's, then any, balanced in expectation)")
       ->check(CLI::IsMember({"in_turn", "nearest"}))
       ->capture_default_str();
+  bench_moe->add_option("--expert_groups,--expert-groups", moe.expert_groups,
+                        "Group-limited routing (DeepSeek-V3's n_group): experts in this many consecutive groups")
+      ->capture_default_str();
+  bench_moe->add_option("--topk_groups,--topk-groups", moe.topk_groups,
+                        "Group-limited routing (topk_group): each token chooses among its best this many groups")
+      ->capture_default_str();
+  bench_moe->add_option("--eplb_policy,--eplb-policy", moe.eplb_policy,
+                        "Redundant experts: EPLB's global policy, or hierarchical (expert groups packed onto nodes, "
+                        "replicas inside each node; needs --expert_groups a multiple of the nodes)")
+      ->check(CLI::IsMember({"global", "hierarchical"}))
+      ->capture_default_str();
   bench_moe->add_option("--gate_skew,--gate-skew", moe.gate_skew,
                         "zipf:S: lower expert e's gate logit by S ln(e+1) (a Zipf-skewed router; top-k loads "
                         "concentrate even more)");

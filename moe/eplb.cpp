@@ -114,8 +114,12 @@ ExpertPlacement to_placement(const Rebalance& r, int ranks) {
                          r.phy2log);
 }
 
-ExpertPlacement place(const std::vector<double>& load, int physical, int ranks) {
-  return to_placement(rebalance_experts(std::vector<float>(load.begin(), load.end()), physical, 1, 1, ranks), ranks);
+ExpertPlacement place(const std::vector<double>& load, int physical, int ranks, int groups, int nodes) {
+  if (groups > 1 && nodes > 1 && groups % nodes != 0)
+    SY_THROW(InvalidArgument, "eplb: the hierarchical policy packs ", groups, " expert groups onto ", nodes,
+             " nodes; expected a multiple of the nodes");
+  return to_placement(rebalance_experts(std::vector<float>(load.begin(), load.end()), physical, groups, nodes, ranks),
+                      ranks);
 }
 
 }  // namespace switchyard::eplb

@@ -46,8 +46,11 @@ Rebalance rebalance_experts(const std::vector<float>& load, int physical, int gr
 // The result as a placement of `ranks` ranks with physical / ranks slots each.
 ExpertPlacement to_placement(const Rebalance& r, int ranks);
 
-// The placement Switchyard uses: the global policy (its router has no
-// group-limited routing, so any expert may take any rank's spare slots).
-ExpertPlacement place(const std::vector<double>& load, int physical, int ranks);
+// The placement Switchyard uses: the global policy by default (any expert
+// may take any rank's spare slots); with groups > 1 expert groups and
+// nodes > 1 dividing them, the hierarchical one (for group-limited routing,
+// RouterConfig::groups / topk_groups: a token's experts then sit on at most
+// topk_groups nodes' worth of groups).
+ExpertPlacement place(const std::vector<double>& load, int physical, int ranks, int groups = 1, int nodes = 1);
 
 }  // namespace switchyard::eplb

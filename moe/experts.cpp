@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "core/logging.h"
 #include "kernels/gemm.h"
 #include "kernels/rowwise.h"
 #include "moe/eplb.h"
@@ -451,7 +452,15 @@ void MoELayer::migrate(const ExpertPlacement& to, const std::vector<ExpertParams
   if (last_ && last_.use_count() == 1) last_->release_buffers();
   zero_grad();
   geometries_.clear();
+  nearest_share_cache_.clear();
   make_exchange_group();
+  if (config_.plan.a2a == A2AAlgorithm::hierarchical && !hierarchical_ && exchange_group_->size() > 1) {
+    // Every rank decides this from the same placement: the new exchange fits one node, so 2dh has nothing to do.
+    if (group_->rank() == 0)
+      SY_LOG_WARN("moe", "'", group_->name(), "': after migrate the all-to-all spans ", exchange_group_->size(),
+             " ranks of one node; the layer's plan falls back from 2dh to the flat all-to-all");
+    config_.plan.a2a = A2AAlgorithm::flat;
+  }
   make_replica_groups();
   parameters_exist_ = true;
 }
@@ -462,7 +471,9 @@ MoELayer::Rebalanced MoELayer::rebalance(const std::vector<double>& local_load, 
   Rebalanced r{ExpertPlacement(), local_load};
   r.load.resize(static_cast<size_t>(E), 0.0);
   group_->allreduce(TensorView(r.load.data(), DType::f64, {E}), TensorView(r.load.data(), DType::f64, {E})).wait();
-  r.placement = eplb::place(r.load, physical, group_->size());
+  const int W = group_->size(), nodes = config_.node_size > 1 && config_.node_size < W ? W / config_.node_size : 1;
+  r.placement = config_.eplb_hierarchical ? eplb::place(r.load, physical, W, config_.router.groups, nodes)
+                                          : eplb::place(r.load, physical, W);
   migrate(r.placement, per_expert_state);
   return r;
 }

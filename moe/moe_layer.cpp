@@ -132,6 +132,13 @@ MoELayer::MoELayer(MoEConfig config, std::shared_ptr<Communicator> expert_group)
   if (config_.node_size > 1 && config_.node_size < W && W % config_.node_size != 0)
     SY_THROW(InvalidArgument, "moe: node_size = ", config_.node_size, " does not divide the ", W,
              " ranks of the expert group; expected a divisor (ranks per node)");
+  if (config_.eplb_hierarchical) {
+    const int nodes = config_.node_size > 1 && config_.node_size < W ? W / config_.node_size : 1;
+    if (nodes < 2 || config_.router.groups < 2 || config_.router.groups % nodes != 0)
+      SY_THROW(InvalidArgument, "moe: eplb_hierarchical packs router.groups = ", config_.router.groups,
+               " expert groups onto ", nodes, " node(s) of node_size = ", config_.node_size,
+               " ranks; expected 2 or more nodes and groups a multiple of them");
+  }
   make_exchange_group();
   make_replica_groups();
   check_plan(config_.plan);
@@ -183,7 +190,8 @@ std::vector<std::pair<int, double>> MoELayer::replica_shares(int source, int exp
   std::vector<std::pair<int, double>> out;
   const ExpertPlacement& pl = layout_.placement();
   if (config_.replica_choice == MoEConfig::ReplicaChoice::nearest && pl.replicas(expert) > 1) {
-    const std::vector<int64_t> q = pl.nearest_shares(expert, config_.node_size);
+    auto& q = nearest_share_cache_[expert];  // cleared by migrate
+    if (q.empty()) q = pl.nearest_shares(expert, config_.node_size);
     const int R = pl.replicas(expert);
     for (int j = 0; j < R; ++j)
       if (const int64_t share = q[static_cast<size_t>(source) * R + j])
@@ -476,7 +484,9 @@ void MoELayer::verify_plan_agreement(const ExecPlan& plan, bool moves_results) {
   if (!config_.check_plan || group_->size() == 1) return;
   // Whether results move (a combine layout) and the payloads' dtypes (they size every exchange) are part of
   // what the ranks must agree on.
-  const uint64_t payloads = static_cast<uint64_t>(config_.dispatch_payload) * 31 + static_cast<uint64_t>(config_.combine_payload);
+  // The replica choice sizes padded blocks on both sides, so it is agreed too.
+  const uint64_t payloads = (static_cast<uint64_t>(config_.dispatch_payload) * 31 + static_cast<uint64_t>(config_.combine_payload)) * 7 +
+                            static_cast<uint64_t>(config_.replica_choice);
   const auto h = static_cast<int64_t>(
       (plan.hash() ^ (moves_results ? 0x9e3779b97f4a7c15ull : 0) ^ (payloads * 0xc2b2ae3d27d4eb4full)) >> 1);
   const auto order = static_cast<int64_t>(phase_hash_ >> 1);

@@ -62,6 +62,11 @@ struct MoEConfig {
   // sources route alike and sending fewer rows across links. Not with a
   // replica_domain.
   enum class ReplicaChoice : uint8_t { in_turn, nearest };
+  // rebalance() places with EPLB's hierarchical policy: router.groups expert
+  // groups packed onto the nodes (node_size ranks each), replicas made
+  // inside each node (the policy for group-limited routing); else global.
+  // Needs router.groups > 1 and a multiple of the nodes.
+  bool eplb_hierarchical = false;
   ReplicaChoice replica_choice = ReplicaChoice::in_turn;
   bool skip_compute = false;
   // What the phases run their bulk work on; null: the host (CpuOps), wrapped
@@ -354,7 +359,8 @@ class MoELayer {
   // The ranks a batch's all-to-alls span: the whole group, or, when each
   // replica domain (MoEConfig::replica_domain) holds every expert, as expert
   // data parallelism's groups do, this rank's domain, so tokens never leave
-  // it and no empty message goes to another domain. exchange_first() is the
+  // it and the exchanges post no empty message to another domain (the
+  // all-reduces and a CombineLayout's moves stay group-wide). exchange_first() is the
   // group rank of its rank 0. It follows the placement (migrate).
   const std::shared_ptr<Communicator>& exchange_group() const { return exchange_group_; }
   int exchange_first() const { return exchange_first_; }
@@ -468,6 +474,7 @@ class MoELayer {
   std::shared_ptr<Communicator> exchange_group_;
   int exchange_first_ = 0;
   std::map<std::vector<int>, std::shared_ptr<Communicator>> domain_group_cache_;
+  mutable std::map<int, std::vector<int64_t>> nearest_share_cache_;  // per expert, this placement's
   std::map<const Communicator*, std::unique_ptr<algorithms::HierarchicalAlltoall>> hierarchical_cache_;
   algorithms::HierarchicalAlltoall* hierarchical_ = nullptr;
 

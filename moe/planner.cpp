@@ -55,6 +55,11 @@ MoECostModel::MoECostModel(const MoELayer& layer, DeviceModel device, LinkModel 
   if (link_.ranks_per_node < 1) link_.ranks_per_node = 1;
 }
 
+void MoECostModel::follow_exchange(const MoELayer& layer) {
+  exchange_ranks_ = layer.exchange_group()->size();
+  hierarchical_ = layer.has_hierarchical();
+}
+
 std::vector<double> MoECostModel::traffic(const ExecPlan& plan, const PlanInputs& batch, double rows_per_rank) const {
   const int W = world_;
   const bool per_peer = plan.r == 1 && shards_ == 1 && plan.exchange == ExchangeMode::dropless;
@@ -368,11 +373,17 @@ ExecPlan MoEPlanner::choose(MoELayer& layer, const std::vector<double>& agreed, 
   PlanInputs in = PlanInputs::unpack(agreed, layout(with_peer_rows_));
   if (planner_.has_decided() && in.previous_capacity > 0) last_capacity_ = in.previous_capacity;
   in.capacity = capacity >= 0 ? capacity : capacity_for(in.tokens);
-  // The layer's placement may have changed since (migrate): plans it cannot run are out.
-  const bool permutation = layer.layout().is_permutation();
-  const ExecPlan chosen =
-      planner_.choose(in, [&](const ExecPlan& p) { return (p.r == 1 || permutation) && (!forced_ || p == *forced_); },
-                      forced_.has_value());
+  // The layer's placement may have changed since (migrate): plans it cannot run are out, and the
+  // exchange is priced as it is now.
+  const bool permutation = layer.layout().is_permutation(), hierarchical = layer.has_hierarchical();
+  model_->follow_exchange(layer);
+  const ExecPlan chosen = planner_.choose(
+      in,
+      [&](const ExecPlan& p) {
+        return (p.r == 1 || permutation) && (p.a2a != A2AAlgorithm::hierarchical || hierarchical) &&
+               (!forced_ || p == *forced_);
+      },
+      forced_.has_value());
   last_tokens_ = in.tokens;
   last_phases_ = snapshot_phases_;
   last_busy_ = snapshot_busy_;

@@ -24,6 +24,9 @@ class MoECostModel final : public PlanCostModel {
   MoECostModel(const MoELayer& layer, DeviceModel device, LinkModel link, PlannerOptions options);
   PlanCost predict(const ExecPlan& plan, const PlanInputs& batch, const Corrections& corrections) const override;
   const LinkModel& link() const { return link_; }
+  // The layer's exchange as it is now (it changes when migrate() moves the
+  // experts onto or off replica domains).
+  void follow_exchange(const MoELayer& layer);
 
  private:
   // Bytes each rank sends each rank in one all-to-all of this plan (world x
@@ -90,7 +93,7 @@ class MoEPlanner : public PlanChooser {
   PlanInputs::Layout layout(bool with_peer_rows) const;
   int world_, k_, experts_;
   RouterConfig router_;
-  std::shared_ptr<const MoECostModel> model_;
+  std::shared_ptr<MoECostModel> model_;
   Planner planner_;
   PlannerOptions options_;
   int64_t last_tokens_ = 0, last_capacity_ = 0;

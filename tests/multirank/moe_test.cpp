@@ -7,6 +7,7 @@
 #include <cstring>
 #include <filesystem>
 #include <functional>
+#include <set>
 
 #include "comm/backends/emulated/emulated_backend.h"
 #include "comm/backends/threads/threads_backend.h"
@@ -74,6 +75,8 @@ void expect_like_whole(MoELayer& layer, const MoEForward& f, const Tensor& dx, M
                        const std::function<Tensor(int)>& x_of, const std::function<Tensor(int)>& d_of, int n, int me) {
   whole_config.placement.reset();
   whole_config.replica_domain = 0;
+  whole_config.eplb_hierarchical = false;
+  whole_config.replica_choice = MoEConfig::ReplicaChoice::in_turn;
   whole_config.node_size = 0;
   whole_config.plan.a2a = A2AAlgorithm::flat;
   const int64_t M = whole_config.model_dim;
@@ -424,7 +427,7 @@ TEST(MoEMultiRank, ReplicasNeverChangeWhichChoicesDrop) {
 
 // Nearest replica choice keeps a replicated expert's rows on the source's
 // own rank where it holds a replica (in turn sends half of them away), with
-// the same results; in-turn and nearest send the same rows in all.
+// the same results; every replica gets its share of each source's rows.
 // EPLB's placement gives replicas unequal shares (padded blocks sized by them).
 TEST(MoEMultiRank, NearestReplicasKeepRowsOnTheirOwnRank) {
   for (bool from_eplb : {false, true})
@@ -451,16 +454,35 @@ TEST(MoEMultiRank, NearestReplicasKeepRowsOnTheirOwnRank) {
     Tensor x = tokens(seed + 2100 + me, 64, 8);
     MoEForward a = in_turn.forward(x), b = nearest.forward(x);
     expect_close("output", b.output.data_as<float>(), a.output.data_as<float>(), a.output.numel(), me);
-    double kept[4] = {static_cast<double>(in_turn.last_plan().kept_rows_to_rank[static_cast<size_t>(me)]),
-                      static_cast<double>(nearest.last_plan().kept_rows_to_rank[static_cast<size_t>(me)]), 0, 0};
-    for (int64_t v : in_turn.last_plan().kept_rows_to_rank) kept[2] += static_cast<double>(v);
-    for (int64_t v : nearest.last_plan().kept_rows_to_rank) kept[3] += static_cast<double>(v);
-    comm.allreduce(TensorView(kept, DType::f64, {4}), TensorView(kept, DType::f64, {4})).wait();
+    double kept[2] = {static_cast<double>(in_turn.last_plan().kept_rows_to_rank[static_cast<size_t>(me)]),
+                      static_cast<double>(nearest.last_plan().kept_rows_to_rank[static_cast<size_t>(me)])};
+    comm.allreduce(TensorView(kept, DType::f64, {2}), TensorView(kept, DType::f64, {2})).wait();
     if (!from_eplb) {
       EXPECT_GT(kept[1], kept[0]) << "nearest kept no more rows on their own ranks than in turn";
     }
-    EXPECT_EQ(kept[2], kept[3]);
-    EXPECT_EQ(a.dropped, b.dropped);
+    // Dropless: each replica's rows from this rank are its share of the expert's kept rows (within one row),
+    // the shares taken from ExpertPlacement::nearest_shares (in turn: equal shares).
+    if (mode == ExchangeMode::dropless) {
+      const ExpertPlacement& pl = *c.placement;
+      for (const MoELayer* layer : {&in_turn, &nearest}) {
+        const DispatchPlan& p = layer->last_plan();
+        for (int u = 0; u < n; ++u)
+          for (int l = 0; l < pl.slots(u); ++l) {
+            const int e = pl.expert_at(u, l);
+            if (e < 0) continue;
+            const auto& slots = pl.replicas_of(e);
+            const auto j = static_cast<size_t>(std::find(slots.begin(), slots.end(), pl.first_slot(u) + l) - slots.begin());
+            const double m = static_cast<double>(p.rows_per_expert[static_cast<size_t>(e)]);
+            const double share = layer == &nearest ? static_cast<double>(pl.nearest_shares(e, 0)[static_cast<size_t>(me) * slots.size() + j]) /
+                                                         static_cast<double>(ExpertPlacement::kShareQuanta)
+                                                   : 1.0 / static_cast<double>(slots.size());
+            const auto rows = static_cast<double>(p.send_block_rows[static_cast<size_t>(u * p.slots + l)]);
+            EXPECT_LT(std::fabs(rows - m * share), 1.0)
+                << (layer == &nearest ? "nearest" : "in turn") << ": rank " << me << " sent " << rows << " rows of expert "
+                << e << " to its replica on rank " << u << ", expected its share " << share << " of " << m;
+          }
+      }
+    }
   });
 }
 
@@ -709,6 +731,93 @@ TEST(MoEMultiRank, ExpertDataParallelEqualsOneRankHoldingEveryExpert) {
         // Each replica's gradient is the sum over the expert-data-parallel groups.
         expect_like_whole(layer, f, dx, c, seed, x_of, d_of, n, me);
       });
+}
+
+// migrate() re-decides the exchange: from expert data parallelism (domain
+// exchange) to a placement whose domains lack experts (whole group) and back,
+// the results equal one rank holding every expert each time.
+TEST(MoEMultiRank, MigrateSwitchesBetweenDomainAndWholeGroupExchanges) {
+  testing::for_each_rank([&](Communicator& comm, uint64_t seed) {
+    const int n = comm.size(), me = comm.rank();
+    if (n < 2 || n % 2 != 0) return;
+    const int ep = n / 2, E = 2 * ep;
+    MoEConfig c;
+    c.model_dim = 8, c.hidden_dim = 6;
+    c.router.experts = E, c.router.k = 2, c.router.capacity_factor = 0.0;
+    c.plan.exchange = ExchangeMode::dropless;
+    c.placement = ExpertPlacement::expert_data_parallel(E, n, ep);
+    c.replica_domain = ep;
+    c.check_plan = true;
+    std::shared_ptr<Communicator> group(&comm, [](Communicator*) {});
+    MoELayer layer(c, group);
+    layer.init_parameters(seed);
+    std::vector<double> load(static_cast<size_t>(E));
+    for (int e = 0; e < E; ++e) load[static_cast<size_t>(e)] = 10.0 / (e + 1);
+    const ExpertPlacement skewed = eplb::place(load, 2 * n, n);  // every rank 2 slots, hot experts replicated anywhere
+    int step = 0;
+    for (const ExpertPlacement& to : {skewed, *c.placement}) {
+      layer.migrate(to);
+      ++step;
+      const int want = to == *c.placement ? ep : n;
+      bool complete = true;  // whether each domain holds every expert (the exchange then stays in it)
+      for (int e = 0; e < E; ++e)
+        for (int d = 0; d < n / ep; ++d) {
+          bool held = false;
+          for (int p : to.replicas_of(e)) held |= to.rank_of_slot(p) / ep == d;
+          complete = complete && held;
+        }
+      EXPECT_EQ(layer.exchange_group()->size(), complete ? ep : n) << "after migrate " << step;
+      if (to == *c.placement) EXPECT_EQ(layer.exchange_group()->size(), want);
+      MoEConfig now = c;
+      now.placement = to;
+      auto x_of = [&](int r) { return tokens(seed + 2200 + 10 * step + r, 5 + r, 8); };
+      auto d_of = [&](int r) { return tokens(seed + 2300 + 10 * step + r, 5 + r, 8); };
+      MoEForward f = layer.forward(x_of(me));
+      Tensor dx = layer.backward(d_of(me));
+      expect_like_whole(layer, f, dx, now, seed, x_of, d_of, n, me);
+    }
+  });
+}
+
+// Group-limited routing with EPLB's hierarchical policy: rebalance() packs
+// each expert group onto one node and makes its replicas there, so a token's
+// choices (from its topk_groups best groups) reach only those groups' nodes;
+// results equal one rank holding every expert.
+TEST(MoEMultiRank, HierarchicalRebalanceKeepsEachExpertGroupOnOneNode) {
+  testing::for_each_rank([&](Communicator& comm, uint64_t seed) {
+    const int n = comm.size(), me = comm.rank();
+    if (n != 4) return;
+    MoEConfig c;
+    c.model_dim = 8, c.hidden_dim = 6;
+    c.router.experts = 8, c.router.k = 2, c.router.capacity_factor = 0.0;
+    c.router.groups = 4, c.router.topk_groups = 2;
+    c.node_size = 2;
+    c.eplb_hierarchical = true;
+    c.plan.exchange = ExchangeMode::dropless;
+    std::shared_ptr<Communicator> group(&comm, [](Communicator*) {});
+    MoELayer layer(c, group);
+    layer.init_parameters(seed);
+    std::vector<double> mine(8);
+    for (int e = 0; e < 8; ++e) mine[static_cast<size_t>(e)] = (e * 7 + me) % 5 + 1;  // any loads
+    const ExpertPlacement pl = layer.rebalance(mine, 12).placement;
+    for (int g = 0; g < 4; ++g) {
+      std::set<int> nodes;
+      for (int e = 2 * g; e < 2 * g + 2; ++e)
+        for (int p : pl.replicas_of(e)) nodes.insert(pl.rank_of_slot(p) / 2);
+      EXPECT_EQ(nodes.size(), 1u) << "expert group " << g << " spans nodes: " << pl.describe();
+    }
+    MoEConfig now = c;
+    now.placement = pl;
+    auto x_of = [&](int r) { return tokens(seed + 2400 + r, 7 + r, 8); };
+    auto d_of = [&](int r) { return tokens(seed + 2500 + r, 7 + r, 8); };
+    MoEForward f = layer.forward(x_of(me));
+    Tensor dx = layer.backward(d_of(me));
+    expect_like_whole(layer, f, dx, now, seed, x_of, d_of, n, me);
+    // Groups that do not divide over the nodes are refused, naming them.
+    MoEConfig bad = c;
+    bad.router.groups = 1, bad.router.topk_groups = 1;
+    EXPECT_THROW(MoELayer(bad, group), InvalidArgument);
+  });
 }
 
 // A replica domain that lacks an expert cannot keep its tokens: the layer
