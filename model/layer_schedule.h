@@ -77,8 +77,9 @@ class LayerSchedule {
   // EasySpec's layer-parallel draft: every rank the same sequences (one
   // token group); the first and last layers run alone, the middle ones in
   // groups of up to `n` consecutive layers whose attention runs at once, layer
-  // i of a group of g on the ranks r with r mod g = i (each block of g
-  // consecutive ranks gathers its own), from the group's shared input
+  // i of a group of g on the ranks r with r mod g = i in each whole block of
+  // g consecutive ranks (the block gathers its own; ranks past the last
+  // whole block compute none and join block 0's), from the group's shared input
   // (fuzzy); then every rank adds the group's deltas and runs its FFNs in
   // order. Every rank keeps
   // every layer's KV, so an exact pass (InferenceEngine::step_exact) can

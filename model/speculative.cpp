@@ -95,7 +95,8 @@ std::vector<std::vector<int>> speculative_generate(InferenceEngine& base, Infere
   if (draft.world().size() != base.world().size())
     SY_THROW(InvalidArgument, "speculative: the draft runs on ", draft.world().size(), " rank(s), the base on ",
              base.world().size(), " (expected the same ranks)");
-  // A layer-parallel draft gathers its groups' deltas over every rank, so every rank must hold the same sequences.
+  // A layer-parallel draft's ranks compute its groups' layers for one shared input (each block of ranks gathers the
+  // deltas), so every rank must hold the same sequences.
   if (!draft.schedule().layer_groups().empty() && base.schedule().token_groups() != 1)
     SY_THROW(InvalidArgument, "speculative: a layer-parallel draft needs the base's ranks to share their sequences "
              "(one token group: replicated, or tp over every rank); the base has ", base.schedule().token_groups(),

@@ -454,11 +454,14 @@ void MoELayer::migrate(const ExpertPlacement& to, const std::vector<ExpertParams
   geometries_.clear();
   nearest_share_cache_.clear();
   make_exchange_group();
-  if (config_.plan.a2a == A2AAlgorithm::hierarchical && !hierarchical_ && exchange_group_->size() > 1) {
-    // Every rank decides this from the same placement: the new exchange fits one node, so 2dh has nothing to do.
+  // The plan asked for at construction, as far as the new exchange can run it (every rank decides alike from
+  // the same placement): 2dh needs the exchange to span two or more whole nodes.
+  config_.plan.a2a = requested_a2a_;
+  if (requested_a2a_ == A2AAlgorithm::hierarchical && !hierarchical_ && exchange_group_->size() > 1) {
     if (group_->rank() == 0)
       SY_LOG_WARN("moe", "'", group_->name(), "': after migrate the all-to-all spans ", exchange_group_->size(),
-             " ranks of one node; the layer's plan falls back from 2dh to the flat all-to-all");
+                  " ranks, not two or more whole nodes of ", config_.node_size,
+                  "; the layer's plan runs the flat all-to-all until a placement allows 2dh again");
     config_.plan.a2a = A2AAlgorithm::flat;
   }
   make_replica_groups();

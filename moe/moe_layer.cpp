@@ -141,6 +141,7 @@ MoELayer::MoELayer(MoEConfig config, std::shared_ptr<Communicator> expert_group)
   }
   make_exchange_group();
   make_replica_groups();
+  requested_a2a_ = config_.plan.a2a;
   check_plan(config_.plan);
 }
 

@@ -470,6 +470,7 @@ class MoELayer {
   // The exchange's communicator and 2DH, per placement; groups made once are
   // kept (a migration back reuses them, and in-flight work keeps its own).
   bool domains_hold_every_expert() const;
+  A2AAlgorithm requested_a2a_ = A2AAlgorithm::flat;  // config.plan.a2a as given (migrate may fall back from it)
   void make_exchange_group();
   std::shared_ptr<Communicator> exchange_group_;
   int exchange_first_ = 0;

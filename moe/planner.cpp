@@ -58,6 +58,7 @@ MoECostModel::MoECostModel(const MoELayer& layer, DeviceModel device, LinkModel 
 void MoECostModel::follow_exchange(const MoELayer& layer) {
   exchange_ranks_ = layer.exchange_group()->size();
   hierarchical_ = layer.has_hierarchical();
+  local_experts_ = layer.layout().local_experts();
 }
 
 std::vector<double> MoECostModel::traffic(const ExecPlan& plan, const PlanInputs& batch, double rows_per_rank) const {
@@ -253,6 +254,8 @@ PlanCost MoECostModel::predict(const ExecPlan& plan, const PlanInputs& batch, co
 
 std::vector<ExecPlan> tutel_plans(const MoELayer& layer, const PlannerOptions& options) {
   const int W = layer.group()->size();
+  // 2dh when the layer's exchange runs it now (a planner keeps these candidates; after a migrate that takes
+  // 2dh away its filter leaves them out, and one that brings it back adds none).
   const bool hierarchical = layer.has_hierarchical();
   std::vector<ExecPlan> plans;
   for (int r : valid_sharding_degrees(layer.layout().shards()))

@@ -737,28 +737,30 @@ TEST(MoEMultiRank, ExpertDataParallelEqualsOneRankHoldingEveryExpert) {
 // exchange) to a placement whose domains lack experts (whole group) and back,
 // the results equal one rank holding every expert each time.
 TEST(MoEMultiRank, MigrateSwitchesBetweenDomainAndWholeGroupExchanges) {
+  for (bool two_dh : {false, true})  // 2dh: nodes of 2 ranks, so a domain of 2 fits one node and falls back to flat
   testing::for_each_rank([&](Communicator& comm, uint64_t seed) {
     const int n = comm.size(), me = comm.rank();
-    if (n < 2 || n % 2 != 0) return;
+    if (n < 2 || n % 2 != 0 || (two_dh && n != 4)) return;
     const int ep = n / 2, E = 2 * ep;
     MoEConfig c;
     c.model_dim = 8, c.hidden_dim = 6;
     c.router.experts = E, c.router.k = 2, c.router.capacity_factor = 0.0;
     c.plan.exchange = ExchangeMode::dropless;
-    c.placement = ExpertPlacement::expert_data_parallel(E, n, ep);
+    const ExpertPlacement edp = ExpertPlacement::expert_data_parallel(E, n, ep);
+    std::vector<double> load(static_cast<size_t>(E));
+    for (int e = 0; e < E; ++e) load[static_cast<size_t>(e)] = 10.0 / (e + 1);
+    const ExpertPlacement skewed = eplb::place(load, 2 * n, n);  // every rank 2 slots, hot experts replicated anywhere
+    c.placement = two_dh ? skewed : edp;
+    if (two_dh) c.node_size = 2, c.plan.a2a = A2AAlgorithm::hierarchical;
     c.replica_domain = ep;
     c.check_plan = true;
     std::shared_ptr<Communicator> group(&comm, [](Communicator*) {});
     MoELayer layer(c, group);
     layer.init_parameters(seed);
-    std::vector<double> load(static_cast<size_t>(E));
-    for (int e = 0; e < E; ++e) load[static_cast<size_t>(e)] = 10.0 / (e + 1);
-    const ExpertPlacement skewed = eplb::place(load, 2 * n, n);  // every rank 2 slots, hot experts replicated anywhere
     int step = 0;
-    for (const ExpertPlacement& to : {skewed, *c.placement}) {
+    for (const ExpertPlacement& to : two_dh ? std::vector<ExpertPlacement>{edp, skewed} : std::vector<ExpertPlacement>{skewed, edp}) {
       layer.migrate(to);
       ++step;
-      const int want = to == *c.placement ? ep : n;
       bool complete = true;  // whether each domain holds every expert (the exchange then stays in it)
       for (int e = 0; e < E; ++e)
         for (int d = 0; d < n / ep; ++d) {
@@ -766,8 +768,12 @@ TEST(MoEMultiRank, MigrateSwitchesBetweenDomainAndWholeGroupExchanges) {
           for (int p : to.replicas_of(e)) held |= to.rank_of_slot(p) / ep == d;
           complete = complete && held;
         }
+      if (to == edp) EXPECT_TRUE(complete);
+      if (two_dh && to == skewed) EXPECT_FALSE(complete) << "the round trip needs a whole-group exchange";
       EXPECT_EQ(layer.exchange_group()->size(), complete ? ep : n) << "after migrate " << step;
-      if (to == *c.placement) EXPECT_EQ(layer.exchange_group()->size(), want);
+      if (two_dh) {  // the domain fits one node: flat; back on the whole group: 2dh again
+        EXPECT_EQ(layer.config().plan.a2a, complete ? A2AAlgorithm::flat : A2AAlgorithm::hierarchical) << step;
+      }
       MoEConfig now = c;
       now.placement = to;
       auto x_of = [&](int r) { return tokens(seed + 2200 + 10 * step + r, 5 + r, 8); };
