@@ -363,6 +363,16 @@ const std::vector<Field>& fields() {
              +[](JobConfig& c) -> std::string& { return c.moe.activation; }, "Expert activation."),
       choice("moe.gate", {"softmax", "sigmoid_bias"}, +[](JobConfig& c) -> std::string& { return c.moe.gate; },
              "softmax: top-k of softmax probabilities; sigmoid_bias: sigmoid scores (DeepSeek-V3 style)."),
+      integer<int>("moe.expert_groups", 1, kIntMax, +[](JobConfig& c) -> int& { return c.moe.expert_groups; },
+                   "Group-limited routing (DeepSeek-V3's n_group): the experts in this many consecutive groups, each "
+                   "token choosing among its moe.topk_groups best; must divide moe.experts. 1: plain top-k."),
+      integer<int>("moe.topk_groups", 1, kIntMax, +[](JobConfig& c) -> int& { return c.moe.topk_groups; },
+                   "Group-limited routing (topk_group): the groups a token chooses its experts from; at most "
+                   "moe.expert_groups, holding at least moe.top_k experts."),
+      choice("moe.eplb_policy", {"global", "hierarchical"}, +[](JobConfig& c) -> std::string& { return c.moe.eplb_policy; },
+             "How EPLB places the redundant experts: global (any expert on any rank's spare slots) or hierarchical "
+             "(moe.expert_groups packed onto the nodes, replicas inside each node; needs the groups a multiple of "
+             "the nodes)."),
       integer<int>("train.steps", 1, kIntMax, +[](JobConfig& c) -> int& { return c.train.steps; },
                    "Training steps."),
       integer<int64_t>("train.tokens_per_rank", 0, kNoMax,

@@ -52,6 +52,9 @@ struct MoESection {
   std::string exchange = "padded";   // padded | dropless
   std::string activation = "gelu";   // relu | gelu | swiglu
   std::string gate = "softmax";      // softmax | sigmoid_bias
+  int expert_groups = 1;             // group-limited routing: groups of experts (1: plain top-k)
+  int topk_groups = 1;               // ... the groups a token chooses among
+  std::string eplb_policy = "global";  // global | hierarchical
   std::string strategy = "auto";     // auto (the planner) | fixed (r, overlap_degree, a2a, exchange below)
   int r = 1;                         // sharding degree of the fixed plan
   int overlap_degree = 1;            // pipelining degree d of the fixed plan

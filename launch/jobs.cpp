@@ -34,6 +34,8 @@ MoEConfig moe_config(const JobConfig& job) {
   c.router.capacity_factor = m.capacity_factor;
   c.router.capacity_rounding = parse_capacity_rounding(m.capacity_rounding, "moe.capacity_rounding");
   c.router.balance_loss = parse_balance_loss(m.balance_loss, "moe.balance_loss");
+  c.router.groups = m.expert_groups;
+  c.router.topk_groups = m.topk_groups;
   c.plan.r = m.r;
   c.plan.d = m.overlap_degree;
   c.plan.a2a = parse_a2a_algorithm(m.a2a, "moe.a2a");
@@ -55,6 +57,16 @@ void train_moe(Runtime& rt, const JobConfig& job) {
   const int W = world.size(), E = student_config.router.experts, ep = job.moe.expert_parallel_size;
   const int physical = E + job.moe.redundant_experts;
   // What the layer would refuse, refused here naming the keys and where they were set.
+  if (job.moe.expert_groups < 1 || E % job.moe.expert_groups != 0)
+    SY_THROW(ConfigError, job.where("moe.expert_groups"), ": moe.expert_groups = ", job.moe.expert_groups,
+             ", expected a divisor of moe.experts = ", E);
+  if (job.moe.topk_groups > job.moe.expert_groups || job.moe.topk_groups * (E / job.moe.expert_groups) < job.moe.top_k)
+    SY_THROW(ConfigError, job.where("moe.topk_groups"), ": moe.topk_groups = ", job.moe.topk_groups,
+             ", expected at most moe.expert_groups = ", job.moe.expert_groups, " with at least moe.top_k = ",
+             job.moe.top_k, " experts in that many groups of ", E / job.moe.expert_groups);
+  if (job.moe.eplb_policy != "global" && job.moe.redundant_experts == 0)
+    SY_THROW(ConfigError, job.where("moe.eplb_policy"), ": moe.eplb_policy = ", job.moe.eplb_policy,
+             " needs moe.redundant_experts > 0 (replicas to place)");
   if (job.moe.top_k > E)
     SY_THROW(ConfigError, job.where("moe.top_k"), ": moe.top_k = ", job.moe.top_k, ", expected at most moe.experts = ",
              E, " (", job.where("moe.experts"), ")");
@@ -81,7 +93,18 @@ void train_moe(Runtime& rt, const JobConfig& job) {
     if (physical % W != 0)
       SY_THROW(ConfigError, "moe.redundant_experts = ", job.moe.redundant_experts, ": ", E, " + ",
                job.moe.redundant_experts, " physical experts do not divide over ", W, " ranks");
-    student_config.placement = eplb::place(std::vector<double>(static_cast<size_t>(E), 1.0), physical, W);
+    const int node_count = W / student_config.node_size;
+    if (job.moe.eplb_policy == "hierarchical") {
+      if (node_count < 2 || job.moe.expert_groups % node_count != 0)
+        SY_THROW(ConfigError, job.where("moe.eplb_policy"), ": moe.eplb_policy = hierarchical packs moe.expert_groups = ",
+                 job.moe.expert_groups, " onto ", node_count, " node(s) (moe.nodes); expected 2 or more nodes and a "
+                 "multiple of them");
+      student_config.eplb_hierarchical = true;
+      student_config.placement = eplb::place(std::vector<double>(static_cast<size_t>(E), 1.0), physical, W,
+                                             job.moe.expert_groups, node_count);
+    } else {
+      student_config.placement = eplb::place(std::vector<double>(static_cast<size_t>(E), 1.0), physical, W);
+    }
   }
   if (nearest) student_config.replica_choice = MoEConfig::ReplicaChoice::nearest;
   const bool placed = student_config.placement.has_value();

@@ -61,6 +61,14 @@ if msg=$("$bin" run --config "$dir/train.yaml" --set moe.expert_parallel_size=2 
   echo "nearest replicas with EP x DP were accepted"; exit 1
 fi
 grep -q "moe.replica_choice = nearest with moe.expert_parallel_size = 2" <<<"$msg" || { echo "unclear error: $msg"; exit 1; }
+# Group-limited routing with EPLB's hierarchical policy (2 nodes of 2 ranks): rebalances, and bad groups are named.
+grouped=$("$bin" run --config "$dir/train.yaml" --set moe.nodes=2 --set moe.expert_groups=4 --set moe.topk_groups=2 \
+          --set moe.redundant_experts=4 --set moe.rebalance_every=8 --set moe.eplb_policy=hierarchical)
+grep -q "# rebalanced at step 17: " <<<"$grouped" || { echo "no hierarchical rebalance in: $grouped"; exit 1; }
+if msg=$("$bin" run --config "$dir/train.yaml" --set moe.expert_groups=3 2>&1); then
+  echo "3 expert groups of 8 experts were accepted"; exit 1
+fi
+grep -q "moe.expert_groups = 3, expected a divisor of moe.experts = 8" <<<"$msg" || { echo "unclear error: $msg"; exit 1; }
 edp=$("$bin" run --config "$dir/train.yaml" --set moe.expert_parallel_size=2)
 [ "$(train_losses "$edp")" = "$want" ] || { echo "EP x DP losses $(train_losses "$edp") vs $want"; exit 1; }
 echo "bench moe --microbatches, --placement, --send_once, --redundant_experts; run with rebalancing and EP x DP: OK"
