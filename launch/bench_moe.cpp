@@ -181,9 +181,7 @@ int run_bench_moe(const BenchMoeOptions& o) {
                    " onto ", node_count, " node(s); expected 2 or more nodes (--nodes, --emulate) and a multiple of them");
         c.eplb_hierarchical = true;
       }
-      c.placement = c.eplb_hierarchical
-                        ? eplb::place(std::vector<double>(static_cast<size_t>(E), 1.0), physical, W, o.expert_groups, node_count)
-                        : eplb::place(std::vector<double>(static_cast<size_t>(E), 1.0), physical, W);
+      c.placement = c.eplb_placement(std::vector<double>(static_cast<size_t>(E), 1.0), physical, W);
     }
     double zipf = 0;
     if (!o.gate_skew.empty()) {

@@ -100,11 +100,8 @@ void train_moe(Runtime& rt, const JobConfig& job) {
                  job.moe.expert_groups, " onto ", node_count, " node(s) (moe.nodes); expected 2 or more nodes and a "
                  "multiple of them");
       student_config.eplb_hierarchical = true;
-      student_config.placement = eplb::place(std::vector<double>(static_cast<size_t>(E), 1.0), physical, W,
-                                             job.moe.expert_groups, node_count);
-    } else {
-      student_config.placement = eplb::place(std::vector<double>(static_cast<size_t>(E), 1.0), physical, W);
     }
+    student_config.placement = student_config.eplb_placement(std::vector<double>(static_cast<size_t>(E), 1.0), physical, W);
   }
   if (nearest) student_config.replica_choice = MoEConfig::ReplicaChoice::nearest;
   const bool placed = student_config.placement.has_value();

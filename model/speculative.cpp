@@ -28,7 +28,7 @@ struct Sequence {
   // A calibration pass's proposal for the next round (-1: none; the round then feeds draft_pending first).
   int first = -1;
   std::vector<float> first_q;
-  bool calibrate = false;  // this round's outcome asks for a calibration pass
+  bool calibrate = false;  // the last round asks for a calibration pass (at the next round's start: that pass runs for it)
   double acceptance = 0.5;  // smoothed per proposal (adaptive gamma)
 };
 
@@ -136,19 +136,18 @@ std::vector<std::vector<int>> speculative_generate(InferenceEngine& base, Infere
     // round's agreement also says whether any rank has one: the exact pass is
     // collective, and is skipped when no rank needs it. Not for a sequence
     // with fewer than 2 tokens to go: its draft never runs again.
+    // s.calibrate: the last round asked for one; from here: this round's pass calibrates it.
     std::vector<Sequence*> to_calibrate;
     for (Sequence& s : seqs) {
-      const bool wanted = o.calibration != Calibration::never && s.calibrate && s.gamma >= 0 &&
-                          max_new_tokens - static_cast<int>(s.out.size()) >= 2;
-      s.calibrate = false;
-      if (wanted) to_calibrate.push_back(&s);
+      s.calibrate = o.calibration != Calibration::never && s.calibrate && s.gamma >= 0 &&
+                    max_new_tokens - static_cast<int>(s.out.size()) >= 2;
+      if (s.calibrate) to_calibrate.push_back(&s);
     }
     // Proposals per sequence this round: at most gamma, and no more than it may still commit minus the base's own token.
-    // A sequence drafts its proposals in s.gamma steps, or one fewer when a
-    // calibration pass proposes the first (it has or will have s.first).
+    // A sequence drafts its proposals in s.gamma steps, or one fewer when the
+    // calibration pass proposes the first (s.first).
     int most = -1, any = 0;
     for (Sequence& s : seqs) {
-      const bool calibrating = std::find(to_calibrate.begin(), to_calibrate.end(), &s) != to_calibrate.end();
       const int remaining = max_new_tokens - static_cast<int>(s.out.size());
       int want = o.gamma;
       if (o.adaptive_gamma) {
@@ -158,7 +157,7 @@ std::vector<std::vector<int>> speculative_generate(InferenceEngine& base, Infere
       s.gamma = remaining > 0 ? std::min(want, remaining - 1) : -1;
       s.proposals.clear(), s.q.clear();
       if (s.gamma >= 0) any = 1;
-      most = std::max(most, s.gamma - (s.gamma >= 1 && (s.first >= 0 || calibrating) ? 1 : 0));
+      most = std::max(most, s.gamma - (s.gamma >= 1 && s.calibrate ? 1 : 0));
     }
     agree.data_as<double>()[0] = any;
     agree.data_as<double>()[1] = most;

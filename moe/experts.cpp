@@ -474,9 +474,7 @@ MoELayer::Rebalanced MoELayer::rebalance(const std::vector<double>& local_load, 
   Rebalanced r{ExpertPlacement(), local_load};
   r.load.resize(static_cast<size_t>(E), 0.0);
   group_->allreduce(TensorView(r.load.data(), DType::f64, {E}), TensorView(r.load.data(), DType::f64, {E})).wait();
-  const int W = group_->size(), nodes = config_.node_size > 1 && config_.node_size < W ? W / config_.node_size : 1;
-  r.placement = config_.eplb_hierarchical ? eplb::place(r.load, physical, W, config_.router.groups, nodes)
-                                          : eplb::place(r.load, physical, W);
+  r.placement = config_.eplb_placement(r.load, physical, group_->size());
   migrate(r.placement, per_expert_state);
   return r;
 }

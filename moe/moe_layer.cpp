@@ -10,6 +10,7 @@
 
 #include "core/env.h"
 #include "kernels/gemm.h"
+#include "moe/eplb.h"
 #include "moe/layer_internal.h"
 
 namespace switchyard {
@@ -39,6 +40,12 @@ void MoEConfig::validate() const {
                "(expected f32, or send_once_per_rank off)");
   }
   router.validate();
+}
+
+ExpertPlacement MoEConfig::eplb_placement(const std::vector<double>& load, int physical, int ranks) const {
+  if (!eplb_hierarchical) return eplb::place(load, physical, ranks);
+  const int nodes = node_size > 1 && node_size < ranks ? ranks / node_size : 1;
+  return eplb::place(load, physical, ranks, router.groups, nodes);
 }
 
 void MoEBatch::wait_posted() noexcept {
@@ -187,12 +194,17 @@ void MoELayer::make_exchange_group() {
   }
 }
 
+const std::vector<int64_t>& MoELayer::nearest_quanta(int expert) const {
+  auto& q = nearest_share_cache_[expert];  // cleared by migrate
+  if (q.empty()) q = layout_.placement().nearest_shares(expert, config_.node_size);
+  return q;
+}
+
 std::vector<std::pair<int, double>> MoELayer::replica_shares(int source, int expert) const {
   std::vector<std::pair<int, double>> out;
   const ExpertPlacement& pl = layout_.placement();
   if (config_.replica_choice == MoEConfig::ReplicaChoice::nearest && pl.replicas(expert) > 1) {
-    auto& q = nearest_share_cache_[expert];  // cleared by migrate
-    if (q.empty()) q = pl.nearest_shares(expert, config_.node_size);
+    const std::vector<int64_t>& q = nearest_quanta(expert);
     const int R = pl.replicas(expert);
     for (int j = 0; j < R; ++j)
       if (const int64_t share = q[static_cast<size_t>(source) * R + j])
@@ -374,14 +386,11 @@ DispatchGeometry MoELayer::make_geometry(const PlanShape& shape, int r) const {
     // Every source's quanta of every replicated expert, both for my blocks and for the padded sizes I receive.
     g.quanta_of_expert.resize(static_cast<size_t>(E));
     g.quanta_seen_by_source.assign(static_cast<size_t>(g.exchange_ranks * g.slots), 0);
-    std::vector<std::vector<int64_t>> shares(static_cast<size_t>(E));
     for (int e = 0; e < E; ++e) {
       const auto& slots = pl.replicas_of(e);
       const int R = static_cast<int>(slots.size());
-      shares[static_cast<size_t>(e)] = R > 1 ? pl.nearest_shares(e, config_.node_size)
-                                             : std::vector<int64_t>(static_cast<size_t>(pl.ranks()), ExpertPlacement::kShareQuanta);
       for (int j = 0; j < R; ++j)
-        if (const int64_t q = shares[static_cast<size_t>(e)][static_cast<size_t>(me) * R + j]) {
+        if (const int64_t q = nearest_quanta(e)[static_cast<size_t>(me) * R + j]) {
           g.blocks_of_expert[static_cast<size_t>(e)].push_back(block_of(e, slots[static_cast<size_t>(j)]));
           g.quanta_of_expert[static_cast<size_t>(e)].push_back(q);
         }
@@ -392,7 +401,7 @@ DispatchGeometry MoELayer::make_geometry(const PlanShape& shape, int r) const {
       const auto& slots = pl.replicas_of(e);
       const auto j = std::find(slots.begin(), slots.end(), pl.first_slot(me) + l) - slots.begin();
       for (int u = 0; u < g.exchange_ranks; ++u) {
-        const int64_t q = shares[static_cast<size_t>(e)][static_cast<size_t>(first + u) * slots.size() + static_cast<size_t>(j)];
+        const int64_t q = nearest_quanta(e)[static_cast<size_t>(first + u) * slots.size() + static_cast<size_t>(j)];
         g.quanta_seen_by_source[static_cast<size_t>(u * g.slots + l)] = q;
         g.replicas_seen_by_source[static_cast<size_t>(u * g.slots + l)] = q > 0;
       }

@@ -67,6 +67,10 @@ struct MoEConfig {
   // inside each node (the policy for group-limited routing); else global.
   // Needs router.groups > 1 and a multiple of the nodes.
   bool eplb_hierarchical = false;
+  // The EPLB placement rebalance() makes (eplb_hierarchical's policy or the
+  // global one) for a load per logical expert on `ranks` ranks; also the
+  // placement before any load is measured (equal loads).
+  ExpertPlacement eplb_placement(const std::vector<double>& load, int physical, int ranks) const;
   ReplicaChoice replica_choice = ReplicaChoice::in_turn;
   bool skip_compute = false;
   // What the phases run their bulk work on; null: the host (CpuOps), wrapped
@@ -475,7 +479,10 @@ class MoELayer {
   std::shared_ptr<Communicator> exchange_group_;
   int exchange_first_ = 0;
   std::map<std::vector<int>, std::shared_ptr<Communicator>> domain_group_cache_;
-  mutable std::map<int, std::vector<int64_t>> nearest_share_cache_;  // per expert, this placement's
+  // ExpertPlacement::nearest_shares of an expert under this placement, made once (the geometry and the
+  // planner's replica_shares read it); the layer is one rank's, so no other thread fills it.
+  const std::vector<int64_t>& nearest_quanta(int expert) const;
+  mutable std::map<int, std::vector<int64_t>> nearest_share_cache_;
   std::map<const Communicator*, std::unique_ptr<algorithms::HierarchicalAlltoall>> hierarchical_cache_;
   algorithms::HierarchicalAlltoall* hierarchical_ = nullptr;
 
