@@ -88,6 +88,9 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
   CommStats stats() const;
   void reset_stats();
 
+  // Where op buffers must live: host memory, or the backend's device (nccl, staged).
+  virtual Device memory_device() const { return Device::cpu(); }
+
  protected:
   Communicator(int rank, int size, std::string name);
 
@@ -136,8 +139,6 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
   // Stop the executor before a derived class's members go (call first in derived destructors).
   void shutdown_executor();
 
-  // Where op buffers must live: host memory, or the backend's device (nccl).
-  virtual Device memory_device() const { return Device::cpu(); }
   // Stream-ordered backends (nccl): an op's body runs on the issuing thread and
   // only queues device work on the backend's stream; after it, stream_work()
   // makes the Work that tracks that work (an event) and keeps `owners` (the

@@ -43,6 +43,8 @@ struct ExportContext {
 
 DLManagedTensor* to_dlpack(const Tensor& t) {
   SY_CHECK(t.defined(), "cannot export an undefined tensor");
+  if (t.device().type == DeviceType::isolated)
+    SY_THROW(InvalidArgument, "cannot export a tensor in isolated memory (a checking device) through DLPack");
   auto* ctx = new ExportContext{t, t.shape(), t.view().strides()};
   auto* m = new DLManagedTensor{};
   m->dl_tensor.data = t.data();

@@ -7,7 +7,12 @@
 namespace switchyard {
 
 std::string to_string(Device d) {
-  return d.is_cpu() ? std::string("cpu") : "cuda:" + std::to_string(d.index);
+  switch (d.type) {
+    case DeviceType::cpu: return "cpu";
+    case DeviceType::cuda: return "cuda:" + std::to_string(d.index);
+    case DeviceType::isolated: return "isolated";
+  }
+  return "?";
 }
 
 int64_t shape_numel(const Shape& shape) {

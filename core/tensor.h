@@ -15,13 +15,16 @@
 
 namespace switchyard {
 
-enum class DeviceType : uint8_t { cpu, cuda };
+// isolated: host memory at addresses the host cannot dereference
+// (core/device_memory.h), a device for checking device code paths without one.
+enum class DeviceType : uint8_t { cpu, cuda, isolated };
 
 struct Device {
   DeviceType type = DeviceType::cpu;
   int index = 0;
   static Device cpu() { return {}; }
   static Device cuda(int index) { return {DeviceType::cuda, index}; }
+  static Device isolated() { return {DeviceType::isolated, 0}; }
   bool is_cpu() const { return type == DeviceType::cpu; }
   friend bool operator==(const Device&, const Device&) = default;
 };

@@ -1,4 +1,5 @@
 #include "launch/bench_moe.h"
+#include "launch/moe_device.h"
 
 #include <algorithm>
 #include <chrono>
@@ -194,16 +195,42 @@ int run_bench_moe(const BenchMoeOptions& o) {
         SY_THROW(ConfigError, "--gate_skew = '", o.gate_skew, "', expected zipf:S with S > 0");
       }
     }
+    // --device cuda: the layer's ops and group on this rank's GPU; the host
+    // keeps the tokens and the loss (each step moves x in, the output out).
+    if (o.device != "cpu" && cluster)
+      SY_THROW(ConfigError, "--device ", o.device, " with --emulate: the emulated cluster runs on host ops; expected one");
+    const MoEDevice dev = make_moe_device(o.device, group, "--device");
+    if (dev.on_device()) {
+      c.ops = dev.ops;
+      group = dev.group;
+      if (leader) std::printf("# device: %s\n", dev.description.c_str());
+    }
     MoELayer layer(c, group);
     layer.init_parameters(o.seed);
+    // The layer's view of a host tensor (its memory), and back.
+    auto to_layer = [&](const Tensor& host) {
+      if (!dev.on_device()) return host;
+      Tensor t = layer.ops().allocate(host.shape(), host.dtype(), false);
+      layer.ops().from_host(t.data(), host.data(), static_cast<int64_t>(host.nbytes()));
+      return t;
+    };
+    auto to_host = [&](const Tensor& t) {
+      if (t.device().is_cpu()) return t;
+      Tensor h = Tensor::empty(t.shape(), t.dtype());
+      layer.ops().to_host(h.data(), t.data(), static_cast<int64_t>(t.nbytes()));
+      return h;
+    };
     const int64_t T = static_cast<int64_t>(o.batch_size) * o.num_tokens, M = o.model_dim;
     Tensor x = Tensor::empty({T, M}, DType::f32), target = Tensor::empty({T, M}, DType::f32);
     Tensor dout = Tensor::empty({T, M}, DType::f32);
     Rng rng(o.seed * 7919 + static_cast<uint64_t>(world.rank()));
     rng.fill_uniform(x, -1, 1);
     rng.fill_uniform(target, -0.1, 0.1);
-    if (zipf > 0)  // feature 0 is a constant 1 whose gate row lowers expert e's logit by S ln(e + 1)
-      for (int e = 0; e < E; ++e) layer.gate_weight().data_as<float>()[e] -= static_cast<float>(zipf * std::log(e + 1.0));
+    if (zipf > 0) {  // feature 0 is a constant 1 whose gate row lowers expert e's logit by S ln(e + 1)
+      Tensor gate = to_host(layer.gate_weight()).clone();
+      for (int e = 0; e < E; ++e) gate.data_as<float>()[e] -= static_cast<float>(zipf * std::log(e + 1.0));
+      layer.ops().from_host(layer.gate_weight().data(), gate.data(), static_cast<int64_t>(gate.nbytes()));
+    }
     const bool report_load = o.redundant_experts > 0 || zipf > 0 || o.ep_size > 0;
     // Loads are judged on tokens the placement never saw: fresh ones every step.
     auto draw_tokens = [&] {
@@ -261,8 +288,9 @@ int run_bench_moe(const BenchMoeOptions& o) {
 
       const double flops_at_start = layer.gemm_flops();
       // auto: the planner decides inside plan(), on the capacity all-reduce.
+      const Tensor x_in = to_layer(x);
       auto plan_rows = [&](int64_t first, int64_t rows) {
-        const TensorView part(x.data_as<float>() + first * M, DType::f32, {rows, M});
+        const TensorView part(x_in.data_as<float>() + first * M, DType::f32, {rows, M}, x_in.device());
         return fixed ? layer.plan(part, layer.routing_choice(), *fixed)
                      : layer.plan(part, layer.routing_choice(), *planner);
       };
@@ -270,8 +298,9 @@ int run_bench_moe(const BenchMoeOptions& o) {
       std::vector<MoEHandle> batches;
       std::vector<int64_t> first_row;
       if (o.microbatches == 1) {
-        f = fixed ? layer.forward(x, layer.routing_choice(), *fixed)
-                  : layer.forward(x, layer.routing_choice(), *planner);
+        f = fixed ? layer.forward(x_in, layer.routing_choice(), *fixed)
+                  : layer.forward(x_in, layer.routing_choice(), *planner);
+        f.output = to_host(f.output);
       } else {
         // M batches in flight: all planned and dispatched, then their experts
         // chunk by chunk in turn (each chunk's return all-to-all overlapping the
@@ -290,7 +319,8 @@ int run_bench_moe(const BenchMoeOptions& o) {
         for (int i = 0; i < mb; ++i) {
           const MoEForward& part = layer.finish(*batches[static_cast<size_t>(i)]);
           if (part.output.nbytes())
-            std::memcpy(f.output.data_as<float>() + first_row[i] * M, part.output.data(), part.output.nbytes());
+            layer.ops().to_host(f.output.data_as<float>() + first_row[i] * M, part.output.data(),
+                                static_cast<int64_t>(part.output.nbytes()));
           f.dropped += part.dropped;
         }
       }
@@ -319,16 +349,20 @@ int run_bench_moe(const BenchMoeOptions& o) {
       }
       if (!o.eval) {
         layer.zero_grad();
+        const Tensor dout_in = to_layer(dout);
         if (batches.empty())
-          layer.backward(dout, 0.0, 0.0, o.input_grad);
+          layer.backward(dout_in, 0.0, 0.0, o.input_grad);
         else
           for (size_t i = 0; i < batches.size(); ++i) {
             const int64_t rows = first_row[i + 1] - first_row[i];
-            layer.backward(*batches[i], TensorView(dout.data_as<float>() + first_row[i] * M, DType::f32, {rows, M}),
+            layer.backward(*batches[i],
+                           TensorView(dout_in.data_as<float>() + first_row[i] * M, DType::f32, {rows, M},
+                                      dout_in.device()),
                            0.0, 0.0, o.input_grad);
           }
         layer.sgd_step(o.lr);
       }
+      layer.ops().synchronize();  // device ops: the step's work done before its time is read
       const double mine = std::chrono::duration<double>(Clock::now() - start).count();
       const double wall = allreduce_scalar(world, mine, ReduceOp::max);
       const double step_time =
@@ -338,7 +372,7 @@ int run_bench_moe(const BenchMoeOptions& o) {
       const double step_flops = allreduce_scalar(world, layer.gemm_flops() - flops_at_start);
       dropped_total += f.dropped;
       if (report_load) {
-        rank_load_ratios.push_back(rank_load_max_over_mean(*group, step_plans));
+        rank_load_ratios.push_back(rank_load_max_over_mean(*layer.host_group(), step_plans));
         if (leader && print) std::printf("rank load max/mean: %.3f\n", rank_load_ratios.back());
       }
       if (leader && print)

@@ -61,6 +61,8 @@ struct BenchMoeOptions {
   // Which replica a routed choice uses (MoEConfig::replica_choice): in_turn
   // or nearest (own rank, then node, balanced).
   std::string replica_choice = "in_turn";
+  // Where the layer runs: cpu, or cuda (CudaOps on each rank's GPU; launch/moe_device.h).
+  std::string device = "cpu";
   // Group-limited routing (DeepSeek-V3's n_group / topk_group): experts in
   // expert_groups consecutive groups, each token choosing among its
   // topk_groups best groups; eplb_policy hierarchical packs those groups

@@ -359,6 +359,10 @@ const std::vector<Field>& fields() {
              "Which replica of a redundant expert a routed choice uses: in_turn (every replica takes every n-th "
              "choice: exact shares) or nearest (the source's own rank's replicas first, then its node's, then any, "
              "each replica still expecting an equal share). Not with moe.expert_parallel_size."),
+      choice("moe.device", {"cpu", "cuda"}, +[](JobConfig& c) -> std::string& { return c.moe.device; },
+             "Where the moe-train job's layer runs: cpu, or cuda (each rank's GPU through the CUDA ops; the expert "
+             "group over nccl when ranks are processes, else staged over the threads). Fails with 'built without "
+             "CUDA' or 'no CUDA device' when the GPU cannot be used; the other jobs take cpu only."),
       choice("moe.activation", {"relu", "gelu", "swiglu"},
              +[](JobConfig& c) -> std::string& { return c.moe.activation; }, "Expert activation."),
       choice("moe.gate", {"softmax", "sigmoid_bias"}, +[](JobConfig& c) -> std::string& { return c.moe.gate; },

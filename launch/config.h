@@ -63,6 +63,7 @@ struct MoESection {
   int expert_parallel_size = 0;      // EP x DP: ranks per expert group (0: the world)
   int redundant_experts = 0;         // EPLB: extra replicas (E + R physical experts over the ranks)
   std::string replica_choice = "in_turn";  // in_turn | nearest (MoEConfig::replica_choice)
+  std::string device = "cpu";  // cpu | cuda (launch/moe_device.h; job moe-train)
   int rebalance_every = 0;           // re-place the replicas from measured loads every N steps (0: never)
 };
 

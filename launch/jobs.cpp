@@ -1,4 +1,5 @@
 #include "launch/jobs.h"
+#include "launch/moe_device.h"
 
 #include <algorithm>
 #include <atomic>
@@ -105,7 +106,16 @@ void train_moe(Runtime& rt, const JobConfig& job) {
   }
   if (nearest) student_config.replica_choice = MoEConfig::ReplicaChoice::nearest;
   const bool placed = student_config.placement.has_value();
-  MoELayer student(student_config, rt.world_ptr());
+  // moe.device: cuda puts the layer on each rank's GPU; the task's tokens and loss stay on the host.
+  const MoEDevice dev = make_moe_device(job.moe.device, rt.world_ptr(), "moe.device (" + job.where("moe.device") + ")");
+  if (dev.on_device()) student_config.ops = dev.ops;
+  MoELayer student(student_config, dev.group);
+  auto to_layer = [&](const Tensor& host) {
+    if (!dev.on_device()) return host;
+    Tensor t = student.ops().allocate(host.shape(), host.dtype(), false);
+    student.ops().from_host(t.data(), host.data(), static_cast<int64_t>(host.nbytes()));
+    return t;
+  };
   student.init_parameters(static_cast<uint64_t>(tr.seed));
   std::unique_ptr<MoEPlanner> planner;
   if (job.moe.strategy == "auto") {
@@ -135,6 +145,7 @@ void train_moe(Runtime& rt, const JobConfig& job) {
     return y;
   };
   const int64_t T = tr.tokens_per_rank, M = student_config.model_dim;
+  if (leader && dev.on_device()) std::printf("# moe.device: %s\n", dev.description.c_str());
   if (leader)
     std::printf("# moe-train: %d ranks (%s), %d experts (%d per rank), top-%d, M=%lld H=%lld, %s, plan %s, "
                 "capacity factor %g, %lld tokens/rank/step, %d steps, SGD lr %g, %d GEMM threads/rank\n",
@@ -168,8 +179,13 @@ void train_moe(Runtime& rt, const JobConfig& job) {
     world.barrier().wait();
     const auto start = Clock::now();
     student.zero_grad();
-    MoEForward f = planner ? student.forward(x, student.routing_choice(), *planner)
-                           : student.forward(x, student.routing_choice(), student_config.plan);
+    MoEForward f = planner ? student.forward(to_layer(x), student.routing_choice(), *planner)
+                           : student.forward(to_layer(x), student.routing_choice(), student_config.plan);
+    if (dev.on_device()) {
+      Tensor out = Tensor::empty(f.output.shape(), DType::f32);
+      student.ops().to_host(out.data(), f.output.data(), static_cast<int64_t>(out.nbytes()));
+      f.output = out;
+    }
     const ExecPlan plan = student.last_plan().exec;
     if (placed) {  // rows each rank's experts received, and the logical loads for the next placement
       rank_load = rank_load_max_over_mean(world, {&student.last_plan()});
@@ -186,10 +202,11 @@ void train_moe(Runtime& rt, const JobConfig& job) {
       squared += d * d;
       dout.data_as<float>()[i] = static_cast<float>(2.0 * d / count);  // d(mean over all ranks)/d out
     }
-    student.backward(dout, tr.balance_coef / world.size(), tr.z_coef / world.size(), false);
+    student.backward(to_layer(dout), tr.balance_coef / world.size(), tr.z_coef / world.size(), false);
     student.sgd_step(tr.lr);
     if (student_config.router.gate == GateKind::sigmoid_bias && tr.bias_rate > 0)
       student.update_gate_bias(tr.bias_rate);
+    student.ops().synchronize();
     const double step_time =
         allreduce_scalar(world, std::chrono::duration<double>(Clock::now() - start).count(), ReduceOp::max);
     const double loss = allreduce_scalar(world, squared) / count;
@@ -282,6 +299,9 @@ int run_job(const JobConfig& config) {
   options.backend = runtime_backend(config, process_env);
   options.ranks = config.comm.ranks;
   options.timeout = Milliseconds(config.comm.timeout_ms);
+  if (config.job != "moe-train" && config.moe.device != "cpu")
+    SY_THROW(ConfigError, config.where("moe.device"), ": moe.device = ", config.moe.device, " is for job moe-train; job ",
+             config.job, " runs its MoE layers on the host (expected cpu)");
   if (config.job == "serve") {
     BenchDecodeOptions o;
     o.model = config.model.path;

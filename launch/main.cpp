@@ -198,6 +198,11 @@ int main(int argc, char** argv) {
                         "nearest (the source's own rank's replicas, then its node's, then any, balanced in expectation)")
       ->check(CLI::IsMember({"in_turn", "nearest"}))
       ->capture_default_str();
+  bench_moe->add_option("--device", moe.device,
+                        "Where the layer runs: cpu, or cuda (each rank's GPU through the CUDA ops; the expert group over "
+                        "nccl, or staged over threads; fails with 'built without CUDA' or 'no CUDA device')")
+      ->check(CLI::IsMember({"cpu", "cuda"}))
+      ->capture_default_str();
   bench_moe->add_option("--expert_groups,--expert-groups", moe.expert_groups,
                         "Group-limited routing (DeepSeek-V3's n_group): experts in this many consecutive groups")
       ->capture_default_str();

@@ -13,6 +13,7 @@
 #include <mutex>
 #include <vector>
 
+#include "core/device_memory.h"
 #include "core/tensor.h"
 
 namespace switchyard {
@@ -23,7 +24,8 @@ class BufferPool {
   // its own kind, whose sizes follow the batch. poison: fill every buffer
   // handed out with NaN bytes (0xFF: a NaN in f32 and bf16, -1 in integers),
   // so a read before a write shows (tests; SWITCHYARD_POISON_BUFFERS).
-  BufferPool(int kinds, bool poison);
+  // memory: where the blocks live; null: host memory.
+  BufferPool(int kinds, bool poison, std::shared_ptr<DeviceMemory> memory = nullptr);
   Tensor acquire(int kind, Shape shape, DType dtype);
   // Bytes held in free lists (not handed out).
   size_t free_bytes() const;
@@ -32,6 +34,7 @@ class BufferPool {
  private:
   struct Block {
     std::shared_ptr<void> storage;
+    void* data;  // the block's address in its memory
     size_t capacity;
   };
   struct State {
@@ -40,6 +43,7 @@ class BufferPool {
   };
   std::shared_ptr<State> state_;  // shared with the handed-out tensors' owners
   bool poison_;
+  std::shared_ptr<DeviceMemory> memory_;
 };
 
 }  // namespace switchyard

@@ -5,6 +5,7 @@
 #include <map>
 #include <set>
 
+#include "comm/backends/staged/staged_backend.h"
 #include "core/error.h"
 #include "moe/layer_internal.h"
 #include "moe/moe_layer.h"
@@ -24,8 +25,10 @@ using kernels::Activation;
 std::string expert_key(int expert, const char* name) { return "experts." + std::to_string(expert) + "." + name; }
 }  // namespace
 
-LogicalExpertTensors MoELayer::logical_expert_tensors(const ExpertParams& p, const std::string& prefix) const {
+LogicalExpertTensors MoELayer::logical_expert_tensors(const ExpertParams& stored, const std::string& prefix) const {
   const int me = group_->rank(), S = layout_.shards();
+  // Device ops: the experts copied out once; the views below point into the copies.
+  const ExpertParams p = to_host(stored);
   const int64_t M = config_.model_dim, H = config_.hidden_dim, H1 = hidden_in(), H1s = H1 / S, Hs = local_hidden_;
   const bool gated = config_.activation == Activation::swiglu;
   LogicalExpertTensors out;
@@ -44,14 +47,16 @@ LogicalExpertTensors MoELayer::logical_expert_tensors(const ExpertParams& p, con
       out.tensors.emplace_back(key(e, "w2"), slice(p.w2, slot, {H, M}));
       out.tensors.emplace_back(key(e, "b2"), slice(p.b2, slot, {M}));
     }
+    if (!ops_->host_memory()) out.keep = {p.w1, p.b1, p.w2, p.b2};
     return out;
   }
   // Sliced experts are saved whole by their first shard, so the checkpoint
   // does not depend on S.
   Tensor w1 = Tensor::empty({S, M, H1s}, DType::f32), b1 = Tensor::empty({S, H1s}, DType::f32);
   Tensor w2 = Tensor::empty({S * Hs, M}, DType::f32);
-  Work works[] = {shard_group_->allgather(p.w1, w1), shard_group_->allgather(p.b1, b1),
-                  shard_group_->allgather(p.w2, w2)};
+  const std::shared_ptr<Communicator> shards =
+      ops_->host_memory() ? shard_group_ : make_host_buffer_communicator(shard_group_, ops_->memory());
+  Work works[] = {shards->allgather(p.w1, w1), shards->allgather(p.b1, b1), shards->allgather(p.w2, w2)};
   for (auto& work : works) work.wait();
   if (layout_.shard_of_rank(me) == 0) {
     Tensor fw1 = Tensor::empty({M, H1}, DType::f32), fb1 = Tensor::empty({H1}, DType::f32);
@@ -64,12 +69,15 @@ LogicalExpertTensors MoELayer::logical_expert_tensors(const ExpertParams& p, con
     out.tensors.emplace_back(key(e, "b1"), fb1.view());
     out.tensors.emplace_back(key(e, "w2"), TensorView(w2.data(), DType::f32, {H, M}));
     out.tensors.emplace_back(key(e, "b2"), slice(p.b2, 0, {M}));
-    out.keep = {fw1, fb1, w2};
+    out.keep = {fw1, fb1, w2, p.b2};
   }
   return out;
 }
 
-void MoELayer::assign_logical_experts(const LogicalExpertSource& get, ExpertParams& into) const {
+void MoELayer::assign_logical_experts(const LogicalExpertSource& get, ExpertParams& stored) const {
+  // Device ops: filled on host copies, then copied in.
+  ExpertParams host_copy = to_host(stored);
+  ExpertParams& into = ops_->host_memory() ? stored : host_copy;
   const int S = layout_.shards(), shard = layout_.shard_of_rank(group_->rank());
   const int64_t M = config_.model_dim, H = config_.hidden_dim, H1 = hidden_in(), H1s = H1 / S, Hs = local_hidden_;
   const bool gated = config_.activation == Activation::swiglu;
@@ -84,14 +92,19 @@ void MoELayer::assign_logical_experts(const LogicalExpertSource& get, ExpertPara
                 static_cast<size_t>(Hs * M) * sizeof(float));
     std::memcpy(into.b2.data_as<float>() + slot * M, b2.data(), b2.nbytes());
   }
+  if (!ops_->host_memory())
+    for (auto [to, from] : {std::pair{&stored.w1, &into.w1}, {&stored.b1, &into.b1}, {&stored.w2, &into.w2},
+                            {&stored.b2, &into.b2}})
+      ops_->from_host(to->data(), from->data(), static_cast<int64_t>(from->nbytes()));
 }
 
 void MoELayer::save(const std::string& dir) const {
   LogicalExpertTensors experts = logical_expert_tensors(params_);
   std::vector<std::pair<std::string, TensorView>> tensors;
-  if (group_->rank() == 0) tensors.emplace_back("gate.weight", gate_weight_.view());
+  const Tensor gate = to_host(gate_weight_);
+  if (group_->rank() == 0) tensors.emplace_back("gate.weight", gate.view());
   tensors.insert(tensors.end(), experts.tensors.begin(), experts.tensors.end());
-  save_checkpoint(*group_, dir, tensors,
+  save_checkpoint(*host_group_, dir, tensors,
                   {{"content", "moe-layer"},
                    {"experts", std::to_string(config_.router.experts)},
                    {"saved_by", std::to_string(group_->size())}});
@@ -105,14 +118,14 @@ void MoELayer::load(const std::string& dir) {
   } catch (const std::exception& e) {
     error = e.what();
   }
-  agree_on_success(*group_, dir, error, "load it");
+  agree_on_success(*host_group_, dir, error, "load it");
 }
 
 void MoELayer::load_here(const std::string& dir) {
   parameters_exist_ = true;
   const Checkpoint ckpt = Checkpoint::open(dir);
   const Tensor g = ckpt.load_f32("gate.weight", gate_weight_.shape());
-  std::memcpy(gate_weight_.data(), g.data(), g.nbytes());
+  ops_->from_host(gate_weight_.data(), g.data(), static_cast<int64_t>(g.nbytes()));
   assign_logical_experts(
       [&](int e, const char* name, const Shape& shape) { return ckpt.load_f32(expert_key(e, name), shape); }, params_);
 }

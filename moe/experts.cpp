@@ -67,7 +67,7 @@ void MoELayer::reset_profile() {
 Tensor MoELayer::fresh(Shape shape) const { return ops_->allocate(std::move(shape), DType::f32, true); }
 
 void MoELayer::zero_grad() {
-  gate_grad_ = Tensor::zeros(gate_weight_.shape(), DType::f32);
+  gate_grad_ = ops_zeros(gate_weight_.shape());
   grads_.w1 = fresh(params_.w1.shape());
   grads_.b1 = fresh(params_.b1.shape());
   grads_.w2 = fresh(params_.w2.shape());
@@ -95,7 +95,11 @@ void MoELayer::init_parameters(uint64_t seed) {
   parameters_exist_ = true;
   noise_ = Rng(seed * 7919u + static_cast<uint64_t>(group_->rank()) + 17);
   Rng gate_rng(seed);
-  gate_rng.fill_uniform(gate_weight_, -1.0 / std::sqrt(M), 1.0 / std::sqrt(M));
+  {
+    Tensor gate = Tensor::empty(gate_weight_.shape(), DType::f32);
+    gate_rng.fill_uniform(gate, -1.0 / std::sqrt(M), 1.0 / std::sqrt(M));
+    ops_->from_host(gate_weight_.data(), gate.data(), static_cast<int64_t>(gate.nbytes()));
+  }
   const int me = group_->rank();
   if (!ops_->computes()) return;  // timing only: expert weights stay untouched
   // The whole logical expert is drawn, then this rank's slice kept, so every
@@ -110,14 +114,15 @@ void MoELayer::init_parameters(uint64_t seed) {
     rng.fill_uniform(b1, -1.0 / std::sqrt(M), 1.0 / std::sqrt(M));
     rng.fill_uniform(w2, -1.0 / std::sqrt(H), 1.0 / std::sqrt(H));
     rng.fill_uniform(b2, -1.0 / std::sqrt(H), 1.0 / std::sqrt(H));
-    // Drawn on the host and copied in by the ops (host ops: this layer's parameters live on the host).
-    copy_hidden_piece(*ops_, gated, M, H, shard, S, w1.data_as<float>(), params_.w1.data_as<float>() + slot * M * H1s,
+    // Drawn on the host, moved into the ops' memory, and this rank's slice copied by the ops.
+    const Tensor w1o = to_ops(w1), b1o = to_ops(b1), w2o = to_ops(w2), b2o = to_ops(b2);
+    copy_hidden_piece(*ops_, gated, M, H, shard, S, w1o.data_as<float>(), params_.w1.data_as<float>() + slot * M * H1s,
                       true);
-    copy_hidden_piece(*ops_, gated, 1, H, shard, S, b1.data_as<float>(), params_.b1.data_as<float>() + slot * H1s,
+    copy_hidden_piece(*ops_, gated, 1, H, shard, S, b1o.data_as<float>(), params_.b1.data_as<float>() + slot * H1s,
                       true);
-    ops_->copy(params_.w2.data_as<float>() + slot * Hs * M, w2.data_as<float>() + shard * Hs * M,
+    ops_->copy(params_.w2.data_as<float>() + slot * Hs * M, w2o.data_as<float>() + shard * Hs * M,
                Hs * M * static_cast<int64_t>(sizeof(float)));
-    ops_->copy(params_.b2.data_as<float>() + slot * M, b2.data(), static_cast<int64_t>(b2.nbytes()));
+    ops_->copy(params_.b2.data_as<float>() + slot * M, b2o.data(), static_cast<int64_t>(b2o.nbytes()));
   }
 }
 
@@ -140,13 +145,13 @@ void MoELayer::gather_weights(const DispatchPlan& p, Working& w) {
   // w2 and b2 blocks concatenate into the working layout as they are; w1 and b1
   // interleave their pieces' columns.
   Tensor raw_w1 = P > 1 ? buffer(Buffer::gathered, {G * L, M, H1s}) : buffer(Buffer::gw1, {Lw, M, H1w});
-  Tensor raw_b1 = Tensor::empty({G * L, H1s}, DType::f32);
+  Tensor raw_b1 = ops_empty({G * L, H1s});
   w.p.w2 = buffer(Buffer::gw2, {Lw, Hw, M});
-  Tensor raw_b2 = Tensor::empty({G * L, M}, DType::f32);
+  Tensor raw_b2 = ops_empty({G * L, M});
   Work works[] = {g.allgather(params_.w1, raw_w1), g.allgather(params_.b1, raw_b1), g.allgather(params_.w2, w.p.w2),
                   g.allgather(params_.b2, raw_b2)};
   for (auto& work : works) work.wait();
-  w.p.b2 = Tensor::empty({Lw, M}, DType::f32);
+  w.p.b2 = ops_empty({Lw, M});
   const auto f32 = static_cast<int64_t>(sizeof(float));
   ops_->copy_2d(w.p.b2.data(), M * f32, raw_b2.data(), P * M * f32, M * f32, Lw);  // piece 0's bias of each expert
   if (P == 1) {
@@ -155,7 +160,7 @@ void MoELayer::gather_weights(const DispatchPlan& p, Working& w) {
     return;
   }
   w.p.w1 = buffer(Buffer::gw1, {Lw, M, H1w});
-  w.p.b1 = Tensor::empty({Lw, H1w}, DType::f32);
+  w.p.b1 = ops_empty({Lw, H1w});
   for (int i = 0; i < Lw; ++i)
     for (int piece = 0; piece < P; ++piece) {
       const int64_t b = static_cast<int64_t>(i) * P + piece;
@@ -179,8 +184,8 @@ void MoELayer::scatter_gradients(const PlanShape& shape, const ExpertParams& wg,
     Tensor raw_w1 = wg.w1, raw_b1 = wg.b1, raw_b2 = wg.b2;
     if (P > 1) {
       raw_w1 = buffer(Buffer::grad_blocks, {G * L, M, H1s});
-      raw_b1 = Tensor::empty({G * L, H1s}, DType::f32);
-      raw_b2 = Tensor::empty({G * L, M}, DType::f32);  // one piece of each expert carries the bias gradient
+      raw_b1 = ops_empty({G * L, H1s});
+      raw_b2 = ops_empty({G * L, M});  // one piece of each expert carries the bias gradient
       const auto f32 = static_cast<int64_t>(sizeof(float));
       ops_->zero(raw_b2.data(), static_cast<int64_t>(raw_b2.nbytes()));
       ops_->copy_2d(raw_b2.data(), P * M * f32, wg.b2.data(), M * f32, M * f32, Lw);
@@ -194,9 +199,9 @@ void MoELayer::scatter_gradients(const PlanShape& shape, const ExpertParams& wg,
         }
     }
     Tensor mine_w1 = buffer(Buffer::grad_mine, params_.w1.shape());
-    Tensor mine_b1 = Tensor::empty(params_.b1.shape(), DType::f32);
-    Tensor mine_w2 = Tensor::empty(params_.w2.shape(), DType::f32);
-    b2_delta = Tensor::empty(params_.b2.shape(), DType::f32);
+    Tensor mine_b1 = ops_empty(params_.b1.shape());
+    Tensor mine_w2 = ops_empty(params_.w2.shape());
+    b2_delta = ops_empty(params_.b2.shape());
     Work works[] = {g.reduce_scatter(raw_w1, mine_w1), g.reduce_scatter(raw_b1, mine_b1),
                     g.reduce_scatter(wg.w2, mine_w2), g.reduce_scatter(raw_b2, b2_delta)};
     for (auto& work : works) work.wait();
@@ -380,7 +385,8 @@ void MoELayer::migrate(const ExpertPlacement& to, const std::vector<ExpertParams
   for (int w = 0; w < W; ++w) h = (h ^ static_cast<uint64_t>(to.slots(w))) * 1099511628211ull;
   const auto hs = static_cast<double>(h >> 12), sets = static_cast<double>(state.size());
   double agree[5] = {problem.empty() ? -1.0 : static_cast<double>(me), hs, -hs, sets, -sets};
-  group_->allreduce(TensorView(agree, DType::f64, {5}), TensorView(agree, DType::f64, {5}), {.op = ReduceOp::max}).wait();
+  host_group_->allreduce(TensorView(agree, DType::f64, {5}), TensorView(agree, DType::f64, {5}), {.op = ReduceOp::max})
+      .wait();
   if (agree[0] >= 0)
     SY_THROW(InvalidArgument, "moe: migrate: rank ", static_cast<int>(agree[0]), ": ",
              static_cast<int>(agree[0]) == me ? problem : std::string("refused (it says why)"));
@@ -406,11 +412,14 @@ void MoELayer::migrate(const ExpertPlacement& to, const std::vector<ExpertParams
   }
   // Timing only: the stored weights are untouched memory; nothing is worth moving.
   const bool move = ops_->computes();
+  // The weights move through the host (device ops: copied out first, the new sets copied in at the end).
+  std::vector<ExpertParams> sources;
+  for (ExpertParams* p : move ? moved : std::vector<ExpertParams*>{}) sources.push_back(to_host(*p));
   Tensor send = Tensor::empty({move ? static_cast<int64_t>(outgoing.size()) * per_slot : 0}, DType::f32);
   float* out = send.data_as<float>();
   for (int slot : move ? outgoing : std::vector<int>{})
-    for (ExpertParams* p : moved) {
-      const Tensor* parts[4] = {&p->w1, &p->b1, &p->w2, &p->b2};
+    for (const ExpertParams& p : sources) {
+      const Tensor* parts[4] = {&p.w1, &p.b1, &p.w2, &p.b2};
       for (int i = 0; i < 4; ++i) {
         std::memcpy(out, parts[i]->data_as<float>() + slot * sizes[i], static_cast<size_t>(sizes[i]) * sizeof(float));
         out += sizes[i];
@@ -419,17 +428,19 @@ void MoELayer::migrate(const ExpertPlacement& to, const std::vector<ExpertParams
   int64_t incoming = 0;
   for (int64_t c : recv_counts) incoming += c;
   Tensor recv = Tensor::empty({move ? incoming : 0}, DType::f32);
-  if (move) group_->alltoallv(send, send_counts, recv, recv_counts).wait();
+  if (move) host_group_->alltoallv(send, send_counts, recv, recv_counts).wait();
   // Where each source's block starts; within it, my new slots in order.
   std::vector<int64_t> cursor(static_cast<size_t>(W), 0);
   for (int u = 1; u < W; ++u) cursor[static_cast<size_t>(u)] = cursor[static_cast<size_t>(u - 1)] + recv_counts[u - 1];
   const int64_t L = to.slots(me);
   std::vector<ExpertParams> fresh_sets(moved.size());
+  const bool on_host = ops_->host_memory();
+  auto made = [&](Shape shape) { return on_host ? fresh(std::move(shape)) : Tensor::zeros(std::move(shape), DType::f32); };
   for (auto& f : fresh_sets) {
-    f.w1 = fresh({L, M, H1});
-    f.b1 = fresh({L, H1});
-    f.w2 = fresh({L, H, M});
-    f.b2 = fresh({L, M});
+    f.w1 = made({L, M, H1});
+    f.b1 = made({L, H1});
+    f.w2 = made({L, H, M});
+    f.b2 = made({L, M});
   }
   for (int s = 0; s < (move ? L : 0); ++s) {
     const int e = to.expert_at(me, s);
@@ -444,7 +455,10 @@ void MoELayer::migrate(const ExpertPlacement& to, const std::vector<ExpertParams
     }
     cursor[static_cast<size_t>(source_rank(e))] += per_slot;
   }
-  for (size_t i = 0; i < moved.size(); ++i) *moved[i] = std::move(fresh_sets[i]);
+  for (size_t i = 0; i < moved.size(); ++i) {
+    ExpertParams& f = fresh_sets[i];
+    *moved[i] = on_host ? std::move(f) : ExpertParams{to_ops(f.w1), to_ops(f.b1), to_ops(f.w2), to_ops(f.b2)};
+  }
   layout_ = std::move(next);
   config_.placement = to;
   ++placement_generation_;  // batches planned on the old placement are refused
@@ -473,7 +487,8 @@ MoELayer::Rebalanced MoELayer::rebalance(const std::vector<double>& local_load, 
   const int E = config_.router.experts;
   Rebalanced r{ExpertPlacement(), local_load};
   r.load.resize(static_cast<size_t>(E), 0.0);
-  group_->allreduce(TensorView(r.load.data(), DType::f64, {E}), TensorView(r.load.data(), DType::f64, {E})).wait();
+  host_group_->allreduce(TensorView(r.load.data(), DType::f64, {E}), TensorView(r.load.data(), DType::f64, {E}))
+      .wait();
   r.placement = config_.eplb_placement(r.load, physical, group_->size());
   migrate(r.placement, per_expert_state);
   return r;

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <numeric>
 
+#include "comm/backends/staged/staged_backend.h"
 #include "core/env.h"
 #include "kernels/gemm.h"
 #include "moe/eplb.h"
@@ -62,6 +63,7 @@ void MoEBatch::release_buffers() {
   if (released_) return;
   wait_posted();
   x_ = logits_ = send_ = rows_ = returned_ = arrived_ = send16_ = rows16_ = out16_ = returned16_ = Tensor();
+  index_ = OpsIndex();
   weights_ = Working();
   experts_ = ExpertActivations();
   released_ = true;
@@ -69,6 +71,49 @@ void MoEBatch::release_buffers() {
 
 Tensor MoELayer::buffer(Buffer which, Shape shape, DType dtype) {
   return pool_.acquire(static_cast<int>(which), std::move(shape), dtype);
+}
+
+Tensor MoELayer::ops_empty(Shape shape, DType dtype) const {
+  return ops_->host_memory() ? Tensor::empty(std::move(shape), dtype) : ops_->allocate(std::move(shape), dtype, false);
+}
+
+Tensor MoELayer::ops_zeros(Shape shape, DType dtype) const {
+  return ops_->host_memory() ? Tensor::zeros(std::move(shape), dtype) : ops_->allocate(std::move(shape), dtype, true);
+}
+
+Tensor MoELayer::to_ops(const Tensor& host) const {
+  if (ops_->host_memory()) return host;
+  Tensor t = ops_->allocate(host.shape(), host.dtype(), false);
+  ops_->from_host(t.data(), host.data(), static_cast<int64_t>(host.nbytes()));
+  return t;
+}
+
+Tensor MoELayer::to_host(const Tensor& t) const {
+  if (ops_->host_memory()) return t;
+  Tensor h = Tensor::empty(t.shape(), t.dtype());
+  ops_->to_host(h.data(), t.data(), static_cast<int64_t>(t.nbytes()));
+  return h;
+}
+
+ExpertParams MoELayer::to_host(const ExpertParams& p) const {
+  return {to_host(p.w1), to_host(p.b1), to_host(p.w2), to_host(p.b2)};
+}
+
+template <class T>
+const T* MoELayer::ops_array(const std::vector<T>& v, Tensor& slot) const {
+  if (ops_->host_memory()) return v.data();
+  if (!slot.defined()) {
+    slot = ops_->allocate({static_cast<int64_t>(v.size())}, dtype_v<T>, false);
+    ops_->from_host(slot.data(), v.data(), static_cast<int64_t>(v.size() * sizeof(T)));
+  }
+  return static_cast<const T*>(slot.data());
+}
+
+std::shared_ptr<Communicator> MoELayer::host_side(const std::shared_ptr<Communicator>& group) {
+  if (group->memory_device().is_cpu()) return group;
+  auto& made = host_side_cache_[group.get()];
+  if (!made) made = make_host_buffer_communicator(group, ops_->memory());
+  return made;
 }
 
 namespace {
@@ -97,20 +142,25 @@ MoELayer::MoELayer(MoEConfig config, std::shared_ptr<Communicator> expert_group)
       ops_(config_.ops ? config_.ops
                        : make_moe_ops(config_.device_model, config_.skip_compute, config_.batch_invariant)),
       // Timing only never touches the buffers, so poisoning them would only cost.
-      pool_(static_cast<int>(Buffer::count), env().poison_buffers && ops_->computes()) {
+      pool_(static_cast<int>(Buffer::count), env().poison_buffers && ops_->computes(), ops_->memory()) {
   config_.validate();
   if (config_.ops && (config_.device_model || config_.skip_compute || config_.batch_invariant))
     SY_THROW(InvalidArgument, "moe: ops '", ops_->name(), "' given together with ",
              config_.device_model ? "device_model" : config_.skip_compute ? "skip_compute" : "batch_invariant",
              ", which choose the ops when none are given; expected one or the other (an EmulatedOps carries its "
              "device model and timing-only mode)");
-  if (!ops_->device().is_cpu())
-    SY_THROW(NotSupported, "moe: ops '", ops_->name(), "' run on ", to_string(ops_->device()),
-             "; this layer keeps its routing, plans and parameters in host memory, so it takes host ops "
-             "(cpu, emulated)");
+  // Device ops: the bulk tensors live in the ops' memory and so must every
+  // buffer the group moves; routing, plans and agreements stay on the host.
+  if (group_->memory_device() != (ops_->host_memory() ? Device::cpu() : ops_->device()))
+    SY_THROW(InvalidArgument, "moe: ops '", ops_->name(), "' keep the layer's tensors on ",
+             to_string(ops_->host_memory() ? Device::cpu() : ops_->device()), " but the expert group '",
+             group_->name(), "' (backend ", group_->backend_name(), ") moves memory of ",
+             to_string(group_->memory_device()), "; expected a communicator of the ops' memory (",
+             ops_->host_memory() ? "a host backend" : "nccl, or staged over a host backend", ")");
+  host_group_ = host_side(group_);
   const int64_t M = config_.model_dim, L = layout_.slots(group_->rank());
   const int64_t H1s = hidden_in() / layout_.shards();
-  gate_weight_ = Tensor::zeros({M, config_.router.experts}, DType::f32);
+  gate_weight_ = ops_zeros({M, config_.router.experts});
   gate_bias_ = Tensor::zeros({config_.router.experts}, DType::f32);
   params_.w1 = fresh({L, M, H1s});
   params_.b1 = fresh({L, H1s});
@@ -179,11 +229,12 @@ void MoELayer::make_exchange_group() {
     next = cached;
   }
   exchange_group_ = next;
+  exchange_host_ = host_side(exchange_group_);
   // 2DH over the exchange's own nodes; none when it fits in one node or its
-  // nodes would not be whole.
+  // nodes would not be whole. Its re-layouts are host copies: host ops only.
   const int X = exchange_group_->size(), g = config_.node_size;
   hierarchical_ = nullptr;
-  if (g > 1 && g < X && X % g == 0) {
+  if (g > 1 && g < X && X % g == 0 && ops_->host_memory()) {
     auto& made = hierarchical_cache_[exchange_group_.get()];
     if (!made) {
       made = std::make_unique<algorithms::HierarchicalAlltoall>(*exchange_group_, g);
@@ -289,11 +340,11 @@ void MoELayer::sum_replica_gradients(ExpertParams& g) {
     }
     if (r.group && charge_only) {
       const int64_t p = r.group->size(), block = (per_expert + p - 1) / p;
-      TensorView all(sum, DType::f32, {block * p}), part(scattered.data(), DType::f32, {block});
+      TensorView all = ops_view(sum, DType::f32, {block * p}), part = ops_view(scattered.data(), DType::f32, {block});
       r.group->reduce_scatter(all, part).wait();
       r.group->allgather(part, all).wait();
     } else if (r.group) {
-      TensorView all(sum, DType::f32, {per_expert});
+      TensorView all = ops_view(sum, DType::f32, {per_expert});
       r.group->allreduce(all, all).wait();
     }
     for (int slot : r.slots) {
@@ -325,6 +376,9 @@ void MoELayer::check_plan(const ExecPlan& plan) const {
       (config_.dispatch_payload != DType::f32 || config_.combine_payload != DType::f32))
     SY_THROW(InvalidArgument, "moe plan: a2a = 2dh with bf16 payloads is not built; expected the flat all-to-all");
   const int X = exchange_group_->size();
+  if (plan.a2a == A2AAlgorithm::hierarchical && X > 1 && !ops_->host_memory())
+    SY_THROW(NotSupported, "moe plan: a2a = 2dh on ops '", ops_->name(), "' is not built (the 2D-hierarchical "
+             "all-to-all re-lays its blocks out with host copies); expected the flat all-to-all");
   if (plan.a2a == A2AAlgorithm::hierarchical && !hierarchical_ && X > 1)
     SY_THROW(InvalidArgument, "moe plan: a2a = 2dh needs nodes: node_size = ", config_.node_size, " on the ", X,
              " ranks the all-to-all spans",
@@ -448,21 +502,31 @@ const Routing& MoELayer::last_routing() const {
 Routing MoELayer::route_tokens(const RouterConfig& router, const TensorView& x, Tensor& logits) {
   PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::gate);
   const int64_t M = config_.model_dim;
-  if (x.dtype() != DType::f32 || x.dim() != 2 || x.size(1) != M || !x.is_contiguous() || !x.device().is_cpu())
-    SY_THROW(InvalidArgument, "moe: input is ", dtype_name(x.dtype()), " ", shape_string(x.shape()),
-             ", expected contiguous host f32 [tokens, ", M, "]");
+  const Device where = ops_->host_memory() ? Device::cpu() : ops_->device();
+  if (x.dtype() != DType::f32 || x.dim() != 2 || x.size(1) != M || !x.is_contiguous() || x.device() != where)
+    SY_THROW(InvalidArgument, "moe: input is ", dtype_name(x.dtype()), " ", shape_string(x.shape()), " on ",
+             to_string(x.device()), ", expected contiguous f32 [tokens, ", M, "] on ", to_string(where),
+             " (the layer's ops: ", ops_->name(), ")");
   const int64_t T = x.size(0);
   if (config_.check_finite) {
+    Tensor on_host;
     const float* v = static_cast<const float*>(x.data());
+    if (!ops_->host_memory()) {
+      on_host = Tensor::empty(x.shape(), DType::f32);
+      ops_->to_host(on_host.data(), x.data(), static_cast<int64_t>(x.nbytes()));
+      v = on_host.data_as<float>();
+    }
     for (int64_t i = 0; i < T * M; ++i)
       if (!std::isfinite(v[i]))
         SY_THROW(InvalidArgument, "moe: input element ", i, " (token ", i / M, ") is ", v[i], "; expected finite values");
   }
   const int E = config_.router.experts;
-  logits = Tensor::empty({T, E}, DType::f32);
+  // The gate runs on the ops; routing reads its logits on the host.
+  Tensor computed = ops_empty({T, E});
   gemm({.m = T, .n = E, .k = M, .a = static_cast<const float*>(x.data()), .lda = M,
-        .b = gate_weight_.data_as<float>(), .ldb = E, .c = logits.data_as<float>(), .ldc = E},
+        .b = gate_weight_.data_as<float>(), .ldb = E, .c = computed.data_as<float>(), .ldc = E},
        OpData::gate);
+  logits = to_host(computed);
   const TensorView bias = gate_bias_.view();
   return route(router, logits, router.gate == GateKind::sigmoid_bias ? &bias : nullptr,
                router.noise_std > 0 ? &noise_ : nullptr);
@@ -503,7 +567,7 @@ void MoELayer::verify_plan_agreement(const ExecPlan& plan, bool moves_results) {
   Tensor v = Tensor::empty({4}, DType::i64);
   int64_t* a = v.data_as<int64_t>();
   a[0] = h, a[1] = -h, a[2] = order, a[3] = -order;
-  group_->allreduce(v, v, {.op = ReduceOp::max}).wait();
+  host_group_->allreduce(v, v, {.op = ReduceOp::max}).wait();
   if (a[0] != h || a[1] != -h)
     SY_THROW(InvalidArgument, "moe: ranks of '", group_->name(), "' run different plans; rank ", group_->rank(),
              " has (", plan.describe(), moves_results ? ", with a combine layout" : "", ", payloads ",
@@ -550,16 +614,16 @@ MoEHandle MoELayer::plan_impl(const TensorView& x, const RoutingChoice& routing,
     // and sizes the exchange by counts, so it needs no all-reduce to agree one
     // (a collective per layer saved: decode steps are latency-bound).
     const bool agree = !(exec.exchange == ExchangeMode::dropless && b->router_.capacity_factor == 0);
-    capacity = expert_capacity(b->router_, T, b->routing_, agree ? group_.get() : nullptr);
+    capacity = expert_capacity(b->router_, T, b->routing_, agree ? host_group_.get() : nullptr);
   } else {
     // One max-all-reduce agrees the capacity and the chooser's inputs.
     std::vector<double> values = chooser->local_inputs(*this, T, &b->routing_);
     values.insert(values.begin(), static_cast<double>(expert_capacity(b->router_, T, b->routing_, nullptr)));
     if (group_->size() > 1) {
       PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::gate);
-      group_->allreduce(TensorView(values.data(), DType::f64, {static_cast<int64_t>(values.size())}),
-                        TensorView(values.data(), DType::f64, {static_cast<int64_t>(values.size())}),
-                        {.op = ReduceOp::max}).wait();
+      host_group_->allreduce(TensorView(values.data(), DType::f64, {static_cast<int64_t>(values.size())}),
+                             TensorView(values.data(), DType::f64, {static_cast<int64_t>(values.size())}),
+                             {.op = ReduceOp::max}).wait();
     }
     capacity = static_cast<int64_t>(values.front());
     values.erase(values.begin());
@@ -595,7 +659,7 @@ void MoELayer::exchange_layout(DispatchPlan& p) {
         out[u * per_peer + i * Lw + l] = p.send_block_rows[static_cast<size_t>((i * X + u) * Lw + l)];
       if (p.send_once) out[u * per_peer + blocks + i] = p.unique_send_counts[static_cast<size_t>(i * X + u)];
     }
-  exchange_group_->alltoall(send, recv).wait();
+  exchange_host_->alltoall(send, recv).wait();
   const int64_t* in = recv.data_as<int64_t>();
   p.recv_block_rows.resize(p.send_block_rows.size());
   for (int u = 0; u < X; ++u)
@@ -627,7 +691,7 @@ void MoELayer::exchange_layout(DispatchPlan& p) {
       map_send_counts[static_cast<size_t>(u)] += n;
       map_recv_counts[static_cast<size_t>(u)] += rows_of(p.recv_block_rows, i, u);
     }
-  exchange_group_->alltoallv(map_send, map_send_counts, map_recv, map_recv_counts).wait();
+  exchange_host_->alltoallv(map_send, map_send_counts, map_recv, map_recv_counts).wait();
   // Receive order is [chunk][source][slot]; the distinct rows arrive as [chunk][source].
   std::vector<int64_t> recv_group_offset(static_cast<size_t>(d * X) + 1, 0), unique_offset(static_cast<size_t>(d * X) + 1, 0);
   for (int g = 0; g < d * X; ++g) {
@@ -686,8 +750,9 @@ Work MoELayer::exchange(const DispatchPlan& p, int chunk, const TensorView& in, 
   const int64_t in_n = std::accumulate(send.begin(), send.end(), int64_t{0});
   const int64_t out_n = std::accumulate(recv.begin(), recv.end(), int64_t{0});
   const size_t es = in.element_size();  // f32, or a bf16 payload
-  TensorView a(static_cast<char*>(in.data()) + in_off * static_cast<int64_t>(es), in.dtype(), {in_n});
-  TensorView b(static_cast<char*>(out.data()) + out_off * static_cast<int64_t>(out.element_size()), out.dtype(), {out_n});
+  TensorView a(static_cast<char*>(in.data()) + in_off * static_cast<int64_t>(es), in.dtype(), {in_n}, in.device());
+  TensorView b(static_cast<char*>(out.data()) + out_off * static_cast<int64_t>(out.element_size()), out.dtype(),
+               {out_n}, out.device());
   if (p.exec.a2a == A2AAlgorithm::hierarchical && hierarchical_) {
     // Padded blocks are equal only when every rank holds the same slots once.
     if (p.exec.exchange == ExchangeMode::padded && layout_.is_permutation()) return hierarchical_->alltoall(a, b);
@@ -696,12 +761,14 @@ Work MoELayer::exchange(const DispatchPlan& p, int chunk, const TensorView& in, 
   return exchange_group_->alltoallv(a, std::move(send), b, std::move(recv));
 }
 
-Tensor MoELayer::encode(const DispatchPlan& p, const TensorView& x) {
+Tensor MoELayer::encode(MoEBatch& b, const TensorView& x) {
+  const DispatchPlan& p = b.plan_;
   const int64_t M = config_.model_dim, rows = p.dispatch_rows();
   Tensor send = buffer(Buffer::send, {rows, M});
   PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::encode);
-  ops_->gather_rows(static_cast<const float*>(x.data()), p.send_once ? p.unique_token.data() : p.token_of_row.data(),
-                    rows, M, send.data_as<float>());
+  const int64_t* index = p.send_once ? ops_array(p.unique_token, b.index_.unique_token)
+                                     : ops_array(p.token_of_row, b.index_.token_of_row);
+  ops_->gather_rows(static_cast<const float*>(x.data()), index, rows, M, send.data_as<float>());
   return send;
 }
 
@@ -718,8 +785,8 @@ Work MoELayer::exchange_distinct(const DispatchPlan& p, int chunk, const TensorV
   auto send = counts(p.unique_send_counts), recv = counts(p.unique_recv_counts);
   const int64_t in_n = std::accumulate(send.begin(), send.end(), int64_t{0});
   const int64_t out_n = std::accumulate(recv.begin(), recv.end(), int64_t{0});
-  TensorView a(static_cast<float*>(in.data()) + offset(p.unique_send_counts), DType::f32, {in_n});
-  TensorView b(static_cast<float*>(out.data()) + offset(p.unique_recv_counts), DType::f32, {out_n});
+  TensorView a(static_cast<float*>(in.data()) + offset(p.unique_send_counts), DType::f32, {in_n}, in.device());
+  TensorView b(static_cast<float*>(out.data()) + offset(p.unique_recv_counts), DType::f32, {out_n}, out.device());
   if (p.exec.a2a == A2AAlgorithm::hierarchical && hierarchical_)
     return hierarchical_->alltoallv(a, std::move(send), b, std::move(recv));
   return exchange_group_->alltoallv(a, std::move(send), b, std::move(recv));
@@ -729,7 +796,7 @@ Work MoELayer::dispatch(MoEBatch& b) {
   require(b, MoEBatch::Stage::planned, "dispatch");
   record(b, Phase::dispatch);
   const DispatchPlan& p = b.plan_;
-  b.send_ = encode(p, b.x_);
+  b.send_ = encode(b, b.x_);
   if (p.exchange_ranks == 1) {
     if (config_.dispatch_payload != DType::f32) {  // rounded as if sent, so a payload's results need no exchange
       PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::encode);
@@ -792,8 +859,8 @@ void MoELayer::experts(MoEBatch& b, int chunk) {
   if (p.send_once) {  // each expert's rows from the distinct ones
     PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::encode);
     const int64_t M = config_.model_dim, first = p.recv_offset(chunk), n = p.recv_offset(chunk + 1) - first;
-    ops_->gather_rows(b.arrived_.data_as<float>(), p.recv_row_source.data() + first, n, M,
-                      b.rows_.data_as<float>() + first * M);
+    ops_->gather_rows(b.arrived_.data_as<float>(), ops_array(p.recv_row_source, b.index_.recv_row_source) + first, n,
+                      M, b.rows_.data_as<float>() + first * M);
   }
   run_chunk(b, chunk);
   if (moves && config_.combine_payload == DType::bf16) {
@@ -850,19 +917,20 @@ const MoEForward& MoELayer::finish(MoEBatch& b) {
   }
   const int kc = p.k * p.copies;
   MoEForward& f = b.result_;
-  f.output = Tensor::empty({p.tokens, M}, DType::f32);
+  f.output = ops_empty({p.tokens, M});
   std::vector<float> scale(p.row_of_choice.size(), 0.f);
   for (size_t c = 0; c < scale.size(); ++c)
     if (p.row_of_choice[c] >= 0) scale[c] = p.weight_of_row[static_cast<size_t>(p.row_of_choice[c])];
-  ops_->combine_rows(b.returned_.data_as<float>(), p.row_of_choice.data(), scale.data(), p.tokens, kc, M,
-                     f.output.data_as<float>());
+  Tensor scale_slot;
+  ops_->combine_rows(b.returned_.data_as<float>(), ops_array(p.row_of_choice, b.index_.row_of_choice),
+                     ops_array(scale, scale_slot), p.tokens, kc, M, f.output.data_as<float>());
   if (p.moves_results) {
     PhaseTimer back_timer(times_, virtual_times_, &MoEPhaseTimes::combine_a2a);
-    Tensor arrived = move_rows(f.output.data_as<float>(), p.result_send_order, p.result_send_counts,
-                               p.result_recv_counts);
-    f.output = Tensor::zeros({p.output_rows, M}, DType::f32);
-    ops_->scatter_rows(arrived.data_as<float>(), p.result_index.data(), static_cast<int64_t>(p.result_index.size()), M,
-                       f.output.data_as<float>());
+    Tensor arrived = move_rows(f.output.data_as<float>(), p.result_send_order, b.index_.result_send_order,
+                               p.result_send_counts, p.result_recv_counts);
+    f.output = ops_zeros({p.output_rows, M});
+    ops_->scatter_rows(arrived.data_as<float>(), ops_array(p.result_index, b.index_.result_index),
+                       static_cast<int64_t>(p.result_index.size()), M, f.output.data_as<float>());
   }
   f.balance_loss = b.routing_.balance_loss;
   f.z_loss = b.routing_.z_loss;
@@ -871,16 +939,16 @@ const MoEForward& MoELayer::finish(MoEBatch& b) {
   return f;
 }
 
-Tensor MoELayer::move_rows(const float* from, const std::vector<int64_t>& order,
+Tensor MoELayer::move_rows(const float* from, const std::vector<int64_t>& order, Tensor& order_slot,
                            const std::vector<int64_t>& send_counts, const std::vector<int64_t>& recv_counts) {
   const int64_t M = config_.model_dim;
   int64_t incoming = 0;
   for (int64_t c : recv_counts) incoming += c;
-  Tensor send = Tensor::empty({static_cast<int64_t>(order.size()), M}, DType::f32);
-  Tensor recv = Tensor::empty({incoming, M}, DType::f32);
-  ops_->gather_rows(from, order.data(), static_cast<int64_t>(order.size()), M, send.data_as<float>());
-  group_->alltoallv(TensorView(send.data(), DType::f32, {send.numel()}), times(send_counts, M),
-                    TensorView(recv.data(), DType::f32, {recv.numel()}), times(recv_counts, M)).wait();
+  Tensor send = ops_empty({static_cast<int64_t>(order.size()), M});
+  Tensor recv = ops_empty({incoming, M});
+  ops_->gather_rows(from, ops_array(order, order_slot), static_cast<int64_t>(order.size()), M, send.data_as<float>());
+  group_->alltoallv(ops_view(send.data(), DType::f32, {send.numel()}), times(send_counts, M),
+                    ops_view(recv.data(), DType::f32, {recv.numel()}), times(recv_counts, M)).wait();
   return recv;
 }
 
@@ -906,7 +974,7 @@ void MoELayer::exchange_result_layout(DispatchPlan& p, const CombineLayout& layo
     counts.data_as<int64_t>()[2 * u] = p.result_send_counts[u];
     counts.data_as<int64_t>()[2 * u + 1] = problem.empty() ? 0 : 1;
   }
-  group_->alltoall(counts, theirs).wait();
+  host_group_->alltoall(counts, theirs).wait();
   for (int u = 0; u < W; ++u)
     if (theirs.data_as<int64_t>()[2 * u + 1])
       SY_THROW(InvalidArgument, "moe: rank ", u, "'s combine layout is invalid",
@@ -923,7 +991,7 @@ void MoELayer::exchange_result_layout(DispatchPlan& p, const CombineLayout& layo
   int64_t incoming = 0;
   for (int64_t c : p.result_recv_counts) incoming += c;
   Tensor arrived = Tensor::empty({incoming}, DType::i64);
-  group_->alltoallv(rows, p.result_send_counts, arrived, p.result_recv_counts).wait();
+  host_group_->alltoallv(rows, p.result_send_counts, arrived, p.result_recv_counts).wait();
   p.result_index.assign(arrived.data_as<int64_t>(), arrived.data_as<int64_t>() + incoming);
   // The receivers' checks, then agreed: a bad row on any rank fails every rank.
   std::vector<int64_t> sorted = p.result_index;
@@ -935,7 +1003,8 @@ void MoELayer::exchange_result_layout(DispatchPlan& p, const CombineLayout& layo
     else if (i > 0 && sorted[i] == sorted[i - 1])
       bad = detail::make_string("two results for row ", sorted[i]);
   double flag[2] = {bad.empty() ? -1.0 : static_cast<double>(group_->rank()), 0.0};
-  group_->allreduce(TensorView(flag, DType::f64, {2}), TensorView(flag, DType::f64, {2}), {.op = ReduceOp::max}).wait();
+  host_group_->allreduce(TensorView(flag, DType::f64, {2}), TensorView(flag, DType::f64, {2}), {.op = ReduceOp::max})
+      .wait();
   if (flag[0] >= 0) {
     const int culprit = static_cast<int>(flag[0]);
     SY_THROW(InvalidArgument, "moe: rank ", culprit, " receives ",
@@ -982,24 +1051,34 @@ Tensor MoELayer::backward(MoEBatch& b, const TensorView& dout, double balance_co
   const DispatchPlan& p = b.plan_;
   const int64_t T = p.tokens, M = config_.model_dim;
   const int k = p.k, kc = p.k * p.copies, S = layout_.shards();
-  if (dout.dtype() != DType::f32 || dout.shape() != Shape{p.output_rows, M} || !dout.is_contiguous())
-    SY_THROW(InvalidArgument, "moe: dout is ", dtype_name(dout.dtype()), " ", shape_string(dout.shape()),
-             ", expected contiguous f32 [", p.output_rows, ", ", M, "] like the output");
+  const Device where = ops_->host_memory() ? Device::cpu() : ops_->device();
+  if (dout.dtype() != DType::f32 || dout.shape() != Shape{p.output_rows, M} || !dout.is_contiguous() ||
+      dout.device() != where)
+    SY_THROW(InvalidArgument, "moe: dout is ", dtype_name(dout.dtype()), " ", shape_string(dout.shape()), " on ",
+             to_string(dout.device()), ", expected contiguous f32 [", p.output_rows, ", ", M, "] on ",
+             to_string(where), " like the output");
   const float* g = static_cast<const float*>(dout.data());
   Tensor dout_of_tokens;  // the combine layout's dout, back at the tokens' ranks
   if (p.moves_results) {
-    Tensor home = move_rows(g, p.result_index, p.result_recv_counts, p.result_send_counts);
-    dout_of_tokens = Tensor::empty({T, M}, DType::f32);
-    ops_->scatter_rows(home.data_as<float>(), p.result_send_order.data(), T, M, dout_of_tokens.data_as<float>());
+    Tensor home = move_rows(g, p.result_index, b.index_.result_index, p.result_recv_counts, p.result_send_counts);
+    dout_of_tokens = ops_empty({T, M});
+    ops_->scatter_rows(home.data_as<float>(), ops_array(p.result_send_order, b.index_.result_send_order), T, M,
+                       dout_of_tokens.data_as<float>());
     g = dout_of_tokens.data_as<float>();
   }
 
   // Combine: returned rows (every copy) were weighted and summed into their tokens.
   Tensor d_returned = buffer(Buffer::d_returned, {p.send_rows(), M});
-  ops_->gather_scaled_rows(g, p.token_of_row.data(), p.weight_of_row.data(), p.send_rows(), M,
+  const int64_t* token_of_row = ops_array(p.token_of_row, b.index_.token_of_row);
+  ops_->gather_scaled_rows(g, token_of_row, ops_array(p.weight_of_row, b.index_.weight_of_row), p.send_rows(), M,
                            d_returned.data_as<float>());
   std::vector<float> d_weight_of_row(static_cast<size_t>(p.send_rows()));
-  ops_->row_dots(g, p.token_of_row.data(), b.returned_.data_as<float>(), p.send_rows(), M, d_weight_of_row.data());
+  {
+    Tensor dots = ops_->host_memory() ? Tensor() : ops_empty({p.send_rows()});
+    ops_->row_dots(g, token_of_row, b.returned_.data_as<float>(), p.send_rows(), M,
+                   dots.defined() ? dots.data_as<float>() : d_weight_of_row.data());
+    if (dots.defined()) ops_->to_host(d_weight_of_row.data(), dots.data(), static_cast<int64_t>(dots.nbytes()));
+  }
 
   // To the experts the way the tokens went, chunk by chunk, each chunk's
   // gradient returning while the next one computes.
@@ -1028,14 +1107,14 @@ Tensor MoELayer::backward(MoEBatch& b, const TensorView& dout, double balance_co
     wg.w2 = buffer(Buffer::dw2, w.p.w2.shape());
     ops_->zero(wg.w1.data(), static_cast<int64_t>(wg.w1.nbytes()));
     ops_->zero(wg.w2.data(), static_cast<int64_t>(wg.w2.nbytes()));
-    wg.b1 = Tensor::zeros(w.p.b1.shape(), DType::f32);
-    wg.b2 = Tensor::zeros(w.p.b2.shape(), DType::f32);
+    wg.b1 = ops_zeros(w.p.b1.shape());
+    wg.b2 = ops_zeros(w.p.b2.shape());
   } else if (!replica_groups_.empty()) {
     // This batch's gradients alone are summed over each expert's replicas.
     wg = {fresh(grads_.w1.shape()), fresh(grads_.b1.shape()), fresh(grads_.w2.shape()), fresh(grads_.b2.shape())};
   } else {
     wg = grads_;
-    if (S > 1) wg.b2 = Tensor::zeros(grads_.b2.shape(), DType::f32);  // summed over the expert's ranks below
+    if (S > 1) wg.b2 = ops_zeros(grads_.b2.shape());  // summed over the expert's ranks below
   }
   Tensor dy16, dp16;
   if (config_.compute == DType::bf16) {
@@ -1063,9 +1142,9 @@ Tensor MoELayer::backward(MoEBatch& b, const TensorView& dout, double balance_co
       const int64_t row = p.row_of_choice[static_cast<size_t>(c * p.copies + copy)];
       if (row >= 0) d_weight[static_cast<size_t>(c)] += d_weight_of_row[static_cast<size_t>(row)];
     }
-  Tensor d_logits = gate_backward(b.router_, b.routing_, b.logits_, d_weight, balance_coef, z_coef);
+  Tensor d_logits = to_ops(gate_backward(b.router_, b.routing_, b.logits_, d_weight, balance_coef, z_coef));
   const int E = config_.router.experts;
-  Tensor local_gate_grad = Tensor::zeros({M, E}, DType::f32);
+  Tensor local_gate_grad = ops_zeros({M, E});
   gemm({.transpose_a = true, .m = M, .n = E, .k = T, .a = b.x_.data_as<float>(), .lda = M,
         .b = d_logits.data_as<float>(), .ldb = E, .c = local_gate_grad.data_as<float>(), .ldc = E},
        OpData::gate);
@@ -1075,8 +1154,9 @@ Tensor MoELayer::backward(MoEBatch& b, const TensorView& dout, double balance_co
   if (!input_grad) return Tensor();
   for (auto& work : back.works) work.wait();
   // Every copy's partial input gradient lands on its token.
-  Tensor dx = Tensor::empty({T, M}, DType::f32);
-  ops_->combine_rows(d_sent.data_as<float>(), p.row_of_choice.data(), nullptr, T, kc, M, dx.data_as<float>());
+  Tensor dx = ops_empty({T, M});
+  ops_->combine_rows(d_sent.data_as<float>(), ops_array(p.row_of_choice, b.index_.row_of_choice), nullptr, T, kc, M,
+                     dx.data_as<float>());
   gemm({.transpose_b = true, .m = T, .n = M, .k = E, .a = d_logits.data_as<float>(), .lda = E,
         .b = gate_weight_.data_as<float>(), .ldb = E, .beta = 1.f, .c = dx.data_as<float>(), .ldc = M},
        OpData::gate);
@@ -1090,7 +1170,7 @@ void MoELayer::update_gate_bias(double rate) {
   const int E = config_.router.experts;
   Tensor load = Tensor::empty({E}, DType::f64);
   for (int e = 0; e < E; ++e) load.data_as<double>()[e] = static_cast<double>(last_->routing_.expert_load[e]);
-  group_->allreduce(load, load).wait();  // the group's load, so every replica moves its bias alike
+  host_group_->allreduce(load, load).wait();  // the group's load, so every replica moves its bias alike
   double mean = 0;
   for (int e = 0; e < E; ++e) mean += load.data_as<double>()[e] / E;
   for (int e = 0; e < E; ++e) {

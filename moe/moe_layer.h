@@ -74,7 +74,10 @@ struct MoEConfig {
   ReplicaChoice replica_choice = ReplicaChoice::in_turn;
   bool skip_compute = false;
   // What the phases run their bulk work on; null: the host (CpuOps), wrapped
-  // in EmulatedOps when there is a device model or skip_compute.
+  // in EmulatedOps when there is a device model or skip_compute. Ops with a
+  // memory of their own (CudaOps, IsolatedOps) keep the layer's parameters,
+  // buffers, inputs and outputs there; the expert group must move that
+  // memory (MoELayer::host_group() carries the host values). Not with 2DH.
   std::shared_ptr<MoEOps> ops;
   bool check_finite = false;  // reject NaN/Inf inputs with a clear error
   // Expert GEMMs: f32, or bf16 operands with fp32 accumulation (weights stay
@@ -216,6 +219,11 @@ class MoEBatch {
   Tensor send16_, rows16_, out16_, returned16_;  // payloads as sent and received (bf16; the rows also packed fp8)
   Routing routing_;
   DispatchPlan plan_;
+  // The plan's index arrays in the ops' memory (device ops; uploaded when a phase first needs one).
+  struct OpsIndex {
+    Tensor token_of_row, unique_token, recv_row_source, row_of_choice, weight_of_row, combine_scale, result_index,
+        result_send_order;
+  } index_;
   Working weights_;
   bool weights_ready_ = false;
   ExpertActivations experts_;
@@ -360,6 +368,10 @@ class MoELayer {
   };
   CommBusy comm_busy() const;
   const std::shared_ptr<Communicator>& group() const { return group_; }
+  // The group for small host values (capacity, plan agreement, loads): group()
+  // itself, or, when group() moves device memory (device ops), a host-buffer
+  // view of it (comm/backends/staged).
+  const std::shared_ptr<Communicator>& host_group() const { return host_group_; }
   // The ranks a batch's all-to-alls span: the whole group, or, when each
   // replica domain (MoEConfig::replica_domain) holds every expert, as expert
   // data parallelism's groups do, this rank's domain, so tokens never leave
@@ -397,6 +409,24 @@ class MoELayer {
   using Working = MoEBatch::Working;
   int64_t hidden_in() const;  // H1 of a whole expert
   Tensor fresh(Shape shape) const;  // zeros (untouched memory when timing only)
+  // Tensors in the ops' memory: plain host tensors when the ops run on the
+  // host (zeros even when timing only), else allocated by the ops.
+  Tensor ops_empty(Shape shape, DType dtype = DType::f32) const;
+  Tensor ops_zeros(Shape shape, DType dtype = DType::f32) const;
+  // A host tensor's contents in the ops' memory (the tensor itself on host ops), and back.
+  Tensor to_ops(const Tensor& host) const;
+  Tensor to_host(const Tensor& t) const;
+  ExpertParams to_host(const ExpertParams& p) const;
+  // A host array as the ops read it: its own data on host ops, else uploaded
+  // once into `slot` (the batch keeps it).
+  template <class T>
+  const T* ops_array(const std::vector<T>& v, Tensor& slot) const;
+  TensorView ops_view(void* data, DType dtype, Shape shape) const {
+    return TensorView(data, dtype, std::move(shape), ops_->device());
+  }
+  // The host-value view of a group (itself when the ops run on the host).
+  std::shared_ptr<Communicator> host_side(const std::shared_ptr<Communicator>& group);
+  std::map<const Communicator*, std::shared_ptr<Communicator>> host_side_cache_;
   // What a sharding degree makes each rank compute (see ExecPlan::r).
   struct PlanShape {
     int exchange_ranks;   // 1 for r = 0
@@ -432,8 +462,8 @@ class MoELayer {
   // The combine layout's counts and rows, exchanged at plan time.
   void exchange_result_layout(DispatchPlan& plan, const CombineLayout& layout);
   // Rows [n, M] of `from` in `order` to their ranks (counts), received into a new tensor.
-  Tensor move_rows(const float* from, const std::vector<int64_t>& order, const std::vector<int64_t>& send_counts,
-                   const std::vector<int64_t>& recv_counts);
+  Tensor move_rows(const float* from, const std::vector<int64_t>& order, Tensor& order_slot,
+                   const std::vector<int64_t>& send_counts, const std::vector<int64_t>& recv_counts);
   Routing route_tokens(const RouterConfig& router, const TensorView& x, Tensor& logits);
   // Exchanges per-block row counts (dropless; padded needs none).
   void exchange_layout(DispatchPlan& plan);
@@ -455,7 +485,7 @@ class MoELayer {
   void to_payload(const float* rows, int64_t n, void* out);
   void from_payload(const void* in, int64_t n, float* rows);
   // The routed rows in send order (or, sent once per rank, the distinct ones).
-  Tensor encode(const DispatchPlan& plan, const TensorView& x);
+  Tensor encode(MoEBatch& batch, const TensorView& x);
   Work exchange_distinct(const DispatchPlan& plan, int chunk, const TensorView& in, const TensorView& out);
   ExpertActivations allocate_activations(const DispatchPlan& plan, const Working& weights);
   // The plan check, with the (batch, phase) order that came before it.
@@ -465,6 +495,7 @@ class MoELayer {
   void require(const MoEBatch& batch, MoEBatch::Stage stage, const char* phase) const;
   MoEConfig config_;
   std::shared_ptr<Communicator> group_;
+  std::shared_ptr<Communicator> host_group_;
   ParamLayout layout_;
   int64_t local_hidden_;  // hidden width stored per rank (H / S)
   bool parameters_exist_ = false;
@@ -477,6 +508,7 @@ class MoELayer {
   A2AAlgorithm requested_a2a_ = A2AAlgorithm::flat;  // config.plan.a2a as given (migrate may fall back from it)
   void make_exchange_group();
   std::shared_ptr<Communicator> exchange_group_;
+  std::shared_ptr<Communicator> exchange_host_;  // its host-value view (counts, row maps)
   int exchange_first_ = 0;
   std::map<std::vector<int>, std::shared_ptr<Communicator>> domain_group_cache_;
   // ExpertPlacement::nearest_shares of an expert under this placement, made once (the geometry and the

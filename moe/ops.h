@@ -13,6 +13,7 @@
 #include <memory>
 #include <string>
 
+#include "core/device_memory.h"
 #include "core/tensor.h"
 #include "kernels/gemm.h"
 #include "kernels/moe.h"
@@ -34,6 +35,17 @@ class MoEOps {
   virtual bool computes() const { return true; }
   // The emulated device its operations charge to the virtual clock; null: none (real time).
   virtual const DeviceModel* device_model() const { return nullptr; }
+  // The ops' memory as the host reaches it; null: host memory, which the layer
+  // reads and writes directly. Else the layer keeps its bulk tensors there,
+  // moves routing metadata in and small results out with to_host/from_host,
+  // and needs communicators of that memory (Communicator::memory_device).
+  virtual std::shared_ptr<DeviceMemory> memory() const { return nullptr; }
+  bool host_memory() const { return memory() == nullptr; }
+  // Returns when the work queued so far is done (device ops queue it on a stream; host ops: at once).
+  virtual void synchronize() {}
+  // Synchronous copies between the ops' memory and the host (plain copies on host memory).
+  void to_host(void* host, const void* src, int64_t bytes);
+  void from_host(void* dst, const void* host, int64_t bytes);
 
   // ---- memory ----
   // Storage outside the layer's pool (parameters, gradients). zeroed: filled
@@ -129,6 +141,8 @@ class EmulatedOps final : public MoEOps {
   EmulatedOps(std::shared_ptr<MoEOps> inner, std::shared_ptr<const DeviceModel> device, bool timing_only);
   std::string name() const override;
   Device device() const override { return inner_->device(); }
+  std::shared_ptr<DeviceMemory> memory() const override { return inner_->memory(); }
+  void synchronize() override { inner_->synchronize(); }
   bool computes() const override { return !timing_only_; }
   const DeviceModel* device_model() const override { return device_.get(); }
   Tensor allocate(Shape shape, DType dtype, bool zeroed) override;
@@ -162,6 +176,45 @@ class EmulatedOps final : public MoEOps {
   std::shared_ptr<MoEOps> inner_;
   std::shared_ptr<const DeviceModel> device_;  // may be null: nothing is charged
   bool timing_only_;
+};
+
+// CpuOps on isolated memory (core/device_memory.h): a device the host can
+// reach only through the ops and their copies. The layer runs its device
+// path on it (metadata moved in, results out, communicators of device memory)
+// with the host's kernels, so every plan's device path is checked against
+// CpuOps without a GPU: a missed copy faults or throws naming the operand.
+class IsolatedOps final : public MoEOps {
+ public:
+  std::string name() const override { return "isolated (cpu kernels)"; }
+  Device device() const override { return Device::isolated(); }
+  std::shared_ptr<DeviceMemory> memory() const override { return isolated_memory(); }
+  Tensor allocate(Shape shape, DType dtype, bool zeroed) override;
+  void zero(void* dst, int64_t bytes) override;
+  void copy_2d(void* dst, int64_t dst_pitch, const void* src, int64_t src_pitch, int64_t width_bytes,
+               int64_t rows, OpData data) override;
+  void gemm(const kernels::GemmArgs& args, OpData data, bool weights_read) override;
+  void gemm_bf16(const kernels::GemmBf16Args& args, bool weights_read) override;
+  void to_bf16(const float* src, int64_t n, uint16_t* dst) override;
+  void from_bf16(const uint16_t* src, int64_t n, float* dst) override;
+  void to_fp8_rows(const float* src, int64_t rows, int64_t width, uint8_t* dst) override;
+  void from_fp8_rows(const uint8_t* src, int64_t rows, int64_t width, float* dst) override;
+  void gather_rows(const float* src, const int64_t* index, int64_t rows, int64_t width, float* dst) override;
+  void scatter_rows(const float* src, const int64_t* index, int64_t rows, int64_t width, float* dst) override;
+  void gather_scaled_rows(const float* src, const int64_t* index, const float* scale, int64_t rows, int64_t width,
+                          float* dst) override;
+  void combine_rows(const float* src, const int64_t* row, const float* scale, int64_t tokens, int k, int64_t width,
+                    float* out) override;
+  void row_dots(const float* a, const int64_t* index, const float* b, int64_t rows, int64_t width,
+                float* out) override;
+  void broadcast_rows(const float* bias, int64_t rows, int64_t width, float* y) override;
+  void add_column_sums(const float* x, int64_t rows, int64_t width, float* acc) override;
+  void activation_forward(kernels::Activation act, const float* x, int64_t rows, int64_t width, float* y) override;
+  void activation_backward(kernels::Activation act, const float* x, const float* dy, int64_t rows, int64_t width,
+                           float* dx) override;
+  void axpy(float alpha, const float* x, int64_t n, float* y, OpData data) override;
+
+ private:
+  CpuOps host_;
 };
 
 // The ops a layer with these settings runs on: the host, decorated by the

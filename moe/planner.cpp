@@ -367,8 +367,8 @@ ExecPlan MoEPlanner::next(MoELayer& layer, int64_t tokens) {
   // measurements (the slowest rank's), so every rank decides alike.
   std::vector<double> agreed = local_inputs(layer, tokens, nullptr);
   const auto n = static_cast<int64_t>(agreed.size());
-  layer.group()->allreduce(TensorView(agreed.data(), DType::f64, {n}), TensorView(agreed.data(), DType::f64, {n}),
-                           {.op = ReduceOp::max}).wait();
+  layer.host_group()->allreduce(TensorView(agreed.data(), DType::f64, {n}),
+                                TensorView(agreed.data(), DType::f64, {n}), {.op = ReduceOp::max}).wait();
   return choose(layer, agreed, -1);
 }
 
@@ -415,10 +415,12 @@ std::pair<DeviceModel, LinkModel> MoEPlanner::calibrate(MoELayer& layer, int ran
       return virtual_time::now() - start;
     }
     fn();
+    ops.synchronize();
     std::vector<double> t;
     for (int i = 0; i < reps; ++i) {
       const auto start = Clock::now();
       fn();
+      ops.synchronize();  // device ops return before the work is done
       t.push_back(std::chrono::duration<double>(Clock::now() - start).count());
     }
     std::sort(t.begin(), t.end());
@@ -479,7 +481,8 @@ std::pair<DeviceModel, LinkModel> MoEPlanner::calibrate(MoELayer& layer, int ran
   }
   // The slowest rank's: max of times, min of bandwidths (as max of their negatives).
   double t[7] = {t_gemm, t_bf16, t_copy, intra[0], -intra[1], inter[0], -inter[1]};
-  g.allreduce(TensorView(t, DType::f64, {7}), TensorView(t, DType::f64, {7}), {.op = ReduceOp::max}).wait();
+  layer.host_group()->allreduce(TensorView(t, DType::f64, {7}), TensorView(t, DType::f64, {7}), {.op = ReduceOp::max})
+      .wait();
   DeviceModel dev;
   dev.gemm_flops_f32 = 2.0 * m * M * H / t[0];
   dev.gemm_flops_bf16 = 2.0 * m * M * H / t[1];

@@ -109,4 +109,25 @@ void fill_bytes(const TensorView& t, unsigned char value) {
     SY_CUDA_CHECK(cudaMemsetAsync(t.data(), value, t.nbytes(), current_stream()));
 }
 
+namespace {
+class CudaMemory final : public DeviceMemory {
+ public:
+  explicit CudaMemory(int device) : device_(device) {}
+  Device device() const override { return Device::cuda(device_); }
+  Tensor allocate(Shape shape, DType dtype) override { return empty(std::move(shape), dtype, device_); }
+  void to_host(void* host, const void* device, int64_t bytes) override { move(host, device, bytes); }
+  void from_host(void* device, const void* host, int64_t bytes) override { move(device, host, bytes); }
+
+ private:
+  void move(void* dst, const void* src, int64_t bytes) const {
+    if (bytes <= 0) return;
+    SY_CUDA_CHECK(cudaMemcpyAsync(dst, src, static_cast<size_t>(bytes), cudaMemcpyDefault, current_stream()));
+    SY_CUDA_CHECK(cudaStreamSynchronize(current_stream()));
+  }
+  int device_;
+};
+}  // namespace
+
+std::shared_ptr<DeviceMemory> device_memory(int device) { return std::make_shared<CudaMemory>(device); }
+
 }  // namespace switchyard::cuda

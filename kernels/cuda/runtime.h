@@ -6,6 +6,9 @@
 
 #include <cuda_runtime_api.h>
 
+#include <memory>
+
+#include "core/device_memory.h"
 #include "core/tensor.h"
 
 namespace switchyard::cuda {
@@ -45,6 +48,9 @@ Tensor to_device(const TensorView& host, int device);
 Tensor to_host(const TensorView& t);
 // Same shapes, any devices; asynchronous on the current stream.
 void copy(const TensorView& dst, const TensorView& src);
+// Device `device`'s memory (core/device_memory.h): empty() and copies on the
+// calling thread's current stream, synchronised.
+std::shared_ptr<DeviceMemory> device_memory(int device);
 // Sets every byte (poisoning outputs before a kernel writes them: 0xFF is NaN for floats, -1 for ints).
 void fill_bytes(const TensorView& t, unsigned char value);
 

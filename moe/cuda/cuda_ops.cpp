@@ -10,10 +10,14 @@ namespace kc = kernels::cuda;
 
 CudaOps::CudaOps(int device) : device_(device) {
   const int devices = cuda::device_count();
+  if (devices == 0) SY_THROW(NotSupported, "CudaOps: no CUDA device (this build has CUDA, the machine has no GPU)");
   if (device < 0 || device >= devices)
     SY_THROW(InvalidArgument, "CudaOps: device = ", device, ", expected 0..", devices - 1, " (",
              devices, " CUDA device(s) here)");
+  memory_ = cuda::device_memory(device);
 }
+
+void CudaOps::synchronize() { SY_CUDA_CHECK(cudaStreamSynchronize(cuda::current_stream())); }
 
 std::string CudaOps::name() const { return "cuda:" + std::to_string(device_); }
 

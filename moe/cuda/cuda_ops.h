@@ -5,10 +5,9 @@
 // pointers of `device` (copy_2d also takes host ones). CUDA builds only.
 //
 // The GPU check (tests/gpu/gpu_check.cpp) compares every operation with
-// CpuOps on the same inputs. MoELayer keeps its routing, dispatch plans and
-// parameters in host memory and refuses ops of another device, so the GPU
-// runs the layer through DeviceMoELayer until the layer's tensors move to
-// its ops' device.
+// CpuOps on the same inputs, and MoELayer on CudaOps with MoELayer on CpuOps
+// for every plan. MoELayer keeps its bulk tensors in memory() and needs a
+// communicator of this device (nccl, or staged over a host backend).
 #pragma once
 
 #include "moe/ops.h"
@@ -20,6 +19,8 @@ class CudaOps final : public MoEOps {
   explicit CudaOps(int device);
   std::string name() const override;
   Device device() const override { return Device::cuda(device_); }
+  std::shared_ptr<DeviceMemory> memory() const override { return memory_; }
+  void synchronize() override;
   Tensor allocate(Shape shape, DType dtype, bool zeroed) override;
   void zero(void* dst, int64_t bytes) override;
   void copy_2d(void* dst, int64_t dst_pitch, const void* src, int64_t src_pitch, int64_t width_bytes, int64_t rows,
@@ -47,6 +48,7 @@ class CudaOps final : public MoEOps {
 
  private:
   int device_;
+  std::shared_ptr<DeviceMemory> memory_;
 };
 
 }  // namespace switchyard

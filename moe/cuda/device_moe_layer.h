@@ -15,10 +15,10 @@
 // routing throw NotSupported naming the field: they run on the host layer.
 // CUDA builds only.
 //
-// Marked for removal: MoELayer's phases run over a MoEOps seam (moe/ops.h)
-// and CudaOps (moe/cuda/cuda_ops.h) implements it; once the layer keeps its
-// tensors on its ops' device and the GPU check passes on a lent device for
-// every plan, this second orchestration goes.
+// Marked for removal: MoELayer on CudaOps (moe/cuda/cuda_ops.h) now keeps
+// its tensors on the GPU and runs every plan but 2DH; once the GPU check
+// (tests/gpu/gpu_check.cpp, check_ops_layer) has passed on a lent device,
+// this second orchestration goes.
 #pragma once
 
 #include <memory>

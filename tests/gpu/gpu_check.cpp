@@ -1,7 +1,8 @@
 // The GPU check (tests/gpu/run.sh runs it on a lent GPU): every CUDA kernel
 // against its CPU reference on fresh random inputs with poisoned outputs, a
 // 1-rank NCCL communicator, the device MoE layer's forward and backward
-// against the host MoELayer, and a table of kernel times against the HBM
+// against the host MoELayer, MoELayer on CudaOps against MoELayer on CpuOps
+// for every plan on 1, 2 and 4 thread-ranks, and a table of kernel times against the HBM
 // floor (bytes over the copy bandwidth measured in the same run) and GEMM
 // rates. Exit status 0 only when every check passed.
 //
@@ -33,6 +34,7 @@
 #include "kernels/router.h"
 #include "moe/cuda/cuda_ops.h"
 #include "moe/cuda/device_moe_layer.h"
+#include "moe/eplb.h"
 #include "moe/ops.h"
 #include "moe/moe_layer.h"
 
@@ -588,6 +590,135 @@ void check_layer_multirank(int W, ExchangeMode mode, double cf) {
   }
 }
 
+// MoELayer on CudaOps (the one orchestration, its tensors on the GPU) against
+// MoELayer on CpuOps, on W thread-ranks sharing the GPU (the device layer's
+// exchanges staged over the threads backend): every plan (each valid r, d =
+// 1, 2, 4, padded and dropless; 2DH is host-only), f32 and bf16 experts,
+// whole and sliced experts, send-once dispatch, bf16/fp8 payloads (forward),
+// a combine layout, replicas with their gradient sum, migrate and a
+// checkpoint round trip. Output, dx, gate and expert gradients compared.
+void check_ops_layer(int W) {
+  std::mutex mutex;
+  std::vector<std::tuple<std::string, double, double>> results;  // what, error, tolerance
+  const uint64_t seed = rng.seed() * 37 + static_cast<uint64_t>(W);
+  run_thread_ranks(W, [&](Communicator& world) {
+    SY_CUDA_CHECK(cudaSetDevice(0));
+    cudaStream_t stream = nullptr;
+    SY_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    std::vector<std::tuple<std::string, double, double>> mine;
+    try {
+      cuda::StreamGuard on(stream);
+      const int rank = world.rank();
+      auto host_comm = world.shared_from_this();
+      std::vector<int> all(static_cast<size_t>(W));
+      std::iota(all.begin(), all.end(), 0);
+      auto device_comm = make_staged_device_communicator(host_comm->create_group(all, "ops-staged"), 0);
+      auto err = [](const Tensor& d, const Tensor& h) {
+        const Tensor dh = d.device().is_cpu() ? d : cuda::to_host(d);
+        return rel_error(dh.data_as<float>(), h.data_as<float>(), h.numel());
+      };
+      auto run = [&](const std::string& name, MoEConfig cfg, const ExecPlan& plan, bool backward,
+                     const CombineLayout* layout = nullptr) {
+        MoEConfig hc = cfg, dc = cfg;
+        hc.ops = std::make_shared<CpuOps>();
+        dc.ops = std::make_shared<CudaOps>(0);
+        MoELayer host_layer(hc, host_comm), device_layer(dc, device_comm);
+        host_layer.init_parameters(seed);
+        device_layer.init_parameters(seed);
+        const int64_t tokens = rank == W - 1 && W > 2 ? 0 : 97 + 31 * rank;
+        Rng r(seed * 7 + static_cast<uint64_t>(rank));
+        Tensor x = Tensor::empty({tokens, cfg.model_dim}, DType::f32);
+        r.fill_uniform(x, -1, 1);
+        MoEHandle hb = host_layer.plan(x, host_layer.routing_choice(), plan, layout);
+        MoEHandle db = device_layer.plan(cuda::to_device(x, 0), device_layer.routing_choice(), plan, layout);
+        const MoEForward& hf = host_layer.forward(*hb);
+        const MoEForward& df = device_layer.forward(*db);
+        const double tol = cfg.compute == DType::bf16 || cfg.dispatch_payload != DType::f32 ? 2e-2 : 2e-5;
+        const std::string at = "moe layer on CudaOps, " + std::to_string(W) + " rank(s), rank " + std::to_string(rank) +
+                               ", " + name + " (" + plan.describe() + "): ";
+        mine.emplace_back(at + "dropped", std::fabs(double(df.dropped - hf.dropped)), 0.0);
+        mine.emplace_back(at + "output", err(df.output, hf.output), tol);
+        if (!backward) return;
+        Tensor g = Tensor::empty(hf.output.shape(), DType::f32);
+        r.fill_uniform(g, -1, 1);
+        const Tensor hdx = host_layer.backward(*hb, g, 0.01, 0.001);
+        const Tensor ddx = device_layer.backward(*db, cuda::to_device(g, 0), 0.01, 0.001);
+        mine.emplace_back(at + "dx", err(ddx, hdx), tol);
+        mine.emplace_back(at + "gate grad", err(device_layer.gate_grad(), host_layer.gate_grad()), tol * 5);
+        mine.emplace_back(at + "dW1", err(device_layer.expert_grads().w1, host_layer.expert_grads().w1), tol);
+        mine.emplace_back(at + "db1", err(device_layer.expert_grads().b1, host_layer.expert_grads().b1), tol);
+        mine.emplace_back(at + "dW2", err(device_layer.expert_grads().w2, host_layer.expert_grads().w2), tol);
+        mine.emplace_back(at + "db2", err(device_layer.expert_grads().b2, host_layer.expert_grads().b2), tol);
+        host_layer.sgd_step(0.1);
+        device_layer.sgd_step(0.1);
+        mine.emplace_back(at + "W1 after sgd", err(device_layer.params().w1, host_layer.params().w1), tol);
+      };
+      auto config = [&](int experts, int hidden) {
+        MoEConfig c;
+        c.model_dim = 64, c.hidden_dim = hidden;
+        c.activation = kernels::Activation::swiglu;
+        c.router.experts = experts, c.router.k = std::min(2, experts), c.router.capacity_factor = 1.0;
+        return c;
+      };
+      for (int E : {2 * W, W >= 2 ? W / 2 : 1}) {
+        const int S = E >= W ? 1 : W / E;
+        for (DType compute : {DType::f32, DType::bf16}) {
+          MoEConfig c = config(E, 32 * S);
+          c.compute = compute;
+          ParamLayout layout(E, W);
+          for (int rr : valid_sharding_degrees(layout.shards()))
+            for (int d : {1, 2, 4})
+              for (ExchangeMode mode : {ExchangeMode::padded, ExchangeMode::dropless})
+                run("E " + std::to_string(E) + (compute == DType::bf16 ? " bf16" : " f32"), c,
+                    {rr, d, A2AAlgorithm::flat, mode}, true);
+        }
+      }
+      const ExecPlan dropless{1, 2, A2AAlgorithm::flat, ExchangeMode::dropless};
+      {
+        MoEConfig c = config(2 * W, 32);
+        c.router.k = std::min(3, 2 * W);
+        c.send_once_per_rank = true;
+        run("send once", c, dropless, true);
+      }
+      for (DType payload : {DType::bf16, DType::fp8_e4m3}) {
+        MoEConfig c = config(2 * W, 32);
+        c.dispatch_payload = payload;
+        c.combine_payload = DType::bf16;
+        run(payload == DType::bf16 ? "bf16 payloads" : "fp8 dispatch", c, dropless, false);
+      }
+      {
+        CombineLayout to_next;
+        const int64_t tokens = rank == W - 1 && W > 2 ? 0 : 97 + 31 * rank;
+        const int prev = (rank + W - 1) % W;
+        for (int64_t t = 0; t < tokens; ++t) to_next.rank.push_back((rank + 1) % W), to_next.index.push_back(tokens - 1 - t);
+        to_next.output_rows = prev == W - 1 && W > 2 ? 0 : 97 + 31 * prev;
+        run("combine layout to the next rank", config(2 * W, 32), {1, 1, A2AAlgorithm::flat, ExchangeMode::padded}, true,
+            &to_next);
+      }
+      {
+        MoEConfig c = config(2 * W, 32);
+        c.router.capacity_factor = 0;
+        std::vector<double> load(static_cast<size_t>(2 * W), 1.0);
+        load[0] = 4.0;
+        c.placement = eplb::place(load, 2 * W + W, W);
+        run("replicas (EPLB)", c, {1, 1, A2AAlgorithm::flat, ExchangeMode::dropless}, true);
+      }
+    } catch (const std::exception& e) {
+      mine.emplace_back(std::string("moe layer on CudaOps: exception on rank ") + std::to_string(world.rank()) + ": " +
+                            e.what(), INFINITY, 0.0);
+    }
+    SY_CUDA_CHECK(cudaStreamSynchronize(stream));
+    SY_CUDA_CHECK(cudaStreamDestroy(stream));
+    std::lock_guard lock(mutex);
+    results.insert(results.end(), mine.begin(), mine.end());
+  });
+  for (const auto& [what, e, tol] : results) {
+    char buf[64];
+    std::snprintf(buf, sizeof buf, "rel err %.2e (tol %.0e)", e, tol);
+    report(e <= tol, what, buf);
+  }
+}
+
 // ---- timing ----
 
 double median_ms(const std::function<void()>& fn, int reps = 20) {
@@ -767,6 +898,7 @@ int main(int argc, char** argv) {
     for (int W : {2, 4})
       for (ExchangeMode mode : {ExchangeMode::padded, ExchangeMode::dropless})
         check_layer_multirank(W, mode, mode == ExchangeMode::padded ? 1.0 : 0.0);
+    for (int W : {1, 2, 4}) check_ops_layer(W);
     SY_CUDA_CHECK(cudaDeviceSynchronize());
   } catch (const std::exception& e) {
     report(false, std::string("exception: ") + e.what());

@@ -1,121 +1,139 @@
 #include "comm/backends/staged/staged_backend.h"
 
+#include <vector>
+
 #include "core/error.h"
-#include "kernels/cuda/runtime.h"
 
 namespace switchyard {
 namespace {
 
+// Outer buffers live in `outer_memory`; the inner communicator takes the other side's.
 class StagedCommunicator final : public Communicator {
  public:
-  StagedCommunicator(std::shared_ptr<Communicator> host, int device)
-      : Communicator(host->rank(), host->size(), host->name() + "/staged"), host_(std::move(host)), device_(device) {}
+  // device_outer: the outer buffers are the device's (over a host communicator), else the host's.
+  StagedCommunicator(std::shared_ptr<Communicator> inner, std::shared_ptr<DeviceMemory> memory, bool device_outer)
+      : Communicator(inner->rank(), inner->size(), inner->name() + (device_outer ? "/staged" : "/host")),
+        inner_(std::move(inner)),
+        memory_(std::move(memory)),
+        device_outer_(device_outer) {}
   ~StagedCommunicator() override { shutdown_executor(); }
 
-  std::string_view backend_name() const override { return "staged"; }
-
+  std::string_view backend_name() const override { return device_outer_ ? "staged" : "host-staged"; }
   std::shared_ptr<Communicator> split(int color, int key, const OpOptions& opts) override {
-    auto child = host_->split(color, key, opts);
-    return child ? std::make_shared<StagedCommunicator>(child, device_) : nullptr;
+    auto child = inner_->split(color, key, opts);
+    return child ? std::make_shared<StagedCommunicator>(child, memory_, device_outer_) : nullptr;
   }
 
  protected:
-  Device memory_device() const override { return Device::cuda(device_); }
+  Device memory_device() const override { return device_outer_ ? memory_->device() : Device::cpu(); }
+  // Bodies run on the calling thread (whose queued device work they follow) and finish there.
   bool stream_ordered() const override { return true; }
-  // The op has finished on the host and its results are queued on the caller's stream.
   std::shared_ptr<WorkState> stream_work(WorkLabel label, std::vector<std::shared_ptr<void>>) override {
     auto state = std::make_shared<WorkState>(std::move(label));
     state->complete();
     return state;
   }
-  Transport& transport() override { SY_THROW(NotSupported, "backend staged has no transport of its own"); }
+  Transport& transport() override { SY_THROW(NotSupported, "backend ", backend_name(), " has no transport of its own"); }
   std::shared_ptr<Communicator> do_create_group(const std::vector<int>& members, uint64_t, const std::string& name,
                                                 const OpContext&) override {
-    return std::make_shared<StagedCommunicator>(host_->create_group(members, name), device_);
+    return std::make_shared<StagedCommunicator>(inner_->create_group(members, name), memory_, device_outer_);
   }
 
   void do_allreduce(const TensorView& in, const TensorView& out, ReduceOp op, const OpContext&) override {
-    Tensor h = down(in);
-    host_->allreduce(h, h, {.op = op}).wait();
-    up(out, h);
+    Tensor t = across(in);
+    finish(inner_->allreduce(t, t, {.op = op}));
+    back(out, t);
   }
   void do_reduce_scatter(const TensorView& in, const TensorView& out, ReduceOp op, const OpContext&) override {
-    Tensor h = down(in), r = Tensor::empty(out.shape(), out.dtype());
-    host_->reduce_scatter(h, r, {.op = op}).wait();
-    up(out, r);
+    Tensor t = across(in), r = inner_tensor(out);
+    finish(inner_->reduce_scatter(t, r, {.op = op}));
+    back(out, r);
   }
   void do_allgatherv(const TensorView& in, const TensorView& out, std::span<const int64_t> counts,
                      const OpContext&) override {
-    Tensor h = down(in), r = Tensor::empty(out.shape(), out.dtype());
-    host_->allgatherv(h, r, std::vector<int64_t>(counts.begin(), counts.end())).wait();
-    up(out, r);
+    Tensor t = across(in), r = inner_tensor(out);
+    finish(inner_->allgatherv(t, r, std::vector<int64_t>(counts.begin(), counts.end())));
+    back(out, r);
   }
   void do_allgather(const TensorView& in, const TensorView& out, const OpContext&) override {
-    Tensor h = down(in), r = Tensor::empty(out.shape(), out.dtype());
-    host_->allgather(h, r).wait();
-    up(out, r);
+    Tensor t = across(in), r = inner_tensor(out);
+    finish(inner_->allgather(t, r));
+    back(out, r);
   }
   void do_alltoallv(const TensorView& in, std::span<const int64_t> send_counts, const TensorView& out,
                     std::span<const int64_t> recv_counts, const OpContext&) override {
-    Tensor h = down(in), r = Tensor::empty(out.shape(), out.dtype());
-    host_->alltoallv(h, std::vector<int64_t>(send_counts.begin(), send_counts.end()), r,
-                     std::vector<int64_t>(recv_counts.begin(), recv_counts.end()))
-        .wait();
-    up(out, r);
+    Tensor t = across(in), r = inner_tensor(out);
+    finish(inner_->alltoallv(t, std::vector<int64_t>(send_counts.begin(), send_counts.end()), r,
+                             std::vector<int64_t>(recv_counts.begin(), recv_counts.end())));
+    back(out, r);
   }
   void do_alltoall(const TensorView& in, const TensorView& out, const OpContext&) override {
-    Tensor h = down(in), r = Tensor::empty(out.shape(), out.dtype());
-    host_->alltoall(h, r).wait();
-    up(out, r);
+    Tensor t = across(in), r = inner_tensor(out);
+    finish(inner_->alltoall(t, r));
+    back(out, r);
   }
   void do_broadcast(const TensorView& buffer, int root, const OpContext&) override {
-    Tensor h = down(buffer);
-    host_->broadcast(h, root).wait();
-    up(buffer, h);
+    Tensor t = across(buffer);
+    finish(inner_->broadcast(t, root));
+    back(buffer, t);
   }
   void do_send(const TensorView& buffer, int peer, uint32_t tag, const OpContext&) override {
-    host_->send(down(buffer), peer, {.tag = tag}).wait();
+    finish(inner_->send(across(buffer), peer, {.tag = tag}));
   }
   void do_recv(const TensorView& buffer, int peer, uint32_t tag, const OpContext&) override {
-    Tensor r = Tensor::empty(buffer.shape(), buffer.dtype());
-    host_->recv(r, peer, {.tag = tag}).wait();
-    up(buffer, r);
+    Tensor r = inner_tensor(buffer);
+    finish(inner_->recv(r, peer, {.tag = tag}));
+    back(buffer, r);
   }
   void do_sendrecv(const TensorView& send_buffer, int to, const TensorView& recv_buffer, int from, uint32_t tag,
                    const OpContext&) override {
-    Tensor r = Tensor::empty(recv_buffer.shape(), recv_buffer.dtype());
-    host_->sendrecv(down(send_buffer), to, r, from, {.tag = tag}).wait();
-    up(recv_buffer, r);
+    Tensor r = inner_tensor(recv_buffer);
+    finish(inner_->sendrecv(across(send_buffer), to, r, from, {.tag = tag}));
+    back(recv_buffer, r);
   }
-  void do_barrier(const OpContext&) override {
-    SY_CUDA_CHECK(cudaStreamSynchronize(cuda::current_stream()));
-    host_->barrier().wait();
-  }
+  void do_barrier(const OpContext&) override { finish(inner_->barrier()); }
 
  private:
-  // The caller's device data as of now, on the host (waits for the stream).
-  Tensor down(const TensorView& t) const {
-    Tensor h = Tensor::empty(t.shape(), t.dtype());
-    SY_CUDA_CHECK(cudaSetDevice(device_));
-    cuda::copy(h, t);
-    SY_CUDA_CHECK(cudaStreamSynchronize(cuda::current_stream()));
-    return h;
+  // The host blocks until the inner op is done (a device communicator's plain
+  // wait only orders streams), within the inner communicator's timeout.
+  void finish(Work work) const { work.wait(inner_->default_timeout()); }
+  Tensor inner_tensor(const TensorView& like) const {
+    return device_outer_ ? Tensor::empty(like.shape(), like.dtype()) : memory_->allocate(like.shape(), like.dtype());
   }
-  // Host results back; synchronous, so the staging tensor may go after it.
-  void up(const TensorView& t, const Tensor& h) const {
-    cuda::copy(t, h);
-    SY_CUDA_CHECK(cudaStreamSynchronize(cuda::current_stream()));
+  // An outer buffer's contents as the inner side holds them.
+  Tensor across(const TensorView& t) const {
+    Tensor inner = inner_tensor(t);
+    if (device_outer_)
+      memory_->to_host(inner.data(), t.data(), static_cast<int64_t>(t.nbytes()));
+    else
+      memory_->from_host(inner.data(), t.data(), static_cast<int64_t>(t.nbytes()));
+    return inner;
+  }
+  void back(const TensorView& t, const Tensor& inner) const {
+    if (device_outer_)
+      memory_->from_host(t.data(), inner.data(), static_cast<int64_t>(t.nbytes()));
+    else
+      memory_->to_host(t.data(), inner.data(), static_cast<int64_t>(t.nbytes()));
   }
 
-  std::shared_ptr<Communicator> host_;
-  int device_;
+  std::shared_ptr<Communicator> inner_;
+  std::shared_ptr<DeviceMemory> memory_;
+  bool device_outer_;
 };
 
 }  // namespace
 
-std::shared_ptr<Communicator> make_staged_device_communicator(std::shared_ptr<Communicator> host, int device) {
-  SY_CHECK(host != nullptr, "make_staged_device_communicator needs a host communicator");
-  return std::make_shared<StagedCommunicator>(std::move(host), device);
+std::shared_ptr<Communicator> make_staged_communicator(std::shared_ptr<Communicator> host,
+                                                       std::shared_ptr<DeviceMemory> memory) {
+  SY_CHECK(host != nullptr && memory != nullptr, "make_staged_communicator needs a host communicator and a memory");
+  return std::make_shared<StagedCommunicator>(std::move(host), std::move(memory), true);
+}
+
+std::shared_ptr<Communicator> make_host_buffer_communicator(std::shared_ptr<Communicator> device,
+                                                            std::shared_ptr<DeviceMemory> memory) {
+  SY_CHECK(device != nullptr && memory != nullptr,
+           "make_host_buffer_communicator needs a device communicator and its memory");
+  return std::make_shared<StagedCommunicator>(std::move(device), std::move(memory), false);
 }
 
 }  // namespace switchyard
