@@ -3,6 +3,8 @@
 #include <atomic>
 #include <algorithm>
 #include <climits>
+#include <condition_variable>
+#include <mutex>
 #include <cstdio>
 #include <thread>
 
@@ -378,6 +380,37 @@ MpiSession::MpiSession() {
   if (finalized) SY_THROW(Error, "MPI was already finalized in this process; it cannot be initialised again");
   int provided = 0;
   if (!initialized) {
+    // MPI_Init meets every rank of the job; one that never starts, or is
+    // stopped, would hold the others in it for good. Bounded like any op:
+    // past the timeout this rank says why and exits, and mpirun ends the job.
+    const Milliseconds limit(env().comm_timeout_ms);
+    std::mutex m;
+    std::condition_variable cv;
+    bool done = false;
+    std::thread watchdog([&] {
+      std::unique_lock lock(m);
+      if (cv.wait_for(lock, limit, [&] { return done; })) return;
+      std::fprintf(stderr,
+                   "switchyard: MPI_Init did not finish within %lld ms (SWITCHYARD_COMM_TIMEOUT_MS): a rank of the "
+                   "job has not started, is stopped or died during start-up; exiting so the job ends\n",
+                   static_cast<long long>(limit.count()));
+      std::fflush(stderr);
+      std::_Exit(1);
+    });
+    struct Disarm {
+      std::mutex& m;
+      std::condition_variable& cv;
+      bool& done;
+      std::thread& t;
+      ~Disarm() {
+        {
+          std::lock_guard lock(m);
+          done = true;
+        }
+        cv.notify_all();
+        t.join();
+      }
+    } disarm{m, cv, done, watchdog};
     SY_MPI_CHECK(MPI_Init_thread(nullptr, nullptr, MPI_THREAD_SERIALIZED, &provided));
     initialized_here_ = true;
     mpi_initialized_by_switchyard.store(true);
