@@ -90,6 +90,16 @@ const std::vector<VarSpec>& specs() {
          if (v != "cpu" && v != "emulated") SY_THROW(ConfigError, n, "='", v, "': expected cpu or emulated");
          e.moe_ops = v;
        }},
+      {"SWITCHYARD_FAILPOINT", "string", "",
+       "Testing: NAME or NAME#N kills this process with SIGKILL the N-th time (default 1) it passes the named point, "
+       "so a crash there can be tested (points: checkpoint.locked, safetensors.partly_written, checkpoint.shard_saved, "
+       "checkpoint.manifest_written, checkpoint.published, checkpoint.side_files_written).",
+       [](Env& e, const std::string& n, const std::string& v) {
+         const auto hash = v.find('#');
+         if (v.empty() || hash == 0) SY_THROW(ConfigError, n, "='", v, "': expected NAME or NAME#N");
+         if (hash != std::string::npos) parse_integer<int64_t>(n, v.substr(hash + 1), 1, "a pass count N >= 1 after '#'");
+         e.failpoint = v;
+       }},
       {"SWITCHYARD_TEST_SEED", "uint64", "", "Seed for test inputs, to reproduce a failure (tests print theirs).",
        [](Env& e, const std::string& n, const std::string& v) {
          e.test_seed = parse_integer<uint64_t>(n, v, 0, "an unsigned 64-bit seed");

@@ -27,6 +27,7 @@ struct Env {
   std::string store;                     // SWITCHYARD_STORE (ADDR:PORT; parsed by ucx_store_address)
   bool poison_buffers = false;           // SWITCHYARD_POISON_BUFFERS
   std::string moe_ops = "cpu";           // SWITCHYARD_MOE_OPS
+  std::string failpoint;                 // SWITCHYARD_FAILPOINT (core/failpoint.h)
 };
 
 struct EnvVarDoc {

@@ -14,6 +14,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "core/failpoint.h"
 #include "core/untrusted.h"
 
 namespace switchyard {
@@ -231,8 +232,15 @@ void save_safetensors(const std::string& path, const std::vector<std::pair<std::
     for (int i = 0; i < 8; ++i) len[i] = static_cast<uint8_t>(static_cast<uint64_t>(text.size()) >> (8 * i));
     out.write(reinterpret_cast<const char*>(len), 8);
     out.write(text.data(), static_cast<std::streamsize>(text.size()));
-    for (const auto& [name, view] : tensors)
+    bool first = true;
+    for (const auto& [name, view] : tensors) {
+      if (!first) {
+        out.flush();
+        failpoint("safetensors.partly_written");  // a file torn after its first tensor
+      }
+      first = false;
       if (view.nbytes()) out.write(static_cast<const char*>(view.data()), static_cast<std::streamsize>(view.nbytes()));
+    }
     out.flush();
     if (!out) SY_THROW(IoError, "save_safetensors: writing '", tmp, "' failed: ", std::strerror(errno));
   }

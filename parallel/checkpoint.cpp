@@ -19,6 +19,7 @@
 
 #include "core/dtype.h"
 #include "core/error.h"
+#include "core/failpoint.h"
 #include "core/untrusted.h"
 #include "core/logging.h"
 
@@ -101,6 +102,7 @@ void publish(const std::string& dir, uint64_t generation, const std::vector<Chec
     if (!out) SY_THROW(IoError, "cannot write '", tmp, "'");
   }
   fsync_path(tmp);
+  failpoint("checkpoint.manifest_written");
   fs::rename(tmp, target);
   try {  // committed: the rename is the commit; a failed directory sync only weakens durability
     fsync_path(dir);
@@ -191,6 +193,7 @@ uint64_t save_checkpoint(Communicator& world, const std::string& dir,
       fs::create_directories(dir);
       lock = std::make_unique<DirectoryLock>(dir);
       generation_value = static_cast<double>(current_generation(dir) + 1);
+      failpoint("checkpoint.locked");
     } catch (const std::exception& e) {
       error = e.what();
     }
@@ -203,6 +206,7 @@ uint64_t save_checkpoint(Communicator& world, const std::string& dir,
   error.clear();
   try {
     const CheckpointShard shard = write_shard(dir, generation, rank, W, tensors);
+    failpoint("checkpoint.shard_saved");
     mine[0] = static_cast<double>(shard.bytes);
     mine[1] = static_cast<double>(shard.crc32);
   } catch (const std::exception& e) {
@@ -219,6 +223,7 @@ uint64_t save_checkpoint(Communicator& world, const std::string& dir,
         shards.push_back({shard_name(generation, r, W), static_cast<uint64_t>(all[static_cast<size_t>(2 * r)]),
                           static_cast<uint32_t>(all[static_cast<size_t>(2 * r + 1)])});
       publish(dir, generation, shards, metadata);
+      failpoint("checkpoint.published");
       for (const auto& [name, text] : side_files) {  // still under the lock, after the commit
         const std::string path = (fs::path(dir) / name).string(), tmp = path + ".tmp";
         {
@@ -233,7 +238,10 @@ uint64_t save_checkpoint(Communicator& world, const std::string& dir,
     } catch (const std::exception& e) {
       error = e.what();
     }
-    if (error.empty()) remove_older(dir, generation);
+    if (error.empty()) {
+      failpoint("checkpoint.side_files_written");
+      remove_older(dir, generation);
+    }
   }
   agree_on_success(world, dir, error, "publish generation " + std::to_string(generation));
   return generation;
