@@ -8,8 +8,15 @@
 namespace switchyard {
 namespace {
 
-// Bit 62 makes an x86-64 (and AArch64 without tagging) user address non-canonical.
+// An address bit no user pointer has and the hardware does not ignore:
+// x86-64: bit 62 is non-canonical (unless LAM masks it, which HWASan-style
+// tagging turns on); AArch64 Linux ignores the top byte (TBI), so bit 55
+// (which selects the kernel's half) is used there instead.
+#if defined(__aarch64__)
+constexpr uintptr_t kIsolatedTag = uintptr_t{1} << 55;
+#else
 constexpr uintptr_t kIsolatedTag = uintptr_t{1} << 62;
+#endif
 
 void* tag(void* p) { return reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(p) | kIsolatedTag); }
 

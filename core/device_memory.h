@@ -16,14 +16,17 @@ class DeviceMemory {
   virtual ~DeviceMemory() = default;
   virtual Device device() const = 0;
   virtual Tensor allocate(Shape shape, DType dtype) = 0;  // contents undefined
-  // Synchronous: on return the bytes are in place (after the device work the
-  // calling thread queued before) and `host` may be reused.
+  // to_host is synchronous: on return the bytes are in `host` (after the
+  // device work the calling thread queued before). from_host is ordered
+  // before the device work queued after it and `host` may be reused on
+  // return, but the host does not wait for the device.
   virtual void to_host(void* host, const void* device, int64_t bytes) = 0;
   virtual void from_host(void* device, const void* host, int64_t bytes) = 0;
 };
 
 // Isolated memory: host memory handed out at addresses the host cannot
-// dereference (a non-canonical tag bit: a read or write faults at once). Code
+// dereference (a tag bit the hardware faults on: a read or write faults at
+// once; x86-64 without linear-address masking, AArch64 Linux). Code
 // that must reach a device's memory only through its ops and copies runs on
 // it without a GPU, and any direct host access shows as a crash at the line
 // that made it. Ops translate with isolated_address.

@@ -199,13 +199,13 @@ int run_bench_moe(const BenchMoeOptions& o) {
     // keeps the tokens and the loss (each step moves x in, the output out).
     if (o.device != "cpu" && cluster)
       SY_THROW(ConfigError, "--device ", o.device, " with --emulate: the emulated cluster runs on host ops; expected one");
-    const MoEDevice dev = make_moe_device(o.device, group, "--device");
+    const MoEDevice dev = make_moe_device(o.device, group, "--device", rt.info().local_rank, rt.info().local_size);
     if (dev.on_device()) {
       c.ops = dev.ops;
       group = dev.group;
       if (leader) std::printf("# device: %s\n", dev.description.c_str());
     }
-    MoELayer layer(c, group);
+    MoELayer layer(c, group, dev.host_group);
     layer.init_parameters(o.seed);
     // The layer's view of a host tensor (its memory), and back.
     auto to_layer = [&](const Tensor& host) {

@@ -107,9 +107,10 @@ void train_moe(Runtime& rt, const JobConfig& job) {
   if (nearest) student_config.replica_choice = MoEConfig::ReplicaChoice::nearest;
   const bool placed = student_config.placement.has_value();
   // moe.device: cuda puts the layer on each rank's GPU; the task's tokens and loss stay on the host.
-  const MoEDevice dev = make_moe_device(job.moe.device, rt.world_ptr(), "moe.device (" + job.where("moe.device") + ")");
+  const MoEDevice dev = make_moe_device(job.moe.device, rt.world_ptr(), "moe.device (" + job.where("moe.device") + ")",
+                                        rt.info().local_rank, rt.info().local_size);
   if (dev.on_device()) student_config.ops = dev.ops;
-  MoELayer student(student_config, dev.group);
+  MoELayer student(student_config, dev.group, dev.host_group);
   auto to_layer = [&](const Tensor& host) {
     if (!dev.on_device()) return host;
     Tensor t = student.ops().allocate(host.shape(), host.dtype(), false);

@@ -9,15 +9,23 @@
 
 namespace switchyard {
 
+#if SWITCHYARD_DEVICE_CUDA_LINKED
+extern "C" void switchyard_make_cuda_moe_device(const std::shared_ptr<Communicator>*, const std::string*, int, int,
+                                                MoEDevice*);
+#endif
+
 MoEDevice make_moe_device(const std::string& device, const std::shared_ptr<Communicator>& world,
-                          const std::string& field) {
-  if (device == "cpu") return {nullptr, world, "cpu"};
+                          const std::string& field, int local_rank, int local_size) {
+  if (device == "cpu") return {nullptr, world, world, "cpu"};
   if (device != "cuda") SY_THROW(ConfigError, field, " = '", device, "', expected cpu or cuda");
   if (!SWITCHYARD_HAS_CUDA)
     SY_THROW(NotSupported, field, " = cuda: this switchyard was built without CUDA (configure with "
              "-DSWITCHYARD_WITH_CUDA=ON and the CUDA toolkit)");
+  using Make = void (*)(const std::shared_ptr<Communicator>*, const std::string*, int, int, MoEDevice*);
+#if SWITCHYARD_DEVICE_CUDA_LINKED
+  static Make make = &switchyard_make_cuda_moe_device;
+#else
   // The CUDA half lives beside this library (launch/moe_device_cuda.cpp), loaded on first use.
-  using Make = void (*)(const std::shared_ptr<Communicator>*, const std::string*, MoEDevice*);
   static Make make = [] {
     Dl_info self{};
     if (dladdr(reinterpret_cast<void*>(&make_moe_device), &self) == 0 || self.dli_fname == nullptr)
@@ -30,8 +38,9 @@ MoEDevice make_moe_device(const std::string& device, const std::shared_ptr<Commu
     if (!fn) SY_THROW(NotSupported, path, " has no switchyard_make_cuda_moe_device: ", dlerror());
     return fn;
   }();
+#endif
   MoEDevice d;
-  make(&world, &field, &d);
+  make(&world, &field, local_rank, local_size, &d);
   return d;
 }
 

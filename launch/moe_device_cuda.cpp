@@ -18,7 +18,8 @@ namespace switchyard {
 
 // C linkage: looked up by name with dlsym. Errors are thrown (same C++ runtime).
 extern "C" void switchyard_make_cuda_moe_device(const std::shared_ptr<Communicator>* world_ptr,
-                                                const std::string* field_ptr, MoEDevice* out) {
+                                                const std::string* field_ptr, int local_rank, int local_size,
+                                                MoEDevice* out) {
   const std::shared_ptr<Communicator>& world = *world_ptr;
   const std::string& field = *field_ptr;
   // Every rank checks, and one rank without a GPU fails them all alike.
@@ -27,12 +28,15 @@ extern "C" void switchyard_make_cuda_moe_device(const std::shared_ptr<Communicat
   if (fewest < 1)
     SY_THROW(NotSupported, field, " = cuda: no CUDA device on ", count < 1 ? "this rank's machine" : "another rank's machine",
              " (rank ", world->rank(), " sees ", count, "); expected a GPU per rank, or cpu");
-  const int gpu = world->rank() % count;
+  const bool processes = world->backend_name() != "threads" && world->backend_name() != "fake";
+  const int gpu = (processes ? local_rank : world->rank()) % count;
   SY_CUDA_CHECK(cudaSetDevice(gpu));
   MoEDevice d;
   d.ops = std::make_shared<CudaOps>(gpu);
+  d.host_group = world;
   std::string over;
-  if (world->backend_name() != "threads" && world->backend_name() != "fake") {
+  // NCCL takes one rank per GPU: more processes on a node than GPUs share them over staged instead.
+  if (processes && local_size <= count) {
 #if SWITCHYARD_HAS_NCCL
     d.group = make_nccl_communicator(*world, gpu);
     over = "nccl";
@@ -42,6 +46,7 @@ extern "C" void switchyard_make_cuda_moe_device(const std::shared_ptr<Communicat
     d.group = make_staged_communicator(world, cuda::device_memory(gpu));
     over = "staged over " + std::string(world->backend_name());
   }
+  d.group->set_default_timeout(world->default_timeout());
   d.description = cuda::describe_device(gpu) + " (cuda:" + std::to_string(gpu) + "), expert group over " + over;
   *out = std::move(d);
 }

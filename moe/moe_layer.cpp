@@ -134,9 +134,11 @@ const char* stage_name(MoEBatch::Stage s) {
 }
 }  // namespace
 
-MoELayer::MoELayer(MoEConfig config, std::shared_ptr<Communicator> expert_group)
+MoELayer::MoELayer(MoEConfig config, std::shared_ptr<Communicator> expert_group,
+                   std::shared_ptr<Communicator> host_group)
     : config_(std::move(config)),
       group_(std::move(expert_group)),
+      host_group_(std::move(host_group)),
       layout_(config_.router.experts, group_->size(), config_.placement),
       local_hidden_(layout_.local_hidden(config_.hidden_dim)),
       ops_(config_.ops ? config_.ops
@@ -157,7 +159,15 @@ MoELayer::MoELayer(MoEConfig config, std::shared_ptr<Communicator> expert_group)
              group_->name(), "' (backend ", group_->backend_name(), ") moves memory of ",
              to_string(group_->memory_device()), "; expected a communicator of the ops' memory (",
              ops_->host_memory() ? "a host backend" : "nccl, or staged over a host backend", ")");
-  host_group_ = host_side(group_);
+  host_group_given_ = host_group_ && host_group_ != group_;
+  if (!host_group_given_) {
+    host_group_ = host_side(group_);
+  } else if (!host_group_->memory_device().is_cpu() || host_group_->size() != group_->size() ||
+             host_group_->rank() != group_->rank()) {
+    SY_THROW(InvalidArgument, "moe: host_group '", host_group_->name(), "' (rank ", host_group_->rank(), " of ",
+             host_group_->size(), ", memory ", to_string(host_group_->memory_device()), ") must hold the expert "
+             "group's ranks in its order (rank ", group_->rank(), " of ", group_->size(), ") over host memory");
+  }
   const int64_t M = config_.model_dim, L = layout_.slots(group_->rank());
   const int64_t H1s = hidden_in() / layout_.shards();
   gate_weight_ = ops_zeros({M, config_.router.experts});
@@ -229,7 +239,18 @@ void MoELayer::make_exchange_group() {
     next = cached;
   }
   exchange_group_ = next;
-  exchange_host_ = host_side(exchange_group_);
+  if (exchange_group_ == group_) {
+    exchange_host_ = host_group_;
+  } else if (host_group_given_) {
+    // A host group of its own: the domain's counts travel on its own host domain group.
+    std::vector<int> members(static_cast<size_t>(D));
+    std::iota(members.begin(), members.end(), exchange_first_);
+    auto& cached = host_domain_cache_[members];
+    if (!cached) cached = host_group_->create_group(members, host_group_->name() + "/domain" + std::to_string(me / D));
+    exchange_host_ = cached;
+  } else {
+    exchange_host_ = host_side(exchange_group_);
+  }
   // 2DH over the exchange's own nodes; none when it fits in one node or its
   // nodes would not be whole. Its re-layouts are host copies: host ops only.
   const int X = exchange_group_->size(), g = config_.node_size;

@@ -244,7 +244,13 @@ double rank_load_max_over_mean(Communicator& group, const std::vector<const Disp
 
 class MoELayer {
  public:
-  MoELayer(MoEConfig config, std::shared_ptr<Communicator> expert_group);
+  // host_group: the same ranks in the same order over host memory, for the
+  // layer's small host values (capacity, plan agreement, counts, loads) when
+  // expert_group moves device memory; null: expert_group itself on host
+  // memory, else a host-buffer view of it (each value then crosses to the
+  // device and back, and over nccl queues behind the bulk traffic).
+  MoELayer(MoEConfig config, std::shared_ptr<Communicator> expert_group,
+           std::shared_ptr<Communicator> host_group = nullptr);
 
   const MoEConfig& config() const { return config_; }
   MoEOps& ops() const { return *ops_; }
@@ -496,6 +502,7 @@ class MoELayer {
   MoEConfig config_;
   std::shared_ptr<Communicator> group_;
   std::shared_ptr<Communicator> host_group_;
+  bool host_group_given_ = false;  // a host communicator of its own, not a view of group_
   ParamLayout layout_;
   int64_t local_hidden_;  // hidden width stored per rank (H / S)
   bool parameters_exist_ = false;
@@ -510,7 +517,7 @@ class MoELayer {
   std::shared_ptr<Communicator> exchange_group_;
   std::shared_ptr<Communicator> exchange_host_;  // its host-value view (counts, row maps)
   int exchange_first_ = 0;
-  std::map<std::vector<int>, std::shared_ptr<Communicator>> domain_group_cache_;
+  std::map<std::vector<int>, std::shared_ptr<Communicator>> domain_group_cache_, host_domain_cache_;
   // ExpertPlacement::nearest_shares of an expert under this placement, made once (the geometry and the
   // planner's replica_shares read it); the layer is one rank's, so no other thread fills it.
   const std::vector<int64_t>& nearest_quanta(int expert) const;

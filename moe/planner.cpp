@@ -316,6 +316,12 @@ std::vector<double> MoEPlanner::local_inputs(MoELayer& layer, int64_t tokens, co
   in.tokens = tokens;
   in.measured_compute = snapshot_phases_.experts - last_phases_.experts;
   in.measured_links = snapshot_busy_.exchange - last_busy_.exchange + snapshot_busy_.weights - last_busy_.weights;
+  if (!virt && !layer.ops().host_memory()) {
+    // Device ops return before the device is done: phase and communicator
+    // times are issue times, so nothing is learned from them (non-positive
+    // measurements leave the corrections as the calibration set them).
+    in.measured_compute = in.measured_links = 0;
+  }
   // The last batch's capacity rides along: uncapped dropless plans keep a
   // rank-local one (nothing agrees it), and predictions must use the group's.
   in.previous_capacity = layer.last_plan().capacity;

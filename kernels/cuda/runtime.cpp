@@ -115,15 +115,19 @@ class CudaMemory final : public DeviceMemory {
   explicit CudaMemory(int device) : device_(device) {}
   Device device() const override { return Device::cuda(device_); }
   Tensor allocate(Shape shape, DType dtype) override { return empty(std::move(shape), dtype, device_); }
-  void to_host(void* host, const void* device, int64_t bytes) override { move(host, device, bytes); }
-  void from_host(void* device, const void* host, int64_t bytes) override { move(device, host, bytes); }
-
- private:
-  void move(void* dst, const void* src, int64_t bytes) const {
+  void to_host(void* host, const void* device, int64_t bytes) override {
     if (bytes <= 0) return;
-    SY_CUDA_CHECK(cudaMemcpyAsync(dst, src, static_cast<size_t>(bytes), cudaMemcpyDefault, current_stream()));
+    SY_CUDA_CHECK(cudaMemcpyAsync(host, device, static_cast<size_t>(bytes), cudaMemcpyDefault, current_stream()));
     SY_CUDA_CHECK(cudaStreamSynchronize(current_stream()));
   }
+  // No wait: an asynchronous copy from pageable memory has staged the bytes
+  // when it returns, so the host buffer is free, and the stream orders the rest.
+  void from_host(void* device, const void* host, int64_t bytes) override {
+    if (bytes <= 0) return;
+    SY_CUDA_CHECK(cudaMemcpyAsync(device, host, static_cast<size_t>(bytes), cudaMemcpyHostToDevice, current_stream()));
+  }
+
+ private:
   int device_;
 };
 }  // namespace

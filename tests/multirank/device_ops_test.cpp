@@ -223,6 +223,118 @@ TEST(DeviceOps, ReplicasMigrationAndCheckpointsOnIsolatedMemory) {
   });
 }
 
+// The rest of the layer's surface on isolated memory: the planner (its calibration through the ops and its
+// choice on the agreed host values), the sigmoid gate's bias update, EPLB rebalancing, expert data parallelism
+// (a domain's exchange and its host counts, with a host group of its own), nearest replicas, sliced experts'
+// checkpoints, finite-input checks and several batches in flight.
+TEST(DeviceOps, PlannerBiasRebalanceDomainsAndBatchesInFlightOnIsolatedMemory) {
+  testing::for_each_rank([&](Communicator& comm, uint64_t seed) {
+    const int n = comm.size(), me = comm.rank();
+    const int64_t T = 10 + me;
+    const Tensor x = random_tensor(seed + 60 + me, T, 12), dout = random_tensor(seed + 70 + me, T, 12);
+    {  // planner-chosen plans, the same on both
+      MoEConfig c = small_config(2 * n, 8);
+      Pair pair(comm, c, seed);
+      auto [hd, hl] = MoEPlanner::calibrate(*pair.host, n);
+      auto [dd, dl] = MoEPlanner::calibrate(*pair.device, n);
+      (void)hd, (void)hl;
+      MoEPlanner dp(*pair.device, dd, dl);
+      for (int step = 0; step < 3; ++step) {  // the host layer runs what the device layer's planner chose
+        const MoEForward df = pair.device->forward(to_isolated(x), pair.device->routing_choice(), dp);
+        const MoEForward hf = pair.host->forward(x, pair.host->routing_choice(), pair.device->last_plan().exec);
+        expect_same("planned output", df.output, hf.output);
+      }
+      EXPECT_GT(dd.gemm_flops_f32, 0);
+    }
+    {  // the sigmoid gate's bias, then EPLB from the loads
+      MoEConfig c = small_config(2 * n, 8);
+      c.router.gate = GateKind::sigmoid_bias;
+      c.router.renormalize = true;
+      c.router.capacity_factor = 0;
+      Pair pair(comm, c, seed);
+      const ExecPlan plan{1, 1, A2AAlgorithm::flat, ExchangeMode::dropless};
+      pair.step("sigmoid gate", x, dout, plan);
+      pair.host->update_gate_bias(0.01);
+      pair.device->update_gate_bias(0.01);
+      pair.step("after the bias update", x, dout, plan);
+      std::vector<double> load(static_cast<size_t>(2 * n), 1.0);
+      load[1] = 5.0;
+      const auto hr = pair.host->rebalance(load, 2 * n + n);
+      const auto dr = pair.device->rebalance(load, 2 * n + n);
+      EXPECT_EQ(dr.placement.phy2log(), hr.placement.phy2log());
+      expect_same_params("rebalanced", pair.device->params(), pair.host->params());
+      pair.step("after rebalance", x, dout, plan);
+    }
+    if (n % 2 == 0) {  // expert data parallelism: two expert groups of n / 2, the device layer with its own host group
+      MoEConfig c = small_config(n, 8);
+      c.router.capacity_factor = 0;
+      c.placement = ExpertPlacement::expert_data_parallel(n, n, n / 2);
+      c.replica_domain = n / 2;
+      MoEConfig hc = c, dc = c;
+      hc.ops = std::make_shared<CpuOps>();
+      dc.ops = std::make_shared<IsolatedOps>();
+      std::shared_ptr<Communicator> group(&comm, [](Communicator*) {});
+      MoELayer host(hc, group), device(dc, make_staged_communicator(group, isolated_memory()), group);
+      host.init_parameters(seed);
+      device.init_parameters(seed);
+      EXPECT_EQ(device.exchange_group()->size(), std::max(1, n / 2));
+      const ExecPlan plan{1, 2, A2AAlgorithm::flat, ExchangeMode::dropless};
+      const MoEForward hf = host.forward(x, host.routing_choice(), plan);
+      const MoEForward df = device.forward(to_isolated(x), device.routing_choice(), plan);
+      expect_same("EP x DP output", df.output, hf.output);
+      expect_same("EP x DP dx", device.backward(to_isolated(dout)), host.backward(dout));
+      expect_same_params("EP x DP expert grads (summed over the replicas)", device.expert_grads(), host.expert_grads());
+    }
+    {  // nearest replicas, batches in flight, finite-input checks
+      MoEConfig c = small_config(2 * n, 8);
+      c.router.capacity_factor = 0;
+      c.check_finite = true;
+      std::vector<double> load(static_cast<size_t>(2 * n), 1.0);
+      load[0] = 3.0;
+      c.placement = eplb::place(load, 2 * n + n, n);
+      c.replica_choice = MoEConfig::ReplicaChoice::nearest;
+      c.node_size = n % 2 == 0 && n > 2 ? 2 : 0;
+      Pair pair(comm, c, seed);
+      const ExecPlan plan{1, 2, A2AAlgorithm::flat, ExchangeMode::dropless};
+      std::vector<MoEHandle> hb, db;
+      const Tensor dx_in = to_isolated(x);
+      for (int i = 0; i < 3; ++i) {
+        hb.push_back(pair.host->plan(x, pair.host->routing_choice(), plan));
+        db.push_back(pair.device->plan(dx_in, pair.device->routing_choice(), plan));
+      }
+      for (int i = 0; i < 3; ++i) pair.host->dispatch(*hb[i]), pair.device->dispatch(*db[i]);
+      for (int i = 2; i >= 0; --i) {
+        expect_same("batch in flight " + std::to_string(i), pair.device->forward(*db[i]).output,
+                    pair.host->forward(*hb[i]).output);
+        expect_same("its dx", pair.device->backward(*db[i], to_isolated(dout)), pair.host->backward(*hb[i], dout));
+      }
+      Tensor bad = x.clone();
+      if (T > 0) bad.data_as<float>()[T * 12 - 1] = NAN;
+      EXPECT_THROW(pair.device->forward(to_isolated(bad)), InvalidArgument);
+    }
+    if (n >= 2) {  // sliced experts (one expert over every rank) save from the device and load back
+      MoEConfig c = small_config(1, 4 * n);
+      Pair pair(comm, c, seed);
+      const std::string dir = (std::filesystem::temp_directory_path() /
+                               ("sy_device_ops_sliced_" + std::to_string(seed) + "_" + std::to_string(n))).string();
+      if (me == 0) std::filesystem::create_directories(dir);
+      comm.barrier().wait();
+      pair.device->sgd_step(0.3);  // after a step (grads are zero: the weights stay, so perturb through a step)
+      pair.step("sliced", x, dout, {1, 1, A2AAlgorithm::flat, ExchangeMode::padded});
+      pair.host->sgd_step(0.3);
+      pair.device->sgd_step(0.3);
+      pair.device->save(dir);
+      MoEConfig hc = c;
+      hc.ops = std::make_shared<CpuOps>();
+      MoELayer reloaded(hc, pair.host_group);
+      reloaded.load(dir);
+      expect_same_params("sliced reload", pair.device->params(), reloaded.params());
+      comm.barrier().wait();
+      if (me == 0) std::filesystem::remove_all(dir);
+    }
+  });
+}
+
 TEST(DeviceOps, HostDataAndHostCommunicatorsAreRefusedNamingTheDevice) {
   testing::for_each_rank([&](Communicator& comm, uint64_t seed) {
     std::shared_ptr<Communicator> group(&comm, [](Communicator*) {});

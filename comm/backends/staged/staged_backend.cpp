@@ -1,5 +1,7 @@
 #include "comm/backends/staged/staged_backend.h"
 
+#include <algorithm>
+#include <chrono>
 #include <vector>
 
 #include "core/error.h"
@@ -39,64 +41,67 @@ class StagedCommunicator final : public Communicator {
     return std::make_shared<StagedCommunicator>(inner_->create_group(members, name), memory_, device_outer_);
   }
 
-  void do_allreduce(const TensorView& in, const TensorView& out, ReduceOp op, const OpContext&) override {
+  void do_allreduce(const TensorView& in, const TensorView& out, ReduceOp op, const OpContext& ctx) override {
     Tensor t = across(in);
-    finish(inner_->allreduce(t, t, {.op = op}));
+    finish(ctx, inner_->allreduce(t, t, {.op = op}));
     back(out, t);
   }
-  void do_reduce_scatter(const TensorView& in, const TensorView& out, ReduceOp op, const OpContext&) override {
+  void do_reduce_scatter(const TensorView& in, const TensorView& out, ReduceOp op, const OpContext& ctx) override {
     Tensor t = across(in), r = inner_tensor(out);
-    finish(inner_->reduce_scatter(t, r, {.op = op}));
+    finish(ctx, inner_->reduce_scatter(t, r, {.op = op}));
     back(out, r);
   }
   void do_allgatherv(const TensorView& in, const TensorView& out, std::span<const int64_t> counts,
-                     const OpContext&) override {
+                     const OpContext& ctx) override {
     Tensor t = across(in), r = inner_tensor(out);
-    finish(inner_->allgatherv(t, r, std::vector<int64_t>(counts.begin(), counts.end())));
+    finish(ctx, inner_->allgatherv(t, r, std::vector<int64_t>(counts.begin(), counts.end())));
     back(out, r);
   }
-  void do_allgather(const TensorView& in, const TensorView& out, const OpContext&) override {
+  void do_allgather(const TensorView& in, const TensorView& out, const OpContext& ctx) override {
     Tensor t = across(in), r = inner_tensor(out);
-    finish(inner_->allgather(t, r));
+    finish(ctx, inner_->allgather(t, r));
     back(out, r);
   }
   void do_alltoallv(const TensorView& in, std::span<const int64_t> send_counts, const TensorView& out,
-                    std::span<const int64_t> recv_counts, const OpContext&) override {
+                    std::span<const int64_t> recv_counts, const OpContext& ctx) override {
     Tensor t = across(in), r = inner_tensor(out);
-    finish(inner_->alltoallv(t, std::vector<int64_t>(send_counts.begin(), send_counts.end()), r,
+    finish(ctx, inner_->alltoallv(t, std::vector<int64_t>(send_counts.begin(), send_counts.end()), r,
                              std::vector<int64_t>(recv_counts.begin(), recv_counts.end())));
     back(out, r);
   }
-  void do_alltoall(const TensorView& in, const TensorView& out, const OpContext&) override {
+  void do_alltoall(const TensorView& in, const TensorView& out, const OpContext& ctx) override {
     Tensor t = across(in), r = inner_tensor(out);
-    finish(inner_->alltoall(t, r));
+    finish(ctx, inner_->alltoall(t, r));
     back(out, r);
   }
-  void do_broadcast(const TensorView& buffer, int root, const OpContext&) override {
+  void do_broadcast(const TensorView& buffer, int root, const OpContext& ctx) override {
     Tensor t = across(buffer);
-    finish(inner_->broadcast(t, root));
+    finish(ctx, inner_->broadcast(t, root));
     back(buffer, t);
   }
-  void do_send(const TensorView& buffer, int peer, uint32_t tag, const OpContext&) override {
-    finish(inner_->send(across(buffer), peer, {.tag = tag}));
+  void do_send(const TensorView& buffer, int peer, uint32_t tag, const OpContext& ctx) override {
+    finish(ctx, inner_->send(across(buffer), peer, {.tag = tag}));
   }
-  void do_recv(const TensorView& buffer, int peer, uint32_t tag, const OpContext&) override {
+  void do_recv(const TensorView& buffer, int peer, uint32_t tag, const OpContext& ctx) override {
     Tensor r = inner_tensor(buffer);
-    finish(inner_->recv(r, peer, {.tag = tag}));
+    finish(ctx, inner_->recv(r, peer, {.tag = tag}));
     back(buffer, r);
   }
   void do_sendrecv(const TensorView& send_buffer, int to, const TensorView& recv_buffer, int from, uint32_t tag,
-                   const OpContext&) override {
+                   const OpContext& ctx) override {
     Tensor r = inner_tensor(recv_buffer);
-    finish(inner_->sendrecv(across(send_buffer), to, r, from, {.tag = tag}));
+    finish(ctx, inner_->sendrecv(across(send_buffer), to, r, from, {.tag = tag}));
     back(recv_buffer, r);
   }
-  void do_barrier(const OpContext&) override { finish(inner_->barrier()); }
+  void do_barrier(const OpContext& ctx) override { finish(ctx, inner_->barrier()); }
 
  private:
   // The host blocks until the inner op is done (a device communicator's plain
-  // wait only orders streams), within the inner communicator's timeout.
-  void finish(Work work) const { work.wait(inner_->default_timeout()); }
+  // wait only orders streams), by the outer op's deadline.
+  static void finish(const OpContext& ctx, Work work) {
+    const auto left = std::chrono::duration_cast<Milliseconds>(ctx.deadline - Clock::now());
+    work.wait(std::max(left, Milliseconds(1)));
+  }
   Tensor inner_tensor(const TensorView& like) const {
     return device_outer_ ? Tensor::empty(like.shape(), like.dtype()) : memory_->allocate(like.shape(), like.dtype());
   }
