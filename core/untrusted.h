@@ -19,10 +19,14 @@
 namespace switchyard {
 
 inline constexpr int kMaxJsonDepth = 64;
+// Values a parsed document may hold: its DOM costs about 40x the text, so the
+// count, not the bytes, bounds the memory (a checkpoint shard's header with
+// thousands of tensors holds tens of thousands).
+inline constexpr int64_t kMaxJsonValues = int64_t{1} << 20;
 inline constexpr uint64_t kMaxTextFileBytes = 16u << 20;  // configs, manifests: far above any real one
 
 // Parses `text` as JSON after checking its nesting depth (<= kMaxJsonDepth,
-// strings and escapes respected). InvalidArgument naming `what` and the
+// strings and escapes respected) and its number of values (<= kMaxJsonValues). InvalidArgument naming `what` and the
 // limit, or the parser's error, otherwise.
 nlohmann::json parse_untrusted_json(std::string_view text, const std::string& what);
 

@@ -120,6 +120,10 @@ try:
          ["trace", "stats", write("deep.safetensors", safetensors('{"t":{"dtype":"F32","shape":' + deep +
                                                                   ',"data_offsets":[0,0]}}'))], "nested deeper than 64")
     case("a FIFO as a trace", ["trace", "stats", fifo], "not a regular file")
+    # 12 MB of header, 3 million small values: its parsed form alone took about 450 MB.
+    many = '{"__metadata__":{' + ",".join(f'"k{i}":"v"' for i in range(1500000)) + '}}'
+    case("safetensors header of 3 million values (trace stats)",
+         ["trace", "stats", write("many.safetensors", safetensors(many))], "JSON with more than 1048576 values")
     case("trace declaring 3e8 experts", ["trace", "stats", write("experts.safetensors", trace({"experts": "300000000"}))],
          "metadata experts = '300000000'")
     case("trace with layers = -3", ["trace", "stats", write("layers.safetensors", trace({"layers": "-3"}))],
