@@ -213,12 +213,13 @@ TcpStoreServer::TcpStoreServer(std::string token, uint16_t port, const std::stri
         }
       if (static_cast<int>(impl_->connections.size()) >= kMaxConnections ||
           impl_->unauthenticated.load() >= kMaxUnauthenticated) {
-        // A short "busy" (the client retries it), then closed: a fresh socket's send buffer takes it at once.
+        // Counted first (the peer may look as soon as it is answered), then a short "busy" (the client
+        // retries it) and closed: a fresh socket's send buffer takes it at once.
+        note_refusal("over the connection budget");
         Store::Bytes frame = Writer().u8(static_cast<uint8_t>(Status::error)).str(kBusy).frame();
         socket->non_blocking(true, aec);
         socket->write_some(asio::buffer(frame), aec);
         socket->close(aec);
-        note_refusal("over the connection budget");
         continue;
       }
       try {

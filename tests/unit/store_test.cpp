@@ -408,6 +408,41 @@ TEST(TcpStore, RefusedConnectionsAreClosedAndNeverUseUpTheSlots) {
   EXPECT_EQ(Store::to_string(good.get("k", 1s)), "v");
 }
 
+// 512 connections that never say hello fill the strangers' budget: the next
+// one is told "busy" and closed (counted), and a real client retries that
+// until a slot frees, then is served.
+TEST(TcpStore, ABusyServerIsRetriedUntilASlotFrees) {
+  TcpStoreServer server("right");
+  std::vector<int> silent;
+  for (int i = 0; i < 512; ++i) {
+    const int fd = raw_connect(server.port());
+    ASSERT_GE(fd, 0) << "connection " << i;
+    silent.push_back(fd);
+  }
+  std::this_thread::sleep_for(200ms);  // the server has taken them all
+  const int extra = raw_connect(server.port());
+  ASSERT_GE(extra, 0);
+  timeval tv{3, 0};
+  ::setsockopt(extra, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  std::string reply;
+  char buf[256];
+  for (ssize_t n; (n = ::recv(extra, buf, sizeof buf, 0)) > 0;) reply.append(buf, static_cast<size_t>(n));
+  ::close(extra);
+  EXPECT_NE(reply.find("busy"), std::string::npos) << "reply: '" << reply << "'";
+  const int64_t refused_before = server.refused();
+  EXPECT_GE(refused_before, 1);
+  std::thread freer([&] {
+    std::this_thread::sleep_for(300ms);
+    for (int fd : silent) ::close(fd);
+  });
+  const auto start = std::chrono::steady_clock::now();
+  TcpStore good("127.0.0.1", server.port(), "right", 5000ms);  // retries "busy" meanwhile
+  good.set("k", Store::to_bytes("v"));
+  EXPECT_EQ(Store::to_string(good.get("k", 1s)), "v");
+  freer.join();
+  EXPECT_GE(std::chrono::steady_clock::now() - start, 250ms) << "the client got in while the budget was full";
+}
+
 // An authenticated client that announces a frame and never sends it: dropped
 // at the frame deadline instead of holding its buffer forever.
 TEST(TcpStore, AFrameAnnouncedAndNeverSentIsDropped) {
