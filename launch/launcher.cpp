@@ -307,6 +307,12 @@ int run_launch(const LaunchOptions& o) {
       }
     }
     bool all_exited = true;
+    // Ranks reaped in the same round ended within one poll of each other. The
+    // likelier cause is reported: a rank killed outright (SIGKILL: the OOM
+    // killer, an operator) before one that aborted (a library noticing the
+    // dead peer), before error exits (ranks whose ops failed because of it).
+    const bool failed_before = first_failure != 0;
+    int round_priority = 0;
     for (auto& c : children) {
       if (!c.exited) {
         int status = 0;
@@ -314,9 +320,11 @@ int run_launch(const LaunchOptions& o) {
           c.exited = true;
           forget(c.pid);
           c.code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-          if (c.code != 0 && first_failure == 0 && !stopping) {
+          const int priority = !WIFSIGNALED(status) ? 1 : WTERMSIG(status) == SIGKILL ? 3 : 2;
+          if (c.code != 0 && !stopping && !failed_before && priority > round_priority) {
             first_failure = c.code;
             first_failed_rank = c.rank;
+            round_priority = priority;
           }
         }
       }

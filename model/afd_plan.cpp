@@ -144,7 +144,9 @@ AfdCost afd_cost(const DecodeShape& s, const AfdHardware& hw, int context, const
     // A token goes once to each FFN node its routed experts touch (the shared expert is on every GPU); inside
     // one node (the whole deployment on it) to each FFN GPU they touch, over NVLink.
     const bool across = plan.attention_gpus + plan.ffn_gpus > hw.gpus_per_node;
-    const auto [bw, lat] = link(across);
+    // Plain copies: clang before 16 cannot capture structured bindings in the lambdas below.
+    const auto link_across = link(across);
+    const double bw = link_across.first, lat = link_across.second;
     auto transfer = [&](double destinations, double back_destinations, double messages) {
       const double out_a = b * H * s.dispatch_bytes * destinations, back_a = b * H * s.combine_bytes * back_destinations;
       const double out_f = out_a * A / F, back_f = back_a * A / F;  // an FFN GPU's share of every attention GPU's rows
@@ -190,8 +192,8 @@ AfdCost afd_cost(const DecodeShape& s, const AfdHardware& hw, int context, const
     te_dense = roofline(hw, 2 * b * s.dense_ffn_params, s.dense_ffn_params * wb + 2 * b * H * wb);
     const int nodes = nodes_of(plan.attention_gpus, hw.gpus_per_node);
     double remote_nodes = nodes > 1 ? (nodes - 1) * (1.0 - std::pow(1.0 - 1.0 / nodes, k)) : 0.0;
-    const auto [nic_bw, nic_lat] = link(true);
-    const auto [nv_bw, nv_lat] = link(false);
+    const auto nic = link(true), nv = link(false);  // plain copies, captured below (clang before 16)
+    const double nic_bw = nic.first, nic_lat = nic.second, nv_bw = nv.first, nv_lat = nv.second;
     const double gpn = std::min<double>(N, hw.gpus_per_node);
     const double local = b * H * k * (gpn - 1) / N;  // rows to other GPUs of this node
     auto a2a = [&](double bytes_per_element) {
