@@ -1,5 +1,7 @@
 #include "core/env.h"
 
+#include <algorithm>
+
 #include <charconv>
 #include <cstdint>
 #include <cstdlib>
@@ -98,6 +100,14 @@ const std::vector<VarSpec>& specs() {
          const auto hash = v.find('#');
          if (v.empty() || hash == 0) SY_THROW(ConfigError, n, "='", v, "': expected NAME or NAME#N");
          if (hash != std::string::npos) parse_integer<int64_t>(n, v.substr(hash + 1), 1, "a pass count N >= 1 after '#'");
+         static const char* const known[] = {"checkpoint.locked",          "safetensors.partly_written",
+                                             "checkpoint.shard_saved",     "checkpoint.manifest_written",
+                                             "checkpoint.published",       "checkpoint.side_files_written"};
+         const std::string name = v.substr(0, hash);
+         if (std::find(std::begin(known), std::end(known), name) == std::end(known))
+           SY_THROW(ConfigError, n, "='", v, "': no point '", name, "'; expected one of checkpoint.locked, "
+                    "safetensors.partly_written, checkpoint.shard_saved, checkpoint.manifest_written, "
+                    "checkpoint.published, checkpoint.side_files_written");
          e.failpoint = v;
        }},
       {"SWITCHYARD_TEST_SEED", "uint64", "", "Seed for test inputs, to reproduce a failure (tests print theirs).",

@@ -10,6 +10,8 @@
 
 namespace switchyard {
 
+bool failpoints_armed() { return !env().failpoint.empty(); }
+
 void failpoint(const char* name) {
   const std::string& spec = env().failpoint;
   if (spec.empty()) return;

@@ -13,7 +13,7 @@ namespace switchyard {
 
 nlohmann::json parse_untrusted_json(std::string_view text, const std::string& what) {
   int depth = 0;
-  int64_t separators = 0;  // commas and colons outside strings: about one per value
+  int64_t items = 0;  // containers, commas and colons outside strings: at least one per value
   bool in_string = false, escaped = false;
   for (size_t i = 0; i < text.size(); ++i) {
     const char c = text[i];
@@ -25,11 +25,14 @@ nlohmann::json parse_untrusted_json(std::string_view text, const std::string& wh
     }
     if (c == '"') in_string = true;
     else if (c == '[' || c == '{') {
+      if (++items > 2 * kMaxJsonValues)
+        SY_THROW(InvalidArgument, what, ": JSON with more than ", kMaxJsonValues, " values (at byte ", i,
+                 "); a parsed value costs about 40 times its text, so larger documents are refused");
       if (++depth > kMaxJsonDepth)
         SY_THROW(InvalidArgument, what, ": JSON nested deeper than ", kMaxJsonDepth, " levels (at byte ", i, ")");
     } else if (c == ']' || c == '}') {
       --depth;
-    } else if ((c == ',' || c == ':') && ++separators > 2 * kMaxJsonValues) {
+    } else if ((c == ',' || c == ':') && ++items > 2 * kMaxJsonValues) {
       SY_THROW(InvalidArgument, what, ": JSON with more than ", kMaxJsonValues, " values (at byte ", i,
                "); a parsed value costs about 40 times its text, so larger documents are refused");
     }

@@ -218,7 +218,10 @@ std::vector<BenchRow> run_bench_comm(Communicator& comm, const BenchCommSection&
       if (bytes == 0) break;  // 0 * factor stays 0
     }
     if (out) {
-      *out << "# Out of bounds values : " << wrong_total << (wrong_total == 0 ? " OK" : " FAILED") << "\n";
+      if (check)
+        *out << "# Out of bounds values : " << wrong_total << (wrong_total == 0 ? " OK" : " FAILED") << "\n";
+      else
+        *out << "# Out of bounds values : N/A (not checked)\n";
       *out << "# Avg bus bandwidth    : " << (measured ? busbw_sum / measured : 0.0) << "\n#\n" << std::flush;
     }
   }

@@ -309,8 +309,9 @@ int run_launch(const LaunchOptions& o) {
     bool all_exited = true;
     // Ranks reaped in the same round ended within one poll of each other. The
     // likelier cause is reported: a rank killed outright (SIGKILL: the OOM
-    // killer, an operator) before one that aborted (a library noticing the
-    // dead peer), before error exits (ranks whose ops failed because of it).
+    // killer, an operator), then a crash (SEGV, BUS, ILL, FPE), then other
+    // signals (an abort: often a library noticing the dead peer), then error
+    // exits (ranks whose ops failed because of it).
     const bool failed_before = first_failure != 0;
     int round_priority = 0;
     for (auto& c : children) {
@@ -320,7 +321,12 @@ int run_launch(const LaunchOptions& o) {
           c.exited = true;
           forget(c.pid);
           c.code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-          const int priority = !WIFSIGNALED(status) ? 1 : WTERMSIG(status) == SIGKILL ? 3 : 2;
+          // A shell that ran the rank without exec exits 128 + the signal that killed it.
+          const int sig = WIFSIGNALED(status) ? WTERMSIG(status) : c.code > 128 && c.code < 160 ? c.code - 128 : 0;
+          const int priority = sig == 0                                                          ? 1
+                               : sig == SIGKILL                                                  ? 4
+                               : sig == SIGSEGV || sig == SIGBUS || sig == SIGILL || sig == SIGFPE ? 3
+                                                                                                 : 2;
           if (c.code != 0 && !stopping && !failed_before && priority > round_priority) {
             first_failure = c.code;
             first_failed_rank = c.rank;

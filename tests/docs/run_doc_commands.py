@@ -47,8 +47,7 @@ def shrink(cmd, scratch):
         (r"--max_new_tokens \d+", "--max_new_tokens 4"),
         (r"--requests \d+", "--requests 4"),
         (r"--batch ([\d]+)(,[\d]+)?(,[\d,]+)?", lambda m: "--batch " + m.group(1) + (m.group(2) or "")),
-        (r" -e \S+", " -e 256K"),
-        (r" -b \S+", " -b 1K"),
+
         (r"--set bench\.max_bytes=\S+", "--set bench.max_bytes=64K"),
         (r"bench scale --mode weak --ranks \S+", "bench scale --mode weak --ranks 1,2"),
         (r"--ranks 64 ", "--ranks 8 "),
@@ -82,8 +81,15 @@ def shrink(cmd, scratch):
         for option, value in (("--batch_size", "1"), ("--num_tokens", "64"), ("--model_dim", "64"), ("--hidden_size", "64")):
             if option not in c:
                 c += f" {option} {value}"
-    if " bench comm " in c and " -n " not in c:
-        c += " -n 1 -w 0"
+    if " bench comm " in c:  # message sizes: only bench comm's -b/-e
+        c = re.sub(r"( bench comm .*?) -e \S+", r"\1 -e 256K", c)
+        c = re.sub(r"( bench comm .*?) -b \S+", r"\1 -b 1K", c)
+        if " -n " not in c:
+            c += " -n 1 -w 0"
+    if " bench scale " in c:  # its CSV and plot go to the scratch directory, not the source tree
+        for option, name in (("--csv", "bench-scale.csv"), ("--png", "bench-scale.png")):
+            if option not in c:
+                c += f" {option} {os.path.join(scratch, name)}"
     if re.search(r" generate ", c) and "--max_new_tokens" not in c:
         c += " --max_new_tokens 4"
     if re.search(r"bench decode ", c) and "--steps" not in c and "--requests" not in c:
@@ -137,13 +143,22 @@ def main():
     build = os.path.realpath(a.build or os.path.join(source, "build"))
     scratch = tempfile.mkdtemp(prefix="sy-doc-commands-")
     env = dict(os.environ, OMPI_MCA_btl="self,vader", OMP_WAIT_POLICY="passive")
-    env["PYTHONPATH"] = os.path.join(build, "python")
+    env.pop("PYTHONPATH", None)  # each documented python command says where the module is
 
     def in_build(cmd):  # the docs' build/ is this build directory
         cmd = re.sub(r"(?<![\w/.-])build/", build + "/", cmd)
         return re.sub(r"(compare_alltoall\.sh) build\b", r"\1 " + build, cmd)
 
     failed = ran = skipped = 0
+
+    def tree_state():  # what git sees in the source tree (none outside a checkout)
+        try:
+            return subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=source,
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=60).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return b""
+
+    tree_before = tree_state()
     # What the docs assume exists: make run's checkpoint (README: "continue make run's model").
     if not a.list:
         setup = in_build(shrink("build/bin/switchyard run --config configs/quickstart.yaml --set train.steps=2", scratch))
@@ -175,6 +190,10 @@ def main():
                       flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    if tree_state() != tree_before:
+        failed += 1
+        print("FAIL the documented commands changed the source tree (git status differs): they must write "
+              "only where the docs say, and the runner puts those outputs in its scratch directory")
     print(f"{ran - failed} of {ran} documented commands ran cleanly; {skipped} skipped (reasons above)")
     print("DOC_COMMANDS_OK" if failed == 0 else "DOC_COMMANDS_FAILED")
     return 1 if failed else 0

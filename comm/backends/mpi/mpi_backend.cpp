@@ -1,5 +1,7 @@
 #include "comm/backends/mpi/mpi_backend.h"
 
+#include <unistd.h>
+
 #include <atomic>
 #include <algorithm>
 #include <climits>
@@ -390,11 +392,14 @@ MpiSession::MpiSession() {
     std::thread watchdog([&] {
       std::unique_lock lock(m);
       if (cv.wait_for(lock, limit, [&] { return done; })) return;
-      std::fprintf(stderr,
-                   "switchyard: MPI_Init did not finish within %lld ms (SWITCHYARD_COMM_TIMEOUT_MS): a rank of the "
-                   "job has not started, is stopped or died during start-up; exiting so the job ends\n",
-                   static_cast<long long>(limit.count()));
-      std::fflush(stderr);
+      // write(2), not stdio: a stderr nobody drains must not keep this rank from exiting.
+      char text[400];
+      const int n = std::snprintf(text, sizeof text,
+                                  "switchyard: MPI_Init did not finish within %lld ms: a rank of the job has not "
+                                  "started, is stopped or died during start-up; exiting so the job ends (raise "
+                                  "SWITCHYARD_COMM_TIMEOUT_MS if start-up is legitimately this slow)\n",
+                                  static_cast<long long>(limit.count()));
+      if (n > 0) (void)!::write(2, text, static_cast<size_t>(std::min<int>(n, sizeof text - 1)));
       std::_Exit(1);
     });
     struct Disarm {
