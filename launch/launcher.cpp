@@ -251,8 +251,9 @@ int run_launch(const LaunchOptions& o) {
   }
   int first_failure = 0, first_failed_rank = -1;
   auto stop_others = [&] {
+    // SIGCONT after the TERM: a stopped rank acts on it now instead of at the SIGKILL after the grace.
     for (auto& c : children)
-      if (!c.exited) ::kill(-c.pid, SIGTERM);
+      if (!c.exited) ::kill(-c.pid, SIGTERM), ::kill(-c.pid, SIGCONT);
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(o.grace_ms);
     while (std::chrono::steady_clock::now() < deadline) {
       bool all = true;
