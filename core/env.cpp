@@ -7,6 +7,7 @@
 #include <cstdlib>
 
 #include "core/error.h"
+#include "core/failpoint.h"
 
 namespace switchyard {
 namespace {
@@ -29,6 +30,9 @@ struct VarSpec {
 };
 
 const std::vector<VarSpec>& specs() {
+  static const std::string failpoint_doc =
+      "Testing: NAME or NAME#N kills this process with SIGKILL the N-th time (default 1) it passes the named point, "
+      "so a crash there can be tested (points: " + failpoint_names() + ").";
   static const std::vector<VarSpec> table = {
       {"SWITCHYARD_LOG_LEVEL", "string", "warn",
        "Log level: trace, debug, info, warn, error or off; per subsystem as 'warn,comm=debug'.",
@@ -92,22 +96,14 @@ const std::vector<VarSpec>& specs() {
          if (v != "cpu" && v != "emulated") SY_THROW(ConfigError, n, "='", v, "': expected cpu or emulated");
          e.moe_ops = v;
        }},
-      {"SWITCHYARD_FAILPOINT", "string", "",
-       "Testing: NAME or NAME#N kills this process with SIGKILL the N-th time (default 1) it passes the named point, "
-       "so a crash there can be tested (points: checkpoint.locked, safetensors.partly_written, checkpoint.shard_saved, "
-       "checkpoint.manifest_written, checkpoint.published, checkpoint.side_files_written).",
+      {"SWITCHYARD_FAILPOINT", "string", "", failpoint_doc.c_str(),
        [](Env& e, const std::string& n, const std::string& v) {
          const auto hash = v.find('#');
          if (v.empty() || hash == 0) SY_THROW(ConfigError, n, "='", v, "': expected NAME or NAME#N");
          if (hash != std::string::npos) parse_integer<int64_t>(n, v.substr(hash + 1), 1, "a pass count N >= 1 after '#'");
-         static const char* const known[] = {"checkpoint.locked",          "safetensors.partly_written",
-                                             "checkpoint.shard_saved",     "checkpoint.manifest_written",
-                                             "checkpoint.published",       "checkpoint.side_files_written"};
          const std::string name = v.substr(0, hash);
-         if (std::find(std::begin(known), std::end(known), name) == std::end(known))
-           SY_THROW(ConfigError, n, "='", v, "': no point '", name, "'; expected one of checkpoint.locked, "
-                    "safetensors.partly_written, checkpoint.shard_saved, checkpoint.manifest_written, "
-                    "checkpoint.published, checkpoint.side_files_written");
+         if (std::find(std::begin(kFailpoints), std::end(kFailpoints), name) == std::end(kFailpoints))
+           SY_THROW(ConfigError, n, "='", v, "': no point '", name, "'; expected one of ", failpoint_names());
          e.failpoint = v;
        }},
       {"SWITCHYARD_TEST_SEED", "uint64", "", "Seed for test inputs, to reproduce a failure (tests print theirs).",

@@ -10,6 +10,12 @@
 
 namespace switchyard {
 
+std::string failpoint_names() {
+  std::string out;
+  for (const char* name : kFailpoints) out += (out.empty() ? "" : ", ") + std::string(name);
+  return out;
+}
+
 bool failpoints_armed() { return !env().failpoint.empty(); }
 
 void failpoint(const char* name) {

@@ -207,19 +207,7 @@ int run_bench_moe(const BenchMoeOptions& o) {
     }
     MoELayer layer(c, group, dev.host_group);
     layer.init_parameters(o.seed);
-    // The layer's view of a host tensor (its memory), and back.
-    auto to_layer = [&](const Tensor& host) {
-      if (!dev.on_device()) return host;
-      Tensor t = layer.ops().allocate(host.shape(), host.dtype(), false);
-      layer.ops().from_host(t.data(), host.data(), static_cast<int64_t>(host.nbytes()));
-      return t;
-    };
-    auto to_host = [&](const Tensor& t) {
-      if (t.device().is_cpu()) return t;
-      Tensor h = Tensor::empty(t.shape(), t.dtype());
-      layer.ops().to_host(h.data(), t.data(), static_cast<int64_t>(t.nbytes()));
-      return h;
-    };
+
     const int64_t T = static_cast<int64_t>(o.batch_size) * o.num_tokens, M = o.model_dim;
     Tensor x = Tensor::empty({T, M}, DType::f32), target = Tensor::empty({T, M}, DType::f32);
     Tensor dout = Tensor::empty({T, M}, DType::f32);
@@ -227,7 +215,7 @@ int run_bench_moe(const BenchMoeOptions& o) {
     rng.fill_uniform(x, -1, 1);
     rng.fill_uniform(target, -0.1, 0.1);
     if (zipf > 0) {  // feature 0 is a constant 1 whose gate row lowers expert e's logit by S ln(e + 1)
-      Tensor gate = to_host(layer.gate_weight()).clone();
+      Tensor gate = layer.ops().copy_out(layer.gate_weight()).clone();
       for (int e = 0; e < E; ++e) gate.data_as<float>()[e] -= static_cast<float>(zipf * std::log(e + 1.0));
       layer.ops().from_host(layer.gate_weight().data(), gate.data(), static_cast<int64_t>(gate.nbytes()));
     }
@@ -288,7 +276,7 @@ int run_bench_moe(const BenchMoeOptions& o) {
 
       const double flops_at_start = layer.gemm_flops();
       // auto: the planner decides inside plan(), on the capacity all-reduce.
-      const Tensor x_in = to_layer(x);
+      const Tensor x_in = layer.ops().copy_in(x);
       auto plan_rows = [&](int64_t first, int64_t rows) {
         const TensorView part(x_in.data_as<float>() + first * M, DType::f32, {rows, M}, x_in.device());
         return fixed ? layer.plan(part, layer.routing_choice(), *fixed)
@@ -300,7 +288,7 @@ int run_bench_moe(const BenchMoeOptions& o) {
       if (o.microbatches == 1) {
         f = fixed ? layer.forward(x_in, layer.routing_choice(), *fixed)
                   : layer.forward(x_in, layer.routing_choice(), *planner);
-        f.output = to_host(f.output);
+        f.output = layer.ops().copy_out(f.output);
       } else {
         // M batches in flight: all planned and dispatched, then their experts
         // chunk by chunk in turn (each chunk's return all-to-all overlapping the
@@ -349,7 +337,7 @@ int run_bench_moe(const BenchMoeOptions& o) {
       }
       if (!o.eval) {
         layer.zero_grad();
-        const Tensor dout_in = to_layer(dout);
+        const Tensor dout_in = layer.ops().copy_in(dout);
         if (batches.empty())
           layer.backward(dout_in, 0.0, 0.0, o.input_grad);
         else

@@ -111,12 +111,6 @@ void train_moe(Runtime& rt, const JobConfig& job) {
                                         rt.info().local_rank, rt.info().local_size);
   if (dev.on_device()) student_config.ops = dev.ops;
   MoELayer student(student_config, dev.group, dev.host_group);
-  auto to_layer = [&](const Tensor& host) {
-    if (!dev.on_device()) return host;
-    Tensor t = student.ops().allocate(host.shape(), host.dtype(), false);
-    student.ops().from_host(t.data(), host.data(), static_cast<int64_t>(host.nbytes()));
-    return t;
-  };
   student.init_parameters(static_cast<uint64_t>(tr.seed));
   std::unique_ptr<MoEPlanner> planner;
   if (job.moe.strategy == "auto") {
@@ -180,13 +174,10 @@ void train_moe(Runtime& rt, const JobConfig& job) {
     world.barrier().wait();
     const auto start = Clock::now();
     student.zero_grad();
-    MoEForward f = planner ? student.forward(to_layer(x), student.routing_choice(), *planner)
-                           : student.forward(to_layer(x), student.routing_choice(), student_config.plan);
-    if (dev.on_device()) {
-      Tensor out = Tensor::empty(f.output.shape(), DType::f32);
-      student.ops().to_host(out.data(), f.output.data(), static_cast<int64_t>(out.nbytes()));
-      f.output = out;
-    }
+    const Tensor x_in = student.ops().copy_in(x);  // the layer's memory (x itself on the host)
+    MoEForward f = planner ? student.forward(x_in, student.routing_choice(), *planner)
+                           : student.forward(x_in, student.routing_choice(), student_config.plan);
+    f.output = student.ops().copy_out(f.output);
     const ExecPlan plan = student.last_plan().exec;
     if (placed) {  // rows each rank's experts received, and the logical loads for the next placement
       rank_load = rank_load_max_over_mean(world, {&student.last_plan()});
@@ -203,7 +194,7 @@ void train_moe(Runtime& rt, const JobConfig& job) {
       squared += d * d;
       dout.data_as<float>()[i] = static_cast<float>(2.0 * d / count);  // d(mean over all ranks)/d out
     }
-    student.backward(to_layer(dout), tr.balance_coef / world.size(), tr.z_coef / world.size(), false);
+    student.backward(student.ops().copy_in(dout), tr.balance_coef / world.size(), tr.z_coef / world.size(), false);
     student.sgd_step(tr.lr);
     if (student_config.router.gate == GateKind::sigmoid_bias && tr.bias_rate > 0)
       student.update_gate_bias(tr.bias_rate);

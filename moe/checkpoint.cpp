@@ -5,7 +5,6 @@
 #include <map>
 #include <set>
 
-#include "comm/backends/staged/staged_backend.h"
 #include "core/error.h"
 #include "moe/layer_internal.h"
 #include "moe/moe_layer.h"
@@ -54,8 +53,7 @@ LogicalExpertTensors MoELayer::logical_expert_tensors(const ExpertParams& stored
   // does not depend on S.
   Tensor w1 = Tensor::empty({S, M, H1s}, DType::f32), b1 = Tensor::empty({S, H1s}, DType::f32);
   Tensor w2 = Tensor::empty({S * Hs, M}, DType::f32);
-  const std::shared_ptr<Communicator> shards =
-      ops_->host_memory() ? shard_group_ : make_host_buffer_communicator(shard_group_, ops_->memory());
+  const std::shared_ptr<Communicator> shards = host_side(shard_group_);
   Work works[] = {shards->allgather(p.w1, w1), shards->allgather(p.b1, b1), shards->allgather(p.w2, w2)};
   for (auto& work : works) work.wait();
   if (layout_.shard_of_rank(me) == 0) {
@@ -101,7 +99,7 @@ void MoELayer::assign_logical_experts(const LogicalExpertSource& get, ExpertPara
 void MoELayer::save(const std::string& dir) const {
   LogicalExpertTensors experts = logical_expert_tensors(params_);
   std::vector<std::pair<std::string, TensorView>> tensors;
-  const Tensor gate = to_host(gate_weight_);
+  const Tensor gate = ops_->copy_out(gate_weight_);
   if (group_->rank() == 0) tensors.emplace_back("gate.weight", gate.view());
   tensors.insert(tensors.end(), experts.tensors.begin(), experts.tensors.end());
   save_checkpoint(*host_group_, dir, tensors,

@@ -115,7 +115,7 @@ void MoELayer::init_parameters(uint64_t seed) {
     rng.fill_uniform(w2, -1.0 / std::sqrt(H), 1.0 / std::sqrt(H));
     rng.fill_uniform(b2, -1.0 / std::sqrt(H), 1.0 / std::sqrt(H));
     // Drawn on the host, moved into the ops' memory, and this rank's slice copied by the ops.
-    const Tensor w1o = to_ops(w1), b1o = to_ops(b1), w2o = to_ops(w2), b2o = to_ops(b2);
+    const Tensor w1o = ops_->copy_in(w1), b1o = ops_->copy_in(b1), w2o = ops_->copy_in(w2), b2o = ops_->copy_in(b2);
     copy_hidden_piece(*ops_, gated, M, H, shard, S, w1o.data_as<float>(), params_.w1.data_as<float>() + slot * M * H1s,
                       true);
     copy_hidden_piece(*ops_, gated, 1, H, shard, S, b1o.data_as<float>(), params_.b1.data_as<float>() + slot * H1s,
@@ -457,7 +457,7 @@ void MoELayer::migrate(const ExpertPlacement& to, const std::vector<ExpertParams
   }
   for (size_t i = 0; i < moved.size(); ++i) {
     ExpertParams& f = fresh_sets[i];
-    *moved[i] = on_host ? std::move(f) : ExpertParams{to_ops(f.w1), to_ops(f.b1), to_ops(f.w2), to_ops(f.b2)};
+    *moved[i] = on_host ? std::move(f) : ExpertParams{ops_->copy_in(f.w1), ops_->copy_in(f.b1), ops_->copy_in(f.w2), ops_->copy_in(f.b2)};
   }
   layout_ = std::move(next);
   config_.placement = to;

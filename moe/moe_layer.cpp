@@ -81,22 +81,8 @@ Tensor MoELayer::ops_zeros(Shape shape, DType dtype) const {
   return ops_->host_memory() ? Tensor::zeros(std::move(shape), dtype) : ops_->allocate(std::move(shape), dtype, true);
 }
 
-Tensor MoELayer::to_ops(const Tensor& host) const {
-  if (ops_->host_memory()) return host;
-  Tensor t = ops_->allocate(host.shape(), host.dtype(), false);
-  ops_->from_host(t.data(), host.data(), static_cast<int64_t>(host.nbytes()));
-  return t;
-}
-
-Tensor MoELayer::to_host(const Tensor& t) const {
-  if (ops_->host_memory()) return t;
-  Tensor h = Tensor::empty(t.shape(), t.dtype());
-  ops_->to_host(h.data(), t.data(), static_cast<int64_t>(t.nbytes()));
-  return h;
-}
-
 ExpertParams MoELayer::to_host(const ExpertParams& p) const {
-  return {to_host(p.w1), to_host(p.b1), to_host(p.w2), to_host(p.b2)};
+  return {ops_->copy_out(p.w1), ops_->copy_out(p.b1), ops_->copy_out(p.w2), ops_->copy_out(p.b2)};
 }
 
 template <class T>
@@ -109,7 +95,7 @@ const T* MoELayer::ops_array(const std::vector<T>& v, Tensor& slot) const {
   return static_cast<const T*>(slot.data());
 }
 
-std::shared_ptr<Communicator> MoELayer::host_side(const std::shared_ptr<Communicator>& group) {
+std::shared_ptr<Communicator> MoELayer::host_side(const std::shared_ptr<Communicator>& group) const {
   if (group->memory_device().is_cpu()) return group;
   auto& made = host_side_cache_[group.get()];
   if (!made) made = make_host_buffer_communicator(group, ops_->memory());
@@ -153,9 +139,9 @@ MoELayer::MoELayer(MoEConfig config, std::shared_ptr<Communicator> expert_group,
              "device model and timing-only mode)");
   // Device ops: the bulk tensors live in the ops' memory and so must every
   // buffer the group moves; routing, plans and agreements stay on the host.
-  if (group_->memory_device() != (ops_->host_memory() ? Device::cpu() : ops_->device()))
+  if (group_->memory_device() != ops_->device())
     SY_THROW(InvalidArgument, "moe: ops '", ops_->name(), "' keep the layer's tensors on ",
-             to_string(ops_->host_memory() ? Device::cpu() : ops_->device()), " but the expert group '",
+             to_string(ops_->device()), " but the expert group '",
              group_->name(), "' (backend ", group_->backend_name(), ") moves memory of ",
              to_string(group_->memory_device()), "; expected a communicator of the ops' memory (",
              ops_->host_memory() ? "a host backend" : "nccl, or staged over a host backend", ")");
@@ -523,7 +509,7 @@ const Routing& MoELayer::last_routing() const {
 Routing MoELayer::route_tokens(const RouterConfig& router, const TensorView& x, Tensor& logits) {
   PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::gate);
   const int64_t M = config_.model_dim;
-  const Device where = ops_->host_memory() ? Device::cpu() : ops_->device();
+  const Device where = ops_->device();  // cpu for host ops
   if (x.dtype() != DType::f32 || x.dim() != 2 || x.size(1) != M || !x.is_contiguous() || x.device() != where)
     SY_THROW(InvalidArgument, "moe: input is ", dtype_name(x.dtype()), " ", shape_string(x.shape()), " on ",
              to_string(x.device()), ", expected contiguous f32 [tokens, ", M, "] on ", to_string(where),
@@ -547,7 +533,7 @@ Routing MoELayer::route_tokens(const RouterConfig& router, const TensorView& x, 
   gemm({.m = T, .n = E, .k = M, .a = static_cast<const float*>(x.data()), .lda = M,
         .b = gate_weight_.data_as<float>(), .ldb = E, .c = computed.data_as<float>(), .ldc = E},
        OpData::gate);
-  logits = to_host(computed);
+  logits = ops_->copy_out(computed);
   const TensorView bias = gate_bias_.view();
   return route(router, logits, router.gate == GateKind::sigmoid_bias ? &bias : nullptr,
                router.noise_std > 0 ? &noise_ : nullptr);
@@ -1072,7 +1058,7 @@ Tensor MoELayer::backward(MoEBatch& b, const TensorView& dout, double balance_co
   const DispatchPlan& p = b.plan_;
   const int64_t T = p.tokens, M = config_.model_dim;
   const int k = p.k, kc = p.k * p.copies, S = layout_.shards();
-  const Device where = ops_->host_memory() ? Device::cpu() : ops_->device();
+  const Device where = ops_->device();  // cpu for host ops
   if (dout.dtype() != DType::f32 || dout.shape() != Shape{p.output_rows, M} || !dout.is_contiguous() ||
       dout.device() != where)
     SY_THROW(InvalidArgument, "moe: dout is ", dtype_name(dout.dtype()), " ", shape_string(dout.shape()), " on ",
@@ -1163,7 +1149,7 @@ Tensor MoELayer::backward(MoEBatch& b, const TensorView& dout, double balance_co
       const int64_t row = p.row_of_choice[static_cast<size_t>(c * p.copies + copy)];
       if (row >= 0) d_weight[static_cast<size_t>(c)] += d_weight_of_row[static_cast<size_t>(row)];
     }
-  Tensor d_logits = to_ops(gate_backward(b.router_, b.routing_, b.logits_, d_weight, balance_coef, z_coef));
+  Tensor d_logits = ops_->copy_in(gate_backward(b.router_, b.routing_, b.logits_, d_weight, balance_coef, z_coef));
   const int E = config_.router.experts;
   Tensor local_gate_grad = ops_zeros({M, E});
   gemm({.transpose_a = true, .m = M, .n = E, .k = T, .a = b.x_.data_as<float>(), .lda = M,

@@ -419,9 +419,7 @@ class MoELayer {
   // host (zeros even when timing only), else allocated by the ops.
   Tensor ops_empty(Shape shape, DType dtype = DType::f32) const;
   Tensor ops_zeros(Shape shape, DType dtype = DType::f32) const;
-  // A host tensor's contents in the ops' memory (the tensor itself on host ops), and back.
-  Tensor to_ops(const Tensor& host) const;
-  Tensor to_host(const Tensor& t) const;
+  // The experts on the host (themselves on host ops): MoEOps::copy_out of each tensor.
   ExpertParams to_host(const ExpertParams& p) const;
   // A host array as the ops read it: its own data on host ops, else uploaded
   // once into `slot` (the batch keeps it).
@@ -431,8 +429,8 @@ class MoELayer {
     return TensorView(data, dtype, std::move(shape), ops_->device());
   }
   // The host-value view of a group (itself when the ops run on the host).
-  std::shared_ptr<Communicator> host_side(const std::shared_ptr<Communicator>& group);
-  std::map<const Communicator*, std::shared_ptr<Communicator>> host_side_cache_;
+  std::shared_ptr<Communicator> host_side(const std::shared_ptr<Communicator>& group) const;
+  mutable std::map<const Communicator*, std::shared_ptr<Communicator>> host_side_cache_;
   // What a sharding degree makes each rank compute (see ExecPlan::r).
   struct PlanShape {
     int exchange_ranks;   // 1 for r = 0

@@ -29,6 +29,20 @@ void MoEOps::from_host(void* dst, const void* host, int64_t bytes) {
   else std::memcpy(dst, host, static_cast<size_t>(bytes));
 }
 
+Tensor MoEOps::copy_in(const Tensor& host) {
+  if (host_memory()) return host;
+  Tensor t = allocate(host.shape(), host.dtype(), false);
+  from_host(t.data(), host.data(), static_cast<int64_t>(host.nbytes()));
+  return t;
+}
+
+Tensor MoEOps::copy_out(const Tensor& t) {
+  if (t.device().is_cpu()) return t;
+  Tensor h = Tensor::empty(t.shape(), t.dtype());
+  to_host(h.data(), t.data(), static_cast<int64_t>(t.nbytes()));
+  return h;
+}
+
 // ---- CpuOps ----
 
 Tensor CpuOps::allocate(Shape shape, DType dtype, bool zeroed) {

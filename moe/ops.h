@@ -46,6 +46,10 @@ class MoEOps {
   // Synchronous copies between the ops' memory and the host (plain copies on host memory).
   void to_host(void* host, const void* src, int64_t bytes);
   void from_host(void* dst, const void* host, int64_t bytes);
+  // A host tensor in the ops' memory, and an ops tensor on the host: the
+  // tensor itself where it already is (host ops: always), else a copy.
+  Tensor copy_in(const Tensor& host);
+  Tensor copy_out(const Tensor& t);
 
   // ---- memory ----
   // Storage outside the layer's pool (parameters, gradients). zeroed: filled
