@@ -307,36 +307,45 @@ int run_launch(const LaunchOptions& o) {
         (is_out ? c->out : c->err) = -1;
       }
     }
-    bool all_exited = true;
-    // Ranks reaped in the same round ended within one poll of each other. The
-    // likelier cause is reported: a rank killed outright (SIGKILL: the OOM
-    // killer, an operator), then a crash (SEGV, BUS, ILL, FPE), then other
-    // signals (an abort: often a library noticing the dead peer), then error
-    // exits (ranks whose ops failed because of it).
-    const bool failed_before = first_failure != 0;
-    int round_priority = 0;
-    for (auto& c : children) {
-      if (!c.exited) {
+    // A failure's likelier cause is reported: a rank killed outright
+    // (SIGKILL: the OOM killer, an operator), then a crash (SEGV, BUS, ILL,
+    // FPE), then other signals (an abort: often a library noticing the dead
+    // peer), then error exits (ranks whose ops failed because of it). A
+    // killed rank's exit can reach us after its peer's reaction to it (the
+    // kernel tears a large process down for a while), so after a failure of
+    // lower priority the other ranks get kCauseWindow to show a likelier one
+    // before the rest are stopped.
+    constexpr auto kCauseWindow = std::chrono::milliseconds(250);
+    int failure_priority = 0;
+    auto reap = [&] {
+      for (auto& c : children) {
+        if (c.exited) continue;
         int status = 0;
-        if (::waitpid(c.pid, &status, WNOHANG) == c.pid) {
-          c.exited = true;
-          forget(c.pid);
-          c.code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-          // A shell that ran the rank without exec exits 128 + the signal that killed it.
-          const int sig = WIFSIGNALED(status) ? WTERMSIG(status) : c.code > 128 && c.code < 160 ? c.code - 128 : 0;
-          const int priority = sig == 0                                                          ? 1
-                               : sig == SIGKILL                                                  ? 4
-                               : sig == SIGSEGV || sig == SIGBUS || sig == SIGILL || sig == SIGFPE ? 3
+        if (::waitpid(c.pid, &status, WNOHANG) != c.pid) continue;
+        c.exited = true;
+        forget(c.pid);
+        c.code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+        // A shell that ran the rank without exec exits 128 + the signal that killed it.
+        const int sig = WIFSIGNALED(status) ? WTERMSIG(status) : c.code > 128 && c.code < 160 ? c.code - 128 : 0;
+        const int priority = sig == 0                                                            ? 1
+                             : sig == SIGKILL                                                    ? 4
+                             : sig == SIGSEGV || sig == SIGBUS || sig == SIGILL || sig == SIGFPE ? 3
                                                                                                  : 2;
-          if (c.code != 0 && !stopping && !failed_before && priority > round_priority) {
-            first_failure = c.code;
-            first_failed_rank = c.rank;
-            round_priority = priority;
-          }
+        if (c.code != 0 && !stopping && priority > failure_priority) {
+          first_failure = c.code;
+          first_failed_rank = c.rank;
+          failure_priority = priority;
         }
       }
-      all_exited = all_exited && c.exited;
+    };
+    reap();
+    const auto window_end = std::chrono::steady_clock::now() + kCauseWindow;
+    while (first_failure != 0 && !stopping && failure_priority < 4 && std::chrono::steady_clock::now() < window_end) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      reap();
     }
+    bool all_exited = true;
+    for (auto& c : children) all_exited = all_exited && c.exited;
     if (first_failure != 0 && !stopping) {
       stopping = true;
       std::fprintf(stderr, "switchyard launch: rank %d exited with code %d; stopping the other ranks\n",

@@ -21,6 +21,7 @@
 #include "launch/decode.h"
 #include "kernels/gemm.h"
 #include "launch/jobs.h"
+#include "launch/specmoe.h"
 #include "launch/trace_stats.h"
 #include "parallel/runtime.h"
 
@@ -399,7 +400,49 @@ int main(int argc, char** argv) {
   auto* trace_stats_cmd = trace->add_subcommand("stats", "Per-layer expert load skew and how predictable a token's experts are from its id");
   std::string trace_file;
   trace_stats_cmd->add_option("FILE", trace_file, "A routing trace (examples/tiny_lm/trace/*.safetensors)")->required();
+  auto* trace_record = trace->add_subcommand("record", "Routing trace of the held-out fortunes through a model (the C++ "
+                                                       "model on one rank; one sequence per fortune)");
+  TraceRecordOptions record;
+  trace_record->add_option("--model", record.model, "Model folder, e.g. examples/tiny_lm/base")->required();
+  trace_record->add_option("-o,--out", record.out, "The trace to write (safetensors)")->required();
+  trace_record->add_option("--corpus", record.corpus, "Folder of fortune files")->capture_default_str();
+  trace_record->add_option("--max_tokens,--max-tokens", record.max_tokens, "Stop after this many tokens (0: all)")
+      ->capture_default_str();
   trace->require_subcommand(1);
+
+  auto* affinity = app.add_subcommand("affinity", "Speculative MoE: token-expert affinity tables and expert grouping");
+  auto* affinity_build = affinity->add_subcommand(
+      "build", "Tables (and an expert grouping) from a routing trace's build part; prints the held-out LAR");
+  AffinityBuildOptions ab;
+  affinity_build->add_option("TRACE", ab.trace, "A routing trace (trace record, or examples/tiny_lm/trace.py)")->required();
+  affinity_build->add_option("--ranks", ab.ranks, "Ranks the experts are placed on")->capture_default_str();
+  affinity_build->add_option("-o,--out", ab.out, "The tables to write (safetensors)")->required();
+  affinity_build->add_option("--lookback", ab.lookback, "Previous layers whose rank sets key the joint table (0..2)")
+      ->capture_default_str();
+  affinity_build->add_option("--grouping", ab.grouping, "Place the experts by co-clustering (true), or E/W per rank in order")
+      ->capture_default_str();
+  affinity_build->add_option("--build_every,--build-every", ab.build_every,
+                             "Document j builds the tables iff j % N == 0; the rest is scored")->capture_default_str();
+  affinity_build->add_option("--batch_tokens,--batch-tokens", ab.batch_tokens, "Tokens per scored batch")->capture_default_str();
+  affinity_build->add_option("--model", ab.model, "Unseen tokens borrow the rows of their nearest neighbour in this model's embedding");
+  affinity->require_subcommand(1);
+
+  auto* bench_specmoe = bench->add_subcommand("specmoe", "Speculative MoE: held-out local activation rate of vanilla, "
+                                                         "expert grouping, token shuffling and both, per rank count");
+  BenchSpecMoeOptions sm;
+  bench_specmoe->add_option("--model", sm.model, "Model folder, e.g. examples/tiny_lm/base")->required();
+  bench_specmoe->add_option("--trace", sm.trace, "A routing trace instead of recording the held-out fortunes");
+  bench_specmoe->add_option("--corpus", sm.corpus, "Folder of fortune files")->capture_default_str();
+  bench_specmoe->add_option("--ranks", sm.ranks, "Rank counts")->delimiter(',')->capture_default_str();
+  bench_specmoe->add_option("--lookback", sm.lookback, "Previous layers whose rank sets key the joint table (0..2)")
+      ->capture_default_str();
+  bench_specmoe->add_option("--build_every,--build-every", sm.build_every,
+                            "Document j builds the tables iff j % N == 0; the rest is scored")->capture_default_str();
+  bench_specmoe->add_option("--batch_tokens,--batch-tokens", sm.batch_tokens, "Tokens per batch")->capture_default_str();
+  bench_specmoe->add_option("--max_tokens,--max-tokens", sm.max_tokens, "Record at most this many tokens (0: all)")
+      ->capture_default_str();
+  bench_specmoe->add_option("--csv", sm.csv, "Also write CSV (a row per configuration and rank count)");
+  bench_specmoe->add_option("--png", sm.png, "Also plot LAR per configuration (gnuplot; needs --csv)");
 
   auto* run = app.add_subcommand("run", "Run the job a YAML config describes");
   std::string config_path;
@@ -445,6 +488,9 @@ int main(int argc, char** argv) {
     if (gen->parsed()) return run_generate(go);
     if (bench_scale->parsed()) return run_bench_scale(scale);
     if (launch->parsed()) return run_launch(lo);
+    if (trace_record->parsed()) return run_trace_record(record);
+    if (affinity_build->parsed()) return run_affinity_build(ab);
+    if (bench_specmoe->parsed()) return run_bench_specmoe(sm);
     if (trace_stats_cmd->parsed()) {
       std::fputs(format_trace_stats(trace_stats(trace_file)).c_str(), stdout);
       return 0;

@@ -1,7 +1,6 @@
 #include "launch/trace_stats.h"
 
 #include <algorithm>
-#include <charconv>
 #include <cmath>
 #include <cstdio>
 #include <map>
@@ -11,6 +10,7 @@
 
 #include "core/error.h"
 #include "core/safetensors.h"
+#include "moe/routing_trace.h"
 
 namespace switchyard {
 namespace {
@@ -22,19 +22,6 @@ std::vector<int> top_k(const std::vector<int64_t>& counts, int k) {
   std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return counts[a] > counts[b]; });
   order.resize(static_cast<size_t>(std::min<int>(k, static_cast<int>(order.size()))));
   return order;
-}
-
-// A metadata integer in [lo, hi]; the fallback when absent.
-int metadata_int(const SafetensorsFile& f, const std::string& key, int fallback, int lo, int hi) {
-  const auto it = f.metadata().find(key);
-  if (it == f.metadata().end()) return fallback;
-  int v = 0;
-  const std::string& text = it->second;
-  const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
-  if (ec != std::errc() || end != text.data() + text.size() || v < lo || v > hi)
-    SY_THROW(InvalidArgument, "trace ", f.path(), ": metadata ", key, " = '", text.substr(0, 40), "', expected an integer ",
-             lo, "..", hi);
-  return v;
 }
 
 // top_k of the dense counts these sparse ones stand for: the most frequent first, ties and the
@@ -60,63 +47,19 @@ TraceStats trace_stats(const std::string& path, double build_share) {
 }
 
 TraceStats trace_stats(const SafetensorsFile& f, double build_share) {
-  const std::string& path = f.path();
+  const RoutingTrace trace = RoutingTrace::load(f);
   TraceStats s;
-  s.path = path;
-  const auto model = f.metadata().find("model");
-  s.model = model == f.metadata().end() ? "?" : model->second;
-  if (const auto fmt = f.metadata().find("format"); fmt != f.metadata().end() && fmt->second != "switchyard-routing-trace-v1")
-    SY_THROW(InvalidArgument, "trace ", path, ": format '", fmt->second, "', expected switchyard-routing-trace-v1");
-  const Tensor tokens = f.load("tokens");
-  if (tokens.dtype() != DType::i32 || tokens.shape().size() != 1)
-    SY_THROW(InvalidArgument, "trace ", path, ": tokens is ", dtype_name(tokens.dtype()), " ", shape_string(tokens.shape()),
-             ", expected i32 [N]");
-  s.tokens = tokens.shape()[0];
-  if (s.tokens < 1) SY_THROW(InvalidArgument, "trace ", path, ": tokens is empty; expected at least one routed token");
-  while (f.contains("layer" + std::to_string(s.layers) + ".experts")) ++s.layers;
-  if (s.layers == 0) SY_THROW(InvalidArgument, "trace ", path, ": no layer0.experts tensor");
-  // The metadata must agree with the tensors there: arrays are sized from the data, never from claims.
-  if (metadata_int(f, "layers", s.layers, 1, 1 << 16) != s.layers)
-    SY_THROW(InvalidArgument, "trace ", path, ": metadata layers = ", f.metadata().at("layers"), " but the file holds ",
-             s.layers, " layer tensors (layer0.experts .. layer", s.layers - 1, ".experts)");
-  const Tensor first = f.load("layer0.experts");
-  if (first.shape().size() != 2 || first.shape()[1] < 1 || first.shape()[1] > 64)
-    SY_THROW(InvalidArgument, "trace ", path, ": layer0.experts is ", shape_string(first.shape()),
-             ", expected [tokens, k] with k in 1..64");
-  s.k = static_cast<int>(first.shape()[1]);
-  if (metadata_int(f, "k", s.k, 1, 64) != s.k)
-    SY_THROW(InvalidArgument, "trace ", path, ": metadata k = ", f.metadata().at("k"), " but layer0.experts is ",
-             shape_string(first.shape()), " (k = ", s.k, ")");
-  int max_expert = 0;
+  s.path = trace.path;
+  s.model = trace.model;
+  s.tokens = trace.size();
+  s.layers = trace.layers;
+  s.k = trace.k;
+  s.experts = trace.experts;
   s.build_tokens = static_cast<int64_t>(std::floor(build_share * static_cast<double>(s.tokens)));
-  const int32_t* tok = tokens.data_as<int32_t>();
-  constexpr int32_t kMaxVocab = 1 << 20;
-  for (int64_t i = 0; i < s.tokens; ++i)
-    if (tok[i] < 0 || tok[i] >= kMaxVocab)
-      SY_THROW(InvalidArgument, "trace ", path, ": tokens[", i, "] = ", tok[i], ", expected 0..", kMaxVocab - 1);
-  std::vector<Tensor> experts;
-  for (int l = 0; l < s.layers; ++l) {
-    experts.push_back(f.load("layer" + std::to_string(l) + ".experts", {s.tokens, s.k}, DType::i32));
-    const int32_t* e = experts.back().data_as<int32_t>();
-    for (int64_t i = 0; i < s.tokens * s.k; ++i) {
-      if (e[i] < 0) SY_THROW(InvalidArgument, "trace ", path, ": layer", l, ".experts holds ", e[i], ", expected >= 0");
-      max_expert = std::max(max_expert, e[i]);
-    }
-  }
-  // More experts than any choice names only widens per-expert arrays; bounded like the ids themselves.
-  constexpr int kMaxExperts = 1 << 16;
-  if (max_expert >= kMaxExperts)
-    SY_THROW(InvalidArgument, "trace ", path, ": expert id ", max_expert, ", expected below ", kMaxExperts);
-  s.experts = metadata_int(f, "experts", max_expert + 1, max_expert + 1, kMaxExperts);
-  // Each layer keeps a count per expert: bounded in all, so a small file cannot claim gigabytes.
-  if (static_cast<int64_t>(s.experts) * s.layers > (int64_t{1} << 22))
-    SY_THROW(InvalidArgument, "trace ", path, ": ", s.layers, " layers x ", s.experts, " experts, expected at most ",
-             int64_t{1} << 22, " in all");
-  if (max_expert >= s.experts)
-    SY_THROW(InvalidArgument, "trace ", path, ": expert ", max_expert, " but metadata experts = ", s.experts);
+  const int32_t* tok = trace.tokens.data();
   const int E = s.experts, k = s.k;
   for (int l = 0; l < s.layers; ++l) {
-    const int32_t* e = experts[static_cast<size_t>(l)].data_as<int32_t>();
+    const int32_t* e = trace.choices[static_cast<size_t>(l)].data();
     TraceLayerStats t;
     t.layer = l;
     t.load.assign(static_cast<size_t>(E), 0);

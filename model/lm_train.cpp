@@ -577,7 +577,12 @@ TextCorpus TextCorpus::fortunes(const std::string& dir) {
       const size_t first = fortune.find_first_not_of('\n');
       fortune = first == std::string::npos ? std::string() : fortune.substr(first);
       while (!fortune.empty() && fortune.back() == '\n') fortune.pop_back();
-      (index % 10 == 9 ? c.held_out : c.train) += fortune + "\n\n";
+      if (index % 10 == 9) {
+        c.held_out += fortune + "\n\n";
+        c.held_out_documents.push_back(fortune + "\n\n");
+      } else {
+        c.train += fortune + "\n\n";
+      }
       ++index;
       if (end == text.size()) break;
       at = end + 3;

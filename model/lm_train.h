@@ -148,6 +148,7 @@ double warmup_cosine_lr(double lr, int64_t step, int64_t warmup, int64_t steps, 
 // followed by a blank line: examples/tiny_lm/tinylm.py's corpus() exactly.
 struct TextCorpus {
   std::string train, held_out;
+  std::vector<std::string> held_out_documents;  // held_out, fortune by fortune (each ends in "\n\n")
   // IoError naming the folder (and the package to install) when it has none.
   static TextCorpus fortunes(const std::string& dir = "/usr/share/games/fortunes");
   // Nats per byte of held_out under train's byte frequencies (add-one smoothed).

@@ -87,6 +87,7 @@ class Model {
   // head): every rank unless disaggregated.
   bool holds_attention() const { return !options_.roles || options_.roles->is_attention(group_->rank()); }
   Tensor head(const Tensor& x);  // logits [rows, vocab]
+  const Tensor& embedding() const { return embed_; }  // [vocab, d]; undefined on an FFN rank
   // Every layer the caches own takes the chunks' positions.
   void commit(const std::vector<Chunk>& chunks);
   // Every layer, then commit: logits [rows, vocab].

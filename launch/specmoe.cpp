@@ -1,0 +1,359 @@
+#include "launch/specmoe.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <deque>
+#include <fstream>
+#include <functional>
+
+#include "core/error.h"
+#include "launch/plot.h"
+#include "model/lm_train.h"
+#include "model/model.h"
+#include "moe/affinity.h"
+#include "moe/expert_grouping.h"
+#include "parallel/runtime.h"
+
+namespace switchyard {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+// The model on one thread-rank of this process (routing does not depend on the world size).
+void with_model(const std::string& dir, const std::function<void(Model&)>& fn) {
+  RuntimeOptions ro;
+  ro.backend = "threads";
+  ro.ranks = 1;
+  run_ranks(ro, [&](Runtime& rt) {
+    Model model(dir, rt.world_ptr());
+    fn(model);
+  });
+}
+
+struct Split {
+  RoutingTrace build, scored;
+};
+
+Split split_by_document(const RoutingTrace& trace, int build_every) {
+  if (build_every < 2) SY_THROW(InvalidArgument, "--build_every = ", build_every, ", expected >= 2 (one document in N builds)");
+  Split s{trace.select_sequences([&](int64_t j) { return j % build_every == 0; }),
+          trace.select_sequences([&](int64_t j) { return j % build_every != 0; })};
+  if (s.build.size() == 0 || s.scored.size() == 0)
+    SY_THROW(InvalidArgument, "trace ", trace.path, ": ", s.build.size(), " tokens to build on and ", s.scored.size(),
+             " to score (documents j % ", build_every, " == 0 build); expected some of both (a longer trace)");
+  return s;
+}
+
+int vocab_of(const RoutingTrace& a, const RoutingTrace& b) {
+  int v = 1;
+  for (int32_t t : a.tokens) v = std::max(v, t + 1);
+  for (int32_t t : b.tokens) v = std::max(v, t + 1);
+  return v;
+}
+
+struct Embedding {
+  std::vector<float> rows;
+  int64_t vocab = 0, dim = 0;
+};
+
+// One configuration's result on the scored part.
+struct Row {
+  int W = 0;
+  std::string config, predictor;
+  LocalActivation la;
+  bool comparison = false;  // the token-id predictor beside the look-back one
+};
+
+struct Evaluation {
+  std::vector<Row> rows;
+  double grouping_objective = 0, identity_objective = 0;  // the solver's expected local share (build part)
+  std::vector<std::vector<int>> grouped;
+};
+
+std::vector<std::vector<int>> grouped_placement(const RoutingTrace& build, int W, Evaluation* ev) {
+  const std::vector<ExpertGrouping> g = group_experts(build, W);
+  std::vector<std::vector<int>> out;
+  for (const ExpertGrouping& layer : g) {
+    out.push_back(layer.rank_of_expert);
+    if (ev) {
+      ev->grouping_objective += layer.local_share / static_cast<double>(g.size());
+      ev->identity_objective += layer.identity_local_share / static_cast<double>(g.size());
+    }
+  }
+  return out;
+}
+
+AffinityTables tables_for(const RoutingTrace& build, int W, const std::vector<std::vector<int>>& placement, int lookback,
+                          int vocab, const Embedding* emb) {
+  AffinityTables t = AffinityTables::build(build, W, placement, lookback, vocab);
+  if (emb && !emb->rows.empty()) t.borrow_unseen(emb->rows.data(), emb->vocab, emb->dim);
+  return t;
+}
+
+Evaluation evaluate(const Split& s, int W, int lookback, int64_t batch, const Embedding* emb) {
+  const RoutingTrace& build = s.build;
+  if (build.experts % W != 0)
+    SY_THROW(InvalidArgument, "--ranks ", W, ": ", build.experts, " experts cannot be spread evenly (expected a divisor)");
+  const int vocab = std::max<int>(vocab_of(build, s.scored), emb ? static_cast<int>(emb->vocab) : 0);
+  Evaluation ev;
+  ev.grouped = grouped_placement(build, W, &ev);
+  const AffinityTables plain = tables_for(build, W, AffinityTables::identity_placement(build.layers, build.experts, W),
+                                          lookback, vocab, emb);
+  const AffinityTables grouped = tables_for(build, W, ev.grouped, lookback, vocab, emb);
+  const AffinityPredictor best = lookback > 0 ? AffinityPredictor::joint : AffinityPredictor::token;
+  auto run = [&](const char* config, const AffinityTables& t, bool shuffle, AffinityPredictor p, bool comparison = false) {
+    ShuffleOptions so;
+    so.shuffle = shuffle;
+    so.predictor = p;
+    so.batch_tokens = batch;
+    ev.rows.push_back({W, config, shuffle ? predictor_name(p) : "-", score_local_activation(s.scored, t, so), comparison});
+  };
+  run("vanilla", plain, false, best);
+  run("grouping", grouped, false, best);
+  run("shuffling", plain, true, best);
+  run("both", grouped, true, best);
+  if (lookback > 0) {  // what the look-back adds: the same with the token-id table alone
+    run("shuffling", plain, true, AffinityPredictor::token, true);
+    run("both", grouped, true, AffinityPredictor::token, true);
+  }
+  return ev;
+}
+
+std::string human(double v) {
+  char b[32];
+  if (v >= 1e9) std::snprintf(b, sizeof b, "%.2f G", v / 1e9);
+  else if (v >= 1e6) std::snprintf(b, sizeof b, "%.2f M", v / 1e6);
+  else if (v >= 1e3) std::snprintf(b, sizeof b, "%.1f k", v / 1e3);
+  else std::snprintf(b, sizeof b, "%.0f", v);
+  return b;
+}
+
+void print_rows(const Evaluation& ev, double row_bytes) {
+  const LocalActivation& vanilla = ev.rows.front().la;
+  for (const Row& r : ev.rows) {
+    const double bytes = static_cast<double>(r.la.remote_rows) * row_bytes;
+    const double saved = vanilla.remote_rows ? 1.0 - static_cast<double>(r.la.remote_rows) / vanilla.remote_rows : 0.0;
+    std::printf("%sLAR %s W=%d: %.3f  (predictor %s; all-to-all rows %s, %+.1f%% vs vanilla, %sB at d_model f32; "
+                "once per rank %s; busiest rank's expert load / median %.2f%s)\n",
+                r.comparison ? "# " : "", r.config.c_str(), r.W, r.la.lar(), r.predictor.c_str(), human(static_cast<double>(r.la.remote_rows)).c_str(),
+                -100.0 * saved, human(bytes).c_str(), human(static_cast<double>(r.la.remote_rows_once)).c_str(),
+                r.la.rank_load_max_over_median,
+                r.predictor == "joint" ? (", look-back key known for " + std::to_string(static_cast<int>(100 * r.la.predicted_share + 0.5)) + "% of rows").c_str() : "");
+  }
+}
+
+void write_csv_and_plot(const std::vector<Row>& rows, double row_bytes, const std::string& csv, const std::string& png,
+                        const std::string& title) {
+  if (csv.empty()) return;
+  std::ofstream out(csv);
+  if (!out) SY_THROW(IoError, "cannot write --csv ", csv);
+  out << "ranks,config,predictor,lar,remote_rows,remote_rows_once_per_rank,remote_bytes,rank_load_max_over_median,"
+         "expert_load_max_over_median,lookback_known_share\n";
+  for (const Row& r : rows)
+    out << r.W << "," << r.config << "," << r.predictor << "," << r.la.lar() << "," << r.la.remote_rows << ","
+        << r.la.remote_rows_once << "," << static_cast<double>(r.la.remote_rows) * row_bytes << ","
+        << r.la.rank_load_max_over_median << "," << r.la.expert_load_max_over_median << "," << r.la.predicted_share << "\n";
+  out.close();
+  std::printf("# wrote %s\n", csv.c_str());
+  if (png.empty()) return;
+  // Bars: LAR per configuration (the best predictor's), one cluster per W.
+  std::string data = "config";
+  std::vector<int> Ws;
+  for (const Row& r : rows)
+    if (std::find(Ws.begin(), Ws.end(), r.W) == Ws.end()) Ws.push_back(r.W);
+  for (int W : Ws) data += " W=" + std::to_string(W);
+  data += "\n";
+  for (const char* config : {"vanilla", "grouping", "shuffling", "both"}) {
+    data += config;
+    for (int W : Ws)
+      for (const Row& r : rows)
+        if (r.W == W && r.config == config && !r.comparison) {
+          data += " " + std::to_string(r.la.lar());
+          break;
+        }
+    data += "\n";
+  }
+  std::string plot = "plot $d using 2:xtic(1) title columnheader(2)";
+  for (size_t i = 1; i < Ws.size(); ++i) plot += ", '' using " + std::to_string(i + 2) + " title columnheader(" + std::to_string(i + 2) + ")";
+  plot_png(png, "set style data histograms\nset style fill solid 0.8\nset grid y\nset yrange [0:1]\nset ylabel 'local "
+                "activation rate'\nset title '" + title + "'\n$d << EOD\n" + data + "EOD\n" + plot + "\n");
+}
+
+}  // namespace
+
+RoutingTrace record_routing_trace(Model& model, const std::vector<std::string>& documents, int64_t max_tokens, bool progress) {
+  const ModelConfig& c = model.config();
+  RoutingTrace t;
+  t.model = c.name;
+  t.layers = c.layers, t.k = c.k, t.experts = c.experts;
+  t.choices.resize(static_cast<size_t>(c.layers));
+  t.weights.resize(static_cast<size_t>(c.layers));
+  int64_t total = 0;
+  for (const std::string& d : documents) total += static_cast<int64_t>(d.size());
+  if (max_tokens > 0) total = std::min(total, max_tokens);
+  constexpr int64_t kBatchTokens = 4096;  // windows per forward: enough rows to keep the GEMMs busy
+  std::deque<KVCache> caches;
+  std::vector<Chunk> chunks;
+  std::vector<int32_t> chunk_sequence;
+  int64_t batched = 0, next_report = total / 10;
+  const auto start = Clock::now();
+  auto flush = [&] {
+    if (chunks.empty()) return;
+    model.forward(chunks);
+    for (size_t i = 0; i < chunks.size(); ++i)
+      for (size_t p = 0; p < chunks[i].tokens.size(); ++p) {
+        t.tokens.push_back(chunks[i].tokens[p]);
+        t.positions.push_back(static_cast<int32_t>(p));
+        t.sequences.push_back(chunk_sequence[i]);
+      }
+    for (int l = 0; l < c.layers; ++l) {
+      const Routing& r = model.moe(l).last_routing();
+      const int64_t n = r.experts.numel();
+      t.choices[static_cast<size_t>(l)].insert(t.choices[static_cast<size_t>(l)].end(), r.experts.data_as<int32_t>(),
+                                               r.experts.data_as<int32_t>() + n);
+      t.weights[static_cast<size_t>(l)].insert(t.weights[static_cast<size_t>(l)].end(), r.weights.data_as<float>(),
+                                               r.weights.data_as<float>() + n);
+    }
+    chunks.clear(), caches.clear(), chunk_sequence.clear();
+    batched = 0;
+    if (progress && t.size() >= next_report) {
+      std::printf("# recorded %lld of %lld tokens (%.0f s)\n", static_cast<long long>(t.size()),
+                  static_cast<long long>(total), seconds_since(start));
+      std::fflush(stdout);
+      next_report = t.size() + total / 10;
+    }
+  };
+  int64_t taken = 0;
+  for (size_t j = 0; j < documents.size() && taken < total; ++j) {
+    const std::string& d = documents[j];
+    for (size_t at = 0; at < d.size() && taken < total; at += static_cast<size_t>(c.max_seq)) {
+      const int64_t n = std::min<int64_t>({static_cast<int64_t>(d.size() - at), c.max_seq, total - taken});
+      Chunk ch;
+      ch.cache = &caches.emplace_back(model.new_cache(static_cast<int>(n)));
+      for (int64_t i = 0; i < n; ++i) ch.tokens.push_back(static_cast<unsigned char>(d[at + static_cast<size_t>(i)]));
+      chunks.push_back(std::move(ch));
+      chunk_sequence.push_back(static_cast<int32_t>(j));
+      batched += n, taken += n;
+      if (batched >= kBatchTokens) flush();
+    }
+  }
+  flush();
+  if (t.size() == 0) SY_THROW(InvalidArgument, "trace record: no tokens (no documents, or --max_tokens = 0)");
+  return t;
+}
+
+int run_trace_record(const TraceRecordOptions& o) {
+  if (o.out.empty()) SY_THROW(InvalidArgument, "trace record: -o FILE is required");
+  if (o.max_tokens < 0) SY_THROW(InvalidArgument, "trace record: --max_tokens = ", o.max_tokens, ", expected >= 0 (0: all)");
+  const TextCorpus corpus = TextCorpus::fortunes(o.corpus);
+  with_model(o.model, [&](Model& model) {
+    const auto start = Clock::now();
+    const RoutingTrace t = record_routing_trace(model, corpus.held_out_documents, o.max_tokens, true);
+    t.save(o.out, {{"text", "held-out fortunes (every 10th fortune of " + o.corpus + "), one sequence per fortune, "
+                            "windows of at most max_seq"},
+                   {"source", "switchyard trace record --model " + o.model}});
+    std::printf("wrote %s: %lld tokens of %d held-out fortunes x %d layers (%.1f s)\n", o.out.c_str(),
+                static_cast<long long>(t.size()), t.sequences.empty() ? 0 : t.sequences.back() + 1, t.layers,
+                seconds_since(start));
+  });
+  return 0;
+}
+
+int run_affinity_build(const AffinityBuildOptions& o) {
+  if (o.out.empty()) SY_THROW(InvalidArgument, "affinity build: -o FILE is required");
+  const RoutingTrace trace = RoutingTrace::load(o.trace);
+  const Split s = split_by_document(trace, o.build_every);
+  if (trace.experts % o.ranks != 0)
+    SY_THROW(InvalidArgument, "affinity build: --ranks ", o.ranks, ": ", trace.experts,
+             " experts cannot be spread evenly (expected a divisor)");
+  Embedding emb;
+  if (!o.model.empty())
+    with_model(o.model, [&](Model& m) {
+      const Tensor& e = m.embedding();
+      emb.vocab = e.shape()[0], emb.dim = e.shape()[1];
+      emb.rows.assign(e.data_as<float>(), e.data_as<float>() + e.numel());
+    });
+  const int vocab = std::max<int>(vocab_of(s.build, s.scored), static_cast<int>(emb.vocab));
+  Evaluation ev;
+  const std::vector<std::vector<int>> placement =
+      o.grouping ? grouped_placement(s.build, o.ranks, &ev) : AffinityTables::identity_placement(trace.layers, trace.experts, o.ranks);
+  const AffinityTables t = tables_for(s.build, o.ranks, placement, o.lookback, vocab, emb.rows.empty() ? nullptr : &emb);
+  t.save(o.out);
+  int borrowed = 0;
+  for (int b : t.borrowed_from()) borrowed += b >= 0;
+  std::printf("wrote %s: %d layers x %d experts on %d ranks (%s placement), look-back %d, built on %lld tokens "
+              "(documents j %% %d == 0)%s\n",
+              o.out.c_str(), t.layers(), t.experts(), t.ranks(), o.grouping ? "grouped" : "identity", o.lookback,
+              static_cast<long long>(s.build.size()), o.build_every,
+              emb.rows.empty() ? "" : (", " + std::to_string(borrowed) + " unseen tokens borrow a neighbour's rows").c_str());
+  if (o.grouping)
+    std::printf("# grouping objective (build part, tokens split evenly): expected local share %.3f, identity placement %.3f\n",
+                ev.grouping_objective, ev.identity_objective);
+  for (int l = 0; l < t.layers(); ++l) {
+    std::printf("# layer %d ranks of experts:", l);
+    for (int r : t.layer(l).rank_of_expert) std::printf(" %d", r);
+    std::printf("\n");
+  }
+  // Held-out: these tables with the rows left in place and shuffled.
+  for (bool shuffle : {false, true}) {
+    ShuffleOptions so;
+    so.shuffle = shuffle;
+    so.predictor = o.lookback > 0 ? AffinityPredictor::joint : AffinityPredictor::token;
+    so.batch_tokens = o.batch_tokens;
+    const LocalActivation la = score_local_activation(s.scored, t, so);
+    std::printf("held-out LAR (%lld tokens, batches of %lld in equal chunks), %s: %.3f\n",
+                static_cast<long long>(s.scored.size()), static_cast<long long>(o.batch_tokens),
+                shuffle ? "tokens shuffled to their predicted ranks" : "tokens left in place", la.lar());
+  }
+  return 0;
+}
+
+int run_bench_specmoe(const BenchSpecMoeOptions& o) {
+  if (o.ranks.empty()) SY_THROW(InvalidArgument, "bench specmoe: --ranks is empty");
+  if (o.batch_tokens < 1) SY_THROW(InvalidArgument, "bench specmoe: --batch_tokens = ", o.batch_tokens, ", expected >= 1");
+  if (!o.png.empty() && o.csv.empty()) SY_THROW(InvalidArgument, "bench specmoe: --png needs --csv");
+  RoutingTrace trace;
+  Embedding emb;
+  int64_t d_model = 0;
+  std::string model_name;
+  with_model(o.model, [&](Model& m) {
+    d_model = m.config().d_model;
+    model_name = m.config().name;
+    const Tensor& e = m.embedding();
+    emb.vocab = e.shape()[0], emb.dim = e.shape()[1];
+    emb.rows.assign(e.data_as<float>(), e.data_as<float>() + e.numel());
+    if (o.trace.empty()) {
+      const TextCorpus corpus = TextCorpus::fortunes(o.corpus);
+      std::printf("# recording the routing of %zu held-out fortunes through %s\n", corpus.held_out_documents.size(),
+                  model_name.c_str());
+      trace = record_routing_trace(m, corpus.held_out_documents, o.max_tokens, true);
+      trace.path = "held-out fortunes";
+    }
+  });
+  if (!o.trace.empty()) trace = RoutingTrace::load(o.trace);
+  const Split s = split_by_document(trace, o.build_every);
+  std::printf("# specmoe: %s (%d layers, %d experts, top-%d) on %s: %lld tokens; tables from documents j %% %d == 0 "
+              "(%lld tokens), scored on the rest (%lld), batches of %lld tokens in equal chunks per rank, look-back %d\n",
+              model_name.c_str(), trace.layers, trace.experts, trace.k, trace.path.c_str(), static_cast<long long>(trace.size()),
+              o.build_every, static_cast<long long>(s.build.size()), static_cast<long long>(s.scored.size()),
+              static_cast<long long>(o.batch_tokens), o.lookback);
+  std::printf("# LAR: the share of (token, choice) pairs whose expert is on the token's rank; all-to-all rows: one "
+              "per remote choice (\"once per rank\": one per token and remote rank)\n");
+  const double row_bytes = static_cast<double>(d_model) * sizeof(float);
+  std::vector<Row> all;
+  for (int W : o.ranks) {
+    const auto start = Clock::now();
+    const Evaluation ev = evaluate(s, W, o.lookback, o.batch_tokens, &emb);
+    print_rows(ev, row_bytes);
+    std::printf("# W=%d: grouping objective (build part) %.3f against %.3f for the identity placement; %.1f s\n", W,
+                ev.grouping_objective, ev.identity_objective, seconds_since(start));
+    all.insert(all.end(), ev.rows.begin(), ev.rows.end());
+  }
+  write_csv_and_plot(all, row_bytes, o.csv, o.png, "bench specmoe: " + model_name + ", held-out LAR per configuration");
+  return 0;
+}
+
+}  // namespace switchyard
