@@ -21,6 +21,7 @@
 #include "model/engine.h"
 #include "model/serving.h"
 #include "model/speculative.h"
+#include "moe/affinity.h"
 #include "parallel/runtime.h"
 
 namespace switchyard {
@@ -132,6 +133,16 @@ ModelOptions model_options(const DecodeParallelism& p, int world, std::shared_pt
   };
   mo.dispatch_payload = payload(p.dispatch_dtype, p.dispatch_field, true);
   mo.combine_payload = payload(p.combine_dtype, p.combine_field, false);
+  if (!p.affinity.empty()) {
+    const AffinityTables tables = AffinityTables::load(p.affinity);
+    if (tables.ranks() != world)
+      SY_THROW(ConfigError, p.affinity_field, " = ", p.affinity, ": tables built for ", tables.ranks(),
+               " ranks, the job has ", world, " (affinity build --ranks ", world, ")");
+    if (!p.afd.empty())
+      SY_THROW(ConfigError, p.affinity_field, " with ", p.afd_field, " = ", p.afd,
+               ": expert grouping on a disaggregated deployment is not built");
+    mo.placements = tables.placements();
+  }
   return mo;
 }
 

@@ -31,6 +31,9 @@ struct DecodeParallelism {
   std::string attention_field = "--attention", tp_field = "--tp";  // names in errors (a config's: model.attention)
   std::string afd_field = "--afd", microbatches_field = "--microbatches";
   std::string dispatch_field = "--dispatch_dtype", combine_field = "--combine_dtype";
+  // Expert grouping: the placement of `switchyard affinity build` tables (their ranks = the world's).
+  std::string affinity;
+  std::string affinity_field = "--affinity";
   ScheduleOptions schedule() const { return {attention, tp, attention_field, tp_field, afd, afd_field}; }
 };
 

@@ -109,6 +109,9 @@ void add_decode_parallelism(CLI::App* app, DecodeParallelism& p) {
   app->add_option("--combine_dtype,--combine-dtype", p.combine_dtype,
                   "What the experts' results come back in: f32 (exact) or bf16")->capture_default_str();
   app->add_option("--threads", p.threads, "GEMM threads per rank (0: this node's cores / its ranks)")->capture_default_str();
+  app->add_option("--affinity", p.affinity,
+                  "Expert grouping: place each layer's experts as these tables do (switchyard affinity build --ranks = "
+                  "the ranks); the output does not change");
 }
 
 }  // namespace

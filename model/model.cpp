@@ -73,6 +73,19 @@ Model::Model(Source source, const std::string& dir, std::shared_ptr<Communicator
   const int W = group_->size(), me = group_->rank();
   const std::optional<ExpertPlacement> ffn_only = disaggregated_placement(dir);
   const bool attention_here = holds_attention();
+  if (!options_.placements.empty()) {
+    if (static_cast<int>(options_.placements.size()) != c.layers)
+      SY_THROW(InvalidArgument, "model '", dir, "': ", options_.placements.size(), " expert placements for ", c.layers,
+               " MoE layers");
+    if (ffn_only)
+      SY_THROW(InvalidArgument, "model '", dir, "': an expert grouping placement with attention-FFN disaggregation is "
+               "not built (the experts live on the FFN ranks)");
+    for (size_t i = 0; i < options_.placements.size(); ++i)
+      if (options_.placements[i].ranks() != W || options_.placements[i].experts() != c.experts)
+        SY_THROW(InvalidArgument, "model '", dir, "': layer ", i, "'s placement is for ", options_.placements[i].experts(),
+                 " experts on ", options_.placements[i].ranks(), " ranks; the model has ", c.experts, " experts on ", W,
+                 " ranks");
+  }
   if (!ffn_only && c.experts % W != 0 && W % c.experts != 0)
     SY_THROW(InvalidArgument, "model '", dir, "': ", c.experts, " experts cannot be spread evenly over ", W,
              " ranks (expected a rank count dividing ffn.experts, or a multiple of it)");
@@ -122,6 +135,8 @@ Model::Model(Source source, const std::string& dir, std::shared_ptr<Communicator
     mc.combine_payload = options_.combine_payload;
     if (ffn_only) {
       mc.placement = ffn_only;
+    } else if (!options_.placements.empty()) {
+      mc.placement = options_.placements[static_cast<size_t>(i)];
     } else if (W > c.experts) {  // expert data parallelism: W / E expert groups, each holding every expert once
       mc.placement = ExpertPlacement::expert_data_parallel(c.experts, W, c.experts);
       mc.replica_domain = c.experts;

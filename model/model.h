@@ -48,6 +48,11 @@ struct ModelOptions {
   // combine_payload): f32 (exact) or bf16.
   DType dispatch_payload = DType::f32;
   DType combine_payload = DType::f32;
+  // Expert grouping (moe/expert_grouping.h, AffinityTables::placements): the
+  // placement of each MoE layer's experts on the expert group; empty: E / W
+  // per rank in expert order. The gate routes logical experts, so outputs do
+  // not change.
+  std::vector<ExpertPlacement> placements;
 };
 
 class Model {

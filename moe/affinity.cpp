@@ -214,6 +214,23 @@ bool AffinityTables::rank_scores(int l, int32_t token, uint32_t mask1, uint32_t 
   return false;
 }
 
+std::vector<ExpertPlacement> AffinityTables::placements() const {
+  std::vector<ExpertPlacement> out;
+  const int per_rank = experts_ / ranks_;
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    std::vector<int> next_slot(static_cast<size_t>(ranks_), 0), position(static_cast<size_t>(experts_));
+    for (int e = 0; e < experts_; ++e) {
+      const int r = layers_[l].rank_of_expert[static_cast<size_t>(e)];
+      if (experts_ % ranks_ != 0 || next_slot[static_cast<size_t>(r)] == per_rank)
+        SY_THROW(InvalidArgument, "affinity tables: layer ", l, " puts more than ", per_rank, " experts on rank ", r,
+                 "; a placement needs E / W = ", experts_, " / ", ranks_, " experts on every rank");
+      position[static_cast<size_t>(e)] = r * per_rank + next_slot[static_cast<size_t>(r)]++;
+    }
+    out.push_back(ExpertPlacement::from_positions(ranks_, position));
+  }
+  return out;
+}
+
 void AffinityTables::save(const std::string& path) const {
   const int64_t V = vocab_, E = experts_, W = ranks_;
   // Owned storage for the views (sorted keys: the same tables give the same file).

@@ -19,6 +19,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "moe/placement.h"
 #include "moe/routing_trace.h"
 
 namespace switchyard {
@@ -69,6 +70,10 @@ class AffinityTables {
   // had the key (false: the token table answered).
   bool rank_scores(int layer, int32_t token, uint32_t mask1, uint32_t mask2, AffinityPredictor predictor, float* votes,
                    float* weights) const;
+
+  // The layers' placements as the MoE layers take them (moe/placement.h): a
+  // rank's experts on its slots in id order. Throws unless every rank holds E / W.
+  std::vector<ExpertPlacement> placements() const;
 
   void save(const std::string& path) const;
   static AffinityTables load(const std::string& path);  // errors name the file, the tensor and what was expected

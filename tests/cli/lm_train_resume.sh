@@ -41,6 +41,13 @@ grep -q "saved by 4 ranks) at step 10" "$work/two.log" && grep -q "^held-out los
 out=$("$sy" generate --model "$work/straight" --prompt "The " --max_new_tokens 16)
 [[ ${#out} -gt 4 ]] || { echo "FAIL: generate printed '$out'"; exit 1; }
 
+# Expert grouping from the checkpoint's own routing: a grouped placement loads the checkpoint (experts keyed by
+# logical id) on 2 ranks and continues the prompt alike.
+"$sy" trace record --model "$work/straight" -o "$work/trace.safetensors" --max_tokens 3000 > /dev/null
+"$sy" affinity build "$work/trace.safetensors" --ranks 2 -o "$work/affinity.safetensors" > /dev/null
+grouped=$("$sy" generate --model "$work/straight" --prompt "The " --max_new_tokens 16 --ranks 2 --affinity "$work/affinity.safetensors")
+[[ "$(head -1 <<< "$out")" == "$(head -1 <<< "$grouped")" ]] || { echo "FAIL: grouped placement generates '$grouped', not '$out'"; exit 1; }
+
 # ckpt reshard rewrites it as 2 ranks store it; generate reads that too and continues the prompt alike (greedy).
 "$sy" ckpt reshard --from "$work/straight" --to "$work/two-shards" --ranks 2 | grep -q "into 2 shards" ||
   { echo "FAIL: ckpt reshard"; exit 1; }
@@ -51,4 +58,4 @@ again=$("$sy" generate --model "$work/two-shards" --prompt "The " --max_new_toke
 "$sy" run --config "$config" "${small[@]}" --set lm.probe_plans=1 --set train.checkpoint="$work/auto" > "$work/auto.log"
 grep -q "(probing r = " "$work/auto.log" && grep -q "^plan: auto ran .* vs the best probed plan .* on [0-9]* interleaved steps .* auto/best [0-9.]*$" "$work/auto.log" ||
   { cat "$work/auto.log"; echo "FAIL: no probe or plan line"; exit 1; }
-echo "PASS: resume equals the uninterrupted run; resumed on 2 ranks; generate read the checkpoint and its reshard; plan lines"
+echo "PASS: resume equals the uninterrupted run; resumed on 2 ranks; generate read the checkpoint, under a grouped placement and resharded; plan lines"

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Speculative MoE's tools end to end, small: a routing trace recorded by the
+# C++ model on held-out fortunes, affinity tables (with expert grouping) for 2
+# and 4 ranks, greedy generation under the grouped placement equal to one
+# rank's (1, 2 and 4 thread-ranks, 2 MPI ranks), bench specmoe's LAR lines,
+# CSV and plot, and clear errors for tables of another world and a non-trace.
+# usage: specmoe.sh SWITCHYARD MODEL_DIR WORKDIR MPIRUN [MPIRUN_FLAGS...]
+set -euo pipefail
+sy=$1 model=$2 work=$3 mpirun=$4
+shift 4
+rm -rf "$work" && mkdir -p "$work"
+fail() { echo "FAIL: $*"; exit 1; }
+
+"$sy" trace record --model "$model" -o "$work/trace.safetensors" --max_tokens 12000 > "$work/record.log"
+grep -q "^wrote .*: 12000 tokens of [0-9]* held-out fortunes x 8 layers" "$work/record.log" || { cat "$work/record.log"; fail "trace record"; }
+"$sy" trace stats "$work/trace.safetensors" | grep -q "12000 tokens, 8 layers, 8 experts, top-2" || fail "trace stats on a recorded trace"
+
+for W in 2 4; do
+  "$sy" affinity build "$work/trace.safetensors" --ranks $W -o "$work/a$W.safetensors" --model "$model" > "$work/build$W.log"
+  grep -q "^wrote .* on $W ranks (grouped placement), look-back 2" "$work/build$W.log" &&
+    grep -q "^held-out LAR .*tokens shuffled to their predicted ranks: 0\.[0-9]*$" "$work/build$W.log" ||
+    { cat "$work/build$W.log"; fail "affinity build --ranks $W"; }
+done
+
+text() { "$@" | sed '$d'; }
+args=(generate --model "$model" --prompt 'A fool and' --max_new_tokens 30)
+one=$(text "$sy" "${args[@]}")
+two=$(text "$sy" "${args[@]}" --ranks 2 --affinity "$work/a2.safetensors")
+four=$(text "$sy" "${args[@]}" --ranks 4 --attention dp --affinity "$work/a4.safetensors")
+four_tp=$(text "$sy" "${args[@]}" --ranks 4 --attention tp --tp 2 --affinity "$work/a4.safetensors")
+mpi=$(OMPI_MCA_btl=self,vader text "$mpirun" -np 2 "$@" "$sy" "${args[@]}" --attention dp --affinity "$work/a2.safetensors")
+echo "1 rank                      : $one"
+echo "2 thread-ranks, grouped     : $two"
+echo "4 thread-ranks, dp, grouped : $four"
+echo "4 thread-ranks, tp, grouped : $four_tp"
+echo "2 MPI ranks, dp, grouped    : $mpi"
+[ -n "$one" ] && [ "$one" = "$two" ] && [ "$one" = "$four" ] && [ "$one" = "$four_tp" ] && [ "$one" = "$mpi" ] ||
+  fail "a grouped placement changed the greedy text"
+
+"$sy" bench specmoe --model "$model" --trace "$work/trace.safetensors" --ranks 2,4 --csv "$work/specmoe.csv" \
+  --png "$work/specmoe.png" > "$work/bench.log"
+for c in vanilla grouping shuffling both; do
+  for W in 2 4; do
+    grep -q "^LAR $c W=$W: 0\.[0-9]* " "$work/bench.log" || { cat "$work/bench.log"; fail "no LAR $c W=$W line"; }
+  done
+done
+[[ $(wc -l < "$work/specmoe.csv") -eq 13 ]] || fail "expected 12 CSV rows"
+
+# Tables of another world size, and a file that is not a trace.
+if err=$("$sy" "${args[@]}" --ranks 2 --affinity "$work/a4.safetensors" 2>&1); then fail "tables of 4 ranks accepted on 2"; fi
+grep -q "tables built for 4 ranks, the job has 2" <<< "$err" || fail "unclear error: $err"
+if err=$("$sy" affinity build "$model/model.safetensors" --ranks 2 -o "$work/x" 2>&1); then fail "a model file accepted as a trace"; fi
+grep -q "model.safetensors" <<< "$err" || fail "unclear error: $err"
+echo "SPECMOE_CLI_OK"
