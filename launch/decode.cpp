@@ -156,7 +156,39 @@ std::unique_ptr<InferenceEngine> make_engine(Model& model, const DecodeParalleli
   auto engine = std::make_unique<InferenceEngine>(
       model, LayerSchedule::make(p.schedule(), model.config().layers, model.expert_group()->size()));
   engine->set_microbatches(p.microbatches);
+  if (p.specmoe == "on") {
+    if (p.affinity.empty())
+      SY_THROW(ConfigError, p.specmoe_field, " = on needs ", p.affinity_field,
+               " TABLES (switchyard affinity build): the shuffle predicts from them");
+    if (engine->schedule().attention() != AttentionMode::tp)
+      SY_THROW(ConfigError, p.specmoe_field, " = on shuffles tokens inside tensor-parallel attention's reduce-scatter; "
+               "the attention is ", attention_mode_name(engine->schedule().attention()), " (expected tp)");
+    engine->set_token_shuffling(std::make_shared<const AffinityTables>(AffinityTables::load(p.affinity)));
+  } else if (p.specmoe != "off") {
+    SY_THROW(ConfigError, p.specmoe_field, " = '", p.specmoe, "', expected on or off (auto, the planner's per-batch "
+             "choice, is not built yet)");
+  }
   return engine;
+}
+
+// Speculative MoE's counters over the world (collective): the share of routed
+// choices whose expert sat on the row's own rank.
+std::string local_activation_summary(InferenceEngine& engine) {
+  const Model::LocalActivationCount& la = engine.model().local_activation();
+  Tensor sums = Tensor::zeros({4}, DType::f64);
+  double* v = sums.data_as<double>();
+  for (size_t l = 0; l < la.pairs.size(); ++l) v[0] += static_cast<double>(la.pairs[l]), v[1] += static_cast<double>(la.local[l]);
+  v[2] = static_cast<double>(engine.shuffle_counts().rows), v[3] = static_cast<double>(engine.shuffle_counts().predicted);
+  engine.world().allreduce(sums, sums).wait();
+  char line[256];
+  std::snprintf(line, sizeof line, "local activation %.3f of %.0f choices, token shuffling %s", v[0] > 0 ? v[1] / v[0] : 0.0,
+                v[0], engine.token_shuffling() ? "on" : "off");
+  std::string out = line;
+  if (engine.token_shuffling() && v[2] > 0) {
+    std::snprintf(line, sizeof line, " (%.0f%% of shuffled rows keyed by look-back)", 100.0 * v[3] / v[2]);
+    out += line;
+  }
+  return out;
 }
 
 // How the schedule runs, for a result line: "attention dp" or "2A2F, m = 2".
@@ -671,6 +703,9 @@ void BenchDecodeOptions::validate() const {
 }
 
 void BenchSpecOptions::validate() const {
+  if (!parallel.affinity.empty())
+    SY_THROW(ConfigError, "bench spec: ", parallel.affinity_field, " is not built here (the base and the draft would "
+             "need a placement each); use it with generate or bench decode");
   if (!parallel.afd.empty() || parallel.microbatches != 1)
     SY_THROW(ConfigError, "bench spec: ", parallel.afd.empty() ? parallel.microbatches_field : parallel.afd_field,
              " is for disaggregated decoding; speculative decoding on a disaggregated deployment is not built");
@@ -1002,13 +1037,14 @@ int run_generate(const GenerateOptions& o) {
     RoundRobinScheduler rr;
     ServingStats st;
     const auto results = serve(engine, {r}, rr, so, &st);
+    const std::string lar = o.parallel.affinity.empty() ? "" : "; " + local_activation_summary(engine);
     if (speak && !results.empty()) {
       const RequestResult& res = results[0];
       std::printf("\n[%s on %d rank(s), %s] prefill %lld tokens, first token after %.1f ms; %zu tokens in "
-                  "%.1f ms (%.1f tokens/s after the first)\n",
+                  "%.1f ms (%.1f tokens/s after the first)%s\n",
                   model.config().name.c_str(), rt.world().size(), schedule_name(engine).c_str(),
                   static_cast<long long>(st.prompt_tokens), res.ttft() * 1e3, res.tokens.size(),
-                  (res.finish - res.arrival) * 1e3, res.tpot() > 0 ? 1.0 / res.tpot() : 0.0);
+                  (res.finish - res.arrival) * 1e3, res.tpot() > 0 ? 1.0 / res.tpot() : 0.0, lar.c_str());
     }
   });
   return 0;
@@ -1048,6 +1084,10 @@ int run_bench_decode(const BenchDecodeOptions& o) {
       bench_requests(rt, engine, o);
     else
       bench_batches(engine, o, cluster ? &*cluster : nullptr);
+    if (!o.parallel.affinity.empty()) {
+      const std::string lar = local_activation_summary(engine);
+      if (rt.world().rank() == 0) std::printf("# speculative MoE over every step (prefills too): %s\n", lar.c_str());
+    }
   });
   return 0;
 }

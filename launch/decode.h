@@ -34,6 +34,9 @@ struct DecodeParallelism {
   // Expert grouping: the placement of `switchyard affinity build` tables (their ranks = the world's).
   std::string affinity;
   std::string affinity_field = "--affinity";
+  // Speculative token shuffling with those tables (tensor-parallel attention): on | off.
+  std::string specmoe = "off";
+  std::string specmoe_field = "--specmoe";
   ScheduleOptions schedule() const { return {attention, tp, attention_field, tp_field, afd, afd_field}; }
 };
 

@@ -272,6 +272,8 @@ int run_launch(const LaunchOptions& o) {
   };
   bool stopping = false;
   int signalled = 0;
+  int failure_priority = 0;  // of the failure reported (or about to be)
+  std::chrono::steady_clock::time_point cause_deadline;
   // Forward output until every pipe closed and every child exited.
   for (;;) {
     std::vector<pollfd> fds;
@@ -282,7 +284,8 @@ int run_launch(const LaunchOptions& o) {
       if (c.out >= 0) fds.push_back({c.out, POLLIN, 0}), owner.push_back({&c, true});
       if (c.err >= 0) fds.push_back({c.err, POLLIN, 0}), owner.push_back({&c, false});
     }
-    ::poll(fds.data(), fds.size(), 50);  // also the pace of the exit checks when no pipe is left
+    // Also the pace of the exit checks when no pipe is left; shorter while a failure's cause is awaited.
+    ::poll(fds.data(), fds.size(), first_failure != 0 && !stopping ? 5 : 50);
     for (size_t k = 0; k < fds.size(); ++k) {
       if (!(fds[k].revents & (POLLIN | POLLHUP | POLLERR))) continue;
       auto [c, is_out] = owner[k];
@@ -314,39 +317,32 @@ int run_launch(const LaunchOptions& o) {
     // killed rank's exit can reach us after its peer's reaction to it (the
     // kernel tears a large process down for a while), so after a failure of
     // lower priority the other ranks get kCauseWindow to show a likelier one
-    // before the rest are stopped.
+    // before the rest are stopped; output keeps flowing meanwhile.
     constexpr auto kCauseWindow = std::chrono::milliseconds(250);
-    int failure_priority = 0;
-    auto reap = [&] {
-      for (auto& c : children) {
-        if (c.exited) continue;
-        int status = 0;
-        if (::waitpid(c.pid, &status, WNOHANG) != c.pid) continue;
-        c.exited = true;
-        forget(c.pid);
-        c.code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-        // A shell that ran the rank without exec exits 128 + the signal that killed it.
-        const int sig = WIFSIGNALED(status) ? WTERMSIG(status) : c.code > 128 && c.code < 160 ? c.code - 128 : 0;
-        const int priority = sig == 0                                                            ? 1
-                             : sig == SIGKILL                                                    ? 4
-                             : sig == SIGSEGV || sig == SIGBUS || sig == SIGILL || sig == SIGFPE ? 3
-                                                                                                 : 2;
-        if (c.code != 0 && !stopping && priority > failure_priority) {
-          first_failure = c.code;
-          first_failed_rank = c.rank;
-          failure_priority = priority;
-        }
+    for (auto& c : children) {
+      if (c.exited) continue;
+      int status = 0;
+      if (::waitpid(c.pid, &status, WNOHANG) != c.pid) continue;
+      c.exited = true;
+      forget(c.pid);
+      c.code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+      // A shell that ran the rank without exec exits 128 + the signal that killed it.
+      const int sig = WIFSIGNALED(status) ? WTERMSIG(status) : c.code > 128 && c.code < 160 ? c.code - 128 : 0;
+      const int priority = sig == 0                                                            ? 1
+                           : sig == SIGKILL                                                    ? 4
+                           : sig == SIGSEGV || sig == SIGBUS || sig == SIGILL || sig == SIGFPE ? 3
+                                                                                               : 2;
+      if (c.code != 0 && !stopping && priority > failure_priority) {
+        if (first_failure == 0) cause_deadline = std::chrono::steady_clock::now() + kCauseWindow;
+        first_failure = c.code;
+        first_failed_rank = c.rank;
+        failure_priority = priority;
       }
-    };
-    reap();
-    const auto window_end = std::chrono::steady_clock::now() + kCauseWindow;
-    while (first_failure != 0 && !stopping && failure_priority < 4 && std::chrono::steady_clock::now() < window_end) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(5));
-      reap();
     }
     bool all_exited = true;
     for (auto& c : children) all_exited = all_exited && c.exited;
-    if (first_failure != 0 && !stopping) {
+    if (first_failure != 0 && !stopping &&
+        (failure_priority == 4 || all_exited || std::chrono::steady_clock::now() >= cause_deadline)) {
       stopping = true;
       std::fprintf(stderr, "switchyard launch: rank %d exited with code %d; stopping the other ranks\n",
                    first_failed_rank, first_failure);

@@ -112,6 +112,9 @@ void add_decode_parallelism(CLI::App* app, DecodeParallelism& p) {
   app->add_option("--affinity", p.affinity,
                   "Expert grouping: place each layer's experts as these tables do (switchyard affinity build --ranks = "
                   "the ranks); the output does not change");
+  app->add_option("--specmoe", p.specmoe,
+                  "on: shuffle each layer's tokens to the ranks --affinity predicts, inside tensor-parallel attention's "
+                  "reduce-scatter (--attention tp; output unchanged); off")->capture_default_str();
 }
 
 }  // namespace

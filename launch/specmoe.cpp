@@ -39,6 +39,9 @@ struct Split {
 
 Split split_by_document(const RoutingTrace& trace, int build_every) {
   if (build_every < 2) SY_THROW(InvalidArgument, "--build_every = ", build_every, ", expected >= 2 (one document in N builds)");
+  if (!trace.has_documents)
+    std::printf("# trace %s names no documents (no \"sequences\"): split by window, so a document may fall in both "
+                "parts (switchyard trace record writes documents)\n", trace.path.c_str());
   Split s{trace.select_sequences([&](int64_t j) { return j % build_every == 0; }),
           trace.select_sequences([&](int64_t j) { return j % build_every != 0; })};
   if (s.build.size() == 0 || s.scored.size() == 0)
@@ -93,9 +96,19 @@ AffinityTables tables_for(const RoutingTrace& build, int W, const std::vector<st
   return t;
 }
 
+void check_ranks(int W, int experts, int lookback, const char* what) {
+  if (W < 1 || experts % W != 0)
+    SY_THROW(InvalidArgument, what, " --ranks ", W, ": ", experts, " experts cannot be spread evenly (expected a divisor of ",
+             experts, ")");
+  if (lookback < 0 || lookback > 2) SY_THROW(InvalidArgument, what, " --lookback = ", lookback, ", expected 0, 1 or 2");
+  if (lookback > 0 && W > kAffinityMaxMaskRanks)
+    SY_THROW(InvalidArgument, what, " --ranks ", W, " with --lookback ", lookback, ": look-back keys hold at most ",
+             kAffinityMaxMaskRanks, " ranks (use --lookback 0)");
+}
+
 Evaluation evaluate(const Split& s, int W, int lookback, int64_t batch, const Embedding* emb) {
   const RoutingTrace& build = s.build;
-  if (build.experts % W != 0)
+  if (W < 1 || build.experts % W != 0)
     SY_THROW(InvalidArgument, "--ranks ", W, ": ", build.experts, " experts cannot be spread evenly (expected a divisor)");
   const int vocab = std::max<int>(vocab_of(build, s.scored), emb ? static_cast<int>(emb->vocab) : 0);
   Evaluation ev;
@@ -212,6 +225,7 @@ RoutingTrace record_routing_trace(Model& model, const std::vector<std::string>& 
     for (int l = 0; l < c.layers; ++l) {
       const Routing& r = model.moe(l).last_routing();
       const int64_t n = r.experts.numel();
+      SY_CHECK(n == static_cast<int64_t>(t.tokens.size() - t.choices[static_cast<size_t>(l)].size() / static_cast<size_t>(c.k)) * c.k);
       t.choices[static_cast<size_t>(l)].insert(t.choices[static_cast<size_t>(l)].end(), r.experts.data_as<int32_t>(),
                                                r.experts.data_as<int32_t>() + n);
       t.weights[static_cast<size_t>(l)].insert(t.weights[static_cast<size_t>(l)].end(), r.weights.data_as<float>(),
@@ -264,11 +278,11 @@ int run_trace_record(const TraceRecordOptions& o) {
 
 int run_affinity_build(const AffinityBuildOptions& o) {
   if (o.out.empty()) SY_THROW(InvalidArgument, "affinity build: -o FILE is required");
+  if (o.build_every < 1) SY_THROW(InvalidArgument, "affinity build: --build_every = ", o.build_every, ", expected >= 1");
   const RoutingTrace trace = RoutingTrace::load(o.trace);
-  const Split s = split_by_document(trace, o.build_every);
-  if (trace.experts % o.ranks != 0)
-    SY_THROW(InvalidArgument, "affinity build: --ranks ", o.ranks, ": ", trace.experts,
-             " experts cannot be spread evenly (expected a divisor)");
+  check_ranks(o.ranks, trace.experts, o.lookback, "affinity build:");
+  // --build_every 1: tables from the whole trace (for use), scored in sample.
+  const Split s = o.build_every == 1 ? Split{trace, trace} : split_by_document(trace, o.build_every);
   Embedding emb;
   if (!o.model.empty())
     with_model(o.model, [&](Model& m) {
@@ -304,8 +318,9 @@ int run_affinity_build(const AffinityBuildOptions& o) {
     so.predictor = o.lookback > 0 ? AffinityPredictor::joint : AffinityPredictor::token;
     so.batch_tokens = o.batch_tokens;
     const LocalActivation la = score_local_activation(s.scored, t, so);
-    std::printf("held-out LAR (%lld tokens, batches of %lld in equal chunks), %s: %.3f\n",
-                static_cast<long long>(s.scored.size()), static_cast<long long>(o.batch_tokens),
+    std::printf("%s LAR (%lld tokens, batches of %lld in equal chunks), %s: %.3f\n",
+                o.build_every == 1 ? "in-sample" : "held-out", static_cast<long long>(s.scored.size()),
+                static_cast<long long>(o.batch_tokens),
                 shuffle ? "tokens shuffled to their predicted ranks" : "tokens left in place", la.lar());
   }
   return 0;
@@ -315,6 +330,10 @@ int run_bench_specmoe(const BenchSpecMoeOptions& o) {
   if (o.ranks.empty()) SY_THROW(InvalidArgument, "bench specmoe: --ranks is empty");
   if (o.batch_tokens < 1) SY_THROW(InvalidArgument, "bench specmoe: --batch_tokens = ", o.batch_tokens, ", expected >= 1");
   if (!o.png.empty() && o.csv.empty()) SY_THROW(InvalidArgument, "bench specmoe: --png needs --csv");
+  if (o.max_tokens < 0) SY_THROW(InvalidArgument, "bench specmoe: --max_tokens = ", o.max_tokens, ", expected >= 0 (0: all)");
+  if (o.max_tokens > 0 && !o.trace.empty())
+    SY_THROW(InvalidArgument, "bench specmoe: --max_tokens limits the recording, and --trace gives a recorded trace; "
+             "expected one of them");
   RoutingTrace trace;
   Embedding emb;
   int64_t d_model = 0;
@@ -334,6 +353,10 @@ int run_bench_specmoe(const BenchSpecMoeOptions& o) {
     }
   });
   if (!o.trace.empty()) trace = RoutingTrace::load(o.trace);
+  for (int W : o.ranks) check_ranks(W, trace.experts, o.lookback, "bench specmoe:");
+  if (trace.model != model_name && trace.model != "?")
+    std::printf("# note: the trace was recorded from model '%s', --model is '%s' (its embedding lends unseen tokens "
+                "their rows)\n", trace.model.c_str(), model_name.c_str());
   const Split s = split_by_document(trace, o.build_every);
   std::printf("# specmoe: %s (%d layers, %d experts, top-%d) on %s: %lld tokens; tables from documents j %% %d == 0 "
               "(%lld tokens), scored on the rest (%lld), batches of %lld tokens in equal chunks per rank, look-back %d\n",

@@ -35,7 +35,7 @@ struct AffinityBuildOptions {
   int ranks = 4;
   int lookback = 2;
   bool grouping = true;
-  int build_every = 5;
+  int build_every = 5;  // 1: build on the whole trace (tables for use; the LAR printed is in-sample)
   int64_t batch_tokens = 2048;
 };
 int run_affinity_build(const AffinityBuildOptions& options);

@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cstring>
 #include <map>
+#include <numeric>
 #include <set>
 
 #include "comm/virtual_time.h"
@@ -174,17 +175,37 @@ Tensor InferenceEngine::step_tensor_parallel(const std::vector<Chunk>& chunks) {
   const int64_t d = model_.config().d_model;
   Tensor x = model_.embed(chunks);
   const int64_t rows = x.shape()[0], per = (rows + tp - 1) / tp;
-  const int64_t lo = std::min(rows, t * per), hi = std::min(rows, lo + per);
   const size_t row_bytes = static_cast<size_t>(d) * sizeof(float);
   Tensor full = Tensor::zeros({per * tp, d}, DType::f32), block = Tensor::zeros({per, d}, DType::f32);
   Tensor parts = Tensor::zeros({per * tp, d}, DType::f32);  // [source rank][row of my block]
-  Tensor slice = Tensor::empty({hi - lo, d}, DType::f32);
+  // at[p]: the row at position p of the blocks (rank j's block: positions j * per .. j * per + per - 1), -1 for
+  // padding; a block's rows come first. In order unless shuffled.
+  std::vector<int64_t> at(static_cast<size_t>(per * tp), -1);
+  std::vector<int64_t> held(static_cast<size_t>(tp), 0);  // rows in each member's block
+  for (int64_t r = 0; r < rows; ++r) at[static_cast<size_t>(r)] = r, ++held[static_cast<size_t>(r / per)];
+  // Token shuffling: the gathered rows carry one more column, the rank set of their experts in the layer just run.
+  const bool shuffle = shuffle_tables_ && rows > 0;
+  const int64_t width = shuffle ? d + 1 : d;
+  std::vector<uint32_t> mask1(shuffle ? rows : 0, 0), mask2(shuffle ? rows : 0, 0);
+  std::vector<int32_t> token_of_row;
+  if (shuffle)
+    for (const Chunk& c : chunks) token_of_row.insert(token_of_row.end(), c.tokens.begin(), c.tokens.end());
+  Tensor gathered = Tensor::zeros({per * tp, width}, DType::f32), mine = Tensor::zeros({per, width}, DType::f32);
   for (int l = 0; l < model_.config().layers; ++l) {
+    if (shuffle) shuffle_rows(l, token_of_row, mask1, mask2, per, at, held);
+    const int64_t n = held[static_cast<size_t>(t)], first = t * per;
+    Tensor slice = Tensor::empty({n, d}, DType::f32);
     {  // the heads, their summed projection and the residual
       const Model::PhaseTimer timer(model_, &ModelPhaseTimes::attention);
       const Tensor partial = tp_attention_[static_cast<size_t>(l)]->delta(x, chunks);
       if (rows > 0) {
-        std::memcpy(full.data(), partial.data(), static_cast<size_t>(rows) * row_bytes);  // padding rows stay 0
+        for (int64_t p = 0; p < per * tp; ++p) {
+          float* to = full.data_as<float>() + p * d;
+          if (at[static_cast<size_t>(p)] < 0)
+            std::memset(to, 0, row_bytes);
+          else
+            std::memcpy(to, partial.data_as<float>() + at[static_cast<size_t>(p)] * d, row_bytes);
+        }
         tp_group_->alltoall(full, parts).wait();
         float* sum = block.data_as<float>();
         const float* part = parts.data_as<float>();
@@ -193,21 +214,97 @@ Tensor InferenceEngine::step_tensor_parallel(const std::vector<Chunk>& chunks) {
           for (int64_t i = 0; i < per * d; ++i) sum[i] += part[from * per * d + i];
       }
       const float* sum = block.data_as<float>();
-      const float* residual = x.data_as<float>() + lo * d;
       float* s = slice.data_as<float>();
-      for (int64_t i = 0; i < (hi - lo) * d; ++i) s[i] = residual[i] + sum[i];
+      for (int64_t i = 0; i < n; ++i) {
+        const float* residual = x.data_as<float>() + at[static_cast<size_t>(first + i)] * d;
+        for (int64_t j = 0; j < d; ++j) s[i * d + j] = residual[j] + sum[i * d + j];
+      }
     }
     model_.ffn(l, slice);  // every rank of the world, with its slice (possibly no rows)
     if (rows > 0) {  // the group's whole rows back, for the next layer's heads
       const Model::PhaseTimer timer(model_, &ModelPhaseTimes::attention);
-      std::memcpy(block.data(), slice.data(), static_cast<size_t>(hi - lo) * row_bytes);
-      tp_group_->allgather(block, full).wait();
-      std::memcpy(x.data(), full.data(), static_cast<size_t>(rows) * row_bytes);
+      float* m = mine.data_as<float>();
+      for (int64_t i = 0; i < n; ++i) std::memcpy(m + i * width, slice.data_as<float>() + i * d, row_bytes);
+      if (shuffle) {  // each row's expert ranks (a mask below 2^20: exact in f32)
+        const MoELayer& moe = model_.moe(l);
+        const Tensor& experts = moe.last_routing().experts;
+        const int k = static_cast<int>(experts.shape()[1]);
+        for (int64_t i = 0; i < n; ++i) {
+          uint32_t mask = 0;
+          for (int j = 0; j < k; ++j) mask |= uint32_t{1} << moe.layout().owner(experts.data_as<int32_t>()[i * k + j]);
+          m[i * width + d] = static_cast<float>(mask);
+        }
+      }
+      tp_group_->allgather(mine, gathered).wait();
+      for (int64_t p = 0; p < per * tp; ++p) {
+        const int64_t r = at[static_cast<size_t>(p)];
+        if (r < 0) continue;
+        const float* g = gathered.data_as<float>() + p * width;
+        std::memcpy(x.data_as<float>() + r * d, g, row_bytes);
+        if (shuffle) mask2[static_cast<size_t>(r)] = mask1[static_cast<size_t>(r)], mask1[static_cast<size_t>(r)] = static_cast<uint32_t>(g[d]);
+      }
     }
   }
   Tensor logits = model_.head(x);
   model_.commit(chunks);
   return logits;
+}
+
+// The group's rows in its members' blocks by predicted rank: every member
+// computes the same order from the same tokens and rank sets. A block holds
+// up to ceil(rows / tp) rows (the reduce-scatter's all-to-all moves that many
+// per member anyway), so a row goes to its best member with room, and a
+// batch smaller than the group still goes where the tables predict.
+void InferenceEngine::shuffle_rows(int layer, const std::vector<int32_t>& token_of_row, const std::vector<uint32_t>& mask1,
+                                   const std::vector<uint32_t>& mask2, int64_t per, std::vector<int64_t>& at,
+                                   std::vector<int64_t>& held) {
+  const int tp = schedule_.tp(), W = shuffle_tables_->ranks(), first = rank_ / tp * tp;
+  const int64_t rows = static_cast<int64_t>(token_of_row.size());
+  std::vector<float> votes(static_cast<size_t>(W)), weights(static_cast<size_t>(W));
+  std::vector<float> member_votes(static_cast<size_t>(rows * tp)), member_weights(member_votes.size());
+  for (int64_t r = 0; r < rows; ++r) {
+    const bool keyed = shuffle_tables_->rank_scores(layer, token_of_row[static_cast<size_t>(r)], mask1[static_cast<size_t>(r)],
+                                                    mask2[static_cast<size_t>(r)], shuffle_predictor_, votes.data(), weights.data());
+    if (layer >= 1) shuffle_counts_.predicted += keyed, ++shuffle_counts_.rows;
+    for (int j = 0; j < tp; ++j) {
+      member_votes[static_cast<size_t>(r * tp + j)] = votes[static_cast<size_t>(first + j)];
+      member_weights[static_cast<size_t>(r * tp + j)] = weights[static_cast<size_t>(first + j)];
+    }
+  }
+  const std::vector<int> member =
+      assign_to_chunks(member_votes, member_weights, rows, tp, std::vector<int64_t>(static_cast<size_t>(tp), per));
+  std::fill(at.begin(), at.end(), -1);
+  std::fill(held.begin(), held.end(), 0);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int j = member[static_cast<size_t>(r)];
+    at[static_cast<size_t>(j * per + held[static_cast<size_t>(j)]++)] = r;
+  }
+}
+
+void InferenceEngine::set_token_shuffling(std::shared_ptr<const AffinityTables> tables, AffinityPredictor predictor) {
+  if (!tables) {
+    shuffle_tables_ = nullptr;
+    return;
+  }
+  const ModelConfig& c = model_.config();
+  if (!tp_group_)
+    SY_THROW(InvalidArgument, "token shuffling moves rows inside tensor-parallel attention's reduce-scatter; this "
+             "engine's attention is ", attention_mode_name(schedule_.attention()), " (expected tp)");
+  if (tables->ranks() != model_.expert_group()->size() || group_ != model_.expert_group())
+    SY_THROW(InvalidArgument, "token shuffling: tables for ", tables->ranks(), " ranks, the expert group has ",
+             model_.expert_group()->size());
+  if (tables->layers() != c.layers || tables->experts() != c.experts || tables->k() != c.k)
+    SY_THROW(InvalidArgument, "token shuffling: tables of ", tables->layers(), " layers, ", tables->experts(),
+             " experts, top-", tables->k(), " for model '", c.name, "' (", c.layers, " layers, ", c.experts,
+             " experts, top-", c.k, ")");
+  for (int l = 0; l < c.layers; ++l)
+    for (int e = 0; e < c.experts; ++e)
+      if (model_.moe(l).layout().owner(e) != tables->layer(l).rank_of_expert[static_cast<size_t>(e)])
+        SY_THROW(InvalidArgument, "token shuffling: layer ", l, " holds expert ", e, " on rank ",
+                 model_.moe(l).layout().owner(e), ", the tables on rank ", tables->layer(l).rank_of_expert[static_cast<size_t>(e)],
+                 " (load the model with the tables' placement: ModelOptions::placements, --affinity)");
+  shuffle_tables_ = std::move(tables);
+  shuffle_predictor_ = predictor;
 }
 
 void InferenceEngine::set_microbatches(int m) {

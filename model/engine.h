@@ -11,6 +11,7 @@
 
 #include "model/layer_schedule.h"
 #include "model/model.h"
+#include "moe/affinity.h"
 
 namespace switchyard {
 
@@ -107,9 +108,31 @@ class InferenceEngine {
   void record_timeline(bool on) { record_timeline_ = on; }
   const std::vector<BusySpan>& timeline() const { return timeline_; }
 
+  // Speculative token shuffling (Sem-MoE's s-TS, moe/affinity.h) under
+  // tensor-parallel attention: before each layer's MoE, the group's rows go
+  // to the ranks the tables predict for them (equal chunks, overflow to each
+  // row's next-best rank) inside the reduce-scatter that ends the attention
+  // (its row blocks permuted), and come back to their places in the
+  // all-gather after the MoE (which also carries each row's expert ranks, the
+  // look-back key of the next layers), so no collective is added and every
+  // logit keeps its bits. The tables must be for the world's ranks and the
+  // model must hold the tables' placement (ModelOptions::placements =
+  // tables.placements()). nullptr turns it off. Every rank must set the same.
+  void set_token_shuffling(std::shared_ptr<const AffinityTables> tables,
+                           AffinityPredictor predictor = AffinityPredictor::joint);
+  bool token_shuffling() const { return shuffle_tables_ != nullptr; }
+  // Rows shuffled so far at layers >= 1 and those whose rank came from a look-back table (each member of a group
+  // counts the group's rows).
+  struct ShuffleCounts {
+    int64_t rows = 0, predicted = 0;
+  };
+  const ShuffleCounts& shuffle_counts() const { return shuffle_counts_; }
+
  private:
   void verify_replicas(const std::vector<Chunk>& chunks);
   Tensor step_tensor_parallel(const std::vector<Chunk>& chunks);
+  void shuffle_rows(int layer, const std::vector<int32_t>& token_of_row, const std::vector<uint32_t>& mask1,
+                    const std::vector<uint32_t>& mask2, int64_t per, std::vector<int64_t>& at, std::vector<int64_t>& held);
   Tensor step_layer_parallel(const std::vector<Chunk>& chunks);
   Tensor step_disaggregated(const std::vector<Chunk>& chunks);
   Tensor step_any(const std::vector<Chunk>& chunks);
@@ -129,6 +152,9 @@ class InferenceEngine {
   // The last step's measured per-(layer, micro-batch) means on this rank (0: not measured here).
   double measured_ta_ = 0, measured_te_ = 0, measured_tc_ = 0;
   StepTimes step_times_;
+  std::shared_ptr<const AffinityTables> shuffle_tables_;
+  AffinityPredictor shuffle_predictor_ = AffinityPredictor::joint;
+  ShuffleCounts shuffle_counts_;
   bool record_timeline_ = false;
   std::vector<BusySpan> timeline_;
 };

@@ -169,6 +169,8 @@ Model::Model(Source source, const std::string& dir, std::shared_ptr<Communicator
     }
     ffn_.push_back(std::make_unique<MoEFfnBlock>(std::move(ffn_norm), c.norm_eps, std::move(moe)));
   }
+  expert_here_.resize(static_cast<size_t>(c.layers));
+  reset_local_activation();
 }
 
 std::optional<ExpertPlacement> Model::disaggregated_placement(const std::string& dir) const {
@@ -234,7 +236,27 @@ void Model::attention(int layer, Tensor& x, const std::vector<Chunk>& chunks) {
 
 void Model::ffn(int layer, Tensor& x) {
   const PhaseTimer timer(*this, &ModelPhaseTimes::moe);
-  ffn_.at(static_cast<size_t>(layer))->apply(x);
+  MoEFfnBlock& block = *ffn_.at(static_cast<size_t>(layer));
+  block.apply(x);
+  if (x.shape()[0] == 0) return;
+  // Which experts this rank holds: asked of the placement each time (a rebalance may have moved them).
+  const ExpertPlacement& placement = block.moe().layout().placement();
+  std::vector<char>& here = expert_here_[static_cast<size_t>(layer)];
+  here.assign(static_cast<size_t>(config_.experts), 0);
+  if (block.moe().layout().shards() == 1)
+    for (int e = 0; e < config_.experts; ++e)
+      for (int slot : placement.replicas_of(e)) here[static_cast<size_t>(e)] |= placement.rank_of_slot(slot) == group_->rank();
+  const Tensor& experts = block.moe().last_routing().experts;
+  const int32_t* chosen = experts.data_as<int32_t>();
+  int64_t local = 0;
+  for (int64_t i = 0; i < experts.numel(); ++i) local += here[static_cast<size_t>(chosen[i])];
+  local_activation_.pairs[static_cast<size_t>(layer)] += experts.numel();
+  local_activation_.local[static_cast<size_t>(layer)] += local;
+}
+
+void Model::reset_local_activation() {
+  local_activation_.pairs.assign(static_cast<size_t>(config_.layers), 0);
+  local_activation_.local.assign(static_cast<size_t>(config_.layers), 0);
 }
 
 Tensor Model::head(const Tensor& x) {

@@ -120,6 +120,14 @@ class Model {
   void reset_expert_loads() {
     for (auto& block : ffn_) block->reset_load();
   }
+  // Local activation (speculative MoE's LAR): per layer, the (row, choice)
+  // pairs this rank's rows routed since the last reset, and those whose
+  // expert has a replica on this rank (no all-to-all row).
+  struct LocalActivationCount {
+    std::vector<int64_t> pairs, local;
+  };
+  const LocalActivationCount& local_activation() const { return local_activation_; }
+  void reset_local_activation();
   // Bytes of weights (all of them: attention, experts of every rank, embedding, head).
   double weight_bytes() const;
   double expert_bytes() const;  // one expert of one layer
@@ -157,6 +165,8 @@ class Model {
   std::vector<std::unique_ptr<AttentionBlock>> attention_;
   std::vector<std::unique_ptr<MoEFfnBlock>> ffn_;
   ModelPhaseTimes times_, virtual_times_;
+  LocalActivationCount local_activation_;
+  std::vector<std::vector<char>> expert_here_;  // [layer][logical expert]: a replica on this rank
 };
 
 }  // namespace switchyard

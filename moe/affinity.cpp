@@ -110,6 +110,9 @@ AffinityTables AffinityTables::build(const RoutingTrace& trace, int ranks, const
   if (vocab == 0) vocab = max_token + 1;
   if (vocab <= max_token)
     SY_THROW(InvalidArgument, "affinity tables: token ", max_token, " in trace ", trace.path, ", expected below vocab = ", vocab);
+  if (vocab > RoutingTrace::kMaxVocab || static_cast<int64_t>(vocab) * E * L > RoutingTrace::kMaxTableEntries)
+    SY_THROW(InvalidArgument, "affinity tables: vocab ", vocab, " x ", E, " experts x ", L, " layers, expected a vocab up to ",
+             RoutingTrace::kMaxVocab, " and at most ", RoutingTrace::kMaxTableEntries, " entries in all");
   AffinityTables out;
   out.ranks_ = ranks, out.experts_ = E, out.k_ = k, out.vocab_ = vocab, out.lookback_ = lookback;
   out.built_tokens_ = trace.size();
@@ -148,6 +151,7 @@ AffinityTables AffinityTables::build(const RoutingTrace& trace, int ranks, const
     layer.confidence.assign(VE, 0.0f);
     layer.weight_confidence.assign(VE, 0.0f);
     const std::vector<float> mc = normalised(mean_c.data()), mw = normalised(mean_w.data());
+    layer.mean_confidence = mc, layer.mean_weight_confidence = mw;
     for (int t = 0; t < vocab; ++t) {
       const size_t row = static_cast<size_t>(t) * static_cast<size_t>(E);
       const bool seen = out.token_frequency_[static_cast<size_t>(t)] > 0;
@@ -202,10 +206,11 @@ bool AffinityTables::rank_scores(int l, int32_t token, uint32_t mask1, uint32_t 
   }
   std::fill(votes, votes + ranks_, 0.0f);
   std::fill(weights, weights + ranks_, 0.0f);
-  // An id beyond the tables has never been seen: the first unseen row holds the mean, else token 0's.
-  const int row = token >= 0 && token < vocab_ ? token : 0;
-  const float* c = layer.confidence.data() + static_cast<size_t>(row) * static_cast<size_t>(experts_);
-  const float* w = layer.weight_confidence.data() + static_cast<size_t>(row) * static_cast<size_t>(experts_);
+  const bool known = token >= 0 && token < vocab_;  // an id beyond the tables: the layer's mean
+  const float* c = known ? layer.confidence.data() + static_cast<size_t>(token) * static_cast<size_t>(experts_)
+                         : layer.mean_confidence.data();
+  const float* w = known ? layer.weight_confidence.data() + static_cast<size_t>(token) * static_cast<size_t>(experts_)
+                         : layer.mean_weight_confidence.data();
   for (int e = 0; e < experts_; ++e) {
     const int r = layer.rank_of_expert[static_cast<size_t>(e)];
     votes[r] += c[e];
@@ -251,6 +256,8 @@ void AffinityTables::save(const std::string& path) const {
     tensors.emplace_back(p + "rank_of_expert", i32(layer.rank_of_expert, {E}));
     tensors.emplace_back(p + "confidence", f32(layer.confidence, {V, E}));
     tensors.emplace_back(p + "weight_confidence", f32(layer.weight_confidence, {V, E}));
+    tensors.emplace_back(p + "mean_confidence", f32(layer.mean_confidence, {E}));
+    tensors.emplace_back(p + "mean_weight_confidence", f32(layer.mean_weight_confidence, {E}));
     for (const auto& [name, table] : {std::pair{"joint", &layer.joint}, std::pair{"sequence", &layer.sequence}}) {
       std::vector<int64_t>& k = keys.emplace_back();
       for (const auto& [key, v] : *table) k.push_back(static_cast<int64_t>(key));
@@ -292,7 +299,23 @@ AffinityTables AffinityTables::load(const std::string& path) {
   t.k_ = metadata_int(f, "k", 1, 64);
   t.vocab_ = metadata_int(f, "vocab", 1, RoutingTrace::kMaxVocab);
   t.lookback_ = metadata_int(f, "lookback", 0, 2);
-  t.built_tokens_ = metadata_int(f, "built_tokens", 0, INT32_MAX);
+  if (t.lookback_ > 0 && t.ranks_ > kAffinityMaxMaskRanks)
+    SY_THROW(InvalidArgument, "affinity tables ", path, ": ranks = ", t.ranks_, " with lookback ", t.lookback_,
+             ", expected at most ", kAffinityMaxMaskRanks, " ranks (look-back keys hold a rank set in ",
+             kAffinityMaxMaskRanks, " bits)");
+  if (static_cast<int64_t>(t.vocab_) * t.experts_ * L > RoutingTrace::kMaxTableEntries)
+    SY_THROW(InvalidArgument, "affinity tables ", path, ": vocab ", t.vocab_, " x ", t.experts_, " experts x ", L,
+             " layers, expected at most ", RoutingTrace::kMaxTableEntries, " entries in all");
+  {
+    const auto it = f.metadata().find("built_tokens");
+    int64_t v = -1;
+    const std::string text = it == f.metadata().end() ? "" : it->second;
+    const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
+    if (ec != std::errc() || end != text.data() + text.size() || v < 0)
+      SY_THROW(InvalidArgument, "affinity tables ", path, ": metadata built_tokens = '", text.substr(0, 40),
+               "', expected an integer >= 0");
+    t.built_tokens_ = v;
+  }
   const int64_t V = t.vocab_, E = t.experts_, W = t.ranks_;
   // Arrays follow the tensors in the file (their shapes are checked), so a small file cannot claim gigabytes.
   auto f32 = [&](const std::string& name, const Shape& shape) {
@@ -319,6 +342,8 @@ AffinityTables AffinityTables::load(const std::string& path) {
     layer.rank_of_expert = i32(p + "rank_of_expert", {E}, 0, t.ranks_ - 1);
     layer.confidence = f32(p + "confidence", {V, E});
     layer.weight_confidence = f32(p + "weight_confidence", {V, E});
+    layer.mean_confidence = f32(p + "mean_confidence", {E});
+    layer.mean_weight_confidence = f32(p + "mean_weight_confidence", {E});
     for (const auto& [name, table] : {std::pair{"joint", &layer.joint}, std::pair{"sequence", &layer.sequence}}) {
       const std::string base = p + name;
       const Tensor keys = f.load(base + ".keys");
@@ -351,7 +376,7 @@ std::vector<int> assign_to_chunks(const std::vector<float>& votes, const std::ve
                                   int ranks, const std::vector<int64_t>& chunks) {
   const size_t W = static_cast<size_t>(ranks);
   SY_CHECK(votes.size() == static_cast<size_t>(rows) * W && weights.size() == votes.size() && chunks.size() == W);
-  SY_CHECK(std::accumulate(chunks.begin(), chunks.end(), int64_t{0}) == rows);
+  SY_CHECK(std::accumulate(chunks.begin(), chunks.end(), int64_t{0}) >= rows);
   std::vector<int> preference(static_cast<size_t>(rows) * W);
   std::vector<std::pair<float, float>> confidence(static_cast<size_t>(rows));
   for (int64_t r = 0; r < rows; ++r) {
@@ -399,6 +424,7 @@ LocalActivation score_local_activation(const RoutingTrace& trace, const Affinity
   int64_t predicted = 0, shuffled = 0;
   std::vector<float> votes, weights;
   std::vector<int> rank;
+  std::vector<char> remote_seen;
   for (int64_t b0 = 0; b0 < trace.size(); b0 += options.batch_tokens) {
     const int64_t T = std::min(options.batch_tokens, trace.size() - b0);
     const std::vector<int64_t> chunks = equal_chunks(T, W);
@@ -409,10 +435,11 @@ LocalActivation score_local_activation(const RoutingTrace& trace, const Affinity
         weights.assign(votes.size(), 0.0f);
         for (int64_t r = 0; r < T; ++r) {
           const auto [m1, m2] = lookback_masks(trace, placements, l, b0 + r, tables.lookback());
-          predicted += tables.rank_scores(l, trace.tokens[static_cast<size_t>(b0 + r)], m1, m2, options.predictor,
-                                          &votes[static_cast<size_t>(r) * W], &weights[static_cast<size_t>(r) * W]);
+          const bool from_lookback = tables.rank_scores(l, trace.tokens[static_cast<size_t>(b0 + r)], m1, m2, options.predictor,
+                                                        &votes[static_cast<size_t>(r) * W], &weights[static_cast<size_t>(r) * W]);
+          predicted += from_lookback;  // only layers >= 1 have a look-back key
         }
-        shuffled += T;
+        if (l >= 1) shuffled += T;
         rank = assign_to_chunks(votes, weights, T, W, chunks);
       } else {
         rank.assign(static_cast<size_t>(T), 0);
@@ -422,7 +449,7 @@ LocalActivation score_local_activation(const RoutingTrace& trace, const Affinity
       }
       for (int64_t r = 0; r < T; ++r) {
         const int home = rank[static_cast<size_t>(r)];
-        uint32_t remote_ranks = 0;
+        remote_seen.assign(static_cast<size_t>(W), 0);
         for (int j = 0; j < k; ++j) {
           const int e = trace.expert(l, b0 + r, j);
           const int dest = rank_of_expert[static_cast<size_t>(e)];
@@ -434,10 +461,10 @@ LocalActivation score_local_activation(const RoutingTrace& trace, const Affinity
           } else {
             ++out.remote_rows;
             ++out.rows_to_peer[static_cast<size_t>(home) * static_cast<size_t>(W) + static_cast<size_t>(dest)];
-            if (W <= 32) remote_ranks |= uint32_t{1} << dest;
+            out.remote_rows_once += !remote_seen[static_cast<size_t>(dest)];
+            remote_seen[static_cast<size_t>(dest)] = 1;
           }
         }
-        out.remote_rows_once += std::popcount(remote_ranks);
       }
     }
   }

@@ -43,6 +43,7 @@ struct AffinityLayer {
   std::vector<int> rank_of_expert;       // [E]: the placement the rank tables were counted under
   std::vector<float> confidence;         // [V, E]: a token's choices per expert, normalised over experts
   std::vector<float> weight_confidence;  // [V, E]: their gate weights, normalised alike
+  std::vector<float> mean_confidence, mean_weight_confidence;  // [E]: the layer's, for ids beyond the tables
   // Keys pack (token, rank set of layer l-1, rank set of layer l-2): affinity_key().
   std::unordered_map<uint64_t, RankVotes> joint;
   std::unordered_map<uint64_t, RankVotes> sequence;  // the same keys with token = 0
@@ -111,8 +112,9 @@ std::vector<int64_t> equal_chunks(int64_t rows, int ranks);
 // Each row's rank for a batch of `rows` rows with scores [rows, W] (votes
 // first, then weights): the most confident rows (their best rank's share of
 // their votes, then its weight share) choose first, each its best rank that
-// still has room in `chunks`, else its next best (so overflow goes to each
-// row's next-best rank, not to whichever rank is left). Ties: lower row, then lower rank.
+// still has room in `chunks` (rows each rank may take; at least `rows` in
+// all), else its next best (so overflow goes to each row's next-best rank,
+// not to whichever rank is left). Ties: lower row, then lower rank.
 std::vector<int> assign_to_chunks(const std::vector<float>& votes, const std::vector<float>& weights, int64_t rows,
                                   int ranks, const std::vector<int64_t>& chunks);
 
@@ -123,7 +125,7 @@ struct LocalActivation {
   int64_t remote_rows_once = 0;              // one per (token, remote rank): a token sent once per destination
   std::vector<double> per_layer;             // LAR per layer
   std::vector<int64_t> rows_to_peer;         // [W, W] remote rows from rank a to rank b, summed over layers
-  double predicted_share = 0;                // rows whose rank came from a look-back table (shuffling)
+  double predicted_share = 0;                // rows of layers >= 1 whose rank came from a look-back table (shuffling)
   double expert_load_max_over_median = 0;    // choices per expert, worst layer
   double rank_load_max_over_median = 0;      // choices arriving at each rank's experts, worst layer
   double lar() const { return pairs ? static_cast<double>(local) / static_cast<double>(pairs) : 0.0; }

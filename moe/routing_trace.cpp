@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <charconv>
+#include <cmath>
 
 #include "core/error.h"
 
@@ -60,6 +61,7 @@ RoutingTrace RoutingTrace::load(const SafetensorsFile& f) {
     for (int64_t i = 0; i < N; ++i) t.positions[static_cast<size_t>(i)] = static_cast<int32_t>(i);
   }
   if (f.contains("sequences")) {
+    t.has_documents = true;
     t.sequences = i32_vector(f, "sequences", N);
     for (int64_t i = 1; i < N; ++i)
       if (t.sequences[static_cast<size_t>(i)] < t.sequences[static_cast<size_t>(i - 1)])
@@ -98,7 +100,12 @@ RoutingTrace RoutingTrace::load(const SafetensorsFile& f) {
     t.choices.emplace_back(p, p + N * t.k);
     if (f.contains(name + ".weights")) {
       const Tensor w = f.load(name + ".weights", {N, t.k}, DType::f32);
-      t.weights.emplace_back(w.data_as<float>(), w.data_as<float>() + N * t.k);
+      const float* q = w.data_as<float>();
+      for (int64_t i = 0; i < N * t.k; ++i)
+        if (!std::isfinite(q[i]) || q[i] < 0)
+          SY_THROW(InvalidArgument, "trace ", path, ": ", name, ".weights[", i / t.k, ", ", i % t.k, "] = ", q[i],
+                   ", expected a finite gate weight >= 0");
+      t.weights.emplace_back(q, q + N * t.k);
     } else {
       t.weights.emplace_back();
     }
@@ -111,6 +118,12 @@ RoutingTrace RoutingTrace::load(const SafetensorsFile& f) {
   if (static_cast<int64_t>(t.experts) * t.layers > (int64_t{1} << 22))
     SY_THROW(InvalidArgument, "trace ", path, ": ", t.layers, " layers x ", t.experts, " experts, expected at most ",
              int64_t{1} << 22, " in all");
+  int32_t max_token = 0;
+  for (int32_t id : t.tokens) max_token = std::max(max_token, id);
+  if ((static_cast<int64_t>(max_token) + 1) * t.experts * t.layers > kMaxTableEntries)
+    SY_THROW(InvalidArgument, "trace ", path, ": token ids up to ", max_token, " x ", t.experts, " experts x ", t.layers,
+             " layers need ", (static_cast<int64_t>(max_token) + 1) * t.experts * t.layers,
+             " table entries, expected at most ", kMaxTableEntries, " (the affinity tables are dense per token id)");
   return t;
 }
 

@@ -26,6 +26,7 @@ struct RoutingTrace {
   // The document of each token, ascending: the file's "sequences", or when
   // it has none, a new one wherever the position does not grow (windows).
   std::vector<int32_t> sequences;
+  bool has_documents = false;  // the file held "sequences" (else they are windows)
   std::vector<std::vector<int32_t>> choices;    // [layer][token * k + j]
   std::vector<std::vector<float>> weights;      // [layer][token * k + j]; empty layers: none recorded
 
@@ -51,6 +52,8 @@ struct RoutingTrace {
   // Largest ids accepted (a small file must not claim gigabytes of tables).
   static constexpr int32_t kMaxVocab = 1 << 20;
   static constexpr int kMaxExperts = 1 << 16;
+  // Dense per-token tables hold (largest id + 1) x experts x layers values: bounded in all.
+  static constexpr int64_t kMaxTableEntries = int64_t{1} << 26;
 };
 
 template <class Keep>

@@ -2,7 +2,8 @@
 # Speculative MoE's tools end to end, small: a routing trace recorded by the
 # C++ model on held-out fortunes, affinity tables (with expert grouping) for 2
 # and 4 ranks, greedy generation under the grouped placement equal to one
-# rank's (1, 2 and 4 thread-ranks, 2 MPI ranks), bench specmoe's LAR lines,
+# rank's (1, 2 and 4 thread-ranks, 2 MPI ranks) and with token shuffling in
+# tensor-parallel attention (tp 4 and 2 x 2), bench specmoe's LAR lines,
 # CSV and plot, and clear errors for tables of another world and a non-trace.
 # usage: specmoe.sh SWITCHYARD MODEL_DIR WORKDIR MPIRUN [MPIRUN_FLAGS...]
 set -euo pipefail
@@ -29,6 +30,13 @@ two=$(text "$sy" "${args[@]}" --ranks 2 --affinity "$work/a2.safetensors")
 four=$(text "$sy" "${args[@]}" --ranks 4 --attention dp --affinity "$work/a4.safetensors")
 four_tp=$(text "$sy" "${args[@]}" --ranks 4 --attention tp --tp 2 --affinity "$work/a4.safetensors")
 mpi=$(OMPI_MCA_btl=self,vader text "$mpirun" -np 2 "$@" "$sy" "${args[@]}" --attention dp --affinity "$work/a2.safetensors")
+shuffled=$("$sy" "${args[@]}" --ranks 4 --attention tp --tp 4 --affinity "$work/a4.safetensors" --specmoe on)
+shuffled_groups=$("$sy" "${args[@]}" --ranks 4 --attention tp --tp 2 --affinity "$work/a4.safetensors" --specmoe on)
+grep -q "local activation 0\.[0-9]* of [0-9]* choices, token shuffling on" <<< "$shuffled" || fail "no LAR line: $shuffled"
+echo "4 thread-ranks, tp 4, shuffled: $(sed '$d' <<< "$shuffled")"
+echo "4 thread-ranks, tp 2, shuffled: $(sed '$d' <<< "$shuffled_groups")"
+[ "$one" = "$(sed '$d' <<< "$shuffled")" ] && [ "$one" = "$(sed '$d' <<< "$shuffled_groups")" ] ||
+  fail "token shuffling changed the greedy text"
 echo "1 rank                      : $one"
 echo "2 thread-ranks, grouped     : $two"
 echo "4 thread-ranks, dp, grouped : $four"
@@ -49,6 +57,10 @@ done
 # Tables of another world size, and a file that is not a trace.
 if err=$("$sy" "${args[@]}" --ranks 2 --affinity "$work/a4.safetensors" 2>&1); then fail "tables of 4 ranks accepted on 2"; fi
 grep -q "tables built for 4 ranks, the job has 2" <<< "$err" || fail "unclear error: $err"
+if err=$("$sy" "${args[@]}" --ranks 4 --attention tp --tp 4 --specmoe on 2>&1); then fail "--specmoe on without tables accepted"; fi
+grep -q -- "--specmoe = on needs --affinity" <<< "$err" || fail "unclear error: $err"
+if err=$("$sy" "${args[@]}" --ranks 4 --attention dp --affinity "$work/a4.safetensors" --specmoe on 2>&1); then fail "--specmoe on with dp accepted"; fi
+grep -q "the attention is dp (expected tp)" <<< "$err" || fail "unclear error: $err"
 if err=$("$sy" affinity build "$model/model.safetensors" --ranks 2 -o "$work/x" 2>&1); then fail "a model file accepted as a trace"; fi
 grep -q "model.safetensors" <<< "$err" || fail "unclear error: $err"
 echo "SPECMOE_CLI_OK"

@@ -17,6 +17,8 @@
 #include "model/engine.h"
 #include "model/serving.h"
 #include "model/speculative.h"
+#include "moe/affinity.h"
+#include "moe/expert_grouping.h"
 #include "tests/common/rank_harness.h"
 
 namespace switchyard {
@@ -249,6 +251,92 @@ TEST(Engine, TensorParallelAttentionEqualsOneRankWithinTolerance) {
                     tp, W, c.worst, c.compared, c.skipped);
     }
   }, Milliseconds(30000));
+}
+
+// Speculative token shuffling (moe/affinity.h) inside tensor-parallel
+// attention: with the tables' grouped placement loaded, every logit bit is
+// the unshuffled engine's, for a good predictor and for one that always
+// points away from the experts (tables from a trace with every expert moved
+// to the next rank), for every tp and batches smaller than a group; a good
+// predictor keeps more choices local on held-out text.
+TEST(Engine, TokenShufflingKeepsEveryLogitBitAndLocalises) {
+  for_each_rank([](Communicator& world, uint64_t seed) {
+    const int W = world.size(), R = world.rank();
+    const RoutingTrace trace = RoutingTrace::load(std::string(SWITCHYARD_SOURCE_DIR) +
+                                                  "/examples/tiny_lm/trace/draft_heldout.safetensors");
+    std::vector<std::vector<int>> grouped;
+    for (const ExpertGrouping& g : group_experts(trace, W)) grouped.push_back(g.rank_of_expert);
+    const auto good = std::make_shared<const AffinityTables>(AffinityTables::build(trace, W, grouped, 2, 256));
+    RoutingTrace away = trace;  // every choice on the next rank's expert of the same slot
+    const int E = trace.experts, per_rank = E / W;
+    for (auto& layer : away.choices)
+      for (int32_t& e : layer) {
+        const int l = static_cast<int>(&layer - away.choices.data());
+        const int r = grouped[static_cast<size_t>(l)][static_cast<size_t>(e)];
+        int j = 0;  // e's index among its rank's experts
+        for (int f = 0; f < e; ++f) j += grouped[static_cast<size_t>(l)][static_cast<size_t>(f)] == r;
+        int seen = 0;
+        for (int f = 0; f < E; ++f)
+          if (grouped[static_cast<size_t>(l)][static_cast<size_t>(f)] == (r + 1) % W && seen++ == j % per_rank) e = f;
+      }
+    const auto wrong = std::make_shared<const AffinityTables>(AffinityTables::build(away, W, grouped, 2, 256));
+    Model model(kDraft, world.shared_from_this(), {.placements = good->placements()});
+    // Held-out text and short random prompts: rows split unevenly, decode steps of fewer rows than a group.
+    std::vector<std::vector<int>> prompts = random_prompts(seed + 7, 3, 1, 9);
+    for (const char* text : {"A complex system that works is invariably found to have evolved",
+                             "Anything that can go wrong will go wrong, and at the worst possible"})
+      prompts.push_back(std::vector<int>(text, text + std::strlen(text)));
+    const int V = model.config().vocab_size, heads = model.config().heads;
+    for (int tp = 1; tp <= W; ++tp) {
+      if (W % tp != 0 || heads % tp != 0) continue;
+      InferenceEngine engine(model, LayerSchedule::make({.attention = "tp", .tp = tp}, model.config().layers, W));
+      std::vector<int> mine;
+      for (int s = 0; s < static_cast<int>(prompts.size()); ++s)
+        if (s % engine.schedule().token_groups() == engine.token_group()) mine.push_back(s);
+      auto step = [&](const std::vector<Chunk>& ch) { return engine.step(ch); };
+      auto cache = [&] { return engine.new_cache(96); };
+      const std::string what = "tp " + std::to_string(tp) + " on " + std::to_string(W) + " ranks, rank " + std::to_string(R);
+      auto local_share = [&] {
+        const Model::LocalActivationCount& la = model.local_activation();
+        Tensor v = Tensor::zeros({2}, DType::f64);
+        for (size_t l = 0; l < la.pairs.size(); ++l)
+          v.data_as<double>()[0] += static_cast<double>(la.pairs[l]), v.data_as<double>()[1] += static_cast<double>(la.local[l]);
+        world.allreduce(v, v).wait();
+        model.reset_local_activation();
+        return v.data_as<double>()[1] / v.data_as<double>()[0];
+      };
+      model.reset_local_activation();
+      const auto off = run_sequences(prompts, mine, 6, V, step, cache);
+      const double lar_off = local_share();
+      engine.set_token_shuffling(good);
+      const auto on = run_sequences(prompts, mine, 6, V, step, cache);
+      const double lar_on = local_share();
+      expect_same_traces(on, off, what + ", shuffled by the tables");
+      EXPECT_GT(engine.shuffle_counts().rows, 0) << what;
+      engine.set_token_shuffling(wrong);
+      const auto misled = run_sequences(prompts, mine, 6, V, step, cache);
+      const double lar_wrong = local_share();
+      expect_same_traces(misled, off, what + ", shuffled away from the experts");
+      if (tp == W && W > 1) {
+        EXPECT_GT(lar_on, lar_off + 0.1) << what;
+        EXPECT_LT(lar_wrong, lar_off) << what;
+      }
+      if (R == 0)
+        std::printf("[tp %d on %d ranks] local activation: in place %.3f, shuffled %.3f, misled %.3f\n", tp, W, lar_off,
+                    lar_on, lar_wrong);
+    }
+    // What cannot shuffle says so.
+    InferenceEngine dp(model, LayerSchedule::make({.attention = "dp"}, model.config().layers, W));
+    EXPECT_THROW(dp.set_token_shuffling(good), InvalidArgument);
+    if (W > 1) {
+      Model plain(kDraft, world.shared_from_this());  // E / W per rank in order: not the tables' placement
+      InferenceEngine tp(plain, LayerSchedule::make({.attention = "tp", .tp = W}, plain.config().layers, W));
+      bool differs = false;
+      for (int l = 0; l < plain.config().layers; ++l)
+        for (int e = 0; e < E; ++e) differs |= plain.moe(l).layout().owner(e) != grouped[static_cast<size_t>(l)][static_cast<size_t>(e)];
+      if (differs) EXPECT_THROW(tp.set_token_shuffling(good), InvalidArgument);
+    }
+  }, Milliseconds(60000));
 }
 
 TEST(Engine, TensorParallelGroupWithDifferentInputsFailsTogether) {

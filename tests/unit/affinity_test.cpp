@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <numeric>
 
@@ -56,7 +57,6 @@ TEST(Affinity, OverflowGoesToEachRowsNextBestRank) {
   EXPECT_EQ(assign_to_chunks(votes, weights, 4, 2, {2, 2}), (std::vector<int>{0, 1, 0, 1}));
   // A vote tie is broken by the gate weights, not by the lower rank.
   const std::vector<float> tie_votes = {1.0f, 1.0f}, tie_weights = {0.3f, 0.7f};
-  EXPECT_EQ(assign_to_chunks(tie_votes, tie_weights, 1, 2, {0, 1}), (std::vector<int>{1}));
   EXPECT_EQ(assign_to_chunks({1, 1, 1, 1}, {0.3f, 0.7f, 0.3f, 0.7f}, 2, 2, {1, 1}), (std::vector<int>{1, 0}));
   EXPECT_EQ(assign_to_chunks(tie_votes, tie_weights, 1, 2, {1, 0}), (std::vector<int>{0}));  // no room on rank 1
 }
@@ -131,7 +131,7 @@ TEST(Affinity, TheLookBackTablePredictsWhatTheTokenIdCannot) {
   so.predictor = AffinityPredictor::joint;
   const LocalActivation joint = score_local_activation(t, tables, so);
   EXPECT_DOUBLE_EQ(joint.per_layer[1], 1.0);
-  EXPECT_DOUBLE_EQ(joint.predicted_share, 0.5);  // layer 1's rows all had a key; layer 0 has no look-back
+  EXPECT_DOUBLE_EQ(joint.predicted_share, 1.0);  // every row of layer 1 (layer 0 has no look-back) had a key
   so.predictor = AffinityPredictor::sequence;
   EXPECT_DOUBLE_EQ(score_local_activation(t, tables, so).per_layer[1], 1.0);
   so.predictor = AffinityPredictor::token;
@@ -230,6 +230,78 @@ TEST(Affinity, MalformedTablesAndTracesGiveClearErrors) {
   EXPECT_THROW(score_local_activation(other, a, {}), InvalidArgument);
   EXPECT_THROW(AffinityTables::build(t, 0, AffinityTables::identity_placement(1, 4, 2), 0), InvalidArgument);
   EXPECT_THROW(AffinityTables::build(t, 2, {{0, 1, 2, 0}}, 0), InvalidArgument);
+}
+
+TEST(Affinity, HostileTracesAndSettingsAreRefusedClearly) {
+  const std::string path = temp_path("trace_hostile");
+  auto refused = [&](RoutingTrace t, const std::string& expected) {
+    t.save(path);
+    try {
+      RoutingTrace::load(path);
+      ADD_FAILURE() << "accepted; expected an error containing: " << expected;
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find(expected), std::string::npos) << e.what();
+    }
+  };
+  {  // two tokens claiming dense tables of 2^20 ids x 2^16 experts
+    RoutingTrace t = make_trace(1, 65536, 1);
+    add_token(t, 1048575, 0, {{65535}});
+    add_token(t, 0, 0, {{0}});
+    refused(t, "need 68719476736 table entries, expected at most 67108864");
+  }
+  {  // a gate weight that is not a number
+    RoutingTrace t = make_trace(1, 4, 2);
+    add_token(t, 3, 0, {{0, 1}});
+    t.weights[0][1] = std::nanf("");
+    refused(t, "layer0.weights[0, 1] = nan, expected a finite gate weight >= 0");
+  }
+  std::filesystem::remove(path);
+  RoutingTrace t = make_trace(1, 32, 1);
+  add_token(t, 3, 0, {{0}});
+  try {
+    AffinityTables::build(t, 32, AffinityTables::identity_placement(1, 32, 32), 1);
+    FAIL() << "32 ranks with look-back accepted";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("at most 20 ranks, got ranks = 32"), std::string::npos) << e.what();
+  }
+  EXPECT_NO_THROW(AffinityTables::build(t, 32, AffinityTables::identity_placement(1, 32, 32), 0));
+}
+
+// Documents: the file's sequence ids, else windows where the position restarts; a split keeps whole documents.
+TEST(RoutingTraceDocuments, SplitKeepsWholeDocuments) {
+  RoutingTrace t = make_trace(1, 4, 1);
+  for (int doc = 0; doc < 6; ++doc)
+    for (int i = 0; i < 3 + doc; ++i) add_token(t, 10 * doc + i, doc, {{doc % 4}});
+  const RoutingTrace build = t.select_sequences([](int64_t j) { return j % 5 == 0; });
+  const RoutingTrace scored = t.select_sequences([](int64_t j) { return j % 5 != 0; });
+  EXPECT_EQ(build.size(), 3 + 8);  // documents 0 and 5
+  EXPECT_EQ(scored.size(), t.size() - build.size());
+  for (int64_t i = 0; i < build.size(); ++i) {
+    EXPECT_EQ(build.sequences[static_cast<size_t>(i)] % 5, 0);
+    EXPECT_EQ(build.expert(0, i, 0), build.sequences[static_cast<size_t>(i)] % 4);
+    EXPECT_EQ(build.tokens[static_cast<size_t>(i)] / 10, build.sequences[static_cast<size_t>(i)]);
+  }
+  const std::string path = temp_path("trace_docs");
+  t.save(path);
+  EXPECT_TRUE(RoutingTrace::load(path).has_documents);
+  EXPECT_EQ(RoutingTrace::load(path).sequences, t.sequences);
+  // The same tensors without "sequences": windows from the positions (each document restarts at 0).
+  {
+    const SafetensorsFile f = SafetensorsFile::open(path);
+    std::vector<Tensor> keep;
+    std::vector<std::pair<std::string, TensorView>> tensors;
+    keep.reserve(f.entries().size());
+    for (const SafetensorsEntry& entry : f.entries()) {
+      if (entry.name == "sequences") continue;
+      keep.push_back(f.load(entry.name));
+      tensors.emplace_back(entry.name, keep.back());
+    }
+    save_safetensors(path, tensors, f.metadata());
+  }
+  const RoutingTrace windows = RoutingTrace::load(path);
+  std::filesystem::remove(path);
+  EXPECT_FALSE(windows.has_documents);
+  EXPECT_EQ(windows.sequences, t.sequences);
 }
 
 TEST(Affinity, UnseenTokensBorrowTheirNearestNeighbour) {
