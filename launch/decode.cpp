@@ -562,11 +562,25 @@ void bench_requests(Runtime& rt, InferenceEngine& engine, const BenchDecodeOptio
   Rng rng(o.seed);
   auto between = [&](int lo, int hi) { return lo + static_cast<int>(rng.uniform(0, hi - lo + 1 - 1e-9)); };
   const auto arrivals = poisson_arrivals(o.requests, o.rate, o.seed + 1);
+  std::vector<std::vector<int>> texts;
+  if (!o.prompts.empty()) {
+    std::ifstream in(o.prompts);
+    if (!in) SY_THROW(IoError, "bench decode: cannot read --prompts '", o.prompts, "'");
+    for (std::string line; std::getline(in, line);)
+      if (!line.empty()) texts.push_back(bytes_of(line));
+    if (texts.empty()) SY_THROW(InvalidArgument, "bench decode: --prompts '", o.prompts, "' holds no prompt");
+  }
   std::vector<Request> requests(static_cast<size_t>(o.requests));
   for (int i = 0; i < o.requests; ++i) {
     Request& r = requests[static_cast<size_t>(i)];
     r.id = i;
-    r.prompt = prompt_of(i, between(std::max(1, o.prompt_tokens / 2), std::max(1, o.prompt_tokens * 3 / 2)));
+    const int length = between(std::max(1, o.prompt_tokens / 2), std::max(1, o.prompt_tokens * 3 / 2));
+    if (texts.empty()) {
+      r.prompt = prompt_of(i, length);
+    } else {
+      const std::vector<int>& text = texts[static_cast<size_t>(i) % texts.size()];
+      r.prompt.assign(text.begin(), text.begin() + std::min<size_t>(static_cast<size_t>(length), text.size()));
+    }
     r.max_new_tokens = between(std::max(1, o.steps / 2), std::max(1, o.steps * 3 / 2));
     r.arrival = arrivals[static_cast<size_t>(i)];
   }
@@ -595,10 +609,15 @@ void bench_requests(Runtime& rt, InferenceEngine& engine, const BenchDecodeOptio
                  static_cast<long long>(p.finished), static_cast<long long>(p.total), static_cast<long long>(p.steps));
   };
   RoundRobinScheduler rr;
+  std::unique_ptr<AffinityScheduler> by_affinity;
+  if (o.scheduler == "affinity")
+    by_affinity = std::make_unique<AffinityScheduler>(std::make_shared<const AffinityTables>(AffinityTables::load(o.parallel.affinity)));
+  RequestScheduler& scheduler = by_affinity ? static_cast<RequestScheduler&>(*by_affinity) : rr;
   ServingStats st;
   model.reset_times();
   engine.reset_step_times();
-  const auto results = serve(engine, requests, rr, so, &st);
+  model.reset_local_activation();  // the requests' choices only, not the warm-up's
+  const auto results = serve(engine, requests, scheduler, so, &st);
   const SideBubbles idle = side_bubbles(world, engine);
   // Every request's figures to every rank: the group that served it fills its row.
   const int F = 6;  // ttft, tpot, tokens, prompt, group, arrival
@@ -675,6 +694,13 @@ void bench_requests(Runtime& rt, InferenceEngine& engine, const BenchDecodeOptio
 }  // namespace
 
 void BenchDecodeOptions::validate() const {
+  if (scheduler != "round_robin" && scheduler != "affinity")
+    SY_THROW(ConfigError, "bench decode: --scheduler = '", scheduler, "', expected round_robin or affinity");
+  if (scheduler == "affinity" && (requests == 0 || parallel.affinity.empty() || parallel.attention != "dp"))
+    SY_THROW(ConfigError, "bench decode: --scheduler affinity assigns requests to data-parallel ranks by the tables: "
+             "it needs --requests, --affinity TABLES and --attention dp");
+  if (!prompts.empty() && requests == 0)
+    SY_THROW(ConfigError, "bench decode: --prompts is for request mode (--requests N)");
   if (prompt_tokens < 1) SY_THROW(InvalidArgument, "bench decode: --prompt_tokens = ", prompt_tokens, ", expected >= 1");
   if (steps < 1) SY_THROW(InvalidArgument, "bench decode: --steps = ", steps, ", expected >= 1");
   if (requests < 0) SY_THROW(InvalidArgument, "bench decode: --requests = ", requests, ", expected >= 0 (0: batch mode)");

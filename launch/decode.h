@@ -73,6 +73,9 @@ struct BenchDecodeOptions {
   int64_t kv_budget = 0;
   int prefill_chunk = 0;
   uint64_t seed = 1;
+  // Request mode: round_robin, or affinity (Sem-MoE's: --affinity tables, --attention dp).
+  std::string scheduler = "round_robin";
+  std::string prompts;  // request mode: prompts from this file, one per line in turn (default: a fixed text)
   std::string csv;  // batch mode: a row per batch size; request mode: a row per request
   std::string png;  // a plot of the CSV (gnuplot)
   // Every rebalance_every decode steps (batch mode) or serving steps

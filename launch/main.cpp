@@ -277,6 +277,12 @@ int main(int argc, char** argv) {
   bench_decode->add_option("--prefill_chunk,--prefill-chunk", decode.prefill_chunk,
                            "Request mode: prompt tokens prefilled per rank per step (0: whole prompts)")
       ->capture_default_str();
+  bench_decode->add_option("--scheduler", decode.scheduler,
+                           "Request mode: round_robin, or affinity (requests to the data-parallel rank whose experts "
+                           "their tokens use, every W consecutive requests on all W ranks; needs --affinity, "
+                           "--attention dp)")->capture_default_str();
+  bench_decode->add_option("--prompts", decode.prompts, "Request mode: prompts from this file, one per line in turn "
+                           "(cut to the drawn length; default: a fixed text)");
   bench_decode->add_option("--seed", decode.seed, "Request mode: seed of the request lengths and arrivals")
       ->capture_default_str();
   bench_decode->add_option("--emulate", decode.emulate,

@@ -18,6 +18,31 @@ int RoundRobinScheduler::assign(const Request&, const GroupLoad& load) {
   return static_cast<int>(next_++ % groups);
 }
 
+AffinityScheduler::AffinityScheduler(std::shared_ptr<const AffinityTables> tables) : tables_(std::move(tables)) {
+  if (!tables_) SY_THROW(InvalidArgument, "affinity scheduler: no tables");
+}
+
+int AffinityScheduler::assign(const Request& request, const GroupLoad& load) {
+  const int groups = static_cast<int>(load.requests.size());
+  if (groups != tables_->ranks())
+    SY_THROW(InvalidArgument, "affinity scheduler: ", groups, " token groups, the tables are for ", tables_->ranks(),
+             " ranks (expected data-parallel attention over the tables' ranks)");
+  if (in_window_ == 0) taken_.assign(static_cast<size_t>(groups), 0);
+  std::vector<double> score(static_cast<size_t>(groups), 0.0);
+  std::vector<float> votes(static_cast<size_t>(groups)), weights(static_cast<size_t>(groups));
+  for (int l = 0; l < tables_->layers(); ++l)
+    for (int t : request.prompt) {
+      tables_->rank_scores(l, t, 0, 0, AffinityPredictor::token, votes.data(), weights.data());
+      for (int g = 0; g < groups; ++g) score[static_cast<size_t>(g)] += votes[static_cast<size_t>(g)];
+    }
+  int best = -1;
+  for (int g = 0; g < groups; ++g)
+    if (!taken_[static_cast<size_t>(g)] && (best < 0 || score[static_cast<size_t>(g)] > score[static_cast<size_t>(best)])) best = g;
+  taken_[static_cast<size_t>(best)] = 1;
+  in_window_ = (in_window_ + 1) % groups;
+  return best;
+}
+
 void ServingOptions::validate() const {
   if (max_batch < 1) SY_THROW(InvalidArgument, "serving: max_batch = ", max_batch, ", expected >= 1");
   if (kv_budget < 0) SY_THROW(InvalidArgument, "serving: kv_budget = ", kv_budget, ", expected >= 0 (0: unlimited)");

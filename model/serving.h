@@ -64,6 +64,25 @@ class RoundRobinScheduler : public RequestScheduler {
   int64_t next_ = 0;
 };
 
+// Sem-MoE's request scheduling for data-parallel attention (moe/affinity.h):
+// a request goes to the token group (one per rank) whose experts its prompt's
+// tokens use most (the tables' token-id confidence summed over the prompt
+// and the layers), under a round-robin mask: every `groups` consecutive
+// requests take every group once, so the load stays round-robin's while
+// each window is matched to its requests. Sticky: a request keeps its group
+// for its whole decode (serve() assigns once). The tables' ranks must be the
+// groups, and the model must hold their placement.
+class AffinityScheduler : public RequestScheduler {
+ public:
+  explicit AffinityScheduler(std::shared_ptr<const AffinityTables> tables);
+  int assign(const Request& request, const GroupLoad& load) override;
+
+ private:
+  std::shared_ptr<const AffinityTables> tables_;
+  std::vector<char> taken_;  // groups the current window has used
+  int64_t in_window_ = 0;
+};
+
 struct ServeProgress {
   double seconds = 0;
   int64_t finished = 0, total = 0, steps = 0;

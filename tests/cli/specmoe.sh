@@ -54,6 +54,15 @@ for c in vanilla grouping shuffling both; do
 done
 [[ $(wc -l < "$work/specmoe.csv") -eq 13 ]] || fail "expected 12 CSV rows"
 
+# Requests placed by affinity on dp ranks: the serving summary and the counters.
+"$sy" bench decode --model "$model" --requests 8 --steps 4 --ranks 4 --attention dp --affinity "$work/a4.safetensors" \
+  --scheduler affinity --prompts "$(dirname "$model")/heldout_prompts.txt" > "$work/serve.log" 2>/dev/null
+grep -q "^TPOT ms: median" "$work/serve.log" && grep -q "local activation 0\.[0-9]* of [0-9]* choices" "$work/serve.log" ||
+  { cat "$work/serve.log"; fail "bench decode --scheduler affinity"; }
+if err=$("$sy" bench decode --model "$model" --requests 8 --ranks 4 --attention tp --tp 4 --scheduler affinity 2>&1); then
+  fail "--scheduler affinity without dp accepted"; fi
+grep -q "it needs --requests, --affinity TABLES and --attention dp" <<< "$err" || fail "unclear error: $err"
+
 # Tables of another world size, and a file that is not a trace.
 if err=$("$sy" "${args[@]}" --ranks 2 --affinity "$work/a4.safetensors" 2>&1); then fail "tables of 4 ranks accepted on 2"; fi
 grep -q "tables built for 4 ranks, the job has 2" <<< "$err" || fail "unclear error: $err"

@@ -552,6 +552,53 @@ TEST(Engine, ServedRequestsEqualEachRequestAlone) {
   }, Milliseconds(20000));
 }
 
+// Sem-MoE's request scheduling under dp: each request still gets exactly the
+// tokens it gets alone; every W consecutive requests cover all W ranks; a
+// request whose tokens' experts sit on one rank goes there.
+TEST(Engine, AffinitySchedulerServesEveryRequestAsAloneAndCoversEveryRankPerWindow) {
+  for_each_rank([](Communicator& world, uint64_t seed) {
+    const int W = world.size();
+    const RoutingTrace trace = RoutingTrace::load(std::string(SWITCHYARD_SOURCE_DIR) +
+                                                  "/examples/tiny_lm/trace/draft_heldout.safetensors");
+    std::vector<std::vector<int>> grouped;
+    for (const ExpertGrouping& g : group_experts(trace, W)) grouped.push_back(g.rank_of_expert);
+    const auto tables = std::make_shared<const AffinityTables>(AffinityTables::build(trace, W, grouped, 2, 256));
+    Model ref(kDraft, one_rank());
+    Model model(kDraft, world.shared_from_this(), {.placements = tables->placements()});
+    const auto requests = mixed_requests(seed, 7);
+    InferenceEngine engine(model, LayerSchedule::make({.attention = "dp"}, model.config().layers, W));
+    AffinityScheduler by_affinity(tables);
+    ServingOptions o;
+    o.max_batch = 3;
+    const auto results = serve(engine, requests, by_affinity, o);
+    expect_served(world, engine, requests, results, ref, "affinity-scheduled dp");
+    // The window mask, asked directly: W consecutive assignments are a permutation of the groups.
+    AffinityScheduler fresh(tables);
+    GroupLoad load{std::vector<int64_t>(static_cast<size_t>(W), 0), std::vector<int64_t>(static_cast<size_t>(W), 0)};
+    for (int window = 0; window < 3; ++window) {
+      std::vector<int> seen(static_cast<size_t>(W), 0);
+      for (int i = 0; i < W; ++i) ++seen[static_cast<size_t>(fresh.assign(requests[static_cast<size_t>((window * W + i) % requests.size())], load))];
+      EXPECT_EQ(seen, std::vector<int>(static_cast<size_t>(W), 1)) << "window " << window;
+    }
+    // A prompt of one byte whose experts the tables put on the last rank goes there when it leads a window.
+    if (W > 1) {
+      RoutingTrace planted = trace;
+      for (int64_t i = 0; i < planted.size(); ++i)
+        if (planted.tokens[static_cast<size_t>(i)] == 'q')
+          for (int l = 0; l < planted.layers; ++l)
+            for (int j = 0; j < planted.k; ++j) {
+              int e = 0;
+              while (grouped[static_cast<size_t>(l)][static_cast<size_t>(e)] != W - 1) ++e;
+              planted.choices[static_cast<size_t>(l)][static_cast<size_t>(i * planted.k + j)] = e;
+            }
+      AffinityScheduler leaning(std::make_shared<const AffinityTables>(AffinityTables::build(planted, W, grouped, 0, 256)));
+      EXPECT_EQ(leaning.assign({.id = 0, .prompt = {'q', 'q'}}, load), W - 1);
+      GroupLoad three{std::vector<int64_t>(static_cast<size_t>(W + 1), 0), {}};
+      EXPECT_THROW(leaning.assign({.id = 1, .prompt = {'q'}}, three), InvalidArgument);
+    }
+  }, Milliseconds(20000));
+}
+
 // Serving with redundant experts re-placed every few steps (EPLB from the
 // loads the requests routed) serves every request as it would alone, and
 // each rebalance is heard on every rank after the same step.
