@@ -433,6 +433,9 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   affinity_build->add_option("--grouping", ab.grouping, "Place the experts by co-clustering (true), or E/W per rank in order")
       ->capture_default_str();
+  affinity_build->add_option("--balance_weight,--balance-weight", ab.balance_weight,
+                             "Grouping: weight of the busiest rank's expert load (over the mean, minus 1) against the "
+                             "local share; 0: locality alone")->capture_default_str();
   affinity_build->add_option("--build_every,--build-every", ab.build_every,
                              "Document j builds the tables iff j % N == 0; the rest is scored")->capture_default_str();
   affinity_build->add_option("--batch_tokens,--batch-tokens", ab.batch_tokens, "Tokens per scored batch")->capture_default_str();
@@ -448,10 +451,23 @@ int main(int argc, char** argv) {
   bench_specmoe->add_option("--ranks", sm.ranks, "Rank counts")->delimiter(',')->capture_default_str();
   bench_specmoe->add_option("--lookback", sm.lookback, "Previous layers whose rank sets key the joint table (0..2)")
       ->capture_default_str();
+  bench_specmoe->add_option("--balance_weight,--balance-weight", sm.balance_weight,
+                            "Grouping: weight of the busiest rank's expert load against the local share (0: locality alone)")
+      ->capture_default_str();
   bench_specmoe->add_option("--build_every,--build-every", sm.build_every,
                             "Document j builds the tables iff j % N == 0; the rest is scored")->capture_default_str();
   bench_specmoe->add_option("--batch_tokens,--batch-tokens", sm.batch_tokens, "Tokens per batch")->capture_default_str();
   bench_specmoe->add_option("--max_tokens,--max-tokens", sm.max_tokens, "Record at most this many tokens (0: all)")
+      ->capture_default_str();
+  bench_specmoe->add_option("--emulate", sm.emulate, "A cluster preset: also the MoE layer's virtual time per configuration "
+                            "(the scored routing replayed through a timing-only layer of --layer_model_dim/--layer_hidden)");
+  bench_specmoe->add_option("--layer_model_dim,--layer-model-dim", sm.layer_model_dim, "With --emulate: the timed layer's d_model")
+      ->capture_default_str();
+  bench_specmoe->add_option("--layer_hidden,--layer-hidden", sm.layer_hidden, "With --emulate: the timed layer's expert hidden size")
+      ->capture_default_str();
+  bench_specmoe->add_option("--layer_batches,--layer-batches", sm.layer_batches, "With --emulate: scored batches timed")
+      ->capture_default_str();
+  bench_specmoe->add_option("--nodes", sm.nodes, "With --emulate: the ranks in this many nodes (0: the preset's ranks per node)")
       ->capture_default_str();
   bench_specmoe->add_option("--csv", sm.csv, "Also write CSV (a row per configuration and rank count)");
   bench_specmoe->add_option("--png", sm.png, "Also plot LAR per configuration (gnuplot; needs --csv)");

@@ -6,13 +6,19 @@
 #include <deque>
 #include <fstream>
 #include <functional>
+#include <optional>
+#include <numeric>
 
+#include "comm/backends/emulated/emulated_backend.h"
+#include "comm/virtual_time.h"
 #include "core/error.h"
+#include "launch/cluster_presets.h"
 #include "launch/plot.h"
 #include "model/lm_train.h"
 #include "model/model.h"
 #include "moe/affinity.h"
 #include "moe/expert_grouping.h"
+#include "moe/moe_layer.h"
 #include "parallel/runtime.h"
 
 namespace switchyard {
@@ -68,7 +74,76 @@ struct Row {
   std::string config, predictor;
   LocalActivation la;
   bool comparison = false;  // the token-id predictor beside the look-back one
+  double layer_seconds = 0;  // virtual MoE-layer time per (batch, layer); 0: not timed
+  double exchange_share = 0;  // of it, rank 0's waits in the dispatch and combine all-to-alls
 };
+
+// The mean virtual seconds of one MoE layer's forward per (batch, layer):
+// each of the first `batches` scored batches through every layer, each rank
+// holding the rows this configuration puts on it (in place or shuffled),
+// their recorded choices replayed (MoELayer::replay_routing) through a
+// timing-only dropless f32 layer under the tables' placement on `cluster`.
+double time_moe_layer(const RoutingTrace& scored, const AffinityTables& tables, const ShuffleOptions& so,
+                      const ClusterModel& cluster, int64_t d, int64_t H, int batches, int nodes,
+                      double* exchange_share) {
+  const int W = tables.ranks(), k = scored.k;
+  const std::vector<ExpertPlacement> placements = tables.placements();
+  double total = 0, exchange = 0;
+  int64_t samples = 0;
+  RuntimeOptions ro;
+  ro.backend = "threads";
+  ro.ranks = W;
+  run_ranks(ro, [&](Runtime& rt) {
+    LinkModel link = cluster.link;
+    link.ranks_per_node = nodes > 0 ? W / nodes : std::min(W, link.ranks_per_node);
+    link.ranks_per_nic = std::gcd(link.ranks_per_nic, link.ranks_per_node);
+    const std::shared_ptr<Communicator> group = make_emulated_communicator(rt.world_ptr(), link, true);
+    const int me = group->rank();
+    for (int l = 0; l < scored.layers; ++l) {
+      MoEConfig c;
+      c.model_dim = d;
+      c.hidden_dim = H;
+      c.router.experts = scored.experts;
+      c.router.k = k;
+      c.router.capacity_factor = 0.0;
+      c.plan.exchange = ExchangeMode::dropless;
+      c.device_model = std::make_shared<DeviceModel>(cluster.device);
+      c.skip_compute = true;
+      c.node_size = link.ranks_per_node;
+      c.placement = placements[static_cast<size_t>(l)];
+      MoELayer layer(c, group);
+      for (int b = 0; b < batches; ++b) {
+        const int64_t b0 = static_cast<int64_t>(b) * so.batch_tokens;
+        if (b0 >= scored.size()) break;
+        const int64_t T = std::min(so.batch_tokens, scored.size() - b0);
+        const std::vector<int> rank = batch_ranks(scored, tables, so, b0, T, l);
+        std::vector<int64_t> mine;
+        for (int64_t r = 0; r < T; ++r)
+          if (rank[static_cast<size_t>(r)] == me) mine.push_back(b0 + r);
+        const int64_t n = static_cast<int64_t>(mine.size());
+        Tensor x = Tensor::zeros({n, d}, DType::f32);
+        Tensor experts = Tensor::empty({n, k}, DType::i32), weights = Tensor::empty({n, k}, DType::f32);
+        for (int64_t i = 0; i < n; ++i)
+          for (int j = 0; j < k; ++j) {
+            experts.data_as<int32_t>()[i * k + j] = scored.expert(l, mine[static_cast<size_t>(i)], j);
+            weights.data_as<float>()[i * k + j] = scored.weight(l, mine[static_cast<size_t>(i)], j);
+          }
+        layer.replay_routing(std::move(experts), std::move(weights));
+        group->barrier().wait();
+        const double start = virtual_time::now();
+        layer.forward(x);
+        group->barrier().wait();
+        if (me == 0) total += virtual_time::now() - start, ++samples;
+      }
+      if (me == 0) {
+        const MoEPhaseTimes& p = layer.virtual_phase_times();
+        exchange += p.dispatch_a2a + p.combine_a2a;
+      }
+    }
+  });
+  if (exchange_share) *exchange_share = total > 0 ? exchange / total : 0.0;
+  return samples ? total / static_cast<double>(samples) : 0.0;
+}
 
 struct Evaluation {
   std::vector<Row> rows;
@@ -76,8 +151,10 @@ struct Evaluation {
   std::vector<std::vector<int>> grouped;
 };
 
-std::vector<std::vector<int>> grouped_placement(const RoutingTrace& build, int W, Evaluation* ev) {
-  const std::vector<ExpertGrouping> g = group_experts(build, W);
+std::vector<std::vector<int>> grouped_placement(const RoutingTrace& build, int W, double balance_weight, Evaluation* ev) {
+  GroupingOptions go;
+  go.balance_weight = balance_weight;
+  const std::vector<ExpertGrouping> g = group_experts(build, W, go);
   std::vector<std::vector<int>> out;
   for (const ExpertGrouping& layer : g) {
     out.push_back(layer.rank_of_expert);
@@ -106,13 +183,22 @@ void check_ranks(int W, int experts, int lookback, const char* what) {
              kAffinityMaxMaskRanks, " ranks (use --lookback 0)");
 }
 
-Evaluation evaluate(const Split& s, int W, int lookback, int64_t batch, const Embedding* emb) {
+struct LayerTiming {
+  const ClusterModel* cluster = nullptr;  // null: not timed
+  int64_t d = 0, H = 0;
+  int batches = 0, nodes = 0;
+};
+
+
+
+Evaluation evaluate(const Split& s, int W, int lookback, int64_t batch, const Embedding* emb, const LayerTiming& timing,
+                    double balance_weight) {
   const RoutingTrace& build = s.build;
   if (W < 1 || build.experts % W != 0)
     SY_THROW(InvalidArgument, "--ranks ", W, ": ", build.experts, " experts cannot be spread evenly (expected a divisor)");
   const int vocab = std::max<int>(vocab_of(build, s.scored), emb ? static_cast<int>(emb->vocab) : 0);
   Evaluation ev;
-  ev.grouped = grouped_placement(build, W, &ev);
+  ev.grouped = grouped_placement(build, W, balance_weight, &ev);
   const AffinityTables plain = tables_for(build, W, AffinityTables::identity_placement(build.layers, build.experts, W),
                                           lookback, vocab, emb);
   const AffinityTables grouped = tables_for(build, W, ev.grouped, lookback, vocab, emb);
@@ -123,6 +209,9 @@ Evaluation evaluate(const Split& s, int W, int lookback, int64_t batch, const Em
     so.predictor = p;
     so.batch_tokens = batch;
     ev.rows.push_back({W, config, shuffle ? predictor_name(p) : "-", score_local_activation(s.scored, t, so), comparison});
+    if (timing.cluster && !comparison)
+      ev.rows.back().layer_seconds = time_moe_layer(s.scored, t, so, *timing.cluster, timing.d, timing.H, timing.batches,
+                                                    timing.nodes, &ev.rows.back().exchange_share);
   };
   run("vanilla", plain, false, best);
   run("grouping", grouped, false, best);
@@ -146,6 +235,7 @@ std::string human(double v) {
 
 void print_rows(const Evaluation& ev, double row_bytes) {
   const LocalActivation& vanilla = ev.rows.front().la;
+  const double vanilla_seconds = ev.rows.front().layer_seconds;
   for (const Row& r : ev.rows) {
     const double bytes = static_cast<double>(r.la.remote_rows) * row_bytes;
     const double saved = vanilla.remote_rows ? 1.0 - static_cast<double>(r.la.remote_rows) / vanilla.remote_rows : 0.0;
@@ -155,6 +245,10 @@ void print_rows(const Evaluation& ev, double row_bytes) {
                 -100.0 * saved, human(bytes).c_str(), human(static_cast<double>(r.la.remote_rows_once)).c_str(),
                 r.la.rank_load_max_over_median,
                 r.predictor == "joint" ? (", look-back key known for " + std::to_string(static_cast<int>(100 * r.la.predicted_share + 0.5)) + "% of rows").c_str() : "");
+    if (r.layer_seconds > 0)
+      std::printf("MoE layer %s W=%d: %.3f ms virtual per layer and batch (%.2fx vanilla's; all-to-all waits %.0f%% of it)\n",
+                  r.config.c_str(), r.W, r.layer_seconds * 1e3, vanilla_seconds > 0 ? r.layer_seconds / vanilla_seconds : 0.0,
+                  100.0 * r.exchange_share);
   }
 }
 
@@ -164,11 +258,12 @@ void write_csv_and_plot(const std::vector<Row>& rows, double row_bytes, const st
   std::ofstream out(csv);
   if (!out) SY_THROW(IoError, "cannot write --csv ", csv);
   out << "ranks,config,predictor,lar,remote_rows,remote_rows_once_per_rank,remote_bytes,rank_load_max_over_median,"
-         "expert_load_max_over_median,lookback_known_share\n";
+         "expert_load_max_over_median,lookback_known_share,moe_layer_ms_virtual\n";
   for (const Row& r : rows)
     out << r.W << "," << r.config << "," << r.predictor << "," << r.la.lar() << "," << r.la.remote_rows << ","
         << r.la.remote_rows_once << "," << static_cast<double>(r.la.remote_rows) * row_bytes << ","
-        << r.la.rank_load_max_over_median << "," << r.la.expert_load_max_over_median << "," << r.la.predicted_share << "\n";
+        << r.la.rank_load_max_over_median << "," << r.la.expert_load_max_over_median << "," << r.la.predicted_share << ","
+        << r.layer_seconds * 1e3 << "\n";
   out.close();
   std::printf("# wrote %s\n", csv.c_str());
   if (png.empty()) return;
@@ -293,7 +388,8 @@ int run_affinity_build(const AffinityBuildOptions& o) {
   const int vocab = std::max<int>(vocab_of(s.build, s.scored), static_cast<int>(emb.vocab));
   Evaluation ev;
   const std::vector<std::vector<int>> placement =
-      o.grouping ? grouped_placement(s.build, o.ranks, &ev) : AffinityTables::identity_placement(trace.layers, trace.experts, o.ranks);
+      o.grouping ? grouped_placement(s.build, o.ranks, o.balance_weight, &ev)
+                 : AffinityTables::identity_placement(trace.layers, trace.experts, o.ranks);
   const AffinityTables t = tables_for(s.build, o.ranks, placement, o.lookback, vocab, emb.rows.empty() ? nullptr : &emb);
   t.save(o.out);
   int borrowed = 0;
@@ -366,10 +462,26 @@ int run_bench_specmoe(const BenchSpecMoeOptions& o) {
   std::printf("# LAR: the share of (token, choice) pairs whose expert is on the token's rank; all-to-all rows: one "
               "per remote choice (\"once per rank\": one per token and remote rank)\n");
   const double row_bytes = static_cast<double>(d_model) * sizeof(float);
+  std::optional<ClusterModel> cluster;
+  LayerTiming timing;
+  if (!o.emulate.empty()) {
+    if (o.layer_model_dim < 1 || o.layer_hidden < 1 || o.layer_batches < 1)
+      SY_THROW(InvalidArgument, "bench specmoe: --layer_model_dim, --layer_hidden and --layer_batches must be >= 1");
+    cluster = load_cluster_preset(o.emulate);
+    for (int W : o.ranks)
+      if (o.nodes < 0 || (o.nodes > 0 && W % o.nodes != 0))
+        SY_THROW(InvalidArgument, "bench specmoe: --nodes = ", o.nodes, " does not divide --ranks ", W);
+    timing = {&*cluster, o.layer_model_dim, o.layer_hidden, o.layer_batches, o.nodes};
+    std::printf("# MoE layer time: the first %d scored batches' routing replayed through every layer, a timing-only "
+                "dropless f32 layer of d_model %lld, hidden %lld on emulated %s (virtual time: device and link models; "
+                "the shuffle's own cost is not charged: it rides in tensor-parallel attention's reduce-scatter)\n",
+                o.layer_batches, static_cast<long long>(o.layer_model_dim), static_cast<long long>(o.layer_hidden),
+                cluster->name.c_str());
+  }
   std::vector<Row> all;
   for (int W : o.ranks) {
     const auto start = Clock::now();
-    const Evaluation ev = evaluate(s, W, o.lookback, o.batch_tokens, &emb);
+    const Evaluation ev = evaluate(s, W, o.lookback, o.batch_tokens, &emb, timing, o.balance_weight);
     print_rows(ev, row_bytes);
     std::printf("# W=%d: grouping objective (build part) %.3f against %.3f for the identity placement; %.1f s\n", W,
                 ev.grouping_objective, ev.identity_objective, seconds_since(start));

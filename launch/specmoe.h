@@ -35,6 +35,7 @@ struct AffinityBuildOptions {
   int ranks = 4;
   int lookback = 2;
   bool grouping = true;
+  double balance_weight = 0.3;  // grouping: weight of the busiest rank's expert load against locality
   int build_every = 5;  // 1: build on the whole trace (tables for use; the LAR printed is in-sample)
   int64_t batch_tokens = 2048;
 };
@@ -46,10 +47,18 @@ struct BenchSpecMoeOptions {
   std::string corpus = "/usr/share/games/fortunes";
   std::vector<int> ranks = {4, 8};
   int lookback = 2;
+  double balance_weight = 0.3;
   int build_every = 5;
   int64_t batch_tokens = 2048;
   int64_t max_tokens = 0;
   std::string csv, png;
+  // MoE-layer time: the scored batches' routing replayed through a timing-only
+  // MoE layer on an emulated cluster of W ranks, at these shapes (defaults:
+  // Mixtral 8x7B's, whose 8 experts and top-2 the tiny models share).
+  std::string emulate;
+  int64_t layer_model_dim = 4096, layer_hidden = 14336;
+  int layer_batches = 4;  // scored batches timed (each through every layer)
+  int nodes = 0;          // the emulated ranks in this many nodes (0: the preset's ranks per node)
 };
 int run_bench_specmoe(const BenchSpecMoeOptions& options);
 

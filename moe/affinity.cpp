@@ -406,6 +406,29 @@ std::vector<int> assign_to_chunks(const std::vector<float>& votes, const std::ve
   return rank;
 }
 
+std::vector<int> batch_ranks(const RoutingTrace& trace, const AffinityTables& tables, const ShuffleOptions& options,
+                             int64_t b0, int64_t rows, int layer, int64_t* keyed) {
+  const int W = tables.ranks();
+  const std::vector<int64_t> chunks = equal_chunks(rows, W);
+  if (!options.shuffle) {
+    std::vector<int> rank(static_cast<size_t>(rows), 0);
+    int64_t r = 0;
+    for (int w = 0; w < W; ++w)
+      for (int64_t i = 0; i < chunks[static_cast<size_t>(w)]; ++i) rank[static_cast<size_t>(r++)] = w;
+    return rank;
+  }
+  std::vector<AffinityLayer> by_layer(static_cast<size_t>(layer + 1));
+  for (int l = std::max(0, layer - 2); l <= layer; ++l) by_layer[static_cast<size_t>(l)].rank_of_expert = tables.layer(l).rank_of_expert;
+  std::vector<float> votes(static_cast<size_t>(rows) * static_cast<size_t>(W), 0.0f), weights(votes.size(), 0.0f);
+  for (int64_t r = 0; r < rows; ++r) {
+    const auto [m1, m2] = lookback_masks(trace, by_layer, layer, b0 + r, tables.lookback());
+    const bool from_lookback = tables.rank_scores(layer, trace.tokens[static_cast<size_t>(b0 + r)], m1, m2, options.predictor,
+                                                  &votes[static_cast<size_t>(r) * W], &weights[static_cast<size_t>(r) * W]);
+    if (keyed) *keyed += from_lookback;  // only layers >= 1 have a look-back key
+  }
+  return assign_to_chunks(votes, weights, rows, W, chunks);
+}
+
 LocalActivation score_local_activation(const RoutingTrace& trace, const AffinityTables& tables, const ShuffleOptions& options) {
   const int L = trace.layers, k = trace.k, W = tables.ranks();
   if (L != tables.layers() || trace.experts != tables.experts() || k != tables.k())
@@ -419,34 +442,16 @@ LocalActivation score_local_activation(const RoutingTrace& trace, const Affinity
   std::vector<int64_t> layer_pairs(static_cast<size_t>(L), 0), layer_local(static_cast<size_t>(L), 0);
   std::vector<std::vector<double>> expert_load(static_cast<size_t>(L), std::vector<double>(static_cast<size_t>(trace.experts), 0.0));
   std::vector<std::vector<double>> rank_load(static_cast<size_t>(L), std::vector<double>(static_cast<size_t>(W), 0.0));
-  std::vector<AffinityLayer> placements(static_cast<size_t>(L));  // only rank_of_expert: what lookback_masks reads
-  for (int l = 0; l < L; ++l) placements[static_cast<size_t>(l)].rank_of_expert = tables.layer(l).rank_of_expert;
   int64_t predicted = 0, shuffled = 0;
-  std::vector<float> votes, weights;
   std::vector<int> rank;
   std::vector<char> remote_seen;
   for (int64_t b0 = 0; b0 < trace.size(); b0 += options.batch_tokens) {
     const int64_t T = std::min(options.batch_tokens, trace.size() - b0);
-    const std::vector<int64_t> chunks = equal_chunks(T, W);
     for (int l = 0; l < L; ++l) {
       const std::vector<int>& rank_of_expert = tables.layer(l).rank_of_expert;
-      if (options.shuffle) {
-        votes.assign(static_cast<size_t>(T) * static_cast<size_t>(W), 0.0f);
-        weights.assign(votes.size(), 0.0f);
-        for (int64_t r = 0; r < T; ++r) {
-          const auto [m1, m2] = lookback_masks(trace, placements, l, b0 + r, tables.lookback());
-          const bool from_lookback = tables.rank_scores(l, trace.tokens[static_cast<size_t>(b0 + r)], m1, m2, options.predictor,
-                                                        &votes[static_cast<size_t>(r) * W], &weights[static_cast<size_t>(r) * W]);
-          predicted += from_lookback;  // only layers >= 1 have a look-back key
-        }
-        if (l >= 1) shuffled += T;
-        rank = assign_to_chunks(votes, weights, T, W, chunks);
-      } else {
-        rank.assign(static_cast<size_t>(T), 0);
-        int64_t r = 0;
-        for (int w = 0; w < W; ++w)
-          for (int64_t i = 0; i < chunks[static_cast<size_t>(w)]; ++i) rank[static_cast<size_t>(r++)] = w;
-      }
+      int64_t keyed = 0;
+      rank = batch_ranks(trace, tables, options, b0, T, l, &keyed);
+      if (options.shuffle && l >= 1) predicted += keyed, shuffled += T;
       for (int64_t r = 0; r < T; ++r) {
         const int home = rank[static_cast<size_t>(r)];
         remote_seen.assign(static_cast<size_t>(W), 0);

@@ -137,6 +137,12 @@ struct ShuffleOptions {
   int64_t batch_tokens = 2048;  // consecutive tokens of the trace per batch
 };
 
+// The rank of each row of one batch (the trace's tokens b0 .. b0 + rows - 1)
+// at `layer`: equal chunks in order, or shuffled to the predicted ranks
+// (options.shuffle). keyed (may be null) counts the rows a look-back table answered.
+std::vector<int> batch_ranks(const RoutingTrace& trace, const AffinityTables& tables, const ShuffleOptions& options,
+                             int64_t b0, int64_t rows, int layer, int64_t* keyed = nullptr);
+
 // The trace in batches under the tables' placement: rows in equal chunks in
 // order, or shuffled to their predicted ranks (per layer, from the rank sets
 // of the trace's own choices in the previous layers, as a model knows them

@@ -87,8 +87,26 @@ double split_tokens(const Problem& p, const std::vector<int>& rank_of_expert, st
   return local;
 }
 
-// The expert step: each expert's local choices on each rank under the token split; experts to slots exactly.
-std::vector<int> place_experts(const Problem& p, const std::vector<double>& load) {
+// Choices each expert receives (independent of the token split).
+std::vector<double> expert_choices(const Problem& p) {
+  std::vector<double> c(static_cast<size_t>(p.E), 0.0);
+  for (int t = 0; t < p.V; ++t)
+    for (int e = 0; e < p.E; ++e)
+      c[static_cast<size_t>(e)] += p.frequency[static_cast<size_t>(t)] * p.per_occurrence[static_cast<size_t>(t) * p.E + e];
+  return c;
+}
+
+double imbalance(const std::vector<double>& choices, const std::vector<int>& rank, int W) {
+  std::vector<double> on(static_cast<size_t>(W), 0.0);
+  double total = 0;
+  for (size_t e = 0; e < choices.size(); ++e) on[static_cast<size_t>(rank[e])] += choices[e], total += choices[e];
+  return total > 0 ? *std::max_element(on.begin(), on.end()) / (total / W) : 1.0;
+}
+
+// The expert step: each expert's local choices on each rank under the token split; experts to slots exactly
+// for locality, then swaps of two experts on different ranks while locality less the balance penalty gains.
+std::vector<int> place_experts(const Problem& p, const std::vector<double>& load, const std::vector<double>& choices,
+                               double balance_weight) {
   const int V = p.V, E = p.E, W = p.W, per_rank = E / W;
   std::vector<double> on_rank(static_cast<size_t>(E) * W, 0.0);
   for (int t = 0; t < V; ++t)
@@ -103,6 +121,28 @@ std::vector<int> place_experts(const Problem& p, const std::vector<double>& load
   const std::vector<int> slot = max_weight_assignment(value, E);
   std::vector<int> rank(static_cast<size_t>(E));
   for (int e = 0; e < E; ++e) rank[static_cast<size_t>(e)] = slot[static_cast<size_t>(e)] / per_rank;
+  if (balance_weight <= 0 || W == 1) return rank;
+  const double total = p.total_choices > 0 ? p.total_choices : 1.0;
+  auto objective = [&](const std::vector<int>& r) {
+    double local = 0;
+    for (int e = 0; e < E; ++e) local += on_rank[static_cast<size_t>(e) * W + r[static_cast<size_t>(e)]];
+    return local / total - balance_weight * (imbalance(choices, r, W) - 1.0);
+  };
+  double current = objective(rank);
+  for (bool improved = true; improved;) {
+    improved = false;
+    for (int a = 0; a < E; ++a)
+      for (int b = a + 1; b < E; ++b) {
+        if (rank[static_cast<size_t>(a)] == rank[static_cast<size_t>(b)]) continue;
+        std::swap(rank[static_cast<size_t>(a)], rank[static_cast<size_t>(b)]);
+        const double v = objective(rank);
+        if (v > current + 1e-12) {
+          current = v, improved = true;
+        } else {
+          std::swap(rank[static_cast<size_t>(a)], rank[static_cast<size_t>(b)]);
+        }
+      }
+  }
   return rank;
 }
 
@@ -159,7 +199,11 @@ double grouping_local_share(const std::vector<double>& counts, int vocab, int ex
 }
 
 ExpertGrouping group_experts(const std::vector<double>& counts, int V, int E, int W, const GroupingOptions& options) {
+  if (E > 4096) SY_THROW(InvalidArgument, "expert grouping: ", E, " experts, expected at most 4096");
+  if (!(options.balance_weight >= 0))
+    SY_THROW(InvalidArgument, "expert grouping: balance_weight = ", options.balance_weight, ", expected >= 0");
   const Problem p = make_problem(counts, V, E, W);
+  const std::vector<double> choices = expert_choices(p);
   ExpertGrouping best;
   std::vector<int> identity(static_cast<size_t>(E));
   for (int e = 0; e < E; ++e) identity[static_cast<size_t>(e)] = e / (E / W);
@@ -167,21 +211,30 @@ ExpertGrouping group_experts(const std::vector<double>& counts, int V, int E, in
   std::vector<double> load;
   const double total = p.total_choices > 0 ? p.total_choices : 1.0;
   best.identity_local_share = split_tokens(p, identity, load) / total;
+  best.identity_rank_load_max_over_mean = imbalance(choices, identity, W);
+  auto objective = [&](double local, const std::vector<int>& rank) {
+    return local / total - options.balance_weight * (imbalance(choices, rank, W) - 1.0);
+  };
+  double best_value = -INFINITY;
   for (int start = 0; start <= options.restarts; ++start) {
     std::vector<int> rank = identity;
     if (start > 0) std::shuffle(rank.begin(), rank.end(), rng);
     double local = split_tokens(p, rank, load);
+    double value = objective(local, rank);
     int it = 0;
     for (; it < options.max_iterations; ++it) {
-      std::vector<int> next = place_experts(p, load);
+      std::vector<int> next = place_experts(p, load, choices, options.balance_weight);
       std::vector<double> next_load;
       const double next_local = split_tokens(p, next, next_load);
-      if (!(next_local > local + 1e-9 * total)) break;
-      rank = std::move(next), load = std::move(next_load), local = next_local;
+      const double next_value = objective(next_local, next);
+      if (!(next_value > value + 1e-9)) break;
+      rank = std::move(next), load = std::move(next_load), local = next_local, value = next_value;
     }
-    if (best.rank_of_expert.empty() || local / total > best.local_share + 1e-12) {
+    if (value > best_value + 1e-12) {
+      best_value = value;
       best.rank_of_expert = rank;
       best.local_share = local / total;
+      best.rank_load_max_over_mean = imbalance(choices, rank, W);
       best.iterations = it;
     }
   }

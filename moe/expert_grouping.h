@@ -8,11 +8,14 @@
 // takes at most 1 / W of all tokens, as the equal chunks of a batch do).
 // Objective: the expected local activations, sum over token ids and ranks
 // of (the id's occurrences on the rank) x (its choices per occurrence of the
-// experts there). An alternating solver: given the experts, split the tokens
-// (a greedy transport, the most decided ids first); given the tokens, place
-// the experts (an exact assignment of experts to slots, Hungarian); repeat
-// until no step helps, from the identity and from seeded random starts; the
-// best is kept. The result is an ExpertPlacement permutation: the gate keeps
+// experts there), less balance_weight x the busiest rank's expert load over
+// the mean, minus 1 (the choices its experts receive: the experts' GEMMs
+// wait for the busiest rank). An alternating solver: given the experts,
+// split the tokens (a greedy transport, the most decided ids first); given
+// the tokens, place the experts (an exact assignment of experts to slots,
+// Hungarian, for the local term; then pairwise swaps while the whole
+// objective gains); repeat until no step helps, from the identity and from
+// seeded random starts; the best is kept. The result is an ExpertPlacement permutation: the gate keeps
 // routing logical experts, so a model's output is unchanged.
 #pragma once
 
@@ -27,16 +30,22 @@ struct GroupingOptions {
   int restarts = 8;         // random starts besides the identity
   int max_iterations = 50;  // alternations per start
   uint64_t seed = 1;
+  // Weight of the expert-load imbalance (busiest rank / mean - 1) against the
+  // local share; 0: locality alone.
+  double balance_weight = 0.3;
 };
 
 struct ExpertGrouping {
   std::vector<int> rank_of_expert;  // [E]: E / W experts per rank
-  double local_share = 0;           // the objective: expected local choices / all choices, on the counts given
+  double local_share = 0;           // expected local choices / all choices, on the counts given
+  double rank_load_max_over_mean = 1;  // the busiest rank's expert load over the mean
+  double identity_rank_load_max_over_mean = 1;
   double identity_local_share = 0;  // the same for E / W experts per rank in expert order (tokens split alike)
   int iterations = 0;               // alternations of the start that won
 };
 
 // counts [vocab, E]: choices of token id t for expert e (e.g. a trace's build part).
+// Throws above 4,096 experts (the assignment is cubic in them).
 ExpertGrouping group_experts(const std::vector<double>& counts, int vocab, int experts, int ranks,
                              const GroupingOptions& options = {});
 // Per layer of a trace.

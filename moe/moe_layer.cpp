@@ -506,6 +506,11 @@ const Routing& MoELayer::last_routing() const {
   return last_ ? last_->routing_ : none;
 }
 
+void MoELayer::replay_routing(Tensor experts, Tensor weights) {
+  replay_experts_ = std::move(experts);
+  replay_weights_ = std::move(weights);
+}
+
 Routing MoELayer::route_tokens(const RouterConfig& router, const TensorView& x, Tensor& logits) {
   PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::gate);
   const int64_t M = config_.model_dim;
@@ -528,6 +533,15 @@ Routing MoELayer::route_tokens(const RouterConfig& router, const TensorView& x, 
         SY_THROW(InvalidArgument, "moe: input element ", i, " (token ", i / M, ") is ", v[i], "; expected finite values");
   }
   const int E = config_.router.experts;
+  if (replay_experts_.defined()) {
+    const Tensor experts = std::move(replay_experts_), weights = std::move(replay_weights_);
+    replay_experts_ = Tensor(), replay_weights_ = Tensor();
+    if (experts.shape().size() != 2 || experts.shape()[0] != T)
+      SY_THROW(InvalidArgument, "moe: replayed routing of shape ", shape_string(experts.shape()), " for a batch of ", T,
+               " tokens");
+    logits = Tensor::zeros({T, E}, DType::f32);
+    return replayed_routing(router, experts, weights);
+  }
   // The gate runs on the ops; routing reads its logits on the host.
   Tensor computed = ops_empty({T, E});
   gemm({.m = T, .n = E, .k = M, .a = static_cast<const float*>(x.data()), .lda = M,

@@ -403,6 +403,11 @@ class MoELayer {
   const DispatchPlan& last_plan() const;
   // The routing of the last planned batch: experts [T, k] (best first), weights, scores.
   const Routing& last_routing() const;
+  // The next batch planned routes its tokens to these choices instead of the
+  // gate's (a recorded trace replayed: replayed_routing in moe/router.h),
+  // once; its token count must match. For benchmarks at shapes a trace was
+  // not recorded at, timing-only included (the gate's GEMM is skipped).
+  void replay_routing(Tensor experts, Tensor weights);
   RoutingChoice routing_choice() const { return {config_.router.capacity_factor, config_.router.k}; }
   // GEMMs run since the last reset, with how often each shape ran.
   const std::map<GemmShape, int64_t>& gemms() const { return gemms_; }
@@ -526,6 +531,7 @@ class MoELayer {
   Tensor gate_weight_;
   Tensor gate_bias_;
   Rng noise_{0};  // router noise (router.noise_std > 0), seeded by init_parameters per rank
+  Tensor replay_experts_, replay_weights_;  // replay_routing's, until the next plan
   ExpertParams params_;
   Tensor gate_grad_;
   ExpertParams grads_;

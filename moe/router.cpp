@@ -1,5 +1,7 @@
 #include "moe/router.h"
 
+#include <cstring>
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -108,6 +110,40 @@ Routing route(const RouterConfig& config, const TensorView& logits, const Tensor
   for (int e = 0; e < E; ++e) balance += r.balance_fraction[static_cast<size_t>(e)] * (mean_score[e] / T);
   r.balance_loss = E * balance;
   r.z_loss = z / static_cast<double>(T);
+  return r;
+}
+
+Routing replayed_routing(const RouterConfig& config, const TensorView& experts, const TensorView& weights) {
+  const int E = config.experts, k = config.k;
+  if (experts.dtype() != DType::i32 || experts.dim() != 2 || experts.size(1) != k || !experts.is_contiguous() ||
+      weights.dtype() != DType::f32 || weights.shape() != experts.shape() || !weights.is_contiguous())
+    SY_THROW(InvalidArgument, "router: replayed choices are ", dtype_name(experts.dtype()), " ",
+             shape_string(experts.shape()), " and weights ", dtype_name(weights.dtype()), " ",
+             shape_string(weights.shape()), ", expected i32 and f32 [tokens, k = ", k, "]");
+  const int64_t T = experts.size(0);
+  Routing r;
+  r.experts = Tensor::empty({T, k}, DType::i32);
+  r.weights = Tensor::empty({T, k}, DType::f32);
+  r.scores = Tensor::zeros({T, E}, DType::f32);
+  std::memcpy(r.experts.data(), experts.data(), static_cast<size_t>(T * k) * sizeof(int32_t));
+  std::memcpy(r.weights.data(), weights.data(), static_cast<size_t>(T * k) * sizeof(float));
+  const int32_t* chosen = r.experts.data_as<int32_t>();
+  const float* w = r.weights.data_as<float>();
+  r.expert_load.assign(static_cast<size_t>(E), 0);
+  r.balance_fraction.assign(static_cast<size_t>(E), 0.0);
+  for (int64_t i = 0; i < T * k; ++i) {
+    if (chosen[i] < 0 || chosen[i] >= E)
+      SY_THROW(InvalidArgument, "router: replayed choice [", i / k, ", ", i % k, "] = ", chosen[i], ", expected 0..", E - 1);
+    if (!std::isfinite(w[i]))
+      SY_THROW(InvalidArgument, "router: replayed weight [", i / k, ", ", i % k, "] = ", w[i], ", expected finite");
+    for (int64_t j = i - i % k; j < i; ++j)
+      if (chosen[j] == chosen[i])
+        SY_THROW(InvalidArgument, "router: replayed token ", i / k, " chooses expert ", chosen[i], " twice");
+    ++r.expert_load[static_cast<size_t>(chosen[i])];
+    r.scores.data_as<float>()[(i / k) * E + chosen[i]] = w[i];
+  }
+  for (int e = 0; e < E && T > 0; ++e)
+    r.balance_fraction[static_cast<size_t>(e)] = static_cast<double>(r.expert_load[static_cast<size_t>(e)]) / static_cast<double>(T * k);
   return r;
 }
 

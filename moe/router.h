@@ -80,6 +80,12 @@ struct Routing {
 Routing route(const RouterConfig& config, const TensorView& logits, const TensorView* bias = nullptr,
               Rng* noise = nullptr);
 
+// A routing given rather than computed (a recorded trace replayed): experts
+// [T, k] i32 (logical ids, best first) and their weights [T, k] f32; the
+// scores hold the weights at the chosen experts, the losses are 0. Throws
+// naming a bad id or a weight that is not finite.
+Routing replayed_routing(const RouterConfig& config, const TensorView& experts, const TensorView& weights);
+
 // k * (cf * T / E) rounded as config.capacity_rounding says (cf: |capacity_factor|).
 int64_t capacity_by_factor(const RouterConfig& config, int64_t tokens);
 CapacityRounding parse_capacity_rounding(const std::string& name, const std::string& field);

@@ -53,6 +53,12 @@ for c in vanilla grouping shuffling both; do
   done
 done
 [[ $(wc -l < "$work/specmoe.csv") -eq 13 ]] || fail "expected 12 CSV rows"
+# The MoE layer's virtual time with the scored routing replayed (small shapes here).
+"$sy" bench specmoe --model "$model" --trace "$work/trace.safetensors" --ranks 4 --emulate h100-nvlink-ib --nodes 2 \
+  --layer_model_dim 256 --layer_hidden 128 --layer_batches 1 > "$work/layer.log"
+for c in vanilla grouping shuffling both; do
+  grep -q "^MoE layer $c W=4: [0-9.]* ms virtual per layer and batch" "$work/layer.log" || { cat "$work/layer.log"; fail "no MoE layer $c line"; }
+done
 
 # Requests placed by affinity on dp ranks: the serving summary and the counters.
 "$sy" bench decode --model "$model" --requests 8 --steps 4 --ranks 4 --attention dp --affinity "$work/a4.safetensors" \

@@ -114,6 +114,77 @@ TEST(MoEMultiRank, ExpertParallelEqualsOneRankForwardAndBackward) {
   }
 }
 
+// A replayed routing (MoELayer::replay_routing: a recorded trace at any
+// shape) is taken instead of the gate's once: the gate's own choices replayed
+// give every output bit again; other choices give what a float64 reference of
+// those choices gives; bad replays are refused naming the problem.
+TEST(MoEMultiRank, ReplayedRoutingIsUsedOnceAndExactly) {
+  testing::for_each_rank([&](Communicator& comm, uint64_t seed) {
+    const int n = comm.size(), me = comm.rank();
+    MoEConfig c;
+    c.model_dim = 8, c.hidden_dim = 6;
+    c.plan.exchange = ExchangeMode::dropless;
+    c.router.experts = 2 * n, c.router.k = std::min(2, 2 * n), c.router.capacity_factor = 0.0;
+    const int E = c.router.experts, k = c.router.k;
+    std::shared_ptr<Communicator> group(&comm, [](Communicator*) {});
+    MoELayer layer(c, group);
+    layer.init_parameters(seed);
+    const int64_t T = 5 + me;
+    Tensor x = tokens(seed + 100 + me, T, 8);
+    const Tensor gate_out = layer.forward(x).output.clone();
+    const Tensor experts = layer.last_routing().experts.clone(), weights = layer.last_routing().weights.clone();
+    layer.replay_routing(experts.clone(), weights.clone());
+    EXPECT_EQ(0, std::memcmp(layer.forward(x).output.data(), gate_out.data(), gate_out.nbytes()));
+    // Other choices: every token to experts (t, t + 1) mod E with weights 0.75, 0.25.
+    Tensor other = Tensor::empty({T, k}, DType::i32), w = Tensor::empty({T, k}, DType::f32);
+    for (int64_t t = 0; t < T; ++t)
+      for (int j = 0; j < k; ++j)
+        other.data_as<int32_t>()[t * k + j] = static_cast<int32_t>((t + j) % E), w.data_as<float>()[t * k + j] = j ? 0.25f : 0.75f;
+    layer.replay_routing(other, w);
+    const Tensor replayed = layer.forward(x).output.clone();
+    // float64 reference: out[t] = sum_j w_j * (relu(x W1_e + b1) W2_e + b2), e's weights gathered from every rank.
+    const int64_t M = 8, H = 6;
+    auto all_of = [&](const Tensor& mine_t, int64_t per) {  // every rank's slots, in rank order (E / W each)
+      Tensor all = Tensor::empty({E, per}, DType::f32);
+      comm.allgather(mine_t, all).wait();
+      return all;
+    };
+    const Tensor w1 = all_of(layer.params().w1, M * H), b1 = all_of(layer.params().b1, H);
+    const Tensor w2 = all_of(layer.params().w2, H * M), b2 = all_of(layer.params().b2, M);
+    double worst = 0;
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t col = 0; col < M; ++col) {
+        double want = 0;
+        for (int j = 0; j < k; ++j) {
+          const int e = (static_cast<int>(t) + j) % E;
+          double y = b2.data_as<float>()[e * M + col];
+          for (int64_t h = 0; h < H; ++h) {
+            double a = b1.data_as<float>()[e * H + h];
+            for (int64_t i = 0; i < M; ++i) a += static_cast<double>(x.data_as<float>()[t * M + i]) * w1.data_as<float>()[e * M * H + i * H + h];
+            const double g = std::max(a, 0.0);  // relu, the layer's default
+            y += g * w2.data_as<float>()[e * H * M + h * M + col];
+          }
+          want += (j ? 0.25 : 0.75) * y;
+        }
+        worst = std::max(worst, std::fabs(want - replayed.data_as<float>()[t * M + col]) / (1.0 + std::fabs(want)));
+      }
+    EXPECT_LT(worst, 1e-4) << "replayed choices against float64";
+    // Used once: the next forward routes by the gate again.
+    EXPECT_EQ(0, std::memcmp(layer.forward(x).output.data(), gate_out.data(), gate_out.nbytes()));
+    // Refused: a wrong token count, an expert out of range, a repeated expert (alone on every rank: no collective yet).
+    layer.replay_routing(Tensor::zeros({T + 1, k}, DType::i32), Tensor::zeros({T + 1, k}, DType::f32));
+    EXPECT_THROW(layer.forward(x), InvalidArgument);
+    Tensor bad = experts.clone();
+    bad.data_as<int32_t>()[0] = E;
+    EXPECT_THROW(replayed_routing(c.router, bad, weights), InvalidArgument);
+    if (k == 2) {
+      bad = experts.clone();
+      bad.data_as<int32_t>()[1] = bad.data_as<int32_t>()[0];
+      EXPECT_THROW(replayed_routing(c.router, bad, weights), InvalidArgument);
+    }
+  });
+}
+
 // With capacity, every source rank gets C slots per expert (Tutel's rule), and
 // C is the group's: with equal token counts each rank's output equals its
 // tokens through one rank holding every expert. In bf16 as well.

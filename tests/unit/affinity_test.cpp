@@ -365,5 +365,31 @@ TEST(ExpertGrouping, CoLocatesExpertsThatTheSameTokensUse) {
   EXPECT_THROW(group_experts(counts, V, E, 3), InvalidArgument);
 }
 
+// Two hot experts used together (4 token ids, 80 of 200 choices): locality
+// alone puts them on one rank (its experts then take 80 choices against a
+// mean of 50); weighing the load pairs each with a cold expert (60).
+TEST(ExpertGrouping, BalanceWeightTradesLocalityForTheBusiestRank) {
+  const int V = 10, E = 8, W = 4;
+  std::vector<double> counts(static_cast<size_t>(V * E), 0.0);
+  for (int t = 0; t < 4; ++t) counts[static_cast<size_t>(t * E + 0)] = counts[static_cast<size_t>(t * E + 1)] = 10.0;
+  for (int t = 4; t < V; ++t) {
+    const int e = 2 + 2 * ((t - 4) / 2);
+    counts[static_cast<size_t>(t * E + e)] = counts[static_cast<size_t>(t * E + e + 1)] = 10.0;
+  }
+  GroupingOptions local_only;
+  local_only.balance_weight = 0;
+  const ExpertGrouping a = group_experts(counts, V, E, W, local_only);
+  EXPECT_EQ(a.rank_of_expert[0], a.rank_of_expert[1]);
+  EXPECT_NEAR(a.rank_load_max_over_mean, 80.0 / 50.0, 1e-9);
+  GroupingOptions balanced;
+  balanced.balance_weight = 10;
+  const ExpertGrouping b = group_experts(counts, V, E, W, balanced);
+  EXPECT_NE(b.rank_of_expert[0], b.rank_of_expert[1]);
+  EXPECT_NEAR(b.rank_load_max_over_mean, 60.0 / 50.0, 1e-9);  // a hot expert beside a cold one
+  EXPECT_LT(b.local_share, a.local_share);
+  balanced.balance_weight = -1;
+  EXPECT_THROW(group_experts(counts, V, E, W, balanced), InvalidArgument);
+}
+
 }  // namespace
 }  // namespace switchyard
