@@ -37,6 +37,11 @@ struct GemmBf16Args {
   bool accumulate = false;
   float* c = nullptr;
   int64_t ldc = 0;
+  // The row count (m, or k when A is transposed: a weight gradient) changes
+  // from call to call, as in dropless batches: the CPU kernel then runs one
+  // primitive for every count instead of compiling one per count. A given
+  // setting always computes alike; the two settings may differ in the last bits.
+  bool rows_vary = false;
 };
 
 }  // namespace switchyard::kernels

@@ -511,6 +511,7 @@ int run_bench_moe(const BenchMoeOptions& o) {
       line("encode", pt.encode);
       line("all-to-all", pt.dispatch_a2a);
       line("weight gather", pt.weights);
+      line("bf16 weights", pt.convert);
       line("experts", pt.experts);
       line("all-to-all back", pt.combine_a2a);
       line("decode", pt.decode);

@@ -121,6 +121,7 @@ void MoELayer::load(const std::string& dir) {
 
 void MoELayer::load_here(const std::string& dir) {
   parameters_exist_ = true;
+  parameters_changed();
   const Checkpoint ckpt = Checkpoint::open(dir);
   const Tensor g = ckpt.load_f32("gate.weight", gate_weight_.shape());
   ops_->from_host(gate_weight_.data(), g.data(), static_cast<int64_t>(g.nbytes()));

@@ -93,6 +93,7 @@ void MoELayer::init_parameters(uint64_t seed) {
   const int S = layout_.shards(), shard = layout_.shard_of_rank(group_->rank());
   const int64_t Hs = local_hidden_, H1s = H1 / S;
   parameters_exist_ = true;
+  parameters_changed();
   noise_ = Rng(seed * 7919u + static_cast<uint64_t>(group_->rank()) + 17);
   Rng gate_rng(seed);
   {
@@ -224,10 +225,28 @@ ExpertActivations MoELayer::allocate_activations(const DispatchPlan& p, const Wo
   if (config_.compute == DType::bf16) {
     a.rows16 = buffer(Buffer::recv_bf16, {R, M}, DType::bf16);
     a.act16 = buffer(Buffer::act_bf16, {R, Hw}, DType::bf16);
-    a.w1_16 = buffer(Buffer::w1_bf16, w.p.w1.shape(), DType::bf16);
-    a.w2_16 = buffer(Buffer::w2_bf16, w.p.w2.shape(), DType::bf16);
-    ops_->to_bf16(w.p.w1.data_as<float>(), w.p.w1.numel(), static_cast<uint16_t*>(a.w1_16.data()));
-    ops_->to_bf16(w.p.w2.data_as<float>(), w.p.w2.numel(), static_cast<uint16_t*>(a.w2_16.data()));
+    PhaseTimer timer(times_, virtual_times_, &MoEPhaseTimes::convert);
+    if (w.gathered) {  // this plan's gathered weights: copies for this batch
+      a.w1_16 = buffer(Buffer::w1_bf16, w.p.w1.shape(), DType::bf16);
+      a.w2_16 = buffer(Buffer::w2_bf16, w.p.w2.shape(), DType::bf16);
+      ops_->to_bf16(w.p.w1.data_as<float>(), w.p.w1.numel(), static_cast<uint16_t*>(a.w1_16.data()));
+      ops_->to_bf16(w.p.w2.data_as<float>(), w.p.w2.numel(), static_cast<uint16_t*>(a.w2_16.data()));
+    } else {  // the stored weights: copies kept while they are unchanged
+      if (bf16_version_ != parameters_version_ || bf16_w1_.shape() != w.p.w1.shape() || bf16_w2_.shape() != w.p.w2.shape()) {
+        // New storage only while a batch in flight still holds the old copies (its backward reads them).
+        const bool shared = bf16_w1_.storage().use_count() > 1 || bf16_w2_.storage().use_count() > 1;
+        if (shared || bf16_w1_.shape() != w.p.w1.shape() || bf16_w2_.shape() != w.p.w2.shape()) {
+          bf16_w1_ = ops_empty(w.p.w1.shape(), DType::bf16);
+          bf16_w2_ = ops_empty(w.p.w2.shape(), DType::bf16);
+        }
+        ops_->to_bf16(w.p.w1.data_as<float>(), w.p.w1.numel(), static_cast<uint16_t*>(bf16_w1_.data()));
+        ops_->to_bf16(w.p.w2.data_as<float>(), w.p.w2.numel(), static_cast<uint16_t*>(bf16_w2_.data()));
+        bf16_version_ = parameters_version_;
+        ++bf16_conversions_;
+      }
+      a.w1_16 = bf16_w1_;
+      a.w2_16 = bf16_w2_;
+    }
   }
   return a;
 }
@@ -240,6 +259,9 @@ void MoELayer::run_chunk(MoEBatch& batch, int chunk) {
   const int64_t M = config_.model_dim;
   const int64_t Hw = w.p.w2.shape()[1], H1w = w.p.w1.shape()[2];
   const bool bf = config_.compute == DType::bf16;
+  // bf16 dropless: one primitive for every row count (no JIT per batch); the backward keeps exact ones (a few %
+  // faster in training, where the counts repeat).
+  const bool rows_vary = p.exec.exchange == ExchangeMode::dropless;
   const float* x = batch.rows_.data_as<float>();
   auto b16 = [](const Tensor& t, int64_t offset) { return static_cast<const uint16_t*>(t.data()) + offset; };
   int64_t offset = p.recv_offset(chunk);
@@ -266,7 +288,7 @@ void MoELayer::run_chunk(MoEBatch& batch, int chunk) {
         ops_->zero(out_b, m * M * static_cast<int64_t>(sizeof(float)));
       if (bf)
         gemm_bf16({.m = m, .n = H1w, .k = M, .a = b16(a.rows16, offset * M), .lda = M, .b = b16(a.w1_16, l * M * H1w),
-                   .ldb = H1w, .accumulate = true, .c = pre_b, .ldc = H1w}, weights_read);
+                   .ldb = H1w, .accumulate = true, .c = pre_b, .ldc = H1w, .rows_vary = rows_vary}, weights_read);
       else
         gemm({.m = m, .n = H1w, .k = M, .a = x + offset * M, .lda = M, .b = w.p.w1.data_as<float>() + l * M * H1w,
               .ldb = H1w, .beta = 1.f, .c = pre_b, .ldc = H1w}, OpData::bulk, weights_read);
@@ -275,7 +297,7 @@ void MoELayer::run_chunk(MoEBatch& batch, int chunk) {
         uint16_t* a16 = static_cast<uint16_t*>(a.act16.data()) + offset * Hw;
         ops_->to_bf16(act_b, m * Hw, a16);
         gemm_bf16({.m = m, .n = M, .k = Hw, .a = a16, .lda = Hw, .b = b16(a.w2_16, l * Hw * M), .ldb = M,
-                   .accumulate = true, .c = out_b, .ldc = M}, weights_read);
+                   .accumulate = true, .c = out_b, .ldc = M, .rows_vary = rows_vary}, weights_read);
       } else {
         gemm({.m = m, .n = M, .k = Hw, .a = act_b, .lda = Hw, .b = w.p.w2.data_as<float>() + l * Hw * M, .ldb = M,
               .beta = 1.f, .c = out_b, .ldc = M}, OpData::bulk, weights_read);
@@ -360,6 +382,7 @@ void MoELayer::migrate(const ExpertPlacement& to, const std::vector<ExpertParams
              group_->size(), " ranks are sliced (", layout_.shards(), " ranks per expert) and keep their layout");
   const int E = config_.router.experts, W = group_->size(), me = group_->rank();
   ParamLayout next(E, W, to);  // validates the placement against this group
+  parameters_changed();
   const ExpertPlacement& from = layout_.placement();
   const int64_t M = config_.model_dim, H = config_.hidden_dim, H1 = hidden_in();
   const int64_t sizes[4] = {M * H1, H1, H * M, M};  // w1, b1, w2, b2 of one expert

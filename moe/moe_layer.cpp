@@ -1063,6 +1063,7 @@ Tensor MoELayer::backward(const TensorView& dout, double balance_coef, double z_
 
 Tensor MoELayer::backward(MoEBatch& b, const TensorView& dout, double balance_coef, double z_coef, bool input_grad) {
   require(b, MoEBatch::Stage::finished, "backward");
+  parameters_changed();  // an optimizer step follows: the next batch makes its bf16 copies again
   if (config_.dispatch_payload != DType::f32 || config_.combine_payload != DType::f32)
     SY_THROW(NotSupported, "moe: backward with ", dtype_name(config_.dispatch_payload), " dispatch and ",
              dtype_name(config_.combine_payload), " combine payloads is not built (payloads other than f32 are for "

@@ -156,9 +156,13 @@ struct ExpertActivations {
 // Where a layer's time went, summed over calls until reset (seconds), and the
 // GEMMs it ran, so a benchmark can time the same shapes as its floor.
 struct MoEPhaseTimes {
-  // weights: gathering a plan's working weights (r = 0, or r < S when sliced).
-  double gate = 0, encode = 0, dispatch_a2a = 0, weights = 0, experts = 0, combine_a2a = 0, decode = 0, backward = 0;
-  double total() const { return gate + encode + dispatch_a2a + weights + experts + combine_a2a + decode + backward; }
+  // weights: gathering a plan's working weights (r = 0, or r < S when sliced);
+  // convert: making the bf16 working copies of the weights (bf16 compute).
+  double gate = 0, encode = 0, dispatch_a2a = 0, weights = 0, convert = 0, experts = 0, combine_a2a = 0, decode = 0,
+         backward = 0;
+  double total() const {
+    return gate + encode + dispatch_a2a + weights + convert + experts + combine_a2a + decode + backward;
+  }
 };
 struct GemmShape {
   int64_t m, n, k;
@@ -262,7 +266,24 @@ class MoELayer {
   // After a step: raise the bias of experts the group under-used in the last
   // planned batch by `rate`, lower the over-used ones (collective over the group).
   void update_gate_bias(double rate);
-  ExpertParams& params() { return params_; }
+  // The stored experts. Taking them mutably marks them changed (the bf16
+  // working copies are made again by the next batch); read through the const
+  // overload to keep the copies.
+  ExpertParams& params() {
+    parameters_changed();
+    return params_;
+  }
+  const ExpertParams& params() const { return params_; }
+  // bf16 compute keeps bf16 copies of the stored weights while they are
+  // unchanged: always in inference; in training the next batch after a
+  // backward (an optimizer step follows it) makes them again. Whoever writes
+  // the weights another way (through a reference taken earlier, a DLPack
+  // view) calls this; the PyTorch module does it when torch's version
+  // counters say the weights changed.
+  void parameters_changed() { ++parameters_version_; }
+  uint64_t parameters_version() const { return parameters_version_; }
+  // How often the stored weights were converted to bf16 so far (once per version while batches use them).
+  int64_t bf16_weight_conversions() const { return bf16_conversions_; }
   // Deterministic initialisation keyed by logical expert id, so any placement
   // and any number of ranks hold the same weights.
   void init_parameters(uint64_t seed);
@@ -532,6 +553,11 @@ class MoELayer {
   Tensor gate_bias_;
   Rng noise_{0};  // router noise (router.noise_std > 0), seeded by init_parameters per rank
   Tensor replay_experts_, replay_weights_;  // replay_routing's, until the next plan
+  // bf16 copies of the stored w1, w2 and the parameters_version_ they were made at (a new pair per version:
+  // a batch in flight keeps the pair it computed with).
+  uint64_t parameters_version_ = 0, bf16_version_ = ~uint64_t{0};
+  Tensor bf16_w1_, bf16_w2_;
+  int64_t bf16_conversions_ = 0;
   ExpertParams params_;
   Tensor gate_grad_;
   ExpertParams grads_;

@@ -384,6 +384,9 @@ PYBIND11_MODULE(_switchyard, m) {
           py::arg("input_grad") = true,
           "Accumulates the parameter gradients of `batch` (grads()); returns dx as a capsule when input_grad.")
       .def("zero_grad", [](Layer& L) { L.layer->zero_grad(); })
+      .def(
+          "parameters_changed", [](Layer& L) { L.layer->parameters_changed(); },
+          "The weights were written from outside (torch): bf16 compute makes its copies of them again.")
       .def("parameters",
            [](Layer& L) {
              ExpertParams& p = L.layer->params();

@@ -220,6 +220,12 @@ class MoE(torch.nn.Module):
         if k is not None:
             routing["k"] = k
         shape = x.shape
+        # bf16 compute keeps bf16 copies of w1 and w2 while they are unchanged; torch's version counters
+        # say when an optimizer or a load wrote them (writes through .data escape the counters).
+        versions = (self.w1.data_ptr(), self.w1._version, self.w2.data_ptr(), self.w2._version)
+        if versions != getattr(self, "_weights_versions", None):
+            self.layer.parameters_changed()
+            self._weights_versions = versions
         params = (self.gate_weight, self.w1, self.b1, self.w2, self.b2)
         y, balance, z = _MoEFunction.apply(x.reshape(-1, shape[-1]), self, routing, {**self.plan, **plan}, *params)
         return y.reshape(shape), balance, z

@@ -114,6 +114,54 @@ TEST(MoEMultiRank, ExpertParallelEqualsOneRankForwardAndBackward) {
   }
 }
 
+// bf16 compute keeps bf16 copies of the stored weights while they are
+// unchanged (one conversion for any number of inference batches) and makes
+// them again after a backward, a mutable params() or parameters_changed():
+// the output always follows the weights (against a fresh layer given the
+// same weights).
+TEST(MoEMultiRank, Bf16WeightCopiesFollowTheWeights) {
+  testing::for_each_rank([&](Communicator& comm, uint64_t seed) {
+    const int n = comm.size(), me = comm.rank();
+    MoEConfig c;
+    c.model_dim = 16, c.hidden_dim = 24;
+    c.compute = DType::bf16;
+    c.plan.exchange = ExchangeMode::dropless;
+    c.router.experts = 2 * n, c.router.k = std::min(2, 2 * n), c.router.capacity_factor = 0.0;
+    std::shared_ptr<Communicator> group(&comm, [](Communicator*) {});
+    MoELayer layer(c, group), fresh(c, group);
+    layer.init_parameters(seed);
+    fresh.init_parameters(seed);
+    const Tensor x = tokens(seed + 100 + me, 7 + me, 16), dout = tokens(seed + 200 + me, 7 + me, 16);
+    auto same = [](const Tensor& a, const Tensor& b) { return std::memcmp(a.data(), b.data(), a.nbytes()) == 0; };
+    auto scale = [](Tensor& t, float f) {
+      for (int64_t i = 0; i < t.numel(); ++i) t.data_as<float>()[i] *= f;
+    };
+    const Tensor first = layer.forward(x).output.clone();
+    const int64_t made = layer.bf16_weight_conversions();
+    EXPECT_EQ(made, 1);
+    for (int i = 0; i < 3; ++i) EXPECT_TRUE(same(layer.forward(x).output, first));
+    EXPECT_EQ(layer.bf16_weight_conversions(), made) << "inference made the copies again";
+    ExpertParams& kept = layer.params();  // mutable: marks the weights changed
+    scale(kept.w1, 0.5f);
+    scale(fresh.params().w1, 0.5f);
+    const Tensor halved = layer.forward(x).output.clone();
+    EXPECT_EQ(layer.bf16_weight_conversions(), made + 1);
+    EXPECT_TRUE(same(halved, fresh.forward(x).output));
+    EXPECT_FALSE(same(halved, first));
+    // An optimizer's write through a reference taken before, after a backward.
+    layer.backward(dout);
+    scale(kept.w2, 2.0f);
+    scale(fresh.params().w2, 2.0f);
+    EXPECT_TRUE(same(layer.forward(x).output, fresh.forward(x).output));
+    // A write announced by parameters_changed().
+    scale(kept.w1, 3.0f);
+    layer.parameters_changed();
+    scale(fresh.params().w1, 3.0f);
+    EXPECT_TRUE(same(layer.forward(x).output, fresh.forward(x).output));
+    EXPECT_GT(layer.phase_times().convert, 0.0);
+  });
+}
+
 // A replayed routing (MoELayer::replay_routing: a recorded trace at any
 // shape) is taken instead of the gate's once: the gate's own choices replayed
 // give every output bit again; other choices give what a float64 reference of

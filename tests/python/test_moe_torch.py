@@ -240,6 +240,33 @@ class MoETorchTest(unittest.TestCase):
                 (y.float().sum() + balance).backward()
                 self.assertEqual(xl.grad.dtype, dtype)
 
+    def test_bf16_weight_copies_follow_optimizer_steps_and_loads(self):
+        # bf16 compute keeps bf16 copies of w1 and w2 between forwards; an optimizer step or a state_dict
+        # load (torch's version counters) makes them again, so the output always matches a fresh module
+        # holding the same weights.
+        M = 16
+        moe = MoE(self.world.communicator, M, 24, 4, k=2, capacity_factor=0.0, compute="bf16", seed=self.seed)
+        x = torch.randn(9, M)
+        with torch.no_grad():
+            first, _, _ = moe(x)
+            again, _, _ = moe(x)
+        self.assertTrue(torch.equal(first, again))
+        opt = torch.optim.SGD(moe.parameters(), lr=0.5)
+        y, balance, _ = moe(x)
+        (y.square().sum() + balance).backward()
+        opt.step()
+        fresh = MoE(self.world.communicator, M, 24, 4, k=2, capacity_factor=0.0, compute="bf16", seed=self.seed + 1)
+        fresh.load_state_dict(moe.state_dict())
+        with torch.no_grad():
+            stepped, _, _ = moe(x)
+            want, _, _ = fresh(x)
+        self.assertTrue(torch.equal(stepped, want))
+        self.assertFalse(torch.equal(stepped, first))
+        with torch.no_grad():  # a write without any backward: the counters still see it
+            moe.w2.mul_(2.0)
+            fresh.w2.mul_(2.0)
+            self.assertTrue(torch.equal(moe(x)[0], fresh(x)[0]))
+
     def test_autocast_bf16_around_a_block_holding_the_moe(self):
         torch.manual_seed(self.seed)
         M = 16

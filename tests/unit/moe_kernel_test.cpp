@@ -117,31 +117,38 @@ TEST(MoEKernels, GemmMatchesFloat64WithTransposesAndEmptySizes) {
   EXPECT_EQ(c[0], 0.f);  // k = 0: C = beta * C
 }
 
+// Rows vary as dropless batches make them (m, or k for a transposed A): with
+// rows_vary one primitive for every count, without it one per count; both
+// against float64.
 TEST(MoEKernels, Bf16GemmAccumulatesInFloatAgainstFloat64) {
   Rng rng(fresh_seed());
   SCOPED_TRACE("seed " + std::to_string(rng.seed()));
   for (bool ta : {false, true})
     for (bool tb : {false, true})
-      for (bool accumulate : {false, true}) {
-        const int64_t m = 37, n = 19, k = 301, lda = (ta ? m : k) + 3, ldb = (tb ? k : n) + 1, ldc = n + 2;
-        auto af = random_floats(rng, (ta ? k : m) * lda), bf = random_floats(rng, (tb ? n : k) * ldb);
-        std::vector<uint16_t> a(af.size()), b(bf.size());
-        to_bf16(af.data(), static_cast<int64_t>(af.size()), a.data());
-        to_bf16(bf.data(), static_cast<int64_t>(bf.size()), b.data());
-        auto c = random_floats(rng, m * ldc);
-        const auto c0 = c;
-        gemm_bf16({.transpose_a = ta, .transpose_b = tb, .m = m, .n = n, .k = k, .a = a.data(), .lda = lda,
-                   .b = b.data(), .ldb = ldb, .accumulate = accumulate, .c = c.data(), .ldc = ldc});
-        auto val = [](uint16_t bits) { return double(bf16{bits}.to_float()); };
-        for (int64_t i = 0; i < m; ++i)
-          for (int64_t j = 0; j < n; ++j) {
-            double want = accumulate ? c0[i * ldc + j] : 0.0;
-            for (int64_t p = 0; p < k; ++p)
-              want += val(ta ? a[p * lda + i] : a[i * lda + p]) * val(tb ? b[j * ldb + p] : b[p * ldb + j]);
-            ASSERT_NEAR(c[i * ldc + j], want, 1e-4 * (1 + std::fabs(want))) << ta << tb << accumulate;
-          }
-        EXPECT_EQ(c[ldc - 1], c0[ldc - 1]);  // padding beyond n untouched
-      }
+      for (bool accumulate : {false, true})
+        for (int64_t rows : {37, 5, 37, 1, 5, -37, -5, -1}) {  // negative: the same count with rows_vary
+          const bool rows_vary = rows < 0;
+          const int64_t count = std::abs(rows);
+          const int64_t m = ta ? 37 : count, n = 19, k = ta ? count : 301;
+          const int64_t lda = (ta ? m : k) + 3, ldb = (tb ? k : n) + 1, ldc = n + 2;
+          auto af = random_floats(rng, (ta ? k : m) * lda), bf = random_floats(rng, (tb ? n : k) * ldb);
+          std::vector<uint16_t> a(af.size()), b(bf.size());
+          to_bf16(af.data(), static_cast<int64_t>(af.size()), a.data());
+          to_bf16(bf.data(), static_cast<int64_t>(bf.size()), b.data());
+          auto c = random_floats(rng, m * ldc);
+          const auto c0 = c;
+          gemm_bf16({.transpose_a = ta, .transpose_b = tb, .m = m, .n = n, .k = k, .a = a.data(), .lda = lda,
+                     .b = b.data(), .ldb = ldb, .accumulate = accumulate, .c = c.data(), .ldc = ldc, .rows_vary = rows_vary});
+          auto val = [](uint16_t bits) { return double(bf16{bits}.to_float()); };
+          for (int64_t i = 0; i < m; ++i)
+            for (int64_t j = 0; j < n; ++j) {
+              double want = accumulate ? c0[i * ldc + j] : 0.0;
+              for (int64_t p = 0; p < k; ++p)
+                want += val(ta ? a[p * lda + i] : a[i * lda + p]) * val(tb ? b[j * ldb + p] : b[p * ldb + j]);
+              ASSERT_NEAR(c[i * ldc + j], want, 1e-4 * (1 + std::fabs(want))) << ta << tb << accumulate;
+            }
+          EXPECT_EQ(c[ldc - 1], c0[ldc - 1]);  // padding beyond n untouched
+        }
 }
 
 // The row-wise GEMM against float64, and batch invariance: every row of a
