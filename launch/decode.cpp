@@ -699,6 +699,9 @@ void BenchDecodeOptions::validate() const {
   if (scheduler == "affinity" && (requests == 0 || parallel.affinity.empty() || parallel.attention != "dp"))
     SY_THROW(ConfigError, "bench decode: --scheduler affinity assigns requests to data-parallel ranks by the tables: "
              "it needs --requests, --affinity TABLES and --attention dp");
+  if (scheduler == "affinity" && redundant_experts > 0)
+    SY_THROW(ConfigError, "bench decode: --scheduler affinity scores requests by the tables' placement, and "
+             "--redundant_experts re-places the experts while serving; expected one of them");
   if (!prompts.empty() && requests == 0)
     SY_THROW(ConfigError, "bench decode: --prompts is for request mode (--requests N)");
   if (prompt_tokens < 1) SY_THROW(InvalidArgument, "bench decode: --prompt_tokens = ", prompt_tokens, ", expected >= 1");

@@ -122,24 +122,30 @@ std::vector<int> place_experts(const Problem& p, const std::vector<double>& load
   std::vector<int> rank(static_cast<size_t>(E));
   for (int e = 0; e < E; ++e) rank[static_cast<size_t>(e)] = slot[static_cast<size_t>(e)] / per_rank;
   if (balance_weight <= 0 || W == 1) return rank;
+  // Swaps priced incrementally: locality changes by four entries, the busiest load is read off W sums.
   const double total = p.total_choices > 0 ? p.total_choices : 1.0;
-  auto objective = [&](const std::vector<int>& r) {
-    double local = 0;
-    for (int e = 0; e < E; ++e) local += on_rank[static_cast<size_t>(e) * W + r[static_cast<size_t>(e)]];
-    return local / total - balance_weight * (imbalance(choices, r, W) - 1.0);
-  };
-  double current = objective(rank);
+  std::vector<double> on(static_cast<size_t>(W), 0.0);
+  double all = 0;
+  for (int e = 0; e < E; ++e) on[static_cast<size_t>(rank[static_cast<size_t>(e)])] += choices[static_cast<size_t>(e)], all += choices[static_cast<size_t>(e)];
+  const double mean = all > 0 ? all / W : 1.0;
+  auto busiest = [&] { return *std::max_element(on.begin(), on.end()) / mean; };
+  auto local_of = [&](int e, int r) { return on_rank[static_cast<size_t>(e) * W + r] / total; };
+  double penalty = balance_weight * (busiest() - 1.0);
   for (bool improved = true; improved;) {
     improved = false;
     for (int a = 0; a < E; ++a)
       for (int b = a + 1; b < E; ++b) {
-        if (rank[static_cast<size_t>(a)] == rank[static_cast<size_t>(b)]) continue;
-        std::swap(rank[static_cast<size_t>(a)], rank[static_cast<size_t>(b)]);
-        const double v = objective(rank);
-        if (v > current + 1e-12) {
-          current = v, improved = true;
-        } else {
+        const int ra = rank[static_cast<size_t>(a)], rb = rank[static_cast<size_t>(b)];
+        if (ra == rb) continue;
+        const double gain_local = local_of(a, rb) + local_of(b, ra) - local_of(a, ra) - local_of(b, rb);
+        const double shift = choices[static_cast<size_t>(a)] - choices[static_cast<size_t>(b)];
+        on[static_cast<size_t>(ra)] -= shift, on[static_cast<size_t>(rb)] += shift;
+        const double next_penalty = balance_weight * (busiest() - 1.0);
+        if (gain_local - (next_penalty - penalty) > 1e-12) {
           std::swap(rank[static_cast<size_t>(a)], rank[static_cast<size_t>(b)]);
+          penalty = next_penalty, improved = true;
+        } else {
+          on[static_cast<size_t>(ra)] += shift, on[static_cast<size_t>(rb)] -= shift;
         }
       }
   }

@@ -79,6 +79,7 @@ int64_t MoELayer::hidden_in() const {
 }
 
 void MoELayer::sgd_step(double lr) {
+  parameters_changed();
   const std::pair<Tensor*, Tensor*> pairs[] = {{&gate_weight_, &gate_grad_}, {&params_.w1, &grads_.w1},
                                                {&params_.b1, &grads_.b1},     {&params_.w2, &grads_.w2},
                                                {&params_.b2, &grads_.b2}};

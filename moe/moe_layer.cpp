@@ -622,6 +622,7 @@ MoEHandle MoELayer::plan_impl(const TensorView& x, const RoutingChoice& routing,
   b->router_.k = routing.k;
   b->router_.capacity_factor = routing.capacity_factor;
   b->router_.validate();
+  b->replayed_ = replay_experts_.defined();
   b->routing_ = route_tokens(b->router_, x, b->logits_);
   b->sequence_ = batches_planned_++;
   b->placement_generation_ = placement_generation_;
@@ -1063,6 +1064,9 @@ Tensor MoELayer::backward(const TensorView& dout, double balance_coef, double z_
 
 Tensor MoELayer::backward(MoEBatch& b, const TensorView& dout, double balance_coef, double z_coef, bool input_grad) {
   require(b, MoEBatch::Stage::finished, "backward");
+  if (b.replayed_)
+    SY_THROW(InvalidArgument, "moe: backward on batch ", b.sequence_, ", routed by replay_routing: a replayed routing has "
+             "no gate logits to train (replays are for inference and timing)");
   parameters_changed();  // an optimizer step follows: the next batch makes its bf16 copies again
   if (config_.dispatch_payload != DType::f32 || config_.combine_payload != DType::f32)
     SY_THROW(NotSupported, "moe: backward with ", dtype_name(config_.dispatch_payload), " dispatch and ",

@@ -237,6 +237,7 @@ class MoEBatch {
   // The layer let go of the buffers (a later forward(x) replaced this batch);
   // plan and routing stay readable, backward is refused.
   bool released_ = false;
+  bool replayed_ = false;  // routed by replay_routing: no gate logits to train
   void wait_posted() noexcept;
   void release_buffers();
 };
@@ -426,8 +427,10 @@ class MoELayer {
   const Routing& last_routing() const;
   // The next batch planned routes its tokens to these choices instead of the
   // gate's (a recorded trace replayed: replayed_routing in moe/router.h),
-  // once; its token count must match. For benchmarks at shapes a trace was
-  // not recorded at, timing-only included (the gate's GEMM is skipped).
+  // once; its token count must match (checked on each rank before any
+  // collective: every rank must replay alike). For benchmarks at shapes a
+  // trace was not recorded at, timing-only included (the gate's GEMM is
+  // skipped and not charged). Inference only: backward on such a batch throws.
   void replay_routing(Tensor experts, Tensor weights);
   RoutingChoice routing_choice() const { return {config_.router.capacity_factor, config_.router.k}; }
   // GEMMs run since the last reset, with how often each shape ran.

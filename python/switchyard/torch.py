@@ -264,6 +264,7 @@ class MoE(torch.nn.Module):
             with torch.no_grad():
                 layer_memory[name].copy_(p.data)
             p.data = layer_memory[name]
+            self._weights_versions = None  # new values behind an unchanged version counter: bf16 copies again
 
     def _layer_tensors(self):
         shared = self.layer.parameters()

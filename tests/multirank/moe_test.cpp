@@ -190,6 +190,7 @@ TEST(MoEMultiRank, ReplayedRoutingIsUsedOnceAndExactly) {
         other.data_as<int32_t>()[t * k + j] = static_cast<int32_t>((t + j) % E), w.data_as<float>()[t * k + j] = j ? 0.25f : 0.75f;
     layer.replay_routing(other, w);
     const Tensor replayed = layer.forward(x).output.clone();
+    EXPECT_THROW(layer.backward(x), InvalidArgument);  // no gate logits to train
     // float64 reference: out[t] = sum_j w_j * (relu(x W1_e + b1) W2_e + b2), e's weights gathered from every rank.
     const int64_t M = 8, H = 6;
     auto all_of = [&](const Tensor& mine_t, int64_t per) {  // every rank's slots, in rank order (E / W each)

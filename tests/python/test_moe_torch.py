@@ -266,6 +266,11 @@ class MoETorchTest(unittest.TestCase):
             moe.w2.mul_(2.0)
             fresh.w2.mul_(2.0)
             self.assertTrue(torch.equal(moe(x)[0], fresh(x)[0]))
+            # p.data = ... (vector_to_parameters): new memory, copied back into the layer's
+            vec = torch.nn.utils.parameters_to_vector(moe.parameters()) * 0.5
+            torch.nn.utils.vector_to_parameters(vec, moe.parameters())
+            torch.nn.utils.vector_to_parameters(vec.clone(), fresh.parameters())
+            self.assertTrue(torch.equal(moe(x)[0], fresh(x)[0]))
 
     def test_autocast_bf16_around_a_block_holding_the_moe(self):
         torch.manual_seed(self.seed)
