@@ -21,10 +21,12 @@ uint32_t rank_mask(const RoutingTrace& t, int layer, int64_t token, const std::v
 }
 
 // The look-back masks of a token at layer l: its rank sets one and two layers back, 0 where not used.
-std::pair<uint32_t, uint32_t> lookback_masks(const RoutingTrace& t, const std::vector<AffinityLayer>& layers, int l,
-                                             int64_t token, int lookback) {
-  const uint32_t m1 = lookback >= 1 && l >= 1 ? rank_mask(t, l - 1, token, layers[static_cast<size_t>(l - 1)].rank_of_expert) : 0;
-  const uint32_t m2 = lookback >= 2 && l >= 2 ? rank_mask(t, l - 2, token, layers[static_cast<size_t>(l - 2)].rank_of_expert) : 0;
+// rank_of(j): layer j's rank of each expert.
+template <class RankOf>
+std::pair<uint32_t, uint32_t> lookback_masks(const RoutingTrace& t, const RankOf& rank_of, int l, int64_t token,
+                                             int lookback) {
+  const uint32_t m1 = lookback >= 1 && l >= 1 ? rank_mask(t, l - 1, token, rank_of(l - 1)) : 0;
+  const uint32_t m2 = lookback >= 2 && l >= 2 ? rank_mask(t, l - 2, token, rank_of(l - 2)) : 0;
   return {m1, m2};
 }
 
@@ -127,7 +129,8 @@ AffinityTables AffinityTables::build(const RoutingTrace& trace, int ranks, const
     std::vector<double> counts(VE, 0.0), wsum(VE, 0.0), mean_c(static_cast<size_t>(E), 0.0), mean_w(static_cast<size_t>(E), 0.0);
     for (int64_t i = 0; i < trace.size(); ++i) {
       const size_t row = static_cast<size_t>(trace.tokens[static_cast<size_t>(i)]) * static_cast<size_t>(E);
-      const auto [m1, m2] = lookback_masks(trace, out.layers_, l, i, lookback);
+      const auto [m1, m2] = lookback_masks(trace, [&](int j) -> const std::vector<int>& { return rank_of_expert[static_cast<size_t>(j)]; },
+                                           l, i, lookback);
       for (int j = 0; j < k; ++j) {
         const int e = trace.expert(l, i, j);
         const float w = trace.weight(l, i, j);
@@ -417,11 +420,10 @@ std::vector<int> batch_ranks(const RoutingTrace& trace, const AffinityTables& ta
       for (int64_t i = 0; i < chunks[static_cast<size_t>(w)]; ++i) rank[static_cast<size_t>(r++)] = w;
     return rank;
   }
-  std::vector<AffinityLayer> by_layer(static_cast<size_t>(layer + 1));
-  for (int l = std::max(0, layer - 2); l <= layer; ++l) by_layer[static_cast<size_t>(l)].rank_of_expert = tables.layer(l).rank_of_expert;
   std::vector<float> votes(static_cast<size_t>(rows) * static_cast<size_t>(W), 0.0f), weights(votes.size(), 0.0f);
   for (int64_t r = 0; r < rows; ++r) {
-    const auto [m1, m2] = lookback_masks(trace, by_layer, layer, b0 + r, tables.lookback());
+    const auto [m1, m2] = lookback_masks(trace, [&](int j) -> const std::vector<int>& { return tables.layer(j).rank_of_expert; },
+                                         layer, b0 + r, tables.lookback());
     const bool from_lookback = tables.rank_scores(layer, trace.tokens[static_cast<size_t>(b0 + r)], m1, m2, options.predictor,
                                                   &votes[static_cast<size_t>(r) * W], &weights[static_cast<size_t>(r) * W]);
     if (keyed) *keyed += from_lookback;  // only layers >= 1 have a look-back key

@@ -22,6 +22,21 @@ std::string temp_path(const std::string& name) {
   return (std::filesystem::temp_directory_path() / (name + std::to_string(fresh_seed() % 1000000))).string();
 }
 
+// Rewrites a safetensors file through `edit(name, tensor)`, which may change a
+// tensor in place or return false to leave it out.
+template <class Edit>
+void rewrite_safetensors(const std::string& path, Edit edit) {
+  const SafetensorsFile f = SafetensorsFile::open(path);
+  std::vector<Tensor> keep;
+  std::vector<std::pair<std::string, TensorView>> tensors;
+  keep.reserve(f.entries().size());
+  for (const SafetensorsEntry& entry : f.entries()) {
+    keep.push_back(f.load(entry.name));
+    if (edit(entry.name, keep.back())) tensors.emplace_back(entry.name, keep.back());
+  }
+  save_safetensors(path, tensors, f.metadata());
+}
+
 RoutingTrace make_trace(int layers, int experts, int k) {
   RoutingTrace t;
   t.path = "synthetic", t.model = "synthetic", t.layers = layers, t.experts = experts, t.k = k;
@@ -195,18 +210,10 @@ TEST(Affinity, MalformedTablesAndTracesGiveClearErrors) {
     EXPECT_NE(std::string(e.what()).find("expected switchyard-affinity-v1"), std::string::npos) << e.what();
   }
   // A placement naming a rank that does not exist.
-  {
-    const SafetensorsFile f = SafetensorsFile::open(path);
-    std::vector<Tensor> keep;
-    std::vector<std::pair<std::string, TensorView>> tensors;
-    keep.reserve(f.entries().size());
-    for (const SafetensorsEntry& entry : f.entries()) {
-      keep.push_back(f.load(entry.name));
-      if (entry.name == "layer0.rank_of_expert") keep.back().data_as<int32_t>()[2] = 5;
-      tensors.emplace_back(entry.name, keep.back());
-    }
-    save_safetensors(path, tensors, f.metadata());
-  }
+  rewrite_safetensors(path, [](const std::string& name, Tensor& t) {
+    if (name == "layer0.rank_of_expert") t.data_as<int32_t>()[2] = 5;
+    return true;
+  });
   try {
     AffinityTables::load(path);
     FAIL() << "rank 5 of 2 accepted";
@@ -286,18 +293,7 @@ TEST(RoutingTraceDocuments, SplitKeepsWholeDocuments) {
   EXPECT_TRUE(RoutingTrace::load(path).has_documents);
   EXPECT_EQ(RoutingTrace::load(path).sequences, t.sequences);
   // The same tensors without "sequences": windows from the positions (each document restarts at 0).
-  {
-    const SafetensorsFile f = SafetensorsFile::open(path);
-    std::vector<Tensor> keep;
-    std::vector<std::pair<std::string, TensorView>> tensors;
-    keep.reserve(f.entries().size());
-    for (const SafetensorsEntry& entry : f.entries()) {
-      if (entry.name == "sequences") continue;
-      keep.push_back(f.load(entry.name));
-      tensors.emplace_back(entry.name, keep.back());
-    }
-    save_safetensors(path, tensors, f.metadata());
-  }
+  rewrite_safetensors(path, [](const std::string& name, Tensor&) { return name != "sequences"; });
   const RoutingTrace windows = RoutingTrace::load(path);
   std::filesystem::remove(path);
   EXPECT_FALSE(windows.has_documents);
