@@ -474,6 +474,14 @@ const std::vector<Field>& fields() {
                    "model.rebalance_every serving steps from the loads routed since; outputs do not change."),
       integer<int>("model.rebalance_every", 0, kIntMax, +[](JobConfig& c) -> int& { return c.model.rebalance_every; },
                    "Serving steps between re-placements of the redundant experts; 0: never."),
+      string("model.affinity", +[](JobConfig& c) -> std::string& { return c.model.affinity; },
+             "Speculative MoE: token-expert affinity tables (switchyard affinity build --ranks = the ranks), relative "
+             "to the working directory. Each MoE layer's experts are placed as the tables group them (outputs do not "
+             "change); model.specmoe and serve.scheduler = affinity predict from them. Empty: none."),
+      choice("model.specmoe", {"off", "on", "auto"}, +[](JobConfig& c) -> std::string& { return c.model.specmoe; },
+             "Speculative token shuffling with model.affinity (model.attention = tp): on moves each layer's tokens to "
+             "the ranks the tables predict inside the attention's reduce-scatter (outputs do not change); auto does "
+             "so per batch and layer when the planner prices the all-to-all saved above the shuffle's host cost."),
       integer<int>("serve.requests", 1, kIntMax, +[](JobConfig& c) -> int& { return c.serve.requests; },
                    "Requests to serve."),
       number("serve.rate", 0.0, 1e9, +[](JobConfig& c) -> double& { return c.serve.rate; },
@@ -492,6 +500,10 @@ const std::vector<Field>& fields() {
                    "others' decode steps); 0: whole prompts."),
       integer<int64_t>("serve.seed", 0, kNoMax, +[](JobConfig& c) -> int64_t& { return c.serve.seed; },
                        "Seed of the request lengths and arrival times."),
+      choice("serve.scheduler", {"round_robin", "affinity"}, +[](JobConfig& c) -> std::string& { return c.serve.scheduler; },
+             "Which data-parallel rank takes each request: round_robin, or affinity (the rank whose experts its "
+             "prompt's tokens use most by model.affinity, every W consecutive requests on all W ranks, sticky for "
+             "the whole decode; needs model.attention = dp)."),
       string("serve.csv", +[](JobConfig& c) -> std::string& { return c.serve.csv; },
              "Also write a row per request (rank, lengths, arrival, TTFT, TPOT) to this CSV file; empty = none."),
       string("log.level", +[](JobConfig& c) -> std::string& { return c.log_level; },

@@ -112,6 +112,8 @@ struct ModelSection {
   int threads = 0;                              // GEMM threads per rank; 0: cores / ranks on the node
   int redundant_experts = 0;                    // extra expert replicas (EPLB), re-placed every rebalance_every steps
   int rebalance_every = 0;                      // serving steps between re-placements; 0: never
+  std::string affinity;                         // speculative MoE tables (affinity build); "" = none
+  std::string specmoe = "off";                  // token shuffling with them: off | on | auto
 };
 
 // serve: a stream of requests through the model (continuous batching).
@@ -124,6 +126,7 @@ struct ServeSection {
   int64_t kv_budget = 0;    // KV positions per rank; 0: unlimited
   int prefill_chunk = 0;    // prompt tokens per rank per step; 0: whole prompts
   int64_t seed = 1;
+  std::string scheduler = "round_robin";  // round_robin | affinity (by model.affinity)
   std::string csv;          // a row per request; "" = none
 };
 

@@ -147,7 +147,8 @@ ModelOptions model_options(const DecodeParallelism& p, int world, std::shared_pt
 }
 
 // The engine of `model` as `p` schedules it (micro-batches included).
-std::unique_ptr<InferenceEngine> make_engine(Model& model, const DecodeParallelism& p) {
+// ranks_per_node: how the expert group sits on nodes (--specmoe auto calibrates its links by it).
+std::unique_ptr<InferenceEngine> make_engine(Model& model, const DecodeParallelism& p, int ranks_per_node) {
   if (p.microbatches < 0 || p.microbatches > 64)
     SY_THROW(ConfigError, p.microbatches_field, " = ", p.microbatches, ", expected 1..64 (0: automatic)");
   if (p.microbatches != 1 && p.afd.empty())
@@ -156,17 +157,17 @@ std::unique_ptr<InferenceEngine> make_engine(Model& model, const DecodeParalleli
   auto engine = std::make_unique<InferenceEngine>(
       model, LayerSchedule::make(p.schedule(), model.config().layers, model.expert_group()->size()));
   engine->set_microbatches(p.microbatches);
-  if (p.specmoe == "on") {
+  if (p.specmoe == "on" || p.specmoe == "auto") {
     if (p.affinity.empty())
-      SY_THROW(ConfigError, p.specmoe_field, " = on needs ", p.affinity_field,
+      SY_THROW(ConfigError, p.specmoe_field, " = ", p.specmoe, " needs ", p.affinity_field,
                " TABLES (switchyard affinity build): the shuffle predicts from them");
     if (engine->schedule().attention() != AttentionMode::tp)
-      SY_THROW(ConfigError, p.specmoe_field, " = on shuffles tokens inside tensor-parallel attention's reduce-scatter; "
-               "the attention is ", attention_mode_name(engine->schedule().attention()), " (expected tp)");
-    engine->set_token_shuffling(std::make_shared<const AffinityTables>(AffinityTables::load(p.affinity)));
+      SY_THROW(ConfigError, p.specmoe_field, " = ", p.specmoe, " shuffles tokens inside tensor-parallel attention's "
+               "reduce-scatter; the attention is ", attention_mode_name(engine->schedule().attention()), " (expected tp)");
+    engine->set_token_shuffling(std::make_shared<const AffinityTables>(AffinityTables::load(p.affinity)),
+                                {.automatic = p.specmoe == "auto", .ranks_per_node = ranks_per_node});
   } else if (p.specmoe != "off") {
-    SY_THROW(ConfigError, p.specmoe_field, " = '", p.specmoe, "', expected on or off (auto, the planner's per-batch "
-             "choice, is not built yet)");
+    SY_THROW(ConfigError, p.specmoe_field, " = '", p.specmoe, "', expected on, auto or off");
   }
   return engine;
 }
@@ -175,15 +176,21 @@ std::unique_ptr<InferenceEngine> make_engine(Model& model, const DecodeParalleli
 // choices whose expert sat on the row's own rank.
 std::string local_activation_summary(InferenceEngine& engine) {
   const Model::LocalActivationCount& la = engine.model().local_activation();
-  Tensor sums = Tensor::zeros({4}, DType::f64);
+  Tensor sums = Tensor::zeros({6}, DType::f64);
   double* v = sums.data_as<double>();
   for (size_t l = 0; l < la.pairs.size(); ++l) v[0] += static_cast<double>(la.pairs[l]), v[1] += static_cast<double>(la.local[l]);
-  v[2] = static_cast<double>(engine.shuffle_counts().rows), v[3] = static_cast<double>(engine.shuffle_counts().predicted);
+  const InferenceEngine::ShuffleCounts& sc = engine.shuffle_counts();
+  v[2] = static_cast<double>(sc.rows), v[3] = static_cast<double>(sc.predicted);
+  v[4] = static_cast<double>(sc.decided), v[5] = static_cast<double>(sc.shuffled);
   engine.world().allreduce(sums, sums).wait();
   char line[256];
   std::snprintf(line, sizeof line, "local activation %.3f of %.0f choices, token shuffling %s", v[0] > 0 ? v[1] / v[0] : 0.0,
-                v[0], engine.token_shuffling() ? "on" : "off");
+                v[0], engine.token_shuffling_automatic() ? "auto" : engine.token_shuffling() ? "on" : "off");
   std::string out = line;
+  if (engine.token_shuffling_automatic() && v[4] > 0) {
+    std::snprintf(line, sizeof line, ", %.0f%% of %.0f layer-batches shuffled", 100.0 * v[5] / v[4], v[4] / engine.schedule().tp());
+    out += line;
+  }
   if (engine.token_shuffling() && v[2] > 0) {
     std::snprintf(line, sizeof line, " (%.0f%% of shuffled rows keyed by look-back)", 100.0 * v[3] / v[2]);
     out += line;
@@ -1001,7 +1008,7 @@ int run_generate(const GenerateOptions& o) {
   run_ranks(runtime_options(o.parallel), [&](Runtime& rt) {
     set_rank_threads(o.parallel, rt);
     Model model(o.model, rt.world_ptr(), model_options(o.parallel, rt.world().size()));
-    const std::unique_ptr<InferenceEngine> engine_ptr = make_engine(model, o.parallel);
+    const std::unique_ptr<InferenceEngine> engine_ptr = make_engine(model, o.parallel, rt.info().local_size);
     InferenceEngine& engine = *engine_ptr;
     if (!o.draft.empty() && engine.schedule().roles())
       SY_THROW(ConfigError, "--draft with --afd = ", o.parallel.afd, ": speculative decoding on a disaggregated "
@@ -1092,7 +1099,8 @@ int run_bench_decode(const BenchDecodeOptions& o) {
     }
     Model model(o.model, group, model_options(o.parallel, group->size(), device));
     const ModelConfig& c = model.config();
-    const std::unique_ptr<InferenceEngine> engine_ptr = make_engine(model, o.parallel);
+    const std::unique_ptr<InferenceEngine> engine_ptr =
+        make_engine(model, o.parallel, cluster ? cluster->link.ranks_per_node : rt.info().local_size);
     InferenceEngine& engine = *engine_ptr;
     if (o.requests > 0 && longest_request(o.prompt_tokens, o.steps) > c.max_seq)
       SY_THROW(InvalidArgument, "bench decode: request mode draws prompts of up to 3/2 x --prompt_tokens = ",

@@ -34,7 +34,8 @@ struct DecodeParallelism {
   // Expert grouping: the placement of `switchyard affinity build` tables (their ranks = the world's).
   std::string affinity;
   std::string affinity_field = "--affinity";
-  // Speculative token shuffling with those tables (tensor-parallel attention): on | off.
+  // Speculative token shuffling with those tables (tensor-parallel attention):
+  // on | auto (the planner's choice per batch and layer) | off.
   std::string specmoe = "off";
   std::string specmoe_field = "--specmoe";
   ScheduleOptions schedule() const { return {attention, tp, attention_field, tp_field, afd, afd_field}; }

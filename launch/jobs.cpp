@@ -277,6 +277,18 @@ void check_serve_config(const JobConfig& config) {
                                            ? "serve.new_tokens" : "serve.prompt_tokens"),
              ": serve.prompt_tokens = ", s.prompt_tokens, " and serve.new_tokens = ", s.new_tokens, " draw requests of up "
              "to ", longest, " positions (3/2 of each); model '", m.name, "' holds max_seq = ", m.max_seq);
+  const std::string& tables = config.model.affinity;
+  if (!tables.empty() && !std::filesystem::exists(tables))
+    SY_THROW(ConfigError, config.where("model.affinity"), ": model.affinity = '", tables, "' does not exist; expected "
+             "tables from switchyard affinity build, relative to the working directory");
+  if (config.model.specmoe != "off" && (tables.empty() || config.model.attention != "tp"))
+    SY_THROW(ConfigError, config.where("model.specmoe"), ": model.specmoe = ", config.model.specmoe, " shuffles tokens "
+             "by model.affinity inside tensor-parallel attention; expected model.affinity set and model.attention = "
+             "tp (model.attention = ", config.model.attention, ")");
+  if (s.scheduler == "affinity" && (tables.empty() || config.model.attention != "dp"))
+    SY_THROW(ConfigError, config.where("serve.scheduler"), ": serve.scheduler = affinity assigns requests to "
+             "data-parallel ranks by model.affinity; expected model.affinity set and model.attention = dp "
+             "(model.attention = ", config.model.attention, ")");
   const bool launched = discover_rank(process_env).has_value();
   const int ranks = config.comm.ranks;
   if (!launched && m.experts % ranks != 0 && ranks % m.experts != 0)
@@ -303,7 +315,8 @@ int run_job(const JobConfig& config) {
                   .threads = config.model.threads, .timeout_ms = config.comm.timeout_ms,
                   .attention_field = "model.attention", .tp_field = "model.tp", .afd_field = "model.afd",
                   .microbatches_field = "model.microbatches", .dispatch_field = "model.dispatch_dtype",
-                  .combine_field = "model.combine_dtype"};
+                  .combine_field = "model.combine_dtype", .affinity = config.model.affinity,
+                  .affinity_field = "model.affinity", .specmoe = config.model.specmoe, .specmoe_field = "model.specmoe"};
     const ServeSection& s = config.serve;
     check_serve_config(config);
     o.requests = s.requests;
@@ -315,6 +328,7 @@ int run_job(const JobConfig& config) {
     o.prefill_chunk = s.prefill_chunk;
     o.seed = static_cast<uint64_t>(s.seed);
     o.csv = s.csv;
+    o.scheduler = s.scheduler;
     o.redundant_experts = config.model.redundant_experts;
     o.rebalance_every = config.model.rebalance_every;
     std::cout << "# switchyard " << config.source << ": job serve\n";

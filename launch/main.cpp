@@ -114,7 +114,8 @@ void add_decode_parallelism(CLI::App* app, DecodeParallelism& p) {
                   "the ranks); the output does not change");
   app->add_option("--specmoe", p.specmoe,
                   "on: shuffle each layer's tokens to the ranks --affinity predicts, inside tensor-parallel attention's "
-                  "reduce-scatter (--attention tp; output unchanged); off")->capture_default_str();
+                  "reduce-scatter (--attention tp; output unchanged); auto: per batch and layer, when the planner "
+                  "prices the all-to-all it saves above the shuffle's host cost; off")->capture_default_str();
 }
 
 }  // namespace

@@ -1,5 +1,7 @@
 #include "model/engine.h"
 
+#include <time.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstring>
@@ -10,6 +12,7 @@
 #include "comm/virtual_time.h"
 #include "core/error.h"
 #include "model/afd_plan.h"
+#include "moe/planner.h"
 
 namespace switchyard {
 
@@ -183,16 +186,31 @@ Tensor InferenceEngine::step_tensor_parallel(const std::vector<Chunk>& chunks) {
   std::vector<int64_t> at(static_cast<size_t>(per * tp), -1);
   std::vector<int64_t> held(static_cast<size_t>(tp), 0);  // rows in each member's block
   for (int64_t r = 0; r < rows; ++r) at[static_cast<size_t>(r)] = r, ++held[static_cast<size_t>(r / per)];
-  // Token shuffling: the gathered rows carry one more column, the rank set of their experts in the layer just run.
-  const bool shuffle = shuffle_tables_ && rows > 0;
-  const int64_t width = shuffle ? d + 1 : d;
-  std::vector<uint32_t> mask1(shuffle ? rows : 0, 0), mask2(shuffle ? rows : 0, 0);
+  const std::vector<int64_t> in_order = at, held_in_order = held;
+  // Token shuffling: the gathered rows carry two more columns, the rank set
+  // of their experts in the layer just run and how many of their choices were
+  // on the rank that computed them.
+  const bool shuffling = shuffle_tables_ && rows > 0;
+  const int64_t width = shuffling ? d + 2 : d;
+  std::vector<uint32_t> mask1(shuffling ? rows : 0, 0), mask2(shuffling ? rows : 0, 0);
   std::vector<int32_t> token_of_row;
-  if (shuffle)
+  if (shuffling)
     for (const Chunk& c : chunks) token_of_row.insert(token_of_row.end(), c.tokens.begin(), c.tokens.end());
   Tensor gathered = Tensor::zeros({per * tp, width}, DType::f32), mine = Tensor::zeros({per, width}, DType::f32);
   for (int l = 0; l < model_.config().layers; ++l) {
-    if (shuffle) shuffle_rows(l, token_of_row, mask1, mask2, per, at, held);
+    bool shuffled = false;
+    if (shuffling) {
+      shuffled = !shuffle_options_.automatic || decide_shuffle(l, rows, per, held_in_order);
+      ++shuffle_counts_.decided, shuffle_counts_.shuffled += shuffled;
+      if (shuffled) {
+        const Model::PhaseTimer timer(model_, &ModelPhaseTimes::attention);
+        shuffle_rows(l, token_of_row, mask1, mask2, per, at, held);
+        // The host's work, at the cost measured for it (the emulated GPU cluster's host is this one).
+        if (model_.device_model()) virtual_time::charge(shuffle_per_batch_ + shuffle_per_row_ * static_cast<double>(rows));
+      } else {
+        at = in_order, held = held_in_order;
+      }
+    }
     const int64_t n = held[static_cast<size_t>(t)], first = t * per;
     Tensor slice = Tensor::empty({n, d}, DType::f32);
     {  // the heads, their summed projection and the residual
@@ -225,23 +243,39 @@ Tensor InferenceEngine::step_tensor_parallel(const std::vector<Chunk>& chunks) {
       const Model::PhaseTimer timer(model_, &ModelPhaseTimes::attention);
       float* m = mine.data_as<float>();
       for (int64_t i = 0; i < n; ++i) std::memcpy(m + i * width, slice.data_as<float>() + i * d, row_bytes);
-      if (shuffle) {  // each row's expert ranks (a mask below 2^20: exact in f32)
+      if (shuffling) {  // each row's expert ranks (a mask below 2^20: exact in f32) and its local choices
         const MoELayer& moe = model_.moe(l);
         const Tensor& experts = moe.last_routing().experts;
         const int k = static_cast<int>(experts.shape()[1]);
         for (int64_t i = 0; i < n; ++i) {
           uint32_t mask = 0;
-          for (int j = 0; j < k; ++j) mask |= uint32_t{1} << moe.layout().owner(experts.data_as<int32_t>()[i * k + j]);
+          int local = 0;
+          for (int j = 0; j < k; ++j) {
+            const int owner = moe.layout().owner(experts.data_as<int32_t>()[i * k + j]);
+            mask |= uint32_t{1} << owner;
+            local += owner == rank_;
+          }
           m[i * width + d] = static_cast<float>(mask);
+          m[i * width + d + 1] = static_cast<float>(local);
         }
       }
       tp_group_->allgather(mine, gathered).wait();
+      double local_choices = 0;
       for (int64_t p = 0; p < per * tp; ++p) {
         const int64_t r = at[static_cast<size_t>(p)];
         if (r < 0) continue;
         const float* g = gathered.data_as<float>() + p * width;
         std::memcpy(x.data_as<float>() + r * d, g, row_bytes);
-        if (shuffle) mask2[static_cast<size_t>(r)] = mask1[static_cast<size_t>(r)], mask1[static_cast<size_t>(r)] = static_cast<uint32_t>(g[d]);
+        if (shuffling) {
+          mask2[static_cast<size_t>(r)] = mask1[static_cast<size_t>(r)], mask1[static_cast<size_t>(r)] = static_cast<uint32_t>(g[d]);
+          local_choices += g[d + 1];
+        }
+      }
+      if (shuffle_options_.automatic && shuffling) {  // what this layout reached, the same on every member
+        ShuffleLayer& s = shuffle_layers_[static_cast<size_t>(l)];
+        constexpr double kDecay = 0.9;  // per batch: recent batches count most
+        s.local[shuffled] = kDecay * s.local[shuffled] + local_choices;
+        s.pairs[shuffled] = kDecay * s.pairs[shuffled] + static_cast<double>(rows) * model_.config().k;
       }
     }
   }
@@ -255,24 +289,33 @@ Tensor InferenceEngine::step_tensor_parallel(const std::vector<Chunk>& chunks) {
 // up to ceil(rows / tp) rows (the reduce-scatter's all-to-all moves that many
 // per member anyway), so a row goes to its best member with room, and a
 // batch smaller than the group still goes where the tables predict.
-void InferenceEngine::shuffle_rows(int layer, const std::vector<int32_t>& token_of_row, const std::vector<uint32_t>& mask1,
-                                   const std::vector<uint32_t>& mask2, int64_t per, std::vector<int64_t>& at,
-                                   std::vector<int64_t>& held) {
+std::vector<int> InferenceEngine::predict_members(int layer, const std::vector<int32_t>& token_of_row,
+                                                  const std::vector<uint32_t>& mask1, const std::vector<uint32_t>& mask2,
+                                                  int64_t per, int64_t* keyed) const {
   const int tp = schedule_.tp(), W = shuffle_tables_->ranks(), first = rank_ / tp * tp;
   const int64_t rows = static_cast<int64_t>(token_of_row.size());
   std::vector<float> votes(static_cast<size_t>(W)), weights(static_cast<size_t>(W));
   std::vector<float> member_votes(static_cast<size_t>(rows * tp)), member_weights(member_votes.size());
   for (int64_t r = 0; r < rows; ++r) {
-    const bool keyed = shuffle_tables_->rank_scores(layer, token_of_row[static_cast<size_t>(r)], mask1[static_cast<size_t>(r)],
-                                                    mask2[static_cast<size_t>(r)], shuffle_predictor_, votes.data(), weights.data());
-    if (layer >= 1) shuffle_counts_.predicted += keyed, ++shuffle_counts_.rows;
+    const bool key = shuffle_tables_->rank_scores(layer, token_of_row[static_cast<size_t>(r)], mask1[static_cast<size_t>(r)],
+                                                  mask2[static_cast<size_t>(r)], shuffle_options_.predictor, votes.data(),
+                                                  weights.data());
+    if (keyed) *keyed += key;
     for (int j = 0; j < tp; ++j) {
       member_votes[static_cast<size_t>(r * tp + j)] = votes[static_cast<size_t>(first + j)];
       member_weights[static_cast<size_t>(r * tp + j)] = weights[static_cast<size_t>(first + j)];
     }
   }
-  const std::vector<int> member =
-      assign_to_chunks(member_votes, member_weights, rows, tp, std::vector<int64_t>(static_cast<size_t>(tp), per));
+  return assign_to_chunks(member_votes, member_weights, rows, tp, std::vector<int64_t>(static_cast<size_t>(tp), per));
+}
+
+void InferenceEngine::shuffle_rows(int layer, const std::vector<int32_t>& token_of_row, const std::vector<uint32_t>& mask1,
+                                   const std::vector<uint32_t>& mask2, int64_t per, std::vector<int64_t>& at,
+                                   std::vector<int64_t>& held) {
+  int64_t keyed = 0;
+  const std::vector<int> member = predict_members(layer, token_of_row, mask1, mask2, per, &keyed);
+  const int64_t rows = static_cast<int64_t>(token_of_row.size());
+  if (layer >= 1) shuffle_counts_.predicted += keyed, shuffle_counts_.rows += rows;
   std::fill(at.begin(), at.end(), -1);
   std::fill(held.begin(), held.end(), 0);
   for (int64_t r = 0; r < rows; ++r) {
@@ -281,9 +324,82 @@ void InferenceEngine::shuffle_rows(int layer, const std::vector<int32_t>& token_
   }
 }
 
-void InferenceEngine::set_token_shuffling(std::shared_ptr<const AffinityTables> tables, AffinityPredictor predictor) {
+// The batch priced twice at the layer's learned local shares: every rank
+// sends its rows' non-local choices evenly to the other ranks (the rows of
+// other groups like this group's), in place and shuffled; the shuffled plan
+// also pays the host cost. Every member decides alike: the same rows, shares
+// learned from the same gathered counts, the cost and links agreed at set time.
+bool InferenceEngine::decide_shuffle(int layer, int64_t rows, int64_t per, const std::vector<int64_t>& held) {
+  ShuffleLayer& s = shuffle_layers_[static_cast<size_t>(layer)];
+  const int W = group_->size(), tp = schedule_.tp(), k = model_.config().k;
+  auto traffic = [&](double share) {
+    std::vector<double> m(static_cast<size_t>(W) * W, 0.0);
+    for (int i = 0; i < W; ++i) {
+      const double choices = static_cast<double>(held[static_cast<size_t>(i % tp)]) * k;
+      for (int j = 0; j < W; ++j)
+        m[static_cast<size_t>(i) * W + j] = i == j ? choices * share : choices * (1 - share) / std::max(1, W - 1);
+    }
+    return m;
+  };
+  PlanInputs in;
+  in.tokens = per;
+  in.peer_rows = traffic(s.local[0] / s.pairs[0]);
+  in.shuffled_peer_rows = traffic(s.local[1] / s.pairs[1]);
+  in.shuffle_seconds = shuffle_per_batch_ + shuffle_per_row_ * static_cast<double>(rows);
+  return s.planner->choose(in).shuffle;
+}
+
+namespace {
+double thread_cpu_seconds() {
+  timespec ts{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+}
+}  // namespace
+
+// The prediction and assignment of a synthetic batch (the tables' tokens in
+// turn, two-rank look-back sets) at a small and a large size, thread CPU time
+// (not inflated by ranks sharing cores), median of three; the slowest rank's.
+void InferenceEngine::measure_shuffle_cost() {
+  const int W = shuffle_tables_->ranks(), layer = std::min(1, shuffle_tables_->layers() - 1);
+  const int vocab = std::max(1, shuffle_tables_->vocab());
+  auto seconds = [&](int64_t rows) {
+    std::vector<int32_t> tokens(static_cast<size_t>(rows));
+    std::vector<uint32_t> m1(tokens.size()), m2(tokens.size());
+    for (int64_t r = 0; r < rows; ++r) {
+      tokens[static_cast<size_t>(r)] = static_cast<int32_t>(r * 37 % vocab);
+      m1[static_cast<size_t>(r)] = (1u << (r % W)) | (1u << (r * 7 % W));
+      m2[static_cast<size_t>(r)] = (1u << (r * 3 % W)) | (1u << (r * 5 % W));
+    }
+    const int64_t per = (rows + schedule_.tp() - 1) / schedule_.tp();
+    std::vector<double> t;
+    for (int rep = 0; rep < 3; ++rep) {
+      const double start = thread_cpu_seconds();
+      predict_members(layer, tokens, m1, m2, per, nullptr);
+      t.push_back(thread_cpu_seconds() - start);
+    }
+    std::sort(t.begin(), t.end());
+    return t[1];
+  };
+  Tensor cost = Tensor::zeros({2}, DType::f64);
+  double* c = cost.data_as<double>();
+  if (shuffle_options_.seconds_per_batch >= 0 && shuffle_options_.seconds_per_row >= 0) {
+    c[0] = shuffle_options_.seconds_per_batch, c[1] = shuffle_options_.seconds_per_row;
+  } else {
+    constexpr int64_t small = 16, large = 1024;
+    const double t_small = seconds(small), t_large = seconds(large);
+    c[1] = std::max(0.0, (t_large - t_small) / static_cast<double>(large - small));
+    c[0] = std::max(0.0, t_small - c[1] * small);
+  }
+  group_->allreduce(cost, cost, {.op = ReduceOp::max}).wait();
+  shuffle_per_batch_ = c[0], shuffle_per_row_ = c[1];
+}
+
+void InferenceEngine::set_token_shuffling(std::shared_ptr<const AffinityTables> tables,
+                                          const TokenShufflingOptions& options) {
   if (!tables) {
     shuffle_tables_ = nullptr;
+    shuffle_layers_.clear();
     return;
   }
   const ModelConfig& c = model_.config();
@@ -303,8 +419,63 @@ void InferenceEngine::set_token_shuffling(std::shared_ptr<const AffinityTables> 
         SY_THROW(InvalidArgument, "token shuffling: layer ", l, " holds expert ", e, " on rank ",
                  model_.moe(l).layout().owner(e), ", the tables on rank ", tables->layer(l).rank_of_expert[static_cast<size_t>(e)],
                  " (load the model with the tables' placement: ModelOptions::placements, --affinity)");
+  if (options.ranks_per_node < 0)
+    SY_THROW(InvalidArgument, "token shuffling: ranks_per_node = ", options.ranks_per_node, ", expected >= 0 (0: one node)");
   shuffle_tables_ = std::move(tables);
-  shuffle_predictor_ = predictor;
+  shuffle_options_ = options;
+  measure_shuffle_cost();
+  shuffle_layers_.clear();
+  if (!options.automatic) return;
+  const int W = group_->size(), k = c.k, tp = schedule_.tp(), first = rank_ / tp * tp;
+  auto [device, link] = MoEPlanner::calibrate(model_.moe(0), options.ranks_per_node > 0 ? options.ranks_per_node : W);
+  PlannerOptions po;
+  po.training = false;
+  po.choose_exchange = false;
+  po.overlap_degrees = {1};
+  const auto cost = std::make_shared<const MoECostModel>(model_.moe(0), device, link, po);
+  // Seeds, worth a few batches of evidence: in place a choice is local with
+  // chance 1/W (the rows' order knows nothing of their experts); shuffled, as
+  // often as each token's best rank of this tensor-parallel group (where the
+  // shuffle can move it) holds its choices in the tables, room or not: the
+  // seed the first shuffled batches correct.
+  constexpr double kSeedChoices = 64;
+  shuffle_layers_.resize(static_cast<size_t>(c.layers));
+  const std::vector<float>& frequency = shuffle_tables_->token_frequency();
+  for (int l = 0; l < c.layers; ++l) {
+    const AffinityLayer& t = shuffle_tables_->layer(l);
+    double seen = 0, best = 0;
+    std::vector<double> share(static_cast<size_t>(W));
+    for (size_t v = 0; v < frequency.size(); ++v) {
+      if (!(frequency[v] > 0)) continue;
+      std::fill(share.begin(), share.end(), 0.0);
+      for (int e = 0; e < c.experts; ++e)
+        share[static_cast<size_t>(t.rank_of_expert[static_cast<size_t>(e)])] += t.confidence[v * c.experts + static_cast<size_t>(e)];
+      seen += frequency[v];
+      best += frequency[v] * *std::max_element(share.begin() + first, share.begin() + first + tp);
+    }
+    ShuffleLayer& s = shuffle_layers_[static_cast<size_t>(l)];
+    s.pairs[0] = s.pairs[1] = kSeedChoices * k;
+    s.local[0] = s.pairs[0] / W;
+    // One member per group moves nothing: its rows stay where they are.
+    s.local[1] = tp == 1 ? s.local[0] : s.pairs[1] * (seen > 0 ? best / seen : 1.0 / W);
+    po.label = "layer " + std::to_string(l) + " token shuffling";
+    s.planner = std::make_unique<Planner>(cost, po);
+    ExecPlan in_place = model_.moe(l).config().plan, shuffled = in_place;
+    shuffled.shuffle = true;
+    s.planner->add_candidates("in place", {in_place});
+    s.planner->add_candidates("speculative MoE", {shuffled});
+  }
+}
+
+std::pair<double, double> InferenceEngine::shuffle_local_shares(int layer) const {
+  if (shuffle_layers_.empty()) return {0, 0};
+  const ShuffleLayer& s = shuffle_layers_.at(static_cast<size_t>(layer));
+  return {s.local[0] / s.pairs[0], s.local[1] / s.pairs[1]};
+}
+
+std::string InferenceEngine::shuffle_explanation(int layer) const {
+  if (shuffle_layers_.empty()) return "";
+  return shuffle_layers_.at(static_cast<size_t>(layer)).planner->explanation();
 }
 
 void InferenceEngine::set_microbatches(int m) {

@@ -12,6 +12,7 @@
 #include "model/layer_schedule.h"
 #include "model/model.h"
 #include "moe/affinity.h"
+#include "parallel/planner.h"
 
 namespace switchyard {
 
@@ -114,25 +115,63 @@ class InferenceEngine {
   // row's next-best rank) inside the reduce-scatter that ends the attention
   // (its row blocks permuted), and come back to their places in the
   // all-gather after the MoE (which also carries each row's expert ranks, the
-  // look-back key of the next layers), so no collective is added and every
-  // logit keeps its bits. The tables must be for the world's ranks and the
-  // model must hold the tables' placement (ModelOptions::placements =
-  // tables.placements()). nullptr turns it off. Every rank must set the same.
-  void set_token_shuffling(std::shared_ptr<const AffinityTables> tables,
-                           AffinityPredictor predictor = AffinityPredictor::joint);
+  // look-back key of the next layers, and how many of its choices were
+  // local), so no collective is added and every logit keeps its bits. The
+  // tables must be for the world's ranks and the model must hold the tables'
+  // placement (ModelOptions::placements = tables.placements()). nullptr turns
+  // it off. Every rank must set the same (collective: it measures the
+  // shuffle's host cost, and automatic calibrates the links).
+  struct TokenShufflingOptions {
+    AffinityPredictor predictor = AffinityPredictor::joint;
+    // false: every batch shuffles at every layer. true: per batch and layer a
+    // planner (parallel/planner.h; ExecPlan::shuffle) prices the MoE
+    // all-to-all with the rows in place and shuffled, each at the local share
+    // of choices that layout has reached (learned from the rows' own counts
+    // in the all-gather, seeded by the tables' confidence), against the
+    // shuffle's host cost, and shuffles when that pays; its decisions are
+    // logged (subsystem "planner") when they change. It does not look at each
+    // row's own prediction first: that is the cost it decides whether to pay.
+    bool automatic = false;
+    // automatic: ranks per node of the expert group, for the link calibration
+    // (MoEPlanner::calibrate); 0: all on one node.
+    int ranks_per_node = 0;
+    // The shuffle's host cost, seconds_per_batch + seconds_per_row x the
+    // group's rows; negative: measured here (thread CPU time of the
+    // prediction and assignment on a synthetic batch, the slowest rank's).
+    // Charged to the virtual clock when the model is emulated.
+    double seconds_per_batch = -1, seconds_per_row = -1;
+  };
+  void set_token_shuffling(std::shared_ptr<const AffinityTables> tables, const TokenShufflingOptions& options);
+  void set_token_shuffling(std::shared_ptr<const AffinityTables> tables) { set_token_shuffling(std::move(tables), {}); }
   bool token_shuffling() const { return shuffle_tables_ != nullptr; }
-  // Rows shuffled so far at layers >= 1 and those whose rank came from a look-back table (each member of a group
-  // counts the group's rows).
+  bool token_shuffling_automatic() const { return shuffle_tables_ && shuffle_options_.automatic; }
+  // Rows shuffled so far at layers >= 1 and those whose rank came from a
+  // look-back table; layer-batches decided (a layer of a step with rows) and
+  // shuffled. Each member of a group counts the group's.
   struct ShuffleCounts {
     int64_t rows = 0, predicted = 0;
+    int64_t decided = 0, shuffled = 0;
   };
   const ShuffleCounts& shuffle_counts() const { return shuffle_counts_; }
+  // The shuffle's host cost in use (measured or given), seconds.
+  std::pair<double, double> shuffle_cost() const { return {shuffle_per_batch_, shuffle_per_row_}; }
+  // automatic: the local share of choices layer `layer` expects with its rows
+  // in place and shuffled (what the planner prices), and why it decided as it
+  // did last; else {0, 0} and "".
+  std::pair<double, double> shuffle_local_shares(int layer) const;
+  std::string shuffle_explanation(int layer) const;
 
  private:
   void verify_replicas(const std::vector<Chunk>& chunks);
   Tensor step_tensor_parallel(const std::vector<Chunk>& chunks);
+  // Each row's member of the tensor-parallel group at `layer` (blocks of `per`), as the tables predict.
+  std::vector<int> predict_members(int layer, const std::vector<int32_t>& token_of_row, const std::vector<uint32_t>& mask1,
+                                   const std::vector<uint32_t>& mask2, int64_t per, int64_t* keyed) const;
   void shuffle_rows(int layer, const std::vector<int32_t>& token_of_row, const std::vector<uint32_t>& mask1,
                     const std::vector<uint32_t>& mask2, int64_t per, std::vector<int64_t>& at, std::vector<int64_t>& held);
+  // automatic: whether layer `layer` shuffles this batch (`held`: each member's rows in place).
+  bool decide_shuffle(int layer, int64_t rows, int64_t per, const std::vector<int64_t>& held);
+  void measure_shuffle_cost();
   Tensor step_layer_parallel(const std::vector<Chunk>& chunks);
   Tensor step_disaggregated(const std::vector<Chunk>& chunks);
   Tensor step_any(const std::vector<Chunk>& chunks);
@@ -153,8 +192,16 @@ class InferenceEngine {
   double measured_ta_ = 0, measured_te_ = 0, measured_tc_ = 0;
   StepTimes step_times_;
   std::shared_ptr<const AffinityTables> shuffle_tables_;
-  AffinityPredictor shuffle_predictor_ = AffinityPredictor::joint;
+  TokenShufflingOptions shuffle_options_;
   ShuffleCounts shuffle_counts_;
+  double shuffle_per_batch_ = 0, shuffle_per_row_ = 0;
+  // automatic, per layer: choices and local ones seen in place [0] and
+  // shuffled [1] (decayed per batch, seeded by the tables), and the planner.
+  struct ShuffleLayer {
+    double local[2] = {0, 0}, pairs[2] = {0, 0};
+    std::unique_ptr<Planner> planner;
+  };
+  std::vector<ShuffleLayer> shuffle_layers_;
   bool record_timeline_ = false;
   std::vector<BusySpan> timeline_;
 };

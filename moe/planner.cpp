@@ -65,9 +65,11 @@ std::vector<double> MoECostModel::traffic(const ExecPlan& plan, const PlanInputs
   const int W = world_;
   const bool per_peer = plan.r == 1 && shards_ == 1 && plan.exchange == ExchangeMode::dropless;
   if (!per_peer || batch.peer_rows.empty()) return uniform(W, exchange_ranks_, rows_per_rank / exchange_ranks_);
-  if (!batch.peer_rows_summarised) {
+  // Shuffled rows (a padded exchange sends its capacity per expert wherever the rows are: nothing to gain there).
+  const bool shuffled = plan.shuffle && batch.shuffled_peer_rows.size() == static_cast<size_t>(W) * W;
+  if (!batch.peer_rows_summarised || shuffled) {
     // A capped exchange sends at most the capacity per expert: the excess drops.
-    std::vector<double> m = batch.peer_rows;
+    std::vector<double> m = shuffled ? batch.shuffled_peer_rows : batch.peer_rows;
     const double most = static_cast<double>(batch.capacity) * local_experts_;
     if (batch.capacity > 0)
       for (double& v : m) v = std::min(v, most);
@@ -238,7 +240,7 @@ PlanCost MoECostModel::predict(const ExecPlan& plan, const PlanInputs& batch, co
   const double agreement = 8.0 * (6 + static_cast<double>(batch.peer_rows.size()));  // the capacity and PlanInputs
   const double gate_sync = 2 * collective_seconds(W, group_spans, agreement, corr.link) +
                            (options_.training ? 2 * collective_seconds(W, group_spans, M * E * kFloat, corr.link) : 0.0);
-  cost.other = gate + corr.compute * streams + gate_sync;
+  cost.other = gate + corr.compute * streams + gate_sync + (plan.shuffle ? batch.shuffle_seconds : 0.0);
   const double ready = gather + relayout;
   double fwd = 0, bwd = 0;
   if (r == 0 || W == 1) {

@@ -5,7 +5,8 @@
 namespace switchyard {
 
 std::string ExecPlan::describe() const {
-  return detail::make_string("r = ", r, ", o = ", d, ", a2a = ", to_string(a2a), ", x = ", to_string(exchange));
+  return detail::make_string("r = ", r, ", o = ", d, ", a2a = ", to_string(a2a), ", x = ", to_string(exchange),
+                             shuffle ? ", shuffled" : "");
 }
 
 uint64_t ExecPlan::hash() const {
@@ -15,6 +16,7 @@ uint64_t ExecPlan::hash() const {
     h ^= v;
     h *= 1099511628211ull;
   }
+  if (shuffle) h = (h ^ 1) * 1099511628211ull;  // unshuffled plans keep the hashes they always had
   return h;
 }
 

@@ -30,8 +30,15 @@ struct ExecPlan {
   int d = 1;
   A2AAlgorithm a2a = A2AAlgorithm::flat;
   ExchangeMode exchange = ExchangeMode::padded;
+  // Speculative token shuffling (Sem-MoE): the caller moved each row to the
+  // rank its tokens' experts probably sit on before the layer (the inference
+  // engine does, inside tensor-parallel attention's reduce-scatter), so fewer
+  // rows leave their rank. The layer itself runs the same either way; the
+  // planner prices the traffic each choice leaves and the shuffle's host work.
+  bool shuffle = false;
 
-  // "r = 1, o = 2, a2a = flat, x = padded" (o: Tutel's name for d).
+  // "r = 1, o = 2, a2a = flat, x = padded" (o: Tutel's name for d), then
+  // ", shuffled" when shuffle is set.
   std::string describe() const;
   // Equal on every rank that holds an equal plan (checked across ranks in debug mode).
   uint64_t hash() const;

@@ -104,7 +104,7 @@ ExecPlan Planner::choose(const PlanInputs& agreed, const std::function<bool(cons
   const ExecPlan chosen = candidates_[best];
   const bool changed = !forced && (!held_ || !(chosen == held_plan_));
   explanation_ = detail::make_string(
-      "planner: (", chosen.describe(), ") from ", strategy_of_[best], " predicted ", costs[best].describe(),
+      "planner", options_.label.empty() ? "" : " [" + options_.label + "]", ": (", chosen.describe(), ") from ", strategy_of_[best], " predicted ", costs[best].describe(),
       "; runner-up (", candidates_[second].describe(), ") ", costs[second].total * 1e3, " ms; ", agreed.tokens,
       " tokens/rank, capacity ", agreed.capacity,
       agreed.peer_rows.empty() ? "; traffic uniform" : agreed.peer_rows_summarised ? "; traffic by locality" : "; traffic per peer",

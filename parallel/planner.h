@@ -27,6 +27,8 @@ struct PlannerOptions {
   // Largest group whose per-peer rows ride on the agreement (W x W values);
   // above it the rows go as a locality summary (to self, inside the node, across nodes).
   int peer_rows_up_to = 64;
+  // Names the decisions in the log and the explanation ("planner [layer 3]: ..."); empty: none.
+  std::string label;
 };
 
 // Predicted seconds of one batch under a plan, by part (before overlap for
@@ -51,6 +53,14 @@ struct PlanInputs {
   // node and across nodes (world x 3). Empty: traffic assumed uniform.
   std::vector<double> peer_rows;
   bool peer_rows_summarised = false;  // the world x 3 form
+  // Speculative token shuffling (ExecPlan::shuffle): the rows each rank would
+  // send each rank with the batch's rows moved to their predicted ranks
+  // (world x world; empty: as peer_rows), and the host seconds the move
+  // costs (predicting every row's rank, assigning the chunks). Not carried by
+  // pack(): the inference engine's members compute them alike from the rows
+  // they share.
+  std::vector<double> shuffled_peer_rows;
+  double shuffle_seconds = 0;
   // Measured over the previous batch: expert compute (the slowest rank's
   // seconds), link busy time (the least of the ranks':
   // the last to join an exchange waits least, the others' busy time includes

@@ -253,6 +253,35 @@ TEST(Engine, TensorParallelAttentionEqualsOneRankWithinTolerance) {
   }, Milliseconds(30000));
 }
 
+// Tables from the held-out draft trace under its grouped placement: a good
+// predictor, and one that always points away from the experts (every choice
+// moved to the next rank's expert of the same slot before counting).
+struct ShuffleTables {
+  std::vector<std::vector<int>> grouped;
+  std::shared_ptr<const AffinityTables> good, wrong;
+};
+ShuffleTables shuffle_tables(int W) {
+  const RoutingTrace trace =
+      RoutingTrace::load(std::string(SWITCHYARD_SOURCE_DIR) + "/examples/tiny_lm/trace/draft_heldout.safetensors");
+  ShuffleTables t;
+  for (const ExpertGrouping& g : group_experts(trace, W)) t.grouped.push_back(g.rank_of_expert);
+  t.good = std::make_shared<const AffinityTables>(AffinityTables::build(trace, W, t.grouped, 2, 256));
+  RoutingTrace away = trace;
+  const int E = trace.experts, per_rank = E / W;
+  for (auto& layer : away.choices)
+    for (int32_t& e : layer) {
+      const std::vector<int>& rank_of = t.grouped[static_cast<size_t>(&layer - away.choices.data())];
+      const int r = rank_of[static_cast<size_t>(e)];
+      int j = 0;  // e's index among its rank's experts
+      for (int f = 0; f < e; ++f) j += rank_of[static_cast<size_t>(f)] == r;
+      int seen = 0;
+      for (int f = 0; f < E; ++f)
+        if (rank_of[static_cast<size_t>(f)] == (r + 1) % W && seen++ == j % per_rank) e = f;
+    }
+  t.wrong = std::make_shared<const AffinityTables>(AffinityTables::build(away, W, t.grouped, 2, 256));
+  return t;
+}
+
 // Speculative token shuffling (moe/affinity.h) inside tensor-parallel
 // attention: with the tables' grouped placement loaded, every logit bit is
 // the unshuffled engine's, for a good predictor and for one that always
@@ -262,24 +291,11 @@ TEST(Engine, TensorParallelAttentionEqualsOneRankWithinTolerance) {
 TEST(Engine, TokenShufflingKeepsEveryLogitBitAndLocalises) {
   for_each_rank([](Communicator& world, uint64_t seed) {
     const int W = world.size(), R = world.rank();
-    const RoutingTrace trace = RoutingTrace::load(std::string(SWITCHYARD_SOURCE_DIR) +
-                                                  "/examples/tiny_lm/trace/draft_heldout.safetensors");
-    std::vector<std::vector<int>> grouped;
-    for (const ExpertGrouping& g : group_experts(trace, W)) grouped.push_back(g.rank_of_expert);
-    const auto good = std::make_shared<const AffinityTables>(AffinityTables::build(trace, W, grouped, 2, 256));
-    RoutingTrace away = trace;  // every choice on the next rank's expert of the same slot
-    const int E = trace.experts, per_rank = E / W;
-    for (auto& layer : away.choices)
-      for (int32_t& e : layer) {
-        const int l = static_cast<int>(&layer - away.choices.data());
-        const int r = grouped[static_cast<size_t>(l)][static_cast<size_t>(e)];
-        int j = 0;  // e's index among its rank's experts
-        for (int f = 0; f < e; ++f) j += grouped[static_cast<size_t>(l)][static_cast<size_t>(f)] == r;
-        int seen = 0;
-        for (int f = 0; f < E; ++f)
-          if (grouped[static_cast<size_t>(l)][static_cast<size_t>(f)] == (r + 1) % W && seen++ == j % per_rank) e = f;
-      }
-    const auto wrong = std::make_shared<const AffinityTables>(AffinityTables::build(away, W, grouped, 2, 256));
+    const ShuffleTables tables = shuffle_tables(W);
+    const std::vector<std::vector<int>>& grouped = tables.grouped;
+    const auto& good = tables.good;
+    const auto& wrong = tables.wrong;
+    const int E = good->experts();
     Model model(kDraft, world.shared_from_this(), {.placements = good->placements()});
     // Held-out text and short random prompts: rows split unevenly, decode steps of fewer rows than a group.
     std::vector<std::vector<int>> prompts = random_prompts(seed + 7, 3, 1, 9);
@@ -335,6 +351,85 @@ TEST(Engine, TokenShufflingKeepsEveryLogitBitAndLocalises) {
       for (int l = 0; l < plain.config().layers; ++l)
         for (int e = 0; e < E; ++e) differs |= plain.moe(l).layout().owner(e) != grouped[static_cast<size_t>(l)][static_cast<size_t>(e)];
       if (differs) EXPECT_THROW(tp.set_token_shuffling(good), InvalidArgument);
+    }
+  }, Milliseconds(60000));
+}
+
+// --specmoe auto (ExecPlan::shuffle): on an emulated slow link with a cheap
+// host, the planner shuffles a prefill's layers and leaves a decode step's
+// few rows in place (what they would save cannot pay the shuffle's fixed
+// cost); with tables that point away from the experts it stops once shuffled
+// batches showed it; one rank never shuffles (nothing to save); every logit
+// keeps its bits throughout, for every tp.
+TEST(Engine, AutomaticTokenShufflingShufflesOnlyWhereItPays) {
+  for_each_rank([](Communicator& world, uint64_t seed) {
+    const int W = world.size(), R = world.rank();
+    const ShuffleTables tables = shuffle_tables(W);
+    LinkModel slow;
+    slow.intra = slow.inter = {.latency = 2e-6, .bandwidth = 2e8};
+    slow.ranks_per_node = W;
+    const auto device = std::make_shared<const DeviceModel>(DeviceModel{.gemm_flops_f32 = 5e13, .memory_bandwidth = 2e12});
+    Model model(kDraft, make_emulated_communicator(world.shared_from_this(), slow),
+                {.device = device, .placements = tables.good->placements()});
+    const int V = model.config().vocab_size, L = model.config().layers;
+    std::vector<std::vector<int>> prompts = random_prompts(seed + 11, 2, 40, 60);
+    for (const char* text : {"Anything that can go wrong will go wrong, and at the worst possible moment of all",
+                             "A complex system that works is invariably found to have evolved from a simple one"})
+      prompts.push_back(std::vector<int>(text, text + std::strlen(text)));
+    for (int tp = 1; tp <= W; ++tp) {
+      if (W % tp != 0 || model.config().heads % tp != 0) continue;
+      InferenceEngine engine(model, LayerSchedule::make({.attention = "tp", .tp = tp}, L, W));
+      std::vector<int> mine;
+      for (int s = 0; s < static_cast<int>(prompts.size()); ++s)
+        if (s % engine.schedule().token_groups() == engine.token_group()) mine.push_back(s);
+      const std::string what = "tp " + std::to_string(tp) + " on " + std::to_string(W) + " ranks, rank " + std::to_string(R);
+      std::vector<int64_t> shuffled_per_step;  // layers shuffled at each step (0: the prefill)
+      auto step = [&](const std::vector<Chunk>& ch) {
+        const int64_t before = engine.shuffle_counts().shuffled;
+        Tensor logits = engine.step(ch);
+        shuffled_per_step.push_back(engine.shuffle_counts().shuffled - before);
+        return logits;
+      };
+      auto cache = [&] { return engine.new_cache(96); };
+      const auto reference = run_sequences(prompts, mine, 3, V, step, cache);
+      engine.set_token_shuffling(tables.good, {.automatic = true, .seconds_per_batch = 2e-5, .seconds_per_row = 1e-9});
+      ASSERT_TRUE(engine.token_shuffling_automatic());
+      shuffled_per_step.clear();
+      const auto automatic = run_sequences(prompts, mine, 3, V, step, cache);
+      expect_same_traces(automatic, reference, what + ", shuffled where the planner chose");
+      const bool rows_here = !mine.empty();
+      const int64_t good_prefill = shuffled_per_step[0];
+      const int64_t good_decode = std::accumulate(shuffled_per_step.begin() + 1, shuffled_per_step.end(), int64_t{0});
+      if (W == 1) {
+        EXPECT_EQ(engine.shuffle_counts().shuffled, 0) << what << ": one rank has no all-to-all to save";
+      }
+      if (tp == W && W > 1 && rows_here) {
+        EXPECT_EQ(good_prefill, L) << what << ": the prefill's every layer; " << engine.shuffle_explanation(1);
+        EXPECT_EQ(good_decode, 0) << what << ": decode steps; " << engine.shuffle_explanation(1);
+        const auto [in_place, shuffled] = engine.shuffle_local_shares(1);
+        EXPECT_GT(shuffled, in_place + 0.1) << what;
+      }
+      // Misleading tables: the first prefills shuffle (the seed trusts the
+      // tables), what they reach turns the planner, and it stays turned.
+      engine.set_token_shuffling(tables.wrong, {.automatic = true, .seconds_per_batch = 2e-5, .seconds_per_row = 1e-9});
+      std::vector<int64_t> prefill_shuffled;
+      for (int round = 0; round < 4; ++round) {
+        shuffled_per_step.clear();
+        const auto misled = run_sequences(prompts, mine, 3, V, step, cache);
+        expect_same_traces(misled, reference, what + ", misled round " + std::to_string(round));
+        prefill_shuffled.push_back(shuffled_per_step[0]);
+      }
+      if (tp == W && W > 1 && rows_here) {
+        EXPECT_GT(prefill_shuffled[0], 0) << what;
+        EXPECT_EQ(prefill_shuffled.back(), 0) << what << "; " << engine.shuffle_explanation(1);
+        const auto [in_place, shuffled] = engine.shuffle_local_shares(1);
+        EXPECT_LT(shuffled, in_place) << what;
+      }
+      if (R == 0)
+        std::printf("[tp %d on %d ranks] automatic shuffling: %lld of %d prefill layers, %lld decode layers; misled "
+                    "prefills %lld then %lld\n", tp, W, static_cast<long long>(good_prefill), L,
+                    static_cast<long long>(good_decode), static_cast<long long>(prefill_shuffled.front()),
+                    static_cast<long long>(prefill_shuffled.back()));
     }
   }, Milliseconds(60000));
 }

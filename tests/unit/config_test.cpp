@@ -276,7 +276,7 @@ TEST(Config, SchemaDocumentsEveryKey) {
   EXPECT_NE(md.find("| `comm.ranks` | int | `4` | [1, 4096] |"), std::string::npos) << md;
   EXPECT_NE(md.find("| `bench.min_bytes` | size | `64K` |"), std::string::npos) << md;
   const auto rows = config_schema();
-  EXPECT_EQ(rows.size(), 84u);
+  EXPECT_EQ(rows.size(), 87u);
   for (const auto& row : rows) EXPECT_FALSE(row.doc.empty()) << row.key;
 }
 
