@@ -1115,6 +1115,14 @@ int run_bench_decode(const BenchDecodeOptions& o) {
                   c.name.c_str(), c.layers, c.d_model, c.experts, c.k, engine.schedule().describe().c_str(), threads);
       if (o.requests == 0)
         std::printf("batch mode: prompts of %d tokens, %d decode steps timed per batch size\n", o.prompt_tokens, o.steps);
+      if (!o.parallel.affinity.empty()) {
+        std::printf("speculative MoE: experts placed by %s; token shuffling %s", o.parallel.affinity.c_str(),
+                    o.parallel.specmoe.c_str());
+        if (engine.token_shuffling())
+          std::printf(" (its host cost, measured: %.1f us + %.0f ns per row of a group)", engine.shuffle_cost().first * 1e6,
+                      engine.shuffle_cost().second * 1e9);
+        std::printf(o.requests > 0 ? "; requests placed %s\n" : "\n", o.scheduler == "affinity" ? "by affinity" : "round robin");
+      }
       std::fflush(stdout);
     }
     if (o.requests > 0)

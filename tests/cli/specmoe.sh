@@ -32,7 +32,10 @@ four_tp=$(text "$sy" "${args[@]}" --ranks 4 --attention tp --tp 2 --affinity "$w
 mpi=$(OMPI_MCA_btl=self,vader text "$mpirun" -np 2 "$@" "$sy" "${args[@]}" --attention dp --affinity "$work/a2.safetensors")
 shuffled=$("$sy" "${args[@]}" --ranks 4 --attention tp --tp 4 --affinity "$work/a4.safetensors" --specmoe on)
 shuffled_groups=$("$sy" "${args[@]}" --ranks 4 --attention tp --tp 2 --affinity "$work/a4.safetensors" --specmoe on)
+automatic=$("$sy" "${args[@]}" --ranks 4 --attention tp --tp 4 --affinity "$work/a4.safetensors" --specmoe auto)
 grep -q "local activation 0\.[0-9]* of [0-9]* choices, token shuffling on" <<< "$shuffled" || fail "no LAR line: $shuffled"
+grep -q "token shuffling auto, [0-9]*% of [0-9]* layer-batches shuffled" <<< "$automatic" || fail "no auto line: $automatic"
+[ "$one" = "$(sed '$d' <<< "$automatic")" ] || fail "--specmoe auto changed the greedy text"
 echo "4 thread-ranks, tp 4, shuffled: $(sed '$d' <<< "$shuffled")"
 echo "4 thread-ranks, tp 2, shuffled: $(sed '$d' <<< "$shuffled_groups")"
 [ "$one" = "$(sed '$d' <<< "$shuffled")" ] && [ "$one" = "$(sed '$d' <<< "$shuffled_groups")" ] ||
@@ -68,6 +71,23 @@ grep -q "^TPOT ms: median" "$work/serve.log" && grep -q "local activation 0\.[0-
 if err=$("$sy" bench decode --model "$model" --requests 8 --ranks 4 --attention tp --tp 4 --scheduler affinity 2>&1); then
   fail "--scheduler affinity without dp accepted"; fi
 grep -q "it needs --requests, --affinity TABLES and --attention dp" <<< "$err" || fail "unclear error: $err"
+
+# The serve job's keys: tp with automatic shuffling, dp with requests placed by affinity; errors name the key.
+serve=(run --config "$(dirname "$model")/../../configs/serve.yaml" --set comm.ranks=4 --set serve.requests=8
+       --set serve.new_tokens=4 --set model.path="$model")
+"$sy" "${serve[@]}" --set model.attention=tp --set model.tp=4 --set model.affinity="$work/a4.safetensors" \
+  --set model.specmoe=auto > "$work/serve_tp.log" 2>&1 || { cat "$work/serve_tp.log"; fail "serve job, model.specmoe = auto"; }
+grep -q "^speculative MoE: experts placed by .*a4.safetensors; token shuffling auto (its host cost, measured" "$work/serve_tp.log" &&
+  grep -q "token shuffling auto, [0-9]*% of [0-9]* layer-batches shuffled" "$work/serve_tp.log" ||
+  { cat "$work/serve_tp.log"; fail "serve job: no speculative MoE lines"; }
+"$sy" "${serve[@]}" --set model.attention=dp --set model.affinity="$work/a4.safetensors" --set serve.scheduler=affinity \
+  > "$work/serve_dp.log" 2>&1 && grep -q "requests placed by affinity" "$work/serve_dp.log" ||
+  { cat "$work/serve_dp.log"; fail "serve job, serve.scheduler = affinity"; }
+if err=$("$sy" "${serve[@]}" --set model.attention=tp --set model.tp=4 --set model.specmoe=on 2>&1); then
+  fail "model.specmoe = on without tables accepted"; fi
+grep -q -- "--set model.specmoe=on: model.specmoe = on shuffles tokens by model.affinity" <<< "$err" || fail "unclear error: $err"
+if err=$("$sy" "${serve[@]}" --set model.affinity="$work/none.safetensors" 2>&1); then fail "missing tables accepted"; fi
+grep -q "model.affinity = '.*none.safetensors' does not exist" <<< "$err" || fail "unclear error: $err"
 
 # Tables of another world size, and a file that is not a trace.
 if err=$("$sy" "${args[@]}" --ranks 2 --affinity "$work/a4.safetensors" 2>&1); then fail "tables of 4 ranks accepted on 2"; fi
