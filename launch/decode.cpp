@@ -1119,8 +1119,8 @@ int run_bench_decode(const BenchDecodeOptions& o) {
         std::printf("speculative MoE: experts placed by %s; token shuffling %s", o.parallel.affinity.c_str(),
                     o.parallel.specmoe.c_str());
         if (engine.token_shuffling())
-          std::printf(" (its host cost, measured: %.1f us + %.0f ns per row of a group)", engine.shuffle_cost().first * 1e6,
-                      engine.shuffle_cost().second * 1e9);
+          std::printf(" (its host cost, measured: %.1f us + %.0f ns per row of a group)", engine.shuffle_cost().per_batch * 1e6,
+                      engine.shuffle_cost().per_row * 1e9);
         std::printf(o.requests > 0 ? "; requests placed %s\n" : "\n", o.scheduler == "affinity" ? "by affinity" : "round robin");
       }
       std::fflush(stdout);

@@ -19,6 +19,7 @@
 #include "moe/affinity.h"
 #include "moe/expert_grouping.h"
 #include "moe/moe_layer.h"
+#include "moe/planner.h"
 #include "parallel/runtime.h"
 
 namespace switchyard {
@@ -76,6 +77,16 @@ struct Row {
   bool comparison = false;  // the token-id predictor beside the look-back one
   double layer_seconds = 0;  // virtual MoE-layer time per (batch, layer); 0: not timed
   double exchange_share = 0;  // of it, rank 0's waits in the dispatch and combine all-to-alls
+  bool automatic = false;     // the planner chose per (batch, layer): timed only, no LAR of its own scoring
+  double shuffled_share = 0;  // timed: the (batch, layer)s that shuffled
+  double timed_lar = 0;       // timed: the local share of the timed batches' choices
+  double host_seconds = 0;    // timed: of layer_seconds, the shuffle's host cost
+};
+
+// What a timed configuration reached.
+struct LayerTimes {
+  double seconds = 0, exchange_share = 0, shuffled_share = 0, lar = 0;
+  double host_seconds = 0;  // of `seconds`: the shuffle's host cost charged, per (batch, layer)
 };
 
 // The mean virtual seconds of one MoE layer's forward per (batch, layer):
@@ -83,12 +94,14 @@ struct Row {
 // holding the rows this configuration puts on it (in place or shuffled),
 // their recorded choices replayed (MoELayer::replay_routing) through a
 // timing-only dropless f32 layer under the tables' placement on `cluster`.
-double time_moe_layer(const RoutingTrace& scored, const AffinityTables& tables, const ShuffleOptions& so,
-                      const ClusterModel& cluster, int64_t d, int64_t H, int batches, int nodes,
-                      double* exchange_share) {
+// A shuffled batch also pays the shuffle's host cost (measured here, the
+// slowest rank's). automatic: each (batch, layer) shuffles when the
+// ShufflePlanner says it pays, learning from the batches before it.
+LayerTimes time_moe_layer(const RoutingTrace& scored, const AffinityTables& tables, const ShuffleOptions& so,
+                          bool automatic, const ClusterModel& cluster, int64_t d, int64_t H, int batches, int nodes) {
   const int W = tables.ranks(), k = scored.k;
   const std::vector<ExpertPlacement> placements = tables.placements();
-  double total = 0, exchange = 0;
+  double total = 0, exchange = 0, shuffled = 0, decided = 0, local = 0, choices = 0, host = 0;
   int64_t samples = 0;
   RuntimeOptions ro;
   ro.backend = "threads";
@@ -99,6 +112,12 @@ double time_moe_layer(const RoutingTrace& scored, const AffinityTables& tables, 
     link.ranks_per_nic = std::gcd(link.ranks_per_nic, link.ranks_per_node);
     const std::shared_ptr<Communicator> group = make_emulated_communicator(rt.world_ptr(), link, true);
     const int me = group->rank();
+    Tensor agreed = Tensor::zeros({2}, DType::f64);
+    const ShuffleCost measured = measure_shuffle_cost(tables, so.predictor, W);
+    agreed.data_as<double>()[0] = measured.per_batch, agreed.data_as<double>()[1] = measured.per_row;
+    group->allreduce(agreed, agreed, {.op = ReduceOp::max}).wait();
+    const ShuffleCost cost{agreed.data_as<double>()[0], agreed.data_as<double>()[1]};
+    std::unique_ptr<ShufflePlanner> planner;
     for (int l = 0; l < scored.layers; ++l) {
       MoEConfig c;
       c.model_dim = d;
@@ -112,14 +131,24 @@ double time_moe_layer(const RoutingTrace& scored, const AffinityTables& tables, 
       c.node_size = link.ranks_per_node;
       c.placement = placements[static_cast<size_t>(l)];
       MoELayer layer(c, group);
+      if (automatic && !planner)  // the preset's device and links: what calibrating the emulated cluster gives
+        planner = std::make_unique<ShufflePlanner>(layer, cluster.device, link, tables, 0, W, cost);
+      const std::vector<int>& rank_of_expert = tables.layer(l).rank_of_expert;
       for (int b = 0; b < batches; ++b) {
         const int64_t b0 = static_cast<int64_t>(b) * so.batch_tokens;
         if (b0 >= scored.size()) break;
         const int64_t T = std::min(so.batch_tokens, scored.size() - b0);
-        const std::vector<int> rank = batch_ranks(scored, tables, so, b0, T, l);
+        ShuffleOptions batch_options = so;
+        if (automatic) batch_options.shuffle = planner->decide(l, equal_chunks(T, W));
+        const std::vector<int> rank = batch_ranks(scored, tables, batch_options, b0, T, l);
         std::vector<int64_t> mine;
-        for (int64_t r = 0; r < T; ++r)
+        double batch_local = 0;
+        for (int64_t r = 0; r < T; ++r) {
           if (rank[static_cast<size_t>(r)] == me) mine.push_back(b0 + r);
+          for (int j = 0; j < k; ++j)
+            batch_local += rank_of_expert[static_cast<size_t>(scored.expert(l, b0 + r, j))] == rank[static_cast<size_t>(r)];
+        }
+        if (automatic) planner->observe(l, batch_options.shuffle, static_cast<double>(T * k), batch_local);
         const int64_t n = static_cast<int64_t>(mine.size());
         Tensor x = Tensor::zeros({n, d}, DType::f32);
         Tensor experts = Tensor::empty({n, k}, DType::i32), weights = Tensor::empty({n, k}, DType::f32);
@@ -131,9 +160,14 @@ double time_moe_layer(const RoutingTrace& scored, const AffinityTables& tables, 
         layer.replay_routing(std::move(experts), std::move(weights));
         group->barrier().wait();
         const double start = virtual_time::now();
+        if (batch_options.shuffle) virtual_time::charge(cost.seconds(T));  // every rank predicts the batch's rows
         layer.forward(x);
         group->barrier().wait();
-        if (me == 0) total += virtual_time::now() - start, ++samples;
+        if (me == 0) {
+          total += virtual_time::now() - start, ++samples;
+          decided += 1, shuffled += batch_options.shuffle, local += batch_local, choices += static_cast<double>(T * k);
+          host += batch_options.shuffle ? cost.seconds(T) : 0.0;
+        }
       }
       if (me == 0) {
         const MoEPhaseTimes& p = layer.virtual_phase_times();
@@ -141,8 +175,13 @@ double time_moe_layer(const RoutingTrace& scored, const AffinityTables& tables, 
       }
     }
   });
-  if (exchange_share) *exchange_share = total > 0 ? exchange / total : 0.0;
-  return samples ? total / static_cast<double>(samples) : 0.0;
+  LayerTimes out;
+  out.seconds = samples ? total / static_cast<double>(samples) : 0.0;
+  out.exchange_share = total > 0 ? exchange / total : 0.0;
+  out.shuffled_share = decided > 0 ? shuffled / decided : 0.0;
+  out.lar = choices > 0 ? local / choices : 0.0;
+  out.host_seconds = samples ? host / static_cast<double>(samples) : 0.0;
+  return out;
 }
 
 struct Evaluation {
@@ -203,20 +242,29 @@ Evaluation evaluate(const Split& s, int W, int lookback, int64_t batch, const Em
                                           lookback, vocab, emb);
   const AffinityTables grouped = tables_for(build, W, ev.grouped, lookback, vocab, emb);
   const AffinityPredictor best = lookback > 0 ? AffinityPredictor::joint : AffinityPredictor::token;
-  auto run = [&](const char* config, const AffinityTables& t, bool shuffle, AffinityPredictor p, bool comparison = false) {
+  auto run = [&](const char* config, const AffinityTables& t, bool shuffle, AffinityPredictor p, bool comparison = false,
+                 bool automatic = false) {
     ShuffleOptions so;
     so.shuffle = shuffle;
     so.predictor = p;
     so.batch_tokens = batch;
-    ev.rows.push_back({W, config, shuffle ? predictor_name(p) : "-", score_local_activation(s.scored, t, so), comparison});
-    if (timing.cluster && !comparison)
-      ev.rows.back().layer_seconds = time_moe_layer(s.scored, t, so, *timing.cluster, timing.d, timing.H, timing.batches,
-                                                    timing.nodes, &ev.rows.back().exchange_share);
+    Row row{W, config, shuffle || automatic ? predictor_name(p) : "-", {}, comparison};
+    if (!automatic) row.la = score_local_activation(s.scored, t, so);
+    row.automatic = automatic;
+    if (timing.cluster && !comparison) {
+      const LayerTimes lt =
+          time_moe_layer(s.scored, t, so, automatic, *timing.cluster, timing.d, timing.H, timing.batches, timing.nodes);
+      row.layer_seconds = lt.seconds, row.exchange_share = lt.exchange_share;
+      row.shuffled_share = lt.shuffled_share, row.timed_lar = lt.lar, row.host_seconds = lt.host_seconds;
+    }
+    ev.rows.push_back(std::move(row));
   };
   run("vanilla", plain, false, best);
   run("grouping", grouped, false, best);
   run("shuffling", plain, true, best);
   run("both", grouped, true, best);
+  // The planner's per-batch switch on the grouped placement: timed only (it has nothing to score without the layer).
+  if (timing.cluster) run("auto", grouped, false, best, false, true);
   if (lookback > 0) {  // what the look-back adds: the same with the token-id table alone
     run("shuffling", plain, true, AffinityPredictor::token, true);
     run("both", grouped, true, AffinityPredictor::token, true);
@@ -237,6 +285,15 @@ void print_rows(const Evaluation& ev, double row_bytes) {
   const LocalActivation& vanilla = ev.rows.front().la;
   const double vanilla_seconds = ev.rows.front().layer_seconds;
   for (const Row& r : ev.rows) {
+    if (r.automatic) {
+      if (r.layer_seconds > 0)
+        std::printf("MoE layer %s W=%d: %.3f ms virtual per layer and batch (%.2fx vanilla's; all-to-all waits %.0f%% of "
+                    "it); the planner shuffled %.0f%% of the timed (batch, layer)s, LAR %.3f over them\n",
+                    r.config.c_str(), r.W, r.layer_seconds * 1e3,
+                    vanilla_seconds > 0 ? r.layer_seconds / vanilla_seconds : 0.0, 100.0 * r.exchange_share,
+                    100.0 * r.shuffled_share, r.timed_lar);
+      continue;
+    }
     const double bytes = static_cast<double>(r.la.remote_rows) * row_bytes;
     const double saved = vanilla.remote_rows ? 1.0 - static_cast<double>(r.la.remote_rows) / vanilla.remote_rows : 0.0;
     std::printf("%sLAR %s W=%d: %.3f  (predictor %s; all-to-all rows %s, %+.1f%% vs vanilla, %sB at d_model f32; "
@@ -246,9 +303,10 @@ void print_rows(const Evaluation& ev, double row_bytes) {
                 r.la.rank_load_max_over_median,
                 r.predictor == "joint" ? (", look-back key known for " + std::to_string(static_cast<int>(100 * r.la.predicted_share + 0.5)) + "% of rows").c_str() : "");
     if (r.layer_seconds > 0)
-      std::printf("MoE layer %s W=%d: %.3f ms virtual per layer and batch (%.2fx vanilla's; all-to-all waits %.0f%% of it)\n",
+      std::printf("MoE layer %s W=%d: %.3f ms virtual per layer and batch (%.2fx vanilla's; all-to-all waits %.0f%% of it%s)\n",
                   r.config.c_str(), r.W, r.layer_seconds * 1e3, vanilla_seconds > 0 ? r.layer_seconds / vanilla_seconds : 0.0,
-                  100.0 * r.exchange_share);
+                  100.0 * r.exchange_share,
+                  r.host_seconds > 0 ? detail::make_string(", the shuffle's host work ", r.host_seconds * 1e3, " ms").c_str() : "");
   }
 }
 
@@ -258,12 +316,14 @@ void write_csv_and_plot(const std::vector<Row>& rows, double row_bytes, const st
   std::ofstream out(csv);
   if (!out) SY_THROW(IoError, "cannot write --csv ", csv);
   out << "ranks,config,predictor,lar,remote_rows,remote_rows_once_per_rank,remote_bytes,rank_load_max_over_median,"
-         "expert_load_max_over_median,lookback_known_share,moe_layer_ms_virtual\n";
+         "expert_load_max_over_median,lookback_known_share,moe_layer_ms_virtual,timed_shuffled_share\n";
+  // auto is timed only: its LAR is over the timed batches, its counters empty.
   for (const Row& r : rows)
-    out << r.W << "," << r.config << "," << r.predictor << "," << r.la.lar() << "," << r.la.remote_rows << ","
+    out << r.W << "," << r.config << "," << r.predictor << "," << (r.automatic ? r.timed_lar : r.la.lar()) << ","
+        << r.la.remote_rows << ","
         << r.la.remote_rows_once << "," << static_cast<double>(r.la.remote_rows) * row_bytes << ","
         << r.la.rank_load_max_over_median << "," << r.la.expert_load_max_over_median << "," << r.la.predicted_share << ","
-        << r.layer_seconds * 1e3 << "\n";
+        << r.layer_seconds * 1e3 << "," << r.shuffled_share << "\n";
   out.close();
   std::printf("# wrote %s\n", csv.c_str());
   if (png.empty()) return;
@@ -474,7 +534,8 @@ int run_bench_specmoe(const BenchSpecMoeOptions& o) {
     timing = {&*cluster, o.layer_model_dim, o.layer_hidden, o.layer_batches, o.nodes};
     std::printf("# MoE layer time: the first %d scored batches' routing replayed through every layer, a timing-only "
                 "dropless f32 layer of d_model %lld, hidden %lld on emulated %s (virtual time: device and link models; "
-                "the shuffle's own cost is not charged: it rides in tensor-parallel attention's reduce-scatter)\n",
+                "a shuffled batch also pays the host's prediction and assignment of its rows, measured here; the "
+                "rows themselves move inside tensor-parallel attention's reduce-scatter, no extra bytes)\n",
                 o.layer_batches, static_cast<long long>(o.layer_model_dim), static_cast<long long>(o.layer_hidden),
                 cluster->name.c_str());
   }

@@ -1,7 +1,5 @@
 #include "model/engine.h"
 
-#include <time.h>
-
 #include <algorithm>
 #include <chrono>
 #include <cstring>
@@ -199,23 +197,32 @@ Tensor InferenceEngine::step_tensor_parallel(const std::vector<Chunk>& chunks) {
   Tensor gathered = Tensor::zeros({per * tp, width}, DType::f32), mine = Tensor::zeros({per, width}, DType::f32);
   for (int l = 0; l < model_.config().layers; ++l) {
     bool shuffled = false;
-    if (shuffling) {
-      shuffled = !shuffle_options_.automatic || decide_shuffle(l, rows, per, held_in_order);
-      ++shuffle_counts_.decided, shuffle_counts_.shuffled += shuffled;
-      if (shuffled) {
-        const Model::PhaseTimer timer(model_, &ModelPhaseTimes::attention);
-        shuffle_rows(l, token_of_row, mask1, mask2, per, at, held);
-        // The host's work, at the cost measured for it (the emulated GPU cluster's host is this one).
-        if (model_.device_model()) virtual_time::charge(shuffle_per_batch_ + shuffle_per_row_ * static_cast<double>(rows));
-      } else {
-        at = in_order, held = held_in_order;
-      }
-    }
-    const int64_t n = held[static_cast<size_t>(t)], first = t * per;
-    Tensor slice = Tensor::empty({n, d}, DType::f32);
+    int64_t n = 0;
+    const int64_t first = t * per;
+    Tensor slice;
     {  // the heads, their summed projection and the residual
       const Model::PhaseTimer timer(model_, &ModelPhaseTimes::attention);
+      const double heads_start = virtual_time::now();
       const Tensor partial = tp_attention_[static_cast<size_t>(l)]->delta(x, chunks);
+      if (shuffling) {
+        // The heads are issued first, so on a GPU the host predicts while the
+        // device computes them: only what outlasts them shows on its clock
+        // (emulated: the device model's heads time; this CPU does both in turn).
+        const bool emulated = model_.device_model() != nullptr;
+        const double heads = emulated ? virtual_time::now() - heads_start : 0.0;
+        double& hidden = shuffle_hidden_[static_cast<size_t>(l)];  // the last step's: the same on every member
+        shuffled = !shuffle_planner_ || shuffle_planner_->decide(l, held_in_order, hidden);
+        hidden = heads;
+        ++shuffle_counts_.decided, shuffle_counts_.shuffled += shuffled;
+        if (shuffled) {
+          shuffle_rows(l, token_of_row, mask1, mask2, per, at, held);
+          if (emulated) virtual_time::charge(std::max(0.0, shuffle_cost_.seconds(rows) - heads));
+        } else {
+          at = in_order, held = held_in_order;
+        }
+      }
+      n = held[static_cast<size_t>(t)];
+      slice = Tensor::empty({n, d}, DType::f32);
       if (rows > 0) {
         for (int64_t p = 0; p < per * tp; ++p) {
           float* to = full.data_as<float>() + p * d;
@@ -271,12 +278,8 @@ Tensor InferenceEngine::step_tensor_parallel(const std::vector<Chunk>& chunks) {
           local_choices += g[d + 1];
         }
       }
-      if (shuffle_options_.automatic && shuffling) {  // what this layout reached, the same on every member
-        ShuffleLayer& s = shuffle_layers_[static_cast<size_t>(l)];
-        constexpr double kDecay = 0.9;  // per batch: recent batches count most
-        s.local[shuffled] = kDecay * s.local[shuffled] + local_choices;
-        s.pairs[shuffled] = kDecay * s.pairs[shuffled] + static_cast<double>(rows) * model_.config().k;
-      }
+      if (shuffle_planner_ && shuffling)  // what this layout reached, the same on every member
+        shuffle_planner_->observe(l, shuffled, static_cast<double>(rows) * model_.config().k, local_choices);
     }
   }
   Tensor logits = model_.head(x);
@@ -289,31 +292,13 @@ Tensor InferenceEngine::step_tensor_parallel(const std::vector<Chunk>& chunks) {
 // up to ceil(rows / tp) rows (the reduce-scatter's all-to-all moves that many
 // per member anyway), so a row goes to its best member with room, and a
 // batch smaller than the group still goes where the tables predict.
-std::vector<int> InferenceEngine::predict_members(int layer, const std::vector<int32_t>& token_of_row,
-                                                  const std::vector<uint32_t>& mask1, const std::vector<uint32_t>& mask2,
-                                                  int64_t per, int64_t* keyed) const {
-  const int tp = schedule_.tp(), W = shuffle_tables_->ranks(), first = rank_ / tp * tp;
-  const int64_t rows = static_cast<int64_t>(token_of_row.size());
-  std::vector<float> votes(static_cast<size_t>(W)), weights(static_cast<size_t>(W));
-  std::vector<float> member_votes(static_cast<size_t>(rows * tp)), member_weights(member_votes.size());
-  for (int64_t r = 0; r < rows; ++r) {
-    const bool key = shuffle_tables_->rank_scores(layer, token_of_row[static_cast<size_t>(r)], mask1[static_cast<size_t>(r)],
-                                                  mask2[static_cast<size_t>(r)], shuffle_options_.predictor, votes.data(),
-                                                  weights.data());
-    if (keyed) *keyed += key;
-    for (int j = 0; j < tp; ++j) {
-      member_votes[static_cast<size_t>(r * tp + j)] = votes[static_cast<size_t>(first + j)];
-      member_weights[static_cast<size_t>(r * tp + j)] = weights[static_cast<size_t>(first + j)];
-    }
-  }
-  return assign_to_chunks(member_votes, member_weights, rows, tp, std::vector<int64_t>(static_cast<size_t>(tp), per));
-}
-
 void InferenceEngine::shuffle_rows(int layer, const std::vector<int32_t>& token_of_row, const std::vector<uint32_t>& mask1,
                                    const std::vector<uint32_t>& mask2, int64_t per, std::vector<int64_t>& at,
                                    std::vector<int64_t>& held) {
+  const int tp = schedule_.tp();
   int64_t keyed = 0;
-  const std::vector<int> member = predict_members(layer, token_of_row, mask1, mask2, per, &keyed);
+  const std::vector<int> member = predict_members(*shuffle_tables_, layer, token_of_row, mask1, mask2,
+                                                  shuffle_options_.predictor, rank_ / tp * tp, tp, per, &keyed);
   const int64_t rows = static_cast<int64_t>(token_of_row.size());
   if (layer >= 1) shuffle_counts_.predicted += keyed, shuffle_counts_.rows += rows;
   std::fill(at.begin(), at.end(), -1);
@@ -324,82 +309,11 @@ void InferenceEngine::shuffle_rows(int layer, const std::vector<int32_t>& token_
   }
 }
 
-// The batch priced twice at the layer's learned local shares: every rank
-// sends its rows' non-local choices evenly to the other ranks (the rows of
-// other groups like this group's), in place and shuffled; the shuffled plan
-// also pays the host cost. Every member decides alike: the same rows, shares
-// learned from the same gathered counts, the cost and links agreed at set time.
-bool InferenceEngine::decide_shuffle(int layer, int64_t rows, int64_t per, const std::vector<int64_t>& held) {
-  ShuffleLayer& s = shuffle_layers_[static_cast<size_t>(layer)];
-  const int W = group_->size(), tp = schedule_.tp(), k = model_.config().k;
-  auto traffic = [&](double share) {
-    std::vector<double> m(static_cast<size_t>(W) * W, 0.0);
-    for (int i = 0; i < W; ++i) {
-      const double choices = static_cast<double>(held[static_cast<size_t>(i % tp)]) * k;
-      for (int j = 0; j < W; ++j)
-        m[static_cast<size_t>(i) * W + j] = i == j ? choices * share : choices * (1 - share) / std::max(1, W - 1);
-    }
-    return m;
-  };
-  PlanInputs in;
-  in.tokens = per;
-  in.peer_rows = traffic(s.local[0] / s.pairs[0]);
-  in.shuffled_peer_rows = traffic(s.local[1] / s.pairs[1]);
-  in.shuffle_seconds = shuffle_per_batch_ + shuffle_per_row_ * static_cast<double>(rows);
-  return s.planner->choose(in).shuffle;
-}
-
-namespace {
-double thread_cpu_seconds() {
-  timespec ts{};
-  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
-}
-}  // namespace
-
-// The prediction and assignment of a synthetic batch (the tables' tokens in
-// turn, two-rank look-back sets) at a small and a large size, thread CPU time
-// (not inflated by ranks sharing cores), median of three; the slowest rank's.
-void InferenceEngine::measure_shuffle_cost() {
-  const int W = shuffle_tables_->ranks(), layer = std::min(1, shuffle_tables_->layers() - 1);
-  const int vocab = std::max(1, shuffle_tables_->vocab());
-  auto seconds = [&](int64_t rows) {
-    std::vector<int32_t> tokens(static_cast<size_t>(rows));
-    std::vector<uint32_t> m1(tokens.size()), m2(tokens.size());
-    for (int64_t r = 0; r < rows; ++r) {
-      tokens[static_cast<size_t>(r)] = static_cast<int32_t>(r * 37 % vocab);
-      m1[static_cast<size_t>(r)] = (1u << (r % W)) | (1u << (r * 7 % W));
-      m2[static_cast<size_t>(r)] = (1u << (r * 3 % W)) | (1u << (r * 5 % W));
-    }
-    const int64_t per = (rows + schedule_.tp() - 1) / schedule_.tp();
-    std::vector<double> t;
-    for (int rep = 0; rep < 3; ++rep) {
-      const double start = thread_cpu_seconds();
-      predict_members(layer, tokens, m1, m2, per, nullptr);
-      t.push_back(thread_cpu_seconds() - start);
-    }
-    std::sort(t.begin(), t.end());
-    return t[1];
-  };
-  Tensor cost = Tensor::zeros({2}, DType::f64);
-  double* c = cost.data_as<double>();
-  if (shuffle_options_.seconds_per_batch >= 0 && shuffle_options_.seconds_per_row >= 0) {
-    c[0] = shuffle_options_.seconds_per_batch, c[1] = shuffle_options_.seconds_per_row;
-  } else {
-    constexpr int64_t small = 16, large = 1024;
-    const double t_small = seconds(small), t_large = seconds(large);
-    c[1] = std::max(0.0, (t_large - t_small) / static_cast<double>(large - small));
-    c[0] = std::max(0.0, t_small - c[1] * small);
-  }
-  group_->allreduce(cost, cost, {.op = ReduceOp::max}).wait();
-  shuffle_per_batch_ = c[0], shuffle_per_row_ = c[1];
-}
-
 void InferenceEngine::set_token_shuffling(std::shared_ptr<const AffinityTables> tables,
                                           const TokenShufflingOptions& options) {
   if (!tables) {
     shuffle_tables_ = nullptr;
-    shuffle_layers_.clear();
+    shuffle_planner_.reset();
     return;
   }
   const ModelConfig& c = model_.config();
@@ -423,59 +337,33 @@ void InferenceEngine::set_token_shuffling(std::shared_ptr<const AffinityTables> 
     SY_THROW(InvalidArgument, "token shuffling: ranks_per_node = ", options.ranks_per_node, ", expected >= 0 (0: one node)");
   shuffle_tables_ = std::move(tables);
   shuffle_options_ = options;
-  measure_shuffle_cost();
-  shuffle_layers_.clear();
-  if (!options.automatic) return;
-  const int W = group_->size(), k = c.k, tp = schedule_.tp(), first = rank_ / tp * tp;
-  auto [device, link] = MoEPlanner::calibrate(model_.moe(0), options.ranks_per_node > 0 ? options.ranks_per_node : W);
-  PlannerOptions po;
-  po.training = false;
-  po.choose_exchange = false;
-  po.overlap_degrees = {1};
-  const auto cost = std::make_shared<const MoECostModel>(model_.moe(0), device, link, po);
-  // Seeds, worth a few batches of evidence: in place a choice is local with
-  // chance 1/W (the rows' order knows nothing of their experts); shuffled, as
-  // often as each token's best rank of this tensor-parallel group (where the
-  // shuffle can move it) holds its choices in the tables, room or not: the
-  // seed the first shuffled batches correct.
-  constexpr double kSeedChoices = 64;
-  shuffle_layers_.resize(static_cast<size_t>(c.layers));
-  const std::vector<float>& frequency = shuffle_tables_->token_frequency();
-  for (int l = 0; l < c.layers; ++l) {
-    const AffinityLayer& t = shuffle_tables_->layer(l);
-    double seen = 0, best = 0;
-    std::vector<double> share(static_cast<size_t>(W));
-    for (size_t v = 0; v < frequency.size(); ++v) {
-      if (!(frequency[v] > 0)) continue;
-      std::fill(share.begin(), share.end(), 0.0);
-      for (int e = 0; e < c.experts; ++e)
-        share[static_cast<size_t>(t.rank_of_expert[static_cast<size_t>(e)])] += t.confidence[v * c.experts + static_cast<size_t>(e)];
-      seen += frequency[v];
-      best += frequency[v] * *std::max_element(share.begin() + first, share.begin() + first + tp);
-    }
-    ShuffleLayer& s = shuffle_layers_[static_cast<size_t>(l)];
-    s.pairs[0] = s.pairs[1] = kSeedChoices * k;
-    s.local[0] = s.pairs[0] / W;
-    // One member per group moves nothing: its rows stay where they are.
-    s.local[1] = tp == 1 ? s.local[0] : s.pairs[1] * (seen > 0 ? best / seen : 1.0 / W);
-    po.label = "layer " + std::to_string(l) + " token shuffling";
-    s.planner = std::make_unique<Planner>(cost, po);
-    ExecPlan in_place = model_.moe(l).config().plan, shuffled = in_place;
-    shuffled.shuffle = true;
-    s.planner->add_candidates("in place", {in_place});
-    s.planner->add_candidates("speculative MoE", {shuffled});
+  shuffle_planner_.reset();
+  shuffle_hidden_.assign(static_cast<size_t>(c.layers), 0.0);
+  // The host cost, the slowest rank's: every member decides and charges alike.
+  Tensor cost = Tensor::zeros({2}, DType::f64);
+  double* v = cost.data_as<double>();
+  if (options.seconds_per_batch >= 0 && options.seconds_per_row >= 0) {
+    v[0] = options.seconds_per_batch, v[1] = options.seconds_per_row;
+  } else {
+    const ShuffleCost measured = measure_shuffle_cost(*shuffle_tables_, options.predictor, schedule_.tp());
+    v[0] = measured.per_batch, v[1] = measured.per_row;
   }
+  group_->allreduce(cost, cost, {.op = ReduceOp::max}).wait();
+  shuffle_cost_ = {v[0], v[1]};
+  if (!options.automatic) return;
+  const int tp = schedule_.tp();
+  auto [device, link] =
+      MoEPlanner::calibrate(model_.moe(0), options.ranks_per_node > 0 ? options.ranks_per_node : group_->size());
+  shuffle_planner_ =
+      std::make_unique<ShufflePlanner>(model_.moe(0), device, link, *shuffle_tables_, rank_ / tp * tp, tp, shuffle_cost_);
 }
 
 std::pair<double, double> InferenceEngine::shuffle_local_shares(int layer) const {
-  if (shuffle_layers_.empty()) return {0, 0};
-  const ShuffleLayer& s = shuffle_layers_.at(static_cast<size_t>(layer));
-  return {s.local[0] / s.pairs[0], s.local[1] / s.pairs[1]};
+  return shuffle_planner_ ? shuffle_planner_->local_shares(layer) : std::pair<double, double>{0, 0};
 }
 
 std::string InferenceEngine::shuffle_explanation(int layer) const {
-  if (shuffle_layers_.empty()) return "";
-  return shuffle_layers_.at(static_cast<size_t>(layer)).planner->explanation();
+  return shuffle_planner_ ? shuffle_planner_->explanation(layer) : "";
 }
 
 void InferenceEngine::set_microbatches(int m) {

@@ -12,7 +12,7 @@
 #include "model/layer_schedule.h"
 #include "model/model.h"
 #include "moe/affinity.h"
-#include "parallel/planner.h"
+#include "moe/planner.h"
 
 namespace switchyard {
 
@@ -138,13 +138,14 @@ class InferenceEngine {
     // The shuffle's host cost, seconds_per_batch + seconds_per_row x the
     // group's rows; negative: measured here (thread CPU time of the
     // prediction and assignment on a synthetic batch, the slowest rank's).
-    // Charged to the virtual clock when the model is emulated.
+    // Emulated, the virtual clock is charged what of it outlasts the layer's
+    // heads (the host predicts while the device computes them).
     double seconds_per_batch = -1, seconds_per_row = -1;
   };
   void set_token_shuffling(std::shared_ptr<const AffinityTables> tables, const TokenShufflingOptions& options);
   void set_token_shuffling(std::shared_ptr<const AffinityTables> tables) { set_token_shuffling(std::move(tables), {}); }
   bool token_shuffling() const { return shuffle_tables_ != nullptr; }
-  bool token_shuffling_automatic() const { return shuffle_tables_ && shuffle_options_.automatic; }
+  bool token_shuffling_automatic() const { return shuffle_planner_ != nullptr; }
   // Rows shuffled so far at layers >= 1 and those whose rank came from a
   // look-back table; layer-batches decided (a layer of a step with rows) and
   // shuffled. Each member of a group counts the group's.
@@ -154,7 +155,7 @@ class InferenceEngine {
   };
   const ShuffleCounts& shuffle_counts() const { return shuffle_counts_; }
   // The shuffle's host cost in use (measured or given), seconds.
-  std::pair<double, double> shuffle_cost() const { return {shuffle_per_batch_, shuffle_per_row_}; }
+  const ShuffleCost& shuffle_cost() const { return shuffle_cost_; }
   // automatic: the local share of choices layer `layer` expects with its rows
   // in place and shuffled (what the planner prices), and why it decided as it
   // did last; else {0, 0} and "".
@@ -164,14 +165,9 @@ class InferenceEngine {
  private:
   void verify_replicas(const std::vector<Chunk>& chunks);
   Tensor step_tensor_parallel(const std::vector<Chunk>& chunks);
-  // Each row's member of the tensor-parallel group at `layer` (blocks of `per`), as the tables predict.
-  std::vector<int> predict_members(int layer, const std::vector<int32_t>& token_of_row, const std::vector<uint32_t>& mask1,
-                                   const std::vector<uint32_t>& mask2, int64_t per, int64_t* keyed) const;
   void shuffle_rows(int layer, const std::vector<int32_t>& token_of_row, const std::vector<uint32_t>& mask1,
                     const std::vector<uint32_t>& mask2, int64_t per, std::vector<int64_t>& at, std::vector<int64_t>& held);
-  // automatic: whether layer `layer` shuffles this batch (`held`: each member's rows in place).
-  bool decide_shuffle(int layer, int64_t rows, int64_t per, const std::vector<int64_t>& held);
-  void measure_shuffle_cost();
+
   Tensor step_layer_parallel(const std::vector<Chunk>& chunks);
   Tensor step_disaggregated(const std::vector<Chunk>& chunks);
   Tensor step_any(const std::vector<Chunk>& chunks);
@@ -194,14 +190,9 @@ class InferenceEngine {
   std::shared_ptr<const AffinityTables> shuffle_tables_;
   TokenShufflingOptions shuffle_options_;
   ShuffleCounts shuffle_counts_;
-  double shuffle_per_batch_ = 0, shuffle_per_row_ = 0;
-  // automatic, per layer: choices and local ones seen in place [0] and
-  // shuffled [1] (decayed per batch, seeded by the tables), and the planner.
-  struct ShuffleLayer {
-    double local[2] = {0, 0}, pairs[2] = {0, 0};
-    std::unique_ptr<Planner> planner;
-  };
-  std::vector<ShuffleLayer> shuffle_layers_;
+  ShuffleCost shuffle_cost_;
+  std::unique_ptr<ShufflePlanner> shuffle_planner_;  // automatic
+  std::vector<double> shuffle_hidden_;  // per layer: the last step's heads time the host's shuffle work hides behind (emulated)
   bool record_timeline_ = false;
   std::vector<BusySpan> timeline_;
 };

@@ -1,6 +1,9 @@
 #include "moe/affinity.h"
 
+#include <time.h>
+
 #include <algorithm>
+#include <bit>
 #include <charconv>
 #include <cmath>
 #include <numeric>
@@ -386,18 +389,27 @@ std::vector<int> assign_to_chunks(const std::vector<float>& votes, const std::ve
     const float* v = &votes[static_cast<size_t>(r) * W];
     const float* w = &weights[static_cast<size_t>(r) * W];
     int* order = &preference[static_cast<size_t>(r) * W];
-    std::iota(order, order + W, 0);
-    std::stable_sort(order, order + W, [&](int a, int b) { return v[a] != v[b] ? v[a] > v[b] : w[a] > w[b]; });
+    // Insertion sort (stable, no allocation: W is small and this runs per row of every batch).
+    for (int i = 0; i < static_cast<int>(W); ++i) {
+      int j = i;
+      while (j > 0 && (v[order[j - 1]] != v[i] ? v[order[j - 1]] < v[i] : w[order[j - 1]] < w[i])) order[j] = order[j - 1], --j;
+      order[j] = i;
+    }
     const float vs = std::accumulate(v, v + W, 0.0f), ws = std::accumulate(w, w + W, 0.0f);
     confidence[static_cast<size_t>(r)] = {vs > 0 ? v[order[0]] / vs : 0.0f, ws > 0 ? w[order[0]] / ws : 0.0f};
   }
-  std::vector<int64_t> by_confidence(static_cast<size_t>(rows));
-  std::iota(by_confidence.begin(), by_confidence.end(), int64_t{0});
-  std::stable_sort(by_confidence.begin(), by_confidence.end(),
-                   [&](int64_t a, int64_t b) { return confidence[static_cast<size_t>(a)] > confidence[static_cast<size_t>(b)]; });
+  // Most confident first, ties to the lower row: one packed key per row (the
+  // shares are >= 0, so their bits order as the floats do), sorted in place.
+  std::vector<std::pair<uint64_t, int64_t>> by_confidence(static_cast<size_t>(rows));
+  for (int64_t r = 0; r < rows; ++r) {
+    const auto [vote_share, weight_share] = confidence[static_cast<size_t>(r)];
+    const uint64_t key = static_cast<uint64_t>(std::bit_cast<uint32_t>(vote_share)) << 32 | std::bit_cast<uint32_t>(weight_share);
+    by_confidence[static_cast<size_t>(r)] = {~key, r};
+  }
+  std::sort(by_confidence.begin(), by_confidence.end());
   std::vector<int64_t> room = chunks;
   std::vector<int> rank(static_cast<size_t>(rows), -1);
-  for (int64_t r : by_confidence) {
+  for (const auto& [key, r] : by_confidence) {
     const int* order = &preference[static_cast<size_t>(r) * W];
     for (size_t i = 0; i < W; ++i) {
       if (room[static_cast<size_t>(order[i])] == 0) continue;
@@ -407,6 +419,62 @@ std::vector<int> assign_to_chunks(const std::vector<float>& votes, const std::ve
     }
   }
   return rank;
+}
+
+std::vector<int> predict_members(const AffinityTables& tables, int layer, const std::vector<int32_t>& tokens,
+                                 const std::vector<uint32_t>& mask1, const std::vector<uint32_t>& mask2,
+                                 AffinityPredictor predictor, int first, int members, int64_t per, int64_t* keyed) {
+  const int W = tables.ranks();
+  SY_CHECK(first >= 0 && members >= 1 && first + members <= W && mask1.size() == tokens.size() &&
+           mask2.size() == tokens.size());
+  const int64_t rows = static_cast<int64_t>(tokens.size());
+  std::vector<float> votes(static_cast<size_t>(W)), weights(static_cast<size_t>(W));
+  std::vector<float> member_votes(static_cast<size_t>(rows * members)), member_weights(member_votes.size());
+  for (int64_t r = 0; r < rows; ++r) {
+    const size_t i = static_cast<size_t>(r);
+    const bool key = tables.rank_scores(layer, tokens[i], mask1[i], mask2[i], predictor, votes.data(), weights.data());
+    if (keyed) *keyed += key;
+    std::copy_n(votes.begin() + first, members, member_votes.begin() + r * members);
+    std::copy_n(weights.begin() + first, members, member_weights.begin() + r * members);
+  }
+  return assign_to_chunks(member_votes, member_weights, rows, members, std::vector<int64_t>(static_cast<size_t>(members), per));
+}
+
+namespace {
+double thread_cpu_seconds() {
+  timespec ts{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+}
+}  // namespace
+
+ShuffleCost measure_shuffle_cost(const AffinityTables& tables, AffinityPredictor predictor, int members) {
+  const int W = tables.ranks(), layer = std::min(1, tables.layers() - 1), vocab = std::max(1, tables.vocab());
+  members = std::clamp(members, 1, W);
+  auto seconds = [&](int64_t rows) {
+    std::vector<int32_t> tokens(static_cast<size_t>(rows));
+    std::vector<uint32_t> m1(tokens.size()), m2(tokens.size());
+    for (int64_t r = 0; r < rows; ++r) {
+      tokens[static_cast<size_t>(r)] = static_cast<int32_t>(r * 37 % vocab);
+      m1[static_cast<size_t>(r)] = (1u << (r % W)) | (1u << (r * 7 % W));
+      m2[static_cast<size_t>(r)] = (1u << (r * 3 % W)) | (1u << (r * 5 % W));
+    }
+    const int64_t per = (rows + members - 1) / members;
+    std::vector<double> t;
+    for (int rep = 0; rep < 3; ++rep) {
+      const double start = thread_cpu_seconds();
+      predict_members(tables, layer, tokens, m1, m2, predictor, 0, members, per);
+      t.push_back(thread_cpu_seconds() - start);
+    }
+    std::sort(t.begin(), t.end());
+    return t[1];
+  };
+  constexpr int64_t small = 16, large = 1024;
+  const double t_small = seconds(small), t_large = seconds(large);
+  ShuffleCost c;
+  c.per_row = std::max(0.0, (t_large - t_small) / static_cast<double>(large - small));
+  c.per_batch = std::max(0.0, t_small - c.per_row * small);
+  return c;
 }
 
 std::vector<int> batch_ranks(const RoutingTrace& trace, const AffinityTables& tables, const ShuffleOptions& options,

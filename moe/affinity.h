@@ -118,6 +118,28 @@ std::vector<int64_t> equal_chunks(int64_t rows, int ranks);
 std::vector<int> assign_to_chunks(const std::vector<float>& votes, const std::vector<float>& weights, int64_t rows,
                                   int ranks, const std::vector<int64_t>& chunks);
 
+// Each row's member of a group of `members` ranks from `first` (the group's
+// slice of the tables' W ranks) at `layer`: the rows' rank scores from the
+// tables (masks: their rank sets one and two layers back), assigned to the
+// members in chunks of `per` rows (assign_to_chunks). keyed (may be null)
+// counts the rows a look-back table answered.
+std::vector<int> predict_members(const AffinityTables& tables, int layer, const std::vector<int32_t>& tokens,
+                                 const std::vector<uint32_t>& mask1, const std::vector<uint32_t>& mask2,
+                                 AffinityPredictor predictor, int first, int members, int64_t per,
+                                 int64_t* keyed = nullptr);
+
+// What predicting and assigning a batch costs the host: per_batch + per_row x rows seconds.
+struct ShuffleCost {
+  double per_batch = 0, per_row = 0;
+  double seconds(int64_t rows) const { return per_batch + per_row * static_cast<double>(rows); }
+};
+// predict_members on this thread for a group of `members`, on synthetic
+// batches (the tables' tokens in turn, two-rank look-back sets) of 16 and
+// 1024 rows: thread CPU time (ranks sharing cores do not inflate it), median
+// of three. Not collective: ranks that decide with it agree on it first (the
+// slowest's).
+ShuffleCost measure_shuffle_cost(const AffinityTables& tables, AffinityPredictor predictor, int members);
+
 // What one configuration reaches on a trace.
 struct LocalActivation {
   int64_t pairs = 0, local = 0;              // (token, choice) pairs and those whose expert was on the token's rank

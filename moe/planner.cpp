@@ -502,4 +502,80 @@ std::pair<DeviceModel, LinkModel> MoEPlanner::calibrate(MoELayer& layer, int ran
   return {dev, link};
 }
 
+ShufflePlanner::ShufflePlanner(const MoELayer& layer, DeviceModel device, LinkModel link, const AffinityTables& tables,
+                               int first, int members, ShuffleCost cost)
+    : world_(layer.group()->size()), k_(layer.config().router.k), cost_(cost) {
+  const int W = world_, E = tables.experts();
+  if (tables.ranks() != W || first < 0 || members < 1 || first + members > W)
+    SY_THROW(InvalidArgument, "shuffle planner: tables for ", tables.ranks(), " ranks, a group of ", members,
+             " from rank ", first, " on a layer of ", W, " ranks");
+  PlannerOptions po;
+  po.training = false;
+  po.choose_exchange = false;
+  po.overlap_degrees = {1};
+  const auto model = std::make_shared<const MoECostModel>(layer, device, link, po);
+  // Seeds worth a few batches of evidence.
+  constexpr double kSeedChoices = 64;
+  const std::vector<float>& frequency = tables.token_frequency();
+  std::vector<double> share(static_cast<size_t>(W));
+  for (int l = 0; l < tables.layers(); ++l) {
+    const AffinityLayer& t = tables.layer(l);
+    double seen = 0, best = 0;
+    for (size_t v = 0; v < frequency.size(); ++v) {
+      if (!(frequency[v] > 0)) continue;
+      std::fill(share.begin(), share.end(), 0.0);
+      for (int e = 0; e < E; ++e)
+        share[static_cast<size_t>(t.rank_of_expert[static_cast<size_t>(e)])] += t.confidence[v * E + static_cast<size_t>(e)];
+      seen += frequency[v];
+      best += frequency[v] * *std::max_element(share.begin() + first, share.begin() + first + members);
+    }
+    Layer& s = layers_.emplace_back();
+    s.choices[0] = s.choices[1] = kSeedChoices * k_;
+    s.local[0] = s.choices[0] / W;  // the rows' order knows nothing of their experts
+    // A group of one moves nothing: its rows stay where they are.
+    s.local[1] = members == 1 ? s.local[0] : s.choices[1] * (seen > 0 ? best / seen : 1.0 / W);
+    po.label = "layer " + std::to_string(l) + " token shuffling";
+    s.planner = std::make_unique<Planner>(model, po);
+    ExecPlan in_place = layer.config().plan, shuffled = in_place;
+    in_place.shuffle = false, shuffled.shuffle = true;
+    s.planner->add_candidates("in place", {in_place});
+    s.planner->add_candidates("speculative MoE", {shuffled});
+  }
+}
+
+bool ShufflePlanner::decide(int layer, const std::vector<int64_t>& held, double hidden) {
+  Layer& s = layers_.at(static_cast<size_t>(layer));
+  const int W = world_, members = static_cast<int>(held.size());
+  int64_t rows = 0, most = 0;
+  for (int64_t h : held) rows += h, most = std::max(most, h);
+  // Every rank sends its rows' non-local choices evenly to the others.
+  auto traffic = [&](double share) {
+    std::vector<double> m(static_cast<size_t>(W) * W, 0.0);
+    for (int i = 0; i < W; ++i) {
+      const double choices = static_cast<double>(held[static_cast<size_t>(i % members)]) * k_;
+      for (int j = 0; j < W; ++j)
+        m[static_cast<size_t>(i) * W + j] = i == j ? choices * share : choices * (1 - share) / std::max(1, W - 1);
+    }
+    return m;
+  };
+  PlanInputs in;
+  in.tokens = most;
+  in.peer_rows = traffic(s.local[0] / s.choices[0]);
+  in.shuffled_peer_rows = traffic(s.local[1] / s.choices[1]);
+  in.shuffle_seconds = std::max(0.0, cost_.seconds(rows) - hidden);
+  return s.planner->choose(in).shuffle;
+}
+
+void ShufflePlanner::observe(int layer, bool shuffled, double choices, double local) {
+  Layer& s = layers_.at(static_cast<size_t>(layer));
+  constexpr double kDecay = 0.9;  // per batch: recent batches count most
+  s.local[shuffled] = kDecay * s.local[shuffled] + local;
+  s.choices[shuffled] = kDecay * s.choices[shuffled] + choices;
+}
+
+std::pair<double, double> ShufflePlanner::local_shares(int layer) const {
+  const Layer& s = layers_.at(static_cast<size_t>(layer));
+  return {s.local[0] / s.choices[0], s.local[1] / s.choices[1]};
+}
+
 }  // namespace switchyard

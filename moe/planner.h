@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "moe/affinity.h"
 #include "moe/moe_layer.h"
 #include "parallel/cost_model.h"
 #include "parallel/planner.h"
@@ -102,6 +103,44 @@ class MoEPlanner : public PlanChooser {
   bool with_peer_rows_ = false;  // what the last local_inputs packed
   PlanInputs last_inputs_;
   std::optional<ExecPlan> forced_;
+};
+
+// Speculative token shuffling's per-batch switch (ExecPlan::shuffle), per
+// layer: a Planner over the layer's plan in place and shuffled. It prices
+// the all-to-all's per-peer rows at each layout's local share of choices
+// (learned from what earlier batches reached, observe(); seeded from the
+// tables: 1/W in place, shuffled each token's best rank of the group, room
+// or not), the shuffled plan paying the host cost, and logs its decisions
+// when they change. It does not look at each row's own prediction first:
+// that is the cost it decides whether to pay. Ranks that feed it the same
+// rows and counts decide alike.
+class ShufflePlanner {
+ public:
+  // layer: the MoE layers' geometry and plan; tables: the seeds, under the
+  // placement the layers hold; the `members` ranks from `first` are the group
+  // a shuffle moves rows within (tensor-parallel attention's); cost: the
+  // host's, agreed over the ranks that decide.
+  ShufflePlanner(const MoELayer& layer, DeviceModel device, LinkModel link, const AffinityTables& tables, int first,
+                 int members, ShuffleCost cost);
+  // Whether `layer` shuffles a batch whose group members hold `held` rows
+  // each in place (every other group of the world taken alike); `hidden`:
+  // seconds of the host cost that overlap device work (the attention heads
+  // on a GPU), not paid.
+  bool decide(int layer, const std::vector<int64_t>& held, double hidden = 0);
+  // What a batch of `layer` reached: its choices and the local ones.
+  void observe(int layer, bool shuffled, double choices, double local);
+  std::pair<double, double> local_shares(int layer) const;  // {in place, shuffled}
+  const std::string& explanation(int layer) const { return layers_.at(static_cast<size_t>(layer)).planner->explanation(); }
+  const ShuffleCost& cost() const { return cost_; }
+
+ private:
+  struct Layer {
+    double local[2] = {0, 0}, choices[2] = {0, 0};  // in place, shuffled; decayed per batch
+    std::unique_ptr<Planner> planner;
+  };
+  int world_, k_;
+  ShuffleCost cost_;
+  std::vector<Layer> layers_;
 };
 
 }  // namespace switchyard

@@ -412,6 +412,7 @@ TEST(Engine, AutomaticTokenShufflingShufflesOnlyWhereItPays) {
       // Misleading tables: the first prefills shuffle (the seed trusts the
       // tables), what they reach turns the planner, and it stays turned.
       engine.set_token_shuffling(tables.wrong, {.automatic = true, .seconds_per_batch = 2e-5, .seconds_per_row = 1e-9});
+      const double seeded = engine.shuffle_local_shares(1).second;
       std::vector<int64_t> prefill_shuffled;
       for (int round = 0; round < 4; ++round) {
         shuffled_per_step.clear();
@@ -422,8 +423,8 @@ TEST(Engine, AutomaticTokenShufflingShufflesOnlyWhereItPays) {
       if (tp == W && W > 1 && rows_here) {
         EXPECT_GT(prefill_shuffled[0], 0) << what;
         EXPECT_EQ(prefill_shuffled.back(), 0) << what << "; " << engine.shuffle_explanation(1);
-        const auto [in_place, shuffled] = engine.shuffle_local_shares(1);
-        EXPECT_LT(shuffled, in_place) << what;
+        // Learned down from the tables' word (it stops learning once it stops shuffling: not below in place).
+        EXPECT_LT(engine.shuffle_local_shares(1).second, seeded - 0.1) << what;
       }
       if (R == 0)
         std::printf("[tp %d on %d ranks] automatic shuffling: %lld of %d prefill layers, %lld decode layers; misled "
