@@ -208,11 +208,12 @@ Tensor InferenceEngine::step_tensor_parallel(const std::vector<Chunk>& chunks) {
         // The heads are issued first, so on a GPU the host predicts while the
         // device computes them: only what outlasts them shows on its clock
         // (emulated: the device model's heads time; this CPU does both in turn).
+        // The planner prices the whole host cost: a member's heads time is
+        // read off its own clock and may differ in its last bit from the
+        // others', and every member must decide alike.
         const bool emulated = model_.device_model() != nullptr;
         const double heads = emulated ? virtual_time::now() - heads_start : 0.0;
-        double& hidden = shuffle_hidden_[static_cast<size_t>(l)];  // the last step's: the same on every member
-        shuffled = !shuffle_planner_ || shuffle_planner_->decide(l, held_in_order, hidden);
-        hidden = heads;
+        shuffled = !shuffle_planner_ || shuffle_planner_->decide(l, held_in_order);
         ++shuffle_counts_.decided, shuffle_counts_.shuffled += shuffled;
         if (shuffled) {
           shuffle_rows(l, token_of_row, mask1, mask2, per, at, held);
@@ -338,7 +339,6 @@ void InferenceEngine::set_token_shuffling(std::shared_ptr<const AffinityTables> 
   shuffle_tables_ = std::move(tables);
   shuffle_options_ = options;
   shuffle_planner_.reset();
-  shuffle_hidden_.assign(static_cast<size_t>(c.layers), 0.0);
   // The host cost, the slowest rank's: every member decides and charges alike.
   Tensor cost = Tensor::zeros({2}, DType::f64);
   double* v = cost.data_as<double>();
@@ -351,6 +351,12 @@ void InferenceEngine::set_token_shuffling(std::shared_ptr<const AffinityTables> 
   group_->allreduce(cost, cost, {.op = ReduceOp::max}).wait();
   shuffle_cost_ = {v[0], v[1]};
   if (!options.automatic) return;
+  Tensor node = Tensor::zeros({2}, DType::f64);  // every rank must calibrate the same node layout
+  node.data_as<double>()[0] = options.ranks_per_node, node.data_as<double>()[1] = -options.ranks_per_node;
+  group_->allreduce(node, node, {.op = ReduceOp::max}).wait();
+  if (node.data_as<double>()[0] != -node.data_as<double>()[1])
+    SY_THROW(InvalidArgument, "token shuffling: ranks_per_node differs between ranks (", -node.data_as<double>()[1], " to ",
+             node.data_as<double>()[0], "; expected the same on every rank)");
   const int tp = schedule_.tp();
   auto [device, link] =
       MoEPlanner::calibrate(model_.moe(0), options.ranks_per_node > 0 ? options.ranks_per_node : group_->size());

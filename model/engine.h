@@ -139,7 +139,8 @@ class InferenceEngine {
     // group's rows; negative: measured here (thread CPU time of the
     // prediction and assignment on a synthetic batch, the slowest rank's).
     // Emulated, the virtual clock is charged what of it outlasts the layer's
-    // heads (the host predicts while the device computes them).
+    // heads (the host predicts while the device computes them); the planner
+    // prices all of it.
     double seconds_per_batch = -1, seconds_per_row = -1;
   };
   void set_token_shuffling(std::shared_ptr<const AffinityTables> tables, const TokenShufflingOptions& options);
@@ -192,7 +193,6 @@ class InferenceEngine {
   ShuffleCounts shuffle_counts_;
   ShuffleCost shuffle_cost_;
   std::unique_ptr<ShufflePlanner> shuffle_planner_;  // automatic
-  std::vector<double> shuffle_hidden_;  // per layer: the last step's heads time the host's shuffle work hides behind (emulated)
   bool record_timeline_ = false;
   std::vector<BusySpan> timeline_;
 };

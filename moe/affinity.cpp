@@ -402,7 +402,9 @@ std::vector<int> assign_to_chunks(const std::vector<float>& votes, const std::ve
   // shares are >= 0, so their bits order as the floats do), sorted in place.
   std::vector<std::pair<uint64_t, int64_t>> by_confidence(static_cast<size_t>(rows));
   for (int64_t r = 0; r < rows; ++r) {
-    const auto [vote_share, weight_share] = confidence[static_cast<size_t>(r)];
+    // + 0.0f turns a -0 share into +0 (its sign bit would sort it first).
+    const float vote_share = confidence[static_cast<size_t>(r)].first + 0.0f;
+    const float weight_share = confidence[static_cast<size_t>(r)].second + 0.0f;
     const uint64_t key = static_cast<uint64_t>(std::bit_cast<uint32_t>(vote_share)) << 32 | std::bit_cast<uint32_t>(weight_share);
     by_confidence[static_cast<size_t>(r)] = {~key, r};
   }
